@@ -1,0 +1,55 @@
+# funcx-endpoint: the two commands are `make demo` and `make test`.
+# Each sets up what is missing first (OS packages, a virtualenv, the package).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+STATE_DIR ?= $(CURDIR)/.state
+
+.PHONY: all demo test bench docs lint typecheck clean system deps demo-stop
+
+all: test
+
+system:
+	@scripts/bootstrap-system.sh
+
+$(STAMP): setup.py
+	@echo ">>> Creating the virtualenv $(VENV) and installing the package"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade "pip>=23" "setuptools>=68" wheel
+	$(BIN)/pip install -q --config-settings editable_mode=compat -e '.[test]'
+	@# Refresh twistd's plugin cache so `twistd --help` lists our plugins.
+	$(BIN)/python -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
+	@touch $(STAMP)
+
+deps: system $(STAMP)
+
+demo: deps
+	$(BIN)/python scripts/demo.py --state-dir $(STATE_DIR)/demo
+
+demo-stop:
+	$(BIN)/python scripts/demo.py --state-dir $(STATE_DIR)/demo --stop
+
+test: deps
+	$(BIN)/trial tests
+
+bench: deps
+	@for b in benchmarks/*/run; do echo ">>> $$b"; $$b || exit 1; done
+
+docs: deps
+	$(BIN)/pip install -q -e '.[docs]'
+	$(BIN)/sphinx-build -W -b html docs docs/_build/html
+
+lint: deps
+	$(BIN)/pip install -q -e '.[lint]'
+	$(BIN)/ruff check funcx_endpoint tests benchmarks scripts twisted
+
+typecheck: deps
+	$(BIN)/pip install -q -e '.[lint]'
+	$(BIN)/mypy funcx_endpoint
+
+clean:
+	-$(BIN)/python scripts/demo.py --state-dir $(STATE_DIR)/demo --stop 2>/dev/null
+	rm -rf $(VENV) .tox build dist *.egg-info _trial_temp* docs/_build $(STATE_DIR) twisted/plugins/dropin.cache
+	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,252 @@
+"""Starting the endpoint daemon through twistd, and stopping it completely.
+
+``start`` runs twistd in a child process with one extra pipe; the daemon
+writes one JSON line on it once it is ready or has failed (twistd itself only
+reports failures raised while the service starts).  ``stop`` sends TERM, lets
+the daemon stop its managers and workers, and after a grace period kills
+whatever is left of its process tree and session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, Dict, Iterable, List, Optional
+
+import attr
+import psutil
+
+from funcx_endpoint.endpoint.layout import EndpointDir, is_endpoint_process, pid_alive
+
+TWISTD_BOOTSTRAP = "from twisted.scripts.twistd import run; run()"
+LOGGER = "funcx_endpoint.endpoint.logs.make_observer"
+
+# BSD sysexits, as PROTOCOL.md section 2 uses them.
+EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
+EX_TEMPFAIL = 75
+
+
+@attr.s(auto_attribs=True)
+class StartResult:
+    """What ``start`` learned: ready (with the daemon's info) or failed."""
+
+    ok: bool
+    exit_code: int
+    message: str
+    info: Dict[str, Any] = attr.Factory(dict)
+
+
+def twistd_argv(ep: EndpointDir, *, daemon: bool, debug: bool, ready_fd: Optional[int]) -> List[str]:
+    """Arguments for twistd (after the program name) to run endpoint ``ep``."""
+    argv = ["--pidfile", ep.pidfile, "--rundir", ep.path, "--logger", LOGGER]
+    if not daemon:
+        argv += ["--nodaemon"]
+    argv += ["funcx-endpoint", "--name", ep.name, "--config-dir", ep.config_dir]
+    if not daemon:
+        argv.append("--log-stdout")
+    if debug:
+        argv.append("--debug")
+    if ready_fd is not None:
+        argv += ["--ready-fd", str(ready_fd)]
+    return argv
+
+
+def start_daemon(ep: EndpointDir, *, debug: bool, timeout: float) -> StartResult:
+    """Run twistd to daemonize endpoint ``ep``; wait for it to be ready or fail."""
+    read_fd, write_fd = os.pipe()
+    try:
+        launcher = subprocess.Popen(
+            [sys.executable, "-c", TWISTD_BOOTSTRAP]
+            + twistd_argv(ep, daemon=True, debug=debug, ready_fd=write_fd),
+            pass_fds=(write_fd,),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=ep.path,
+        )
+    finally:
+        os.close(write_fd)
+    try:
+        line = _read_line(read_fd, timeout)
+    finally:
+        os.close(read_fd)
+    # twistd's own launcher exits as soon as the service has started (or failed
+    # synchronously); what it printed explains early failures.
+    try:
+        launcher_output, _ = launcher.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        launcher.kill()
+        launcher_output, _ = launcher.communicate()
+    output = launcher_output.decode(errors="replace").strip()
+    if line is None:
+        pid = ep.read_pid()
+        if pid and pid_alive(pid):
+            return StartResult(
+                False,
+                EX_TEMPFAIL,
+                f"the daemon (pid {pid}) did not report ready within {timeout:g} s; it "
+                f"may still be starting: see `funcx-endpoint status {ep.name}` and "
+                f"{ep.log_file()}",
+            )
+        detail = output or f"see {ep.log_file()}"
+        return StartResult(False, launcher.returncode or EX_SOFTWARE,
+                           f"the daemon exited before it was ready: {detail}")
+    try:
+        message = json.loads(line)
+    except ValueError:
+        return StartResult(False, EX_SOFTWARE, f"the daemon sent a garbled report: {line!r}")
+    if message.get("state") == "ready":
+        return StartResult(True, 0, "ready", message)
+    return StartResult(
+        False,
+        int(message.get("exit_code") or EX_SOFTWARE),
+        str(message.get("message") or "unknown failure"),
+        message,
+    )
+
+
+def _read_line(fd: int, timeout: float) -> Optional[str]:
+    """Read up to a newline from ``fd``; None on EOF or timeout."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while b"\n" not in data:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if not ready:
+            return None
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return None
+        data += chunk
+    return data.split(b"\n", 1)[0].decode(errors="replace")
+
+
+def run_foreground(ep: EndpointDir, *, debug: bool) -> int:
+    """Run the daemon in this process, attached to the terminal; its exit code."""
+    from twisted.scripts.twistd import ServerOptions, runApp
+
+    from funcx_endpoint.endpoint.service import exit_status
+
+    options = ServerOptions()
+    options.parseOptions(twistd_argv(ep, daemon=False, debug=debug, ready_fd=None))
+    runApp(options)
+    return exit_status.code
+
+
+def _processes(pids: Iterable[int]) -> List[psutil.Process]:
+    result = []
+    for pid in pids:
+        try:
+            result.append(psutil.Process(pid))
+        except psutil.Error:
+            pass
+    return result
+
+
+def session_members(sid: int) -> List[psutil.Process]:
+    """Every live process in session ``sid``, except this one."""
+    me = os.getpid()
+    members = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != me and os.getsid(proc.pid) == sid:
+                members.append(proc)
+        except (OSError, psutil.Error):
+            continue
+    return members
+
+
+def process_tree(pid: int, session: Optional[int]) -> List[psutil.Process]:
+    """``pid``, its descendants, and the members of its own ``session``.
+
+    A daemon gets a session of its own; orphans re-parented to init keep its
+    session id, so the session finds them even after the daemon is gone.
+    ``session`` is None for an endpoint run in the foreground (its session is
+    the user's terminal, not to be touched).
+    """
+    found: Dict[int, psutil.Process] = {}
+    try:
+        root = psutil.Process(pid)
+        found[pid] = root
+        for child in root.children(recursive=True):
+            found[child.pid] = child
+    except psutil.Error:
+        pass
+    if session is not None:
+        for proc in session_members(session):
+            found.setdefault(proc.pid, proc)
+    return list(found.values())
+
+
+def kill_all(procs: List[psutil.Process], timeout: float = 5.0) -> List[int]:
+    """SIGKILL every process in ``procs`` that is alive; the pids killed."""
+    killed = []
+    for proc in procs:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                proc.send_signal(signal.SIGKILL)
+                killed.append(proc)
+        except psutil.Error:
+            continue
+    if killed:
+        psutil.wait_procs(killed, timeout=timeout)
+    return [proc.pid for proc in killed]
+
+
+@attr.s(auto_attribs=True)
+class StopResult:
+    """What ``stop`` did, for its report."""
+
+    was_running: bool
+    pid: Optional[int]
+    seconds: float = 0.0
+    clean: bool = True  # exited by itself after TERM
+    killed: List[int] = attr.Factory(list)
+    stale_pidfile: bool = False
+
+
+def stop_daemon(ep: EndpointDir, grace: float) -> StopResult:
+    """Stop endpoint ``ep`` completely; one call is always enough."""
+    started = time.monotonic()
+    pid = ep.read_pid()
+    if pid is None:
+        return StopResult(False, None)
+    session = ep.daemon_session(pid)
+    if pid <= 0 or not is_endpoint_process(pid):
+        # The daemon died without cleaning up: remove what it left.
+        killed = kill_all(session_members(session)) if session is not None else []
+        ep.remove_pidfile()
+        ep.remove_daemon_info()
+        return StopResult(False, pid, killed=killed, stale_pidfile=True,
+                          seconds=time.monotonic() - started)
+    tree = process_tree(pid, session)
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = started + grace
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    clean = not pid_alive(pid)
+    # Whatever is left of the tree after the daemon is gone (or after the
+    # grace period) is killed: no orphan survives a stop.
+    leftovers = {p.pid: p for p in tree + process_tree(pid, session)}
+    killed = kill_all(list(leftovers.values()))
+    _reap_wait(pid)
+    ep.remove_pidfile()
+    ep.remove_daemon_info()
+    return StopResult(True, pid, seconds=time.monotonic() - started, clean=clean, killed=killed)
+
+
+def _reap_wait(pid: int, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)

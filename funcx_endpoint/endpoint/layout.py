@@ -1,0 +1,274 @@
+"""Where an endpoint keeps its files, and what state they say it is in.
+
+``~/.funcx/<name>/`` (``-c/--config-dir`` overrides ``~/.funcx``) holds
+``config.py``, ``endpoint.json``, ``daemon.pid``, ``endpoint.log`` and the
+``unacked_results/`` spool.  The state shown by ``funcx-endpoint list`` is
+derived from those files alone (PROTOCOL.md section 5).
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import hashlib
+import json
+import os
+import re
+import stat
+import tempfile
+from typing import Any, Dict, Optional
+
+DEFAULT_CONFIG_DIR = os.path.join("~", ".funcx")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+# sun_path is 108 bytes on Linux, including the terminating NUL.
+_MAX_SOCKET_PATH = 100
+
+
+class EndpointState(enum.Enum):
+    """The states ``list`` shows, as PROTOCOL.md section 5 defines them."""
+
+    INITIALIZED = "Initialized"
+    RUNNING = "Running"
+    STOPPED = "Stopped"
+    DISCONNECTED = "Disconnected"
+
+
+class BadEndpointName(ValueError):
+    """An endpoint name that cannot be a directory name."""
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it can name an endpoint, else raise BadEndpointName."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise BadEndpointName(
+            f"bad endpoint name {name!r}: use letters, digits, '.', '_' and '-', "
+            f"starting with a letter or digit (at most 100 characters)"
+        )
+    return name
+
+
+def resolve_config_dir(config_dir: Optional[str]) -> str:
+    """The absolute config directory: the given one, or ``~/.funcx``."""
+    return os.path.abspath(os.path.expanduser(config_dir or DEFAULT_CONFIG_DIR))
+
+
+def ensure_private_dir(path: str) -> None:
+    """Create ``path`` (and parents) and make it 0700."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+def pid_alive(pid: int) -> bool:
+    """True if a process ``pid`` exists (and is not a zombie)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError as e:
+        if e.errno == errno.ESRCH:
+            return False
+        if e.errno != errno.EPERM:
+            raise
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # Field 3 (after the parenthesised command) is the state.
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def is_endpoint_process(pid: int) -> bool:
+    """True if ``pid`` is alive and runs funcx-endpoint (guards against pid reuse)."""
+    if not pid_alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return False
+    return b"funcx-endpoint" in cmdline or b"funcx_endpoint" in cmdline
+
+
+def write_file_atomically(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data``: temp file, fsync, rename."""
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+class EndpointDir:
+    """The files of one endpoint profile: ``<config_dir>/<name>/``."""
+
+    def __init__(self, config_dir: str, name: str) -> None:
+        self.config_dir = resolve_config_dir(config_dir)
+        self.name = check_name(name)
+        self.path = os.path.join(self.config_dir, name)
+
+    def __repr__(self) -> str:
+        return f"EndpointDir({self.config_dir!r}, {self.name!r})"
+
+    @property
+    def config_file(self) -> str:
+        return os.path.join(self.path, "config.py")
+
+    @property
+    def endpoint_json(self) -> str:
+        return os.path.join(self.path, "endpoint.json")
+
+    @property
+    def pidfile(self) -> str:
+        return os.path.join(self.path, "daemon.pid")
+
+    @property
+    def spool_dir(self) -> str:
+        return os.path.join(self.path, "unacked_results")
+
+    @property
+    def daemon_info_file(self) -> str:
+        return os.path.join(self.path, "daemon.json")
+
+    def log_file(self, log_dir: Optional[str] = None) -> str:
+        return os.path.join(log_dir or self.path, "endpoint.log")
+
+    @property
+    def control_socket(self) -> str:
+        """Path of the daemon's control socket (owner only).
+
+        It lives in the endpoint directory unless that path is too long for a
+        UNIX socket; then in a private per-user directory under the temp dir,
+        named by a hash of the endpoint directory.
+        """
+        local = os.path.join(self.path, "control.sock")
+        if len(local.encode()) <= _MAX_SOCKET_PATH:
+            return local
+        digest = hashlib.sha256(self.path.encode()).hexdigest()[:24]
+        return os.path.join(private_runtime_dir(), f"{digest}.sock")
+
+    def exists(self) -> bool:
+        return os.path.isfile(self.config_file)
+
+    def read_pid(self) -> Optional[int]:
+        """The pid in ``daemon.pid``, or None if there is no (valid) pidfile."""
+        try:
+            with open(self.pidfile) as f:
+                text = f.read().strip()
+        except FileNotFoundError:
+            return None
+        try:
+            return int(text)
+        except ValueError:
+            return -1  # a pidfile that is there but garbled: stale
+
+    def remove_pidfile(self) -> None:
+        try:
+            os.unlink(self.pidfile)
+        except FileNotFoundError:
+            pass
+
+    def write_daemon_info(self, pid: int, session: Optional[int]) -> None:
+        """Record the daemon's pid and the session it owns (None: not its own)."""
+        write_file_atomically(
+            self.daemon_info_file, json.dumps({"pid": pid, "session": session}).encode()
+        )
+
+    def remove_daemon_info(self) -> None:
+        try:
+            os.unlink(self.daemon_info_file)
+        except FileNotFoundError:
+            pass
+
+    def daemon_session(self, pid: int) -> Optional[int]:
+        """The session the daemon ``pid`` owns, if it recorded one.
+
+        A daemonized endpoint leads (or inherited from twistd's intermediate
+        process) a session of its own; its children, and their orphans, are
+        found by that session id.  A foreground endpoint shares the user's
+        terminal session and records none.
+        """
+        try:
+            with open(self.daemon_info_file) as f:
+                info = json.load(f)
+        except (FileNotFoundError, ValueError):
+            return None
+        if not isinstance(info, dict) or info.get("pid") != pid:
+            return None
+        session = info.get("session")
+        return session if isinstance(session, int) and session > 0 else None
+
+    def read_endpoint_json(self) -> Dict[str, Any]:
+        try:
+            with open(self.endpoint_json) as f:
+                data = json.load(f)
+        except (FileNotFoundError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def endpoint_id(self) -> Optional[str]:
+        value = self.read_endpoint_json().get("endpoint_id")
+        return str(value) if value else None
+
+    def write_endpoint_json(self, data: Dict[str, Any]) -> None:
+        write_file_atomically(
+            self.endpoint_json, json.dumps(data, indent=2, sort_keys=True).encode() + b"\n"
+        )
+
+    def state(self) -> EndpointState:
+        """Derive the state from the files, as PROTOCOL.md section 5 says."""
+        pid = self.read_pid()
+        if pid is not None:
+            if is_endpoint_process(pid):
+                return EndpointState.RUNNING
+            return EndpointState.DISCONNECTED
+        if not os.path.exists(self.endpoint_json):
+            return EndpointState.INITIALIZED
+        return EndpointState.STOPPED
+
+
+def private_runtime_dir() -> str:
+    """A 0700 directory owned by this user for sockets with long paths."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    path = os.path.join(base, f"funcx-endpoint-{os.getuid()}")
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(path)
+    if (
+        not stat.S_ISDIR(info.st_mode)
+        or info.st_uid != os.getuid()
+        or stat.S_IMODE(info.st_mode) & 0o077
+    ):
+        raise RuntimeError(
+            f"{path} is not a private directory of this user; remove it and try again"
+        )
+    return path
+
+
+def list_endpoints(config_dir: str) -> list[EndpointDir]:
+    """Every endpoint profile in ``config_dir`` (directories with a config.py)."""
+    config_dir = resolve_config_dir(config_dir)
+    result = []
+    try:
+        names = sorted(os.listdir(config_dir))
+    except FileNotFoundError:
+        return []
+    for name in names:
+        if not NAME_PATTERN.fullmatch(name):
+            continue
+        ep = EndpointDir(config_dir, name)
+        if ep.exists():
+            result.append(ep)
+    return result

@@ -1,0 +1,93 @@
+"""twistd plugin module for ``funcx-endpoint``: options and ``makeService``.
+
+``twistd -n funcx-endpoint --name NAME [--config-dir DIR]`` runs an endpoint
+in the foreground; ``funcx-endpoint start`` runs the same thing as a daemon.
+``makeService`` only builds objects: files, sockets and processes are opened
+when the services start.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from funcx_endpoint.config import ConfigFileError, load_config
+from funcx_endpoint.config.model import Config
+from funcx_endpoint.endpoint import logs
+from funcx_endpoint.endpoint.control import control_service
+from funcx_endpoint.endpoint.layout import DEFAULT_CONFIG_DIR, BadEndpointName, EndpointDir
+from funcx_endpoint.endpoint.service import EndpointService, ReadyReporter
+
+
+class Options(usage.Options):
+    """Options of the ``funcx-endpoint`` twistd plugin."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Run a funcX endpoint: register with the funcX web service, take tasks "
+        "from RabbitMQ, run them on managers and workers, send back results. "
+        "The endpoint's files are in CONFIG_DIR/NAME (see `funcx-endpoint configure`)."
+    )
+    optParameters = [
+        ["name", None, "default", "Name of the endpoint profile to run."],
+        ["config-dir", "c", DEFAULT_CONFIG_DIR, "Directory holding endpoint profiles."],
+        ["ready-fd", None, None, "File descriptor to report readiness on (used by `start`).", int],
+    ]
+    optFlags = [
+        ["debug", None, "Log debug messages."],
+        ["log-stdout", None, "With --logger from this package: log to stdout, not endpoint.log."],
+    ]
+
+    def postOptions(self) -> None:
+        try:
+            self.endpoint_dir = EndpointDir(self["config-dir"], self["name"])
+        except BadEndpointName as e:
+            raise usage.UsageError(str(e))
+        if not self.endpoint_dir.exists():
+            raise usage.UsageError(
+                f"no endpoint {self['name']!r} in {self.endpoint_dir.config_dir}; "
+                f"create it with: funcx-endpoint -c {self.endpoint_dir.config_dir} "
+                f"configure {self['name']}"
+            )
+
+
+def log_settings(
+    endpoint_dir: EndpointDir, config: Config, debug: bool, stdout: bool = False
+) -> logs.LogSettings:
+    return logs.LogSettings(
+        path=None if stdout else endpoint_dir.log_file(config.log_dir),
+        max_bytes=config.log_max_bytes,
+        backup_count=config.log_backup_count,
+        json=config.log_format == "json",
+        debug=debug or config.debug,
+    )
+
+
+def build_endpoint(
+    endpoint_dir: EndpointDir,
+    config: Config,
+    reactor: Any,
+    ready_fd: Optional[int] = None,
+) -> EndpointService:
+    """Build the daemon's service tree from a loaded config."""
+    endpoint = EndpointService(endpoint_dir, reactor, ReadyReporter(ready_fd))
+    endpoint.add(
+        control_service(reactor, endpoint_dir.control_socket, {"status": endpoint.status})
+    )
+    return endpoint
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    endpoint_dir: EndpointDir = options.endpoint_dir
+    try:
+        config = load_config(endpoint_dir.config_file)
+    except ConfigFileError as e:
+        raise SystemExit(f"funcx-endpoint: bad configuration: {e}")
+    logs.configure(
+        log_settings(endpoint_dir, config, bool(options["debug"]), bool(options["log-stdout"]))
+    )
+    return build_endpoint(endpoint_dir, config, reactor, options["ready-fd"])

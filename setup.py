@@ -1,0 +1,69 @@
+"""Packaging for funcx-endpoint: a funcX endpoint, its private web service and SDK."""
+
+import os
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+version_ns: dict = {}
+with open(os.path.join(HERE, "funcx_endpoint", "version.py")) as f:
+    exec(f.read(), version_ns)
+
+with open(os.path.join(HERE, "README.md")) as f:
+    long_description = f.read()
+
+setup(
+    name="funcx-endpoint",
+    version=version_ns["__version__"],
+    description=(
+        "A funcX endpoint built on Twisted, with a private funcX web service and SDK"
+    ),
+    long_description=long_description,
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    # "twisted.plugins" is listed so our ServiceMakers land in
+    # site-packages/twisted/plugins; there is no __init__.py there on purpose.
+    packages=find_packages(include=["funcx_endpoint", "funcx_endpoint.*"])
+    + ["twisted.plugins"],
+    package_data={
+        "funcx_endpoint": ["py.typed"],
+        "funcx_endpoint.amqp": ["spec/*.xml"],
+        "funcx_endpoint.config": ["templates/*"],
+    },
+    install_requires=[
+        "Twisted[tls]>=24.7.0",
+        "txAMQP>=0.8.2",
+        "treq>=23.11.0",
+        "click>=8.1.0",
+        "psutil>=5.9.0",
+        "cryptography>=41.0.0",
+        "service-identity>=23.1.0",
+        "pyOpenSSL>=23.2.0",
+        "attrs>=23.1.0",
+        "dill>=0.3.6",
+    ],
+    extras_require={
+        "test": [
+            "pika>=1.3.0",
+            "hypothesis>=6.80.0",
+        ],
+        "lint": [
+            "ruff>=0.5.0",
+            "mypy>=1.8.0",
+            "mypy-zope>=1.0.0",
+        ],
+        "docs": [
+            "sphinx>=7.0.0",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "funcx-endpoint = funcx_endpoint.cli.main:main",
+        ],
+    },
+    classifiers=[
+        "Framework :: Twisted",
+        "Programming Language :: Python :: 3",
+        "Operating System :: POSIX :: Linux",
+    ],
+)

@@ -1,0 +1,150 @@
+"""CLI commands that need no daemon, run in-process with click's runner."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from click.testing import CliRunner
+from twisted.trial.unittest import SynchronousTestCase
+
+from funcx_endpoint.cli.main import cli
+from funcx_endpoint.config import load_config
+from funcx_endpoint.endpoint.layout import EndpointDir
+from funcx_endpoint.version import __version__
+
+
+class CLITests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.config_dir = os.path.abspath(self.mktemp())
+        self.runner = CliRunner()
+
+    def fx(self, *args: str, **kwargs):
+        return self.runner.invoke(cli, ["-c", self.config_dir, *args], **kwargs)
+
+    def mode(self, path: str) -> int:
+        return stat.S_IMODE(os.stat(path).st_mode)
+
+    def test_help_of_every_command(self) -> None:
+        result = self.runner.invoke(cli, ["--help"])
+        self.assertEqual(result.exit_code, 0)
+        for command in ("init", "configure", "start", "stop", "restart", "delete", "list", "status"):
+            self.assertIn(command, result.output)
+            sub = self.runner.invoke(cli, [command, "--help"])
+            self.assertEqual(sub.exit_code, 0, sub.output)
+            self.assertIn("Usage:", sub.output)
+
+    def test_version(self) -> None:
+        result = self.runner.invoke(cli, ["--version"])
+        self.assertEqual(result.exit_code, 0)
+        self.assertIn(__version__, result.output)
+
+    def test_init_is_idempotent_and_private(self) -> None:
+        result = self.fx("init")
+        self.assertEqual(result.exit_code, 0, result.output)
+        self.assertIn("Initialized", result.output)
+        ep = EndpointDir(self.config_dir, "default")
+        self.assertEqual(self.mode(self.config_dir), 0o700)
+        self.assertEqual(self.mode(ep.path), 0o700)
+        self.assertEqual(self.mode(ep.config_file), 0o600)
+        with open(ep.config_file) as f:
+            before = f.read()
+        load_config(ep.config_file)
+
+        again = self.fx("init")
+        self.assertEqual(again.exit_code, 0)
+        self.assertIn("is initialized", again.output)
+        with open(ep.config_file) as f:
+            self.assertEqual(f.read(), before)
+
+    def test_configure_writes_template(self) -> None:
+        ca = os.path.abspath(self.mktemp())
+        open(ca, "w").close()
+        result = self.fx(
+            "configure", "ep2", "--service-address", "https://localhost:9443/v2/",
+            "--service-ca-file", ca,
+        )
+        self.assertEqual(result.exit_code, 0, result.output)
+        config = load_config(EndpointDir(self.config_dir, "ep2").config_file)
+        self.assertEqual(config.funcx_service_address, "https://localhost:9443/v2")
+        self.assertEqual(config.service_ca_file, ca)
+
+    def test_configure_refuses_existing(self) -> None:
+        self.assertEqual(self.fx("configure", "ep").exit_code, 0)
+        ep = EndpointDir(self.config_dir, "ep")
+        with open(ep.config_file, "a") as f:
+            f.write("# mine\n")
+        result = self.fx("configure", "ep")
+        self.assertEqual(result.exit_code, 73)
+        self.assertIn("already exists", result.output)
+        with open(ep.config_file) as f:
+            self.assertTrue(f.read().endswith("# mine\n"))
+
+    def test_configure_copies_endpoint_config(self) -> None:
+        source = os.path.abspath(self.mktemp())
+        with open(source, "w") as f:
+            f.write("from funcx_endpoint.config import Config\nconfig = Config(heartbeat_period=7)\n")
+        result = self.fx("configure", "copy", "--endpoint-config", source)
+        self.assertEqual(result.exit_code, 0, result.output)
+        config = load_config(EndpointDir(self.config_dir, "copy").config_file)
+        self.assertEqual(config.heartbeat_period, 7)
+
+    def test_configure_refuses_broken_endpoint_config(self) -> None:
+        source = os.path.abspath(self.mktemp())
+        with open(source, "w") as f:
+            f.write("config = Config(\n")
+        result = self.fx("configure", "bad", "--endpoint-config", source)
+        self.assertEqual(result.exit_code, 78)
+        self.assertIn(f"{source}, line", result.output)
+        self.assertFalse(os.path.exists(EndpointDir(self.config_dir, "bad").path))
+
+    def test_bad_name(self) -> None:
+        result = self.fx("configure", "../evil")
+        self.assertEqual(result.exit_code, 65)
+        self.assertIn("bad endpoint name", result.output)
+
+    def test_list(self) -> None:
+        empty = self.fx("list")
+        self.assertEqual(empty.exit_code, 0)
+        self.assertIn("No endpoints", empty.output)
+        self.fx("configure", "b")
+        self.fx("configure", "a")
+        EndpointDir(self.config_dir, "b").write_endpoint_json(
+            {"endpoint_id": "7b3c7e7e-1111-4b6f-8c3e-2f0f3b6b1a11"}
+        )
+        lines = self.fx("list").output.splitlines()
+        self.assertEqual(lines[0].split(), ["NAME", "STATUS", "ENDPOINT", "ID"])
+        self.assertEqual(lines[1].split(), ["a", "Initialized", "-"])
+        self.assertEqual(
+            lines[2].split(), ["b", "Stopped", "7b3c7e7e-1111-4b6f-8c3e-2f0f3b6b1a11"]
+        )
+
+    def test_status_not_running(self) -> None:
+        self.fx("configure", "x")
+        result = self.fx("status", "x")
+        self.assertEqual(result.exit_code, 0)
+        self.assertIn("Endpoint 'x': Initialized", result.output)
+
+    def test_delete_not_running(self) -> None:
+        self.fx("configure", "x")
+        result = self.fx("delete", "x", "--yes")
+        self.assertEqual(result.exit_code, 0, result.output)
+        self.assertFalse(os.path.exists(EndpointDir(self.config_dir, "x").path))
+        missing = self.fx("delete", "x", "--yes")
+        self.assertEqual(missing.exit_code, 66)
+
+    def test_install_completion(self) -> None:
+        home = os.path.abspath(self.mktemp())
+        os.makedirs(home)
+        env = {"HOME": home, "XDG_DATA_HOME": "", "XDG_CONFIG_HOME": ""}
+        expected = {
+            "bash": os.path.join(home, ".local/share/bash-completion/completions/funcx-endpoint"),
+            "zsh": os.path.join(home, ".zfunc/_funcx-endpoint"),
+            "fish": os.path.join(home, ".config/fish/completions/funcx-endpoint.fish"),
+        }
+        for shell, path in expected.items():
+            result = self.runner.invoke(cli, ["--install-completion", shell], env=env)
+            self.assertEqual(result.exit_code, 0, result.output)
+            self.assertIn(path, result.output)
+            with open(path) as f:
+                self.assertIn("_FUNCX_ENDPOINT_COMPLETE", f.read())

@@ -1,0 +1,294 @@
+"""The endpoint's lifecycle through the real CLI and real daemon processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+from twisted.trial.unittest import SynchronousTestCase
+
+from funcx_endpoint.endpoint.layout import EndpointDir, EndpointState
+from tests.support import alive, child_env, descendants_and_session, run_cli, wait_for
+
+
+class LifecycleTests(SynchronousTestCase):
+    """start, list, status, stop, restart, delete on a real daemon."""
+
+    def setUp(self) -> None:
+        self.config_dir = os.path.abspath(self.mktemp())
+        result = run_cli(self.config_dir, "configure", "ep1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.ep = EndpointDir(self.config_dir, "ep1")
+        self.addCleanup(self.force_stop)
+
+    def force_stop(self) -> None:
+        pid = self.ep.read_pid()
+        if pid and pid > 0:
+            for proc in alive(descendants_and_session(pid)):
+                proc.kill()
+
+    def cli(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
+        return run_cli(self.config_dir, *args, **kwargs)
+
+    def start(self) -> int:
+        result = self.cli("start", "ep1")
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertIn("Endpoint 'ep1' is running", result.stdout)
+        pid = self.ep.read_pid()
+        assert pid is not None
+        return pid
+
+    def test_start_list_status_stop(self) -> None:
+        self.assertEqual(self.ep.state(), EndpointState.INITIALIZED)
+        pid = self.start()
+        self.assertTrue(psutil.pid_exists(pid))
+        # It is a daemon: in a session of its own that it records, not a child of ours.
+        self.assertNotEqual(os.getsid(pid), os.getsid(0))
+        self.assertEqual(self.ep.daemon_session(pid), os.getsid(pid))
+        self.assertNotEqual(psutil.Process(pid).ppid(), os.getpid())
+
+        listing = self.cli("list")
+        self.assertEqual(listing.returncode, 0)
+        self.assertRegex(listing.stdout, r"ep1\s+Running")
+
+        status = self.cli("status", "ep1")
+        self.assertEqual(status.returncode, 0, status.stderr)
+        self.assertIn("Endpoint 'ep1': Running", status.stdout)
+        self.assertIn(f"pid: {pid}", status.stdout)
+        self.assertIn("uptime:", status.stdout)
+
+        tree = descendants_and_session(pid)
+        stop = self.cli("stop", "ep1")
+        self.assertEqual(stop.returncode, 0, stop.stderr)
+        self.assertIn(f"Endpoint 'ep1' stopped (pid {pid}", stop.stdout)
+        self.assertEqual(alive(tree), [])
+        self.assertEqual(alive(descendants_and_session(pid)), [])
+        self.assertIsNone(self.ep.read_pid())
+        self.assertNotEqual(self.ep.state(), EndpointState.RUNNING)
+        self.assertFalse(os.path.exists(self.ep.control_socket))
+
+        # The log was written, and is private.
+        log = self.ep.log_file()
+        self.assertEqual(os.stat(log).st_mode & 0o777, 0o600)
+        with open(log) as f:
+            text = f.read()
+        self.assertIn("Endpoint ep1 is ready", text)
+        self.assertIn("Endpoint ep1 stopped", text)
+
+    def test_second_start_refused(self) -> None:
+        pid = self.start()
+        again = self.cli("start", "ep1")
+        self.assertEqual(again.returncode, 1)
+        self.assertIn(f"already running (pid {pid})", again.stderr)
+        self.assertEqual(self.ep.read_pid(), pid)
+        self.assertTrue(psutil.pid_exists(pid))
+
+    def test_kill_9_then_list_and_start(self) -> None:
+        pid = self.start()
+        os.kill(pid, signal.SIGKILL)
+        self.assertTrue(wait_for(lambda: not psutil.pid_exists(pid)
+                                 or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE))
+        listing = self.cli("list")
+        self.assertRegex(listing.stdout, r"ep1\s+Disconnected")
+        status = self.cli("status", "ep1")
+        self.assertIn("Disconnected", status.stdout)
+
+        restarted = self.cli("start", "ep1")
+        self.assertEqual(restarted.returncode, 0, restarted.stderr)
+        self.assertIn("was Disconnected", restarted.stdout)
+        self.assertIn("removed the stale pidfile", restarted.stdout)
+        new_pid = self.ep.read_pid()
+        self.assertNotEqual(new_pid, pid)
+        self.assertEqual(self.ep.state(), EndpointState.RUNNING)
+        self.assertEqual(self.cli("stop", "ep1").returncode, 0)
+
+    def test_stop_cleans_stale_pidfile(self) -> None:
+        pid = self.start()
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not psutil.pid_exists(pid))
+        stop = self.cli("stop", "ep1")
+        self.assertEqual(stop.returncode, 0)
+        self.assertIn("was not running: removed the stale pidfile", stop.stdout)
+        self.assertIsNone(self.ep.read_pid())
+
+    def test_stop_when_not_running(self) -> None:
+        stop = self.cli("stop", "ep1")
+        self.assertEqual(stop.returncode, 0)
+        self.assertIn("is not running", stop.stdout)
+
+    def test_restart(self) -> None:
+        pid = self.start()
+        result = self.cli("restart", "ep1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("stopped", result.stdout)
+        self.assertIn("is running", result.stdout)
+        new_pid = self.ep.read_pid()
+        self.assertNotEqual(new_pid, pid)
+        self.assertFalse(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie")
+        self.assertEqual(self.cli("stop", "ep1").returncode, 0)
+
+    def test_delete_running_endpoint(self) -> None:
+        pid = self.start()
+        declined = self.cli("delete", "ep1", input="n\n")
+        self.assertNotEqual(declined.returncode, 0)
+        self.assertTrue(os.path.isdir(self.ep.path))
+        self.assertTrue(psutil.pid_exists(pid))
+
+        result = self.cli("delete", "ep1", "--yes")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("Deleted endpoint 'ep1'", result.stdout)
+        self.assertFalse(os.path.exists(self.ep.path))
+        self.assertTrue(wait_for(lambda: alive(descendants_and_session(pid)) == []))
+
+    def test_broken_config(self) -> None:
+        with open(self.ep.config_file, "a") as f:
+            f.write("\nconfig = Config(heartbeat_period='soon')\n")
+        result = self.cli("start", "ep1")
+        self.assertEqual(result.returncode, 78)
+        self.assertIn(f"{self.ep.config_file}, line ", result.stderr)
+        self.assertIn("Config.heartbeat_period: expected a number > 0", result.stderr)
+        self.assertIsNone(self.ep.read_pid())
+
+    def test_start_unknown_endpoint(self) -> None:
+        result = self.cli("start", "nope")
+        self.assertEqual(result.returncode, 66)
+        self.assertIn("there is no endpoint 'nope'", result.stderr)
+        self.assertIn("configure nope", result.stderr)
+
+    def test_foreground(self) -> None:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "funcx_endpoint.cli", "-c", self.config_dir,
+             "start", "ep1", "--foreground"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env(),
+        )
+        self.addCleanup(proc.kill)
+        self.addCleanup(proc.stdout.close)
+        self.assertTrue(wait_for(lambda: self.ep.state() is EndpointState.RUNNING, 30))
+        self.assertEqual(self.ep.read_pid(), proc.pid)
+        self.assertTrue(wait_for(lambda: os.path.exists(self.ep.control_socket), 10))
+        status = self.cli("status", "ep1")
+        self.assertIn(f"pid: {proc.pid}", status.stdout)
+        self.assertIsNone(self.ep.daemon_session(proc.pid))
+        proc.send_signal(signal.SIGINT)
+        # twistd ends with the signal that stopped it, as shells expect.
+        self.assertEqual(proc.wait(30), -signal.SIGINT)
+        output = proc.stdout.read().decode()
+        self.assertIn("Endpoint ep1 is ready", output)
+        self.assertIsNone(self.ep.read_pid())
+
+    def test_twistd_runs_plugin_in_foreground(self) -> None:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+             "-n", "--pidfile", "", "funcx-endpoint", "--name", "ep1",
+             "--config-dir", self.config_dir],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env(),
+            cwd=self.ep.path,
+        )
+        self.addCleanup(proc.kill)
+        self.addCleanup(proc.stdout.close)
+        lines = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline().decode()
+            lines.append(line)
+            if "is ready" in line or not line:
+                break
+        self.assertIn("Endpoint ep1 is ready", "".join(lines))
+        proc.terminate()
+        self.assertEqual(proc.wait(30), -signal.SIGTERM)
+
+
+FAKE_DAEMON = textwrap.dedent(
+    """\
+    import os, signal, subprocess, sys, time
+    # argv[1]: pidfile, argv[2]: file to write the children's pids to,
+    # argv[3]: daemon.json, where a daemon records its session.
+    # The marker keeps this recognisable as an endpoint: funcx-endpoint
+    os.setsid()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    child = subprocess.Popen([sys.executable, "-c",
+        "import signal, subprocess, sys, time;"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+        "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']);"
+        "open(sys.argv[1], 'a').write(str(g.pid) + chr(10));"
+        "time.sleep(600)", sys.argv[2]])
+    with open(sys.argv[2], "a") as f:
+        f.write(str(child.pid) + "\\n")
+    with open(sys.argv[3], "w") as f:
+        f.write('{"pid": %d, "session": %d}' % (os.getpid(), os.getsid(0)))
+    with open(sys.argv[1], "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(600)
+    """
+)
+
+
+class StopKillsEverythingTests(SynchronousTestCase):
+    """``stop`` leaves no process behind, even from a daemon that ignores TERM."""
+
+    def setUp(self) -> None:
+        self.config_dir = os.path.abspath(self.mktemp())
+        self.assertEqual(run_cli(self.config_dir, "configure", "ep1").returncode, 0)
+        self.ep = EndpointDir(self.config_dir, "ep1")
+        self.children_file = os.path.abspath(self.mktemp())
+
+    def spawn_fake_daemon(self) -> psutil.Process:
+        script = os.path.abspath(self.mktemp() + "-funcx-endpoint.py")
+        with open(script, "w") as f:
+            f.write(FAKE_DAEMON)
+        launcher = subprocess.Popen([sys.executable, script, self.ep.pidfile, self.children_file, self.ep.daemon_info_file]
+        )
+        self.addCleanup(launcher.wait)
+        self.assertTrue(wait_for(lambda: self.ep.read_pid() is not None, 20))
+        self.assertTrue(wait_for(lambda: len(self.children()) == 2, 20))
+        daemon = psutil.Process(self.ep.read_pid())
+        self.addCleanup(lambda: [p.kill() for p in alive([daemon] + self.children())])
+        return daemon
+
+    def children(self) -> list:
+        try:
+            with open(self.children_file) as f:
+                pids = [int(line) for line in f.read().split()]
+        except FileNotFoundError:
+            return []
+        return [psutil.Process(pid) for pid in pids if psutil.pid_exists(pid)]
+
+    def test_grace_period_then_kill(self) -> None:
+        daemon = self.spawn_fake_daemon()
+        everything = [daemon] + self.children()
+        self.assertEqual(len(alive(everything)), 3)
+        result = run_cli(self.config_dir, "stop", "ep1", "--timeout", "1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("did not stop within 1 s; killed its 3 process(es)", result.stdout)
+        self.assertEqual(alive(everything), [])
+        self.assertIsNone(self.ep.read_pid())
+
+    def test_orphans_of_a_dead_daemon_are_killed(self) -> None:
+        daemon = self.spawn_fake_daemon()
+        orphans = self.children()
+        daemon.kill()
+        daemon.wait(10) if daemon.ppid() == os.getpid() else wait_for(
+            lambda: not daemon.is_running() or daemon.status() == psutil.STATUS_ZOMBIE
+        )
+        self.assertEqual(len(alive(orphans)), 2)
+        self.assertEqual(self.ep.state(), EndpointState.DISCONNECTED)
+        result = run_cli(self.config_dir, "stop", "ep1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("removed the stale pidfile", result.stdout)
+        self.assertIn("killed 2 leftover process(es)", result.stdout)
+        self.assertEqual(alive(orphans), [])
+
+
+class PluginDiscoveryTests(SynchronousTestCase):
+    def test_twistd_lists_plugin(self) -> None:
+        result = subprocess.run(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "--help"],
+            capture_output=True, text=True, env=child_env(), timeout=60,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertRegex(result.stdout, r"funcx-endpoint\s+Run a funcX endpoint")
