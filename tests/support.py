@@ -28,7 +28,10 @@ def child_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
 
 
 def run_cli(
-    config_dir: str, *args: str, timeout: float = 120, env: Optional[Dict[str, str]] = None,
+    config_dir: str,
+    *args: str,
+    timeout: float = 120,
+    env: Optional[Dict[str, str]] = None,
     input: Optional[str] = None,
 ) -> subprocess.CompletedProcess:
     """Run ``funcx-endpoint -c config_dir ARGS`` in a child process."""

@@ -21,122 +21,292 @@ from funcx_endpoint.amqp.spec import SPEC_PATH, load_spec
 # (class id, method id, [(field name, wire type), ...]) for the methods the
 # endpoint relies on, from the AMQP 0-9-1 definition and RabbitMQ's extensions.
 EXPECTED_METHODS: dict[str, tuple[int, int, list[tuple[str, str]]]] = {
-    "connection.start": (10, 10, [
-        ("version-major", "octet"), ("version-minor", "octet"),
-        ("server-properties", "table"), ("mechanisms", "longstr"),
-        ("locales", "longstr"),
-    ]),
-    "connection.start-ok": (10, 11, [
-        ("client-properties", "table"), ("mechanism", "shortstr"),
-        ("response", "longstr"), ("locale", "shortstr"),
-    ]),
-    "connection.tune": (10, 30, [
-        ("channel-max", "short"), ("frame-max", "long"), ("heartbeat", "short"),
-    ]),
-    "connection.tune-ok": (10, 31, [
-        ("channel-max", "short"), ("frame-max", "long"), ("heartbeat", "short"),
-    ]),
-    "connection.open": (10, 40, [
-        ("virtual-host", "shortstr"), ("reserved-1", "shortstr"), ("reserved-2", "bit"),
-    ]),
+    "connection.start": (
+        10,
+        10,
+        [
+            ("version-major", "octet"),
+            ("version-minor", "octet"),
+            ("server-properties", "table"),
+            ("mechanisms", "longstr"),
+            ("locales", "longstr"),
+        ],
+    ),
+    "connection.start-ok": (
+        10,
+        11,
+        [
+            ("client-properties", "table"),
+            ("mechanism", "shortstr"),
+            ("response", "longstr"),
+            ("locale", "shortstr"),
+        ],
+    ),
+    "connection.tune": (
+        10,
+        30,
+        [
+            ("channel-max", "short"),
+            ("frame-max", "long"),
+            ("heartbeat", "short"),
+        ],
+    ),
+    "connection.tune-ok": (
+        10,
+        31,
+        [
+            ("channel-max", "short"),
+            ("frame-max", "long"),
+            ("heartbeat", "short"),
+        ],
+    ),
+    "connection.open": (
+        10,
+        40,
+        [
+            ("virtual-host", "shortstr"),
+            ("reserved-1", "shortstr"),
+            ("reserved-2", "bit"),
+        ],
+    ),
     "connection.open-ok": (10, 41, [("reserved-1", "shortstr")]),
-    "connection.close": (10, 50, [
-        ("reply-code", "short"), ("reply-text", "shortstr"),
-        ("class-id", "short"), ("method-id", "short"),
-    ]),
+    "connection.close": (
+        10,
+        50,
+        [
+            ("reply-code", "short"),
+            ("reply-text", "shortstr"),
+            ("class-id", "short"),
+            ("method-id", "short"),
+        ],
+    ),
     "connection.close-ok": (10, 51, []),
     "connection.blocked": (10, 60, [("reason", "shortstr")]),
     "connection.unblocked": (10, 61, []),
-    "connection.update-secret": (10, 70, [
-        ("new-secret", "longstr"), ("reason", "shortstr"),
-    ]),
+    "connection.update-secret": (
+        10,
+        70,
+        [
+            ("new-secret", "longstr"),
+            ("reason", "shortstr"),
+        ],
+    ),
     "connection.update-secret-ok": (10, 71, []),
     "channel.open": (20, 10, [("reserved-1", "shortstr")]),
     "channel.open-ok": (20, 11, [("reserved-1", "longstr")]),
-    "channel.close": (20, 40, [
-        ("reply-code", "short"), ("reply-text", "shortstr"),
-        ("class-id", "short"), ("method-id", "short"),
-    ]),
+    "channel.close": (
+        20,
+        40,
+        [
+            ("reply-code", "short"),
+            ("reply-text", "shortstr"),
+            ("class-id", "short"),
+            ("method-id", "short"),
+        ],
+    ),
     "channel.close-ok": (20, 41, []),
-    "exchange.declare": (40, 10, [
-        ("reserved-1", "short"), ("exchange", "shortstr"), ("type", "shortstr"),
-        ("passive", "bit"), ("durable", "bit"), ("auto-delete", "bit"),
-        ("internal", "bit"), ("nowait", "bit"), ("arguments", "table"),
-    ]),
+    "exchange.declare": (
+        40,
+        10,
+        [
+            ("reserved-1", "short"),
+            ("exchange", "shortstr"),
+            ("type", "shortstr"),
+            ("passive", "bit"),
+            ("durable", "bit"),
+            ("auto-delete", "bit"),
+            ("internal", "bit"),
+            ("nowait", "bit"),
+            ("arguments", "table"),
+        ],
+    ),
     "exchange.declare-ok": (40, 11, []),
-    "exchange.bind": (40, 30, [
-        ("reserved-1", "short"), ("destination", "shortstr"), ("source", "shortstr"),
-        ("routing-key", "shortstr"), ("nowait", "bit"), ("arguments", "table"),
-    ]),
+    "exchange.bind": (
+        40,
+        30,
+        [
+            ("reserved-1", "short"),
+            ("destination", "shortstr"),
+            ("source", "shortstr"),
+            ("routing-key", "shortstr"),
+            ("nowait", "bit"),
+            ("arguments", "table"),
+        ],
+    ),
     "exchange.bind-ok": (40, 31, []),
-    "exchange.unbind": (40, 40, [
-        ("reserved-1", "short"), ("destination", "shortstr"), ("source", "shortstr"),
-        ("routing-key", "shortstr"), ("nowait", "bit"), ("arguments", "table"),
-    ]),
+    "exchange.unbind": (
+        40,
+        40,
+        [
+            ("reserved-1", "short"),
+            ("destination", "shortstr"),
+            ("source", "shortstr"),
+            ("routing-key", "shortstr"),
+            ("nowait", "bit"),
+            ("arguments", "table"),
+        ],
+    ),
     # RabbitMQ's wire id; not 41.
     "exchange.unbind-ok": (40, 51, []),
-    "queue.declare": (50, 10, [
-        ("reserved-1", "short"), ("queue", "shortstr"), ("passive", "bit"),
-        ("durable", "bit"), ("exclusive", "bit"), ("auto-delete", "bit"),
-        ("nowait", "bit"), ("arguments", "table"),
-    ]),
-    "queue.declare-ok": (50, 11, [
-        ("queue", "shortstr"), ("message-count", "long"), ("consumer-count", "long"),
-    ]),
-    "queue.bind": (50, 20, [
-        ("reserved-1", "short"), ("queue", "shortstr"), ("exchange", "shortstr"),
-        ("routing-key", "shortstr"), ("nowait", "bit"), ("arguments", "table"),
-    ]),
-    "queue.unbind": (50, 50, [
-        ("reserved-1", "short"), ("queue", "shortstr"), ("exchange", "shortstr"),
-        ("routing-key", "shortstr"), ("arguments", "table"),
-    ]),
-    "queue.purge": (50, 30, [
-        ("reserved-1", "short"), ("queue", "shortstr"), ("nowait", "bit"),
-    ]),
-    "queue.delete": (50, 40, [
-        ("reserved-1", "short"), ("queue", "shortstr"), ("if-unused", "bit"),
-        ("if-empty", "bit"), ("nowait", "bit"),
-    ]),
-    "basic.qos": (60, 10, [
-        ("prefetch-size", "long"), ("prefetch-count", "short"), ("global", "bit"),
-    ]),
+    "queue.declare": (
+        50,
+        10,
+        [
+            ("reserved-1", "short"),
+            ("queue", "shortstr"),
+            ("passive", "bit"),
+            ("durable", "bit"),
+            ("exclusive", "bit"),
+            ("auto-delete", "bit"),
+            ("nowait", "bit"),
+            ("arguments", "table"),
+        ],
+    ),
+    "queue.declare-ok": (
+        50,
+        11,
+        [
+            ("queue", "shortstr"),
+            ("message-count", "long"),
+            ("consumer-count", "long"),
+        ],
+    ),
+    "queue.bind": (
+        50,
+        20,
+        [
+            ("reserved-1", "short"),
+            ("queue", "shortstr"),
+            ("exchange", "shortstr"),
+            ("routing-key", "shortstr"),
+            ("nowait", "bit"),
+            ("arguments", "table"),
+        ],
+    ),
+    "queue.unbind": (
+        50,
+        50,
+        [
+            ("reserved-1", "short"),
+            ("queue", "shortstr"),
+            ("exchange", "shortstr"),
+            ("routing-key", "shortstr"),
+            ("arguments", "table"),
+        ],
+    ),
+    "queue.purge": (
+        50,
+        30,
+        [
+            ("reserved-1", "short"),
+            ("queue", "shortstr"),
+            ("nowait", "bit"),
+        ],
+    ),
+    "queue.delete": (
+        50,
+        40,
+        [
+            ("reserved-1", "short"),
+            ("queue", "shortstr"),
+            ("if-unused", "bit"),
+            ("if-empty", "bit"),
+            ("nowait", "bit"),
+        ],
+    ),
+    "basic.qos": (
+        60,
+        10,
+        [
+            ("prefetch-size", "long"),
+            ("prefetch-count", "short"),
+            ("global", "bit"),
+        ],
+    ),
     "basic.qos-ok": (60, 11, []),
-    "basic.consume": (60, 20, [
-        ("reserved-1", "short"), ("queue", "shortstr"), ("consumer-tag", "shortstr"),
-        ("no-local", "bit"), ("no-ack", "bit"), ("exclusive", "bit"),
-        ("nowait", "bit"), ("arguments", "table"),
-    ]),
+    "basic.consume": (
+        60,
+        20,
+        [
+            ("reserved-1", "short"),
+            ("queue", "shortstr"),
+            ("consumer-tag", "shortstr"),
+            ("no-local", "bit"),
+            ("no-ack", "bit"),
+            ("exclusive", "bit"),
+            ("nowait", "bit"),
+            ("arguments", "table"),
+        ],
+    ),
     "basic.consume-ok": (60, 21, [("consumer-tag", "shortstr")]),
     "basic.cancel": (60, 30, [("consumer-tag", "shortstr"), ("nowait", "bit")]),
     "basic.cancel-ok": (60, 31, [("consumer-tag", "shortstr")]),
-    "basic.publish": (60, 40, [
-        ("reserved-1", "short"), ("exchange", "shortstr"), ("routing-key", "shortstr"),
-        ("mandatory", "bit"), ("immediate", "bit"),
-    ]),
-    "basic.return": (60, 50, [
-        ("reply-code", "short"), ("reply-text", "shortstr"),
-        ("exchange", "shortstr"), ("routing-key", "shortstr"),
-    ]),
-    "basic.deliver": (60, 60, [
-        ("consumer-tag", "shortstr"), ("delivery-tag", "longlong"),
-        ("redelivered", "bit"), ("exchange", "shortstr"), ("routing-key", "shortstr"),
-    ]),
-    "basic.get": (60, 70, [
-        ("reserved-1", "short"), ("queue", "shortstr"), ("no-ack", "bit"),
-    ]),
-    "basic.get-ok": (60, 71, [
-        ("delivery-tag", "longlong"), ("redelivered", "bit"), ("exchange", "shortstr"),
-        ("routing-key", "shortstr"), ("message-count", "long"),
-    ]),
+    "basic.publish": (
+        60,
+        40,
+        [
+            ("reserved-1", "short"),
+            ("exchange", "shortstr"),
+            ("routing-key", "shortstr"),
+            ("mandatory", "bit"),
+            ("immediate", "bit"),
+        ],
+    ),
+    "basic.return": (
+        60,
+        50,
+        [
+            ("reply-code", "short"),
+            ("reply-text", "shortstr"),
+            ("exchange", "shortstr"),
+            ("routing-key", "shortstr"),
+        ],
+    ),
+    "basic.deliver": (
+        60,
+        60,
+        [
+            ("consumer-tag", "shortstr"),
+            ("delivery-tag", "longlong"),
+            ("redelivered", "bit"),
+            ("exchange", "shortstr"),
+            ("routing-key", "shortstr"),
+        ],
+    ),
+    "basic.get": (
+        60,
+        70,
+        [
+            ("reserved-1", "short"),
+            ("queue", "shortstr"),
+            ("no-ack", "bit"),
+        ],
+    ),
+    "basic.get-ok": (
+        60,
+        71,
+        [
+            ("delivery-tag", "longlong"),
+            ("redelivered", "bit"),
+            ("exchange", "shortstr"),
+            ("routing-key", "shortstr"),
+            ("message-count", "long"),
+        ],
+    ),
     "basic.get-empty": (60, 72, [("reserved-1", "shortstr")]),
     "basic.ack": (60, 80, [("delivery-tag", "longlong"), ("multiple", "bit")]),
     "basic.reject": (60, 90, [("delivery-tag", "longlong"), ("requeue", "bit")]),
     "basic.recover": (60, 110, [("requeue", "bit")]),
     "basic.recover-ok": (60, 111, []),
-    "basic.nack": (60, 120, [
-        ("delivery-tag", "longlong"), ("multiple", "bit"), ("requeue", "bit"),
-    ]),
+    "basic.nack": (
+        60,
+        120,
+        [
+            ("delivery-tag", "longlong"),
+            ("multiple", "bit"),
+            ("requeue", "bit"),
+        ],
+    ),
     "confirm.select": (85, 10, [("nowait", "bit")]),
     "confirm.select-ok": (85, 11, []),
     "tx.select": (90, 10, []),
@@ -424,9 +594,7 @@ class CodecTests(SynchronousTestCase):
             b"\x00\x3c\x00\x00" + len(body).to_bytes(8, "big") + b"\xff\xfc",
         )
 
-        decoded = decode_frames(
-            spec, method_bytes + header_bytes + encode_frame(spec, frames[2])
-        )
+        decoded = decode_frames(spec, method_bytes + header_bytes + encode_frame(spec, frames[2]))
 
         self.assertEqual([f.channel for f in decoded], [3, 3, 3])
         method = decoded[0].payload
@@ -536,9 +704,7 @@ class DispatchTests(SynchronousTestCase):
     def test_nowait_does_not_wait(self) -> None:
         """With C{nowait=True} a synchronous request returns at once."""
         channel = self.successResultOf(self.client.channel(1))
-        self.assertIsNone(
-            self.successResultOf(channel.queue_declare(queue="q", nowait=True))
-        )
+        self.assertIsNone(self.successResultOf(channel.queue_declare(queue="q", nowait=True)))
         self.assertNoResult(channel.queue_declare(queue="q"))
 
     def test_channel_close_fails_waiting_call(self) -> None:
@@ -549,12 +715,9 @@ class DispatchTests(SynchronousTestCase):
         channel = self.successResultOf(self.client.channel(1))
         d = channel.queue_declare(queue="missing", passive=True)
         self.transport.clear()
-        self.receive(
-            Frame(1, self.method("channel.close", 404, "NOT_FOUND - no queue", 50, 10))
-        )
+        self.receive(Frame(1, self.method("channel.close", 404, "NOT_FOUND - no queue", 50, 10)))
         failure = self.failureResultOf(d, ChannelClosed)
         reason = failure.value.args[0]
         self.assertEqual((reason.reply_code, reason.class_id, reason.method_id), (404, 50, 10))
         [sent] = decode_frames(self.spec, self.transport.value())
         self.assertEqual(sent.payload.method, self.spec.parse_method("channel.close-ok"))
-

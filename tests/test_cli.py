@@ -28,7 +28,16 @@ class CLITests(SynchronousTestCase):
     def test_help_of_every_command(self) -> None:
         result = self.runner.invoke(cli, ["--help"])
         self.assertEqual(result.exit_code, 0)
-        for command in ("init", "configure", "start", "stop", "restart", "delete", "list", "status"):
+        for command in (
+            "init",
+            "configure",
+            "start",
+            "stop",
+            "restart",
+            "delete",
+            "list",
+            "status",
+        ):
             self.assertIn(command, result.output)
             sub = self.runner.invoke(cli, [command, "--help"])
             self.assertEqual(sub.exit_code, 0, sub.output)
@@ -61,8 +70,12 @@ class CLITests(SynchronousTestCase):
         ca = os.path.abspath(self.mktemp())
         open(ca, "w").close()
         result = self.fx(
-            "configure", "ep2", "--service-address", "https://localhost:9443/v2/",
-            "--service-ca-file", ca,
+            "configure",
+            "ep2",
+            "--service-address",
+            "https://localhost:9443/v2/",
+            "--service-ca-file",
+            ca,
         )
         self.assertEqual(result.exit_code, 0, result.output)
         config = load_config(EndpointDir(self.config_dir, "ep2").config_file)
@@ -83,7 +96,9 @@ class CLITests(SynchronousTestCase):
     def test_configure_copies_endpoint_config(self) -> None:
         source = os.path.abspath(self.mktemp())
         with open(source, "w") as f:
-            f.write("from funcx_endpoint.config import Config\nconfig = Config(heartbeat_period=7)\n")
+            f.write(
+                "from funcx_endpoint.config import Config\nconfig = Config(heartbeat_period=7)\n"
+            )
         result = self.fx("configure", "copy", "--endpoint-config", source)
         self.assertEqual(result.exit_code, 0, result.output)
         config = load_config(EndpointDir(self.config_dir, "copy").config_file)
@@ -115,9 +130,7 @@ class CLITests(SynchronousTestCase):
         lines = self.fx("list").output.splitlines()
         self.assertEqual(lines[0].split(), ["NAME", "STATUS", "ENDPOINT", "ID"])
         self.assertEqual(lines[1].split(), ["a", "Initialized", "-"])
-        self.assertEqual(
-            lines[2].split(), ["b", "Stopped", "7b3c7e7e-1111-4b6f-8c3e-2f0f3b6b1a11"]
-        )
+        self.assertEqual(lines[2].split(), ["b", "Stopped", "7b3c7e7e-1111-4b6f-8c3e-2f0f3b6b1a11"])
 
     def test_status_not_running(self) -> None:
         self.fx("configure", "x")

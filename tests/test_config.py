@@ -134,7 +134,9 @@ class LoadConfigTests(SynchronousTestCase):
         self.assertEqual(config.funcx_service_address, "https://localhost:1/v2")
         self.assertEqual(config.service_ca_file, "/tmp/ca.pem")
         # The template's values are the defaults.
-        defaults = Config(funcx_service_address="https://localhost:1/v2", service_ca_file="/tmp/ca.pem")
+        defaults = Config(
+            funcx_service_address="https://localhost:1/v2", service_ca_file="/tmp/ca.pem"
+        )
         self.assertEqual(config.as_dict(), defaults.as_dict())
 
     def test_syntax_error_has_line(self) -> None:

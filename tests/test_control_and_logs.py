@@ -6,11 +6,11 @@ import json
 import os
 import shutil
 import socket
-import tempfile
 import stat
+import tempfile
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger, LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -83,7 +83,6 @@ _log = Logger(namespace="funcx_endpoint.test")
 
 
 class LogTests(SynchronousTestCase):
-
     def setUp(self) -> None:
         self.log = _log
 
@@ -100,8 +99,11 @@ class LogTests(SynchronousTestCase):
         self.log.debug("hidden")
         with open(path) as f:
             text = f.read()
-        self.assertRegex(text, r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[info\] "
-                               r"\[funcx_endpoint.test\] task t-1 done\n$")
+        self.assertRegex(
+            text,
+            r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[info\] "
+            r"\[funcx_endpoint.test\] task t-1 done\n$",
+        )
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
 
     def test_debug_level(self) -> None:
@@ -127,7 +129,7 @@ class LogTests(SynchronousTestCase):
         path = os.path.join(os.path.abspath(self.mktemp()), "endpoint.log")
         self.observe(logs.LogSettings(path=path))
         try:
-            1 / 0
+            raise ZeroDivisionError("division by zero")
         except ZeroDivisionError:
             self.log.failure("computing")
         self.flushLoggedErrors(ZeroDivisionError)
@@ -154,7 +156,8 @@ class LogTests(SynchronousTestCase):
         self.addCleanup(logs.configure, logs.LogSettings())
         logs.configure(logs.LogSettings(path=path))
         observer = logs.make_observer()
-        observer({"log_format": "hello", "log_level": LogLevel.info, "log_namespace": "n",
-                  "log_time": 0})
+        observer(
+            {"log_format": "hello", "log_level": LogLevel.info, "log_namespace": "n", "log_time": 0}
+        )
         with open(path) as f:
             self.assertIn("[info] [n] hello", f.read())

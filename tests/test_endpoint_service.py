@@ -31,8 +31,13 @@ class FakeReactor:
 
 
 class Part(Service):
-    def __init__(self, name: str, journal: List[str], ready: Optional[Deferred] = None,
-                 stopped: Optional[Deferred] = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        journal: List[str],
+        ready: Optional[Deferred] = None,
+        stopped: Optional[Deferred] = None,
+    ) -> None:
         self.setName(name)
         self.journal = journal
         self.ready = ready
@@ -117,8 +122,9 @@ class EndpointServiceTests(SynchronousTestCase):
         self.service.startService()
         ready.errback(StartupError("service refused: locked", exit_code=69))
         report = self.report()
-        self.assertEqual(report, {"state": "failed", "exit_code": 69,
-                                  "message": "service refused: locked"})
+        self.assertEqual(
+            report, {"state": "failed", "exit_code": 69, "message": "service refused: locked"}
+        )
         self.assertEqual(self.journal, ["start a"])
         self.assertEqual(self.reactor.stopped, 1)
         self.assertEqual(service_module.exit_status.code, 69)

@@ -91,8 +91,14 @@ class LifecycleTests(SynchronousTestCase):
     def test_kill_9_then_list_and_start(self) -> None:
         pid = self.start()
         os.kill(pid, signal.SIGKILL)
-        self.assertTrue(wait_for(lambda: not psutil.pid_exists(pid)
-                                 or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE))
+        self.assertTrue(
+            wait_for(
+                lambda: (
+                    not psutil.pid_exists(pid)
+                    or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+                )
+            )
+        )
         listing = self.cli("list")
         self.assertRegex(listing.stdout, r"ep1\s+Disconnected")
         status = self.cli("status", "ep1")
@@ -162,9 +168,19 @@ class LifecycleTests(SynchronousTestCase):
 
     def test_foreground(self) -> None:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "funcx_endpoint.cli", "-c", self.config_dir,
-             "start", "ep1", "--foreground"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env(),
+            [
+                sys.executable,
+                "-m",
+                "funcx_endpoint.cli",
+                "-c",
+                self.config_dir,
+                "start",
+                "ep1",
+                "--foreground",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=child_env(),
         )
         self.addCleanup(proc.kill)
         self.addCleanup(proc.stdout.close)
@@ -183,10 +199,22 @@ class LifecycleTests(SynchronousTestCase):
 
     def test_twistd_runs_plugin_in_foreground(self) -> None:
         proc = subprocess.Popen(
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-             "-n", "--pidfile", "", "funcx-endpoint", "--name", "ep1",
-             "--config-dir", self.config_dir],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env(),
+            [
+                sys.executable,
+                "-c",
+                "from twisted.scripts.twistd import run; run()",
+                "-n",
+                "--pidfile",
+                "",
+                "funcx-endpoint",
+                "--name",
+                "ep1",
+                "--config-dir",
+                self.config_dir,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=child_env(),
             cwd=self.ep.path,
         )
         self.addCleanup(proc.kill)
@@ -241,7 +269,8 @@ class StopKillsEverythingTests(SynchronousTestCase):
         script = os.path.abspath(self.mktemp() + "-funcx-endpoint.py")
         with open(script, "w") as f:
             f.write(FAKE_DAEMON)
-        launcher = subprocess.Popen([sys.executable, script, self.ep.pidfile, self.children_file, self.ep.daemon_info_file]
+        launcher = subprocess.Popen(
+            [sys.executable, script, self.ep.pidfile, self.children_file, self.ep.daemon_info_file]
         )
         self.addCleanup(launcher.wait)
         self.assertTrue(wait_for(lambda: self.ep.read_pid() is not None, 20))
@@ -288,7 +317,10 @@ class PluginDiscoveryTests(SynchronousTestCase):
     def test_twistd_lists_plugin(self) -> None:
         result = subprocess.run(
             [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "--help"],
-            capture_output=True, text=True, env=child_env(), timeout=60,
+            capture_output=True,
+            text=True,
+            env=child_env(),
+            timeout=60,
         )
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertRegex(result.stdout, r"funcx-endpoint\s+Run a funcX endpoint")

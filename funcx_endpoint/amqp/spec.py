@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from functools import lru_cache
+from functools import cache
 
 from txamqp.spec import Spec, load
 
@@ -11,7 +11,7 @@ SPEC_PATH: str = os.path.join(os.path.dirname(__file__), "spec", "amqp0-9-1.xml"
 """Path of the spec file shipped inside this package."""
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_spec() -> Spec:
     """
     Return the parsed spec at L{SPEC_PATH}.

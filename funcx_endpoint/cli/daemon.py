@@ -42,7 +42,9 @@ class StartResult:
     info: Dict[str, Any] = attr.Factory(dict)
 
 
-def twistd_argv(ep: EndpointDir, *, daemon: bool, debug: bool, ready_fd: Optional[int]) -> List[str]:
+def twistd_argv(
+    ep: EndpointDir, *, daemon: bool, debug: bool, ready_fd: Optional[int]
+) -> List[str]:
     """Arguments for twistd (after the program name) to run endpoint ``ep``."""
     argv = ["--pidfile", ep.pidfile, "--rundir", ep.path, "--logger", LOGGER]
     if not daemon:
@@ -95,8 +97,11 @@ def start_daemon(ep: EndpointDir, *, debug: bool, timeout: float) -> StartResult
                 f"{ep.log_file()}",
             )
         detail = output or f"see {ep.log_file()}"
-        return StartResult(False, launcher.returncode or EX_SOFTWARE,
-                           f"the daemon exited before it was ready: {detail}")
+        return StartResult(
+            False,
+            launcher.returncode or EX_SOFTWARE,
+            f"the daemon exited before it was ready: {detail}",
+        )
     try:
         message = json.loads(line)
     except ValueError:
@@ -225,8 +230,9 @@ def stop_daemon(ep: EndpointDir, grace: float) -> StopResult:
         killed = kill_all(session_members(session)) if session is not None else []
         ep.remove_pidfile()
         ep.remove_daemon_info()
-        return StopResult(False, pid, killed=killed, stale_pidfile=True,
-                          seconds=time.monotonic() - started)
+        return StopResult(
+            False, pid, killed=killed, stale_pidfile=True, seconds=time.monotonic() - started
+        )
     tree = process_tree(pid, session)
     try:
         os.kill(pid, signal.SIGTERM)

@@ -44,7 +44,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 class Context:
     """What the global options set, passed to every command."""
 
-    def __init__(self, config_dir: str, debug: bool) -> None:
+    def __init__(self, config_dir: Optional[str], debug: bool) -> None:
         self.config_dir = resolve_config_dir(config_dir)
         self.debug = debug
 
@@ -87,9 +87,7 @@ def pass_context(f: F) -> F:
 name_argument = click.argument("name", default="default", metavar="[NAME]")
 
 
-@click.group(
-    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
-)
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option(
     "-c",
     "--config-dir",
@@ -152,11 +150,17 @@ def render_template(name: str, service_address: str, service_ca_file: Optional[s
     )
 
 
-def write_profile(ep: EndpointDir, service_address: str, service_ca_file: Optional[str],
-                  source: Optional[str] = None) -> None:
+def write_profile(
+    ep: EndpointDir,
+    service_address: str,
+    service_ca_file: Optional[str],
+    source: Optional[str] = None,
+) -> None:
     ensure_private_dir(ep.config_dir)
     ensure_private_dir(ep.path)
-    text = source if source is not None else render_template(ep.name, service_address, service_ca_file)
+    text = (
+        source if source is not None else render_template(ep.name, service_address, service_ca_file)
+    )
     fd = os.open(ep.config_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
@@ -302,10 +306,10 @@ def _stop(ctx: Context, ep: EndpointDir, timeout: Optional[float]) -> None:
     elif not result.was_running:
         click.echo(f"Endpoint {ep.name!r} is not running.")
     elif result.clean:
-        extra = (
-            f"; killed {len(result.killed)} process(es) it left behind" if result.killed else ""
+        extra = f"; killed {len(result.killed)} process(es) it left behind" if result.killed else ""
+        click.echo(
+            f"Endpoint {ep.name!r} stopped (pid {result.pid}, {result.seconds:.2f} s){extra}."
         )
-        click.echo(f"Endpoint {ep.name!r} stopped (pid {result.pid}, {result.seconds:.2f} s){extra}.")
     else:
         click.echo(
             f"Endpoint {ep.name!r} did not stop within {grace:g} s; killed its "
@@ -340,13 +344,20 @@ def stop(ctx: Context, name: str, timeout: Optional[float]) -> None:
 @cli.command()
 @name_argument
 @timeout_option
-@click.option("--start-timeout", default=120.0, show_default=True, metavar="SECONDS",
-              help="How long to wait for the daemon to report ready.")
+@click.option(
+    "--start-timeout",
+    default=120.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long to wait for the daemon to report ready.",
+)
 @click.pass_context
-def restart(click_ctx: click.Context, name: str, timeout: Optional[float],
-            start_timeout: float) -> None:
+def restart(
+    click_ctx: click.Context, name: str, timeout: Optional[float], start_timeout: float
+) -> None:
     """Stop the endpoint NAME (if running), then start it again."""
     ctx = click_ctx.find_object(Context)
+    assert ctx is not None
     ep = ctx.existing(name)
     load_checked(ep)
     _stop(ctx, ep, timeout)

@@ -158,7 +158,7 @@ def uuid_list(value: Any) -> List[str]:
         try:
             result.append(str(uuid.UUID(str(item))))
         except ValueError:
-            raise ValueError(f"expected a list of function UUIDs, {item!r} is not a UUID")
+            raise ValueError(f"expected a list of function UUIDs, {item!r} is not a UUID") from None
     return result
 
 
@@ -238,7 +238,8 @@ class ConfigObject:
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
             return NotImplemented
-        return self.as_dict() == other.as_dict()  # type: ignore[attr-defined]
+        assert isinstance(other, ConfigObject)
+        return self.as_dict() == other.as_dict()
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -291,20 +292,18 @@ class LocalProvider(ConfigObject):
     """
 
     fields = {
-        "init_blocks": Field(1, number(0, integer=True), "Blocks started when the endpoint starts."),
+        "init_blocks": Field(
+            1, number(0, integer=True), "Blocks started when the endpoint starts."
+        ),
         "min_blocks": Field(0, number(0, integer=True), "Fewest blocks kept while idle."),
         "max_blocks": Field(1, number(0, integer=True), "Most blocks ever running at once."),
-        "nodes_per_block": Field(
-            1, number(1, integer=True), "Managers per block (one per node)."
-        ),
+        "nodes_per_block": Field(1, number(1, integer=True), "Managers per block (one per node)."),
         "parallelism": Field(
             1.0,
             number(0),
             "Ratio of workers to pending tasks the strategy aims for (0 to 1).",
         ),
-        "worker_init": Field(
-            "", string(), "Shell commands run before each manager starts."
-        ),
+        "worker_init": Field("", string(), "Shell commands run before each manager starts."),
         "cmd_timeout": Field(30, number(0, exclusive_minimum=True), "Seconds a submit may take."),
     }
 
@@ -364,9 +363,15 @@ class HighThroughputExecutor(ConfigObject):
     """Where and how tasks run: the provider of manager blocks and the workers."""
 
     fields = {
-        "label": Field("htex", string(r"[A-Za-z0-9_.-]+", "a label of letters, digits, _ . -"), "Name in logs."),
-        "provider": Field(None, _provider, "Starts blocks of managers.", default_factory=lambda: LocalProvider()),
-        "strategy": Field(None, _strategy, "Scaling strategy.", default_factory=lambda: SimpleStrategy()),
+        "label": Field(
+            "htex", string(r"[A-Za-z0-9_.-]+", "a label of letters, digits, _ . -"), "Name in logs."
+        ),
+        "provider": Field(
+            None, _provider, "Starts blocks of managers.", default_factory=lambda: LocalProvider()
+        ),
+        "strategy": Field(
+            None, _strategy, "Scaling strategy.", default_factory=lambda: SimpleStrategy()
+        ),
         "max_workers_per_node": Field(
             math.inf,
             number(1, allow_inf=True),
@@ -416,6 +421,22 @@ class HighThroughputExecutor(ConfigObject):
             None, string_dict, "Environment variables set for workers.", default_factory=dict
         ),
     }
+
+    label: str
+    provider: Any
+    strategy: SimpleStrategy
+    max_workers_per_node: float
+    cores_per_worker: float
+    mem_per_worker: Optional[float]
+    available_accelerators: List[str]
+    prefetch_capacity: int
+    max_retries_on_system_failure: int
+    address: str
+    interchange_port_range: Tuple[int, int]
+    worker_debug: bool
+    worker_mode: str
+    container_cmd_options: str
+    worker_environment: Dict[str, str]
 
 
 class Config(ConfigObject):
@@ -496,7 +517,9 @@ class Config(ConfigObject):
             5, number(0, integer=True), "Rotated logs kept (endpoint.log.1 ...)."
         ),
         "log_format": Field(
-            "text", choice("text", "json"), "endpoint.log lines: 'text' or 'json' (one object per line)."
+            "text",
+            choice("text", "json"),
+            "endpoint.log lines: 'text' or 'json' (one object per line).",
         ),
         "debug": Field(False, boolean, "Debug logging in the daemon."),
         "detach_endpoint": Field(
@@ -536,12 +559,16 @@ class Config(ConfigObject):
 
 def _executors(value: Any) -> List[HighThroughputExecutor]:
     if isinstance(value, HighThroughputExecutor):
-        raise TypeError("expected a list of executors: write executors=[HighThroughputExecutor(...)]")
+        raise TypeError(
+            "expected a list of executors: write executors=[HighThroughputExecutor(...)]"
+        )
     if not isinstance(value, (list, tuple)) or not value:
         raise TypeError(f"expected a non-empty list of executors, got {_describe(value)}")
     for item in value:
         if not isinstance(item, HighThroughputExecutor):
             raise TypeError(f"expected HighThroughputExecutor(...) items, got {_describe(item)}")
     if len(value) > 1:
-        raise ValueError("only one executor per endpoint is supported; use one endpoint per executor")
+        raise ValueError(
+            "only one executor per endpoint is supported; use one endpoint per executor"
+        )
     return list(value)

@@ -66,7 +66,8 @@ class ControlProtocol(LineOnlyReceiver):
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._reply({"ok": False, "error": "request too long"})
-        self.transport.loseConnection()
+        if self.transport is not None:
+            self.transport.loseConnection()
 
     def _reply(self, message: Dict[str, Any]) -> None:
         if self.transport is not None and self.connected:
@@ -130,4 +131,3 @@ def ask(path: str, command: str, timeout: float = 10.0) -> Dict[str, Any]:
     result = reply[command]
     assert isinstance(result, dict)
     return result
-

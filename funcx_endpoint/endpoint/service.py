@@ -69,8 +69,11 @@ class ReadyReporter:
         try:
             os.write(fd, json.dumps(message).encode() + b"\n")
         except OSError as e:
-            self.log.warn("Could not report {state} to the starter: {error}",
-                          state=message.get("state"), error=e)
+            self.log.warn(
+                "Could not report {state} to the starter: {error}",
+                state=message.get("state"),
+                error=e,
+            )
         finally:
             os.close(fd)
 
@@ -152,8 +155,9 @@ class EndpointService(MultiService):
                 await when_ready()
         self.phase = Phase.RUNNING
         info = self.ready_info()
-        self.log.info("Endpoint {name} is ready (pid {pid})", name=self.endpoint_dir.name,
-                      pid=os.getpid())
+        self.log.info(
+            "Endpoint {name} is ready (pid {pid})", name=self.endpoint_dir.name, pid=os.getpid()
+        )
         self._reporter.ready(**info)
 
     def ready_info(self) -> Dict[str, Any]:
@@ -168,17 +172,23 @@ class EndpointService(MultiService):
         self.phase = Phase.FAILED
         if failure.check(CancelledError) and not self.running:
             message, code = "stopped before it was ready", EX_TEMPFAIL
-            self.log.info("Endpoint {name} stopped before it was ready",
-                          name=self.endpoint_dir.name)
+            self.log.info(
+                "Endpoint {name} stopped before it was ready", name=self.endpoint_dir.name
+            )
         elif failure.check(StartupError):
-            error: StartupError = failure.value
+            error = failure.value
+            assert isinstance(error, StartupError)
             message, code = error.message, error.exit_code
-            self.log.error("Endpoint {name} failed to start: {message}",
-                           name=self.endpoint_dir.name, message=message)
+            self.log.error(
+                "Endpoint {name} failed to start: {message}",
+                name=self.endpoint_dir.name,
+                message=message,
+            )
         else:
             message, code = f"internal error: {failure.getErrorMessage()}", EX_SOFTWARE
-            self.log.failure("Endpoint {name} failed to start", failure,
-                             name=self.endpoint_dir.name)
+            self.log.failure(
+                "Endpoint {name} failed to start", failure, name=self.endpoint_dir.name
+            )
         self.fail(message, code)
 
     def fail(self, message: str, exit_code: int) -> None:

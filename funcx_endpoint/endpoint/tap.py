@@ -44,7 +44,7 @@ class Options(usage.Options):
         try:
             self.endpoint_dir = EndpointDir(self["config-dir"], self["name"])
         except BadEndpointName as e:
-            raise usage.UsageError(str(e))
+            raise usage.UsageError(str(e)) from None
         if not self.endpoint_dir.exists():
             raise usage.UsageError(
                 f"no endpoint {self['name']!r} in {self.endpoint_dir.config_dir}; "
@@ -73,9 +73,7 @@ def build_endpoint(
 ) -> EndpointService:
     """Build the daemon's service tree from a loaded config."""
     endpoint = EndpointService(endpoint_dir, reactor, ReadyReporter(ready_fd))
-    endpoint.add(
-        control_service(reactor, endpoint_dir.control_socket, {"status": endpoint.status})
-    )
+    endpoint.add(control_service(reactor, endpoint_dir.control_socket, {"status": endpoint.status}))
     return endpoint
 
 
@@ -86,7 +84,7 @@ def makeService(options: Options) -> IService:
     try:
         config = load_config(endpoint_dir.config_file)
     except ConfigFileError as e:
-        raise SystemExit(f"funcx-endpoint: bad configuration: {e}")
+        raise SystemExit(f"funcx-endpoint: bad configuration: {e}") from None
     logs.configure(
         log_settings(endpoint_dir, config, bool(options["debug"]), bool(options["log-stdout"]))
     )

@@ -2,4 +2,6 @@
 # plugin scan stays cheap: the modules they name are imported only when used.
 from twisted.application.service import ServiceMaker
 
-funcx_endpoint = ServiceMaker("funcX endpoint", "funcx_endpoint.endpoint.tap", "Run a funcX endpoint.", "funcx-endpoint")
+funcx_endpoint = ServiceMaker(
+    "funcX endpoint", "funcx_endpoint.endpoint.tap", "Run a funcX endpoint.", "funcx-endpoint"
+)
