@@ -1,0 +1,321 @@
+"""Connecting to RabbitMQ: URLs, TLS, login, and a reconnecting service.
+
+:class:`AMQPConnectionService` keeps one connection up with Twisted's
+``ClientService`` (backoff with jitter), logs in and lets its owner set up
+channels in ``prepareConnection``.  Errors that retrying cannot cure (a
+refused login, a missing queue, a queue held exclusively by someone else)
+are fatal: the service stops retrying and reports them once.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Awaitable, Callable, List, Optional
+from urllib.parse import quote, unquote, urlsplit
+
+import attr
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from txamqp.client import Closed
+from txamqp.message import Message
+
+from funcx_endpoint.amqp.client import AMQPClient
+
+ACCESS_REFUSED = 403
+NOT_FOUND = 404
+RESOURCE_LOCKED = 405
+
+
+class AMQPURLError(ValueError):
+    """An AMQP URL that cannot be used."""
+
+
+@attr.s(auto_attribs=True, frozen=True, repr=False)
+class AMQPURL:
+    """A parsed ``amqp[s]://user:password@host:port/vhost`` URL."""
+
+    scheme: str
+    host: str
+    port: int
+    username: str
+    password: str
+    vhost: str
+
+    @classmethod
+    def parse(cls, url: str) -> AMQPURL:
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as e:
+            raise AMQPURLError(f"bad AMQP URL {redact(url)}: {e}") from None
+        if parts.scheme not in ("amqp", "amqps"):
+            raise AMQPURLError(
+                f"bad AMQP URL {redact(url)}: the scheme must be amqp:// or amqps://"
+            )
+        if not parts.hostname:
+            raise AMQPURLError(f"bad AMQP URL {redact(url)}: no host")
+        path = parts.path[1:] if parts.path.startswith("/") else parts.path
+        vhost = unquote(path) if path else "/"
+        return cls(
+            scheme=parts.scheme,
+            host=parts.hostname,
+            port=port or (5671 if parts.scheme == "amqps" else 5672),
+            username=unquote(parts.username or "guest"),
+            password=unquote(parts.password or "guest"),
+            vhost=vhost,
+        )
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "amqps"
+
+    def redacted(self) -> str:
+        """The URL with its password replaced by ``***`` (for logs and errors)."""
+        vhost = quote(self.vhost, safe="")
+        return f"{self.scheme}://{quote(self.username)}:***@{self.host}:{self.port}/{vhost}"
+
+    def __repr__(self) -> str:
+        return f"AMQPURL({self.redacted()})"
+
+    def __str__(self) -> str:
+        return self.redacted()
+
+
+def redact(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = parts.netloc.rsplit("@", 1)
+        user = netloc[0].split(":", 1)[0]
+        return url.replace(parts.netloc, f"{user}:***@{netloc[1]}", 1)
+    except ValueError:
+        return "<unparseable URL>"
+
+
+def client_endpoint(
+    reactor: Any, url: AMQPURL, ca_file: Optional[str] = None, timeout: float = 30
+) -> IStreamClientEndpoint:
+    """A TCP (amqp) or TLS (amqps) endpoint for ``url``.
+
+    TLS verifies the certificate and the host name, against ``ca_file`` if
+    given, else the system's trusted CAs.
+    """
+    tcp = HostnameEndpoint(reactor, url.host, url.port, timeout=timeout)
+    if not url.tls:
+        return tcp
+    if ca_file:
+        with open(ca_file, "rb") as f:
+            trust = Certificate.loadPEM(f.read())
+        options = optionsForClientTLS(url.host, trustRoot=trust)
+    else:
+        options = optionsForClientTLS(url.host, trustRoot=platformTrust())
+    return wrapClientTLS(options, tcp)
+
+
+class AMQPError(Exception):
+    """A broker error, with the reply code when the broker gave one."""
+
+    def __init__(self, message: str, code: Optional[int] = None, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.fatal = fatal
+
+
+def close_reason(reason: Any) -> tuple[Optional[int], str]:
+    """(reply code, reply text) of a broker close, from txAMQP's reason forms."""
+    if isinstance(reason, Failure):
+        reason = reason.value
+    if isinstance(reason, Closed) and reason.args:
+        reason = reason.args[0]
+    if isinstance(reason, Message):
+        try:
+            return int(reason.reply_code), str(reason.reply_text)
+        except AttributeError:
+            pass
+    if isinstance(reason, Failure):
+        return None, reason.getErrorMessage()
+    return None, str(reason)
+
+
+class AMQPConnectionFactory(Factory):
+    """Builds :class:`AMQPClient` protocols for one URL."""
+
+    noisy = False
+
+    def __init__(self, url: AMQPURL, heartbeat: int, clock: Any) -> None:
+        self.url = url
+        self.heartbeat = heartbeat
+        self.clock = clock
+
+    def buildProtocol(self, addr: Any) -> AMQPClient:
+        client = AMQPClient(vhost=self.url.vhost, heartbeat=self.heartbeat, clock=self.clock)
+        client.factory = self
+        return client
+
+
+async def login(client: AMQPClient, url: AMQPURL) -> None:
+    """Authenticate and open the vhost; a refusal raises a fatal AMQPError."""
+    try:
+        await client.authenticate(url.username, url.password, mechanism="PLAIN")
+    except Closed as e:
+        code, text = close_reason(e)
+        if code == ACCESS_REFUSED or "ACCESS_REFUSED" in text:
+            raise AMQPError(
+                f"the broker refused the login of {url.username!r} at {url.redacted()}: {text}",
+                code,
+                fatal=True,
+            ) from None
+        if code == 530 or "NOT_ALLOWED" in text:  # no access to the vhost
+            raise AMQPError(
+                f"the broker refused access to vhost {url.vhost!r}: {text}", code, fatal=True
+            ) from None
+        raise AMQPError(f"the broker closed the connection during login: {text}", code) from None
+
+
+PrepareFunction = Callable[[AMQPClient], Awaitable[None]]
+
+
+class AMQPConnectionService(Service):
+    """Keeps one AMQP connection up; the owner sets up channels in ``prepare``.
+
+    ``prepare(client)`` runs after each login; when it raises an
+    :class:`AMQPError` with ``fatal`` set, retrying stops and
+    ``when_fatal()`` observers hear of it.  Any other failure retries with
+    exponential backoff and jitter.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        url: AMQPURL,
+        prepare: PrepareFunction,
+        *,
+        ca_file: Optional[str] = None,
+        heartbeat: int = 30,
+        name: Optional[str] = None,
+        endpoint: Optional[IStreamClientEndpoint] = None,
+        max_delay: float = 30.0,
+    ) -> None:
+        self.url = url
+        self._reactor = reactor
+        self._prepare = prepare
+        self._fatal_waiters: List[Deferred[AMQPError]] = []
+        self.fatal_error: Optional[AMQPError] = None
+        self.client: Optional[AMQPClient] = None
+        self.connections = 0
+        if name:
+            self.setName(name)
+        rng = random.Random()
+        self._client_service = ClientService(
+            endpoint or client_endpoint(reactor, url, ca_file),
+            AMQPConnectionFactory(url, heartbeat, reactor),
+            retryPolicy=backoffPolicy(
+                initialDelay=0.25, maxDelay=max_delay, factor=2.0, jitter=rng.random
+            ),
+            clock=reactor,
+            prepareConnection=self._prepare_connection,
+        )
+
+    @property
+    def connected(self) -> bool:
+        return self.client is not None and self.client.transport is not None
+
+    def state(self) -> str:
+        if self.fatal_error is not None:
+            return "failed"
+        if self.connected:
+            return "connected"
+        return "connecting" if self.running else "stopped"
+
+    def _prepare_connection(self, client: Any) -> Deferred[None]:
+        return ensureDeferred(self._setup(client))
+
+    async def _setup(self, client: AMQPClient) -> None:
+        try:
+            await login(client, self.url)
+            await self._prepare(client)
+        except AMQPError as e:
+            if e.fatal:
+                self._fail(e)
+            else:
+                self.log.warn(
+                    "AMQP set-up at {url} failed, will retry: {error}",
+                    url=self.url.redacted(),
+                    error=e.message,
+                )
+            if client.transport is not None:
+                client.transport.loseConnection()
+            raise
+        except Exception as e:
+            self.log.warn(
+                "AMQP set-up at {url} failed, will retry: {error}", url=self.url.redacted(), error=e
+            )
+            if client.transport is not None:
+                client.transport.loseConnection()
+            raise
+        self.client = client
+        self.connections += 1
+        self.log.info("Connected to {url}", url=self.url.redacted())
+        client.when_closed().addCallback(self._lost, client)
+
+    def _lost(self, reason: Any, client: AMQPClient) -> None:
+        if self.client is client:
+            self.client = None
+        if self.running:
+            code, text = close_reason(reason)
+            self.log.warn(
+                "Lost the connection to {url} ({text}); reconnecting",
+                url=self.url.redacted(),
+                text=text,
+            )
+
+    def _fail(self, error: AMQPError) -> None:
+        if self.fatal_error is not None:
+            return
+        self.fatal_error = error
+        self.log.error("Giving up on {url}: {error}", url=self.url.redacted(), error=error.message)
+        # Stop retrying; the owner decides what to do next.
+        self._reactor.callLater(0, self._client_service.stopService)
+        waiters, self._fatal_waiters = self._fatal_waiters, []
+        for d in waiters:
+            d.callback(error)
+
+    def when_fatal(self) -> Deferred[AMQPError]:
+        """Fires with the fatal error, if one ever happens."""
+        d: Deferred[AMQPError] = Deferred()
+        if self.fatal_error is not None:
+            d.callback(self.fatal_error)
+        else:
+            self._fatal_waiters.append(d)
+        return d
+
+    def fail(self, error: AMQPError) -> None:
+        """Report a fatal error found after set-up (e.g. a cancelled consumer)."""
+        self._fail(error)
+        if self.client is not None and self.client.transport is not None:
+            self.client.transport.loseConnection()
+
+    def when_connected(self) -> Deferred[AMQPClient]:
+        """The next (or current) prepared connection."""
+        d: Deferred[Any] = self._client_service.whenConnected(failAfterFailures=None)
+        return d
+
+    def startService(self) -> None:
+        super().startService()
+        self._client_service.startService()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self._client_service.stopService()

@@ -1,0 +1,106 @@
+"""The boundary between the endpoint's AMQP side and where tasks run.
+
+The AMQP consumer hands each task to an :class:`IInterchange`; the
+interchange gives every task it accepted exactly one :class:`Result` back,
+through the ``on_results`` callback it was built with (results come in
+batches).  The real interchange (``executor/interchange.py``) dispatches to
+managers and workers; :class:`EchoInterchange` answers at once, for tests and
+for the AMQP pipe benchmark.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from twisted.application.service import IService, Service
+from twisted.internet.interfaces import IReactorTime
+from zope.interface import Attribute, implementer
+
+from funcx_endpoint.protocol import Result, Task, TaskTransition, serialize
+
+ResultsCallback = Callable[[List[Result]], None]
+
+
+class IInterchange(IService):
+    """Runs tasks and reports their results."""
+
+    on_results = Attribute("Callable[[List[Result]], None]: where results go, in batches.")
+
+    def submit(tasks: Sequence[Task]) -> None:
+        """Accept tasks to run.  Each gets exactly one result via ``on_results``
+        unless it is withdrawn by :meth:`withdraw_unstarted`."""
+
+    def cancel(task_id: str) -> bool:
+        """Cancel a task; its result (TaskCancelled) still comes through
+        ``on_results``.  False if the task is unknown or already done."""
+
+    def withdraw_unstarted() -> List[str]:
+        """Stop accepting tasks; remove those not yet handed to a worker and
+        return their ids (they get no result: the endpoint releases them to
+        the broker).  Used on a clean stop."""
+
+    def status() -> Dict[str, Any]:
+        """Counts for status reports: ``managers``, ``total_workers``,
+        ``idle_workers``, ``pending_tasks``, ``outstanding_tasks``."""
+
+    def pop_transitions() -> Dict[str, List[TaskTransition]]:
+        """Task state transitions recorded since the last call, by task id."""
+
+
+@implementer(IInterchange)
+class EchoInterchange(Service):
+    """Answers every task at once with a fixed successful result.
+
+    Results are batched per reactor turn, as a real interchange batches them.
+    """
+
+    name = "interchange"
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        on_results: Optional[ResultsCallback] = None,
+        result_data: Optional[str] = None,
+    ) -> None:
+        self._clock = clock
+        self.on_results: ResultsCallback = on_results or (lambda results: None)
+        self._data = result_data if result_data is not None else serialize(None)
+        self._ready: List[Result] = []
+        self._scheduled = False
+        self.accepting = True
+        self.submitted = 0
+
+    def submit(self, tasks: Sequence[Task]) -> None:
+        if not self.accepting:
+            raise RuntimeError("the interchange is stopping and takes no more tasks")
+        data = self._data
+        self.submitted += len(tasks)
+        self._ready.extend(Result(task.task_id, data) for task in tasks)
+        if not self._scheduled:
+            self._scheduled = True
+            self._clock.callLater(0, self._deliver)
+
+    def _deliver(self) -> None:
+        self._scheduled = False
+        ready, self._ready = self._ready, []
+        if ready:
+            self.on_results(ready)
+
+    def cancel(self, task_id: str) -> bool:
+        return False
+
+    def withdraw_unstarted(self) -> List[str]:
+        self.accepting = False
+        return []
+
+    def status(self) -> Dict[str, Any]:
+        return {
+            "managers": 0,
+            "total_workers": 0,
+            "idle_workers": 0,
+            "pending_tasks": len(self._ready),
+            "outstanding_tasks": {"RAW": len(self._ready)},
+        }
+
+    def pop_transitions(self) -> Dict[str, List[TaskTransition]]:
+        return {}
