@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+import attr
 from twisted.application.service import IService, Service
 from twisted.internet.interfaces import IReactorTime
-from zope.interface import Attribute, implementer
+from zope.interface import Attribute, Interface, implementer
 
 from funcx_endpoint.protocol import Result, Task, TaskTransition, serialize
 
@@ -104,3 +105,27 @@ class EchoInterchange(Service):
 
     def pop_transitions(self) -> Dict[str, List[TaskTransition]]:
         return {}
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class ManagerInfo:
+    """What the interchange knows of one connected manager (for scaling and status)."""
+
+    manager_id: str
+    block_id: str
+    hostname: str
+    worker_count: int
+    idle_workers: int
+    active_tasks: int  # tasks sent to it and not answered yet
+    registered_at: float  # clock time
+    idle_since: Optional[float]  # clock time it last became idle; None while busy
+
+
+class ILoadSource(Interface):
+    """The load numbers a scaling strategy reads (the interchange provides them)."""
+
+    def outstanding_tasks() -> int:
+        """Tasks accepted and not yet answered: queued here plus in flight at managers."""
+
+    def managers() -> List[ManagerInfo]:
+        """The managers connected now."""
