@@ -365,7 +365,8 @@ class ValueTests(SynchronousTestCase):
         task = Task(TASK_ID, "b")
         self.assertEqual(
             repr(task),
-            f"Task(task_id='{TASK_ID}', task_buffer='b', container_id=None, container=None)",
+            f"Task(task_id='{TASK_ID}', task_buffer='b', container_id=None, container=None, "
+            "function_id=None)",
         )
         self.assertNotEqual(task, Task(TASK_ID, "c"))
         self.assertNotEqual(task, "not a task")
@@ -712,3 +713,27 @@ class UnpackErrorTests(SynchronousTestCase):
             f"task_statuses['{TASK_ID}'][0]: unknown task state 'x'",
             message_type="ep_status_report",
         )
+
+
+class FunctionIdTests(SynchronousTestCase):
+    """``function_id``: our addition to task messages, written only when known."""
+
+    def test_round_trip_with_function_id(self) -> None:
+        from funcx_endpoint.protocol import Task, pack, unpack
+
+        task = Task(
+            "0b7e2b9a-57a6-4d4a-9bb8-9d32c3b09a51",
+            "buf",
+            function_id="11111111-2222-4333-8444-555555555555",
+        )
+        wire = pack(task)
+        self.assertIn(b'"function_id":"11111111-2222-4333-8444-555555555555"', wire)
+        self.assertEqual(unpack(wire), task)
+
+    def test_absent_when_unknown(self) -> None:
+        from funcx_endpoint.protocol import Task, pack, unpack
+
+        task = Task("0b7e2b9a-57a6-4d4a-9bb8-9d32c3b09a51", "buf")
+        wire = pack(task)
+        self.assertNotIn(b"function_id", wire)
+        self.assertIsNone(unpack(wire).function_id)

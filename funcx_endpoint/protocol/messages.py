@@ -408,10 +408,12 @@ class Task(_Record):
     ``task_buffer`` is the packed function, args and kwargs (see
     :mod:`funcx_endpoint.protocol.serialize`).  ``container_id`` is ignored by
     funcX 1.0 endpoints; ``container`` says where to run the task, if
-    anywhere special.
+    anywhere special.  ``function_id`` is this project's addition (our service
+    sends it so an endpoint can enforce ``allowed_functions``); it is written
+    only when known, and funcX 1.0 endpoints ignore it.
     """
 
-    __slots__ = ("task_id", "task_buffer", "container_id", "container")
+    __slots__ = ("task_id", "task_buffer", "container_id", "container", "function_id")
     message_type: ClassVar[str] = "task"
 
     def __init__(
@@ -420,9 +422,11 @@ class Task(_Record):
         task_buffer: str,
         container_id: Union[str, uuid.UUID, None] = None,
         container: Optional[Container] = None,
+        function_id: Union[str, uuid.UUID, None] = None,
     ) -> None:
         self.task_id: str = _uuid(task_id, "task_id")
         self.task_buffer: str = _str(task_buffer, "task_buffer")
+        self.function_id: Optional[str] = _optional_uuid(function_id, "function_id")
         self.container_id: Optional[str] = _optional_uuid(container_id, "container_id")
         if container is not None and type(container) is not Container:
             raise MessageError(f"container must be a Container or None, got {_show(container)}")
@@ -431,12 +435,15 @@ class Task(_Record):
     def to_wire(self) -> Dict[str, Any]:
         """The JSON-ready ``data`` of this message."""
         container = self.container
-        return {
+        data = {
             "task_id": self.task_id,
             "container_id": self.container_id,
             "container": None if container is None else container.to_wire(),
             "task_buffer": self.task_buffer,
         }
+        if self.function_id is not None:
+            data["function_id"] = self.function_id
+        return data
 
     @classmethod
     def from_wire(cls, data: Dict[str, Any]) -> Task:
@@ -447,6 +454,7 @@ class Task(_Record):
             _required(data, "task_buffer", "data"),
             data.get("container_id"),
             None if container is None else Container.from_wire(container),
+            data.get("function_id"),
         )
 
 
