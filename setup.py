@@ -41,11 +41,17 @@ setup(
         "pyOpenSSL>=23.2.0",
         "attrs>=23.1.0",
         "dill>=0.3.6",
+        "globus-sdk>=3.65,<5",
+        "requests>=2.28",
     ],
     extras_require={
         "test": [
             "pika>=1.3.0",
             "hypothesis>=6.80.0",
+            "tqdm>=4.60",
+        ],
+        "progress": [
+            "tqdm>=4.60",
         ],
         "lint": [
             "ruff>=0.5.0",

@@ -97,6 +97,114 @@ def _shortstr(value: str) -> bytes:
     return bytes((len(data),)) + data
 
 
+def encode_table(table: Dict[str, Any]) -> bytes:
+    """An AMQP field table (RabbitMQ's field types), with its length prefix."""
+    parts: List[bytes] = []
+    for key, value in table.items():
+        parts.append(_shortstr(key))
+        parts.append(_encode_field(value))
+    body = b"".join(parts)
+    return _ulong.pack(len(body)) + body
+
+
+def _encode_field(value: Any) -> bytes:
+    if isinstance(value, bool):
+        return b"t" + (b"\x01" if value else b"\x00")
+    if isinstance(value, int):
+        if -(2**31) <= value < 2**31:
+            return b"I" + struct.pack("!i", value)
+        return b"l" + struct.pack("!q", value)
+    if isinstance(value, float):
+        return b"d" + struct.pack("!d", value)
+    if isinstance(value, str):
+        data = value.encode()
+        return b"S" + _ulong.pack(len(data)) + data
+    if isinstance(value, (bytes, bytearray)):
+        return b"x" + _ulong.pack(len(value)) + bytes(value)
+    if isinstance(value, dict):
+        return b"F" + encode_table(value)
+    if isinstance(value, (list, tuple)):
+        body = b"".join(_encode_field(item) for item in value)
+        return b"A" + _ulong.pack(len(body)) + body
+    if value is None:
+        return b"V"
+    raise TypeError(f"cannot encode {type(value).__name__} in an AMQP table")
+
+
+_FIXED = {
+    ord("b"): struct.Struct("!b"),
+    ord("B"): struct.Struct("!B"),
+    ord("s"): struct.Struct("!h"),
+    ord("u"): struct.Struct("!H"),
+    ord("I"): struct.Struct("!i"),
+    ord("i"): struct.Struct("!I"),
+    ord("l"): struct.Struct("!q"),
+    ord("L"): struct.Struct("!Q"),
+    ord("f"): struct.Struct("!f"),
+    ord("d"): struct.Struct("!d"),
+    ord("T"): struct.Struct("!Q"),
+}
+
+
+def decode_table(data: bytes, offset: int) -> Tuple[Dict[str, Any], int]:
+    """Decode the field table at ``offset``; the table and the offset after it."""
+    (size,) = _ulong.unpack_from(data, offset)
+    offset += 4
+    end = offset + size
+    table: Dict[str, Any] = {}
+    while offset < end:
+        key, offset = _read_shortstr(data, offset)
+        table[key], offset = _decode_field(data, offset)
+    return table, end
+
+
+def _decode_field(data: bytes, offset: int) -> Tuple[Any, int]:
+    kind = data[offset]
+    offset += 1
+    fixed = _FIXED.get(kind)
+    if fixed is not None:
+        return fixed.unpack_from(data, offset)[0], offset + fixed.size
+    if kind == ord("t"):
+        return data[offset] != 0, offset + 1
+    if kind in (ord("S"), ord("x")):
+        (size,) = _ulong.unpack_from(data, offset)
+        raw = bytes(data[offset + 4 : offset + 4 + size])
+        return (raw.decode("utf-8", "replace") if kind == ord("S") else raw), offset + 4 + size
+    if kind == ord("F"):
+        return decode_table(data, offset)
+    if kind == ord("A"):
+        (size,) = _ulong.unpack_from(data, offset)
+        offset += 4
+        end = offset + size
+        items = []
+        while offset < end:
+            item, offset = _decode_field(data, offset)
+            items.append(item)
+        return items, end
+    if kind == ord("D"):
+        scale = data[offset]
+        (raw,) = struct.unpack_from("!i", data, offset + 1)
+        return raw / (10**scale), offset + 5
+    if kind == ord("V"):
+        return None, offset
+    raise ProtocolViolation(f"unknown AMQP field type {chr(kind)!r}")
+
+
+CLIENT_PROPERTIES: Dict[str, Any] = {
+    "product": "funcx-endpoint",
+    "platform": "Python/Twisted",
+    "capabilities": {
+        "publisher_confirms": True,
+        "basic.nack": True,
+        "consumer_cancel_notify": True,
+        "connection.blocked": True,
+        "authentication_failure_close": True,
+        "exchange_exchange_bindings": True,
+        "per_consumer_qos": True,
+    },
+}
+
+
 def encode_properties(properties: Properties) -> Tuple[int, bytes]:
     """The property flags and the encoded property list."""
     flags = 0
@@ -113,9 +221,7 @@ def encode_properties(properties: Properties) -> Tuple[int, bytes]:
         elif kind == "timestamp":
             parts.append(_ulonglong.pack(int(value)))
         else:  # table
-            buf = BytesIO()
-            Codec(buf).encode_table(value)
-            parts.append(buf.getvalue())
+            parts.append(encode_table(value))
     for name in properties:
         if name not in _PROPERTY_BIT:
             raise ValueError(f"unknown AMQP basic property {name!r}")
@@ -141,15 +247,7 @@ def decode_properties(flags: int, data: bytes, offset: int) -> Properties:
             (properties[name],) = _ulonglong.unpack_from(data, offset)
             offset += 8
         else:
-            (size,) = _ulong.unpack_from(data, offset)
-            codec = Codec(BytesIO(bytes(data[offset : offset + 4 + size])))
-            try:
-                properties[name] = codec.decode_table()
-            except (ValueError, struct.error):
-                # txAMQP's table codec knows few field types; a table it
-                # cannot read must not cost the message.
-                properties[name] = None
-            offset += 4 + size
+            properties[name], offset = decode_table(data, offset)
     return properties
 
 
@@ -262,9 +360,32 @@ class FastChannel(AMQChannel):
 
 
 class AMQPDelegate(TwistedDelegate):
-    """Handles the methods txAMQP's delegate does not (confirms, cancel, flow)."""
+    """Handles the methods txAMQP's delegate does not (confirms, cancel, flow).
+
+    ``connection.start-ok`` is written here rather than by txAMQP, whose
+    table codec cannot say ``authentication_failure_close: true``: without
+    it RabbitMQ answers a wrong password by dropping the connection, which
+    looks like a network error and invites retrying forever.
+    """
 
     log = Logger()
+
+    def connection_start(self, ch: FastChannel, msg: Message) -> None:
+        client = self.client
+        response = client.response
+        if isinstance(response, dict):  # AMQPLAIN
+            response_bytes = encode_table(response)[4:]
+        else:
+            response_bytes = response.encode() if isinstance(response, str) else response
+        payload = (
+            _class_method.pack(10, 11)
+            + encode_table(CLIENT_PROPERTIES)
+            + _shortstr(client.mechanism)
+            + _ulong.pack(len(response_bytes))
+            + response_bytes
+            + _shortstr(client.locale)
+        )
+        client.write_frame_payload(0, FRAME_METHOD, payload)
 
     def basic_ack(self, ch: FastChannel, msg: Message) -> None:
         if ch.handlers.on_ack is not None:
@@ -317,6 +438,7 @@ class AMQPClient(AMQClient):
         self._heartbeat_calls: List[Any] = []
         self._closed_waiters: List[Deferred[Any]] = []
         self.close_reason: Any = None
+        self.shield: Any = None  # set by the connection service's endpoint
         super().__init__(delegate or AMQPDelegate(), vhost, load_spec(), heartbeat=0, clock=clock)
         # txAMQP reschedules a timer on every frame when heartbeats are on;
         # we keep its handshake (tune-ok carries our interval) and run two
@@ -327,13 +449,19 @@ class AMQPClient(AMQClient):
     # -- connection state -------------------------------------------------
 
     def when_closed(self) -> Deferred[Any]:
-        """A Deferred that fires (with the reason) when the connection is lost."""
+        """A Deferred that fires when the connection is lost, with the reason
+        (an exception, or the broker's ``connection.close`` message)."""
         d: Deferred[Any] = Deferred()
         if self.transport is None and self.close_reason is not None:
-            d.callback(self.close_reason)
+            d.callback(self._reason_value())
         else:
             self._closed_waiters.append(d)
         return d
+
+    def _reason_value(self) -> Any:
+        reason = self.close_reason
+        # Never fire a Deferred's callback with a Failure: it would become an errback.
+        return reason.value if isinstance(reason, Failure) else reason
 
     def connectionLost(self, reason: Failure) -> None:
         self._stop_heartbeats()
@@ -352,7 +480,7 @@ class AMQPClient(AMQClient):
         self.transport = None
         waiters, self._closed_waiters = self._closed_waiters, []
         for d in waiters:
-            d.callback(self.close_reason)
+            d.callback(self._reason_value())
 
     def do_close(self, reason: Any) -> None:
         # Called when the broker closes the connection (or we do): remember why.

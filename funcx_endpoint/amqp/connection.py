@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txamqp.client import Closed
 from txamqp.message import Message
+from zope.interface import implementer
 
 from funcx_endpoint.amqp.client import AMQPClient
 
@@ -147,6 +148,66 @@ def close_reason(reason: Any) -> tuple[Optional[int], str]:
     return None, str(reason)
 
 
+class _Shield:
+    """Keeps a connection's loss from ``ClientService`` until the connection is ready.
+
+    ``ClientService`` has no transition for a connection that is lost before
+    (or after) its ``prepareConnection`` failed; it raises ``NoTransition``
+    from ``connectionLost``.  A shielded connection reports its loss to the
+    service only once :meth:`arm` was called (by a successful set-up);
+    otherwise only the AMQP protocol hears of it, and the failed set-up is
+    what the service sees.
+    """
+
+    def __init__(self, wrapped: Any, client: AMQPClient) -> None:
+        self._wrapped = wrapped
+        self._client = client
+        self.armed = False
+        client.shield = self
+
+    def arm(self) -> None:
+        self.armed = True
+
+    def makeConnection(self, transport: Any) -> None:
+        self._wrapped.makeConnection(transport)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self.armed:
+            self._wrapped.connectionLost(reason)
+        else:
+            self._client.connectionLost(reason)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._wrapped, name)
+
+
+class _ShieldingFactory(Factory):
+    def __init__(self, wrapped: Any, factory: AMQPConnectionFactory) -> None:
+        self._wrapped = wrapped
+        self._factory = factory
+
+    def buildProtocol(self, addr: Any) -> Any:
+        proxy = self._wrapped.buildProtocol(addr)
+        if proxy is None:
+            return None
+        return _Shield(proxy, self._factory.last_built)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._wrapped, name)
+
+
+@implementer(IStreamClientEndpoint)
+class _ShieldingEndpoint:
+    def __init__(self, endpoint: IStreamClientEndpoint, factory: AMQPConnectionFactory) -> None:
+        self._endpoint = endpoint
+        self._factory = factory
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        d = self._endpoint.connect(_ShieldingFactory(factory, self._factory))
+        # ClientService expects the protocol its own factory built.
+        return d.addCallback(lambda shield: shield._wrapped)
+
+
 class AMQPConnectionFactory(Factory):
     """Builds :class:`AMQPClient` protocols for one URL."""
 
@@ -160,6 +221,7 @@ class AMQPConnectionFactory(Factory):
     def buildProtocol(self, addr: Any) -> AMQPClient:
         client = AMQPClient(vhost=self.url.vhost, heartbeat=self.heartbeat, clock=self.clock)
         client.factory = self
+        self.last_built = client
         return client
 
 
@@ -218,15 +280,21 @@ class AMQPConnectionService(Service):
         if name:
             self.setName(name)
         rng = random.Random()
+        factory = AMQPConnectionFactory(url, heartbeat, reactor)
+        self._backoff = backoffPolicy(
+            initialDelay=0.25, maxDelay=max_delay, factor=2.0, jitter=rng.random
+        )
         self._client_service = ClientService(
-            endpoint or client_endpoint(reactor, url, ca_file),
-            AMQPConnectionFactory(url, heartbeat, reactor),
-            retryPolicy=backoffPolicy(
-                initialDelay=0.25, maxDelay=max_delay, factor=2.0, jitter=rng.random
-            ),
+            _ShieldingEndpoint(endpoint or client_endpoint(reactor, url, ca_file), factory),
+            factory,
+            retryPolicy=self._retry_delay,
             clock=reactor,
             prepareConnection=self._prepare_connection,
         )
+
+    def _retry_delay(self, attempt: int) -> float:
+        # After a fatal error the service is being stopped; never retry.
+        return 3600.0 if self.fatal_error is not None else self._backoff(attempt)
 
     @property
     def connected(self) -> bool:

@@ -1,0 +1,160 @@
+"""Consuming a queue exclusively, with prefetch, and batched acknowledgements.
+
+:class:`ExclusiveConsumer` declares the queue passively (the service owns
+it), sets the prefetch and consumes it exclusively, so a second consumer of
+the same queue is refused by the broker.  Refusals that retrying cannot cure
+are raised as fatal :class:`~funcx_endpoint.amqp.connection.AMQPError`\\ s.
+
+:class:`AckBatcher` acknowledges deliveries the owner says are done: once per
+reactor turn, the longest run of done tags below the oldest outstanding one
+goes in a single ``basic.ack`` with ``multiple=True``; done tags above an
+outstanding one (a long task holding the run up) are acked one by one, so
+the prefetch window never fills with finished work.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Any, Callable, List, Optional, Set
+
+from twisted.internet.interfaces import IReactorTime
+from txamqp.client import Closed
+
+from funcx_endpoint.amqp.client import Delivery, FastChannel
+from funcx_endpoint.amqp.connection import (
+    ACCESS_REFUSED,
+    NOT_FOUND,
+    RESOURCE_LOCKED,
+    AMQPError,
+    close_reason,
+)
+
+
+class ExclusiveConsumer:
+    """Consumes one queue on one channel, as its only consumer."""
+
+    def __init__(
+        self,
+        channel: FastChannel,
+        queue: str,
+        on_delivery: Callable[[Delivery], None],
+        prefetch: int,
+        consumer_tag: str,
+    ) -> None:
+        self.channel = channel
+        self.queue = queue
+        self.prefetch = prefetch
+        self.consumer_tag = consumer_tag
+        channel.handlers.consumers[consumer_tag] = on_delivery
+
+    async def start(self, exchange: Optional[str] = None) -> None:
+        """Declare passively, set the prefetch, and start consuming."""
+        try:
+            if exchange:
+                await self.channel.exchange_declare(exchange=exchange, passive=True)
+            await self.channel.queue_declare(queue=self.queue, passive=True)
+        except Closed as e:
+            code, text = close_reason(e)
+            if code == NOT_FOUND:
+                what = f"exchange {exchange!r}" if "exchange" in text else f"queue {self.queue!r}"
+                raise AMQPError(
+                    f"the broker has no {what}; the funcX service owns it: register the "
+                    f"endpoint again (or ask the service's operator): {text}",
+                    code,
+                    fatal=True,
+                ) from None
+            if code == ACCESS_REFUSED:
+                raise AMQPError(
+                    f"the broker refused access to queue {self.queue!r}: {text}", code, fatal=True
+                ) from None
+            raise AMQPError(f"declaring queue {self.queue!r} failed: {text}", code) from None
+        await self.channel.basic_qos(prefetch_count=self.prefetch)
+        try:
+            await self.channel.basic_consume(
+                queue=self.queue, consumer_tag=self.consumer_tag, exclusive=True
+            )
+        except Closed as e:
+            code, text = close_reason(e)
+            if code in (ACCESS_REFUSED, RESOURCE_LOCKED) and "exclusive" in text:
+                raise AMQPError(
+                    f"queue {self.queue!r} is already consumed by another endpoint instance "
+                    f"(another `funcx-endpoint start` of this endpoint, here or elsewhere); "
+                    f"stop that one first ({text})",
+                    code,
+                    fatal=True,
+                ) from None
+            if code == ACCESS_REFUSED:
+                raise AMQPError(
+                    f"the broker refused consuming {self.queue!r}: {text}", code, fatal=True
+                ) from None
+            raise AMQPError(f"consuming {self.queue!r} failed: {text}", code) from None
+
+    async def cancel(self) -> None:
+        """Stop receiving deliveries (those held stay unacked)."""
+        if not self.channel.closed:
+            await self.channel.basic_cancel(consumer_tag=self.consumer_tag)
+
+
+class AckBatcher:
+    """Acknowledges done deliveries of one channel, batched per reactor turn."""
+
+    def __init__(self, channel: FastChannel, clock: IReactorTime) -> None:
+        self.channel = channel
+        self._clock = clock
+        self._outstanding: List[int] = []  # heap of delivered, not yet done tags
+        self._done: Set[int] = set()  # done, not yet acked
+        self._settled: Set[int] = set()  # rejected or released: no ack due
+        self._scheduled: Optional[Any] = None
+        self.ack_frames = 0
+
+    def delivered(self, tag: int) -> None:
+        heapq.heappush(self._outstanding, tag)
+
+    def settled(self, tag: int) -> None:
+        """``tag`` was rejected or released: it needs no ack and holds nothing up."""
+        self._settled.add(tag)
+
+    def done(self, tag: int) -> None:
+        """``tag`` may be acknowledged (its result is safe)."""
+        self._done.add(tag)
+        if self._scheduled is None:
+            self._scheduled = self._clock.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = None
+        done = self._done
+        if not done or self.channel.closed:
+            return
+        heap = self._outstanding
+        settled = self._settled
+        # Drop done (and settled) tags from the top of the heap: they form
+        # the run one multiple ack can cover.
+        highest_run = 0
+        while heap and (heap[0] in done or heap[0] in settled):
+            tag = heapq.heappop(heap)
+            if tag in settled:
+                settled.discard(tag)
+            else:
+                highest_run = tag
+        singles = []
+        if highest_run:
+            for tag in list(done):
+                if tag <= highest_run:
+                    done.discard(tag)
+            self.channel.ack(highest_run, multiple=True)
+            self.ack_frames += 1
+        # Tags above an outstanding one: ack individually.
+        for tag in sorted(done):
+            singles.append(tag)
+            self.channel.ack(tag, multiple=False)
+            self.ack_frames += 1
+        if singles:
+            done.clear()
+            remaining = set(singles)
+            self._outstanding = [t for t in heap if t not in remaining and t not in settled]
+            heapq.heapify(self._outstanding)
+            settled.clear()
+
+    @property
+    def unacked(self) -> int:
+        return len(self._outstanding)

@@ -1,0 +1,169 @@
+"""Publishing with RabbitMQ publisher confirms, many messages in flight.
+
+Each :meth:`ConfirmingPublisher.publish` returns a Deferred that fires when
+the broker confirms the message (``basic.ack``) and fails with
+:class:`PublishFailed` when the broker refuses it (``basic.nack``), returns it
+as unroutable (``basic.return`` of a mandatory message), or when the channel
+or connection goes away before the confirm arrives.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, Optional, Tuple
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from funcx_endpoint.amqp.client import FastChannel, Properties, Returned
+from funcx_endpoint.amqp.connection import close_reason
+
+_TOO_LARGE = re.compile(r"message size (\d+) is larger than configured max size (\d+)")
+
+
+class PublishFailed(Exception):
+    """A message was not confirmed by the broker.
+
+    ``returned``: the broker could not route it; ``nacked``: the broker
+    refused it; otherwise the channel or connection was lost (``code`` and
+    ``text`` say why if the broker said).  ``too_large`` holds the broker's
+    size limit when the broker closed the channel because *this* message
+    exceeded it.
+    """
+
+    def __init__(
+        self,
+        text: str,
+        *,
+        code: Optional[int] = None,
+        returned: bool = False,
+        nacked: bool = False,
+        too_large: Optional[int] = None,
+    ) -> None:
+        super().__init__(text)
+        self.text = text
+        self.code = code
+        self.returned = returned
+        self.nacked = nacked
+        self.too_large = too_large
+
+
+class ConfirmingPublisher:
+    """Publishes on one channel in confirm mode and tracks each confirm."""
+
+    log = Logger()
+
+    def __init__(self, channel: FastChannel) -> None:
+        self.channel = channel
+        self._next_seq = 1
+        # seq -> (deferred, body size, message id); insertion order is seq order
+        self._pending: Dict[int, Tuple[Deferred[None], int, Optional[str]]] = {}
+        self._by_message_id: Dict[str, int] = {}
+        self._returned: Dict[int, Returned] = {}
+        self.closed = False
+        self.confirmed = 0
+        handlers = channel.handlers
+        handlers.on_ack = self._acked
+        handlers.on_nack = self._nacked
+        handlers.on_return = self._returned_message
+        handlers.on_close = self._channel_closed
+
+    async def start(self) -> None:
+        """Put the channel in confirm mode."""
+        await self.channel.confirm_select()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: Optional[Properties] = None,
+        mandatory: bool = True,
+    ) -> Deferred[None]:
+        """Publish ``body``; the Deferred fires when the broker confirms it."""
+        d: Deferred[None] = Deferred()
+        if self.closed:
+            d.errback(PublishFailed("the channel is closed"))
+            return d
+        seq = self._next_seq
+        self._next_seq += 1
+        props = dict(properties) if properties else {}
+        message_id = props.get("message-id")
+        if message_id is None:
+            message_id = props["message-id"] = f"seq-{seq}"
+        self._pending[seq] = (d, len(body), message_id)
+        self._by_message_id[message_id] = seq
+        self.channel.publish(exchange, routing_key, body, props, mandatory)
+        return d
+
+    def _settle(self, seq: int, error: Optional[PublishFailed]) -> None:
+        entry = self._pending.pop(seq, None)
+        if entry is None:
+            return
+        d, _, message_id = entry
+        if message_id is not None and self._by_message_id.get(message_id) == seq:
+            del self._by_message_id[message_id]
+        returned = self._returned.pop(seq, None)
+        if error is None and returned is not None:
+            error = PublishFailed(
+                f"the broker could not route the message ({returned.reply_code} "
+                f"{returned.reply_text}, exchange {returned.exchange!r}, "
+                f"routing key {returned.routing_key!r})",
+                code=returned.reply_code,
+                returned=True,
+            )
+        if error is None:
+            self.confirmed += 1
+            d.callback(None)
+        else:
+            d.errback(error)
+
+    def _up_to(self, tag: int, multiple: bool) -> list[int]:
+        if not multiple:
+            return [tag] if tag in self._pending else []
+        seqs = []
+        for seq in self._pending:
+            if seq > tag:
+                break
+            seqs.append(seq)
+        return seqs
+
+    def _acked(self, tag: int, multiple: bool) -> None:
+        for seq in self._up_to(tag, multiple):
+            self._settle(seq, None)
+
+    def _nacked(self, tag: int, multiple: bool) -> None:
+        for seq in self._up_to(tag, multiple):
+            self._settle(seq, PublishFailed("the broker refused the message (nack)", nacked=True))
+
+    def _returned_message(self, returned: Returned) -> None:
+        message_id = returned.properties.get("message-id")
+        seq = self._by_message_id.get(message_id) if message_id is not None else None
+        if seq is None:
+            self.log.warn("A returned message matches nothing in flight ({id})", id=message_id)
+            return
+        self._returned[seq] = returned
+
+    def _channel_closed(self, reason: Any) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        code, text = close_reason(reason)
+        too_large = _TOO_LARGE.search(text)
+        size = int(too_large.group(1)) if too_large else None
+        limit = int(too_large.group(2)) if too_large else None
+        pending, self._pending = self._pending, {}
+        self._by_message_id = {}
+        self._returned = {}
+        for d, length, _ in pending.values():
+            d.errback(
+                PublishFailed(
+                    f"the channel closed before the broker confirmed: {text}",
+                    code=code,
+                    too_large=limit if size is not None and length >= size else None,
+                )
+            )

@@ -1,0 +1,571 @@
+"""The endpoint's AMQP side: tasks in, results out, nothing lost.
+
+:class:`Transport` keeps two connections (the registration answer gives a
+URL for the task queue and one for results, possibly with different
+credentials), each through an :class:`AMQPConnectionService` that
+reconnects with backoff.  On the task side an exclusive consumer feeds the
+interchange; on the result side a confirming publisher sends results and
+status reports.  The delivery promise (DESIGN.md) is kept here:
+
+* a task is acknowledged only after its result is confirmed by the broker or
+  fsynced to the spool (``unacked_results/``), in batches;
+* a result the broker did not confirm (nack, return, lost connection) is
+  spooled and sent again after reconnecting and after a restart;
+* a task delivered again while it runs is not run twice;
+* on a clean stop, tasks not yet started are released to the broker.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+
+import attr
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, fail, gatherResults
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from funcx_endpoint.amqp.client import AMQPClient, Delivery
+from funcx_endpoint.amqp.connection import AMQPURL, AMQPConnectionService, AMQPError
+from funcx_endpoint.amqp.consumer import AckBatcher, ExclusiveConsumer
+from funcx_endpoint.amqp.publisher import ConfirmingPublisher, PublishFailed
+from funcx_endpoint.amqp.spool import ResultSpool
+from funcx_endpoint.endpoint.service import StartupError
+from funcx_endpoint.endpoint.tasks import Decision, TaskTracker
+from funcx_endpoint.executor.interface import IInterchange
+from funcx_endpoint.protocol import (
+    EPStatusReport,
+    ErrorCode,
+    MessageError,
+    Result,
+    Task,
+    pack,
+    unpack,
+)
+
+EX_UNAVAILABLE = 69
+EX_NOPERM = 77
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class QueueInfo:
+    """One side of the registration answer (PROTOCOL.md section 3)."""
+
+    url: AMQPURL
+    exchange: str
+    queue: str
+    routing_key: str = ""
+    mandatory: bool = True
+    properties: Dict[str, Any] = attr.Factory(dict)
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class BrokerInfo:
+    """Where the endpoint takes tasks from and sends results to."""
+
+    endpoint_id: str
+    tasks: QueueInfo
+    results: QueueInfo
+
+    @classmethod
+    def from_registration(cls, answer: Dict[str, Any]) -> BrokerInfo:
+        """Read a registration answer; ValueError says what is missing or wrong."""
+        try:
+            endpoint_id = str(answer["endpoint_id"])
+            tasks = answer["task_queue_info"]
+            results = answer["result_queue_info"]
+            publish = results.get("queue_publish_kwargs") or {}
+            return cls(
+                endpoint_id=endpoint_id,
+                tasks=QueueInfo(
+                    url=AMQPURL.parse(tasks["connection_url"]),
+                    exchange=str(tasks["exchange"]),
+                    queue=str(tasks["queue"]),
+                ),
+                results=QueueInfo(
+                    url=AMQPURL.parse(results["connection_url"]),
+                    exchange=str(publish.get("exchange", results["exchange"])),
+                    queue=str(results["queue"]),
+                    routing_key=str(publish.get("routing_key", f"{endpoint_id}.results")),
+                    mandatory=bool(publish.get("mandatory", True)),
+                    properties=dict(publish.get("properties") or {"delivery_mode": 2}),
+                ),
+            )
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"the registration answer lacks broker details ({e!r})") from None
+
+
+def _amqp_properties(properties: Dict[str, Any]) -> Dict[str, Any]:
+    """pika-style property names (delivery_mode) as AMQP names (delivery-mode)."""
+    return {name.replace("_", "-"): value for name, value in properties.items()}
+
+
+class Transport(Service):
+    """Task consumer and result publisher over two reconnecting connections."""
+
+    log = Logger()
+    name = "amqp"
+
+    def __init__(
+        self,
+        reactor: Any,
+        broker_info: Callable[[], BrokerInfo],
+        interchange: IInterchange,
+        spool: ResultSpool,
+        *,
+        prefetch: int = 512,
+        heartbeat: int = 30,
+        ca_file: Optional[str] = None,
+        allowed_functions: Optional[Sequence[str]] = None,
+        on_fatal: Optional[Callable[[str, int], None]] = None,
+        resend_interval: float = 30.0,
+        connect: Optional[Callable[..., AMQPConnectionService]] = None,
+    ) -> None:
+        self._reactor = reactor
+        self._broker_info = broker_info
+        self.info: Optional[BrokerInfo] = None
+        self.interchange = interchange
+        interchange.on_results = self._on_results
+        self.spool = spool
+        self.prefetch = prefetch
+        self.heartbeat = heartbeat
+        self.ca_file = ca_file
+        self.allowed = set(allowed_functions) if allowed_functions is not None else None
+        self._on_fatal = on_fatal
+        self._resend_interval = resend_interval
+        self._connect = connect or AMQPConnectionService
+        self.tracker = TaskTracker()
+        self.tasks_conn: Optional[AMQPConnectionService] = None
+        self.results_conn: Optional[AMQPConnectionService] = None
+        self._generation = 0
+        self._consumer: Optional[ExclusiveConsumer] = None
+        self._acks: Optional[AckBatcher] = None
+        self._publisher: Optional[ConfirmingPublisher] = None
+        self._to_submit: List[Task] = []
+        self._submit_scheduled = False
+        self._spool_batch: List[Tuple[str, bytes]] = []
+        self._spool_scheduled = False
+        self._spooled: Dict[str, bytes] = {}  # task id -> packed result, not yet confirmed
+        self._resending: Set[str] = set()
+        self._spool_loaded: Optional[Deferred[None]] = None
+        self._resend_call: Any = None
+        self._publishing = 0  # results published, not yet confirmed or spooled
+        self._idle_waiters: List[Deferred[None]] = []
+        self._draining = False
+        self.fatal_error: Optional[AMQPError] = None
+        self.counts = {
+            "tasks_received": 0,
+            "tasks_redelivered_running": 0,
+            "tasks_redelivered_done": 0,
+            "malformed": 0,
+            "results_confirmed": 0,
+            "results_spooled": 0,
+        }
+
+    # -- lifecycle --------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        info = self.info = self._broker_info()
+        self._spool_loaded = self.spool.load().addCallback(self._loaded_spool)
+        self.tasks_conn = self._connect(
+            self._reactor,
+            info.tasks.url,
+            self._prepare_tasks,
+            ca_file=self.ca_file,
+            heartbeat=self.heartbeat,
+            name="tasks",
+        )
+        self.results_conn = self._connect(
+            self._reactor,
+            info.results.url,
+            self._prepare_results,
+            ca_file=self.ca_file,
+            heartbeat=self.heartbeat,
+            name="results",
+        )
+        for conn in (self.results_conn, self.tasks_conn):
+            conn.when_fatal().addCallback(self._fatal)
+            conn.startService()
+        from twisted.internet.task import LoopingCall
+
+        self._resend_call = LoopingCall(self._resend_spooled)
+        self._resend_call.clock = self._reactor
+        self._resend_call.start(self._resend_interval, now=False)
+
+    def when_ready(self) -> Deferred[None]:
+        """Fires when both connections are set up; fails on a fatal error."""
+        assert self.tasks_conn is not None and self.results_conn is not None
+        ready: Deferred[None] = Deferred()
+
+        def connected(_: Any) -> None:
+            if not ready.called:
+                ready.callback(None)
+
+        def fatal(error: AMQPError) -> None:
+            if not ready.called:
+                ready.errback(StartupError(error.message, self._exit_code(error)))
+
+        gatherResults(
+            [self.results_conn.when_connected(), self.tasks_conn.when_connected()]
+        ).addCallbacks(connected, lambda f: None)
+        for conn in (self.results_conn, self.tasks_conn):
+            conn.when_fatal().addCallback(fatal)
+        return ready
+
+    def ready_info(self) -> Dict[str, Any]:
+        return {"endpoint_id": self.info.endpoint_id} if self.info else {}
+
+    @staticmethod
+    def _exit_code(error: AMQPError) -> int:
+        if error.code == 403 and "login" in error.message:
+            return EX_NOPERM
+        return EX_UNAVAILABLE
+
+    def _fatal(self, error: AMQPError) -> None:
+        if self.fatal_error is not None:
+            return
+        self.fatal_error = error
+        if self.running and self._on_fatal is not None:
+            self._on_fatal(error.message, self._exit_code(error))
+
+    async def drain(self, grace: float) -> None:
+        """Stop taking tasks, release those not started, let running ones finish.
+
+        Waits up to ``grace`` seconds for running tasks to end and for their
+        results to be confirmed or spooled.
+        """
+        self._draining = True
+        if self._consumer is not None:
+            try:
+                await self._consumer.cancel()
+            except Exception as e:
+                self.log.info("Cancelling the consumer failed: {error}", error=e)
+        withdrawn = self.interchange.withdraw_unstarted()
+        self._to_submit, queued = [], self._to_submit
+        withdrawn += [task.task_id for task in queued]
+        released = 0
+        for generation, tag in self.tracker.withdraw(withdrawn):
+            if generation == self._generation and self._acks is not None:
+                if not self._acks.channel.closed:
+                    self._acks.channel.reject(tag, requeue=True)
+                    self._acks.settled(tag)
+                    released += 1
+        if withdrawn:
+            self.log.info("Released {n} tasks not yet started back to the broker", n=released)
+        if len(self.tracker) or self._publishing:
+            self.log.info(
+                "Waiting up to {grace:g} s for {n} running tasks", grace=grace, n=len(self.tracker)
+            )
+            idle: Deferred[None] = Deferred()
+            self._idle_waiters.append(idle)
+
+            def give_up() -> None:
+                if not idle.called:
+                    idle.callback(None)
+
+            timeout = self._reactor.callLater(grace, give_up)
+            await idle
+            if timeout.active():
+                timeout.cancel()
+        if self._acks is not None:
+            self._acks.flush()
+        client = self.tasks_conn.client if self.tasks_conn else None
+        if client is not None:
+            client.flush_now()
+
+    def _check_idle(self) -> None:
+        if self._idle_waiters and not len(self.tracker) and not self._publishing:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for d in waiters:
+                if not d.called:
+                    d.callback(None)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if self._resend_call is not None and self._resend_call.running:
+            self._resend_call.stop()
+        stops = []
+        for conn in (self.tasks_conn, self.results_conn):
+            if conn is not None and conn.running:
+                client = conn.client
+                if client is not None:
+                    client.flush_now()
+                stops.append(conn.stopService())
+        return gatherResults(stops).addCallback(lambda _: None)
+
+    # -- connection set-up ------------------------------------------------
+
+    async def _prepare_tasks(self, client: AMQPClient) -> None:
+        assert self.info is not None
+        channel = await client.open_channel(1)
+        self._generation += 1
+        generation = self._generation
+        acks = AckBatcher(channel, self._reactor)
+        consumer = ExclusiveConsumer(
+            channel,
+            self.info.tasks.queue,
+            lambda delivery: self._on_delivery(delivery, generation, acks),
+            self.prefetch,
+            consumer_tag=f"endpoint-{self.info.endpoint_id}",
+        )
+        self._acks = acks
+        self._consumer = consumer
+        await consumer.start(self.info.tasks.exchange)
+        if self._draining:
+            await consumer.cancel()
+
+    async def _prepare_results(self, client: AMQPClient) -> None:
+        assert self.info is not None
+        channel = await client.open_channel(1)
+        publisher = ConfirmingPublisher(channel)
+        await publisher.start()
+        try:
+            await channel.exchange_declare(exchange=self.info.results.exchange, passive=True)
+        except Exception as e:
+            raise AMQPError(
+                f"the broker has no exchange {self.info.results.exchange!r}: {e}",
+                404,
+                fatal=True,
+            ) from None
+        self._publisher = publisher
+        if self._spool_loaded is not None:
+            await self._spool_loaded
+        self._resend_spooled()
+
+    # -- tasks in ---------------------------------------------------------
+
+    def _on_delivery(self, delivery: Delivery, generation: int, acks: AckBatcher) -> None:
+        acks.delivered(delivery.delivery_tag)
+        try:
+            message = unpack(delivery.body)
+        except MessageError as e:
+            self.counts["malformed"] += 1
+            if e.task_id is None:
+                self.log.error(
+                    "Rejected a malformed message with no readable task id (delivery "
+                    "{tag}): {error}",
+                    tag=delivery.delivery_tag,
+                    error=e,
+                )
+                acks.channel.reject(delivery.delivery_tag, requeue=False)
+                acks.settled(delivery.delivery_tag)
+                return
+            self.log.warn("Malformed task {task_id}: {error}", task_id=e.task_id, error=e)
+            if (
+                self.tracker.delivered(e.task_id, (generation, delivery.delivery_tag))
+                is Decision.RUN
+            ):
+                self._on_results(
+                    [
+                        Result.failure(
+                            e.task_id, ErrorCode.MALFORMED_TASK, f"malformed task message: {e}"
+                        )
+                    ]
+                )
+            return
+        if not isinstance(message, Task):
+            self.log.error(
+                "Rejected a {kind} message on the task queue", kind=type(message).__name__
+            )
+            acks.channel.reject(delivery.delivery_tag, requeue=False)
+            acks.settled(delivery.delivery_tag)
+            return
+        self.counts["tasks_received"] += 1
+        decision = self.tracker.delivered(message.task_id, (generation, delivery.delivery_tag))
+        if decision is Decision.ALREADY_DONE:
+            self.counts["tasks_redelivered_done"] += 1
+            acks.done(delivery.delivery_tag)
+            return
+        if decision is Decision.ALREADY_RUNNING:
+            self.counts["tasks_redelivered_running"] += 1
+            return
+        if self.allowed is not None and message.function_id not in self.allowed:
+            why = (
+                f"function {message.function_id} is not in this endpoint's allowed_functions"
+                if message.function_id
+                else "the task names no function id, and this endpoint only runs the "
+                "functions in its allowed_functions"
+            )
+            self._on_results([Result.failure(message.task_id, ErrorCode.FUNCTION_NOT_ALLOWED, why)])
+            return
+        self._to_submit.append(message)
+        if not self._submit_scheduled:
+            self._submit_scheduled = True
+            self._reactor.callLater(0, self._submit)
+
+    def _submit(self) -> None:
+        self._submit_scheduled = False
+        tasks, self._to_submit = self._to_submit, []
+        if tasks:
+            self.interchange.submit(tasks)
+
+    # -- results out ------------------------------------------------------
+
+    def _on_results(self, results: List[Result]) -> None:
+        assert self.info is not None
+        info = self.info.results
+        properties = _amqp_properties(info.properties)
+        publisher = self._publisher
+        for result in results:
+            body = pack(result)
+            self._publishing += 1
+            if publisher is None or publisher.closed:
+                self._spool(result.task_id, body)
+                continue
+            props = dict(properties, **{"message-id": result.task_id})
+            d = publisher.publish(info.exchange, info.routing_key, body, props, info.mandatory)
+            d.addCallbacks(
+                self._confirmed,
+                self._not_confirmed,
+                callbackArgs=(result.task_id,),
+                errbackArgs=(result, body),
+            )
+
+    def _confirmed(self, _: None, task_id: str) -> None:
+        self.counts["results_confirmed"] += 1
+        self._publishing -= 1
+        self._finished(task_id)
+
+    def _not_confirmed(self, failure: Failure, result: Result, body: bytes) -> None:
+        error = failure.value
+        if isinstance(error, PublishFailed) and error.too_large is not None:
+            self.log.error(
+                "The result of task {task_id} ({size} bytes) is larger than the broker "
+                "accepts ({limit}); sending an error instead",
+                task_id=result.task_id,
+                size=len(body),
+                limit=error.too_large,
+            )
+            self._publishing -= 1
+            self._on_results(
+                [
+                    Result.failure(
+                        result.task_id,
+                        ErrorCode.MAX_RESULT_SIZE_EXCEEDED,
+                        f"the result ({len(body)} bytes) is larger than the broker's limit of "
+                        f"{error.too_large} bytes; return less data, or raise the broker's "
+                        f"max_message_size",
+                        task_statuses=result.task_statuses,
+                    )
+                ]
+            )
+            return
+        self.log.info(
+            "Result of task {task_id} not confirmed ({error}); spooling it",
+            task_id=result.task_id,
+            error=failure.getErrorMessage(),
+        )
+        self._spool(result.task_id, body)
+
+    def _spool(self, task_id: str, body: bytes) -> None:
+        self._spooled[task_id] = body
+        self._spool_batch.append((task_id, body))
+        if not self._spool_scheduled:
+            self._spool_scheduled = True
+            self._reactor.callLater(0, self._write_spool)
+
+    def _write_spool(self) -> None:
+        self._spool_scheduled = False
+        batch, self._spool_batch = self._spool_batch, []
+        if not batch:
+            return
+
+        def written(_: Any) -> None:
+            self.counts["results_spooled"] += len(batch)
+            for task_id, _body in batch:
+                self._publishing -= 1
+                self._finished(task_id)
+
+        def failed(failure: Failure) -> None:
+            # The results are neither confirmed nor durable: their tasks stay
+            # unacknowledged and will be delivered and run again.
+            self.log.failure("Could not write results to the spool", failure)
+            for task_id, _body in batch:
+                self._publishing -= 1
+                self._spooled.pop(task_id, None)
+                self.tracker.withdraw([task_id])
+            self._check_idle()
+
+        self.spool.write(batch).addCallbacks(written, failed)
+
+    def _finished(self, task_id: str) -> None:
+        ref = self.tracker.finished(task_id)
+        if ref is not None:
+            generation, tag = ref
+            acks = self._acks
+            if generation == self._generation and acks is not None:
+                acks.done(tag)
+            # else: that channel is gone; the broker will deliver the task
+            # again and it will be acknowledged as already done.
+        self._check_idle()
+
+    def _loaded_spool(self, found: Dict[str, bytes]) -> None:
+        if found:
+            self.log.info("{n} results from an earlier run are in the spool", n=len(found))
+        for task_id, body in found.items():
+            self._spooled.setdefault(task_id, body)
+
+    def _resend_spooled(self) -> None:
+        publisher = self._publisher
+        if publisher is None or publisher.closed or not self._spooled or self.info is None:
+            return
+        info = self.info.results
+        properties = _amqp_properties(info.properties)
+        pending = [t for t in self._spooled if t not in self._resending]
+        if not pending:
+            return
+        self.log.info("Sending {n} spooled results", n=len(pending))
+        for task_id in pending:
+            self._resending.add(task_id)
+            props = dict(properties, **{"message-id": task_id})
+            d = publisher.publish(
+                info.exchange, info.routing_key, self._spooled[task_id], props, info.mandatory
+            )
+            d.addCallbacks(
+                self._spooled_sent,
+                self._spooled_not_sent,
+                callbackArgs=(task_id,),
+                errbackArgs=(task_id,),
+            )
+
+    def _spooled_sent(self, _: None, task_id: str) -> None:
+        self._resending.discard(task_id)
+        if self._spooled.pop(task_id, None) is not None:
+            self.spool.remove([task_id])
+
+    def _spooled_not_sent(self, failure: Failure, task_id: str) -> None:
+        self._resending.discard(task_id)
+        self.log.info(
+            "Spooled result of task {task_id} not confirmed yet: {error}",
+            task_id=task_id,
+            error=failure.getErrorMessage(),
+        )
+
+    def publish_status(self, report: EPStatusReport) -> Deferred[None]:
+        """Send a status report to the service (confirmed, not spooled)."""
+        publisher = self._publisher
+        if publisher is None or publisher.closed or self.info is None:
+            return fail(PublishFailed("not connected to the broker"))
+        info = self.info.results
+        return publisher.publish(
+            info.exchange,
+            info.routing_key,
+            pack(report),
+            _amqp_properties(info.properties),
+            info.mandatory,
+        )
+
+    # -- status -----------------------------------------------------------
+
+    def status_fields(self) -> Dict[str, Any]:
+        return {
+            "endpoint_id": self.info.endpoint_id if self.info else None,
+            "broker_tasks_connection": self.tasks_conn.state() if self.tasks_conn else "stopped",
+            "broker_results_connection": (
+                self.results_conn.state() if self.results_conn else "stopped"
+            ),
+            "tasks_in_flight": len(self.tracker),
+            "results_unconfirmed": self._publisher.in_flight if self._publisher else 0,
+            "results_spooled": len(self._spooled),
+        }
