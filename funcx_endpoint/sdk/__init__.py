@@ -1,0 +1,45 @@
+"""The funcX SDK: a client of the funcX 1.0 web service API, and futures on top.
+
+* :class:`FuncXClient` (:mod:`funcx_endpoint.sdk.client`): every REST call of
+  the funcX 1.0 API, on globus-sdk's ``BaseClient``;
+* :class:`FuncXExecutor` (:mod:`funcx_endpoint.sdk.executor`): a
+  ``concurrent.futures.Executor`` whose tasks run on a funcX endpoint;
+* the errors (:mod:`funcx_endpoint.sdk.errors`) and the client-credentials
+  login (:mod:`funcx_endpoint.sdk.login`).
+
+Both work with the public funcX service, with this project's private service
+(``funcx-service``) and with :mod:`funcx_endpoint.testing.fakeservice`.
+"""
+
+from __future__ import annotations
+
+from funcx_endpoint.sdk.client import Batch, FuncXClient
+from funcx_endpoint.sdk.errors import (
+    BatchSubmissionError,
+    FuncxAPIError,
+    FuncxError,
+    LoginError,
+    MalformedResponse,
+    ServiceUnreachable,
+    TaskExecutionFailed,
+    TaskPending,
+    TaskRefused,
+    VersionMismatch,
+)
+from funcx_endpoint.sdk.executor import FuncXExecutor
+
+__all__ = [
+    "Batch",
+    "BatchSubmissionError",
+    "FuncXClient",
+    "FuncXExecutor",
+    "FuncxAPIError",
+    "FuncxError",
+    "LoginError",
+    "MalformedResponse",
+    "ServiceUnreachable",
+    "TaskExecutionFailed",
+    "TaskPending",
+    "TaskRefused",
+    "VersionMismatch",
+]

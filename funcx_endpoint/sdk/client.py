@@ -1,0 +1,728 @@
+"""FuncXClient: the funcX 1.0 web service API, on globus-sdk's BaseClient.
+
+The client is blocking (it is a globus-sdk client, built on ``requests``):
+call it from a thread (``deferToThread``) inside a reactor.  It is safe to
+share one client between threads, as :class:`FuncXExecutor
+<funcx_endpoint.sdk.executor.FuncXExecutor>` does.
+
+Where things come from:
+
+* The service URL: the ``funcx_service_address`` argument, else
+  ``FUNCX_SERVICE_ADDRESS``, else the URL of the ``environment`` argument (or
+  ``FUNCX_SDK_ENVIRONMENT``) if one is named, else the public
+  ``https://api2.funcx.org/v2``.
+* The CA to verify the service (and the auth service) with: the ``ca_file``
+  argument, else ``FUNCX_SERVICE_CA_FILE``, else globus-sdk's own
+  ``GLOBUS_SDK_VERIFY_SSL``, else the system CAs.
+* The token: the ``authorizer`` argument, else a client-credentials login
+  from ``FUNCX_SDK_CLIENT_ID`` / ``FUNCX_SDK_CLIENT_SECRET``
+  (:mod:`funcx_endpoint.sdk.login`).
+
+Retries: globus-sdk retries a request up to 5 times on network errors and on
+429/500/502/503/504, and once after refreshing the token on 401.  That is
+right for every call but ``POST /submit``: a retried submit whose first try
+reached the service makes the tasks twice (funcX 1.0 did that).  So submits
+are retried only when the service cannot have acted on them: the connection
+was never made (refused, DNS, connect timeout, TLS handshake), or the answer
+was 401 (token refreshed first), 429 or 503 (the service promises that these
+mean "nothing was created, come back later").  A 500/502/504 or a read
+timeout after sending is raised at once: the caller learns that the tasks
+may or may not exist, instead of silently getting duplicates.  A
+client-generated ``task_group_id`` is sent with every submit too, so the
+tasks of a doubtful submit can be found with :meth:`get_taskgroup_tasks`.
+Certificate verification failures are never retried (retrying cannot help).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import ssl
+import threading
+import uuid
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
+from urllib.parse import urlsplit
+
+import globus_sdk
+import requests
+import urllib3.exceptions
+from globus_sdk.transport import RetryCheckResult, RetryContext
+
+from funcx_endpoint.protocol import DeserializationError, deserialize, pack_function, pack_payload
+from funcx_endpoint.sdk.errors import (
+    BatchSubmissionError,
+    FuncxAPIError,
+    MalformedResponse,
+    TaskExecutionFailed,
+    TaskPending,
+    TaskRefused,
+    VersionMismatch,
+)
+from funcx_endpoint.sdk.login import client_credentials_authorizer, transport_arguments
+from funcx_endpoint.version import __version__
+
+__all__ = [
+    "CA_FILE_ENV",
+    "DEFAULT_SERVICE_ADDRESS",
+    "ENVIRONMENT_ADDRESSES",
+    "ENVIRONMENT_ENV",
+    "FUNCX_API_VERSION",
+    "MAX_BATCH_STATUS_IDS",
+    "SERVICE_ADDRESS_ENV",
+    "Batch",
+    "FuncXClient",
+    "submit_retry_check",
+    "tls_verification_retry_check",
+]
+
+#: The public funcX web service.
+DEFAULT_SERVICE_ADDRESS = "https://api2.funcx.org/v2"
+#: The environment variable naming the service URL (ends in ``/v2``).
+SERVICE_ADDRESS_ENV = "FUNCX_SERVICE_ADDRESS"
+#: The environment variable naming a CA file to verify the service with.
+CA_FILE_ENV = "FUNCX_SERVICE_CA_FILE"
+#: The environment variable naming a funcX environment (as funcX 1.0 had).
+ENVIRONMENT_ENV = "FUNCX_SDK_ENVIRONMENT"
+#: The service URL of each funcX 1.0 environment name.
+ENVIRONMENT_ADDRESSES: Mapping[str, str] = {
+    "production": DEFAULT_SERVICE_ADDRESS,
+    "dev": "https://api.dev.funcx.org/v2",
+    "local": "http://localhost:5000/v2",
+}
+#: The funcX API (SDK) version this client speaks; compared with the
+#: service's ``min_sdk_version``.
+FUNCX_API_VERSION = "1.0.13"
+#: The most task ids asked for in one ``POST /batch_status``.
+MAX_BATCH_STATUS_IDS = 1000
+
+_DONE_STATUSES = frozenset({"success", "failed"})
+# Statuses on which a submit is retried (after a token refresh for 401): the
+# service cannot have created anything.
+_SUBMIT_RETRY_STATUSES = frozenset({401, 429, 503})
+
+TaskRecord = Dict[str, Any]
+
+
+# ---------------------------------------------------------------------------
+# Retry policy
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    """``error`` and the exceptions it wraps (args, ``reason``, cause, context)."""
+    seen = set()
+    stack: List[BaseException] = [error]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        linked: List[Any] = [
+            *current.args,
+            getattr(current, "reason", None),
+            current.__cause__,
+            current.__context__,
+        ]
+        stack.extend(item for item in linked if isinstance(item, BaseException))
+
+
+def _never_reached_server(error: BaseException) -> bool:
+    """Whether ``error`` happened before the request could reach the server."""
+    if isinstance(error, requests.exceptions.ConnectTimeout):
+        return True
+    return any(
+        isinstance(
+            cause,
+            (
+                urllib3.exceptions.NewConnectionError,
+                urllib3.exceptions.ConnectTimeoutError,
+                ssl.SSLError,
+            ),
+        )
+        for cause in _causes(error)
+    )
+
+
+def _sent_request(ctx: RetryContext) -> Optional[requests.PreparedRequest]:
+    if ctx.response is not None:
+        return ctx.response.request
+    request = getattr(ctx.exception, "request", None)
+    return request if isinstance(request, requests.PreparedRequest) else None
+
+
+def submit_retry_check(ctx: RetryContext) -> RetryCheckResult:
+    """globus-sdk retry check: retry ``POST .../submit`` only when nothing was made.
+
+    Runs before globus-sdk's default checks.  For any other request it has no
+    opinion.  For a submit it lets the defaults decide (which retry) only on
+    401, 429 and 503 answers and on errors before the request reached the
+    server; everything else is not retried.
+    """
+    request = _sent_request(ctx)
+    if request is None or request.method != "POST":
+        return RetryCheckResult.no_decision
+    if not urlsplit(request.url or "").path.rstrip("/").endswith("/submit"):
+        return RetryCheckResult.no_decision
+    if ctx.response is not None:
+        if ctx.response.status_code in _SUBMIT_RETRY_STATUSES:
+            return RetryCheckResult.no_decision
+        return RetryCheckResult.do_not_retry
+    if ctx.exception is not None and _never_reached_server(ctx.exception):
+        return RetryCheckResult.no_decision
+    return RetryCheckResult.do_not_retry
+
+
+def tls_verification_retry_check(ctx: RetryContext) -> RetryCheckResult:
+    """globus-sdk retry check: never retry a certificate verification failure."""
+    if ctx.exception is not None and any(
+        isinstance(cause, ssl.SSLCertVerificationError) for cause in _causes(ctx.exception)
+    ):
+        return RetryCheckResult.do_not_retry
+    return RetryCheckResult.no_decision
+
+
+_RETRY_CHECKS = (tls_verification_retry_check, submit_retry_check)
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+
+
+def _canonical_uuid(value: Any, what: str) -> str:
+    """``value`` as a canonical UUID string, or ValueError naming ``what``."""
+    try:
+        return str(uuid.UUID(str(value)))
+    except ValueError:
+        raise ValueError(f"{what} must be a UUID, got {value!r}") from None
+
+
+def _version_tuple(version: str) -> Tuple[int, ...]:
+    match = re.match(r"\s*v?(\d+(?:\.\d+)*)", str(version))
+    if match is None:
+        raise MalformedResponse(f"the service sent an unreadable version {version!r}")
+    return tuple(int(part) for part in match.group(1).split("."))
+
+
+def _version_at_least(version: str, minimum: str) -> bool:
+    mine, theirs = _version_tuple(version), _version_tuple(minimum)
+    width = max(len(mine), len(theirs))
+    return mine + (0,) * (width - len(mine)) >= theirs + (0,) * (width - len(theirs))
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _data(response: globus_sdk.GlobusHTTPResponse) -> Any:
+    return response.data
+
+
+def _dict_data(response: globus_sdk.GlobusHTTPResponse, call: str) -> Dict[str, Any]:
+    data = response.data
+    if not isinstance(data, dict):
+        raise MalformedResponse(f"{call}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def task_record(task_id: str, data: Mapping[str, Any]) -> TaskRecord:
+    """The SDK's view of one task from the service's answer about it.
+
+    Always has ``task_id``, ``status`` (lower-cased) and ``pending``.  A task
+    is done when its status is ``success`` or ``failed``; then the record has
+    ``completion_t`` and either ``result`` (deserialized) or ``exception``: a
+    :class:`TaskExecutionFailed` with the remote traceback text and error
+    code, or the error that kept the result from being deserialized here.
+    """
+    status = str(data.get("status") or "unknown").lower()
+    record: TaskRecord = {
+        "task_id": task_id,
+        "status": status,
+        "pending": status not in _DONE_STATUSES,
+    }
+    if record["pending"]:
+        return record
+    completion_t = data.get("completion_t")
+    record["completion_t"] = completion_t
+    if status == "success":
+        if "result" not in data:
+            record["exception"] = MalformedResponse(
+                f"the service says task {task_id} succeeded but sent no result"
+            )
+            return record
+        try:
+            record["result"] = deserialize(data["result"])
+        except DeserializationError as error:
+            record["exception"] = error
+        return record
+    details = data.get("error_details")
+    details = details if isinstance(details, dict) else {}
+    code = details.get("code")
+    user_message = details.get("user_message")
+    remote_data = data.get("exception")
+    record["exception"] = TaskExecutionFailed(
+        str(remote_data) if remote_data else "(the service sent no error text)",
+        completion_t,
+        task_id=task_id,
+        error_code=str(code) if code is not None else None,
+        user_message=str(user_message) if user_message else None,
+    )
+    return record
+
+
+# ---------------------------------------------------------------------------
+# Batches
+
+
+def _funcx_1_0_add_arguments(
+    function_id: str,
+    endpoint_id: str,
+    args: Optional[Sequence[Any]] = None,
+    kwargs: Optional[Mapping[str, Any]] = None,
+) -> Tuple[str, str, Optional[Sequence[Any]], Optional[Mapping[str, Any]]]:
+    """The arguments of funcX 1.0.13's ``Batch.add``, bound by Python's rules."""
+    return function_id, endpoint_id, args, kwargs
+
+
+class Batch:
+    """Tasks to submit together with :meth:`FuncXClient.batch_run`.
+
+    ``task_group_id`` groups the tasks on the service (None: the client's
+    session task group).
+    """
+
+    def __init__(
+        self, task_group_id: Optional[str] = None, *, create_websocket_queue: bool = False
+    ) -> None:
+        self.task_group_id = (
+            _canonical_uuid(task_group_id, "task_group_id") if task_group_id else None
+        )
+        self.create_websocket_queue = create_websocket_queue
+        self._tasks: List[List[str]] = []
+
+    def add(
+        self,
+        *args: Any,
+        endpoint_id: Optional[str] = None,
+        function_id: Optional[str] = None,
+        **kwargs: Any,
+    ) -> None:
+        """Add a task: run ``function_id`` on ``endpoint_id`` with these arguments.
+
+        ``batch.add(*args, endpoint_id=..., function_id=..., **kwargs)``.  The
+        funcX 1.0.13 form ``batch.add(function_id, endpoint_id, args=None,
+        kwargs=None)`` (ids given positionally) is accepted too.
+        """
+        if endpoint_id is None and function_id is None:
+            self._add_funcx_1_0_form(args, kwargs)
+            return
+        if endpoint_id is None or function_id is None:
+            raise TypeError("Batch.add needs both endpoint_id= and function_id=")
+        self.add_task(function_id, endpoint_id, args, kwargs)
+
+    def _add_funcx_1_0_form(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+        try:
+            function_id, endpoint_id, task_args, task_kwargs = _funcx_1_0_add_arguments(
+                *args, **kwargs
+            )
+        except TypeError:
+            raise TypeError(
+                "Batch.add takes (*args, endpoint_id=..., function_id=..., **kwargs) "
+                "or (function_id, endpoint_id, args=None, kwargs=None)"
+            ) from None
+        self.add_task(function_id, endpoint_id, task_args or (), task_kwargs)
+
+    def add_task(
+        self,
+        function_id: str,
+        endpoint_id: str,
+        args: Sequence[Any] = (),
+        kwargs: Optional[Mapping[str, Any]] = None,
+    ) -> None:
+        """Like :meth:`add`, with the arguments given as a sequence and a mapping.
+
+        Use this when the function itself takes ``endpoint_id``,
+        ``function_id``, ``args`` or ``kwargs`` keyword arguments.  Raises SerializationError if the
+        arguments cannot be serialized (nothing is added then).
+        """
+        function_id = _canonical_uuid(function_id, "function_id")
+        endpoint_id = _canonical_uuid(endpoint_id, "endpoint_id")
+        payload = pack_payload(tuple(args), dict(kwargs) if kwargs else {})
+        self._tasks.append([function_id, endpoint_id, payload])
+
+    @property
+    def tasks(self) -> List[List[str]]:
+        """The tasks as sent: ``[function_id, endpoint_id, payload]`` each."""
+        return [list(task) for task in self._tasks]
+
+    def prepare(self, default_task_group_id: Optional[str] = None) -> Dict[str, Any]:
+        """The ``POST /submit`` body for these tasks."""
+        return {
+            "task_group_id": self.task_group_id or default_task_group_id,
+            "create_websocket_queue": self.create_websocket_queue,
+            "tasks": self.tasks,
+        }
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+
+# ---------------------------------------------------------------------------
+# The client
+
+
+def _service_address(address: Optional[str], environment: Optional[str]) -> str:
+    if address:
+        return address.rstrip("/")
+    from_env = os.environ.get(SERVICE_ADDRESS_ENV)
+    if from_env:
+        return from_env.rstrip("/")
+    name = environment or os.environ.get(ENVIRONMENT_ENV)
+    if not name:
+        return DEFAULT_SERVICE_ADDRESS
+    try:
+        return ENVIRONMENT_ADDRESSES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown funcX environment {name!r} (known: {', '.join(ENVIRONMENT_ADDRESSES)}); "
+            f"give the service URL with funcx_service_address or {SERVICE_ADDRESS_ENV}"
+        ) from None
+
+
+class FuncXClient(globus_sdk.BaseClient):
+    """A client of the funcX 1.0 web service (REST API at a URL ending in ``/v2``).
+
+    ``funcx_service_address``, ``ca_file``, ``environment`` and the login are
+    resolved as the module documentation says.  ``http_timeout`` is in
+    seconds (None: globus-sdk's ``GLOBUS_SDK_HTTP_TIMEOUT``, else 60).
+    ``task_group_id`` is the session task group of :meth:`run` and
+    :meth:`create_batch` (a new one by default).  ``do_version_check`` calls
+    :meth:`version_check` now, as funcX 1.0 did.  Other keyword arguments go
+    to globus-sdk's ``BaseClient``: with globus-sdk 4 ``transport`` (used
+    as is, so ``ca_file`` and ``http_timeout`` do not apply to it) and
+    ``retry_config``; with globus-sdk 3 ``transport_params`` (merged with
+    the CA, timeout and retry checks set here).
+    """
+
+    service_name = "funcx"
+    error_class = FuncxAPIError
+
+    def __init__(
+        self,
+        funcx_service_address: Optional[str] = None,
+        *,
+        authorizer: Optional[globus_sdk.authorizers.GlobusAuthorizer] = None,
+        ca_file: Optional[str] = None,
+        http_timeout: Optional[float] = None,
+        environment: Optional[str] = None,
+        task_group_id: Optional[str] = None,
+        do_version_check: bool = False,
+        app_name: Optional[str] = None,
+        **kwargs: Any,
+    ) -> None:
+        base_url = _service_address(funcx_service_address, environment)
+        ca_file = ca_file or os.environ.get(CA_FILE_ENV) or None
+        if ca_file is not None and not os.path.isfile(ca_file):
+            raise ValueError(f"the CA file {ca_file!r} does not exist")
+        verify_ssl: Union[str, None] = ca_file
+        self._owned_clients: List[globus_sdk.BaseClient] = []
+        if authorizer is None:
+            authorizer = client_credentials_authorizer(
+                verify_ssl=verify_ssl, http_timeout=http_timeout
+            )
+            self._owned_clients.append(authorizer.confidential_client)
+        self._owns_transport = "transport" not in kwargs
+        if self._owns_transport:
+            transport_params = kwargs.pop("transport_params", None)
+            kwargs.update(
+                transport_arguments(verify_ssl, http_timeout, _RETRY_CHECKS, transport_params)
+            )
+        super().__init__(
+            base_url=base_url,
+            authorizer=authorizer,
+            app_name=app_name or f"funcx-sdk-{FUNCX_API_VERSION} funcx-endpoint-{__version__}",
+            **kwargs,
+        )
+        self.funcx_service_address = base_url
+        self.session_task_group_id = (
+            _canonical_uuid(task_group_id, "task_group_id") if task_group_id else str(uuid.uuid4())
+        )
+        self._cache_lock = threading.Lock()
+        self._task_cache: Dict[str, TaskRecord] = {}
+        if do_version_check:
+            self.version_check()
+
+    def _register_standard_retry_checks(self, retry_config: Any) -> None:
+        # globus-sdk 4 calls this while constructing; 3.x gets the checks
+        # through transport_params instead.
+        retry_config.checks.register_many_checks(_RETRY_CHECKS)
+        super()._register_standard_retry_checks(retry_config)
+
+    def close(self) -> None:
+        """Close the HTTP sessions this client made (its own and its login's)."""
+        for client in self._owned_clients:
+            client.transport.session.close()
+        if self._owns_transport:
+            self.transport.session.close()
+        base_close = getattr(super(), "close", None)  # globus-sdk 4 only
+        if base_close is not None:
+            base_close()
+
+    # -- service --------------------------------------------------------------
+
+    def version_check(self) -> Dict[str, Any]:
+        """``GET /version?service=all``; raises VersionMismatch if this SDK is too old.
+
+        Returns the answer: ``{"api", "min_ep_version", "min_sdk_version"}``.
+        """
+        data = _dict_data(self.get("version", query_params={"service": "all"}), "version")
+        minimum = data.get("min_sdk_version")
+        if minimum is None or "min_ep_version" not in data:
+            raise MalformedResponse("version: the answer lacks min_sdk_version or min_ep_version")
+        if not _version_at_least(FUNCX_API_VERSION, str(minimum)):
+            raise VersionMismatch(FUNCX_API_VERSION, str(minimum))
+        return data
+
+    # -- functions ------------------------------------------------------------
+
+    def register_function(
+        self,
+        function: Callable[..., Any],
+        function_name: Optional[str] = None,
+        container_uuid: Optional[str] = None,
+        description: Optional[str] = None,
+        public: bool = False,
+        group: Optional[str] = None,
+    ) -> str:
+        """Register ``function`` (``POST /functions``); its function id.
+
+        Raises SerializationError if the function cannot be serialized.
+        """
+        name = function_name or getattr(function, "__name__", None) or type(function).__name__
+        body = {
+            "function_name": name,
+            "function_code": pack_function(function),
+            "entry_point": name,
+            "container_uuid": (
+                _canonical_uuid(container_uuid, "container_uuid") if container_uuid else None
+            ),
+            "description": description,
+            "public": bool(public),
+            "group": _canonical_uuid(group, "group") if group else None,
+        }
+        data = _dict_data(self.post("functions", data=body), "register_function")
+        function_id = data.get("function_uuid")
+        if not isinstance(function_id, str):
+            raise MalformedResponse("register_function: the answer has no function_uuid")
+        return function_id
+
+    # -- tasks ----------------------------------------------------------------
+
+    def create_batch(self, task_group_id: Optional[str] = None) -> Batch:
+        """An empty :class:`Batch` in ``task_group_id`` (default: the session's)."""
+        return Batch(task_group_id or self.session_task_group_id)
+
+    def batch_run(self, batch: Batch) -> List[str]:
+        """Submit ``batch`` (``POST /submit``); the task ids, in the batch's order.
+
+        If the service refuses some tasks, raises :class:`BatchSubmissionError`
+        naming each refused task's index and reason and carrying the ids of
+        the tasks that were created.
+        """
+        if not len(batch):
+            return []
+        body = batch.prepare(self.session_task_group_id)
+        data = _dict_data(self.post("submit", data=body), "submit")
+        results = data.get("results")
+        if not isinstance(results, list) or len(results) != len(batch):
+            raise MalformedResponse(
+                f"submit: expected a list of {len(batch)} results, got {results!r:.200}"
+            )
+        task_ids: List[Optional[str]] = []
+        failures: List[TaskRefused] = []
+        for index, item in enumerate(results):
+            item = item if isinstance(item, dict) else {}
+            try:
+                status = int(item.get("http_status_code") or 200)
+            except (TypeError, ValueError):
+                status = 500
+            task_id = item.get("task_uuid")
+            if 200 <= status < 300 and isinstance(task_id, str):
+                task_ids.append(task_id)
+                continue
+            reason = item.get("reason") or item.get("message") or "no reason given"
+            if 200 <= status < 300:
+                status, reason = 500, "the service returned no task id"
+            task_ids.append(None)
+            failures.append(TaskRefused(index, status, str(reason)))
+        if failures:
+            raise BatchSubmissionError(task_ids, failures)
+        return [task_id for task_id in task_ids if task_id is not None]
+
+    def run(self, *args: Any, endpoint_id: str, function_id: str, **kwargs: Any) -> str:
+        """Run ``function_id`` on ``endpoint_id`` with these arguments; the task id.
+
+        Raises :class:`TaskRefused` if the service refuses the task.
+        """
+        batch = self.create_batch()
+        batch.add(*args, endpoint_id=endpoint_id, function_id=function_id, **kwargs)
+        try:
+            return self.batch_run(batch)[0]
+        except BatchSubmissionError as error:
+            raise error.failures[0] from error
+
+    def _cached(self, task_id: str) -> Optional[TaskRecord]:
+        with self._cache_lock:
+            record = self._task_cache.get(task_id)
+        return dict(record) if record is not None else None
+
+    def _remember(self, record: TaskRecord) -> None:
+        if not record["pending"]:
+            with self._cache_lock:
+                self._task_cache[record["task_id"]] = record
+
+    def get_task(self, task_id: str) -> TaskRecord:
+        """What is known of a task (``GET /tasks/<id>``), as :func:`task_record` says.
+
+        A finished task is remembered and not asked for again.
+        """
+        cached = self._cached(task_id)
+        if cached is not None:
+            return cached
+        path = f"tasks/{_canonical_uuid(task_id, 'task_id')}"
+        record = task_record(task_id, _dict_data(self.get(path), "get_task"))
+        self._remember(record)
+        return dict(record)
+
+    def get_result(self, task_id: str) -> Any:
+        """The result of a task.
+
+        Raises :class:`TaskPending` if it is not done, and the task's error
+        (:class:`TaskExecutionFailed` with the remote traceback) if it failed.
+        """
+        record = self.get_task(task_id)
+        if record["pending"]:
+            raise TaskPending(task_id, record["status"])
+        if "exception" in record:
+            raise record["exception"].with_traceback(None)
+        return record["result"]
+
+    def get_batch_result(self, task_ids: Iterable[str]) -> Dict[str, TaskRecord]:
+        """What is known of many tasks (``POST /batch_status``), keyed by task id.
+
+        Records are as :func:`task_record` says; failed tasks are included
+        with their ``exception``.  Ids are asked for at most
+        :data:`MAX_BATCH_STATUS_IDS` per request, and finished tasks only
+        once.  Ids the service does not report are left out.
+        """
+        wanted = list(dict.fromkeys(task_ids))
+        answer: Dict[str, TaskRecord] = {}
+        missing = []
+        for task_id in wanted:
+            cached = self._cached(task_id)
+            if cached is None:
+                missing.append(task_id)
+            else:
+                answer[task_id] = cached
+        for task_id, record in self.fetch_task_records(missing).items():
+            self._remember(record)
+            answer[task_id] = dict(record)
+        return {task_id: answer[task_id] for task_id in wanted if task_id in answer}
+
+    def fetch_task_records(self, task_ids: Sequence[str]) -> Dict[str, TaskRecord]:
+        """Ask the service about ``task_ids`` now, bypassing the result cache.
+
+        Like :meth:`get_batch_result` but nothing is remembered, so a caller
+        that keeps the results elsewhere (the executor's futures) does not
+        keep them twice.
+        """
+        by_canonical = {_canonical_uuid(task_id, "task_id"): task_id for task_id in task_ids}
+        records: Dict[str, TaskRecord] = {}
+        for chunk in _chunks(list(by_canonical), MAX_BATCH_STATUS_IDS):
+            data = _dict_data(self.post("batch_status", data={"task_ids": list(chunk)}), "batch")
+            results = data.get("results")
+            if not isinstance(results, dict):
+                raise MalformedResponse("batch_status: the answer has no results object")
+            for key, value in results.items():
+                try:
+                    task_id = by_canonical.get(_canonical_uuid(key, "task_id"))
+                except ValueError:
+                    continue
+                if task_id is not None and isinstance(value, dict):
+                    records[task_id] = task_record(task_id, value)
+        return records
+
+    def get_taskgroup_tasks(self, task_group_id: str) -> List[Dict[str, Any]]:
+        """The tasks of a task group (``GET /taskgroup/<id>``): ``[{"id": ...}, ...]``."""
+        canonical = _canonical_uuid(task_group_id, "task_group_id")
+        data = _dict_data(self.get(f"taskgroup/{canonical}"), "get_taskgroup_tasks")
+        answered = data.get("taskgroup_id")
+        if answered is not None and _canonical_uuid(answered, "taskgroup_id") != canonical:
+            raise MalformedResponse(
+                f"get_taskgroup_tasks: asked for {canonical}, the service answered {answered}"
+            )
+        tasks = data.get("tasks")
+        if not isinstance(tasks, list):
+            raise MalformedResponse("get_taskgroup_tasks: the answer has no tasks list")
+        return tasks
+
+    # -- endpoints ------------------------------------------------------------
+
+    def _endpoint_path(self, endpoint_id: str, *rest: str) -> str:
+        return "/".join(["endpoints", _canonical_uuid(endpoint_id, "endpoint_id"), *rest])
+
+    def get_endpoints(self) -> Any:
+        """The caller's endpoints (``GET /endpoints``), as the service gives them."""
+        return _data(self.get("endpoints"))
+
+    def get_endpoint_metadata(self, endpoint_id: str) -> Any:
+        """An endpoint's metadata (``GET /endpoints/<id>``), as the service gives it."""
+        return _data(self.get(self._endpoint_path(endpoint_id)))
+
+    def get_endpoint_status(self, endpoint_id: str) -> Any:
+        """An endpoint's status (``GET /endpoints/<id>/status``): ``{"status", "logs"}``."""
+        return _data(self.get(self._endpoint_path(endpoint_id, "status")))
+
+    def stop_endpoint(self, endpoint_id: str) -> Any:
+        """Lock an endpoint (``POST /endpoints/<id>/lock``): its next registration fails."""
+        return _data(self.post(self._endpoint_path(endpoint_id, "lock"), data={}))
+
+    def delete_endpoint(self, endpoint_id: str) -> Any:
+        """Delete an endpoint (``DELETE /endpoints/<id>``)."""
+        return _data(self.delete(self._endpoint_path(endpoint_id)))
+
+    def get_whitelist(self, endpoint_id: str) -> Any:
+        """The functions an endpoint allows (``GET /endpoints/<id>/whitelist``)."""
+        return _data(self.get(self._endpoint_path(endpoint_id, "whitelist")))
+
+    def add_to_whitelist(self, endpoint_id: str, function_ids: Union[str, Iterable[str]]) -> Any:
+        """Allow functions on an endpoint (``POST /endpoints/<id>/whitelist``)."""
+        ids = [function_ids] if isinstance(function_ids, str) else list(function_ids)
+        body = {"func": [_canonical_uuid(f, "function_id") for f in ids]}
+        return _data(self.post(self._endpoint_path(endpoint_id, "whitelist"), data=body))
+
+    def delete_from_whitelist(
+        self, endpoint_id: str, function_ids: Union[str, Iterable[str]]
+    ) -> List[Any]:
+        """Disallow functions (one ``DELETE /endpoints/<id>/whitelist/<fn>`` each)."""
+        ids = [function_ids] if isinstance(function_ids, str) else list(function_ids)
+        return [
+            _data(
+                self.delete(
+                    self._endpoint_path(endpoint_id, "whitelist", _canonical_uuid(f, "function_id"))
+                )
+            )
+            for f in ids
+        ]
