@@ -1,0 +1,455 @@
+"""Blocks of managers: submitted to a provider, watched, cancelled.
+
+A *block* is one provider job running ``nodes_per_block`` managers, one per
+node.  :class:`BlockScaler` owns the blocks of one executor: it submits them
+(``scale_out``), cancels them (``scale_in``, idle ones first), and follows
+their states by polling the provider every ``status_polling_interval``.  It
+decides nothing by itself: the strategy (``executor/strategy.py``) says when
+to scale.  It remembers the *failed starts* (see :class:`BlockScaler`) so that
+the strategy can back off instead of submitting broken blocks in a loop.
+
+Each block gets an id, ``"0"``, ``"1"``..., which replaces ``{block_id}`` in
+the manager command template; the managers report it when they register, so
+:meth:`ILoadSource.managers` tells which block each manager belongs to.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Collection, Deque, Dict, List, Optional, Sequence, TypeVar
+
+import attr
+from twisted.application.service import IService, Service
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from funcx_endpoint.executor.interface import ILoadSource, ManagerInfo
+from funcx_endpoint.executor.providers.base import IAsyncProvider, JobState, JobStatus
+
+BLOCK_ID = "{block_id}"
+
+T = TypeVar("T")
+
+
+@attr.s(auto_attribs=True, eq=False)
+class Block:
+    """One block: a provider job of ``nodes_per_block`` managers."""
+
+    block_id: str
+    submitted_at: float
+    job_id: Any = None  # None while the submission is in progress
+    state: JobState = JobState.PENDING
+    status: Optional[JobStatus] = None  # the provider's last word
+    cancelled: bool = False  # we asked for its end
+    cancel_retry: bool = False  # the provider's cancel failed: try again
+    managers_seen: bool = False  # one of its managers has connected
+    ended_at: Optional[float] = None
+    failed_start: bool = False
+
+    @property
+    def active(self) -> bool:
+        """Counts against the block limits: not ended, not being cancelled."""
+        return not self.state.terminal and not self.cancelled
+
+
+def manager_is_idle(manager: ManagerInfo) -> bool:
+    """True if the manager runs nothing and has nothing queued."""
+    return manager.idle_since is not None and manager.active_tasks == 0
+
+
+class BlockScaler(Service):
+    """Submits, follows and cancels the blocks of one executor.
+
+    ``provider`` is the executor's provider behind its adapter
+    (:func:`~funcx_endpoint.executor.providers.local.provider_from_config`);
+    the scaler starts and stops it.  ``load`` tells which managers are
+    connected (their ``block_id``), ``clock`` times the status polls.
+    ``command_template`` is the shell command that starts one manager; every
+    ``{block_id}`` in it is replaced by the block's id, nothing else in it is
+    interpreted.
+
+    A *failed start* is a block that ended without being cancelled, either
+    before any of its managers connected or within ``min_healthy_lifetime``
+    seconds of its submission, or whose submission failed.
+    :attr:`consecutive_failures` counts them since the last time a manager of
+    any block connected; :attr:`last_failure_at` is when the last one was seen.
+
+    ``stopService`` waits for submissions in progress, cancels every block
+    and stops the provider (which, for the local one, waits for its processes).
+    """
+
+    log = Logger()
+    name = "blocks"
+
+    def __init__(
+        self,
+        provider: IAsyncProvider,
+        load: ILoadSource,
+        clock: IReactorTime,
+        command_template: str,
+        *,
+        tasks_per_node: int = 1,
+        job_name_prefix: str = "funcx",
+        min_healthy_lifetime: float = 60.0,
+        history: int = 100,
+    ) -> None:
+        if BLOCK_ID not in command_template:
+            raise ValueError(
+                f"the manager command template must contain {BLOCK_ID}: {command_template!r}"
+            )
+        self.provider = provider
+        self.load = load
+        self._clock = clock
+        self.command_template = command_template
+        self.tasks_per_node = tasks_per_node
+        self.job_name_prefix = job_name_prefix
+        self.min_healthy_lifetime = min_healthy_lifetime
+        self._blocks: Dict[str, Block] = {}  # not yet ended, in submission order
+        self._history: Deque[Block] = collections.deque(maxlen=history)
+        self._ended: collections.Counter[str] = collections.Counter()
+        self._next_block = 0
+        self._submissions: Dict[str, Deferred[bool]] = {}
+        self._poller: Optional[LoopingCall] = None
+        self._polling: Optional[Deferred[None]] = None
+        self._stopping = False
+        self.consecutive_failures = 0
+        self.last_failure_at: Optional[float] = None
+        self.failed_starts = 0
+
+    # -- views ------------------------------------------------------------------------
+
+    def blocks(self) -> List[Block]:
+        """Blocks not ended yet (including those being cancelled), oldest first."""
+        return list(self._blocks.values())
+
+    def active_blocks(self) -> List[Block]:
+        """Blocks that count against the limits: submitted, not ended nor cancelled."""
+        return [b for b in self._blocks.values() if b.active]
+
+    def ended_blocks(self) -> List[Block]:
+        """The most recently ended blocks, oldest first."""
+        return list(self._history)
+
+    def block(self, block_id: str) -> Optional[Block]:
+        """The block with this id, if it has not ended."""
+        return self._blocks.get(block_id)
+
+    def managers_by_block(self) -> Dict[str, List[ManagerInfo]]:
+        """The connected managers of each block that has any."""
+        result: Dict[str, List[ManagerInfo]] = {}
+        for manager in self.load.managers():
+            result.setdefault(manager.block_id, []).append(manager)
+        return result
+
+    def status_fields(self) -> Dict[str, Any]:
+        """Block counts by state for ``funcx-endpoint status``."""
+        states: collections.Counter[str] = collections.Counter()
+        for block in self._blocks.values():
+            states["CANCELLING" if block.cancelled else block.state.name] += 1
+        return {
+            "blocks": {
+                "provider": self.provider.label,
+                "active": len(self.active_blocks()),
+                "states": dict(states),
+                "ended": dict(self._ended),
+                "failed_starts_in_a_row": self.consecutive_failures,
+            }
+        }
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        if IService.providedBy(self.provider) and not self.provider.running:
+            self.provider.startService()
+        self._poller = LoopingCall(self.poll)
+        self._poller.clock = self._clock
+        d = self._poller.start(self.provider.status_polling_interval, now=False)
+        d.addErrback(lambda f: self.log.failure("Block status polling stopped", f))
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        self._stopping = True
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self._poller is not None and self._poller.running:
+            self._poller.stop()
+        self._poller = None
+        if self._polling is not None:
+            await _fresh(self._polling)
+        # A submission that returns now is cancelled at once (see _submit).
+        await gatherResults([_fresh(d) for d in self._submissions.values()])
+        left = [b for b in self._blocks.values() if b.job_id is not None and not b.state.terminal]
+        if left:
+            self.log.info("Cancelling {n} block(s)", n=len(left))
+            for block in left:
+                block.cancelled = True
+            await self._cancel(left)
+        if IService.providedBy(self.provider) and self.provider.running:
+            await self.provider.stopService()
+
+    # -- scaling ------------------------------------------------------------------------
+
+    def scale_out(self, count: int) -> Deferred[List[str]]:
+        """Submit ``count`` new blocks; they count as active (PENDING) at once.
+
+        Fires with the ids of the blocks submitted successfully.  A failed
+        submission is logged and counted as a failed start, not raised.
+        """
+        if count <= 0:
+            return succeed([])
+        if not self.running or self._stopping:
+            self.log.warn("Not starting {n} block(s): the scaler is not running", n=count)
+            return succeed([])
+        now = self._clock.seconds()
+        new = [Block(str(self._next_block + i), now) for i in range(count)]
+        self._next_block += count
+        self.log.info(
+            "Starting {n} block(s): {ids}", n=count, ids=", ".join(b.block_id for b in new)
+        )
+        waits = []
+        for block in new:
+            self._blocks[block.block_id] = block
+            submission = Deferred.fromCoroutine(self._submit(block))
+            if not submission.called:
+                self._submissions[block.block_id] = submission
+                submission.addBoth(self._submitted, block.block_id)
+            waits.append(_fresh(submission))
+        return gatherResults(waits).addCallback(
+            lambda ok: [b.block_id for b, good in zip(new, ok) if good]
+        )
+
+    def _submitted(self, result: object, block_id: str) -> object:
+        self._submissions.pop(block_id, None)
+        return result
+
+    async def _submit(self, block: Block) -> bool:
+        command = self.command_template.replace(BLOCK_ID, block.block_id)
+        job_name = f"{self.job_name_prefix}.block-{block.block_id}"
+        try:
+            job_id = await self.provider.submit(command, self.tasks_per_node, job_name)
+        except Exception as e:
+            self.log.error(
+                "Block {block_id} could not be submitted to the {provider} provider: {error}",
+                block_id=block.block_id,
+                provider=self.provider.label,
+                error=f"{type(e).__name__}: {e}",
+            )
+            status = JobStatus(JobState.FAILED, f"submit failed: {type(e).__name__}: {e}")
+            block.status = status
+            block.state = JobState.FAILED
+            self._failed_start(block)
+            self._retire(block)
+            return False
+        block.job_id = job_id
+        self.log.info(
+            "Block {block_id} submitted as {provider} job {job_id}",
+            block_id=block.block_id,
+            provider=self.provider.label,
+            job_id=job_id,
+        )
+        if block.cancelled or self._stopping:
+            # Scaled in, or the scaler stopped, while it was being submitted.
+            block.cancelled = True
+            await self._cancel([block])
+        return True
+
+    def scale_in(
+        self, count: Optional[int] = None, block_ids: Optional[Collection[str]] = None
+    ) -> Deferred[List[str]]:
+        """Cancel blocks: those named, or ``count`` chosen by :meth:`choose_for_scale_in`.
+
+        The blocks stop counting as active at once.  Fires with the ids of the
+        blocks cancelled.
+        """
+        if block_ids is not None:
+            chosen = [self._blocks[b] for b in block_ids if b in self._blocks]
+            chosen = [b for b in chosen if b.active]
+        else:
+            chosen = self.choose_for_scale_in(count or 0)
+        if not chosen:
+            return succeed([])
+        self.log.info(
+            "Stopping {n} block(s): {ids}", n=len(chosen), ids=", ".join(b.block_id for b in chosen)
+        )
+        for block in chosen:
+            block.cancelled = True
+        submitted = [b for b in chosen if b.job_id is not None]
+        # Those still being submitted are cancelled when their submission returns.
+        ids = [b.block_id for b in chosen]
+        return Deferred.fromCoroutine(self._cancel(submitted)).addCallback(lambda _: ids)
+
+    def choose_for_scale_in(self, count: int) -> List[Block]:
+        """The ``count`` active blocks best stopped first.
+
+        First blocks whose managers are all idle (the longest idle first),
+        then blocks with no manager connected (the newest first), then busy
+        blocks (the fewest tasks first).
+        """
+        managers = self.managers_by_block()
+
+        def cost(block: Block) -> tuple[int, float]:
+            mine = managers.get(block.block_id, [])
+            if not mine:
+                return (1, -block.submitted_at)
+            if all(manager_is_idle(m) for m in mine):
+                return (0, max(m.idle_since or 0.0 for m in mine))
+            return (2, float(sum(m.active_tasks for m in mine)))
+
+        return sorted(self.active_blocks(), key=cost)[: max(0, count)]
+
+    async def _cancel(self, blocks: Sequence[Block]) -> None:
+        jobs = [b for b in blocks if b.job_id is not None and not b.state.terminal]
+        if not jobs:
+            return
+        try:
+            results = await self.provider.cancel([b.job_id for b in jobs])
+        except Exception as e:
+            self.log.error(
+                "The {provider} provider failed to cancel jobs {jobs}: {error}; will retry",
+                provider=self.provider.label,
+                jobs=[b.job_id for b in jobs],
+                error=f"{type(e).__name__}: {e}",
+            )
+            for block in jobs:
+                block.cancel_retry = True
+            return
+        now = self._clock.seconds()
+        for block, cancelled in zip(jobs, results):
+            block.cancel_retry = False
+            if cancelled and not block.state.terminal:
+                block.state = JobState.CANCELLED
+                block.status = JobStatus(JobState.CANCELLED, "cancelled by the endpoint")
+                block.ended_at = now
+                self._retire(block)
+            # Otherwise the job had already ended: the next poll says how.
+
+    # -- following the blocks ------------------------------------------------------------
+
+    def poll(self) -> Deferred[None]:
+        """Ask the provider for the state of every block now (one poll at a time)."""
+        if self._polling is not None:
+            return _fresh(self._polling)
+        polling = Deferred.fromCoroutine(self._poll())
+        if polling.called:
+            return polling
+        self._polling = polling
+        polling.addBoth(self._polled)
+        return _fresh(polling)
+
+    def _polled(self, result: object) -> object:
+        self._polling = None
+        return result
+
+    async def _poll(self) -> None:
+        try:
+            self._note_managers()
+            retry = [b for b in self._blocks.values() if b.cancel_retry]
+            if retry:
+                await self._cancel(retry)
+            watched = [
+                b for b in self._blocks.values() if b.job_id is not None and not b.state.terminal
+            ]
+            if not watched:
+                return
+            statuses = await self.provider.status([b.job_id for b in watched])
+            for block, status in zip(watched, statuses):
+                await self._update(block, status)
+        except Exception:
+            self.log.failure("Polling the {provider} provider failed", provider=self.provider.label)
+
+    def _note_managers(self) -> None:
+        for block_id in self.managers_by_block():
+            block = self._blocks.get(block_id)
+            if block is not None and not block.managers_seen:
+                block.managers_seen = True
+                if self.consecutive_failures:
+                    self.log.info(
+                        "A manager of block {block_id} connected: blocks start again",
+                        block_id=block_id,
+                    )
+                self.consecutive_failures = 0
+
+    async def _update(self, block: Block, status: JobStatus) -> None:
+        if block.state.terminal:  # cancelled meanwhile
+            return
+        block.status = status
+        if status.state == block.state:
+            return
+        block.state = status.state
+        if not status.terminal:
+            self.log.info(
+                "Block {block_id} (job {job_id}) is {state}",
+                block_id=block.block_id,
+                job_id=block.job_id,
+                state=status.state.name,
+            )
+            return
+        now = self._clock.seconds()
+        block.ended_at = now
+        if block.cancelled or status.state in (JobState.CANCELLED, JobState.SCALED_IN):
+            self.log.info(
+                "Block {block_id} (job {job_id}) ended: {status}",
+                block_id=block.block_id,
+                job_id=block.job_id,
+                status=str(status),
+            )
+            self._retire(block)
+            return
+        early = now - block.submitted_at < self.min_healthy_lifetime
+        if not block.managers_seen or early:
+            self._failed_start(block)
+        if block.failed_start or status.state in (JobState.FAILED, JobState.MISSING):
+            tail = await self.provider.read_tail(status.stderr_path)
+            why = (
+                "before any of its managers connected"
+                if not block.managers_seen
+                else (f"{now - block.submitted_at:.0f}s after its submission")
+            )
+            self.log.error(
+                "Block {block_id} (job {job_id}) ended {why}: {status}; stderr ({path}):\n{tail}",
+                block_id=block.block_id,
+                job_id=block.job_id,
+                why=why,
+                status=str(status),
+                path=status.stderr_path,
+                tail=tail if tail else "(none)",
+            )
+        else:
+            self.log.info(
+                "Block {block_id} (job {job_id}) ended: {status}",
+                block_id=block.block_id,
+                job_id=block.job_id,
+                status=str(status),
+            )
+        self._retire(block)
+
+    def _failed_start(self, block: Block) -> None:
+        block.failed_start = True
+        self.failed_starts += 1
+        self.consecutive_failures += 1
+        self.last_failure_at = self._clock.seconds()
+
+    def _retire(self, block: Block) -> None:
+        if self._blocks.pop(block.block_id, None) is not None:
+            self._history.append(block)
+            self._ended[block.state.name] += 1
+
+
+def _fresh(d: Deferred[T]) -> Deferred[T]:
+    """A new Deferred with ``d``'s result, leaving ``d``'s own chain alone.
+
+    Only for Deferreds that never fail (our coroutines catch their errors).
+    """
+    fresh: Deferred[T] = Deferred()
+
+    def fire(result: T) -> T:
+        fresh.callback(result)
+        return result
+
+    d.addCallback(fire)
+    return fresh

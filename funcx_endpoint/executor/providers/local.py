@@ -1,0 +1,570 @@
+"""A provider that runs blocks of managers as processes on this machine.
+
+:class:`LocalProvider` has Parsl's provider interface but never blocks: it
+spawns processes with ``reactor.spawnProcess`` and learns of their end from
+the reactor, so ``submit``, ``status`` and ``cancel`` return at once and are
+called on the reactor thread (it provides ``INonBlockingProvider``).
+
+One job (block) is ``nodes_per_block * tasks_per_node`` copies of
+``/bin/sh -c "<worker_init>\\n<command>"``, as Parsl's ``SingleNodeLauncher``
+starts them.  Each copy (a *rank*) runs in a session and process group of its
+own, whose id is the rank's pid, so that stopping it reaches everything it
+started: TERM to the group, KILL after the grace period.  When a rank's
+first process exits by itself, whatever is left in its group gets the same
+treatment, so nothing a block started outlives it, or the endpoint.  Output
+goes to ``<working_dir>/<job_id>.<rank>.stdout`` and ``.stderr``; job ids
+(``local.0``, ``local.1``...) go on from those of earlier runs found there,
+so a restart keeps the output of the blocks before it.
+
+Job states: RUNNING while any rank runs; then COMPLETED if every rank exited
+with 0, else FAILED (the first failed rank's exit code, negative for a
+signal); CANCELLED from the moment ``cancel`` accepted it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any, Dict, List, Mapping, Optional, Sequence, cast
+
+import psutil
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
+from twisted.internet.interfaces import IProcessTransport, IReactorProcess, IReactorTime
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
+
+from funcx_endpoint.config import model as config_model
+from funcx_endpoint.executor.providers.base import (
+    INonBlockingProvider,
+    JobState,
+    JobStatus,
+    ProviderAdapter,
+    SubmitError,
+)
+
+# Run by the spawned interpreter: become a session (and process group)
+# leader, then become the shell.  The pid, hence the group id, stays the same.
+SETSID_SHIM = "import os, sys; os.setsid(); os.execv(sys.argv[1], sys.argv[1:])"
+
+#: How often a stopping rank's process group is checked for survivors.
+GROUP_POLL_INTERVAL = 0.1
+#: How long processes get to disappear after KILL before we give up on them.
+KILL_WAIT = 5.0
+
+_SIGNAL_NAMES: Dict[int, str] = {int(signal.SIGTERM): "TERM", int(signal.SIGKILL): "KILL"}
+
+
+class IProcessGroups(Interface):
+    """Signals process groups and tells whether one still has a live process."""
+
+    def signal(pgid: int, signum: int) -> None:
+        """Send ``signum`` to the group; ``ProcessLookupError`` if it is empty."""
+
+    def alive(pgid: int) -> bool:
+        """True while a process of the group runs (zombies do not count)."""
+
+
+@implementer(IProcessGroups)
+class ProcessGroups:
+    """The real process groups: ``os.killpg`` and the process table.
+
+    Unit tests with a fake reactor pass a fake :class:`IProcessGroups`.
+    """
+
+    def signal(self, pgid: int, signum: int) -> None:
+        """``os.killpg``: raises ``ProcessLookupError`` if the group is empty."""
+        os.killpg(pgid, signum)
+
+    def alive(self, pgid: int) -> bool:
+        """True while a process of the group runs.
+
+        Zombies do not count: a killed process whose parent died waits, dead,
+        until init reaps it, which some inits do only every second or two.
+        """
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            # Only processes we may not signal (a setuid program) are left:
+            # there is nothing more we can do about them.
+            return False
+        for proc in psutil.process_iter(["status"]):
+            try:
+                if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
+                    return True
+            except (OSError, psutil.Error):
+                continue
+        return False
+
+
+def describe_exit(code: Optional[int]) -> str:
+    """``exited with code 3`` or ``killed by SIGTERM`` for an exit code (negative: signal)."""
+    if code is None:
+        return "running"
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    return f"killed by {name}"
+
+
+class _Rank(ProcessProtocol):
+    """One process of a job (and its process group): the protocol the reactor calls."""
+
+    def __init__(
+        self, provider: LocalProvider, job: _Job, rank: int, stdout_path: str, stderr_path: str
+    ) -> None:
+        self.provider = provider
+        self.job = job
+        self.rank = rank
+        self.stdout_path = stdout_path
+        self.stderr_path = stderr_path
+        self.pid: Optional[int] = None  # also the process group id
+        self.process: Optional[IProcessTransport] = None
+        self.ended = False
+        self.exit_code: Optional[int] = None
+        self.group_gone = False
+        self.terminator: Optional[Deferred[None]] = None
+
+    def __repr__(self) -> str:
+        return f"<rank {self.rank} of job {self.job.job_id} pid={self.pid}>"
+
+    def makeConnection(self, process: Any) -> None:
+        self.process = process
+        self.pid = process.pid
+        super().makeConnection(process)
+
+    def processEnded(self, reason: Failure) -> None:
+        value = reason.value
+        if isinstance(value, ProcessDone):
+            code = 0
+        elif isinstance(value, ProcessTerminated):
+            if value.exitCode is not None:
+                code = value.exitCode
+            else:
+                code = -(value.signal or 0)
+        else:  # pragma: no cover - the reactor passes only these two
+            code = -1
+        self.ended = True
+        self.exit_code = code
+        self.provider._rank_ended(self)
+
+
+class _Job:
+    """A block: its ranks and whether it was cancelled."""
+
+    def __init__(self, job_id: str, job_name: str, command: str) -> None:
+        self.job_id = job_id
+        self.job_name = job_name
+        self.command = command
+        self.ranks: List[_Rank] = []
+        self.cancelled = False
+
+    def __repr__(self) -> str:
+        return f"<job {self.job_id} ({self.job_name}) {self.status()}>"
+
+    @property
+    def ended(self) -> bool:
+        """True once every rank's process has exited."""
+        return all(r.ended for r in self.ranks)
+
+    def status(self) -> JobStatus:
+        first = self.ranks[0] if self.ranks else None
+        out = first.stdout_path if first else None
+        err = first.stderr_path if first else None
+        if self.cancelled:
+            return JobStatus(JobState.CANCELLED, "cancelled", None, out, err)
+        if not self.ended:
+            return JobStatus(JobState.RUNNING, None, None, out, err)
+        failed = [r for r in self.ranks if r.exit_code != 0]
+        if not failed:
+            return JobStatus(JobState.COMPLETED, None, 0, out, err)
+        rank = failed[0]
+        message = f"rank {rank.rank} (pid {rank.pid}) {describe_exit(rank.exit_code)}"
+        if len(self.ranks) > 1:
+            message += f"; {len(failed)} of {len(self.ranks)} processes failed"
+        return JobStatus(
+            JobState.FAILED, message, rank.exit_code, rank.stdout_path, rank.stderr_path
+        )
+
+
+@implementer(INonBlockingProvider)
+class LocalProvider(Service):
+    """Runs each block as ``nodes_per_block * tasks_per_node`` local processes.
+
+    ``reactor`` spawns the processes (``IReactorProcess``) and, unless
+    ``clock`` is given, times the grace periods.  ``working_dir`` receives the
+    output files.  The scaling attributes (``init_blocks`` ... ``parallelism``)
+    are only read by the strategy.  ``process_groups`` puts each rank in a
+    session of its own (through the interpreter ``python`` and
+    :data:`SETSID_SHIM`) and signals whole groups through ``groups``
+    (:class:`IProcessGroups`); tests with a fake reactor turn it off or pass
+    a fake ``groups``.
+
+    As a service, ``stopService`` cancels every job and fires once all their
+    processes, and whatever they started in their groups, have exited.
+    """
+
+    log = Logger()
+    name = "local-provider"
+
+    def __init__(
+        self,
+        reactor: IReactorProcess,
+        working_dir: str,
+        *,
+        clock: Optional[IReactorTime] = None,
+        label: str = "local",
+        init_blocks: int = 1,
+        min_blocks: int = 0,
+        max_blocks: int = 1,
+        nodes_per_block: int = 1,
+        parallelism: float = 1.0,
+        worker_init: str = "",
+        cmd_timeout: float = 30.0,
+        stop_grace_period: float = 10.0,
+        status_polling_interval: float = 1.0,
+        env: Optional[Mapping[str, str]] = None,
+        process_groups: bool = True,
+        groups: Optional[IProcessGroups] = None,
+        python: str = sys.executable,
+        shell: str = "/bin/sh",
+    ) -> None:
+        self._reactor = reactor
+        self._clock = clock if clock is not None else cast(IReactorTime, reactor)
+        self.working_dir = working_dir
+        self._label = label
+        self.init_blocks = init_blocks
+        self.min_blocks = min_blocks
+        self.max_blocks = max_blocks
+        self.nodes_per_block = nodes_per_block
+        self.parallelism = parallelism
+        self.worker_init = worker_init
+        self.cmd_timeout = cmd_timeout  # Parsl's attribute; spawning does not wait
+        self.stop_grace_period = stop_grace_period
+        self._status_polling_interval = status_polling_interval
+        self._env = env
+        self._process_groups = process_groups
+        self._groups: IProcessGroups = groups if groups is not None else ProcessGroups()
+        self._python = python
+        self._shell = shell
+        self.script_dir: Optional[str] = working_dir
+        self.cores_per_node: Optional[int] = None
+        self.mem_per_node: Optional[float] = None
+        self._jobs: Dict[str, _Job] = {}
+        self._next_job = 0
+        self._stopping = False
+
+    # -- Parsl's attributes --------------------------------------------------------
+
+    @property
+    def label(self) -> str:
+        return self._label
+
+    @property
+    def status_polling_interval(self) -> float:
+        return self._status_polling_interval
+
+    @property
+    def resources(self) -> Dict[str, _Job]:
+        """Every job started, by job id."""
+        return dict(self._jobs)
+
+    # -- the provider interface ----------------------------------------------------
+
+    def submit(self, command: str, tasks_per_node: int, job_name: str = "funcx.block") -> str:
+        """Start the job's processes now; return its job id (``<label>.<n>``).
+
+        Raises :class:`SubmitError` if the provider is stopping or a process
+        cannot be started (the ranks already started are then stopped).
+        """
+        if self._stopping:
+            raise SubmitError(f"{self.label} provider is stopping; {job_name} not started")
+        copies = self.nodes_per_block * max(1, int(tasks_per_node))
+        job_id = f"{self.label}.{self._next_job}"
+        self._next_job += 1
+        script = command
+        if self.worker_init.strip():
+            script = f"{self.worker_init}\n{command}"
+        job = _Job(job_id, job_name, command)
+        try:
+            os.makedirs(self.working_dir, mode=0o700, exist_ok=True)
+            for rank in range(copies):
+                job.ranks.append(self._spawn(job, rank, copies, script, tasks_per_node))
+        except Exception as e:
+            job.cancelled = True
+            for started in job.ranks:
+                self._when_rank_gone(started)
+            if job.ranks:
+                self._jobs[job_id] = job
+            raise SubmitError(f"could not start {job_name} ({job_id}): {e}") from e
+        self._jobs[job_id] = job
+        self.log.info(
+            "Started block job {job_id} ({job_name}): {n} process(es), pids {pids}",
+            job_id=job_id,
+            job_name=job_name,
+            n=copies,
+            pids=[r.pid for r in job.ranks],
+        )
+        return job_id
+
+    def _spawn(self, job: _Job, rank: int, copies: int, script: str, tasks_per_node: int) -> _Rank:
+        base = os.path.join(self.working_dir, f"{job.job_id}.{rank}")
+        proto = _Rank(self, job, rank, base + ".stdout", base + ".stderr")
+        env = dict(os.environ if self._env is None else self._env)
+        env.update(
+            FUNCX_JOB_ID=job.job_id,
+            FUNCX_JOB_NAME=job.job_name,
+            FUNCX_JOB_RANK=str(rank),
+            FUNCX_JOB_SIZE=str(copies),
+            FUNCX_TASKS_PER_NODE=str(tasks_per_node),
+        )
+        if self._process_groups:
+            executable = self._python
+            args = [self._python, "-S", "-c", SETSID_SHIM, self._shell, "-c", script]
+        else:
+            executable = self._shell
+            args = [self._shell, "-c", script]
+        fds: List[int] = []
+        try:
+            fds.append(os.open(os.devnull, os.O_RDONLY))
+            for path in (proto.stdout_path, proto.stderr_path):
+                fds.append(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+            self._reactor.spawnProcess(
+                proto, executable, args, env=env, childFDs={0: fds[0], 1: fds[1], 2: fds[2]}
+            )
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return proto
+
+    def status(self, job_ids: Sequence[Any]) -> List[JobStatus]:
+        """The jobs' states; an unknown job id is MISSING."""
+        result = []
+        for job_id in job_ids:
+            job = self._jobs.get(job_id)
+            if job is None:
+                result.append(JobStatus(JobState.MISSING, f"no job {job_id!r} here"))
+            else:
+                result.append(job.status())
+        return result
+
+    def cancel(self, job_ids: Sequence[Any]) -> List[bool]:
+        """TERM each job's process groups now, KILL after the grace period.
+
+        True for a job that was running (it is CANCELLED from now on); False
+        for an unknown job or one that had already ended.
+        """
+        result = []
+        for job_id in job_ids:
+            job = self._jobs.get(job_id)
+            if job is None or job.cancelled or job.ended:
+                result.append(False)
+                continue
+            self.log.info("Cancelling block job {job_id}", job_id=job_id)
+            job.cancelled = True
+            for rank in job.ranks:
+                self._when_rank_gone(rank)
+            result.append(True)
+        return result
+
+    def when_gone(self, job_id: str) -> Deferred[None]:
+        """A Deferred that fires when every process of the job, and every
+        process left in their groups, has exited (it does not stop them)."""
+        waits = [Deferred.fromCoroutine(self._wait_gone(r, None)) for r in self._jobs[job_id].ranks]
+        return gatherResults(waits).addCallback(lambda _: None)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        os.makedirs(self.working_dir, mode=0o700, exist_ok=True)
+        # Number on from an earlier run's jobs, so that their output stays.
+        self._next_job = max(self._next_job, self._first_free_job_number())
+
+    def _first_free_job_number(self) -> int:
+        prefix = self.label + "."
+        highest = -1
+        for name in os.listdir(self.working_dir):
+            number = name[len(prefix) :].split(".", 1)[0]
+            if name.startswith(prefix) and number.isdigit():
+                highest = max(highest, int(number))
+        return highest + 1
+
+    def stopService(self) -> Deferred[None]:
+        """Cancel every job; fire when all their processes have exited."""
+        super().stopService()
+        self._stopping = True
+        waits: List[Deferred[None]] = []
+        for job in self._jobs.values():
+            if not job.ended and not job.cancelled:
+                self.log.info("Stopping block job {job_id}", job_id=job.job_id)
+                job.cancelled = True
+            waits.extend(self._when_rank_gone(rank) for rank in job.ranks)
+        return gatherResults(waits).addCallback(lambda _: None)
+
+    # -- ends and stops ------------------------------------------------------------------
+
+    def _rank_ended(self, rank: _Rank) -> None:
+        job = rank.job
+        how = describe_exit(rank.exit_code)
+        if job.cancelled or rank.exit_code == 0:
+            self.log.info(
+                "Block job {job_id} rank {rank} (pid {pid}) {how}",
+                job_id=job.job_id,
+                rank=rank.rank,
+                pid=rank.pid,
+                how=how,
+            )
+        else:
+            self.log.warn(
+                "Block job {job_id} rank {rank} (pid {pid}) {how}; its stderr is in {path}",
+                job_id=job.job_id,
+                rank=rank.rank,
+                pid=rank.pid,
+                how=how,
+                path=rank.stderr_path,
+            )
+        # Whatever the rank left behind in its group goes too.
+        if rank.terminator is None and not self._rank_gone(rank):
+            self.log.info(
+                "Stopping processes left in the group of block job {job_id} rank {rank}",
+                job_id=job.job_id,
+                rank=rank.rank,
+            )
+            self._when_rank_gone(rank)
+
+    def _rank_gone(self, rank: _Rank) -> bool:
+        """True once the rank's process has exited and its group is empty."""
+        if not rank.ended:
+            return False
+        if not self._process_groups or rank.group_gone or rank.pid is None:
+            return True
+        if not self._groups.alive(rank.pid):
+            rank.group_gone = True
+        return rank.group_gone
+
+    def _signal(self, rank: _Rank, signum: int) -> None:
+        if self._process_groups and rank.pid is not None and not rank.group_gone:
+            try:
+                self._groups.signal(rank.pid, signum)
+                return
+            except ProcessLookupError:
+                # No such group: either it is empty, or the rank has not
+                # called setsid() yet; then signal the process itself.
+                if rank.ended:
+                    rank.group_gone = True
+                    return
+            except PermissionError:
+                self.log.warn("Not allowed to signal process group {pgid}", pgid=rank.pid)
+        if not rank.ended and rank.process is not None:
+            try:
+                rank.process.signalProcess(_SIGNAL_NAMES.get(signum, signum))
+            except ProcessExitedAlready:
+                pass
+
+    def _when_rank_gone(self, rank: _Rank) -> Deferred[None]:
+        """Stop the rank (TERM, KILL after the grace period) unless that is
+        under way; a fresh Deferred that fires when it is gone."""
+        if rank.terminator is None:
+            if self._rank_gone(rank):
+                return succeed(None)
+            rank.terminator = Deferred.fromCoroutine(self._terminate(rank))
+        return self._wait_rank(rank)
+
+    def _wait_rank(self, rank: _Rank) -> Deferred[None]:
+        waiter: Deferred[None] = Deferred()
+
+        def fire(result: object) -> object:
+            waiter.callback(None)
+            return result
+
+        assert rank.terminator is not None
+        rank.terminator.addBoth(fire)
+        return waiter
+
+    async def _terminate(self, rank: _Rank) -> None:
+        try:
+            self._signal(rank, signal.SIGTERM)
+            if await self._wait_gone(rank, self.stop_grace_period):
+                return
+            self.log.warn(
+                "Block job {job_id} rank {rank} (pid {pid}) still has processes {grace}s "
+                "after TERM; killing them",
+                job_id=rank.job.job_id,
+                rank=rank.rank,
+                pid=rank.pid,
+                grace=self.stop_grace_period,
+            )
+            self._signal(rank, signal.SIGKILL)
+            if await self._wait_gone(rank, KILL_WAIT):
+                return
+            self.log.error(
+                "Block job {job_id} rank {rank} (pid {pid}) still has processes {wait}s "
+                "after KILL; giving up on them",
+                job_id=rank.job.job_id,
+                rank=rank.rank,
+                pid=rank.pid,
+                wait=KILL_WAIT,
+            )
+        except Exception:
+            self.log.failure("Error while stopping {rank}", rank=repr(rank))
+
+    async def _wait_gone(self, rank: _Rank, timeout: Optional[float]) -> bool:
+        """Poll until the rank is gone (True) or ``timeout`` seconds pass (False)."""
+        deadline = None if timeout is None else self._clock.seconds() + timeout
+        while not self._rank_gone(rank):
+            delay = GROUP_POLL_INTERVAL
+            if deadline is not None:
+                remaining = deadline - self._clock.seconds()
+                if remaining <= 0:
+                    return False
+                delay = min(delay, remaining)
+            await deferLater(self._clock, delay)
+        return True
+
+
+def provider_from_config(
+    config_provider: Any,
+    reactor: Any,
+    working_dir: str,
+    *,
+    stop_grace_period: float = 10.0,
+    local_options: Optional[Mapping[str, Any]] = None,
+) -> ProviderAdapter:
+    """The runtime provider for an executor's ``provider`` config field.
+
+    The config's :class:`~funcx_endpoint.config.model.LocalProvider` becomes
+    our :class:`LocalProvider` (output in ``<working_dir>/blocks``), called
+    on the reactor thread; any other object (a Parsl provider) is called in a
+    thread, with its submit scripts in ``<working_dir>/submit_scripts``.
+    ``reactor`` must spawn processes, keep time and run threads;
+    ``local_options`` are more keyword arguments for our :class:`LocalProvider`.
+    """
+    if isinstance(config_provider, config_model.LocalProvider):
+        native = LocalProvider(
+            reactor,
+            os.path.join(working_dir, "blocks"),
+            label=config_provider.label,
+            init_blocks=config_provider.init_blocks,
+            min_blocks=config_provider.min_blocks,
+            max_blocks=config_provider.max_blocks,
+            nodes_per_block=config_provider.nodes_per_block,
+            parallelism=config_provider.parallelism,
+            worker_init=config_provider.worker_init,
+            cmd_timeout=config_provider.cmd_timeout,
+            stop_grace_period=stop_grace_period,
+            **dict(local_options or {}),
+        )
+        return ProviderAdapter(native, reactor)
+    return ProviderAdapter(config_provider, reactor, working_dir=working_dir)

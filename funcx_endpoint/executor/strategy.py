@@ -1,0 +1,376 @@
+"""When to start and stop blocks: funcX's simple strategy, on a clock.
+
+:class:`SimpleStrategy` looks at the load every ``interval`` seconds
+(a ``LoopingCall`` on the injected clock) and tells the :class:`BlockScaler`
+to scale out or in.  The limits come from the provider (``init_blocks``,
+``min_blocks``, ``max_blocks``, ``nodes_per_block``, ``parallelism``), as
+with Parsl's providers.  The rules, in the order they are applied:
+
+1. At start, ``init_blocks`` blocks are submitted.
+2. *Active* blocks are those submitted and not ended nor being cancelled
+   (pending, running, held or of unknown state).  Each holds
+   ``slots_per_block = nodes_per_block * workers_per_manager`` tasks, where
+   ``workers_per_manager`` is the mean ``worker_count`` of the connected
+   managers, or, before any connects, the estimate from the executor's
+   config (:func:`estimate_workers_per_node`).
+3. Scale out: first up to ``min_blocks``; then, if the outstanding tasks
+   exceed the slots of the active blocks (those just requested included) by
+   ``excess``, by ``ceil(excess * parallelism / slots_per_block)`` blocks, and
+   by at least one if there are tasks and no block at all (so parallelism 0
+   means: one block while there is work, else ``min_blocks``).  Never past
+   ``max_blocks`` active blocks.
+4. Back off after failed starts (see :class:`BlockScaler`): after ``k`` in a
+   row, no block is submitted until ``min(backoff_base * 2**(k-1),
+   backoff_cap)`` seconds after the last one.  A manager connecting resets
+   ``k``.  This holds the ``min_blocks`` top-up too: a block that cannot
+   start is not retried in a loop.
+5. Scale in, when not scaling out: a block is idle when none of its
+   managers has a task (since the latest ``idle_since`` of its managers), or
+   when it has no manager connected (since the strategy first saw it so).
+   Blocks idle for ``max_idletime`` seconds are cancelled, longest idle
+   first, never below ``min_blocks``, and only while the blocks left still
+   have a slot for every outstanding task (with no outstanding task, every
+   idle block down to ``min_blocks``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import attr
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from funcx_endpoint.executor.blocks import Block, BlockScaler, manager_is_idle
+from funcx_endpoint.executor.interface import ILoadSource, ManagerInfo
+from funcx_endpoint.executor.providers.local import provider_from_config
+
+
+def estimate_workers_per_node(
+    max_workers_per_node: float,
+    cores_per_worker: float,
+    cores_per_node: Optional[int] = None,
+) -> int:
+    """Workers a manager will start, before one has told us.
+
+    ``cores_per_node // cores_per_worker`` (this machine's cores when the
+    provider does not say), capped by ``max_workers_per_node``, at least 1.
+    """
+    cores = cores_per_node or os.cpu_count() or 1
+    workers = max(1, math.floor(cores / cores_per_worker + 1e-9))
+    if math.isfinite(max_workers_per_node):
+        workers = min(workers, max(1, int(max_workers_per_node)))
+    return workers
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class Decision:
+    """What one strategy tick decided, and why."""
+
+    scale_out: int = 0
+    scale_in: Tuple[str, ...] = ()
+    held: bool = False  # a scale-out was wanted but failed starts hold it back
+    reason: str = ""
+
+
+class SimpleStrategy(Service):
+    """funcX's simple scaling strategy (see the module's docstring for the rules).
+
+    ``scaler`` owns the blocks and its provider holds the limits; ``load``
+    gives the outstanding tasks and the connected managers; ``clock`` drives
+    a tick every ``interval`` seconds.  ``workers_per_node`` is the estimate
+    of workers per manager used until managers report theirs.
+    """
+
+    log = Logger()
+    name = "strategy"
+
+    def __init__(
+        self,
+        scaler: BlockScaler,
+        load: ILoadSource,
+        clock: IReactorTime,
+        *,
+        interval: float = 5.0,
+        max_idletime: float = 120.0,
+        workers_per_node: int = 1,
+        backoff_base: float = 10.0,
+        backoff_cap: float = 300.0,
+    ) -> None:
+        self.scaler = scaler
+        self.load = load
+        self._clock = clock
+        self.interval = interval
+        self.max_idletime = max_idletime
+        self.workers_per_node = max(1, int(workers_per_node))
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self._unmanned_since: Dict[str, float] = {}
+        self._loop: Optional[LoopingCall] = None
+        self._ticking: Optional[Deferred[Decision]] = None
+        self._held_logged_for: Optional[float] = None
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        provider = self.scaler.provider
+        init = min(provider.init_blocks, provider.max_blocks)
+        if init > 0:
+            self.log.info("Starting {n} initial block(s)", n=init)
+            self.scaler.scale_out(init)
+        self._loop = LoopingCall(self.tick)
+        self._loop.clock = self._clock
+        self._loop.start(self.interval, now=False)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        ticking = self._ticking
+        if ticking is None:
+            return succeed(None)
+        done: Deferred[None] = Deferred()
+
+        def fire(result: Decision) -> Decision:
+            done.callback(None)
+            return result
+
+        ticking.addCallback(fire)
+        return done
+
+    # -- decisions --------------------------------------------------------------------
+
+    def tick(self) -> Deferred[Decision]:
+        """Decide and act once; errors are logged, never raised (the loop goes on)."""
+        ticking = Deferred.fromCoroutine(self._tick())
+        if not ticking.called:
+            self._ticking = ticking
+
+            def done(result: Decision) -> Decision:
+                self._ticking = None
+                return result
+
+            ticking.addCallback(done)
+        return ticking
+
+    async def _tick(self) -> Decision:
+        try:
+            decision = self.decide()
+            if decision.scale_out:
+                self.log.info(
+                    "Scaling out by {n} block(s): {reason}",
+                    n=decision.scale_out,
+                    reason=decision.reason,
+                )
+                await self.scaler.scale_out(decision.scale_out)
+            elif decision.scale_in:
+                self.log.info(
+                    "Scaling in block(s) {ids}: {reason}",
+                    ids=", ".join(decision.scale_in),
+                    reason=decision.reason,
+                )
+                await self.scaler.scale_in(block_ids=decision.scale_in)
+            return decision
+        except Exception:
+            self.log.failure("The scaling strategy failed; it tries again in {s}s", s=self.interval)
+            return Decision(reason="error")
+
+    def workers_per_manager(self, managers: List[ManagerInfo]) -> int:
+        """The mean worker count of the connected managers, else the estimate."""
+        counts = [m.worker_count for m in managers if m.worker_count > 0]
+        if not counts:
+            return self.workers_per_node
+        return max(1, round(sum(counts) / len(counts)))
+
+    def backoff_until(self) -> Optional[float]:
+        """When new blocks may be submitted again after failed starts; None: now."""
+        failures = self.scaler.consecutive_failures
+        last = self.scaler.last_failure_at
+        if failures <= 0 or last is None:
+            return None
+        delay = min(self.backoff_base * 2 ** min(failures - 1, 30), self.backoff_cap)
+        return last + delay
+
+    def decide(self) -> Decision:
+        """What to do now (the rules of the module's docstring); changes nothing
+        but the strategy's record of blocks without managers."""
+        now = self._clock.seconds()
+        provider = self.scaler.provider
+        min_blocks = provider.min_blocks
+        max_blocks = provider.max_blocks
+        parallelism = provider.parallelism
+        active = self.scaler.active_blocks()
+        count = len(active)
+        tasks = self.load.outstanding_tasks()
+        by_block = self.scaler.managers_by_block()
+        per_block = max(1, provider.nodes_per_block) * self.workers_per_manager(
+            [m for managers in by_block.values() for m in managers]
+        )
+        slots = count * per_block
+        self._track_unmanned(active, by_block, now)
+
+        wanted = 0
+        reasons = []
+        if count < min_blocks:
+            wanted = min_blocks - count
+            reasons.append(f"{count} active block(s) < min_blocks {min_blocks}")
+        covered = slots + wanted * per_block
+        if tasks > covered:
+            extra = math.ceil((tasks - covered) * parallelism / per_block - 1e-9)
+            if count + wanted == 0:
+                extra = max(extra, 1)
+            if extra > 0:
+                reasons.append(
+                    f"{tasks} outstanding task(s) > {covered} slot(s) "
+                    f"({per_block} per block, parallelism {parallelism:g})"
+                )
+            wanted += extra
+        wanted = max(0, min(wanted, max_blocks - count))
+        if wanted > 0:
+            reason = "; ".join(reasons)
+            hold = self.backoff_until()
+            if hold is not None and now < hold:
+                if self._held_logged_for != hold:
+                    self._held_logged_for = hold
+                    self.log.warn(
+                        "Not starting blocks for {s:.0f}s after {k} failed block start(s) in "
+                        "a row (wanted {n}: {reason})",
+                        s=hold - now,
+                        k=self.scaler.consecutive_failures,
+                        n=wanted,
+                        reason=reason,
+                    )
+                return Decision(held=True, reason=reason)
+            return Decision(scale_out=wanted, reason=reason)
+
+        if count <= min_blocks:
+            return Decision(reason="steady")
+        idle: List[Tuple[float, Block]] = []
+        for block in active:
+            since = self._idle_since(block, by_block.get(block.block_id, []))
+            if since is not None and now - since >= self.max_idletime:
+                idle.append((since, block))
+        idle.sort(key=lambda pair: pair[0])
+        chosen: List[str] = []
+        for _, block in idle:
+            left = count - len(chosen) - 1
+            if left < min_blocks or left * per_block < tasks:
+                break
+            chosen.append(block.block_id)
+        if chosen:
+            return Decision(
+                scale_in=tuple(chosen),
+                reason=f"idle for {self.max_idletime:g}s or more, {tasks} outstanding task(s)",
+            )
+        return Decision(reason="steady")
+
+    def _track_unmanned(
+        self, active: List[Block], by_block: Dict[str, List[ManagerInfo]], now: float
+    ) -> None:
+        unmanned = {b.block_id for b in active if not by_block.get(b.block_id)}
+        for block_id in list(self._unmanned_since):
+            if block_id not in unmanned:
+                del self._unmanned_since[block_id]
+        for block_id in unmanned:
+            self._unmanned_since.setdefault(block_id, now)
+
+    def _idle_since(self, block: Block, managers: List[ManagerInfo]) -> Optional[float]:
+        if not managers:
+            return self._unmanned_since.get(block.block_id)
+        if not all(manager_is_idle(m) for m in managers):
+            return None
+        return max(m.idle_since or 0.0 for m in managers)
+
+    def status_fields(self) -> Dict[str, Any]:
+        """The strategy's state for ``funcx-endpoint status``."""
+        hold = self.backoff_until()
+        now = self._clock.seconds()
+        return {
+            "strategy": {
+                "name": "simple",
+                "interval": self.interval,
+                "max_idletime": self.max_idletime,
+                "backoff_remaining": round(max(0.0, hold - now), 1) if hold else 0.0,
+            }
+        }
+
+
+class ScalingService(Service):
+    """The ``providers`` part of the endpoint: a block scaler and its strategy.
+
+    Starts the scaler (and so the provider), then the strategy; stops the
+    strategy first, then the scaler, which cancels every block and waits for
+    the provider to stop.
+    """
+
+    name = "providers"
+
+    def __init__(self, scaler: BlockScaler, strategy: SimpleStrategy) -> None:
+        self.scaler = scaler
+        self.strategy = strategy
+
+    def startService(self) -> None:
+        super().startService()
+        self.scaler.startService()
+        self.strategy.startService()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        await maybeDeferred(self.strategy.stopService)
+        await maybeDeferred(self.scaler.stopService)
+
+    def status_fields(self) -> Dict[str, Any]:
+        """Blocks by state and the strategy's state."""
+        fields = self.scaler.status_fields()
+        fields.update(self.strategy.status_fields())
+        return fields
+
+
+def scaling_from_config(
+    executor: Any,
+    *,
+    reactor: Any,
+    load: ILoadSource,
+    command_template: str,
+    working_dir: str,
+    stop_grace_period: float = 10.0,
+    local_options: Optional[Mapping[str, Any]] = None,
+) -> ScalingService:
+    """Build the provider, scaler and strategy of a ``HighThroughputExecutor`` config.
+
+    ``reactor`` spawns processes, keeps time and runs threads; ``load`` is
+    the interchange; ``command_template`` starts one manager and contains
+    ``{block_id}``; ``working_dir`` receives block output and submit scripts;
+    ``local_options`` go to our ``LocalProvider`` (see :func:`provider_from_config`).
+    """
+    provider = provider_from_config(
+        executor.provider,
+        reactor,
+        working_dir,
+        stop_grace_period=stop_grace_period,
+        local_options=local_options,
+    )
+    scaler = BlockScaler(
+        provider, load, reactor, command_template, job_name_prefix=f"funcx.{executor.label}"
+    )
+    strategy = SimpleStrategy(
+        scaler,
+        load,
+        reactor,
+        interval=executor.strategy.interval,
+        max_idletime=executor.strategy.max_idletime,
+        workers_per_node=estimate_workers_per_node(
+            executor.max_workers_per_node, executor.cores_per_worker, provider.cores_per_node
+        ),
+    )
+    return ScalingService(scaler, strategy)

@@ -1,0 +1,455 @@
+"""Tests for funcx_endpoint.executor.blocks: the BlockScaler, on a Clock.
+
+The fakes here (:class:`FakeProvider`, :class:`FakeLoadSource`) are also
+used by ``tests.test_strategy``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import attr
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, Logger, formatEvent
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from funcx_endpoint.executor.blocks import BlockScaler
+from funcx_endpoint.executor.interface import ILoadSource, ManagerInfo
+from funcx_endpoint.executor.providers import (
+    IAsyncProvider,
+    IExecutionProvider,
+    INonBlockingProvider,
+    JobState,
+    JobStatus,
+    ProviderAdapter,
+)
+
+
+def _make_dir(test: Any) -> str:
+    """A new empty directory under trial's temporary directory."""
+    path = test.mktemp()
+    os.makedirs(path)
+    return os.path.abspath(path)
+
+
+@implementer(INonBlockingProvider)
+class FakeProvider(Service):
+    """A non-blocking provider whose jobs' states the test sets.
+
+    New jobs are PENDING.  ``submit_result`` (a Deferred) makes submissions
+    wait; ``submit_error``/``cancel_error``/``status_error`` make the calls raise.
+    """
+
+    label = "fake"
+
+    def __init__(
+        self,
+        init_blocks: int = 0,
+        min_blocks: int = 0,
+        max_blocks: int = 10,
+        nodes_per_block: int = 1,
+        parallelism: float = 1.0,
+        status_polling_interval: float = 1.0,
+    ) -> None:
+        self.init_blocks = init_blocks
+        self.min_blocks = min_blocks
+        self.max_blocks = max_blocks
+        self.nodes_per_block = nodes_per_block
+        self.parallelism = parallelism
+        self.status_polling_interval = status_polling_interval
+        self.resources: Dict[str, JobStatus] = {}
+        self.submitted: List[Tuple[str, int, str]] = []
+        self.cancelled: List[str] = []
+        self.status_calls = 0
+        self.submit_error: Optional[Exception] = None
+        self.cancel_error: Optional[Exception] = None
+        self.status_error: Optional[Exception] = None
+        self.submit_result: Optional[Deferred[None]] = None
+        self.stopped = False
+
+    def submit(self, command: str, tasks_per_node: int, job_name: str = "parsl.auto") -> Any:
+        if self.submit_error is not None:
+            raise self.submit_error
+        job_id = f"job-{len(self.submitted)}"
+        self.submitted.append((command, tasks_per_node, job_name))
+        self.resources[job_id] = JobStatus(JobState.PENDING)
+        if self.submit_result is not None:
+            return self.submit_result.addCallback(lambda _: job_id)
+        return job_id
+
+    def status(self, job_ids: Sequence[Any]) -> List[JobStatus]:
+        self.status_calls += 1
+        if self.status_error is not None:
+            raise self.status_error
+        return [self.resources.get(j, JobStatus(JobState.MISSING)) for j in job_ids]
+
+    def cancel(self, job_ids: Sequence[Any]) -> List[bool]:
+        if self.cancel_error is not None:
+            raise self.cancel_error
+        result = []
+        for job_id in job_ids:
+            status = self.resources.get(job_id)
+            if status is None or status.terminal:
+                result.append(False)
+            else:
+                self.cancelled.append(job_id)
+                self.resources[job_id] = JobStatus(JobState.CANCELLED)
+                result.append(True)
+        return result
+
+    def set_state(self, job_id: str, state: JobState, **kwargs: Any) -> None:
+        self.resources[job_id] = JobStatus(state, **kwargs)
+
+    def set_all(self, state: JobState, **kwargs: Any) -> None:
+        for job_id, status in self.resources.items():
+            if not status.terminal:
+                self.set_state(job_id, state, **kwargs)
+
+    def active_jobs(self) -> List[str]:
+        return [j for j, s in self.resources.items() if not s.terminal]
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        self.stopped = True
+        return succeed(None)
+
+
+@implementer(ILoadSource)
+class FakeLoadSource:
+    """Outstanding tasks and connected managers, as the test sets them."""
+
+    def __init__(self) -> None:
+        self.tasks = 0
+        self._managers: Dict[str, ManagerInfo] = {}
+
+    def outstanding_tasks(self) -> int:
+        return self.tasks
+
+    def managers(self) -> List[ManagerInfo]:
+        return list(self._managers.values())
+
+    def connect(
+        self,
+        block_id: str,
+        workers: int = 4,
+        idle_since: Optional[float] = 0.0,
+        active_tasks: int = 0,
+        manager_id: Optional[str] = None,
+    ) -> ManagerInfo:
+        manager_id = manager_id or f"m-{block_id}-{len(self._managers)}"
+        info = ManagerInfo(
+            manager_id=manager_id,
+            block_id=block_id,
+            hostname="localhost",
+            worker_count=workers,
+            idle_workers=workers if idle_since is not None else 0,
+            active_tasks=active_tasks,
+            registered_at=0.0,
+            idle_since=idle_since,
+        )
+        self._managers[manager_id] = info
+        return info
+
+    def update(self, manager_id: str, **changes: Any) -> None:
+        self._managers[manager_id] = attr.evolve(self._managers[manager_id], **changes)
+
+    def busy(self, block_id: str, tasks: int = 1) -> None:
+        for info in list(self._managers.values()):
+            if info.block_id == block_id:
+                self.update(info.manager_id, idle_since=None, active_tasks=tasks, idle_workers=0)
+
+    def idle(self, block_id: str, since: float) -> None:
+        for info in list(self._managers.values()):
+            if info.block_id == block_id:
+                self.update(info.manager_id, idle_since=since, active_tasks=0)
+
+    def disconnect_block(self, block_id: str) -> None:
+        for manager_id, info in list(self._managers.items()):
+            if info.block_id == block_id:
+                del self._managers[manager_id]
+
+
+@implementer(ILogObserver)
+class LogCollector:
+    """Collects twisted.logger events; formats them for assertions."""
+
+    def __init__(self) -> None:
+        self.events: List[Dict[str, Any]] = []
+
+    def __call__(self, event: Dict[str, Any]) -> None:
+        self.events.append(event)
+
+    def logger(self) -> Logger:
+        return Logger(namespace="test", observer=self)
+
+    def texts(self, level: Optional[str] = None) -> List[str]:
+        return [
+            formatEvent(e) for e in self.events if level is None or e["log_level"].name == level
+        ]
+
+
+TEMPLATE = "funcx-manager --info-file /x/manager.json --block-id {block_id}"
+
+
+class FakesTests(SynchronousTestCase):
+    def test_fakes_implement_interfaces(self) -> None:
+        provider = FakeProvider()
+        self.assertTrue(verifyObject(INonBlockingProvider, provider))
+        self.assertTrue(verifyObject(IExecutionProvider, provider))
+        self.assertTrue(verifyObject(ILoadSource, FakeLoadSource()))
+        self.assertTrue(verifyObject(IAsyncProvider, ProviderAdapter(provider, Clock())))
+
+
+class BlockScalerTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.provider = FakeProvider(status_polling_interval=2.0)
+        self.adapter = ProviderAdapter(self.provider, self.clock)
+        self.load = FakeLoadSource()
+        self.logs = LogCollector()
+        self.scaler = BlockScaler(self.adapter, self.load, self.clock, TEMPLATE)
+        self.scaler.log = self.logs.logger()
+        self.scaler.startService()
+        self.addCleanup(self.stop)
+
+    def stop(self) -> None:
+        if self.scaler.running:
+            self.successResultOf(self.scaler.stopService())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def states(self) -> Dict[str, str]:
+        return {b.block_id: b.state.name for b in self.scaler.blocks()}
+
+    def test_template_needs_block_id(self) -> None:
+        self.assertRaises(
+            ValueError, BlockScaler, self.adapter, self.load, self.clock, "funcx-manager"
+        )
+
+    def test_starts_provider(self) -> None:
+        self.assertTrue(self.provider.running)
+        self.successResultOf(self.scaler.stopService())
+        self.assertTrue(self.provider.stopped)
+
+    def test_scale_out(self) -> None:
+        ids = self.successResultOf(self.scaler.scale_out(2))
+        self.assertEqual(ids, ["0", "1"])
+        self.assertEqual(
+            self.provider.submitted,
+            [
+                ("funcx-manager --info-file /x/manager.json --block-id 0", 1, "funcx.block-0"),
+                ("funcx-manager --info-file /x/manager.json --block-id 1", 1, "funcx.block-1"),
+            ],
+        )
+        self.assertEqual([b.job_id for b in self.scaler.active_blocks()], ["job-0", "job-1"])
+        self.assertEqual(self.states(), {"0": "PENDING", "1": "PENDING"})
+        self.assertEqual(self.successResultOf(self.scaler.scale_out(0)), [])
+        self.assertEqual(self.successResultOf(self.scaler.scale_out(1)), ["2"])
+
+    def test_pending_submission_counts_as_active(self) -> None:
+        self.provider.submit_result = Deferred()
+        scaled = self.scaler.scale_out(1)
+        self.assertNoResult(scaled)
+        [block] = self.scaler.active_blocks()
+        self.assertIsNone(block.job_id)
+        self.assertEqual(block.state, JobState.PENDING)
+        self.provider.submit_result.callback(None)
+        self.assertEqual(self.successResultOf(scaled), ["0"])
+        self.assertEqual(block.job_id, "job-0")
+
+    def test_polls_status_on_the_clock(self) -> None:
+        self.successResultOf(self.scaler.scale_out(2))
+        self.provider.set_state("job-0", JobState.RUNNING)
+        self.clock.advance(1.9)
+        self.assertEqual(self.provider.status_calls, 0)
+        self.clock.advance(0.1)
+        self.assertEqual(self.provider.status_calls, 1)
+        self.assertEqual(self.states(), {"0": "RUNNING", "1": "PENDING"})
+        self.assertEqual(
+            self.scaler.status_fields(),
+            {
+                "blocks": {
+                    "provider": "fake",
+                    "active": 2,
+                    "states": {"RUNNING": 1, "PENDING": 1},
+                    "ended": {},
+                    "failed_starts_in_a_row": 0,
+                }
+            },
+        )
+
+    def test_no_poll_without_blocks(self) -> None:
+        self.clock.advance(10)
+        self.assertEqual(self.provider.status_calls, 0)
+
+    def test_scale_in_named(self) -> None:
+        self.successResultOf(self.scaler.scale_out(3))
+        ids = self.successResultOf(self.scaler.scale_in(block_ids=["1", "7"]))
+        self.assertEqual(ids, ["1"])
+        self.assertEqual(self.provider.cancelled, ["job-1"])
+        self.assertEqual([b.block_id for b in self.scaler.active_blocks()], ["0", "2"])
+        self.assertEqual([b.block_id for b in self.scaler.ended_blocks()], ["1"])
+        self.assertEqual(self.scaler.status_fields()["blocks"]["ended"], {"CANCELLED": 1})
+
+    def test_scale_in_prefers_idle_blocks(self) -> None:
+        self.successResultOf(self.scaler.scale_out(4))
+        self.load.connect("0", idle_since=None, active_tasks=3)  # busy
+        self.load.connect("1", idle_since=20.0)  # idle
+        self.load.connect("2", idle_since=5.0)  # idle longest
+        self.load.connect("2", idle_since=6.0)
+        # block 3: no manager yet
+        order = [b.block_id for b in self.scaler.choose_for_scale_in(4)]
+        self.assertEqual(order, ["2", "1", "3", "0"])
+        self.assertEqual(self.successResultOf(self.scaler.scale_in(2)), ["2", "1"])
+        self.assertEqual(sorted(self.provider.cancelled), ["job-1", "job-2"])
+
+    def test_scale_in_a_block_mid_submission(self) -> None:
+        self.provider.submit_result = Deferred()
+        scaled = self.scaler.scale_out(1)
+        self.assertEqual(self.successResultOf(self.scaler.scale_in(1)), ["0"])
+        self.assertEqual(self.scaler.active_blocks(), [])
+        self.assertEqual(self.provider.cancelled, [])
+        self.provider.submit_result.callback(None)
+        self.successResultOf(scaled)
+        self.assertEqual(self.provider.cancelled, ["job-0"])
+        self.assertEqual(self.scaler.blocks(), [])
+
+    def test_cancel_error_is_retried(self) -> None:
+        self.successResultOf(self.scaler.scale_out(1))
+        self.provider.cancel_error = RuntimeError("scancel: timeout")
+        self.assertEqual(self.successResultOf(self.scaler.scale_in(1)), ["0"])
+        self.assertEqual(self.scaler.active_blocks(), [])
+        self.assertEqual(self.states(), {"0": "PENDING"})
+        self.assertEqual(self.scaler.status_fields()["blocks"]["states"], {"CANCELLING": 1})
+        self.assertTrue(any("scancel: timeout" in t for t in self.logs.texts("error")))
+        self.provider.cancel_error = None
+        self.clock.advance(2.0)
+        self.assertEqual(self.provider.cancelled, ["job-0"])
+        self.assertEqual(self.scaler.blocks(), [])
+
+    def test_cancelled_job_that_already_ended(self) -> None:
+        self.successResultOf(self.scaler.scale_out(1))
+        self.provider.set_state("job-0", JobState.COMPLETED, exit_code=0)
+        self.successResultOf(self.scaler.scale_in(1))
+        self.assertEqual(self.states(), {"0": "PENDING"})  # the next poll tells
+        self.clock.advance(2.0)
+        self.assertEqual(self.scaler.blocks(), [])
+        [ended] = self.scaler.ended_blocks()
+        self.assertEqual(ended.state, JobState.COMPLETED)
+        self.assertFalse(ended.failed_start)  # we asked for its end
+
+    def test_submit_error_is_a_failed_start(self) -> None:
+        self.provider.submit_error = RuntimeError("sbatch: invalid partition")
+        self.clock.advance(5)
+        self.assertEqual(self.successResultOf(self.scaler.scale_out(2)), [])
+        self.assertEqual(self.scaler.blocks(), [])
+        self.assertEqual(self.scaler.consecutive_failures, 2)
+        self.assertEqual(self.scaler.last_failure_at, 5)
+        self.assertEqual(self.scaler.status_fields()["blocks"]["ended"], {"FAILED": 2})
+        self.assertTrue(any("invalid partition" in t for t in self.logs.texts("error")))
+
+    def test_failed_block_logs_stderr_tail(self) -> None:
+        stderr = os.path.join(_make_dir(self), "block.err")
+        with open(stderr, "w") as f:
+            f.write("x" * 5000 + "\nImportError: no module named funcx_endpoint\n")
+        self.successResultOf(self.scaler.scale_out(1))
+        self.clock.advance(2.0)
+        self.provider.set_state(
+            "job-0", JobState.FAILED, exit_code=1, message="exited with code 1", stderr_path=stderr
+        )
+        self.clock.advance(2.0)
+        self.assertEqual(self.scaler.blocks(), [])
+        self.assertEqual(self.scaler.consecutive_failures, 1)
+        self.assertEqual(self.scaler.last_failure_at, 4.0)
+        [text] = self.logs.texts("error")
+        self.assertIn("Block 0 (job job-0) ended before any of its managers connected", text)
+        self.assertIn("ImportError: no module named funcx_endpoint", text)
+        self.assertLess(len(text), 2500)
+
+    def test_early_end_after_manager_connected(self) -> None:
+        self.successResultOf(self.scaler.scale_out(1))
+        self.load.connect("0")
+        self.clock.advance(2.0)
+        self.provider.set_state("job-0", JobState.COMPLETED, exit_code=0)
+        self.clock.advance(2.0)
+        self.assertEqual(self.scaler.consecutive_failures, 1)
+        self.assertIn("4s after its submission", self.logs.texts("error")[0])
+
+    def test_healthy_block_end_is_not_a_failure(self) -> None:
+        """A block that served, then ended (walltime, a manager's own exit), is fine."""
+        self.successResultOf(self.scaler.scale_out(1))
+        self.load.connect("0")
+        self.clock.advance(60.0)
+        self.provider.set_state("job-0", JobState.TIMEOUT)
+        self.clock.advance(2.0)
+        self.assertEqual(self.scaler.blocks(), [])
+        self.assertEqual(self.scaler.consecutive_failures, 0)
+        self.assertEqual(self.logs.texts("error"), [])
+        self.assertEqual(self.scaler.status_fields()["blocks"]["ended"], {"TIMEOUT": 1})
+
+    def test_manager_connecting_resets_failures(self) -> None:
+        self.provider.submit_error = RuntimeError("no")
+        self.successResultOf(self.scaler.scale_out(1))
+        self.provider.submit_error = None
+        self.successResultOf(self.scaler.scale_out(1))
+        self.assertEqual(self.scaler.consecutive_failures, 1)
+        self.load.connect("1")
+        self.clock.advance(2.0)
+        self.assertEqual(self.scaler.consecutive_failures, 0)
+        self.assertEqual(self.scaler.failed_starts, 1)
+
+    def test_poll_error_is_logged_and_polling_goes_on(self) -> None:
+        self.successResultOf(self.scaler.scale_out(1))
+        self.provider.status_error = RuntimeError("squeue failed")
+        self.clock.advance(2.0)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 0)  # logged to our logger
+        self.assertTrue(
+            any("squeue failed" in repr(e.get("log_failure")) for e in self.logs.events)
+        )
+        self.provider.status_error = None
+        self.provider.set_state("job-0", JobState.RUNNING)
+        self.clock.advance(2.0)
+        self.assertEqual(self.states(), {"0": "RUNNING"})
+
+    def test_missing_job(self) -> None:
+        self.successResultOf(self.scaler.scale_out(1))
+        del self.provider.resources["job-0"]
+        self.clock.advance(2.0)
+        [ended] = self.scaler.ended_blocks()
+        self.assertEqual(ended.state, JobState.MISSING)
+        self.assertTrue(ended.failed_start)
+
+    def test_stop_cancels_everything(self) -> None:
+        self.successResultOf(self.scaler.scale_out(2))
+        self.provider.submit_result = Deferred()
+        self.scaler.scale_out(1)  # still being submitted
+        stopped = self.scaler.stopService()
+        self.assertNoResult(stopped)  # waits for the submission
+        self.assertEqual(self.provider.cancelled, [])
+        self.provider.submit_result.callback(None)
+        self.successResultOf(stopped)
+        self.assertEqual(sorted(self.provider.cancelled), ["job-0", "job-1", "job-2"])
+        self.assertEqual(self.provider.active_jobs(), [])
+        self.assertTrue(self.provider.stopped)
+        self.assertEqual(self.successResultOf(self.scaler.scale_out(1)), [])
+
+    def test_stop_waits_for_a_poll(self) -> None:
+        self.successResultOf(self.scaler.scale_out(1))
+        gate: Deferred[List[JobStatus]] = Deferred()
+        self.provider.status = lambda job_ids: gate  # type: ignore[method-assign,assignment,return-value]
+        self.clock.advance(2.0)
+        stopped = self.scaler.stopService()
+        self.assertNoResult(stopped)
+        gate.callback([JobStatus(JobState.RUNNING)])
+        self.successResultOf(stopped)
+        self.assertEqual(self.provider.cancelled, ["job-0"])
+
+    def test_poll_now(self) -> None:
+        self.successResultOf(self.scaler.scale_out(1))
+        self.provider.set_state("job-0", JobState.RUNNING)
+        self.successResultOf(self.scaler.poll())
+        self.assertEqual(self.states(), {"0": "RUNNING"})
