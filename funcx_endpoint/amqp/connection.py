@@ -203,7 +203,7 @@ class _ShieldingEndpoint:
         self._factory = factory
 
     def connect(self, factory: Any) -> Deferred[Any]:
-        d = self._endpoint.connect(_ShieldingFactory(factory, self._factory))
+        d: Deferred[Any] = self._endpoint.connect(_ShieldingFactory(factory, self._factory))
         # ClientService expects the protocol its own factory built.
         return d.addCallback(lambda shield: shield._wrapped)
 

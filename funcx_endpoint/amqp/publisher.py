@@ -116,6 +116,8 @@ class ConfirmingPublisher:
                 code=returned.reply_code,
                 returned=True,
             )
+        if d.called:  # cancelled by its owner
+            return
         if error is None:
             self.confirmed += 1
             d.callback(None)
@@ -160,6 +162,8 @@ class ConfirmingPublisher:
         self._by_message_id = {}
         self._returned = {}
         for d, length, _ in pending.values():
+            if d.called:
+                continue
             d.errback(
                 PublishFailed(
                     f"the channel closed before the broker confirmed: {text}",

@@ -111,6 +111,7 @@ class EndpointService(MultiService):
         endpoint_dir: EndpointDir,
         reactor: IReactorCore,
         reporter: ReadyReporter,
+        drain_grace: float = 10.0,
     ) -> None:
         super().__init__()
         self.setName("endpoint")
@@ -124,6 +125,7 @@ class EndpointService(MultiService):
         # twistd builds the service before it daemonizes; a different session
         # at start means the daemon owns a new session (see daemon.json).
         self._session_at_build = os.getsid(0)
+        self.drain_grace = drain_grace
 
     def add(self, service: IService) -> IService:
         """Add a named part; parts start in the order they are added."""
@@ -207,6 +209,15 @@ class EndpointService(MultiService):
     async def _stop_parts(self) -> None:
         if self._startup is not None and not self._startup.called:
             self._startup.cancel()
+        # First let parts that hold work finish it (stop taking tasks, release
+        # those not started, wait for running ones), then stop in reverse.
+        for part in list(self._started):
+            drain = getattr(part, "drain", None)
+            if drain is not None and part.running:
+                try:
+                    await drain(self.drain_grace)
+                except Exception:
+                    self.log.failure("Error while draining {part}", part=part.name)
         while self._started:
             part = self._started.pop()
             if not part.running:

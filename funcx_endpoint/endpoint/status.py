@@ -1,0 +1,108 @@
+"""Status reports to the service: at start, every heartbeat period, and a final one.
+
+A report (PROTOCOL.md section 4, ``ep_status_report``) carries the counts
+the daemon knows (managers, workers, pending and outstanding tasks, plus the
+transport's) and the task state transitions recorded since the last report.
+The last report, sent on a clean stop, says ``heartbeat_period: 0`` so the
+service shows the endpoint offline at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from funcx_endpoint.executor.interface import IInterchange
+from funcx_endpoint.protocol import EPStatusReport, TaskTransition
+
+Publish = Callable[[EPStatusReport], Deferred]
+
+
+class StatusReporter(Service):
+    """Sends an :class:`EPStatusReport` now and then; a final one on stop."""
+
+    log = Logger()
+    name = "status"
+
+    def __init__(
+        self,
+        clock: Any,
+        endpoint_id: Callable[[], str],
+        interchange: IInterchange,
+        publish: Publish,
+        period: float,
+        extra: Optional[Callable[[], Dict[str, Any]]] = None,
+        final_timeout: float = 5.0,
+    ) -> None:
+        self._clock = clock
+        self._endpoint_id = endpoint_id
+        self._interchange = interchange
+        self._publish = publish
+        self.period = period
+        self._extra = extra
+        self._final_timeout = final_timeout
+        self._loop: Optional[LoopingCall] = None
+        self.sent = 0
+        self.failed = 0
+
+    def global_state(self) -> Dict[str, Any]:
+        state = dict(self._interchange.status())
+        if self._extra is not None:
+            state.update(self._extra())
+        state["heartbeat_period"] = self.period
+        return state
+
+    def _report(self, final: bool = False) -> EPStatusReport:
+        transitions: Dict[str, List[TaskTransition]] = self._interchange.pop_transitions()
+        if final:
+            state = {
+                "heartbeat_period": 0,
+                **{k: v for k, v in self.global_state().items() if k != "heartbeat_period"},
+            }
+        else:
+            state = self.global_state()
+        return EPStatusReport(self._endpoint_id(), state, transitions)
+
+    def send(self, final: bool = False) -> Deferred[None]:
+        """Send one report; failures are logged, not raised."""
+        report = self._report(final)
+        d = self._publish(report)
+
+        def sent(_: Any) -> None:
+            self.sent += 1
+
+        def failed(failure: Failure) -> None:
+            self.failed += 1
+            self.log.info("Status report not delivered: {error}", error=failure.getErrorMessage())
+
+        return d.addCallbacks(sent, failed)
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = LoopingCall(self.send)
+        self._loop.clock = self._clock
+        self._loop.start(self.period, now=True)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        d = self.send(final=True)
+        # Don't let a broker that is away hold the stop up.
+        timer = self._clock.callLater(self._final_timeout, d.cancel)
+
+        def done(result: Any) -> None:
+            if timer.active():
+                timer.cancel()
+
+        d.addBoth(done)
+        d.addErrback(lambda f: None)
+        return d
+
+    def status_fields(self) -> Dict[str, Any]:
+        return {"status_reports_sent": self.sent}

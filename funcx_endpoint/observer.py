@@ -1,0 +1,51 @@
+"""``when_*()`` helpers: each caller gets its own Deferred for one event."""
+
+from __future__ import annotations
+
+from typing import Any, Generic, List, Optional, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+T = TypeVar("T")
+
+
+class OneShotObserver(Generic[T]):
+    """An event that happens once (with a result or a failure).
+
+    :meth:`when_fired` gives every caller a fresh Deferred, so no caller's
+    callbacks can change what another caller sees.
+    """
+
+    def __init__(self) -> None:
+        self._result: Any = None
+        self._fired = False
+        self._waiters: List[Deferred[T]] = []
+
+    @property
+    def fired(self) -> bool:
+        return self._fired
+
+    def when_fired(self) -> Deferred[T]:
+        d: Deferred[T] = Deferred()
+        if self._fired:
+            self._deliver(d)
+        else:
+            self._waiters.append(d)
+        return d
+
+    def _deliver(self, d: Deferred[T]) -> None:
+        if isinstance(self._result, Failure):
+            d.errback(self._result)
+        else:
+            d.callback(self._result)
+
+    def fire(self, result: Optional[Any]) -> None:
+        """Fire with ``result`` (a Failure fires the waiters' errbacks)."""
+        if self._fired:
+            return
+        self._fired = True
+        self._result = result
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            self._deliver(d)
