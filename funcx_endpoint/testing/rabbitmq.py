@@ -1,0 +1,1281 @@
+"""A private RabbitMQ node for tests, demos and benchmarks.
+
+:class:`RabbitMQNode` runs the Debian ``rabbitmq-server`` as a child of this process
+with everything (config, data, logs, Erlang cookie, TLS files) in one directory, its
+own ``epmd`` and free ports on 127.0.0.1: plain AMQP, AMQPS with a certificate made at
+run time by :mod:`funcx_endpoint.tls`, and the management HTTP API. An administrator
+user with a random password is created at first boot.
+
+:func:`shared_node` gives every test of a process the same node, started on first use
+and stopped when the process ends, however it ends:
+
+- normal exit (tests passed, failed or errored, or Ctrl-C / SIGINT, which Python and
+  trial turn into KeyboardInterrupt and so into a normal exit): an ``atexit`` hook;
+- SIGTERM, SIGHUP: a signal handler kills the node, then passes the signal on (to the
+  previous handler, or to the default action: the process still dies of it). A
+  reactor that installs its own SIGTERM handler later (trial's does) replaces ours;
+  it stops the reactor, the process exits normally and ``atexit`` stops the node;
+- SIGKILL or anything else: each node has a watchdog process that holds the read end
+  of a pipe from its owner; when the owner dies the pipe reaches EOF and the watchdog
+  kills the node, its epmd and their helpers and removes the temporary files;
+- and if even that failed, the next node started on this machine by this module reaps
+  nodes whose owner is dead, from a registry directory of one JSON file per node.
+
+Every process of a node (the ``rabbitmq-server`` shell, ``beam.smp``,
+``erl_child_setup``, ``inet_gethost``, ``epmd``) carries the environment variable
+``FUNCX_RABBITMQ_NODE=<node name>``. That marker is how the node's processes are found
+and killed: ``erl_child_setup`` and ``inet_gethost`` call ``setsid()``, so killing the
+server's process group or session would miss them.
+
+Blocking methods are for scripts and for threads; inside a running reactor use the
+``*_async(reactor, ...)`` variants, which run the blocking call in the reactor's
+thread pool and return a Deferred.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
+from types import FrameType
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import psutil
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from funcx_endpoint import tls
+
+__all__ = [
+    "MARKER_ENV",
+    "NodePorts",
+    "RabbitMQCtlError",
+    "RabbitMQError",
+    "RabbitMQNode",
+    "RabbitMQNotInstalled",
+    "RabbitMQStartError",
+    "node_processes",
+    "reap_stale_nodes",
+    "shared_node",
+    "shared_node_async",
+    "stop_shared_node",
+]
+
+_T = TypeVar("_T")
+
+#: Environment variable set for every OS process of a node; its value is the node name.
+MARKER_ENV = "FUNCX_RABBITMQ_NODE"
+
+DEFAULT_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+#: Where a different ``rabbitmq-server`` script can be named; ``rabbitmqctl`` is
+#: expected beside it.
+SERVER_ENV = "FUNCX_TEST_RABBITMQ_SERVER"
+#: Seconds to wait for a node to boot (default 120).
+START_TIMEOUT_ENV = "FUNCX_TEST_RABBITMQ_START_TIMEOUT"
+
+#: The address every listener binds to.
+LISTEN_IP = "127.0.0.1"
+#: The host name in URLs; the server certificate is valid for it and for LISTEN_IP.
+HOSTNAME = "localhost"
+
+# The rabbitmqctl CLI's own Erlang distribution listener takes a port from this range
+# (rabbitmq-defaults); our nodes' ports stay out of it so a CLI run by anyone cannot
+# grab a port between our choosing it and the node binding it.
+_CLI_DIST_PORTS = range(35672, 35683)
+
+_INSTALL_HINT = (
+    "Run `make test` (which installs rabbitmq-server from the OS packages) or "
+    f"`apt-get install rabbitmq-server`, or set {SERVER_ENV} to the path of "
+    "rabbitmq-server."
+)
+
+
+class RabbitMQError(Exception):
+    """Something went wrong running a private RabbitMQ node."""
+
+
+class RabbitMQNotInstalled(RabbitMQError):
+    """The ``rabbitmq-server`` (or ``epmd``) program was not found."""
+
+
+class RabbitMQStartError(RabbitMQError):
+    """The node did not come up; the message includes the tail of its logs."""
+
+
+class RabbitMQCtlError(RabbitMQError):
+    """``rabbitmqctl`` failed."""
+
+    def __init__(self, args: list[str], returncode: int, stdout: str, stderr: str):
+        self.args_ = args
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        super().__init__(
+            f"rabbitmqctl {' '.join(args)} exited with {returncode}: "
+            f"{(stderr or stdout).strip()[-2000:]}"
+        )
+
+
+@dataclass(frozen=True)
+class NodePorts:
+    """The TCP ports of a node, all on 127.0.0.1."""
+
+    amqp: int
+    amqps: int
+    management: int
+    dist: int
+    epmd: int
+
+
+log = Logger(namespace="funcx_endpoint.testing.rabbitmq")
+
+
+def _progress(message: str) -> None:
+    # Shown on stderr as it happens: a test run that seems to hang for 10 s while a
+    # broker boots should say so. Also logged, for test.log.
+    try:
+        sys.stderr.write(f"[funcx rabbitmq] {message}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    log.info("{message}", message=message)
+
+
+def _registry_dir() -> str:
+    return os.path.join(tempfile.gettempdir(), f"funcx-test-rabbitmq-{os.getuid()}")
+
+
+def _server_path() -> str:
+    return os.environ.get(SERVER_ENV) or DEFAULT_SERVER
+
+
+def _find_epmd(server: str) -> str:
+    found = shutil.which("epmd")
+    if found:
+        return found
+    for candidate in ("/usr/lib/erlang/bin/epmd", "/usr/local/lib/erlang/bin/epmd"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    raise RabbitMQNotInstalled(
+        f"epmd (part of Erlang) was not found next to {server} or on PATH. " + _INSTALL_HINT
+    )
+
+
+def _free_ports(count: int) -> list[int]:
+    """Return ``count`` distinct ports that are free on 127.0.0.1 right now."""
+    excluded = set(_CLI_DIST_PORTS)
+    held: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < count:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            held.append(s)
+            s.bind((LISTEN_IP, 0))
+            port = s.getsockname()[1]
+            if port not in excluded and port not in ports:
+                ports.append(port)
+    finally:
+        for s in held:
+            s.close()
+    return ports
+
+
+def _port_accepts(port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((LISTEN_IP, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _epmd_names(port: int) -> list[str]:
+    """Ask the epmd on ``port`` which node names are registered (NAMES_REQ)."""
+    with socket.create_connection((LISTEN_IP, port), timeout=2) as s:
+        s.sendall(b"\x00\x01n")
+        chunks = []
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    text = b"".join(chunks)[4:].decode("utf-8", "replace")
+    # Lines look like "name funcx-1a2b3c at port 40123".
+    return [line.split()[1] for line in text.splitlines() if line.startswith("name ")]
+
+
+def _tail(path: str, lines: int = 40) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 64 * 1024))
+            data = f.read().decode("utf-8", "replace")
+    except OSError as e:
+        return f"({path}: {e.strerror})"
+    return "\n".join(data.splitlines()[-lines:])
+
+
+def _first_errors(path: str, count: int = 10) -> str:
+    try:
+        with open(path, "rb") as f:
+            text = f.read(256 * 1024).decode("utf-8", "replace")
+    except OSError as e:
+        return f"({path}: {e.strerror})"
+    errors = [line for line in text.splitlines() if "[error]" in line][:count]
+    return "\n".join(errors) or "(none)"
+
+
+def node_processes(name: str) -> list[psutil.Process]:
+    """Every live (non-zombie) OS process marked as belonging to node ``name``."""
+    found = []
+    me = os.getpid()
+    for proc in psutil.process_iter():
+        if proc.pid == me:
+            continue
+        try:
+            if proc.environ().get(MARKER_ENV) == name:
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def _signal_all(procs: Iterable[psutil.Process], sig: int) -> None:
+    for proc in procs:
+        try:
+            # psutil refuses (NoSuchProcess) if the pid was reused by another process.
+            proc.send_signal(sig)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            pass
+
+
+def _gone(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return True
+
+
+def _wait_gone(procs: Iterable[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until every process has exited (zombies count); return those still alive."""
+    remaining = list(procs)
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = [p for p in remaining if not _gone(p)]
+        if not remaining or time.monotonic() >= deadline:
+            return remaining
+        time.sleep(0.05)
+
+
+def _kill_node_processes(name: str) -> None:
+    """SIGKILL every process of node ``name`` and wait until they are gone."""
+    for _ in range(3):
+        procs = node_processes(name)
+        if not procs:
+            return
+        _signal_all(procs, signal.SIGKILL)
+        _wait_gone(procs, 5.0)
+
+
+# The watchdog is a tiny separate Python process (no imports beyond the standard
+# library, so it works whatever sys.path the owner had). It blocks reading its stdin,
+# a pipe whose only writer is the owner. "release" means the owner stopped the node
+# itself; EOF without it means the owner died, so the watchdog kills the node.
+_WATCHDOG_SOURCE = r"""
+import os, shutil, signal, sys, time
+marker = sys.argv[1].encode()
+grace = float(sys.argv[2])
+remove = sys.argv[3:]
+for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+    signal.signal(s, signal.SIG_IGN)
+data = b""
+while True:
+    try:
+        chunk = os.read(0, 512)
+    except InterruptedError:
+        continue
+    if not chunk:
+        break
+    data += chunk
+if b"release" in data:
+    sys.exit(0)
+
+def ours():
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open("/proc/%s/environ" % entry, "rb") as f:
+                env = f.read().split(b"\0")
+            with open("/proc/%s/comm" % entry, "rb") as f:
+                comm = f.read().strip()
+        except OSError:
+            continue
+        if marker in env:
+            found.append((int(entry), comm))
+    return found
+
+def kill(pids, sig):
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+
+beams = [pid for pid, comm in ours() if comm == b"beam.smp"]
+kill(beams, signal.SIGTERM)
+deadline = time.monotonic() + grace
+while time.monotonic() < deadline and any(c == b"beam.smp" for _, c in ours()):
+    time.sleep(0.1)
+for _ in range(20):
+    left = ours()
+    if not left:
+        break
+    kill([pid for pid, _ in left], signal.SIGKILL)
+    time.sleep(0.1)
+for path in remove:
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+"""
+
+
+def _pid_alive(pid: int, create_time: float | None) -> bool:
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return create_time is None or abs(proc.create_time() - create_time) < 1.0
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+
+
+def _read_registry(registry: str) -> list[tuple[str, dict[str, Any]]]:
+    entries = []
+    try:
+        names = os.listdir(registry)
+    except FileNotFoundError:
+        return []
+    for entry in names:
+        if not entry.endswith(".json"):
+            continue
+        path = os.path.join(registry, entry)
+        try:
+            with open(path) as f:
+                entries.append((path, json.load(f)))
+        except (OSError, ValueError):
+            continue
+    return entries
+
+
+def reap_stale_nodes(registry: str | None = None) -> list[str]:
+    """Kill nodes started by this module in processes that have died.
+
+    Looks at the registry directory (one JSON file per running node, holding the
+    owner's pid and start time); for each entry whose owner is gone it kills the
+    node's processes, removes its temporary directory if the node owned it, and
+    drops the entry. Nodes of live owners are left alone. Returns the reaped names.
+    """
+    registry = registry or _registry_dir()
+    reaped = []
+    for path, entry in _read_registry(registry):
+        owner = entry.get("owner_pid")
+        if isinstance(owner, int) and _pid_alive(owner, entry.get("owner_create_time")):
+            continue
+        name = str(entry.get("name", ""))
+        if name:
+            _progress(f"Reaping RabbitMQ node {name} left by dead process {owner}")
+            _kill_node_processes(name)
+        base_dir = entry.get("base_dir")
+        if entry.get("remove_base_dir") and isinstance(base_dir, str):
+            shutil.rmtree(base_dir, ignore_errors=True)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        reaped.append(name)
+    return reaped
+
+
+class RabbitMQNode:
+    """A RabbitMQ node of our own, with TLS, the management API and an admin user.
+
+    ``base_dir`` holds everything of the node (default: a new temporary directory,
+    removed by :meth:`destroy`). A ``base_dir`` that already holds a node made by this
+    class is reused with its name, ports and credentials (``node.json``), so a demo
+    broker keeps its URLs across runs. Ports are chosen at the first :meth:`start`
+    and kept for the life of the data directory, so they are the same after
+    :meth:`restart`.
+
+    ``name`` is the Erlang node name (default ``funcx-<random>@localhost``);
+    ``ports`` fixes the ports instead of picking free ones; ``extra_config`` adds or
+    overrides ``rabbitmq.conf`` settings (e.g. ``{"consumer_timeout": "60000"}``);
+    ``start_timeout`` bounds :meth:`start` (default 120 s, or
+    ``$FUNCX_TEST_RABBITMQ_START_TIMEOUT``); ``server_path`` names
+    ``rabbitmq-server`` (default ``$FUNCX_TEST_RABBITMQ_SERVER``, else the Debian
+    path); ``registry_dir`` is where running nodes are recorded for the reaper.
+
+    Nothing happens in the constructor; :meth:`start` does the work. A node never
+    outlives this process: at exit, nodes still running are stopped and temporary
+    directories removed (:meth:`destroy`); if the process dies without running its
+    exit hooks, the node's watchdog kills it.
+    """
+
+    def __init__(
+        self,
+        base_dir: str | None = None,
+        name: str | None = None,
+        *,
+        ports: NodePorts | None = None,
+        extra_config: Mapping[str, str] | None = None,
+        start_timeout: float | None = None,
+        registry_dir: str | None = None,
+        server_path: str | None = None,
+    ) -> None:
+        if name is not None and "@" not in name:
+            name = f"{name}@{HOSTNAME}"
+        self._requested_base_dir = base_dir
+        self._requested_name = name
+        self._requested_ports = ports
+        self._extra_config = dict(extra_config or {})
+        if start_timeout is None:
+            start_timeout = float(os.environ.get(START_TIMEOUT_ENV) or 120.0)
+        self._start_timeout = start_timeout
+        self._registry = registry_dir or _registry_dir()
+        self._server_path = server_path
+        self._lock = threading.RLock()
+
+        self._base_dir: str | None = None
+        self._owns_base_dir = False
+        self._name: str | None = None
+        self._ports: NodePorts | None = None
+        self._admin_user: str | None = None
+        self._admin_password: str | None = None
+        self._tls_files: tls.TLSFiles | None = None
+
+        self._server: subprocess.Popen[bytes] | None = None
+        self._epmd: subprocess.Popen[bytes] | None = None
+        self._watchdog: subprocess.Popen[bytes] | None = None
+        self._beam_pid: int | None = None
+
+    # -- properties -------------------------------------------------------------
+
+    def _need(self, value: _T | None, what: str) -> _T:
+        if value is None:
+            raise RabbitMQError(f"{what} is known once the node has been started")
+        return value
+
+    @property
+    def name(self) -> str:
+        """The Erlang node name, ``funcx-<random>@localhost``."""
+        return self._need(self._name, "the node name")
+
+    @property
+    def base_dir(self) -> str:
+        """The directory holding config, data, logs and TLS files."""
+        return self._need(self._base_dir, "the base directory")
+
+    @property
+    def host(self) -> str:
+        """The host name to connect to (the certificate is valid for it)."""
+        return HOSTNAME
+
+    @property
+    def ip(self) -> str:
+        """The address the listeners are bound to."""
+        return LISTEN_IP
+
+    @property
+    def ports(self) -> NodePorts:
+        """All ports of the node."""
+        return self._need(self._ports, "the ports")
+
+    @property
+    def amqp_port(self) -> int:
+        return self.ports.amqp
+
+    @property
+    def amqps_port(self) -> int:
+        return self.ports.amqps
+
+    @property
+    def management_port(self) -> int:
+        return self.ports.management
+
+    @property
+    def admin_user(self) -> str:
+        """The administrator (tag ``administrator``, all permissions on ``/``)."""
+        return self._need(self._admin_user, "the admin user")
+
+    @property
+    def admin_password(self) -> str:
+        return self._need(self._admin_password, "the admin password")
+
+    @property
+    def ca_cert_path(self) -> str:
+        """PEM file of the CA that signed the AMQPS server certificate."""
+        return self._need(self._tls_files, "the CA certificate").ca_cert
+
+    @property
+    def tls_files(self) -> tls.TLSFiles:
+        """The CA and server certificate files of the AMQPS listener."""
+        return self._need(self._tls_files, "the TLS files")
+
+    def _credentials(self) -> str:
+        return f"{quote(self.admin_user, safe='')}:{quote(self.admin_password, safe='')}"
+
+    @property
+    def amqp_url(self) -> str:
+        """``amqp://admin:password@localhost:port/%2F`` (plain, no TLS)."""
+        return f"amqp://{self._credentials()}@{HOSTNAME}:{self.amqp_port}/%2F"
+
+    @property
+    def amqps_url(self) -> str:
+        """``amqps://admin:password@localhost:port/%2F``; verify with :attr:`ca_cert_path`."""
+        return f"amqps://{self._credentials()}@{HOSTNAME}:{self.amqps_port}/%2F"
+
+    @property
+    def management_url(self) -> str:
+        """Base URL of the management HTTP API, e.g. ``http://localhost:15672/``."""
+        return f"http://{HOSTNAME}:{self.management_port}/"
+
+    @property
+    def log_path(self) -> str:
+        """The node's main log file."""
+        return os.path.join(self.base_dir, "log", f"{self.name}.log")
+
+    @property
+    def running(self) -> bool:
+        """Whether the server process is alive (it may still be booting)."""
+        return self._server is not None and self._server.poll() is None
+
+    @property
+    def beam_pid(self) -> int | None:
+        """OS pid of the Erlang VM (``beam.smp``) while running."""
+        return self._beam_pid if self.running else None
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<RabbitMQNode {self._name or '(not started)'} {state}>"
+
+    # -- preparation ------------------------------------------------------------
+
+    def _programs(self) -> tuple[str, str, str]:
+        server = self._server_path or _server_path()
+        if not os.access(server, os.X_OK):
+            raise RabbitMQNotInstalled(
+                f"RabbitMQ server program {server} not found. " + _INSTALL_HINT
+            )
+        ctl = os.path.join(os.path.dirname(server), "rabbitmqctl")
+        if not os.access(ctl, os.X_OK):
+            raise RabbitMQNotInstalled(f"{ctl} not found. " + _INSTALL_HINT)
+        return server, ctl, _find_epmd(server)
+
+    def _prepare(self) -> None:
+        """Create (or load) the base directory, identity, ports, TLS files, config."""
+        if self._base_dir is None:
+            if self._requested_base_dir is None:
+                self._base_dir = tempfile.mkdtemp(prefix="funcx-rabbitmq-")
+                self._owns_base_dir = True
+            else:
+                self._base_dir = os.path.abspath(self._requested_base_dir)
+                self._check_base_dir_free()
+                os.makedirs(self._base_dir, mode=0o700, exist_ok=True)
+        base = self._base_dir
+        state_path = os.path.join(base, "node.json")
+        if self._name is None:
+            if os.path.exists(state_path):
+                with open(state_path) as f:
+                    state = json.load(f)
+                if self._requested_name and state["name"] != self._requested_name:
+                    raise RabbitMQError(
+                        f"{base} holds node {state['name']}, not {self._requested_name}"
+                    )
+                self._name = state["name"]
+                self._ports = NodePorts(**state["ports"])
+                self._admin_user = state["admin_user"]
+                self._admin_password = state["admin_password"]
+            else:
+                self._name = self._requested_name or (f"funcx-{secrets.token_hex(4)}@{HOSTNAME}")
+                if self._requested_ports is not None:
+                    self._ports = self._requested_ports
+                else:
+                    self._ports = NodePorts(*_free_ports(5))
+                self._admin_user = "funcx-admin"
+                self._admin_password = secrets.token_urlsafe(24)
+                state = {
+                    "name": self._name,
+                    "ports": asdict(self._ports),
+                    "admin_user": self._admin_user,
+                    "admin_password": self._admin_password,
+                }
+                tls.write_private_file(state_path, json.dumps(state).encode())
+        for sub in ("home", "log", "mnesia"):
+            os.makedirs(os.path.join(base, sub), mode=0o700, exist_ok=True)
+        self._tls_files = tls.ensure_ca_and_server_cert(
+            os.path.join(base, "tls"), [HOSTNAME], [LISTEN_IP]
+        )
+        tls.write_private_file(os.path.join(base, "rabbitmq.conf"), self._config_text().encode())
+        tls.write_private_file(os.path.join(base, "enabled_plugins"), b"[rabbitmq_management].\n")
+
+    def _config_text(self) -> str:
+        ports = self.ports
+        files = self.tls_files
+        settings = {
+            "listeners.tcp.default": f"{LISTEN_IP}:{ports.amqp}",
+            "listeners.ssl.default": f"{LISTEN_IP}:{ports.amqps}",
+            "ssl_options.cacertfile": files.ca_cert,
+            "ssl_options.certfile": files.server_cert,
+            "ssl_options.keyfile": files.server_key,
+            "ssl_options.verify": "verify_none",
+            "ssl_options.fail_if_no_peer_cert": "false",
+            "management.tcp.ip": LISTEN_IP,
+            "management.tcp.port": str(ports.management),
+            # The admin user is created at first boot from these (instead of
+            # `rabbitmqctl add_user`, which would show the password in `ps`).
+            "default_vhost": "/",
+            "default_user": self.admin_user,
+            "default_pass": self.admin_password,
+            "default_user_tags.administrator": "true",
+            "default_permissions.configure": ".*",
+            "default_permissions.read": ".*",
+            "default_permissions.write": ".*",
+            "log.file.level": "info",
+            "log.console": "false",
+            # Management statistics every second instead of every 5 s, so tests that
+            # read queue counts over HTTP do not wait long.
+            "collect_statistics_interval": "1000",
+        }
+        settings.update(self._extra_config)
+        lines = ["# Written by funcx_endpoint.testing.rabbitmq; rewritten at each start."]
+        lines += [f"{key} = {value}" for key, value in settings.items()]
+        return "\n".join(lines) + "\n"
+
+    def _ctl_env(self) -> dict[str, str]:
+        """Environment for rabbitmqctl: same HOME (cookie), node name and epmd."""
+        base = self.base_dir
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith(("RABBITMQ_", "ERL_")) and key != MARKER_ENV
+        }
+        env.update(
+            {
+                "HOME": os.path.join(base, "home"),
+                "RABBITMQ_NODENAME": self.name,
+                "ERL_EPMD_PORT": str(self.ports.epmd),
+                "ERL_EPMD_ADDRESS": LISTEN_IP,
+                # Nothing from /etc/rabbitmq applies to our node.
+                "RABBITMQ_CONF_ENV_FILE": os.path.join(base, "rabbitmq-env.conf"),
+                "RABBITMQ_CONFIG_FILE": os.path.join(base, "rabbitmq.conf"),
+                "RABBITMQ_ADVANCED_CONFIG_FILE": os.path.join(base, "advanced.config"),
+                "RABBITMQ_CONFIG_FILES": os.path.join(base, "conf.d"),
+                "RABBITMQ_ENABLED_PLUGINS_FILE": os.path.join(base, "enabled_plugins"),
+                "RABBITMQ_MNESIA_BASE": os.path.join(base, "mnesia"),
+                "RABBITMQ_LOG_BASE": os.path.join(base, "log"),
+            }
+        )
+        return env
+
+    def _server_env(self) -> dict[str, str]:
+        base = self.base_dir
+        env = self._ctl_env()
+        env.update(
+            {
+                MARKER_ENV: self.name,
+                "RABBITMQ_DIST_PORT": str(self.ports.dist),
+                "RABBITMQ_FEATURE_FLAGS_FILE": os.path.join(base, "feature_flags"),
+                "RABBITMQ_PID_FILE": os.path.join(base, "rabbitmq.pid"),
+                "RABBITMQ_PLUGINS_EXPAND_DIR": os.path.join(base, "plugins-expand"),
+                # Erlang distribution on loopback only, like the listeners.
+                "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": (
+                    "-kernel inet_dist_use_interface {127,0,0,1}"
+                ),
+                "ERL_CRASH_DUMP": os.path.join(base, "log", "erl_crash.dump"),
+            }
+        )
+        return env
+
+    # -- registry ---------------------------------------------------------------
+
+    def _registry_path(self) -> str:
+        return os.path.join(self._registry, f"{self.name}.json")
+
+    def _register(self) -> None:
+        os.makedirs(self._registry, mode=0o700, exist_ok=True)
+        me = psutil.Process()
+        entry = {
+            "name": self.name,
+            "owner_pid": me.pid,
+            "owner_create_time": me.create_time(),
+            "base_dir": self.base_dir,
+            "remove_base_dir": self._owns_base_dir,
+            "server_pid": self._server.pid if self._server else None,
+            "beam_pid": self._beam_pid,
+            "epmd_pid": self._epmd.pid if self._epmd else None,
+            "ports": asdict(self.ports),
+        }
+        tls.write_private_file(self._registry_path(), json.dumps(entry).encode())
+
+    def _unregister(self) -> None:
+        try:
+            os.unlink(self._registry_path())
+        except FileNotFoundError:
+            pass
+
+    def _check_base_dir_free(self) -> None:
+        """Refuse a base directory that a node of a live process is using."""
+        for _path, entry in _read_registry(self._registry):
+            if entry.get("base_dir") != self._base_dir:
+                continue
+            owner = entry.get("owner_pid")
+            if isinstance(owner, int) and _pid_alive(owner, entry.get("owner_create_time")):
+                raise RabbitMQError(
+                    f"{self._base_dir} is in use by node {entry.get('name')} of process {owner}"
+                )
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the node and return once it accepts connections (about 10 s).
+
+        Raises :class:`RabbitMQNotInstalled` if RabbitMQ is missing and
+        :class:`RabbitMQStartError` (with the tail of the logs) if it does not boot
+        within the start timeout; in that case nothing of the node is left running.
+        """
+        with self._lock:
+            if self.running:
+                return
+            server, _ctl, epmd = self._programs()
+            _track_for_exit(self)
+            reap_stale_nodes(self._registry)
+            first = self._name is None
+            self._prepare()
+            ports = self.ports
+            _progress(
+                f"Starting RabbitMQ node {self.name}{'' if first else ' again'} "
+                f"in {self.base_dir} (about 10 s)"
+            )
+            started = time.monotonic()
+            try:
+                self._start_epmd(epmd)
+                self._register()
+                self._start_watchdog()
+                self._start_server(server)
+                self._register()
+                self._await_startup(started + self._start_timeout)
+            except BaseException:
+                self._kill_everything()
+                raise
+            self._register()
+            _progress(
+                f"RabbitMQ node {self.name} ready in {time.monotonic() - started:.1f} s "
+                f"on ports amqp={ports.amqp} amqps={ports.amqps} "
+                f"management={ports.management}"
+            )
+
+    def _spawn(self, args: list[str], log_name: str, **kwargs: Any) -> subprocess.Popen[bytes]:
+        with open(os.path.join(self.base_dir, "log", log_name), "ab") as out:
+            return subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.base_dir,
+                env=self._server_env(),
+                # A session of its own: the terminal's Ctrl-C does not reach the
+                # node, only we stop it.
+                start_new_session=True,
+                **kwargs,
+            )
+
+    def _start_epmd(self, epmd: str) -> None:
+        # Our own epmd on a private port: the system-wide one (port 4369) would be
+        # started as a daemon by the first Erlang node and outlive every test run.
+        # This one runs in the foreground as our child and stops with the node.
+        port = self.ports.epmd
+        if _port_accepts(port, timeout=0.2):
+            raise RabbitMQStartError(f"epmd port {port} is already taken")
+        self._epmd = self._spawn([epmd, "-port", str(port), "-address", LISTEN_IP], "epmd.out")
+        deadline = time.monotonic() + 10
+        while not _port_accepts(port, timeout=0.2):
+            if self._epmd.poll() is not None:
+                raise RabbitMQStartError(
+                    f"epmd exited with {self._epmd.returncode}:\n"
+                    + _tail(os.path.join(self.base_dir, "log", "epmd.out"))
+                )
+            if time.monotonic() > deadline:
+                raise RabbitMQStartError(f"epmd did not listen on port {port}")
+            time.sleep(0.02)
+
+    def _start_watchdog(self) -> None:
+        remove = [self._registry_path()]
+        if self._owns_base_dir:
+            remove.append(self.base_dir)
+        env = {k: v for k, v in os.environ.items() if k != MARKER_ENV}
+        self._watchdog = subprocess.Popen(
+            [
+                sys.executable,
+                "-I",
+                "-c",
+                _WATCHDOG_SOURCE,
+                f"{MARKER_ENV}={self.name}",
+                "10",
+                *remove,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+
+    def _release_watchdog(self) -> None:
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is None:
+            return
+        try:
+            assert watchdog.stdin is not None
+            watchdog.stdin.write(b"release\n")
+            watchdog.stdin.close()
+        except (OSError, ValueError):  # ValueError: emergency_kill closed it already
+            pass
+        try:
+            watchdog.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            watchdog.kill()
+            watchdog.wait()
+
+    def _start_server(self, server: str) -> None:
+        self._server = self._spawn([server], "server.out")
+        self._beam_pid = None
+
+    def _find_beam(self) -> int | None:
+        if self._server is None:
+            return None
+        try:
+            for child in psutil.Process(self._server.pid).children(recursive=True):
+                if child.name() == "beam.smp":
+                    return child.pid
+        except psutil.Error:
+            pass
+        return None
+
+    def _failure(self, what: str) -> RabbitMQStartError:
+        base = self.base_dir
+        server_out = os.path.join(base, "log", "server.out")
+        # Boot errors (say, a bad config setting) come first in the output, followed
+        # by a long crash report: show the first errors and then the tail.
+        return RabbitMQStartError(
+            f"RabbitMQ node {self.name} {what}.\n"
+            f"--- first errors in {server_out} ---\n{_first_errors(server_out)}\n"
+            f"--- {server_out} (tail) ---\n{_tail(server_out)}\n"
+            f"--- {self.log_path} (tail) ---\n{_tail(self.log_path)}"
+        )
+
+    def _await_startup(self, deadline: float) -> None:
+        assert self._server is not None
+        node_short = self.name.split("@", 1)[0]
+        # First wait (cheaply, without an Erlang CLI) until the node registers with
+        # epmd, which means its distribution is up; then one `await_startup`.
+        while True:
+            if self._server.poll() is not None:
+                raise self._failure(f"exited with {self._server.returncode} while booting")
+            try:
+                if node_short in _epmd_names(self.ports.epmd):
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise self._failure(f"did not start within {self._start_timeout:.0f} s")
+            time.sleep(0.1)
+        self._beam_pid = self._find_beam()
+        self._register()
+        last_error = ""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._failure(
+                    f"did not finish booting within {self._start_timeout:.0f} s"
+                    f" (last `rabbitmqctl await_startup`: {last_error})"
+                )
+            try:
+                self.rabbitmqctl(
+                    "await_startup",
+                    "--timeout",
+                    str(max(1, int(remaining))),
+                    timeout=remaining + 15,
+                )
+                return
+            except RabbitMQCtlError as e:
+                if self._server.poll() is not None:
+                    raise self._failure(
+                        f"exited with {self._server.returncode} while booting"
+                    ) from e
+                last_error = str(e)
+                time.sleep(0.5)
+            except subprocess.TimeoutExpired as e:
+                raise self._failure("did not answer `rabbitmqctl await_startup`") from e
+
+    def stop(self, graceful: bool = True, timeout: float = 60.0) -> None:
+        """Stop the node and its epmd; return when none of its processes is left.
+
+        ``graceful`` sends SIGTERM, which makes RabbitMQ shut down cleanly like
+        ``rabbitmqctl stop`` (about 7 s, 5 of them the management plugin's shutdown)
+        without paying for booting another Erlang VM for the CLI; after ``timeout``
+        seconds, or at once if not ``graceful``, every process of the node is
+        killed. Data is kept: :meth:`start` brings the node back with it.
+        """
+        with self._lock:
+            server, self._server = self._server, None
+            if server is not None:
+                _progress(f"Stopping RabbitMQ node {self.name}")
+                started = time.monotonic()
+                if graceful and server.poll() is None:
+                    try:
+                        # The rabbitmq-server script traps TERM and passes it to
+                        # beam.smp, then waits for it.
+                        server.send_signal(signal.SIGTERM)
+                        server.wait(timeout=timeout)
+                    except subprocess.TimeoutExpired:
+                        _progress(
+                            f"RabbitMQ node {self.name} did not stop within "
+                            f"{timeout:.0f} s; killing it"
+                        )
+                # Whatever is left (all of it if not graceful): beam.smp and its
+                # helpers, which run in sessions of their own.
+                _kill_node_processes(self.name)
+                try:
+                    server.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+                    server.wait()
+                _progress(
+                    f"RabbitMQ node {self.name} stopped in {time.monotonic() - started:.1f} s"
+                )
+            self._stop_epmd()
+            self._beam_pid = None
+            self._release_watchdog()
+            if self._name is not None:
+                self._unregister()
+
+    def _stop_epmd(self) -> None:
+        epmd, self._epmd = self._epmd, None
+        if epmd is None:
+            return
+        if epmd.poll() is None:
+            epmd.terminate()
+            try:
+                epmd.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                epmd.kill()
+                epmd.wait()
+
+    def _kill_everything(self) -> None:
+        """Kill the node at once after a failed start; keep data, drop the entry."""
+        server, self._server = self._server, None
+        if self._name is not None:
+            _kill_node_processes(self._name)
+        if server is not None:
+            if server.poll() is None:
+                server.kill()
+            server.wait()
+        self._stop_epmd()
+        self._beam_pid = None
+        self._release_watchdog()
+        if self._name is not None:
+            self._unregister()
+
+    def restart(self, graceful: bool = True) -> None:
+        """Stop and start again with the same data directory, name and ports.
+
+        Durable queues and persistent messages survive (also with
+        ``graceful=False``, which kills the node like a crash would).
+        """
+        with self._lock:
+            self.stop(graceful=graceful)
+            self.start()
+
+    def destroy(self, graceful: bool | None = None) -> None:
+        """Stop the node and remove its base directory if this object created it.
+
+        By default a node whose data is thrown away is killed at once (0.1 s) and a
+        node in a ``base_dir`` of the caller's (kept) is stopped gracefully.
+        """
+        if graceful is None:
+            graceful = not self._owns_base_dir
+        with self._lock:
+            self.stop(graceful=graceful)
+            if self._owns_base_dir and self._base_dir is not None:
+                shutil.rmtree(self._base_dir, ignore_errors=True)
+                self._base_dir = None
+                self._name = None
+                self._ports = None
+                self._tls_files = None
+
+    def emergency_kill(self) -> None:
+        """Kill the node now, without locks or waiting: for signal handlers.
+
+        Sends SIGKILL to every process of the node, tells the watchdog to stand
+        down, drops the registry entry and removes a temporary base directory.
+        """
+        name = self._name
+        if name is None:
+            return
+        for proc in node_processes(name):
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        watchdog = self._watchdog
+        if watchdog is not None and watchdog.stdin is not None:
+            try:
+                watchdog.stdin.write(b"release\n")
+                watchdog.stdin.close()
+            except (OSError, ValueError):
+                pass
+        try:
+            os.unlink(self._registry_path())
+        except OSError:
+            pass
+        if self._owns_base_dir and self._base_dir is not None:
+            shutil.rmtree(self._base_dir, ignore_errors=True)
+
+    def processes(self) -> list[psutil.Process]:
+        """The node's live OS processes (server script, beam.smp, helpers, epmd)."""
+        if self._name is None:
+            return []
+        return node_processes(self._name)
+
+    def __enter__(self) -> RabbitMQNode:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.destroy()
+
+    # -- rabbitmqctl ------------------------------------------------------------
+
+    def rabbitmqctl(self, *args: str, timeout: float = 60.0) -> str:
+        """Run ``rabbitmqctl -n <node> <args>`` against this node; return stdout.
+
+        Raises :class:`RabbitMQCtlError` on a non-zero exit and
+        :class:`subprocess.TimeoutExpired` after ``timeout`` seconds.
+        """
+        _server, ctl, _epmd = self._programs()
+        argv = ["-n", self.name, *args]
+        result = subprocess.run(
+            [ctl, *argv],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            cwd=self.base_dir,
+            env=self._ctl_env(),
+            timeout=timeout,
+        )
+        stdout = result.stdout.decode("utf-8", "replace")
+        if result.returncode != 0:
+            raise RabbitMQCtlError(
+                argv, result.returncode, stdout, result.stderr.decode("utf-8", "replace")
+            )
+        return stdout
+
+    def list_connections(
+        self, columns: Iterable[str] = ("name", "user", "peer_host", "peer_port")
+    ) -> list[dict[str, Any]]:
+        """The node's AMQP connections, one dict per connection with ``columns``.
+
+        (Erlang pids come out of the JSON formatter as ``#PID<...>``, which
+        ``close_connection`` does not accept; :meth:`close_connection` handles that.)
+        """
+        out = self.rabbitmqctl(
+            "list_connections", "--quiet", "--formatter", "json", *columns
+        ).strip()
+        return json.loads(out) if out else []
+
+    def close_all_connections(self, reason: str = "closed by test") -> None:
+        """Close every client connection (all virtual hosts)."""
+        self.rabbitmqctl("close_all_connections", "--global", reason)
+
+    def close_connection(self, name: str, reason: str = "closed by test") -> None:
+        """Close the connection named ``name`` (as in :meth:`list_connections`)."""
+        out = self.rabbitmqctl("list_connections", "--quiet", "--no-table-headers", "name", "pid")
+        # Tab-separated; names ("127.0.0.1:1234 -> 127.0.0.1:5672") have no tabs.
+        for line in out.splitlines():
+            connection_name, _, pid = line.rpartition("\t")
+            if connection_name == name:
+                self.rabbitmqctl("close_connection", pid, reason)
+                return
+        raise RabbitMQError(f"no connection named {name!r}")
+
+    # -- Deferred-returning variants for use inside a running reactor ------------
+
+    def _in_thread(
+        self, reactor: Any, f: Callable[..., _T], *args: Any, **kwargs: Any
+    ) -> Deferred[_T]:
+        assert IReactorThreads.providedBy(reactor) and IReactorFromThreads.providedBy(reactor)
+        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args, **kwargs)
+
+    def start_async(self, reactor: Any) -> Deferred[None]:
+        """:meth:`start` in a thread; the Deferred fires when the node is ready."""
+        return self._in_thread(reactor, self.start)
+
+    def stop_async(self, reactor: Any, graceful: bool = True) -> Deferred[None]:
+        """:meth:`stop` in a thread."""
+        return self._in_thread(reactor, self.stop, graceful)
+
+    def restart_async(self, reactor: Any, graceful: bool = True) -> Deferred[None]:
+        """:meth:`restart` in a thread."""
+        return self._in_thread(reactor, self.restart, graceful)
+
+    def destroy_async(self, reactor: Any, graceful: bool | None = None) -> Deferred[None]:
+        """:meth:`destroy` in a thread."""
+        return self._in_thread(reactor, self.destroy, graceful)
+
+    def rabbitmqctl_async(self, reactor: Any, *args: str, timeout: float = 60.0) -> Deferred[str]:
+        """:meth:`rabbitmqctl` in a thread."""
+        return self._in_thread(reactor, self.rabbitmqctl, *args, timeout=timeout)
+
+    def list_connections_async(self, reactor: Any) -> Deferred[list[dict[str, Any]]]:
+        """:meth:`list_connections` in a thread."""
+        return self._in_thread(reactor, self.list_connections)
+
+    def close_all_connections_async(
+        self, reactor: Any, reason: str = "closed by test"
+    ) -> Deferred[None]:
+        """:meth:`close_all_connections` in a thread."""
+        return self._in_thread(reactor, self.close_all_connections, reason)
+
+    def close_connection_async(
+        self, reactor: Any, name: str, reason: str = "closed by test"
+    ) -> Deferred[None]:
+        """:meth:`close_connection` in a thread."""
+        return self._in_thread(reactor, self.close_connection, name, reason)
+
+
+# -- nothing outlives the process ----------------------------------------------
+
+_started_nodes: weakref.WeakSet[RabbitMQNode] = weakref.WeakSet()
+_exit_hook_lock = threading.Lock()
+_exit_hook_registered = False
+
+
+def _track_for_exit(node: RabbitMQNode) -> None:
+    """Remember ``node`` so that :func:`_destroy_nodes_at_exit` cleans it up."""
+    global _exit_hook_registered
+    with _exit_hook_lock:
+        _started_nodes.add(node)
+        if not _exit_hook_registered:
+            _exit_hook_registered = True
+            atexit.register(_destroy_nodes_at_exit)
+
+
+def _destroy_nodes_at_exit() -> None:
+    # A node never outlives the process that started it (the watchdog enforces that
+    # if this hook does not run): stop every node still running, and remove the
+    # temporary directories of stopped ones nobody destroyed.
+    for node in list(_started_nodes):
+        try:
+            node.destroy()
+        except Exception as e:  # keep cleaning up the others
+            _progress(f"Could not clean up {node!r}: {e}")
+
+
+# -- the node shared by every test of a process --------------------------------
+
+_shared: RabbitMQNode | None = None
+_shared_lock = threading.Lock()
+_hooks_lock = threading.Lock()
+_atexit_registered = False
+_signals_installed = False
+_previous_handlers: dict[int, Any] = {}
+
+
+def shared_node() -> RabbitMQNode:
+    """The process-wide node, started on first use (blocking, about 10 s).
+
+    Tests must not stop or restart it (use a node of their own for that). It is
+    stopped when the process exits, also on failure, Ctrl-C, SIGTERM, SIGHUP or
+    SIGKILL (see the module docstring).
+    """
+    global _shared
+    _install_exit_hooks()
+    with _shared_lock:
+        if _shared is None:
+            _shared = RabbitMQNode()
+        node = _shared
+        node.start()
+        return node
+
+
+def shared_node_async(reactor: Any) -> Deferred[RabbitMQNode]:
+    """:func:`shared_node` from a running reactor: starts it in a thread if needed."""
+    _install_exit_hooks()
+    return deferToThreadPool(reactor, reactor.getThreadPool(), shared_node)
+
+
+def stop_shared_node() -> None:
+    """Stop and remove the shared node now (it is started again on next use)."""
+    global _shared
+    with _shared_lock:
+        node, _shared = _shared, None
+    if node is not None:
+        node.destroy(graceful=False)
+
+
+def _on_fatal_signal(signum: int, frame: FrameType | None) -> None:
+    node = _shared
+    if node is not None:
+        node.emergency_kill()
+    previous = _previous_handlers.get(signum, signal.SIG_DFL)
+    if callable(previous):
+        previous(signum, frame)
+    elif previous == signal.SIG_DFL:
+        # Die of the signal as if we had never handled it.
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+def _install_exit_hooks() -> None:
+    """Register the ``atexit`` hook once, and (from the main thread) chain our
+    handler in front of SIGTERM and SIGHUP.
+
+    A signal that was ignored stays ignored. SIGINT is left alone on purpose: its
+    default handler raises KeyboardInterrupt, which ends the process through
+    ``atexit``; a handler of ours that raised it instead would raise it inside a
+    running reactor's loop, which logs and swallows it (the process would not stop).
+    """
+    global _atexit_registered, _signals_installed
+    with _hooks_lock:
+        if not _atexit_registered:
+            _atexit_registered = True
+            atexit.register(stop_shared_node)
+        if _signals_installed or threading.current_thread() is not threading.main_thread():
+            return
+        _signals_installed = True
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        previous = signal.getsignal(signum)
+        if previous == signal.SIG_IGN or previous is None:
+            continue
+        _previous_handlers[signum] = previous
+        signal.signal(signum, _on_fatal_signal)

@@ -1,0 +1,359 @@
+"""Certificates for private deployments and tests: a CA and the certificates it signs.
+
+The private funcX web service creates its CA and server certificate on first start,
+and the test suite does the same for the RabbitMQ node it runs. Everything here
+returns or writes PEM; nothing touches the network. Private keys are written with
+:func:`write_private_file` (mode 0600, atomic replace).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from typing import Literal, NamedTuple, Union
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+__all__ = [
+    "CertificateAuthority",
+    "KeyType",
+    "PrivateKey",
+    "TLSFiles",
+    "certificate_covers",
+    "ensure_ca_and_server_cert",
+    "generate_private_key",
+    "make_ca",
+    "make_client_cert",
+    "make_server_cert",
+    "write_private_file",
+    "write_public_file",
+]
+
+KeyType = Literal["ec", "rsa"]
+PrivateKey = Union[ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey]
+
+#: Default host names and addresses a server certificate is valid for.
+DEFAULT_HOSTNAMES: tuple[str, ...] = ("localhost",)
+DEFAULT_IPS: tuple[str, ...] = ("127.0.0.1",)
+
+CA_VALID_DAYS = 3650
+LEAF_VALID_DAYS = 3650
+# Certificates start being valid a little in the past, so a peer whose clock is
+# slightly behind ours accepts a certificate made a moment ago.
+_BACKDATE = datetime.timedelta(hours=1)
+# A server certificate that expires sooner than this is replaced by
+# ensure_ca_and_server_cert.
+_RENEW_BEFORE = datetime.timedelta(days=30)
+
+
+class CertificateAuthority(NamedTuple):
+    """A CA certificate and its private key, both PEM."""
+
+    cert_pem: bytes
+    key_pem: bytes
+
+
+class TLSFiles(NamedTuple):
+    """Paths of the files written by :func:`ensure_ca_and_server_cert`."""
+
+    ca_cert: str
+    server_cert: str
+    server_key: str
+    ca_key: str
+
+
+def generate_private_key(key_type: KeyType = "ec") -> PrivateKey:
+    """Return a new private key: EC P-256 (fast, the default) or RSA 2048."""
+    if key_type == "ec":
+        return ec.generate_private_key(ec.SECP256R1())
+    if key_type == "rsa":
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    raise ValueError(f"unknown key type {key_type!r}; use 'ec' or 'rsa'")
+
+
+def _key_pem(key: PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _load_key(key_pem: bytes) -> PrivateKey:
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
+        raise ValueError("only EC and RSA private keys are supported")
+    return key
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _key_usage(
+    *,
+    digital_signature: bool = False,
+    key_encipherment: bool = False,
+    key_cert_sign: bool = False,
+    crl_sign: bool = False,
+) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=key_encipherment,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=key_cert_sign,
+        crl_sign=crl_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def make_ca(
+    common_name: str = "funcX private CA",
+    *,
+    key_type: KeyType = "ec",
+    valid_days: int = CA_VALID_DAYS,
+) -> CertificateAuthority:
+    """Create a self-signed CA certificate (BasicConstraints CA, path length 0)."""
+    key = generate_private_key(key_type)
+    now = _now()
+    public_key = key.public_key()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(_name(common_name))
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _BACKDATE)
+        .not_valid_after(now + datetime.timedelta(days=valid_days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            _key_usage(digital_signature=True, key_cert_sign=True, crl_sign=True),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), False)
+        .sign(key, hashes.SHA256())
+    )
+    return CertificateAuthority(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+
+def _make_leaf(
+    ca: CertificateAuthority,
+    common_name: str,
+    san: Sequence[x509.GeneralName],
+    usage: x509.ObjectIdentifier,
+    key_type: KeyType,
+    valid_days: int,
+) -> tuple[bytes, bytes]:
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
+    ca_key = _load_key(ca.key_pem)
+    key = generate_private_key(key_type)
+    now = _now()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _BACKDATE)
+        .not_valid_after(
+            min(now + datetime.timedelta(days=valid_days), ca_cert.not_valid_after_utc)
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            _key_usage(digital_signature=True, key_encipherment=key_type == "rsa"),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+    )
+    if san:
+        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+
+
+def _san(hostnames: Iterable[str], ips: Iterable[str]) -> list[x509.GeneralName]:
+    names: list[x509.GeneralName] = [x509.DNSName(h) for h in hostnames]
+    names.extend(x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips)
+    return names
+
+
+def make_server_cert(
+    ca: CertificateAuthority,
+    hostnames: Sequence[str] = DEFAULT_HOSTNAMES,
+    ips: Sequence[str] = DEFAULT_IPS,
+    *,
+    key_type: KeyType = "ec",
+    valid_days: int = LEAF_VALID_DAYS,
+) -> tuple[bytes, bytes]:
+    """Return ``(cert_pem, key_pem)`` of a server certificate signed by ``ca``.
+
+    The certificate's SubjectAlternativeName lists every host name (DNS) and IP
+    address given, which is what clients verify; at least one is required.
+    """
+    san = _san(hostnames, ips)
+    if not san:
+        raise ValueError("a server certificate needs at least one host name or IP")
+    common_name = hostnames[0] if hostnames else ips[0]
+    return _make_leaf(ca, common_name, san, ExtendedKeyUsageOID.SERVER_AUTH, key_type, valid_days)
+
+
+def make_client_cert(
+    ca: CertificateAuthority,
+    common_name: str,
+    *,
+    key_type: KeyType = "ec",
+    valid_days: int = LEAF_VALID_DAYS,
+) -> tuple[bytes, bytes]:
+    """Return ``(cert_pem, key_pem)`` of a client certificate for ``common_name``."""
+    return _make_leaf(ca, common_name, [], ExtendedKeyUsageOID.CLIENT_AUTH, key_type, valid_days)
+
+
+def certificate_covers(
+    cert_pem: bytes,
+    hostnames: Iterable[str] = DEFAULT_HOSTNAMES,
+    ips: Iterable[str] = DEFAULT_IPS,
+) -> bool:
+    """Whether the certificate's SubjectAlternativeName lists every name and IP."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    dns = {name.lower() for name in san.get_values_for_type(x509.DNSName)}
+    addresses = set(san.get_values_for_type(x509.IPAddress))
+    return all(h.lower() in dns for h in hostnames) and all(
+        ipaddress.ip_address(ip) in addresses for ip in ips
+    )
+
+
+def _write_file(path: str, data: bytes, mode: int) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
+    try:
+        # mkstemp creates the file 0600; widen it only if asked to.
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_private_file(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically, readable by the owner only (0600).
+
+    The data goes to a temporary file in the same directory that is created 0600,
+    written, fsynced and then renamed over ``path``, so a reader sees the old file
+    or the complete new one and the secret is never readable by others.
+    """
+    _write_file(path, data, 0o600)
+
+
+def write_public_file(path: str, data: bytes) -> None:
+    """Like :func:`write_private_file` but world-readable (0644), for certificates."""
+    _write_file(path, data, 0o644)
+
+
+def _server_cert_usable(
+    cert_pem: bytes,
+    key_pem: bytes,
+    ca_cert_pem: bytes,
+    hostnames: Sequence[str],
+    ips: Sequence[str],
+) -> bool:
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
+        cert.verify_directly_issued_by(ca_cert)
+        key = _load_key(key_pem)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    if cert.public_key() != key.public_key():
+        return False
+    if cert.not_valid_after_utc - _RENEW_BEFORE < _now():
+        return False
+    return certificate_covers(cert_pem, hostnames, ips)
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def ensure_ca_and_server_cert(
+    directory: str,
+    hostnames: Sequence[str] = DEFAULT_HOSTNAMES,
+    ips: Sequence[str] = DEFAULT_IPS,
+    *,
+    key_type: KeyType = "ec",
+    ca_common_name: str = "funcX private CA",
+) -> TLSFiles:
+    """Make sure ``directory`` holds a CA and a server certificate it signed.
+
+    Files: ``ca.pem`` and ``ca.key`` (the CA), ``server.pem`` and ``server.key``.
+    Only what is missing is generated: an existing CA is kept; the server
+    certificate and key are replaced when either is missing, they do not match,
+    the certificate is not signed by the CA, expires within 30 days, or does not
+    list every requested host name and IP. Keys are 0600; the directory is created
+    0700 if needed.
+    """
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    files = TLSFiles(
+        ca_cert=os.path.join(directory, "ca.pem"),
+        server_cert=os.path.join(directory, "server.pem"),
+        server_key=os.path.join(directory, "server.key"),
+        ca_key=os.path.join(directory, "ca.key"),
+    )
+    ca_cert_pem = _read(files.ca_cert)
+    ca_key_pem = _read(files.ca_key)
+    if ca_cert_pem is None or ca_key_pem is None:
+        ca = make_ca(ca_common_name, key_type=key_type)
+        write_private_file(files.ca_key, ca.key_pem)
+        write_public_file(files.ca_cert, ca.cert_pem)
+    else:
+        ca = CertificateAuthority(ca_cert_pem, ca_key_pem)
+
+    server_cert_pem = _read(files.server_cert)
+    server_key_pem = _read(files.server_key)
+    if (
+        server_cert_pem is None
+        or server_key_pem is None
+        or not _server_cert_usable(server_cert_pem, server_key_pem, ca.cert_pem, hostnames, ips)
+    ):
+        cert_pem, key_pem = make_server_cert(ca, hostnames, ips, key_type=key_type)
+        write_private_file(files.server_key, key_pem)
+        write_public_file(files.server_cert, cert_pem)
+    return files
