@@ -47,11 +47,15 @@ setup(
     extras_require={
         "test": [
             "pika>=1.3.0",
+            "psycopg2-binary>=2.9",
             "hypothesis>=6.80.0",
             "tqdm>=4.60",
         ],
         "progress": [
             "tqdm>=4.60",
+        ],
+        "postgresql": [
+            "psycopg2-binary>=2.9",
         ],
         "lint": [
             "ruff>=0.5.0",
@@ -65,6 +69,10 @@ setup(
     entry_points={
         "console_scripts": [
             "funcx-endpoint = funcx_endpoint.cli.main:main",
+            "funcx-manager = funcx_endpoint.manager.main:main",
+            "funcx-worker = funcx_endpoint.worker.main:main",
+
+            "funcx-service = funcx_endpoint.webservice.cli:main",
         ],
     },
     classifiers=[

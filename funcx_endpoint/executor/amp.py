@@ -1,0 +1,513 @@
+"""The AMP protocol between the interchange and its managers, and the info file.
+
+Managers connect to the interchange over TCP with TLS (the interchange's
+certificate is signed by a CA made for the endpoint; managers verify it) and
+the first command on a connection must be :class:`Register`, carrying the
+endpoint's secret.  After that:
+
+==================  =====================  ==========================================
+command             direction              what
+==================  =====================  ==========================================
+``Register``        manager → interchange  who the manager is; answered with settings
+``SubmitTasks``     interchange → manager  a batch of ``(task_id, task_buffer)``
+``SendResults``     manager → interchange  a batch of packed ``protocol.Result``
+``Heartbeat``       both ways              "still here" every ``heartbeat_period``
+``CancelTask``      interchange → manager  drop or kill one task; answered ``found``
+``Shutdown``        interchange → manager  stop workers, disconnect, exit
+==================  =====================  ==========================================
+
+Only ``Register`` and ``CancelTask`` are answered: the others flow one way,
+and TCP keeps them in order; if the connection breaks, the interchange
+treats every task at that manager as lost.
+
+Batches: each side sends ``SubmitTasks`` / ``SendResults`` on a link at most
+once per ``batch_interval`` (1 ms by default), unless the other side would
+run out of work meanwhile.  A task or result that comes after a quiet
+period leaves at once; under load, what arrives within the interval travels
+together, so the cost of a message (a TLS record, a wake-up of the peer,
+AMP parsing, all far more than the work of a no-op task) is shared by many
+tasks.  The interchange holds tasks back only while the manager's queued
+tasks outlast the wait at its measured completion rate (:class:`RateMeter`);
+the manager holds results back only while it has at least one queued task
+per worker.  So batching never leaves a worker idle.
+
+AMP values are limited to 65,535 bytes; :class:`ChunkedBytes` and
+:class:`ChunkedList` spread larger values over several keys (``name``,
+``name.1``, ``name.2``...), so task buffers and results of any size travel in
+one command.
+
+The manager learns where to connect from a JSON "info file"
+(:class:`ConnectionInfo`), written 0600 by the interchange, so that no secret
+appears on a manager's command line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+from typing import Any, ClassVar, Dict, Iterable, List, Optional, Tuple, Type
+
+import attr
+import dill
+from twisted.protocols import amp
+
+from funcx_endpoint.tls import write_private_file
+from funcx_endpoint.version import __version__
+
+__all__ = [
+    "CancelTask",
+    "ChunkedBytes",
+    "ChunkedList",
+    "ConnectionInfo",
+    "Heartbeat",
+    "InfoFileError",
+    "ManagerSettings",
+    "NotRegistered",
+    "RateMeter",
+    "Register",
+    "RegistrationRefused",
+    "SendResults",
+    "Shutdown",
+    "SubmitTasks",
+    "TaskBatch",
+    "local_versions",
+    "read_unanswered",
+    "send_unanswered",
+    "versions_differ",
+]
+
+#: The largest value AMP carries under one key.
+MAX_CHUNK = amp.MAX_VALUE_LENGTH
+_LENGTH = struct.Struct(">I")
+
+
+def _python_name(name: bytes) -> str:
+    """The keyword a command's responder receives for argument ``name``."""
+    return name.decode("ascii").replace("-", "_")
+
+
+def _chunk_key(name: bytes, index: int) -> bytes:
+    return b"%s.%d" % (name, index)
+
+
+class ChunkedBytes(amp.Argument):
+    """A byte string of any length, split over as many AMP keys as it needs.
+
+    The first 65,535 bytes go under the argument's own name and the rest
+    under ``name.1``, ``name.2``... in order; a value that fits takes one key
+    exactly like ``amp.String``.
+    """
+
+    def toBox(
+        self, name: bytes, strings: Dict[bytes, bytes], objects: Dict[str, Any], proto: Any
+    ) -> None:
+        value = self.retrieve(objects, _python_name(name), proto)
+        if self.optional and value is None:
+            return
+        self._put(name, strings, self.to_bytes(value))
+
+    def fromBox(
+        self, name: bytes, strings: Dict[bytes, bytes], objects: Dict[str, Any], proto: Any
+    ) -> None:
+        first = self.retrieve(strings, name, proto)
+        key = _python_name(name)
+        if first is None:
+            objects[key] = None
+            return
+        parts = [first]
+        index = 1
+        while True:
+            part = strings.pop(_chunk_key(name, index), None)
+            if part is None:
+                break
+            parts.append(part)
+            index += 1
+        objects[key] = self.from_bytes(parts[0] if len(parts) == 1 else b"".join(parts))
+
+    @staticmethod
+    def _put(name: bytes, strings: Dict[bytes, bytes], data: bytes) -> None:
+        if len(data) <= MAX_CHUNK:
+            strings[name] = data
+            return
+        view = memoryview(data)
+        strings[name] = bytes(view[:MAX_CHUNK])
+        index = 1
+        for start in range(MAX_CHUNK, len(data), MAX_CHUNK):
+            strings[_chunk_key(name, index)] = bytes(view[start : start + MAX_CHUNK])
+            index += 1
+
+    def to_bytes(self, value: Any) -> bytes:
+        """The bytes that represent ``value`` (here: ``value`` itself)."""
+        if not isinstance(value, bytes):
+            raise TypeError(f"ChunkedBytes takes bytes, got {type(value).__name__}")
+        return value
+
+    def from_bytes(self, data: bytes) -> Any:
+        """The value ``data`` represents (here: ``data`` itself)."""
+        return data
+
+
+def encode_list(items: List[bytes]) -> bytes:
+    """``items`` as one byte string: each a 4-byte length and its bytes."""
+    pack = _LENGTH.pack
+    parts = []
+    for item in items:
+        parts.append(pack(len(item)))
+        parts.append(item)
+    return b"".join(parts)
+
+
+def decode_list(data: bytes) -> List[bytes]:
+    """The items :func:`encode_list` encoded; ValueError if ``data`` is not such a list."""
+    items = []
+    offset = 0
+    end = len(data)
+    unpack_from = _LENGTH.unpack_from
+    while offset < end:
+        if end - offset < 4:
+            raise ValueError("truncated list: a length prefix is cut short")
+        (size,) = unpack_from(data, offset)
+        offset += 4
+        if end - offset < size:
+            raise ValueError(f"truncated list: an item of {size} bytes is cut short")
+        items.append(data[offset : offset + size])
+        offset += size
+    return items
+
+
+class ChunkedList(ChunkedBytes):
+    """A list of byte strings of any lengths, as one :class:`ChunkedBytes`."""
+
+    def to_bytes(self, value: Any) -> bytes:
+        return encode_list(value)
+
+    def from_bytes(self, data: bytes) -> Any:
+        return decode_list(data)
+
+
+class TaskBatch(ChunkedBytes):
+    """A list of ``(task_id, task_buffer)`` pairs: str ids, bytes buffers (UTF-8)."""
+
+    def to_bytes(self, value: Any) -> bytes:
+        items: List[bytes] = []
+        for task_id, task_buffer in value:
+            items.append(task_id.encode("ascii"))
+            items.append(task_buffer)
+        return encode_list(items)
+
+    def from_bytes(self, data: bytes) -> Any:
+        items = decode_list(data)
+        if len(items) % 2:
+            raise ValueError("a task batch must hold (task id, buffer) pairs")
+        return [(items[i].decode("ascii"), items[i + 1]) for i in range(0, len(items), 2)]
+
+
+class RegistrationRefused(Exception):
+    """The interchange refused a manager (wrong secret, bad details)."""
+
+
+class NotRegistered(Exception):
+    """A command other than Register came on a connection that has not registered."""
+
+
+class Register(amp.Command):
+    """Manager → interchange, first on every connection: who I am.
+
+    Answered with the settings the manager must apply, and the interchange's
+    versions; a wrong secret is refused and the connection closed.
+    """
+
+    arguments = [
+        (b"secret", amp.Unicode()),
+        (b"manager_id", amp.Unicode()),
+        (b"block_id", amp.Unicode()),
+        (b"hostname", amp.Unicode()),
+        (b"pid", amp.Integer()),
+        (b"worker_count", amp.Integer()),
+        (b"prefetch_capacity", amp.Integer()),
+        (b"worker_type", amp.Unicode()),
+        (b"container_type", amp.Unicode()),
+        (b"python_version", amp.Unicode()),
+        (b"dill_version", amp.Unicode()),
+        (b"funcx_version", amp.Unicode()),
+    ]
+    response = [
+        (b"task_timeout", amp.Float()),  # 0: no limit
+        (b"result_size_limit", amp.Integer()),
+        (b"heartbeat_period", amp.Float()),
+        (b"heartbeat_threshold", amp.Float()),
+        (b"stop_grace_period", amp.Float()),
+        (b"worker_debug", amp.Boolean()),
+        (b"batch_interval", amp.Float()),
+        (b"python_version", amp.Unicode()),
+        (b"dill_version", amp.Unicode()),
+        (b"funcx_version", amp.Unicode()),
+    ]
+    fatalErrors = {RegistrationRefused: b"REGISTRATION_REFUSED"}
+
+
+class SubmitTasks(amp.Command):
+    """Interchange → manager: run these tasks (``(task_id, task_buffer)`` pairs)."""
+
+    arguments = [(b"tasks", TaskBatch())]
+    requiresAnswer = False
+
+
+class SendResults(amp.Command):
+    """Manager → interchange: packed ``protocol.Result`` messages, with transitions."""
+
+    arguments = [(b"results", ChunkedList())]
+    requiresAnswer = False
+
+
+class Heartbeat(amp.Command):
+    """Either way: the sender is alive (any command counts as much)."""
+
+    arguments: ClassVar[List[Tuple[bytes, amp.Argument]]] = []
+    requiresAnswer = False
+
+
+class CancelTask(amp.Command):
+    """Interchange → manager: forget a queued task or kill the worker running it.
+
+    ``found`` says whether the manager still had the task.  The manager sends
+    no result for it: the interchange has answered it already.
+    """
+
+    arguments = [(b"task_id", amp.Unicode())]
+    response = [(b"found", amp.Boolean())]
+
+
+class Shutdown(amp.Command):
+    """Interchange → manager: stop the workers, disconnect and exit."""
+
+    arguments = [(b"reason", amp.Unicode())]
+    requiresAnswer = False
+
+
+# ---------------------------------------------------------------------------
+# The hot path: unanswered batch commands without AMP's Deferred machinery
+
+
+def send_unanswered(protocol: amp.AMP, command: Type[amp.Command], **arguments: Any) -> None:
+    """Send ``command`` (``requiresAnswer = False``) like ``callRemote``, faster.
+
+    ``callRemote`` builds a Command and a Deferred for every call, which the
+    two batch commands never need.  Raises like ``callRemote`` when the
+    connection is gone.
+    """
+    box = amp.AmpBox()
+    box[b"_command"] = command.commandName
+    for name, argument in command.arguments:
+        argument.toBox(name, box, arguments, protocol)
+    protocol.sendBox(box)
+
+
+def read_unanswered(command: Type[amp.Command], box: amp.AmpBox, protocol: amp.AMP) -> Any:
+    """The single argument of ``command`` from a received ``box``, or None if the box
+    is not an unanswered ``command``: the receiving side of :func:`send_unanswered`.
+
+    Raises ValueError (or KeyError) for a malformed box.
+    """
+    if box.get(b"_command") != command.commandName or b"_ask" in box:
+        return None
+    [(name, argument)] = command.arguments
+    objects: Dict[str, Any] = {}
+    argument.fromBox(name, box, objects, protocol)
+    return objects[_python_name(name)]
+
+
+class RateMeter:
+    """Events per second, measured over windows of about ``window`` seconds, smoothed.
+
+    The batching rule uses it: a batch may wait for the interval only if the
+    receiver holds enough work to last that long at the measured rate.
+    """
+
+    def __init__(self, window: float = 0.1) -> None:
+        self.rate = 0.0
+        self._window = window
+        self._count = 0
+        self._since: Optional[float] = None
+
+    def add(self, count: int, now: float) -> None:
+        """Record ``count`` events at time ``now``."""
+        if self._since is None:
+            self._since = now
+            return
+        self._count += count
+        elapsed = now - self._since
+        if elapsed >= self._window:
+            current = self._count / elapsed
+            self.rate = current if self.rate == 0.0 else (self.rate + current) / 2
+            self._count = 0
+            self._since = now
+
+
+# ---------------------------------------------------------------------------
+# Versions
+
+
+def local_versions() -> Dict[str, str]:
+    """The Python, dill and funcx-endpoint versions of this process."""
+    return {
+        "python_version": "{}.{}.{}".format(*sys.version_info[:3]),
+        "dill_version": dill.__version__,
+        "funcx_version": __version__,
+    }
+
+
+def versions_differ(mine: Dict[str, str], theirs: Dict[str, str]) -> bool:
+    """Whether serialized functions may not travel between the two sides.
+
+    Python must agree on major.minor (bytecode changes between them) and dill
+    on its exact version (its pickles change between releases).
+    """
+
+    def major_minor(version: str) -> str:
+        return ".".join(version.split(".")[:2])
+
+    return major_minor(mine["python_version"]) != major_minor(theirs["python_version"]) or (
+        mine["dill_version"] != theirs["dill_version"]
+    )
+
+
+# ---------------------------------------------------------------------------
+# The manager info file
+
+
+class InfoFileError(ValueError):
+    """A manager info file that is missing, unreadable or incomplete."""
+
+
+def _optional_float(value: Any) -> Optional[float]:
+    return None if value is None else float(value)
+
+
+def _str_tuple(values: Iterable[Any]) -> Tuple[str, ...]:
+    return tuple(str(value) for value in values)
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class ManagerSettings:
+    """What a manager applies: worker counts, limits and timings.
+
+    ``max_workers_per_node`` None means no bound besides the cores;
+    ``task_timeout`` None means tasks may run forever.
+    """
+
+    heartbeat_period: float = 30.0
+    heartbeat_threshold: float = 120.0
+    task_timeout: Optional[float] = None
+    result_size_limit: int = 10 * 1024 * 1024
+    stop_grace_period: float = 10.0
+    worker_debug: bool = False
+    max_workers_per_node: Optional[float] = None
+    cores_per_worker: float = 1.0
+    mem_per_worker: Optional[float] = None
+    available_accelerators: Tuple[str, ...] = attr.ib(default=(), converter=_str_tuple)
+    prefetch_capacity: int = 1
+    worker_environment: Dict[str, str] = attr.Factory(dict)
+    batch_interval: float = 0.001
+
+    def to_json(self) -> Dict[str, Any]:
+        """A JSON-ready dict of these settings."""
+        data = attr.asdict(self)
+        data["available_accelerators"] = list(self.available_accelerators)
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any) -> ManagerSettings:
+        """Settings from :meth:`to_json`'s output; unknown keys are ignored."""
+        if not isinstance(data, dict):
+            raise InfoFileError("settings must be a JSON object")
+        known = {field.name for field in attr.fields(cls)}
+        try:
+            values = {key: value for key, value in data.items() if key in known}
+            for key in ("task_timeout", "max_workers_per_node", "mem_per_worker"):
+                if key in values:
+                    values[key] = _optional_float(values[key])
+            for key in (
+                "heartbeat_period",
+                "heartbeat_threshold",
+                "stop_grace_period",
+                "batch_interval",
+            ):
+                if key in values:
+                    values[key] = float(values[key])
+            for key in ("cores_per_worker",):
+                if key in values:
+                    values[key] = float(values[key])
+            for key in ("result_size_limit", "prefetch_capacity"):
+                if key in values:
+                    values[key] = int(values[key])
+            if "available_accelerators" in values:
+                values["available_accelerators"] = [
+                    str(a) for a in values["available_accelerators"]
+                ]
+            if "worker_environment" in values:
+                values["worker_environment"] = {
+                    str(k): str(v) for k, v in dict(values["worker_environment"]).items()
+                }
+            return cls(**values)
+        except (TypeError, ValueError) as exc:
+            raise InfoFileError(f"bad settings: {exc}") from None
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class ConnectionInfo:
+    """Where and how a manager connects to the interchange (the info file's content)."""
+
+    address: str
+    port: int
+    ca_cert_pem: str
+    secret: str = attr.ib(repr=False)
+    settings: ManagerSettings = attr.Factory(ManagerSettings)
+
+    def to_json(self) -> Dict[str, Any]:
+        """A JSON-ready dict, secret included."""
+        return {
+            "address": self.address,
+            "port": self.port,
+            "ca_cert_pem": self.ca_cert_pem,
+            "secret": self.secret,
+            "settings": self.settings.to_json(),
+        }
+
+    def write(self, path: str) -> None:
+        """Write the info file atomically, readable by the owner only (0600)."""
+        write_private_file(path, json.dumps(self.to_json(), indent=1).encode("utf-8"))
+
+    @classmethod
+    def read(cls, path: str) -> ConnectionInfo:
+        """Read an info file; InfoFileError saying what is wrong otherwise."""
+        try:
+            with open(path, "rb") as f:
+                data = json.loads(f.read().decode("utf-8"))
+        except OSError as exc:
+            raise InfoFileError(f"cannot read the manager info file {path}: {exc}") from None
+        except ValueError as exc:
+            raise InfoFileError(f"the manager info file {path} is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise InfoFileError(f"the manager info file {path} must hold a JSON object")
+        missing = [k for k in ("address", "port", "ca_cert_pem", "secret") if k not in data]
+        if missing:
+            raise InfoFileError(f"the manager info file {path} lacks {', '.join(missing)}")
+        try:
+            settings = ManagerSettings.from_json(data.get("settings", {}))
+            return cls(
+                address=str(data["address"]),
+                port=int(data["port"]),
+                ca_cert_pem=str(data["ca_cert_pem"]),
+                secret=str(data["secret"]),
+                settings=settings,
+            )
+        except (TypeError, ValueError) as exc:
+            raise InfoFileError(f"the manager info file {path} is invalid: {exc}") from None
+
+
+def info_file_is_private(path: str) -> bool:
+    """Whether only the owner may read ``path`` (as an info file must be)."""
+    return (os.stat(path).st_mode & 0o077) == 0

@@ -1,0 +1,473 @@
+"""The manager's service: connect to the interchange, register, run its tasks.
+
+:class:`ManagerService` connects (TLS, verifying the interchange's
+certificate against the CA from the info file, for the info file's
+address), registers, then starts its :class:`~funcx_endpoint.manager.pool.WorkerPool`
+with the settings the interchange answered.  Tasks from the interchange go
+to the pool; results from the pool go back in batches, one ``SendResults``
+per reactor turn.  Heartbeats go out every ``heartbeat_period``; an
+interchange silent for ``heartbeat_threshold``, a closed connection, a
+``Shutdown`` command or :meth:`stopService` (SIGTERM) stop the workers
+(TERM, then KILL after a grace) and end the service; :meth:`when_stopped`
+then fires with the process's exit status.
+
+:class:`InterchangeConnection` is the AMP I/O and holds no policy.  The
+connection is made once: a manager whose interchange went away exits, and
+the endpoint's scaling starts new ones.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import attr
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, connectionDone
+from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+from funcx_endpoint.executor.amp import (
+    CancelTask,
+    ConnectionInfo,
+    Heartbeat,
+    ManagerSettings,
+    Register,
+    RegistrationRefused,
+    SendResults,
+    Shutdown,
+    SubmitTasks,
+    local_versions,
+    read_unanswered,
+    send_unanswered,
+    versions_differ,
+)
+from funcx_endpoint.executor.interchange import set_no_delay
+from funcx_endpoint.manager.pool import WorkerPool
+
+__all__ = ["EXIT_LOST", "EXIT_OK", "EXIT_REFUSED", "InterchangeConnection", "ManagerService"]
+
+#: Exit statuses of a manager process.
+EXIT_OK = 0
+EXIT_LOST = 1  # the interchange went away or could not be reached
+EXIT_REFUSED = 3  # the interchange refused the registration
+EXIT_WORKERS = 4  # workers could not be started
+
+
+class InterchangeConnection(amp.AMP):
+    """The manager's end of the connection: AMP I/O, events to the manager."""
+
+    def __init__(self, manager: ManagerService) -> None:
+        super().__init__()
+        self._manager = manager
+
+    def connectionMade(self) -> None:
+        set_no_delay(self.transport)
+        super().connectionMade()
+        self._manager.connection_made(self)
+
+    def ampBoxReceived(self, box: amp.AmpBox) -> None:
+        manager = self._manager
+        manager.last_heard = manager.clock.seconds()
+        try:
+            tasks = read_unanswered(SubmitTasks, box, self)
+        except (ValueError, KeyError) as exc:
+            manager.log.error("Unreadable batch of tasks from the interchange: {error}", error=exc)
+            transport: Any = self.transport
+            transport.loseConnection()
+            return
+        if tasks is not None:
+            manager.tasks_received(tasks)
+            return
+        super().ampBoxReceived(box)
+
+    @SubmitTasks.responder
+    def submit_tasks(self, tasks: List[Tuple[str, bytes]]) -> Dict[str, Any]:
+        """Tasks sent with callRemote (the fast path in ampBoxReceived takes most)."""
+        self._manager.tasks_received(tasks)
+        return {}
+
+    @CancelTask.responder
+    def cancel_task(self, task_id: str) -> Dict[str, Any]:
+        """Cancel a task here; say whether it was here."""
+        return {"found": self._manager.cancel(task_id)}
+
+    @Heartbeat.responder
+    def heartbeat(self) -> Dict[str, Any]:
+        """Nothing to do: receiving any box counts as a sign of life."""
+        return {}
+
+    @Shutdown.responder
+    def shutdown(self, reason: str) -> Dict[str, Any]:
+        """The interchange says stop."""
+        self._manager.shutdown(f"the interchange asked: {reason}", EXIT_OK)
+        return {}
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        self._manager.connection_lost(self, reason)
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class ManagerIdentity:
+    """Who a manager says it is when it registers."""
+
+    manager_id: str = attr.Factory(lambda: str(uuid.uuid4()))
+    block_id: str = "0"
+    hostname: str = attr.Factory(socket.gethostname)
+    pid: int = attr.Factory(os.getpid)
+    worker_type: str = "no_container"
+    container_type: str = "RAW"
+
+
+class ManagerService(Service):
+    """One manager: a connection to the interchange and a pool of workers."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        info: ConnectionInfo,
+        identity: ManagerIdentity,
+        worker_count: int,
+        log_dir: str,
+        *,
+        settings: Optional[ManagerSettings] = None,
+        worker_command: Optional[Sequence[str]] = None,
+        connect_attempts: int = 10,
+        connect_timeout: float = 10.0,
+        endpoint: Optional[IStreamClientEndpoint] = None,
+    ) -> None:
+        self.reactor = reactor
+        self.clock = reactor
+        self.info = info
+        self.identity = identity
+        self.worker_count = worker_count
+        self.log_dir = log_dir
+        self.settings = settings or info.settings
+        self.worker_command = worker_command
+        self.connect_attempts = connect_attempts
+        self.connect_timeout = connect_timeout
+        self._endpoint = endpoint
+        self.pool: Optional[WorkerPool] = None
+        self.connection: Optional[InterchangeConnection] = None
+        self._connecting: Optional[InterchangeConnection] = None
+        self.last_heard = 0.0
+        self._attempt: Optional[Deferred[Any]] = None
+        self._disconnected: Optional[Deferred[None]] = None
+        self._heartbeats: Optional[LoopingCall] = None
+        self._outbox: List[bytes] = []
+        self._last_flush = -1.0
+        self._flush_call: Optional[IDelayedCall] = None
+        self._finishing = False
+        self._exit_code: Optional[int] = None
+        self._stop_waiters: List[Deferred[int]] = []
+        self.results_sent = 0
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def startService(self) -> None:
+        """Start connecting to the interchange (workers start once registered)."""
+        super().startService()
+        connecting = Deferred.fromCoroutine(self._connect())
+        connecting.addErrback(self._connect_failed)
+
+    async def _connect(self) -> None:
+        """Connect and register, retrying a few times; then the workers start.
+
+        A manager connects once: if its connection breaks later it exits, and
+        the endpoint's scaling starts a new one.  (So this is a bounded first
+        attempt, not a reconnecting ClientService.)
+        """
+        endpoint = self._endpoint or self.client_endpoint()
+        factory = Factory.forProtocol(lambda: InterchangeConnection(self))
+        factory.noisy = False
+        delay = 0.2
+        problem = "no attempt made"
+        for attempt in range(1, self.connect_attempts + 1):
+            try:
+                if attempt > 1:
+                    self._attempt = deferLater(self.clock, delay, lambda: None)
+                    await self._attempt
+                    delay = min(delay * 2, 5.0)
+                self._attempt = endpoint.connect(factory)
+                connection = await self._attempt
+                # Not cancellable (AMP answers cannot be): shutdown drops the
+                # connection instead, which fails the call.
+                self._attempt = None
+                answer = await self._send_registration(connection)
+            except RegistrationRefused as exc:
+                self.log.error("The interchange refused this manager: {why}", why=exc)
+                self.shutdown(f"the interchange refused this manager: {exc}", EXIT_REFUSED)
+                return
+            except Exception as exc:
+                if self._finishing:
+                    return
+                problem = f"{type(exc).__name__}: {exc}"
+                self.log.warn(
+                    "Could not connect to the interchange at {address}:{port} "
+                    "(attempt {attempt} of {attempts}): {problem}",
+                    address=self.info.address,
+                    port=self.info.port,
+                    attempt=attempt,
+                    attempts=self.connect_attempts,
+                    problem=problem,
+                )
+                self._drop(self._connecting)
+                continue
+            finally:
+                self._attempt = None
+            if self._finishing:
+                self._drop(self._connecting)
+                return
+            self._registered(answer, self._connecting)
+            return
+        self.shutdown(
+            f"could not connect to the interchange at {self.info.address}:{self.info.port} "
+            f"after {self.connect_attempts} attempts: {problem}",
+            EXIT_LOST,
+        )
+
+    def _connect_failed(self, failure: Failure) -> None:
+        self.log.failure("Connecting to the interchange failed", failure)
+        self.shutdown(f"connecting failed: {failure.getErrorMessage()}", EXIT_LOST)
+
+    @staticmethod
+    def _drop(connection: Optional[InterchangeConnection]) -> None:
+        transport: Any = connection.transport if connection is not None else None
+        if transport is not None:
+            transport.loseConnection()
+
+    def client_endpoint(self) -> IStreamClientEndpoint:
+        """TLS to the info file's address and port, trusting only the info file's CA."""
+        trust = Certificate.loadPEM(self.info.ca_cert_pem.encode("ascii"))
+        tcp = HostnameEndpoint(
+            self.reactor, self.info.address, self.info.port, timeout=self.connect_timeout
+        )
+        return wrapClientTLS(optionsForClientTLS(self.info.address, trustRoot=trust), tcp)
+
+    def stopService(self) -> Deferred[int]:
+        """Stop workers and disconnect; fires (with the exit status) when done."""
+        Service.stopService(self)
+        self.shutdown("asked to stop (signal)", EXIT_OK)
+        return self.when_stopped()
+
+    def when_stopped(self) -> Deferred[int]:
+        """A new Deferred firing with the exit status once the manager has stopped."""
+        waiter: Deferred[int] = Deferred()
+        if self._exit_code is not None and not self._finishing:
+            waiter.callback(self._exit_code)
+        else:
+            self._stop_waiters.append(waiter)
+        return waiter
+
+    # -- registration -------------------------------------------------------
+
+    def connection_made(self, connection: InterchangeConnection) -> None:
+        """A connection is up (not registered yet)."""
+        self._connecting = connection
+
+    def _send_registration(self, connection: Any) -> Deferred[Dict[str, Any]]:
+        identity = self.identity
+        details = dict(
+            secret=self.info.secret,
+            manager_id=identity.manager_id,
+            block_id=identity.block_id,
+            hostname=identity.hostname,
+            pid=identity.pid,
+            worker_count=self.worker_count,
+            prefetch_capacity=self.settings.prefetch_capacity,
+            worker_type=identity.worker_type,
+            container_type=identity.container_type,
+            **local_versions(),
+        )
+        answer: Deferred[Dict[str, Any]] = connection.callRemote(Register, **details)
+        return answer
+
+    def _registered(
+        self, answer: Dict[str, Any], connection: Optional[InterchangeConnection]
+    ) -> None:
+        assert connection is not None
+        if self._finishing:
+            self._drop(connection)
+            return
+        timeout = answer["task_timeout"]
+        self.settings = attr.evolve(
+            self.settings,
+            task_timeout=timeout if timeout > 0 else None,
+            result_size_limit=answer["result_size_limit"],
+            heartbeat_period=answer["heartbeat_period"],
+            heartbeat_threshold=answer["heartbeat_threshold"],
+            stop_grace_period=answer["stop_grace_period"],
+            worker_debug=answer["worker_debug"] or self.settings.worker_debug,
+            batch_interval=answer["batch_interval"],
+        )
+        self.connection = connection
+        self.last_heard = self.clock.seconds()
+        theirs = {k: answer[k] for k in ("python_version", "dill_version", "funcx_version")}
+        self.log.info(
+            "Registered as manager {manager_id} (block {block_id}) with the interchange at "
+            "{address}:{port}; starting {count} workers",
+            manager_id=self.identity.manager_id,
+            block_id=self.identity.block_id,
+            address=self.info.address,
+            port=self.info.port,
+            count=self.worker_count,
+        )
+        if versions_differ(local_versions(), theirs):
+            self.log.warn(
+                "The endpoint runs Python {python} and dill {dill}; this manager runs "
+                "{mine}: functions serialized there may not load here",
+                python=theirs["python_version"],
+                dill=theirs["dill_version"],
+                mine=local_versions(),
+            )
+        self.pool = WorkerPool(
+            self.reactor,
+            self.worker_count,
+            self.settings,
+            self.log_dir,
+            on_result=self._result_ready,
+            on_fatal=self._workers_failed,
+            hostname=self.identity.hostname,
+            worker_command=self.worker_command,
+        )
+        self.pool.start()
+        heartbeats = LoopingCall(self._heartbeat)
+        heartbeats.clock = self.clock
+        heartbeats.start(self.settings.heartbeat_period, now=False)
+        self._heartbeats = heartbeats
+
+    # -- traffic --------------------------------------------------------------
+
+    def tasks_received(self, tasks: List[Tuple[str, bytes]]) -> None:
+        """Tasks from the interchange: to the pool."""
+        if self.pool is not None:
+            self.pool.submit(tasks)
+
+    def cancel(self, task_id: str) -> bool:
+        """Cancel a task here; whether it was found."""
+        return self.pool is not None and self.pool.cancel(task_id)
+
+    def _result_ready(self, packed: bytes) -> None:
+        self._outbox.append(packed)
+        if self._flush_call is None:
+            wait = self._last_flush + self.settings.batch_interval - self.clock.seconds()
+            pool = self.pool
+            if pool is not None and pool.queued < pool.worker_count:
+                # Workers will soon wait for tasks, which come only once the
+                # interchange has these results: no delay.  (Holding results
+                # while the queue lasts makes big batches under load; the
+                # interchange, which sees the completion rate, makes sure the
+                # queue is refilled in time.)
+                wait = 0.0
+            self._flush_call = self.clock.callLater(max(wait, 0.0), self._flush)
+
+    def _flush(self) -> None:
+        """Send the results gathered so far, in one batch."""
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        if not self._outbox or self.connection is None:
+            return
+        self._last_flush = self.clock.seconds()
+        outbox, self._outbox = self._outbox, []
+        try:
+            send_unanswered(self.connection, SendResults, results=outbox)
+        except Exception as exc:
+            self.log.warn("Could not send {count} results: {error}", count=len(outbox), error=exc)
+            return
+        self.results_sent += len(outbox)
+
+    def _heartbeat(self) -> None:
+        silence = self.clock.seconds() - self.last_heard
+        if silence > self.settings.heartbeat_threshold:
+            self.shutdown(
+                f"the interchange sent nothing for {silence:.0f} s (heartbeat_threshold "
+                f"is {self.settings.heartbeat_threshold:g} s)",
+                EXIT_LOST,
+            )
+            return
+        if self.connection is not None:
+            try:
+                send_unanswered(self.connection, Heartbeat)
+            except Exception as exc:
+                self.log.warn("Could not send a heartbeat: {error}", error=exc)
+
+    def connection_lost(self, connection: InterchangeConnection, reason: Failure) -> None:
+        """The connection closed: a registered manager has nothing left to do."""
+        if self._disconnected is not None and connection in (self.connection, self._connecting):
+            waiter, self._disconnected = self._disconnected, None
+            waiter.callback(None)
+        if connection is self.connection:
+            self.connection = None
+            self.shutdown(
+                f"lost the connection to the interchange ({reason.getErrorMessage()})",
+                EXIT_LOST,
+            )
+
+    def _workers_failed(self, reason: str) -> None:
+        self.shutdown(f"workers cannot start: {reason}", EXIT_WORKERS)
+
+    # -- stopping -------------------------------------------------------------
+
+    def shutdown(self, reason: str, exit_code: int) -> None:
+        """Stop everything once; :meth:`when_stopped` fires with ``exit_code``."""
+        if self._finishing or self._exit_code is not None:
+            return
+        self._finishing = True
+        self._exit_code = exit_code
+        log = self.log.info if exit_code == EXIT_OK else self.log.warn
+        log(
+            "Manager {manager_id} stopping: {reason}",
+            manager_id=self.identity.manager_id,
+            reason=reason,
+        )
+        if self._attempt is not None:
+            self._attempt.cancel()
+        # On the next turn: this may be called from a connection's callbacks.
+        self.clock.callLater(0, self._begin_shutdown)
+
+    def _begin_shutdown(self) -> None:
+        done = Deferred.fromCoroutine(self._shutdown())
+        done.addErrback(lambda failure: self.log.failure("Stopping failed", failure))
+        done.addBoth(self._stopped)
+
+    async def _shutdown(self) -> None:
+        if self._heartbeats is not None and self._heartbeats.running:
+            self._heartbeats.stop()
+        if self.pool is not None:
+            self._flush()
+            await self.pool.stop()
+        self._flush()
+        if self._flush_call is not None:
+            self._flush_call.cancel()
+            self._flush_call = None
+        connection = self.connection or self._connecting
+        transport: Any = connection.transport if connection is not None else None
+        if transport is not None:
+            lost = Deferred()  # type: Deferred[None]
+            self._disconnected = lost
+            transport.loseConnection()
+            await lost
+
+    def _stopped(self, _: Any) -> None:
+        self._finishing = False
+        code = self._exit_code if self._exit_code is not None else EXIT_LOST
+        self.log.info(
+            "Manager {manager_id} stopped (exit status {code})",
+            manager_id=self.identity.manager_id,
+            code=code,
+        )
+        waiters, self._stop_waiters = self._stop_waiters, []
+        for waiter in waiters:
+            waiter.callback(code)

@@ -1,0 +1,159 @@
+"""Running one task: deserialize, call, serialize; every outcome is a Result.
+
+:class:`TaskRunner` turns a task buffer into the packed
+:class:`~funcx_endpoint.protocol.Result` message a worker sends back, and
+never raises for anything the task does: the user's exception becomes a
+``RemoteExecutionError`` whose data is the traceback starting at the user's
+own frames, a buffer that cannot be loaded a ``DeserializationError``, a
+result that is too big ``MaxResultSizeExceeded``.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections import OrderedDict
+from types import TracebackType
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import dill
+
+from funcx_endpoint.protocol import (
+    ActorName,
+    ErrorCode,
+    Result,
+    ResultErrorDetails,
+    TaskState,
+    TaskTransition,
+    pack,
+    serialize,
+    unpack_task_buffer,
+)
+from funcx_endpoint.version import __version__
+from funcx_endpoint.worker.frames import PHASE_LOADING, PHASE_RUNNING
+
+#: The default largest serialized result, in bytes (as funcX).
+DEFAULT_RESULT_SIZE_LIMIT = 10 * 1024 * 1024
+#: Loaded functions kept per worker, keyed by their serialized form.
+FUNCTION_CACHE_SIZE = 128
+
+_THIS_FILE = __file__
+
+
+def python_version() -> str:
+    """This interpreter's version, e.g. ``3.11.7``."""
+    return "{}.{}.{}".format(*sys.version_info[:3])
+
+
+def versions() -> Dict[str, str]:
+    """The versions that decide whether serialized code loads here."""
+    return {"python": python_version(), "dill": dill.__version__, "funcx": __version__}
+
+
+class FunctionCache(OrderedDict):
+    """Loaded functions by serialized function part; least recently used go first.
+
+    ``on_miss`` is called when a lookup finds nothing, that is just before
+    the function is loaded.
+    """
+
+    def __init__(
+        self, size: int = FUNCTION_CACHE_SIZE, on_miss: Callable[[], None] = lambda: None
+    ) -> None:
+        super().__init__()
+        self.size = size
+        self.on_miss = on_miss
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        value = super().get(key, default)
+        if value is default:
+            self.on_miss()
+        else:
+            self.move_to_end(key)
+        return value
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        if len(self) > self.size:
+            self.popitem(last=False)
+
+
+def _user_traceback(exc: BaseException) -> str:
+    """The traceback of ``exc`` without the frames of this module above the user's."""
+    tb: Optional[TracebackType] = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == _THIS_FILE:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def _summary(exc: BaseException) -> str:
+    """``Type: message``, the last line of a traceback."""
+    return "".join(traceback.format_exception_only(type(exc), exc)).strip()
+
+
+class TaskRunner:
+    """Runs tasks one at a time, with a cache of loaded functions.
+
+    ``report_phase`` is called with a phase byte (see
+    :mod:`funcx_endpoint.worker.frames`) before a function that is not in
+    the cache is loaded, and again once it is loaded.
+    """
+
+    def __init__(
+        self,
+        result_size_limit: int = DEFAULT_RESULT_SIZE_LIMIT,
+        report_phase: Callable[[bytes], None] = lambda phase: None,
+        cache_size: int = FUNCTION_CACHE_SIZE,
+    ) -> None:
+        self.result_size_limit = result_size_limit
+        self._report_phase = report_phase
+        self._functions = FunctionCache(cache_size, self._loading_function)
+        self._loading = False
+
+    def _loading_function(self) -> None:
+        self._loading = True
+        self._report_phase(PHASE_LOADING)
+
+    def run(self, task_id: str, running_ns: int, task_buffer: str) -> bytes:
+        """The packed Result message of running ``task_buffer``."""
+        statuses = [TaskTransition(running_ns, TaskState.RUNNING, ActorName.MANAGER)]
+        try:
+            fn, args, kwargs = self._load(task_buffer)
+        except Exception as exc:
+            message = f"Task {task_id} could not be deserialized: {exc}"
+            return self._failure(task_id, ErrorCode.DESERIALIZATION_ERROR, message, statuses)
+        statuses.append(TaskTransition.now(TaskState.EXECUTION_START, ActorName.WORKER))
+        try:
+            value = fn(*args, **kwargs)
+        except BaseException as exc:  # the user's code may raise anything, SystemExit too
+            statuses.append(TaskTransition.now(TaskState.EXECUTION_END, ActorName.WORKER))
+            text = _user_traceback(exc)
+            details = ResultErrorDetails(ErrorCode.REMOTE_EXECUTION_ERROR, _summary(exc))
+            return pack(Result(task_id, text, details, statuses))
+        statuses.append(TaskTransition.now(TaskState.EXECUTION_END, ActorName.WORKER))
+        try:
+            data = serialize(value)
+        except Exception as exc:
+            message = f"The result of task {task_id} could not be serialized: {exc}"
+            return self._failure(task_id, ErrorCode.REMOTE_EXECUTION_ERROR, message, statuses)
+        del value
+        size = len(data)
+        if size > self.result_size_limit:
+            message = (
+                f"The result of task {task_id} is {size} bytes serialized, more than the "
+                f"result size limit of {self.result_size_limit} bytes"
+            )
+            return self._failure(task_id, ErrorCode.MAX_RESULT_SIZE_EXCEEDED, message, statuses)
+        return pack(Result(task_id, data, None, statuses))
+
+    def _load(self, task_buffer: str) -> Tuple[Callable[..., Any], Tuple[Any, ...], Dict[str, Any]]:
+        try:
+            return unpack_task_buffer(task_buffer, function_cache=self._functions)
+        finally:
+            if self._loading:
+                self._loading = False
+                self._report_phase(PHASE_RUNNING)
+
+    @staticmethod
+    def _failure(task_id: str, code: str, message: str, statuses: List[TaskTransition]) -> bytes:
+        return pack(Result.failure(task_id, code, message, task_statuses=statuses))
