@@ -129,3 +129,451 @@ class StreamTests(TransportTestCase):
 
     def test_wrong_password(self) -> Deferred[None]:
         return ensureDeferred(self._wrong_password())
+
+
+class TLSTests(TransportTestCase):
+    async def _unknown_ca(self) -> None:
+        from funcx_endpoint import tls
+
+        other_ca = os.path.abspath(self.mktemp())
+        with open(other_ca, "wb") as f:
+            f.write(tls.make_ca("Some other CA").cert_pem)
+        transport = self.make_transport(ca_file=other_ca)
+        transport.startService()
+        self.addCleanup(self.stop_transport, transport)
+        with self.assertRaises(StartupError) as cm:
+            await transport.when_ready()
+        self.assertIn("TLS verification of the broker", cm.exception.message)
+        self.assertIn("amqp_ca_file", cm.exception.message)
+
+    def test_unknown_ca(self) -> Deferred[None]:
+        return ensureDeferred(self._unknown_ca())
+
+    async def _wrong_host_name(self) -> None:
+        # A TLS server whose certificate names another host, signed by a CA we trust.
+        from twisted.internet.protocol import Factory, Protocol
+        from twisted.internet.ssl import PrivateCertificate
+
+        from funcx_endpoint import tls
+
+        ca = tls.make_ca("Test CA")
+        cert, key = tls.make_server_cert(ca, hostnames=["other.example"], ips=[])
+        ca_file = os.path.abspath(self.mktemp())
+        with open(ca_file, "wb") as f:
+            f.write(ca.cert_pem)
+
+        server = PrivateCertificate.loadPEM(cert + key)
+        port = reactor.listenSSL(
+            0, Factory.forProtocol(Protocol), server.options(), interface="127.0.0.1"
+        )
+        self.addCleanup(port.stopListening)
+        url = f"amqps://u:p@localhost:{port.getHost().port}/%2F"
+        transport = self.make_transport(url=url, ca_file=ca_file)
+        transport.startService()
+        self.addCleanup(self.stop_transport, transport)
+        with self.assertRaises(StartupError) as cm:
+            await transport.when_ready()
+        self.assertIn("TLS verification of the broker at localhost", cm.exception.message)
+
+    def test_wrong_host_name(self) -> Deferred[None]:
+        return ensureDeferred(self._wrong_host_name())
+
+
+class DeliveryTests(TransportTestCase):
+    """The delivery promise on the shared node."""
+
+    def holding_transport(self, **kwargs: Any) -> Any:
+        from funcx_endpoint.testing.interchanges import HoldingInterchange
+
+        interchange = HoldingInterchange()
+        transport = self.make_transport(**kwargs)
+        transport.interchange = interchange
+        interchange.on_results = transport._on_results
+        return transport, interchange
+
+    async def _second_instance(self) -> None:
+        first = self.make_transport()
+        await self.start_transport(first)
+        second = self.make_transport()
+        second.startService()
+        self.addCleanup(self.stop_transport, second)
+        with self.assertRaises(StartupError) as cm:
+            await second.when_ready()
+        self.assertIn("already consumed by another endpoint instance", cm.exception.message)
+        self.assertEqual(cm.exception.exit_code, 69)
+        # The first one still works.
+        tasks = make_tasks(10)
+        await self.service.publish_tasks(self.endpoint_id, tasks)
+        await self.service.when(lambda: self.service.answered([t.task_id for t in tasks]), 30)
+
+    def test_second_instance_refused(self) -> Deferred[None]:
+        return ensureDeferred(self._second_instance())
+
+    async def _missing_queue(self) -> None:
+        self.endpoint_id = str(uuid.uuid4())  # never declared
+        transport = self.make_transport()
+        transport.startService()
+        self.addCleanup(self.stop_transport, transport)
+        with self.assertRaises(StartupError) as cm:
+            await transport.when_ready()
+        self.assertIn(f"queue '{self.endpoint_id}.tasks'", cm.exception.message)
+
+    def test_missing_queue_is_fatal(self) -> Deferred[None]:
+        return ensureDeferred(self._missing_queue())
+
+    async def _poison(self) -> None:
+        import json
+
+        transport = self.make_transport()
+        await self.start_transport(transport)
+        good = make_tasks(20)
+        bad_with_id = str(uuid.uuid4())
+        bad_buffer_id = str(uuid.uuid4())
+        bodies = [
+            b"\x02" + b'{"message_type":"task","data":{}}',  # bad version byte
+            b"\x01{not json",  # bad JSON
+            b"\x01" + json.dumps({"message_type": "nope", "data": {}}).encode(),
+            b"\x01"
+            + json.dumps({"message_type": "task", "data": {"task_id": bad_with_id}}).encode(),
+            b"\x01"
+            + json.dumps(
+                {"message_type": "task", "data": {"task_id": bad_buffer_id, "task_buffer": 7}}
+            ).encode(),
+            b"",
+        ]
+        from funcx_endpoint.protocol import pack
+
+        mixed = []
+        for i, task in enumerate(good):
+            mixed.append(pack(task))
+            if i < len(bodies):
+                mixed.append(bodies[i])
+        await self.service.publish_raw(self.endpoint_id, mixed)
+        ids = [t.task_id for t in good] + [bad_with_id, bad_buffer_id]
+        await self.service.when(lambda: self.service.answered(ids), 30)
+        for task in good:
+            [result] = self.service.results[task.task_id]
+            self.assertFalse(result.is_error)
+        for task_id in (bad_with_id, bad_buffer_id):
+            [result] = self.service.results[task_id]
+            self.assertTrue(result.is_error)
+            self.assertEqual(result.error_details.code, "MalformedTask")
+            self.assertIn("malformed task message", result.error_details.user_message)
+        self.assertEqual(transport.counts["malformed"], 6)
+        # Nothing is left in the queue or unacknowledged: the unreadable ones
+        # were rejected without requeue, the others answered.
+        await wait_until(lambda: transport._acks.unacked == 0)
+        self.assertEqual(len(transport.tracker), 0)
+        self.flushLoggedErrors()
+
+    def test_poison_messages(self) -> Deferred[None]:
+        return ensureDeferred(self._poison())
+
+    async def _clean_stop_releases(self) -> None:
+        transport, interchange = self.holding_transport()
+        await self.start_transport(transport)
+        tasks = make_tasks(30)
+        await self.service.publish_tasks(self.endpoint_id, tasks)
+        await wait_until(lambda: len(interchange.held) == 30)
+        started = [t.task_id for t in tasks[:5]]
+        interchange.start_tasks(started)
+        # The running ones finish while the endpoint drains.
+        reactor.callLater(0.5, interchange.answer, started)
+        await transport.drain(grace=10)
+        await transport.stopService()
+        self.assertTrue(self.service.answered(started))
+        self.assertFalse(any(t.task_id in self.service.results for t in tasks[5:]))
+        # The 25 released tasks go to the next instance, which answers them.
+        successor = self.make_transport()
+        await self.start_transport(successor)
+        rest = [t.task_id for t in tasks[5:]]
+        await self.service.when(lambda: self.service.answered(rest), 30)
+        counts = self.service.counts([t.task_id for t in tasks])
+        self.assertEqual((counts["lost"], counts["duplicated"]), (0, 0))
+
+    def test_clean_stop_releases_unstarted_tasks(self) -> Deferred[None]:
+        return ensureDeferred(self._clean_stop_releases())
+
+    async def _redelivered_not_rerun(self) -> None:
+        transport, interchange = self.holding_transport()
+        await self.start_transport(transport)
+        tasks = make_tasks(50)
+        await self.service.publish_tasks(self.endpoint_id, tasks)
+        await wait_until(lambda: len(interchange.held) == 50)
+        generation = transport._generation
+        # The broker drops every connection: the held tasks are delivered again.
+        await self.node.close_all_connections_async(reactor)
+        await wait_until(lambda: transport._generation > generation, 30)
+        try:
+            await wait_until(lambda: transport.counts["tasks_redelivered_running"] >= 50, 30)
+        except TimeoutError:
+            queues = await self.node.rabbitmqctl_async(
+                reactor, "list_queues", "name", "messages_ready", "messages_unacknowledged"
+            )
+            self.fail(f"not redelivered: {transport.counts} {queues}")
+
+        self.assertEqual(set(interchange.submissions.values()), {1})
+        interchange.answer()
+        ids = [t.task_id for t in tasks]
+        try:
+            await self.service.when(lambda: self.service.answered(ids), 30)
+        except TimeoutError:
+            self.fail(
+                f"not answered: held={len(interchange.held)} {interchange.on_results} "
+                f"{transport.counts} {transport.status_fields()} "
+                f"{self.service.counts(ids)} service conn {self.service.conn.state()}"
+            )
+
+        await wait_until(lambda: transport._acks.unacked == 0)
+        counts = self.service.counts(ids)
+        self.assertEqual((counts["lost"], counts["duplicated"]), (0, 0))
+        self.assertEqual(set(interchange.submissions.values()), {1})
+
+    def test_redelivered_task_not_run_twice(self) -> Deferred[None]:
+        return ensureDeferred(self._redelivered_not_rerun())
+
+    async def _status_reports(self) -> None:
+        from funcx_endpoint.endpoint.status import StatusReporter
+
+        transport = self.make_transport()
+        await self.start_transport(transport)
+        reporter = StatusReporter(
+            reactor,
+            lambda: self.endpoint_id,
+            transport.interchange,
+            transport.publish_status,
+            period=0.2,
+            extra=transport.status_fields,
+        )
+        reporter.startService()
+        await self.service.when(lambda: len(self.service.reports) >= 3, 10)
+        await reporter.stopService()
+        await self.service.when(lambda: any(r.is_final for r in self.service.reports), 10)
+        first = self.service.reports[0]
+        self.assertEqual(first.endpoint_id, self.endpoint_id)
+        self.assertEqual(first.global_state["heartbeat_period"], 0.2)
+        self.assertIn("tasks_in_flight", first.global_state)
+        self.assertEqual(self.service.reports[-1].global_state["heartbeat_period"], 0)
+
+    def test_status_reports(self) -> Deferred[None]:
+        return ensureDeferred(self._status_reports())
+
+
+class FaultTests(TransportTestCase):
+    """Faults of the broker and the endpoint, on a node of their own.
+
+    Each counts submitted, answered, lost and duplicated task ids at the
+    service side; lost must be 0.  The service deduplicates results by task
+    id, so what a client sees has no duplicates; the raw count of results
+    received more than once is reported in the assertion messages.
+    """
+
+    # Started on first use; the rabbitmq module stops every node a process
+    # started when the process exits.
+    fault_node: Any = None
+
+    async def set_up(self) -> None:
+        if FaultTests.fault_node is None:
+            from funcx_endpoint.testing.rabbitmq import RabbitMQNode
+
+            node = RabbitMQNode()
+            await node.start_async(reactor)
+            FaultTests.fault_node = node
+        self.node = FaultTests.fault_node
+        if not self.node.running:
+            await self.node.start_async(reactor)
+
+        self.service = ServiceSide(reactor, self.node.amqps_url, self.node.ca_cert_path)
+        await self.service.start()
+        self.addCleanup(lambda: ensureDeferred(self.service.stop()))
+        self.endpoint_id = str(uuid.uuid4())
+        await self.service.add_endpoint(self.endpoint_id)
+        self.spool_dir = os.path.abspath(self.mktemp())
+
+    def assert_none_lost(self, ids: List[str]) -> None:
+        counts = self.service.counts(ids)
+        self.assertEqual(counts["lost"], 0, counts)
+        self.assertEqual(counts["answered"], len(ids), counts)
+
+    async def _broker_restart(self) -> None:
+        transport = self.make_transport()
+        await self.start_transport(transport)
+        tasks = make_tasks(5000)
+        ids = [t.task_id for t in tasks]
+        publishing = ensureDeferred(self.service.publish_tasks(self.endpoint_id, tasks))
+        await wait_until(lambda: len(self.service.results) >= 1000, 60)
+        await self.node.restart_async(reactor, graceful=True)
+        await publishing
+        await self.service.when(lambda: self.service.answered(ids), 120)
+        self.assert_none_lost(ids)
+        await wait_until(lambda: len(transport.tracker) == 0, 30)
+        self.assertGreaterEqual(transport.tasks_conn.connections, 2)
+
+    def test_broker_restart_mid_stream(self) -> Deferred[None]:
+        return ensureDeferred(self._broker_restart())
+
+    async def _connections_closed(self) -> None:
+        transport = self.make_transport()
+        await self.start_transport(transport)
+        tasks = make_tasks(3000)
+        ids = [t.task_id for t in tasks]
+        publishing = ensureDeferred(self.service.publish_tasks(self.endpoint_id, tasks))
+        await wait_until(lambda: len(self.service.results) >= 500, 60)
+        await self.node.close_all_connections_async(reactor, "rabbitmqctl close_connection test")
+        await publishing
+        await self.service.when(lambda: self.service.answered(ids), 120)
+        self.assert_none_lost(ids)
+        await wait_until(lambda: transport.tasks_conn.connections >= 2, 30)
+        await wait_until(lambda: transport.results_conn.connections >= 2, 30)
+
+    def test_connections_closed_by_broker(self) -> Deferred[None]:
+        return ensureDeferred(self._connections_closed())
+
+    def registration_file(self) -> str:
+        import json
+
+        from funcx_endpoint.amqp import topology
+        from funcx_endpoint.testing.broker import _unredacted
+
+        url = _unredacted(self.service.url)
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            json.dump(
+                {
+                    "endpoint_id": self.endpoint_id,
+                    **topology.registration_queue_info(self.endpoint_id, url, url),
+                },
+                f,
+            )
+        return path
+
+    async def spawn_endpoint(self, registration: str, delay: float = 0.0) -> Any:
+        import subprocess
+        import sys
+
+        from tests.support import child_env
+
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "funcx_endpoint.testing.echo_endpoint",
+                registration,
+                self.spool_dir,
+                self.node.ca_cert_path,
+                str(delay),
+            ],
+            stdout=subprocess.PIPE,
+            env=child_env(),
+        )
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        self.addCleanup(proc.stdout.close)
+        line = await deferToThread(proc.stdout.readline)
+        self.assertEqual(line.strip(), b"ready")
+        return proc
+
+    async def _kill_9(self) -> None:
+        import signal
+
+        registration = self.registration_file()
+        proc = await self.spawn_endpoint(registration)
+        tasks = make_tasks(4000)
+        ids = [t.task_id for t in tasks]
+        publishing = ensureDeferred(self.service.publish_tasks(self.endpoint_id, tasks))
+        await wait_until(lambda: len(self.service.results) >= 800, 60)
+        proc.send_signal(signal.SIGKILL)
+        await deferToThread(proc.wait)
+        answered_at_kill = len(self.service.results)
+        self.assertLess(answered_at_kill, 4000)
+        await publishing
+        await self.spawn_endpoint(registration)
+        await self.service.when(lambda: self.service.answered(ids), 120)
+        self.assert_none_lost(ids)
+
+    def test_kill_9_endpoint_mid_stream(self) -> Deferred[None]:
+        return ensureDeferred(self._kill_9())
+
+    async def _spool_after_crash(self) -> None:
+        import signal
+
+        registration = self.registration_file()
+        # Tasks take 3 s: the broker goes away while they run, so their results
+        # cannot be published and are spooled; then the endpoint is killed.
+        proc = await self.spawn_endpoint(registration, delay=3.0)
+        tasks = make_tasks(300)
+        ids = [t.task_id for t in tasks]
+        await self.service.publish_tasks(self.endpoint_id, tasks)
+        queue = f"{self.endpoint_id}.tasks"
+
+        async def unacked() -> int:
+            out = await self.node.rabbitmqctl_async(
+                reactor,
+                "list_queues",
+                "--quiet",
+                "--no-table-headers",
+                "name",
+                "messages_unacknowledged",
+            )
+            for line in out.splitlines():
+                name, _, count = line.partition("\t")
+                if name == queue:
+                    return int(count)
+            return 0
+
+        while await unacked() < 300:
+            await sleep(0.1)
+        await self.node.stop_async(reactor, graceful=False)
+        spool = self.spool_dir
+        await wait_until(lambda: os.path.isdir(spool) and len(os.listdir(spool)) == 300, 30)
+        spooled = len(os.listdir(spool))
+        proc.send_signal(signal.SIGKILL)
+        await deferToThread(proc.wait)
+        await self.node.start_async(reactor)
+        await self.service.conn.when_connected()
+        await self.spawn_endpoint(registration)
+        await self.service.when(lambda: self.service.answered(ids), 120)
+        self.assert_none_lost(ids)
+        # The spooled results were sent and removed.
+        await wait_until(lambda: len(os.listdir(spool)) == 0, 30)
+        self.assertEqual(spooled, 300)
+
+    def test_spooled_results_sent_after_crash(self) -> Deferred[None]:
+        return ensureDeferred(self._spool_after_crash())
+
+    async def _too_large(self) -> None:
+        from funcx_endpoint.testing.interchanges import HoldingInterchange
+
+        await self.node.rabbitmqctl_async(
+            reactor, "eval", "application:set_env(rabbit, max_message_size, 1048576)."
+        )
+        self.addCleanup(
+            lambda: self.node.rabbitmqctl_async(
+                reactor, "eval", "application:set_env(rabbit, max_message_size, 134217728)."
+            )
+        )
+        interchange = HoldingInterchange()
+        transport = self.make_transport()
+        transport.interchange = interchange
+        interchange.on_results = transport._on_results
+        await self.start_transport(transport)
+        tasks = make_tasks(6)
+        ids = [t.task_id for t in tasks]
+        await self.service.publish_tasks(self.endpoint_id, tasks)
+        await wait_until(lambda: len(interchange.held) == 6)
+        interchange.answer(ids[:2], data="small")
+        interchange.answer(ids[2:3], raw_data="x" * 2_000_000)
+        interchange.answer(ids[3:], data="small too")
+        await self.service.when(lambda: self.service.answered(ids), 60)
+        self.assert_none_lost(ids)
+        [big] = self.service.results[ids[2]]
+        self.assertTrue(big.is_error)
+        self.assertEqual(big.error_details.code, "MaxResultSizeExceeded")
+        self.assertIn(
+            "larger than the broker's limit of 1048576 bytes", big.error_details.user_message
+        )
+        for task_id in ids[:2] + ids[3:]:
+            self.assertFalse(self.service.results[task_id][-1].is_error)
+        await wait_until(lambda: len(transport.tracker) == 0, 30)
+
+    def test_result_larger_than_broker_allows(self) -> Deferred[None]:
+        return ensureDeferred(self._too_large())

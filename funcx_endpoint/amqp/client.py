@@ -318,11 +318,21 @@ class FastChannel(AMQChannel):
     def __init__(self, id: int, outgoing: Any, client: AMQPClient) -> None:
         super().__init__(id, outgoing, client)
         self.handlers = ChannelHandlers()
+        self._close_notified = False
+
         # content being assembled: (message, header size, chunks, received)
         self._pending: Any = None
         self._pending_size = 0
         self._pending_chunks: List[bytes] = []
         self._pending_received = 0
+
+    def notify_closed(self, reason: Any) -> None:
+        """Tell the channel's owner, once, that the channel is gone (and why)."""
+        if self._close_notified:
+            return
+        self._close_notified = True
+        if self.handlers.on_close is not None:
+            self.handlers.on_close(reason)
 
     def publish(
         self,
@@ -411,8 +421,7 @@ class AMQPDelegate(TwistedDelegate):
 
     def channel_close(self, ch: FastChannel, msg: Message) -> None:
         super().channel_close(ch, msg)
-        if ch.handlers.on_close is not None:
-            ch.handlers.on_close(msg)
+        ch.notify_closed(msg)
 
 
 class AMQPClient(AMQClient):
@@ -471,8 +480,7 @@ class AMQPClient(AMQClient):
         if self.close_reason is None:
             self.close_reason = reason
         for ch in list(self.channels.values()):
-            if ch.handlers.on_close is not None and not ch.closed:
-                ch.handlers.on_close(reason)
+            ch.notify_closed(reason)
         # What AMQClient.connectionLost does, minus its per-frame heartbeat timers
         # (ours are stopped above).
         self.close(reason)
@@ -487,6 +495,8 @@ class AMQPClient(AMQClient):
         if self.close_reason is None:
             self.close_reason = reason
         super().do_close(reason)
+        for ch in list(self.channels.values()):
+            ch.notify_closed(reason)
 
     def channel_sync(self, id: int) -> FastChannel:
         """The channel ``id``, created if needed, without a Deferred."""

@@ -14,6 +14,8 @@ from typing import Any, Awaitable, Callable, List, Optional
 from urllib.parse import quote, unquote, urlsplit
 
 import attr
+from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -230,6 +232,14 @@ async def login(client: AMQPClient, url: AMQPURL) -> None:
     try:
         await client.authenticate(url.username, url.password, mechanism="PLAIN")
     except Closed as e:
+        tls_error = _tls_error(e)
+        if tls_error is not None:
+            raise AMQPError(
+                f"TLS verification of the broker at {url.host}:{url.port} failed "
+                f"({tls_error}); if it uses a private CA, configure its CA file "
+                f"(amqp_ca_file in config.py)",
+                fatal=True,
+            ) from None
         code, text = close_reason(e)
         if code == ACCESS_REFUSED or "ACCESS_REFUSED" in text:
             raise AMQPError(
@@ -242,6 +252,14 @@ async def login(client: AMQPClient, url: AMQPURL) -> None:
                 f"the broker refused access to vhost {url.vhost!r}: {text}", code, fatal=True
             ) from None
         raise AMQPError(f"the broker closed the connection during login: {text}", code) from None
+
+
+def _tls_error(error: Closed) -> Optional[str]:
+    """The TLS failure behind a closed connection, if that is what it was."""
+    reason = error.args[0] if error.args else None
+    if isinstance(reason, Failure) and reason.check(SSL.Error, VerificationError):
+        return str(reason.value) or "certificate rejected"
+    return None
 
 
 PrepareFunction = Callable[[AMQPClient], Awaitable[None]]
@@ -333,6 +351,9 @@ class AMQPConnectionService(Service):
             if client.transport is not None:
                 client.transport.loseConnection()
             raise
+        if client.transport is None:
+            raise AMQPError("the connection was lost during set-up")
+        client.shield.arm()
         self.client = client
         self.connections += 1
         self.log.info("Connected to {url}", url=self.url.redacted())

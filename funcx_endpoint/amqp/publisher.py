@@ -10,7 +10,7 @@ or connection goes away before the confirm arrives.
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -53,8 +53,12 @@ class ConfirmingPublisher:
 
     log = Logger()
 
-    def __init__(self, channel: FastChannel) -> None:
+    def __init__(
+        self, channel: FastChannel, on_closed: Optional[Callable[[Any], None]] = None
+    ) -> None:
+        """``on_closed(reason)`` is called once when the channel goes away."""
         self.channel = channel
+        self._on_closed = on_closed
         self._next_seq = 1
         # seq -> (deferred, body size, message id); insertion order is seq order
         self._pending: Dict[int, Tuple[Deferred[None], int, Optional[str]]] = {}
@@ -161,6 +165,8 @@ class ConfirmingPublisher:
         pending, self._pending = self._pending, {}
         self._by_message_id = {}
         self._returned = {}
+        if self._on_closed is not None:
+            self._on_closed(reason)
         for d, length, _ in pending.values():
             if d.called:
                 continue

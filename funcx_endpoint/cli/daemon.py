@@ -1,10 +1,13 @@
-"""Starting the endpoint daemon through twistd, and stopping it completely.
+"""Starting daemons through twistd, and stopping them completely.
 
+Used by ``funcx-endpoint`` (:func:`start_daemon`, :func:`stop_daemon`) and
+``funcx-service`` (:func:`launch_daemon`, :func:`stop_process_tree`).
 ``start`` runs twistd in a child process with one extra pipe; the daemon
-writes one JSON line on it once it is ready or has failed (twistd itself only
-reports failures raised while the service starts).  ``stop`` sends TERM, lets
-the daemon stop its managers and workers, and after a grace period kills
-whatever is left of its process tree and session.
+writes JSON lines on it: progress reports if it has any, then one line once
+it is ready or has failed (twistd itself only reports failures raised while
+the service starts).  ``stop`` sends TERM, lets the daemon stop its children,
+and after a grace period kills whatever is left of its process tree and
+session.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import attr
 import psutil
@@ -61,21 +64,47 @@ def twistd_argv(
 
 def start_daemon(ep: EndpointDir, *, debug: bool, timeout: float) -> StartResult:
     """Run twistd to daemonize endpoint ``ep``; wait for it to be ready or fail."""
+    return launch_daemon(
+        lambda fd: twistd_argv(ep, daemon=True, debug=debug, ready_fd=fd),
+        cwd=ep.path,
+        timeout=timeout,
+        read_pid=ep.read_pid,
+        status_hint=f"`funcx-endpoint status {ep.name}`",
+        log_hint=ep.log_file(),
+    )
+
+
+def launch_daemon(
+    argv_for: Callable[[int], List[str]],
+    *,
+    cwd: str,
+    timeout: float,
+    read_pid: Callable[[], Optional[int]],
+    status_hint: str,
+    log_hint: str,
+    on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
+) -> StartResult:
+    """Run twistd (``argv_for(ready_fd)`` after the program name) as a daemon and wait.
+
+    The daemon reports on the pipe ``ready_fd`` with JSON lines: any number of
+    ``{"state": "progress", ...}`` (passed to ``on_progress``), then one
+    ``{"state": "ready", ...}`` or ``{"state": "failed", "exit_code", "message"}``.
+    ``read_pid`` reads the daemon's pidfile, to tell a slow start from a death.
+    """
     read_fd, write_fd = os.pipe()
     try:
         launcher = subprocess.Popen(
-            [sys.executable, "-c", TWISTD_BOOTSTRAP]
-            + twistd_argv(ep, daemon=True, debug=debug, ready_fd=write_fd),
+            [sys.executable, "-c", TWISTD_BOOTSTRAP] + argv_for(write_fd),
             pass_fds=(write_fd,),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            cwd=ep.path,
+            cwd=cwd,
         )
     finally:
         os.close(write_fd)
     try:
-        line = _read_line(read_fd, timeout)
+        line = _read_report(read_fd, timeout, on_progress)
     finally:
         os.close(read_fd)
     # twistd's own launcher exits as soon as the service has started (or failed
@@ -87,16 +116,15 @@ def start_daemon(ep: EndpointDir, *, debug: bool, timeout: float) -> StartResult
         launcher_output, _ = launcher.communicate()
     output = launcher_output.decode(errors="replace").strip()
     if line is None:
-        pid = ep.read_pid()
+        pid = read_pid()
         if pid and pid_alive(pid):
             return StartResult(
                 False,
                 EX_TEMPFAIL,
                 f"the daemon (pid {pid}) did not report ready within {timeout:g} s; it "
-                f"may still be starting: see `funcx-endpoint status {ep.name}` and "
-                f"{ep.log_file()}",
+                f"may still be starting: see {status_hint} and {log_hint}",
             )
-        detail = output or f"see {ep.log_file()}"
+        detail = output or f"see {log_hint}"
         return StartResult(
             False,
             launcher.returncode or EX_SOFTWARE,
@@ -116,11 +144,25 @@ def start_daemon(ep: EndpointDir, *, debug: bool, timeout: float) -> StartResult
     )
 
 
-def _read_line(fd: int, timeout: float) -> Optional[str]:
-    """Read up to a newline from ``fd``; None on EOF or timeout."""
+def _read_report(
+    fd: int, timeout: float, on_progress: Optional[Callable[[Dict[str, Any]], None]]
+) -> Optional[str]:
+    """The first line from ``fd`` that is not a progress report; None on EOF or timeout."""
     deadline = time.monotonic() + timeout
     data = b""
-    while b"\n" not in data:
+    while True:
+        while b"\n" in data:
+            raw, data = data.split(b"\n", 1)
+            line = raw.decode(errors="replace")
+            try:
+                message = json.loads(line)
+            except ValueError:
+                return line
+            if isinstance(message, dict) and message.get("state") == "progress":
+                if on_progress is not None:
+                    on_progress(message)
+                continue
+            return line
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return None
@@ -131,7 +173,6 @@ def _read_line(fd: int, timeout: float) -> Optional[str]:
         if not chunk:
             return None
         data += chunk
-    return data.split(b"\n", 1)[0].decode(errors="replace")
 
 
 def run_foreground(ep: EndpointDir, *, debug: bool) -> int:
@@ -220,16 +261,35 @@ class StopResult:
 
 def stop_daemon(ep: EndpointDir, grace: float) -> StopResult:
     """Stop endpoint ``ep`` completely; one call is always enough."""
-    started = time.monotonic()
     pid = ep.read_pid()
     if pid is None:
         return StopResult(False, None)
-    session = ep.daemon_session(pid)
-    if pid <= 0 or not is_endpoint_process(pid):
+    result = stop_process_tree(
+        pid,
+        ep.daemon_session(pid),
+        grace,
+        is_ours=is_endpoint_process,
+    )
+    ep.remove_pidfile()
+    ep.remove_daemon_info()
+    return result
+
+
+def stop_process_tree(
+    pid: int,
+    session: Optional[int],
+    grace: float,
+    *,
+    is_ours: Callable[[int], bool],
+) -> StopResult:
+    """TERM daemon ``pid``; after ``grace`` seconds kill whatever is left of its
+    tree and ``session``.  ``is_ours(pid)`` guards against a reused pid: a pid
+    that is not ours means the daemon died, and only its session is cleaned up.
+    The caller removes the pidfile afterwards."""
+    started = time.monotonic()
+    if pid <= 0 or not is_ours(pid):
         # The daemon died without cleaning up: remove what it left.
         killed = kill_all(session_members(session)) if session is not None else []
-        ep.remove_pidfile()
-        ep.remove_daemon_info()
         return StopResult(
             False, pid, killed=killed, stale_pidfile=True, seconds=time.monotonic() - started
         )
@@ -247,8 +307,6 @@ def stop_daemon(ep: EndpointDir, grace: float) -> StopResult:
     leftovers = {p.pid: p for p in tree + process_tree(pid, session)}
     killed = kill_all(list(leftovers.values()))
     _reap_wait(pid)
-    ep.remove_pidfile()
-    ep.remove_daemon_info()
     return StopResult(True, pid, seconds=time.monotonic() - started, clean=clean, killed=killed)
 
 

@@ -391,7 +391,7 @@ class HighThroughputExecutor(ConfigObject):
             default_factory=list,
         ),
         "prefetch_capacity": Field(
-            1,
+            8,
             number(0, integer=True),
             "Tasks a manager holds per worker beyond the one running, so workers never wait.",
         ),
@@ -453,6 +453,13 @@ class Config(ConfigObject):
             DEFAULT_SERVICE_ADDRESS,
             url(("https", "http")),
             "Base URL of the funcX web service, ending in /v2.",
+        ),
+        "auth_address": Field(
+            None,
+            optional(url(("https", "http"))),
+            "Base URL of the Globus-Auth-compatible login service; None: "
+            "GLOBUS_SDK_SERVICE_URL_AUTH, else the funcX service's own root (a private "
+            "service answers the login calls there), or Globus Auth for the public service.",
         ),
         "service_ca_file": Field(
             None,
@@ -529,6 +536,7 @@ class Config(ConfigObject):
 
     executors: List[HighThroughputExecutor]
     funcx_service_address: str
+    auth_address: Optional[str]
     service_ca_file: Optional[str]
     amqp_ca_file: Optional[str]
     amqp_prefetch: int

@@ -8,17 +8,29 @@ when the services start.
 
 from __future__ import annotations
 
+import os
+import shlex
+import sys
 from typing import Any, Optional
 
 from twisted.application.service import IService
+from twisted.internet.threads import deferToThread
 from twisted.python import usage
 
+from funcx_endpoint.amqp.spool import ResultSpool
 from funcx_endpoint.config import ConfigFileError, load_config
 from funcx_endpoint.config.model import Config
 from funcx_endpoint.endpoint import logs
+from funcx_endpoint.endpoint.auth import Authenticator, TokenStore, auth_base_url, http_client
 from funcx_endpoint.endpoint.control import control_service
 from funcx_endpoint.endpoint.layout import DEFAULT_CONFIG_DIR, BadEndpointName, EndpointDir
+from funcx_endpoint.endpoint.registration import Registration
 from funcx_endpoint.endpoint.service import EndpointService, ReadyReporter
+from funcx_endpoint.endpoint.status import StatusReporter
+from funcx_endpoint.endpoint.transport import BrokerInfo, Transport
+from funcx_endpoint.executor.blocks import BLOCK_ID
+from funcx_endpoint.executor.interchange import Interchange
+from funcx_endpoint.executor.strategy import scaling_from_config
 
 
 class Options(usage.Options):
@@ -65,15 +77,88 @@ def log_settings(
     )
 
 
+def manager_command(interchange: Interchange) -> str:
+    """The shell command a provider runs to start one manager of a block."""
+    return shlex.join(
+        [
+            sys.executable,
+            "-m",
+            "funcx_endpoint.manager",
+            "--info-file",
+            interchange.info_file,
+            "--block-id",
+            BLOCK_ID,
+        ]
+    )
+
+
 def build_endpoint(
     endpoint_dir: EndpointDir,
     config: Config,
     reactor: Any,
     ready_fd: Optional[int] = None,
 ) -> EndpointService:
-    """Build the daemon's service tree from a loaded config."""
-    endpoint = EndpointService(endpoint_dir, reactor, ReadyReporter(ready_fd))
+    """Build the daemon's service tree from a loaded config.
+
+    Parts start in this order and stop in reverse (after the transport has
+    drained): control socket, registration, interchange, providers (blocks
+    of managers and the scaling strategy), AMQP transport, status reports.
+    """
+    endpoint = EndpointService(
+        endpoint_dir, reactor, ReadyReporter(ready_fd), drain_grace=config.stop_grace_period
+    )
     endpoint.add(control_service(reactor, endpoint_dir.control_socket, {"status": endpoint.status}))
+    http, pool = http_client(reactor, config.service_ca_file)
+    authenticator = Authenticator(
+        http,
+        auth_base_url(config.funcx_service_address, config.auth_address),
+        TokenStore(endpoint_dir.config_dir),
+        reactor,
+    )
+    registration = Registration(reactor, endpoint_dir, config, http, authenticator, pool)
+    endpoint.add(registration)
+
+    interchange = Interchange.from_config(
+        reactor, os.path.join(endpoint_dir.path, "interchange"), config
+    )
+    endpoint.add(interchange)
+    endpoint.add(
+        scaling_from_config(
+            config.executors[0],
+            reactor=reactor,
+            load=interchange,
+            command_template=manager_command(interchange),
+            working_dir=endpoint_dir.path,
+            stop_grace_period=config.stop_grace_period,
+        )
+    )
+
+    def broker_info() -> BrokerInfo:
+        assert registration.broker_info is not None, "registration must come first"
+        return registration.broker_info
+
+    transport = Transport(
+        reactor,
+        broker_info,
+        interchange,
+        ResultSpool(endpoint_dir.spool_dir, deferToThread),
+        prefetch=config.amqp_prefetch,
+        heartbeat=config.amqp_heartbeat,
+        ca_file=config.amqp_ca_file or config.service_ca_file,
+        allowed_functions=config.allowed_functions,
+        on_fatal=endpoint.fail,
+    )
+    endpoint.add(transport)
+    endpoint.add(
+        StatusReporter(
+            reactor,
+            lambda: broker_info().endpoint_id,
+            interchange,
+            transport.publish_status,
+            config.heartbeat_period,
+            extra=transport.status_fields,
+        )
+    )
     return endpoint
 
 

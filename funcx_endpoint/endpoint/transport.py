@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from funcx_endpoint.amqp.client import AMQPClient, Delivery
-from funcx_endpoint.amqp.connection import AMQPURL, AMQPConnectionService, AMQPError
+from funcx_endpoint.amqp.connection import AMQPURL, AMQPConnectionService, AMQPError, close_reason
 from funcx_endpoint.amqp.consumer import AckBatcher, ExclusiveConsumer
 from funcx_endpoint.amqp.publisher import ConfirmingPublisher, PublishFailed
 from funcx_endpoint.amqp.spool import ResultSpool
@@ -207,7 +207,8 @@ class Transport(Service):
                 ready.errback(StartupError(error.message, self._exit_code(error)))
 
         gatherResults(
-            [self.results_conn.when_connected(), self.tasks_conn.when_connected()]
+            [self.results_conn.when_connected(), self.tasks_conn.when_connected()],
+            consumeErrors=True,
         ).addCallbacks(connected, lambda f: None)
         for conn in (self.results_conn, self.tasks_conn):
             conn.when_fatal().addCallback(fatal)
@@ -292,7 +293,7 @@ class Transport(Service):
                 if client is not None:
                     client.flush_now()
                 stops.append(conn.stopService())
-        return gatherResults(stops).addCallback(lambda _: None)
+        return gatherResults(stops, consumeErrors=True).addCallback(lambda _: None)
 
     # -- connection set-up ------------------------------------------------
 
@@ -302,6 +303,8 @@ class Transport(Service):
         self._generation += 1
         generation = self._generation
         acks = AckBatcher(channel, self._reactor)
+        channel.handlers.on_close = lambda reason: self._channel_lost(client, "tasks", reason)
+        channel.handlers.on_cancel = self._consumer_cancelled
         consumer = ExclusiveConsumer(
             channel,
             self.info.tasks.queue,
@@ -318,7 +321,9 @@ class Transport(Service):
     async def _prepare_results(self, client: AMQPClient) -> None:
         assert self.info is not None
         channel = await client.open_channel(1)
-        publisher = ConfirmingPublisher(channel)
+        publisher = ConfirmingPublisher(
+            channel, on_closed=lambda reason: self._channel_lost(client, "results", reason)
+        )
         await publisher.start()
         try:
             await channel.exchange_declare(exchange=self.info.results.exchange, passive=True)
@@ -332,6 +337,29 @@ class Transport(Service):
         if self._spool_loaded is not None:
             await self._spool_loaded
         self._resend_spooled()
+
+    def _channel_lost(self, client: AMQPClient, side: str, reason: Any) -> None:
+        """A channel closed by the broker while its connection lives: reconnect.
+
+        (A broker closes a channel for an error on it, e.g. a message over its
+        size limit; the connection's reconnect sets everything up again.)
+        """
+        if client.transport is not None and not client.transport.disconnecting:
+            code, text = close_reason(reason)
+            self.log.warn(
+                "The broker closed the {side} channel ({text}); reconnecting", side=side, text=text
+            )
+            client.transport.loseConnection()
+
+    def _consumer_cancelled(self, tag: str) -> None:
+        if self.tasks_conn is not None and self.info is not None:
+            self.tasks_conn.fail(
+                AMQPError(
+                    f"the broker cancelled the consumer of {self.info.tasks.queue!r} (was the "
+                    f"endpoint's queue deleted by the service?); register the endpoint again",
+                    fatal=True,
+                )
+            )
 
     # -- tasks in ---------------------------------------------------------
 

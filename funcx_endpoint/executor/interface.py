@@ -62,8 +62,11 @@ class EchoInterchange(Service):
         clock: IReactorTime,
         on_results: Optional[ResultsCallback] = None,
         result_data: Optional[str] = None,
+        delay: float = 0.0,
     ) -> None:
+        """``delay``: seconds before answering (a stand-in for running time)."""
         self._clock = clock
+        self._delay = delay
         self.on_results: ResultsCallback = on_results or (lambda results: None)
         self._data = result_data if result_data is not None else serialize(None)
         self._ready: List[Result] = []
@@ -76,7 +79,12 @@ class EchoInterchange(Service):
             raise RuntimeError("the interchange is stopping and takes no more tasks")
         data = self._data
         self.submitted += len(tasks)
+        if self._delay:
+            batch = [Result(task.task_id, data) for task in tasks]
+            self._clock.callLater(self._delay, lambda: self.on_results(batch))
+            return
         self._ready.extend(Result(task.task_id, data) for task in tasks)
+
         if not self._scheduled:
             self._scheduled = True
             self._clock.callLater(0, self._deliver)

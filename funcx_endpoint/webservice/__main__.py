@@ -1,0 +1,5 @@
+"""``python -m funcx_endpoint.webservice`` runs ``funcx-service``."""
+
+from funcx_endpoint.webservice.cli import main
+
+main()

@@ -1,0 +1,333 @@
+"""A small JSON-over-HTTP framework on ``twisted.web``: routes, errors, body limits.
+
+Every answer is JSON.  Errors are :class:`APIError`\\ s, answered as
+``{"code", "message", "reason", "http_status_code", "error_args"}``
+(globus-sdk reads ``code`` and ``message``; funcX 1.0 clients read
+``reason``).  A handler is ``async def handler(call) -> (status, body)``; a
+:class:`Call` gives it the request, the caller's identity (checked before
+the handler runs, unless the route is public) and the parsed body.
+
+Request bodies larger than the limit are not kept: the request is read to
+its end and answered 413 (a client that sent a body too big sees the
+answer instead of a broken connection).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Pattern, Tuple
+from urllib.parse import unquote
+
+import attr
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import server
+from twisted.web.resource import Resource
+
+__all__ = ["APIError", "Call", "JSONSite", "Router", "error_body"]
+
+#: Bodies up to this size are parsed on the reactor thread, bigger ones in a thread.
+_INLINE_PARSE = 256 * 1024
+#: A request body this many times the limit is not even read: the connection is dropped.
+_DISCARD_FACTOR = 4
+
+Handler = Callable[["Call"], Awaitable[Tuple[int, Any]]]
+
+
+def error_body(status: int, code: str, message: str, **extra: Any) -> Dict[str, Any]:
+    """The JSON body of an error answer."""
+    return {
+        "code": code,
+        "message": message,
+        "reason": message,
+        "http_status_code": status,
+        "error_args": [],
+        **extra,
+    }
+
+
+class APIError(Exception):
+    """An answer other than success: status, a code, and a message a person can act on."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: Optional[Dict[str, str]] = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+        self.extra = extra
+
+    def body(self) -> Dict[str, Any]:
+        return error_body(self.status, self.code, self.message, **self.extra)
+
+
+def bad_request(message: str, code: str = "BAD_REQUEST") -> APIError:
+    return APIError(400, code, message)
+
+
+def not_found(message: str, code: str = "NOT_FOUND") -> APIError:
+    return APIError(404, code, message)
+
+
+class LimitedRequest(server.Request):
+    """A request whose body is kept only up to the site's ``max_body`` bytes."""
+
+    body_too_large = False
+    _body_seen = 0
+
+    def _limit(self) -> int:
+        site = getattr(self.channel, "site", None)
+        return int(getattr(site, "max_body", 10 * 1024 * 1024))
+
+    def gotLength(self, length: Optional[int]) -> None:
+        if length is not None and length > self._limit():
+            self._too_large()
+            return
+        super().gotLength(length)
+
+    def _too_large(self) -> None:
+        self.body_too_large = True
+        self.content = io.BytesIO()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._body_seen += len(data)
+        if self.body_too_large:
+            transport: Any = self.transport
+            if self._body_seen > _DISCARD_FACTOR * self._limit() and transport is not None:
+                transport.abortConnection()
+            return
+        if self._body_seen > self._limit():
+            self._too_large()
+            return
+        super().handleContentChunk(data)
+
+
+class JSONSite(server.Site):
+    """A site with :class:`LimitedRequest`\\ s and no access log (it costs at high rates)."""
+
+    requestFactory = LimitedRequest
+
+    def __init__(self, resource: Resource, max_body: int) -> None:
+        super().__init__(resource)
+        self.max_body = max_body
+        self.displayTracebacks = False
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+@attr.s(auto_attribs=True)
+class Route:
+    method: str
+    pattern: Pattern[str]
+    handler: Handler
+    #: None: public; else the resource servers whose tokens are accepted.
+    audiences: Optional[Tuple[str, ...]]
+
+
+class Router:
+    """Routes ``(method, path)`` to handlers; paths are regular expressions."""
+
+    def __init__(self) -> None:
+        self.routes: List[Route] = []
+
+    def add(
+        self,
+        method: str,
+        path: str,
+        handler: Handler,
+        audiences: Optional[Tuple[str, ...]] = None,
+    ) -> None:
+        """``path`` may name groups: ``/v2/tasks/(?P<task_id>[^/]+)``."""
+        pattern = re.compile(path + r"/?\Z")
+        self.routes.append(Route(method, pattern, handler, audiences))
+
+    def match(self, method: str, path: str) -> Tuple[Route, Dict[str, str]]:
+        allowed = []
+        for route in self.routes:
+            found = route.pattern.match(path)
+            if found is None:
+                continue
+            if route.method == method:
+                return route, {k: unquote(v) for k, v in found.groupdict().items()}
+            allowed.append(route.method)
+        if allowed:
+            raise APIError(
+                405,
+                "METHOD_NOT_ALLOWED",
+                f"{method} is not allowed on {path}; use {', '.join(sorted(set(allowed)))}",
+                headers={"Allow": ", ".join(sorted(set(allowed)))},
+            )
+        raise not_found(f"no such API path: {path}")
+
+
+class Call:
+    """One request, as a handler sees it."""
+
+    def __init__(self, request: server.Request, params: Dict[str, str]) -> None:
+        self.request = request
+        self.params = params
+        self.identity: Any = None  # set by the authenticator
+
+    @property
+    def method(self) -> str:
+        return self.request.method.decode("latin-1")
+
+    def header(self, name: str) -> Optional[str]:
+        value = self.request.getHeader(name)
+        return value.decode("latin-1") if isinstance(value, bytes) else value
+
+    def query(self, name: str) -> List[str]:
+        values = (self.request.args or {}).get(name.encode(), [])
+        return [v.decode("utf-8", "replace") for v in values]
+
+    def form(self) -> Dict[str, str]:
+        """Form fields (``application/x-www-form-urlencoded`` body), last value of each."""
+        return {
+            key.decode("utf-8", "replace"): values[-1].decode("utf-8", "replace")
+            for key, values in (self.request.args or {}).items()
+            if values
+        }
+
+    def client_ip(self) -> Optional[str]:
+        peer = self.request.getClientAddress()
+        return getattr(peer, "host", None)
+
+    def raw_body(self) -> bytes:
+        content = self.request.content
+        if content is None:
+            return b""
+        content.seek(0)
+        return content.read()
+
+    async def json_body(self, required: bool = True) -> Any:
+        """The body as JSON (a 400/415 APIError says what is wrong with it).
+
+        An empty body is ``None`` when not ``required``.
+        """
+        raw = self.raw_body()
+        if not raw.strip():
+            if required:
+                raise bad_request("this call needs a JSON body", "MISSING_BODY")
+            return None
+        content_type = (self.header("content-type") or "").split(";")[0].strip().lower()
+        if (
+            content_type
+            and content_type != "application/json"
+            and not content_type.endswith("+json")
+        ):
+            raise APIError(
+                415,
+                "UNSUPPORTED_MEDIA_TYPE",
+                f"the body must be JSON (Content-Type: application/json), not {content_type}",
+            )
+        try:
+            if len(raw) > _INLINE_PARSE:
+                return await deferToThread(json.loads, raw)
+            return json.loads(raw)
+        except (ValueError, RecursionError) as e:
+            raise bad_request(f"the body is not valid JSON: {e}", "INVALID_JSON") from None
+
+    async def json_object(self, required: bool = True) -> Dict[str, Any]:
+        body = await self.json_body(required)
+        if body is None:
+            return {}
+        if not isinstance(body, dict):
+            raise bad_request(
+                f"the body must be a JSON object, not a JSON {type(body).__name__}",
+                "INVALID_BODY",
+            )
+        return body
+
+
+Authenticator = Callable[[Call, Tuple[str, ...]], Awaitable[Any]]
+
+
+class APIResource(Resource):
+    """The whole service as one leaf resource: routes, auth, JSON answers."""
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, router: Router, authenticate: Authenticator) -> None:
+        super().__init__()
+        self._router = router
+        self._authenticate = authenticate
+
+    def render(self, request: server.Request) -> Any:
+        d = Deferred.fromCoroutine(self._handle(request))
+        d.addErrback(self._internal_error, request)
+        return server.NOT_DONE_YET
+
+    async def _handle(self, request: server.Request) -> None:
+        finished: List[bool] = []
+        request.notifyFinish().addBoth(lambda _: finished.append(True))
+        try:
+            if getattr(request, "body_too_large", False):
+                limit = getattr(getattr(request.channel, "site", None), "max_body", 0)
+                raise APIError(
+                    413,
+                    "REQUEST_TOO_LARGE",
+                    f"the request body is larger than this service accepts ({limit} bytes); "
+                    f"send less per request (for /submit: fewer tasks per batch or smaller "
+                    f"arguments)",
+                    max_request_size=limit,
+                )
+            assert request.path is not None
+            path = request.path.decode("latin-1")
+            method = request.method.decode("latin-1")
+            route, params = self._router.match(method, path)
+            call = Call(request, params)
+            if route.audiences is not None:
+                call.identity = await self._authenticate(call, route.audiences)
+            status, body = await route.handler(call)
+        except APIError as error:
+            status, body = error.status, error.body()
+            for name, value in error.headers.items():
+                request.setHeader(name, value)
+        if not finished:
+            self._write(request, status, body)
+
+    @staticmethod
+    def _write(request: server.Request, status: int, body: Any) -> None:
+        data = json.dumps(body, separators=(",", ":")).encode("utf-8")
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"content-length", str(len(data)).encode())
+        request.write(data)
+        request.finish()
+
+    def _internal_error(self, failure: Failure, request: server.Request) -> None:
+        self.log.failure(
+            "Internal error answering {method} {path}",
+            failure,
+            method=request.method,
+            path=request.path,
+        )
+        if request.finished or request._disconnected:
+            return
+        try:
+            self._write(
+                request,
+                500,
+                error_body(
+                    500,
+                    "INTERNAL_ERROR",
+                    "the service failed to answer this request; its log says why "
+                    "(funcx-service.log in its state directory)",
+                ),
+            )
+        except Exception:
+            self.log.failure("Could not answer with an error")
