@@ -11,6 +11,7 @@ connections are set up, and runs until killed (TERM stops it cleanly).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any, List
 
@@ -24,6 +25,14 @@ from funcx_endpoint.executor.interface import EchoInterchange
 
 
 async def main(reactor: Any, argv: List[str]) -> None:
+    log_file = os.environ.get("FUNCX_ECHO_ENDPOINT_LOG")
+    if log_file:
+        from twisted.logger import globalLogBeginner, textFileLogObserver
+
+        globalLogBeginner.beginLoggingTo(
+            [textFileLogObserver(open(log_file, "a"))], redirectStandardIO=False
+        )
+
     with open(argv[0]) as f:
         info = BrokerInfo.from_registration(json.load(f))
     transport = Transport(
@@ -37,6 +46,18 @@ async def main(reactor: Any, argv: List[str]) -> None:
     transport.startService()
     await transport.when_ready()
     print("ready", flush=True)
+    if log_file:
+        from twisted.internet.task import LoopingCall
+
+        LoopingCall(
+            lambda: transport.log.info(
+                "{counts} {fields} acks={acks}",
+                counts=transport.counts,
+                fields=transport.status_fields(),
+                acks=transport._acks.unacked if transport._acks else None,
+            )
+        ).start(1.0)
+
     stopped: Deferred[None] = Deferred()
     reactor.addSystemEventTrigger("before", "shutdown", lambda: transport.stopService())
     await stopped
