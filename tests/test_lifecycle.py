@@ -16,13 +16,37 @@ from funcx_endpoint.endpoint.layout import EndpointDir, EndpointState
 from tests.support import alive, child_env, descendants_and_session, run_cli, wait_for
 
 
+def service_endpoint(test: SynchronousTestCase, name: str = "ep1") -> tuple:
+    """A profile configured for the test run's private service, and the env to run it.
+
+    The env carries a client of its own (a user of its own) for this test.
+    """
+    from funcx_endpoint.testing.service import shared_service
+
+    service = shared_service()
+    env = service.client_env(service.create_client())
+    config_dir = os.path.abspath(test.mktemp())
+    result = run_cli(
+        config_dir,
+        "configure",
+        name,
+        "--service-address",
+        service.base_url,
+        "--service-ca-file",
+        service.ca_file,
+        "--amqp-ca-file",
+        service.broker_ca_file,
+        env=env,
+    )
+    test.assertEqual(result.returncode, 0, result.stderr)
+    return config_dir, env
+
+
 class LifecycleTests(SynchronousTestCase):
     """start, list, status, stop, restart, delete on a real daemon."""
 
     def setUp(self) -> None:
-        self.config_dir = os.path.abspath(self.mktemp())
-        result = run_cli(self.config_dir, "configure", "ep1")
-        self.assertEqual(result.returncode, 0, result.stderr)
+        self.config_dir, self.env = service_endpoint(self)
         self.ep = EndpointDir(self.config_dir, "ep1")
         self.addCleanup(self.force_stop)
 
@@ -33,6 +57,7 @@ class LifecycleTests(SynchronousTestCase):
                 proc.kill()
 
     def cli(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
+        kwargs.setdefault("env", self.env)
         return run_cli(self.config_dir, *args, **kwargs)
 
     def start(self) -> int:
@@ -56,13 +81,24 @@ class LifecycleTests(SynchronousTestCase):
         self.assertEqual(listing.returncode, 0)
         self.assertRegex(listing.stdout, r"ep1\s+Running")
 
+        # The daemon registered and runs a block: a manager and its workers.
+        self.assertTrue(
+            wait_for(lambda: "managers: 1" in self.cli("status", "ep1").stdout, 60),
+            self.cli("status", "ep1").stdout,
+        )
         status = self.cli("status", "ep1")
         self.assertEqual(status.returncode, 0, status.stderr)
         self.assertIn("Endpoint 'ep1': Running", status.stdout)
         self.assertIn(f"pid: {pid}", status.stdout)
         self.assertIn("uptime:", status.stdout)
+        self.assertIn(f"endpoint id: {self.ep.endpoint_id()}", status.stdout)
+        self.assertRegex(status.stdout, r"workers: [1-9]")
+        self.assertIn("broker tasks connection: connected", status.stdout)
 
         tree = descendants_and_session(pid)
+        # daemon, the block's shell and manager, and the manager's workers
+        self.assertGreaterEqual(len(alive(tree)), 4, [p.cmdline() for p in alive(tree)])
+
         stop = self.cli("stop", "ep1")
         self.assertEqual(stop.returncode, 0, stop.stderr)
         self.assertIn(f"Endpoint 'ep1' stopped (pid {pid}", stop.stdout)
@@ -180,7 +216,7 @@ class LifecycleTests(SynchronousTestCase):
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env=child_env(),
+            env=child_env(self.env),
         )
         self.addCleanup(proc.kill)
         self.addCleanup(proc.stdout.close)
@@ -214,7 +250,7 @@ class LifecycleTests(SynchronousTestCase):
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env=child_env(),
+            env=child_env(self.env),
             cwd=self.ep.path,
         )
         self.addCleanup(proc.kill)

@@ -315,7 +315,12 @@ class DedicatedNodeTests(TestCase):
         base_dir = os.path.abspath(self.mktemp())
         node = await self.own_node(base_dir)
         identity = lambda n: (  # noqa: E731
-            n.name, n.ports, n.amqp_url, n.amqps_url, n.management_url, n.admin_password
+            n.name,
+            n.ports,
+            n.amqp_url,
+            n.amqps_url,
+            n.management_url,
+            n.admin_password,
         )
         before = identity(node)
 
@@ -452,6 +457,7 @@ class OwnerDeathTests(TestCase):
 
     async def owner_dies(self, sig: int, within: float) -> None:
         owner, name, base_dir = await deferToThread(self.run_owner)
+
         def kill_owner() -> None:
             if owner.poll() is None:
                 owner.kill()
@@ -494,6 +500,7 @@ class ReaperTests(SynchronousTestCase):
         proc = subprocess.Popen(
             ["sleep", "300"], env=dict(os.environ, **{MARKER_ENV: name}), start_new_session=True
         )
+
         def kill() -> None:
             proc.kill()
             proc.wait()

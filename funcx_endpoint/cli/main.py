@@ -135,11 +135,17 @@ def init(ctx: Context) -> None:
     if ep.exists():
         click.echo(f"{ctx.config_dir} is initialized; the default profile is {ep.config_file}")
         return
-    write_profile(ep, service_address=DEFAULT_SERVICE_ADDRESS, service_ca_file=None)
+    write_profile(ep, render_template(ep.name))
     click.echo(f"Initialized {ctx.config_dir}; created {ep.config_file}")
 
 
-def render_template(name: str, service_address: str, service_ca_file: Optional[str]) -> str:
+def render_template(
+    name: str,
+    service_address: str = DEFAULT_SERVICE_ADDRESS,
+    service_ca_file: Optional[str] = None,
+    amqp_ca_file: Optional[str] = None,
+) -> str:
+    """The documented config.py template with these values filled in."""
     from importlib.resources import files
 
     template = files("funcx_endpoint.config").joinpath("templates/config.py.tmpl").read_text()
@@ -147,20 +153,14 @@ def render_template(name: str, service_address: str, service_ca_file: Optional[s
         name=name,
         service_address=repr(service_address),
         service_ca_file=repr(service_ca_file),
+        amqp_ca_file=repr(amqp_ca_file),
     )
 
 
-def write_profile(
-    ep: EndpointDir,
-    service_address: str,
-    service_ca_file: Optional[str],
-    source: Optional[str] = None,
-) -> None:
+def write_profile(ep: EndpointDir, text: str) -> None:
+    """Create the profile directory (0700) and its config.py (0600)."""
     ensure_private_dir(ep.config_dir)
     ensure_private_dir(ep.path)
-    text = (
-        source if source is not None else render_template(ep.name, service_address, service_ca_file)
-    )
     fd = os.open(ep.config_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
@@ -177,13 +177,21 @@ def write_profile(
     "--service-address",
     default=DEFAULT_SERVICE_ADDRESS,
     show_default=True,
+    envvar="FUNCX_SERVICE_ADDRESS",
     metavar="URL",
-    help="funcX web service base URL to write into the template.",
+    help="funcX web service base URL to write into the template [env FUNCX_SERVICE_ADDRESS].",
 )
 @click.option(
     "--service-ca-file",
     type=click.Path(exists=True, dir_okay=False),
-    help="CA certificate of a private service, written into the template.",
+    envvar="FUNCX_SERVICE_CA_FILE",
+    help="CA certificate of a private service, written into the template "
+    "[env FUNCX_SERVICE_CA_FILE].",
+)
+@click.option(
+    "--amqp-ca-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="CA certificate of the broker, if it differs from the service's.",
 )
 @pass_context
 def configure(
@@ -192,6 +200,7 @@ def configure(
     endpoint_config: Optional[str],
     service_address: str,
     service_ca_file: Optional[str],
+    amqp_ca_file: Optional[str],
 ) -> None:
     """Create the endpoint profile NAME: DIR/NAME/config.py.
 
@@ -205,19 +214,22 @@ def configure(
             f"or remove the profile first with: funcx-endpoint{ctx.dir_option()} delete {name}",
             EX_CANTCREAT,
         )
-    source = None
     if endpoint_config is not None:
         try:
             load_config(endpoint_config)
         except ConfigFileError as e:
             fail(f"not copying a broken config: {e}", EX_CONFIG)
         with open(endpoint_config) as f:
-            source = f.read()
+            text = f.read()
     else:
-        service_address = service_address.rstrip("/")
-        if service_ca_file:
-            service_ca_file = os.path.abspath(service_ca_file)
-    write_profile(ep, service_address, service_ca_file, source)
+        text = render_template(
+            name,
+            service_address.rstrip("/"),
+            os.path.abspath(service_ca_file) if service_ca_file else None,
+            os.path.abspath(amqp_ca_file) if amqp_ca_file else None,
+        )
+    write_profile(ep, text)
+
     click.echo(f"Created endpoint {name!r}: {ep.config_file}")
     click.echo(f"Review it, then start it with: funcx-endpoint{ctx.dir_option()} start {name}")
 

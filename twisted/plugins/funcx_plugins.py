@@ -5,3 +5,10 @@ from twisted.application.service import ServiceMaker
 funcx_endpoint = ServiceMaker(
     "funcX endpoint", "funcx_endpoint.endpoint.tap", "Run a funcX endpoint.", "funcx-endpoint"
 )
+
+funcx_service = ServiceMaker(
+    "funcX web service",
+    "funcx_endpoint.webservice.tap",
+    "Run a private funcX web service.",
+    "funcx-service",
+)

@@ -1,0 +1,217 @@
+"""The real funcX 1.0.13 SDK (from PyPI, in a virtualenv of its own) against our service.
+
+``scripts/make-funcx-venv.sh`` makes (or reuses) ``.state/venv-funcx-1.0.13``
+with ``pip install funcx==1.0.13``.  A script run with that venv's Python
+logs in with client credentials (``FUNCX_SDK_CLIENT_ID``/``SECRET`` and
+``GLOBUS_SDK_SERVICE_URL_AUTH``), registers functions, runs tasks, reads
+results with ``get_result``/``get_batch_result``, uses ``FuncXExecutor``
+(results over AMQP from a per-task-group queue) and the endpoint calls.
+Meanwhile this test plays the endpoint on the broker
+(:class:`~funcx_endpoint.testing.service.EndpointPlayer`): it takes the tasks
+from the endpoint's queue, runs them, and publishes the results.
+
+If the venv cannot be made (no network to PyPI), the test is skipped and says why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import textwrap
+import uuid
+from typing import Any, Dict
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SkipTest, TestCase
+
+from funcx_endpoint.testing.service import APIClient, EndpointPlayer, shared_service_async
+from tests.support import REPO_ROOT
+
+SCRIPT = textwrap.dedent(
+    '''
+    """Exercise the real funcX 1.0.13 SDK against a funcX service; print JSON."""
+    import json
+    import sys
+    import time
+
+    import funcx
+    from funcx import FuncXClient, FuncXExecutor
+    from funcx.errors import FuncxTaskExecutionFailed, TaskPending
+
+
+    def add(a, b=1):
+        return a + b
+
+
+    def boom(x):
+        raise ValueError(f"bad {x}")
+
+
+    def wait_result(fxc, task_id, timeout=60):
+        deadline = time.time() + timeout
+        while True:
+            try:
+                return fxc.get_result(task_id)
+            except TaskPending:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.2)
+
+
+    def main():
+        cfg = json.loads(sys.argv[1])
+        eid = cfg["endpoint_id"]
+        out = {"funcx": funcx.__version__}
+        fxc = FuncXClient(funcx_service_address=cfg["base_url"])
+        fid = fxc.register_function(add, description="adds")
+        boom_id = fxc.register_function(boom)
+        out["endpoints"] = [e["endpoint_id"] for e in fxc.get_endpoints()]
+        out["metadata_name"] = fxc.get_endpoint_metadata(eid)["endpoint_name"]
+        out["status"] = fxc.get_endpoint_status(eid)["status"]
+
+        task_id = fxc.run(1, b=2, endpoint_id=eid, function_id=fid)
+        fail_id = fxc.run(7, endpoint_id=eid, function_id=boom_id)
+        batch = fxc.create_batch()
+        for i in range(5):
+            batch.add(fid, eid, args=(i,), kwargs={"b": 10})
+        batch_ids = fxc.batch_run(batch)
+        out["result"] = wait_result(fxc, task_id)
+        out["task"] = fxc.get_task(task_id)
+        try:
+            wait_result(fxc, fail_id)
+            out["failure"] = None
+        except FuncxTaskExecutionFailed as e:
+            out["failure"] = str(e)
+        deadline = time.time() + 60
+        while True:
+            batch_results = fxc.get_batch_result(batch_ids)
+            if all(not r["pending"] for r in batch_results.values()) or time.time() > deadline:
+                break
+            time.sleep(0.2)
+        out["batch"] = sorted(r.get("result") for r in batch_results.values())
+
+        with FuncXExecutor(endpoint_id=eid, funcx_client=fxc) as fx:
+            futures = [fx.submit(add, i, b=100) for i in range(3)]
+            out["executor"] = [f.result(timeout=60) for f in futures]
+            bad = fx.submit(boom, 3)
+            try:
+                bad.result(timeout=60)
+                out["executor_failure"] = None
+            except FuncxTaskExecutionFailed as e:
+                out["executor_failure"] = str(e)
+
+        fxc.add_to_whitelist(eid, [fid])
+        out["whitelist"] = fxc.get_whitelist(eid)["functions"]
+        fxc.delete_from_whitelist(eid, [fid])
+        out["whitelist_after"] = fxc.get_whitelist(eid)["functions"]
+        auth = fxc.login_manager.get_auth_client()
+        out["whoami"] = auth.oauth2_userinfo()["preferred_username"]
+        out["stop"] = fxc.stop_endpoint(eid)["locked"]
+        fxc.logout()
+        out["logged_out"] = True
+        print(json.dumps(out, default=str))
+
+
+    main()
+    '''
+)
+
+
+def _funcx_python() -> str:
+    script = os.path.join(REPO_ROOT, "scripts", "make-funcx-venv.sh")
+    try:
+        made = subprocess.run([script], capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        raise SkipTest("making the funcx 1.0.13 venv took over 10 minutes") from None
+    if made.returncode != 0:
+        raise SkipTest(
+            "could not make the funcx 1.0.13 venv (no access to PyPI?): "
+            + (made.stderr or made.stdout)[-800:]
+        )
+    return made.stdout.strip().splitlines()[-1]
+
+
+class RealFuncXSDKTests(TestCase):
+    timeout = 600
+
+    def test_real_sdk(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self.run_real_sdk())
+
+    async def run_real_sdk(self) -> None:
+        python = await deferToThread(_funcx_python)
+        service = await shared_service_async(reactor)
+        client = await service.create_client_async(reactor, "real-sdk")
+        api = APIClient(reactor, service)
+        await api.login(*client)
+        status, me = await api.get("/v2/oauth2/userinfo")
+        # The endpoint is registered (as this user) and played by this test.
+        endpoint_id = str(uuid.uuid4())
+        status, registration = await api.post(
+            "/v2/endpoints",
+            {"endpoint_name": "played", "endpoint_uuid": endpoint_id, "metadata": {}},
+        )
+        self.assertEqual(status, 200, registration)
+        player = EndpointPlayer(reactor, registration, service.broker_ca_file)
+        await player.start()
+        self.addCleanup(lambda: Deferred.fromCoroutine(player.stop()))
+        await player.report()
+
+        home = os.path.abspath(self.mktemp())
+        os.makedirs(home)
+        script = os.path.join(home, "use_real_sdk.py")
+        with open(script, "w") as f:
+            f.write(SCRIPT)
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith(("FUNCX_", "GLOBUS_")) and key != "PYTHONPATH"
+        }
+        env.update(service.client_env(client))
+        env["HOME"] = home
+        config = json.dumps({"base_url": service.base_url, "endpoint_id": endpoint_id})
+
+        def run() -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [python, script, config],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=300,
+                cwd=home,
+            )
+
+        done = await deferToThread(run)
+        if done.returncode != 0:
+            self.fail(
+                f"the real SDK script failed ({done.returncode}):\n{done.stderr[-4000:]}\n"
+                f"service log:\n{service.log_tail(30)}"
+            )
+        out: Dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        self.assertEqual(out["funcx"], "1.0.13")
+        self.assertEqual(out["endpoints"], [endpoint_id])
+        self.assertEqual(out["metadata_name"], "played")
+        self.assertEqual(out["status"], "online")
+        self.assertEqual(out["result"], 3)
+        self.assertEqual(out["task"]["status"], "success")
+        self.assertIn("ValueError: bad 7", out["failure"])
+        self.assertEqual(out["batch"], [10, 11, 12, 13, 14])
+        self.assertEqual(out["executor"], [100, 101, 102])
+        self.assertIn("ValueError: bad 3", out["executor_failure"])
+        self.assertEqual(len(out["whitelist"]), 1)
+        self.assertEqual(out["whitelist_after"], [])
+        self.assertEqual(out["whoami"], me["preferred_username"])
+        self.assertTrue(out["stop"])
+        self.assertTrue(out["logged_out"])
+        # 2 + 5 tasks by the client, 4 by the executor: each ran once here.
+        self.assertEqual(len(player.tasks), 11)
+        self.assertEqual(len({t.task_id for t in player.tasks}), 11)
+        # stop_endpoint locked it: the next registration is refused (423), once.
+        body = {"endpoint_name": "played", "endpoint_uuid": endpoint_id}
+        await player.stop()
+        status, answer = await api.post("/v2/endpoints", body)
+        self.assertEqual(status, 423, answer)
+        status, answer = await api.post("/v2/endpoints", body)
+        self.assertEqual(status, 200, answer)

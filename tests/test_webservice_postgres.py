@@ -1,0 +1,178 @@
+"""A ``funcx-service`` process on PostgreSQL (Debian's, started by this test run).
+
+The storage layer runs all its cases on PostgreSQL in
+``test_webservice_storage``; here a real service process uses a PostgreSQL
+database for a subset of the API: login, functions, endpoints, a batch of
+tasks run by a played endpoint, batch status, deduplication, isolation
+between users, and a restart that keeps everything.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SkipTest, TestCase
+
+from funcx_endpoint.protocol import Result, deserialize, pack_payload, serialize
+from funcx_endpoint.testing.service import (
+    APIClient,
+    EndpointPlayer,
+    ServiceProcess,
+    ServiceStartError,
+)
+from tests.test_webservice_api import FUNCTION_CODE, sleep, wait_until
+
+
+def _postgres_url() -> str:
+    from funcx_endpoint.testing.postgres import PostgresNotInstalled, shared_postgres
+
+    try:
+        return shared_postgres().create_database()
+    except PostgresNotInstalled as e:
+        raise SkipTest(str(e)) from None
+
+
+class PostgresServiceTests(TestCase):
+    timeout = 180
+
+    def test_api_on_postgresql(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self.api_on_postgresql())
+
+    async def api_on_postgresql(self) -> None:
+        url = await deferToThread(_postgres_url)
+        service = ServiceProcess(database_url=url)
+        await service.start_async(reactor)
+        self.addCleanup(lambda: deferToThread(service.destroy))
+        self.assertIn("PostgreSQL", service.info["database"])
+        self.assertNotIn(url.split("@")[0].split(":")[-1], service.info["database"])  # no password
+
+        alice = APIClient(reactor, service)
+        await alice.login(*(await service.create_client_async(reactor, "alice")))
+        bob = APIClient(reactor, service)
+        await bob.login(*(await service.create_client_async(reactor, "bob")))
+        status, answer = await alice.post(
+            "/v2/functions", {"function_name": "add", "function_code": FUNCTION_CODE}
+        )
+        self.assertEqual(status, 200, answer)
+        function_id = answer["function_uuid"]
+        status, registration = await alice.post(
+            "/v2/endpoints", {"endpoint_name": "pg", "endpoint_uuid": str(uuid.uuid4())}
+        )
+        self.assertEqual(status, 200, registration)
+        endpoint_id = registration["endpoint_id"]
+        status, answer = await bob.post(
+            "/v2/endpoints", {"endpoint_name": "x", "endpoint_uuid": endpoint_id}
+        )
+        self.assertEqual(status, 403)
+
+        tasks = [[function_id, endpoint_id, pack_payload((i,), {"b": 1000})] for i in range(200)]
+        tasks.append([function_id, endpoint_id, "broken"])
+        status, submitted = await alice.post("/v2/submit", {"tasks": tasks})
+        self.assertEqual(status, 200, submitted)
+        codes = [r["http_status_code"] for r in submitted["results"]]
+        self.assertEqual(codes, [200] * 200 + [400])
+        task_ids = [r["task_uuid"] for r in submitted["results"][:200]]
+
+        player = EndpointPlayer(reactor, registration, service.broker_ca_file)
+        await player.start()
+        self.addCleanup(lambda: Deferred.fromCoroutine(player.stop()))
+
+        async def all_done() -> Any:
+            status, answer = await alice.post("/v2/batch_status", {"task_ids": task_ids})
+            results = answer["results"]
+            return results if all(r["status"] == "success" for r in results.values()) else None
+
+        results = await wait_until(all_done, timeout=60)
+        self.assertEqual(len(results), 200)
+        self.assertEqual(
+            sorted(deserialize(r["result"]) for r in results.values()), list(range(1000, 1200))
+        )
+        status, answer = await bob.post("/v2/batch_status", {"task_ids": task_ids})
+        self.assertEqual(answer["results"], {})
+
+        # A result published again (with other data) changes nothing.
+        first = results[task_ids[0]]
+        await player.publish(Result.success(task_ids[0], serialize("again")))
+        await sleep(0.5)
+        status, view = await alice.get(f"/v2/tasks/{task_ids[0]}")
+        self.assertEqual(view, first)
+        self.assertEqual(len(player.tasks), 200)
+
+        # NUL characters, which PostgreSQL text cannot hold: refused in requests,
+        # escaped in results (and the next results still flow).
+        status, answer = await alice.post(
+            "/v2/functions", {"function_name": "a\x00b", "function_code": FUNCTION_CODE}
+        )
+        self.assertEqual(status, 400, answer)
+        status, submitted = await alice.post(
+            "/v2/submit",
+            {
+                "tasks": [
+                    [function_id, endpoint_id, "1\n\x00"],
+                    [function_id, endpoint_id, tasks[0][2]],
+                ]
+            },
+        )
+        self.assertEqual([r["http_status_code"] for r in submitted["results"]], [400, 200])
+        fresh = submitted["results"][1]["task_uuid"]
+        await wait_until(lambda: len(player.tasks) == 201)
+        status, view = await alice.get(f"/v2/tasks/{fresh}")
+        self.assertEqual(view["status"], "success")
+        player.run_tasks = False
+        status, submitted = await alice.post("/v2/submit", {"tasks": [tasks[0], tasks[1]]})
+        nul_task, after = [r["task_uuid"] for r in submitted["results"]]
+        await wait_until(lambda: len(player.tasks) == 203)
+        await player.publish(Result.failure(nul_task, "RemoteExecutionError", "x\x00y", "tb\x00"))
+        await player.publish(Result.success(after, serialize(7)))
+
+        async def after_done() -> Any:
+            status, view = await alice.get(f"/v2/tasks/{after}")
+            return view if view["status"] == "success" else None
+
+        await wait_until(after_done)
+        status, view = await alice.get(f"/v2/tasks/{nul_task}")
+        self.assertEqual((view["status"], view["exception"]), ("failed", "tb\\x00"))
+
+        # Everything survives a restart.
+        await player.stop()
+        await service.restart_async(reactor)
+        alice = APIClient(reactor, service, alice.token)
+        status, view = await alice.get(f"/v2/tasks/{task_ids[-1]}")
+        self.assertEqual((status, deserialize(view["result"])), (200, 1199))
+        status, listed = await alice.get("/v2/endpoints")
+        self.assertEqual([e["endpoint_id"] for e in listed], [endpoint_id])
+
+
+class BrokerRefusalTests(TestCase):
+    timeout = 120
+
+    def test_wrong_broker_password_fails_the_start(self) -> Deferred[None]:
+        async def go() -> None:
+            from funcx_endpoint.testing.rabbitmq import shared_node
+
+            node = await deferToThread(shared_node)
+            url = node.amqps_url.replace(node.admin_password, "wrong-password")
+            service = ServiceProcess(
+                args=[
+                    "--port",
+                    "0",
+                    "--amqp-url",
+                    url,
+                    "--broker-ca-file",
+                    node.ca_cert_path,
+                    "--management-url",
+                    node.management_url,
+                ]
+            )
+            self.addCleanup(lambda: deferToThread(service.destroy))
+            with self.assertRaises(ServiceStartError) as caught:
+                await deferToThread(service.start, 60)
+            self.assertIn("refused", str(caught.exception))
+            self.assertNotIn("wrong-password", str(caught.exception))
+            self.assertFalse(service.running)
+
+        return Deferred.fromCoroutine(go())

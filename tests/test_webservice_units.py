@@ -1,0 +1,180 @@
+"""Small pieces of the web service, without processes: settings, parsing, permissions."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import uuid
+
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from funcx_endpoint.webservice.api import (
+    APIError,
+    BrokerAddress,
+    allowed_functions_of,
+    canonical_uuid,
+)
+from funcx_endpoint.webservice.db import DatabaseConfig, DatabaseError, redact_url
+from funcx_endpoint.webservice.http import Router
+from funcx_endpoint.webservice.management import endpoint_permissions, user_permissions
+from funcx_endpoint.webservice.settings import MIB, ServiceSettings, client_env_lines
+from funcx_endpoint.webservice.tap import Options
+from tests.support import child_env
+
+
+class SettingsTests(SynchronousTestCase):
+    def test_defaults_save_and_load(self) -> None:
+        state = os.path.abspath(self.mktemp())
+        settings = ServiceSettings.load(state)
+        self.assertEqual(
+            (settings.port, settings.interface, settings.public_host), (0, "127.0.0.1", "localhost")
+        )
+        self.assertEqual(settings.max_request_size, 10 * MIB)
+        self.assertTrue(settings.embedded_broker)
+        self.assertEqual(settings.effective_database_url, f"sqlite://{state}/funcx-service.sqlite3")
+        settings.port = 8443
+        settings.save()
+        self.assertEqual(os.stat(settings.settings_file).st_mode & 0o777, 0o600)
+        self.assertEqual(os.stat(state).st_mode & 0o777, 0o700)
+        again = ServiceSettings.load(state, {"public_host": "example.org", "port": None})
+        self.assertEqual((again.port, again.public_host), (8443, "example.org"))
+
+    def test_inconsistent_settings(self) -> None:
+        state = os.path.abspath(self.mktemp())
+        for overrides in (
+            {"tls_cert": "/x"},
+            {"management_url": "http://h/"},
+            {"amqp_url": "http://nope"},
+            {"database_url": "mysql://x"},
+        ):
+            self.assertRaises(ValueError, ServiceSettings.load, state, overrides)
+        os.makedirs(state)
+        with open(os.path.join(state, "service.json"), "w") as f:
+            f.write("{broken")
+        error = self.assertRaises(ValueError, ServiceSettings.load, state)
+        self.assertIn("service.json", str(error))
+
+    def test_twistd_options(self) -> None:
+        state = os.path.abspath(self.mktemp())
+        options = Options()
+        options.parseOptions(
+            ["--state-dir", state, "--port", "0", "--max-request-size", "2M", "--insecure-http"]
+        )
+        self.assertEqual(options.settings.max_request_size, 2 * MIB)
+        self.assertTrue(options.settings.insecure_http)
+        self.assertRaises(usage.UsageError, Options().parseOptions, ["--port", "70000"])
+        self.assertRaises(usage.UsageError, Options().parseOptions, ["--max-request-size", "-1"])
+
+    def test_secret_urls_from_the_environment(self) -> None:
+        state = os.path.abspath(self.mktemp())
+        self.patch(os, "environ", {**os.environ, "FUNCX_SERVICE_AMQP_URL": "amqps://a:b@h:1/v"})
+        options = Options()
+        options.parseOptions(["--state-dir", state])
+        self.assertEqual(options.settings.amqp_url, "amqps://a:b@h:1/v")
+        self.assertFalse(options.settings.embedded_broker)
+
+    def test_client_env_lines(self) -> None:
+        lines = client_env_lines(
+            {"base_url": "https://h:1/v2", "auth_url": "https://h:1/", "ca_file": "/ca.pem",
+             "broker_ca_file": "/b.pem"}
+        )  # fmt: skip
+        self.assertIn("export GLOBUS_SDK_VERIFY_SSL=/ca.pem", lines)
+        self.assertIn("export FUNCX_SERVICE_CA_FILE=/ca.pem", lines)
+        self.assertIn("export SSL_CERT_FILE=/b.pem", lines)
+        self.assertIn("export GLOBUS_SDK_SERVICE_URL_AUTH=https://h:1/", lines)
+
+
+class ParsingTests(SynchronousTestCase):
+    def test_database_urls(self) -> None:
+        self.assertEqual(DatabaseConfig.from_url("sqlite:///tmp/x.db").path, "/tmp/x.db")
+        self.assertEqual(DatabaseConfig.from_url("postgresql://u:p@h/db").kind, "postgresql")
+        self.assertRaises(DatabaseError, DatabaseConfig.from_url, "sqlite://host/x")
+        self.assertRaises(DatabaseError, DatabaseConfig.from_url, "oracle://x")
+        self.assertEqual(redact_url("postgresql://u:secret@h:5/db"), "postgresql://u:***@h:5/db")
+        self.assertNotIn("secret", DatabaseConfig.from_url("postgres://u:secret@h/d").describe())
+
+    def test_uuids(self) -> None:
+        value = str(uuid.uuid4())
+        self.assertEqual(canonical_uuid(value.upper(), "x"), value)
+        for bad in ("x", 7, None, value + "0", "{" * 70):
+            error = self.assertRaises(APIError, canonical_uuid, bad, "the id")
+            self.assertEqual((error.status, error.code), (400, "INVALID_UUID"))
+
+    def test_allowed_functions(self) -> None:
+        a, b = str(uuid.uuid4()), str(uuid.uuid4())
+        self.assertIsNone(allowed_functions_of({}))
+        self.assertIsNone(allowed_functions_of({"config": {"allowed_functions": "None"}}))
+        self.assertEqual(allowed_functions_of({"allowed_functions": [a, b]}), [a, b])
+        self.assertEqual(allowed_functions_of({"config": {"allowed_functions": f"['{a}']"}}), [a])
+        self.assertEqual(allowed_functions_of({"allowed_functions": []}), [])
+        error = self.assertRaises(APIError, allowed_functions_of, {"allowed_functions": 3})
+        self.assertEqual(error.status, 422)
+
+    def test_broker_urls(self) -> None:
+        address = BrokerAddress("amqps", "example.org", 5671, "/")
+        self.assertEqual(address.url("u@x", "p/w"), "amqps://u%40x:p%2Fw@example.org:5671/%2F")
+
+    def test_router(self) -> None:
+        router = Router()
+
+        async def handler(call):  # pragma: no cover - not called
+            return 200, {}
+
+        router.add("GET", "/v2/tasks/(?P<task_id>[^/]+)", handler)
+        route, params = router.match("GET", "/v2/tasks/abc/")
+        self.assertEqual(params, {"task_id": "abc"})
+        error = self.assertRaises(APIError, router.match, "POST", "/v2/tasks/abc")
+        self.assertEqual((error.status, error.headers["Allow"]), (405, "GET"))
+        self.assertEqual(self.assertRaises(APIError, router.match, "GET", "/v2/x").status, 404)
+
+
+class PermissionTests(SynchronousTestCase):
+    def test_endpoint_permissions_are_anchored_and_escaped(self) -> None:
+        eid = "0c1d2e3f-0000-4000-8000-000000000001"
+        rules = endpoint_permissions(eid)
+        read = re.compile(rules["permissions"]["read"])
+        self.assertTrue(read.match(f"{eid}.tasks"))
+        self.assertFalse(read.match(f"{eid}xtasks"))
+        self.assertFalse(read.match(f"{eid}.tasks.more"))
+        self.assertFalse(read.match("results"))
+        self.assertEqual(rules["permissions"]["configure"], "^$")
+        self.assertTrue(re.match(rules["topic"]["write"], f"{eid}.results"))
+        self.assertFalse(re.match(rules["topic"]["write"], "other.results"))
+        prefix = "taskgroup.abc."
+        user = re.compile(user_permissions(prefix)["read"])
+        self.assertTrue(user.match(prefix + "tg"))
+        self.assertFalse(user.match("taskgroup.abcd.tg"))
+
+
+class PluginTests(SynchronousTestCase):
+    def test_twistd_lists_the_service(self) -> None:
+        result = subprocess.run(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "--help"],
+            capture_output=True,
+            text=True,
+            env=child_env(),
+            timeout=60,
+        )
+        self.assertIn("funcx-service", result.stdout)
+
+    def test_cli_help(self) -> None:
+        result = subprocess.run(
+            [sys.executable, "-m", "funcx_endpoint.webservice", "--help"],
+            capture_output=True,
+            text=True,
+            env=child_env(),
+            timeout=60,
+        )
+        self.assertEqual(result.returncode, 0)
+        for command in (
+            "start",
+            "stop",
+            "status",
+            "create-client",
+            "list-clients",
+            "revoke-client",
+        ):
+            self.assertIn(command, result.stdout)
