@@ -71,7 +71,6 @@ setup(
             "funcx-endpoint = funcx_endpoint.cli.main:main",
             "funcx-manager = funcx_endpoint.manager.main:main",
             "funcx-worker = funcx_endpoint.worker.main:main",
-
             "funcx-service = funcx_endpoint.webservice.cli:main",
         ],
     },

@@ -577,3 +577,32 @@ class FaultTests(TransportTestCase):
 
     def test_result_larger_than_broker_allows(self) -> Deferred[None]:
         return ensureDeferred(self._too_large())
+
+
+class PolicyTests(TransportTestCase):
+    async def _allowed(self) -> None:
+        from funcx_endpoint.testing.interchanges import HoldingInterchange
+
+        allowed = str(uuid.uuid4())
+        other = str(uuid.uuid4())
+        interchange = HoldingInterchange()
+        transport = self.make_transport(allowed_functions=[allowed])
+        transport.interchange = interchange
+        interchange.on_results = transport._on_results
+        await self.start_transport(transport)
+        good = Task(str(uuid.uuid4()), NOOP_BUFFER, function_id=allowed)
+        bad = Task(str(uuid.uuid4()), NOOP_BUFFER, function_id=other)
+        anonymous = Task(str(uuid.uuid4()), NOOP_BUFFER)
+        await self.service.publish_tasks(self.endpoint_id, [good, bad, anonymous])
+        ids = [bad.task_id, anonymous.task_id]
+        await self.service.when(lambda: self.service.answered(ids), 30)
+        for task_id in ids:
+            [result] = self.service.results[task_id]
+            self.assertEqual(result.error_details.code, "FunctionNotAllowed")
+        self.assertIn(other, self.service.results[bad.task_id][0].error_details.user_message)
+        # Only the allowed one reached the interchange (and waits there).
+        await wait_until(lambda: good.task_id in interchange.held)
+        self.assertEqual(set(interchange.submissions), {good.task_id})
+
+    def test_allowed_functions(self) -> Deferred[None]:
+        return ensureDeferred(self._allowed())

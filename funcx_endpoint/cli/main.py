@@ -379,17 +379,108 @@ def restart(
 @cli.command()
 @name_argument
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Delete the local profile even if the service cannot be told (or its config is broken).",
+)
 @timeout_option
 @pass_context
-def delete(ctx: Context, name: str, yes: bool, timeout: Optional[float]) -> None:
-    """Delete the endpoint profile NAME (stopping it first if it runs)."""
+def delete(ctx: Context, name: str, yes: bool, force: bool, timeout: Optional[float]) -> None:
+    """Delete the endpoint NAME: at its service (if it was registered), then the profile.
+
+    The endpoint is stopped first if it runs.  If the service cannot be reached
+    or refuses, nothing is deleted (exit 69) unless --force.
+    """
+    from funcx_endpoint.cli import remote
+
     ep = ctx.existing(name)
     if not yes:
         click.confirm(f"Delete endpoint {name!r} and everything in {ep.path}?", abort=True)
+    endpoint_id = ep.endpoint_id()
+    config: Optional[Config] = None
+    try:
+        config = load_config(ep.config_file)
+    except ConfigFileError as e:
+        if not force:
+            fail(f"bad configuration, cannot reach the service: {e} (use --force)", EX_CONFIG)
     if ep.read_pid() is not None:
         _stop(ctx, ep, timeout)
+    if endpoint_id and config is not None:
+        try:
+            remote.run_in_reactor(
+                lambda reactor: remote.delete_endpoint(reactor, config, ctx.config_dir, endpoint_id)
+            )
+            click.echo(f"Deleted endpoint {endpoint_id} at {config.funcx_service_address}.")
+        except remote.RemoteError as e:
+            if not force:
+                fail(f"{e}; nothing deleted (use --force to delete the local profile)", 69)
+            click.echo(f"Warning: {e}; deleting the local profile anyway (--force)", err=True)
     shutil.rmtree(ep.path)
     click.echo(f"Deleted endpoint {name!r} ({ep.path}).")
+
+
+def _config_for_login(ctx: Context, name: Optional[str]) -> Config:
+    """The config whose service the login commands talk to."""
+    names = [name] if name else [ep.name for ep in list_endpoints(ctx.config_dir)]
+    if not names:
+        fail(
+            f"no endpoint in {ctx.config_dir} says which service to use; create one with: "
+            f"funcx-endpoint{ctx.dir_option()} configure",
+            EX_NOINPUT,
+        )
+    return load_checked(ctx.existing(names[0]))
+
+
+@cli.command()
+@click.argument("name", required=False, metavar="[NAME]")
+@pass_context
+def whoami(ctx: Context, name: Optional[str]) -> None:
+    """Show who the credentials belong to, at the service of endpoint NAME.
+
+    Credentials: FUNCX_SDK_CLIENT_ID / FUNCX_SDK_CLIENT_SECRET, or the token
+    saved in DIR/tokens.json by an earlier start.
+    """
+    from funcx_endpoint.cli import remote
+
+    config = _config_for_login(ctx, name)
+    try:
+        info = remote.run_in_reactor(lambda r: remote.whoami(r, config, ctx.config_dir))
+    except remote.RemoteError as e:
+        fail(str(e), 77)
+    for key in ("preferred_username", "name", "email", "sub"):
+        if info.get(key):
+            click.echo(f"{key.replace('_', ' ')}: {info[key]}")
+
+
+@cli.command()
+@click.option("--force", is_flag=True, help="Log out even while endpoints run.")
+@pass_context
+def logout(ctx: Context, force: bool) -> None:
+    """Revoke the saved token and remove DIR/tokens.json.
+
+    Running endpoints keep their connections but could not register again;
+    logging out while any runs is refused unless --force.
+    """
+    from funcx_endpoint.cli import remote
+
+    running = [
+        ep.name for ep in list_endpoints(ctx.config_dir) if ep.state() is EndpointState.RUNNING
+    ]
+    if running and not force:
+        fail(f"endpoints are running ({', '.join(running)}); stop them or use --force", 1)
+    config = _config_for_login(ctx, None) if list_endpoints(ctx.config_dir) else None
+    if config is None:
+        from funcx_endpoint.endpoint.auth import TokenStore
+
+        removed = TokenStore(ctx.config_dir).remove()
+    else:
+        try:
+            removed = remote.run_in_reactor(lambda r: remote.logout(r, config, ctx.config_dir))
+        except Exception as e:  # revoking is best effort; the file is removed anyway
+            click.echo(f"Warning: could not revoke the token at the service: {e}", err=True)
+            removed = True
+    click.echo("Logged out." if removed else "Not logged in (no saved token).")
 
 
 @cli.command(name="list")
@@ -413,12 +504,28 @@ def list_command(ctx: Context) -> None:
 
 
 def format_status(details: dict) -> str:
+    """The daemon's status as indented ``key: value`` lines (nested dicts inline)."""
     lines = []
     for key, value in details.items():
-        if isinstance(value, float):
-            value = f"{value:.1f}" if key != "uptime" else _duration(value)
+        if key == "uptime" and isinstance(value, (int, float)):
+            value = _duration(value)
+        elif isinstance(value, float):
+            value = f"{value:.1f}"
+        elif isinstance(value, dict):
+            value = _inline(value)
         lines.append(f"  {key.replace('_', ' ')}: {value}")
     return "\n".join(lines)
+
+
+def _inline(value: dict) -> str:
+    parts = []
+    for key, item in value.items():
+        if isinstance(item, dict):
+            item = "(" + _inline(item) + ")" if item else "-"
+        elif isinstance(item, float):
+            item = f"{item:g}"
+        parts.append(f"{key.replace('_', ' ')} {item}")
+    return ", ".join(parts)
 
 
 def _duration(seconds: float) -> str:

@@ -588,7 +588,6 @@ class Transport(Service):
 
     def status_fields(self) -> Dict[str, Any]:
         return {
-            "endpoint_id": self.info.endpoint_id if self.info else None,
             "broker_tasks_connection": self.tasks_conn.state() if self.tasks_conn else "stopped",
             "broker_results_connection": (
                 self.results_conn.state() if self.results_conn else "stopped"

@@ -1,0 +1,363 @@
+"""Functions run end to end: SDK -> private service -> broker -> endpoint daemon ->
+manager -> workers, and back; all real processes.
+
+One endpoint daemon (with a task timeout) is shared by the tests of this
+module and stopped when the test process exits.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import tempfile
+import time
+from typing import Any, Dict, Optional
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from funcx_endpoint.endpoint.layout import EndpointDir
+from tests.support import alive, descendants_and_session, run_cli, wait_for
+
+TASK_TIMEOUT = 3
+
+
+class SharedEndpoint:
+    """A configured, running endpoint daemon and an SDK client of the same user."""
+
+    def __init__(self) -> None:
+        from funcx_endpoint.testing.service import shared_service
+
+        self.service = shared_service()
+        self.env = self.service.client_env(self.service.create_client())
+        self.config_dir = tempfile.mkdtemp(prefix="funcx-e2e-")
+        result = run_cli(
+            self.config_dir,
+            "configure",
+            "e2e",
+            "--service-address",
+            self.service.base_url,
+            "--service-ca-file",
+            self.service.ca_file,
+            "--amqp-ca-file",
+            self.service.broker_ca_file,
+            env=self.env,
+        )
+        assert result.returncode == 0, result.stderr
+        self.ep = EndpointDir(self.config_dir, "e2e")
+        with open(self.ep.config_file) as f:
+            text = f.read()
+        text = text.replace("task_timeout=None,", f"task_timeout={TASK_TIMEOUT},")
+        text = text.replace('max_workers_per_node=float("inf"),', "max_workers_per_node=2,")
+        with open(self.ep.config_file, "w") as f:
+            f.write(text)
+        started = run_cli(self.config_dir, "start", "e2e", env=self.env)
+        assert started.returncode == 0, started.stdout + started.stderr
+        self.endpoint_id = self.ep.endpoint_id()
+        assert wait_for(
+            lambda: "workers: 2" in run_cli(self.config_dir, "status", "e2e", env=self.env).stdout,
+            60,
+        ), run_cli(self.config_dir, "status", "e2e", env=self.env).stdout
+
+    def client(self) -> Any:
+        from funcx_endpoint.sdk import FuncXClient
+
+        saved: Dict[str, Optional[str]] = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        try:
+            return FuncXClient()
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+    def stop(self) -> None:
+        run_cli(self.config_dir, "stop", "e2e", env=self.env)
+
+
+_shared: Optional[SharedEndpoint] = None
+
+
+def shared_endpoint() -> SharedEndpoint:
+    global _shared
+    if _shared is None:
+        _shared = SharedEndpoint()
+        atexit.register(_shared.stop)
+    return _shared
+
+
+def wait_result(client: Any, task_id: str, timeout: float = 60.0) -> Any:
+    from funcx_endpoint.sdk import TaskPending
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return client.get_result(task_id)
+        except TaskPending:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+# The functions run on the endpoint (sent as source: no imports from here).
+
+
+def add(a, b=10):
+    return a + b
+
+
+def raises(value):
+    def inner(v):
+        raise ValueError(f"bad value {v}")
+
+    return inner(value)
+
+
+def shout(message):
+    print(f"SHOUT {message}")
+    return message.upper()
+
+
+def sleeper(seconds):
+    import time
+
+    time.sleep(seconds)
+    return seconds
+
+
+def suicide():
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def big(n):
+    return "x" * n
+
+
+class EndToEndTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.endpoint = shared_endpoint()
+        self.client = self.endpoint.client()
+        self.addCleanup(self.client.close)
+        self.eid = self.endpoint.endpoint_id
+
+    def run_function(self, fn: Any, *args: Any, **kwargs: Any) -> str:
+        fid = self.client.register_function(fn)
+        return self.client.run(*args, endpoint_id=self.eid, function_id=fid, **kwargs)
+
+    def test_result(self) -> None:
+        task = self.run_function(add, 5, b=7)
+        self.assertEqual(wait_result(self.client, task), 12)
+        record = self.client.get_task(task)
+        self.assertEqual(record["status"], "success")
+        self.assertIn("completion_t", record)
+
+    def test_exception_with_traceback(self) -> None:
+        from funcx_endpoint.sdk import TaskExecutionFailed
+
+        task = self.run_function(raises, 42)
+        with self.assertRaises(TaskExecutionFailed) as cm:
+            wait_result(self.client, task)
+        error = cm.exception
+        self.assertEqual(error.error_code, "RemoteExecutionError")
+        self.assertIn("ValueError: bad value 42", error.remote_data)
+        # The traceback starts at the user's frames: theirs, not the worker's.
+        self.assertIn("in raises", error.remote_data)
+        self.assertIn("in inner", error.remote_data)
+        self.assertNotIn("funcx_endpoint/worker", error.remote_data)
+
+    def test_print_goes_to_the_worker_log(self) -> None:
+        task = self.run_function(shout, "hello e2e")
+        self.assertEqual(wait_result(self.client, task), "HELLO E2E")
+        managers = os.path.join(self.endpoint.ep.path, "interchange", "managers")
+
+        def printed() -> bool:
+            for root, _dirs, files in os.walk(managers):
+                for name in files:
+                    if name.endswith(".out"):
+                        with open(os.path.join(root, name)) as f:
+                            if "SHOUT hello e2e" in f.read():
+                                return True
+            return False
+
+        self.assertTrue(wait_for(printed, 10))
+
+    def test_batch_with_executor(self) -> None:
+        from funcx_endpoint.sdk import FuncXExecutor
+
+        with FuncXExecutor(self.eid, funcx_client=self.client) as executor:
+            futures = [executor.submit(add, i, b=i) for i in range(300)]
+            self.assertEqual([f.result(timeout=120) for f in futures], [2 * i for i in range(300)])
+
+    def test_task_timeout(self) -> None:
+        from funcx_endpoint.sdk import TaskExecutionFailed
+
+        task = self.run_function(sleeper, 60)
+        with self.assertRaises(TaskExecutionFailed) as cm:
+            wait_result(self.client, task, timeout=60)
+        self.assertEqual(cm.exception.error_code, "TaskTimeout")
+        self.assertIn(f"{TASK_TIMEOUT}", str(cm.exception))
+        # The worker was replaced: later tasks run.
+        self.assertEqual(wait_result(self.client, self.run_function(add, 1)), 11)
+
+    def test_worker_lost(self) -> None:
+        from funcx_endpoint.sdk import TaskExecutionFailed
+
+        task = self.run_function(suicide)
+        with self.assertRaises(TaskExecutionFailed) as cm:
+            wait_result(self.client, task)
+        self.assertEqual(cm.exception.error_code, "WorkerLost")
+        self.assertIn("SIGKILL", str(cm.exception))
+        self.assertEqual(wait_result(self.client, self.run_function(add, 2)), 12)
+
+    def test_result_over_the_size_limit(self) -> None:
+        from funcx_endpoint.sdk import TaskExecutionFailed
+
+        task = self.run_function(big, 11 * 1024 * 1024)
+        with self.assertRaises(TaskExecutionFailed) as cm:
+            wait_result(self.client, task)
+        self.assertEqual(cm.exception.error_code, "MaxResultSizeExceeded")
+
+    def test_endpoint_status_at_the_service(self) -> None:
+        status = self.client.get_endpoint_status(self.eid)
+        self.assertEqual(status["status"], "online")
+
+
+class StopLeavesNothingTests(SynchronousTestCase):
+    """A stop of an endpoint that ran tasks leaves no manager or worker behind."""
+
+    def test_stop(self) -> None:
+        from funcx_endpoint.testing.service import shared_service
+
+        service = shared_service()
+        env = service.client_env(service.create_client())
+        config_dir = os.path.abspath(self.mktemp())
+        self.assertEqual(
+            run_cli(
+                config_dir,
+                "configure",
+                "s",
+                "--service-address",
+                service.base_url,
+                "--service-ca-file",
+                service.ca_file,
+                "--amqp-ca-file",
+                service.broker_ca_file,
+                env=env,
+            ).returncode,
+            0,
+        )
+        ep = EndpointDir(config_dir, "s")
+        self.assertEqual(run_cli(config_dir, "start", "s", env=env).returncode, 0)
+        pid = ep.read_pid()
+        assert pid is not None
+        self.assertTrue(
+            wait_for(
+                lambda: "managers: 1" in run_cli(config_dir, "status", "s", env=env).stdout, 60
+            )
+        )
+        tree = alive(descendants_and_session(pid))
+        names = " ".join(" ".join(p.cmdline()) for p in tree)
+        self.assertIn("funcx_endpoint.manager", names)
+        self.assertIn("funcx_endpoint.worker", names)
+        stop = run_cli(config_dir, "stop", "s", env=env)
+        self.assertEqual(stop.returncode, 0, stop.stderr)
+        # Clean: the daemon stopped its children itself, nothing had to be killed.
+        self.assertNotIn("killed", stop.stdout)
+        self.assertEqual(alive(tree), [])
+        self.assertEqual(alive(descendants_and_session(pid)), [])
+
+
+class LoginCommandTests(SynchronousTestCase):
+    """whoami, logout and delete talk to the service."""
+
+    def setUp(self) -> None:
+        from funcx_endpoint.testing.service import shared_service
+
+        self.service = shared_service()
+        import uuid
+
+        self.name = f"login-{uuid.uuid4().hex[:8]}"
+        self.client_id, secret = self.service.create_client(self.name)
+        self.env = self.service.client_env((self.client_id, secret))
+        self.config_dir = os.path.abspath(self.mktemp())
+        result = run_cli(
+            self.config_dir,
+            "configure",
+            "w",
+            "--service-address",
+            self.service.base_url,
+            "--service-ca-file",
+            self.service.ca_file,
+            "--amqp-ca-file",
+            self.service.broker_ca_file,
+            env=self.env,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.ep = EndpointDir(self.config_dir, "w")
+
+    def test_whoami(self) -> None:
+        result = run_cli(self.config_dir, "whoami", env=self.env)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn(self.name, result.stdout)
+
+    def test_whoami_wrong_secret(self) -> None:
+        env = dict(self.env, FUNCX_SDK_CLIENT_SECRET="wrong")
+        result = run_cli(self.config_dir, "whoami", env=env)
+        self.assertEqual(result.returncode, 77)
+        self.assertIn("refused the client credentials", result.stderr)
+        self.assertNotIn("wrong", result.stderr)
+
+    def test_start_saves_token_and_logout_revokes_it(self) -> None:
+        started = run_cli(self.config_dir, "start", "w", env=self.env)
+        self.assertEqual(started.returncode, 0, started.stderr)
+        token_file = os.path.join(self.config_dir, "tokens.json")
+        self.assertEqual(os.stat(token_file).st_mode & 0o777, 0o600)
+        refused = run_cli(self.config_dir, "logout", env=self.env)
+        self.assertEqual(refused.returncode, 1)
+        self.assertIn("endpoints are running (w)", refused.stderr)
+        self.assertEqual(run_cli(self.config_dir, "stop", "w", env=self.env).returncode, 0)
+        # Without the variables, the saved token still says who we are...
+        bare = {k: "" for k in ("FUNCX_SDK_CLIENT_ID", "FUNCX_SDK_CLIENT_SECRET")}
+        bare.update({k: v for k, v in self.env.items() if not k.startswith("FUNCX_SDK")})
+        self.assertIn(self.name, run_cli(self.config_dir, "whoami", env=bare).stdout)
+
+        out = run_cli(self.config_dir, "logout", env=bare)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("Logged out.", out.stdout)
+        self.assertFalse(os.path.exists(token_file))
+        # ...and after logout it does not.
+        self.assertEqual(run_cli(self.config_dir, "whoami", env=bare).returncode, 77)
+
+    def test_delete_deregisters(self) -> None:
+        from funcx_endpoint.sdk import FuncxAPIError
+
+        self.assertEqual(run_cli(self.config_dir, "start", "w", env=self.env).returncode, 0)
+        endpoint_id = self.ep.endpoint_id()
+        client = SharedEndpoint.client(self)  # type: ignore[arg-type]
+        self.addCleanup(client.close)
+        self.assertEqual(client.get_endpoint_metadata(endpoint_id)["endpoint_id"], endpoint_id)
+        result = run_cli(self.config_dir, "delete", "w", "--yes", env=self.env)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn(f"Deleted endpoint {endpoint_id} at {self.service.base_url}", result.stdout)
+        self.assertFalse(os.path.exists(self.ep.path))
+        with self.assertRaises(FuncxAPIError) as cm:
+            client.get_endpoint_metadata(endpoint_id)
+        self.assertIn(cm.exception.http_status, (404, 410))
+
+    def test_delete_refused_when_the_service_is_unreachable(self) -> None:
+        with open(self.ep.config_file) as f:
+            text = f.read()
+        self.ep.write_endpoint_json({"endpoint_id": "8e7b6a31-43d3-47b6-9a4f-4b8a8a0c7d11"})
+        with open(self.ep.config_file, "w") as f:
+            f.write(text.replace(self.service.base_url, "https://127.0.0.1:9/v2"))
+        result = run_cli(self.config_dir, "delete", "w", "--yes", env=self.env)
+        self.assertEqual(result.returncode, 69)
+        self.assertIn("nothing deleted", result.stderr)
+        self.assertTrue(os.path.exists(self.ep.path))
+        forced = run_cli(self.config_dir, "delete", "w", "--yes", "--force", env=self.env)
+        self.assertEqual(forced.returncode, 0, forced.stderr)
+        self.assertFalse(os.path.exists(self.ep.path))
