@@ -7,12 +7,16 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 STATE_DIR ?= $(CURDIR)/.state
 
-.PHONY: all demo test bench docs lint typecheck clean system deps demo-stop
+.PHONY: all demo test bench docs lint typecheck clean system system-test deps demo-stop
 
 all: test
 
 system:
 	@scripts/bootstrap-system.sh
+
+# The tests also run a private PostgreSQL server (the service's second backend).
+system-test:
+	@scripts/bootstrap-system.sh postgresql
 
 $(STAMP): setup.py
 	@echo ">>> Creating the virtualenv $(VENV) and installing the package"
@@ -31,11 +35,16 @@ demo: deps
 demo-stop:
 	$(BIN)/python scripts/demo.py --state-dir $(STATE_DIR)/demo --stop
 
-test: deps
+test: system-test deps
 	$(BIN)/trial tests
 
 bench: deps
 	@for b in benchmarks/*/run; do echo ">>> $$b"; $$b || exit 1; done
+
+# Only the figures the issues ask for, one benchmark at a time:
+bench-%: deps
+	benchmarks/$*/run
+
 
 docs: deps
 	$(BIN)/pip install -q -e '.[docs]'

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Literal, NamedTuple, Union
 
@@ -20,6 +19,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from funcx_endpoint.files import write_atomically
 
 __all__ = [
     "CertificateAuthority",
@@ -245,30 +246,6 @@ def certificate_covers(
     )
 
 
-def _write_file(path: str, data: bytes, mode: int) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
-    try:
-        # mkstemp creates the file 0600; widen it only if asked to.
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def write_private_file(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically, readable by the owner only (0600).
 
@@ -276,12 +253,12 @@ def write_private_file(path: str, data: bytes) -> None:
     written, fsynced and then renamed over ``path``, so a reader sees the old file
     or the complete new one and the secret is never readable by others.
     """
-    _write_file(path, data, 0o600)
+    write_atomically(path, data, 0o600)
 
 
 def write_public_file(path: str, data: bytes) -> None:
     """Like :func:`write_private_file` but world-readable (0644), for certificates."""
-    _write_file(path, data, 0o644)
+    write_atomically(path, data, 0o644)
 
 
 def _server_cert_usable(

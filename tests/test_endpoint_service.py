@@ -15,8 +15,8 @@ from funcx_endpoint.endpoint.layout import EndpointDir
 from funcx_endpoint.endpoint.service import (
     EndpointService,
     Phase,
-    ReadyReporter,
     StartupError,
+    StartupReporter,
 )
 
 
@@ -71,7 +71,7 @@ class EndpointServiceTests(SynchronousTestCase):
         read_fd, write_fd = os.pipe()
         self.read_fd = read_fd
         self.addCleanup(os.close, read_fd)
-        self.service = EndpointService(self.ep, self.reactor, ReadyReporter(write_fd))
+        self.service = EndpointService(self.ep, self.reactor, StartupReporter(write_fd))
         self.journal: List[str] = []
         self.addCleanup(setattr, service_module.exit_status, "code", 0)
 
@@ -123,8 +123,15 @@ class EndpointServiceTests(SynchronousTestCase):
         ready.errback(StartupError("service refused: locked", exit_code=69))
         report = self.report()
         self.assertEqual(
-            report, {"state": "failed", "exit_code": 69, "message": "service refused: locked"}
+            report,
+            {
+                "state": "failed",
+                "exit_code": 69,
+                "message": "service refused: locked",
+                "pid": os.getpid(),
+            },
         )
+
         self.assertEqual(self.journal, ["start a"])
         self.assertEqual(self.reactor.stopped, 1)
         self.assertEqual(service_module.exit_status.code, 69)

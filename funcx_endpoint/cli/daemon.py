@@ -25,14 +25,10 @@ import attr
 import psutil
 
 from funcx_endpoint.endpoint.layout import EndpointDir, is_endpoint_process, pid_alive
+from funcx_endpoint.lifecycle import EX_SOFTWARE, EX_TEMPFAIL
 
 TWISTD_BOOTSTRAP = "from twisted.scripts.twistd import run; run()"
 LOGGER = "funcx_endpoint.endpoint.logs.make_observer"
-
-# BSD sysexits, as PROTOCOL.md section 2 uses them.
-EX_UNAVAILABLE = 69
-EX_SOFTWARE = 70
-EX_TEMPFAIL = 75
 
 
 @attr.s(auto_attribs=True)

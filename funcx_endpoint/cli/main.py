@@ -29,13 +29,11 @@ from funcx_endpoint.endpoint.layout import (
     list_endpoints,
     resolve_config_dir,
 )
+from funcx_endpoint.lifecycle import EX_CANTCREAT, EX_CONFIG, EX_DATAERR, EX_NOINPUT
 from funcx_endpoint.version import __version__
 
-# BSD sysexits
-EX_DATAERR = 65
-EX_NOINPUT = 66
-EX_CANTCREAT = 73
-EX_CONFIG = 78
+# Refusals that are not sysexits-worthy errors (e.g. already running).
+
 EX_ALREADY = 1
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -24,7 +24,7 @@ from twisted.internet.ssl import Certificate
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
-from funcx_endpoint.endpoint.layout import write_file_atomically
+from funcx_endpoint.files import write_atomically
 
 FUNCX_SCOPE = "https://auth.globus.org/scopes/facd7ccc-c5f4-42aa-916b-a0e270e2c2a9/all"
 GLOBUS_AUTH = "https://auth.globus.org/"
@@ -121,7 +121,7 @@ class TokenStore:
 
     def save(self, token: Token) -> None:
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-        write_file_atomically(self.path, json.dumps(attr.asdict(token)).encode(), mode=0o600)
+        write_atomically(self.path, json.dumps(attr.asdict(token)).encode(), mode=0o600)
 
     def remove(self) -> bool:
         try:

@@ -18,6 +18,8 @@ import stat
 import tempfile
 from typing import Any, Dict, Optional
 
+from funcx_endpoint.files import write_atomically
+
 DEFAULT_CONFIG_DIR = os.path.join("~", ".funcx")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 # sun_path is 108 bytes on Linux, including the terminating NUL.
@@ -88,25 +90,6 @@ def is_endpoint_process(pid: int) -> bool:
     except OSError:
         return False
     return b"funcx-endpoint" in cmdline or b"funcx_endpoint" in cmdline
-
-
-def write_file_atomically(path: str, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data``: temp file, fsync, rename."""
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 class EndpointDir:
@@ -180,7 +163,7 @@ class EndpointDir:
 
     def write_daemon_info(self, pid: int, session: Optional[int]) -> None:
         """Record the daemon's pid and the session it owns (None: not its own)."""
-        write_file_atomically(
+        write_atomically(
             self.daemon_info_file, json.dumps({"pid": pid, "session": session}).encode()
         )
 
@@ -221,7 +204,7 @@ class EndpointDir:
         return str(value) if value else None
 
     def write_endpoint_json(self, data: Dict[str, Any]) -> None:
-        write_file_atomically(
+        write_atomically(
             self.endpoint_json, json.dumps(data, indent=2, sort_keys=True).encode() + b"\n"
         )
 

@@ -35,15 +35,16 @@ from funcx_endpoint.endpoint.auth import Authenticator, AuthError, error_message
 from funcx_endpoint.endpoint.layout import EndpointDir
 from funcx_endpoint.endpoint.service import StartupError
 from funcx_endpoint.endpoint.transport import BrokerInfo
+from funcx_endpoint.lifecycle import (
+    EX_CONFIG,
+    EX_DATAERR,
+    EX_NOPERM,
+    EX_SOFTWARE,
+    EX_TEMPFAIL,
+    EX_UNAVAILABLE,
+)
 from funcx_endpoint.observer import OneShotObserver
 from funcx_endpoint.version import __version__
-
-EX_DATAERR = 65
-EX_UNAVAILABLE = 69
-EX_SOFTWARE = 70
-EX_TEMPFAIL = 75
-EX_NOPERM = 77
-EX_CONFIG = 78
 
 NETWORK_ERRORS = (ConnectError, DNSLookupError, TimeoutError, ResponseFailed, OSError)
 

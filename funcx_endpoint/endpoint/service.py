@@ -13,14 +13,14 @@ the daemon, in the order they start::
 Unlike a plain ``MultiService`` it starts them one after another, waiting for
 each to be ready (a child may offer ``when_ready()``), and stops them in reverse
 order, waiting for each to finish (processes included).  When all are ready
-it tells whoever started it (:class:`ReadyReporter`); when one fails to start,
-it reports the failure with an exit code and stops the reactor.
+it tells whoever started it (a :class:`~funcx_endpoint.lifecycle.StartupReporter`);
+when one fails to start, it reports the failure with an exit code and stops
+the reactor.
+
 """
 
 from __future__ import annotations
 
-import enum
-import json
 import os
 import time
 from typing import Any, Dict, List, Optional
@@ -32,73 +32,18 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from funcx_endpoint.endpoint.layout import EndpointDir
+from funcx_endpoint.lifecycle import (
+    EX_OK,
+    EX_SOFTWARE,
+    EX_TEMPFAIL,
+    Phase,
+    StartupError,
+    StartupReporter,
+    exit_status,
+)
 
-# BSD sysexits used as the daemon's exit codes.
-EX_OK = 0
-EX_SOFTWARE = 70
-EX_TEMPFAIL = 75
-
-
-class StartupError(Exception):
-    """A part of the daemon could not start; ``exit_code`` says how to exit."""
-
-    def __init__(self, message: str, exit_code: int = EX_SOFTWARE) -> None:
-        super().__init__(message)
-        self.message = message
-        self.exit_code = exit_code
-
-
-class ReadyReporter:
-    """Tells the process that started the daemon whether it came up.
-
-    ``funcx-endpoint start`` passes the write end of a pipe (``--ready-fd``);
-    one JSON line goes down it, then it is closed: ``{"state": "ready", ...}``
-    or ``{"state": "failed", "exit_code": n, "message": "..."}``.  If the
-    daemon dies first, the reader sees end-of-file instead.
-    """
-
-    log = Logger()
-
-    def __init__(self, fd: Optional[int]) -> None:
-        self._fd = fd
-
-    def _send(self, message: Dict[str, Any]) -> None:
-        if self._fd is None:
-            return
-        fd, self._fd = self._fd, None
-        try:
-            os.write(fd, json.dumps(message).encode() + b"\n")
-        except OSError as e:
-            self.log.warn(
-                "Could not report {state} to the starter: {error}",
-                state=message.get("state"),
-                error=e,
-            )
-        finally:
-            os.close(fd)
-
-    def ready(self, **info: Any) -> None:
-        self._send({"state": "ready", **info})
-
-    def failed(self, message: str, exit_code: int) -> None:
-        self._send({"state": "failed", "exit_code": exit_code, "message": message})
-
-
-class ExitStatus:
-    """The exit code the daemon process should end with (for foreground runs)."""
-
-    code = EX_OK
-
-
-exit_status = ExitStatus()
-
-
-class Phase(enum.Enum):
-    STOPPED = "stopped"
-    STARTING = "starting"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    FAILED = "failed"
+# Re-exported for the endpoint's parts and tests.
+__all__ = ["EndpointService", "Phase", "StartupError", "StartupReporter", "exit_status"]
 
 
 class EndpointService(MultiService):
@@ -110,7 +55,7 @@ class EndpointService(MultiService):
         self,
         endpoint_dir: EndpointDir,
         reactor: IReactorCore,
-        reporter: ReadyReporter,
+        reporter: StartupReporter,
         drain_grace: float = 10.0,
     ) -> None:
         super().__init__()

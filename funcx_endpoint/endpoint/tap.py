@@ -25,7 +25,7 @@ from funcx_endpoint.endpoint.auth import Authenticator, TokenStore, auth_base_ur
 from funcx_endpoint.endpoint.control import control_service
 from funcx_endpoint.endpoint.layout import DEFAULT_CONFIG_DIR, BadEndpointName, EndpointDir
 from funcx_endpoint.endpoint.registration import Registration
-from funcx_endpoint.endpoint.service import EndpointService, ReadyReporter
+from funcx_endpoint.endpoint.service import EndpointService, StartupReporter
 from funcx_endpoint.endpoint.status import StatusReporter
 from funcx_endpoint.endpoint.transport import BrokerInfo, Transport
 from funcx_endpoint.executor.blocks import BLOCK_ID
@@ -105,7 +105,7 @@ def build_endpoint(
     of managers and the scaling strategy), AMQP transport, status reports.
     """
     endpoint = EndpointService(
-        endpoint_dir, reactor, ReadyReporter(ready_fd), drain_grace=config.stop_grace_period
+        endpoint_dir, reactor, StartupReporter(ready_fd), drain_grace=config.stop_grace_period
     )
     endpoint.add(control_service(reactor, endpoint_dir.control_socket, {"status": endpoint.status}))
     http, pool = http_client(reactor, config.service_ca_file)

@@ -33,6 +33,7 @@ from funcx_endpoint.amqp.spool import ResultSpool
 from funcx_endpoint.endpoint.service import StartupError
 from funcx_endpoint.endpoint.tasks import Decision, TaskTracker
 from funcx_endpoint.executor.interface import IInterchange
+from funcx_endpoint.lifecycle import EX_NOPERM, EX_UNAVAILABLE
 from funcx_endpoint.protocol import (
     EPStatusReport,
     ErrorCode,
@@ -42,9 +43,6 @@ from funcx_endpoint.protocol import (
     pack,
     unpack,
 )
-
-EX_UNAVAILABLE = 69
-EX_NOPERM = 77
 
 
 @attr.s(auto_attribs=True, frozen=True)

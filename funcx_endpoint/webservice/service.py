@@ -17,7 +17,6 @@ pipe (``--ready-fd``): ``{"state": "progress"|"ready"|"failed", ...}``.
 
 from __future__ import annotations
 
-import enum
 import json
 import os
 import socket
@@ -36,6 +35,16 @@ from twisted.web.resource import Resource
 
 from funcx_endpoint import tls
 from funcx_endpoint.amqp.connection import AMQPURL
+from funcx_endpoint.lifecycle import (
+    EX_CONFIG,
+    EX_OK,
+    EX_SOFTWARE,
+    EX_UNAVAILABLE,
+    Phase,
+    StartupError,
+    StartupReporter,
+    exit_status,
+)
 from funcx_endpoint.version import __version__
 from funcx_endpoint.webservice.api import BrokerAddress, FuncXAPI
 from funcx_endpoint.webservice.auth import AuthAPI, Authenticator
@@ -48,70 +57,6 @@ from funcx_endpoint.webservice.settings import ServiceSettings, client_env_lines
 from funcx_endpoint.webservice.storage import Storage
 
 __all__ = ["StartupReporter", "WebService", "exit_status"]
-
-EX_OK = 0
-EX_SOFTWARE = 70
-EX_UNAVAILABLE = 69
-EX_CONFIG = 78
-
-
-class StartupError(Exception):
-    def __init__(self, message: str, exit_code: int = EX_SOFTWARE) -> None:
-        super().__init__(message)
-        self.message = message
-        self.exit_code = exit_code
-
-
-class ExitStatus:
-    code = EX_OK
-
-
-exit_status = ExitStatus()
-
-
-class StartupReporter:
-    """JSON lines to the starter on ``fd``: progress, then ready or failed (then closed)."""
-
-    log = Logger()
-
-    def __init__(self, fd: Optional[int]) -> None:
-        self._fd = fd
-
-    def _write(self, message: Dict[str, Any], close: bool) -> None:
-        if self._fd is None:
-            return
-        fd = self._fd
-        try:
-            os.write(fd, json.dumps(message).encode() + b"\n")
-        except OSError as e:
-            self.log.warn("Could not report to the starter: {error}", error=e)
-            close = True
-        if close:
-            self._fd = None
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-    def progress(self, message: str) -> None:
-        self._write({"state": "progress", "message": message}, close=False)
-
-    def ready(self, **info: Any) -> None:
-        self._write({"state": "ready", **info}, close=True)
-
-    def failed(self, message: str, exit_code: int) -> None:
-        self._write(
-            {"state": "failed", "exit_code": exit_code, "message": message, "pid": os.getpid()},
-            close=True,
-        )
-
-
-class Phase(enum.Enum):
-    STOPPED = "stopped"
-    STARTING = "starting"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    FAILED = "failed"
 
 
 class _Switch(Resource):

@@ -1,0 +1,99 @@
+"""What both daemons (the endpoint and the web service) share about starting up.
+
+* :class:`StartupError`: a part could not start; carries the exit code.
+* :class:`StartupReporter`: JSON lines to whoever started the daemon on a
+  pipe (``--ready-fd``): progress, then ``ready`` or ``failed``, then EOF.
+  twistd itself reports only failures raised while services start; this
+  reports the asynchronous ones (registration, broker) too.
+* :data:`exit_status`: the code a foreground run should exit with.
+* :class:`Phase`: where a daemon is in its life.
+
+Exit codes are BSD sysexits.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+from typing import Any, Dict, Optional
+
+from twisted.logger import Logger
+
+EX_OK = 0
+EX_DATAERR = 65
+EX_NOINPUT = 66
+EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
+EX_CANTCREAT = 73
+EX_TEMPFAIL = 75
+EX_NOPERM = 77
+EX_CONFIG = 78
+
+
+class StartupError(Exception):
+    """A part of a daemon could not start; ``exit_code`` says how to exit."""
+
+    def __init__(self, message: str, exit_code: int = EX_SOFTWARE) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
+class StartupReporter:
+    """JSON lines to the starter on ``fd``: progress, then ready or failed (then closed).
+
+    ``{"state": "progress", "message": ...}`` any number of times, then one of
+    ``{"state": "ready", ...}`` or ``{"state": "failed", "exit_code": n,
+    "message": ...}``.  If the daemon dies first, the reader sees end-of-file.
+    """
+
+    log = Logger()
+
+    def __init__(self, fd: Optional[int]) -> None:
+        self._fd = fd
+
+    def _write(self, message: Dict[str, Any], close: bool) -> None:
+        if self._fd is None:
+            return
+        fd = self._fd
+        try:
+            os.write(fd, json.dumps(message).encode() + b"\n")
+        except OSError as e:
+            self.log.warn("Could not report to the starter: {error}", error=e)
+            close = True
+        if close:
+            self._fd = None
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def progress(self, message: str) -> None:
+        self._write({"state": "progress", "message": message}, close=False)
+
+    def ready(self, **info: Any) -> None:
+        self._write({"state": "ready", **info}, close=True)
+
+    def failed(self, message: str, exit_code: int) -> None:
+        self._write(
+            {"state": "failed", "exit_code": exit_code, "message": message, "pid": os.getpid()},
+            close=True,
+        )
+
+
+class ExitStatus:
+    """The exit code the daemon process should end with (for foreground runs)."""
+
+    code = EX_OK
+
+
+exit_status = ExitStatus()
+
+
+class Phase(enum.Enum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    FAILED = "failed"
