@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import sys
 import uuid
 from typing import Any, Dict, List, Optional, Tuple, cast
 
@@ -468,7 +469,9 @@ class StartTests(SynchronousTestCase):
         self.assertEqual(
             interchange.manager_command("b1", "m1"),
             [
-                "funcx-manager",
+                sys.executable,
+                "-m",
+                "funcx_endpoint.manager",
                 "--info-file",
                 interchange.info_file,
                 "--block-id",

@@ -360,3 +360,78 @@ class PluginDiscoveryTests(SynchronousTestCase):
         )
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertRegex(result.stdout, r"funcx-endpoint\s+Run a funcX endpoint")
+
+
+class RegistrationFailureTests(SynchronousTestCase):
+    """``start`` reports why registration failed, with its exit code, and no
+    daemon is left behind."""
+
+    def setUp(self) -> None:
+        self.config_dir, self.env = service_endpoint(self)
+        self.ep = EndpointDir(self.config_dir, "ep1")
+
+    def assert_failed_cleanly(
+        self, result: subprocess.CompletedProcess, code: int, text: str
+    ) -> None:
+        self.assertEqual(result.returncode, code, result.stdout + result.stderr)
+        self.assertIn(text, result.stderr)
+        # The daemon that failed is gone, with everything it started.
+        self.assertTrue(wait_for(lambda: self.ep.state() is not EndpointState.RUNNING, 15))
+        pid = self.ep.read_pid()
+        if pid:
+            self.assertEqual(alive(descendants_and_session(pid)), [])
+
+    def test_no_credentials(self) -> None:
+        env = {k: v for k, v in self.env.items() if not k.startswith("FUNCX_SDK")}
+        env.update({"FUNCX_SDK_CLIENT_ID": "", "FUNCX_SDK_CLIENT_SECRET": ""})
+        result = run_cli(self.config_dir, "start", "ep1", env=env)
+        self.assert_failed_cleanly(result, 77, "no credentials: set FUNCX_SDK_CLIENT_ID")
+
+    def test_wrong_secret(self) -> None:
+        env = dict(self.env, FUNCX_SDK_CLIENT_SECRET="not-the-secret")
+        result = run_cli(self.config_dir, "start", "ep1", env=env)
+        self.assert_failed_cleanly(result, 77, "refused the client credentials")
+        self.assertNotIn("not-the-secret", result.stderr)
+
+    def test_locked_endpoint(self) -> None:
+        from funcx_endpoint.sdk import FuncXClient
+
+        self.assertEqual(run_cli(self.config_dir, "start", "ep1", env=self.env).returncode, 0)
+        self.assertEqual(run_cli(self.config_dir, "stop", "ep1", env=self.env).returncode, 0)
+        saved = dict(os.environ)
+        os.environ.update(self.env)
+        try:
+            client = FuncXClient()
+            client.stop_endpoint(self.ep.endpoint_id())
+            client.close()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        result = run_cli(self.config_dir, "start", "ep1", env=self.env)
+        self.assert_failed_cleanly(result, 69, "locked (stopped remotely)")
+        # The lock is consumed: the next start works.
+        again = run_cli(self.config_dir, "start", "ep1", env=self.env)
+        self.assertEqual(again.returncode, 0, again.stderr)
+        self.assertEqual(run_cli(self.config_dir, "stop", "ep1", env=self.env).returncode, 0)
+
+    def test_untrusted_service_certificate(self) -> None:
+        with open(self.ep.config_file) as f:
+            text = f.read()
+        import re
+
+        # Forget the private CA: the service's certificate is then not trusted.
+        with open(self.ep.config_file, "w") as f:
+            f.write(re.sub(r"(?m)^    service_ca_file=.*,$", "    service_ca_file=None,", text))
+
+        result = run_cli(self.config_dir, "start", "ep1", env=self.env)
+        self.assert_failed_cleanly(result, 78, "failed TLS verification")
+
+    def test_service_unreachable(self) -> None:
+        with open(self.ep.config_file) as f:
+            text = f.read()
+        from funcx_endpoint.testing.service import shared_service
+
+        with open(self.ep.config_file, "w") as f:
+            f.write(text.replace(shared_service().base_url, "https://127.0.0.1:9/v2"))
+        result = run_cli(self.config_dir, "start", "ep1", env=self.env)
+        self.assert_failed_cleanly(result, 75, "cannot reach the funcX service")

@@ -276,7 +276,18 @@ def _strategy(value: Any) -> Any:
     return value
 
 
+def _worker_mode(value: Any) -> str:
+    mode = choice("no_container", "docker", "podman", "singularity", "apptainer")(value)
+    if mode != "no_container":
+        raise ValueError(
+            f"{mode!r} workers (in containers) are not supported by this version; "
+            f"use 'no_container'"
+        )
+    return mode
+
+
 def _accelerators(value: Any) -> List[str]:
+
     if isinstance(value, int) and not isinstance(value, bool):
         if value < 0:
             raise ValueError(f"expected a count >= 0 or a list of device ids, got {value}")
@@ -301,7 +312,8 @@ class LocalProvider(ConfigObject):
         "parallelism": Field(
             1.0,
             number(0),
-            "Ratio of workers to pending tasks the strategy aims for (0 to 1).",
+            "Ratio of workers to pending tasks the strategy aims for (0 to 1; 0 keeps "
+            "one block while there is work).",
         ),
         "worker_init": Field("", string(), "Shell commands run before each manager starts."),
         "cmd_timeout": Field(30, number(0, exclusive_minimum=True), "Seconds a submit may take."),
@@ -318,6 +330,10 @@ class LocalProvider(ConfigObject):
     cmd_timeout: float
 
     def validate(self) -> None:
+        if self.parallelism > 1:
+            raise ConfigError(
+                f"LocalProvider.parallelism: expected a number from 0 to 1, got {self.parallelism}"
+            )
         if self.min_blocks > self.max_blocks:
             raise ConfigError(
                 f"LocalProvider: min_blocks ({self.min_blocks}) is larger than "
@@ -413,8 +429,8 @@ class HighThroughputExecutor(ConfigObject):
         "worker_debug": Field(False, boolean, "Debug logging in managers and workers."),
         "worker_mode": Field(
             "no_container",
-            choice("no_container", "docker", "podman", "singularity", "apptainer"),
-            "How workers are started: directly, or inside a container.",
+            _worker_mode,
+            "How workers are started; only 'no_container' (directly) in this version.",
         ),
         "container_cmd_options": Field("", string(), "Extra options for the container command."),
         "worker_environment": Field(

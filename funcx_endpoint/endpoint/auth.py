@@ -4,8 +4,9 @@ Credentials come from ``FUNCX_SDK_CLIENT_ID`` / ``FUNCX_SDK_CLIENT_SECRET``
 (Globus Auth client credentials, PROTOCOL.md section 6).  The access token
 they buy is kept in ``<config dir>/tokens.json`` (0600), so a later start,
 ``whoami`` or ``logout`` can use it while it is valid, even without the
-variables.  The auth service is ``GLOBUS_SDK_SERVICE_URL_AUTH`` when set,
-else the config's ``auth_address``, else the funcX service's own root (where
+variables.  The auth service is the config's ``auth_address`` when set, else
+``GLOBUS_SDK_SERVICE_URL_AUTH``, else the funcX service's own root (where
+
 the private service answers the Globus Auth calls), or Globus Auth for the
 public funcX service.
 """
@@ -52,7 +53,8 @@ def funcx_scope() -> str:
 
 def auth_base_url(service_address: str, configured: Optional[str] = None) -> str:
     """Where the Globus-Auth-compatible calls go (ends with ``/``)."""
-    url = os.environ.get("GLOBUS_SDK_SERVICE_URL_AUTH") or configured
+    url = configured or os.environ.get("GLOBUS_SDK_SERVICE_URL_AUTH")
+
     if not url:
         parts = urlsplit(service_address)
         if parts.hostname in PUBLIC_SERVICE_HOSTS:

@@ -28,7 +28,11 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.logger import Logger
-from twisted.web.client import ResponseFailed
+from twisted.web.client import (
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
 
 from funcx_endpoint.config.model import Config
 from funcx_endpoint.endpoint.auth import Authenticator, AuthError, error_message, headers
@@ -46,7 +50,15 @@ from funcx_endpoint.lifecycle import (
 from funcx_endpoint.observer import OneShotObserver
 from funcx_endpoint.version import __version__
 
-NETWORK_ERRORS = (ConnectError, DNSLookupError, TimeoutError, ResponseFailed, OSError)
+NETWORK_ERRORS = (
+    ConnectError,
+    DNSLookupError,
+    TimeoutError,
+    ResponseFailed,
+    RequestTransmissionFailed,
+    ResponseNeverReceived,
+    OSError,
+)
 
 
 def endpoint_metadata(endpoint_dir: EndpointDir, config: Config) -> Dict[str, Any]:
@@ -200,7 +212,9 @@ class Registration(Service):
         try:
             token = await self.authenticator.token()
         except AuthError as e:
-            raise StartupError(e.message, EX_NOPERM if e.status else EX_TEMPFAIL) from None
+            # Refused, or no credentials at all: either way a permission problem.
+            raise StartupError(e.message, EX_NOPERM) from None
+
         for retry_auth in (True, False):
             request_headers = headers(
                 {

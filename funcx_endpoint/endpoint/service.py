@@ -5,14 +5,19 @@ the daemon, in the order they start::
 
     control       local control socket (status)
     registration  registers with the web service, learns the broker URLs
-    amqp          task consumer and result publisher (AMQPS)
     interchange   dispatches tasks to managers, collects results
     providers     starts and scales blocks of managers
+    amqp          task consumer and result publisher (AMQPS)
     status        periodic status reports to the service
 
-Unlike a plain ``MultiService`` it starts them one after another, waiting for
-each to be ready (a child may offer ``when_ready()``), and stops them in reverse
-order, waiting for each to finish (processes included).  When all are ready
+(the order ``tap.build_endpoint`` adds them in: the interchange must listen
+before managers start, and both before tasks arrive).  Unlike a plain
+``MultiService`` it starts them one after another, waiting for each to be
+ready (a child may offer ``when_ready()``).  To stop, it first lets parts that
+hold work drain (``drain(grace)``: the transport stops taking tasks, releases
+those not started and waits for running ones), then stops the parts in
+reverse order, waiting for each to finish (processes included).  When all are ready
+
 it tells whoever started it (a :class:`~funcx_endpoint.lifecycle.StartupReporter`);
 when one fails to start, it reports the failure with an exit code and stops
 the reactor.
@@ -145,6 +150,10 @@ class EndpointService(MultiService):
         self._reporter.failed(message, exit_code)
         if self._reactor.running:
             self._reactor.stop()
+        else:
+            # twistd starts services before the reactor runs: stop it as soon
+            # as it does, so a daemon that failed never lingers.
+            self._reactor.callWhenRunning(self._reactor.stop)
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import sys
 from typing import Any, Optional
 
 from twisted.application.service import IService
@@ -44,7 +43,12 @@ class Options(usage.Options):
     )
     optParameters = [
         ["name", None, "default", "Name of the endpoint profile to run."],
-        ["config-dir", "c", DEFAULT_CONFIG_DIR, "Directory holding endpoint profiles."],
+        [
+            "config-dir",
+            "c",
+            os.environ.get("FUNCX_ENDPOINT_CONFIG_DIR") or DEFAULT_CONFIG_DIR,
+            "Directory holding endpoint profiles (env FUNCX_ENDPOINT_CONFIG_DIR).",
+        ],
         ["ready-fd", None, None, "File descriptor to report readiness on (used by `start`).", int],
     ]
     optFlags = [
@@ -79,17 +83,7 @@ def log_settings(
 
 def manager_command(interchange: Interchange) -> str:
     """The shell command a provider runs to start one manager of a block."""
-    return shlex.join(
-        [
-            sys.executable,
-            "-m",
-            "funcx_endpoint.manager",
-            "--info-file",
-            interchange.info_file,
-            "--block-id",
-            BLOCK_ID,
-        ]
-    )
+    return shlex.join(interchange.manager_command(BLOCK_ID))
 
 
 def build_endpoint(

@@ -32,6 +32,7 @@ import hmac
 import ipaddress
 import os
 import secrets
+import sys
 from collections import deque
 from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -499,8 +500,22 @@ class Interchange(Service):
         }
 
     def manager_command(self, block_id: str, manager_id: Optional[str] = None) -> List[str]:
-        """The command line that starts a manager for this interchange."""
-        command = ["funcx-manager", "--info-file", self.info_file, "--block-id", block_id]
+        """The command line that starts a manager for this interchange.
+
+        It runs this Python (``sys.executable``), which on a cluster with a
+        shared file system is the same installation on every node, without
+        relying on ``funcx-manager`` being on the nodes' PATH.
+        """
+        command = [
+            sys.executable,
+            "-m",
+            "funcx_endpoint.manager",
+            "--info-file",
+            self.info_file,
+            "--block-id",
+            block_id,
+        ]
+
         if manager_id is not None:
             command += ["--manager-id", manager_id]
         return command

@@ -1,0 +1,177 @@
+"""Registration's answers and exit codes, against a fake service (treq's StubTreq)."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from typing import Any, Dict, List, Tuple
+
+from treq.testing import StubTreq
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+
+from funcx_endpoint.amqp import topology
+from funcx_endpoint.config import Config
+from funcx_endpoint.endpoint.layout import EndpointDir
+from funcx_endpoint.endpoint.registration import Registration
+from funcx_endpoint.lifecycle import StartupError
+
+SERVICE = "https://funcx.example/v2"
+
+
+class FakeEndpoints(Resource):
+    """``POST /v2/endpoints`` answering what the test says; records requests."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answers: List[Tuple[int, Any]] = []
+        self.requests: List[Dict[str, Any]] = []
+
+    def render_POST(self, request: Any) -> bytes:
+        body = json.loads(request.content.read())
+        self.requests.append(
+            {"path": request.path, "body": body, "auth": request.getHeader("authorization")}
+        )
+        code, answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if callable(answer):
+            answer = answer(body)
+        request.setResponseCode(code)
+        request.setHeader("content-type", "application/json")
+        return json.dumps(answer).encode()
+
+
+class FakeAuthenticator:
+    def __init__(self) -> None:
+        self.tokens = ["token-1", "token-2"]
+        self.calls: List[bool] = []
+
+    async def token(self, force_new: bool = False) -> str:
+        self.calls.append(force_new)
+        return self.tokens[1] if force_new else self.tokens[0]
+
+
+def ok(body: Dict[str, Any]) -> Dict[str, Any]:
+    endpoint_id = body["endpoint_uuid"]
+    url = "amqps://ep:secret@broker.example:5671/%2F"
+    return {"endpoint_id": endpoint_id, **topology.registration_queue_info(endpoint_id, url, url)}
+
+
+class RegistrationTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.fake = FakeEndpoints()
+        self.stub = StubTreq(self.fake)
+        self.clock = Clock()
+        config_dir = os.path.abspath(self.mktemp())
+        self.ep = EndpointDir(config_dir, "ep")
+        os.makedirs(self.ep.path)
+        self.auth = FakeAuthenticator()
+        self.registration = Registration(
+            self.clock, self.ep, Config(funcx_service_address=SERVICE), self.stub, self.auth
+        )
+
+    def register(self) -> Deferred[None]:
+        d = Deferred.fromCoroutine(self.registration.register())
+        self.stub.flush()
+        return d
+
+    def failure_code(self, d: Deferred[None]) -> Tuple[int, str]:
+        failure = self.failureResultOf(d, StartupError)
+        return failure.value.exit_code, failure.value.message
+
+    def test_success_saves_the_id(self) -> None:
+        self.fake.answers = [(200, ok)]
+        self.successResultOf(self.register())
+        [request] = self.fake.requests
+        self.assertEqual(request["path"], b"/v2/endpoints")
+        self.assertEqual(request["auth"], "Bearer token-1")
+        self.assertEqual(request["body"]["endpoint_name"], "ep")
+        metadata = request["body"]["metadata"]
+        self.assertIn("endpoint_version", metadata)
+        self.assertEqual(metadata["heartbeat_period"], 30.0)
+        endpoint_id = request["body"]["endpoint_uuid"]
+        self.assertEqual(self.ep.endpoint_id(), endpoint_id)
+        info = self.registration.broker_info
+        assert info is not None
+        self.assertEqual(info.tasks.queue, f"{endpoint_id}.tasks")
+        self.assertEqual(info.results.routing_key, f"{endpoint_id}.results")
+        self.assertEqual(info.tasks.url.host, "broker.example")
+
+    def test_pinned_id_is_reused(self) -> None:
+        pinned = str(uuid.uuid4())
+        self.ep.write_endpoint_json({"endpoint_id": pinned})
+        self.fake.answers = [(200, ok)]
+        self.successResultOf(self.register())
+        self.assertEqual(self.fake.requests[0]["body"]["endpoint_uuid"], pinned)
+
+    def test_refusals_map_to_exit_codes(self) -> None:
+        cases = {
+            409: (69, "refused"),
+            410: (69, "gone (deleted)"),
+            423: (69, "locked (stopped remotely)"),
+            400: (65, "rejected the registration request"),
+            422: (65, "rejected the registration request"),
+            403: (77, "refused the registration (403)"),
+            500: (75, "try again later"),
+        }
+        for status, (code, text) in cases.items():
+            self.fake.answers = [(status, {"code": "X", "message": f"because {status}"})]
+            exit_code, message = self.failure_code(self.register())
+            self.assertEqual(exit_code, code, status)
+            self.assertIn(text, message)
+            self.assertIn(f"because {status}", message)
+            self.assertIsNone(self.ep.endpoint_id())
+
+    def test_other_id_returned(self) -> None:
+        self.fake.answers = [(200, lambda body: dict(ok(body), endpoint_id=str(uuid.uuid4())))]
+        exit_code, message = self.failure_code(self.register())
+        self.assertEqual(exit_code, 70)
+        self.assertIn("refusing to continue", message)
+        self.assertIsNone(self.ep.endpoint_id())
+
+    def test_no_endpoint_id(self) -> None:
+        self.fake.answers = [(200, {"hello": "world"})]
+        self.assertEqual(self.failure_code(self.register())[0], 65)
+
+    def test_no_broker_details(self) -> None:
+        self.fake.answers = [(200, lambda body: {"endpoint_id": body["endpoint_uuid"]})]
+        exit_code, message = self.failure_code(self.register())
+        self.assertEqual(exit_code, 65)
+        self.assertIn("lacks broker details", message)
+
+    def test_stale_token_is_renewed_once(self) -> None:
+        self.fake.answers = [(401, {"message": "token expired"}), (200, ok)]
+        self.successResultOf(self.register())
+        self.assertEqual(self.auth.calls, [False, True])
+        self.assertEqual(
+            [r["auth"] for r in self.fake.requests], ["Bearer token-1", "Bearer token-2"]
+        )
+
+    def test_network_error_retries_then_75(self) -> None:
+        # A service that cannot be reached: every request is refused.
+        registration = Registration(
+            self.clock,
+            self.ep,
+            Config(funcx_service_address=SERVICE),
+            _RefusingHTTP(),
+            self.auth,
+            retry_delays=(1.0, 2.0),
+        )
+        d = Deferred.fromCoroutine(registration.register())
+        self.assertNoResult(d)
+        self.clock.advance(1.0)
+        self.assertNoResult(d)
+        self.clock.advance(2.0)
+        failure = self.failureResultOf(d, StartupError)
+        self.assertEqual(failure.value.exit_code, 75)
+        self.assertIn("cannot reach the funcX service", failure.value.message)
+        self.assertIn("retried 2 times", failure.value.message)
+
+
+class _RefusingHTTP:
+    async def post(self, *args: Any, **kwargs: Any) -> Any:
+        raise ConnectionRefusedError(111, "Connection refused")
