@@ -672,7 +672,12 @@ class DispatchTests(SynchronousTestCase):
         direct.flush()
         self.assertEqual(raw.task_ids, [task.task_id])  # no containers: everything is RAW
 
-        routed = Harness(self, HighThroughputExecutor(worker_mode="docker"))
+        # config.py refuses container modes until containers exist; the
+        # interchange's routing by container type is ready for them.
+        executor = HighThroughputExecutor()
+        executor.worker_mode = "docker"
+        routed = Harness(self, executor)
+
         raw = routed.manager()
         routed.interchange.submit([task])
         routed.flush()
