@@ -267,8 +267,11 @@ def start(ctx: Context, name: str, foreground: bool, timeout: float) -> None:
     The configuration is checked first; a broken config.py is reported with
     its file, line and problem.  An endpoint already running is left alone.
     The daemon writes DIR/NAME/daemon.pid and logs to DIR/NAME/endpoint.log
-    (rotated).  Exit status: 0 when ready; the daemon's failure code otherwise
-    (69: the service refused, 75: temporary failure, 78: bad configuration).
+    (rotated).  Exit status: 0 when ready; else the daemon's failure code
+    (65: bad registration data, 69: the service or broker refused, 70: internal
+    error, 75: temporary failure, 77: credentials refused or missing, 78: bad
+    configuration or untrusted certificate); nothing is left running.
+
     """
     ep = ctx.existing(name)
     config = load_checked(ep)

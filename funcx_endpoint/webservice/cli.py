@@ -350,7 +350,13 @@ def stop(ctx: click.Context, state_dir: Optional[str], timeout: float) -> None:
 
 @cli.command()
 @state_dir_option
-@click.option("--timeout", default=180.0, show_default=True)
+@click.option(
+    "--timeout",
+    default=180.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long to wait for the service to answer again.",
+)
 @click.pass_context
 def restart(ctx: click.Context, state_dir: Optional[str], timeout: float) -> None:
     """Stop, then start with the saved settings."""
@@ -431,7 +437,7 @@ def _storage_summary(settings: ServiceSettings) -> Dict[str, Any]:
 @state_dir_option
 @click.pass_context
 def env(ctx: click.Context, state_dir: Optional[str]) -> None:
-    """Print the ``export`` lines a client of the running service needs."""
+    """Print the `export` lines a client of the running service needs."""
     settings = _settings(ctx, state_dir)
     if running_pid(settings) is None:
         fail("funcx-service is not running", NOT_RUNNING)
@@ -462,8 +468,8 @@ def _open(settings: ServiceSettings) -> Any:
 def create_client(ctx: click.Context, state_dir: Optional[str], name: str, export: bool) -> None:
     """Create a client (a user identity) and print its credentials.
 
-    Prints ``FUNCX_SDK_CLIENT_ID=...`` and ``FUNCX_SDK_CLIENT_SECRET=...``
-    (ready for ``export``); the secret is stored only as a hash, so this is
+    Prints FUNCX_SDK_CLIENT_ID=... and FUNCX_SDK_CLIENT_SECRET=...
+    (ready for `export`); the secret is stored only as a hash, so this is
     the only time it is shown.
     """
     from funcx_endpoint.webservice import storage
