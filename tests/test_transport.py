@@ -391,9 +391,23 @@ class FaultTests(TransportTestCase):
         self.spool_dir = os.path.abspath(self.mktemp())
 
     def assert_none_lost(self, ids: List[str]) -> None:
+        """lost = 0, and a client (behind the service's dedupe) sees exactly one
+        successful result per task; raw redeliveries are reported, not hidden."""
         counts = self.service.counts(ids)
         self.assertEqual(counts["lost"], 0, counts)
         self.assertEqual(counts["answered"], len(ids), counts)
+        # What a client sees: the service keeps the first result of each task.
+        seen = {task_id: self.service.results[task_id][0] for task_id in ids}
+        duplicates_seen = len(ids) - len(seen)
+        self.assertEqual(duplicates_seen, 0)
+        failed = [t for t, r in seen.items() if r.is_error]
+        self.assertEqual(failed, [], f"{len(failed)} tasks failed; counts {counts}")
+        # Every copy of a result agrees with the first: a task that ran twice
+        # gave the same answer, so the dedupe hides nothing.
+        for task_id in ids:
+            datas = {r.data for r in self.service.results[task_id]}
+            self.assertEqual(len(datas), 1, task_id)
+
 
     async def _broker_restart(self) -> None:
         transport = self.make_transport()
