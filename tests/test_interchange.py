@@ -766,9 +766,9 @@ class ResultTests(SynchronousTestCase):
                 (TaskState.EXECUTION_END, ActorName.WORKER),
             ],
         )
-        popped = harness.interchange.pop_transitions()
-        self.assertEqual([t.state for t in popped[task.task_id]], [s for s, _ in states])
+        # The result carries them: status reports don't repeat them.
         self.assertEqual(harness.interchange.pop_transitions(), {})
+
         self.assertEqual(harness.interchange.outstanding_tasks(), 0)
         [info] = harness.interchange.managers()
         self.assertEqual(info.idle_since, harness.reactor.seconds())
@@ -1078,3 +1078,20 @@ class StopTests(SynchronousTestCase):
         harness.manager()
         self.successResultOf(waiting)
         self.successResultOf(harness.interchange.when_managers(1))
+
+
+class StatusTransitionsTests(SynchronousTestCase):
+    def test_reports_carry_only_tasks_in_flight(self) -> None:
+        harness = Harness(self)
+        manager = harness.manager(worker_count=1, prefetch_capacity=0)
+        first, second = make_task(), make_task()
+        harness.interchange.submit([first, second])
+        harness.flush()
+        manager.answer(first.task_id, 1)
+        harness.flush()
+        popped = harness.interchange.pop_transitions()
+        # The answered task's transitions went with its result; the other
+        # task is still in flight and its transitions are reported.
+        self.assertNotIn(first.task_id, popped)
+        self.assertIn(second.task_id, popped)
+        self.assertEqual(popped[second.task_id][0].state, TaskState.WAITING_FOR_NODES)

@@ -61,14 +61,21 @@ class ScalingIntegrationTests(TestCase):
             prefetch_capacity=0,
         )
         interchange = Interchange(
-            reactor, os.path.join(work, "interchange"), executor,
-            on_results=results.extend, heartbeat_period=1.0, heartbeat_threshold=10.0,
+            reactor,
+            os.path.join(work, "interchange"),
+            executor,
+            on_results=results.extend,
+            heartbeat_period=1.0,
+            heartbeat_threshold=10.0,
             stop_grace_period=3.0,
         )
         interchange.startService()
         scaling = scaling_from_config(
-            executor, reactor=reactor, load=interchange,
-            command_template=manager_command(interchange), working_dir=work,
+            executor,
+            reactor=reactor,
+            load=interchange,
+            command_template=manager_command(interchange),
+            working_dir=work,
             stop_grace_period=3.0,
         )
         scaling.startService()

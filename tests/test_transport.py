@@ -410,7 +410,6 @@ class FaultTests(TransportTestCase):
             datas = {r.data for r in self.service.results[task_id]}
             self.assertEqual(len(datas), 1, task_id)
 
-
     async def _broker_restart(self) -> None:
         transport = self.make_transport()
         await self.start_transport(transport)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -251,7 +252,9 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
                 await driver.stop()
     finally:
         node.destroy()
+        shutil.rmtree(base, ignore_errors=True)
     ours, pika_result = results
+
     ratio = ours["rate"] / pika_result["rate"]
     print(
         f"\nours / bare pika echo: {ratio:.2f}  "

@@ -338,7 +338,7 @@ class Interchange(Service):
         stop_grace_period: float = 10.0,
         registration_timeout: float = 5.0,
         batch_interval: float = 0.001,
-        max_recorded_tasks: int = 100_000,
+        max_recorded_tasks: int = 10_000,
     ) -> None:
         self.reactor = reactor
         self.clock = reactor
@@ -877,6 +877,11 @@ class Interchange(Service):
         ready, self._ready = self._ready, []
         if not ready:
             return
+        # A result carries its task's transitions itself: status reports need
+        # only those of tasks still in flight (and stay small).
+        transitions = self._transitions
+        for result in ready:
+            transitions.pop(result.task_id, None)
         try:
             self.on_results(ready)
         except Exception:
