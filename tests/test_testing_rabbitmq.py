@@ -92,8 +92,12 @@ def read(path: str) -> bytes:
         return f.read()
 
 
-def blocking_connection(url: str, ca_path: str | None = None) -> pika.BlockingConnection:
+def blocking_connection(
+    url: str, ca_path: str | None = None, name: str | None = None
+) -> pika.BlockingConnection:
     params = pika.URLParameters(url)
+    if name is not None:
+        params.client_properties = {"connection_name": name}
     if ca_path is not None:
         context = ssl.create_default_context(cafile=ca_path)
         params.ssl_options = pika.SSLOptions(context, "localhost")
@@ -267,13 +271,17 @@ class SharedNodeTests(TestCase):
     async def test_close_connection(self) -> None:
         """close_connection closes the named connection and no other."""
         node = await self.node()
-        before = {c["name"] for c in await node.list_connections_async(reactor)}
-        first = await deferToThread(blocking_connection, node.amqp_url)
+        # Other clients of the shared node may come and go meanwhile: find ours
+        # by the name it gives itself.
+        label = f"close-connection-test-{os.getpid()}-{id(self)}"
+        first = await deferToThread(blocking_connection, node.amqp_url, None, label)
         self.addCleanup(deferToThread, lambda: first.is_open and first.close())
-        [target] = [
-            c for c in await node.list_connections_async(reactor) if c["name"] not in before
-        ]
+        connections = await deferToThread(
+            node.list_connections, ("name", "user_provided_name")
+        )
+        [target] = [c for c in connections if c.get("user_provided_name") == label]
         second = await deferToThread(blocking_connection, node.amqp_url)
+
         self.addCleanup(deferToThread, lambda: second.is_open and second.close())
         await node.close_connection_async(reactor, target["name"], "only you")
 
