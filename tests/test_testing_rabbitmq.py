@@ -276,10 +276,14 @@ class SharedNodeTests(TestCase):
         label = f"close-connection-test-{os.getpid()}-{id(self)}"
         first = await deferToThread(blocking_connection, node.amqp_url, None, label)
         self.addCleanup(deferToThread, lambda: first.is_open and first.close())
-        connections = await deferToThread(
-            node.list_connections, ("name", "user_provided_name")
-        )
-        [target] = [c for c in connections if c.get("user_provided_name") == label]
+        connections = await deferToThread(node.list_connections, ("name", "client_properties"))
+
+        def named(connection: dict) -> bool:
+            properties = connection.get("client_properties") or []
+            return ["connection_name", "longstr", label] in properties
+
+        [target] = [c for c in connections if named(c)]
+
         second = await deferToThread(blocking_connection, node.amqp_url)
 
         self.addCleanup(deferToThread, lambda: second.is_open and second.close())
