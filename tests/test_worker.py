@@ -29,7 +29,14 @@ from funcx_endpoint.protocol import (
 )
 from funcx_endpoint.testing.managers import package_environment
 from funcx_endpoint.worker import frames
-from funcx_endpoint.worker.execute import FunctionCache, TaskRunner, versions
+from funcx_endpoint.worker.execute import (
+    MAX_SUMMARY_BYTES,
+    MAX_TRACEBACK_BYTES,
+    FunctionCache,
+    TaskRunner,
+    clip,
+    versions,
+)
 from funcx_endpoint.worker.main import Worker, parse_args
 
 
@@ -47,6 +54,10 @@ def user_failure(value: int) -> float:
 
 def big(size: int) -> str:
     return "x" * size
+
+
+def huge_failure(size: int) -> None:
+    raise ValueError("x" * size + "END")
 
 
 def unpicklable() -> Any:
@@ -184,6 +195,45 @@ class RunnerTests(SynchronousTestCase):
         size = len(serialize("x" * 5000))
         self.assertIn(f"{size} bytes", result.error_details.user_message)
         self.assertIn("limit of 1000 bytes", result.error_details.user_message)
+
+    def test_huge_exception_is_truncated(self) -> None:
+        """A 20 MB exception message gives a small error result, not a 40 MB one."""
+        packed = TaskRunner().run(str(uuid.uuid4()), 1, task_buffer(huge_failure, 20_000_000))
+        self.assertLess(len(packed), MAX_TRACEBACK_BYTES + MAX_SUMMARY_BYTES + 2000)
+        result = unpack(packed)
+        assert isinstance(result, Result) and result.error_details is not None
+        self.assertEqual(result.error_details.code, ErrorCode.REMOTE_EXECUTION_ERROR)
+        summary = result.error_details.user_message
+        self.assertTrue(summary.startswith("ValueError: xxx"))
+        self.assertLess(len(summary.encode()), MAX_SUMMARY_BYTES + 200)
+        self.assertIn("truncated: 20000015 bytes in all", summary)  # "ValueError: " + x + END
+        text = result.data
+        self.assertLess(len(text.encode()), MAX_TRACEBACK_BYTES + 200)
+        self.assertTrue(text.startswith("Traceback (most recent call last):"))
+        self.assertIn("in huge_failure", text)  # the head
+        self.assertTrue(text.endswith("xxxEND\n"))  # and the tail are kept
+        self.assertIn("bytes in all", text)
+
+    def test_traceback_obeys_a_small_result_size_limit(self) -> None:
+        result = run(TaskRunner(result_size_limit=1000), task_buffer(huge_failure, 5000))
+        assert result.error_details is not None
+        self.assertLess(len(result.data.encode()), 1200)
+        self.assertIn("truncated", result.data)
+        self.assertTrue(result.data.endswith("END\n"))
+
+    def test_small_exception_is_untouched(self) -> None:
+        result = run(TaskRunner(), task_buffer(huge_failure, 10))
+        assert result.error_details is not None
+        self.assertEqual(result.error_details.user_message, "ValueError: xxxxxxxxxxEND")
+        self.assertNotIn("truncated", result.data)
+
+    def test_clip(self) -> None:
+        self.assertEqual(clip("abc", 3), "abc")
+        self.assertEqual(clip("é" * 10, 20), "é" * 10)
+        clipped = clip("é" * 10 + "abcdef", 10)
+        self.assertTrue(clipped.startswith("éé"))  # no half character
+        self.assertTrue(clipped.endswith("def"))
+        self.assertIn("truncated: 26 bytes in all, 16 left out", clipped)
 
     def test_unserializable_result(self) -> None:
         result = run(TaskRunner(), task_buffer(unpicklable))

@@ -6,6 +6,12 @@ never raises for anything the task does: the user's exception becomes a
 ``RemoteExecutionError`` whose data is the traceback starting at the user's
 own frames, a buffer that cannot be loaded a ``DeserializationError``, a
 result that is too big ``MaxResultSizeExceeded``.
+
+Error texts are bounded too: the one-line summary (``error_details``) to
+:data:`MAX_SUMMARY_BYTES`, the traceback to :data:`MAX_TRACEBACK_BYTES` (and
+never more than the result size limit), keeping their head and tail and
+saying how big they were, so that ``raise ValueError("x" * 20_000_000)``
+gives a small error result, not a 40 MB one.
 """
 
 from __future__ import annotations
@@ -34,6 +40,11 @@ from funcx_endpoint.worker.frames import PHASE_LOADING, PHASE_RUNNING
 
 #: The default largest serialized result, in bytes (as funcX).
 DEFAULT_RESULT_SIZE_LIMIT = 10 * 1024 * 1024
+#: The largest error summary (``error_details.user_message``), in UTF-8 bytes.
+MAX_SUMMARY_BYTES = 4096
+#: The largest traceback text of a failed task, in UTF-8 bytes (the result
+#: size limit applies too, if smaller).
+MAX_TRACEBACK_BYTES = 64 * 1024
 #: Loaded functions kept per worker, keyed by their serialized form.
 FUNCTION_CACHE_SIZE = 128
 
@@ -87,8 +98,27 @@ def _user_traceback(exc: BaseException) -> str:
 
 
 def _summary(exc: BaseException) -> str:
-    """``Type: message``, the last line of a traceback."""
-    return "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    """``Type: message``, the last line of a traceback (at most MAX_SUMMARY_BYTES)."""
+    return clip("".join(traceback.format_exception_only(type(exc), exc)).strip(), MAX_SUMMARY_BYTES)
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` if it is at most ``limit`` UTF-8 bytes, else its head and tail
+    around a note saying it was truncated and from what size.
+
+    The result is at most ``limit`` bytes plus the note (about 100 bytes).
+    """
+    if len(text) * 4 <= limit:  # short enough whatever its characters
+        return text
+    data = text.encode("utf-8", "replace")
+    size = len(data)
+    if size <= limit:
+        return text
+    half = max(limit // 2, 0)
+    head = data[:half].decode("utf-8", "ignore")  # "ignore": drop a cut character
+    tail = data[size - half :].decode("utf-8", "ignore") if half else ""
+    note = f"\n[... truncated: {size} bytes in all, {size - 2 * half} left out here ...]\n"
+    return head + note + tail
 
 
 class TaskRunner:
@@ -120,21 +150,23 @@ class TaskRunner:
         try:
             fn, args, kwargs = self._load(task_buffer)
         except Exception as exc:
-            message = f"Task {task_id} could not be deserialized: {exc}"
+            message = clip(f"Task {task_id} could not be deserialized: {exc}", MAX_SUMMARY_BYTES)
             return self._failure(task_id, ErrorCode.DESERIALIZATION_ERROR, message, statuses)
         statuses.append(TaskTransition.now(TaskState.EXECUTION_START, ActorName.WORKER))
         try:
             value = fn(*args, **kwargs)
         except BaseException as exc:  # the user's code may raise anything, SystemExit too
             statuses.append(TaskTransition.now(TaskState.EXECUTION_END, ActorName.WORKER))
-            text = _user_traceback(exc)
+            text = clip(_user_traceback(exc), min(MAX_TRACEBACK_BYTES, self.result_size_limit))
             details = ResultErrorDetails(ErrorCode.REMOTE_EXECUTION_ERROR, _summary(exc))
             return pack(Result(task_id, text, details, statuses))
         statuses.append(TaskTransition.now(TaskState.EXECUTION_END, ActorName.WORKER))
         try:
             data = serialize(value)
         except Exception as exc:
-            message = f"The result of task {task_id} could not be serialized: {exc}"
+            message = clip(
+                f"The result of task {task_id} could not be serialized: {exc}", MAX_SUMMARY_BYTES
+            )
             return self._failure(task_id, ErrorCode.REMOTE_EXECUTION_ERROR, message, statuses)
         del value
         size = len(data)
