@@ -44,7 +44,7 @@ from funcx_endpoint.executor.amp import (
     local_versions,
     versions_differ,
 )
-from funcx_endpoint.executor.interchange import Interchange
+from funcx_endpoint.executor.interchange import MAX_UNREGISTERED_BYTES, Interchange
 from funcx_endpoint.executor.interface import IInterchange, ILoadSource, ManagerInfo
 from funcx_endpoint.protocol import (
     ActorName,
@@ -561,6 +561,38 @@ class RegistrationTests(SynchronousTestCase):
         self.assertEqual(forged.batches, [])
         self.assertEqual(harness.results, [])
         self.assertEqual(harness.interchange.status()["pending_tasks"], 1)
+
+    def test_unregistered_flood_dropped(self) -> None:
+        """A stranger streaming one endless AMP box is dropped after 64 KiB."""
+        harness = Harness(self)
+        log = CapturedLog(self)
+        stranger = FakeManager()
+        server, pump = harness.connect(stranger)
+        transport: Any = stranger.transport
+        # AMP keys and values as they go on the wire: a box that never ends.
+        chunk = b"".join(b"\x00\x03k%02d\x00\x05vvvvv" % (i % 100) for i in range(1000))
+        sent = 0
+        while not stranger.lost and sent < 1024 * 1024:
+            transport.write(chunk)
+            sent += len(chunk)
+            pump.flush()
+        self.assertTrue(stranger.lost)
+        self.assertLessEqual(sent, MAX_UNREGISTERED_BYTES + 2 * len(chunk))
+        self.assertLessEqual(server.unregistered_bytes, MAX_UNREGISTERED_BYTES + len(chunk))
+        self.assertTrue(any("without registering" in w for w in log.warnings()))
+        self.assertEqual(harness.interchange.managers(), [])
+
+    def test_registered_manager_may_send_more(self) -> None:
+        harness = Harness(self)
+        manager = harness.manager(worker_count=1, prefetch_capacity=0)
+        task = make_task()
+        harness.interchange.submit([task])
+        harness.flush()
+        manager.answer(task.task_id, "y" * (4 * MAX_UNREGISTERED_BYTES))
+        harness.flush()
+        self.assertFalse(manager.lost)
+        [result] = harness.results
+        self.assertIsNone(result.error_details)
 
     def test_unregistered_asking_command(self) -> None:
         harness = Harness(self)

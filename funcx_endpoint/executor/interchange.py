@@ -91,6 +91,10 @@ RAW = "RAW"
 INFO_FILE_NAME = "manager-info.json"
 #: The directory (in the working directory) of the CA and server certificate.
 TLS_DIR_NAME = "interchange-tls"
+#: Bytes a connection may send before it has registered (a Register box is
+#: well under 1 KiB); past this it is dropped, so that a stranger cannot
+#: fill the interchange's memory with one endless AMP box meanwhile.
+MAX_UNREGISTERED_BYTES = 64 * 1024
 
 
 class _TaskRecord:
@@ -217,8 +221,9 @@ def _describe_peer(transport: Any) -> str:
 class ManagerConnection(_amp.AMP):
     """The interchange's end of one manager connection: AMP I/O, no policy.
 
-    Until it has registered, a connection may send only ``Register``;
-    anything else closes it.  Every box received counts as a sign of life.
+    Until it has registered, a connection may send only ``Register``, and
+    at most :data:`MAX_UNREGISTERED_BYTES`; anything else closes it.  Every
+    box received counts as a sign of life.
     """
 
     log = Logger()
@@ -229,6 +234,7 @@ class ManagerConnection(_amp.AMP):
         self.manager: Optional[_Manager] = None
         self.peer = "an unknown peer"
         self.registration_deadline: Optional[IDelayedCall] = None
+        self.unregistered_bytes = 0
 
     def connectionMade(self) -> None:
         self.peer = _describe_peer(self.transport)
@@ -238,6 +244,22 @@ class ManagerConnection(_amp.AMP):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
         self._interchange._connection_lost(self, reason)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.manager is None:
+            if self.unregistered_bytes > MAX_UNREGISTERED_BYTES:
+                return  # dropped already
+            self.unregistered_bytes += len(data)
+            if self.unregistered_bytes > MAX_UNREGISTERED_BYTES:
+                self.log.warn(
+                    "Dropped a connection from {peer}: it sent more than {limit} bytes "
+                    "without registering",
+                    peer=self.peer,
+                    limit=MAX_UNREGISTERED_BYTES,
+                )
+                self.drop()
+                return
+        super().dataReceived(data)
 
     def ampBoxReceived(self, box: _amp.AmpBox) -> None:
         manager = self.manager
