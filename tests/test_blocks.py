@@ -126,12 +126,22 @@ class FakeLoadSource:
     def __init__(self) -> None:
         self.tasks = 0
         self._managers: Dict[str, ManagerInfo] = {}
+        self.retired: List[Tuple[str, str]] = []  # (block_id, reason)
+        self.retire_refused: List[str] = []
 
     def outstanding_tasks(self) -> int:
         return self.tasks
 
     def managers(self) -> List[ManagerInfo]:
         return list(self._managers.values())
+
+    def retire_block(self, block_id: str, reason: str, only_idle: bool) -> bool:
+        mine = [m for m in self._managers.values() if m.block_id == block_id]
+        if only_idle and any(m.active_tasks or m.idle_since is None for m in mine):
+            self.retire_refused.append(block_id)
+            return False
+        self.retired.append((block_id, reason))
+        return True
 
     def connect(
         self,
@@ -140,6 +150,8 @@ class FakeLoadSource:
         idle_since: Optional[float] = 0.0,
         active_tasks: int = 0,
         manager_id: Optional[str] = None,
+        registered_at: float = 0.0,
+        tasks_completed: int = 0,
     ) -> ManagerInfo:
         manager_id = manager_id or f"m-{block_id}-{len(self._managers)}"
         info = ManagerInfo(
@@ -149,8 +161,9 @@ class FakeLoadSource:
             worker_count=workers,
             idle_workers=workers if idle_since is not None else 0,
             active_tasks=active_tasks,
-            registered_at=0.0,
+            registered_at=registered_at,
             idle_since=idle_since,
+            tasks_completed=tasks_completed,
         )
         self._managers[manager_id] = info
         return info
@@ -306,6 +319,23 @@ class BlockScalerTests(SynchronousTestCase):
         self.assertEqual(order, ["2", "1", "3", "0"])
         self.assertEqual(self.successResultOf(self.scaler.scale_in(2)), ["2", "1"])
         self.assertEqual(sorted(self.provider.cancelled), ["job-1", "job-2"])
+
+    def test_scale_in_retires_managers_first(self) -> None:
+        self.successResultOf(self.scaler.scale_out(3))
+        self.load.connect("0", idle_since=3.0)
+        self.load.connect("1", idle_since=None, active_tasks=2)  # busy since the decision
+        ids = self.successResultOf(
+            self.scaler.scale_in(block_ids=["0", "1", "2"], only_idle=True, reason="idle")
+        )
+        self.assertEqual(ids, ["0", "2"])
+        self.assertEqual(self.load.retired, [("0", "idle"), ("2", "idle")])
+        self.assertEqual(self.load.retire_refused, ["1"])
+        self.assertEqual(sorted(self.provider.cancelled), ["job-0", "job-2"])
+        self.assertEqual([b.block_id for b in self.scaler.active_blocks()], ["1"])
+        self.assertTrue(any("Not stopping block 1" in t for t in self.logs.texts("info")))
+        # Without only_idle (the count form), a busy block is retired and cancelled.
+        self.assertEqual(self.successResultOf(self.scaler.scale_in(1)), ["1"])
+        self.assertEqual(self.load.retired[-1], ("1", "scaling in"))
 
     def test_scale_in_a_block_mid_submission(self) -> None:
         self.provider.submit_result = Deferred()

@@ -968,6 +968,66 @@ class ScaleInTests(SynchronousTestCase):
         other = harness.manager(manager_id="other")
         self.assertEqual(other.task_ids, [task.task_id])
 
+    def test_retired_busy_manager_costs_no_attempt(self) -> None:
+        """Tasks lost with a manager the endpoint retired are queued again, free."""
+        harness = Harness(self, HighThroughputExecutor(max_retries_on_system_failure=0))
+        busy = harness.manager(manager_id="busy", worker_count=1, prefetch_capacity=0)
+        task = make_task()
+        harness.interchange.submit([task])
+        harness.flush()
+        self.assertEqual(busy.task_ids, [task.task_id])
+        self.assertTrue(harness.interchange.retire_block("block-0", "scaling in", False))
+        busy.disconnect()
+        harness.flush()
+        self.assertEqual(harness.results, [])  # not ManagerLost, although no retries allowed
+        other = harness.manager(manager_id="other", block_id="block-1")
+        self.assertEqual(other.task_ids, [task.task_id])
+        self.assertEqual(harness.interchange._tasks[task.task_id].attempts, 1)
+        other.disconnect()  # a real loss now: that one counts
+        harness.flush()
+        [result] = harness.results
+        assert result.error_details is not None
+        self.assertEqual(result.error_details.code, ErrorCode.MANAGER_LOST)
+
+    def test_retire_block(self) -> None:
+        harness = Harness(self)
+        a = harness.manager(manager_id="a", block_id="7", worker_count=1, prefetch_capacity=0)
+        b = harness.manager(manager_id="b", block_id="7", worker_count=1, prefetch_capacity=0)
+        c = harness.manager(manager_id="c", block_id="8", worker_count=1, prefetch_capacity=0)
+        task = make_task()
+        harness.interchange.submit([task])
+        harness.flush()
+        self.assertEqual(a.task_ids, [task.task_id])  # the first registered of equals
+        # Busy: refused with only_idle, nothing changes.
+        self.assertFalse(harness.interchange.retire_block("7", "scaling in", True))
+        harness.flush()
+        self.assertEqual((a.shutdowns, b.shutdowns), ([], []))
+        a.answer(task.task_id)
+        harness.flush()
+        self.assertTrue(harness.interchange.retire_block("7", "scaling in: idle", True))
+        harness.flush()
+        self.assertEqual(a.shutdowns, ["scaling in: idle"])
+        self.assertEqual(b.shutdowns, ["scaling in: idle"])
+        self.assertEqual(c.shutdowns, [])
+        more = [make_task(), make_task()]
+        harness.interchange.submit(more)
+        harness.flush()
+        self.assertEqual(a.task_ids, [task.task_id])
+        self.assertEqual(b.task_ids, [])
+        self.assertEqual(c.task_ids, [more[0].task_id])
+        # A manager of the block that registers late gets nothing and is told to go.
+        late = harness.manager(manager_id="late", block_id="7")
+        self.assertEqual(late.task_ids, [])
+        self.assertEqual(late.shutdowns, ["scaling in: idle"])
+        # A block without managers yet: its managers are retired when they come.
+        self.assertTrue(harness.interchange.retire_block("9", "scaling in", True))
+        later = harness.manager(manager_id="later", block_id="9")
+        self.assertEqual(later.task_ids, [])
+        self.assertEqual(later.shutdowns, ["scaling in"])
+        counts = {m.manager_id: m.tasks_completed for m in harness.interchange.managers()}
+        self.assertEqual(counts["a"], 1)
+        self.assertEqual(counts["c"], 0)
+
 
 class CancelTests(SynchronousTestCase):
     def test_cancel_queued(self) -> None:

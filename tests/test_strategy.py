@@ -9,13 +9,13 @@ from typing import Any, List
 
 import psutil
 from twisted.internet import reactor as global_reactor
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from funcx_endpoint.config import model as config_model
 from funcx_endpoint.executor.blocks import BlockScaler
-from funcx_endpoint.executor.providers import JobState, LocalProvider, ProviderAdapter
+from funcx_endpoint.executor.providers import JobState, JobStatus, LocalProvider, ProviderAdapter
 from funcx_endpoint.executor.providers.local import GROUP_POLL_INTERVAL
 from funcx_endpoint.executor.strategy import (
     Decision,
@@ -26,6 +26,7 @@ from funcx_endpoint.executor.strategy import (
 )
 from funcx_endpoint.testing.procreactor import MemoryProcessReactor
 from tests.test_blocks import TEMPLATE, FakeLoadSource, FakeProvider, LogCollector
+from tests.test_interchange import Harness, make_task
 
 
 def _make_dir(test: Any) -> str:
@@ -335,6 +336,112 @@ class StrategyErrorTests(StrategyTestCase):
         del self.load.outstanding_tasks
         self.clock.advance(5)
         self.assertEqual(self.active(), ["0"])
+
+
+class PendingCancelProvider:
+    """An async provider whose cancel stays pending until the test fires it
+    (like a Parsl provider's ``scancel`` in a thread)."""
+
+    label = "slow"
+    init_blocks = 1
+    min_blocks = 0
+    max_blocks = 2
+    nodes_per_block = 1
+    parallelism = 1.0
+    status_polling_interval = 1000.0
+    cores_per_node = None
+
+    def __init__(self) -> None:
+        self.cancels: List[Deferred[List[bool]]] = []
+
+    def submit(self, command: str, tasks_per_node: int, job_name: str) -> Deferred[str]:
+        return succeed("job-0")
+
+    def status(self, job_ids: Any) -> Deferred[List[JobStatus]]:
+        return succeed([JobStatus(JobState.RUNNING) for _ in job_ids])
+
+    def cancel(self, job_ids: Any) -> Deferred[List[bool]]:
+        d: Deferred[List[bool]] = Deferred()
+        self.cancels.append(d)
+        return d
+
+    def read_tail(self, path: Any, max_bytes: int = 0) -> Deferred[None]:
+        return succeed(None)
+
+
+class ScaleInWithInterchangeTests(SynchronousTestCase):
+    """Scale-in against the real interchange: the block's managers are retired
+    before the provider is asked to end it."""
+
+    def setUp(self) -> None:
+        self.harness = Harness(self)
+        self.provider = PendingCancelProvider()
+        self.scaler = BlockScaler(
+            self.provider,  # type: ignore[arg-type]
+            self.harness.interchange,
+            self.harness.reactor,
+            "x {block_id}",
+        )
+        self.scaler.startService()
+        self.strategy = SimpleStrategy(
+            self.scaler, self.harness.interchange, self.harness.reactor, interval=5, max_idletime=10
+        )
+        self.addCleanup(self.stop)
+
+    def stop(self) -> None:
+        for cancel in self.provider.cancels:
+            if not cancel.called:
+                cancel.callback([True])
+        self.strategy.stopService()
+        stopped = self.scaler.stopService()
+        for cancel in self.provider.cancels:
+            if not cancel.called:
+                cancel.callback([True])
+        self.successResultOf(stopped)
+
+    def test_no_tasks_to_a_block_being_cancelled(self) -> None:
+        harness = self.harness
+        self.successResultOf(self.scaler.scale_out(1))
+        doomed = harness.manager(manager_id="m0", block_id="0", worker_count=2)
+        self.strategy.startService()
+        harness.advance(5)
+        self.assertEqual(self.provider.cancels, [])
+        harness.advance(5)  # idle for 10 s: scaled in
+        self.assertEqual(len(self.provider.cancels), 1)
+        self.assertEqual(len(doomed.shutdowns), 1)
+        self.assertIn("scaling in", doomed.shutdowns[0])
+        # A burst while the provider's cancel is in progress: nothing for m0.
+        tasks = [make_task() for _ in range(3)]
+        harness.interchange.submit(tasks)
+        harness.flush()
+        self.assertEqual(doomed.task_ids, [])
+        self.assertEqual(harness.interchange.status()["pending_tasks"], 3)
+        # The job ends; its manager's connection goes; no task lost an attempt.
+        self.provider.cancels[0].callback([True])
+        doomed.disconnect()
+        harness.flush()
+        self.assertEqual(harness.results, [])
+        self.assertEqual([harness.interchange._tasks[t.task_id].attempts for t in tasks], [0] * 3)
+        fresh = harness.manager(manager_id="m1", block_id="1", worker_count=3, prefetch_capacity=0)
+        self.assertEqual(sorted(fresh.task_ids), sorted(t.task_id for t in tasks))
+
+    def test_block_busy_since_the_decision_is_kept(self) -> None:
+        harness = self.harness
+        self.successResultOf(self.scaler.scale_out(1))
+        manager = harness.manager(manager_id="m0", block_id="0", worker_count=1)
+        task = make_task()
+        harness.interchange.submit([task])
+        harness.flush()
+        self.assertEqual(manager.task_ids, [task.task_id])
+        # As if the strategy had decided on what it saw a moment earlier.
+        self.assertEqual(
+            self.successResultOf(self.scaler.scale_in(block_ids=["0"], only_idle=True)), []
+        )
+        self.assertEqual(self.provider.cancels, [])
+        self.assertEqual(manager.shutdowns, [])
+        self.assertEqual([b.block_id for b in self.scaler.active_blocks()], ["0"])
+        manager.answer(task.task_id)
+        harness.flush()
 
 
 class EstimateTests(SynchronousTestCase):

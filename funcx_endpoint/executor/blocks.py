@@ -259,18 +259,37 @@ class BlockScaler(Service):
         return True
 
     def scale_in(
-        self, count: Optional[int] = None, block_ids: Optional[Collection[str]] = None
+        self,
+        count: Optional[int] = None,
+        block_ids: Optional[Collection[str]] = None,
+        *,
+        only_idle: bool = False,
+        reason: str = "scaling in",
     ) -> Deferred[List[str]]:
         """Cancel blocks: those named, or ``count`` chosen by :meth:`choose_for_scale_in`.
 
-        The blocks stop counting as active at once.  Fires with the ids of the
-        blocks cancelled.
+        First their managers are retired at the load source
+        (:meth:`ILoadSource.retire_block`): they get no more tasks, and the
+        tasks they hold, if any, are queued again without counting an
+        attempt.  With ``only_idle``, a block one of whose managers holds a
+        task now is left alone.  The blocks stop counting as active at once.
+        Fires with the ids of the blocks cancelled.
         """
         if block_ids is not None:
             chosen = [self._blocks[b] for b in block_ids if b in self._blocks]
             chosen = [b for b in chosen if b.active]
         else:
             chosen = self.choose_for_scale_in(count or 0)
+        retired = []
+        for block in chosen:
+            if self.load.retire_block(block.block_id, reason, only_idle):
+                retired.append(block)
+            else:
+                self.log.info(
+                    "Not stopping block {block_id}: one of its managers has a task now",
+                    block_id=block.block_id,
+                )
+        chosen = retired
         if not chosen:
             return succeed([])
         self.log.info(

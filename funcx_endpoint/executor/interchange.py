@@ -33,7 +33,7 @@ import ipaddress
 import os
 import secrets
 import sys
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from twisted.application.service import Service
@@ -91,6 +91,9 @@ RAW = "RAW"
 INFO_FILE_NAME = "manager-info.json"
 #: The directory (in the working directory) of the CA and server certificate.
 TLS_DIR_NAME = "interchange-tls"
+#: Blocks retired (being ended by the endpoint) remembered, for their
+#: managers that register late.
+RETIRED_BLOCKS_KEPT = 1000
 #: Bytes a connection may send before it has registered (a Register box is
 #: well under 1 KiB); past this it is dropped, so that a stranger cannot
 #: fill the interchange's memory with one endless AMP box meanwhile.
@@ -136,6 +139,7 @@ class _Manager:
         "push_call",
         "last_push",
         "completions",
+        "tasks_completed",
         "retiring",
     )
 
@@ -173,7 +177,10 @@ class _Manager:
         self.push_call: Optional[IDelayedCall] = None
         self.last_push = -1.0
         self.completions = RateMeter()
-        self.retiring = False  # told to shut down: no new tasks
+        self.tasks_completed = 0  # results received
+        # Told to shut down by the endpoint (scaling in): no new tasks, and its
+        # tasks are queued again without counting an attempt if it goes.
+        self.retiring = False
 
     @property
     def free(self) -> int:
@@ -199,6 +206,7 @@ class _Manager:
             active_tasks=active,
             registered_at=self.registered_at,
             idle_since=self.idle_since,
+            tasks_completed=self.tasks_completed,
         )
 
 
@@ -400,6 +408,7 @@ class Interchange(Service):
         self._dropped_transitions = 0
         self._disconnect_waiters: List[Deferred[None]] = []
         self._manager_waiters: List[Tuple[int, Deferred[None]]] = []
+        self._retired_blocks: OrderedDict[str, str] = OrderedDict()
 
     @classmethod
     def from_config(
@@ -784,6 +793,12 @@ class Interchange(Service):
         if manager is None:
             return False
         manager.retiring = True
+        self._tell_to_shut_down(manager, reason)
+        return True
+
+    def _tell_to_shut_down(self, manager: _Manager, reason: str) -> None:
+        if manager.lost:
+            return
         self.log.info(
             "Shutting down {manager}: {reason}", manager=manager.describe(), reason=reason
         )
@@ -791,6 +806,24 @@ class Interchange(Service):
             manager.connection.callRemote(Shutdown, reason=reason)
         except Exception:
             manager.connection.drop()
+
+    def retire_block(
+        self, block_id: str, reason: str = "scaling in", only_idle: bool = True
+    ) -> bool:
+        """Retire the managers of a block the endpoint is ending (see
+        :meth:`ILoadSource.retire_block`): no more tasks for them, ``Shutdown``
+        sent, late registrations of the block retired too."""
+        managers = [m for m in self._managers.values() if m.block_id == block_id]
+        if only_idle and any(m.outstanding for m in managers):
+            return False
+        self._retired_blocks[block_id] = reason
+        self._retired_blocks.move_to_end(block_id)
+        while len(self._retired_blocks) > RETIRED_BLOCKS_KEPT:
+            self._retired_blocks.popitem(last=False)
+        for manager in managers:
+            if not manager.retiring:
+                manager.retiring = True
+                self._tell_to_shut_down(manager, reason)
         return True
 
     def manager_versions(self) -> Dict[str, Dict[str, str]]:
@@ -985,6 +1018,12 @@ class Interchange(Service):
                 my_python=self.versions["python_version"],
                 my_dill=self.versions["dill_version"],
             )
+        retired = self._retired_blocks.get(manager.block_id)
+        if retired is not None:
+            # Its block is being ended: it gets no task, and is told to go
+            # once it has its answer.
+            manager.retiring = True
+            self.clock.callLater(0, self._tell_to_shut_down, manager, retired)
         waiting = [w for w in self._manager_waiters if len(self._managers) >= w[0]]
         self._manager_waiters = [w for w in self._manager_waiters if w not in waiting]
         for _, waiter in waiting:
@@ -1044,6 +1083,7 @@ class Interchange(Service):
             answer(result)
         now = self.clock.seconds()
         manager.completions.add(len(packed_results), now)
+        manager.tasks_completed += len(packed_results)
         if not outstanding:
             manager.idle_since = now
         if self._ready and self._deliver_call is None:
@@ -1090,6 +1130,10 @@ class Interchange(Service):
             # The endpoint is stopping (tasks were withdrawn): the broker will
             # deliver these tasks again; failing them now would be wrong.
             return
+        if manager.retiring:
+            # The endpoint ended it on purpose: that costs its tasks no attempt.
+            for record in records:
+                record.attempts -= 1
         retry = [r for r in records if r.attempts <= self.max_retries]
         failed = [r for r in records if r.attempts > self.max_retries]
         if retry:

@@ -127,6 +127,7 @@ class ManagerInfo:
     active_tasks: int  # tasks sent to it and not answered yet
     registered_at: float  # clock time
     idle_since: Optional[float]  # clock time it last became idle; None while busy
+    tasks_completed: int = 0  # results it has sent back
 
 
 class ILoadSource(Interface):
@@ -137,3 +138,14 @@ class ILoadSource(Interface):
 
     def managers() -> List[ManagerInfo]:
         """The managers connected now."""
+
+    def retire_block(block_id: str, reason: str, only_idle: bool) -> bool:
+        """The endpoint is about to end block ``block_id``: give its managers no
+        more tasks and tell them to shut down; a manager of it that registers
+        later is retired at once.  Tasks lost with a retired manager are
+        queued again without counting an attempt.
+
+        With ``only_idle``, nothing is done and False returned if a manager of
+        the block holds a task (it may have been given one since the caller
+        looked).  True otherwise.
+        """

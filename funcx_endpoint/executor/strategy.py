@@ -30,7 +30,9 @@ with Parsl's providers.  The rules, in the order they are applied:
    Blocks idle for ``max_idletime`` seconds are cancelled, longest idle
    first, never below ``min_blocks``, and only while the blocks left still
    have a slot for every outstanding task (with no outstanding task, every
-   idle block down to ``min_blocks``).
+   idle block down to ``min_blocks``).  The managers of the chosen blocks
+   are retired at the interchange first (no more tasks for them; a block
+   that took a task since the decision is kept), then the blocks cancelled.
 """
 
 from __future__ import annotations
@@ -176,7 +178,11 @@ class SimpleStrategy(Service):
                     ids=", ".join(decision.scale_in),
                     reason=decision.reason,
                 )
-                await self.scaler.scale_in(block_ids=decision.scale_in)
+                await self.scaler.scale_in(
+                    block_ids=decision.scale_in,
+                    only_idle=True,
+                    reason=f"scaling in: {decision.reason}",
+                )
             return decision
         except Exception:
             self.log.failure("The scaling strategy failed; it tries again in {s}s", s=self.interval)
