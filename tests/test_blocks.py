@@ -421,16 +421,45 @@ class BlockScalerTests(SynchronousTestCase):
         self.assertEqual(self.logs.texts("error"), [])
         self.assertEqual(self.scaler.status_fields()["blocks"]["ended"], {"TIMEOUT": 1})
 
-    def test_manager_connecting_resets_failures(self) -> None:
+    def test_block_serving_resets_failures(self) -> None:
         self.provider.submit_error = RuntimeError("no")
         self.successResultOf(self.scaler.scale_out(1))
         self.provider.submit_error = None
         self.successResultOf(self.scaler.scale_out(1))
         self.assertEqual(self.scaler.consecutive_failures, 1)
-        self.load.connect("1")
+        self.load.connect("1", manager_id="m1")
+        self.clock.advance(2.0)
+        self.assertEqual(self.scaler.consecutive_failures, 1)  # connected is not enough
+        self.load.update("m1", tasks_completed=1)
         self.clock.advance(2.0)
         self.assertEqual(self.scaler.consecutive_failures, 0)
         self.assertEqual(self.scaler.failed_starts, 1)
+        self.assertTrue(self.scaler.block("1").healthy)  # type: ignore[union-attr]
+
+    def test_block_staying_up_resets_failures(self) -> None:
+        self.provider.submit_error = RuntimeError("no")
+        self.successResultOf(self.scaler.scale_out(1))
+        self.provider.submit_error = None
+        self.successResultOf(self.scaler.scale_out(1))
+        self.clock.advance(100.0)  # queued at the batch scheduler for a while
+        self.load.connect("1", registered_at=100.0)
+        self.clock.advance(58.0)
+        self.assertEqual(self.scaler.consecutive_failures, 1)
+        self.clock.advance(2.0)  # connected for min_healthy_lifetime
+        self.assertEqual(self.scaler.consecutive_failures, 0)
+
+    def test_manager_that_connects_then_quits_is_a_failed_start(self) -> None:
+        """A manager that registers, then exits (its workers cannot start), resets nothing."""
+        for attempt in range(1, 4):
+            self.successResultOf(self.scaler.scale_out(1))
+            block_id = str(attempt - 1)
+            self.load.connect(block_id, registered_at=self.clock.seconds())
+            self.clock.advance(2.0)
+            self.load.disconnect_block(block_id)
+            self.provider.set_state(f"job-{block_id}", JobState.FAILED, exit_code=4)
+            self.clock.advance(2.0)
+            self.assertEqual(self.scaler.consecutive_failures, attempt)
+        self.assertEqual(self.scaler.failed_starts, 3)
 
     def test_poll_error_is_logged_and_polling_goes_on(self) -> None:
         self.successResultOf(self.scaler.scale_out(1))

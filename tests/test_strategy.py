@@ -311,10 +311,41 @@ class BackoffTests(StrategyTestCase):
         decision = self.tick()  # t=10
         self.assertTrue(decision.held)
         self.assertEqual(self.tick().scale_out, 2)  # t=15
-        self.load.connect("1", idle_since=None, active_tasks=4)
+        self.load.connect("1", idle_since=None, active_tasks=4, manager_id="m1")
+        self.clock.advance(1.0)
+        self.assertEqual(self.scaler.consecutive_failures, 1)  # connected, not proven
+        self.load.update("m1", tasks_completed=3)
         self.clock.advance(1.0)
         self.assertEqual(self.scaler.consecutive_failures, 0)
         self.assertIsNone(self.strategy.backoff_until())
+
+    def test_managers_that_connect_then_quit_back_off(self) -> None:
+        """A block whose manager registers, then exits because its workers cannot
+        start, is retried ever more slowly, not every 10 s forever."""
+        self.build(init_blocks=0, min_blocks=0, max_blocks=1, status_polling_interval=1.0)
+        self.load.tasks = 5
+        for _ in range(1000):
+            self.clock.advance(1.0)
+            for job_id, status in list(self.provider.resources.items()):
+                block_id = job_id.split("-")[1]
+                if status.state is JobState.PENDING:
+                    self.provider.set_state(job_id, JobState.RUNNING)
+                    self.load.connect(
+                        block_id,
+                        workers=1,
+                        idle_since=None,
+                        active_tasks=1,
+                        manager_id="m" + block_id,
+                        registered_at=self.clock.seconds(),
+                    )
+                elif status.state is JobState.RUNNING:
+                    self.load.disconnect_block(block_id)
+                    self.provider.set_state(job_id, JobState.FAILED, exit_code=4)
+        # Gaps of 10, 20, 40, 80, 160, 300, 300 s (plus polls and ticks) fit
+        # in 1000 s; without backoff there would be about 60 blocks.
+        self.assertLessEqual(len(self.provider.submitted), 8)
+        self.assertEqual(self.scaler.consecutive_failures, len(self.provider.submitted))
+        self.load.tasks = 0
 
     def test_backoff_rule(self) -> None:
         self.build()

@@ -45,6 +45,8 @@ class Block:
     cancelled: bool = False  # we asked for its end
     cancel_retry: bool = False  # the provider's cancel failed: try again
     managers_seen: bool = False  # one of its managers has connected
+    manager_since: Optional[float] = None  # when its first manager seen registered
+    healthy: bool = False  # proved it works (see BlockScaler)
     ended_at: Optional[float] = None
     failed_start: bool = False
 
@@ -70,11 +72,16 @@ class BlockScaler(Service):
     ``{block_id}`` in it is replaced by the block's id, nothing else in it is
     interpreted.
 
-    A *failed start* is a block that ended without being cancelled, either
-    before any of its managers connected or within ``min_healthy_lifetime``
-    seconds of its submission, or whose submission failed.
-    :attr:`consecutive_failures` counts them since the last time a manager of
-    any block connected; :attr:`last_failure_at` is when the last one was seen.
+    A block is *healthy* once one of its managers has sent a result, or has
+    stayed connected for ``min_healthy_lifetime`` seconds (seen at a status
+    poll).  A *failed start* is a block that ended without being cancelled
+    before it was healthy (before any of its managers connected, or within
+    ``min_healthy_lifetime`` seconds of its first manager's registration), or
+    whose submission failed.  :attr:`consecutive_failures` counts them since
+    the last time a block became healthy: a manager that registers and then
+    exits (its workers cannot start, say) does not reset it, so the
+    strategy's backoff keeps growing.  :attr:`last_failure_at` is when the
+    last failed start was seen.
 
     ``stopService`` waits for submissions in progress, cancels every block
     and stops the provider (which, for the local one, waits for its processes).
@@ -382,14 +389,27 @@ class BlockScaler(Service):
             self.log.failure("Polling the {provider} provider failed", provider=self.provider.label)
 
     def _note_managers(self) -> None:
-        for block_id in self.managers_by_block():
+        now = self._clock.seconds()
+        for block_id, managers in self.managers_by_block().items():
             block = self._blocks.get(block_id)
-            if block is not None and not block.managers_seen:
-                block.managers_seen = True
+            if block is None:
+                continue
+            block.managers_seen = True
+            first = min(m.registered_at for m in managers)
+            if block.manager_since is None or first < block.manager_since:
+                block.manager_since = first
+            if block.healthy:
+                continue
+            served = any(m.tasks_completed > 0 for m in managers)
+            if served or now - first >= self.min_healthy_lifetime:
+                block.healthy = True
                 if self.consecutive_failures:
                     self.log.info(
-                        "A manager of block {block_id} connected: blocks start again",
+                        "Block {block_id} is healthy ({how}): blocks start again",
                         block_id=block_id,
+                        how="its managers return results"
+                        if served
+                        else f"a manager of it connected {now - first:.0f}s ago",
                     )
                 self.consecutive_failures = 0
 
@@ -419,8 +439,11 @@ class BlockScaler(Service):
             )
             self._retire(block)
             return
-        early = now - block.submitted_at < self.min_healthy_lifetime
-        if not block.managers_seen or early:
+        healthy = block.healthy or (
+            block.manager_since is not None
+            and now - block.manager_since >= self.min_healthy_lifetime
+        )
+        if not healthy:
             self._failed_start(block)
         if block.failed_start or status.state in (JobState.FAILED, JobState.MISSING):
             tail = await self.provider.read_tail(status.stderr_path)
