@@ -23,8 +23,9 @@ with Parsl's providers.  The rules, in the order they are applied:
    row, no block is submitted until ``min(backoff_base * 2**(k-1),
    backoff_cap)`` seconds after the last one.  A block proving healthy (a
    manager of it sent a result, or stayed connected ``min_healthy_lifetime``)
-   resets ``k``; a manager that merely connects, then quits, does not.  This holds the ``min_blocks`` top-up too: a block that cannot
-   start is not retried in a loop.
+   resets ``k``; a manager that merely connects, then quits, does not.
+   This holds the ``min_blocks`` top-up too: a block that cannot start is
+   not retried in a loop.
 5. Scale in, when not scaling out: a block is idle when none of its
    managers has a task (since the latest ``idle_since`` of its managers), or
    when it has no manager connected (since the strategy first saw it so).
