@@ -32,6 +32,7 @@ from funcx_endpoint.executor.amp import (
     Heartbeat,
     InfoFileError,
     ManagerSettings,
+    Quitting,
     RateMeter,
     Register,
     RegistrationRefused,
@@ -1027,6 +1028,42 @@ class ScaleInTests(SynchronousTestCase):
         counts = {m.manager_id: m.tasks_completed for m in harness.interchange.managers()}
         self.assertEqual(counts["a"], 1)
         self.assertEqual(counts["c"], 0)
+
+
+class QuittingTests(SynchronousTestCase):
+    def test_quitting_manager_says_why(self) -> None:
+        harness = Harness(self, HighThroughputExecutor(max_retries_on_system_failure=0))
+        log = CapturedLog(self)
+        manager = harness.manager(manager_id="m1", worker_count=1, prefetch_capacity=1)
+        first = make_task()
+        harness.interchange.submit([first])
+        harness.flush()
+        self.assertEqual(manager.task_ids, [first.task_id])
+        manager.callRemote(Quitting, reason="workers cannot start: ImportError: no dill")
+        harness.flush()
+        self.assertTrue(any("is quitting" in w and "no dill" in w for w in log.warnings()))
+        later = make_task()
+        harness.interchange.submit([later])
+        harness.flush()
+        self.assertEqual(manager.task_ids, [first.task_id])  # nothing more for it
+        manager.disconnect()
+        harness.flush()
+        [result] = harness.results
+        assert result.error_details is not None
+        self.assertEqual(result.task_id, first.task_id)
+        self.assertEqual(result.error_details.code, ErrorCode.MANAGER_LOST)
+        self.assertIn(
+            "it quit: workers cannot start: ImportError: no dill", result.error_details.user_message
+        )
+        self.assertEqual(harness.interchange.status()["pending_tasks"], 1)
+
+    def test_quitting_unregistered_is_refused(self) -> None:
+        harness = Harness(self)
+        stranger = FakeManager()
+        harness.connect(stranger)
+        stranger.callRemote(Quitting, reason="x")
+        harness.flush()
+        self.assertTrue(stranger.lost)
 
 
 class CancelTests(SynchronousTestCase):

@@ -781,11 +781,27 @@ class ServiceTests(SynchronousTestCase):
         link.finish()
 
     def test_workers_cannot_start(self) -> None:
-        link = Link(self, worker_count=1)
-        for _ in range(MAX_START_FAILURES):
+        """The manager tells the interchange why it quits: its tasks say so."""
+        link = Link(
+            self, worker_count=1, executor=HighThroughputExecutor(max_retries_on_system_failure=0)
+        )
+        task = Task(uuid.uuid4(), BUFFER)
+        link.interchange.submit([task])
+        link.flush()
+        for attempt in range(MAX_START_FAILURES):
+            with open(os.path.join(link.log_dir, "worker-0.err"), "a") as f:
+                f.write(f"ModuleNotFoundError: No module named 'dill' ({attempt})\n")
             link.workers()[0].simulate_exit(1)
             link.advance(20)
         self.assertEqual(link.codes, [EXIT_WORKERS])
+        [result] = link.results
+        assert result.error_details is not None
+        self.assertEqual(result.error_details.code, ErrorCode.MANAGER_LOST)
+        message = result.error_details.user_message
+        self.assertIn("it quit: workers cannot start", message)
+        self.assertIn("died before they were ready", message)
+        self.assertIn("No module named 'dill' (4)", message)
+        self.assertNotIn("connection closed", message)
         link.finish()
 
     def test_manager_heartbeats(self) -> None:

@@ -14,6 +14,8 @@ command             direction              what
 ``Heartbeat``       both ways              "still here" every ``heartbeat_period``
 ``CancelTask``      interchange → manager  drop or kill one task; answered ``found``
 ``Shutdown``        interchange → manager  stop workers, disconnect, exit
+``Quitting``        manager → interchange  why it is about to exit (e.g. workers
+                                           cannot start), sent before it disconnects
 ==================  =====================  ==========================================
 
 Only ``Register`` and ``CancelTask`` are answered: the others flow one way,
@@ -65,6 +67,7 @@ __all__ = [
     "InfoFileError",
     "ManagerSettings",
     "NotRegistered",
+    "Quitting",
     "RateMeter",
     "Register",
     "RegistrationRefused",
@@ -285,6 +288,20 @@ class Shutdown(amp.Command):
 
     arguments = [(b"reason", amp.Unicode())]
     requiresAnswer = False
+
+
+class Quitting(amp.Command):
+    """Manager → interchange: I am about to exit, and why (at most
+    :data:`MAX_QUIT_REASON` bytes); no more tasks for me.  The reason
+    goes into the ``ManagerLost`` errors of the tasks lost with it."""
+
+    arguments = [(b"reason", amp.Unicode())]
+    requiresAnswer = False
+
+
+#: The longest reason a Quitting command carries, in UTF-8 bytes (AMP values
+#: are limited to 65,535 bytes).
+MAX_QUIT_REASON = 16_000
 
 
 # ---------------------------------------------------------------------------

@@ -54,6 +54,7 @@ from funcx_endpoint.executor.amp import (
     ConnectionInfo,
     Heartbeat,
     ManagerSettings,
+    Quitting,
     RateMeter,
     Register,
     RegistrationRefused,
@@ -141,6 +142,7 @@ class _Manager:
         "completions",
         "tasks_completed",
         "retiring",
+        "quit_reason",
     )
 
     def __init__(
@@ -181,6 +183,8 @@ class _Manager:
         # Told to shut down by the endpoint (scaling in): no new tasks, and its
         # tasks are queued again without counting an attempt if it goes.
         self.retiring = False
+        # What it said when it announced it was quitting (no new tasks then).
+        self.quit_reason: Optional[str] = None
 
     @property
     def free(self) -> int:
@@ -327,6 +331,13 @@ class ManagerConnection(_amp.AMP):
     @Heartbeat.responder
     def heartbeat(self) -> Dict[str, Any]:
         """Nothing to do: receiving any box counts as a sign of life."""
+        return {}
+
+    @Quitting.responder
+    def quitting(self, reason: str) -> Dict[str, Any]:
+        """The manager is about to exit: recorded by the interchange."""
+        if self.manager is not None:
+            self._interchange._manager_quitting(self.manager, reason)
         return {}
 
 
@@ -867,7 +878,10 @@ class Interchange(Service):
             managers = [
                 m
                 for m in self._managers.values()
-                if m.container_type == container_type and m.free > 0 and not m.retiring
+                if m.container_type == container_type
+                and m.free > 0
+                and not m.retiring
+                and m.quit_reason is None
             ]
             if not managers:
                 continue
@@ -1100,12 +1114,28 @@ class Interchange(Service):
             if self._stopping or (manager.retiring and not manager.outstanding):
                 self._forget(manager)
                 self.log.info("{manager} disconnected", manager=manager.describe())
+            elif manager.quit_reason is not None:
+                self._manager_lost(manager, f"it quit: {manager.quit_reason}")
             else:
                 self._manager_lost(manager, f"its connection closed ({reason.getErrorMessage()})")
         if not self._connections:
             waiters, self._disconnect_waiters = self._disconnect_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
+
+    def _manager_quitting(self, manager: _Manager, reason: str) -> None:
+        """The manager said it is about to exit: no more tasks for it; its
+        tasks, when it has gone, fail (or are retried) saying why."""
+        if manager.quit_reason is not None or manager.lost:
+            return
+        manager.quit_reason = reason
+        log = self.log.info if manager.retiring or self._stopping else self.log.warn
+        log(
+            "{manager} is quitting, holding {count} tasks: {reason}",
+            manager=manager.describe(),
+            count=len(manager.outstanding),
+            reason=reason,
+        )
 
     def _forget(self, manager: _Manager) -> List[_TaskRecord]:
         manager.lost = True

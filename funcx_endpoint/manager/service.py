@@ -36,10 +36,12 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from funcx_endpoint.executor.amp import (
+    MAX_QUIT_REASON,
     CancelTask,
     ConnectionInfo,
     Heartbeat,
     ManagerSettings,
+    Quitting,
     Register,
     RegistrationRefused,
     SendResults,
@@ -52,6 +54,7 @@ from funcx_endpoint.executor.amp import (
 )
 from funcx_endpoint.executor.interchange import set_no_delay
 from funcx_endpoint.manager.pool import WorkerPool
+from funcx_endpoint.worker.execute import clip
 
 __all__ = ["EXIT_LOST", "EXIT_OK", "EXIT_REFUSED", "InterchangeConnection", "ManagerService"]
 
@@ -108,7 +111,7 @@ class InterchangeConnection(amp.AMP):
     @Shutdown.responder
     def shutdown(self, reason: str) -> Dict[str, Any]:
         """The interchange says stop."""
-        self._manager.shutdown(f"the interchange asked: {reason}", EXIT_OK)
+        self._manager.shutdown(f"the interchange asked: {reason}", EXIT_OK, tell=False)
         return {}
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -395,6 +398,7 @@ class ManagerService(Service):
                 f"the interchange sent nothing for {silence:.0f} s (heartbeat_threshold "
                 f"is {self.settings.heartbeat_threshold:g} s)",
                 EXIT_LOST,
+                tell=False,
             )
             return
         if self.connection is not None:
@@ -413,6 +417,7 @@ class ManagerService(Service):
             self.shutdown(
                 f"lost the connection to the interchange ({reason.getErrorMessage()})",
                 EXIT_LOST,
+                tell=False,
             )
 
     def _workers_failed(self, reason: str) -> None:
@@ -420,12 +425,21 @@ class ManagerService(Service):
 
     # -- stopping -------------------------------------------------------------
 
-    def shutdown(self, reason: str, exit_code: int) -> None:
-        """Stop everything once; :meth:`when_stopped` fires with ``exit_code``."""
+    def shutdown(self, reason: str, exit_code: int, tell: bool = True) -> None:
+        """Stop everything once; :meth:`when_stopped` fires with ``exit_code``.
+
+        With ``tell``, the interchange is told why first (``Quitting``), so
+        that the tasks it loses with this manager say why.
+        """
         if self._finishing or self._exit_code is not None:
             return
         self._finishing = True
         self._exit_code = exit_code
+        if tell and self.connection is not None:
+            try:
+                send_unanswered(self.connection, Quitting, reason=clip(reason, MAX_QUIT_REASON))
+            except Exception as exc:
+                self.log.warn("Could not tell the interchange why: {error}", error=exc)
         log = self.log.info if exit_code == EXIT_OK else self.log.warn
         log(
             "Manager {manager_id} stopping: {reason}",
