@@ -406,6 +406,39 @@ class PoolTests(SynchronousTestCase):
         self.assertEqual(len(harness.results), 1)
         self.assertIsNone(harness.results[0].error_details)
 
+    def test_task_not_sent_to_an_exited_idle_worker(self) -> None:
+        """A task arriving between a worker's exit and the end of its pipes waits
+        for the replacement instead of being answered WorkerLost unrun."""
+        harness = PoolHarness(self, count=1)
+        harness.ready()
+        dead = harness.child(0)
+        dead.simulate_exit(1, close_pipes=False)
+        [task_id] = harness.submit()
+        self.assertEqual(sent_tasks(dead), [])
+        self.assertEqual(harness.pool.counts()["queued"], 1)
+        dead.simulate_close(frames.RESULT_FD)
+        dead.simulate_close(frames.TASK_FD)
+        self.assertEqual(harness.results, [])
+        replacement = harness.child(0)
+        self.assertIsNot(replacement, dead)
+        hello(replacement)
+        self.assertEqual([t[0] for t in sent_tasks(replacement)], [task_id])
+
+    def test_last_result_after_exit_takes_no_new_task(self) -> None:
+        harness = PoolHarness(self, count=1)
+        harness.ready()
+        first, second = harness.submit(2)
+        child = harness.child(0)
+        child.simulate_exit(0, close_pipes=False)
+        answer(child, first, "last words")
+        self.assertEqual([t[0] for t in sent_tasks(child)], [first])  # not the second
+        child.simulate_close(frames.RESULT_FD)
+        child.simulate_close(frames.TASK_FD)
+        self.assertEqual([r.task_id for r in harness.results], [first])
+        self.assertIsNone(harness.results[0].error_details)
+        hello(harness.child(0))
+        self.assertEqual([t[0] for t in sent_tasks(harness.child(0))], [second])
+
     def test_pipes_held_open(self) -> None:
         harness = PoolHarness(self, count=1)
         harness.ready()

@@ -437,7 +437,9 @@ class WorkerPool:
             self._garbled(worker, f"unknown frame kind {kind!r}")
 
     def _next(self, worker: _Worker) -> None:
-        if self._stopping or worker.kill_reason is not None:
+        # A worker that has exited (its last result may still come through
+        # the pipe) takes nothing: it would be answered WorkerLost unrun.
+        if self._stopping or worker.kill_reason is not None or worker.exit_reason is not None:
             return
         if self._queue:
             self._start_task(worker)
@@ -445,6 +447,8 @@ class WorkerPool:
             self._idle.append(worker)
 
     def _start_task(self, worker: _Worker) -> None:
+        if worker.exit_reason is not None or worker.protocol is None:
+            return  # dead: the task stays queued for a live worker
         task_id, task_buffer = self._queue.popleft()
         started = time.time_ns()
         worker.task_id = task_id
@@ -513,6 +517,8 @@ class WorkerPool:
 
     def _exited(self, worker: _Worker, reason: Failure) -> None:
         worker.exit_reason = reason
+        if worker in self._idle:
+            self._idle.remove(worker)
         # Results written just before the exit may still be in the pipe:
         # the death is handled when the pipes close (processEnded), or after
         # a grace if something else holds them open.
