@@ -6,11 +6,14 @@ import os
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 import psutil
 
 import funcx_endpoint
+
+if TYPE_CHECKING:
+    from funcx_endpoint.endpoint.layout import EndpointDir
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(funcx_endpoint.__file__)))
 
@@ -56,22 +59,24 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: flo
         time.sleep(interval)
 
 
-def descendants_and_session(pid: int) -> List[psutil.Process]:
-    """The process ``pid``, its descendants, and its session's members."""
+def endpoint_processes(ep: EndpointDir, pid: Optional[int] = None) -> List[psutil.Process]:
+    """The daemon ``pid``, its descendants, and every process that carries the
+    endpoint's marker (managers and workers in their blocks' own sessions, and
+    whatever they started), wherever they are now."""
+    from funcx_endpoint.endpoint.layout import OWNER_ENV
+    from funcx_endpoint.procs import marked_processes
+
     procs: Dict[int, psutil.Process] = {}
-    try:
-        root = psutil.Process(pid)
-        procs[pid] = root
-        for child in root.children(recursive=True):
-            procs[child.pid] = child
-    except psutil.NoSuchProcess:
-        pass
-    for proc in psutil.process_iter():
+    if pid is not None and pid > 0:
         try:
-            if os.getsid(proc.pid) == pid:
-                procs.setdefault(proc.pid, proc)
-        except (OSError, psutil.Error):
+            root = psutil.Process(pid)
+            procs[pid] = root
+            for child in root.children(recursive=True):
+                procs[child.pid] = child
+        except psutil.NoSuchProcess:
             pass
+    for proc in marked_processes(OWNER_ENV, ep.path):
+        procs.setdefault(proc.pid, proc)
     return list(procs.values())
 
 

@@ -47,6 +47,13 @@ class ConfigObjectTests(SynchronousTestCase):
         self.assertIn("expected a number > 0", str(cm.exception))
         self.assertIn("'often' (str)", str(cm.exception))
 
+    def test_log_backup_count_keeps_at_least_one(self) -> None:
+        # 0 would make Twisted's LogFile keep every rotated file: refused.
+        with self.assertRaises(ConfigError) as cm:
+            Config(log_backup_count=0)
+        self.assertIn("Config.log_backup_count: expected an integer >= 1", str(cm.exception))
+        self.assertEqual(Config(log_backup_count=1).log_backup_count, 1)
+
     def test_bool_is_not_a_number(self) -> None:
         self.assertRaises(ConfigError, Config, amqp_prefetch=True)
 
@@ -171,7 +178,15 @@ class LoadConfigTests(SynchronousTestCase):
         self.assertEqual(cm.exception.line, 2)
         self.assertIn("ZeroDivisionError", str(cm.exception))
 
+    def test_exit_in_config_is_reported(self) -> None:
+        path = self.write("import sys\nsys.exit(3)\n")
+        with self.assertRaises(ConfigFileError) as cm:
+            load_config(path)
+        self.assertEqual(cm.exception.line, 2)
+        self.assertIn("it called exit(3)", str(cm.exception))
+
     def test_missing_config_name(self) -> None:
+
         path = self.write("cfg = None\n")
         with self.assertRaises(ConfigFileError) as cm:
             load_config(path)

@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional
 from twisted.trial.unittest import SynchronousTestCase
 
 from funcx_endpoint.endpoint.layout import EndpointDir
-from tests.support import alive, descendants_and_session, run_cli, wait_for
+from tests.support import alive, endpoint_processes, run_cli, wait_for
 
 TASK_TIMEOUT = 3
 
@@ -259,7 +259,7 @@ class StopLeavesNothingTests(SynchronousTestCase):
                 lambda: "managers: 1" in run_cli(config_dir, "status", "s", env=env).stdout, 60
             )
         )
-        tree = alive(descendants_and_session(pid))
+        tree = alive(endpoint_processes(ep, pid))
         names = " ".join(" ".join(p.cmdline()) for p in tree)
         self.assertIn("funcx_endpoint.manager", names)
         self.assertIn("funcx_endpoint.worker", names)
@@ -268,7 +268,7 @@ class StopLeavesNothingTests(SynchronousTestCase):
         # Clean: the daemon stopped its children itself, nothing had to be killed.
         self.assertNotIn("killed", stop.stdout)
         self.assertEqual(alive(tree), [])
-        self.assertEqual(alive(descendants_and_session(pid)), [])
+        self.assertEqual(alive(endpoint_processes(ep, pid)), [])
 
 
 class LoginCommandTests(SynchronousTestCase):

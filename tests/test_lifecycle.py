@@ -12,8 +12,20 @@ import time
 import psutil
 from twisted.trial.unittest import SynchronousTestCase
 
-from funcx_endpoint.endpoint.layout import EndpointDir, EndpointState
-from tests.support import alive, child_env, descendants_and_session, run_cli, wait_for
+from funcx_endpoint.endpoint.layout import OWNER_ENV, EndpointDir, EndpointState
+from tests.support import alive, child_env, endpoint_processes, run_cli, wait_for
+
+
+def start_a_sleeper():
+    """Runs on the endpoint (sent as source): start a process in a session of
+    its own that outlives the task, as a careless function might."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True
+    )
+    return proc.pid
 
 
 def service_endpoint(test: SynchronousTestCase, name: str = "ep1") -> tuple:
@@ -51,10 +63,8 @@ class LifecycleTests(SynchronousTestCase):
         self.addCleanup(self.force_stop)
 
     def force_stop(self) -> None:
-        pid = self.ep.read_pid()
-        if pid and pid > 0:
-            for proc in alive(descendants_and_session(pid)):
-                proc.kill()
+        for proc in alive(endpoint_processes(self.ep, self.ep.read_pid())):
+            proc.kill()
 
     def cli(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
         kwargs.setdefault("env", self.env)
@@ -95,15 +105,20 @@ class LifecycleTests(SynchronousTestCase):
         self.assertRegex(status.stdout, r"workers: [1-9]")
         self.assertIn("broker tasks connection: connected", status.stdout)
 
-        tree = descendants_and_session(pid)
+        tree = endpoint_processes(self.ep, pid)
         # daemon, the block's shell and manager, and the manager's workers
         self.assertGreaterEqual(len(alive(tree)), 4, [p.cmdline() for p in alive(tree)])
+        # Everything the daemon started carries its marker, whatever session it is in.
+        workers = [p for p in alive(tree) if "funcx_endpoint.worker" in " ".join(p.cmdline())]
+        self.assertTrue(workers, [p.cmdline() for p in alive(tree)])
+        for worker in workers:
+            self.assertEqual(worker.environ().get(OWNER_ENV), self.ep.path)
 
         stop = self.cli("stop", "ep1")
         self.assertEqual(stop.returncode, 0, stop.stderr)
         self.assertIn(f"Endpoint 'ep1' stopped (pid {pid}", stop.stdout)
         self.assertEqual(alive(tree), [])
-        self.assertEqual(alive(descendants_and_session(pid)), [])
+        self.assertEqual(alive(endpoint_processes(self.ep, pid)), [])
         self.assertIsNone(self.ep.read_pid())
         self.assertNotEqual(self.ep.state(), EndpointState.RUNNING)
         self.assertFalse(os.path.exists(self.ep.control_socket))
@@ -124,8 +139,98 @@ class LifecycleTests(SynchronousTestCase):
         self.assertEqual(self.ep.read_pid(), pid)
         self.assertTrue(psutil.pid_exists(pid))
 
+    def test_concurrent_starts_make_one_daemon(self) -> None:
+        # Two `start`s racing each other: the instance lock lets one daemon run;
+        # the other start fails and leaves the first one's files alone.
+        first = subprocess.Popen(
+            [sys.executable, "-m", "funcx_endpoint.cli", "-c", self.config_dir, "start", "ep1"],
+            env=child_env(self.env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        second = self.cli("start", "ep1")
+        out, err = first.communicate(timeout=120)
+        codes = sorted([first.returncode, second.returncode])
+        self.assertEqual(codes[0], 0, out + err + second.stdout + second.stderr)
+        self.assertNotEqual(codes[1], 0, out + err + second.stdout + second.stderr)
+        self.assertIn("already running", err + second.stderr)
+        pid = self.ep.read_pid()
+        assert pid is not None
+        self.assertEqual(self.ep.state(), EndpointState.RUNNING)
+        daemons = [
+            p
+            for p in psutil.process_iter()
+            if "twistd" in " ".join(self._cmdline(p)) and self.config_dir in self._cmdline(p)
+        ]
+        self.assertEqual([p.pid for p in alive(daemons)], [pid])
+        tree = endpoint_processes(self.ep, pid)
+        stop = self.cli("stop", "ep1")
+        self.assertEqual(stop.returncode, 0, stop.stderr)
+        self.assertIn(f"stopped (pid {pid}", stop.stdout)
+        self.assertEqual(alive(tree + endpoint_processes(self.ep)), [])
+
+    @staticmethod
+    def _cmdline(proc: psutil.Process) -> list:
+        try:
+            return proc.cmdline()
+        except psutil.Error:
+            return []
+
+    def test_kill_9_leaves_nothing_after_stop(self) -> None:
+        # A task starts a process of its own, in a new session, that outlives
+        # its worker; the daemon is killed with kill -9; one `stop` kills the
+        # daemon's managers, workers and that process too.
+        from funcx_endpoint.sdk import FuncXClient
+
+        pid = self.start()
+        saved = dict(os.environ)
+        os.environ.update(self.env)
+        try:
+            client = FuncXClient()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        self.addCleanup(client.close)
+        function_id = client.register_function(start_a_sleeper)
+        task = client.run(endpoint_id=self.ep.endpoint_id(), function_id=function_id)
+        sleeper_pid = None
+        deadline = time.monotonic() + 60
+        while sleeper_pid is None:
+            try:
+                sleeper_pid = client.get_result(task)
+            except Exception:
+                self.assertLess(time.monotonic(), deadline, "the task did not finish")
+                time.sleep(0.1)
+        sleeper = psutil.Process(sleeper_pid)
+        self.addCleanup(lambda: [p.kill() for p in alive([sleeper])])
+        self.assertNotEqual(os.getsid(sleeper_pid), os.getsid(pid))
+        tree = alive(endpoint_processes(self.ep, pid))
+        self.assertIn(sleeper_pid, [p.pid for p in tree])
+        managers = [p for p in tree if "funcx_endpoint.manager" in " ".join(p.cmdline())]
+        self.assertTrue(managers)
+
+        os.kill(pid, signal.SIGKILL)
+        self.assertTrue(
+            wait_for(
+                lambda: (
+                    not psutil.pid_exists(pid)
+                    or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+                )
+            )
+        )
+        stop = self.cli("stop", "ep1")
+
+        self.assertEqual(stop.returncode, 0, stop.stderr)
+        self.assertIn("removed the stale pidfile", stop.stdout)
+        self.assertTrue(wait_for(lambda: alive(tree) == [], 10), [p.cmdline() for p in alive(tree)])
+        self.assertEqual(alive(endpoint_processes(self.ep)), [])
+
     def test_kill_9_then_list_and_start(self) -> None:
         pid = self.start()
+        self.assertTrue(wait_for(lambda: "managers: 1" in self.cli("status", "ep1").stdout, 60))
+        old = alive(endpoint_processes(self.ep, pid))
+        self.assertGreaterEqual(len(old), 3, [p.cmdline() for p in old])
         os.kill(pid, signal.SIGKILL)
         self.assertTrue(
             wait_for(
@@ -147,12 +252,22 @@ class LifecycleTests(SynchronousTestCase):
         new_pid = self.ep.read_pid()
         self.assertNotEqual(new_pid, pid)
         self.assertEqual(self.ep.state(), EndpointState.RUNNING)
+        # None of the dead daemon's processes is left.
+        self.assertEqual(alive(old), [])
         self.assertEqual(self.cli("stop", "ep1").returncode, 0)
 
     def test_stop_cleans_stale_pidfile(self) -> None:
         pid = self.start()
         os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: not psutil.pid_exists(pid))
+        self.assertTrue(
+            wait_for(
+                lambda: (
+                    not psutil.pid_exists(pid)
+                    or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+                )
+            )
+        )
+
         stop = self.cli("stop", "ep1")
         self.assertEqual(stop.returncode, 0)
         self.assertIn("was not running: removed the stale pidfile", stop.stdout)
@@ -185,7 +300,7 @@ class LifecycleTests(SynchronousTestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("Deleted endpoint 'ep1'", result.stdout)
         self.assertFalse(os.path.exists(self.ep.path))
-        self.assertTrue(wait_for(lambda: alive(descendants_and_session(pid)) == []))
+        self.assertTrue(wait_for(lambda: alive(endpoint_processes(self.ep, pid)) == []))
 
     def test_broken_config(self) -> None:
         with open(self.ep.config_file, "a") as f:
@@ -269,12 +384,16 @@ class LifecycleTests(SynchronousTestCase):
 
 FAKE_DAEMON = textwrap.dedent(
     """\
-    import os, signal, subprocess, sys, time
+    import fcntl, os, signal, subprocess, sys, time
     # argv[1]: pidfile, argv[2]: file to write the children's pids to,
-    # argv[3]: daemon.json, where a daemon records its session.
+    # argv[3]: daemon.json, where a daemon records its session,
+    # argv[4]: the endpoint's lock file, argv[5]: the endpoint's directory.
     # The marker keeps this recognisable as an endpoint: funcx-endpoint
     os.setsid()
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    lock = os.open(sys.argv[4], os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    os.environ["FUNCX_ENDPOINT_DIR"] = sys.argv[5]
     child = subprocess.Popen([sys.executable, "-c",
         "import signal, subprocess, sys, time;"
         "signal.signal(signal.SIGTERM, signal.SIG_IGN);"
@@ -306,7 +425,15 @@ class StopKillsEverythingTests(SynchronousTestCase):
         with open(script, "w") as f:
             f.write(FAKE_DAEMON)
         launcher = subprocess.Popen(
-            [sys.executable, script, self.ep.pidfile, self.children_file, self.ep.daemon_info_file]
+            [
+                sys.executable,
+                script,
+                self.ep.pidfile,
+                self.children_file,
+                self.ep.daemon_info_file,
+                self.ep.lock_file,
+                self.ep.path,
+            ]
         )
         self.addCleanup(launcher.wait)
         self.assertTrue(wait_for(lambda: self.ep.read_pid() is not None, 20))
@@ -348,6 +475,26 @@ class StopKillsEverythingTests(SynchronousTestCase):
         self.assertIn("killed 2 leftover process(es)", result.stdout)
         self.assertEqual(alive(orphans), [])
 
+    def test_a_stale_pidfile_never_kills_strangers(self) -> None:
+        # A dead daemon's files name a session that now belongs to someone
+        # else (session ids are reused), and a pid that is alive but not the
+        # endpoint's: neither is touched.
+        stranger = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True
+        )
+        self.addCleanup(stranger.wait)
+        self.addCleanup(stranger.kill)
+        with open(self.ep.pidfile, "w") as f:
+            f.write(str(stranger.pid))
+        self.ep.write_daemon_info(stranger.pid, os.getsid(stranger.pid))
+        self.assertEqual(self.ep.state(), EndpointState.DISCONNECTED)
+        result = run_cli(self.config_dir, "stop", "ep1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("removed the stale pidfile", result.stdout)
+        self.assertNotIn("killed", result.stdout)
+        self.assertIsNone(stranger.poll())
+        self.assertIsNone(self.ep.read_pid())
+
 
 class PluginDiscoveryTests(SynchronousTestCase):
     def test_twistd_lists_plugin(self) -> None:
@@ -379,7 +526,7 @@ class RegistrationFailureTests(SynchronousTestCase):
         self.assertTrue(wait_for(lambda: self.ep.state() is not EndpointState.RUNNING, 15))
         pid = self.ep.read_pid()
         if pid:
-            self.assertEqual(alive(descendants_and_session(pid)), [])
+            self.assertEqual(alive(endpoint_processes(self.ep, pid)), [])
 
     def test_no_credentials(self) -> None:
         env = {k: v for k, v in self.env.items() if not k.startswith("FUNCX_SDK")}

@@ -19,13 +19,14 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import attr
 import psutil
 
-from funcx_endpoint.endpoint.layout import EndpointDir, is_endpoint_process, pid_alive
+from funcx_endpoint.endpoint.layout import OWNER_ENV, EndpointDir, pid_alive
 from funcx_endpoint.lifecycle import EX_SOFTWARE, EX_TEMPFAIL
+from funcx_endpoint.procs import marked_processes
 
 TWISTD_BOOTSTRAP = "from twisted.scripts.twistd import run; run()"
 LOGGER = "funcx_endpoint.endpoint.logs.make_observer"
@@ -58,15 +59,24 @@ def twistd_argv(
     return argv
 
 
-def start_daemon(ep: EndpointDir, *, debug: bool, timeout: float) -> StartResult:
-    """Run twistd to daemonize endpoint ``ep``; wait for it to be ready or fail."""
+def start_daemon(
+    ep: EndpointDir,
+    *,
+    debug: bool,
+    timeout: float,
+    log_file: Optional[str] = None,
+    command: str = "funcx-endpoint",
+) -> StartResult:
+    """Run twistd to daemonize endpoint ``ep``; wait for it to be ready or fail.
+
+    ``log_file`` and ``command`` (the CLI with its options) only go into hints."""
     return launch_daemon(
         lambda fd: twistd_argv(ep, daemon=True, debug=debug, ready_fd=fd),
         cwd=ep.path,
         timeout=timeout,
         read_pid=ep.read_pid,
-        status_hint=f"`funcx-endpoint status {ep.name}`",
-        log_hint=ep.log_file(),
+        status_hint=f"`{command} status {ep.name}`",
+        log_hint=log_file or ep.log_file(),
     )
 
 
@@ -100,7 +110,7 @@ def launch_daemon(
     finally:
         os.close(write_fd)
     try:
-        line = _read_report(read_fd, timeout, on_progress)
+        line, timed_out = _read_report(read_fd, timeout, on_progress)
     finally:
         os.close(read_fd)
     # twistd's own launcher exits as soon as the service has started (or failed
@@ -112,7 +122,9 @@ def launch_daemon(
         launcher_output, _ = launcher.communicate()
     output = launcher_output.decode(errors="replace").strip()
     if line is None:
-        pid = read_pid()
+        # On end of file, the daemon we started is gone (it holds the pipe's
+        # write end until it reports): a pid in the pidfile is another one's.
+        pid = read_pid() if timed_out else None
         if pid and pid_alive(pid):
             return StartResult(
                 False,
@@ -142,8 +154,10 @@ def launch_daemon(
 
 def _read_report(
     fd: int, timeout: float, on_progress: Optional[Callable[[Dict[str, Any]], None]]
-) -> Optional[str]:
-    """The first line from ``fd`` that is not a progress report; None on EOF or timeout."""
+) -> Tuple[Optional[str], bool]:
+    """The first line from ``fd`` that is not a progress report, or None on end
+    of file or timeout; and whether the timeout passed."""
+
     deadline = time.monotonic() + timeout
     data = b""
     while True:
@@ -153,21 +167,21 @@ def _read_report(
             try:
                 message = json.loads(line)
             except ValueError:
-                return line
+                return line, False
             if isinstance(message, dict) and message.get("state") == "progress":
                 if on_progress is not None:
                     on_progress(message)
                 continue
-            return line
+            return line, False
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            return None
+            return None, True
         ready, _, _ = select.select([fd], [], [], remaining)
         if not ready:
-            return None
+            return None, True
         chunk = os.read(fd, 65536)
         if not chunk:
-            return None
+            return None, False
         data += chunk
 
 
@@ -255,16 +269,25 @@ class StopResult:
     stale_pidfile: bool = False
 
 
+def endpoint_leftovers(ep: EndpointDir) -> List[psutil.Process]:
+    """Processes the daemon of ``ep`` started (managers, workers, what tasks
+    started), wherever they are now: they carry its marker."""
+    return marked_processes(OWNER_ENV, ep.path)
+
+
 def stop_daemon(ep: EndpointDir, grace: float) -> StopResult:
     """Stop endpoint ``ep`` completely; one call is always enough."""
     pid = ep.read_pid()
     if pid is None:
-        return StopResult(False, None)
+        leftovers = kill_all(endpoint_leftovers(ep))
+        return StopResult(False, None, killed=leftovers)
+    owned = ep.owns(pid)
     result = stop_process_tree(
         pid,
-        ep.daemon_session(pid),
+        ep.daemon_session(pid) if owned else None,
         grace,
-        is_ours=is_endpoint_process,
+        is_ours=lambda _: owned,
+        leftovers=lambda: endpoint_leftovers(ep),
     )
     ep.remove_pidfile()
     ep.remove_daemon_info()
@@ -277,15 +300,19 @@ def stop_process_tree(
     grace: float,
     *,
     is_ours: Callable[[int], bool],
+    leftovers: Callable[[], List[psutil.Process]] = list,
 ) -> StopResult:
     """TERM daemon ``pid``; after ``grace`` seconds kill whatever is left of its
-    tree and ``session``.  ``is_ours(pid)`` guards against a reused pid: a pid
-    that is not ours means the daemon died, and only its session is cleaned up.
-    The caller removes the pidfile afterwards."""
+    tree, its ``session`` and ``leftovers()`` (processes marked as its own).
+
+    ``is_ours(pid)`` guards against a reused pid: a pid that is not ours means
+    the daemon died; then only ``leftovers()`` are killed (a session id alone
+    proves nothing once its leader is gone: it may have been reused).  The
+    caller removes the pidfile afterwards."""
     started = time.monotonic()
     if pid <= 0 or not is_ours(pid):
         # The daemon died without cleaning up: remove what it left.
-        killed = kill_all(session_members(session)) if session is not None else []
+        killed = kill_all(leftovers())
         return StopResult(
             False, pid, killed=killed, stale_pidfile=True, seconds=time.monotonic() - started
         )
@@ -300,8 +327,9 @@ def stop_process_tree(
     clean = not pid_alive(pid)
     # Whatever is left of the tree after the daemon is gone (or after the
     # grace period) is killed: no orphan survives a stop.
-    leftovers = {p.pid: p for p in tree + process_tree(pid, session)}
-    killed = kill_all(list(leftovers.values()))
+    remaining = {p.pid: p for p in tree + process_tree(pid, session) + leftovers()}
+    killed = kill_all(list(remaining.values()))
+
     _reap_wait(pid)
     return StopResult(True, pid, seconds=time.monotonic() - started, clean=clean, killed=killed)
 

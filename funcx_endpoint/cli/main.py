@@ -270,7 +270,10 @@ def start(ctx: Context, name: str, foreground: bool, timeout: float) -> None:
     (rotated).  Exit status: 0 when ready; else the daemon's failure code
     (65: bad registration data, 69: the service or broker refused, 70: internal
     error, 75: temporary failure, 77: credentials refused or missing, 78: bad
-    configuration or untrusted certificate); nothing is left running.
+    configuration or untrusted certificate); nothing is left running, except
+    when --timeout passes first: then (exit 75) the daemon may still be
+    starting, and `status` tells.
+
 
     """
     ep = ctx.existing(name)
@@ -289,10 +292,29 @@ def start(ctx: Context, name: str, foreground: bool, timeout: float) -> None:
         sys.exit(run_foreground(ep, debug=ctx.debug))
     click.echo(f"Starting endpoint {name!r} ...")
     started = time.monotonic()
-    result = start_daemon(ep, debug=ctx.debug, timeout=timeout)
+    result = start_daemon(
+        ep,
+        debug=ctx.debug,
+        timeout=timeout,
+        log_file=ep.log_file(config.log_dir),
+        command=f"funcx-endpoint{ctx.dir_option()}",
+    )
+
     elapsed = time.monotonic() - started
+    if (
+        not result.ok
+        and ep.state() is EndpointState.RUNNING
+        and ep.read_pid() != result.info.get("pid")
+    ):
+        # Another `start` won the race: its daemon holds the endpoint's lock.
+        fail(
+            f"endpoint {name!r} is already running (pid {ep.read_pid()}), started by "
+            f"another `start` at the same time",
+            EX_ALREADY,
+        )
     if not result.ok:
         fail(f"endpoint {name!r} did not start: {result.message}", result.exit_code)
+
     endpoint_id = result.info.get("endpoint_id")
     click.echo(
         f"Endpoint {name!r} is running (pid {result.info.get('pid')}, ready in {elapsed:.2f} s)"
@@ -317,7 +339,12 @@ def _stop(ctx: Context, ep: EndpointDir, timeout: Optional[float]) -> None:
             f"{result.pid}{extra}."
         )
     elif not result.was_running:
-        click.echo(f"Endpoint {ep.name!r} is not running.")
+        extra = (
+            f" Killed {len(result.killed)} process(es) an earlier daemon left behind."
+            if result.killed
+            else ""
+        )
+        click.echo(f"Endpoint {ep.name!r} is not running.{extra}")
     elif result.clean:
         extra = f"; killed {len(result.killed)} process(es) it left behind" if result.killed else ""
         click.echo(
@@ -390,8 +417,9 @@ def restart(
 def delete(ctx: Context, name: str, yes: bool, force: bool, timeout: Optional[float]) -> None:
     """Delete the endpoint NAME: at its service (if it was registered), then the profile.
 
-    The endpoint is stopped first if it runs.  If the service cannot be reached
-    or refuses, nothing is deleted (exit 69) unless --force.
+    The service is asked first: if it cannot be reached or refuses, nothing is
+    stopped or deleted (exit 69) unless --force.  Then the endpoint is stopped
+    if it runs, and its directory removed.
     """
     from funcx_endpoint.cli import remote
 
@@ -405,8 +433,6 @@ def delete(ctx: Context, name: str, yes: bool, force: bool, timeout: Optional[fl
     except ConfigFileError as e:
         if not force:
             fail(f"bad configuration, cannot reach the service: {e} (use --force)", EX_CONFIG)
-    if ep.read_pid() is not None:
-        _stop(ctx, ep, timeout)
     if endpoint_id and config is not None:
         try:
             remote.run_in_reactor(
@@ -417,7 +443,10 @@ def delete(ctx: Context, name: str, yes: bool, force: bool, timeout: Optional[fl
             if not force:
                 fail(f"{e}; nothing deleted (use --force to delete the local profile)", 69)
             click.echo(f"Warning: {e}; deleting the local profile anyway (--force)", err=True)
+    if ep.read_pid() is not None:
+        _stop(ctx, ep, timeout)
     shutil.rmtree(ep.path)
+
     click.echo(f"Deleted endpoint {name!r} ({ep.path}).")
 
 
@@ -494,7 +523,10 @@ def list_command(ctx: Context) -> None:
     """
     endpoints = list_endpoints(ctx.config_dir)
     if not endpoints:
-        click.echo(f"No endpoints in {ctx.config_dir}; create one with: funcx-endpoint configure")
+        click.echo(
+            f"No endpoints in {ctx.config_dir}; create one with: "
+            f"funcx-endpoint{ctx.dir_option()} configure"
+        )
         return
     rows = [("NAME", "STATUS", "ENDPOINT ID")]
     for ep in endpoints:

@@ -59,10 +59,15 @@ def load_config(path: str) -> Config:
         exec(code, namespace)
     except ConfigError as e:
         raise ConfigFileError(path, _line_in(path, e.__traceback__), str(e)) from None
+    except SystemExit as e:
+        raise ConfigFileError(
+            path, _line_in(path, e.__traceback__), f"it called exit({e.code!r})"
+        ) from None
     except Exception as e:
         raise ConfigFileError(
             path, _line_in(path, e.__traceback__), f"{type(e).__name__}: {e}"
         ) from None
+
     if "config" not in namespace:
         raise ConfigFileError(
             path, None, "defines no 'config'; it must assign config = Config(...)"

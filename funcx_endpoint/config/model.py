@@ -537,7 +537,7 @@ class Config(ConfigObject):
             10 * MiB, number(1024, integer=True), "Size at which endpoint.log is rotated."
         ),
         "log_backup_count": Field(
-            5, number(0, integer=True), "Rotated logs kept (endpoint.log.1 ...)."
+            5, number(1, integer=True), "Rotated logs kept (endpoint.log.1 ...), at least 1."
         ),
         "log_format": Field(
             "text",

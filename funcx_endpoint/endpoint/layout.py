@@ -10,17 +10,23 @@ from __future__ import annotations
 
 import enum
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import re
 import stat
 import tempfile
+import time
 from typing import Any, Dict, Optional
 
 from funcx_endpoint.files import write_atomically
 
 DEFAULT_CONFIG_DIR = os.path.join("~", ".funcx")
+#: Set to the endpoint's directory in the environment of the daemon's
+#: children (managers, workers, what tasks start): how ``stop`` finds what a
+#: daemon killed with ``kill -9`` left behind.
+OWNER_ENV = "FUNCX_ENDPOINT_DIR"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 _MAX_SOCKET_PATH = 100
@@ -37,6 +43,10 @@ class EndpointState(enum.Enum):
 
 class BadEndpointName(ValueError):
     """An endpoint name that cannot be a directory name."""
+
+
+class AlreadyRunning(Exception):
+    """Another daemon of the same endpoint holds its instance lock."""
 
 
 def check_name(name: str) -> str:
@@ -122,6 +132,50 @@ class EndpointDir:
     @property
     def daemon_info_file(self) -> str:
         return os.path.join(self.path, "daemon.json")
+
+    @property
+    def lock_file(self) -> str:
+        return os.path.join(self.path, "daemon.lock")
+
+    def hold_lock(self, wait: float = 2.0) -> int:
+        """Take the endpoint's instance lock, for as long as this process lives.
+
+        Returns the lock's file descriptor (keep it open; it survives twistd's
+        fork into a daemon).  Raises AlreadyRunning if another daemon holds
+        it after ``wait`` seconds (``list`` probes it for a moment).
+        """
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise AlreadyRunning(
+                        f"endpoint {self.name!r} is already running: another daemon "
+                        f"holds {self.lock_file}"
+                    ) from None
+                time.sleep(0.05)
+
+    def lock_held(self) -> bool:
+        """True while a daemon of this endpoint is alive (it holds the lock)."""
+        try:
+            fd = os.open(self.lock_file, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def owns(self, pid: int) -> bool:
+        """True if ``pid`` is this endpoint's live daemon (not a reused pid)."""
+        return is_endpoint_process(pid) and self.lock_held()
 
     def log_file(self, log_dir: Optional[str] = None) -> str:
         return os.path.join(log_dir or self.path, "endpoint.log")
@@ -212,8 +266,9 @@ class EndpointDir:
         """Derive the state from the files, as PROTOCOL.md section 5 says."""
         pid = self.read_pid()
         if pid is not None:
-            if is_endpoint_process(pid):
+            if self.owns(pid):
                 return EndpointState.RUNNING
+
             return EndpointState.DISCONNECTED
         if not os.path.exists(self.endpoint_json):
             return EndpointState.INITIALIZED

@@ -95,7 +95,8 @@ def rotating_file(path: str, max_bytes: int, backup_count: int) -> LogFile:
         name,
         directory,
         rotateLength=max_bytes,
-        maxRotatedFiles=backup_count or None,
+        maxRotatedFiles=max(1, backup_count),
+
         defaultMode=0o600,
     )
 

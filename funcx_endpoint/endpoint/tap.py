@@ -22,7 +22,13 @@ from funcx_endpoint.config.model import Config
 from funcx_endpoint.endpoint import logs
 from funcx_endpoint.endpoint.auth import Authenticator, TokenStore, auth_base_url, http_client
 from funcx_endpoint.endpoint.control import control_service
-from funcx_endpoint.endpoint.layout import DEFAULT_CONFIG_DIR, BadEndpointName, EndpointDir
+from funcx_endpoint.endpoint.layout import (
+    DEFAULT_CONFIG_DIR,
+    OWNER_ENV,
+    AlreadyRunning,
+    BadEndpointName,
+    EndpointDir,
+)
 from funcx_endpoint.endpoint.registration import Registration
 from funcx_endpoint.endpoint.service import EndpointService, StartupReporter
 from funcx_endpoint.endpoint.status import StatusReporter
@@ -36,6 +42,8 @@ class Options(usage.Options):
     """Options of the ``funcx-endpoint`` twistd plugin."""
 
     synopsis = "[options]"
+    lock_fd: Optional[int] = None  # the instance lock, held by makeService
+
     longdesc = (
         "Run a funcX endpoint: register with the funcX web service, take tasks "
         "from RabbitMQ, run them on managers and workers, send back results. "
@@ -164,6 +172,17 @@ def makeService(options: Options) -> IService:
         config = load_config(endpoint_dir.config_file)
     except ConfigFileError as e:
         raise SystemExit(f"funcx-endpoint: bad configuration: {e}") from None
+    # One daemon per endpoint: the lock is taken before twistd daemonizes (the
+    # daemon inherits it) and held until the process ends, whatever the pidfile
+    # says.  Two `start`s racing each other cannot both get here.
+    try:
+        options.lock_fd = endpoint_dir.hold_lock()
+    except AlreadyRunning as e:
+        raise SystemExit(f"funcx-endpoint: {e}") from None
+    # Everything the daemon starts inherits this, so that `stop` can find it
+    # even after the daemon died (see funcx_endpoint.procs).
+    os.environ[OWNER_ENV] = endpoint_dir.path
+
     logs.configure(
         log_settings(endpoint_dir, config, bool(options["debug"]), bool(options["log-stdout"]))
     )

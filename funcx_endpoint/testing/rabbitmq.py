@@ -60,6 +60,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from funcx_endpoint import tls
+from funcx_endpoint.procs import marked_processes
 
 __all__ = [
     "MARKER_ENV",
@@ -242,18 +243,7 @@ def _first_errors(path: str, count: int = 10) -> str:
 
 def node_processes(name: str) -> list[psutil.Process]:
     """Every live (non-zombie) OS process marked as belonging to node ``name``."""
-    found = []
-    me = os.getpid()
-    for proc in psutil.process_iter():
-        if proc.pid == me:
-            continue
-        try:
-            if proc.environ().get(MARKER_ENV) == name:
-                if proc.status() != psutil.STATUS_ZOMBIE:
-                    found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
+    return marked_processes(MARKER_ENV, name)
 
 
 def _signal_all(procs: Iterable[psutil.Process], sig: int) -> None:
