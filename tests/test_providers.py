@@ -37,6 +37,7 @@ from funcx_endpoint.executor.providers import (
 )
 from funcx_endpoint.executor.providers.base import read_tail
 from funcx_endpoint.executor.providers.local import (
+    FINISHED_KEPT,
     GROUP_POLL_INTERVAL,
     KILL_WAIT,
     SETSID_SHIM,
@@ -169,6 +170,39 @@ class LocalProviderUnitTests(SynchronousTestCase):
         self.assertEqual((status.state, status.exit_code), (JobState.COMPLETED, 0))
         self.assertTrue(status.terminal)
         self.successResultOf(provider.when_gone(job_id))
+
+    def test_ended_jobs_are_dropped_once_reported(self) -> None:
+        provider = self.provider()
+        done = provider.submit("run", 1)
+        cancelled = provider.submit("run", 1)
+        first, second = self.reactor.processes
+        first.simulate_exit(0)
+        self.assertIn(done, provider.resources)  # ended, not reported yet
+        [status] = provider.status([done])
+        self.assertEqual(status.state, JobState.COMPLETED)
+        self.assertNotIn(done, provider.resources)
+        self.assertEqual(provider.status([done])[0].state, JobState.COMPLETED)  # remembered
+        self.successResultOf(provider.when_gone(done))
+        self.assertEqual(provider.cancel([cancelled]), [True])
+        provider.status([])
+        self.assertIn(cancelled, provider.resources)  # still stopping
+        second.simulate_killed(signal.SIGTERM)
+        self.reactor.advance(GROUP_POLL_INTERVAL)
+        provider.status([])
+        self.assertEqual(provider.resources, {})
+        self.assertEqual(provider.status([cancelled])[0].state, JobState.CANCELLED)
+
+    def test_finished_statuses_are_bounded(self) -> None:
+        provider = self.provider()
+        ids = []
+        for index in range(FINISHED_KEPT + 5):
+            ids.append(provider.submit("run", 1))
+            self.reactor.processes[index].simulate_exit(1)
+            provider.status([ids[-1]])
+        self.assertEqual(provider.resources, {})
+        self.assertEqual(provider.status([ids[0]])[0].state, JobState.MISSING)
+        self.assertEqual(provider.status([ids[-1]])[0].state, JobState.FAILED)
+        self.assertEqual(len(provider._finished), FINISHED_KEPT)
 
     def test_failed_with_code(self) -> None:
         provider = self.provider()

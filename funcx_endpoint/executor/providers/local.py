@@ -19,6 +19,11 @@ so a restart keeps the output of the blocks before it.
 Job states: RUNNING while any rank runs; then COMPLETED if every rank exited
 with 0, else FAILED (the first failed rank's exit code, negative for a
 signal); CANCELLED from the moment ``cancel`` accepted it.
+
+A job whose end has been reported (by ``status``, or by ``cancel``
+accepting it) and whose processes are all gone is dropped; only its final
+status is remembered, for the :data:`FINISHED_KEPT` most recent ones, so
+that an endpoint running for months does not accumulate them.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections import OrderedDict
 from typing import Any, Dict, List, Mapping, Optional, Sequence, cast
 
 import psutil
@@ -56,6 +62,9 @@ SETSID_SHIM = "import os, sys; os.setsid(); os.execv(sys.argv[1], sys.argv[1:])"
 GROUP_POLL_INTERVAL = 0.1
 #: How long processes get to disappear after KILL before we give up on them.
 KILL_WAIT = 5.0
+#: Final statuses of dropped jobs remembered (``status`` answers MISSING
+#: for older ones).
+FINISHED_KEPT = 100
 
 _SIGNAL_NAMES: Dict[int, str] = {int(signal.SIGTERM): "TERM", int(signal.SIGKILL): "KILL"}
 
@@ -168,6 +177,7 @@ class _Job:
         self.command = command
         self.ranks: List[_Rank] = []
         self.cancelled = False
+        self.reported = False  # its end was reported: it may be dropped once gone
 
     def __repr__(self) -> str:
         return f"<job {self.job_id} ({self.job_name}) {self.status()}>"
@@ -176,6 +186,19 @@ class _Job:
     def ended(self) -> bool:
         """True once every rank's process has exited."""
         return all(r.ended for r in self.ranks)
+
+    def gone(self, process_groups: bool) -> bool:
+        """True once every rank's process has exited and, as far as is known
+        without asking the system, its group too (or we gave up on it)."""
+        for rank in self.ranks:
+            if not rank.ended:
+                return False
+            if rank.terminator is not None:
+                if not rank.terminator.called:
+                    return False
+            elif process_groups and rank.pid is not None and not rank.group_gone:
+                return False
+        return True
 
     def status(self) -> JobStatus:
         first = self.ranks[0] if self.ranks else None
@@ -261,6 +284,7 @@ class LocalProvider(Service):
         self.cores_per_node: Optional[int] = None
         self.mem_per_node: Optional[float] = None
         self._jobs: Dict[str, _Job] = {}
+        self._finished: OrderedDict[str, JobStatus] = OrderedDict()
         self._next_job = 0
         self._stopping = False
 
@@ -276,7 +300,7 @@ class LocalProvider(Service):
 
     @property
     def resources(self) -> Dict[str, _Job]:
-        """Every job started, by job id."""
+        """The jobs not dropped yet (see the module's docstring), by job id."""
         return dict(self._jobs)
 
     # -- the provider interface ----------------------------------------------------
@@ -289,6 +313,7 @@ class LocalProvider(Service):
         """
         if self._stopping:
             raise SubmitError(f"{self.label} provider is stopping; {job_name} not started")
+        self._drop_finished()
         copies = self.nodes_per_block * max(1, int(tasks_per_node))
         job_id = f"{self.label}.{self._next_job}"
         self._next_job += 1
@@ -302,6 +327,7 @@ class LocalProvider(Service):
                 job.ranks.append(self._spawn(job, rank, copies, script, tasks_per_node))
         except Exception as e:
             job.cancelled = True
+            job.reported = True  # by the SubmitError
             for started in job.ranks:
                 self._when_rank_gone(started)
             if job.ranks:
@@ -353,10 +379,26 @@ class LocalProvider(Service):
         for job_id in job_ids:
             job = self._jobs.get(job_id)
             if job is None:
-                result.append(JobStatus(JobState.MISSING, f"no job {job_id!r} here"))
+                finished = self._finished.get(job_id)
+                if finished is None:
+                    finished = JobStatus(JobState.MISSING, f"no job {job_id!r} here")
+                result.append(finished)
             else:
-                result.append(job.status())
+                status = job.status()
+                if status.terminal:
+                    job.reported = True
+                result.append(status)
+        self._drop_finished()
         return result
+
+    def _drop_finished(self) -> None:
+        """Forget the jobs whose end was reported and whose processes are gone."""
+        for job_id, job in list(self._jobs.items()):
+            if job.reported and job.gone(self._process_groups):
+                del self._jobs[job_id]
+                self._finished[job_id] = job.status()
+        while len(self._finished) > FINISHED_KEPT:
+            self._finished.popitem(last=False)
 
     def cancel(self, job_ids: Sequence[Any]) -> List[bool]:
         """TERM each job's process groups now, KILL after the grace period.
@@ -372,6 +414,7 @@ class LocalProvider(Service):
                 continue
             self.log.info("Cancelling block job {job_id}", job_id=job_id)
             job.cancelled = True
+            job.reported = True
             for rank in job.ranks:
                 self._when_rank_gone(rank)
             result.append(True)
@@ -380,7 +423,10 @@ class LocalProvider(Service):
     def when_gone(self, job_id: str) -> Deferred[None]:
         """A Deferred that fires when every process of the job, and every
         process left in their groups, has exited (it does not stop them)."""
-        waits = [Deferred.fromCoroutine(self._wait_gone(r, None)) for r in self._jobs[job_id].ranks]
+        job = self._jobs.get(job_id)
+        if job is None:
+            return succeed(None)  # dropped: gone already
+        waits = [Deferred.fromCoroutine(self._wait_gone(r, None)) for r in job.ranks]
         return gatherResults(waits).addCallback(lambda _: None)
 
     # -- lifecycle ---------------------------------------------------------------------
