@@ -127,6 +127,7 @@ class Cluster:
         options.setdefault("stop_grace_period", 4.0)
         options.setdefault("registration_timeout", 2.0)
         self.results: Dict[str, Result] = {}
+        self.duplicates: List[Result] = []  # a second result for a task: a failure
         self._waiters: Dict[str, List[Deferred[Result]]] = {}
         self.interchange = Interchange(
             reactor,
@@ -142,6 +143,9 @@ class Cluster:
 
     def _on_results(self, results: List[Result]) -> None:
         for result in results:
+            if result.task_id in self.results:
+                self.duplicates.append(result)
+                continue
             self.results[result.task_id] = result
             for waiter in self._waiters.pop(result.task_id, []):
                 waiter.callback(result)
@@ -217,6 +221,11 @@ class Cluster:
         for pid in left:
             os.kill(pid, signal.SIGKILL)
         self.testcase.assertEqual(left, [], "processes left behind")
+        self.testcase.assertEqual(
+            [(r.task_id, r.error_details) for r in self.duplicates],
+            [],
+            "tasks answered more than once",
+        )
 
 
 def alive(pids: List[int]) -> List[int]:
