@@ -395,6 +395,26 @@ class ExecutionTests(TestCase):
             self.assertIn(expected, message(lost))
         await wait_for(lambda: not alive(cluster.seen_pids), what="all processes to end")
 
+    async def test_workers_cannot_start(self) -> None:
+        """A manager whose workers cannot start says so; its tasks' errors show why."""
+        cluster = Cluster(
+            self,
+            HighThroughputExecutor(
+                max_retries_on_system_failure=0,
+                worker_environment={"PYTHONHOME": "/nonexistent-python-home"},
+            ),
+        )
+        manager = cluster.start_manager(workers=1)
+        await cluster.ready()
+        task_id = cluster.submit(buffer_for(sum, [1, 2]))
+        lost = await cluster.result(task_id, timeout=60)
+        self.assertEqual(error_code(lost), ErrorCode.MANAGER_LOST)
+        for expected in ("it quit: workers cannot start", "died before they were ready"):
+            self.assertIn(expected, message(lost))
+        self.assertIn("stderr ends with", message(lost))
+        self.assertNotIn("connection closed", message(lost))
+        await manager.when_ended()
+
     async def test_timeout(self) -> None:
         cluster = Cluster(self, task_timeout=1.0)
         marker_dir = os.path.join(cluster.dir, "markers")
