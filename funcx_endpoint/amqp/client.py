@@ -611,7 +611,9 @@ class AMQPClient(AMQClient):
             header,
             FRAME_END_BYTE,
         ]
-        chunk = self.MAX_LENGTH - 8
+        # A frame is 8 bytes of framing around its payload; frame_max 0 means
+        # no limit: the whole body in one frame.
+        chunk = self.MAX_LENGTH - 8 if self.MAX_LENGTH > 0 else max(len(body), 1)
         for start in range(0, len(body), chunk):
             piece = body[start : start + chunk]
             parts += [_frame_head.pack(FRAME_BODY, channel, len(piece)), piece, FRAME_END_BYTE]

@@ -1,0 +1,160 @@
+"""Unit tests of the AMQP client's fast path (no broker)."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, List, Tuple
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from funcx_endpoint.amqp.client import (
+    BASIC,
+    BASIC_DELIVER,
+    BASIC_PUBLISH,
+    FRAME_BODY,
+    FRAME_END_BYTE,
+    FRAME_HEADER,
+    FRAME_METHOD,
+    AMQPClient,
+    Delivery,
+    decode_properties,
+    encode_properties,
+)
+
+
+def shortstr(value: str) -> bytes:
+    data = value.encode()
+    return bytes((len(data),)) + data
+
+
+def frame(kind: int, channel: int, payload: bytes) -> bytes:
+    return struct.pack("!BHI", kind, channel, len(payload)) + payload + FRAME_END_BYTE
+
+
+def deliver_frames(
+    body: bytes, frame_max: int, tag: int = 1, consumer: str = "ctag", **properties: Any
+) -> bytes:
+    """What a broker sends for one ``basic.deliver`` on channel 1."""
+    method = (
+        struct.pack("!HH", BASIC, BASIC_DELIVER)
+        + shortstr(consumer)
+        + struct.pack("!Q", tag)
+        + b"\x00"
+        + shortstr("ex")
+        + shortstr("rk")
+    )
+    flags, props = encode_properties(properties)
+    header = struct.pack("!HHQH", BASIC, 0, len(body), flags) + props
+    data = frame(FRAME_METHOD, 1, method) + frame(FRAME_HEADER, 1, header)
+    chunk = frame_max - 8
+    for start in range(0, len(body), chunk):
+        data += frame(FRAME_BODY, 1, body[start : start + chunk])
+    return data
+
+
+def parse_frames(data: bytes) -> List[Tuple[int, int, bytes]]:
+    """(type, channel, payload) of each frame in ``data``; all bytes must be used."""
+    frames = []
+    offset = 0
+    while offset < len(data):
+        kind, channel, size = struct.unpack_from("!BHI", data, offset)
+        payload = data[offset + 7 : offset + 7 + size]
+        assert data[offset + 7 + size : offset + 8 + size] == FRAME_END_BYTE
+        frames.append((kind, channel, payload))
+        offset += 8 + size
+    return frames
+
+
+class ClientTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.client = AMQPClient(clock=self.clock)
+        self.transport = StringTransport()
+        self.client.makeConnection(self.transport)
+        self.assertEqual(self.transport.value(), b"AMQP\x00\x00\x09\x01")
+        self.transport.clear()
+        self.deliveries: List[Delivery] = []
+        self.channel = self.client.channel_sync(1)
+        self.channel.handlers.consumers["ctag"] = self.deliveries.append
+
+    def tearDown(self) -> None:
+        self.client.flush_now()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class FrameParserTests(ClientTestCase):
+    """Incoming deliveries through the fast-path parser."""
+
+    def test_body_over_several_frames(self) -> None:
+        """A task body larger than one frame is put back together, whole."""
+        body = bytes(range(256)) * 1000  # 256,000 bytes
+        data = deliver_frames(body, 4096, tag=7, **{"message-id": "m1", "delivery-mode": 2})
+        self.client.dataReceived(data)
+        [delivery] = self.deliveries
+        self.assertEqual(delivery.body, body)
+        self.assertEqual(delivery.delivery_tag, 7)
+        self.assertEqual((delivery.exchange, delivery.routing_key), ("ex", "rk"))
+        self.assertEqual(delivery.properties, {"message-id": "m1", "delivery-mode": 2})
+        self.assertEqual(self.client._buffer, bytearray())
+
+    def test_fed_in_arbitrary_pieces(self) -> None:
+        """Frames split anywhere between reads (even inside a frame header)
+        give the same deliveries."""
+        bodies = [b"a" * 10_000, b"", b"bc" * 3000, b"d"]
+        data = b"".join(deliver_frames(body, 1024, tag=i + 1) for i, body in enumerate(bodies))
+        for size in (1, 3, 7, 1000, 1031):
+            self.deliveries.clear()
+            for start in range(0, len(data), size):
+                self.client.dataReceived(data[start : start + size])
+            self.assertEqual([d.body for d in self.deliveries], bodies)
+            self.assertEqual([d.delivery_tag for d in self.deliveries], [1, 2, 3, 4])
+            self.assertEqual(self.client._buffer, bytearray())
+
+    def test_bad_frame_end_aborts(self) -> None:
+        """Bytes that are not AMQP framing drop the connection."""
+        data = bytearray(deliver_frames(b"xyz", 4096))
+        data[-1] = 0
+        self.client.dataReceived(bytes(data))
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.deliveries, [])
+        self.flushLoggedErrors()
+
+
+class PublishFramingTests(ClientTestCase):
+    """Outgoing ``basic.publish``: body frames sized by the negotiated frame_max."""
+
+    def published(self, body: bytes) -> List[Tuple[int, int, bytes]]:
+        self.channel.publish("ex", "rk", body, {"message-id": "m"}, mandatory=True)
+        self.client.flush_now()
+        frames = parse_frames(self.transport.value())
+        self.transport.clear()
+        kind, channel, method = frames[0]
+        self.assertEqual((kind, channel), (FRAME_METHOD, 1))
+        self.assertEqual(struct.unpack_from("!HH", method), (BASIC, BASIC_PUBLISH))
+        kind, _, header = frames[1]
+        self.assertEqual(kind, FRAME_HEADER)
+        _, _, size, flags = struct.unpack_from("!HHQH", header)
+        self.assertEqual(size, len(body))
+        self.assertEqual(decode_properties(flags, header, 14), {"message-id": "m"})
+        body_frames = frames[2:]
+        self.assertEqual({k for k, _, _ in body_frames} - {FRAME_BODY}, set())
+        self.assertEqual(b"".join(p for _, _, p in body_frames), body)
+        return body_frames
+
+    def test_split_by_frame_max(self) -> None:
+        self.client.MAX_LENGTH = 4096
+        body_frames = self.published(b"x" * 10_000)
+        self.assertEqual([len(p) for _, _, p in body_frames], [4088, 4088, 1824])
+
+    def test_frame_max_zero_means_unlimited(self) -> None:
+        """frame_max 0 (no limit): the whole body goes in one frame."""
+        self.client.MAX_LENGTH = 0
+        body_frames = self.published(b"y" * 300_000)
+        self.assertEqual([len(p) for _, _, p in body_frames], [300_000])
+
+    def test_empty_body(self) -> None:
+        for frame_max in (0, 4096):
+            self.client.MAX_LENGTH = frame_max
+            self.assertEqual(self.published(b""), [])
