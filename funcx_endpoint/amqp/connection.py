@@ -10,7 +10,7 @@ are fatal: the service stops retrying and reports them once.
 from __future__ import annotations
 
 import random
-from typing import Any, Awaitable, Callable, List, Optional
+from typing import Any, Awaitable, Callable, List, Optional, Set
 from urllib.parse import quote, unquote, urlsplit
 
 import attr
@@ -18,7 +18,7 @@ from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
@@ -125,13 +125,25 @@ def client_endpoint(
 
 
 class AMQPError(Exception):
-    """A broker error, with the reply code when the broker gave one."""
+    """A broker error, with the reply code when the broker gave one.
 
-    def __init__(self, message: str, code: Optional[int] = None, fatal: bool = False) -> None:
+    ``retry_after``, on an error that is not fatal, caps the delay before the
+    connection service tries again (e.g. to try again soon while a condition
+    that should clear by itself lasts).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        code: Optional[int] = None,
+        fatal: bool = False,
+        retry_after: Optional[float] = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
         self.fatal = fatal
+        self.retry_after = retry_after
 
 
 def close_reason(reason: Any) -> tuple[Optional[int], str]:
@@ -272,9 +284,18 @@ class AMQPConnectionService(Service):
     :class:`AMQPError` with ``fatal`` set, retrying stops and
     ``when_fatal()`` observers hear of it.  Any other failure retries with
     exponential backoff and jitter.
+
+    The TLS handshake, login and ``prepare`` together must finish within
+    ``setup_timeout`` seconds, else the connection is aborted and retried (a
+    peer that accepts TCP and says nothing must not hold the endpoint in
+    "connecting" forever).  A connection lost less than ``stable_after``
+    seconds after it was set up counts as a failed attempt for the backoff,
+    so a broker that keeps closing fresh connections is not hammered.
     """
 
     log = Logger()
+    setup_timeout = 30.0
+    stable_after = 10.0
 
     def __init__(
         self,
@@ -287,14 +308,22 @@ class AMQPConnectionService(Service):
         name: Optional[str] = None,
         endpoint: Optional[IStreamClientEndpoint] = None,
         max_delay: float = 30.0,
+        setup_timeout: Optional[float] = None,
     ) -> None:
         self.url = url
+        if setup_timeout is not None:
+            self.setup_timeout = setup_timeout
         self._reactor = reactor
         self._prepare = prepare
         self._fatal_waiters: List[Deferred[AMQPError]] = []
         self.fatal_error: Optional[AMQPError] = None
         self.client: Optional[AMQPClient] = None
         self.connections = 0
+        self.lost_at: Optional[float] = None  # when the last prepared connection was lost
+        self._connected_at = 0.0
+        self._short_lived = 0  # consecutive connections lost soon after set-up
+        self._retry_cap: Optional[float] = None
+        self._closing: Set[AMQPClient] = set()  # failed set-ups, not yet closed
         if name:
             self.setName(name)
         rng = random.Random()
@@ -312,7 +341,11 @@ class AMQPConnectionService(Service):
 
     def _retry_delay(self, attempt: int) -> float:
         # After a fatal error the service is being stopped; never retry.
-        return 3600.0 if self.fatal_error is not None else self._backoff(attempt)
+        if self.fatal_error is not None:
+            return 3600.0
+        delay = self._backoff(attempt + self._short_lived)
+        cap, self._retry_cap = self._retry_cap, None
+        return min(delay, cap) if cap is not None else delay
 
     @property
     def connected(self) -> bool:
@@ -329,39 +362,72 @@ class AMQPConnectionService(Service):
         return ensureDeferred(self._setup(client))
 
     async def _setup(self, client: AMQPClient) -> None:
+        timed_out = []
+
+        def too_slow() -> None:
+            timed_out.append(True)
+            if client.transport is not None:
+                client.transport.abortConnection()
+
+        timer = self._reactor.callLater(self.setup_timeout, too_slow)
         try:
             await login(client, self.url)
             await self._prepare(client)
-        except AMQPError as e:
-            if e.fatal:
-                self._fail(e)
-            else:
-                self.log.warn(
-                    "AMQP set-up at {url} failed, will retry: {error}",
-                    url=self.url.redacted(),
-                    error=e.message,
-                )
-            if client.transport is not None:
-                client.transport.loseConnection()
-            raise
+            if timed_out:
+                raise AMQPError("timed out")
         except Exception as e:
-            self.log.warn(
-                "AMQP set-up at {url} failed, will retry: {error}", url=self.url.redacted(), error=e
-            )
-            if client.transport is not None:
-                client.transport.loseConnection()
+            if timed_out and not (isinstance(e, AMQPError) and e.fatal):
+                error = AMQPError(
+                    f"the TLS and AMQP handshake with the broker did not finish within "
+                    f"{self.setup_timeout:g} s"
+                )
+                self._setup_failed(client, error)
+                raise error from None
+            self._setup_failed(client, e)
             raise
+        finally:
+            if timer.active():
+                timer.cancel()
         if client.transport is None:
             raise AMQPError("the connection was lost during set-up")
         client.shield.arm()
         self.client = client
         self.connections += 1
+        self._connected_at = self._reactor.seconds()
         self.log.info("Connected to {url}", url=self.url.redacted())
         client.when_closed().addCallback(self._lost, client)
+
+    def _setup_failed(self, client: AMQPClient, e: Exception) -> None:
+        if isinstance(e, AMQPError):
+            if e.fatal:
+                self._fail(e)
+            else:
+                self._retry_cap = e.retry_after
+                self.log.warn(
+                    "AMQP set-up at {url} failed, will retry: {error}",
+                    url=self.url.redacted(),
+                    error=e.message,
+                )
+        else:
+            self.log.warn(
+                "AMQP set-up at {url} failed, will retry: {error}", url=self.url.redacted(), error=e
+            )
+        if client.transport is not None:
+            # ClientService does not track a connection whose set-up failed:
+            # stopService waits for it to close.
+            self._closing.add(client)
+            client.when_closed().addCallback(lambda _: self._closing.discard(client))
+            client.transport.loseConnection()
 
     def _lost(self, reason: Any, client: AMQPClient) -> None:
         if self.client is client:
             self.client = None
+        now = self._reactor.seconds()
+        self.lost_at = now
+        if now - self._connected_at < self.stable_after:
+            self._short_lived += 1
+        else:
+            self._short_lived = 0
         if self.running:
             code, text = close_reason(reason)
             self.log.warn(
@@ -406,5 +472,11 @@ class AMQPConnectionService(Service):
         self._client_service.startService()
 
     def stopService(self) -> Deferred[None]:
+        """Stop retrying; fires when every connection of this service is closed."""
         super().stopService()
-        return self._client_service.stopService()
+        waits: List[Deferred[Any]] = [self._client_service.stopService()]
+        for client in list(self._closing):
+            waits.append(client.when_closed())
+            if client.transport is not None:
+                client.transport.abortConnection()
+        return gatherResults(waits, consumeErrors=True).addCallback(lambda _: None)
