@@ -214,6 +214,38 @@ class ServiceTestCase(TestCase):
         reply = await channel.queue_declare(queue=queue, passive=True)
         return int(reply.message_count)
 
+    async def queue_exists(self, queue: str) -> bool:
+        channel = await self.channel(await self.admin())
+        try:
+            await channel.queue_declare(queue=queue, passive=True)
+        except Closed:
+            return False
+        return True
+
+    def broker_user_exists(self, user: str) -> Deferred[bool]:
+        """Whether the broker knows ``user`` (asked through its management API)."""
+        import base64
+        from urllib.error import HTTPError
+        from urllib.parse import quote
+        from urllib.request import Request, urlopen
+
+        from funcx_endpoint.testing.rabbitmq import shared_node
+
+        node = shared_node()
+
+        def ask() -> bool:
+            auth = base64.b64encode(f"{node.admin_user}:{node.admin_password}".encode()).decode()
+            url = f"{node.management_url.rstrip('/')}/api/users/{quote(user, safe='')}"
+            try:
+                with urlopen(Request(url, headers={"Authorization": f"Basic {auth}"}), timeout=30):
+                    return True
+            except HTTPError as e:
+                if e.code == 404:
+                    return False
+                raise
+
+        return deferToThread(ask)
+
     def assert_error(
         self, status: int, answer: Any, expected: int, code: Optional[str] = None
     ) -> None:
@@ -355,7 +387,20 @@ class AuthTests(ServiceTestCase):
         self.assertEqual(status, 200, info)
         self.assertTrue(info["active"])
         self.assertEqual(info["client_id"], client_id)
-        # funcx-endpoint logout: no credentials, and sometimes no token at all.
+        # A token sent other than as a form field revokes nothing: 400, not a 200 that
+        # says it did.
+        status, answer = await api.request(
+            "POST",
+            "/v2/oauth2/token/revoke",
+            raw=json.dumps({"token": api.token}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        self.assert_error(status, answer, 400, "invalid_request")
+        self.assertIn("form field token", answer["message"])
+        status, answer = await api.get("/v2/endpoints")
+        self.assertEqual(status, 200, answer)
+        # funcx-endpoint logout: no credentials, and sometimes no token at all (funcX
+        # 1.0's logout revokes a refresh token that client-credentials logins lack).
         for fields in ({"client_id": client_id}, {"token": api.token, "client_id": client_id}):
             status, answer = await api.request(
                 "POST",
@@ -661,6 +706,143 @@ class FunctionAndInputTests(ServiceTestCase):
         self.assertEqual(await self.counts(), before)
 
 
+def _escaped(body: Any) -> str:
+    """``body`` as JSON, with ``LONE`` and ``LOW`` spelled as lone surrogate escapes."""
+    return json.dumps(body).replace("LONE", "\\ud800").replace("LOW", "\\udfff")
+
+
+class TextAndNumberTests(ServiceTestCase):
+    """Text that is not valid Unicode, NaN and Infinity, numbers too big, crafted strings."""
+
+    async def raw_post(self, path: str, text: str) -> Tuple[int, Any]:
+        """POST ``text`` (JSON written by hand, escapes kept) as the body."""
+        return await self.alice.request(
+            "POST",
+            path,
+            raw=text.encode(),
+            headers={
+                "Authorization": f"Bearer {self.alice.token}",
+                "Content-Type": "application/json",
+            },
+        )
+
+    @run
+    async def test_lone_surrogates_are_400_and_change_nothing(self) -> None:
+        before = await self.counts()
+        fresh = [str(uuid.uuid4()) for _ in range(4)]
+        good_fn = {"function_name": "f", "function_code": FUNCTION_CODE}
+        cases = [
+            ("/v2/functions", {**good_fn, "function_name": "xLONE"}),
+            ("/v2/functions", {**good_fn, "description": "LOW"}),
+            ("/v2/endpoints", {"endpoint_name": "eLONE", "endpoint_uuid": fresh[0]}),
+            (
+                "/v2/endpoints",
+                {"endpoint_name": "e", "endpoint_uuid": fresh[1], "metadata": {"k": "LONE"}},
+            ),
+            (
+                "/v2/endpoints",
+                {"endpoint_name": "e", "endpoint_uuid": fresh[2], "metadata": {"LOW": 1}},
+            ),
+        ]
+        for path, body in cases:
+            status, answer = await self.raw_post(path, _escaped(body))
+            with self.subTest(path=path, body=str(body)[:60]):
+                self.assert_error(status, answer, 400, "INVALID_TEXT")
+        # Raw UTF-8-style surrogate bytes (json.loads of bytes lets them through).
+        raw = json.dumps({"endpoint_name": "eLONE", "endpoint_uuid": fresh[3]}).encode()
+        status, answer = await self.alice.request(
+            "POST",
+            "/v2/endpoints",
+            raw=raw.replace(b"LONE", b"\xed\xa0\x80"),
+            headers={
+                "Authorization": f"Bearer {self.alice.token}",
+                "Content-Type": "application/json",
+            },
+        )
+        self.assert_error(status, answer, 400, "INVALID_TEXT")
+        self.assertEqual(await self.counts(), before)
+        for endpoint_id in fresh:
+            self.assertFalse(await self.queue_exists(f"{endpoint_id}.tasks"))
+            self.assertFalse(await self.broker_user_exists(f"funcx-ep-{endpoint_id}"))
+        # A valid surrogate pair (an escaped emoji) is fine.
+        status, answer = await self.raw_post(
+            "/v2/functions", json.dumps({**good_fn, "function_name": "\U0001f600"})
+        )
+        self.assertEqual(status, 200, answer)
+
+    @run
+    async def test_lone_surrogate_payload_fails_its_task_alone(self) -> None:
+        endpoint_id = (await self.endpoint(self.alice))["endpoint_id"]
+        function_id = await self.function(self.alice)
+        tasks = [[function_id, endpoint_id, PAYLOAD], [function_id, endpoint_id, "00\nLONE"]]
+        status, answer = await self.raw_post("/v2/submit", _escaped({"tasks": tasks}))
+        self.assertEqual(status, 200, answer)
+        first, second = answer["results"]
+        self.assertEqual(first["http_status_code"], 200)
+        self.assertEqual((second["http_status_code"], second["code"]), (400, "INVALID_PAYLOAD"))
+        self.assertIsNone(second["task_uuid"])
+        view = await self.task(self.alice, first["task_uuid"])
+        self.assertEqual(view["status"], "waiting-for-ep")
+
+    @run
+    async def test_nan_and_infinity(self) -> None:
+        before = await self.counts()
+        endpoint_id = str(uuid.uuid4())
+        for literal in ("NaN", "Infinity", "-Infinity"):
+            body = {"endpoint_name": "e", "endpoint_uuid": endpoint_id, "metadata": {"x": 0}}
+            status, answer = await self.raw_post(
+                "/v2/endpoints", json.dumps(body).replace('"x": 0', f'"x": {literal}')
+            )
+            with self.subTest(literal=literal):
+                self.assert_error(status, answer, 400, "INVALID_JSON")
+        self.assertEqual(await self.counts(), before)
+        self.assertFalse(await self.queue_exists(f"{endpoint_id}.tasks"))
+        # Heartbeat settings that are not finite positive numbers are ignored, and
+        # every answer stays strict JSON.
+        for period in ("inf", "nan", "-inf", "1e400", 10**400, -5, True):
+            registered = await self.endpoint(
+                self.alice, heartbeat_period=period, heartbeat_threshold=period
+            )
+            status, view = await self.alice.get(f"/v2/endpoints/{registered['endpoint_id']}")
+            with self.subTest(period=str(period)[:20]):
+                self.assertEqual(status, 200, view)
+                self.assertIsNone(view["heartbeat_period"])
+                self.assertEqual(view["heartbeat_threshold"], 120)
+                json.dumps(view, allow_nan=False)
+        status, listed = await self.alice.get("/v2/endpoints")
+        self.assertEqual(status, 200)
+        json.dumps(listed, allow_nan=False)
+
+    @run
+    async def test_crafted_allowed_functions_strings(self) -> None:
+        before = await self.counts()
+        started = time.monotonic()
+        for text in (
+            "-" * 100_000 + "1",
+            "1+" * 100_000 + "1",
+            "[" * 5000 + "]" * 5000,
+            "(" * 50_000,
+            "[" + "1," * 50_000 + "]",
+        ):
+            status, answer = await self.alice.post(
+                "/v2/endpoints",
+                {
+                    "endpoint_name": "e",
+                    "endpoint_uuid": str(uuid.uuid4()),
+                    "metadata": {"allowed_functions": text},
+                },
+            )
+            with self.subTest(text=text[:12]):
+                self.assert_error(status, answer, 422, "INVALID_VALUE")
+        self.assertLess(time.monotonic() - started, 10)
+        self.assertEqual(await self.counts(), before)
+        # A long repr() list of ids, as funcX 1.0 endpoints send it, is read.
+        ids = [str(uuid.uuid4()) for _ in range(3000)]
+        registered = await self.endpoint(self.alice, allowed_functions=repr(ids))
+        status, view = await self.alice.get(f"/v2/endpoints/{registered['endpoint_id']}")
+        self.assertEqual(view["allowed_functions"], ids)
+
+
 class EndpointTests(ServiceTestCase):
     @run
     async def test_registration_answer(self) -> None:
@@ -689,6 +871,29 @@ class EndpointTests(ServiceTestCase):
         status, made = await self.alice.post("/v2/endpoints", {"endpoint_name": "x"})
         self.assertEqual(status, 200)
         uuid.UUID(made["endpoint_id"])
+
+    @run
+    async def test_registration_race_keeps_the_winners_credentials(self) -> None:
+        """Two users registering the same new id at once: the loser changes nothing."""
+        from twisted.internet.defer import gatherResults
+
+        bob = await self.user()
+        for _ in range(4):
+            endpoint_id = str(uuid.uuid4())
+            body = {"endpoint_name": "race", "endpoint_uuid": endpoint_id}
+            answers = await gatherResults(
+                [
+                    Deferred.fromCoroutine(self.alice.post("/v2/endpoints", body)),
+                    Deferred.fromCoroutine(bob.post("/v2/endpoints", body)),
+                ]
+            )
+            statuses = sorted(status for status, _ in answers)
+            self.assertEqual(statuses, [200, 403], answers)
+            winner = next(answer for status, answer in answers if status == 200)
+            # The winner's credentials work: the loser did not replace its password.
+            client = await self.amqp(winner["task_queue_info"]["connection_url"])
+            channel = await self.channel(client)
+            await channel.queue_declare(queue=f"{endpoint_id}.tasks", passive=True)
 
     @run
     async def test_list_get_status(self) -> None:
@@ -959,6 +1164,69 @@ class TaskTests(ServiceTestCase):
         self.assertEqual(await self.task(api, twice), first)
         self.assertEqual(deserialize(first["result"]), "first")
         # Nothing is left unacknowledged on the results queue.
+        await wait_until(lambda: _when(lambda: self.queue_depth("results"), lambda n: n == 0))
+
+    @run
+    async def test_unstorable_result_does_not_block_the_others(self) -> None:
+        """A result holding a lone surrogate fails its task; results around it are stored."""
+        api = self.alice
+        bob = await self.user()
+        answer = await self.endpoint(api)
+        endpoint_id = answer["endpoint_id"]
+        function_id = await self.function(api)
+        bad, good = [
+            r["task_uuid"]
+            for r in (await self.submit(api, [[function_id, endpoint_id, PAYLOAD]] * 2))["results"]
+        ]
+        bobs = await self.endpoint(bob)
+        bobs_task = (
+            await self.submit(bob, [[await self.function(bob), bobs["endpoint_id"], PAYLOAD]])
+        )["results"][0]["task_uuid"]
+        endpoint = await self.amqp(answer["result_queue_info"]["connection_url"])
+        bobs_endpoint = await self.amqp(bobs["result_queue_info"]["connection_url"])
+        key = f"{endpoint_id}.results"
+
+        def lone(message: Any) -> bytes:
+            return pack(message).replace(b"LONE", b"\\ud800")
+
+        await self.publish(endpoint, "results", key, lone(Result.success(bad, "00\nLONE")))
+        await self.publish(
+            endpoint,
+            "results",
+            key,
+            lone(Result.failure(good, "RemoteExecutionError", "LONE", "TB")),
+        )
+        report = EPStatusReport(
+            endpoint_id,
+            {"managers": 1, "load": 0.5},
+            {"LONE": [TaskTransition.now("running", "manager")]},
+        )
+        await self.publish(
+            endpoint, "results", key, lone(report).replace(b'"load":0.5', b'"load":NaN')
+        )
+        await self.publish(
+            bobs_endpoint,
+            "results",
+            f"{bobs['endpoint_id']}.results",
+            pack(Result.success(bobs_task, serialize(3))),
+        )
+        # Bob's result is stored (the bad messages do not hold up the queue).
+        self.assertEqual(deserialize((await self.done(bob, bobs_task))["result"]), 3)
+        for task_id in (bad, good):
+            done = await self.done(api, task_id)
+            self.assertEqual(done["status"], "failed")
+            self.assertEqual(done["error_details"]["code"], "MalformedResult")
+            self.assertIn("lone surrogate", done["exception"])
+            self.assertIn(task_id, done["exception"])
+
+        async def logged() -> Any:
+            status, body = await api.get(f"/v2/endpoints/{endpoint_id}/status")
+            self.assertEqual(status, 200, body)
+            return body if body["logs"] else None
+
+        status_answer = await wait_until(logged)
+        self.assertEqual(status_answer["logs"][0]["global_state"], {"managers": 1, "load": None})
+        json.dumps(status_answer, allow_nan=False)
         await wait_until(lambda: _when(lambda: self.queue_depth("results"), lambda n: n == 0))
 
     @run

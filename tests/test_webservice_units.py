@@ -2,25 +2,35 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 import uuid
+from typing import Any, List, Tuple
 
+from twisted.internet.defer import fail, succeed
+from twisted.internet.task import Clock
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
+from funcx_endpoint.amqp.client import Delivery
+from funcx_endpoint.protocol import Result, pack
 from funcx_endpoint.webservice.api import (
     APIError,
     BrokerAddress,
+    _number,
     allowed_functions_of,
     canonical_uuid,
 )
 from funcx_endpoint.webservice.db import DatabaseConfig, DatabaseError, redact_url
-from funcx_endpoint.webservice.http import Router
+from funcx_endpoint.webservice.dispatch import ResultIngest
+from funcx_endpoint.webservice.http import Router, parse_json
 from funcx_endpoint.webservice.management import endpoint_permissions, user_permissions
 from funcx_endpoint.webservice.settings import MIB, ServiceSettings, client_env_lines
+from funcx_endpoint.webservice.storage import StoredOutcome
 from funcx_endpoint.webservice.tap import Options
 from tests.support import child_env
 
@@ -113,6 +123,42 @@ class ParsingTests(SynchronousTestCase):
         error = self.assertRaises(APIError, allowed_functions_of, {"allowed_functions": 3})
         self.assertEqual(error.status, 422)
 
+    def test_allowed_functions_strings_are_read_cheaply(self) -> None:
+        ids = [str(uuid.uuid4()) for _ in range(5000)]
+        self.assertEqual(allowed_functions_of({"allowed_functions": repr(ids)}), ids)
+        self.assertEqual(allowed_functions_of({"allowed_functions": repr(tuple(ids[:2]))}), ids[:2])
+        self.assertEqual(allowed_functions_of({"allowed_functions": json.dumps(ids[:1])}), ids[:1])
+        for text in ("-" * 100_000 + "1", "1+" * 100_000 + "1", "[" * 5000 + "]" * 5000):
+            error = self.assertRaises(APIError, allowed_functions_of, {"allowed_functions": text})
+            self.assertEqual(error.status, 422)
+        # Short texts that exhaust the parser are refused too, not a 500.
+        for text in ("-" * 4000 + "1", "(" * 4000, "[" * 300):
+            try:
+                allowed_functions_of({"allowed_functions": text})
+            except APIError as e:
+                self.assertEqual(e.status, 422)
+
+    def test_numbers(self) -> None:
+        for value in (10**400, "1e400", "inf", "-inf", "nan", float("nan"), True, 0, -1, "x", None):
+            self.assertIsNone(_number(value), value)
+        self.assertEqual((_number("2.5"), _number(30)), (2.5, 30.0))
+
+    def test_json_bodies(self) -> None:
+        self.assertEqual(parse_json(b'{"a": [1, "\\ud83d\\ude00"]}'), {"a": [1, "\U0001f600"]})
+        for raw, code in (
+            (b'{"a": NaN}', "INVALID_JSON"),
+            (b'{"a": -Infinity}', "INVALID_JSON"),
+            (b'{"a": Infinity}', "INVALID_JSON"),
+            (b'{"a": "\\ud800"}', "INVALID_TEXT"),
+            (b'{"\\udfff": 1}', "INVALID_TEXT"),
+            (b'["x\\ud83d"]', "INVALID_TEXT"),
+            (b'{"a": "\xed\xa0\x80"}', "INVALID_TEXT"),
+        ):
+            error = self.assertRaises(APIError, parse_json, raw)
+            self.assertEqual((error.status, error.code), (400, code), raw)
+        # Unchecked text is the handler's to check.
+        self.assertEqual(parse_json(b'["\\ud800"]', check_text=False), ["\ud800"])
+
     def test_broker_urls(self) -> None:
         address = BrokerAddress("amqps", "example.org", 5671, "/")
         self.assertEqual(address.url("u@x", "p/w"), "amqps://u%40x:p%2Fw@example.org:5671/%2F")
@@ -178,3 +224,85 @@ class PluginTests(SynchronousTestCase):
             "revoke-client",
         ):
             self.assertIn(command, result.stdout)
+
+
+class _Channel:
+    closed = False
+
+    def __init__(self) -> None:
+        self.acks: List[Tuple[int, bool]] = []
+
+    def ack(self, tag: int, multiple: bool = False) -> None:
+        self.acks.append((tag, multiple))
+
+
+class _Sender:
+    def send_copies(self, copies: Any) -> None:
+        pass
+
+
+class _Storage:
+    """Refuses (as the database would) any batch holding a result whose data is ``bad``."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        self.stored: List[str] = []
+        self.calls = 0
+
+    def store_results(self, results: Any) -> Any:
+        self.calls += 1
+        if any(r.data == "00\nbad" for r in results):
+            return fail(self.error)
+        self.stored.extend(r.task_id for r in results)
+        return succeed([StoredOutcome(r.task_id, "stored") for r in results])
+
+    def record_reports(self, reports: Any, size: int) -> Any:
+        return succeed(0)
+
+
+class ResultIngestTests(SynchronousTestCase):
+    def deliveries(self, channel: _Channel, datas: List[str]) -> List[str]:
+        self.endpoint_id = str(uuid.uuid4())
+        ids = []
+        for tag, data in enumerate(datas, 1):
+            task_id = str(uuid.uuid4())
+            ids.append(task_id)
+            delivery = Delivery("c", tag, False, "results", f"{self.endpoint_id}.results")
+            delivery.body = pack(Result.success(task_id, data))
+            self.ingest.on_delivery(delivery, channel)  # type: ignore[arg-type]
+        return ids
+
+    def test_one_unstorable_message_is_dropped_alone(self) -> None:
+        clock = Clock()
+        storage = _Storage(UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed"))
+        self.ingest = ResultIngest(clock, storage, _Sender())  # type: ignore[arg-type]
+        channel = _Channel()
+        ids = self.deliveries(channel, ["00\nok1", "00\nbad", "00\nok2"])
+        clock.advance(0)
+        self.assertEqual(storage.stored, [ids[0], ids[2]])
+        self.assertEqual(channel.acks, [(1, True), (2, False), (3, True)])
+        self.assertEqual((self.ingest.stored, self.ingest.dropped), (2, 1))
+        self.assertFalse(self.ingest._busy)
+        self.assertEqual(self.ingest._pending, [])
+        self.assertEqual(len(self.flushLoggedErrors(UnicodeEncodeError)), 1)
+
+    def test_transient_errors_are_retried(self) -> None:
+        clock = Clock()
+        storage = _Storage(sqlite3.OperationalError("database is locked"))
+        self.ingest = ResultIngest(clock, storage, _Sender())  # type: ignore[arg-type]
+        channel = _Channel()
+        self.deliveries(channel, ["00\nok1", "00\nbad"])
+        clock.advance(0)
+        self.assertEqual((storage.calls, channel.acks), (1, []))
+        self.assertEqual(len(self.ingest._pending), 2)
+        clock.advance(1)
+        self.assertEqual((storage.calls, channel.acks), (2, []))
+        # The database recovers: everything is stored and acknowledged.
+        storage.error = None  # type: ignore[assignment]
+        storage.store_results = lambda results: succeed(  # type: ignore[method-assign]
+            [StoredOutcome(r.task_id, "stored") for r in results]
+        )
+        clock.advance(1)
+        self.assertEqual(channel.acks, [(2, True)])
+        self.assertEqual(self.ingest._pending, [])
+        self.flushLoggedErrors(sqlite3.OperationalError)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import re
 import secrets
 import time
@@ -33,7 +34,14 @@ from funcx_endpoint.version import __version__
 from funcx_endpoint.webservice.auth import API
 from funcx_endpoint.webservice.broker import ServiceBroker
 from funcx_endpoint.webservice.dispatch import TaskSender
-from funcx_endpoint.webservice.http import APIError, Call, Router, bad_request, not_found
+from funcx_endpoint.webservice.http import (
+    APIError,
+    Call,
+    Router,
+    bad_request,
+    not_found,
+    utf8_encodable,
+)
 from funcx_endpoint.webservice.management import BrokerUnavailable, ManagementAPI, ManagementError
 from funcx_endpoint.webservice.storage import Endpoint, NewTask, Storage, TokenInfo, UnsentTask
 
@@ -50,6 +58,12 @@ MAX_NAME = 256
 MAX_TEXT = 64 * 1024
 MAX_METADATA = 256 * 1024
 _UUID_IN_TEXT = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
+_UUID_TEXT = r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}"
+_QUOTED_ID = rf"""(?:'{_UUID_TEXT}'|"{_UUID_TEXT}")"""
+#: ``['<uuid>', ...]`` or ``('<uuid>', ...)`` as funcX 1.0 endpoints send them (repr()).
+_QUOTED_ID_LIST = re.compile(rf"\s*[\[(]\s*(?:{_QUOTED_ID}\s*,\s*)*(?:{_QUOTED_ID}\s*)?[\])]\s*\Z")
+#: Longer allowed_functions strings that are not lists of quoted ids are refused.
+_MAX_LITERAL = 4096
 _TASK_GROUP_PREFIX = "taskgroup."
 
 
@@ -105,6 +119,10 @@ def _string(
         raise APIError(422, "INVALID_VALUE", f"{key} is longer than {max_length} characters")
     if "\x00" in value:
         raise bad_request(f"{key} must not contain NUL characters", "INVALID_VALUE")
+    if not utf8_encodable(value):
+        raise bad_request(
+            f"{key} is not valid Unicode text (it holds a lone surrogate)", "INVALID_TEXT"
+        )
     return value
 
 
@@ -118,12 +136,14 @@ def _boolean(body: Dict[str, Any], key: str, default: bool = False) -> bool:
 
 
 def _number(value: Any) -> Optional[float]:
-    """A positive number from metadata (funcX 1.0 sends repr() strings)."""
+    """A positive finite number from metadata (funcX 1.0 sends repr() strings); else None."""
+    if isinstance(value, bool):
+        return None
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
-    return number if number > 0 else None
+    return number if math.isfinite(number) and number > 0 else None
 
 
 def allowed_functions_of(metadata: Dict[str, Any]) -> Optional[List[str]]:
@@ -140,15 +160,35 @@ def allowed_functions_of(metadata: Dict[str, Any]) -> Optional[List[str]]:
     if value is None or value == "None" or value == "":
         return None
     if isinstance(value, str):
-        try:
-            value = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            value = _UUID_IN_TEXT.findall(value)
+        value = _parse_id_list(value)
     if not isinstance(value, (list, tuple)):
         raise APIError(
             422, "INVALID_VALUE", "metadata.allowed_functions must be a list of function ids"
         )
     return [canonical_uuid(v, "each of metadata.allowed_functions", 422) for v in value]
+
+
+def _parse_id_list(text: str) -> Any:
+    """A repr() string of function ids as a list, cheaply (this runs on the reactor thread).
+
+    A list or tuple of quoted ids is read with a regular expression whatever its
+    length; anything else only up to :data:`_MAX_LITERAL` characters, by
+    ``ast.literal_eval`` (whose parser can exhaust memory or recursion on crafted
+    text), falling back to the ids found in the text.
+    """
+    if _QUOTED_ID_LIST.match(text):
+        return _UUID_IN_TEXT.findall(text)
+    if len(text) > _MAX_LITERAL:
+        raise APIError(
+            422,
+            "INVALID_VALUE",
+            "metadata.allowed_functions must be a list of function ids (as a string it is "
+            f"too long to read: {len(text)} characters and not a list of quoted ids)",
+        )
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return _UUID_IN_TEXT.findall(text)
 
 
 def _heartbeat_settings(metadata: Dict[str, Any]) -> Tuple[Optional[float], Optional[float]]:
@@ -276,7 +316,9 @@ class FuncXAPI:
 
     async def submit(self, call: Call) -> Tuple[int, Any]:
         me: TokenInfo = call.identity
-        body = await call.json_object()
+        # Text is checked task by task (a payload that is not valid Unicode fails alone);
+        # the other strings kept are UUIDs.
+        body = await call.json_object(check_text=False)
         items = body.get("tasks")
         if not isinstance(items, list):
             raise bad_request(
@@ -348,6 +390,13 @@ class FuncXAPI:
             if "\x00" in payload:
                 results[index] = _refusal(
                     400, "INVALID_PAYLOAD", f"task {index}: the payload contains NUL characters"
+                )
+                continue
+            if not utf8_encodable(payload):
+                results[index] = _refusal(
+                    400,
+                    "INVALID_PAYLOAD",
+                    f"task {index}: the payload is not valid Unicode text (a lone surrogate)",
                 )
                 continue
             try:
@@ -632,11 +681,10 @@ class FuncXAPI:
                 f"{consumers} consumer(s). Stop the other instance first "
                 f"(funcx-endpoint stop), or wait a few seconds if it just stopped",
             )
-        if existing is not None:
-            user, password = existing.broker_user, existing.broker_password
-        else:
-            user, password = f"funcx-ep-{endpoint_id}", secrets.token_urlsafe(24)
-        await self._broker_call(self.management.provision_endpoint(user, password, endpoint_id))
+        # Claim (or update) the row first and provision the broker user only once the
+        # row is ours: of two users registering the same new id at once, the loser
+        # must not replace the winner's broker password.  A new row keeps these
+        # credentials; an existing one keeps its own.
         saved = await self.storage.save_registration(
             endpoint_id,
             me.identity_id,
@@ -645,8 +693,8 @@ class FuncXAPI:
             allowed,
             period,
             threshold,
-            user,
-            password,
+            f"funcx-ep-{endpoint_id}",
+            secrets.token_urlsafe(24),
             call.client_ip(),
             time.time(),
         )
@@ -655,9 +703,8 @@ class FuncXAPI:
             raise APIError(
                 403, "ENDPOINT_FORBIDDEN", f"Endpoint {endpoint_id} is registered by another user"
             )
-        if saved.broker_password != password:
-            user, password = saved.broker_user, saved.broker_password
-            await self._broker_call(self.management.provision_endpoint(user, password, endpoint_id))
+        user, password = saved.broker_user, saved.broker_password
+        await self._broker_call(self.management.provision_endpoint(user, password, endpoint_id))
         self.log.info(
             "Registered endpoint {eid} ({name}) for {who} from {ip}",
             eid=endpoint_id,

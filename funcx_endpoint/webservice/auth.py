@@ -9,7 +9,8 @@ section 6 and the funcX 1.0.13 notes A1), at its own root, so that
   (``profile``, ``email``) an ``auth.globus.org`` one;
 * ``GET /v2/oauth2/userinfo`` and ``GET /v2/api/identities`` (``whoami``);
 * ``POST /v2/oauth2/token/revoke`` (``logout``; it sends no credentials and
-  sometimes no token: always answered 200);
+  sometimes no token: a form, with or without a token, is answered 200; a body
+  of another kind, 400);
 * ``POST /v2/oauth2/token/introspect`` (client credentials).
 
 One client is one user identity.  Client secrets are stored as scrypt hashes
@@ -40,6 +41,7 @@ FUNCX_RESOURCE_SERVER = "funcx_service"
 AUTH_RESOURCE_SERVER = "auth.globus.org"
 _AUTH_SCOPES = frozenset({"openid", "profile", "email"})
 _AUTH_SCOPE_PREFIX = "urn:globus:auth:scope:auth.globus.org:"
+_FORM = "application/x-www-form-urlencoded"
 
 #: scrypt parameters: about 50 ms and 16 MiB per check.
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
@@ -309,10 +311,23 @@ class AuthAPI:
 
     async def revoke(self, call: Call) -> Tuple[int, Any]:
         token = call.form().get("token", "")
-        if token:
-            hashed = token_hash(token)
-            self.authenticator.forget(hashed)
-            await self.storage.revoke_token(hashed)
+        if not token:
+            content_type = (call.header("content-type") or "").split(";")[0].strip().lower()
+            if call.raw_body().strip() and content_type != _FORM:
+                # The token is a form field (RFC 7009); a body of another kind (say JSON)
+                # revokes nothing, and a 200 would tell its sender it did.
+                raise bad_request(
+                    f"the token to revoke is missing: send it as the form field token "
+                    f"(Content-Type: {_FORM}), not as {content_type or 'an untyped body'}",
+                    "invalid_request",
+                )
+            # A form without a token: funcX 1.0's logout revokes the refresh token too,
+            # which client-credentials logins do not have (globus-sdk then drops the
+            # field).  Nothing to revoke, and that logout must not fail.
+            return 200, {"active": False}
+        hashed = token_hash(token)
+        self.authenticator.forget(hashed)
+        await self.storage.revoke_token(hashed)
         return 200, {"active": False}
 
     async def introspect(self, call: Call) -> Tuple[int, Any]:

@@ -19,6 +19,7 @@ endpoint, and the broker lets each endpoint publish only with its own).
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -61,6 +62,38 @@ def _no_nul(text: str) -> str:
     """``text`` without NUL characters, which PostgreSQL text cannot hold (one such
     result would otherwise fail its whole batch, again and again)."""
     return text.replace("\x00", "\\x00") if "\x00" in text else text
+
+
+def _encodable(*texts: Optional[str]) -> bool:
+    """Whether all ``texts`` can be stored (as UTF-8: no lone surrogates)."""
+    try:
+        for text in texts:
+            if text is not None:
+                text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _finite(value: Any) -> Any:
+    """``value`` (JSON data) with NaN and infinities replaced by None: not JSON, not answerable."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+#: Storage errors that will happen again however often the same data is stored (bad
+#: data, not a database or connection problem).  Anything else is retried.
+_PERMANENT_ERRORS = (UnicodeError, ValueError, TypeError, OverflowError)
+_PERMANENT_DB_ERRORS = ("DataError", "IntegrityError")
+
+
+def _permanent(error: BaseException) -> bool:
+    return isinstance(error, _PERMANENT_ERRORS) or type(error).__name__ in _PERMANENT_DB_ERRORS
 
 
 def _sleep(reactor: Any, seconds: float) -> Deferred[None]:
@@ -345,10 +378,45 @@ class ResultIngest:
                 continue
             try:
                 await self._process(batch)
-            except Exception:
+            except Exception as e:
+                if _permanent(e):
+                    # Some message in the batch holds data the database refuses: store
+                    # them one by one, so that only the bad ones are dropped.
+                    self.log.warn(
+                        "Storing {n} results and reports failed ({error}); storing them one "
+                        "at a time",
+                        n=len(batch),
+                        error=repr(e),
+                    )
+                    await self._one_by_one(batch)
+                    continue
                 self.log.failure("Storing {n} results and reports failed; retrying", n=len(batch))
                 self._pending[:0] = batch
                 await _sleep(self._reactor, 1.0)
+
+    async def _one_by_one(self, batch: List[Tuple[Delivery, FastChannel]]) -> None:
+        """Store each message alone; ack and drop those the database refuses."""
+        for index, (delivery, channel) in enumerate(batch):
+            if channel.closed:
+                continue
+            try:
+                await self._process([(delivery, channel)])
+            except Exception as e:
+                if not _permanent(e):
+                    self.log.failure(
+                        "Storing results and reports failed; retrying {n}", n=len(batch) - index
+                    )
+                    self._pending[:0] = batch[index:]
+                    await _sleep(self._reactor, 1.0)
+                    return
+                self.dropped += 1
+                self.log.failure(
+                    "Dropped a message from {key} (delivery {tag}): it cannot be stored",
+                    key=delivery.routing_key,
+                    tag=delivery.delivery_tag,
+                )
+                if not channel.closed:
+                    channel.ack(delivery.delivery_tag)
 
     async def _process(self, batch: List[Tuple[Delivery, FastChannel]]) -> None:
         results: List[IncomingResult] = []
@@ -376,6 +444,14 @@ class ResultIngest:
         for channel, tag in highest.values():
             if not channel.closed:
                 channel.ack(tag, multiple=True)
+        # Acknowledged: from here on nothing may raise (the batch would be stored and
+        # acknowledged again, and a second ack of a tag closes the channel).
+        try:
+            self._stored(results, outcomes)
+        except Exception:
+            self.log.failure("Handling {n} stored results failed", n=len(results))
+
+    def _stored(self, results: List[IncomingResult], outcomes: List[StoredOutcome]) -> None:
         by_id = {r.task_id: r for r in results}
         copies = []
         for outcome in outcomes:
@@ -429,14 +505,27 @@ class ResultIngest:
                 )
                 return None
             details = message.error_details
-            return IncomingResult(
-                message.task_id,
-                sender,
-                _no_nul(message.data),
-                None if details is None else _no_nul(str(details.code)),
-                None if details is None else _no_nul(details.user_message),
-                completion_t,
-            )
+            data = _no_nul(message.data)
+            code = None if details is None else _no_nul(str(details.code))
+            user_message = None if details is None else _no_nul(details.user_message)
+            if not _encodable(data, code, user_message):
+                # Not storable as it is; the task fails with a reason rather than never
+                # finishing (store_results still checks that it is the sender's task).
+                self.log.warn(
+                    "Result for task {task} from {key} holds text that is not valid Unicode "
+                    "(a lone surrogate); the task is stored as failed",
+                    task=message.task_id,
+                    key=routing_key,
+                )
+                reason = (
+                    f"MalformedResult: the endpoint sent a result for task {message.task_id} "
+                    f"that is not valid Unicode text (it holds a lone surrogate), so the "
+                    f"service could not keep it"
+                )
+                return IncomingResult(
+                    message.task_id, sender, reason, "MalformedResult", reason, completion_t
+                )
+            return IncomingResult(message.task_id, sender, data, code, user_message, completion_t)
         if isinstance(message, EPStatusReport):
             if sender != message.endpoint_id:
                 self.dropped += 1
@@ -448,10 +537,12 @@ class ResultIngest:
                 return None
             return Report(
                 message.endpoint_id,
-                message.global_state,
+                _finite(message.global_state),
                 {
                     task_id: [(t.timestamp, str(t.state)) for t in transitions]
                     for task_id, transitions in message.task_statuses.items()
+                    # Keys that are not task ids match no task; unstorable ones are dropped.
+                    if _encodable(task_id)
                 },
                 message.is_final,
                 now,

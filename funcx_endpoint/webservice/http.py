@@ -80,6 +80,42 @@ def not_found(message: str, code: str = "NOT_FOUND") -> APIError:
     return APIError(404, code, message)
 
 
+#: What may spell a lone surrogate in a JSON body: a ``\\uD800``-``\\uDFFF`` escape, or
+#: its UTF-8-style encoding (which ``json.loads`` of bytes lets through).
+_SURROGATE_HINT = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+
+
+def _not_json_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value (numbers must be finite)")
+
+
+def utf8_encodable(text: str) -> bool:
+    """Whether ``text`` can be stored as UTF-8 (it holds no lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def parse_json(raw: bytes, check_text: bool = True) -> Any:
+    """``raw`` as JSON, or a 400 APIError: no NaN/Infinity; no lone surrogates if ``check_text``."""
+    try:
+        value = json.loads(raw, parse_constant=_not_json_constant)
+    except (ValueError, RecursionError) as e:
+        raise bad_request(f"the body is not valid JSON: {e}", "INVALID_JSON") from None
+    if check_text and _SURROGATE_HINT.search(raw) is not None:
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise bad_request(
+                "the body holds text that is not valid Unicode (a lone surrogate such as "
+                "\\ud800); send UTF-8 text",
+                "INVALID_TEXT",
+            ) from None
+    return value
+
+
 class LimitedRequest(server.Request):
     """A request whose body is kept only up to the site's ``max_body`` bytes."""
 
@@ -211,10 +247,13 @@ class Call:
         content.seek(0)
         return content.read()
 
-    async def json_body(self, required: bool = True) -> Any:
+    async def json_body(self, required: bool = True, check_text: bool = True) -> Any:
         """The body as JSON (a 400/415 APIError says what is wrong with it).
 
-        An empty body is ``None`` when not ``required``.
+        An empty body is ``None`` when not ``required``.  NaN and Infinity are
+        refused (they are not JSON), and so, unless ``check_text`` is false (the
+        handler then checks the strings it keeps), is text that cannot be stored
+        as UTF-8 (lone surrogates such as ``"\\ud800"``).
         """
         raw = self.raw_body()
         if not raw.strip():
@@ -232,15 +271,12 @@ class Call:
                 "UNSUPPORTED_MEDIA_TYPE",
                 f"the body must be JSON (Content-Type: application/json), not {content_type}",
             )
-        try:
-            if len(raw) > _INLINE_PARSE:
-                return await deferToThread(json.loads, raw)
-            return json.loads(raw)
-        except (ValueError, RecursionError) as e:
-            raise bad_request(f"the body is not valid JSON: {e}", "INVALID_JSON") from None
+        if len(raw) > _INLINE_PARSE:
+            return await deferToThread(parse_json, raw, check_text)
+        return parse_json(raw, check_text)
 
-    async def json_object(self, required: bool = True) -> Dict[str, Any]:
-        body = await self.json_body(required)
+    async def json_object(self, required: bool = True, check_text: bool = True) -> Dict[str, Any]:
+        body = await self.json_body(required, check_text)
         if body is None:
             return {}
         if not isinstance(body, dict):
@@ -301,7 +337,8 @@ class APIResource(Resource):
 
     @staticmethod
     def _write(request: server.Request, status: int, body: Any) -> None:
-        data = json.dumps(body, separators=(",", ":")).encode("utf-8")
+        # allow_nan=False: NaN and Infinity are not JSON; an answer holding one is an error.
+        data = json.dumps(body, separators=(",", ":"), allow_nan=False).encode("utf-8")
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
