@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
@@ -15,6 +15,7 @@ from twisted.web.resource import Resource
 
 from funcx_endpoint.amqp import topology
 from funcx_endpoint.config import Config
+from funcx_endpoint.endpoint.auth import Authenticator, AuthError, Token, TokenStore
 from funcx_endpoint.endpoint.layout import EndpointDir
 from funcx_endpoint.endpoint.registration import Registration
 from funcx_endpoint.lifecycle import StartupError
@@ -33,7 +34,7 @@ class FakeEndpoints(Resource):
         self.requests: List[Dict[str, Any]] = []
 
     def render_POST(self, request: Any) -> bytes:
-        body = json.loads(request.content.read())
+        body = json.loads(request.content.read(), parse_constant=_not_json)
         self.requests.append(
             {"path": request.path, "body": body, "auth": request.getHeader("authorization")}
         )
@@ -43,6 +44,10 @@ class FakeEndpoints(Resource):
         request.setResponseCode(code)
         request.setHeader("content-type", "application/json")
         return json.dumps(answer).encode()
+
+
+def _not_json(name: str) -> Any:
+    raise AssertionError(f"the registration request holds {name}, which is not JSON")
 
 
 class FakeAuthenticator:
@@ -93,6 +98,8 @@ class RegistrationTests(SynchronousTestCase):
         metadata = request["body"]["metadata"]
         self.assertIn("endpoint_version", metadata)
         self.assertEqual(metadata["heartbeat_period"], 30.0)
+        # Infinite config values are sent as funcX 1.0 sends them (repr()): strict JSON.
+        self.assertEqual(metadata["config"]["executors"][0]["max_workers_per_node"], "inf")
         endpoint_id = request["body"]["endpoint_uuid"]
         self.assertEqual(self.ep.endpoint_id(), endpoint_id)
         info = self.registration.broker_info
@@ -175,3 +182,102 @@ class RegistrationTests(SynchronousTestCase):
 class _RefusingHTTP:
     async def post(self, *args: Any, **kwargs: Any) -> Any:
         raise ConnectionRefusedError(111, "Connection refused")
+
+
+class _FailingAuthenticator:
+    """Raises ``AuthError(status)`` for the first token (or the renewed one)."""
+
+    def __init__(self, status: Optional[int], on_renewal: bool = False) -> None:
+        self.status = status
+        self.on_renewal = on_renewal
+
+    async def token(self, force_new: bool = False) -> str:
+        if force_new == self.on_renewal:
+            raise AuthError(f"the auth service answered {self.status}", self.status)
+        return "token-1"
+
+
+class AuthFailureTests(SynchronousTestCase):
+    def test_auth_failures_map_to_exit_codes(self) -> None:
+        cases = [
+            (None, False, 77),  # no credentials
+            (401, False, 77),
+            (403, False, 77),
+            (500, False, 75),  # the auth service fails: try again later
+            (503, False, 75),
+            (401, True, 77),
+            (502, True, 75),
+        ]
+        for status, on_renewal, expected in cases:
+            fake = FakeEndpoints()
+            fake.answers = [(401, {"message": "token expired"}), (200, ok)]
+            stub = StubTreq(fake)
+            config_dir = os.path.abspath(self.mktemp())
+            ep = EndpointDir(config_dir, "ep")
+            os.makedirs(ep.path)
+            registration = Registration(
+                Clock(),
+                ep,
+                Config(funcx_service_address=SERVICE),
+                stub,
+                _FailingAuthenticator(status, on_renewal),
+            )
+            d = Deferred.fromCoroutine(registration.register())
+            stub.flush()
+            failure = self.failureResultOf(d, StartupError)
+            with self.subTest(status=status, on_renewal=on_renewal):
+                self.assertEqual(failure.value.exit_code, expected)
+                self.assertIn(f"answered {status}", failure.value.message)
+                if expected == 75:
+                    self.assertIn("try again later", failure.value.message)
+
+
+class FakeRevoke(Resource):
+    """An auth service's revoke call: records where it was asked, answers ``code``."""
+
+    isLeaf = True
+
+    def __init__(self, code: int) -> None:
+        super().__init__()
+        self.code = code
+        self.requests: List[Tuple[str, bytes]] = []
+
+    def render_POST(self, request: Any) -> bytes:
+        self.requests.append(
+            (request.getHeader("host") + request.uri.decode(), request.content.read())
+        )
+        request.setResponseCode(self.code)
+        request.setHeader("content-type", "application/json")
+        if self.code == 200:
+            return b'{"active": false}'
+        return b'{"code": "X", "message": "cannot revoke now"}'
+
+
+class LogoutTests(SynchronousTestCase):
+    def logout(self, code: int) -> Tuple[FakeRevoke, TokenStore, Deferred[bool]]:
+        fake = FakeRevoke(code)
+        stub = StubTreq(fake)
+        store = TokenStore(os.path.abspath(self.mktemp()))
+        store.save(Token("the-token", 2e9, "scope", "client-1", "https://issuer.example/"))
+        # The authenticator is made for another auth service (the first endpoint's
+        # config): the token is revoked where it was issued.
+        auth = Authenticator(stub, "https://other.example/", store, Clock())  # type: ignore[arg-type]
+        d = Deferred.fromCoroutine(auth.logout())
+        stub.flush()
+        return fake, store, d
+
+    def test_revokes_at_the_tokens_own_service(self) -> None:
+        fake, store, d = self.logout(200)
+        self.assertTrue(self.successResultOf(d))
+        [(uri, body)] = fake.requests
+        self.assertEqual(uri, "issuer.example/v2/oauth2/token/revoke")
+        self.assertIn(b"token=the-token", body)
+        self.assertIsNone(store.load())
+
+    def test_a_refused_revocation_is_reported(self) -> None:
+        fake, store, d = self.logout(503)
+        failure = self.failureResultOf(d, AuthError)
+        self.assertEqual(failure.value.status, 503)
+        self.assertIn("did not revoke the token", failure.value.message)
+        self.assertIn("cannot revoke now", failure.value.message)
+        self.assertIsNone(store.load())  # removed all the same

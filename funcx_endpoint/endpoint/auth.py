@@ -254,19 +254,36 @@ class Authenticator:
         return data
 
     async def logout(self) -> bool:
-        """Revoke the cached token and remove the token file; True if there was one."""
+        """Revoke the cached token and remove the token file; True if there was one.
+
+        The token is revoked at the auth service that issued it (its ``auth_url``),
+        whichever service this authenticator was made for.  The file is removed
+        whatever happens; AuthError (after removing it) if the service did not
+        confirm the revocation.
+        """
         cached = self.store.load()
         if cached is None:
             return False
         try:
             response = await self.http.post(
-                self.auth_url + "v2/oauth2/token/revoke",
+                cached.auth_url + "v2/oauth2/token/revoke",
                 data=urlencode(
                     {"token": cached.access_token, "client_id": cached.client_id}
                 ).encode(),
-                headers=headers({"Content-Type": "application/x-www-form-urlencoded"}),
+                headers=headers(
+                    {
+                        "Content-Type": "application/x-www-form-urlencoded",
+                        "Accept": "application/json",
+                    }
+                ),
             )
-            await response.content()
+            data = await _json(response)
         finally:
             self.store.remove()
+        if response.code != 200:
+            raise AuthError(
+                f"the auth service at {cached.auth_url} did not revoke the token "
+                f"({response.code}: {error_message(data)}); it stays valid until it expires",
+                response.code,
+            )
         return True

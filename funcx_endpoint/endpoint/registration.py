@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import math
 import socket
 import uuid
 from typing import Any, Dict, Optional
@@ -61,37 +62,52 @@ NETWORK_ERRORS = (
 )
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinities as repr() strings (``"inf"``), as funcX 1.0
+    endpoints send config values: they are not JSON, and the service refuses them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def endpoint_metadata(endpoint_dir: EndpointDir, config: Config) -> Dict[str, Any]:
-    """What the service learns about this endpoint at registration."""
+    """What the service learns about this endpoint at registration (strict JSON:
+    ``max_workers_per_node = inf`` is sent as ``"inf"``)."""
     executor = config.executors[0]
-    return {
-        "endpoint_version": __version__,
-        "hostname": socket.getfqdn(),
-        "local_user": getpass.getuser(),
-        "ip_address": None,
-        "sdk_version": None,
-        "implementation": "funcx-endpoint (Twisted)",
-        "allowed_functions": config.allowed_functions,
-        "heartbeat_period": config.heartbeat_period,
-        "heartbeat_threshold": config.heartbeat_threshold,
-        "config": {
-            "_type": "Config",
-            "funcx_service_address": config.funcx_service_address,
+    return _finite(
+        {
+            "endpoint_version": __version__,
+            "hostname": socket.getfqdn(),
+            "local_user": getpass.getuser(),
+            "ip_address": None,
+            "sdk_version": None,
+            "implementation": "funcx-endpoint (Twisted)",
+            "allowed_functions": config.allowed_functions,
             "heartbeat_period": config.heartbeat_period,
             "heartbeat_threshold": config.heartbeat_threshold,
-            "task_timeout": config.task_timeout,
-            "result_size_limit": config.result_size_limit,
-            "executors": [
-                {
-                    "_type": "HighThroughputExecutor",
-                    "label": executor.label,
-                    "provider": type(executor.provider).__name__,
-                    "max_workers_per_node": executor.max_workers_per_node,
-                    "cores_per_worker": executor.cores_per_worker,
-                }
-            ],
-        },
-    }
+            "config": {
+                "_type": "Config",
+                "funcx_service_address": config.funcx_service_address,
+                "heartbeat_period": config.heartbeat_period,
+                "heartbeat_threshold": config.heartbeat_threshold,
+                "task_timeout": config.task_timeout,
+                "result_size_limit": config.result_size_limit,
+                "executors": [
+                    {
+                        "_type": "HighThroughputExecutor",
+                        "label": executor.label,
+                        "provider": type(executor.provider).__name__,
+                        "max_workers_per_node": executor.max_workers_per_node,
+                        "cores_per_worker": executor.cores_per_worker,
+                    }
+                ],
+            },
+        }
+    )
 
 
 class Registration(Service):
@@ -212,8 +228,7 @@ class Registration(Service):
         try:
             token = await self.authenticator.token()
         except AuthError as e:
-            # Refused, or no credentials at all: either way a permission problem.
-            raise StartupError(e.message, EX_NOPERM) from None
+            raise _auth_failure(e) from None
 
         for retry_auth in (True, False):
             request_headers = headers(
@@ -224,7 +239,7 @@ class Registration(Service):
                 }
             )
             response = await self.http.post(
-                url, data=json.dumps(body).encode(), headers=request_headers
+                url, data=json.dumps(body, allow_nan=False).encode(), headers=request_headers
             )
             raw = await response.content()
             try:
@@ -238,7 +253,7 @@ class Registration(Service):
                 try:
                     token = await self.authenticator.token(force_new=True)
                 except AuthError as e:
-                    raise StartupError(e.message, EX_NOPERM) from None
+                    raise _auth_failure(e) from None
                 continue
             break
         code = response.code
@@ -284,3 +299,11 @@ def _sleep(clock: Any, seconds: float) -> Deferred[None]:
     d: Deferred[None] = Deferred()
     clock.callLater(seconds, d.callback, None)
     return d
+
+
+def _auth_failure(error: AuthError) -> StartupError:
+    """Refused, or no credentials at all: a permission problem; the auth service
+    failing (5xx): a temporary one."""
+    if error.status is not None and error.status >= 500:
+        return StartupError(f"{error.message}; try again later", EX_TEMPFAIL)
+    return StartupError(error.message, EX_NOPERM)
