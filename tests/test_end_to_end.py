@@ -324,13 +324,34 @@ class LoginCommandTests(SynchronousTestCase):
         bare = {k: "" for k in ("FUNCX_SDK_CLIENT_ID", "FUNCX_SDK_CLIENT_SECRET")}
         bare.update({k: v for k, v in self.env.items() if not k.startswith("FUNCX_SDK")})
         self.assertIn(self.name, run_cli(self.config_dir, "whoami", env=bare).stdout)
+        import json
+        import ssl
+        from urllib.error import HTTPError
+        from urllib.request import Request, urlopen
 
+        with open(token_file) as f:
+            token = json.load(f)["access_token"]
+
+        def service_answer() -> int:
+            request = Request(
+                self.service.base_url + "/endpoints", headers={"Authorization": f"Bearer {token}"}
+            )
+            context = ssl.create_default_context(cafile=self.service.ca_file)
+            try:
+                with urlopen(request, context=context, timeout=30) as response:
+                    return int(response.status)
+            except HTTPError as e:
+                return e.code
+
+        self.assertEqual(service_answer(), 200)
         out = run_cli(self.config_dir, "logout", env=bare)
         self.assertEqual(out.returncode, 0, out.stderr)
         self.assertIn("Logged out.", out.stdout)
+        self.assertNotIn("Warning", out.stderr)
         self.assertFalse(os.path.exists(token_file))
-        # ...and after logout it does not.
+        # ...and after logout it does not: the service itself refuses the token.
         self.assertEqual(run_cli(self.config_dir, "whoami", env=bare).returncode, 77)
+        self.assertEqual(service_answer(), 401)
 
     def test_delete_deregisters(self) -> None:
         from funcx_endpoint.sdk import FuncxAPIError
@@ -347,6 +368,29 @@ class LoginCommandTests(SynchronousTestCase):
         with self.assertRaises(FuncxAPIError) as cm:
             client.get_endpoint_metadata(endpoint_id)
         self.assertIn(cm.exception.http_status, (404, 410))
+
+    def test_delete_with_another_users_credentials_deletes_nothing(self) -> None:
+        """The service answers 404 for another user's endpoint: not a success."""
+        import types
+
+        self.assertEqual(run_cli(self.config_dir, "start", "w", env=self.env).returncode, 0)
+        self.assertEqual(run_cli(self.config_dir, "stop", "w", env=self.env).returncode, 0)
+        endpoint_id = self.ep.endpoint_id()
+        other_env = self.service.client_env(self.service.create_client())
+        result = run_cli(self.config_dir, "delete", "w", "--yes", env=other_env)
+        self.assertEqual(result.returncode, 69, result.stderr)
+        self.assertIn("not found", result.stderr)
+        self.assertIn("not yours", result.stderr)
+        self.assertIn("nothing deleted", result.stderr)
+        self.assertTrue(os.path.exists(self.ep.path))
+        forced = run_cli(self.config_dir, "delete", "w", "--yes", "--force", env=other_env)
+        self.assertEqual(forced.returncode, 0, forced.stderr)
+        self.assertIn("not yours", forced.stderr)
+        self.assertFalse(os.path.exists(self.ep.path))
+        # The endpoint is still registered to its owner.
+        client = SharedEndpoint.client(types.SimpleNamespace(env=self.env))  # type: ignore[arg-type]
+        self.addCleanup(client.close)
+        self.assertEqual(client.get_endpoint_metadata(endpoint_id)["endpoint_id"], endpoint_id)
 
     def test_delete_refused_when_the_service_is_unreachable(self) -> None:
         with open(self.ep.config_file) as f:

@@ -94,8 +94,15 @@ async def delete_endpoint(reactor: Any, config: Config, config_dir: str, endpoin
         raise RemoteError(
             f"cannot reach the funcX service at {config.funcx_service_address}: {e}"
         ) from None
-    if response.code in (200, 204, 404, 410):
+    if response.code in (200, 204, 410):  # 410: deleted already
         return
+    if response.code == 404:
+        # The service answers 404 for another user's endpoint too: with the wrong
+        # credentials the endpoint would stay registered while its profile goes.
+        raise RemoteError(
+            f"endpoint {endpoint_id} was not found at {config.funcx_service_address}, or it "
+            f"is not yours (are these the credentials it was registered with?)"
+        )
     try:
         data = json.loads(body)
     except ValueError:
