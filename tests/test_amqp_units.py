@@ -1,4 +1,4 @@
-"""Unit tests of the AMQP client's fast path (no broker)."""
+"""Unit tests of the AMQP client's fast path and of the task tracker (no broker)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from funcx_endpoint.amqp.client import (
     decode_properties,
     encode_properties,
 )
+from funcx_endpoint.endpoint.tasks import Decision, TaskTracker
 
 
 def shortstr(value: str) -> bytes:
@@ -158,3 +159,39 @@ class PublishFramingTests(ClientTestCase):
         for frame_max in (0, 4096):
             self.client.MAX_LENGTH = frame_max
             self.assertEqual(self.published(b""), [])
+
+
+class TaskTrackerTests(SynchronousTestCase):
+    def test_duplicate_deliveries_all_settled(self) -> None:
+        """Every delivery of a task that runs is returned when it finishes,
+        also a second one on the same channel."""
+        tracker = TaskTracker()
+        self.assertIs(tracker.delivered("t", (1, 1)), Decision.RUN)
+        self.assertIs(tracker.delivered("t", (1, 2)), Decision.ALREADY_RUNNING)
+        self.assertIs(tracker.delivered("t", (2, 1)), Decision.ALREADY_RUNNING)
+        self.assertEqual(tracker.finished("t"), [(1, 1), (1, 2), (2, 1)])
+        self.assertEqual(len(tracker), 0)
+        self.assertIs(tracker.delivered("t", (2, 5)), Decision.ALREADY_DONE)
+        self.assertEqual(tracker.finished("t"), [])
+
+    def test_withdraw_returns_every_delivery(self) -> None:
+        tracker = TaskTracker()
+        tracker.delivered("a", (1, 1))
+        tracker.delivered("a", (1, 3))
+        tracker.delivered("b", (1, 2))
+        self.assertEqual(sorted(tracker.withdraw(["a", "b", "c"])), [(1, 1), (1, 2), (1, 3)])
+        # Withdrawn tasks are not done: a new delivery runs them.
+        self.assertIs(tracker.delivered("a", (2, 1)), Decision.RUN)
+
+    def test_mark_done(self) -> None:
+        """Tasks whose results were spooled by an earlier run are not run again."""
+        tracker = TaskTracker()
+        tracker.mark_done(["a", "b"])
+        self.assertIs(tracker.delivered("a", (1, 1)), Decision.ALREADY_DONE)
+        self.assertEqual(len(tracker), 0)
+
+    def test_remembers_a_bounded_number(self) -> None:
+        tracker = TaskTracker(remember_done=2)
+        tracker.mark_done(["a", "b", "c"])
+        self.assertIs(tracker.delivered("a", (1, 1)), Decision.RUN)
+        self.assertIs(tracker.delivered("c", (1, 2)), Decision.ALREADY_DONE)

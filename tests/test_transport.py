@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -15,7 +15,7 @@ from funcx_endpoint.amqp.spool import ResultSpool
 from funcx_endpoint.endpoint.service import StartupError
 from funcx_endpoint.endpoint.transport import Transport
 from funcx_endpoint.executor.interface import EchoInterchange
-from funcx_endpoint.protocol import Task, pack_function, pack_payload
+from funcx_endpoint.protocol import Result, Task, pack, pack_function, pack_payload, serialize
 from funcx_endpoint.testing.broker import ServiceSide
 from funcx_endpoint.testing.rabbitmq import shared_node_async
 
@@ -89,6 +89,30 @@ class TransportTestCase(TestCase):
         if transport.running:
             return transport.stopService()
         return Deferred.fromCoroutine(_none())
+
+    async def task_queue_counts(self) -> Tuple[int, int]:
+        """(ready, unacknowledged) messages in the endpoint's task queue."""
+        out = await self.node.rabbitmqctl_async(
+            reactor,
+            "list_queues",
+            "--quiet",
+            "--no-table-headers",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        )
+        for line in out.splitlines():
+            name, ready, unacked = line.split("\t")
+            if name == f"{self.endpoint_id}.tasks":
+                return int(ready), int(unacked)
+        raise AssertionError(f"no task queue for {self.endpoint_id} in {out!r}")
+
+    def spool_results(self, results: List[Result]) -> None:
+        """Put results in the spool, as an earlier run that was killed left them."""
+        os.makedirs(self.spool_dir, mode=0o700, exist_ok=True)
+        for result in results:
+            with open(os.path.join(self.spool_dir, result.task_id), "wb") as f:
+                f.write(pack(result))
 
 
 async def _none() -> None:
@@ -331,6 +355,242 @@ class DeliveryTests(TransportTestCase):
 
     def test_redelivered_task_not_run_twice(self) -> Deferred[None]:
         return ensureDeferred(self._redelivered_not_rerun())
+
+    async def _spool_write_fails(self) -> None:
+        """A result that can be neither published nor spooled gives its task
+        back to the broker at once (not when the channel dies), which
+        delivers it again."""
+        transport, interchange = self.holding_transport()
+        await self.start_transport(transport)
+        [task] = make_tasks(1)
+        await self.service.publish_tasks(self.endpoint_id, [task])
+        await wait_until(lambda: len(interchange.held) == 1)
+        publisher, transport._publisher = transport._publisher, None  # results side down
+        spool_dir, transport.spool.directory = transport.spool.directory, "/proc/no/such/dir"
+        interchange.answer([task.task_id], data="lost")
+        await wait_until(lambda: interchange.submissions[task.task_id] == 2)
+        self.assertEqual(len(self.flushLoggedErrors()), 1)
+        self.assertIn(task.task_id, transport.tracker)
+        transport._publisher, transport.spool.directory = publisher, spool_dir
+        interchange.answer([task.task_id], data="second run")
+        await self.service.when(lambda: self.service.answered([task.task_id]), 10)
+        [result] = self.service.results[task.task_id]
+        self.assertEqual(result.data, serialize("second run"))
+        await wait_until(lambda: transport._acks.unacked == 0)
+        self.assertEqual(await self.task_queue_counts(), (0, 0))
+
+    def test_failed_spool_write_releases_task(self) -> Deferred[None]:
+        return ensureDeferred(self._spool_write_fails())
+
+    async def _duplicate_on_one_channel(self) -> None:
+        """A task delivered twice on one channel: both deliveries are acked,
+        and later acks still go in batches."""
+        transport, interchange = self.holding_transport()
+        await self.start_transport(transport)
+        [task] = make_tasks(1)
+        await self.service.publish_tasks(self.endpoint_id, [task, task])
+        await wait_until(lambda: transport.counts["tasks_redelivered_running"] == 1)
+        interchange.answer()
+        await self.service.when(lambda: self.service.answered([task.task_id]), 10)
+        await wait_until(lambda: transport._acks.unacked == 0)
+        more = make_tasks(20)
+        await self.service.publish_tasks(self.endpoint_id, more)
+        await wait_until(lambda: len(interchange.held) == 20)
+        frames = transport._acks.ack_frames
+        interchange.answer()
+        await self.service.when(lambda: self.service.answered([t.task_id for t in more]), 10)
+        await wait_until(lambda: transport._acks.unacked == 0)
+        self.assertLessEqual(transport._acks.ack_frames - frames, 2)
+        self.assertEqual(await self.task_queue_counts(), (0, 0))
+        self.assertEqual(interchange.submissions[task.task_id], 1)
+
+    def test_duplicate_on_one_channel_acked(self) -> Deferred[None]:
+        return ensureDeferred(self._duplicate_on_one_channel())
+
+    async def _malformed_again_after_done(self) -> None:
+        """A malformed task delivered again after its error result was sent is acked."""
+        import json
+
+        transport = self.make_transport()
+        await self.start_transport(transport)
+        task_id = str(uuid.uuid4())
+        body = b"\x01" + json.dumps({"message_type": "task", "data": {"task_id": task_id}}).encode()
+        await self.service.publish_raw(self.endpoint_id, [body])
+        await self.service.when(lambda: self.service.answered([task_id]), 10)
+        await wait_until(lambda: transport._acks.unacked == 0)
+        await self.service.publish_raw(self.endpoint_id, [body])
+        await wait_until(lambda: transport.counts["tasks_redelivered_done"] == 1)
+        await wait_until(lambda: transport._acks.unacked == 0)
+        self.assertEqual(await self.task_queue_counts(), (0, 0))
+        self.assertEqual(len(self.service.results[task_id]), 1)
+        self.flushLoggedErrors()
+
+    def test_malformed_redelivered_after_done_acked(self) -> Deferred[None]:
+        return ensureDeferred(self._malformed_again_after_done())
+
+    async def _spooled_not_rerun(self) -> None:
+        """After a crash, a task whose result is in the spool is not run again:
+        its delivery is acked and the spooled result sent."""
+        transport, interchange = self.holding_transport()
+        [done, fresh] = make_tasks(2)
+        self.spool_results([Result(done.task_id, serialize("from the spool"))])
+        await self.service.publish_tasks(self.endpoint_id, [done, fresh])
+        await self.start_transport(transport)
+        await wait_until(lambda: fresh.task_id in interchange.held)
+        await self.service.when(lambda: self.service.answered([done.task_id]), 10)
+        self.assertEqual(self.service.results[done.task_id][0].data, serialize("from the spool"))
+        self.assertNotIn(done.task_id, interchange.submissions)
+        self.assertEqual(transport.counts["tasks_redelivered_done"], 1)
+        await wait_until(lambda: os.listdir(self.spool_dir) == [])
+        await wait_until(lambda: transport._acks.unacked == 1)  # the fresh one
+        interchange.answer()
+        await self.service.when(lambda: self.service.answered([fresh.task_id]), 10)
+        await wait_until(lambda: transport._acks.unacked == 0)
+
+    def test_spooled_result_task_not_rerun(self) -> Deferred[None]:
+        return ensureDeferred(self._spooled_not_rerun())
+
+    async def _resend_in_windows(self) -> None:
+        """A large spool is sent a window at a time, all of it."""
+        results = [Result(str(uuid.uuid4()), serialize(i)) for i in range(100)]
+        self.spool_results(results)
+        transport = self.make_transport()
+        transport.resend_window = 16
+        most = [0]
+        window = transport._resend_window
+
+        def recording_window() -> None:
+            window()
+            most[0] = max(most[0], len(transport._resending))
+
+        transport._resend_window = recording_window  # type: ignore[method-assign]
+        await self.start_transport(transport)
+        ids = [r.task_id for r in results]
+        await self.service.when(lambda: self.service.answered(ids), 30)
+        await wait_until(lambda: os.listdir(self.spool_dir) == [])
+        self.assertEqual(most[0], 16)
+        self.assertEqual(len(transport._spooled), 0)
+
+    def test_spool_resent_in_windows(self) -> Deferred[None]:
+        return ensureDeferred(self._resend_in_windows())
+
+    async def _unreadable_spool(self) -> None:
+        """A spool that cannot be read is fatal: the promise cannot be kept."""
+        with open(self.spool_dir, "w") as f:
+            f.write("a file where the spool directory should be")
+        transport = self.make_transport()
+        transport.startService()
+        self.addCleanup(self.stop_transport, transport)
+        with self.assertRaises(StartupError) as cm:
+            await transport.when_ready()
+        self.assertIn(f"cannot read the result spool {self.spool_dir}", cm.exception.message)
+        self.assertEqual(cm.exception.exit_code, 69)
+
+    def test_unreadable_spool_is_fatal(self) -> Deferred[None]:
+        return ensureDeferred(self._unreadable_spool())
+
+    async def _silent_server(self) -> None:
+        """A peer that accepts TCP and says nothing: the set-up times out and is
+        retried, instead of "connecting" forever."""
+        from functools import partial
+
+        from twisted.internet.protocol import Factory, Protocol
+
+        from funcx_endpoint.amqp.connection import AMQPConnectionService
+
+        accepted: List[Protocol] = []
+        closed: List[Protocol] = []
+
+        class Silent(Protocol):
+            def connectionMade(self) -> None:
+                accepted.append(self)
+
+            def connectionLost(self, reason: Any) -> None:
+                closed.append(self)
+
+        port = reactor.listenTCP(0, Factory.forProtocol(Silent), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        url = f"amqp://u:p@127.0.0.1:{port.getHost().port}/%2F"
+        transport = self.make_transport(
+            url=url, ca_file=None, connect=partial(AMQPConnectionService, setup_timeout=0.5)
+        )
+        transport.startService()
+        self.addCleanup(self.stop_transport, transport)
+        ready = transport.when_ready()
+        # Two connections (tasks, results), each timed out and tried again.
+        await wait_until(lambda: len(accepted) >= 4, 15)
+        await wait_until(lambda: all(p in closed for p in accepted[:2]), 5)
+        self.assertFalse(ready.called)
+        self.assertEqual(self.fatal, [])
+        self.assertEqual(transport.tasks_conn.state(), "connecting")
+        await transport.stopService()
+        for p in accepted:
+            if p not in closed:
+                p.transport.loseConnection()
+
+    def test_setup_times_out_and_retries(self) -> Deferred[None]:
+        return ensureDeferred(self._silent_server())
+
+    async def _own_stale_consumer(self) -> None:
+        """After a reconnect, the queue still held by this endpoint's own
+        half-open old connection is not mistaken for another instance."""
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+        from twisted.internet.protocol import Factory, Protocol
+
+        from funcx_endpoint.amqp.connection import AMQPURL
+
+        target = AMQPURL.parse(self.node.amqps_url)
+
+        class Up(Protocol):
+            def __init__(self, down: Protocol) -> None:
+                self.down = down
+
+            def dataReceived(self, data: bytes) -> None:
+                if self.down.connected:
+                    self.down.transport.write(data)
+
+        class Down(Protocol):
+            """A relay that keeps the broker side open when the endpoint's side
+            goes: a half-open connection, as the broker sees it."""
+
+            def connectionMade(self) -> None:
+                self.transport.pauseProducing()
+                d = connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", target.port), Up(self))
+                d.addCallback(self.up_connected)
+
+            def up_connected(self, up: Up) -> None:
+                self.up = up
+                relays.append(up)
+                self.transport.resumeProducing()
+
+            def dataReceived(self, data: bytes) -> None:
+                self.up.transport.write(data)
+
+            def connectionLost(self, reason: Any) -> None:
+                pass
+
+        relays: List[Up] = []
+        port = reactor.listenTCP(0, Factory.forProtocol(Down), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+
+        def close_relays() -> None:
+            for up in relays:
+                up.transport.loseConnection()
+
+        self.addCleanup(close_relays)
+        url = self.node.amqps_url.replace(f":{target.port}/", f":{port.getHost().port}/")
+        transport = self.make_transport(url=url)
+        transport.heartbeat = 3
+        await self.start_transport(transport)
+        transport.tasks_conn.client.transport.abortConnection()
+        await wait_until(lambda: transport.tasks_conn.connections >= 2, 30)
+        self.assertEqual(self.fatal, [])
+        tasks = make_tasks(5)
+        await self.service.publish_tasks(self.endpoint_id, tasks)
+        await self.service.when(lambda: self.service.answered([t.task_id for t in tasks]), 10)
+
+    def test_own_stale_consumer_not_fatal(self) -> Deferred[None]:
+        return ensureDeferred(self._own_stale_consumer())
 
     async def _status_reports(self) -> None:
         from funcx_endpoint.endpoint.status import StatusReporter
@@ -592,6 +852,53 @@ class FaultTests(TransportTestCase):
 
     def test_result_larger_than_broker_allows(self) -> Deferred[None]:
         return ensureDeferred(self._too_large())
+
+    async def _too_large_spooled(self) -> None:
+        """A spooled result larger than the broker allows is replaced by an
+        error when it is sent again; it does not block the other results."""
+        from funcx_endpoint.testing.interchanges import HoldingInterchange
+
+        await self.node.rabbitmqctl_async(
+            reactor, "eval", "application:set_env(rabbit, max_message_size, 1048576)."
+        )
+        self.addCleanup(
+            lambda: self.node.rabbitmqctl_async(
+                reactor, "eval", "application:set_env(rabbit, max_message_size, 134217728)."
+            )
+        )
+        interchange = HoldingInterchange()
+        transport = self.make_transport()
+        transport.interchange = interchange
+        interchange.on_results = transport._on_results
+        await self.start_transport(transport)
+        tasks = make_tasks(4)
+        ids = [t.task_id for t in tasks]
+        await self.service.publish_tasks(self.endpoint_id, tasks)
+        await wait_until(lambda: len(interchange.held) == 4)
+        publisher, transport._publisher = transport._publisher, None  # results side down
+        interchange.answer(ids[:1], raw_data="x" * 2_000_000)
+        interchange.answer(ids[1:2], data="small")
+        await wait_until(lambda: transport.counts["results_spooled"] == 2)
+        transport._publisher = publisher
+        transport._resend_spooled()
+        await sleep(0.5)
+        interchange.answer(ids[2:], data="later")
+        await self.service.when(lambda: self.service.answered(ids), 30)
+        self.assert_none_lost(ids, expect_success=False)
+        [big] = self.service.results[ids[0]]
+        self.assertEqual(big.error_details.code, "MaxResultSizeExceeded")
+        self.assertIn(
+            "larger than the broker's limit of 1048576 bytes", big.error_details.user_message
+        )
+        for task_id in ids[1:]:
+            self.assertFalse(self.service.results[task_id][-1].is_error)
+        await wait_until(lambda: os.listdir(self.spool_dir) == [], 10)
+        await wait_until(lambda: len(transport.tracker) == 0, 10)
+        # One reconnect for the channel the broker closed, not a loop of them.
+        self.assertLessEqual(transport.results_conn.connections, 3)
+
+    def test_spooled_result_larger_than_broker_allows(self) -> Deferred[None]:
+        return ensureDeferred(self._too_large_spooled())
 
 
 class PolicyTests(TransportTestCase):

@@ -30,6 +30,15 @@ from funcx_endpoint.amqp.connection import (
 )
 
 
+class QueueHeldElsewhere(AMQPError):
+    """The broker refused the exclusive consumer: someone else consumes the queue.
+
+    Usually another instance of the endpoint; after a reconnect it may also be
+    this endpoint's own previous connection, which the broker has not yet
+    noticed is gone (its owner decides how long to keep trying).
+    """
+
+
 class ExclusiveConsumer:
     """Consumes one queue on one channel, as its only consumer."""
 
@@ -76,7 +85,7 @@ class ExclusiveConsumer:
         except Closed as e:
             code, text = close_reason(e)
             if code in (ACCESS_REFUSED, RESOURCE_LOCKED) and "exclusive" in text:
-                raise AMQPError(
+                raise QueueHeldElsewhere(
                     f"queue {self.queue!r} is already consumed by another endpoint instance "
                     f"(another `funcx-endpoint start` of this endpoint, here or elsewhere); "
                     f"stop that one first ({text})",

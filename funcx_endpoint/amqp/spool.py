@@ -66,10 +66,14 @@ class ResultSpool:
             os.close(dir_fd)
         return written
 
-    def write(self, items: Iterable[Tuple[str, bytes]]) -> Deferred:
-        """Write ``(task_id, packed result)`` pairs durably; fires when fsynced."""
+    def write(self, items: Iterable[Tuple[str, bytes]], replacing: bool = False) -> Deferred:
+        """Write ``(task_id, packed result)`` pairs durably; fires when fsynced.
+
+        ``replacing``: the files exist already and are overwritten (atomically).
+        """
         batch = list(items)
-        self.count += len(batch)
+        if not replacing:
+            self.count += len(batch)
         return self._in_thread(self._write_many, batch)
 
     def _remove_many(self, task_ids: List[str]) -> int:

@@ -13,25 +13,31 @@ status reports.  The delivery promise (DESIGN.md) is kept here:
   spooled and sent again after reconnecting and after a restart;
 * a task delivered again while it runs is not run twice;
 * on a clean stop, tasks not yet started are released to the broker.
+
+A result larger than the broker accepts is replaced by a
+``MaxResultSizeExceeded`` error for its task, whether it was being published
+fresh or sent again from the spool: one oversized result must not make the
+broker close the results channel over and over.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from collections import deque
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import attr
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail, gatherResults
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from funcx_endpoint.amqp.client import AMQPClient, Delivery
 from funcx_endpoint.amqp.connection import AMQPURL, AMQPConnectionService, AMQPError, close_reason
-from funcx_endpoint.amqp.consumer import AckBatcher, ExclusiveConsumer
+from funcx_endpoint.amqp.consumer import AckBatcher, ExclusiveConsumer, QueueHeldElsewhere
 from funcx_endpoint.amqp.publisher import ConfirmingPublisher, PublishFailed
 from funcx_endpoint.amqp.spool import ResultSpool
 from funcx_endpoint.endpoint.service import StartupError
-from funcx_endpoint.endpoint.tasks import Decision, TaskTracker
+from funcx_endpoint.endpoint.tasks import Decision, DeliveryRef, TaskTracker
 from funcx_endpoint.executor.interface import IInterchange
 from funcx_endpoint.lifecycle import EX_NOPERM, EX_UNAVAILABLE
 from funcx_endpoint.protocol import (
@@ -103,6 +109,13 @@ class Transport(Service):
 
     log = Logger()
     name = "amqp"
+    #: spooled results sent again per window; the next window goes once
+    #: these are confirmed (or refused), so a large spool is not sent in one turn
+    resend_window = 256
+    #: after a reconnect, how many heartbeat intervals an exclusive-consumer
+    #: refusal is retried (the holder may be this endpoint's own previous,
+    #: half-open connection, which the broker drops after missed heartbeats)
+    stale_consumer_heartbeats = 3
 
     def __init__(
         self,
@@ -145,7 +158,10 @@ class Transport(Service):
         self._spool_scheduled = False
         self._spooled: Dict[str, bytes] = {}  # task id -> packed result, not yet confirmed
         self._resending: Set[str] = set()
-        self._spool_loaded: Optional[Deferred[None]] = None
+        self._resend_queue: Deque[str] = deque()
+        self._spool_loaded = False
+        self._spool_error: Optional[AMQPError] = None
+        self._spool_waiters: List[Deferred[None]] = []
         self._resend_call: Any = None
         self._publishing = 0  # results published, not yet confirmed or spooled
         self._idle_waiters: List[Deferred[None]] = []
@@ -165,7 +181,7 @@ class Transport(Service):
     def startService(self) -> None:
         super().startService()
         info = self.info = self._broker_info()
-        self._spool_loaded = self.spool.load().addCallback(self._loaded_spool)
+        self.spool.load().addCallbacks(self._loaded_spool, self._spool_load_failed)
         self.tasks_conn = self._connect(
             self._reactor,
             info.tasks.url,
@@ -243,13 +259,7 @@ class Transport(Service):
         withdrawn = self.interchange.withdraw_unstarted()
         self._to_submit, queued = [], self._to_submit
         withdrawn += [task.task_id for task in queued]
-        released = 0
-        for generation, tag in self.tracker.withdraw(withdrawn):
-            if generation == self._generation and self._acks is not None:
-                if not self._acks.channel.closed:
-                    self._acks.channel.reject(tag, requeue=True)
-                    self._acks.settled(tag)
-                    released += 1
+        released = self._release(self.tracker.withdraw(withdrawn))
         if withdrawn:
             self.log.info("Released {n} tasks not yet started back to the broker", n=released)
         if len(self.tracker) or self._publishing:
@@ -272,6 +282,22 @@ class Transport(Service):
         client = self.tasks_conn.client if self.tasks_conn else None
         if client is not None:
             client.flush_now()
+
+    def _release(self, refs: Iterable[DeliveryRef]) -> int:
+        """Give deliveries of the current channel back to the broker (requeue).
+
+        Deliveries of an earlier channel went back when it closed.
+        """
+        acks = self._acks
+        if acks is None or acks.channel.closed:
+            return 0
+        released = 0
+        for generation, tag in refs:
+            if generation == self._generation:
+                acks.channel.reject(tag, requeue=True)
+                acks.settled(tag)
+                released += 1
+        return released
 
     def _check_idle(self) -> None:
         if self._idle_waiters and not len(self.tracker) and not self._publishing:
@@ -312,9 +338,50 @@ class Transport(Service):
         )
         self._acks = acks
         self._consumer = consumer
-        await consumer.start(self.info.tasks.exchange)
+        # Results spooled by an earlier run mark their tasks done before any
+        # delivery is looked at, so those tasks are acknowledged, not run again.
+        await self._when_spool_loaded()
+        try:
+            await consumer.start(self.info.tasks.exchange)
+        except QueueHeldElsewhere as e:
+            raise self._maybe_stale_consumer(e) from None
         if self._draining:
             await consumer.cancel()
+
+    def _maybe_stale_consumer(self, error: QueueHeldElsewhere) -> AMQPError:
+        """The error to raise for a refused exclusive consumer.
+
+        On the first connection the holder is another instance: fatal.  Soon
+        after a lost connection it may be this endpoint's own old connection,
+        half-open and not yet dropped by the broker (which does so after
+        missed heartbeats): retry, often, for a few heartbeat intervals.
+        """
+        conn = self.tasks_conn
+        window = self.stale_consumer_heartbeats * self.heartbeat
+        if (
+            conn is None
+            or not conn.connections
+            or conn.lost_at is None
+            or self._reactor.seconds() - conn.lost_at >= window
+        ):
+            return error
+        return AMQPError(
+            f"the task queue is still consumed by another connection, probably this "
+            f"endpoint's previous one that the broker has not dropped yet; retrying for up "
+            f"to {window:g} s after the connection was lost ({error.message})",
+            error.code,
+            retry_after=max(1.0, self.heartbeat / 2.0),
+        )
+
+    def _when_spool_loaded(self) -> Deferred[None]:
+        """Fires once the spool of an earlier run is read; fails if it cannot be."""
+        if self._spool_error is not None:
+            return fail(self._spool_error)
+        if self._spool_loaded:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._spool_waiters.append(d)
+        return d
 
     async def _prepare_results(self, client: AMQPClient) -> None:
         assert self.info is not None
@@ -332,9 +399,8 @@ class Transport(Service):
                 fatal=True,
             ) from None
         self._publisher = publisher
-        if self._spool_loaded is not None:
-            await self._spool_loaded
-        self._resend_spooled()
+        await self._when_spool_loaded()
+        self._resend_spooled(restart=True)
 
     def _channel_lost(self, client: AMQPClient, side: str, reason: Any) -> None:
         """A channel closed by the broker while its connection lives: reconnect.
@@ -378,10 +444,12 @@ class Transport(Service):
                 acks.settled(delivery.delivery_tag)
                 return
             self.log.warn("Malformed task {task_id}: {error}", task_id=e.task_id, error=e)
-            if (
-                self.tracker.delivered(e.task_id, (generation, delivery.delivery_tag))
-                is Decision.RUN
-            ):
+            decision = self.tracker.delivered(e.task_id, (generation, delivery.delivery_tag))
+            if decision is Decision.ALREADY_DONE:
+                # Its error result is safe already (the first ack was lost).
+                self.counts["tasks_redelivered_done"] += 1
+                acks.done(delivery.delivery_tag)
+            elif decision is Decision.RUN:
                 self._on_results(
                     [
                         Result.failure(
@@ -453,29 +521,28 @@ class Transport(Service):
         self._publishing -= 1
         self._finished(task_id)
 
+    def _too_large(self, result: Result, size: int, limit: int) -> Result:
+        """The error result that replaces ``result``, too large for the broker."""
+        self.log.error(
+            "The result of task {task_id} ({size} bytes) is larger than the broker "
+            "accepts ({limit}); sending an error instead",
+            task_id=result.task_id,
+            size=size,
+            limit=limit,
+        )
+        return Result.failure(
+            result.task_id,
+            ErrorCode.MAX_RESULT_SIZE_EXCEEDED,
+            f"the result ({size} bytes) is larger than the broker's limit of "
+            f"{limit} bytes; return less data, or raise the broker's max_message_size",
+            task_statuses=result.task_statuses,
+        )
+
     def _not_confirmed(self, failure: Failure, result: Result, body: bytes) -> None:
         error = failure.value
         if isinstance(error, PublishFailed) and error.too_large is not None:
-            self.log.error(
-                "The result of task {task_id} ({size} bytes) is larger than the broker "
-                "accepts ({limit}); sending an error instead",
-                task_id=result.task_id,
-                size=len(body),
-                limit=error.too_large,
-            )
             self._publishing -= 1
-            self._on_results(
-                [
-                    Result.failure(
-                        result.task_id,
-                        ErrorCode.MAX_RESULT_SIZE_EXCEEDED,
-                        f"the result ({len(body)} bytes) is larger than the broker's limit of "
-                        f"{error.too_large} bytes; return less data, or raise the broker's "
-                        f"max_message_size",
-                        task_statuses=result.task_statuses,
-                    )
-                ]
-            )
+            self._on_results([self._too_large(result, len(body), error.too_large)])
             return
         self.log.info(
             "Result of task {task_id} not confirmed ({error}); spooling it",
@@ -504,22 +571,26 @@ class Transport(Service):
                 self._finished(task_id)
 
         def failed(failure: Failure) -> None:
-            # The results are neither confirmed nor durable: their tasks stay
-            # unacknowledged and will be delivered and run again.
+            # The results are neither confirmed nor durable: give their tasks
+            # back to the broker, which delivers them again (to run again).
+            # Deliveries of a closed channel went back with it.
             self.log.failure("Could not write results to the spool", failure)
-            for task_id, _body in batch:
+            task_ids = [task_id for task_id, _body in batch]
+            for task_id in task_ids:
                 self._publishing -= 1
                 self._spooled.pop(task_id, None)
-                self.tracker.withdraw([task_id])
+            released = self._release(self.tracker.withdraw(task_ids))
+            self.log.warn(
+                "Gave {n} tasks whose results could not be spooled back to the broker",
+                n=released,
+            )
             self._check_idle()
 
         self.spool.write(batch).addCallbacks(written, failed)
 
     def _finished(self, task_id: str) -> None:
-        ref = self.tracker.finished(task_id)
-        if ref is not None:
-            generation, tag = ref
-            acks = self._acks
+        acks = self._acks
+        for generation, tag in self.tracker.finished(task_id):
             if generation == self._generation and acks is not None:
                 acks.done(tag)
             # else: that channel is gone; the broker will deliver the task
@@ -531,23 +602,53 @@ class Transport(Service):
             self.log.info("{n} results from an earlier run are in the spool", n=len(found))
         for task_id, body in found.items():
             self._spooled.setdefault(task_id, body)
+        self.tracker.mark_done(found)
+        self._spool_loaded = True
+        waiters, self._spool_waiters = self._spool_waiters, []
+        for d in waiters:
+            d.callback(None)
 
-    def _resend_spooled(self) -> None:
+    def _spool_load_failed(self, failure: Failure) -> None:
+        # Without the spool the delivery promise cannot be kept: both
+        # connections' set-ups fail with this, fatally.
+        self._spool_error = AMQPError(
+            f"cannot read the result spool {self.spool.directory}: {failure.getErrorMessage()}",
+            fatal=True,
+        )
+        waiters, self._spool_waiters = self._spool_waiters, []
+        for d in waiters:
+            d.errback(self._spool_error)
+
+    def _resend_spooled(self, restart: bool = False) -> None:
+        """Send spooled results again, ``resend_window`` at a time.
+
+        Starts a pass over the spool unless one is under way (``restart``: a
+        new channel, start over); the next window goes when the results of
+        the last one are all settled.
+        """
+        if restart or not self._resend_queue:
+            self._resend_queue = deque(t for t in self._spooled if t not in self._resending)
+            if self._resend_queue:
+                self.log.info("Sending {n} spooled results", n=len(self._resend_queue))
+        self._resend_window()
+
+    def _resend_window(self) -> None:
         publisher = self._publisher
-        if publisher is None or publisher.closed or not self._spooled or self.info is None:
+        if publisher is None or publisher.closed or self.info is None:
             return
         info = self.info.results
         properties = _amqp_properties(info.properties)
-        pending = [t for t in self._spooled if t not in self._resending]
-        if not pending:
-            return
-        self.log.info("Sending {n} spooled results", n=len(pending))
-        for task_id in pending:
+        queue = self._resend_queue
+        room = self.resend_window - len(self._resending)
+        while room > 0 and queue:
+            task_id = queue.popleft()
+            body = self._spooled.get(task_id)
+            if body is None or task_id in self._resending:
+                continue
+            room -= 1
             self._resending.add(task_id)
             props = dict(properties, **{"message-id": task_id})
-            d = publisher.publish(
-                info.exchange, info.routing_key, self._spooled[task_id], props, info.mandatory
-            )
+            d = publisher.publish(info.exchange, info.routing_key, body, props, info.mandatory)
             d.addCallbacks(
                 self._spooled_sent,
                 self._spooled_not_sent,
@@ -559,14 +660,55 @@ class Transport(Service):
         self._resending.discard(task_id)
         if self._spooled.pop(task_id, None) is not None:
             self.spool.remove([task_id])
+        if not self._resending:
+            self._resend_window()
 
     def _spooled_not_sent(self, failure: Failure, task_id: str) -> None:
         self._resending.discard(task_id)
-        self.log.info(
-            "Spooled result of task {task_id} not confirmed yet: {error}",
-            task_id=task_id,
-            error=failure.getErrorMessage(),
-        )
+        error = failure.value
+        body = self._spooled.get(task_id)
+        if isinstance(error, PublishFailed) and error.too_large is not None and body is not None:
+            self._replace_too_large(task_id, body, error.too_large)
+        else:
+            self.log.info(
+                "Spooled result of task {task_id} not confirmed yet: {error}",
+                task_id=task_id,
+                error=failure.getErrorMessage(),
+            )
+        if not self._resending:
+            self._resend_window()
+
+    def _replace_too_large(self, task_id: str, body: bytes, limit: int) -> None:
+        """Replace a spooled result the broker refuses as too large by an error.
+
+        The task was acknowledged when its result was spooled, so the
+        replacement is spooled too (over the old file) before it is sent.
+        """
+        try:
+            message = unpack(body)
+        except MessageError:
+            message = None
+        result = message if isinstance(message, Result) else Result(task_id, "")
+        replacement = pack(self._too_large(result, len(body), limit))
+        self._spooled[task_id] = replacement
+        self._resending.add(task_id)  # not sent (nor removed) while being written
+
+        def written(_: Any) -> None:
+            self._resending.discard(task_id)
+            self._resend_spooled(restart=True)
+
+        def failed(failure: Failure) -> None:
+            # The error result is sent from memory anyway; if the endpoint
+            # stops first, the big result on disk is replaced again next run.
+            self._resending.discard(task_id)
+            self.log.failure(
+                "Could not write the error result of task {task_id} to the spool",
+                failure,
+                task_id=task_id,
+            )
+            self._resend_spooled(restart=True)
+
+        self.spool.write([(task_id, replacement)], replacing=True).addCallbacks(written, failed)
 
     def publish_status(self, report: EPStatusReport) -> Deferred[None]:
         """Send a status report to the service (confirmed, not spooled)."""
