@@ -358,10 +358,12 @@ class DeliveryTests(TransportTestCase):
 
     async def _spool_write_fails(self) -> None:
         """A result that can be neither published nor spooled gives its task
-        back to the broker at once (not when the channel dies), which
-        delivers it again."""
+        back to the broker after ``release_delay`` (not when the channel
+        dies), which delivers it again."""
         transport, interchange = self.holding_transport()
+        transport.release_delay = 0.2
         await self.start_transport(transport)
+
         [task] = make_tasks(1)
         await self.service.publish_tasks(self.endpoint_id, [task])
         await wait_until(lambda: len(interchange.held) == 1)

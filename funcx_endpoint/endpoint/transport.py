@@ -163,6 +163,7 @@ class Transport(Service):
         self._spool_error: Optional[AMQPError] = None
         self._spool_waiters: List[Deferred[None]] = []
         self._resend_call: Any = None
+        self._delayed_releases: List[Any] = []  # DelayedCalls of _release_later
         self._publishing = 0  # results published, not yet confirmed or spooled
         self._idle_waiters: List[Deferred[None]] = []
         self._draining = False
@@ -299,7 +300,24 @@ class Transport(Service):
                 released += 1
         return released
 
+    #: Seconds before tasks whose results could be neither confirmed nor
+    #: spooled go back to the broker (to be delivered and run again).
+    release_delay = 5.0
+
+    def _release_later(self, refs: List[DeliveryRef]) -> None:
+        def release() -> None:
+            self._delayed_releases.remove(call)
+            released = self._release(refs)
+            self.log.warn(
+                "Gave {n} tasks whose results could not be spooled back to the broker",
+                n=released,
+            )
+
+        call = self._reactor.callLater(self.release_delay, release)
+        self._delayed_releases.append(call)
+
     def _check_idle(self) -> None:
+
         if self._idle_waiters and not len(self.tracker) and not self._publishing:
             waiters, self._idle_waiters = self._idle_waiters, []
             for d in waiters:
@@ -310,6 +328,10 @@ class Transport(Service):
         super().stopService()
         if self._resend_call is not None and self._resend_call.running:
             self._resend_call.stop()
+        for call in self._delayed_releases:
+            if call.active():
+                call.cancel()  # the deliveries go back when the channel closes
+        self._delayed_releases = []
         stops = []
         for conn in (self.tasks_conn, self.results_conn):
             if conn is not None and conn.running:
@@ -579,11 +601,9 @@ class Transport(Service):
             for task_id in task_ids:
                 self._publishing -= 1
                 self._spooled.pop(task_id, None)
-            released = self._release(self.tracker.withdraw(task_ids))
-            self.log.warn(
-                "Gave {n} tasks whose results could not be spooled back to the broker",
-                n=released,
-            )
+            # Not at once: while the spool stays unwritable and the results
+            # side down, an immediate requeue would run them again in a loop.
+            self._release_later(self.tracker.withdraw(task_ids))
             self._check_idle()
 
         self.spool.write(batch).addCallbacks(written, failed)
