@@ -149,6 +149,8 @@ class ParsingTests(SynchronousTestCase):
             (b'{"a": NaN}', "INVALID_JSON"),
             (b'{"a": -Infinity}', "INVALID_JSON"),
             (b'{"a": Infinity}', "INVALID_JSON"),
+            (b'{"a": 1e400}', "INVALID_JSON"),
+            (b"[-2.5e999]", "INVALID_JSON"),
             (b'{"a": "\\ud800"}', "INVALID_TEXT"),
             (b'{"\\udfff": 1}', "INVALID_TEXT"),
             (b'["x\\ud83d"]', "INVALID_TEXT"),
@@ -159,7 +161,24 @@ class ParsingTests(SynchronousTestCase):
         # Unchecked text is the handler's to check.
         self.assertEqual(parse_json(b'["\\ud800"]', check_text=False), ["\ud800"])
 
+    def test_permanent_storage_errors_by_class_chain(self) -> None:
+        from funcx_endpoint.webservice.dispatch import _permanent
+
+        class IntegrityError(Exception):
+            pass
+
+        class UniqueViolation(IntegrityError):  # as psycopg2.errors names it
+            pass
+
+        class OperationalError(Exception):
+            pass
+
+        self.assertTrue(_permanent(UniqueViolation("duplicate key")))
+        self.assertTrue(_permanent(UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogate")))
+        self.assertFalse(_permanent(OperationalError("server closed the connection")))
+
     def test_broker_urls(self) -> None:
+
         address = BrokerAddress("amqps", "example.org", 5671, "/")
         self.assertEqual(address.url("u@x", "p/w"), "amqps://u%40x:p%2Fw@example.org:5671/%2F")
 

@@ -93,7 +93,11 @@ _PERMANENT_DB_ERRORS = ("DataError", "IntegrityError")
 
 
 def _permanent(error: BaseException) -> bool:
-    return isinstance(error, _PERMANENT_ERRORS) or type(error).__name__ in _PERMANENT_DB_ERRORS
+    # Drivers raise subclasses (psycopg2's UniqueViolation is an IntegrityError):
+    # match the DB-API class names anywhere in the class chain.
+    return isinstance(error, _PERMANENT_ERRORS) or any(
+        cls.__name__ in _PERMANENT_DB_ERRORS for cls in type(error).__mro__
+    )
 
 
 def _sleep(reactor: Any, seconds: float) -> Deferred[None]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Pattern, Tuple
 from urllib.parse import unquote
@@ -89,6 +90,13 @@ def _not_json_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value (numbers must be finite)")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e400: valid JSON syntax, but no float holds it
+        raise ValueError(f"{text} is out of range (numbers must be finite)")
+    return value
+
+
 def utf8_encodable(text: str) -> bool:
     """Whether ``text`` can be stored as UTF-8 (it holds no lone surrogate)."""
     try:
@@ -101,7 +109,8 @@ def utf8_encodable(text: str) -> bool:
 def parse_json(raw: bytes, check_text: bool = True) -> Any:
     """``raw`` as JSON, or a 400 APIError: no NaN/Infinity; no lone surrogates if ``check_text``."""
     try:
-        value = json.loads(raw, parse_constant=_not_json_constant)
+        value = json.loads(raw, parse_constant=_not_json_constant, parse_float=_finite_float)
+
     except (ValueError, RecursionError) as e:
         raise bad_request(f"the body is not valid JSON: {e}", "INVALID_JSON") from None
     if check_text and _SURROGATE_HINT.search(raw) is not None:
