@@ -587,6 +587,9 @@ class DeliveryTests(TransportTestCase):
         transport.tasks_conn.client.transport.abortConnection()
         await wait_until(lambda: transport.tasks_conn.connections >= 2, 30)
         self.assertEqual(self.fatal, [])
+        # The refusal happened and was retried, not fatal.
+        self.assertGreaterEqual(transport.counts["stale_consumer_retries"], 1)
+
         tasks = make_tasks(5)
         await self.service.publish_tasks(self.endpoint_id, tasks)
         await self.service.when(lambda: self.service.answered([t.task_id for t in tasks]), 10)
@@ -851,8 +854,23 @@ class FaultTests(TransportTestCase):
         for task_id in ids[:2] + ids[3:]:
             self.assertFalse(self.service.results[task_id][-1].is_error)
         await wait_until(lambda: len(transport.tracker) == 0, 30)
+        # The limit is remembered: a later result over it (smaller than the
+        # first) is replaced before it is sent, costing no channel.
+        connections = transport.results_conn.connections
+        more = make_tasks(2)
+        more_ids = [t.task_id for t in more]
+        await self.service.publish_tasks(self.endpoint_id, more)
+        await wait_until(lambda: len(interchange.held) == 2)
+        interchange.answer(more_ids[:1], raw_data="y" * 1_500_000)
+        interchange.answer(more_ids[1:], data="fine")
+        await self.service.when(lambda: self.service.answered(more_ids), 30)
+        [second] = self.service.results[more_ids[0]]
+        self.assertEqual(second.error_details.code, "MaxResultSizeExceeded")
+        self.assertFalse(self.service.results[more_ids[1]][-1].is_error)
+        self.assertEqual(transport.results_conn.connections, connections)
 
     def test_result_larger_than_broker_allows(self) -> Deferred[None]:
+
         return ensureDeferred(self._too_large())
 
     async def _too_large_spooled(self) -> None:

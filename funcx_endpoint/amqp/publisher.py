@@ -160,7 +160,6 @@ class ConfirmingPublisher:
         self.closed = True
         code, text = close_reason(reason)
         too_large = _TOO_LARGE.search(text)
-        size = int(too_large.group(1)) if too_large else None
         limit = int(too_large.group(2)) if too_large else None
         pending, self._pending = self._pending, {}
         self._by_message_id = {}
@@ -174,6 +173,9 @@ class ConfirmingPublisher:
                 PublishFailed(
                     f"the channel closed before the broker confirmed: {text}",
                     code=code,
-                    too_large=limit if size is not None and length >= size else None,
+                    # Every message over the limit the broker named (not only
+                    # the one it refused) would be refused too.
+                    too_large=limit if limit is not None and length > limit else None,
+
                 )
             )

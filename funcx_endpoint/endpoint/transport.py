@@ -164,6 +164,10 @@ class Transport(Service):
         self._spool_waiters: List[Deferred[None]] = []
         self._resend_call: Any = None
         self._delayed_releases: List[Any] = []  # DelayedCalls of _release_later
+        # The broker's message size limit, once it refused a message for it:
+        # a bigger result is replaced before it is sent (each refusal costs
+        # the results channel).
+        self._broker_limit: Optional[int] = None
         self._publishing = 0  # results published, not yet confirmed or spooled
         self._idle_waiters: List[Deferred[None]] = []
         self._draining = False
@@ -175,7 +179,9 @@ class Transport(Service):
             "malformed": 0,
             "results_confirmed": 0,
             "results_spooled": 0,
+            "stale_consumer_retries": 0,
         }
+
 
     # -- lifecycle --------------------------------------------------------
 
@@ -387,8 +393,10 @@ class Transport(Service):
             or self._reactor.seconds() - conn.lost_at >= window
         ):
             return error
+        self.counts["stale_consumer_retries"] += 1
         return AMQPError(
             f"the task queue is still consumed by another connection, probably this "
+
             f"endpoint's previous one that the broker has not dropped yet; retrying for up "
             f"to {window:g} s after the connection was lost ({error.message})",
             error.code,
@@ -523,8 +531,12 @@ class Transport(Service):
         info = self.info.results
         properties = _amqp_properties(info.properties)
         publisher = self._publisher
+        limit = self._broker_limit
         for result in results:
             body = pack(result)
+            if limit is not None and len(body) > limit:
+                result = self._too_large(result, len(body), limit)
+                body = pack(result)
             self._publishing += 1
             if publisher is None or publisher.closed:
                 self._spool(result.task_id, body)
@@ -563,6 +575,7 @@ class Transport(Service):
     def _not_confirmed(self, failure: Failure, result: Result, body: bytes) -> None:
         error = failure.value
         if isinstance(error, PublishFailed) and error.too_large is not None:
+            self._broker_limit = error.too_large
             self._publishing -= 1
             self._on_results([self._too_large(result, len(body), error.too_large)])
             return
@@ -666,6 +679,9 @@ class Transport(Service):
             if body is None or task_id in self._resending:
                 continue
             room -= 1
+            if self._broker_limit is not None and len(body) > self._broker_limit:
+                self._replace_too_large(task_id, body, self._broker_limit)
+                continue
             self._resending.add(task_id)
             props = dict(properties, **{"message-id": task_id})
             d = publisher.publish(info.exchange, info.routing_key, body, props, info.mandatory)
@@ -688,7 +704,9 @@ class Transport(Service):
         error = failure.value
         body = self._spooled.get(task_id)
         if isinstance(error, PublishFailed) and error.too_large is not None and body is not None:
+            self._broker_limit = error.too_large
             self._replace_too_large(task_id, body, error.too_large)
+
         else:
             self.log.info(
                 "Spooled result of task {task_id} not confirmed yet: {error}",
