@@ -176,6 +176,5 @@ class ConfirmingPublisher:
                     # Every message over the limit the broker named (not only
                     # the one it refused) would be refused too.
                     too_large=limit if limit is not None and length > limit else None,
-
                 )
             )

@@ -96,7 +96,6 @@ def rotating_file(path: str, max_bytes: int, backup_count: int) -> LogFile:
         directory,
         rotateLength=max_bytes,
         maxRotatedFiles=max(1, backup_count),
-
         defaultMode=0o600,
     )
 

@@ -182,7 +182,6 @@ class Transport(Service):
             "stale_consumer_retries": 0,
         }
 
-
     # -- lifecycle --------------------------------------------------------
 
     def startService(self) -> None:
@@ -396,7 +395,6 @@ class Transport(Service):
         self.counts["stale_consumer_retries"] += 1
         return AMQPError(
             f"the task queue is still consumed by another connection, probably this "
-
             f"endpoint's previous one that the broker has not dropped yet; retrying for up "
             f"to {window:g} s after the connection was lost ({error.message})",
             error.code,
