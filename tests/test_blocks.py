@@ -461,7 +461,21 @@ class BlockScalerTests(SynchronousTestCase):
             self.assertEqual(self.scaler.consecutive_failures, attempt)
         self.assertEqual(self.scaler.failed_starts, 3)
 
+    def test_end_learned_late_is_still_a_failed_start(self) -> None:
+        """A provider that learns of a block's end long after its manager quit
+        (slow polling) does not make a short-lived block count as healthy."""
+        self.successResultOf(self.scaler.scale_out(1))
+        self.load.connect("0", registered_at=self.clock.seconds())
+        self.clock.advance(4.0)
+        self.load.disconnect_block("0")
+        self.clock.advance(76.0)  # the provider still says RUNNING
+        self.provider.set_state("job-0", JobState.FAILED, exit_code=4)
+        self.clock.advance(2.0)
+        self.assertEqual(self.scaler.consecutive_failures, 1)
+        self.assertEqual(self.scaler.failed_starts, 1)
+
     def test_poll_error_is_logged_and_polling_goes_on(self) -> None:
+
         self.successResultOf(self.scaler.scale_out(1))
         self.provider.status_error = RuntimeError("squeue failed")
         self.clock.advance(2.0)

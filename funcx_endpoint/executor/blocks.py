@@ -46,6 +46,7 @@ class Block:
     cancel_retry: bool = False  # the provider's cancel failed: try again
     managers_seen: bool = False  # one of its managers has connected
     manager_since: Optional[float] = None  # when its first manager seen registered
+    manager_last_seen: Optional[float] = None  # last time one of its managers was connected
     healthy: bool = False  # proved it works (see BlockScaler)
     ended_at: Optional[float] = None
     failed_start: bool = False
@@ -395,6 +396,7 @@ class BlockScaler(Service):
             if block is None:
                 continue
             block.managers_seen = True
+            block.manager_last_seen = now
             first = min(m.registered_at for m in managers)
             if block.manager_since is None or first < block.manager_since:
                 block.manager_since = first
@@ -439,10 +441,14 @@ class BlockScaler(Service):
             )
             self._retire(block)
             return
+        # Measured to the last time a manager of it was seen connected, not to
+        # now: a provider that polls slowly learns of the end late.
         healthy = block.healthy or (
             block.manager_since is not None
-            and now - block.manager_since >= self.min_healthy_lifetime
+            and block.manager_last_seen is not None
+            and block.manager_last_seen - block.manager_since >= self.min_healthy_lifetime
         )
+
         if not healthy:
             self._failed_start(block)
         if block.failed_start or status.state in (JobState.FAILED, JobState.MISSING):
