@@ -401,7 +401,9 @@ class ExecutionTests(TestCase):
             self,
             HighThroughputExecutor(
                 max_retries_on_system_failure=0,
-                worker_environment={"PYTHONHOME": "/nonexistent-python-home"},
+                # PYTHONPATH too: under `trial -j` it holds the standard
+                # library, which would let the workers start after all.
+                worker_environment={"PYTHONHOME": "/nonexistent-python-home", "PYTHONPATH": ""},
             ),
         )
         manager = cluster.start_manager(workers=1)

@@ -131,7 +131,16 @@ class LifecycleTests(SynchronousTestCase):
         self.assertIn("Endpoint ep1 is ready", text)
         self.assertIn("Endpoint ep1 stopped", text)
 
+    def test_start_timeout_is_not_taken_for_a_race(self) -> None:
+        result = self.cli("start", "ep1", "--timeout", "0.05")
+        self.assertEqual(result.returncode, 75, result.stdout + result.stderr)
+        self.assertIn("did not report ready within 0.05 s; it may still be starting", result.stderr)
+        self.assertNotIn("already running", result.stderr)
+        self.assertTrue(wait_for(lambda: self.ep.state() is EndpointState.RUNNING, 30))
+        self.assertEqual(self.cli("stop", "ep1").returncode, 0)
+
     def test_second_start_refused(self) -> None:
+
         pid = self.start()
         again = self.cli("start", "ep1")
         self.assertEqual(again.returncode, 1)
@@ -475,7 +484,61 @@ class StopKillsEverythingTests(SynchronousTestCase):
         self.assertIn("killed 2 leftover process(es)", result.stdout)
         self.assertEqual(alive(orphans), [])
 
+    def test_daemon_without_lock_recognised_by_its_command_line(self) -> None:
+        # A daemon started by an earlier version (or on a file system without
+        # flock) holds no lock: its command line naming this endpoint counts.
+        daemon = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(600)"]
+            + ["funcx-endpoint", "--name", "ep1", "--config-dir", self.ep.config_dir]
+        )
+        self.addCleanup(daemon.wait)
+        self.addCleanup(daemon.kill)
+        self.assertTrue(wait_for(lambda: "funcx-endpoint" in " ".join(self._argv(daemon.pid))))
+        with open(self.ep.pidfile, "w") as f:
+            f.write(str(daemon.pid))
+        self.assertFalse(self.ep.lock_held())
+        self.assertEqual(self.ep.state(), EndpointState.RUNNING)
+        # Another endpoint's daemon is not taken for this one's.
+        self.assertFalse(EndpointDir(self.config_dir, "ep2").runs_this_endpoint(daemon.pid))
+        result = run_cli(self.config_dir, "stop", "ep1", "--timeout", "1")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn(f"Endpoint 'ep1' stopped (pid {daemon.pid}", result.stdout)
+
+        self.assertIsNotNone(daemon.wait(10))
+
+    @staticmethod
+    def _argv(pid: int) -> list:
+        try:
+            return psutil.Process(pid).cmdline()
+        except psutil.Error:
+            return []
+
+    def test_stop_refuses_when_a_daemon_holds_the_lock_without_pidfile(self) -> None:
+        holder = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import fcntl, os, sys, time\n"
+                "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)\n"
+                "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                "print('locked', flush=True)\n"
+                "time.sleep(600)\n",
+                self.ep.lock_file,
+            ],
+            stdout=subprocess.PIPE,
+            env=child_env({"FUNCX_ENDPOINT_DIR": self.ep.path}),
+        )
+        self.addCleanup(holder.wait)
+        self.addCleanup(holder.kill)
+        assert holder.stdout is not None
+        self.assertEqual(holder.stdout.readline().strip(), b"locked")
+        result = run_cli(self.config_dir, "stop", "ep1")
+        self.assertEqual(result.returncode, 1, result.stdout)
+        self.assertIn("yet a daemon of it holds", result.stderr)
+        self.assertIsNone(holder.poll())  # marked, but not a leftover: left alone
+
     def test_a_stale_pidfile_never_kills_strangers(self) -> None:
+
         # A dead daemon's files name a session that now belongs to someone
         # else (session ids are reused), and a pid that is alive but not the
         # endpoint's: neither is touched.

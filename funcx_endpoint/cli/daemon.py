@@ -40,6 +40,7 @@ class StartResult:
     exit_code: int
     message: str
     info: Dict[str, Any] = attr.Factory(dict)
+    timed_out: bool = False  # no report within the timeout (the daemon may still start)
 
 
 def twistd_argv(
@@ -131,7 +132,10 @@ def launch_daemon(
                 EX_TEMPFAIL,
                 f"the daemon (pid {pid}) did not report ready within {timeout:g} s; it "
                 f"may still be starting: see {status_hint} and {log_hint}",
+                {"pid": pid},
+                timed_out=True,
             )
+
         detail = output or f"see {log_hint}"
         return StartResult(
             False,
@@ -267,6 +271,7 @@ class StopResult:
     clean: bool = True  # exited by itself after TERM
     killed: List[int] = attr.Factory(list)
     stale_pidfile: bool = False
+    lock_held_without_pidfile: bool = False
 
 
 def endpoint_leftovers(ep: EndpointDir) -> List[psutil.Process]:
@@ -279,6 +284,10 @@ def stop_daemon(ep: EndpointDir, grace: float) -> StopResult:
     """Stop endpoint ``ep`` completely; one call is always enough."""
     pid = ep.read_pid()
     if pid is None:
+        if ep.lock_held():
+            # A daemon runs but its pidfile is gone: its processes are not
+            # leftovers, and which pid to stop is unknown.
+            return StopResult(False, None, lock_held_without_pidfile=True)
         leftovers = kill_all(endpoint_leftovers(ep))
         return StopResult(False, None, killed=leftovers)
     owned = ep.owns(pid)

@@ -303,6 +303,7 @@ def start(ctx: Context, name: str, foreground: bool, timeout: float) -> None:
     elapsed = time.monotonic() - started
     if (
         not result.ok
+        and not result.timed_out
         and ep.state() is EndpointState.RUNNING
         and ep.read_pid() != result.info.get("pid")
     ):
@@ -337,6 +338,12 @@ def _stop(ctx: Context, ep: EndpointDir, timeout: Optional[float]) -> None:
         click.echo(
             f"Endpoint {ep.name!r} was not running: removed the stale pidfile of pid "
             f"{result.pid}{extra}."
+        )
+    elif result.lock_held_without_pidfile:
+        fail(
+            f"endpoint {ep.name!r} has no pidfile ({ep.pidfile}), yet a daemon of it holds "
+            f"{ep.lock_file}: find it with `fuser {ep.lock_file}` and stop it with kill",
+            EX_ALREADY,
         )
     elif not result.was_running:
         extra = (

@@ -137,12 +137,14 @@ class EndpointDir:
     def lock_file(self) -> str:
         return os.path.join(self.path, "daemon.lock")
 
-    def hold_lock(self, wait: float = 2.0) -> int:
+    def hold_lock(self, wait: float = 2.0) -> Optional[int]:
         """Take the endpoint's instance lock, for as long as this process lives.
 
         Returns the lock's file descriptor (keep it open; it survives twistd's
-        fork into a daemon).  Raises AlreadyRunning if another daemon holds
-        it after ``wait`` seconds (``list`` probes it for a moment).
+        fork into a daemon), or None where the file system has no ``flock``
+        (some NFS and Lustre mounts): then only the pidfile guards.  Raises
+        AlreadyRunning if another daemon holds it after ``wait`` seconds
+        (``list`` probes it for a moment).
         """
         fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         deadline = time.monotonic() + wait
@@ -158,24 +160,50 @@ class EndpointDir:
                         f"holds {self.lock_file}"
                     ) from None
                 time.sleep(0.05)
+            except OSError:  # ENOLCK, EOPNOTSUPP ...: no locks on this file system
+                os.close(fd)
+                return None
 
     def lock_held(self) -> bool:
         """True while a daemon of this endpoint is alive (it holds the lock)."""
         try:
             fd = os.open(self.lock_file, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+        except OSError:
             return False
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             return True
+        except OSError:  # no locks on this file system
+            return False
         finally:
             os.close(fd)
         return False
 
+    def runs_this_endpoint(self, pid: int) -> bool:
+        """True if ``pid``'s command line is twistd running this very endpoint
+        (``--name NAME --config-dir DIR``, as ``start`` runs it)."""
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            return False
+        wanted = [
+            [b"--name", self.name.encode()],
+            [b"--config-dir", self.config_dir.encode()],
+        ]
+        return all(any(argv[i : i + 2] == pair for i in range(len(argv) - 1)) for pair in wanted)
+
     def owns(self, pid: int) -> bool:
-        """True if ``pid`` is this endpoint's live daemon (not a reused pid)."""
-        return is_endpoint_process(pid) and self.lock_held()
+        """True if ``pid`` is this endpoint's live daemon (not a reused pid).
+
+        The daemon holds ``daemon.lock``; where it cannot (no ``flock`` on the
+        file system, or a daemon of an earlier version), its command line
+        naming this endpoint is taken as proof instead.
+        """
+        if not is_endpoint_process(pid):
+            return False
+        return self.lock_held() or self.runs_this_endpoint(pid)
 
     def log_file(self, log_dir: Optional[str] = None) -> str:
         return os.path.join(log_dir or self.path, "endpoint.log")

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from twisted.application.service import IService
 from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
 from twisted.python import usage
 
 from funcx_endpoint.amqp.spool import ResultSpool
@@ -186,4 +187,10 @@ def makeService(options: Options) -> IService:
     logs.configure(
         log_settings(endpoint_dir, config, bool(options["debug"]), bool(options["log-stdout"]))
     )
+    if options.lock_fd is None:
+        Logger(namespace="funcx_endpoint.endpoint").warn(
+            "The file system of {path} has no file locks: only the pidfile keeps a "
+            "second daemon of this endpoint from starting",
+            path=endpoint_dir.lock_file,
+        )
     return build_endpoint(endpoint_dir, config, reactor, options["ready-fd"])
