@@ -1,6 +1,9 @@
-"""Finding processes by a marker in their environment.
+"""Processes: liveness, pidfiles, and finding processes by a marker.
 
-A process started by the endpoint daemon (managers, workers, and whatever a
+Shared by ``funcx-endpoint`` (its daemon's files, see
+:mod:`funcx_endpoint.endpoint.layout`) and ``funcx-service``.
+
+Markers: a process started by the endpoint daemon (managers, workers, and whatever a
 task starts) inherits ``FUNCX_ENDPOINT_DIR``; the RabbitMQ nodes of the test
 harness and of ``funcx-service`` carry a marker of their own.  A marker
 survives re-parenting to init and a new session, so it finds the leftovers of
@@ -10,12 +13,101 @@ shares a (reused) session id is never taken for ours.
 
 from __future__ import annotations
 
+import errno
+import json
 import os
-from typing import List
+from typing import Iterable, List, Optional
 
 import psutil
 
-__all__ = ["marked_processes"]
+from funcx_endpoint.files import write_atomically
+
+__all__ = [
+    "command_line_has",
+    "marked_processes",
+    "pid_alive",
+    "processes",
+    "read_daemon_session",
+    "read_pidfile",
+    "write_daemon_info",
+]
+
+
+def pid_alive(pid: int) -> bool:
+    """True if a process ``pid`` exists (and is not a zombie)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError as e:
+        if e.errno == errno.ESRCH:
+            return False
+        if e.errno != errno.EPERM:
+            raise
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # Field 3 (after the parenthesised command) is the state.
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def command_line_has(pid: int, *words: bytes) -> bool:
+    """True if ``pid`` is alive and its command line contains one of ``words``
+    (a guard against a reused pid)."""
+    if not pid_alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return False
+    return any(word in cmdline for word in words)
+
+
+def processes(pids: Iterable[int]) -> List[psutil.Process]:
+    """psutil handles of those of ``pids`` that exist."""
+    result = []
+    for pid in pids:
+        try:
+            result.append(psutil.Process(pid))
+        except psutil.Error:
+            pass
+    return result
+
+
+def read_pidfile(path: str) -> Optional[int]:
+    """The pid in ``path``; None if there is no pidfile, -1 if it is garbled (stale)."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return -1
+    try:
+        return int(text)
+    except ValueError:
+        return -1
+
+
+def write_daemon_info(path: str, pid: int, session: Optional[int]) -> None:
+    """Record a daemon's pid and the session it owns (None: not its own), 0600."""
+    write_atomically(path, json.dumps({"pid": pid, "session": session}).encode())
+
+
+def read_daemon_session(path: str, pid: int) -> Optional[int]:
+    """The session daemon ``pid`` recorded in ``path`` as its own, if any."""
+    try:
+        with open(path) as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or info.get("pid") != pid:
+        return None
+    session = info.get("session")
+    return session if isinstance(session, int) and session > 0 else None
 
 
 def marked_processes(name: str, value: str) -> List[psutil.Process]:

@@ -19,14 +19,14 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import attr
 import psutil
 
-from funcx_endpoint.endpoint.layout import OWNER_ENV, EndpointDir, pid_alive
+from funcx_endpoint.endpoint.layout import OWNER_ENV, EndpointDir
 from funcx_endpoint.lifecycle import EX_SOFTWARE, EX_TEMPFAIL
-from funcx_endpoint.procs import marked_processes
+from funcx_endpoint.procs import marked_processes, pid_alive
 
 TWISTD_BOOTSTRAP = "from twisted.scripts.twistd import run; run()"
 LOGGER = "funcx_endpoint.endpoint.logs.make_observer"
@@ -199,16 +199,6 @@ def run_foreground(ep: EndpointDir, *, debug: bool) -> int:
     options.parseOptions(twistd_argv(ep, daemon=False, debug=debug, ready_fd=None))
     runApp(options)
     return exit_status.code
-
-
-def _processes(pids: Iterable[int]) -> List[psutil.Process]:
-    result = []
-    for pid in pids:
-        try:
-            result.append(psutil.Process(pid))
-        except psutil.Error:
-            pass
-    return result
 
 
 def session_members(sid: int) -> List[psutil.Process]:

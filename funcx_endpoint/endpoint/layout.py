@@ -9,7 +9,6 @@ derived from those files alone (PROTOCOL.md section 5).
 from __future__ import annotations
 
 import enum
-import errno
 import fcntl
 import hashlib
 import json
@@ -21,6 +20,12 @@ import time
 from typing import Any, Dict, Optional
 
 from funcx_endpoint.files import write_atomically
+from funcx_endpoint.procs import (
+    command_line_has,
+    read_daemon_session,
+    read_pidfile,
+    write_daemon_info,
+)
 
 DEFAULT_CONFIG_DIR = os.path.join("~", ".funcx")
 #: Set to the endpoint's directory in the environment of the daemon's
@@ -70,36 +75,9 @@ def ensure_private_dir(path: str) -> None:
     os.chmod(path, 0o700)
 
 
-def pid_alive(pid: int) -> bool:
-    """True if a process ``pid`` exists (and is not a zombie)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except OSError as e:
-        if e.errno == errno.ESRCH:
-            return False
-        if e.errno != errno.EPERM:
-            raise
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            # Field 3 (after the parenthesised command) is the state.
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        return state != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def is_endpoint_process(pid: int) -> bool:
     """True if ``pid`` is alive and runs funcx-endpoint (guards against pid reuse)."""
-    if not pid_alive(pid):
-        return False
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
-    except OSError:
-        return False
-    return b"funcx-endpoint" in cmdline or b"funcx_endpoint" in cmdline
+    return command_line_has(pid, b"funcx-endpoint", b"funcx_endpoint")
 
 
 class EndpointDir:
@@ -226,16 +204,8 @@ class EndpointDir:
         return os.path.isfile(self.config_file)
 
     def read_pid(self) -> Optional[int]:
-        """The pid in ``daemon.pid``, or None if there is no (valid) pidfile."""
-        try:
-            with open(self.pidfile) as f:
-                text = f.read().strip()
-        except FileNotFoundError:
-            return None
-        try:
-            return int(text)
-        except ValueError:
-            return -1  # a pidfile that is there but garbled: stale
+        """The pid in ``daemon.pid``, or None if there is no pidfile (-1: garbled, stale)."""
+        return read_pidfile(self.pidfile)
 
     def remove_pidfile(self) -> None:
         try:
@@ -245,9 +215,7 @@ class EndpointDir:
 
     def write_daemon_info(self, pid: int, session: Optional[int]) -> None:
         """Record the daemon's pid and the session it owns (None: not its own)."""
-        write_atomically(
-            self.daemon_info_file, json.dumps({"pid": pid, "session": session}).encode()
-        )
+        write_daemon_info(self.daemon_info_file, pid, session)
 
     def remove_daemon_info(self) -> None:
         try:
@@ -259,19 +227,12 @@ class EndpointDir:
         """The session the daemon ``pid`` owns, if it recorded one.
 
         A daemonized endpoint leads (or inherited from twistd's intermediate
-        process) a session of its own; its children, and their orphans, are
-        found by that session id.  A foreground endpoint shares the user's
-        terminal session and records none.
+        process) a session of its own; ``stop`` kills what is left in it while
+        the daemon is alive (once it is gone, the id may be reused: leftovers
+        are then found by their marker).  A foreground endpoint shares the
+        user's terminal session and records none.
         """
-        try:
-            with open(self.daemon_info_file) as f:
-                info = json.load(f)
-        except (FileNotFoundError, ValueError):
-            return None
-        if not isinstance(info, dict) or info.get("pid") != pid:
-            return None
-        session = info.get("session")
-        return session if isinstance(session, int) and session > 0 else None
+        return read_daemon_session(self.daemon_info_file, pid)
 
     def read_endpoint_json(self) -> Dict[str, Any]:
         try:

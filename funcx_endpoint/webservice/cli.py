@@ -33,6 +33,13 @@ from funcx_endpoint.cli.daemon import (
     launch_daemon,
     stop_process_tree,
 )
+from funcx_endpoint.procs import (
+    command_line_has,
+    pid_alive,
+    processes,
+    read_daemon_session,
+    read_pidfile,
+)
 from funcx_endpoint.version import __version__
 from funcx_endpoint.webservice.settings import (
     OPTIONS,
@@ -59,43 +66,13 @@ def fail(message: str, code: int = 1) -> None:
     sys.exit(code)
 
 
-def _pid_alive(pid: int) -> bool:
-    from funcx_endpoint.endpoint.layout import pid_alive
-
-    return pid_alive(pid)
-
-
 def is_service_process(pid: int) -> bool:
     """True if ``pid`` is alive and runs funcx-service (guards against pid reuse)."""
-    if pid <= 0 or not _pid_alive(pid):
-        return False
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"funcx-service" in f.read()
-    except OSError:
-        return False
+    return pid > 0 and command_line_has(pid, b"funcx-service")
 
 
 def read_pid(settings: ServiceSettings) -> Optional[int]:
-    try:
-        with open(settings.pidfile) as f:
-            return int(f.read().strip() or "0")
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return -1
-
-
-def daemon_session(settings: ServiceSettings, pid: int) -> Optional[int]:
-    try:
-        with open(settings.daemon_info_file) as f:
-            info = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(info, dict) or info.get("pid") != pid:
-        return None
-    session = info.get("session")
-    return session if isinstance(session, int) and session > 0 else None
+    return read_pidfile(settings.pidfile)
 
 
 def running_pid(settings: ServiceSettings) -> Optional[int]:
@@ -284,22 +261,10 @@ def _wait_gone(pid: Any, timeout: float) -> None:
     if not isinstance(pid, int) or pid <= 0:
         return
     deadline = time.monotonic() + timeout
-    while _pid_alive(pid) and time.monotonic() < deadline:
+    while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    if _pid_alive(pid) and is_service_process(pid):
-        kill_all(_processes([pid]))
-
-
-def _processes(pids: Any) -> Any:
-    import psutil
-
-    found = []
-    for pid in pids:
-        try:
-            found.append(psutil.Process(pid))
-        except psutil.Error:
-            pass
-    return found
+    if pid_alive(pid) and is_service_process(pid):
+        kill_all(processes([pid]))
 
 
 def _stop(settings: ServiceSettings, grace: float) -> StopResult:
@@ -310,7 +275,10 @@ def _stop(settings: ServiceSettings, grace: float) -> StopResult:
         result = StopResult(False, None)
     else:
         result = stop_process_tree(
-            pid, daemon_session(settings, pid), grace, is_ours=is_service_process
+            pid,
+            read_daemon_session(settings.daemon_info_file, pid),
+            grace,
+            is_ours=is_service_process,
         )
     # The embedded broker's processes run in sessions of their own: find them by
     # the marker in their environment, whatever happened to the service.

@@ -45,6 +45,7 @@ from funcx_endpoint.lifecycle import (
     StartupReporter,
     exit_status,
 )
+from funcx_endpoint.procs import write_daemon_info
 from funcx_endpoint.version import __version__
 from funcx_endpoint.webservice.api import BrokerAddress, FuncXAPI
 from funcx_endpoint.webservice.auth import AuthAPI, Authenticator
@@ -155,14 +156,10 @@ class WebService(Service):
         self.started_at = time.time()
         settings = self.settings
         session = os.getsid(0)
-        tls.write_private_file(
+        write_daemon_info(
             settings.daemon_info_file,
-            json.dumps(
-                {
-                    "pid": os.getpid(),
-                    "session": session if session != self._session_at_build else None,
-                }
-            ).encode(),
+            os.getpid(),
+            session if session != self._session_at_build else None,
         )
         if self._stop_on_eof_fd is not None:
             _watch_eof(self._reactor, self._stop_on_eof_fd, self._parent_gone)
