@@ -176,3 +176,60 @@ class BrokerRefusalTests(TestCase):
             self.assertFalse(service.running)
 
         return Deferred.fromCoroutine(go())
+
+
+class PostgresHarnessTests(TestCase):
+    """The harness's watchdog: a test run killed with SIGKILL leaves no server."""
+
+    timeout = 120
+
+    def test_owner_killed_leaves_no_server(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self.owner_killed())
+
+    async def owner_killed(self) -> None:
+        import json
+        import os
+        import signal
+        import subprocess
+        import sys
+
+        import psutil
+
+        from funcx_endpoint.testing.postgres import PostgresNotInstalled, PostgresServer
+
+        try:
+            PostgresServer._run_as()
+        except PostgresNotInstalled as e:
+            raise SkipTest(str(e)) from None
+        owner = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import json, time\n"
+                "from funcx_endpoint.testing.postgres import PostgresServer\n"
+                "server = PostgresServer()\n"
+                "server.start()\n"
+                "print(json.dumps({'pid': server._process.pid, 'base': server.base_dir}),"
+                " flush=True)\n"
+                "time.sleep(600)\n",
+            ],
+            stdout=subprocess.PIPE,
+            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+        )
+        self.addCleanup(owner.wait)
+        self.addCleanup(lambda: owner.poll() is None and owner.kill())
+        assert owner.stdout is not None
+        line = await deferToThread(owner.stdout.readline)
+        if not line:
+            raise SkipTest("the PostgreSQL harness could not start a server here")
+        info = json.loads(line)
+        server = psutil.Process(info["pid"])
+        self.assertTrue(os.path.isdir(info["base"]))
+        os.kill(owner.pid, signal.SIGKILL)
+        for _ in range(300):
+            gone = not server.is_running() or server.status() == psutil.STATUS_ZOMBIE
+            if gone and not os.path.exists(info["base"]):
+                break
+            await sleep(0.1)
+        self.assertFalse(server.is_running() and server.status() != psutil.STATUS_ZOMBIE)
+        self.assertFalse(os.path.exists(info["base"]))

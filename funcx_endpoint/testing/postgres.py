@@ -35,6 +35,8 @@ from typing import Any, Dict, List, Optional
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 
+from funcx_endpoint.testing.rabbitmq import WATCHDOG_WAIT
+
 __all__ = [
     "PostgresError",
     "PostgresNotInstalled",
@@ -50,22 +52,12 @@ _INSTALL_HINT = (
     f"or set {BIN_ENV} to the directory holding initdb and postgres."
 )
 
-_WATCHDOG = r"""
-import os, shutil, signal, sys, time
+# The same watchdog as the RabbitMQ harness's: once its owner is gone, it kills
+# the server's process group and removes its files.
+_WATCHDOG = (
+    WATCHDOG_WAIT
+    + r"""
 pgid = int(sys.argv[1]); base = sys.argv[2]
-for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
-    signal.signal(s, signal.SIG_IGN)
-data = b""
-while True:
-    try:
-        chunk = os.read(0, 512)
-    except InterruptedError:
-        continue
-    if not chunk:
-        break
-    data += chunk
-if b"release" in data:
-    sys.exit(0)
 for sig in (signal.SIGQUIT, signal.SIGKILL):
     try:
         os.killpg(pgid, sig)
@@ -74,6 +66,7 @@ for sig in (signal.SIGQUIT, signal.SIGKILL):
     time.sleep(0.5)
 shutil.rmtree(base, ignore_errors=True)
 """
+)
 
 
 class PostgresError(Exception):

@@ -287,11 +287,9 @@ def _kill_node_processes(name: str) -> None:
 # library, so it works whatever sys.path the owner had). It blocks reading its stdin,
 # a pipe whose only writer is the owner. "release" means the owner stopped the node
 # itself; EOF without it means the owner died, so the watchdog kills the node.
-_WATCHDOG_SOURCE = r"""
+# WATCHDOG_WAIT returns only once the owner is gone; the script after it cleans up.
+WATCHDOG_WAIT = r"""
 import os, shutil, signal, sys, time
-marker = sys.argv[1].encode()
-grace = float(sys.argv[2])
-remove = sys.argv[3:]
 for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
     signal.signal(s, signal.SIG_IGN)
 data = b""
@@ -305,6 +303,13 @@ while True:
     data += chunk
 if b"release" in data:
     sys.exit(0)
+"""
+_WATCHDOG_SOURCE = (
+    WATCHDOG_WAIT
+    + r"""
+marker = sys.argv[1].encode()
+grace = float(sys.argv[2])
+remove = sys.argv[3:]
 
 def ours():
     found = []
@@ -349,6 +354,7 @@ for path in remove:
         except OSError:
             pass
 """
+)
 
 
 def _pid_alive(pid: int, create_time: float | None) -> bool:
