@@ -843,7 +843,35 @@ class ResultTests(SynchronousTestCase):
         self.assertFalse(manager.lost)
         self.assertEqual(len(log.warnings()), 2)
 
+    def test_unreadable_result_of_a_held_task_answers_it(self) -> None:
+        # A result naming its task but failing validation (a manager of another
+        # version): the task ends with an error instead of waiting forever.
+        harness = Harness(self)
+        log = CapturedLog(self)
+        manager = harness.manager()
+        task = make_task()
+        harness.interchange.submit([task])
+        harness.flush()
+        bad = (
+            b'\x01{"message_type":"result","data":{"task_id":"%s","data":"x",'
+            b'"error_details":null,"task_statuses":[{"state":"no-such-state",'
+            b'"actor":"worker","timestamp":1}]}}' % str(task.task_id).encode()
+        )
+        manager.callRemote(SendResults, results=[bad])
+        harness.flush()
+        [result] = harness.results
+        self.assertEqual(str(result.task_id), str(task.task_id))
+        self.assertEqual(result.error_details.code, ErrorCode.VERSION_MISMATCH)
+        self.assertIn("unknown task state 'no-such-state'", result.error_details.user_message)
+        self.assertEqual(harness.interchange.outstanding_tasks(), 0)
+        self.assertEqual(len(log.warnings()), 1)
+        # A second copy finds nothing held and answers nothing more.
+        manager.callRemote(SendResults, results=[bad])
+        harness.flush()
+        self.assertEqual(len(harness.results), 1)
+
     def test_malformed_batch_drops_manager(self) -> None:
+
         harness = Harness(self)
         log = CapturedLog(self)
         manager = harness.manager()

@@ -1058,17 +1058,13 @@ class Interchange(Service):
         outstanding = manager.outstanding
         tasks = self._tasks
         answer = self._ready.append
-        note = self._note
         for packed in packed_results:
             try:
                 result = unpack(packed)
             except MessageError as exc:
-                self.log.warn(
-                    "Ignored an unreadable result from {manager}: {error}",
-                    manager=manager.describe(),
-                    error=exc,
-                )
-                continue
+                result = self._unreadable_result(manager, exc)
+                if result is None:
+                    continue
             if type(result) is not Result:
                 self.log.warn(
                     "Ignored a {kind} message sent as a result by {manager}",
@@ -1087,14 +1083,12 @@ class Interchange(Service):
                 )
                 continue
             del tasks[task_id]
+            # The result carries every transition itself; none is noted here
+            # (_deliver would only forget it again in this reactor turn).
             theirs = result.task_statuses
-            if theirs:
-                for transition in theirs:
-                    note(task_id, transition)
-                result.task_statuses = record.transitions + theirs
-            else:
-                result.task_statuses = record.transitions
+            result.task_statuses = record.transitions + theirs if theirs else record.transitions
             answer(result)
+
         now = self.clock.seconds()
         manager.completions.add(len(packed_results), now)
         manager.tasks_completed += len(packed_results)
@@ -1104,7 +1098,27 @@ class Interchange(Service):
             self._deliver_call = self.clock.callLater(0, self._deliver)
         self._schedule_dispatch()
 
+    def _unreadable_result(self, manager: _Manager, error: MessageError) -> Optional[Result]:
+        """The failure that answers a result this endpoint cannot read, if it
+        names a task (else None: nothing to answer, it is only logged).
+
+        A manager of another version may send what this one does not accept;
+        its task must still end, not wait at the manager forever.
+        """
+        self.log.warn(
+            "Unreadable result from {manager}: {error}", manager=manager.describe(), error=error
+        )
+        if error.task_id is None:
+            return None
+        return Result.failure(
+            error.task_id,
+            ErrorCode.VERSION_MISMATCH,
+            f"the manager on {manager.hostname} sent a result this endpoint cannot read "
+            f"(are the endpoint and the manager the same version?): {error}",
+        )
+
     def _connection_lost(self, connection: ManagerConnection, reason: Failure) -> None:
+
         self._connections.discard(connection)
         if connection.registration_deadline is not None:
             connection.registration_deadline.cancel()
