@@ -39,6 +39,7 @@ from funcx_endpoint.executor.providers.base import read_tail
 from funcx_endpoint.executor.providers.local import (
     FINISHED_KEPT,
     GROUP_POLL_INTERVAL,
+    GROUP_POLL_MAX_INTERVAL,
     KILL_WAIT,
     SETSID_SHIM,
     IProcessGroups,
@@ -58,14 +59,18 @@ class FakeGroups:
     """Fake process groups (``ProcessGroups``) over the fake reactor's processes.
 
     A group is alive while its leader runs, or while the test keeps
-    ``remnants`` in it (processes the leader left behind).
+    ``remnants`` in it (processes the leader left behind); it exists (``killpg(pgid, 0)``
+    succeeds) also while the test keeps ``zombies`` in it.  ``scans`` has the
+    clock's time of each (slow) ``alive`` call.
     """
 
     def __init__(self, reactor: MemoryProcessReactor) -> None:
         self.reactor = reactor
         self.sent: List[Tuple[int, int]] = []
         self.remnants: Set[int] = set()
+        self.zombies: Set[int] = set()
         self.not_yet: Set[int] = set()  # leaders that have not called setsid()
+        self.scans: List[float] = []
 
     def _leader(self, pgid: int) -> Optional[FakeProcess]:
         for process in self.reactor.processes:
@@ -73,14 +78,21 @@ class FakeGroups:
                 return process
         return None
 
-    def alive(self, pgid: int) -> bool:
+    def _live(self, pgid: int) -> bool:
         leader = self._leader(pgid)
         return (leader is not None and not leader.exited and pgid not in self.not_yet) or (
             pgid in self.remnants
         )
 
+    def exists(self, pgid: int) -> bool:
+        return self._live(pgid) or pgid in self.zombies
+
+    def alive(self, pgid: int) -> bool:
+        self.scans.append(self.reactor.seconds())
+        return self._live(pgid)
+
     def signal(self, pgid: int, signum: int) -> None:
-        if not self.alive(pgid):
+        if not self.exists(pgid):
             raise ProcessLookupError(pgid)
         self.sent.append((pgid, signum))
 
@@ -319,6 +331,108 @@ class LocalProviderUnitTests(SynchronousTestCase):
         self.groups.remnants.clear()
         self.reactor.advance(GROUP_POLL_INTERVAL)
         self.successResultOf(gone)
+
+    def test_poll_backs_off(self) -> None:
+        """A stopping group is checked after 0.1 s, then at doubling intervals up to 1 s."""
+        provider = self.provider(stop_grace_period=10.0)
+        provider.submit("run", 1)
+        process = self.reactor.processes[0]
+        pgid = process.original_pid
+        self.groups.remnants.add(pgid)
+        process.simulate_exit(0)
+        self.assertEqual(self.groups.sent, [(pgid, signal.SIGTERM)])
+        delays = []
+        while self.groups.sent[-1][1] != signal.SIGKILL:
+            [call] = self.reactor.getDelayedCalls()
+            delay = call.getTime() - self.reactor.seconds()
+            delays.append(round(delay, 6))
+            self.reactor.advance(delay + 1e-9)
+        self.assertEqual(delays, [0.1, 0.2, 0.4, 0.8] + [GROUP_POLL_MAX_INTERVAL] * 8 + [0.5])
+        # One scan of the process table per check (the first two when the
+        # rank ended: is something left? has TERM done it?), not every 0.1 s.
+        self.assertEqual(len(self.groups.scans), 2 + len(delays) + 1)
+        self.groups.remnants.clear()
+        self.reactor.advance(GROUP_POLL_INTERVAL)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_no_scan_while_the_leader_runs_or_once_the_group_is_gone(self) -> None:
+        """The process table is scanned only while the group still exists after
+        its leader ended; otherwise ``killpg(pgid, 0)`` answers."""
+        provider = self.provider(stop_grace_period=3.0)
+        job_id = provider.submit("run", 1)
+        process = self.reactor.processes[0]
+        provider.cancel([job_id])
+        gone = provider.when_gone(job_id)
+        self.reactor.advance(2.0)  # TERM ignored for a while
+        process.simulate_killed(signal.SIGTERM)
+        self.successResultOf(gone)
+        self.assertEqual(self.groups.scans, [])
+
+    def test_group_scan_runs_in_a_thread(self) -> None:
+        """The scan runs through ``run_in_thread``; the polls of a rank share one scan."""
+        scans: List[Tuple[Any, Tuple[Any, ...], Deferred[bool]]] = []
+
+        def in_thread(f: Any, *args: Any) -> Deferred[bool]:
+            d: Deferred[bool] = Deferred()
+            scans.append((f, args, d))
+            return d
+
+        provider = self.provider(run_in_thread=in_thread)
+        job_id = provider.submit("run", 1)
+        process = self.reactor.processes[0]
+        pgid = process.original_pid
+        self.groups.remnants.add(pgid)
+        process.simulate_exit(0)
+        [(f, args, scan)] = scans
+        self.assertEqual((f, args), (self.groups.alive, (pgid,)))
+        self.assertEqual(self.groups.scans, [])  # not on the reactor thread
+        self.assertEqual(self.groups.sent, [])  # nothing stopped before the answer
+        gone = provider.when_gone(job_id)
+        self.assertEqual(len(scans), 1)  # shared
+        scan.callback(f(*args))
+        self.assertEqual(self.groups.sent, [(pgid, signal.SIGTERM)])
+        self.assertEqual(len(scans), 2)  # the stop's first check
+        self.assertNoResult(gone)
+        self.groups.remnants.clear()
+        self.groups.zombies.add(pgid)  # killed, not reaped yet
+        scans[1][2].callback(scans[1][0](*scans[1][1]))
+        self.successResultOf(gone)  # the stop's check found it gone: when_gone's poll too
+        self.assertEqual(len(scans), 2)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_failed_scan_counts_as_alive(self) -> None:
+        scans: List[Deferred[bool]] = []
+
+        def in_thread(f: Any, *args: Any) -> Deferred[bool]:
+            scans.append(Deferred())
+            return scans[-1]
+
+        provider = self.provider(run_in_thread=in_thread)
+        events: List[Dict[str, Any]] = []
+        provider.log = Logger(observer=cast(ILogObserver, events.append))
+        provider.submit("run", 1)
+        process = self.reactor.processes[0]
+        self.groups.remnants.add(process.original_pid)
+        process.simulate_exit(0)
+        scans[0].errback(psutil.AccessDenied())
+        self.assertEqual(self.groups.sent, [(process.original_pid, signal.SIGTERM)])
+        [event] = [e for e in events if "Could not check" in e["log_format"]]
+        self.assertIsInstance(event["log_failure"].value, psutil.AccessDenied)
+        self.groups.remnants.clear()
+        scans[1].callback(False)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_zombies_only_are_not_stopped(self) -> None:
+        """A group holding only zombies after its leader ended counts as gone."""
+        provider = self.provider()
+        job_id = provider.submit("run", 1)
+        process = self.reactor.processes[0]
+        self.groups.zombies.add(process.original_pid)
+        process.simulate_exit(0)
+        self.assertEqual(self.groups.sent, [])
+        self.successResultOf(provider.when_gone(job_id))
+        self.assertEqual(provider.status([job_id])[0].state, JobState.COMPLETED)
+        self.assertNotIn(job_id, provider.resources)
 
     def test_stop_service_waits_for_every_process(self) -> None:
         provider = self.provider(nodes_per_block=2)

@@ -32,15 +32,20 @@ import os
 import signal
 import sys
 from collections import OrderedDict
-from typing import Any, Dict, List, Mapping, Optional, Sequence, cast
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, cast
 
 import psutil
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
-from twisted.internet.interfaces import IProcessTransport, IReactorProcess, IReactorTime
+from twisted.internet.interfaces import (
+    IProcessTransport,
+    IReactorProcess,
+    IReactorThreads,
+    IReactorTime,
+)
 from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
@@ -58,8 +63,11 @@ from funcx_endpoint.executor.providers.base import (
 # leader, then become the shell.  The pid, hence the group id, stays the same.
 SETSID_SHIM = "import os, sys; os.setsid(); os.execv(sys.argv[1], sys.argv[1:])"
 
-#: How often a stopping rank's process group is checked for survivors.
+#: How soon a stopping rank's process group is first checked for survivors;
+#: the interval doubles after each check, up to :data:`GROUP_POLL_MAX_INTERVAL`.
 GROUP_POLL_INTERVAL = 0.1
+#: The longest interval between two checks of a stopping rank's process group.
+GROUP_POLL_MAX_INTERVAL = 1.0
 #: How long processes get to disappear after KILL before we give up on them.
 KILL_WAIT = 5.0
 #: Final statuses of dropped jobs remembered (``status`` answers MISSING
@@ -75,8 +83,19 @@ class IProcessGroups(Interface):
     def signal(pgid: int, signum: int) -> None:
         """Send ``signum`` to the group; ``ProcessLookupError`` if it is empty."""
 
+    def exists(pgid: int) -> bool:
+        """True while the group has any process, zombies included.
+
+        Cheap (one system call): the provider calls it on the reactor thread.
+        (An object without this method is treated as if it always said True.)
+        """
+
     def alive(pgid: int) -> bool:
-        """True while a process of the group runs (zombies do not count)."""
+        """True while a process of the group runs (zombies do not count).
+
+        May be slow (it may scan the process table): the provider calls it in
+        a thread, and only once :meth:`exists` said True.
+        """
 
 
 @implementer(IProcessGroups)
@@ -90,12 +109,8 @@ class ProcessGroups:
         """``os.killpg``: raises ``ProcessLookupError`` if the group is empty."""
         os.killpg(pgid, signum)
 
-    def alive(self, pgid: int) -> bool:
-        """True while a process of the group runs.
-
-        Zombies do not count: a killed process whose parent died waits, dead,
-        until init reaps it, which some inits do only every second or two.
-        """
+    def exists(self, pgid: int) -> bool:
+        """``os.killpg(pgid, 0)``: True while the group has a process, even a zombie."""
         try:
             os.killpg(pgid, 0)
         except ProcessLookupError:
@@ -103,6 +118,17 @@ class ProcessGroups:
         except PermissionError:
             # Only processes we may not signal (a setuid program) are left:
             # there is nothing more we can do about them.
+            return False
+        return True
+
+    def alive(self, pgid: int) -> bool:
+        """True while a process of the group runs; walks the whole process
+        table (blocking: the provider calls it in a thread).
+
+        Zombies do not count: a killed process whose parent died waits, dead,
+        until init reaps it, which some inits do only every second or two.
+        """
+        if not self.exists(pgid):
             return False
         for proc in psutil.process_iter(["status"]):
             try:
@@ -143,6 +169,11 @@ class _Rank(ProcessProtocol):
         self.exit_code: Optional[int] = None
         self.group_gone = False
         self.terminator: Optional[Deferred[None]] = None
+        # Polls of the group waiting for their next check (woken early when
+        # the rank ends or its group is found empty).
+        self.sleepers: List[Deferred[None]] = []
+        # Callers waiting for the scan of the group in progress, if any.
+        self.scan_waiters: Optional[List[Deferred[bool]]] = None
 
     def __repr__(self) -> str:
         return f"<rank {self.rank} of job {self.job.job_id} pid={self.pid}>"
@@ -231,7 +262,16 @@ class LocalProvider(Service):
     session of its own (through the interpreter ``python`` and
     :data:`SETSID_SHIM`) and signals whole groups through ``groups``
     (:class:`IProcessGroups`); tests with a fake reactor turn it off or pass
-    a fake ``groups``.
+    a fake ``groups``.  ``run_in_thread(f, *args)`` (a Deferred) runs the
+    slow part of a group check (``groups.alive``) off the reactor thread; by
+    default in the reactor's thread pool, or, for a reactor without threads
+    (a fake one), at once.
+
+    A stopping rank's group is checked cheaply (``groups.exists``) after
+    :data:`GROUP_POLL_INTERVAL` seconds, then at doubling intervals up to
+    :data:`GROUP_POLL_MAX_INTERVAL`, and at once when the rank's process
+    ends; the process table is scanned (in a thread) only while the group
+    still exists after its leader ended, to tell zombies from live processes.
 
     As a service, ``stopService`` cancels every job and fires once all their
     processes, and whatever they started in their groups, have exited.
@@ -261,9 +301,13 @@ class LocalProvider(Service):
         groups: Optional[IProcessGroups] = None,
         python: str = sys.executable,
         shell: str = "/bin/sh",
+        run_in_thread: Optional[Callable[..., Deferred[Any]]] = None,
     ) -> None:
         self._reactor = reactor
         self._clock = clock if clock is not None else cast(IReactorTime, reactor)
+        if run_in_thread is None:
+            run_in_thread = _thread_runner(reactor)
+        self._in_thread = run_in_thread
         self.working_dir = working_dir
         self._label = label
         self.init_blocks = init_blocks
@@ -481,24 +525,81 @@ class LocalProvider(Service):
                 how=how,
                 path=rank.stderr_path,
             )
+        # Polls of the rank's group look again now.
+        self._wake(rank)
         # Whatever the rank left behind in its group goes too.
         if rank.terminator is None and not self._rank_gone(rank):
+            Deferred.fromCoroutine(self._stop_leftovers(rank))
+
+    async def _stop_leftovers(self, rank: _Rank) -> None:
+        """Stop what the ended rank left in its group, unless only zombies are."""
+        try:
+            if not await self._scan(rank) or rank.terminator is not None:
+                return
             self.log.info(
                 "Stopping processes left in the group of block job {job_id} rank {rank}",
-                job_id=job.job_id,
+                job_id=rank.job.job_id,
                 rank=rank.rank,
             )
-            self._when_rank_gone(rank)
+            self._when_rank_gone(rank, scanned=True)
+        except Exception:
+            self.log.failure("Error while stopping what {rank} left", rank=repr(rank))
 
     def _rank_gone(self, rank: _Rank) -> bool:
-        """True once the rank's process has exited and its group is empty."""
+        """True once the rank's process has exited and its group is known to be
+        empty.  Cheap: it does not scan the process table (see :meth:`_check_gone`)."""
         if not rank.ended:
             return False
         if not self._process_groups or rank.group_gone or rank.pid is None:
             return True
-        if not self._groups.alive(rank.pid):
-            rank.group_gone = True
+        exists = getattr(self._groups, "exists", None)
+        if exists is not None and not exists(rank.pid):
+            self._group_emptied(rank)
         return rank.group_gone
+
+    async def _check_gone(self, rank: _Rank) -> bool:
+        """:meth:`_rank_gone`, telling a group of zombies from a live one by a
+        scan of the process table in a thread."""
+        if self._rank_gone(rank):
+            return True
+        if not rank.ended:
+            return False
+        return not await self._scan(rank)
+
+    def _scan(self, rank: _Rank) -> Deferred[bool]:
+        """Fires with ``groups.alive`` of the rank's group, asked in a thread;
+        callers during a scan share it.  A failed scan counts as alive."""
+        waiter: Deferred[bool] = Deferred()
+        if rank.scan_waiters is not None:
+            rank.scan_waiters.append(waiter)
+            return waiter
+        waiters = rank.scan_waiters = [waiter]
+
+        def failed(failure: Failure) -> bool:
+            self.log.failure("Could not check process group {pgid}", failure, pgid=rank.pid)
+            return True
+
+        def finished(alive: bool) -> None:
+            rank.scan_waiters = None
+            if not alive:
+                self._group_emptied(rank)
+            for w in waiters:
+                w.callback(alive)
+
+        self._in_thread(self._groups.alive, rank.pid).addCallback(bool).addErrback(
+            failed
+        ).addCallback(finished)
+        return waiter
+
+    def _group_emptied(self, rank: _Rank) -> None:
+        rank.group_gone = True
+        self._wake(rank)
+
+    def _wake(self, rank: _Rank) -> None:
+        """Polls of the rank's group waiting for their next check check now."""
+        for sleeper in list(rank.sleepers):
+            if not sleeper.called:
+                sleeper.callback(None)
 
     def _signal(self, rank: _Rank, signum: int) -> None:
         if self._process_groups and rank.pid is not None and not rank.group_gone:
@@ -519,13 +620,13 @@ class LocalProvider(Service):
             except ProcessExitedAlready:
                 pass
 
-    def _when_rank_gone(self, rank: _Rank) -> Deferred[None]:
+    def _when_rank_gone(self, rank: _Rank, scanned: bool = False) -> Deferred[None]:
         """Stop the rank (TERM, KILL after the grace period) unless that is
         under way; a fresh Deferred that fires when it is gone."""
         if rank.terminator is None:
             if self._rank_gone(rank):
                 return succeed(None)
-            rank.terminator = Deferred.fromCoroutine(self._terminate(rank))
+            rank.terminator = Deferred.fromCoroutine(self._terminate(rank, scanned))
         return self._wait_rank(rank)
 
     def _wait_rank(self, rank: _Rank) -> Deferred[None]:
@@ -539,8 +640,12 @@ class LocalProvider(Service):
         rank.terminator.addBoth(fire)
         return waiter
 
-    async def _terminate(self, rank: _Rank) -> None:
+    async def _terminate(self, rank: _Rank, scanned: bool = False) -> None:
+        """TERM, KILL after the grace period.  Unless ``scanned`` (a scan just
+        found live processes), an ended rank's group is scanned first."""
         try:
+            if rank.ended and not scanned and await self._check_gone(rank):
+                return  # only zombies were left
             self._signal(rank, signal.SIGTERM)
             if await self._wait_gone(rank, self.stop_grace_period):
                 return
@@ -567,17 +672,48 @@ class LocalProvider(Service):
             self.log.failure("Error while stopping {rank}", rank=repr(rank))
 
     async def _wait_gone(self, rank: _Rank, timeout: Optional[float]) -> bool:
-        """Poll until the rank is gone (True) or ``timeout`` seconds pass (False)."""
+        """Poll until the rank is gone (True) or ``timeout`` seconds pass (False).
+
+        The interval grows from :data:`GROUP_POLL_INTERVAL` to
+        :data:`GROUP_POLL_MAX_INTERVAL`; the rank's end, or another poll
+        finding its group empty, ends the wait early.
+        """
         deadline = None if timeout is None else self._clock.seconds() + timeout
-        while not self._rank_gone(rank):
-            delay = GROUP_POLL_INTERVAL
+        interval = GROUP_POLL_INTERVAL
+        while not await self._check_gone(rank):
+            delay = interval
             if deadline is not None:
                 remaining = deadline - self._clock.seconds()
-                if remaining <= 0:
+                if remaining <= 1e-9:
                     return False
                 delay = min(delay, remaining)
-            await deferLater(self._clock, delay)
+            await self._sleep(rank, delay)
+            interval = min(interval * 2, GROUP_POLL_MAX_INTERVAL)
         return True
+
+    async def _sleep(self, rank: _Rank, seconds: float) -> None:
+        """Wait ``seconds``, or until :meth:`_wake` wakes the rank's polls."""
+        sleeper: Deferred[None] = Deferred()
+        call = self._clock.callLater(seconds, sleeper.callback, None)
+        rank.sleepers.append(sleeper)
+        try:
+            await sleeper
+        finally:
+            rank.sleepers.remove(sleeper)
+            if call.active():
+                call.cancel()
+
+
+def _thread_runner(reactor: Any) -> Callable[..., Deferred[Any]]:
+    """``run_in_thread`` for ``reactor``: its thread pool if it has one,
+    else (a fake reactor) a call at once."""
+    if IReactorThreads.providedBy(reactor):
+
+        def in_pool(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+            return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+        return in_pool
+    return maybeDeferred
 
 
 def provider_from_config(
