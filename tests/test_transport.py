@@ -318,6 +318,38 @@ class DeliveryTests(TransportTestCase):
     def test_clean_stop_releases_unstarted_tasks(self) -> Deferred[None]:
         return ensureDeferred(self._clean_stop_releases())
 
+    async def _delivered_while_draining(self) -> None:
+        """Tasks that still arrive while the endpoint drains (the consumer
+        cancel failed) are neither run nor lost: the next instance gets them."""
+        transport, interchange = self.holding_transport()
+        await self.start_transport(transport)
+        [running] = make_tasks(1)
+        await self.service.publish_tasks(self.endpoint_id, [running])
+        await wait_until(lambda: len(interchange.held) == 1)
+        interchange.start_tasks([running.task_id])
+
+        async def cancel_fails() -> None:
+            raise RuntimeError("the broker did not answer basic.cancel")
+
+        transport._consumer.cancel = cancel_fails
+        drained = ensureDeferred(transport.drain(grace=10))
+        late = make_tasks(3)
+        await self.service.publish_tasks(self.endpoint_id, late)
+        await wait_until(lambda: transport.counts["tasks_held_while_draining"] == 3)
+        self.assertEqual(len(interchange.held), 1)  # the late ones were not submitted
+        interchange.answer([running.task_id])
+        await drained
+        await transport.stopService()
+        successor = self.make_transport()
+        await self.start_transport(successor)
+        ids = [running.task_id] + [t.task_id for t in late]
+        await self.service.when(lambda: self.service.answered(ids), 30)
+        counts = self.service.counts(ids)
+        self.assertEqual((counts["lost"], counts["duplicated"]), (0, 0))
+
+    def test_tasks_delivered_while_draining_go_to_the_next_instance(self) -> Deferred[None]:
+        return ensureDeferred(self._delivered_while_draining())
+
     async def _redelivered_not_rerun(self) -> None:
         transport, interchange = self.holding_transport()
         await self.start_transport(transport)

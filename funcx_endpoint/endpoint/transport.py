@@ -180,6 +180,7 @@ class Transport(Service):
             "results_confirmed": 0,
             "results_spooled": 0,
             "stale_consumer_retries": 0,
+            "tasks_held_while_draining": 0,
         }
 
     # -- lifecycle --------------------------------------------------------
@@ -457,6 +458,13 @@ class Transport(Service):
 
     def _on_delivery(self, delivery: Delivery, generation: int, acks: AckBatcher) -> None:
         acks.delivered(delivery.delivery_tag)
+        if self._draining:
+            # Arrived after the consumer was cancelled (the cancel failed, or a
+            # reconnection consumed again): not run, not acknowledged; the
+            # broker delivers it again once this channel closes at the stop.
+            # (Rejecting it now would only bring it straight back.)
+            self.counts["tasks_held_while_draining"] += 1
+            return
         try:
             message = unpack(delivery.body)
         except MessageError as e:
