@@ -1,10 +1,14 @@
-"""Unit tests of the AMQP client's fast path and of the task tracker (no broker)."""
+"""Unit tests of the AMQP client's fast path, of the task tracker and of the
+result spool's ordering (no broker)."""
 
 from __future__ import annotations
 
+import os
 import struct
-from typing import Any, List, Tuple
+import uuid
+from typing import Any, Callable, List, Tuple
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
@@ -22,6 +26,7 @@ from funcx_endpoint.amqp.client import (
     decode_properties,
     encode_properties,
 )
+from funcx_endpoint.amqp.spool import ResultSpool
 from funcx_endpoint.endpoint.tasks import Decision, TaskTracker
 
 
@@ -195,3 +200,85 @@ class TaskTrackerTests(SynchronousTestCase):
         tracker.mark_done(["a", "b", "c"])
         self.assertIs(tracker.delivered("a", (1, 1)), Decision.RUN)
         self.assertIs(tracker.delivered("c", (1, 2)), Decision.ALREADY_DONE)
+
+
+class FakeThreads:
+    """A ``run_in_thread`` whose calls wait until the test runs them."""
+
+    def __init__(self) -> None:
+        self.calls: List[Tuple[Callable[..., Any], Tuple[Any, ...], Deferred[Any]]] = []
+
+    def __call__(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.calls.append((f, args, d))
+        return d
+
+    def names(self) -> List[str]:
+        return [f.__name__ for f, _, _ in self.calls]
+
+    def run(self, index: int) -> None:
+        """Run the call (as the thread would) and fire its Deferred."""
+        f, args, d = self.calls[index]
+        d.callback(f(*args))
+
+    def fail(self, index: int, error: Exception) -> None:
+        self.calls[index][2].errback(error)
+
+
+class ResultSpoolOrderTests(SynchronousTestCase):
+    """Operations on one task id run in call order, each in a thread."""
+
+    def setUp(self) -> None:
+        self.threads = FakeThreads()
+        self.dir = os.path.abspath(self.mktemp())
+        self.spool = ResultSpool(self.dir, self.threads)
+        self.task = str(uuid.uuid4())
+
+    def test_remove_after_write_waits_for_it(self) -> None:
+        written = self.spool.write([(self.task, b"result")])
+        removed = self.spool.remove([self.task])
+        self.assertEqual(self.threads.names(), ["_write_many"])  # the remove waits
+        other = str(uuid.uuid4())
+        self.spool.write([(other, b"other")])  # another task's write does not
+        self.assertEqual(self.threads.names(), ["_write_many", "_write_many"])
+        self.threads.run(0)
+        self.assertEqual(self.successResultOf(written), 1)
+        self.assertEqual(self.threads.names(), ["_write_many", "_write_many", "_remove_many"])
+        self.assertTrue(os.path.exists(os.path.join(self.dir, self.task)))
+        self.threads.run(2)
+        self.assertEqual(self.successResultOf(removed), 1)
+        self.threads.run(1)
+        self.assertEqual(os.listdir(self.dir), [other])  # no orphan
+
+    def test_a_failed_write_does_not_stop_the_next(self) -> None:
+        written = self.spool.write([(self.task, b"result")])
+        removed = self.spool.remove([self.task])
+        self.threads.fail(0, OSError("disk full"))
+        self.failureResultOf(written, OSError)  # the writer's to handle
+        self.assertEqual(self.threads.names(), ["_write_many", "_remove_many"])
+        self.threads.run(1)
+        self.assertEqual(self.successResultOf(removed), 0)
+
+    def test_a_failed_remove_is_logged(self) -> None:
+        removed = self.spool.remove([self.task])
+        self.threads.fail(0, PermissionError("read-only"))
+        self.assertEqual(self.successResultOf(removed), 0)  # no unhandled error
+        self.assertEqual(len(self.flushLoggedErrors(PermissionError)), 1)
+        written = self.spool.write([(self.task, b"again")])
+        self.threads.run(1)
+        self.assertEqual(self.successResultOf(written), 1)
+
+    def test_load_waits_for_everything_before_and_everything_after_for_it(self) -> None:
+        self.spool.write([(self.task, b"result")])
+        loaded = self.spool.load()
+        other = str(uuid.uuid4())
+        self.spool.write([(other, b"other")])
+        self.assertEqual(self.threads.names(), ["_write_many"])
+        self.threads.run(0)
+        self.assertEqual(self.threads.names(), ["_write_many", "_load_all"])
+        self.threads.run(1)
+        self.assertEqual(self.successResultOf(loaded), {self.task: b"result"})
+        self.assertEqual(self.threads.names(), ["_write_many", "_load_all", "_write_many"])
+        self.threads.run(2)
+        self.assertEqual(self.spool._last, {})
+        self.assertIsNone(self.spool._last_load)

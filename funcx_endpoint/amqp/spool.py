@@ -6,16 +6,23 @@ before the task's delivery is acknowledged, so a result survives the
 endpoint, the broker or the machine going down; it is removed once the
 broker confirms a later publish of it.  All disk work runs in a thread: fsync
 takes milliseconds and the reactor must not wait for it.
+
+Operations on the same task id run one after the other, in the order they
+were called (a remove called after a write waits for the write, or it could
+finish first and leave an orphan file, sent again after a restart); those on
+different task ids may run at the same time.  ``load`` waits for everything
+called before it, and everything called after it waits for ``load``.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
-from typing import Callable, Dict, Iterable, List, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 Blocking = Callable[..., Deferred]
 
@@ -38,6 +45,41 @@ class ResultSpool:
         self.directory = directory
         self._in_thread = run_in_thread
         self.count = 0  # files in the spool, as far as we know
+        # Fires (with None) when the last operation called on a task id ends.
+        self._last: Dict[str, Deferred[None]] = {}
+        # The same for the last load (which concerns every task id).
+        self._last_load: Optional[Deferred[None]] = None
+
+    def _in_order(
+        self, task_ids: List[str], f: Callable[..., Any], *args: Any, everything: bool = False
+    ) -> Deferred[Any]:
+        """``run_in_thread(f, *args)`` once the operations called before on
+        ``task_ids`` (all of them if ``everything``), and the last load, ended."""
+        before: List[Deferred[None]] = []
+        if everything:
+            before.extend(self._last.values())
+        else:
+            before.extend(self._last[t] for t in task_ids if t in self._last)
+        if self._last_load is not None:
+            before.append(self._last_load)
+        waits = [_after(d) for d in {id(d): d for d in before}.values()]
+        done: Deferred[None] = Deferred()
+        if everything:
+            self._last_load = done
+        for task_id in task_ids:
+            self._last[task_id] = done
+
+        def finished(result: Any) -> Any:
+            if self._last_load is done:
+                self._last_load = None
+            for task_id in task_ids:
+                if self._last.get(task_id) is done:
+                    del self._last[task_id]
+            done.callback(None)
+            return result
+
+        start = gatherResults(waits) if waits else succeed(None)
+        return start.addCallback(lambda _: self._in_thread(f, *args)).addBoth(finished)
 
     def _ensure_dir(self) -> None:
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
@@ -74,7 +116,7 @@ class ResultSpool:
         batch = list(items)
         if not replacing:
             self.count += len(batch)
-        return self._in_thread(self._write_many, batch)
+        return self._in_order([task_id for task_id, _ in batch], self._write_many, batch)
 
     def _remove_many(self, task_ids: List[str]) -> int:
         removed = 0
@@ -87,10 +129,23 @@ class ResultSpool:
         return removed
 
     def remove(self, task_ids: Iterable[str]) -> Deferred:
-        """Forget results the broker has confirmed."""
+        """Forget results the broker has confirmed.
+
+        Fires with the number of files removed; never fails: an error is
+        logged here (and the files are sent again after a restart).
+        """
         batch = list(task_ids)
         self.count = max(0, self.count - len(batch))
-        return self._in_thread(self._remove_many, batch)
+
+        def failed(failure: Failure) -> int:
+            self.log.failure(
+                "Could not remove confirmed results {task_ids} from the spool",
+                failure,
+                task_ids=batch,
+            )
+            return 0
+
+        return self._in_order(batch, self._remove_many, batch).addErrback(failed)
 
     def _load_all(self) -> Dict[str, bytes]:
         self._ensure_dir()
@@ -113,4 +168,11 @@ class ResultSpool:
             self.count = len(found)
             return found
 
-        return self._in_thread(self._load_all).addCallback(loaded)
+        return self._in_order([], self._load_all, everything=True).addCallback(loaded)
+
+
+def _after(d: Deferred[None]) -> Deferred[None]:
+    """A new Deferred that fires (with None) when ``d``, which never fails, fires."""
+    fresh: Deferred[None] = Deferred()
+    d.addCallback(lambda _: fresh.callback(None))
+    return fresh
