@@ -94,14 +94,19 @@ class ConfirmingPublisher:
             d.errback(PublishFailed("the channel is closed"))
             return d
         seq = self._next_seq
-        self._next_seq += 1
         props = dict(properties) if properties else {}
         message_id = props.get("message-id")
         if message_id is None:
             message_id = props["message-id"] = f"seq-{seq}"
+        try:
+            self.channel.publish(exchange, routing_key, body, props, mandatory)
+        except Exception as e:  # nothing was sent (bad properties): no sequence number used
+            d.errback(PublishFailed(f"the message could not be published: {e}"))
+            return d
+        # The broker's confirm cannot arrive before the reactor runs again.
+        self._next_seq += 1
         self._pending[seq] = (d, len(body), message_id)
         self._by_message_id[message_id] = seq
-        self.channel.publish(exchange, routing_key, body, props, mandatory)
         return d
 
     def _settle(self, seq: int, error: Optional[PublishFailed]) -> None:

@@ -22,6 +22,7 @@ broker close the results channel over and over.
 
 from __future__ import annotations
 
+import struct
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
@@ -31,7 +32,7 @@ from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from funcx_endpoint.amqp.client import AMQPClient, Delivery
+from funcx_endpoint.amqp.client import AMQPClient, Delivery, encode_properties
 from funcx_endpoint.amqp.connection import AMQPURL, AMQPConnectionService, AMQPError, close_reason
 from funcx_endpoint.amqp.consumer import AckBatcher, ExclusiveConsumer, QueueHeldElsewhere
 from funcx_endpoint.amqp.publisher import ConfirmingPublisher, PublishFailed
@@ -92,11 +93,22 @@ class BrokerInfo:
                     queue=str(results["queue"]),
                     routing_key=str(publish.get("routing_key", f"{endpoint_id}.results")),
                     mandatory=bool(publish.get("mandatory", True)),
-                    properties=dict(publish.get("properties") or {"delivery_mode": 2}),
+                    properties=_checked_properties(publish.get("properties")),
                 ),
             )
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"the registration answer lacks broker details ({e!r})") from None
+
+
+def _checked_properties(given: Any) -> Dict[str, Any]:
+    """The results' publish properties of a registration answer, checked now
+    (a bad one would otherwise fail every publish later)."""
+    properties = dict(given or {"delivery_mode": 2})
+    try:
+        encode_properties(_amqp_properties(properties))
+    except (ValueError, TypeError, struct.error, OverflowError) as e:
+        raise ValueError(f"the registration answer has bad publish properties: {e}") from None
+    return properties
 
 
 def _amqp_properties(properties: Dict[str, Any]) -> Dict[str, Any]:

@@ -75,6 +75,7 @@ from funcx_endpoint.executor.interface import (
 from funcx_endpoint.protocol import (
     ActorName,
     ErrorCode,
+    Message,
     MessageError,
     Result,
     Task,
@@ -1059,6 +1060,7 @@ class Interchange(Service):
         tasks = self._tasks
         answer = self._ready.append
         for packed in packed_results:
+            result: Optional[Message]
             try:
                 result = unpack(packed)
             except MessageError as exc:
@@ -1066,6 +1068,7 @@ class Interchange(Service):
                 if result is None:
                     continue
             if type(result) is not Result:
+
                 self.log.warn(
                     "Ignored a {kind} message sent as a result by {manager}",
                     kind=type(result).__name__,
