@@ -63,6 +63,27 @@ class TransportTestCase(TestCase):
     def setUp(self) -> Deferred[None]:
         return ensureDeferred(self.set_up())
 
+    def holding_transport(self, **kwargs: Any) -> Any:
+        """A transport whose interchange holds tasks until the test answers them."""
+        from funcx_endpoint.testing.interchanges import HoldingInterchange
+
+        interchange = HoldingInterchange()
+        transport = self.make_transport(**kwargs)
+        transport.interchange = interchange
+        interchange.on_results = transport._on_results
+        return transport, interchange
+
+    async def limit_message_size(self, size: int) -> None:
+        """Make the broker refuse messages over ``size`` bytes for this test."""
+
+        def set_limit(limit: int) -> Deferred[Any]:
+            return self.node.rabbitmqctl_async(
+                reactor, "eval", f"application:set_env(rabbit, max_message_size, {limit})."
+            )
+
+        await set_limit(size)
+        self.addCleanup(set_limit, 134217728)  # RabbitMQ's default
+
     def make_transport(
         self, url: Optional[str] = None, ca_file: Optional[str] = "default", **kwargs: Any
     ) -> Transport:
@@ -205,15 +226,6 @@ class TLSTests(TransportTestCase):
 
 class DeliveryTests(TransportTestCase):
     """The delivery promise on the shared node."""
-
-    def holding_transport(self, **kwargs: Any) -> Any:
-        from funcx_endpoint.testing.interchanges import HoldingInterchange
-
-        interchange = HoldingInterchange()
-        transport = self.make_transport(**kwargs)
-        transport.interchange = interchange
-        interchange.on_results = transport._on_results
-        return transport, interchange
 
     async def _second_instance(self) -> None:
         first = self.make_transport()
@@ -853,20 +865,8 @@ class FaultTests(TransportTestCase):
         return ensureDeferred(self._spool_after_crash())
 
     async def _too_large(self) -> None:
-        from funcx_endpoint.testing.interchanges import HoldingInterchange
-
-        await self.node.rabbitmqctl_async(
-            reactor, "eval", "application:set_env(rabbit, max_message_size, 1048576)."
-        )
-        self.addCleanup(
-            lambda: self.node.rabbitmqctl_async(
-                reactor, "eval", "application:set_env(rabbit, max_message_size, 134217728)."
-            )
-        )
-        interchange = HoldingInterchange()
-        transport = self.make_transport()
-        transport.interchange = interchange
-        interchange.on_results = transport._on_results
+        await self.limit_message_size(1048576)
+        transport, interchange = self.holding_transport()
         await self.start_transport(transport)
         tasks = make_tasks(6)
         ids = [t.task_id for t in tasks]
@@ -908,20 +908,8 @@ class FaultTests(TransportTestCase):
     async def _too_large_spooled(self) -> None:
         """A spooled result larger than the broker allows is replaced by an
         error when it is sent again; it does not block the other results."""
-        from funcx_endpoint.testing.interchanges import HoldingInterchange
-
-        await self.node.rabbitmqctl_async(
-            reactor, "eval", "application:set_env(rabbit, max_message_size, 1048576)."
-        )
-        self.addCleanup(
-            lambda: self.node.rabbitmqctl_async(
-                reactor, "eval", "application:set_env(rabbit, max_message_size, 134217728)."
-            )
-        )
-        interchange = HoldingInterchange()
-        transport = self.make_transport()
-        transport.interchange = interchange
-        interchange.on_results = transport._on_results
+        await self.limit_message_size(1048576)
+        transport, interchange = self.holding_transport()
         await self.start_transport(transport)
         tasks = make_tasks(4)
         ids = [t.task_id for t in tasks]
@@ -955,15 +943,11 @@ class FaultTests(TransportTestCase):
 
 class PolicyTests(TransportTestCase):
     async def _allowed(self) -> None:
-        from funcx_endpoint.testing.interchanges import HoldingInterchange
-
         allowed = str(uuid.uuid4())
         other = str(uuid.uuid4())
-        interchange = HoldingInterchange()
-        transport = self.make_transport(allowed_functions=[allowed])
-        transport.interchange = interchange
-        interchange.on_results = transport._on_results
+        transport, interchange = self.holding_transport(allowed_functions=[allowed])
         await self.start_transport(transport)
+
         good = Task(str(uuid.uuid4()), NOOP_BUFFER, function_id=allowed)
         bad = Task(str(uuid.uuid4()), NOOP_BUFFER, function_id=other)
         anonymous = Task(str(uuid.uuid4()), NOOP_BUFFER)
