@@ -1068,7 +1068,6 @@ class Interchange(Service):
                 if result is None:
                     continue
             if type(result) is not Result:
-
                 self.log.warn(
                     "Ignored a {kind} message sent as a result by {manager}",
                     kind=type(result).__name__,
