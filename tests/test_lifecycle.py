@@ -350,11 +350,10 @@ class LifecycleTests(SynchronousTestCase):
         status = self.cli("status", "ep1")
         self.assertIn(f"pid: {proc.pid}", status.stdout)
         self.assertIsNone(self.ep.daemon_session(proc.pid))
-        proc.send_signal(signal.SIGINT)
         # twistd ends with the signal that stopped it, as shells expect.
-        self.assertEqual(proc.wait(30), -signal.SIGINT)
-        output = proc.stdout.read().decode()
+        output = self.stop_foreground(proc, signal.SIGINT)
         self.assertIn("Endpoint ep1 is ready", output)
+
         self.assertIsNone(self.ep.read_pid())
 
     def test_twistd_runs_plugin_in_foreground(self) -> None:
@@ -387,8 +386,22 @@ class LifecycleTests(SynchronousTestCase):
             if "is ready" in line or not line:
                 break
         self.assertIn("Endpoint ep1 is ready", "".join(lines))
-        proc.terminate()
-        self.assertEqual(proc.wait(30), -signal.SIGTERM)
+        self.stop_foreground(proc, signal.SIGTERM)
+
+    def stop_foreground(self, proc: subprocess.Popen, sig: int) -> str:
+        """Send ``sig``; the output, once the process died of it within 30 s.
+
+        The output is read while waiting: a full stdout pipe would stall it."""
+        proc.send_signal(sig)
+        try:
+            raw, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raw, _ = proc.communicate()
+            self.fail(f"the endpoint did not stop within 30 s of {sig}:\n{raw.decode()[-5000:]}")
+        output = raw.decode()
+        self.assertEqual(proc.returncode, -sig, output[-5000:])
+        return output
 
 
 FAKE_DAEMON = textwrap.dedent(
