@@ -340,7 +340,7 @@ class LifecycleTests(SynchronousTestCase):
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env=child_env(self.env),
+            env=child_env(dict(self.env, PYTHONFAULTHANDLER="1")),
         )
         self.addCleanup(proc.kill)
         self.addCleanup(proc.stdout.close)
@@ -396,9 +396,19 @@ class LifecycleTests(SynchronousTestCase):
         try:
             raw, _ = proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            raw, _ = proc.communicate()
-            self.fail(f"the endpoint did not stop within 30 s of {sig}:\n{raw.decode()[-5000:]}")
+            # With PYTHONFAULTHANDLER set (child_env), SIGABRT makes it print
+            # every thread's stack: where it hangs.
+            proc.send_signal(signal.SIGABRT)
+            try:
+                raw, _ = proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raw, _ = proc.communicate()
+
+            self.fail(
+                f"the endpoint did not stop within 30 s of {sig} (SIGINT here: "
+                f"{signal.getsignal(signal.SIGINT)}):\n{raw.decode()[-8000:]}"
+            )
         output = raw.decode()
         self.assertEqual(proc.returncode, -sig, output[-5000:])
         return output
