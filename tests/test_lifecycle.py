@@ -341,6 +341,10 @@ class LifecycleTests(SynchronousTestCase):
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=child_env(dict(self.env, PYTHONFAULTHANDLER="1")),
+            # A test run started in the background (`make test &`, nohup) ignores
+            # SIGINT, and a child would inherit that: Twisted then leaves SIGINT
+            # ignored, as it should for a background job.  Ctrl-C is the point here.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         self.addCleanup(proc.kill)
         self.addCleanup(proc.stdout.close)
