@@ -30,16 +30,12 @@ from twisted.protocols import amp
 from twisted.trial.unittest import TestCase
 
 from funcx_endpoint.config.model import HighThroughputExecutor
-from funcx_endpoint.executor.amp import (
-    ConnectionInfo,
-    Register,
-    RegistrationRefused,
-    SendResults,
-    local_versions,
-)
 from funcx_endpoint.executor.interchange import Interchange
 from funcx_endpoint.manager.service import EXIT_REFUSED
-from funcx_endpoint.protocol import (
+from funcx_endpoint.testing.interchanges import CollectingSink
+from funcx_endpoint.testing.managers import ManagerProcess, spawn_manager
+from funcx_endpoint.tls import make_ca
+from funcx_endpoint.wire import (
     ErrorCode,
     Result,
     Task,
@@ -50,8 +46,15 @@ from funcx_endpoint.protocol import (
     pack_payload,
     serialize,
 )
-from funcx_endpoint.testing.managers import ManagerProcess, spawn_manager
-from funcx_endpoint.tls import make_ca
+from funcx_endpoint.wire.amp import (
+    Register,
+    RegistrationRefused,
+    SendResults,
+)
+from funcx_endpoint.wire.info import (
+    ConnectionInfo,
+    local_versions,
+)
 
 # -- functions the tests run (sent as source: self-contained) ----------------
 
@@ -133,7 +136,7 @@ class Cluster:
             reactor,
             os.path.join(self.dir, "interchange"),
             executor or HighThroughputExecutor(),
-            on_results=self._on_results,
+            CollectingSink(self._on_results),
             **options,
         )
         self.interchange.startService()

@@ -20,36 +20,17 @@ from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from twisted.protocols import amp
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from funcx_endpoint.config.model import HighThroughputExecutor
-from funcx_endpoint.executor.amp import (
-    MAX_CHUNK,
-    CancelTask,
-    ChunkedBytes,
-    ChunkedList,
-    ConnectionInfo,
-    Heartbeat,
-    InfoFileError,
-    ManagerSettings,
-    Quitting,
-    RateMeter,
-    Register,
-    RegistrationRefused,
-    SendResults,
-    Shutdown,
-    SubmitTasks,
-    TaskBatch,
-    decode_list,
-    encode_list,
-    local_versions,
-    versions_differ,
-)
 from funcx_endpoint.executor.interchange import MAX_UNREGISTERED_BYTES, Interchange
-from funcx_endpoint.executor.interface import IInterchange, ILoadSource, ManagerInfo
-from funcx_endpoint.protocol import (
+from funcx_endpoint.executor.interface import IInterchange, ILoadSource, IResultSink, ManagerInfo
+from funcx_endpoint.testing.interchanges import CollectingSink
+from funcx_endpoint.wire import (
     ActorName,
     ErrorCode,
+    PackedResult,
     Result,
     Task,
     TaskState,
@@ -58,6 +39,32 @@ from funcx_endpoint.protocol import (
     pack_function,
     pack_payload,
     serialize,
+)
+from funcx_endpoint.wire.amp import (
+    MAX_CHUNK,
+    CancelTask,
+    ChunkedBytes,
+    ChunkedList,
+    Heartbeat,
+    Quitting,
+    RateMeter,
+    Register,
+    RegistrationRefused,
+    SendResults,
+    Shutdown,
+    SubmitTasks,
+    TaskBatch,
+)
+from funcx_endpoint.wire.framing import (
+    decode_list,
+    encode_list,
+)
+from funcx_endpoint.wire.info import (
+    ConnectionInfo,
+    InfoFileError,
+    ManagerSettings,
+    local_versions,
+    versions_differ,
 )
 
 
@@ -116,7 +123,9 @@ class FakeManager(amp.AMP):
         transport.loseConnection()
 
     def send_results(self, *results: Result) -> None:
-        self.callRemote(SendResults, results=[pack(r) for r in results])
+        self.callRemote(
+            SendResults, results=[PackedResult.from_result(r).encode() for r in results]
+        )
 
     def answer(self, task_id: str, value: Any = None) -> Result:
         statuses = [
@@ -167,11 +176,13 @@ class Harness:
         self,
         testcase: SynchronousTestCase,
         executor: Optional[HighThroughputExecutor] = None,
+        result_sink: Optional[IResultSink] = None,
         **options: Any,
     ) -> None:
         self.reactor = MemoryReactorClock()
         self.results: List[Result] = []
         self.deliveries: List[int] = []
+        self.sink = result_sink or CollectingSink(self._on_results)
         self.work_dir = testcase.mktemp()
         options.setdefault("heartbeat_period", 10.0)
         options.setdefault("heartbeat_threshold", 30.0)
@@ -180,7 +191,7 @@ class Harness:
             self.reactor,
             self.work_dir,
             executor or HighThroughputExecutor(),
-            on_results=self._on_results,
+            self.sink,
             **options,
         )
         self.interchange.startService()
@@ -498,13 +509,17 @@ class StartTests(SynchronousTestCase):
             reactor,
             self.mktemp(),
             HighThroughputExecutor(interchange_port_range=(50000, 50003)),
+            CollectingSink(),
         )
         interchange.startService()
         self.assertEqual(reactor.sslServers[-1][0], 50002)
         self.successResultOf(interchange.stopService())
 
         full = Interchange(
-            reactor, self.mktemp(), HighThroughputExecutor(interchange_port_range=(50000, 50001))
+            reactor,
+            self.mktemp(),
+            HighThroughputExecutor(interchange_port_range=(50000, 50001)),
+            CollectingSink(),
         )
         self.assertRaises(CannotListenError, full.startService)
 
@@ -695,7 +710,7 @@ class DispatchTests(SynchronousTestCase):
         self.assertEqual((len(big.task_ids), len(small.task_ids)), (8, 1))
 
     def test_container_types(self) -> None:
-        from funcx_endpoint.protocol import Container
+        from funcx_endpoint.wire import Container
 
         container = Container(uuid.uuid4(), "image")
         direct = Harness(self)
@@ -882,14 +897,15 @@ class ResultTests(SynchronousTestCase):
         self.assertTrue(any("unreadable batch" in w for w in log.warnings()))
 
     def test_on_results_failure_logged(self) -> None:
-        harness = Harness(self)
+        @implementer(IResultSink)
+        class BrokenSink:
+            def results_ready(self, results: List[PackedResult]) -> None:
+                raise RuntimeError("boom")
 
-        def broken(results: List[Result]) -> None:
-            raise RuntimeError("boom")
-
-        harness.interchange.on_results = broken
-        harness.interchange.submit([make_task()])
-        harness.interchange.cancel(next(iter(harness.interchange._tasks)))
+        harness = Harness(self, result_sink=BrokenSink())
+        task = make_task()
+        harness.interchange.submit([task])
+        harness.interchange.cancel(task.task_id)
         harness.flush()
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
@@ -1011,7 +1027,9 @@ class ScaleInTests(SynchronousTestCase):
         self.assertEqual(harness.results, [])  # not ManagerLost, although no retries allowed
         other = harness.manager(manager_id="other", block_id="block-1")
         self.assertEqual(other.task_ids, [task.task_id])
-        self.assertEqual(harness.interchange._tasks[task.task_id].attempts, 1)
+        record = harness.interchange.dispatcher.record(task.task_id)
+        assert record is not None
+        self.assertEqual(record.attempts, 1)
         other.disconnect()  # a real loss now: that one counts
         harness.flush()
         [result] = harness.results
@@ -1224,7 +1242,9 @@ class StopTests(SynchronousTestCase):
         self.successResultOf(stopped)
 
     def test_stop_before_start(self) -> None:
-        interchange = Interchange(MemoryReactorClock(), self.mktemp(), HighThroughputExecutor())
+        interchange = Interchange(
+            MemoryReactorClock(), self.mktemp(), HighThroughputExecutor(), CollectingSink()
+        )
         self.successResultOf(interchange.stopService())
 
     def test_when_managers(self) -> None:

@@ -22,13 +22,6 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from funcx_endpoint.config.model import HighThroughputExecutor
-from funcx_endpoint.executor.amp import (
-    ConnectionInfo,
-    Heartbeat,
-    ManagerSettings,
-    Register,
-    local_versions,
-)
 from funcx_endpoint.executor.interchange import Interchange
 from funcx_endpoint.manager.main import apply_options, parse_args
 from funcx_endpoint.manager.pool import (
@@ -48,18 +41,28 @@ from funcx_endpoint.manager.service import (
     ManagerIdentity,
     ManagerService,
 )
-from funcx_endpoint.protocol import (
+from funcx_endpoint.testing.interchanges import CollectingSink
+from funcx_endpoint.testing.procreactor import FakeProcess, MemoryProcessReactor
+from funcx_endpoint.wire import (
     ErrorCode,
     Result,
     Task,
+    frames,
     pack,
     pack_function,
     pack_payload,
     serialize,
-    unpack,
 )
-from funcx_endpoint.testing.procreactor import FakeProcess, MemoryProcessReactor
-from funcx_endpoint.worker import frames
+from funcx_endpoint.wire.amp import (
+    Heartbeat,
+    Register,
+)
+from funcx_endpoint.wire.info import (
+    ConnectionInfo,
+    ManagerSettings,
+    local_versions,
+)
+from funcx_endpoint.wire.results import read_result
 
 
 def noop() -> None:
@@ -202,7 +205,7 @@ class PoolHarness:
             count,
             ManagerSettings(**settings),
             self.log_dir,
-            on_result=lambda packed: self.results.append(unpack(packed)),  # type: ignore[arg-type]
+            on_result=lambda packed: self.results.append(read_result(packed)),  # type: ignore[arg-type]
             on_fatal=self.fatal.append,
             hostname="node1",
             worker_command=["/opt/python", "-m", "funcx_endpoint.worker"],
@@ -591,7 +594,7 @@ class Link:
             self.reactor,
             testcase.mktemp(),
             executor,
-            on_results=self.results.extend,
+            CollectingSink(self.results.extend),
             **interchange_options,
         )
         self.interchange.startService()

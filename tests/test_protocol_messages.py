@@ -1,4 +1,4 @@
-"""funcx_endpoint.protocol.messages: the queue messages (messagepack v1)."""
+"""funcx_endpoint.wire.messages: the queue messages (messagepack v1)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from funcx_endpoint.protocol import (
+from funcx_endpoint.wire import (
     PROTOCOL_VERSION,
     ActorName,
     Container,
@@ -719,7 +719,7 @@ class FunctionIdTests(SynchronousTestCase):
     """``function_id``: our addition to task messages, written only when known."""
 
     def test_round_trip_with_function_id(self) -> None:
-        from funcx_endpoint.protocol import Task, pack, unpack
+        from funcx_endpoint.wire import Task, pack, unpack
 
         task = Task(
             "0b7e2b9a-57a6-4d4a-9bb8-9d32c3b09a51",
@@ -731,7 +731,7 @@ class FunctionIdTests(SynchronousTestCase):
         self.assertEqual(unpack(wire), task)
 
     def test_absent_when_unknown(self) -> None:
-        from funcx_endpoint.protocol import Task, pack, unpack
+        from funcx_endpoint.wire import Task, pack, unpack
 
         task = Task("0b7e2b9a-57a6-4d4a-9bb8-9d32c3b09a51", "buf")
         wire = pack(task)

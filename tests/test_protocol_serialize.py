@@ -1,4 +1,4 @@
-"""funcx_endpoint.protocol.serialize: funcX 1.0 serialization and packed buffers."""
+"""funcx_endpoint.wire.serialize: funcX 1.0 serialization and packed buffers."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import dill
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from funcx_endpoint.protocol import (
+from funcx_endpoint.wire import (
     DeserializationError,
     ErrorCode,
     SerializationError,
@@ -27,7 +27,7 @@ from funcx_endpoint.protocol import (
     unpack_buffers,
     unpack_task_buffer,
 )
-from funcx_endpoint.protocol.serialize import LAMBDA_NAME
+from funcx_endpoint.wire.serialize import LAMBDA_NAME
 
 # --- Test vectors written by the real funcx 1.0.13 SDK (dill 0.3.5.1, Python 3.11) ---
 

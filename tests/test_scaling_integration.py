@@ -21,7 +21,8 @@ from funcx_endpoint.config import model as config_model
 from funcx_endpoint.endpoint.tap import manager_command
 from funcx_endpoint.executor.interchange import Interchange
 from funcx_endpoint.executor.strategy import scaling_from_config
-from funcx_endpoint.protocol import Result, Task, deserialize, pack_function, pack_payload
+from funcx_endpoint.testing.interchanges import CollectingSink
+from funcx_endpoint.wire import Result, Task, deserialize, pack_function, pack_payload
 
 
 def nap(seconds):
@@ -64,7 +65,7 @@ class ScalingIntegrationTests(TestCase):
             reactor,
             os.path.join(work, "interchange"),
             executor,
-            on_results=results.extend,
+            CollectingSink(results.extend),
             heartbeat_period=1.0,
             heartbeat_threshold=10.0,
             stop_grace_period=3.0,

@@ -28,7 +28,6 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from funcx_endpoint import tls
-from funcx_endpoint.protocol import deserialize, unpack_buffers
 from funcx_endpoint.sdk.client import (
     Batch,
     FuncXClient,
@@ -50,6 +49,7 @@ from funcx_endpoint.testing.fakeservice import (
     FakeFuncXService,
     ServedFake,
 )
+from funcx_endpoint.wire import deserialize, unpack_buffers
 
 T = TypeVar("T")
 

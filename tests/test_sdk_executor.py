@@ -16,7 +16,6 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
-from funcx_endpoint.protocol import SerializationError
 from funcx_endpoint.sdk import executor as executor_module
 from funcx_endpoint.sdk.client import FuncXClient
 from funcx_endpoint.sdk.errors import (
@@ -27,6 +26,7 @@ from funcx_endpoint.sdk.errors import (
 )
 from funcx_endpoint.sdk.executor import FuncXExecutor
 from funcx_endpoint.testing.fakeservice import FakeFuncXService
+from funcx_endpoint.wire import SerializationError
 from tests.test_sdk_client import FakeServiceTestCase, fast_retries, set_env
 
 

@@ -452,7 +452,8 @@ class ScaleInWithInterchangeTests(SynchronousTestCase):
         doomed.disconnect()
         harness.flush()
         self.assertEqual(harness.results, [])
-        self.assertEqual([harness.interchange._tasks[t.task_id].attempts for t in tasks], [0] * 3)
+        records = [harness.interchange.dispatcher.record(t.task_id) for t in tasks]
+        self.assertEqual([r.attempts for r in records if r is not None], [0] * 3)
         fresh = harness.manager(manager_id="m1", block_id="1", worker_count=3, prefetch_capacity=0)
         self.assertEqual(sorted(fresh.task_ids), sorted(t.task_id for t in tasks))
 

@@ -13,11 +13,11 @@ from twisted.trial.unittest import TestCase
 
 from funcx_endpoint.amqp.spool import ResultSpool
 from funcx_endpoint.endpoint.service import StartupError
-from funcx_endpoint.endpoint.transport import Transport
-from funcx_endpoint.executor.interface import EchoInterchange
-from funcx_endpoint.protocol import Result, Task, pack, pack_function, pack_payload, serialize
+from funcx_endpoint.endpoint.transport import Transport, build_transport
 from funcx_endpoint.testing.broker import ServiceSide
+from funcx_endpoint.testing.interchanges import EchoInterchange, HoldingInterchange
 from funcx_endpoint.testing.rabbitmq import shared_node_async
+from funcx_endpoint.wire import Result, Task, pack, pack_function, pack_payload, serialize
 
 
 def noop() -> None:
@@ -65,13 +65,7 @@ class TransportTestCase(TestCase):
 
     def holding_transport(self, **kwargs: Any) -> Any:
         """A transport whose interchange holds tasks until the test answers them."""
-        from funcx_endpoint.testing.interchanges import HoldingInterchange
-
-        interchange = HoldingInterchange()
-        transport = self.make_transport(**kwargs)
-        transport.interchange = interchange
-        interchange.on_results = transport._on_results
-        return transport, interchange
+        return self.make_transport(interchange=HoldingInterchange, with_interchange=True, **kwargs)
 
     async def limit_message_size(self, size: int) -> None:
         """Make the broker refuse messages over ``size`` bytes for this test."""
@@ -85,21 +79,26 @@ class TransportTestCase(TestCase):
         self.addCleanup(set_limit, 134217728)  # RabbitMQ's default
 
     def make_transport(
-        self, url: Optional[str] = None, ca_file: Optional[str] = "default", **kwargs: Any
-    ) -> Transport:
-        interchange = EchoInterchange(reactor)
+        self,
+        url: Optional[str] = None,
+        ca_file: Optional[str] = "default",
+        interchange: Any = None,
+        with_interchange: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """A transport feeding an echo interchange (or ``interchange(result_sink)``)."""
         self.fatal: List[Any] = []
-        transport = Transport(
+        transport, made = build_transport(
             reactor,
             lambda: self.service.broker_info(self.endpoint_id, url),
-            interchange,
             ResultSpool(self.spool_dir, deferToThread),
+            interchange or (lambda results: EchoInterchange(reactor, results)),
             ca_file=self.node.ca_cert_path if ca_file == "default" else ca_file,
             heartbeat=10,
             on_fatal=lambda message, code: self.fatal.append((message, code)),
             **kwargs,
         )
-        return transport
+        return (transport, made) if with_interchange else transport
 
     async def start_transport(self, transport: Transport) -> None:
         transport.startService()
@@ -152,11 +151,11 @@ class StreamTests(TransportTestCase):
         self.assertEqual(counts["lost"], 0)
         self.assertEqual(counts["duplicated"], 0)
         # Every task was acknowledged: nothing is left unacked for the endpoint.
-        await wait_until(lambda: transport._acks.unacked == 0)
-        self.assertEqual(len(transport.tracker), 0)
+        await wait_until(lambda: transport.ledger.unacked == 0)
+        self.assertEqual(len(transport.ledger), 0)
         self.assertEqual(transport.counts["results_confirmed"], 2000)
         # Acks went in batches: fewer ack frames than tasks.
-        self.assertLess(transport._acks.ack_frames, 2000)
+        self.assertLess(transport.ledger.acks.ack_frames, 2000)
 
     def test_stream(self) -> Deferred[None]:
         return ensureDeferred(self._stream())
@@ -277,7 +276,7 @@ class DeliveryTests(TransportTestCase):
             ).encode(),
             b"",
         ]
-        from funcx_endpoint.protocol import pack
+        from funcx_endpoint.wire import pack
 
         mixed = []
         for i, task in enumerate(good):
@@ -298,8 +297,8 @@ class DeliveryTests(TransportTestCase):
         self.assertEqual(transport.counts["malformed"], 6)
         # Nothing is left in the queue or unacknowledged: the unreadable ones
         # were rejected without requeue, the others answered.
-        await wait_until(lambda: transport._acks.unacked == 0)
-        self.assertEqual(len(transport.tracker), 0)
+        await wait_until(lambda: transport.ledger.unacked == 0)
+        self.assertEqual(len(transport.ledger), 0)
         self.flushLoggedErrors()
 
     def test_poison_messages(self) -> Deferred[None]:
@@ -343,7 +342,7 @@ class DeliveryTests(TransportTestCase):
         async def cancel_fails() -> None:
             raise RuntimeError("the broker did not answer basic.cancel")
 
-        transport._consumer.cancel = cancel_fails
+        transport.intake.consumer.cancel = cancel_fails
         drained = ensureDeferred(transport.drain(grace=10))
         late = make_tasks(3)
         await self.service.publish_tasks(self.endpoint_id, late)
@@ -368,10 +367,10 @@ class DeliveryTests(TransportTestCase):
         tasks = make_tasks(50)
         await self.service.publish_tasks(self.endpoint_id, tasks)
         await wait_until(lambda: len(interchange.held) == 50)
-        generation = transport._generation
+        generation = transport.ledger.generation
         # The broker drops every connection: the held tasks are delivered again.
         await self.node.close_all_connections_async(reactor)
-        await wait_until(lambda: transport._generation > generation, 30)
+        await wait_until(lambda: transport.ledger.generation > generation, 30)
         try:
             await wait_until(lambda: transport.counts["tasks_redelivered_running"] >= 50, 30)
         except TimeoutError:
@@ -387,12 +386,12 @@ class DeliveryTests(TransportTestCase):
             await self.service.when(lambda: self.service.answered(ids), 30)
         except TimeoutError:
             self.fail(
-                f"not answered: held={len(interchange.held)} {interchange.on_results} "
+                f"not answered: held={len(interchange.held)} "
                 f"{transport.counts} {transport.status_fields()} "
                 f"{self.service.counts(ids)} service conn {self.service.conn.state()}"
             )
 
-        await wait_until(lambda: transport._acks.unacked == 0)
+        await wait_until(lambda: transport.ledger.unacked == 0)
         counts = self.service.counts(ids)
         self.assertEqual((counts["lost"], counts["duplicated"]), (0, 0))
         self.assertEqual(set(interchange.submissions.values()), {1})
@@ -405,24 +404,30 @@ class DeliveryTests(TransportTestCase):
         back to the broker after ``release_delay`` (not when the channel
         dies), which delivers it again."""
         transport, interchange = self.holding_transport()
-        transport.release_delay = 0.2
+        transport.ledger.release_delay = 0.2
         await self.start_transport(transport)
 
         [task] = make_tasks(1)
         await self.service.publish_tasks(self.endpoint_id, [task])
         await wait_until(lambda: len(interchange.held) == 1)
-        publisher, transport._publisher = transport._publisher, None  # results side down
-        spool_dir, transport.spool.directory = transport.spool.directory, "/proc/no/such/dir"
+        publisher, transport.publisher.publisher = (
+            transport.publisher.publisher,
+            None,
+        )  # results down
+        spool_dir, transport.publisher.spool.directory = (
+            transport.publisher.spool.directory,
+            "/proc/no/such/dir",
+        )
         interchange.answer([task.task_id], data="lost")
         await wait_until(lambda: interchange.submissions[task.task_id] == 2)
         self.assertEqual(len(self.flushLoggedErrors()), 1)
-        self.assertIn(task.task_id, transport.tracker)
-        transport._publisher, transport.spool.directory = publisher, spool_dir
+        self.assertIn(task.task_id, transport.ledger)
+        transport.publisher.publisher, transport.publisher.spool.directory = publisher, spool_dir
         interchange.answer([task.task_id], data="second run")
         await self.service.when(lambda: self.service.answered([task.task_id]), 10)
         [result] = self.service.results[task.task_id]
         self.assertEqual(result.data, serialize("second run"))
-        await wait_until(lambda: transport._acks.unacked == 0)
+        await wait_until(lambda: transport.ledger.unacked == 0)
         self.assertEqual(await self.task_queue_counts(), (0, 0))
 
     def test_failed_spool_write_releases_task(self) -> Deferred[None]:
@@ -436,17 +441,18 @@ class DeliveryTests(TransportTestCase):
         [task] = make_tasks(1)
         await self.service.publish_tasks(self.endpoint_id, [task, task])
         await wait_until(lambda: transport.counts["tasks_redelivered_running"] == 1)
+        await wait_until(lambda: len(interchange.held) == 1)
         interchange.answer()
         await self.service.when(lambda: self.service.answered([task.task_id]), 10)
-        await wait_until(lambda: transport._acks.unacked == 0)
+        await wait_until(lambda: transport.ledger.unacked == 0)
         more = make_tasks(20)
         await self.service.publish_tasks(self.endpoint_id, more)
         await wait_until(lambda: len(interchange.held) == 20)
-        frames = transport._acks.ack_frames
+        frames = transport.ledger.acks.ack_frames
         interchange.answer()
         await self.service.when(lambda: self.service.answered([t.task_id for t in more]), 10)
-        await wait_until(lambda: transport._acks.unacked == 0)
-        self.assertLessEqual(transport._acks.ack_frames - frames, 2)
+        await wait_until(lambda: transport.ledger.unacked == 0)
+        self.assertLessEqual(transport.ledger.acks.ack_frames - frames, 2)
         self.assertEqual(await self.task_queue_counts(), (0, 0))
         self.assertEqual(interchange.submissions[task.task_id], 1)
 
@@ -463,10 +469,10 @@ class DeliveryTests(TransportTestCase):
         body = b"\x01" + json.dumps({"message_type": "task", "data": {"task_id": task_id}}).encode()
         await self.service.publish_raw(self.endpoint_id, [body])
         await self.service.when(lambda: self.service.answered([task_id]), 10)
-        await wait_until(lambda: transport._acks.unacked == 0)
+        await wait_until(lambda: transport.ledger.unacked == 0)
         await self.service.publish_raw(self.endpoint_id, [body])
         await wait_until(lambda: transport.counts["tasks_redelivered_done"] == 1)
-        await wait_until(lambda: transport._acks.unacked == 0)
+        await wait_until(lambda: transport.ledger.unacked == 0)
         self.assertEqual(await self.task_queue_counts(), (0, 0))
         self.assertEqual(len(self.service.results[task_id]), 1)
         self.flushLoggedErrors()
@@ -488,10 +494,10 @@ class DeliveryTests(TransportTestCase):
         self.assertNotIn(done.task_id, interchange.submissions)
         self.assertEqual(transport.counts["tasks_redelivered_done"], 1)
         await wait_until(lambda: os.listdir(self.spool_dir) == [])
-        await wait_until(lambda: transport._acks.unacked == 1)  # the fresh one
+        await wait_until(lambda: transport.ledger.unacked == 1)  # the fresh one
         interchange.answer()
         await self.service.when(lambda: self.service.answered([fresh.task_id]), 10)
-        await wait_until(lambda: transport._acks.unacked == 0)
+        await wait_until(lambda: transport.ledger.unacked == 0)
 
     def test_spooled_result_task_not_rerun(self) -> Deferred[None]:
         return ensureDeferred(self._spooled_not_rerun())
@@ -501,21 +507,22 @@ class DeliveryTests(TransportTestCase):
         results = [Result(str(uuid.uuid4()), serialize(i)) for i in range(100)]
         self.spool_results(results)
         transport = self.make_transport()
-        transport.resend_window = 16
+        publishing = transport.publisher
+        publishing.resend_window = 16
         most = [0]
-        window = transport._resend_window
+        window = publishing._resend_window
 
         def recording_window() -> None:
             window()
-            most[0] = max(most[0], len(transport._resending))
+            most[0] = max(most[0], len(publishing._resending))
 
-        transport._resend_window = recording_window  # type: ignore[method-assign]
+        publishing._resend_window = recording_window  # type: ignore[method-assign]
         await self.start_transport(transport)
         ids = [r.task_id for r in results]
         await self.service.when(lambda: self.service.answered(ids), 30)
         await wait_until(lambda: os.listdir(self.spool_dir) == [])
         self.assertEqual(most[0], 16)
-        self.assertEqual(len(transport._spooled), 0)
+        self.assertEqual(publishing.spooled, 0)
 
     def test_spool_resent_in_windows(self) -> Deferred[None]:
         return ensureDeferred(self._resend_in_windows())
@@ -649,7 +656,7 @@ class DeliveryTests(TransportTestCase):
         reporter = StatusReporter(
             reactor,
             lambda: self.endpoint_id,
-            transport.interchange,
+            transport.intake.interchange,
             transport.publish_status,
             period=0.2,
             extra=transport.status_fields,
@@ -730,7 +737,7 @@ class FaultTests(TransportTestCase):
         await publishing
         await self.service.when(lambda: self.service.answered(ids), 120)
         self.assert_none_lost(ids)
-        await wait_until(lambda: len(transport.tracker) == 0, 30)
+        await wait_until(lambda: len(transport.ledger) == 0, 30)
         self.assertGreaterEqual(transport.tasks_conn.connections, 2)
 
     def test_broker_restart_mid_stream(self) -> Deferred[None]:
@@ -885,7 +892,7 @@ class FaultTests(TransportTestCase):
         )
         for task_id in ids[:2] + ids[3:]:
             self.assertFalse(self.service.results[task_id][-1].is_error)
-        await wait_until(lambda: len(transport.tracker) == 0, 30)
+        await wait_until(lambda: len(transport.ledger) == 0, 30)
         # The limit is remembered: a later result over it (smaller than the
         # first) is replaced before it is sent, costing no channel.
         connections = transport.results_conn.connections
@@ -915,12 +922,15 @@ class FaultTests(TransportTestCase):
         ids = [t.task_id for t in tasks]
         await self.service.publish_tasks(self.endpoint_id, tasks)
         await wait_until(lambda: len(interchange.held) == 4)
-        publisher, transport._publisher = transport._publisher, None  # results side down
+        publisher, transport.publisher.publisher = (
+            transport.publisher.publisher,
+            None,
+        )  # results down
         interchange.answer(ids[:1], raw_data="x" * 2_000_000)
         interchange.answer(ids[1:2], data="small")
         await wait_until(lambda: transport.counts["results_spooled"] == 2)
-        transport._publisher = publisher
-        transport._resend_spooled()
+        transport.publisher.publisher = publisher
+        transport.publisher._resend_spooled()
         await sleep(0.5)
         interchange.answer(ids[2:], data="later")
         await self.service.when(lambda: self.service.answered(ids), 30)
@@ -933,7 +943,7 @@ class FaultTests(TransportTestCase):
         for task_id in ids[1:]:
             self.assertFalse(self.service.results[task_id][-1].is_error)
         await wait_until(lambda: os.listdir(self.spool_dir) == [], 10)
-        await wait_until(lambda: len(transport.tracker) == 0, 10)
+        await wait_until(lambda: len(transport.ledger) == 0, 10)
         # One reconnect for the channel the broker closed, not a loop of them.
         self.assertLessEqual(transport.results_conn.connections, 3)
 

@@ -24,7 +24,16 @@ from txamqp.client import Closed
 from funcx_endpoint.amqp.client import Delivery
 from funcx_endpoint.amqp.connection import close_reason
 from funcx_endpoint.amqp.publisher import ConfirmingPublisher, PublishFailed
-from funcx_endpoint.protocol import (
+from funcx_endpoint.testing.service import (
+    APIClient,
+    EndpointPlayer,
+    ServiceProcess,
+    amqp_connect,
+    shared_service_async,
+)
+from funcx_endpoint.webservice import storage
+from funcx_endpoint.webservice.settings import ServiceSettings
+from funcx_endpoint.wire import (
     EPStatusReport,
     Result,
     Task,
@@ -37,15 +46,6 @@ from funcx_endpoint.protocol import (
     unpack,
     unpack_task_buffer,
 )
-from funcx_endpoint.testing.service import (
-    APIClient,
-    EndpointPlayer,
-    ServiceProcess,
-    amqp_connect,
-    shared_service_async,
-)
-from funcx_endpoint.webservice import storage
-from funcx_endpoint.webservice.settings import ServiceSettings
 
 
 def add(a, b=1):

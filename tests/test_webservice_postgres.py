@@ -17,13 +17,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
-from funcx_endpoint.protocol import Result, deserialize, pack_payload, serialize
 from funcx_endpoint.testing.service import (
     APIClient,
     EndpointPlayer,
     ServiceProcess,
     ServiceStartError,
 )
+from funcx_endpoint.wire import Result, deserialize, pack_payload, serialize
 from tests.test_webservice_api import FUNCTION_CODE, sleep, wait_until
 
 

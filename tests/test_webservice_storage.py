@@ -18,7 +18,6 @@ from typing import Any, Callable
 from twisted.internet import reactor
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from funcx_endpoint.protocol import pack_function, pack_payload
 from funcx_endpoint.webservice import db, storage
 from funcx_endpoint.webservice.auth import hash_secret, token_hash, verify_secret
 from funcx_endpoint.webservice.storage import (
@@ -28,6 +27,7 @@ from funcx_endpoint.webservice.storage import (
     Report,
     TokenInfo,
 )
+from funcx_endpoint.wire import pack_function, pack_payload
 
 
 def add(a, b=1):

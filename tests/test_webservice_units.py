@@ -17,7 +17,6 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from funcx_endpoint.amqp.client import Delivery
-from funcx_endpoint.protocol import Result, pack
 from funcx_endpoint.webservice.api import (
     APIError,
     BrokerAddress,
@@ -32,6 +31,7 @@ from funcx_endpoint.webservice.management import endpoint_permissions, user_perm
 from funcx_endpoint.webservice.settings import MIB, ServiceSettings, client_env_lines
 from funcx_endpoint.webservice.storage import StoredOutcome
 from funcx_endpoint.webservice.tap import Options
+from funcx_endpoint.wire import Result, pack
 from tests.support import child_env
 
 

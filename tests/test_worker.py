@@ -15,20 +15,20 @@ from typing import Any, List, Tuple
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from funcx_endpoint.protocol import (
+from funcx_endpoint.testing.managers import package_environment
+from funcx_endpoint.wire import (
     ActorName,
     ErrorCode,
     Result,
     TaskState,
     deserialize,
+    frames,
     pack_buffers,
     pack_function,
     pack_payload,
     serialize,
-    unpack,
 )
-from funcx_endpoint.testing.managers import package_environment
-from funcx_endpoint.worker import frames
+from funcx_endpoint.wire.results import read_result
 from funcx_endpoint.worker.execute import (
     MAX_SUMMARY_BYTES,
     MAX_TRACEBACK_BYTES,
@@ -74,7 +74,7 @@ def task_buffer(fn: Any, *args: Any, **kwargs: Any) -> str:
 
 def run(runner: TaskRunner, buffer: str, task_id: str = "") -> Result:
     task_id = task_id or str(uuid.uuid4())
-    result = unpack(runner.run(task_id, 1234, buffer))
+    result = read_result(runner.run(task_id, 1234, buffer))
     assert isinstance(result, Result)
     assert result.task_id == task_id
     return result
@@ -200,7 +200,7 @@ class RunnerTests(SynchronousTestCase):
         """A 20 MB exception message gives a small error result, not a 40 MB one."""
         packed = TaskRunner().run(str(uuid.uuid4()), 1, task_buffer(huge_failure, 20_000_000))
         self.assertLess(len(packed), MAX_TRACEBACK_BYTES + MAX_SUMMARY_BYTES + 2000)
-        result = unpack(packed)
+        result = read_result(packed)
         assert isinstance(result, Result) and result.error_details is not None
         self.assertEqual(result.error_details.code, ErrorCode.REMOTE_EXECUTION_ERROR)
         summary = result.error_details.user_message
@@ -298,7 +298,7 @@ class LoopTests(SynchronousTestCase):
         )
         status, out = self.serve(stream)
         self.assertEqual(status, 0)
-        results = [unpack(body) for kind, body in out if kind == frames.KIND_RESULT]
+        results = [read_result(body) for kind, body in out if kind == frames.KIND_RESULT]
         self.assertEqual([r.task_id for r in results], ids)  # type: ignore[union-attr]
         self.assertEqual([deserialize(r.data) for r in results], [1, 2, 3])  # type: ignore[union-attr]
         # the function was loaded once, announced by two phase frames
@@ -394,7 +394,7 @@ class ProcessTests(SynchronousTestCase):
             if kind == frames.KIND_RESULT:
                 break
         self.assertEqual(kinds, [frames.KIND_PHASE, frames.KIND_PHASE, frames.KIND_RESULT])
-        result = unpack(body)
+        result = read_result(body)
         self.assertEqual(deserialize(result.data), 42)  # type: ignore[union-attr]
         self.assertEqual(worker.close(), 0)  # exits when its task pipe closes
 

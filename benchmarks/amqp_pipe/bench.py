@@ -38,9 +38,9 @@ from twisted.internet.task import react
 from funcx_endpoint.amqp import topology
 from funcx_endpoint.amqp.client import AMQPClient, Delivery
 from funcx_endpoint.amqp.connection import AMQPURL, AMQPConnectionService
-from funcx_endpoint.protocol import Task, pack, pack_function, pack_payload
 from funcx_endpoint.testing.broker import _unredacted
 from funcx_endpoint.testing.rabbitmq import RabbitMQNode
+from funcx_endpoint.wire import Task, pack, pack_function, pack_payload
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PIKA_ECHO = os.path.join(HERE, "pika_echo.py")

@@ -32,8 +32,8 @@ from funcx_endpoint.amqp import topology
 from funcx_endpoint.amqp.client import AMQPClient, Delivery
 from funcx_endpoint.amqp.connection import AMQPURL, AMQPConnectionService
 from funcx_endpoint.endpoint.layout import EndpointDir
-from funcx_endpoint.protocol import Task, pack, pack_function, pack_payload, serialize
 from funcx_endpoint.testing.service_on_node import NodeServiceProcess
+from funcx_endpoint.wire import Task, pack, pack_function, pack_payload, serialize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))

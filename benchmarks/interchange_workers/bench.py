@@ -35,8 +35,8 @@ from twisted.internet.task import react
 
 from funcx_endpoint.config.model import HighThroughputExecutor
 from funcx_endpoint.executor.interchange import Interchange
-from funcx_endpoint.protocol import Result, Task, pack_function, pack_payload
 from funcx_endpoint.testing.managers import spawn_manager
+from funcx_endpoint.wire import PackedResult, Task, pack_function, pack_payload
 
 
 def noop() -> None:
@@ -44,10 +44,12 @@ def noop() -> None:
 
 
 class Feeder:
-    """Submits tasks keeping a window of them unanswered; counts results."""
+    """Submits tasks keeping a window of them unanswered; counts results (the
+    interchange's result sink)."""
 
-    def __init__(self, interchange: Interchange, buffer: str) -> None:
-        self.interchange = interchange
+    interchange: Interchange
+
+    def __init__(self, buffer: str) -> None:
         self.buffer = buffer
         self.to_submit = 0
         self.window = 0
@@ -55,7 +57,7 @@ class Feeder:
         self.answered = 0
         self.errors = 0
         self.done: Deferred[None] = Deferred()
-        self.waiters: Dict[str, Deferred[Result]] = {}
+        self.waiters: Dict[str, Deferred[PackedResult]] = {}
 
     def start(self, count: int, window: int) -> Deferred[None]:
         self.to_submit = count
@@ -72,9 +74,9 @@ class Feeder:
             self.in_flight += room
             self.interchange.submit([Task(uuid.uuid4(), self.buffer) for _ in range(room)])
 
-    def on_results(self, results: List[Result]) -> None:
+    def results_ready(self, results: List[PackedResult]) -> None:
         for result in results:
-            if result.error_details is not None:
+            if result.is_error:
                 self.errors += 1
             waiter = self.waiters.pop(result.task_id, None)
             if waiter is not None:
@@ -86,9 +88,9 @@ class Feeder:
         if self.to_submit == 0 and self.in_flight == 0 and not self.done.called:
             self.done.callback(None)
 
-    def one(self) -> Deferred[Result]:
+    def one(self) -> Deferred[PackedResult]:
         task = Task(uuid.uuid4(), self.buffer)
-        waiter: Deferred[Result] = Deferred()
+        waiter: Deferred[PackedResult] = Deferred()
         self.waiters[task.task_id] = waiter
         self.interchange.submit([task])
         return waiter
@@ -105,14 +107,14 @@ def cpu_seconds(processes: Dict[str, psutil.Process]) -> Dict[str, float]:
 async def measure(reactor: Any, options: argparse.Namespace, prefetch: int) -> Dict[str, Any]:
     work_dir = tempfile.mkdtemp(prefix="bench-interchange-")
     buffer = pack_function(noop) + pack_payload(())
-    interchange = Interchange(
+    feeder = Feeder(buffer)
+    interchange = feeder.interchange = Interchange(
         reactor,
         work_dir,
         HighThroughputExecutor(prefetch_capacity=prefetch),
+        feeder,
         batch_interval=options.batch_interval,
     )
-    feeder = Feeder(interchange, buffer)
-    interchange.on_results = feeder.on_results
     interchange.startService()
     manager = spawn_manager(
         reactor,

@@ -1,4 +1,4 @@
-"""Micro-benchmark of the wire formats (funcx_endpoint.protocol).
+"""Micro-benchmark of the wire formats (funcx_endpoint.wire).
 
 Each figure is the best of several timed rounds, in operations per second
 and microseconds per operation, for one Python process on one core.
@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Tuple
 
 import dill
 
-from funcx_endpoint.protocol import (
+from funcx_endpoint.wire import (
     ActorName,
     Result,
     Task,
@@ -114,7 +114,7 @@ def main(argv: List[str]) -> int:
     ]
 
     print(
-        f"funcx_endpoint.protocol micro-benchmark: Python {platform.python_version()} "
+        f"funcx_endpoint.wire micro-benchmark: Python {platform.python_version()} "
         f"({platform.python_implementation()}), dill {dill.__version__}, {platform.machine()}"
     )
     width = max(len(name) for name, _ in rows)

@@ -26,7 +26,7 @@ import requests
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
-from funcx_endpoint.protocol import pack_function, pack_payload  # noqa: E402
+from funcx_endpoint.wire import pack_function, pack_payload  # noqa: E402
 
 
 def double(x):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import struct
 import time
 from io import BytesIO
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -84,6 +84,30 @@ PROPERTIES: Tuple[Tuple[str, str], ...] = (
 _PROPERTY_BIT = {name: 1 << (15 - i) for i, (name, _) in enumerate(PROPERTIES)}
 
 Properties = Dict[str, Any]
+Buffer = Union[bytes, bytearray, memoryview]
+#: A message body: bytes, or pieces sent one after the other.
+Body = Union[bytes, Sequence[Buffer]]
+# Bodies above this are written in pieces instead of joined first.
+_LARGE_BODY = 256 * 1024
+
+
+def _split_frames(pieces: Sequence[Buffer], chunk: int) -> Iterator[List[Buffer]]:
+    """``pieces`` regrouped into frames of ``chunk`` bytes (the last may be
+    shorter), as views: nothing is copied."""
+    frame: List[Buffer] = []
+    room = chunk
+    for piece in pieces:
+        view = memoryview(piece)
+        while len(view):
+            take = view[:room]
+            frame.append(take)
+            view = view[len(take) :]
+            room -= len(take)
+            if room == 0:
+                yield frame
+                frame, room = [], chunk
+    if frame:
+        yield frame
 
 
 class ProtocolViolation(Exception):
@@ -338,11 +362,11 @@ class FastChannel(AMQChannel):
         self,
         exchange: str,
         routing_key: str,
-        body: bytes,
+        body: Body,
         properties: Optional[Properties] = None,
         mandatory: bool = False,
     ) -> None:
-        """``basic.publish`` in one write."""
+        """``basic.publish`` in one write (``body``: bytes, or pieces)."""
         self.client.write_publish(self.id, exchange, routing_key, body, properties or {}, mandatory)
 
     def ack(self, delivery_tag: int, multiple: bool = False) -> None:
@@ -439,7 +463,7 @@ class AMQPClient(AMQClient):
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
-        self._out: List[bytes] = []
+        self._out: List[Buffer] = []
         self._flush_call: Optional[IDelayedCall] = None
         self._buffer = bytearray()
         self._last_received = time.monotonic()
@@ -567,6 +591,11 @@ class AMQPClient(AMQClient):
             self._last_sent = time.monotonic()
             self.transport.write(b"".join(out))
 
+    def _write_many(self, parts: Sequence[Buffer]) -> None:
+        self._out.extend(parts)
+        if self._flush_call is None:
+            self._flush_call = self.clock.callLater(0, self._flush)
+
     def flush_now(self) -> None:
         """Write what is buffered without waiting for the reactor turn to end."""
         if self._flush_call is not None:
@@ -590,10 +619,15 @@ class AMQPClient(AMQClient):
         channel: int,
         exchange: str,
         routing_key: str,
-        body: bytes,
+        body: Body,
         properties: Properties,
         mandatory: bool,
     ) -> None:
+        """``basic.publish`` of ``body`` (bytes, or a sequence of pieces to be
+        sent one after the other: a large payload is then never copied into
+        one string here)."""
+        pieces: Sequence[Buffer] = (body,) if isinstance(body, (bytes, bytearray)) else body
+        size = sum(len(piece) for piece in pieces)
         method = (
             _class_method.pack(BASIC, BASIC_PUBLISH)
             + b"\x00\x00"
@@ -602,8 +636,8 @@ class AMQPClient(AMQClient):
             + (b"\x01" if mandatory else b"\x00")
         )
         flags, props = encode_properties(properties)
-        header = _header_head.pack(BASIC, 0, len(body), flags) + props
-        parts = [
+        header = _header_head.pack(BASIC, 0, size, flags) + props
+        parts: List[Buffer] = [
             _frame_head.pack(FRAME_METHOD, channel, len(method)),
             method,
             FRAME_END_BYTE,
@@ -613,11 +647,22 @@ class AMQPClient(AMQClient):
         ]
         # A frame is 8 bytes of framing around its payload; frame_max 0 means
         # no limit: the whole body in one frame.
-        chunk = self.MAX_LENGTH - 8 if self.MAX_LENGTH > 0 else max(len(body), 1)
-        for start in range(0, len(body), chunk):
-            piece = body[start : start + chunk]
-            parts += [_frame_head.pack(FRAME_BODY, channel, len(piece)), piece, FRAME_END_BYTE]
-        self._write(b"".join(parts))
+        chunk = self.MAX_LENGTH - 8 if self.MAX_LENGTH > 0 else max(size, 1)
+        if size <= chunk:
+            if size:
+                parts.append(_frame_head.pack(FRAME_BODY, channel, size))
+                parts.extend(pieces)
+                parts.append(FRAME_END_BYTE)
+        else:
+            for frame in _split_frames(pieces, chunk):
+                parts.append(_frame_head.pack(FRAME_BODY, channel, sum(map(len, frame))))
+                parts.extend(frame)
+                parts.append(FRAME_END_BYTE)
+        if size > _LARGE_BODY:
+            # Written as it is: joining would copy the payload once more.
+            self._write_many(parts)
+        else:
+            self._write(b"".join(parts))
 
     # -- reading ----------------------------------------------------------
 

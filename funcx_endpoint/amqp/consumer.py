@@ -5,7 +5,9 @@ it), sets the prefetch and consumes it exclusively, so a second consumer of
 the same queue is refused by the broker.  Refusals that retrying cannot cure
 are raised as fatal :class:`~funcx_endpoint.amqp.connection.AMQPError`\\ s.
 
-:class:`AckBatcher` acknowledges deliveries the owner says are done: once per
+:class:`AckBatcher` settles the deliveries of one channel: it releases or
+rejects those the owner gives up, and acknowledges those the owner says are
+done: once per
 reactor turn, the longest run of done tags below the oldest outstanding one
 goes in a single ``basic.ack`` with ``multiple=True``; done tags above an
 outstanding one (a long task holding the run up) are acked one by one, so
@@ -122,6 +124,16 @@ class AckBatcher:
     def settled(self, tag: int) -> None:
         """``tag`` was rejected or released: it needs no ack and holds nothing up."""
         self._settled.add(tag)
+
+    def release(self, tag: int) -> None:
+        """Give delivery ``tag`` back to the broker, to be delivered again."""
+        self.channel.reject(tag, requeue=True)
+        self.settled(tag)
+
+    def reject(self, tag: int) -> None:
+        """Refuse delivery ``tag`` for good (a message nobody can use)."""
+        self.channel.reject(tag, requeue=False)
+        self.settled(tag)
 
     def done(self, tag: int) -> None:
         """``tag`` may be acknowledged (its result is safe)."""

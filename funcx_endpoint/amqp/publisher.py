@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from funcx_endpoint.amqp.client import FastChannel, Properties, Returned
+from funcx_endpoint.amqp.client import Body, FastChannel, Properties, Returned
 from funcx_endpoint.amqp.connection import close_reason
 
 _TOO_LARGE = re.compile(r"message size (\d+) is larger than configured max size (\d+)")
@@ -84,11 +84,12 @@ class ConfirmingPublisher:
         self,
         exchange: str,
         routing_key: str,
-        body: bytes,
+        body: Body,
         properties: Optional[Properties] = None,
         mandatory: bool = True,
     ) -> Deferred[None]:
-        """Publish ``body``; the Deferred fires when the broker confirms it."""
+        """Publish ``body`` (bytes, or pieces); the Deferred fires when the
+        broker confirms it."""
         d: Deferred[None] = Deferred()
         if self.closed:
             d.errback(PublishFailed("the channel is closed"))
@@ -105,7 +106,8 @@ class ConfirmingPublisher:
             return d
         # The broker's confirm cannot arrive before the reactor runs again.
         self._next_seq += 1
-        self._pending[seq] = (d, len(body), message_id)
+        size = len(body) if isinstance(body, bytes) else sum(len(piece) for piece in body)
+        self._pending[seq] = (d, size, message_id)
         self._by_message_id[message_id] = seq
         return d
 

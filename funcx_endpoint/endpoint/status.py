@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from funcx_endpoint.executor.interface import IInterchange
-from funcx_endpoint.protocol import EPStatusReport, TaskTransition
+from funcx_endpoint.wire import EPStatusReport, TaskTransition
 
 Publish = Callable[[EPStatusReport], Deferred]
 

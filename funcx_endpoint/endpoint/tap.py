@@ -22,6 +22,7 @@ from funcx_endpoint.config import ConfigFileError, load_config
 from funcx_endpoint.config.model import Config
 from funcx_endpoint.endpoint import logs
 from funcx_endpoint.endpoint.auth import Authenticator, TokenStore, auth_base_url, http_client
+from funcx_endpoint.endpoint.broker_info import BrokerInfo
 from funcx_endpoint.endpoint.control import control_service
 from funcx_endpoint.endpoint.layout import (
     DEFAULT_CONFIG_DIR,
@@ -33,9 +34,10 @@ from funcx_endpoint.endpoint.layout import (
 from funcx_endpoint.endpoint.registration import Registration
 from funcx_endpoint.endpoint.service import EndpointService, StartupReporter
 from funcx_endpoint.endpoint.status import StatusReporter
-from funcx_endpoint.endpoint.transport import BrokerInfo, Transport
+from funcx_endpoint.endpoint.transport import build_transport
 from funcx_endpoint.executor.blocks import BLOCK_ID
 from funcx_endpoint.executor.interchange import Interchange
+from funcx_endpoint.executor.interface import IResultSink
 from funcx_endpoint.executor.strategy import scaling_from_config
 
 
@@ -121,8 +123,25 @@ def build_endpoint(
     registration = Registration(reactor, endpoint_dir, config, http, authenticator, pool)
     endpoint.add(registration)
 
-    interchange = Interchange.from_config(
-        reactor, os.path.join(endpoint_dir.path, "interchange"), config
+    def broker_info() -> BrokerInfo:
+        assert registration.broker_info is not None, "registration must come first"
+        return registration.broker_info
+
+    def make_interchange(results: IResultSink) -> Interchange:
+        return Interchange.from_config(
+            reactor, os.path.join(endpoint_dir.path, "interchange"), config, results
+        )
+
+    transport, interchange = build_transport(
+        reactor,
+        broker_info,
+        ResultSpool(endpoint_dir.spool_dir, deferToThread),
+        make_interchange,
+        prefetch=config.amqp_prefetch,
+        heartbeat=config.amqp_heartbeat,
+        ca_file=config.amqp_ca_file or config.service_ca_file,
+        allowed_functions=config.allowed_functions,
+        on_fatal=endpoint.fail,
     )
     endpoint.add(interchange)
     endpoint.add(
@@ -134,22 +153,6 @@ def build_endpoint(
             working_dir=endpoint_dir.path,
             stop_grace_period=config.stop_grace_period,
         )
-    )
-
-    def broker_info() -> BrokerInfo:
-        assert registration.broker_info is not None, "registration must come first"
-        return registration.broker_info
-
-    transport = Transport(
-        reactor,
-        broker_info,
-        interchange,
-        ResultSpool(endpoint_dir.spool_dir, deferToThread),
-        prefetch=config.amqp_prefetch,
-        heartbeat=config.amqp_heartbeat,
-        ca_file=config.amqp_ca_file or config.service_ca_file,
-        allowed_functions=config.allowed_functions,
-        on_fatal=endpoint.fail,
     )
     endpoint.add(transport)
     endpoint.add(

@@ -1,39 +1,59 @@
-"""The boundary between the endpoint's AMQP side and where tasks run.
+"""The interfaces that join the endpoint's parts, and what crosses them.
 
-The AMQP consumer hands each task to an :class:`IInterchange`; the
-interchange gives every task it accepted exactly one :class:`Result` back,
-through the ``on_results`` callback it was built with (results come in
-batches).  The real interchange (``executor/interchange.py``) dispatches to
-managers and workers; :class:`EchoInterchange` answers at once, for tests and
-for the AMQP pipe benchmark.
+Tasks go one way and results the other::
+
+    task intake ──IInterchange.submit──► interchange ──IResultSink.results_ready──► result sink
+                                              │ ▲
+                          IRoutingPolicy.assign │ │ IManagerEvents (registry → dispatcher)
+                                              ▼ │
+                                           managers
+
+* The endpoint's task intake hands tasks to an :class:`IInterchange`, which
+  gives every task it accepted exactly one result to the :class:`IResultSink`
+  it was built with (in batches, as
+  :class:`~funcx_endpoint.wire.results.PackedResult`\\ s).
+* Inside the interchange, the manager registry tells the task dispatcher
+  about managers coming and going (:class:`IManagerEvents`), and the
+  dispatcher asks an :class:`IRoutingPolicy` where queued tasks go.
+* The scaling strategy reads the load through :class:`ILoadSource`.
+
+Fakes that provide these interfaces, for tests, are in
+:mod:`funcx_endpoint.testing.interchanges`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import attr
-from twisted.application.service import IService, Service
-from twisted.internet.interfaces import IReactorTime
-from zope.interface import Attribute, Interface, implementer
+from twisted.application.service import IService
+from zope.interface import Attribute, Interface
 
-from funcx_endpoint.protocol import Result, Task, TaskTransition, serialize
+from funcx_endpoint.wire import PackedResult, Task, TaskTransition
 
-ResultsCallback = Callable[[List[Result]], None]
+
+class IResultSink(Interface):
+    """Where the results of tasks go (the endpoint's result publisher)."""
+
+    def results_ready(results: List[PackedResult]) -> None:
+        """Take these results (each for a task handed to the interchange).
+
+        Must not raise for anything a result holds; the caller has forgotten
+        the tasks.
+        """
 
 
 class IInterchange(IService):
-    """Runs tasks and reports their results."""
-
-    on_results = Attribute("Callable[[List[Result]], None]: where results go, in batches.")
+    """Runs tasks and gives each its result."""
 
     def submit(tasks: Sequence[Task]) -> None:
-        """Accept tasks to run.  Each gets exactly one result via ``on_results``
-        unless it is withdrawn by :meth:`withdraw_unstarted`."""
+        """Accept tasks to run.  Each gets exactly one result through the
+        result sink unless it is withdrawn by :meth:`withdraw_unstarted`.
+        Raises RuntimeError once the interchange no longer accepts tasks."""
 
     def cancel(task_id: str) -> bool:
-        """Cancel a task; its result (TaskCancelled) still comes through
-        ``on_results``.  False if the task is unknown or already done."""
+        """Cancel a task; its result (TaskCancelled) still goes to the sink.
+        False if the task is unknown or already done."""
 
     def withdraw_unstarted() -> List[str]:
         """Stop accepting tasks; remove those not yet handed to a worker and
@@ -48,71 +68,50 @@ class IInterchange(IService):
         """Task state transitions recorded since the last call, by task id."""
 
 
-@implementer(IInterchange)
-class EchoInterchange(Service):
-    """Answers every task at once with a fixed successful result.
+class IManagerLoad(Interface):
+    """What a routing policy may read of one manager that can take tasks now."""
 
-    Results are batched per reactor turn, as a real interchange batches them.
-    """
+    container_type = Attribute("str: the container type its workers run")
+    worker_count = Attribute("int: its workers")
+    capacity = Attribute("int: tasks it may hold (workers plus prefetch)")
+    held = Attribute("int: tasks it holds now")
+    sequence = Attribute("int: its registration order (earlier is smaller)")
 
-    name = "interchange"
 
-    def __init__(
-        self,
-        clock: IReactorTime,
-        on_results: Optional[ResultsCallback] = None,
-        result_data: Optional[str] = None,
-        delay: float = 0.0,
-    ) -> None:
-        """``delay``: seconds before answering (a stand-in for running time)."""
-        self._clock = clock
-        self._delay = delay
-        self.on_results: ResultsCallback = on_results or (lambda results: None)
-        self._data = result_data if result_data is not None else serialize(None)
-        self._ready: List[Result] = []
-        self._scheduled = False
-        self.accepting = True
-        self.submitted = 0
+class IRoutingPolicy(Interface):
+    """Decides which manager gets which queued task."""
 
-    def submit(self, tasks: Sequence[Task]) -> None:
-        if not self.accepting:
-            raise RuntimeError("the interchange is stopping and takes no more tasks")
-        data = self._data
-        self.submitted += len(tasks)
-        if self._delay:
-            batch = [Result(task.task_id, data) for task in tasks]
-            self._clock.callLater(self._delay, lambda: self.on_results(batch))
-            return
-        self._ready.extend(Result(task.task_id, data) for task in tasks)
+    def task_type(task: Task) -> str:
+        """The queue (container type) ``task`` waits in."""
 
-        if not self._scheduled:
-            self._scheduled = True
-            self._clock.callLater(0, self._deliver)
+    def assign(container_type: str, count: int, managers: Sequence[Any]) -> List[Tuple[Any, int]]:
+        """Split up to ``count`` queued tasks of ``container_type`` among
+        ``managers`` (:class:`IManagerLoad` providers that accept tasks and
+        have room, in registration order): ``(manager, how many)`` pairs, in
+        the order the tasks should go.  Never more than a manager's room."""
 
-    def _deliver(self) -> None:
-        self._scheduled = False
-        ready, self._ready = self._ready, []
-        if ready:
-            self.on_results(ready)
 
-    def cancel(self, task_id: str) -> bool:
-        return False
+class IManagerEvents(Interface):
+    """What the manager registry tells the task dispatcher."""
 
-    def withdraw_unstarted(self) -> List[str]:
-        self.accepting = False
-        return []
+    def manager_joined(manager: Any) -> None:
+        """A manager registered and may be given tasks."""
 
-    def status(self) -> Dict[str, Any]:
-        return {
-            "managers": 0,
-            "total_workers": 0,
-            "idle_workers": 0,
-            "pending_tasks": len(self._ready),
-            "outstanding_tasks": {"RAW": len(self._ready)},
-        }
+    def manager_closed(manager: Any) -> None:
+        """A manager takes no more tasks (retiring, quitting); it may still answer."""
 
-    def pop_transitions(self) -> Dict[str, List[TaskTransition]]:
-        return {}
+    def manager_left(manager: Any, why: str, on_purpose: bool) -> None:
+        """A manager is gone: its unanswered tasks are queued again or fail.
+
+        ``on_purpose``: the endpoint ended it (scaling in), so its tasks lose
+        no attempt.
+        """
+
+    def results_received(manager: Any, results: List[bytes]) -> None:
+        """A batch of encoded results from a registered manager."""
+
+    def held_by(manager: Any) -> int:
+        """How many tasks ``manager`` holds (for the registry's messages)."""
 
 
 @attr.s(auto_attribs=True, frozen=True)

@@ -24,7 +24,7 @@ from typing import Any, List, Optional
 
 import attr
 
-from funcx_endpoint.executor.amp import (
+from funcx_endpoint.wire.info import (
     ConnectionInfo,
     InfoFileError,
     ManagerSettings,

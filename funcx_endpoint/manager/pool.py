@@ -3,12 +3,12 @@
 :class:`WorkerPool` owns a fixed number of worker slots.  Each slot runs one
 worker process (``python -m funcx_endpoint.worker``) started with
 ``reactor.spawnProcess``: the task pipe on the worker's fd 3, the result pipe
-on its fd 4 (see :mod:`funcx_endpoint.worker.frames`), its stdout and stderr
+on its fd 4 (see :mod:`funcx_endpoint.wire.frames`), its stdout and stderr
 appended to ``worker-<n>.out`` / ``worker-<n>.err`` in the log directory.
 
 Tasks wait in the pool's queue and go to an idle worker as soon as there is
 one (a worker that answers gets its next task at once, so the queue is the
-prefetch that keeps workers busy).  Results (packed ``Result`` messages,
+prefetch that keeps workers busy).  Results (encoded packed results,
 made by the worker) go to ``on_result`` untouched.  The pool answers for the
 worker when the worker cannot: ``WorkerLost`` when it dies (how it died, what
 it was doing, the end of its stderr), ``TaskTimeout`` when it runs past the
@@ -35,9 +35,17 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from funcx_endpoint.executor.amp import ManagerSettings
-from funcx_endpoint.protocol import ActorName, ErrorCode, Result, TaskState, TaskTransition, pack
-from funcx_endpoint.worker import frames
+from funcx_endpoint.wire import (
+    ActorName,
+    ErrorCode,
+    PackedResult,
+    TaskState,
+    TaskTransition,
+    frames,
+)
+from funcx_endpoint.wire.info import (
+    ManagerSettings,
+)
 
 __all__ = ["WorkerPool", "WorkerProtocol", "count_workers", "worker_environment"]
 
@@ -211,7 +219,7 @@ class WorkerProtocol(ProcessProtocol):
 class WorkerPool:
     """Runs tasks on ``settings``-many supervised worker processes.
 
-    ``on_result`` receives each packed Result message.  ``on_fatal`` is
+    ``on_result`` receives each encoded PackedResult.  ``on_fatal`` is
     called (once) with a reason if workers cannot be started at all.
     """
 
@@ -481,7 +489,7 @@ class WorkerPool:
 
     def _answer_failure(self, worker: _Worker, task_id: str, code: str, message: str) -> None:
         statuses = [TaskTransition(worker.task_started_ns, TaskState.RUNNING, ActorName.MANAGER)]
-        self._on_result(pack(Result.failure(task_id, code, message, task_statuses=statuses)))
+        self._on_result(PackedResult.failure(task_id, code, message, None, statuses).encode())
 
     def _timed_out(self, worker: _Worker, task_id: str) -> None:
         worker.timeout_call = None

@@ -35,25 +35,27 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-from funcx_endpoint.executor.amp import (
+from funcx_endpoint.manager.pool import WorkerPool
+from funcx_endpoint.wire.amp import (
     MAX_QUIT_REASON,
     CancelTask,
-    ConnectionInfo,
     Heartbeat,
-    ManagerSettings,
     Quitting,
     Register,
     RegistrationRefused,
     SendResults,
     Shutdown,
     SubmitTasks,
-    local_versions,
     read_unanswered,
     send_unanswered,
+    set_no_delay,
+)
+from funcx_endpoint.wire.info import (
+    ConnectionInfo,
+    ManagerSettings,
+    local_versions,
     versions_differ,
 )
-from funcx_endpoint.executor.interchange import set_no_delay
-from funcx_endpoint.manager.pool import WorkerPool
 from funcx_endpoint.worker.execute import clip
 
 __all__ = ["EXIT_LOST", "EXIT_OK", "EXIT_REFUSED", "InterchangeConnection", "ManagerService"]

@@ -60,7 +60,6 @@ import requests
 import urllib3.exceptions
 from globus_sdk.transport import RetryCheckResult, RetryContext
 
-from funcx_endpoint.protocol import DeserializationError, deserialize, pack_function, pack_payload
 from funcx_endpoint.sdk.errors import (
     BatchSubmissionError,
     FuncxAPIError,
@@ -72,6 +71,7 @@ from funcx_endpoint.sdk.errors import (
 )
 from funcx_endpoint.sdk.login import client_credentials_authorizer, transport_arguments
 from funcx_endpoint.version import __version__
+from funcx_endpoint.wire import DeserializationError, deserialize, pack_function, pack_payload
 
 __all__ = [
     "CA_FILE_ENV",

@@ -21,7 +21,7 @@ from funcx_endpoint.amqp.client import AMQPClient, Delivery
 from funcx_endpoint.amqp.connection import AMQPURL, AMQPConnectionService
 from funcx_endpoint.amqp.publisher import ConfirmingPublisher
 from funcx_endpoint.endpoint.transport import BrokerInfo
-from funcx_endpoint.protocol import EPStatusReport, Result, Task, pack, unpack
+from funcx_endpoint.wire import EPStatusReport, Result, Task, pack, unpack
 
 
 class ServiceSide:

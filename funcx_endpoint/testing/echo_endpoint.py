@@ -20,8 +20,8 @@ from twisted.internet.task import react
 from twisted.internet.threads import deferToThread
 
 from funcx_endpoint.amqp.spool import ResultSpool
-from funcx_endpoint.endpoint.transport import BrokerInfo, Transport
-from funcx_endpoint.executor.interface import EchoInterchange
+from funcx_endpoint.endpoint.transport import BrokerInfo, build_transport
+from funcx_endpoint.testing.interchanges import EchoInterchange
 
 
 async def main(reactor: Any, argv: List[str]) -> None:
@@ -35,11 +35,12 @@ async def main(reactor: Any, argv: List[str]) -> None:
 
     with open(argv[0]) as f:
         info = BrokerInfo.from_registration(json.load(f))
-    transport = Transport(
+    delay = float(argv[3]) if len(argv) > 3 else 0.0
+    transport, _ = build_transport(
         reactor,
         lambda: info,
-        EchoInterchange(reactor, delay=float(argv[3]) if len(argv) > 3 else 0.0),
         ResultSpool(argv[1], deferToThread),
+        lambda results: EchoInterchange(reactor, results, delay=delay),
         ca_file=argv[2] if len(argv) > 2 else None,
         heartbeat=10,
     )
@@ -54,7 +55,7 @@ async def main(reactor: Any, argv: List[str]) -> None:
                 "{counts} {fields} acks={acks}",
                 counts=transport.counts,
                 fields=transport.status_fields(),
-                acks=transport._acks.unacked if transport._acks else None,
+                acks=transport.ledger.unacked,
             )
         ).start(1.0)
 

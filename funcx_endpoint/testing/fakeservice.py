@@ -58,7 +58,8 @@ from twisted.protocols.policies import WrappingFactory
 from twisted.web import server
 from twisted.web.resource import IResource, Resource
 
-from funcx_endpoint.protocol import (
+from funcx_endpoint.tls import TLSFiles
+from funcx_endpoint.wire import (
     DeserializationError,
     ErrorCode,
     pack_task_buffer,
@@ -66,7 +67,6 @@ from funcx_endpoint.protocol import (
     unpack_buffers,
     unpack_task_buffer,
 )
-from funcx_endpoint.tls import TLSFiles
 
 __all__ = [
     "AUTH_RESOURCE_SERVER",

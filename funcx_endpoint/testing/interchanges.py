@@ -1,9 +1,16 @@
 """Interchanges for tests of the endpoint's transport (no processes).
 
-:class:`HoldingInterchange` keeps every task it is given until the test
-says what to answer, so tests can stop, kill or disconnect things while
-tasks are "running", count how often each task was submitted, and send
-results of any size.
+Both provide :class:`~funcx_endpoint.executor.interface.IInterchange` and
+give their results to the
+:class:`~funcx_endpoint.executor.interface.IResultSink` they are built with,
+like the real interchange:
+
+* :class:`EchoInterchange` answers every task at once with a fixed result
+  (tests, the AMQP pipe benchmark, the echo endpoint);
+* :class:`HoldingInterchange` keeps every task it is given until the test
+  says what to answer, so tests can stop, kill or disconnect things while
+  tasks are "running", count how often each task was submitted, and send
+  results of any size.
 """
 
 from __future__ import annotations
@@ -12,10 +19,79 @@ from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence
 
 from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
-from funcx_endpoint.executor.interface import IInterchange, ResultsCallback
-from funcx_endpoint.protocol import Result, Task, TaskTransition, serialize
+from funcx_endpoint.executor.interface import IInterchange, IResultSink
+from funcx_endpoint.wire import PackedResult, Result, Task, TaskTransition, serialize
+
+__all__ = ["CollectingSink", "EchoInterchange", "HoldingInterchange"]
+
+
+@implementer(IInterchange)
+class EchoInterchange(Service):
+    """Answers every task at once with a fixed successful result.
+
+    Results are batched per reactor turn, as a real interchange batches them;
+    ``delay``: seconds before answering (a stand-in for running time).
+    """
+
+    name = "interchange"
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        result_sink: IResultSink,
+        result_data: Optional[str] = None,
+        delay: float = 0.0,
+    ) -> None:
+        self._clock = clock
+        self._delay = delay
+        self.result_sink = result_sink
+        self._data = result_data if result_data is not None else serialize(None)
+        self._ready: List[PackedResult] = []
+        self._scheduled = False
+        self.accepting = True
+        self.submitted = 0
+
+    def submit(self, tasks: Sequence[Task]) -> None:
+        if not self.accepting:
+            raise RuntimeError("the interchange is stopping and takes no more tasks")
+        data = self._data
+        self.submitted += len(tasks)
+        batch = [PackedResult.success(task.task_id, data) for task in tasks]
+        if self._delay:
+            self._clock.callLater(self._delay, self.result_sink.results_ready, batch)
+            return
+        self._ready.extend(batch)
+        if not self._scheduled:
+            self._scheduled = True
+            self._clock.callLater(0, self._deliver)
+
+    def _deliver(self) -> None:
+        self._scheduled = False
+        ready, self._ready = self._ready, []
+        if ready:
+            self.result_sink.results_ready(ready)
+
+    def cancel(self, task_id: str) -> bool:
+        return False
+
+    def withdraw_unstarted(self) -> List[str]:
+        self.accepting = False
+        return []
+
+    def status(self) -> Dict[str, Any]:
+        return {
+            "managers": 0,
+            "total_workers": 0,
+            "idle_workers": 0,
+            "pending_tasks": len(self._ready),
+            "outstanding_tasks": {"RAW": len(self._ready)},
+        }
+
+    def pop_transitions(self) -> Dict[str, List[TaskTransition]]:
+        return {}
 
 
 @implementer(IInterchange)
@@ -28,8 +104,8 @@ class HoldingInterchange(Service):
 
     name = "interchange"
 
-    def __init__(self, on_results: Optional[ResultsCallback] = None) -> None:
-        self.on_results: ResultsCallback = on_results or (lambda results: None)
+    def __init__(self, result_sink: IResultSink) -> None:
+        self.result_sink = result_sink
         self.held: Dict[str, Task] = {}
         self.started: set = set()
         self.submissions: Counter = Counter()
@@ -58,9 +134,9 @@ class HoldingInterchange(Service):
         for task_id in ids:
             if self.held.pop(task_id, None) is not None:
                 self.started.discard(task_id)
-                results.append(Result(task_id, payload))
+                results.append(PackedResult.success(task_id, payload))
         if results:
-            self.on_results(results)
+            self.result_sink.results_ready(results)
         return [r.task_id for r in results]
 
     def cancel(self, task_id: str) -> bool:
@@ -84,3 +160,28 @@ class HoldingInterchange(Service):
 
     def pop_transitions(self) -> Dict[str, List[TaskTransition]]:
         return {}
+
+
+@implementer(IResultSink)
+class CollectingSink:
+    """A result sink that keeps what it is given, for tests.
+
+    ``on_batch`` (optional) is called with each batch of
+    :class:`~funcx_endpoint.wire.Result`\\ s, decoded.
+    """
+
+    def __init__(self, on_batch: Optional[Any] = None) -> None:
+        self.packed: List[PackedResult] = []
+        self.batch_sizes: List[int] = []
+        self._on_batch = on_batch
+
+    def results_ready(self, results: List[PackedResult]) -> None:
+        self.packed.extend(results)
+        self.batch_sizes.append(len(results))
+        if self._on_batch is not None:
+            self._on_batch([result.to_result() for result in results])
+
+    @property
+    def results(self) -> List[Result]:
+        """Every result so far, decoded."""
+        return [result.to_result() for result in self.packed]

@@ -578,14 +578,14 @@ class EndpointPlayer:
         )
 
     def publish(self, message: Any) -> Deferred[None]:
-        from funcx_endpoint.protocol import pack
+        from funcx_endpoint.wire import pack
 
         return self._publisher.publish(
             "results", f"{self.endpoint_id}.results", pack(message), {"delivery-mode": 2}
         )
 
     def report(self, final: bool = False) -> Deferred[None]:
-        from funcx_endpoint.protocol import EPStatusReport
+        from funcx_endpoint.wire import EPStatusReport
 
         if final:
             return self.publish(EPStatusReport.final(self.endpoint_id))
@@ -604,7 +604,7 @@ class EndpointPlayer:
         )
 
     def _on_task(self, channel: Any, delivery: Any) -> None:
-        from funcx_endpoint.protocol import Result, serialize, unpack, unpack_task_buffer
+        from funcx_endpoint.wire import Result, serialize, unpack, unpack_task_buffer
 
         task: Any = unpack(delivery.body)
         self.tasks.append(task)

@@ -29,7 +29,6 @@ import attr
 from twisted.logger import Logger
 
 from funcx_endpoint.amqp import topology
-from funcx_endpoint.protocol import DeserializationError, pack_task_buffer, unpack_buffers
 from funcx_endpoint.version import __version__
 from funcx_endpoint.webservice.auth import API
 from funcx_endpoint.webservice.broker import ServiceBroker
@@ -44,6 +43,7 @@ from funcx_endpoint.webservice.http import (
 )
 from funcx_endpoint.webservice.management import BrokerUnavailable, ManagementAPI, ManagementError
 from funcx_endpoint.webservice.storage import Endpoint, NewTask, Storage, TokenInfo, UnsentTask
+from funcx_endpoint.wire import DeserializationError, pack_task_buffer, unpack_buffers
 
 __all__ = ["BrokerAddress", "FuncXAPI", "FUNCX_API_VERSION", "MAX_TASKS_PER_SUBMIT"]
 

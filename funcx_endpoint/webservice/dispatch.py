@@ -32,15 +32,6 @@ from twisted.python.failure import Failure
 from funcx_endpoint.amqp import topology
 from funcx_endpoint.amqp.client import Delivery, FastChannel
 from funcx_endpoint.amqp.publisher import PublishFailed
-from funcx_endpoint.protocol import (
-    EPStatusReport,
-    MessageError,
-    Result,
-    ResultErrorDetails,
-    Task,
-    pack,
-    unpack,
-)
 from funcx_endpoint.webservice.broker import ServiceBroker
 from funcx_endpoint.webservice.management import BrokerUnavailable
 from funcx_endpoint.webservice.storage import (
@@ -50,6 +41,15 @@ from funcx_endpoint.webservice.storage import (
     Storage,
     StoredOutcome,
     UnsentTask,
+)
+from funcx_endpoint.wire import (
+    EPStatusReport,
+    MessageError,
+    Result,
+    ResultErrorDetails,
+    Task,
+    pack,
+    unpack,
 )
 
 __all__ = ["ResultIngest", "TaskSender"]

@@ -1,7 +1,7 @@
-"""Running one task: deserialize, call, serialize; every outcome is a Result.
+"""Running one task: deserialize, call, serialize; every outcome is a result.
 
-:class:`TaskRunner` turns a task buffer into the packed
-:class:`~funcx_endpoint.protocol.Result` message a worker sends back, and
+:class:`TaskRunner` turns a task buffer into the encoded
+:class:`~funcx_endpoint.wire.results.PackedResult` a worker sends back, and
 never raises for anything the task does: the user's exception becomes a
 ``RemoteExecutionError`` whose data is the traceback starting at the user's
 own frames, a buffer that cannot be loaded a ``DeserializationError``, a
@@ -24,19 +24,17 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import dill
 
-from funcx_endpoint.protocol import (
+from funcx_endpoint.version import __version__
+from funcx_endpoint.wire import (
     ActorName,
     ErrorCode,
-    Result,
-    ResultErrorDetails,
+    PackedResult,
     TaskState,
     TaskTransition,
-    pack,
     serialize,
     unpack_task_buffer,
 )
-from funcx_endpoint.version import __version__
-from funcx_endpoint.worker.frames import PHASE_LOADING, PHASE_RUNNING
+from funcx_endpoint.wire.frames import PHASE_LOADING, PHASE_RUNNING
 
 #: The default largest serialized result, in bytes (as funcX).
 DEFAULT_RESULT_SIZE_LIMIT = 10 * 1024 * 1024
@@ -125,7 +123,7 @@ class TaskRunner:
     """Runs tasks one at a time, with a cache of loaded functions.
 
     ``report_phase`` is called with a phase byte (see
-    :mod:`funcx_endpoint.worker.frames`) before a function that is not in
+    :mod:`funcx_endpoint.wire.frames`) before a function that is not in
     the cache is loaded, and again once it is loaded.
     """
 
@@ -145,7 +143,7 @@ class TaskRunner:
         self._report_phase(PHASE_LOADING)
 
     def run(self, task_id: str, running_ns: int, task_buffer: str) -> bytes:
-        """The packed Result message of running ``task_buffer``."""
+        """The encoded PackedResult of running ``task_buffer``."""
         statuses = [TaskTransition(running_ns, TaskState.RUNNING, ActorName.MANAGER)]
         try:
             fn, args, kwargs = self._load(task_buffer)
@@ -158,8 +156,9 @@ class TaskRunner:
         except BaseException as exc:  # the user's code may raise anything, SystemExit too
             statuses.append(TaskTransition.now(TaskState.EXECUTION_END, ActorName.WORKER))
             text = clip(_user_traceback(exc), min(MAX_TRACEBACK_BYTES, self.result_size_limit))
-            details = ResultErrorDetails(ErrorCode.REMOTE_EXECUTION_ERROR, _summary(exc))
-            return pack(Result(task_id, text, details, statuses))
+            return PackedResult.failure(
+                task_id, ErrorCode.REMOTE_EXECUTION_ERROR, _summary(exc), text, statuses
+            ).encode()
         statuses.append(TaskTransition.now(TaskState.EXECUTION_END, ActorName.WORKER))
         try:
             data = serialize(value)
@@ -176,7 +175,7 @@ class TaskRunner:
                 f"result size limit of {self.result_size_limit} bytes"
             )
             return self._failure(task_id, ErrorCode.MAX_RESULT_SIZE_EXCEEDED, message, statuses)
-        return pack(Result(task_id, data, None, statuses))
+        return PackedResult.success(task_id, data, statuses).encode()
 
     def _load(self, task_buffer: str) -> Tuple[Callable[..., Any], Tuple[Any, ...], Dict[str, Any]]:
         try:
@@ -188,4 +187,4 @@ class TaskRunner:
 
     @staticmethod
     def _failure(task_id: str, code: str, message: str, statuses: List[TaskTransition]) -> bytes:
-        return pack(Result.failure(task_id, code, message, task_statuses=statuses))
+        return PackedResult.failure(task_id, code, message, None, statuses).encode()

@@ -15,7 +15,7 @@ import signal
 import sys
 from typing import BinaryIO, List, Optional
 
-from funcx_endpoint.worker import frames
+from funcx_endpoint.wire import frames
 from funcx_endpoint.worker.execute import DEFAULT_RESULT_SIZE_LIMIT, TaskRunner, versions
 
 _PR_SET_PDEATHSIG = 1

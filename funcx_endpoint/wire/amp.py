@@ -1,4 +1,4 @@
-"""The AMP protocol between the interchange and its managers, and the info file.
+"""The AMP protocol between the interchange and its managers.
 
 Managers connect to the interchange over TCP with TLS (the interchange's
 certificate is signed by a CA made for the endpoint; managers verify it) and
@@ -10,7 +10,7 @@ command             direction              what
 ==================  =====================  ==========================================
 ``Register``        manager → interchange  who the manager is; answered with settings
 ``SubmitTasks``     interchange → manager  a batch of ``(task_id, task_buffer)``
-``SendResults``     manager → interchange  a batch of packed ``protocol.Result``
+``SendResults``     manager → interchange  a batch of packed results
 ``Heartbeat``       both ways              "still here" every ``heartbeat_period``
 ``CancelTask``      interchange → manager  drop or kill one task; answered ``found``
 ``Shutdown``        interchange → manager  stop workers, disconnect, exit
@@ -38,34 +38,24 @@ AMP values are limited to 65,535 bytes; :class:`ChunkedBytes` and
 ``name.1``, ``name.2``...), so task buffers and results of any size travel in
 one command.
 
-The manager learns where to connect from a JSON "info file"
-(:class:`ConnectionInfo`), written 0600 by the interchange, so that no secret
-appears on a manager's command line.
+Every value that holds several items uses the list framing of
+:mod:`funcx_endpoint.wire.framing`.  The manager learns where to connect from
+the info file (:mod:`funcx_endpoint.wire.info`).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import struct
-import sys
-from typing import Any, ClassVar, Dict, Iterable, List, Optional, Tuple, Type
+from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type
 
-import attr
-import dill
 from twisted.protocols import amp
 
-from funcx_endpoint.tls import write_private_file
-from funcx_endpoint.version import __version__
+from funcx_endpoint.wire.framing import decode_list, encode_list
 
 __all__ = [
     "CancelTask",
     "ChunkedBytes",
     "ChunkedList",
-    "ConnectionInfo",
     "Heartbeat",
-    "InfoFileError",
-    "ManagerSettings",
     "NotRegistered",
     "Quitting",
     "RateMeter",
@@ -75,15 +65,13 @@ __all__ = [
     "Shutdown",
     "SubmitTasks",
     "TaskBatch",
-    "local_versions",
     "read_unanswered",
     "send_unanswered",
-    "versions_differ",
+    "set_no_delay",
 ]
 
 #: The largest value AMP carries under one key.
 MAX_CHUNK = amp.MAX_VALUE_LENGTH
-_LENGTH = struct.Struct(">I")
 
 
 def _python_name(name: bytes) -> str:
@@ -150,34 +138,6 @@ class ChunkedBytes(amp.Argument):
     def from_bytes(self, data: bytes) -> Any:
         """The value ``data`` represents (here: ``data`` itself)."""
         return data
-
-
-def encode_list(items: List[bytes]) -> bytes:
-    """``items`` as one byte string: each a 4-byte length and its bytes."""
-    pack = _LENGTH.pack
-    parts = []
-    for item in items:
-        parts.append(pack(len(item)))
-        parts.append(item)
-    return b"".join(parts)
-
-
-def decode_list(data: bytes) -> List[bytes]:
-    """The items :func:`encode_list` encoded; ValueError if ``data`` is not such a list."""
-    items = []
-    offset = 0
-    end = len(data)
-    unpack_from = _LENGTH.unpack_from
-    while offset < end:
-        if end - offset < 4:
-            raise ValueError("truncated list: a length prefix is cut short")
-        (size,) = unpack_from(data, offset)
-        offset += 4
-        if end - offset < size:
-            raise ValueError(f"truncated list: an item of {size} bytes is cut short")
-        items.append(data[offset : offset + size])
-        offset += size
-    return items
 
 
 class ChunkedList(ChunkedBytes):
@@ -363,168 +323,9 @@ class RateMeter:
             self._since = now
 
 
-# ---------------------------------------------------------------------------
-# Versions
-
-
-def local_versions() -> Dict[str, str]:
-    """The Python, dill and funcx-endpoint versions of this process."""
-    return {
-        "python_version": "{}.{}.{}".format(*sys.version_info[:3]),
-        "dill_version": dill.__version__,
-        "funcx_version": __version__,
-    }
-
-
-def versions_differ(mine: Dict[str, str], theirs: Dict[str, str]) -> bool:
-    """Whether serialized functions may not travel between the two sides.
-
-    Python must agree on major.minor (bytecode changes between them) and dill
-    on its exact version (its pickles change between releases).
-    """
-
-    def major_minor(version: str) -> str:
-        return ".".join(version.split(".")[:2])
-
-    return major_minor(mine["python_version"]) != major_minor(theirs["python_version"]) or (
-        mine["dill_version"] != theirs["dill_version"]
-    )
-
-
-# ---------------------------------------------------------------------------
-# The manager info file
-
-
-class InfoFileError(ValueError):
-    """A manager info file that is missing, unreadable or incomplete."""
-
-
-def _optional_float(value: Any) -> Optional[float]:
-    return None if value is None else float(value)
-
-
-def _str_tuple(values: Iterable[Any]) -> Tuple[str, ...]:
-    return tuple(str(value) for value in values)
-
-
-@attr.s(auto_attribs=True, frozen=True)
-class ManagerSettings:
-    """What a manager applies: worker counts, limits and timings.
-
-    ``max_workers_per_node`` None means no bound besides the cores;
-    ``task_timeout`` None means tasks may run forever.
-    """
-
-    heartbeat_period: float = 30.0
-    heartbeat_threshold: float = 120.0
-    task_timeout: Optional[float] = None
-    result_size_limit: int = 10 * 1024 * 1024
-    stop_grace_period: float = 10.0
-    worker_debug: bool = False
-    max_workers_per_node: Optional[float] = None
-    cores_per_worker: float = 1.0
-    mem_per_worker: Optional[float] = None
-    available_accelerators: Tuple[str, ...] = attr.ib(default=(), converter=_str_tuple)
-    prefetch_capacity: int = 1
-    worker_environment: Dict[str, str] = attr.Factory(dict)
-    batch_interval: float = 0.001
-
-    def to_json(self) -> Dict[str, Any]:
-        """A JSON-ready dict of these settings."""
-        data = attr.asdict(self)
-        data["available_accelerators"] = list(self.available_accelerators)
-        return data
-
-    @classmethod
-    def from_json(cls, data: Any) -> ManagerSettings:
-        """Settings from :meth:`to_json`'s output; unknown keys are ignored."""
-        if not isinstance(data, dict):
-            raise InfoFileError("settings must be a JSON object")
-        known = {field.name for field in attr.fields(cls)}
-        try:
-            values = {key: value for key, value in data.items() if key in known}
-            for key in ("task_timeout", "max_workers_per_node", "mem_per_worker"):
-                if key in values:
-                    values[key] = _optional_float(values[key])
-            for key in (
-                "heartbeat_period",
-                "heartbeat_threshold",
-                "stop_grace_period",
-                "batch_interval",
-            ):
-                if key in values:
-                    values[key] = float(values[key])
-            for key in ("cores_per_worker",):
-                if key in values:
-                    values[key] = float(values[key])
-            for key in ("result_size_limit", "prefetch_capacity"):
-                if key in values:
-                    values[key] = int(values[key])
-            if "available_accelerators" in values:
-                values["available_accelerators"] = [
-                    str(a) for a in values["available_accelerators"]
-                ]
-            if "worker_environment" in values:
-                values["worker_environment"] = {
-                    str(k): str(v) for k, v in dict(values["worker_environment"]).items()
-                }
-            return cls(**values)
-        except (TypeError, ValueError) as exc:
-            raise InfoFileError(f"bad settings: {exc}") from None
-
-
-@attr.s(auto_attribs=True, frozen=True)
-class ConnectionInfo:
-    """Where and how a manager connects to the interchange (the info file's content)."""
-
-    address: str
-    port: int
-    ca_cert_pem: str
-    secret: str = attr.ib(repr=False)
-    settings: ManagerSettings = attr.Factory(ManagerSettings)
-
-    def to_json(self) -> Dict[str, Any]:
-        """A JSON-ready dict, secret included."""
-        return {
-            "address": self.address,
-            "port": self.port,
-            "ca_cert_pem": self.ca_cert_pem,
-            "secret": self.secret,
-            "settings": self.settings.to_json(),
-        }
-
-    def write(self, path: str) -> None:
-        """Write the info file atomically, readable by the owner only (0600)."""
-        write_private_file(path, json.dumps(self.to_json(), indent=1).encode("utf-8"))
-
-    @classmethod
-    def read(cls, path: str) -> ConnectionInfo:
-        """Read an info file; InfoFileError saying what is wrong otherwise."""
-        try:
-            with open(path, "rb") as f:
-                data = json.loads(f.read().decode("utf-8"))
-        except OSError as exc:
-            raise InfoFileError(f"cannot read the manager info file {path}: {exc}") from None
-        except ValueError as exc:
-            raise InfoFileError(f"the manager info file {path} is not JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise InfoFileError(f"the manager info file {path} must hold a JSON object")
-        missing = [k for k in ("address", "port", "ca_cert_pem", "secret") if k not in data]
-        if missing:
-            raise InfoFileError(f"the manager info file {path} lacks {', '.join(missing)}")
-        try:
-            settings = ManagerSettings.from_json(data.get("settings", {}))
-            return cls(
-                address=str(data["address"]),
-                port=int(data["port"]),
-                ca_cert_pem=str(data["ca_cert_pem"]),
-                secret=str(data["secret"]),
-                settings=settings,
-            )
-        except (TypeError, ValueError) as exc:
-            raise InfoFileError(f"the manager info file {path} is invalid: {exc}") from None
-
-
-def info_file_is_private(path: str) -> bool:
-    """Whether only the owner may read ``path`` (as an info file must be)."""
-    return (os.stat(path).st_mode & 0o077) == 0
+def set_no_delay(transport: Any) -> None:
+    """Turn Nagle's algorithm off: batches and their answers must not wait 40 ms."""
+    try:
+        transport.setTcpNoDelay(True)
+    except (AttributeError, OSError):
+        pass  # not TCP (tests)

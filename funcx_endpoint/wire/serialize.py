@@ -50,19 +50,14 @@ Choices this module makes (and funcX does not):
 
 from __future__ import annotations
 
-import ast
 import base64
 import binascii
-import builtins
 import inspect
 import pickle
-import textwrap
-import types
 from typing import (
     Any,
     Callable,
     Dict,
-    Iterable,
     List,
     Mapping,
     MutableMapping,
@@ -74,7 +69,19 @@ from typing import (
 import dill
 import dill.source
 
-from funcx_endpoint.protocol.errors import DeserializationError, SerializationError
+from funcx_endpoint.wire.buffers import (
+    pack_buffers,
+    pack_task_buffer,
+    split_task_buffer,
+    unpack_buffers,
+)
+from funcx_endpoint.wire.errors import DeserializationError, SerializationError
+from funcx_endpoint.wire.source import (
+    LAMBDA_NAME,
+    _dill_getsource,
+    _load_source,
+    _standalone_source,
+)
 
 __all__ = [
     "CODE_METHODS",
@@ -113,8 +120,6 @@ DATA_METHOD = METHOD_DATA
 CODE_METHODS = (METHOD_SOURCE_DILL, METHOD_DILL_CODE, METHOD_SOURCE_INSPECT, METHOD_COMBINED)
 #: The order in which code methods are tried by default.
 DEFAULT_CODE_METHODS = (METHOD_SOURCE_DILL, METHOD_DILL_CODE, METHOD_SOURCE_INSPECT)
-#: The name under which a lambda's source binds it in ``03``/``04`` payloads.
-LAMBDA_NAME = "_funcx_lambda"
 #: The methods whose parts make up a ``10`` payload, in order.
 _COMBINED_PARTS = (METHOD_SOURCE_DILL, METHOD_DILL_CODE)
 
@@ -122,17 +127,12 @@ _COMBINED_PARTS = (METHOD_SOURCE_DILL, METHOD_DILL_CODE)
 # what the real SDK writes for the same data, whatever the local default.
 _PICKLE_PROTOCOL = 4
 _HEADER_LENGTH = 3
-# The longest length line unpack_buffers accepts (a 1 PB part has 16 digits).
-_MAX_LENGTH_DIGITS = 20
 # Plain data is checked item by item before taking the C pickler.  The check
 # costs a tenth of what dill spends per item, so it pays even when it fails;
 # the budget only stops it on huge or self-containing structures.
 _PLAIN_CHECK_BUDGET = 100_000
 _PLAIN_SCALARS = frozenset({type(None), bool, int, float, complex, str, bytes})
 _PLAIN_SEQUENCES = frozenset({tuple, list, set, frozenset})
-# The compile flag that makes annotations lazy strings; the
-# ``from __future__ import annotations`` line above binds that feature object.
-_ANNOTATIONS_FLAG: int = annotations.compiler_flag
 
 
 def _b64encode(raw: bytes) -> str:
@@ -205,246 +205,6 @@ def _dumps_data(obj: Any) -> bytes:
     if _is_plain(obj):
         return pickle.dumps(obj, protocol=_PICKLE_PROTOCOL)
     return _dill_dumps(obj)
-
-
-# ---------------------------------------------------------------------------
-# Source methods (03, 04)
-
-
-def _standalone_source(fn: Any, getsource: Callable[[Any], str]) -> Tuple[str, str]:
-    """The ``(name, source)`` pair that recreates plain function ``fn``.
-
-    Raises SerializationError when ``fn`` cannot be recreated from its source
-    alone: not a plain function, no source, a closure, or source that does
-    not define it.
-    """
-    if not isinstance(fn, types.FunctionType):
-        raise SerializationError(
-            f"{type(fn).__name__} objects have no standalone source; only plain functions do"
-        )
-    code = fn.__code__
-    if code.co_freevars:
-        raise SerializationError(
-            f"function {fn.__qualname__} uses variables of an enclosing function "
-            f"({', '.join(code.co_freevars)}), which its source cannot carry"
-        )
-    try:
-        source = getsource(fn)
-    except Exception as exc:  # OSError, TypeError, IndexError from dill.source...
-        raise SerializationError(
-            f"could not find the source of {fn.__qualname__}: {type(exc).__name__}: {exc}"
-        ) from exc
-    source = textwrap.dedent(source)
-    try:
-        tree = ast.parse(source)
-    except SyntaxError as exc:
-        raise SerializationError(
-            f"the source found for {fn.__qualname__} does not parse on its own: {exc}"
-        ) from exc
-    if code.co_name == "<lambda>":
-        return LAMBDA_NAME, f"{LAMBDA_NAME} = {_lambda_segment(source, tree, code)}\n"
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == code.co_name:
-            lines = source.splitlines(keepends=True)
-            # node.lineno is the ``def`` line, after any decorators.
-            text = "".join(lines[node.lineno - 1 : node.end_lineno])
-            if not text.endswith("\n"):
-                text += "\n"
-            return code.co_name, text
-    raise SerializationError(
-        f"the source found for {fn.__qualname__} does not define {code.co_name!r} at its top level"
-    )
-
-
-def _lambda_segment(source: str, tree: ast.AST, code: types.CodeType) -> str:
-    """The text of the one lambda in ``source`` that compiles to ``code``."""
-    matches = []
-    for node in ast.walk(tree):
-        if not isinstance(node, ast.Lambda):
-            continue
-        segment = ast.get_source_segment(source, node)
-        if segment is None:
-            continue
-        try:
-            compiled = compile(f"({segment})", "<string>", "eval", dont_inherit=True)
-        except SyntaxError:
-            continue
-        for const in compiled.co_consts:
-            if isinstance(const, types.CodeType) and const.co_code == code.co_code:
-                matches.append(segment)
-                break
-    if len(matches) != 1:
-        raise SerializationError(
-            f"could not single out the lambda in its source line "
-            f"({len(matches)} lambda expressions there match it)"
-        )
-    # A lambda spanning lines needs brackets to stand on the right of ``=``.
-    return matches[0] if "\n" not in matches[0] else f"({matches[0]})"
-
-
-def _fresh_namespace() -> Dict[str, Any]:
-    # "__main__" makes dill pickle by value anything the source defines
-    # (e.g. a class whose instance the function returns).
-    return {"__name__": "__main__", "__builtins__": builtins}
-
-
-def _load_source(name: Any, source: Any, method: str) -> Callable[..., Any]:
-    """Run ``source`` in a fresh namespace and return what it calls ``name``."""
-    if not isinstance(name, str) or not isinstance(source, str):
-        raise DeserializationError(
-            f"payload with header {method!r} should hold a (name, source) pair of "
-            f"strings, got ({type(name).__name__}, {type(source).__name__})"
-        )
-    source = textwrap.dedent(source)
-    namespace = _fresh_namespace()
-    if name == "<lambda>":
-        return _load_lambda(source, namespace, method)
-    try:
-        code = compile(source, "<string>", "exec", flags=_ANNOTATIONS_FLAG, dont_inherit=True)
-        exec(code, namespace)
-    except Exception as exc:
-        raise DeserializationError(
-            f"the source of function {name!r} (header {method!r}) failed to run: "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
-    fn = namespace.get(name)
-    if fn is None:
-        raise DeserializationError(
-            f"the source in a payload with header {method!r} does not define {name!r}"
-        )
-    if not callable(fn):
-        raise DeserializationError(
-            f"the source in a payload with header {method!r} defines {name!r} as a "
-            f"{type(fn).__name__}, not a function"
-        )
-    return fn
-
-
-def _load_lambda(source: str, namespace: Dict[str, Any], method: str) -> Callable[..., Any]:
-    """Evaluate the single lambda expression in ``source`` (real-SDK payloads)."""
-    try:
-        tree = ast.parse(source)
-    except SyntaxError as exc:
-        raise DeserializationError(
-            f"the source of a lambda (header {method!r}) does not parse: {exc}"
-        ) from exc
-    lambdas = [node for node in ast.walk(tree) if isinstance(node, ast.Lambda)]
-    if len(lambdas) != 1:
-        raise DeserializationError(
-            f"the source of a lambda (header {method!r}) holds {len(lambdas)} lambda "
-            f"expressions, so which one was meant is unknown; define the function "
-            f"with def instead"
-        )
-    try:
-        code = compile(
-            ast.Expression(lambdas[0]),
-            "<string>",
-            "eval",
-            flags=_ANNOTATIONS_FLAG,
-            dont_inherit=True,
-        )
-        return eval(code, namespace)
-    except Exception as exc:
-        raise DeserializationError(
-            f"the lambda in a payload with header {method!r} failed to load: "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
-
-
-def _dill_getsource(fn: Any) -> str:
-    return dill.source.getsource(fn, lstrip=True)
-
-
-# ---------------------------------------------------------------------------
-# Packed buffers
-
-
-def pack_buffers(parts: Iterable[str]) -> str:
-    """Pack strings as ``<length in characters>\\n<string>`` each, concatenated."""
-    pieces: List[str] = []
-    for part in parts:
-        if not isinstance(part, str):
-            raise SerializationError(f"only strings can be packed, got {type(part).__name__}")
-        pieces.append(f"{len(part)}\n")
-        pieces.append(part)
-    return "".join(pieces)
-
-
-def unpack_buffers(packed: str) -> List[str]:
-    """The strings :func:`pack_buffers` packed into ``packed``, in order.
-
-    Runs in time linear in ``len(packed)``.  Raises DeserializationError for
-    anything that is not a whole number of well-formed parts.
-    """
-    if not isinstance(packed, str):
-        raise DeserializationError(f"a packed buffer must be a str, got {type(packed).__name__}")
-    parts: List[str] = []
-    position = 0
-    end_of_input = len(packed)
-    find = packed.find
-    while position < end_of_input:
-        newline = find("\n", position, position + _MAX_LENGTH_DIGITS + 1)
-        if newline < 0:
-            raise DeserializationError(
-                f"packed buffer part {len(parts) + 1} at offset {position}: expected a "
-                f"length line, found {packed[position : position + 20]!r}"
-            )
-        length_text = packed[position:newline]
-        if not (length_text.isascii() and length_text.isdigit()):
-            raise DeserializationError(
-                f"packed buffer part {len(parts) + 1} at offset {position}: the length "
-                f"line {length_text!r} is not a decimal number"
-            )
-        start = newline + 1
-        position = start + int(length_text)
-        if position > end_of_input:
-            raise DeserializationError(
-                f"packed buffer is truncated: part {len(parts) + 1} should have "
-                f"{length_text} characters, only {end_of_input - start} are left"
-            )
-        parts.append(packed[start:position])
-    return parts
-
-
-_PART_NAMES = ("function", "args", "kwargs")
-
-
-def pack_task_buffer(function_code: str, payload: str) -> str:
-    """The task buffer the service sends: ``function_code`` followed by ``payload``.
-
-    ``function_code`` must be one packed part (as :func:`pack_function` makes)
-    and ``payload`` two (as :func:`pack_payload` makes); nothing is unpickled.
-    Raises DeserializationError, naming the culprit, otherwise.
-    """
-    function_parts = len(unpack_buffers(function_code))
-    if function_parts != 1:
-        raise DeserializationError(
-            f"function_code must be 1 packed part (the serialized function), "
-            f"it holds {function_parts}",
-            part="function",
-        )
-    payload_parts = len(unpack_buffers(payload))
-    if payload_parts != 2:
-        raise DeserializationError(
-            f"a task payload must be 2 packed parts (args, kwargs), it holds {payload_parts}",
-            part="args",
-        )
-    return function_code + payload
-
-
-def split_task_buffer(task_buffer: str) -> Tuple[str, str, str]:
-    """The serialized function, args and kwargs of a task buffer, not loaded.
-
-    Cheap (no unpickling), so that a worker can key a cache of loaded
-    functions by the function part.
-    """
-    parts = unpack_buffers(task_buffer)
-    if len(parts) != 3:
-        raise DeserializationError(
-            f"a task buffer must hold 3 packed parts (function, args, kwargs), "
-            f"this one holds {len(parts)}"
-        )
-    return parts[0], parts[1], parts[2]
 
 
 # ---------------------------------------------------------------------------

@@ -17,25 +17,31 @@ messages per second in one process.
 
 from __future__ import annotations
 
-import enum
-import json
-import re
-import time
 import uuid
-from typing import (
-    Any,
-    Callable,
-    ClassVar,
-    Dict,
-    List,
-    Mapping,
-    Optional,
-    Sequence,
-    Tuple,
-    Union,
-)
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Union
 
-from funcx_endpoint.protocol.errors import MessageError
+from funcx_endpoint.wire.containers import Container, ContainerImage
+from funcx_endpoint.wire.errors import MessageError
+from funcx_endpoint.wire.fields import (
+    _MISSING,
+    _decode_json,
+    _dict,
+    _encode_json,
+    _optional_uuid,
+    _Record,
+    _required,
+    _show,
+    _str,
+    _uuid,
+)
+from funcx_endpoint.wire.states import (
+    ActorName,
+    TaskState,
+    TaskTransition,
+    _check_transitions,
+    _transitions_from_wire,
+    _transitions_to_wire,
+)
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -58,212 +64,6 @@ PROTOCOL_VERSION = 1
 _VERSION_BYTE = bytes([PROTOCOL_VERSION])
 _VERSION_CHAR = chr(PROTOCOL_VERSION)
 
-_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
-# Like funcx_common (pydantic's .json()): compact, ASCII only.  ASCII output
-# also survives lone surrogates, which UTF-8 encoding would refuse.
-_encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
-_decode_json = json.JSONDecoder().decode
-
-
-class _StrEnum(str, enum.Enum):
-    """A str enum whose ``str()`` is its value."""
-
-    def __str__(self) -> str:
-        return str(self.value)
-
-
-class TaskState(_StrEnum):
-    """The states of a task, as funcx_common names them."""
-
-    RECEIVED = "received"
-    WAITING_FOR_EP = "waiting-for-ep"
-    WAITING_FOR_NODES = "waiting-for-nodes"
-    WAITING_FOR_LAUNCH = "waiting-for-launch"
-    EXECUTION_START = "execution-start"
-    EXECUTION_END = "execution-end"
-    RUNNING = "running"
-    SUCCESS = "success"
-    FAILED = "failed"
-    RESULT_RECEIVED = "result-received"
-    RESULT_ENQUEUED = "result-enqueued"
-    ACTION_PROVIDER_RECEIVED = "action-provider-received"
-    ACTION_PROVIDER_TASK_SUBMITTED = "action-provider-task-submitted"
-    ACTION_PROVIDER_TASK_GROUP_IN_PROGRESS = "action-provider-task-group-in-progress"
-    ACTION_PROVIDER_TASK_GROUP_COMPLETED = "action-provider-task-group-completed"
-    ACTION_PROVIDER_TASK_GROUP_ERROR = "action-provider-task-group-error"
-
-
-class ActorName(_StrEnum):
-    """The parts of the system that record task transitions."""
-
-    WORKER = "worker"
-    MANAGER = "manager"
-    INTERCHANGE = "interchange"
-    ENDPOINT = "endpoint"
-    RESULT_PROCESSOR = "result-processor"
-    WEB_SERVICE = "web-service"
-    ACTION_PROVIDER = "action-provider"
-
-
-# Value -> member; str-enum members hash like their values, so members work
-# as keys too.  Faster than TaskState(value).
-_STATES: Dict[str, TaskState] = {member.value: member for member in TaskState}
-_ACTORS: Dict[str, ActorName] = {member.value: member for member in ActorName}
-
-
-# ---------------------------------------------------------------------------
-# Field checks (all raise MessageError naming the field)
-
-
-def _show(value: Any) -> str:
-    """``value`` for an error message, cut short."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _uuid(value: Any, field: str) -> str:
-    """``value`` (str or UUID) as a lowercase canonical UUID string."""
-    if type(value) is str:
-        if _CANONICAL_UUID.match(value):
-            return value
-        try:
-            return str(uuid.UUID(value))
-        except ValueError:
-            pass
-    elif isinstance(value, uuid.UUID):
-        return str(value)
-    raise MessageError(f"{field} must be a UUID, got {_show(value)}")
-
-
-def _optional_uuid(value: Any, field: str) -> Optional[str]:
-    return None if value is None else _uuid(value, field)
-
-
-def _str(value: Any, field: str) -> str:
-    if isinstance(value, str):
-        return value
-    raise MessageError(f"{field} must be a string, got {type(value).__name__} {_show(value)}")
-
-
-def _optional_str(value: Any, field: str) -> Optional[str]:
-    return None if value is None else _str(value, field)
-
-
-def _int(value: Any, field: str) -> int:
-    kind = type(value)
-    if kind is int:
-        return value
-    if kind is float and value.is_integer():
-        return int(value)
-    raise MessageError(f"{field} must be an integer, got {kind.__name__} {_show(value)}")
-
-
-def _optional_int(value: Any, field: str) -> Optional[int]:
-    return None if value is None else _int(value, field)
-
-
-def _dict(value: Any, field: str) -> Dict[str, Any]:
-    if isinstance(value, dict):
-        return value
-    raise MessageError(f"{field} must be an object, got {type(value).__name__} {_show(value)}")
-
-
-def _list(value: Any, field: str) -> List[Any]:
-    if isinstance(value, list):
-        return value
-    raise MessageError(f"{field} must be a list, got {type(value).__name__} {_show(value)}")
-
-
-_MISSING: Any = object()
-
-
-def _required(data: Mapping[str, Any], field: str, where: str) -> Any:
-    value = data.get(field, _MISSING)
-    if value is _MISSING:
-        raise MessageError(f"{where} has no {field!r} field")
-    return value
-
-
-class _Record:
-    """Equality and repr from ``__slots__``."""
-
-    __slots__: ClassVar[Tuple[str, ...]] = ()
-
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self):
-            return NotImplemented
-        return all(getattr(self, name) == getattr(other, name) for name in self.__slots__)
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
-        return f"{type(self).__name__}({fields})"
-
-
-# ---------------------------------------------------------------------------
-# Parts of messages
-
-
-class TaskTransition(_Record):
-    """One state change of a task: when (ns since the epoch), to what, by whom."""
-
-    __slots__ = ("timestamp", "state", "actor")
-
-    def __init__(
-        self, timestamp: int, state: Union[TaskState, str], actor: Union[ActorName, str]
-    ) -> None:
-        self.timestamp: int = _int(timestamp, "timestamp")
-        found_state = _STATES.get(state) if isinstance(state, str) else None
-        if found_state is None:
-            raise MessageError(f"unknown task state {_show(state)}")
-        found_actor = _ACTORS.get(actor) if isinstance(actor, str) else None
-        if found_actor is None:
-            raise MessageError(f"unknown actor {_show(actor)}")
-        self.state: TaskState = found_state
-        self.actor: ActorName = found_actor
-
-    @classmethod
-    def now(cls, state: Union[TaskState, str], actor: Union[ActorName, str]) -> TaskTransition:
-        """A transition to ``state`` by ``actor`` happening now."""
-        return cls(time.time_ns(), state, actor)
-
-    def to_wire(self) -> Dict[str, Any]:
-        """The JSON-ready dict of this transition."""
-        return {"timestamp": self.timestamp, "state": self.state.value, "actor": self.actor.value}
-
-    @classmethod
-    def from_wire(cls, data: Any, where: str = "task transition") -> TaskTransition:
-        """The transition a JSON-decoded dict describes, or MessageError."""
-        data = _dict(data, where)
-        timestamp = _required(data, "timestamp", where)
-        state = _required(data, "state", where)
-        actor = _required(data, "actor", where)
-        try:
-            return cls(timestamp, state, actor)
-        except MessageError as exc:
-            raise MessageError(f"{where}: {exc}") from None
-
-
-def _transitions_to_wire(transitions: Sequence[TaskTransition]) -> List[Dict[str, Any]]:
-    return [t.to_wire() for t in transitions]
-
-
-def _transitions_from_wire(value: Any, where: str) -> List[TaskTransition]:
-    from_wire = TaskTransition.from_wire
-    return [from_wire(item, f"{where}[{i}]") for i, item in enumerate(_list(value, where))]
-
-
-def _check_transitions(value: Any, field: str) -> List[TaskTransition]:
-    if isinstance(value, tuple):
-        value = list(value)
-    elif not isinstance(value, list):
-        raise MessageError(f"{field} must be a list of TaskTransitions, got {_show(value)}")
-    for item in value:
-        if type(item) is not TaskTransition:
-            raise MessageError(f"{field} must hold TaskTransitions, got {_show(item)}")
-    return value
-
 
 class ResultErrorDetails(_Record):
     """Why a task failed: a machine-readable code and a sentence for people."""
@@ -285,119 +85,6 @@ class ResultErrorDetails(_Record):
         return cls(_required(data, "code", where), _required(data, "user_message", where))
 
 
-class ContainerImage(_Record):
-    """One image of a container (e.g. a docker or singularity location).
-
-    ``created_at``/``modified_at`` may be None when read (funcx_common requires
-    them, this reader does not); they are written as 0 then, since funcX 1.0.13
-    endpoints drop a task whose image lacks them.
-    """
-
-    __slots__ = (
-        "image_type",
-        "location",
-        "created_at",
-        "modified_at",
-        "build_status",
-        "build_stderr",
-    )
-
-    def __init__(
-        self,
-        image_type: str,
-        location: str,
-        created_at: Optional[int] = None,
-        modified_at: Optional[int] = None,
-        build_status: Optional[str] = None,
-        build_stderr: Optional[str] = None,
-    ) -> None:
-        self.image_type: str = _str(image_type, "image_type")
-        self.location: str = _str(location, "location")
-        self.created_at: Optional[int] = _optional_int(created_at, "created_at")
-        self.modified_at: Optional[int] = _optional_int(modified_at, "modified_at")
-        self.build_status: Optional[str] = _optional_str(build_status, "build_status")
-        self.build_stderr: Optional[str] = _optional_str(build_stderr, "build_stderr")
-
-    def to_wire(self) -> Dict[str, Any]:
-        """The JSON-ready dict of this image."""
-        return {
-            "image_type": self.image_type,
-            "location": self.location,
-            "created_at": self.created_at or 0,
-            "modified_at": self.modified_at or 0,
-            "build_status": self.build_status,
-            "build_stderr": self.build_stderr,
-        }
-
-    @classmethod
-    def from_wire(cls, data: Any, where: str = "image") -> ContainerImage:
-        """The image a JSON-decoded dict describes, or MessageError."""
-        data = _dict(data, where)
-        image_type = _required(data, "image_type", where)
-        location = _required(data, "location", where)
-        try:
-            return cls(
-                image_type,
-                location,
-                data.get("created_at"),
-                data.get("modified_at"),
-                data.get("build_status"),
-                data.get("build_stderr"),
-            )
-        except MessageError as exc:
-            raise MessageError(f"{where}: {exc}") from None
-
-
-class Container(_Record):
-    """A container a task asks to run in: its id, name and images."""
-
-    __slots__ = ("container_id", "name", "images")
-
-    def __init__(
-        self,
-        container_id: Union[str, uuid.UUID],
-        name: str,
-        images: Sequence[ContainerImage] = (),
-    ) -> None:
-        self.container_id: str = _uuid(container_id, "container_id")
-        self.name: str = _str(name, "name")
-        images = list(images)
-        for image in images:
-            if type(image) is not ContainerImage:
-                raise MessageError(f"images must hold ContainerImages, got {_show(image)}")
-        self.images: List[ContainerImage] = images
-
-    def image_for(self, image_type: str) -> Optional[ContainerImage]:
-        """The first image of type ``image_type``, if any."""
-        for image in self.images:
-            if image.image_type == image_type:
-                return image
-        return None
-
-    def to_wire(self) -> Dict[str, Any]:
-        """The JSON-ready dict of this container."""
-        return {
-            "container_id": self.container_id,
-            "name": self.name,
-            "images": [image.to_wire() for image in self.images],
-        }
-
-    @classmethod
-    def from_wire(cls, data: Any, where: str = "container") -> Container:
-        """The container a JSON-decoded dict describes, or MessageError."""
-        data = _dict(data, where)
-        container_id = _required(data, "container_id", where)
-        name = _required(data, "name", where)
-        images = [
-            ContainerImage.from_wire(item, f"{where}.images[{i}]")
-            for i, item in enumerate(_list(_required(data, "images", where), f"{where}.images"))
-        ]
-        try:
-            return cls(container_id, name, images)
-        except MessageError as exc:
-            raise MessageError(f"{where}: {exc}") from None
-
-
 # ---------------------------------------------------------------------------
 # Messages
 
@@ -406,7 +93,7 @@ class Task(_Record):
     """A task for an endpoint: its id and its task buffer.
 
     ``task_buffer`` is the packed function, args and kwargs (see
-    :mod:`funcx_endpoint.protocol.serialize`).  ``container_id`` is ignored by
+    :mod:`funcx_endpoint.wire.serialize`).  ``container_id`` is ignored by
     funcX 1.0 endpoints; ``container`` says where to run the task, if
     anywhere special.  ``function_id`` is this project's addition (our service
     sends it so an endpoint can enforce ``allowed_functions``); it is written

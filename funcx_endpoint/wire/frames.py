@@ -23,8 +23,8 @@ Worker to manager:
     done, so that a worker that dies while loading a function is reported as
     such (a version mismatch), not as a mysterious death.
 ``R`` result
-    A packed :class:`~funcx_endpoint.protocol.Result` message
-    (:func:`funcx_endpoint.protocol.pack`), complete with its transitions;
+    A packed :class:`~funcx_endpoint.wire.Result` message
+    (:func:`funcx_endpoint.wire.pack`), complete with its transitions;
     the manager forwards it without parsing it.
 """
 
@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
+
+from funcx_endpoint.wire.framing import LENGTH, MAX_ITEM, FramingError, ListDecoder
 
 TASK_FD = 3
 RESULT_FD = 4
@@ -46,11 +48,9 @@ KIND_RESULT = b"R"
 PHASE_LOADING = b"L"
 PHASE_RUNNING = b"X"
 
-#: The length prefix of every frame.
-LENGTH = struct.Struct(">I")
 _TASK_HEADER = struct.Struct(">BQ")
 #: The largest frame either side accepts (the length field is 32 bits).
-MAX_FRAME = 0xFFFFFFFF
+MAX_FRAME = MAX_ITEM
 
 __all__ = [
     "KIND_HELLO",
@@ -74,7 +74,7 @@ __all__ = [
 ]
 
 
-class FrameError(ValueError):
+class FrameError(FramingError):
     """A frame that cannot be read: the peer is not speaking this protocol."""
 
 
@@ -132,67 +132,24 @@ def decode_hello(body: bytes) -> Dict[str, Any]:
 
 
 class FrameDecoder:
-    """Splits a byte stream into ``(kind, body)`` frames, incrementally.
+    """Splits a worker pipe's byte stream into ``(kind, body)`` frames, incrementally.
 
-    :meth:`feed` takes whatever arrived and returns the frames completed by
-    it.  Input is kept in one buffer that is compacted once per call, so a
-    10 MB frame arriving in 64 KB reads costs linear time.
+    A frame is one item of the list framing (:class:`~funcx_endpoint.wire.framing.ListDecoder`
+    does the work): :meth:`feed` returns the frames completed by ``data``.
     """
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
-        self._buffer = bytearray()
-        self._max = max_frame
+        self._items = ListDecoder(max_frame)
 
     @property
     def pending(self) -> int:
         """Bytes received that do not make a whole frame yet."""
-        return len(self._buffer)
+        return self._items.pending
 
     def feed(self, data: bytes) -> List[Tuple[bytes, bytes]]:
         """Add ``data``; return the frames now complete.  FrameError on garbage."""
-        buffer = self._buffer
-        if not buffer and len(data) >= 4:
-            # Fast path: the common case of whole frames in one read.
-            frames = self._split(data)
-            if frames is not None:
-                return frames
-        buffer += data
-        frames = []
-        offset = 0
-        end = len(buffer)
-        unpack_from = LENGTH.unpack_from
-        while end - offset >= 4:
-            (size,) = unpack_from(buffer, offset)
-            self._check(size)
-            if end - offset - 4 < size:
-                break
-            start = offset + 4
-            frames.append(
-                (bytes(buffer[start : start + 1]), bytes(buffer[start + 1 : start + size]))
-            )
-            offset = start + size
-        if offset:
-            del buffer[:offset]
-        return frames
-
-    def _split(self, data: bytes) -> Optional[List[Tuple[bytes, bytes]]]:
-        """Frames of ``data`` if it holds only whole frames, else None (no copy made)."""
-        frames = []
-        offset = 0
-        end = len(data)
-        unpack_from = LENGTH.unpack_from
-        while offset < end:
-            if end - offset < 4:
-                return None
-            (size,) = unpack_from(data, offset)
-            self._check(size)
-            start = offset + 4
-            if end - start < size:
-                return None
-            frames.append((data[start : start + 1], data[start + 1 : start + size]))
-            offset = start + size
-        return frames
-
-    def _check(self, size: int) -> None:
-        if size == 0 or size > self._max:
-            raise FrameError(f"bad frame length {size} (limit {self._max})")
+        try:
+            items = self._items.feed(data)
+        except FramingError as exc:
+            raise FrameError(str(exc)) from None
+        return [(item[:1], item[1:]) for item in items]

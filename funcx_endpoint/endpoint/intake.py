@@ -1,0 +1,234 @@
+"""The task intake: tasks from the broker to the interchange, each run once.
+
+:class:`TaskIntake` consumes the endpoint's task queue exclusively (its
+connection set-up is :meth:`TaskIntake.prepare`) and, for each delivery:
+
+* records it in the :class:`~funcx_endpoint.endpoint.deliveries.DeliveryLedger`,
+  which says whether the task is new, already running (a redelivery after a
+  reconnection: it is not run twice) or already done (its result is safe:
+  acknowledged at once);
+* reads the message; a malformed one with a readable task id is answered
+  with ``MalformedTask``, one without is rejected (not requeued);
+* checks ``allowed_functions`` (``FunctionNotAllowed``, without
+  deserializing anything);
+* hands the tasks received in one reactor turn to the interchange together.
+
+Error results it makes go to the same result sink as the interchange's.
+Once :meth:`stop_taking` is called (the endpoint drains), deliveries that
+still arrive are neither run nor acknowledged: they go back to the broker
+with the channel.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional, Sequence
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from funcx_endpoint.amqp.client import AMQPClient, Delivery
+from funcx_endpoint.amqp.connection import AMQPConnectionService, AMQPError
+from funcx_endpoint.amqp.consumer import AckBatcher, ExclusiveConsumer, QueueHeldElsewhere
+from funcx_endpoint.endpoint.broker_info import BrokerInfo
+from funcx_endpoint.endpoint.deliveries import Decision, DeliveryLedger
+from funcx_endpoint.executor.interface import IInterchange, IResultSink
+from funcx_endpoint.wire import ErrorCode, MessageError, PackedResult, Task, unpack
+
+__all__ = ["TaskIntake"]
+
+
+class TaskIntake:
+    """Consumes the task queue and feeds the interchange."""
+
+    log = Logger()
+    #: after a reconnect, how many heartbeat intervals an exclusive-consumer
+    #: refusal is retried (the holder may be this endpoint's own previous,
+    #: half-open connection, which the broker drops after missed heartbeats)
+    stale_consumer_heartbeats = 3
+
+    def __init__(
+        self,
+        clock: Any,
+        ledger: DeliveryLedger,
+        interchange: IInterchange,
+        result_sink: IResultSink,
+        *,
+        prefetch: int = 512,
+        heartbeat: int = 30,
+        allowed_functions: Optional[Sequence[str]] = None,
+    ) -> None:
+        self.clock = clock
+        self.ledger = ledger
+        self.interchange = interchange
+        self.result_sink = result_sink
+        self.prefetch = prefetch
+        self.heartbeat = heartbeat
+        self.allowed = set(allowed_functions) if allowed_functions is not None else None
+        self.info: Optional[BrokerInfo] = None
+        self.consumer: Optional[ExclusiveConsumer] = None
+        self.taking = True
+        self._to_submit: List[Task] = []
+        self._submit_scheduled = False
+        self.counts = {
+            "tasks_received": 0,
+            "tasks_redelivered_running": 0,
+            "tasks_redelivered_done": 0,
+            "malformed": 0,
+            "stale_consumer_retries": 0,
+            "tasks_held_while_draining": 0,
+        }
+
+    async def prepare(
+        self,
+        client: AMQPClient,
+        connection: AMQPConnectionService,
+        when_spool_loaded: Callable[[], Deferred[None]],
+        on_channel_closed: Callable[[Any], None],
+        on_consumer_cancelled: Callable[[str], None],
+    ) -> None:
+        """Set up a new task connection: channel, passive declares, consume.
+
+        Nothing is consumed before the spool of an earlier run is read: its
+        tasks count as done, so their redeliveries are acknowledged, not run.
+        """
+        assert self.info is not None
+        channel = await client.open_channel(1)
+        acks = AckBatcher(channel, self.clock)
+        generation = self.ledger.new_channel(acks)
+        channel.handlers.on_close = on_channel_closed
+        channel.handlers.on_cancel = on_consumer_cancelled
+        consumer = ExclusiveConsumer(
+            channel,
+            self.info.tasks.queue,
+            lambda delivery: self._on_delivery(delivery, generation, acks),
+            self.prefetch,
+            consumer_tag=f"endpoint-{self.info.endpoint_id}",
+        )
+        self.consumer = consumer
+        await when_spool_loaded()
+        try:
+            await consumer.start(self.info.tasks.exchange)
+        except QueueHeldElsewhere as e:
+            raise self._maybe_stale_consumer(e, connection) from None
+        if not self.taking:
+            await consumer.cancel()
+
+    def _maybe_stale_consumer(
+        self, error: QueueHeldElsewhere, connection: AMQPConnectionService
+    ) -> AMQPError:
+        """The error to raise for a refused exclusive consumer.
+
+        On the first connection the holder is another instance: fatal.  Soon
+        after a lost connection it may be this endpoint's own old connection,
+        half-open and not yet dropped by the broker (which does so after
+        missed heartbeats): retry, often, for a few heartbeat intervals.
+        """
+        window = self.stale_consumer_heartbeats * self.heartbeat
+        if (
+            not connection.connections
+            or connection.lost_at is None
+            or self.clock.seconds() - connection.lost_at >= window
+        ):
+            return error
+        self.counts["stale_consumer_retries"] += 1
+        return AMQPError(
+            f"the task queue is still consumed by another connection, probably this "
+            f"endpoint's previous one that the broker has not dropped yet; retrying for up "
+            f"to {window:g} s after the connection was lost ({error.message})",
+            error.code,
+            retry_after=max(1.0, self.heartbeat / 2.0),
+        )
+
+    # -- deliveries ---------------------------------------------------------------
+
+    def _on_delivery(self, delivery: Delivery, generation: int, acks: AckBatcher) -> None:
+        tag = delivery.delivery_tag
+        acks.delivered(tag)
+        if not self.taking:
+            # Arrived after the consumer was cancelled (the cancel failed, or a
+            # reconnection consumed again): not run, not acknowledged; the
+            # broker delivers it again once this channel closes at the stop.
+            # (Rejecting it now would only bring it straight back.)
+            self.counts["tasks_held_while_draining"] += 1
+            return
+        try:
+            message = unpack(delivery.body)
+        except MessageError as e:
+            self._malformed(e, tag, generation, acks)
+            return
+        if type(message) is not Task:
+            self.log.error(
+                "Rejected a {kind} message on the task queue", kind=type(message).__name__
+            )
+            acks.reject(tag)
+            return
+        self.counts["tasks_received"] += 1
+        decision = self.ledger.delivered(message.task_id, (generation, tag))
+        if decision is not Decision.RUN:
+            self._redelivered(decision, tag, acks)
+            return
+        if self.allowed is not None and message.function_id not in self.allowed:
+            why = (
+                f"function {message.function_id} is not in this endpoint's allowed_functions"
+                if message.function_id
+                else "the task names no function id, and this endpoint only runs the "
+                "functions in its allowed_functions"
+            )
+            self._answer(message.task_id, ErrorCode.FUNCTION_NOT_ALLOWED, why)
+            return
+        self._to_submit.append(message)
+        if not self._submit_scheduled:
+            self._submit_scheduled = True
+            self.clock.callLater(0, self._submit)
+
+    def _malformed(self, error: MessageError, tag: int, generation: int, acks: AckBatcher) -> None:
+        self.counts["malformed"] += 1
+        if error.task_id is None:
+            self.log.error(
+                "Rejected a malformed message with no readable task id (delivery {tag}): {error}",
+                tag=tag,
+                error=error,
+            )
+            acks.reject(tag)
+            return
+        self.log.warn("Malformed task {task_id}: {error}", task_id=error.task_id, error=error)
+        decision = self.ledger.delivered(error.task_id, (generation, tag))
+        if decision is Decision.RUN:
+            self._answer(
+                error.task_id, ErrorCode.MALFORMED_TASK, f"malformed task message: {error}"
+            )
+        else:
+            self._redelivered(decision, tag, acks)
+
+    def _redelivered(self, decision: Decision, tag: int, acks: AckBatcher) -> None:
+        if decision is Decision.ALREADY_DONE:
+            # Its result is safe already (the first ack was lost).
+            self.counts["tasks_redelivered_done"] += 1
+            acks.done(tag)
+        else:
+            self.counts["tasks_redelivered_running"] += 1
+
+    def _answer(self, task_id: str, code: str, message: str) -> None:
+        self.result_sink.results_ready([PackedResult.failure(task_id, code, message)])
+
+    def _submit(self) -> None:
+        self._submit_scheduled = False
+        tasks, self._to_submit = self._to_submit, []
+        if tasks:
+            self.interchange.submit(tasks)
+
+    # -- draining -----------------------------------------------------------------------
+
+    def stop_taking(self) -> List[str]:
+        """Take no more tasks; the ids of those received but not yet handed over."""
+        self.taking = False
+        queued, self._to_submit = self._to_submit, []
+        return [task.task_id for task in queued]
+
+    async def cancel_consumer(self) -> None:
+        """Ask the broker to stop delivering (errors are logged, not raised)."""
+        if self.consumer is not None:
+            try:
+                await self.consumer.cancel()
+            except Exception as e:
+                self.log.info("Cancelling the consumer failed: {error}", error=e)

@@ -1,0 +1,254 @@
+"""The interchange's end of one manager connection: AMP I/O and the registration gate.
+
+A :class:`ManagerConnection` does no policy.  Its lifecycle is a small
+state machine:
+
+``unregistered``
+    Only ``Register`` is allowed, and at most :data:`MAX_UNREGISTERED_BYTES`
+    (a stranger cannot fill the interchange's memory with an endless AMP box
+    before proving it knows the secret); anything else, or silence past the
+    registration deadline, drops the connection.
+``registered``
+    Every box counts as a sign of life; result batches take a fast path
+    straight to the registry's listener (no Deferred per batch).
+``closed``
+    The connection is gone; the registry has been told.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
+
+from automat import MethodicalMachine
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.protocol import Factory, connectionDone
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+from funcx_endpoint.wire.amp import (
+    Heartbeat,
+    Quitting,
+    Register,
+    SendResults,
+    read_unanswered,
+    set_no_delay,
+)
+
+if TYPE_CHECKING:
+    from funcx_endpoint.executor.registry import Manager, ManagerRegistry
+
+__all__ = ["MAX_UNREGISTERED_BYTES", "ManagerConnection", "ManagerConnectionFactory"]
+
+#: Bytes a connection may send before it has registered (a Register box is
+#: well under 1 KiB); past this it is dropped.
+MAX_UNREGISTERED_BYTES = 64 * 1024
+
+
+def describe_peer(transport: Any) -> str:
+    """``host:port`` of the other end, for messages."""
+    try:
+        peer: Any = transport.getPeer()
+        return f"{peer.host}:{peer.port}"
+    except Exception:
+        return "an unknown peer"
+
+
+class ManagerConnection(amp.AMP):
+    """One manager's AMP connection; events go to the :class:`ManagerRegistry`."""
+
+    log = Logger()
+    _machine = MethodicalMachine()
+
+    def __init__(self, registry: ManagerRegistry) -> None:
+        super().__init__()
+        self._registry = registry
+        self.manager: Optional[Manager] = None
+        self.peer = "an unknown peer"
+        self.unregistered_bytes = 0
+        self._deadline: Any = None
+
+    # -- states -----------------------------------------------------------------
+
+    @_machine.state(initial=True)
+    def _unregistered(self) -> None:
+        """Connected; nothing but Register accepted yet."""
+
+    @_machine.state()
+    def _registered(self) -> None:
+        """Registered: a manager the registry knows."""
+
+    @_machine.state()
+    def _closed(self) -> None:
+        """The connection is gone."""
+
+    # -- inputs -------------------------------------------------------------------
+
+    @_machine.input()
+    def accepted(self, manager: Manager) -> None:
+        """The registry accepted the registration."""
+
+    @_machine.input()
+    def deadline_passed(self) -> None:
+        """The registration deadline passed."""
+
+    @_machine.input()
+    def overflowed(self) -> None:
+        """Too many bytes before registering."""
+
+    @_machine.input()
+    def closed(self, reason: Failure) -> None:
+        """The connection closed."""
+
+    # -- outputs ------------------------------------------------------------------
+
+    @_machine.output()
+    def _remember(self, manager: Manager) -> None:
+        self._cancel_deadline()
+        self.manager = manager
+
+    @_machine.output()
+    def _drop_for_silence(self) -> None:
+        self._deadline = None
+        self.log.warn(
+            "Dropped a connection from {peer}: it did not register within {timeout} s",
+            peer=self.peer,
+            timeout=self._registry.registration_timeout,
+        )
+        self.drop()
+
+    @_machine.output()
+    def _drop_for_size(self) -> None:
+        self.log.warn(
+            "Dropped a connection from {peer}: it sent more than {limit} bytes without registering",
+            peer=self.peer,
+            limit=MAX_UNREGISTERED_BYTES,
+        )
+        self.drop()
+
+    @_machine.output()
+    def _forget_stranger(self, reason: Failure) -> None:
+        self._cancel_deadline()
+        self._registry.connection_closed(self, None, reason)
+
+    @_machine.output()
+    def _report_manager_gone(self, reason: Failure) -> None:
+        self._registry.connection_closed(self, self.manager, reason)
+
+    _unregistered.upon(accepted, enter=_registered, outputs=[_remember])
+    _unregistered.upon(deadline_passed, enter=_unregistered, outputs=[_drop_for_silence])
+    _unregistered.upon(overflowed, enter=_unregistered, outputs=[_drop_for_size])
+    _unregistered.upon(closed, enter=_closed, outputs=[_forget_stranger])
+    _registered.upon(deadline_passed, enter=_registered, outputs=[])
+    _registered.upon(closed, enter=_closed, outputs=[_report_manager_gone])
+    _closed.upon(deadline_passed, enter=_closed, outputs=[])
+    _closed.upon(overflowed, enter=_closed, outputs=[])
+
+    # -- I/O ----------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.peer = describe_peer(self.transport)
+        set_no_delay(self.transport)
+        self._deadline = self._registry.clock.callLater(
+            self._registry.registration_timeout, self.deadline_passed
+        )
+        self._registry.connection_made(self)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        self.closed(reason)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.manager is None:
+            if self.unregistered_bytes > MAX_UNREGISTERED_BYTES:
+                return  # dropped already
+            self.unregistered_bytes += len(data)
+            if self.unregistered_bytes > MAX_UNREGISTERED_BYTES:
+                self.overflowed()
+                return
+        super().dataReceived(data)
+
+    def ampBoxReceived(self, box: amp.AmpBox) -> None:
+        manager = self.manager
+        if manager is not None:
+            manager.last_heard = self._registry.clock.seconds()
+            try:
+                results = read_unanswered(SendResults, box, self)
+            except (ValueError, KeyError) as exc:
+                self.log.warn(
+                    "Dropped {manager}: it sent an unreadable batch of results ({error})",
+                    manager=manager.describe(),
+                    error=exc,
+                )
+                self.drop()
+                return
+            if results is not None:
+                self._registry.results_received(manager, results)
+                return
+        super().ampBoxReceived(box)
+
+    def locateResponder(self, name: bytes) -> Any:
+        if self.manager is None and name != Register.commandName:
+            return self._refuse_unregistered
+        return super().locateResponder(name)
+
+    def _refuse_unregistered(self, box: amp.AmpBox) -> Deferred[Any]:
+        command = box.get(b"_command", b"?").decode("ascii", "replace")
+        self.log.warn(
+            "Dropped a connection from {peer}: it sent {command} before registering",
+            peer=self.peer,
+            command=command,
+        )
+        if b"_ask" not in box:
+            self.drop()
+            return succeed(amp.AmpBox())
+        # A fatal error is answered, then the connection is closed.
+        return fail(amp.RemoteAmpError(b"NOT_REGISTERED", "register first", fatal=True))
+
+    def drop(self) -> None:
+        """Close the connection at once, without waiting for buffers to drain."""
+        transport: Any = self.transport
+        if transport is not None:
+            transport.abortConnection()
+
+    @Register.responder
+    def register(self, **details: Any) -> Dict[str, Any]:
+        """Register: checked and recorded by the registry."""
+        return self._registry.register(self, details)
+
+    @SendResults.responder
+    def send_results(self, results: List[bytes]) -> Dict[str, Any]:
+        """Results sent with callRemote (the fast path in ampBoxReceived takes most)."""
+        if self.manager is not None:
+            self._registry.results_received(self.manager, results)
+        return {}
+
+    @Heartbeat.responder
+    def heartbeat(self) -> Dict[str, Any]:
+        """Nothing to do: receiving any box counts as a sign of life."""
+        return {}
+
+    @Quitting.responder
+    def quitting(self, reason: str) -> Dict[str, Any]:
+        """The manager is about to exit."""
+        if self.manager is not None:
+            self.manager.quit_announced(reason)
+        return {}
+
+
+class ManagerConnectionFactory(Factory):
+    """Builds a :class:`ManagerConnection` per accepted connection."""
+
+    noisy = False
+
+    def __init__(self, registry: ManagerRegistry) -> None:
+        self._registry = registry
+
+    def buildProtocol(self, addr: Any) -> ManagerConnection:
+        return ManagerConnection(self._registry)

@@ -1,0 +1,497 @@
+"""The task dispatcher: queues, batches to managers, results back, retries.
+
+:class:`TaskDispatcher` holds every task the interchange accepted until it
+has its result:
+
+* Tasks wait in a queue per container type (the routing policy's
+  :meth:`~funcx_endpoint.executor.interface.IRoutingPolicy.task_type`).
+  Once per reactor turn the queues are split among the managers that accept
+  tasks and have room (``capacity = workers + prefetch_capacity * workers``),
+  as the routing policy says.
+* Tasks given to a manager go in batches (``SubmitTasks``), at once after a
+  quiet period, else at most one batch per ``batch_interval`` as long as the
+  manager's queued tasks outlast the wait at its measured completion rate.
+* Results come back in batches; each result's header is read (its task id)
+  and the interchange's own transitions (``waiting-for-nodes``,
+  ``waiting-for-launch``) are added to it, without decoding its payload.
+  Results go to the :class:`~funcx_endpoint.executor.interface.IResultSink`
+  in batches, one call per reactor turn.
+* When a manager is lost its tasks are queued again, up to
+  ``max_retries`` times each, then fail with ``ManagerLost``.
+
+The dispatcher knows managers only through the registry's events
+(:class:`~funcx_endpoint.executor.interface.IManagerEvents`) and talks to
+them through :class:`~funcx_endpoint.executor.registry.Manager`'s methods.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from funcx_endpoint.executor.interface import (
+    IManagerEvents,
+    IManagerLoad,
+    IResultSink,
+    IRoutingPolicy,
+)
+from funcx_endpoint.wire import (
+    ActorName,
+    ErrorCode,
+    MessageError,
+    PackedResult,
+    Task,
+    TaskState,
+    TaskTransition,
+)
+from funcx_endpoint.wire.amp import RateMeter
+
+__all__ = ["TaskDispatcher", "TaskRecord"]
+
+
+class TaskRecord:
+    """One task the interchange accepted and has not answered yet."""
+
+    __slots__ = ("task_id", "buffer", "container_type", "transitions", "attempts", "slot")
+
+    def __init__(self, task: Task, container_type: str, transition: TaskTransition) -> None:
+        self.task_id = task.task_id
+        # As the manager receives it; made once, however often it is sent.
+        self.buffer = task.task_buffer.encode("utf-8")
+        self.container_type = container_type
+        self.transitions: List[TaskTransition] = [transition]
+        self.attempts = 0  # times sent to a manager
+        self.slot: Optional[_Slot] = None
+
+
+@implementer(IManagerLoad)
+class _Slot:
+    """The dispatcher's side of one manager: the tasks it holds, what is
+    still to be sent to it, and how fast it answers."""
+
+    __slots__ = (
+        "manager",
+        "container_type",
+        "worker_count",
+        "capacity",
+        "sequence",
+        "outstanding",
+        "unsent",
+        "push_call",
+        "last_push",
+        "completions",
+        "tasks_completed",
+        "idle_since",
+        "accepting",
+    )
+
+    def __init__(self, manager: Any, now: float) -> None:
+        self.manager = manager
+        self.container_type: str = manager.container_type
+        self.worker_count: int = manager.worker_count
+        self.capacity: int = manager.capacity
+        self.sequence: int = manager.sequence
+        self.outstanding: Dict[str, TaskRecord] = {}
+        self.unsent: List[Tuple[str, bytes]] = []
+        self.push_call: Optional[IDelayedCall] = None
+        self.last_push = -1.0
+        self.completions = RateMeter()
+        self.tasks_completed = 0
+        self.idle_since: Optional[float] = now
+        self.accepting = True
+
+    @property
+    def held(self) -> int:
+        return len(self.outstanding)
+
+
+@implementer(IManagerEvents)
+class TaskDispatcher:
+    """Queues tasks, sends them to managers in batches, returns their results."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        result_sink: IResultSink,
+        routing: IRoutingPolicy,
+        *,
+        max_retries: int = 0,
+        batch_interval: float = 0.001,
+        max_recorded_tasks: int = 10_000,
+    ) -> None:
+        self.clock = clock
+        self.result_sink = result_sink
+        self.routing = routing
+        self.max_retries = max_retries
+        self.batch_interval = batch_interval
+        self.accepting = True
+        self._dispatching = True
+        self._tasks: Dict[str, TaskRecord] = {}
+        self._queues: Dict[str, Deque[TaskRecord]] = {}
+        self._slots: Dict[Any, _Slot] = {}  # by manager
+        self._ready: List[PackedResult] = []
+        self._deliver_call: Optional[IDelayedCall] = None
+        self._dispatch_call: Optional[IDelayedCall] = None
+        self._transitions: Dict[str, List[TaskTransition]] = {}
+        self._max_recorded = max_recorded_tasks
+        self._dropped_transitions = 0
+
+    # -- tasks in -------------------------------------------------------------
+
+    def submit(self, tasks: Sequence[Task]) -> None:
+        """Queue ``tasks``; they go to managers at the end of this reactor turn.
+
+        A task whose id is already here is ignored (its first copy will be
+        answered).
+        """
+        if not self.accepting:
+            raise RuntimeError("the interchange is stopping and takes no more tasks")
+        transition = TaskTransition.now(TaskState.WAITING_FOR_NODES, ActorName.INTERCHANGE)
+        known = self._tasks
+        task_type = self.routing.task_type
+        for task in tasks:
+            task_id = task.task_id
+            if task_id in known:
+                self.log.warn(
+                    "Task {task_id} is already here; ignoring a second copy", task_id=task_id
+                )
+                continue
+            container_type = task_type(task)
+            record = TaskRecord(task, container_type, transition)
+            known[task_id] = record
+            self._queue(container_type).append(record)
+            self._note(task_id, transition)
+        self._schedule_dispatch()
+
+    def cancel(self, task_id: str) -> bool:
+        """Cancel a task queued here or at a manager; it is answered ``TaskCancelled``."""
+        record = self._tasks.pop(task_id, None)
+        if record is None:
+            return False
+        slot = record.slot
+        if slot is None:
+            self._queues[record.container_type].remove(record)
+            where = "while it waited for a worker"
+        else:
+            del slot.outstanding[task_id]
+            if not slot.outstanding:
+                slot.idle_since = self.clock.seconds()
+            where = f"at {slot.manager.describe()}"
+            unsent = [pair for pair in slot.unsent if pair[0] != task_id]
+            if len(unsent) < len(slot.unsent):
+                slot.unsent = unsent  # it never left: nothing to tell the manager
+            else:
+                slot.manager.cancel_task(task_id)
+            self._schedule_dispatch()
+        self.log.info("Task {task_id} cancelled {where}", task_id=task_id, where=where)
+        self._answer(
+            PackedResult.failure(
+                task_id,
+                ErrorCode.TASK_CANCELLED,
+                f"Task {task_id} was cancelled {where}",
+                None,
+                record.transitions,
+            )
+        )
+        return True
+
+    def withdraw_unstarted(self) -> List[str]:
+        """Stop accepting; remove the tasks not sent to a manager and return their ids.
+
+        Tasks assigned to a manager but still waiting for the next batch to it
+        are withdrawn too.
+        """
+        self.accepting = False
+        withdrawn = []
+        for queue in self._queues.values():
+            for record in queue:
+                del self._tasks[record.task_id]
+                withdrawn.append(record.task_id)
+            queue.clear()
+        for slot in self._slots.values():
+            for task_id, _ in slot.unsent:
+                del slot.outstanding[task_id]
+                del self._tasks[task_id]
+                withdrawn.append(task_id)
+            slot.unsent = []
+        return withdrawn
+
+    def stop(self) -> None:
+        """Send no more tasks (the interchange is stopping) and deliver what is ready."""
+        self.accepting = False
+        self._dispatching = False
+        if self._dispatch_call is not None:
+            self._dispatch_call.cancel()
+            self._dispatch_call = None
+        self.deliver()
+
+    # -- managers (IManagerEvents) -------------------------------------------
+
+    def manager_joined(self, manager: Any) -> None:
+        self._slots[manager] = _Slot(manager, self.clock.seconds())
+        self._schedule_dispatch()
+
+    def manager_closed(self, manager: Any) -> None:
+        slot = self._slots.get(manager)
+        if slot is not None:
+            slot.accepting = False
+
+    def manager_left(self, manager: Any, why: str, on_purpose: bool) -> None:
+        slot = self._slots.pop(manager, None)
+        if slot is None:
+            return
+        slot.accepting = False
+        if slot.push_call is not None:
+            slot.push_call.cancel()
+            slot.push_call = None
+        records = list(slot.outstanding.values())
+        slot.outstanding.clear()
+        slot.unsent = []
+        for record in records:
+            record.slot = None
+        if not records or not self.accepting:
+            # Stopping (tasks were withdrawn): the broker delivers these tasks
+            # again; failing them now would be wrong.
+            return
+        if on_purpose:
+            for record in records:
+                record.attempts -= 1
+        retry = [r for r in records if r.attempts <= self.max_retries]
+        failed = [r for r in records if r.attempts > self.max_retries]
+        if retry:
+            transition = TaskTransition.now(TaskState.WAITING_FOR_NODES, ActorName.INTERCHANGE)
+            for record in reversed(retry):
+                record.transitions.append(transition)
+                self._note(record.task_id, transition)
+                self._queue(record.container_type).appendleft(record)
+            self._schedule_dispatch()
+        description = manager.describe()
+        for record in failed:
+            task_id = record.task_id
+            del self._tasks[task_id]
+            self._answer(
+                PackedResult.failure(
+                    task_id,
+                    ErrorCode.MANAGER_LOST,
+                    f"Task {task_id} was lost with {description}: {why}. It was "
+                    f"tried {record.attempts} time(s) (max_retries_on_system_failure is "
+                    f"{self.max_retries}).",
+                    None,
+                    record.transitions,
+                )
+            )
+        self.log.warn(
+            "Lost {manager}: {why}; {retried} tasks queued again, {failed} failed",
+            manager=description,
+            why=why,
+            retried=len(retry),
+            failed=len(failed),
+        )
+
+    def results_received(self, manager: Any, results: List[bytes]) -> None:
+        slot = self._slots.get(manager)
+        if slot is None:
+            return
+        outstanding = slot.outstanding
+        tasks = self._tasks
+        answer = self._ready.append
+        decode = PackedResult.decode
+        for raw in results:
+            try:
+                result = decode(raw)
+            except MessageError as exc:
+                unreadable = self._unreadable_result(manager, exc)
+                if unreadable is None:
+                    continue
+                result = unreadable
+            task_id = result.task_id
+            record = outstanding.pop(task_id, None)
+            if record is None:
+                # Cancelled meanwhile, or never sent there.
+                self.log.debug(
+                    "Ignored a result for task {task_id}, which {manager} does not hold",
+                    task_id=task_id,
+                    manager=manager.describe(),
+                )
+                continue
+            del tasks[task_id]
+            result.add_transitions(record.transitions)
+            answer(result)
+        now = self.clock.seconds()
+        slot.completions.add(len(results), now)
+        slot.tasks_completed += len(results)
+        if not outstanding:
+            slot.idle_since = now
+        if self._ready and self._deliver_call is None:
+            self._deliver_call = self.clock.callLater(0, self.deliver)
+        self._schedule_dispatch()
+
+    def _unreadable_result(self, manager: Any, error: MessageError) -> Optional[PackedResult]:
+        """The failure that answers a result this endpoint cannot read, if it
+        names a task (else None: nothing to answer, it is only logged).
+
+        A manager of another version may send what this one does not accept;
+        its task must still end, not wait at the manager forever.
+        """
+        self.log.warn(
+            "Unreadable result from {manager}: {error}", manager=manager.describe(), error=error
+        )
+        if error.task_id is None:
+            return None
+        return PackedResult.failure(
+            error.task_id,
+            ErrorCode.VERSION_MISMATCH,
+            f"the manager on {manager.hostname} sent a result this endpoint cannot read "
+            f"(are the endpoint and the manager the same version?): {error}",
+        )
+
+    # -- what the facade reads --------------------------------------------------
+
+    def held_by(self, manager: Any) -> int:
+        """Tasks ``manager`` holds (sent or about to be)."""
+        slot = self._slots.get(manager)
+        return 0 if slot is None else len(slot.outstanding)
+
+    def load_of(self, manager: Any) -> Tuple[int, Optional[float], int]:
+        """``(tasks held, idle since, tasks completed)`` of ``manager``."""
+        slot = self._slots.get(manager)
+        if slot is None:
+            return 0, None, 0
+        return len(slot.outstanding), slot.idle_since, slot.tasks_completed
+
+    def record(self, task_id: str) -> Optional[TaskRecord]:
+        """The record of a task held here, if any."""
+        return self._tasks.get(task_id)
+
+    def outstanding_tasks(self) -> int:
+        """Tasks accepted and not answered yet: queued here plus at managers."""
+        return len(self._tasks)
+
+    def queued(self) -> Dict[str, int]:
+        """Tasks waiting for a manager, by container type."""
+        return {container_type: len(queue) for container_type, queue in self._queues.items()}
+
+    def pop_transitions(self) -> Dict[str, List[TaskTransition]]:
+        """Transitions recorded since the last call."""
+        transitions, self._transitions = self._transitions, {}
+        if self._dropped_transitions:
+            self.log.warn(
+                "Dropped transitions of {count} tasks: more than {limit} tasks between two "
+                "status reports",
+                count=self._dropped_transitions,
+                limit=self._max_recorded,
+            )
+            self._dropped_transitions = 0
+        return transitions
+
+    # -- dispatching --------------------------------------------------------------
+
+    def _queue(self, container_type: str) -> Deque[TaskRecord]:
+        queue = self._queues.get(container_type)
+        if queue is None:
+            queue = self._queues[container_type] = deque()
+        return queue
+
+    def _note(self, task_id: str, transition: TaskTransition) -> None:
+        recorded = self._transitions.get(task_id)
+        if recorded is not None:
+            recorded.append(transition)
+        elif len(self._transitions) < self._max_recorded:
+            self._transitions[task_id] = [transition]
+        else:
+            self._dropped_transitions += 1
+
+    def _schedule_dispatch(self) -> None:
+        if self._dispatch_call is None and self._dispatching:
+            self._dispatch_call = self.clock.callLater(0, self._dispatch)
+
+    def _dispatch(self) -> None:
+        """Send queued tasks to managers with room, as the routing policy says."""
+        self._dispatch_call = None
+        open_slots: Optional[List[_Slot]] = None
+        for container_type, queue in self._queues.items():
+            if not queue:
+                continue
+            if open_slots is None:
+                open_slots = [
+                    s for s in self._slots.values() if s.accepting and s.capacity > s.held
+                ]
+            if not open_slots:
+                return
+            for slot, count in self.routing.assign(container_type, len(queue), open_slots):
+                popleft = queue.popleft
+                self._send_tasks(slot, [popleft() for _ in range(min(count, len(queue)))])
+            open_slots = None  # loads changed
+
+    def _send_tasks(self, slot: _Slot, batch: List[TaskRecord]) -> None:
+        transition = TaskTransition.now(TaskState.WAITING_FOR_LAUNCH, ActorName.INTERCHANGE)
+        outstanding = slot.outstanding
+        note = self._note
+        unsent = slot.unsent
+        for record in batch:
+            task_id = record.task_id
+            record.slot = slot
+            record.attempts += 1
+            record.transitions.append(transition)
+            outstanding[task_id] = record
+            note(task_id, transition)
+            unsent.append((task_id, record.buffer))
+        slot.idle_since = None
+        self._push(slot)
+
+    def _push(self, slot: _Slot) -> None:
+        """Send the manager its unsent tasks now, or when ``batch_interval`` allows.
+
+        They go at once after a quiet period, or when the manager holds no more
+        tasks than it has workers (they would wait for these).
+        """
+        if slot.push_call is not None or not slot.unsent:
+            return
+        wait = slot.last_push + self.batch_interval - self.clock.seconds()
+        # Tasks the manager has beyond one per worker: while they last longer
+        # than the wait, its workers do not wait for this batch, which may
+        # grow meanwhile.
+        spare = len(slot.outstanding) - len(slot.unsent) - slot.worker_count
+        if wait > 0 and spare > slot.completions.rate * wait:
+            slot.push_call = self.clock.callLater(wait, self._push_now, slot)
+        else:
+            self._push_now(slot)
+
+    def _push_now(self, slot: _Slot) -> None:
+        slot.push_call = None
+        if not slot.unsent or self._slots.get(slot.manager) is not slot:
+            return
+        slot.last_push = self.clock.seconds()
+        batch, slot.unsent = slot.unsent, []
+        slot.manager.send_tasks(batch)
+
+    # -- results out ----------------------------------------------------------------
+
+    def _answer(self, result: PackedResult) -> None:
+        self._ready.append(result)
+        if self._deliver_call is None:
+            self._deliver_call = self.clock.callLater(0, self.deliver)
+
+    def deliver(self) -> None:
+        """Hand the results ready so far to the result sink, in one batch."""
+        if self._deliver_call is not None and self._deliver_call.active():
+            self._deliver_call.cancel()
+        self._deliver_call = None
+        ready, self._ready = self._ready, []
+        if not ready:
+            return
+        # A result carries its task's transitions itself: status reports need
+        # only those of tasks still in flight (and stay small).
+        transitions = self._transitions
+        for result in ready:
+            transitions.pop(result.task_id, None)
+        try:
+            self.result_sink.results_ready(ready)
+        except Exception:
+            self.log.failure("The result sink failed for {count} results", count=len(ready))

@@ -1,0 +1,436 @@
+"""The manager registry: who is connected, whether they may take tasks, whether they live.
+
+:class:`ManagerRegistry` accepts managers' connections, checks their
+registration (the endpoint's secret first, with a constant-time compare),
+keeps one :class:`Manager` per registered manager, declares lost the
+managers that fall silent for ``heartbeat_threshold`` seconds, and retires
+managers the endpoint ends on purpose (scaling in), including those of a
+retired block that register late.  It tells the task dispatcher about all
+of it through :class:`~funcx_endpoint.executor.interface.IManagerEvents`.
+
+A :class:`Manager`'s lifecycle is a state machine::
+
+    serving ──retire──► retiring ──┐
+       │ └──quit_announced──► quitting ──┤── gone (connection closed)
+       └─────────────────────────────────┘
+
+Only a ``serving`` manager is given tasks.  When it goes, the dispatcher
+hears why: a retired manager's tasks are queued again without losing an
+attempt; a quitting one's say what it said when it quit.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+from automat import MethodicalMachine
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from funcx_endpoint.executor.connection import ManagerConnection
+from funcx_endpoint.executor.interface import IManagerEvents
+from funcx_endpoint.wire.amp import (
+    CancelTask,
+    Heartbeat,
+    RegistrationRefused,
+    Shutdown,
+    SubmitTasks,
+    send_unanswered,
+)
+from funcx_endpoint.wire.info import versions_differ
+
+__all__ = ["RETIRED_BLOCKS_KEPT", "Manager", "ManagerRegistry"]
+
+#: Blocks retired (being ended by the endpoint) remembered, for their
+#: managers that register late.
+RETIRED_BLOCKS_KEPT = 1000
+
+
+class Manager:
+    """A registered manager: who it is, how to reach it, and where it is in its life."""
+
+    log = Logger()
+    _machine = MethodicalMachine()
+
+    def __init__(
+        self,
+        registry: ManagerRegistry,
+        connection: ManagerConnection,
+        details: Dict[str, Any],
+        now: float,
+        sequence: int,
+        version_mismatch: bool,
+    ) -> None:
+        self._registry = registry
+        self.connection = connection
+        self.manager_id: str = details["manager_id"]
+        self.block_id: str = details["block_id"]
+        self.hostname: str = details["hostname"]
+        self.pid: int = details["pid"]
+        self.worker_count: int = details["worker_count"]
+        self.prefetch_capacity: int = details["prefetch_capacity"]
+        self.capacity = self.worker_count + self.prefetch_capacity * self.worker_count
+        self.worker_type: str = details["worker_type"]
+        self.container_type: str = details["container_type"]
+        self.versions = {
+            key: details[key] for key in ("python_version", "dill_version", "funcx_version")
+        }
+        self.version_mismatch = version_mismatch
+        self.registered_at = now
+        self.last_heard = now
+        self.sequence = sequence
+        self.retiring = False
+        self.quit_reason: Optional[str] = None
+
+    def describe(self) -> str:
+        """ "manager ID (block B, host H, pid P)", for messages."""
+        return (
+            f"manager {self.manager_id} (block {self.block_id}, host {self.hostname}, "
+            f"pid {self.pid})"
+        )
+
+    # -- talking to it ------------------------------------------------------------
+
+    def send_tasks(self, batch: List[Tuple[str, bytes]]) -> None:
+        """Send ``(task_id, buffer)`` pairs; a broken link makes the manager lost."""
+        try:
+            send_unanswered(self.connection, SubmitTasks, tasks=batch)
+        except Exception as exc:
+            self.lost(f"sending it tasks failed ({exc})")
+
+    def cancel_task(self, task_id: str) -> None:
+        """Tell it to drop or kill ``task_id`` (answered already by the interchange)."""
+        try:
+            answer = self.connection.callRemote(CancelTask, task_id=task_id)
+        except Exception as exc:
+            self.log.warn(
+                "Could not forward the cancel of task {task_id}: {error}",
+                task_id=task_id,
+                error=exc,
+            )
+            return
+        # If it fails, the manager is gone or broken; its loss is handled
+        # elsewhere, and the task has been answered already.
+        answer.addErrback(
+            lambda failure: self.log.warn(
+                "Cancelling task {task_id} at {manager} failed: {error}",
+                task_id=task_id,
+                manager=self.describe(),
+                error=failure.getErrorMessage(),
+            )
+        )
+
+    def tell_to_shut_down(self, reason: str) -> None:
+        """Send ``Shutdown``; if that fails, drop the connection."""
+        try:
+            self.connection.callRemote(Shutdown, reason=reason)
+        except Exception:
+            self.connection.drop()
+
+    def heartbeat(self) -> None:
+        """Send a heartbeat; a broken link makes the manager lost."""
+        try:
+            send_unanswered(self.connection, Heartbeat)
+        except Exception as exc:
+            self.lost(f"a heartbeat could not be sent ({exc})")
+
+    def lost(self, why: str) -> None:
+        """Declare it lost now (silent, broken link) and drop the connection."""
+        self.gone(why, on_purpose=False)
+        self.connection.drop()
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    @_machine.state(initial=True)
+    def _serving(self) -> None:
+        """Registered; may be given tasks."""
+
+    @_machine.state()
+    def _retiring(self) -> None:
+        """The endpoint is ending it: no new tasks."""
+
+    @_machine.state()
+    def _quitting(self) -> None:
+        """It said it is about to exit: no new tasks."""
+
+    @_machine.state()
+    def _gone(self) -> None:
+        """Disconnected, or declared lost."""
+
+    @_machine.input()
+    def retire(self, reason: str, tell_now: bool = True) -> None:
+        """The endpoint ends it on purpose (scaling in).  Without ``tell_now``
+        it is told on the next reactor turn (after its registration answer)."""
+
+    @_machine.input()
+    def quit_announced(self, reason: str) -> None:
+        """It sent ``Quitting``."""
+
+    @_machine.input()
+    def gone(self, why: str, on_purpose: bool) -> None:
+        """Its connection closed, or it was declared lost."""
+
+    @_machine.output()
+    def _close_to_tasks_and_shut_down(self, reason: str, tell_now: bool = True) -> None:
+        self.retiring = True
+        self._registry.events.manager_closed(self)
+        self.log.info("Shutting down {manager}: {reason}", manager=self.describe(), reason=reason)
+        if tell_now:
+            self.tell_to_shut_down(reason)
+        else:
+            self._registry.clock.callLater(0, self.tell_to_shut_down, reason)
+
+    @_machine.output()
+    def _close_to_tasks(self, reason: str) -> None:
+        self.quit_reason = reason
+        self._registry.events.manager_closed(self)
+        held = self._registry.held_by(self)
+        log = self.log.info if self.retiring or self._registry.stopping else self.log.warn
+        log(
+            "{manager} is quitting, holding {count} tasks: {reason}",
+            manager=self.describe(),
+            count=held,
+            reason=reason,
+        )
+
+    @_machine.output()
+    def _leave(self, why: str, on_purpose: bool) -> None:
+        self._registry.forget(self)
+        if self.quit_reason is not None and not on_purpose:
+            why = f"it quit: {self.quit_reason}"
+        if (self.retiring or self._registry.stopping) and not self._registry.held_by(self):
+            self.log.info("{manager} disconnected", manager=self.describe())
+        self._registry.events.manager_left(self, why, on_purpose or self.retiring)
+
+    _serving.upon(retire, enter=_retiring, outputs=[_close_to_tasks_and_shut_down])
+    _serving.upon(quit_announced, enter=_quitting, outputs=[_close_to_tasks])
+    _serving.upon(gone, enter=_gone, outputs=[_leave])
+    _retiring.upon(retire, enter=_retiring, outputs=[])
+    _retiring.upon(quit_announced, enter=_quitting, outputs=[_close_to_tasks])
+    _retiring.upon(gone, enter=_gone, outputs=[_leave])
+    _quitting.upon(retire, enter=_quitting, outputs=[])
+    _quitting.upon(quit_announced, enter=_quitting, outputs=[])
+    _quitting.upon(gone, enter=_gone, outputs=[_leave])
+    _gone.upon(retire, enter=_gone, outputs=[])
+    _gone.upon(quit_announced, enter=_gone, outputs=[])
+    _gone.upon(gone, enter=_gone, outputs=[])
+
+
+class ManagerRegistry:
+    """Registered managers and the connections that may become managers."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        events: IManagerEvents,
+        *,
+        secret: str,
+        versions: Dict[str, str],
+        answer: Dict[str, Any],
+        heartbeat_period: float = 30.0,
+        heartbeat_threshold: float = 120.0,
+        registration_timeout: float = 5.0,
+    ) -> None:
+        """``answer``: what a registration is answered with (the settings a
+        manager applies); ``versions``: this side's Python/dill/funcx versions."""
+        self.clock = clock
+        self.events = events
+        self.secret = secret
+        self.versions = versions
+        self.answer = answer
+        self.heartbeat_period = heartbeat_period
+        self.heartbeat_threshold = heartbeat_threshold
+        self.registration_timeout = registration_timeout
+        self.managers: Dict[str, Manager] = {}
+        self.stopping = False
+        self._connections: Set[ManagerConnection] = set()
+        self._registrations = 0
+        self._retired_blocks: OrderedDict[str, str] = OrderedDict()
+        self._disconnect_waiters: List[Deferred[None]] = []
+        self._manager_waiters: List[Tuple[int, Deferred[None]]] = []
+        self._ticker: Optional[LoopingCall] = None
+
+    def held_by(self, manager: Manager) -> int:
+        """Tasks ``manager`` holds, as the dispatcher counts them."""
+        return int(self.events.held_by(manager))
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the liveness checks (every ``heartbeat_period``)."""
+        ticker = LoopingCall(self._tick)
+        ticker.clock = self.clock
+        ticker.start(self.heartbeat_period, now=False)
+        self._ticker = ticker
+
+    def stop_accepting(self) -> None:
+        """Take no more managers; stop the liveness checks."""
+        self.stopping = True
+        if self._ticker is not None and self._ticker.running:
+            self._ticker.stop()
+
+    def shut_down_all(self, reason: str) -> None:
+        """Tell every manager to shut down; drop connections that never registered."""
+        for manager in list(self.managers.values()):
+            manager.tell_to_shut_down(reason)
+        for connection in list(self._connections):
+            if connection.manager is None:
+                connection.drop()
+
+    def drop_all(self) -> None:
+        """Drop every connection at once."""
+        for connection in list(self._connections):
+            connection.drop()
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    def when_disconnected(self) -> Deferred[None]:
+        """A new Deferred that fires once no connection is left."""
+        if not self._connections:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._disconnect_waiters.append(waiter)
+        return waiter
+
+    def when_managers(self, count: int = 1) -> Deferred[None]:
+        """A new Deferred that fires once at least ``count`` managers are registered."""
+        waiter: Deferred[None] = Deferred()
+        if len(self.managers) >= count:
+            waiter.callback(None)
+        else:
+            self._manager_waiters.append((count, waiter))
+        return waiter
+
+    # -- connections ---------------------------------------------------------------
+
+    def connection_made(self, connection: ManagerConnection) -> None:
+        self._connections.add(connection)
+        if self.stopping:
+            connection.drop()
+
+    def connection_closed(
+        self, connection: ManagerConnection, manager: Optional[Manager], reason: Failure
+    ) -> None:
+        self._connections.discard(connection)
+        if manager is not None:
+            manager.gone(f"its connection closed ({reason.getErrorMessage()})", on_purpose=False)
+        if not self._connections:
+            waiters, self._disconnect_waiters = self._disconnect_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def register(self, connection: ManagerConnection, details: Dict[str, Any]) -> Dict[str, Any]:
+        """Check a registration; the settings it is answered with, or RegistrationRefused."""
+        secret = details.pop("secret", "")
+        if not hmac.compare_digest(secret.encode("utf-8"), self.secret.encode("utf-8")):
+            self.log.warn(
+                "Refused manager {manager_id} from {peer}: wrong secret",
+                manager_id=details.get("manager_id"),
+                peer=connection.peer,
+            )
+            raise RegistrationRefused("wrong secret")
+        manager_id = details["manager_id"]
+        problem = None
+        if connection.manager is not None:
+            problem = "this connection has registered already"
+        elif self.stopping:
+            problem = "the interchange is stopping"
+        elif manager_id in self.managers:
+            problem = f"a manager with id {manager_id} is connected already"
+        elif details["worker_count"] < 0 or details["prefetch_capacity"] < 0:
+            problem = "worker_count and prefetch_capacity must not be negative"
+        if problem is not None:
+            self.log.warn(
+                "Refused manager {manager_id} from {peer}: {problem}",
+                manager_id=manager_id,
+                peer=connection.peer,
+                problem=problem,
+            )
+            raise RegistrationRefused(problem)
+        mismatch = versions_differ(self.versions, details)
+        self._registrations += 1
+        manager = Manager(
+            self, connection, details, self.clock.seconds(), self._registrations, mismatch
+        )
+        connection.accepted(manager)
+        self.managers[manager_id] = manager
+        self.log.info(
+            "Registered {manager}: {workers} workers, prefetch {prefetch}, type "
+            "{container_type}, from {peer}",
+            manager=manager.describe(),
+            workers=manager.worker_count,
+            prefetch=manager.prefetch_capacity,
+            container_type=manager.container_type,
+            peer=connection.peer,
+        )
+        if mismatch:
+            self.log.warn(
+                "{manager} runs Python {python} and dill {dill}; this endpoint runs Python "
+                "{my_python} and dill {my_dill}: functions serialized on one may not load "
+                "on the other",
+                manager=manager.describe(),
+                python=manager.versions["python_version"],
+                dill=manager.versions["dill_version"],
+                my_python=self.versions["python_version"],
+                my_dill=self.versions["dill_version"],
+            )
+        self.events.manager_joined(manager)
+        retired = self._retired_blocks.get(manager.block_id)
+        if retired is not None:
+            # Its block is being ended: it gets no task, and is told to go
+            # once it has its answer.
+            manager.retire(retired, tell_now=False)
+        waiting = [w for w in self._manager_waiters if len(self.managers) >= w[0]]
+        self._manager_waiters = [w for w in self._manager_waiters if w not in waiting]
+        for _, waiter in waiting:
+            waiter.callback(None)
+        return dict(self.answer, **self.versions)
+
+    def results_received(self, manager: Manager, results: List[bytes]) -> None:
+        self.events.results_received(manager, results)
+
+    def forget(self, manager: Manager) -> None:
+        """Remove a manager that is gone (its connection may still be closing)."""
+        if self.managers.get(manager.manager_id) is manager:
+            del self.managers[manager.manager_id]
+
+    # -- retiring --------------------------------------------------------------------
+
+    def retire_block(self, block_id: str, reason: str) -> List[Manager]:
+        """Retire the managers of ``block_id``, and those of it that register later."""
+        self._retired_blocks[block_id] = reason
+        self._retired_blocks.move_to_end(block_id)
+        while len(self._retired_blocks) > RETIRED_BLOCKS_KEPT:
+            self._retired_blocks.popitem(last=False)
+        managers = self.of_block(block_id)
+        for manager in managers:
+            manager.retire(reason)
+        return managers
+
+    def of_block(self, block_id: str) -> List[Manager]:
+        """The registered managers of ``block_id``."""
+        return [m for m in self.managers.values() if m.block_id == block_id]
+
+    # -- liveness ----------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        """Every heartbeat period: heartbeats out, silent managers declared lost."""
+        now = self.clock.seconds()
+        for manager in list(self.managers.values()):
+            silence = now - manager.last_heard
+            if silence > self.heartbeat_threshold:
+                manager.lost(
+                    f"it sent nothing for {silence:.0f} s (heartbeat_threshold is "
+                    f"{self.heartbeat_threshold:g} s)"
+                )
+                continue
+            manager.heartbeat()
