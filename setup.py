@@ -23,6 +23,12 @@ setup(
     python_requires=">=3.9",
     # "twisted.plugins" is listed so our ServiceMakers land in
     # site-packages/twisted/plugins; there is no __init__.py there on purpose.
+    # package_dir spells out the default ("packages live in the project root")
+    # so that `pip install -e .` puts the project root on sys.path (a static
+    # .pth file) instead of an import hook that maps only our packages: twistd's
+    # plugin scan looks for twisted/plugins/ directories on sys.path, and must
+    # find ours in an editable install too.
+    package_dir={"": "."},
     packages=find_packages(include=["funcx_endpoint", "funcx_endpoint.*"])
     + ["twisted.plugins"],
     package_data={

@@ -2,7 +2,8 @@
 
 Used by ``funcx-endpoint`` (:func:`start_daemon`, :func:`stop_daemon`) and
 ``funcx-service`` (:func:`launch_daemon`, :func:`stop_process_tree`).
-``start`` runs twistd in a child process with one extra pipe; the daemon
+``start`` runs twistd (through :mod:`funcx_endpoint.twistd`, which knows our
+ServiceMakers without a plugin scan) in a child process with one extra pipe; the daemon
 writes JSON lines on it: progress reports if it has any, then one line once
 it is ready or has failed (twistd itself only reports failures raised while
 the service starts).  ``stop`` sends TERM, lets the daemon stop its children,
@@ -17,7 +18,6 @@ import os
 import select
 import signal
 import subprocess
-import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -27,8 +27,8 @@ import psutil
 from funcx_endpoint.endpoint.layout import OWNER_ENV, EndpointDir
 from funcx_endpoint.lifecycle import EX_SOFTWARE, EX_TEMPFAIL
 from funcx_endpoint.procs import marked_processes, pid_alive
+from funcx_endpoint.twistd import run_app, runner_command
 
-TWISTD_BOOTSTRAP = "from twisted.scripts.twistd import run; run()"
 LOGGER = "funcx_endpoint.endpoint.logs.make_observer"
 
 
@@ -101,7 +101,7 @@ def launch_daemon(
     read_fd, write_fd = os.pipe()
     try:
         launcher = subprocess.Popen(
-            [sys.executable, "-c", TWISTD_BOOTSTRAP] + argv_for(write_fd),
+            runner_command() + argv_for(write_fd),
             pass_fds=(write_fd,),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -191,13 +191,9 @@ def _read_report(
 
 def run_foreground(ep: EndpointDir, *, debug: bool) -> int:
     """Run the daemon in this process, attached to the terminal; its exit code."""
-    from twisted.scripts.twistd import ServerOptions, runApp
-
     from funcx_endpoint.endpoint.service import exit_status
 
-    options = ServerOptions()
-    options.parseOptions(twistd_argv(ep, daemon=False, debug=debug, ready_fd=None))
-    runApp(options)
+    run_app(twistd_argv(ep, daemon=False, debug=debug, ready_fd=None))
     return exit_status.code
 
 

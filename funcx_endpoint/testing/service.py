@@ -26,7 +26,6 @@ import os
 import select
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -37,6 +36,8 @@ from urllib.parse import quote
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 
+from funcx_endpoint.twistd import runner_command
+
 __all__ = [
     "ServiceProcess",
     "ServiceStartError",
@@ -45,7 +46,6 @@ __all__ = [
     "stop_shared_service",
 ]
 
-_BOOTSTRAP = "from twisted.scripts.twistd import run; run()"
 _LOGGER = "funcx_endpoint.endpoint.logs.make_observer"
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -191,10 +191,7 @@ class ServiceProcess:
         }
 
     def argv(self, ready_fd: int, lifeline_fd: int) -> List[str]:
-        argv = [
-            sys.executable,
-            "-c",
-            _BOOTSTRAP,
+        argv = runner_command() + [
             "--nodaemon",
             "--pidfile",
             "",

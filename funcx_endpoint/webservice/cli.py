@@ -226,13 +226,10 @@ def start(
     ]
     plugin = ["funcx-service", "--state-dir", settings.state_dir] + (["--debug"] if debug else [])
     if foreground:
-        from twisted.scripts.twistd import ServerOptions, runApp
-
+        from funcx_endpoint.twistd import run_app
         from funcx_endpoint.webservice.service import exit_status
 
-        options = ServerOptions()
-        options.parseOptions(argv + ["--nodaemon"] + plugin + ["--log-stdout"])
-        runApp(options)
+        run_app(argv + ["--nodaemon"] + plugin + ["--log-stdout"])
         sys.exit(exit_status.code)
     click.echo(f"Starting funcx-service in {settings.state_dir} ...")
     result = launch_daemon(

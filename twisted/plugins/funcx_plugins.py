@@ -1,14 +1,3 @@
-# twistd plugins of funcx-endpoint; kept to one statement each so that twistd's
-# plugin scan stays cheap: the modules they name are imported only when used.
-from twisted.application.service import ServiceMaker
-
-funcx_endpoint = ServiceMaker(
-    "funcX endpoint", "funcx_endpoint.endpoint.tap", "Run a funcX endpoint.", "funcx-endpoint"
-)
-
-funcx_service = ServiceMaker(
-    "funcX web service",
-    "funcx_endpoint.webservice.tap",
-    "Run a private funcX web service.",
-    "funcx-service",
-)
+# twistd plugins funcx-endpoint and funcx-service, defined in a module that stays
+# cheap to import (the modules they name are imported only when used).
+from funcx_endpoint.service_makers import funcx_endpoint, funcx_service  # noqa: F401
