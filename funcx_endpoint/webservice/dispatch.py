@@ -20,11 +20,11 @@ endpoint, and the broker lets each endpoint publish only with its own).
 from __future__ import annotations
 
 import math
-import time
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -41,7 +41,7 @@ from funcx_endpoint.protocol import (
     pack,
     unpack,
 )
-from funcx_endpoint.webservice.broker import ServiceBroker
+from funcx_endpoint.webservice.broker import IServiceBroker
 from funcx_endpoint.webservice.management import BrokerUnavailable
 from funcx_endpoint.webservice.storage import (
     IncomingResult,
@@ -107,7 +107,11 @@ def _sleep(reactor: Any, seconds: float) -> Deferred[None]:
 
 
 class TaskSender(Service):
-    """Publishes tasks and result copies; re-sends what the broker did not confirm."""
+    """Publishes tasks and result copies; re-sends what the broker did not confirm.
+
+    Stored tasks are sent again once they are a second old by ``clock`` (the
+    reactor by default), which must be the clock their ``created`` times come from.
+    """
 
     log = Logger()
     name = "sender"
@@ -116,12 +120,14 @@ class TaskSender(Service):
         self,
         reactor: Any,
         storage: Storage,
-        broker: ServiceBroker,
+        broker: IServiceBroker,
         *,
         resend_interval: float = 2.0,
         result_queue_ttl: int = 7 * 24 * 3600,
+        clock: Optional[IReactorTime] = None,
     ) -> None:
         self._reactor = reactor
+        self._clock: IReactorTime = reactor if clock is None else clock
         self._storage = storage
         self._broker = broker
         self.resend_interval = resend_interval
@@ -257,7 +263,7 @@ class TaskSender(Service):
             try:
                 stamp = int(float(copy.completion_t))
             except (TypeError, ValueError):
-                stamp = int(time.time())
+                stamp = int(self._clock.seconds())
             d = self._broker.publish(
                 "", copy.ws_queue, body, {"delivery-mode": 2, "timestamp": stamp}
             )
@@ -315,7 +321,7 @@ class TaskSender(Service):
 
     async def _resend_pending(self) -> None:
         # Only tasks older than a moment: newer ones are being published by their submit.
-        before = time.time() - 1.0
+        before = self._clock.seconds() - 1.0
         while self._broker.connected:
             skip = min(len(self.in_flight), 5 * _BATCH)
             unsent = await self._storage.unsent_tasks(_BATCH + skip, before)
@@ -335,7 +341,11 @@ class TaskSender(Service):
 
 
 class ResultIngest:
-    """Stores what arrives on the ``results`` queue; acks only what is stored."""
+    """Stores what arrives on the ``results`` queue; acks only what is stored.
+
+    ``clock`` (the reactor by default) stamps results (``completion_t``) and
+    status reports (when each endpoint was last heard from).
+    """
 
     log = Logger()
 
@@ -346,8 +356,10 @@ class ResultIngest:
         sender: TaskSender,
         *,
         status_log_size: int = 20,
+        clock: Optional[IReactorTime] = None,
     ) -> None:
         self._reactor = reactor
+        self._clock: IReactorTime = reactor if clock is None else clock
         self._storage = storage
         self._sender = sender
         self._status_log_size = status_log_size
@@ -425,7 +437,7 @@ class ResultIngest:
     async def _process(self, batch: List[Tuple[Delivery, FastChannel]]) -> None:
         results: List[IncomingResult] = []
         reports: List[Report] = []
-        now = time.time()
+        now = self._clock.seconds()
         completion_t = f"{now:.3f}"
         for delivery, _ in batch:
             parsed = self._parse(delivery, now, completion_t)
