@@ -138,6 +138,7 @@ class TaskSender(Service):
         self._confirmed: List[str] = []
         self._copied: List[str] = []
         self._flush_call: Any = None
+        self._kick_call: Any = None
         self._loop = LoopingCall(self._resend)
         self._loop.clock = reactor
         self._resending = False
@@ -153,16 +154,17 @@ class TaskSender(Service):
         super().stopService()
         if self._loop.running:
             self._loop.stop()
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
-        self._flush_call = None
+        for call in (self._flush_call, self._kick_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._flush_call = self._kick_call = None
         # Record what was confirmed; anything else is sent again at the next start.
         return Deferred.fromCoroutine(self._flush_marks())
 
     def kick(self) -> None:
         """Send pending work soon (after a reconnection)."""
-        if self.running:
-            self._reactor.callLater(0.05, self._resend)
+        if self.running and (self._kick_call is None or not self._kick_call.active()):
+            self._kick_call = self._reactor.callLater(0.05, self._resend)
 
     # -- tasks ----------------------------------------------------------------
 
@@ -311,7 +313,7 @@ class TaskSender(Service):
             self._copies_in_flight.difference_update(copied)
 
     def _resend(self) -> Optional[Deferred[None]]:
-        if self._resending or not self._broker.connected:
+        if self._resending or not self.running or not self._broker.connected:
             return None
         self._resending = True
         d = Deferred.fromCoroutine(self._resend_pending())
