@@ -1,4 +1,9 @@
-"""Registration's answers and exit codes, against a fake service (treq's StubTreq)."""
+"""Registration's answers and exit codes, through treq's StubTreq.
+
+Against the service's own API in this process (funcx_endpoint.testing.inprocess)
+for what the service really answers, and against a scripted resource for
+answers it should never give (no endpoint id, another id, no broker details).
+"""
 
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ from funcx_endpoint.endpoint.auth import Authenticator, AuthError, Token, TokenS
 from funcx_endpoint.endpoint.layout import EndpointDir
 from funcx_endpoint.endpoint.registration import Registration
 from funcx_endpoint.lifecycle import StartupError
+from funcx_endpoint.testing.inprocess import InProcessService
+from funcx_endpoint.webservice.api import BrokerAddress
 
 SERVICE = "https://funcx.example/v2"
 
@@ -177,6 +184,106 @@ class RegistrationTests(SynchronousTestCase):
         self.assertEqual(failure.value.exit_code, 75)
         self.assertIn("cannot reach the funcX service", failure.value.message)
         self.assertIn("retried 2 times", failure.value.message)
+
+
+class _ServiceTokens:
+    """Tokens the in-process service issues to one of its users."""
+
+    def __init__(self, service: InProcessService, user: str) -> None:
+        self.service = service
+        self.user = user
+
+    async def token(self, force_new: bool = False) -> str:
+        return self.service.issue_token(self.user)
+
+
+class RealServiceTests(SynchronousTestCase):
+    """Registration against the service's own API (in this process, on a Clock)."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.service = InProcessService(
+            self.mktemp(),
+            self.clock,
+            broker_address=BrokerAddress("amqps", "broker.example", 5671, "/"),
+        )
+        self.service.startService()
+        self.addCleanup(lambda: self.successResultOf(self.service.stopService()))
+        self.stub = StubTreq(self.service.resource())
+
+    def register(self, user: str = "owner", endpoint_id: Optional[str] = None) -> Deferred[None]:
+        ep = EndpointDir(os.path.abspath(self.mktemp()), "ep")
+        os.makedirs(ep.path)
+        if endpoint_id is not None:
+            ep.write_endpoint_json({"endpoint_id": endpoint_id})
+        self.registration = Registration(
+            self.clock,
+            ep,
+            Config(funcx_service_address=SERVICE),
+            self.stub,
+            _ServiceTokens(self.service, user),
+        )
+        d = Deferred.fromCoroutine(self.registration.register())
+        self.stub.flush()
+        return d
+
+    def refusal(self, d: Deferred[None]) -> Tuple[int, str]:
+        failure = self.failureResultOf(d, StartupError)
+        return failure.value.exit_code, failure.value.message
+
+    def test_registered_with_its_own_broker_user(self) -> None:
+        """The answer gives the endpoint's queues and the broker user made for it."""
+        self.successResultOf(self.register())
+        info = self.registration.broker_info
+        assert info is not None
+        endpoint_id = info.endpoint_id
+        self.assertEqual(info.tasks.queue, f"{endpoint_id}.tasks")
+        self.assertEqual(info.results.routing_key, f"{endpoint_id}.results")
+        self.assertEqual((info.tasks.url.host, info.tasks.url.port), ("broker.example", 5671))
+        user = self.service.administrator.users[info.tasks.url.username]
+        self.assertEqual(user.password, info.tasks.url.password)
+        stored = self.service.endpoints[endpoint_id]
+        self.assertEqual((stored.name, stored.heartbeat_period), ("ep", 30.0))
+        self.assertEqual(stored.owner, self.service.user("owner").identity_id)
+        # Registering again (a restart) is the same endpoint, with the same broker user.
+        self.successResultOf(self.register(endpoint_id=endpoint_id))
+        self.assertEqual(self.registration.broker_info, info)
+
+    def test_refusals(self) -> None:
+        """What the service refuses, and the exit code each refusal gives."""
+        self.successResultOf(self.register())
+        assert self.registration.broker_info is not None
+        endpoint_id = self.registration.broker_info.endpoint_id
+        code, message = self.refusal(self.register("someone-else", endpoint_id))
+        self.assertEqual(code, 77)
+        self.assertIn("registered by another user", message)
+
+        queue = f"{endpoint_id}.tasks"
+        self.service.broker.consumers[queue] = 1  # another instance consumes its tasks
+        code, message = self.refusal(self.register(endpoint_id=endpoint_id))
+        self.assertEqual(code, 69)
+        self.assertIn("already running", message)
+        del self.service.broker.consumers[queue]
+
+        self.service.administrator.unavailable = True
+        code, message = self.refusal(self.register(endpoint_id=endpoint_id))
+        self.assertEqual(code, 75)
+        self.assertIn("try again later", message)
+        self.service.administrator.unavailable = False
+
+        status, _ = self.service.call("POST", f"/v2/endpoints/{endpoint_id}/lock", {}, user="owner")
+        self.assertEqual(status, 200)
+        code, message = self.refusal(self.register(endpoint_id=endpoint_id))
+        self.assertEqual(code, 69)
+        self.assertIn("locked (stopped remotely)", message)
+        # The refusal consumed the lock: the next start registers.
+        self.successResultOf(self.register(endpoint_id=endpoint_id))
+
+        status, _ = self.service.call("DELETE", f"/v2/endpoints/{endpoint_id}", user="owner")
+        self.assertEqual(status, 200)
+        code, message = self.refusal(self.register(endpoint_id=endpoint_id))
+        self.assertEqual(code, 69)
+        self.assertIn("gone (deleted)", message)
 
 
 class _RefusingHTTP:

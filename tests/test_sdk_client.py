@@ -1,8 +1,11 @@
-"""Tests for funcx_endpoint.sdk.client: FuncXClient against the fake service.
+"""Tests for funcx_endpoint.sdk.client: FuncXClient against the service's real API.
 
-The fake (funcx_endpoint.testing.fakeservice) is served over real sockets on
-127.0.0.1 by the test reactor; the blocking SDK runs in the reactor's thread
-pool (deferToThread), so every request really goes over HTTP.
+The service's API runs in the test process (funcx_endpoint.testing.inprocess:
+the real resource, storage on SQLite and auth, on a fake broker) and is served
+over real sockets on 127.0.0.1 by the test reactor: the SDK blocks (globus-sdk
+on requests), so it cannot use treq's in-memory StubTreq.  It runs in the
+reactor's thread pool (deferToThread), so every request really goes over HTTP.
+The test case keeps its old name, and the service its attribute name ``fake``.
 """
 
 from __future__ import annotations
@@ -44,11 +47,7 @@ from funcx_endpoint.sdk.errors import (
     TaskRefused,
     VersionMismatch,
 )
-from funcx_endpoint.testing.fakeservice import (
-    FUNCX_SCOPE,
-    FakeFuncXService,
-    ServedFake,
-)
+from funcx_endpoint.testing.inprocess import FUNCX_SCOPE, InProcessService, ServedService
 from funcx_endpoint.wire import deserialize, unpack_buffers
 
 T = TypeVar("T")
@@ -111,19 +110,21 @@ CLEAN_ENV: Dict[str, Optional[str]] = {
 
 
 class FakeServiceTestCase(TestCase):
-    """Serves a fake funcX service and makes clients for it."""
+    """Serves the funcX service's API (in this process) and makes clients for it."""
 
     timeout = 60
 
-    fake: FakeFuncXService
-    served: ServedFake
+    fake: InProcessService
+    served: ServedService
 
     def setUp(self) -> None:
         set_env(self, **CLEAN_ENV)
 
-    def serve(self, tls_files: Optional[tls.TLSFiles] = None, **kwargs: Any) -> FakeFuncXService:
-        self.fake = FakeFuncXService(**kwargs)
-        self.served = self.fake.listen(reactor, tls_files=tls_files)
+    def serve(self, tls_files: Optional[tls.TLSFiles] = None, **kwargs: Any) -> InProcessService:
+        self.fake = InProcessService(self.mktemp(), reactor, **kwargs)
+        self.fake.startService()
+        self.addCleanup(self.fake.stopService)
+        self.served = self.fake.listen(tls_files=tls_files)
         self.addCleanup(self.served.stop)
         return self.fake
 
@@ -501,10 +502,13 @@ class EndpointTests(FakeServiceTestCase):
         metadata = await self.call(client.get_endpoint_metadata, endpoint_id)
         self.assertEqual(metadata["endpoint_name"], "laptop")
         status = await self.call(client.get_endpoint_status, endpoint_id)
-        self.assertEqual(status, {"status": "online", "logs": []})
+        # The service's whole answer: with the status, the reports it received (one).
+        self.assertEqual((status["endpoint_id"], status["status"]), (endpoint_id, "online"))
+        self.assertEqual([report["final"] for report in status["logs"]], [False])
 
         f1 = await self.call(client.register_function, double)
         f2 = await self.call(client.register_function, add)
+        f1, f2 = sorted([f1, f2])  # the service lists a whitelist in id order
         await self.call(client.add_to_whitelist, endpoint_id, [f1, f2])
         [request] = self.fake.requests_to("POST", f"/v2/endpoints/{endpoint_id}/whitelist")
         self.assertEqual(request.body, {"func": [f1, f2]})
@@ -525,7 +529,8 @@ class EndpointTests(FakeServiceTestCase):
         await self.call(client.delete_endpoint, endpoint_id)
         self.assertNotIn(endpoint_id, self.fake.endpoints)
         error = await self.failure(FuncxAPIError, client.get_endpoint_status, endpoint_id)
-        self.assertEqual((error.http_status, error.code), (404, "ENDPOINT_NOT_FOUND"))
+        # The service tells a deleted endpoint (410) from one it never knew (404).
+        self.assertEqual((error.http_status, error.code), (410, "ENDPOINT_DELETED"))
 
 
 class ErrorTests(FakeServiceTestCase):

@@ -1,13 +1,15 @@
-"""Tests for funcx_endpoint.sdk.executor: FuncXExecutor against the fake service.
+"""Tests for funcx_endpoint.sdk.executor: FuncXExecutor against the service's real API.
 
-The executor's own threads talk HTTP to the fake, which the test reactor
-serves; tests wait for futures in the reactor's thread pool.
+The executor's own threads talk HTTP to the service's API (in this process,
+funcx_endpoint.testing.inprocess), which the test reactor serves; tests wait
+for futures in the reactor's thread pool.
 """
 
 from __future__ import annotations
 
 import io
 import threading
+import uuid
 from concurrent.futures import CancelledError, Future
 from typing import Any, Callable, Iterable, List, Optional
 
@@ -25,7 +27,7 @@ from funcx_endpoint.sdk.errors import (
     TaskRefused,
 )
 from funcx_endpoint.sdk.executor import FuncXExecutor
-from funcx_endpoint.testing.fakeservice import FakeFuncXService
+from funcx_endpoint.testing.inprocess import InProcessService
 from funcx_endpoint.wire import SerializationError
 from tests.test_sdk_client import FakeServiceTestCase, fast_retries, set_env
 
@@ -58,9 +60,9 @@ def wait_all(futures: Iterable[Future[Any]], timeout: float = 30) -> List[Any]:
 class ExecutorTestCase(FakeServiceTestCase):
     endpoint_id: str
 
-    def serve_inline(self, **kwargs: Any) -> FakeFuncXService:
-        """A fake that runs each task as soon as it is submitted."""
-        fake = self.serve(runner=FakeFuncXService.run_inline, **kwargs)
+    def serve_inline(self, **kwargs: Any) -> InProcessService:
+        """A service whose endpoints run each task as soon as it is published."""
+        fake = self.serve(run_tasks=True, **kwargs)
         self.endpoint_id = fake.add_endpoint()
         return fake
 
@@ -74,7 +76,7 @@ class ExecutorTestCase(FakeServiceTestCase):
         return await deferToThread(wait_all, list(futures))
 
     async def until(self, predicate: Callable[[], bool], timeout: float = 30) -> None:
-        """Wait (on the reactor, where the fake's state lives) until ``predicate()``."""
+        """Wait (on the reactor, where the service's state lives) until ``predicate()``."""
         deadline = reactor.seconds() + timeout
         while not predicate():
             if reactor.seconds() > deadline:
@@ -170,9 +172,8 @@ class ResultTests(ExecutorTestCase):
 class SubmissionFailureTests(ExecutorTestCase):
     async def test_refused_task(self) -> None:
         """A task the service refuses fails its future with the reason."""
-        fake = self.serve_inline()
-        unknown = fake.add_endpoint()
-        del fake.endpoints[unknown]
+        self.serve_inline()
+        unknown = str(uuid.uuid4())  # an endpoint the service never knew
         self.endpoint_id = unknown
         executor = self.executor()
         [error] = await self.outcomes([executor.submit(double, 2)])
@@ -340,7 +341,7 @@ class ShutdownTests(ExecutorTestCase):
     async def test_owned_client(self) -> None:
         """Without a client the executor makes one from the environment."""
         self.serve_inline()
-        client_id, secret = self.fake.add_client(identity="owner")
+        client_id, secret = self.fake.add_client("owner")
         self.endpoint_id = self.fake.add_endpoint(owner="owner")
         set_env(
             self,

@@ -7,8 +7,9 @@
 * the errors (:mod:`funcx_endpoint.sdk.errors`) and the client-credentials
   login (:mod:`funcx_endpoint.sdk.login`).
 
-Both work with the public funcX service, with this project's private service
-(``funcx-service``) and with :mod:`funcx_endpoint.testing.fakeservice`.
+Both work with the public funcX service and with this project's private
+service (``funcx-service``); their tests use that service's API in-process
+(:mod:`funcx_endpoint.testing.inprocess`).
 """
 
 from __future__ import annotations

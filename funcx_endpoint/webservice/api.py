@@ -20,18 +20,18 @@ import json
 import math
 import re
 import secrets
-import time
 import uuid
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import quote
 
 import attr
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from funcx_endpoint.amqp import topology
 from funcx_endpoint.version import __version__
 from funcx_endpoint.webservice.auth import API
-from funcx_endpoint.webservice.broker import ServiceBroker
+from funcx_endpoint.webservice.broker import IServiceBroker
 from funcx_endpoint.webservice.dispatch import TaskSender
 from funcx_endpoint.webservice.http import (
     APIError,
@@ -41,7 +41,11 @@ from funcx_endpoint.webservice.http import (
     not_found,
     utf8_encodable,
 )
-from funcx_endpoint.webservice.management import BrokerUnavailable, ManagementAPI, ManagementError
+from funcx_endpoint.webservice.management import (
+    BrokerUnavailable,
+    IBrokerAdministrator,
+    ManagementError,
+)
 from funcx_endpoint.webservice.storage import Endpoint, NewTask, Storage, TokenInfo, UnsentTask
 from funcx_endpoint.wire import DeserializationError, pack_task_buffer, unpack_buffers
 
@@ -204,7 +208,13 @@ def _refusal(status: int, code: str, reason: str) -> Dict[str, Any]:
 
 
 class FuncXAPI:
-    """The ``/v2`` handlers; :meth:`install` adds them to a router."""
+    """The ``/v2`` handlers; :meth:`install` adds them to a router.
+
+    ``clock`` (the reactor by default) stamps what is stored (functions,
+    tasks, registrations, deletions) and decides liveness: an endpoint is
+    online while its last status report is at most its heartbeat threshold
+    old by this clock.  ``min_sdk_version`` is what ``GET /version`` asks of clients.
+    """
 
     log = Logger()
 
@@ -212,15 +222,19 @@ class FuncXAPI:
         self,
         reactor: Any,
         storage: Storage,
-        broker: ServiceBroker,
-        management: ManagementAPI,
+        broker: IServiceBroker,
+        management: IBrokerAdministrator,
         sender: TaskSender,
         broker_address: BrokerAddress,
         *,
         heartbeat_threshold: float = 120.0,
         result_queue_ttl: int = 7 * 24 * 3600,
+        min_sdk_version: str = MIN_SDK_VERSION,
+        clock: Optional[IReactorTime] = None,
     ) -> None:
         self.reactor = reactor
+        self.clock: IReactorTime = reactor if clock is None else clock
+        self.min_sdk_version = min_sdk_version
         self.storage = storage
         self.broker = broker
         self.management = management
@@ -263,7 +277,7 @@ class FuncXAPI:
         return 200, {
             "api": FUNCX_API_VERSION,
             "min_ep_version": MIN_EP_VERSION,
-            "min_sdk_version": MIN_SDK_VERSION,
+            "min_sdk_version": self.min_sdk_version,
             "service": "funcx-service",
             "service_version": __version__,
         }
@@ -307,7 +321,7 @@ class FuncXAPI:
                 "public": public,
                 "group_id": group,
                 "function_code": code,
-                "created": time.time(),
+                "created": self.clock.seconds(),
             }
         )
         return 200, {"function_uuid": function_id}
@@ -373,7 +387,7 @@ class FuncXAPI:
         )
 
         # Second pass: each task against what exists.
-        now = time.time()
+        now = self.clock.seconds()
         new_tasks: List[NewTask] = []
         to_send: List[UnsentTask] = []
         for index, entry in enumerate(parsed):
@@ -594,7 +608,7 @@ class FuncXAPI:
         return endpoint
 
     async def status_of(self, endpoint: Endpoint) -> str:
-        status, check = endpoint.liveness(time.time(), self.heartbeat_threshold)
+        status, check = endpoint.liveness(self.clock.seconds(), self.heartbeat_threshold)
         if check:
             consumers = await self.broker.task_queue_consumers(endpoint.endpoint_id)
             if consumers:
@@ -696,7 +710,7 @@ class FuncXAPI:
             f"funcx-ep-{endpoint_id}",
             secrets.token_urlsafe(24),
             call.client_ip(),
-            time.time(),
+            self.clock.seconds(),
         )
         if saved is None:
             # Another user (or a delete) won a race with this registration.
@@ -751,7 +765,7 @@ class FuncXAPI:
         endpoint_id = endpoint.endpoint_id
         failed = await self.storage.delete_endpoint(
             endpoint_id,
-            time.time(),
+            self.clock.seconds(),
             f"EndpointDeleted: endpoint {endpoint_id} was deleted before this task ran",
         )
         self.sender.kick()

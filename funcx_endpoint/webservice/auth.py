@@ -28,9 +28,12 @@ import binascii
 import hashlib
 import hmac
 import secrets
-import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
@@ -109,11 +112,15 @@ def new_token() -> str:
 
 
 class Authenticator:
-    """Checks ``Authorization: Bearer`` tokens, with a short cache."""
+    """Checks ``Authorization: Bearer`` tokens, with a short cache.
+
+    A token is valid until its expiry time by ``clock``, the clock the
+    token call that issued it used.
+    """
 
     log = Logger()
 
-    def __init__(self, storage: Storage, clock: Any, cache_seconds: float = 5.0) -> None:
+    def __init__(self, storage: Storage, clock: IReactorTime, cache_seconds: float = 5.0) -> None:
         self._storage = storage
         self._clock = clock
         self._cache_seconds = cache_seconds
@@ -150,10 +157,11 @@ class Authenticator:
             raise APIError(
                 401,
                 "UNAUTHORIZED",
-                "the access token is not valid (unknown, or revoked with its client); log in again",
+                "the access token (Authorization: Bearer) is not valid: it is unknown, or was "
+                "revoked with its client; log in again",
                 headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
             )
-        if info.expires <= time.time():
+        if info.expires <= now:
             raise APIError(
                 401,
                 "TOKEN_EXPIRED",
@@ -182,7 +190,12 @@ def _oauth_error(status: int, error: str, message: str, **headers: str) -> APIEr
 
 
 class AuthAPI:
-    """Handlers of the auth calls; :meth:`install` adds them to a router."""
+    """Handlers of the auth calls; :meth:`install` adds them to a router.
+
+    Tokens are issued at ``clock.seconds()`` and last ``token_lifetime``
+    seconds.  ``in_thread(fn, *args)`` runs the slow secret checks (scrypt)
+    off the reactor thread: ``deferToThread`` unless given.
+    """
 
     log = Logger()
 
@@ -190,15 +203,18 @@ class AuthAPI:
         self,
         storage: Storage,
         authenticator: Authenticator,
-        clock: Any,
+        clock: IReactorTime,
         funcx_scope: str,
         token_lifetime: int,
+        *,
+        in_thread: Optional[Callable[..., Deferred[Any]]] = None,
     ) -> None:
         self.storage = storage
         self.authenticator = authenticator
         self.clock = clock
         self.funcx_scope = funcx_scope
         self.token_lifetime = token_lifetime
+        self._in_thread = deferToThread if in_thread is None else in_thread
 
     def install(self, router: Router) -> None:
         router.add("POST", "/v2/oauth2/token", self.token)
@@ -235,7 +251,7 @@ class AuthAPI:
         ok = client is not None and client.revoked_at is None
         # Verify even for unknown clients, so timing does not tell them apart.
         stored = client.secret_hash if client is not None else _DUMMY_HASH
-        matches = await deferToThread(verify_secret, secret, stored)
+        matches = await self._in_thread(verify_secret, secret, stored)
         if not (ok and matches):
             raise _oauth_error(
                 401,
@@ -277,7 +293,7 @@ class AuthAPI:
                 by_server[server].append(scope)
         if not by_server:
             raise _oauth_error(400, "invalid_scope", "no scope was requested (form field scope)")
-        now = time.time()
+        now = self.clock.seconds()
         tokens = []
         for server in sorted(by_server, key=lambda s: s != FUNCX_RESOURCE_SERVER):
             token = new_token()
@@ -336,7 +352,7 @@ class AuthAPI:
         if not token:
             raise bad_request("the token to introspect is missing (form field token)")
         info = await self.storage.find_token(token_hash(token))
-        now = time.time()
+        now = self.clock.seconds()
         if info is None or info.revoked or info.expires <= now:
             return 200, {"active": False}
         identities = await self.storage.get_identities([info.identity_id])
@@ -396,6 +412,40 @@ class AuthAPI:
             if i.identity_id in wanted_ids or i.username in wanted_names
         ]
         return 200, {"identities": shown}
+
+
+class TokenPurger(Service):
+    """Forgets expired tokens now and then: every ``interval`` seconds of ``clock``,
+    those that expired (by ``clock``) more than a day before."""
+
+    log = Logger()
+    name = "token-purge"
+
+    def __init__(self, storage: Storage, clock: IReactorTime, interval: float = 3600.0) -> None:
+        self._storage = storage
+        self._clock = clock
+        self._loop = LoopingCall(self.purge)
+        self._loop.clock = clock
+        self.interval = interval
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop.start(self.interval, now=False)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
+
+    def purge(self) -> Deferred[int]:
+        """Purge once; fires with how many tokens were forgotten (0 if that failed)."""
+        d = self._storage.purge_tokens(self._clock.seconds())
+
+        def failed(failure: Any) -> int:
+            self.log.failure("Purging expired tokens failed", failure)
+            return 0
+
+        return d.addErrback(failed)
 
 
 _IDENTITY_PROVIDER = "6b5d0e1a-7c3a-4a55-9c36-6e9d58f0c5a1"

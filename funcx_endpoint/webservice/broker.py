@@ -23,6 +23,7 @@ from typing import Any, Callable, List, Optional, Set
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, fail
 from twisted.logger import Logger
+from zope.interface import Attribute, Interface, implementer
 
 from funcx_endpoint.amqp import topology
 from funcx_endpoint.amqp.client import AMQPClient, Delivery, FastChannel, Properties
@@ -30,12 +31,51 @@ from funcx_endpoint.amqp.connection import AMQPURL, AMQPConnectionService, close
 from funcx_endpoint.amqp.publisher import ConfirmingPublisher, PublishFailed
 from funcx_endpoint.webservice.management import BrokerUnavailable
 
-__all__ = ["ServiceBroker"]
+__all__ = ["IServiceBroker", "ServiceBroker"]
 
 RESULTS_CONSUMER_TAG = "funcx-service-results"
 _FIRST_CONTROL_CHANNEL = 3
 
 
+class IServiceBroker(Interface):
+    """What the API and the task sender need of the broker (see the module docstring).
+
+    Deliveries from the ``results`` queue go to the ``on_delivery`` callback
+    the implementation was built with.
+    """
+
+    connected = Attribute("Whether publishing and queue operations can be tried now.")
+
+    def on_connect(callback: Callable[[], None]) -> None:
+        """Call ``callback()`` after each (re)connection is set up."""
+
+    def publish(
+        exchange: str, routing_key: str, body: bytes, properties: Optional[Properties] = None
+    ) -> Deferred[None]:
+        """Publish (mandatory); fires once the broker confirmed, fails with
+        :class:`~funcx_endpoint.amqp.publisher.PublishFailed` otherwise."""
+
+    def flush() -> None:
+        """Write what was published in this reactor turn now."""
+
+    async def declare_task_queue(endpoint_id: str) -> int:
+        """Declare an endpoint's task queue (idempotent); its consumer count.
+        :class:`~funcx_endpoint.webservice.management.BrokerUnavailable` if not connected."""
+
+    async def task_queue_consumers(endpoint_id: str) -> Optional[int]:
+        """Consumers of an endpoint's task queue (None if not connected)."""
+
+    async def delete_queue(queue: str) -> None:
+        """Delete a queue."""
+
+    async def ensure_result_queue(queue: str, ttl_seconds: int) -> None:
+        """Declare a per-task-group result queue that expires unused after ``ttl_seconds``."""
+
+    def forget_queue(queue: str) -> None:
+        """``queue`` may be gone: declare it again the next time it is ensured."""
+
+
+@implementer(IServiceBroker)
 class ServiceBroker(Service):
     """The service's AMQP connection; see the module docstring."""
 

@@ -21,12 +21,15 @@ from urllib.parse import urlsplit
 
 import attr
 from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred
+from zope.interface import Interface
 
 __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "DatabaseConfig",
     "DatabaseError",
+    "IConnectionPool",
     "Tx",
     "chunks",
     "connect",
@@ -163,6 +166,21 @@ def marks(count: int) -> str:
 
 # ---------------------------------------------------------------------------
 # connections
+
+
+class IConnectionPool(Interface):
+    """Runs functions of a DB-API cursor, each in a transaction of its own.
+
+    :class:`twisted.enterprise.adbapi.ConnectionPool` (from :func:`make_pool`)
+    is the service's: it runs them in database threads.
+    """
+
+    def runInteraction(interaction: Any, *args: Any, **kw: Any) -> Deferred[Any]:
+        """``interaction(cursor, *args, **kw)``, committed if it returns, rolled back if
+        it raises; a Deferred of its result."""
+
+    def close() -> None:
+        """Close the connections."""
 
 
 def _sqlite_setup(connection: sqlite3.Connection) -> None:

@@ -20,11 +20,11 @@ endpoint, and the broker lets each endpoint publish only with its own).
 from __future__ import annotations
 
 import math
-import time
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 from funcx_endpoint.amqp import topology
 from funcx_endpoint.amqp.client import Delivery, FastChannel
 from funcx_endpoint.amqp.publisher import PublishFailed
-from funcx_endpoint.webservice.broker import ServiceBroker
+from funcx_endpoint.webservice.broker import IServiceBroker
 from funcx_endpoint.webservice.management import BrokerUnavailable
 from funcx_endpoint.webservice.storage import (
     IncomingResult,
@@ -107,7 +107,11 @@ def _sleep(reactor: Any, seconds: float) -> Deferred[None]:
 
 
 class TaskSender(Service):
-    """Publishes tasks and result copies; re-sends what the broker did not confirm."""
+    """Publishes tasks and result copies; re-sends what the broker did not confirm.
+
+    Stored tasks are sent again once they are a second old by ``clock`` (the
+    reactor by default), which must be the clock their ``created`` times come from.
+    """
 
     log = Logger()
     name = "sender"
@@ -116,12 +120,14 @@ class TaskSender(Service):
         self,
         reactor: Any,
         storage: Storage,
-        broker: ServiceBroker,
+        broker: IServiceBroker,
         *,
         resend_interval: float = 2.0,
         result_queue_ttl: int = 7 * 24 * 3600,
+        clock: Optional[IReactorTime] = None,
     ) -> None:
         self._reactor = reactor
+        self._clock: IReactorTime = reactor if clock is None else clock
         self._storage = storage
         self._broker = broker
         self.resend_interval = resend_interval
@@ -132,6 +138,7 @@ class TaskSender(Service):
         self._confirmed: List[str] = []
         self._copied: List[str] = []
         self._flush_call: Any = None
+        self._kick_call: Any = None
         self._loop = LoopingCall(self._resend)
         self._loop.clock = reactor
         self._resending = False
@@ -147,16 +154,17 @@ class TaskSender(Service):
         super().stopService()
         if self._loop.running:
             self._loop.stop()
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
-        self._flush_call = None
+        for call in (self._flush_call, self._kick_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._flush_call = self._kick_call = None
         # Record what was confirmed; anything else is sent again at the next start.
         return Deferred.fromCoroutine(self._flush_marks())
 
     def kick(self) -> None:
         """Send pending work soon (after a reconnection)."""
-        if self.running:
-            self._reactor.callLater(0.05, self._resend)
+        if self.running and (self._kick_call is None or not self._kick_call.active()):
+            self._kick_call = self._reactor.callLater(0.05, self._resend)
 
     # -- tasks ----------------------------------------------------------------
 
@@ -257,7 +265,7 @@ class TaskSender(Service):
             try:
                 stamp = int(float(copy.completion_t))
             except (TypeError, ValueError):
-                stamp = int(time.time())
+                stamp = int(self._clock.seconds())
             d = self._broker.publish(
                 "", copy.ws_queue, body, {"delivery-mode": 2, "timestamp": stamp}
             )
@@ -305,7 +313,7 @@ class TaskSender(Service):
             self._copies_in_flight.difference_update(copied)
 
     def _resend(self) -> Optional[Deferred[None]]:
-        if self._resending or not self._broker.connected:
+        if self._resending or not self.running or not self._broker.connected:
             return None
         self._resending = True
         d = Deferred.fromCoroutine(self._resend_pending())
@@ -315,7 +323,7 @@ class TaskSender(Service):
 
     async def _resend_pending(self) -> None:
         # Only tasks older than a moment: newer ones are being published by their submit.
-        before = time.time() - 1.0
+        before = self._clock.seconds() - 1.0
         while self._broker.connected:
             skip = min(len(self.in_flight), 5 * _BATCH)
             unsent = await self._storage.unsent_tasks(_BATCH + skip, before)
@@ -335,7 +343,11 @@ class TaskSender(Service):
 
 
 class ResultIngest:
-    """Stores what arrives on the ``results`` queue; acks only what is stored."""
+    """Stores what arrives on the ``results`` queue; acks only what is stored.
+
+    ``clock`` (the reactor by default) stamps results (``completion_t``) and
+    status reports (when each endpoint was last heard from).
+    """
 
     log = Logger()
 
@@ -346,8 +358,10 @@ class ResultIngest:
         sender: TaskSender,
         *,
         status_log_size: int = 20,
+        clock: Optional[IReactorTime] = None,
     ) -> None:
         self._reactor = reactor
+        self._clock: IReactorTime = reactor if clock is None else clock
         self._storage = storage
         self._sender = sender
         self._status_log_size = status_log_size
@@ -425,7 +439,7 @@ class ResultIngest:
     async def _process(self, batch: List[Tuple[Delivery, FastChannel]]) -> None:
         results: List[IncomingResult] = []
         reports: List[Report] = []
-        now = time.time()
+        now = self._clock.seconds()
         completion_t = f"{now:.3f}"
         for delivery, _ in batch:
             parsed = self._parse(delivery, now, completion_t)

@@ -19,8 +19,15 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError, ConnectionLost, TimeoutError
 from twisted.logger import Logger
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseFailed
+from zope.interface import Interface, implementer
 
-__all__ = ["BrokerUnavailable", "ManagementAPI", "ManagementError", "endpoint_permissions"]
+__all__ = [
+    "BrokerUnavailable",
+    "IBrokerAdministrator",
+    "ManagementAPI",
+    "ManagementError",
+    "endpoint_permissions",
+]
 
 
 class BrokerUnavailable(Exception):
@@ -57,6 +64,25 @@ def user_permissions(queue_prefix: str) -> Dict[str, str]:
     return {"configure": "^$", "write": "^$", "read": f"^{re.escape(queue_prefix)}.*$"}
 
 
+class IBrokerAdministrator(Interface):
+    """Creates and removes the broker users of endpoints and of FuncXExecutor users.
+
+    Each operation may fail with :class:`BrokerUnavailable` (try again later)
+    or :class:`ManagementError` (the broker refused).
+    """
+
+    async def provision_endpoint(user: str, password: str, endpoint_id: str) -> None:
+        """Create or repair an endpoint's broker user with :func:`endpoint_permissions`
+        (idempotent)."""
+
+    async def provision_user(user: str, password: str, queue_prefix: str) -> None:
+        """Create or repair a user's result-queue broker user with :func:`user_permissions`."""
+
+    async def delete_user(name: str) -> bool:
+        """Delete a broker user; False if there was none."""
+
+
+@implementer(IBrokerAdministrator)
 class ManagementAPI:
     """A client of one broker's management API (``http(s)://user:pass@host:port/``)."""
 

@@ -26,8 +26,8 @@ from typing import Any, Dict, List, Optional
 from twisted.application.service import Service
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.interfaces import IListeningPort
-from twisted.internet.task import LoopingCall
+from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
@@ -48,7 +48,7 @@ from funcx_endpoint.lifecycle import (
 from funcx_endpoint.procs import write_daemon_info
 from funcx_endpoint.version import __version__
 from funcx_endpoint.webservice.api import BrokerAddress, FuncXAPI
-from funcx_endpoint.webservice.auth import AuthAPI, Authenticator
+from funcx_endpoint.webservice.auth import AuthAPI, Authenticator, TokenPurger
 from funcx_endpoint.webservice.broker import ServiceBroker
 from funcx_endpoint.webservice.db import DatabaseConfig, redact_url
 from funcx_endpoint.webservice.dispatch import ResultIngest, TaskSender
@@ -57,7 +57,7 @@ from funcx_endpoint.webservice.management import ManagementAPI
 from funcx_endpoint.webservice.settings import ServiceSettings, client_env_lines
 from funcx_endpoint.webservice.storage import Storage
 
-__all__ = ["StartupReporter", "WebService", "exit_status"]
+__all__ = ["StartupReporter", "WebService", "exit_status", "load_tls_options"]
 
 
 class _Switch(Resource):
@@ -114,7 +114,10 @@ def _host_names(settings: ServiceSettings) -> tuple[List[str], List[str]]:
 
 
 class WebService(Service):
-    """The whole service; see the module docstring."""
+    """The whole service; see the module docstring.
+
+    Every part reads the time from ``clock`` (the reactor by default).
+    """
 
     log = Logger()
     name = "funcx-service"
@@ -126,9 +129,11 @@ class WebService(Service):
         reporter: StartupReporter,
         *,
         stop_on_eof_fd: Optional[int] = None,
+        clock: Optional[IReactorTime] = None,
     ) -> None:
         self.settings = settings
         self._reactor = reactor
+        self._clock: IReactorTime = reactor if clock is None else clock
         self._reporter = reporter
         self._stop_on_eof_fd = stop_on_eof_fd
         self.phase = Phase.STOPPED
@@ -144,7 +149,7 @@ class WebService(Service):
         self.port: Optional[IListeningPort] = None
         self._factory: Optional[_TrackingFactory] = None
         self._root: Optional[_Switch] = None
-        self._housekeeping: Optional[LoopingCall] = None
+        self._purger: Optional[TokenPurger] = None
         self._tls_files: Optional[tls.TLSFiles] = None
         self.info: Dict[str, Any] = {}
 
@@ -153,7 +158,7 @@ class WebService(Service):
     def startService(self) -> None:
         super().startService()
         self.phase = Phase.STARTING
-        self.started_at = time.time()
+        self.started_at = self._clock.seconds()
         settings = self.settings
         session = os.getsid(0)
         write_daemon_info(
@@ -227,9 +232,14 @@ class WebService(Service):
             broker,
             resend_interval=settings.resend_interval,
             result_queue_ttl=settings.result_queue_ttl,
+            clock=self._clock,
         )
         ingest = ResultIngest(
-            self._reactor, storage, sender, status_log_size=settings.status_log_size
+            self._reactor,
+            storage,
+            sender,
+            status_log_size=settings.status_log_size,
+            clock=self._clock,
         )
         holder.append(ingest)
         self.broker, self.sender, self.ingest = broker, sender, ingest
@@ -259,9 +269,16 @@ class WebService(Service):
         sender.startService()
 
         router = Router()
-        authenticator = Authenticator(storage, self._reactor)
+        authenticator = Authenticator(storage, self._clock)
         AuthAPI(
-            storage, authenticator, self._reactor, settings.funcx_scope, settings.token_lifetime
+            storage,
+            authenticator,
+            self._clock,
+            settings.funcx_scope,
+            settings.token_lifetime,
+            in_thread=lambda fn, *args: deferToThreadPool(
+                self._reactor, self._reactor.getThreadPool(), fn, *args
+            ),
         ).install(router)
         FuncXAPI(
             self._reactor,
@@ -272,12 +289,12 @@ class WebService(Service):
             public,
             heartbeat_threshold=settings.heartbeat_threshold,
             result_queue_ttl=settings.result_queue_ttl,
+            clock=self._clock,
         ).install(router)
         self._root.target = APIResource(router, authenticator)
 
-        self._housekeeping = LoopingCall(self._purge)
-        self._housekeeping.clock = self._reactor
-        self._housekeeping.start(3600, now=False)
+        self._purger = TokenPurger(storage, self._clock)
+        self._purger.startService()
 
         host = settings.public_host
         root = f"{settings.scheme}://{host}:{port_number}"
@@ -316,11 +333,9 @@ class WebService(Service):
     async def _tls(self) -> tuple[Optional[str], Any]:
         """The CA file clients trust, and the server's TLS options (None: plain HTTP)."""
         settings = self.settings
-        from twisted.internet.threads import deferToThreadPool
-
         if settings.tls_cert:
             assert settings.tls_key is not None
-            options = _load_tls_options(settings.tls_cert, settings.tls_key)
+            options = load_tls_options(settings.tls_cert, settings.tls_key)
             if settings.embedded_broker:
                 # The embedded broker's AMQPS needs a certificate too: the given one.
                 self._tls_files = tls.TLSFiles(
@@ -343,7 +358,7 @@ class WebService(Service):
         self._tls_files = files
         if settings.insecure_http:
             return files.ca_cert, None
-        return files.ca_cert, _load_tls_options(files.server_cert, files.server_key)
+        return files.ca_cert, load_tls_options(files.server_cert, files.server_key)
 
     async def _start_embedded_broker(self) -> None:
         from funcx_endpoint.webservice.embedded_broker import EmbeddedBroker
@@ -377,12 +392,6 @@ class WebService(Service):
                 f"cannot listen on {settings.interface}:{settings.port}: {e}", EX_UNAVAILABLE
             ) from None
 
-    def _purge(self) -> None:
-        if self.storage is not None:
-            self.storage.purge_tokens(time.time()).addErrback(
-                lambda f: self.log.failure("Purging expired tokens failed", f)
-            )
-
     def _start_failed(self, failure: Failure) -> None:
         self.phase = Phase.FAILED
         if failure.check(StartupError):
@@ -409,8 +418,8 @@ class WebService(Service):
     async def _stop(self) -> None:
         if self._startup is not None and not self._startup.called:
             self._startup.cancel()
-        if self._housekeeping is not None and self._housekeeping.running:
-            self._housekeeping.stop()
+        if self._purger is not None and self._purger.running:
+            self._purger.stopService()
         steps = [
             ("https", self._stop_http),
             ("sender", lambda: self.sender.stopService() if self.sender else None),
@@ -446,7 +455,9 @@ class WebService(Service):
         return self.embedded.stop_async(self._reactor)
 
 
-def _load_tls_options(cert_file: str, key_file: str) -> ssl.CertificateOptions:
+def load_tls_options(cert_file: str, key_file: str) -> ssl.CertificateOptions:
+    """TLS options serving ``cert_file`` (the server certificate, then its chain) with
+    ``key_file``, speaking HTTP/1.1 only."""
     from cryptography import x509
     from OpenSSL import crypto
 

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, cast
 
 import attr
-from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred
 
 from funcx_endpoint.webservice.db import (
     DatabaseConfig,
     Dialect,
+    IConnectionPool,
     Tx,
     chunks,
     make_pool,
@@ -837,14 +837,18 @@ class Storage:
     """The service's storage: every method runs in a database thread.
 
     ``open()`` migrates the schema (in a thread) and starts the pool;
-    ``close()`` stops it.
+    ``close()`` stops it.  A storage given a ``pool`` (any
+    :class:`~funcx_endpoint.webservice.db.IConnectionPool`) is open at once:
+    the caller has migrated its database.
     """
 
-    def __init__(self, config: DatabaseConfig, reactor: Any) -> None:
+    def __init__(
+        self, config: DatabaseConfig, reactor: Any, *, pool: Optional[IConnectionPool] = None
+    ) -> None:
         self.config = config
         self.dialect = Dialect(config.kind)
         self._reactor = reactor
-        self._pool: Optional[adbapi.ConnectionPool] = None
+        self._pool: Optional[IConnectionPool] = pool
 
     def describe(self) -> str:
         return self.config.describe()
@@ -857,7 +861,8 @@ class Storage:
         )
         pool = make_pool(self.config)
         pool.start()
-        self._pool = pool
+        # adbapi's pool has the methods of IConnectionPool; it cannot declare them.
+        self._pool = cast(IConnectionPool, pool)
         return versions
 
     def close(self) -> None:
@@ -866,7 +871,7 @@ class Storage:
             pool.close()
 
     def run(self, fn: Callable[..., _T], *args: Any) -> Deferred[_T]:
-        """``fn(tx, *args)`` in one transaction in a database thread."""
+        """``fn(tx, *args)`` in one transaction (in a database thread, with adbapi's pool)."""
         if self._pool is None:
             raise RuntimeError("the storage is not open")
         dialect = self.dialect
