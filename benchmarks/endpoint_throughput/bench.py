@@ -51,7 +51,11 @@ from workloads import LABELS, SLEEP_IDEAL, WORKLOADS  # noqa: E402
 
 COMPARE_VENV = os.path.join(ROOT, "benchmarks", ".venv-compare")
 COMPARE_PACKAGES = ["celery", "parsl"]
-SYSTEMS = ("ours", "ppe", "celery", "parsl")
+SYSTEMS = ("ours", "before", "ppe", "celery", "parsl")
+#: The code "before" measures: main just before the core was redesigned
+#: (issue 9), so that the A/B of the two commits runs in one run.
+BASELINE_REV = "1e3b1f1"
+AB_DIR = os.path.join(ROOT, "benchmarks", ".ab")
 TARGET_RATE = 2500.0
 TARGET_P50_MS = 3.0
 TARGET_SLEEP_FRACTION = 0.90
@@ -245,22 +249,91 @@ def measure_ppe(args: argparse.Namespace) -> Dict[str, Any]:
 # -- ours ------------------------------------------------------------------------------------
 
 
-def measure_ours(args: argparse.Namespace, node: Any, base: str) -> Dict[str, Any]:
+def ensure_baseline(rev: str) -> str:
+    """A Python with the project at ``rev`` installed (cached under benchmarks/.ab).
+
+    The tree at ``rev`` is exported with ``git archive`` and installed (not
+    editable, no dependencies fetched) into a virtualenv that sees this
+    project's virtualenv's site-packages for its dependencies; returns its
+    python.
+    """
+    full = subprocess.run(
+        ["git", "-C", ROOT, "rev-parse", "--short=12", rev], capture_output=True, text=True
+    )
+    if full.returncode != 0:
+        raise SystemExit(f"--baseline {rev}: not a commit of this repository ({full.stderr})")
+    where = os.path.join(AB_DIR, full.stdout.strip())
+    python = os.path.join(where, "venv", "bin", "python")
+    stamp = os.path.join(where, "installed")
+    if os.path.exists(stamp):
+        return python
+    shutil.rmtree(where, ignore_errors=True)
+    source = os.path.join(where, "src")
+    os.makedirs(source)
+    say(f"installing the baseline {rev} into {where} (once)")
+    archive = subprocess.run(
+        ["git", "-C", ROOT, "archive", "--format=tar", rev], capture_output=True, check=True
+    )
+    subprocess.run(["tar", "-x", "-C", source], input=archive.stdout, check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", os.path.join(where, "venv")])
+    import sysconfig
+
+    ours_site = sysconfig.get_paths()["purelib"]
+    theirs_site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    # Dependencies from our venv; its own .pth files (our editable tree) are
+    # not read through this one, so the baseline's package is the only one.
+    with open(os.path.join(theirs_site, "zz-dependencies.pth"), "w") as f:
+        f.write(ours_site + "\n")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps",
+         "--no-build-isolation", "--no-index", source],
+        check=True,
+    )  # fmt: skip
+    open(stamp, "w").close()
+    return python
+
+
+_REACTOR_THREAD: List[Any] = []
+
+
+def _reactor_thread() -> Any:
+    """The one reactor thread of this run (a reactor cannot be started twice)."""
+    import ours
+
+    if not _REACTOR_THREAD:
+        _REACTOR_THREAD.append(ours.ReactorThread())
+    return _REACTOR_THREAD[0]
+
+
+def measure_ours(
+    args: argparse.Namespace,
+    node: Any,
+    base: str,
+    label: str = "ours",
+    python: str = sys.executable,
+    root: Optional[str] = ROOT,
+) -> Dict[str, Any]:
     import ours
 
     endpoint = ours.RealEndpoint(
         node,
-        base,
+        os.path.join(base, label),
         workers=2,
         prefetch_capacity=args.prefetch_capacity,
         amqp_prefetch=args.amqp_prefetch,
         progress=say,
+        python=python,
+        root=root,
     )
-    reactor_thread = None
     left: List[str] = []
+    reactor_thread = _reactor_thread()
     try:
         endpoint.start()
-        reactor_thread = ours.ReactorThread()
         broker = psutil.Process(node.beam_pid) if node.beam_pid else None
         say(
             f"driving the endpoint: window {args.window}, amqp_prefetch {args.amqp_prefetch}, "
@@ -289,8 +362,6 @@ def measure_ours(args: argparse.Namespace, node: Any, base: str) -> Dict[str, An
             )
     finally:
         left = endpoint.stop()
-        if reactor_thread is not None:
-            reactor_thread.stop()
     if left:
         say(f"WARNING: endpoint processes left after stop: {left}")
     figures["left_after_stop"] = left
@@ -362,6 +433,31 @@ def verdicts(results: Dict[str, Dict[str, Any]]) -> List[str]:
         f"target sleep >= {TARGET_SLEEP_FRACTION:.0%} of {SLEEP_IDEAL:.0f}/s: {sleep:.1%} -> "
         f"{mark(sleep >= TARGET_SLEEP_FRACTION)}"
     )
+    return out
+
+
+def ab_table(results: Dict[str, Dict[str, Any]]) -> List[str]:
+    """Ours and the baseline side by side: rates and CPU per task by process."""
+    ours_fig, before = results.get("ours"), results.get("before")
+    if not ours_fig or not before:
+        return []
+    out = ["", f"A/B in this run: before = {before['system']}, ours = this tree"]
+    header = f"{'':<34} {'before':>9} {'ours':>9} {'change':>9}"
+    out += [header, "-" * len(header)]
+    for name in ("noop", "echo", "sleep"):
+        a, b = before[name]["rate"], ours_fig[name]["rate"]
+        out.append(f"{LABELS[name] + ' tasks/s':<34} {a:>9,.0f} {b:>9,.0f} {b / a:>8.2f}x")
+    for name in ("noop", "echo"):
+        a_cpu, b_cpu = before[name]["cpu_us_per_task"], ours_fig[name]["cpu_us_per_task"]
+        for part in ("daemon", "manager", "workers", "broker", "driver"):
+            if part in a_cpu and part in b_cpu and a_cpu[part]:
+                change = 100.0 * (b_cpu[part] - a_cpu[part]) / a_cpu[part]
+                out.append(
+                    f"{LABELS[name] + ' CPU us/task, ' + part:<34} "
+                    f"{a_cpu[part]:>9.0f} {b_cpu[part]:>9.0f} {change:>+8.0f}%"
+                )
+    a_lat, b_lat = before["noop"]["latency"], ours_fig["noop"]["latency"]
+    out.append(f"{'no-op round trip p50 ms':<34} {a_lat['p50_ms']:>9.2f} {b_lat['p50_ms']:>9.2f}")
     return out
 
 
@@ -452,6 +548,17 @@ def parse() -> argparse.Namespace:
         metavar="SECONDS",
         help="after the measurements, py-spy record the daemon for SECONDS under no-op load",
     )
+    parser.add_argument(
+        "--baseline",
+        default=BASELINE_REV,
+        help=f"the commit 'before' runs, for the A/B (default {BASELINE_REV}: main before "
+        "the core redesign)",
+    )
+    parser.add_argument(
+        "--baseline-first",
+        action="store_true",
+        help="measure 'before' first (default: ours first), to check order effects",
+    )
     parser.add_argument("--json", help="also write every figure to this file")
     args = parser.parse_args()
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -523,11 +630,24 @@ def main() -> int:
             say("starting a private RabbitMQ node (about 10 s)")
             node.start()
             say(f"RabbitMQ node up: AMQPS port {node.amqps_port}, AMQP port {node.amqp_port}")
-        if "ours" in args.systems:
-            say("== funcx-endpoint (ours): real service, real daemon, 2 workers")
-            others.mark()
-            results["ours"] = measure_ours(args, node, base)
-            phase_done("ours")
+        baseline = ensure_baseline(args.baseline) if "before" in args.systems else None
+        order = ["before", "ours"] if args.baseline_first else ["ours", "before"]
+        for key in order:
+            if key not in args.systems:
+                continue
+            if key == "ours":
+                say("== funcx-endpoint (ours): real service, real daemon, 2 workers")
+                others.mark()
+                results["ours"] = measure_ours(args, node, base)
+            else:
+                assert baseline is not None
+                say(f"== funcx-endpoint at {args.baseline} (before): the same, older code")
+                others.mark()
+                results["before"] = measure_ours(
+                    args, node, base, "before", python=baseline, root=None
+                )
+                results["before"]["system"] = f"before ({args.baseline})"
+            phase_done(key)
         if "ppe" in args.systems:
             say("== concurrent.futures.ProcessPoolExecutor(2), in this process")
             others.mark()
@@ -565,6 +685,8 @@ def main() -> int:
             phase_done("parsl")
     finally:
         others.stop()
+        if _REACTOR_THREAD:
+            _REACTOR_THREAD.pop().stop()
         if node is not None:
             say("stopping the RabbitMQ node")
             node.destroy()
@@ -622,6 +744,8 @@ def main() -> int:
                 f"{fig['noop']['tasks']} no-op/echo tasks, {fig['sleep']['tasks']} sleep tasks"
             )
     for line in verdicts(results):
+        print(line)
+    for line in ab_table(results):
         print(line)
     bad = sum(fig.get("errors", 0) for fig in results.values())
     if args.json:

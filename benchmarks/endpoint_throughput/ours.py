@@ -46,10 +46,17 @@ _RESULT_PREFIX = b'\x01{"message_type":"result"'
 _PREFIX_LEN = len(_RESULT_PREFIX)
 
 
-def _env(extra: Dict[str, str]) -> Dict[str, str]:
+def _env(extra: Dict[str, str], root: Optional[str] = ROOT) -> Dict[str, str]:
+    """The environment of the endpoint's commands: ``root`` first on the
+    Python path (None: this tree is kept off it, for another installation)."""
     env = dict(os.environ)
-    parts = [ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))
+    parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != ROOT]
+    if root is not None:
+        parts.insert(0, root)
+    if parts:
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))
+    else:
+        env.pop("PYTHONPATH", None)
     env.update(extra)
     return env
 
@@ -66,8 +73,14 @@ class RealEndpoint:
         prefetch_capacity: int = 8,
         amqp_prefetch: int = 512,
         progress: Callable[[str], None] = print,
+        python: str = sys.executable,
+        root: Optional[str] = ROOT,
     ) -> None:
+        """``python`` runs the endpoint's CLI (and so its daemon, managers and
+        workers); ``root``, if given, is put first on their Python path."""
         self.node = node
+        self.python = python
+        self.root = root
         self.base_dir = base_dir
         self.config_dir = os.path.join(base_dir, "endpoints")
         self.workers = workers
@@ -84,11 +97,13 @@ class RealEndpoint:
 
     def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "funcx_endpoint.cli", "-c", self.config_dir, *args],
+            [self.python, "-m", "funcx_endpoint.cli", "-c", self.config_dir, *args],
             capture_output=True,
             text=True,
             timeout=timeout,
-            env=_env(self.env),
+            env=_env(self.env, self.root),
+            # Not this tree: ``-m`` puts the working directory first on the path.
+            cwd=self.base_dir,
         )
 
     def _check(self, result: subprocess.CompletedProcess, what: str) -> None:
@@ -99,6 +114,7 @@ class RealEndpoint:
             )
 
     def start(self) -> None:
+        os.makedirs(self.base_dir, mode=0o700, exist_ok=True)
         self.progress("starting funcx-service on the node (SQLite)")
         self.service = NodeServiceProcess(
             self.node, os.path.join(self.base_dir, "service"), env=None
