@@ -137,8 +137,9 @@ class RabbitMQNodeService(Service):
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self.kill_timeout = kill_timeout
+        # The first restart after 1 to 2 s, then 2 to 3, 4 to 5, ... up to a minute.
         self._retry_policy = retry_policy or backoffPolicy(
-            initialDelay=1.0, maxDelay=60.0, factor=2.0
+            initialDelay=0.5, maxDelay=60.0, factor=2.0
         )
         self.stable_after = stable_after
         self._environ = environ
