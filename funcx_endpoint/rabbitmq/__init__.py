@@ -11,6 +11,6 @@
   node as a Twisted service (start, readiness, restart after a death, stop).
 
 ``funcx-service`` runs its embedded broker with it; the test harness
-(``funcx_endpoint.testing.rabbitmq``) builds its synchronous nodes on the
+(``testing/rabbitmq.py``) builds its synchronous nodes on the
 first three.
 """
