@@ -14,7 +14,7 @@ import re
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import psutil
 from twisted.trial.unittest import SynchronousTestCase
@@ -164,11 +164,21 @@ class ServiceCommandLineTests(SynchronousTestCase):
         self.assertIn(f"export FUNCX_SERVICE_ADDRESS={base_url}", restarted.stdout)
         again = json.loads(funcx_service(self.state_dir, "status", "--json").stdout)["broker"]
         self.assertEqual(again["public_url"], broker_url["public_url"])
+        # The embedded broker is supervised: its Erlang VM killed, the service starts
+        # it again (same ports and users) and works with it.
+        [beam] = [p for p in leftover_processes(node) if p.name() == "beam.smp"]
+        beam.kill()
+        self.wait_for(lambda: any(p.name() == "beam.smp" for p in leftover_processes(node)))
         fxc = self.sdk(env, bob)
         endpoint_id = "5e7a1c2d-0000-4000-8000-00000000beef"
-        registration = fxc.post(
-            "endpoints", data={"endpoint_name": "e", "endpoint_uuid": endpoint_id, "metadata": {}}
-        ).data
+        registration = self.wait_for(
+            lambda: (
+                fxc.post(
+                    "endpoints",
+                    data={"endpoint_name": "e", "endpoint_uuid": endpoint_id, "metadata": {}},
+                ).data
+            )
+        )
         self.assertTrue(registration["task_queue_info"]["connection_url"].startswith("amqps://"))
         self.assertIn("@localhost:", registration["task_queue_info"]["connection_url"])
         fxc.close()
@@ -176,6 +186,25 @@ class ServiceCommandLineTests(SynchronousTestCase):
         self.assertEqual(stopped.returncode, 0, stopped.stdout + stopped.stderr)
         self.assertEqual(leftover_processes(node), [])
         self.assertEqual(processes_of(self.state_dir), [])
+
+    def wait_for(self, attempt: Callable[[], Any], timeout: float = 90) -> Any:
+        """The first true result of ``attempt()`` (errors count as false) within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                result = attempt()
+            except Exception as e:
+                if time.monotonic() > deadline:
+                    raise
+                result = None
+                error: Any = e
+            else:
+                error = result
+            if result:
+                return result
+            if time.monotonic() > deadline:
+                self.fail(f"nothing within {timeout} s; last: {error!r}")
+            time.sleep(0.2)
 
     def test_bad_settings(self) -> None:
         result = funcx_service(self.state_dir, "start", "--tls-cert", "/nonexistent.pem")

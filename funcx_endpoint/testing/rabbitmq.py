@@ -6,6 +6,13 @@ own ``epmd`` and free ports on 127.0.0.1: plain AMQP, AMQPS with a certificate m
 run time by :mod:`funcx_endpoint.tls`, and the management HTTP API. An administrator
 user with a random password is created at first boot.
 
+What a node is made of (its directory, ``node.json``, ``rabbitmq.conf``, the
+environments and command lines of its programs, the readiness probe, finding its
+processes) is the runtime's: :mod:`funcx_endpoint.rabbitmq`, which ``funcx-service``
+also runs, as a Twisted service. This module adds what tests need around it: a
+synchronous API usable without a running reactor (and from threads), and the
+guarantee that no node outlives the test process.
+
 :func:`shared_node` gives every test of a process the same node, started on first use
 and stopped when the process ends, however it ends:
 
@@ -21,11 +28,11 @@ and stopped when the process ends, however it ends:
 - and if even that failed, the next node started on this machine by this module reaps
   nodes whose owner is dead, from a registry directory of one JSON file per node.
 
-Every process of a node (the ``rabbitmq-server`` shell, ``beam.smp``,
-``erl_child_setup``, ``inet_gethost``, ``epmd``) carries the environment variable
-``FUNCX_RABBITMQ_NODE=<node name>``. That marker is how the node's processes are found
-and killed: ``erl_child_setup`` and ``inet_gethost`` call ``setsid()``, so killing the
-server's process group or session would miss them.
+Every process of a node (``beam.smp``, ``erl_child_setup``, ``inet_gethost``,
+``epmd``) carries the environment variable ``FUNCX_RABBITMQ_NODE=<node name>``. That
+marker is how the node's processes are found and killed: ``erl_child_setup`` and
+``inet_gethost`` call ``setsid()``, so killing the server's process group or session
+would miss them.
 
 Blocking methods are for scripts and for threads; inside a running reactor use the
 ``*_async(reactor, ...)`` variants, which run the blocking call in the reactor's
@@ -37,7 +44,6 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -48,10 +54,9 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from types import FrameType
 from typing import Any, TypeVar
-from urllib.parse import quote
 
 import psutil
 from twisted.internet.defer import Deferred
@@ -60,7 +65,20 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from funcx_endpoint import tls
-from funcx_endpoint.procs import marked_processes
+from funcx_endpoint.rabbitmq.node import (
+    HOSTNAME,
+    LISTEN_IP,
+    MARKER_ENV,
+    NodeDirectory,
+    NodeIdentity,
+    NodePorts,
+    RabbitMQCtlError,
+    RabbitMQError,
+    RabbitMQNotInstalled,
+    RabbitMQStartError,
+    tail,
+)
+from funcx_endpoint.rabbitmq.processes import DEFAULT_SERVER, Programs, node_processes
 
 __all__ = [
     "MARKER_ENV",
@@ -79,69 +97,17 @@ __all__ = [
 
 _T = TypeVar("_T")
 
-#: Environment variable set for every OS process of a node; its value is the node name.
-MARKER_ENV = "FUNCX_RABBITMQ_NODE"
-
-DEFAULT_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 #: Where a different ``rabbitmq-server`` script can be named; ``rabbitmqctl`` is
 #: expected beside it.
 SERVER_ENV = "FUNCX_TEST_RABBITMQ_SERVER"
 #: Seconds to wait for a node to boot (default 120).
 START_TIMEOUT_ENV = "FUNCX_TEST_RABBITMQ_START_TIMEOUT"
 
-#: The address every listener binds to.
-LISTEN_IP = "127.0.0.1"
-#: The host name in URLs; the server certificate is valid for it and for LISTEN_IP.
-HOSTNAME = "localhost"
-
-# The rabbitmqctl CLI's own Erlang distribution listener takes a port from this range
-# (rabbitmq-defaults); our nodes' ports stay out of it so a CLI run by anyone cannot
-# grab a port between our choosing it and the node binding it.
-_CLI_DIST_PORTS = range(35672, 35683)
-
 _INSTALL_HINT = (
     "Run `make test` (which installs rabbitmq-server from the OS packages) or "
     f"`apt-get install rabbitmq-server`, or set {SERVER_ENV} to the path of "
     "rabbitmq-server."
 )
-
-
-class RabbitMQError(Exception):
-    """Something went wrong running a private RabbitMQ node."""
-
-
-class RabbitMQNotInstalled(RabbitMQError):
-    """The ``rabbitmq-server`` (or ``epmd``) program was not found."""
-
-
-class RabbitMQStartError(RabbitMQError):
-    """The node did not come up; the message includes the tail of its logs."""
-
-
-class RabbitMQCtlError(RabbitMQError):
-    """``rabbitmqctl`` failed."""
-
-    def __init__(self, args: list[str], returncode: int, stdout: str, stderr: str):
-        self.args_ = args
-        self.returncode = returncode
-        self.stdout = stdout
-        self.stderr = stderr
-        super().__init__(
-            f"rabbitmqctl {' '.join(args)} exited with {returncode}: "
-            f"{(stderr or stdout).strip()[-2000:]}"
-        )
-
-
-@dataclass(frozen=True)
-class NodePorts:
-    """The TCP ports of a node, all on 127.0.0.1."""
-
-    amqp: int
-    amqps: int
-    management: int
-    dist: int
-    epmd: int
-
 
 log = Logger(namespace="funcx_endpoint.testing.rabbitmq")
 
@@ -161,98 +127,12 @@ def _registry_dir() -> str:
     return os.path.join(tempfile.gettempdir(), f"funcx-test-rabbitmq-{os.getuid()}")
 
 
-def _server_path() -> str:
-    return os.environ.get(SERVER_ENV) or DEFAULT_SERVER
-
-
-def _find_epmd(server: str) -> str:
-    found = shutil.which("epmd")
-    if found:
-        return found
-    for candidate in ("/usr/lib/erlang/bin/epmd", "/usr/local/lib/erlang/bin/epmd"):
-        if os.access(candidate, os.X_OK):
-            return candidate
-    raise RabbitMQNotInstalled(
-        f"epmd (part of Erlang) was not found next to {server} or on PATH. " + _INSTALL_HINT
-    )
-
-
-def _free_ports(count: int) -> list[int]:
-    """Return ``count`` distinct ports that are free on 127.0.0.1 right now."""
-    excluded = set(_CLI_DIST_PORTS)
-    held: list[socket.socket] = []
-    ports: list[int] = []
-    try:
-        while len(ports) < count:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            held.append(s)
-            s.bind((LISTEN_IP, 0))
-            port = s.getsockname()[1]
-            if port not in excluded and port not in ports:
-                ports.append(port)
-    finally:
-        for s in held:
-            s.close()
-    return ports
-
-
 def _port_accepts(port: int, timeout: float = 0.5) -> bool:
     try:
         with socket.create_connection((LISTEN_IP, port), timeout=timeout):
             return True
     except OSError:
         return False
-
-
-def _epmd_names(port: int) -> list[str]:
-    """Ask the epmd on ``port`` which node names are registered (NAMES_REQ)."""
-    with socket.create_connection((LISTEN_IP, port), timeout=2) as s:
-        s.sendall(b"\x00\x01n")
-        chunks = []
-        while True:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    text = b"".join(chunks)[4:].decode("utf-8", "replace")
-    # Lines look like "name funcx-1a2b3c at port 40123".
-    return [line.split()[1] for line in text.splitlines() if line.startswith("name ")]
-
-
-def _tail(path: str, lines: int = 40) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 64 * 1024))
-            data = f.read().decode("utf-8", "replace")
-    except OSError as e:
-        return f"({path}: {e.strerror})"
-    return "\n".join(data.splitlines()[-lines:])
-
-
-def _first_errors(path: str, count: int = 10) -> str:
-    try:
-        with open(path, "rb") as f:
-            text = f.read(256 * 1024).decode("utf-8", "replace")
-    except OSError as e:
-        return f"({path}: {e.strerror})"
-    errors = [line for line in text.splitlines() if "[error]" in line][:count]
-    return "\n".join(errors) or "(none)"
-
-
-def node_processes(name: str) -> list[psutil.Process]:
-    """Every live (non-zombie) OS process marked as belonging to node ``name``."""
-    return marked_processes(MARKER_ENV, name)
-
-
-def _signal_all(procs: Iterable[psutil.Process], sig: int) -> None:
-    for proc in procs:
-        try:
-            # psutil refuses (NoSuchProcess) if the pid was reused by another process.
-            proc.send_signal(sig)
-        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-            pass
 
 
 def _gone(proc: psutil.Process) -> bool:
@@ -279,7 +159,12 @@ def _kill_node_processes(name: str) -> None:
         procs = node_processes(name)
         if not procs:
             return
-        _signal_all(procs, signal.SIGKILL)
+        for proc in procs:
+            try:
+                # psutil refuses (NoSuchProcess) if the pid was reused by another process.
+                proc.send_signal(signal.SIGKILL)
+            except psutil.Error:
+                pass
         _wait_gone(procs, 5.0)
 
 
@@ -449,8 +334,6 @@ class RabbitMQNode:
         registry_dir: str | None = None,
         server_path: str | None = None,
     ) -> None:
-        if name is not None and "@" not in name:
-            name = f"{name}@{HOSTNAME}"
         self._requested_base_dir = base_dir
         self._requested_name = name
         self._requested_ports = ports
@@ -462,18 +345,14 @@ class RabbitMQNode:
         self._server_path = server_path
         self._lock = threading.RLock()
 
-        self._base_dir: str | None = None
+        self._directory: NodeDirectory | None = None
         self._owns_base_dir = False
-        self._name: str | None = None
-        self._ports: NodePorts | None = None
-        self._admin_user: str | None = None
-        self._admin_password: str | None = None
+        self._identity: NodeIdentity | None = None
         self._tls_files: tls.TLSFiles | None = None
 
         self._server: subprocess.Popen[bytes] | None = None
         self._epmd: subprocess.Popen[bytes] | None = None
         self._watchdog: subprocess.Popen[bytes] | None = None
-        self._beam_pid: int | None = None
 
     # -- properties -------------------------------------------------------------
 
@@ -483,14 +362,23 @@ class RabbitMQNode:
         return value
 
     @property
+    def identity(self) -> NodeIdentity:
+        """Name, ports and admin credentials (``node.json``)."""
+        return self._need(self._identity, "the node's identity")
+
+    @property
+    def directory(self) -> NodeDirectory:
+        return self._need(self._directory, "the base directory")
+
+    @property
     def name(self) -> str:
         """The Erlang node name, ``funcx-<random>@localhost``."""
-        return self._need(self._name, "the node name")
+        return self._need(self._identity, "the node name").name
 
     @property
     def base_dir(self) -> str:
         """The directory holding config, data, logs and TLS files."""
-        return self._need(self._base_dir, "the base directory")
+        return self._need(self._directory, "the base directory").base_dir
 
     @property
     def host(self) -> str:
@@ -505,7 +393,7 @@ class RabbitMQNode:
     @property
     def ports(self) -> NodePorts:
         """All ports of the node."""
-        return self._need(self._ports, "the ports")
+        return self._need(self._identity, "the ports").ports
 
     @property
     def amqp_port(self) -> int:
@@ -522,11 +410,11 @@ class RabbitMQNode:
     @property
     def admin_user(self) -> str:
         """The administrator (tag ``administrator``, all permissions on ``/``)."""
-        return self._need(self._admin_user, "the admin user")
+        return self._need(self._identity, "the admin user").admin_user
 
     @property
     def admin_password(self) -> str:
-        return self._need(self._admin_password, "the admin password")
+        return self._need(self._identity, "the admin password").admin_password
 
     @property
     def ca_cert_path(self) -> str:
@@ -538,28 +426,25 @@ class RabbitMQNode:
         """The CA and server certificate files of the AMQPS listener."""
         return self._need(self._tls_files, "the TLS files")
 
-    def _credentials(self) -> str:
-        return f"{quote(self.admin_user, safe='')}:{quote(self.admin_password, safe='')}"
-
     @property
     def amqp_url(self) -> str:
         """``amqp://admin:password@localhost:port/%2F`` (plain, no TLS)."""
-        return f"amqp://{self._credentials()}@{HOSTNAME}:{self.amqp_port}/%2F"
+        return self.identity.amqp_url()
 
     @property
     def amqps_url(self) -> str:
         """``amqps://admin:password@localhost:port/%2F``; verify with :attr:`ca_cert_path`."""
-        return f"amqps://{self._credentials()}@{HOSTNAME}:{self.amqps_port}/%2F"
+        return self.identity.amqps_url()
 
     @property
     def management_url(self) -> str:
         """Base URL of the management HTTP API, e.g. ``http://localhost:15672/``."""
-        return f"http://{HOSTNAME}:{self.management_port}/"
+        return self.identity.management_url()
 
     @property
     def log_path(self) -> str:
         """The node's main log file."""
-        return os.path.join(self.base_dir, "log", f"{self.name}.log")
+        return self.directory.log_file(self.identity)
 
     @property
     def running(self) -> bool:
@@ -568,150 +453,38 @@ class RabbitMQNode:
 
     @property
     def beam_pid(self) -> int | None:
-        """OS pid of the Erlang VM (``beam.smp``) while running."""
-        return self._beam_pid if self.running else None
+        """OS pid of the Erlang VM (``beam.smp``: the server process) while running."""
+        return self._server.pid if self._server is not None and self.running else None
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
-        return f"<RabbitMQNode {self._name or '(not started)'} {state}>"
+        name = self._identity.name if self._identity else "(not started)"
+        return f"<RabbitMQNode {name} {state}>"
 
     # -- preparation ------------------------------------------------------------
 
-    def _programs(self) -> tuple[str, str, str]:
-        server = self._server_path or _server_path()
-        if not os.access(server, os.X_OK):
-            raise RabbitMQNotInstalled(
-                f"RabbitMQ server program {server} not found. " + _INSTALL_HINT
-            )
-        ctl = os.path.join(os.path.dirname(server), "rabbitmqctl")
-        if not os.access(ctl, os.X_OK):
-            raise RabbitMQNotInstalled(f"{ctl} not found. " + _INSTALL_HINT)
-        return server, ctl, _find_epmd(server)
+    def _programs(self) -> Programs:
+        server = self._server_path or os.environ.get(SERVER_ENV) or DEFAULT_SERVER
+        return Programs.find(server, hint=_INSTALL_HINT)
 
     def _prepare(self) -> None:
-        """Create (or load) the base directory, identity, ports, TLS files, config."""
-        if self._base_dir is None:
+        """Create (or load) the base directory, identity, TLS files and config."""
+        if self._directory is None:
             if self._requested_base_dir is None:
-                self._base_dir = tempfile.mkdtemp(prefix="funcx-rabbitmq-")
+                base = tempfile.mkdtemp(prefix="funcx-rabbitmq-")
                 self._owns_base_dir = True
             else:
-                self._base_dir = os.path.abspath(self._requested_base_dir)
-                self._check_base_dir_free()
-                os.makedirs(self._base_dir, mode=0o700, exist_ok=True)
-        base = self._base_dir
-        state_path = os.path.join(base, "node.json")
-        if self._name is None:
-            if os.path.exists(state_path):
-                with open(state_path) as f:
-                    state = json.load(f)
-                if self._requested_name and state["name"] != self._requested_name:
-                    raise RabbitMQError(
-                        f"{base} holds node {state['name']}, not {self._requested_name}"
-                    )
-                self._name = state["name"]
-                self._ports = NodePorts(**state["ports"])
-                self._admin_user = state["admin_user"]
-                self._admin_password = state["admin_password"]
-            else:
-                self._name = self._requested_name or (f"funcx-{secrets.token_hex(4)}@{HOSTNAME}")
-                if self._requested_ports is not None:
-                    self._ports = self._requested_ports
-                else:
-                    self._ports = NodePorts(*_free_ports(5))
-                self._admin_user = "funcx-admin"
-                self._admin_password = secrets.token_urlsafe(24)
-                state = {
-                    "name": self._name,
-                    "ports": asdict(self._ports),
-                    "admin_user": self._admin_user,
-                    "admin_password": self._admin_password,
-                }
-                tls.write_private_file(state_path, json.dumps(state).encode())
-        for sub in ("home", "log", "mnesia"):
-            os.makedirs(os.path.join(base, sub), mode=0o700, exist_ok=True)
+                base = os.path.abspath(self._requested_base_dir)
+                self._check_base_dir_free(base)
+                os.makedirs(base, mode=0o700, exist_ok=True)
+            self._directory = NodeDirectory(base)
+        directory = self._directory
+        if self._identity is None:
+            self._identity = directory.ensure_identity(self._requested_name, self._requested_ports)
         self._tls_files = tls.ensure_ca_and_server_cert(
-            os.path.join(base, "tls"), [HOSTNAME], [LISTEN_IP]
+            directory.path("tls"), [HOSTNAME], [LISTEN_IP]
         )
-        tls.write_private_file(os.path.join(base, "rabbitmq.conf"), self._config_text().encode())
-        tls.write_private_file(os.path.join(base, "enabled_plugins"), b"[rabbitmq_management].\n")
-
-    def _config_text(self) -> str:
-        ports = self.ports
-        files = self.tls_files
-        settings = {
-            "listeners.tcp.default": f"{LISTEN_IP}:{ports.amqp}",
-            "listeners.ssl.default": f"{LISTEN_IP}:{ports.amqps}",
-            "ssl_options.cacertfile": files.ca_cert,
-            "ssl_options.certfile": files.server_cert,
-            "ssl_options.keyfile": files.server_key,
-            "ssl_options.verify": "verify_none",
-            "ssl_options.fail_if_no_peer_cert": "false",
-            "management.tcp.ip": LISTEN_IP,
-            "management.tcp.port": str(ports.management),
-            # The admin user is created at first boot from these (instead of
-            # `rabbitmqctl add_user`, which would show the password in `ps`).
-            "default_vhost": "/",
-            "default_user": self.admin_user,
-            "default_pass": self.admin_password,
-            "default_user_tags.administrator": "true",
-            "default_permissions.configure": ".*",
-            "default_permissions.read": ".*",
-            "default_permissions.write": ".*",
-            "log.file.level": "info",
-            "log.console": "false",
-            # Management statistics every second instead of every 5 s, so tests that
-            # read queue counts over HTTP do not wait long.
-            "collect_statistics_interval": "1000",
-        }
-        settings.update(self._extra_config)
-        lines = ["# Written by funcx_endpoint.testing.rabbitmq; rewritten at each start."]
-        lines += [f"{key} = {value}" for key, value in settings.items()]
-        return "\n".join(lines) + "\n"
-
-    def _ctl_env(self) -> dict[str, str]:
-        """Environment for rabbitmqctl: same HOME (cookie), node name and epmd."""
-        base = self.base_dir
-        env = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith(("RABBITMQ_", "ERL_")) and key != MARKER_ENV
-        }
-        env.update(
-            {
-                "HOME": os.path.join(base, "home"),
-                "RABBITMQ_NODENAME": self.name,
-                "ERL_EPMD_PORT": str(self.ports.epmd),
-                "ERL_EPMD_ADDRESS": LISTEN_IP,
-                # Nothing from /etc/rabbitmq applies to our node.
-                "RABBITMQ_CONF_ENV_FILE": os.path.join(base, "rabbitmq-env.conf"),
-                "RABBITMQ_CONFIG_FILE": os.path.join(base, "rabbitmq.conf"),
-                "RABBITMQ_ADVANCED_CONFIG_FILE": os.path.join(base, "advanced.config"),
-                "RABBITMQ_CONFIG_FILES": os.path.join(base, "conf.d"),
-                "RABBITMQ_ENABLED_PLUGINS_FILE": os.path.join(base, "enabled_plugins"),
-                "RABBITMQ_MNESIA_BASE": os.path.join(base, "mnesia"),
-                "RABBITMQ_LOG_BASE": os.path.join(base, "log"),
-            }
-        )
-        return env
-
-    def _server_env(self) -> dict[str, str]:
-        base = self.base_dir
-        env = self._ctl_env()
-        env.update(
-            {
-                MARKER_ENV: self.name,
-                "RABBITMQ_DIST_PORT": str(self.ports.dist),
-                "RABBITMQ_FEATURE_FLAGS_FILE": os.path.join(base, "feature_flags"),
-                "RABBITMQ_PID_FILE": os.path.join(base, "rabbitmq.pid"),
-                "RABBITMQ_PLUGINS_EXPAND_DIR": os.path.join(base, "plugins-expand"),
-                # Erlang distribution on loopback only, like the listeners.
-                "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": (
-                    "-kernel inet_dist_use_interface {127,0,0,1}"
-                ),
-                "ERL_CRASH_DUMP": os.path.join(base, "log", "erl_crash.dump"),
-            }
-        )
-        return env
+        directory.write_config(self._identity, self._tls_files, self._extra_config)
 
     # -- registry ---------------------------------------------------------------
 
@@ -728,7 +501,6 @@ class RabbitMQNode:
             "base_dir": self.base_dir,
             "remove_base_dir": self._owns_base_dir,
             "server_pid": self._server.pid if self._server else None,
-            "beam_pid": self._beam_pid,
             "epmd_pid": self._epmd.pid if self._epmd else None,
             "ports": asdict(self.ports),
         }
@@ -740,15 +512,15 @@ class RabbitMQNode:
         except FileNotFoundError:
             pass
 
-    def _check_base_dir_free(self) -> None:
+    def _check_base_dir_free(self, base_dir: str) -> None:
         """Refuse a base directory that a node of a live process is using."""
         for _path, entry in _read_registry(self._registry):
-            if entry.get("base_dir") != self._base_dir:
+            if entry.get("base_dir") != base_dir:
                 continue
             owner = entry.get("owner_pid")
             if isinstance(owner, int) and _pid_alive(owner, entry.get("owner_create_time")):
                 raise RabbitMQError(
-                    f"{self._base_dir} is in use by node {entry.get('name')} of process {owner}"
+                    f"{base_dir} is in use by node {entry.get('name')} of process {owner}"
                 )
 
     # -- lifecycle --------------------------------------------------------------
@@ -763,10 +535,10 @@ class RabbitMQNode:
         with self._lock:
             if self.running:
                 return
-            server, _ctl, epmd = self._programs()
+            programs = self._programs()
             _track_for_exit(self)
             reap_stale_nodes(self._registry)
-            first = self._name is None
+            first = self._identity is None
             self._prepare()
             ports = self.ports
             _progress(
@@ -775,54 +547,62 @@ class RabbitMQNode:
             )
             started = time.monotonic()
             try:
-                self._start_epmd(epmd)
+                self._start_epmd(programs)
                 self._register()
                 self._start_watchdog()
-                self._start_server(server)
+                self._start_server(programs)
                 self._register()
-                self._await_startup(started + self._start_timeout)
+                self._await_startup(programs, started + self._start_timeout)
             except BaseException:
                 self._kill_everything()
                 raise
-            self._register()
             _progress(
                 f"RabbitMQ node {self.name} ready in {time.monotonic() - started:.1f} s "
                 f"on ports amqp={ports.amqp} amqps={ports.amqps} "
                 f"management={ports.management}"
             )
 
-    def _spawn(self, args: list[str], log_name: str, **kwargs: Any) -> subprocess.Popen[bytes]:
-        with open(os.path.join(self.base_dir, "log", log_name), "ab") as out:
+    def _spawn(self, programs: Programs, argv: list[str], out_path: str) -> subprocess.Popen[bytes]:
+        with open(out_path, "ab") as out:
             return subprocess.Popen(
-                args,
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=self.base_dir,
-                env=self._server_env(),
-                # A session of its own: the terminal's Ctrl-C does not reach the
-                # node, only we stop it.
-                start_new_session=True,
-                **kwargs,
+                env=self.directory.server_env(self.identity),
+                # A session of its own (argv starts with setsid if there is one):
+                # the terminal's Ctrl-C does not reach the node, only we stop it.
+                start_new_session=programs.setsid is None,
             )
 
-    def _start_epmd(self, epmd: str) -> None:
-        # Our own epmd on a private port: the system-wide one (port 4369) would be
-        # started as a daemon by the first Erlang node and outlive every test run.
-        # This one runs in the foreground as our child and stops with the node.
+    def _epmd_answers(self, programs: Programs) -> bool:
+        try:
+            return (
+                subprocess.run(
+                    programs.epmd_names_argv(self.identity),
+                    stdin=subprocess.DEVNULL,
+                    capture_output=True,
+                    env=self.directory.ctl_env(self.identity),
+                    timeout=5,
+                ).returncode
+                == 0
+            )
+        except subprocess.TimeoutExpired:
+            return False
+
+    def _start_epmd(self, programs: Programs) -> None:
         port = self.ports.epmd
         if _port_accepts(port, timeout=0.2):
             raise RabbitMQStartError(f"epmd port {port} is already taken")
-        self._epmd = self._spawn([epmd, "-port", str(port), "-address", LISTEN_IP], "epmd.out")
+        out = self.directory.epmd_output
+        self._epmd = self._spawn(programs, programs.epmd_argv(self.identity), out)
         deadline = time.monotonic() + 10
-        while not _port_accepts(port, timeout=0.2):
+        while not self._epmd_answers(programs):
             if self._epmd.poll() is not None:
-                raise RabbitMQStartError(
-                    f"epmd exited with {self._epmd.returncode}:\n"
-                    + _tail(os.path.join(self.base_dir, "log", "epmd.out"))
-                )
+                raise RabbitMQStartError(f"epmd exited with {self._epmd.returncode}:\n{tail(out)}")
             if time.monotonic() > deadline:
-                raise RabbitMQStartError(f"epmd did not listen on port {port}")
+                raise RabbitMQStartError(f"epmd did not answer on port {port}")
             time.sleep(0.02)
 
     def _start_watchdog(self) -> None:
@@ -863,76 +643,57 @@ class RabbitMQNode:
             watchdog.kill()
             watchdog.wait()
 
-    def _start_server(self, server: str) -> None:
-        self._server = self._spawn([server], "server.out")
-        self._beam_pid = None
-
-    def _find_beam(self) -> int | None:
-        if self._server is None:
-            return None
+    def _start_server(self, programs: Programs) -> None:
         try:
-            for child in psutil.Process(self._server.pid).children(recursive=True):
-                if child.name() == "beam.smp":
-                    return child.pid
-        except psutil.Error:
+            os.unlink(self.directory.pid_file)
+        except FileNotFoundError:
             pass
-        return None
+        self._server = self._spawn(programs, programs.server_argv(), self.directory.server_output)
 
     def _failure(self, what: str) -> RabbitMQStartError:
-        base = self.base_dir
-        server_out = os.path.join(base, "log", "server.out")
-        # Boot errors (say, a bad config setting) come first in the output, followed
-        # by a long crash report: show the first errors and then the tail.
-        return RabbitMQStartError(
-            f"RabbitMQ node {self.name} {what}.\n"
-            f"--- first errors in {server_out} ---\n{_first_errors(server_out)}\n"
-            f"--- {server_out} (tail) ---\n{_tail(server_out)}\n"
-            f"--- {self.log_path} (tail) ---\n{_tail(self.log_path)}"
-        )
+        return RabbitMQStartError(self.directory.failure_report(self.identity, what))
 
-    def _await_startup(self, deadline: float) -> None:
-        assert self._server is not None
-        node_short = self.name.split("@", 1)[0]
-        # First wait (cheaply, without an Erlang CLI) until the node registers with
-        # epmd, which means its distribution is up; then one `await_startup`.
-        while True:
-            if self._server.poll() is not None:
-                raise self._failure(f"exited with {self._server.returncode} while booting")
-            try:
-                if node_short in _epmd_names(self.ports.epmd):
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise self._failure(f"did not start within {self._start_timeout:.0f} s")
-            time.sleep(0.1)
-        self._beam_pid = self._find_beam()
-        self._register()
+    def _await_startup(self, programs: Programs, deadline: float) -> None:
+        """Run the runtime's readiness probe (``rabbitmqctl wait``) until it
+        succeeds, watching the server meanwhile (the probe does not notice a
+        server that dies before writing its pid file)."""
+        server, epmd = self._server, self._epmd
+        assert server is not None and epmd is not None
         last_error = ""
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise self._failure(
-                    f"did not finish booting within {self._start_timeout:.0f} s"
-                    f" (last `rabbitmqctl await_startup`: {last_error})"
-                )
+            probe = subprocess.Popen(
+                programs.wait_argv(self.directory, self.identity, remaining),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                cwd=self.base_dir,
+                env=self.directory.ctl_env(self.identity),
+            )
             try:
-                self.rabbitmqctl(
-                    "await_startup",
-                    "--timeout",
-                    str(max(1, int(remaining))),
-                    timeout=remaining + 15,
-                )
+                while True:
+                    try:
+                        output, _ = probe.communicate(timeout=0.1)
+                        break
+                    except subprocess.TimeoutExpired:
+                        pass
+                    if server.poll() is not None:
+                        raise self._failure(f"exited with code {server.returncode} while starting")
+                    if epmd.poll() is not None:
+                        raise self._failure(f"lost its epmd (exit code {epmd.returncode})")
+                    if time.monotonic() > deadline:
+                        raise self._failure(
+                            f"did not start within {self._start_timeout:.0f} s"
+                            f" (last `rabbitmqctl wait`: {last_error or 'still waiting'})"
+                        )
+            finally:
+                if probe.poll() is None:
+                    probe.kill()
+                    probe.wait()
+            if probe.returncode == 0:
                 return
-            except RabbitMQCtlError as e:
-                if self._server.poll() is not None:
-                    raise self._failure(
-                        f"exited with {self._server.returncode} while booting"
-                    ) from e
-                last_error = str(e)
-                time.sleep(0.5)
-            except subprocess.TimeoutExpired as e:
-                raise self._failure("did not answer `rabbitmqctl await_startup`") from e
+            last_error = output.decode("utf-8", "replace").strip()[-500:]
+            time.sleep(0.5)
 
     def stop(self, graceful: bool = True, timeout: float = 60.0) -> None:
         """Stop the node and its epmd; return when none of its processes is left.
@@ -950,8 +711,7 @@ class RabbitMQNode:
                 started = time.monotonic()
                 if graceful and server.poll() is None:
                     try:
-                        # The rabbitmq-server script traps TERM and passes it to
-                        # beam.smp, then waits for it.
+                        # The server process is the Erlang VM itself.
                         server.send_signal(signal.SIGTERM)
                         server.wait(timeout=timeout)
                     except subprocess.TimeoutExpired:
@@ -971,9 +731,8 @@ class RabbitMQNode:
                     f"RabbitMQ node {self.name} stopped in {time.monotonic() - started:.1f} s"
                 )
             self._stop_epmd()
-            self._beam_pid = None
             self._release_watchdog()
-            if self._name is not None:
+            if self._identity is not None:
                 self._unregister()
 
     def _stop_epmd(self) -> None:
@@ -991,16 +750,15 @@ class RabbitMQNode:
     def _kill_everything(self) -> None:
         """Kill the node at once after a failed start; keep data, drop the entry."""
         server, self._server = self._server, None
-        if self._name is not None:
-            _kill_node_processes(self._name)
+        if self._identity is not None:
+            _kill_node_processes(self._identity.name)
         if server is not None:
             if server.poll() is None:
                 server.kill()
             server.wait()
         self._stop_epmd()
-        self._beam_pid = None
         self._release_watchdog()
-        if self._name is not None:
+        if self._identity is not None:
             self._unregister()
 
     def restart(self, graceful: bool = True) -> None:
@@ -1023,11 +781,10 @@ class RabbitMQNode:
             graceful = not self._owns_base_dir
         with self._lock:
             self.stop(graceful=graceful)
-            if self._owns_base_dir and self._base_dir is not None:
-                shutil.rmtree(self._base_dir, ignore_errors=True)
-                self._base_dir = None
-                self._name = None
-                self._ports = None
+            if self._owns_base_dir and self._directory is not None:
+                shutil.rmtree(self._directory.base_dir, ignore_errors=True)
+                self._directory = None
+                self._identity = None
                 self._tls_files = None
 
     def emergency_kill(self) -> None:
@@ -1036,10 +793,10 @@ class RabbitMQNode:
         Sends SIGKILL to every process of the node, tells the watchdog to stand
         down, drops the registry entry and removes a temporary base directory.
         """
-        name = self._name
-        if name is None:
+        identity, directory = self._identity, self._directory
+        if identity is None:
             return
-        for proc in node_processes(name):
+        for proc in node_processes(identity.name):
             try:
                 proc.kill()
             except psutil.Error:
@@ -1055,14 +812,14 @@ class RabbitMQNode:
             os.unlink(self._registry_path())
         except OSError:
             pass
-        if self._owns_base_dir and self._base_dir is not None:
-            shutil.rmtree(self._base_dir, ignore_errors=True)
+        if self._owns_base_dir and directory is not None:
+            shutil.rmtree(directory.base_dir, ignore_errors=True)
 
     def processes(self) -> list[psutil.Process]:
-        """The node's live OS processes (server script, beam.smp, helpers, epmd)."""
-        if self._name is None:
+        """The node's live OS processes (beam.smp, its helpers, epmd)."""
+        if self._identity is None:
             return []
-        return node_processes(self._name)
+        return node_processes(self._identity.name)
 
     def __enter__(self) -> RabbitMQNode:
         self.start()
@@ -1079,20 +836,19 @@ class RabbitMQNode:
         Raises :class:`RabbitMQCtlError` on a non-zero exit and
         :class:`subprocess.TimeoutExpired` after ``timeout`` seconds.
         """
-        _server, ctl, _epmd = self._programs()
-        argv = ["-n", self.name, *args]
+        argv = self._programs().ctl_argv(self.identity, *args)
         result = subprocess.run(
-            [ctl, *argv],
+            argv,
             stdin=subprocess.DEVNULL,
             capture_output=True,
             cwd=self.base_dir,
-            env=self._ctl_env(),
+            env=self.directory.ctl_env(self.identity),
             timeout=timeout,
         )
         stdout = result.stdout.decode("utf-8", "replace")
         if result.returncode != 0:
             raise RabbitMQCtlError(
-                argv, result.returncode, stdout, result.stderr.decode("utf-8", "replace")
+                argv[1:], result.returncode, stdout, result.stderr.decode("utf-8", "replace")
             )
         return stdout
 

@@ -3,7 +3,8 @@
 :class:`WebService` starts, in order::
 
     tls        the CA and server certificate (generated at the first start)
-    broker     the embedded RabbitMQ node (unless --amqp-url), about 10 s
+    broker     the embedded RabbitMQ node (unless --amqp-url), about 10 s: a child
+               service, restarted if it dies, stopped last
     storage    the database, its schema migrated
     amqp       the service's broker connection: topology, results consumer
     sender     publishes tasks, re-sends what the broker did not confirm
@@ -23,7 +24,7 @@ import socket
 import time
 from typing import Any, Dict, List, Optional
 
-from twisted.application.service import Service
+from twisted.application.service import MultiService
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IListeningPort, IReactorTime
@@ -46,7 +47,10 @@ from funcx_endpoint.lifecycle import (
     exit_status,
 )
 from funcx_endpoint.procs import write_daemon_info
+from funcx_endpoint.rabbitmq.node import NodeIdentity, RabbitMQError
+from funcx_endpoint.rabbitmq.service import RabbitMQNodeService
 from funcx_endpoint.version import __version__
+from funcx_endpoint.webservice import embedded_broker
 from funcx_endpoint.webservice.api import BrokerAddress, FuncXAPI
 from funcx_endpoint.webservice.auth import AuthAPI, Authenticator, TokenPurger
 from funcx_endpoint.webservice.broker import ServiceBroker
@@ -113,7 +117,7 @@ def _host_names(settings: ServiceSettings) -> tuple[List[str], List[str]]:
     return names, ips
 
 
-class WebService(Service):
+class WebService(MultiService):
     """The whole service; see the module docstring.
 
     Every part reads the time from ``clock`` (the reactor by default).
@@ -131,6 +135,7 @@ class WebService(Service):
         stop_on_eof_fd: Optional[int] = None,
         clock: Optional[IReactorTime] = None,
     ) -> None:
+        super().__init__()
         self.settings = settings
         self._reactor = reactor
         self._clock: IReactorTime = reactor if clock is None else clock
@@ -140,7 +145,7 @@ class WebService(Service):
         self.started_at: Optional[float] = None
         self._startup: Optional[Deferred[None]] = None
         self._session_at_build = os.getsid(0)
-        self.embedded: Any = None
+        self.embedded: Optional[RabbitMQNodeService] = None
         self.storage: Optional[Storage] = None
         self.broker: Optional[ServiceBroker] = None
         self.management: Optional[ManagementAPI] = None
@@ -193,11 +198,11 @@ class WebService(Service):
             settings.save()
 
         if settings.embedded_broker:
-            await self._start_embedded_broker()
-            amqp_url = AMQPURL.parse(self.embedded.admin_amqp_url)
-            management_url = self.embedded.management_url
+            node = await self._start_embedded_broker()
+            amqp_url = AMQPURL.parse(embedded_broker.admin_amqp_url(node))
+            management_url = embedded_broker.management_url(node)
             broker_ca = ca_file
-            public = BrokerAddress("amqps", settings.public_host, self.embedded.amqps_port, "/")
+            public = BrokerAddress("amqps", settings.public_host, node.ports.amqps, "/")
         else:
             assert settings.amqp_url is not None
             amqp_url = AMQPURL.parse(settings.amqp_url)
@@ -308,7 +313,7 @@ class WebService(Service):
             "ca_file": ca_file,
             "broker": {
                 "embedded": settings.embedded_broker,
-                "node": self.embedded.name if self.embedded is not None else None,
+                "node": self.embedded.identity.name if self.embedded is not None else None,
                 "service_url": amqp_url.redacted(),
                 "management_url": redact_url(management_url),
                 "public_url": public.url("USER", "PASSWORD").replace("USER:PASSWORD@", ""),
@@ -360,24 +365,29 @@ class WebService(Service):
             return files.ca_cert, None
         return files.ca_cert, load_tls_options(files.server_cert, files.server_key)
 
-    async def _start_embedded_broker(self) -> None:
-        from funcx_endpoint.webservice.embedded_broker import EmbeddedBroker
-
+    async def _start_embedded_broker(self) -> NodeIdentity:
+        """Start the node as a child service (stopped last, with the children)."""
         assert self._tls_files is not None
-        self.embedded = EmbeddedBroker(
-            self.settings.broker_dir, self._tls_files, self.settings.interface
+        node = self.embedded = embedded_broker.embedded_broker(
+            self.settings.broker_dir,
+            self._tls_files,
+            self._reactor,
+            self.settings.interface,
+            clock=self._clock,
         )
         self._progress(
             f"Starting the embedded RabbitMQ broker in {self.settings.broker_dir} (about 10 s)"
         )
         started = time.monotonic()
+        node.setServiceParent(self)
         try:
-            await self.embedded.start_async(self._reactor)
-        except Exception as e:
+            await node.when_ready()
+        except RabbitMQError as e:
             raise StartupError(
                 f"the embedded RabbitMQ broker did not start: {e}", EX_UNAVAILABLE
             ) from None
         self._progress(f"Embedded broker ready in {time.monotonic() - started:.1f} s")
+        return node.identity
 
     def _listen(self, factory: Any, cert_options: Any) -> IListeningPort:
         settings = self.settings
@@ -411,7 +421,7 @@ class WebService(Service):
     # -- stop -------------------------------------------------------------------------
 
     def stopService(self) -> Deferred[None]:
-        super().stopService()
+        # The children (the embedded broker) are stopped last, by _stop.
         self.phase = Phase.STOPPING
         return Deferred.fromCoroutine(self._stop())
 
@@ -426,7 +436,7 @@ class WebService(Service):
             ("amqp", lambda: self.broker.stopService() if self.broker else None),
             ("management", lambda: self.management.close() if self.management else None),
             ("storage", lambda: self.storage.close() if self.storage else None),
-            ("broker", self._stop_embedded),
+            ("broker", self._stop_children),
         ]
         for name, step in steps:
             self.log.debug("Stopping {part}", part=name)
@@ -448,11 +458,11 @@ class WebService(Service):
         if self._factory is not None:
             await self._factory.close_all()
 
-    def _stop_embedded(self) -> Any:
-        if self.embedded is None:
-            return None
-        self.log.info("Stopping the embedded RabbitMQ broker")
-        return self.embedded.stop_async(self._reactor)
+    def _stop_children(self) -> Any:
+        """Stop the child services (the embedded broker) and wait for them."""
+        if self.embedded is not None:
+            self.log.info("Stopping the embedded RabbitMQ broker")
+        return MultiService.stopService(self)
 
 
 def load_tls_options(cert_file: str, key_file: str) -> ssl.CertificateOptions:
