@@ -37,7 +37,9 @@ from txamqp.connection import Frame, Header, Method
 from txamqp.content import Content
 from txamqp.message import Message
 from txamqp.protocol import AMQChannel, AMQClient
+from zope.interface import implementer
 
+from funcx_endpoint.amqp.interfaces import IAMQPChannel, IAMQPClient
 from funcx_endpoint.amqp.spec import load_spec
 
 FRAME_METHOD = 1
@@ -335,8 +337,14 @@ class ChannelHandlers:
         self.on_close: Optional[Callable[[Any], None]] = None
 
 
+@implementer(IAMQPChannel)
 class FastChannel(AMQChannel):
-    """A txAMQP channel with synchronous handlers for the hot path."""
+    """A txAMQP channel with synchronous handlers for the hot path.
+
+    (Its AMQP requests, ``exchange_declare`` and the others, come from the
+    class txAMQP builds from the spec and mixes in: see
+    ``AMQPClient.channelFactory``.)
+    """
 
     def __init__(self, id: int, outgoing: Any, client: AMQPClient) -> None:
         super().__init__(id, outgoing, client)
@@ -447,6 +455,7 @@ class AMQPDelegate(TwistedDelegate):
         ch.notify_closed(msg)
 
 
+@implementer(IAMQPClient)
 class AMQPClient(AMQClient):
     """txAMQP's client with the hot path above; see the module docstring."""
 
