@@ -378,6 +378,8 @@ class BadMessageTests(TransportTestCase):
         self.assertEqual([m.body for m in self.broker.queues[TASK_QUEUE].dead], bodies)
         self.assertEqual(self.transport.counts["malformed"], 3)
         self.assertEqual(self.interchange.submissions, {})
+        # Rejected deliveries are settled: none is waiting for an ack.
+        self.assertEqual(self.ledger.unacked, 0)
 
     def test_non_task_message_rejected(self) -> None:
         self.start()
@@ -696,6 +698,7 @@ class DrainTests(TransportTestCase):
         self.assertEqual(
             self.tasks_channel.settlements, [("reject", tag, True) for tag in (1, 2, 3)]
         )
+        self.assertEqual(self.ledger.unacked, 0)
 
     def test_drain_gives_up_after_grace(self) -> None:
         self.start()

@@ -179,4 +179,7 @@ class AckBatcher:
 
     @property
     def unacked(self) -> int:
-        return len(self._outstanding)
+        """Deliveries neither acknowledged nor settled (rejected, released)."""
+        # Settled tags stay in the heap until a flush drops them; every
+        # settled tag is in it.
+        return len(self._outstanding) - len(self._settled)
