@@ -1,5 +1,5 @@
-"""Unit tests of the AMQP client's fast path, of the task tracker and of the
-result spool's ordering (no broker)."""
+"""Unit tests of the AMQP client's fast path and heartbeats, of the task
+tracker and of the result spool's ordering (no broker)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ import uuid
 from typing import Any, Callable, List, Tuple
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from txamqp.connection import Frame, Method
 
 from funcx_endpoint.amqp.client import (
     BASIC,
@@ -20,12 +23,14 @@ from funcx_endpoint.amqp.client import (
     FRAME_BODY,
     FRAME_END_BYTE,
     FRAME_HEADER,
+    FRAME_HEARTBEAT,
     FRAME_METHOD,
     AMQPClient,
     Delivery,
     decode_properties,
     encode_properties,
 )
+from funcx_endpoint.amqp.spec import load_spec
 from funcx_endpoint.amqp.spool import ResultSpool
 from funcx_endpoint.endpoint.tasks import Decision, TaskTracker
 
@@ -282,3 +287,76 @@ class ResultSpoolOrderTests(SynchronousTestCase):
         self.threads.run(2)
         self.assertEqual(self.spool._last, {})
         self.assertIsNone(self.spool._last_load)
+
+
+class HeartbeatTests(SynchronousTestCase):
+    """Heartbeats are sent and the peer is checked on the client's clock."""
+
+    interval = 10
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.client = AMQPClient(heartbeat=self.interval, clock=self.clock)
+        self.transport = StringTransport()
+        self.client.makeConnection(self.transport)
+        self.transport.clear()
+        # The broker's connection.tune: the client answers tune-ok (with its
+        # own interval) and starts its heartbeat timers.
+        tune = load_spec().classes.byname["connection"].methods.byname["tune"]
+        self.client.dataReceived(self.client._pack_frame(Frame(0, Method(tune, 2047, 131072, 60))))
+        self.clock.advance(0)
+        [(kind, channel, _)] = parse_frames(self.transport.value())
+        self.assertEqual((kind, channel), (FRAME_METHOD, 0))  # tune-ok
+        self.transport.clear()
+
+    def tearDown(self) -> None:
+        self.client.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def sent_heartbeats(self) -> int:
+        frames = parse_frames(self.transport.value())
+        self.transport.clear()
+        return sum(1 for kind, channel, payload in frames if kind == FRAME_HEARTBEAT)
+
+    def test_idle_connection_sends_heartbeats(self) -> None:
+        """Nothing else to send: a heartbeat every half interval."""
+        self.clock.advance(self.interval / 2 - 0.1)
+        self.assertEqual(self.sent_heartbeats(), 0)
+        self.clock.advance(0.1)
+        self.assertEqual(self.sent_heartbeats(), 1)
+        self.clock.pump([self.interval / 2] * 4)
+        self.assertEqual(self.sent_heartbeats(), 4)
+
+    def test_busy_connection_sends_no_heartbeats(self) -> None:
+        """Frames written less than half an interval ago make a heartbeat unneeded."""
+        channel = self.client.channel_sync(1)
+        for tag in range(1, 31):
+            self.clock.advance(1)
+            channel.ack(tag)
+            self.clock.advance(0)
+        frames = parse_frames(self.transport.value())
+        self.assertEqual([kind for kind, _, _ in frames], [FRAME_METHOD] * 30)
+        # Quiet again: heartbeats resume.
+        self.transport.clear()
+        self.clock.advance(self.interval / 2)
+        self.assertEqual(self.sent_heartbeats(), 1)
+
+    def test_silent_peer_dropped(self) -> None:
+        """No data from the broker for more than MAX_UNSEEN_HEARTBEAT intervals
+        (checked once an interval): the connection is aborted."""
+        limit = self.interval * self.client.MAX_UNSEEN_HEARTBEAT
+        self.clock.advance(limit)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(self.interval)
+        self.assertTrue(self.transport.disconnected)  # aborted, not closed cleanly
+
+    def test_peer_heard_from_is_kept(self) -> None:
+        """Data from the broker (heartbeats included) resets the silence."""
+        heartbeat = frame(FRAME_HEARTBEAT, 0, b"")
+        for _ in range(20):
+            self.clock.advance(self.interval * 2)
+            self.client.dataReceived(heartbeat)
+        self.assertFalse(self.transport.disconnecting)
+        # Then the broker goes quiet.
+        self.clock.advance(self.interval * (self.client.MAX_UNSEEN_HEARTBEAT + 1))
+        self.assertTrue(self.transport.disconnected)

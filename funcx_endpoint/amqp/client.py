@@ -24,7 +24,6 @@ Other frames go through txAMQP's own codec and dispatch, unchanged.
 from __future__ import annotations
 
 import struct
-import time
 from io import BytesIO
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -38,7 +37,9 @@ from txamqp.connection import Frame, Header, Method
 from txamqp.content import Content
 from txamqp.message import Message
 from txamqp.protocol import AMQChannel, AMQClient
+from zope.interface import implementer
 
+from funcx_endpoint.amqp.interfaces import IAMQPChannel, IAMQPClient
 from funcx_endpoint.amqp.spec import load_spec
 
 FRAME_METHOD = 1
@@ -336,8 +337,14 @@ class ChannelHandlers:
         self.on_close: Optional[Callable[[Any], None]] = None
 
 
+@implementer(IAMQPChannel)
 class FastChannel(AMQChannel):
-    """A txAMQP channel with synchronous handlers for the hot path."""
+    """A txAMQP channel with synchronous handlers for the hot path.
+
+    (Its AMQP requests, ``exchange_declare`` and the others, come from the
+    class txAMQP builds from the spec and mixes in: see
+    ``AMQPClient.channelFactory``.)
+    """
 
     def __init__(self, id: int, outgoing: Any, client: AMQPClient) -> None:
         super().__init__(id, outgoing, client)
@@ -448,6 +455,7 @@ class AMQPDelegate(TwistedDelegate):
         ch.notify_closed(msg)
 
 
+@implementer(IAMQPClient)
 class AMQPClient(AMQClient):
     """txAMQP's client with the hot path above; see the module docstring."""
 
@@ -466,13 +474,14 @@ class AMQPClient(AMQClient):
         self._out: List[Buffer] = []
         self._flush_call: Optional[IDelayedCall] = None
         self._buffer = bytearray()
-        self._last_received = time.monotonic()
-        self._last_sent = time.monotonic()
         self._heartbeat_calls: List[Any] = []
         self._closed_waiters: List[Deferred[Any]] = []
         self.close_reason: Any = None
         self.shield: Any = None  # set by the connection service's endpoint
         super().__init__(delegate or AMQPDelegate(), vhost, load_spec(), heartbeat=0, clock=clock)
+        # When data last came in and went out, on the injected clock (the one
+        # the heartbeat timers run on).
+        self._last_received = self._last_sent = self.clock.seconds()
         # txAMQP reschedules a timer on every frame when heartbeats are on;
         # we keep its handshake (tune-ok carries our interval) and run two
         # cheap periodic checks of our own instead.
@@ -564,11 +573,11 @@ class AMQPClient(AMQClient):
         self._heartbeat_calls = []
 
     def _maybe_send_heartbeat(self) -> None:
-        if time.monotonic() - self._last_sent >= self.heartbeatInterval / 2.0:
+        if self.clock.seconds() - self._last_sent >= self.heartbeatInterval / 2.0:
             self.write_frame_payload(0, FRAME_HEARTBEAT, b"")
 
     def _check_peer(self) -> None:
-        silent = time.monotonic() - self._last_received
+        silent = self.clock.seconds() - self._last_received
         if silent > self.heartbeatInterval * self.MAX_UNSEEN_HEARTBEAT:
             self.log.warn(
                 "No data from the broker for {silent:.0f} s: dropping the connection",
@@ -588,7 +597,7 @@ class AMQPClient(AMQClient):
         self._flush_call = None
         out, self._out = self._out, []
         if out and self.transport is not None:
-            self._last_sent = time.monotonic()
+            self._last_sent = self.clock.seconds()
             self.transport.write(b"".join(out))
 
     def _write_many(self, parts: Sequence[Buffer]) -> None:
@@ -667,7 +676,7 @@ class AMQPClient(AMQClient):
     # -- reading ----------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        self._last_received = time.monotonic()
+        self._last_received = self.clock.seconds()
         buffer = self._buffer
         buffer += data
         offset = 0

@@ -30,6 +30,7 @@ from txamqp.message import Message
 from zope.interface import implementer
 
 from funcx_endpoint.amqp.client import AMQPClient
+from funcx_endpoint.amqp.interfaces import IAMQPConnectionService
 
 ACCESS_REFUSED = 403
 NOT_FOUND = 404
@@ -277,6 +278,7 @@ def _tls_error(error: Closed) -> Optional[str]:
 PrepareFunction = Callable[[AMQPClient], Awaitable[None]]
 
 
+@implementer(IAMQPConnectionService)
 class AMQPConnectionService(Service):
     """Keeps one AMQP connection up; the owner sets up channels in ``prepare``.
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, List, Optional, Set
 from twisted.internet.interfaces import IReactorTime
 from txamqp.client import Closed
 
-from funcx_endpoint.amqp.client import Delivery, FastChannel
+from funcx_endpoint.amqp.client import Delivery
 from funcx_endpoint.amqp.connection import (
     ACCESS_REFUSED,
     NOT_FOUND,
@@ -30,6 +30,7 @@ from funcx_endpoint.amqp.connection import (
     AMQPError,
     close_reason,
 )
+from funcx_endpoint.amqp.interfaces import IAMQPChannel
 
 
 class QueueHeldElsewhere(AMQPError):
@@ -46,7 +47,7 @@ class ExclusiveConsumer:
 
     def __init__(
         self,
-        channel: FastChannel,
+        channel: IAMQPChannel,
         queue: str,
         on_delivery: Callable[[Delivery], None],
         prefetch: int,
@@ -109,7 +110,7 @@ class ExclusiveConsumer:
 class AckBatcher:
     """Acknowledges done deliveries of one channel, batched per reactor turn."""
 
-    def __init__(self, channel: FastChannel, clock: IReactorTime) -> None:
+    def __init__(self, channel: IAMQPChannel, clock: IReactorTime) -> None:
         self.channel = channel
         self._clock = clock
         self._outstanding: List[int] = []  # heap of delivered, not yet done tags
@@ -178,4 +179,7 @@ class AckBatcher:
 
     @property
     def unacked(self) -> int:
-        return len(self._outstanding)
+        """Deliveries neither acknowledged nor settled (rejected, released)."""
+        # Settled tags stay in the heap until a flush drops them; every
+        # settled tag is in it.
+        return len(self._outstanding) - len(self._settled)

@@ -15,8 +15,9 @@ from typing import Any, Callable, Dict, Optional, Tuple
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from funcx_endpoint.amqp.client import Body, FastChannel, Properties, Returned
+from funcx_endpoint.amqp.client import Body, Properties, Returned
 from funcx_endpoint.amqp.connection import close_reason
+from funcx_endpoint.amqp.interfaces import IAMQPChannel
 
 _TOO_LARGE = re.compile(r"message size (\d+) is larger than configured max size (\d+)")
 
@@ -54,7 +55,7 @@ class ConfirmingPublisher:
     log = Logger()
 
     def __init__(
-        self, channel: FastChannel, on_closed: Optional[Callable[[Any], None]] = None
+        self, channel: IAMQPChannel, on_closed: Optional[Callable[[Any], None]] = None
     ) -> None:
         """``on_closed(reason)`` is called once when the channel goes away."""
         self.channel = channel

@@ -26,9 +26,10 @@ from typing import Any, Callable, List, Optional, Sequence
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from funcx_endpoint.amqp.client import AMQPClient, Delivery
-from funcx_endpoint.amqp.connection import AMQPConnectionService, AMQPError
+from funcx_endpoint.amqp.client import Delivery
+from funcx_endpoint.amqp.connection import AMQPError
 from funcx_endpoint.amqp.consumer import AckBatcher, ExclusiveConsumer, QueueHeldElsewhere
+from funcx_endpoint.amqp.interfaces import IAMQPClient, IAMQPConnectionService
 from funcx_endpoint.endpoint.broker_info import BrokerInfo
 from funcx_endpoint.endpoint.deliveries import Decision, DeliveryLedger
 from funcx_endpoint.executor.interface import IInterchange, IResultSink
@@ -80,8 +81,8 @@ class TaskIntake:
 
     async def prepare(
         self,
-        client: AMQPClient,
-        connection: AMQPConnectionService,
+        client: IAMQPClient,
+        connection: IAMQPConnectionService,
         when_spool_loaded: Callable[[], Deferred[None]],
         on_channel_closed: Callable[[Any], None],
         on_consumer_cancelled: Callable[[str], None],
@@ -114,7 +115,7 @@ class TaskIntake:
             await consumer.cancel()
 
     def _maybe_stale_consumer(
-        self, error: QueueHeldElsewhere, connection: AMQPConnectionService
+        self, error: QueueHeldElsewhere, connection: IAMQPConnectionService
     ) -> AMQPError:
         """The error to raise for a refused exclusive consumer.
 

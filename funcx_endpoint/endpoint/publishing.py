@@ -37,8 +37,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from funcx_endpoint.amqp.client import AMQPClient
 from funcx_endpoint.amqp.connection import AMQPError
+from funcx_endpoint.amqp.interfaces import IAMQPClient
 from funcx_endpoint.amqp.publisher import ConfirmingPublisher, PublishFailed
 from funcx_endpoint.amqp.spool import ResultSpool
 from funcx_endpoint.endpoint.broker_info import BrokerInfo, amqp_properties
@@ -113,7 +113,7 @@ class ResultPublisher:
         if self._resend_call is not None and self._resend_call.running:
             self._resend_call.stop()
 
-    async def prepare(self, client: AMQPClient, on_channel_closed: Callable[[Any], None]) -> None:
+    async def prepare(self, client: IAMQPClient, on_channel_closed: Callable[[Any], None]) -> None:
         """Set up a new results connection: confirm mode, exchange check, resend."""
         assert self.info is not None
         channel = await client.open_channel(1)

@@ -34,8 +34,8 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 
-from funcx_endpoint.amqp.client import AMQPClient
 from funcx_endpoint.amqp.connection import AMQPConnectionService, AMQPError, close_reason
+from funcx_endpoint.amqp.interfaces import IAMQPClient, IAMQPConnectionService
 from funcx_endpoint.amqp.spool import ResultSpool
 from funcx_endpoint.endpoint.broker_info import BrokerInfo, QueueInfo
 from funcx_endpoint.endpoint.deliveries import DeliveryLedger
@@ -67,7 +67,7 @@ class Transport(Service):
         heartbeat: int = 30,
         ca_file: Optional[str] = None,
         on_fatal: Optional[Callable[[str, int], None]] = None,
-        connect: Optional[Callable[..., AMQPConnectionService]] = None,
+        connect: Optional[Callable[..., IAMQPConnectionService]] = None,
     ) -> None:
         self._reactor = reactor
         self._broker_info = broker_info
@@ -77,10 +77,10 @@ class Transport(Service):
         self.heartbeat = heartbeat
         self.ca_file = ca_file
         self._on_fatal = on_fatal
-        self._connect = connect or AMQPConnectionService
+        self._connect: Callable[..., IAMQPConnectionService] = connect or AMQPConnectionService
         self.info: Optional[BrokerInfo] = None
-        self.tasks_conn: Optional[AMQPConnectionService] = None
-        self.results_conn: Optional[AMQPConnectionService] = None
+        self.tasks_conn: Optional[IAMQPConnectionService] = None
+        self.results_conn: Optional[IAMQPConnectionService] = None
         self.fatal_error: Optional[AMQPError] = None
         self._drain_waiters: List[Deferred[None]] = []
 
@@ -243,7 +243,7 @@ class Transport(Service):
 
     # -- connection set-up ------------------------------------------------
 
-    async def _prepare_tasks(self, client: AMQPClient) -> None:
+    async def _prepare_tasks(self, client: IAMQPClient) -> None:
         assert self.tasks_conn is not None
         await self.intake.prepare(
             client,
@@ -253,12 +253,12 @@ class Transport(Service):
             self._consumer_cancelled,
         )
 
-    async def _prepare_results(self, client: AMQPClient) -> None:
+    async def _prepare_results(self, client: IAMQPClient) -> None:
         await self.publisher.prepare(
             client, lambda reason: self._channel_lost(client, "results", reason)
         )
 
-    def _channel_lost(self, client: AMQPClient, side: str, reason: Any) -> None:
+    def _channel_lost(self, client: IAMQPClient, side: str, reason: Any) -> None:
         """A channel closed by the broker while its connection lives: reconnect.
 
         (A broker closes a channel for an error on it, e.g. a message over its
@@ -317,7 +317,7 @@ def build_transport(
     allowed_functions: Optional[Sequence[str]] = None,
     on_fatal: Optional[Callable[[str, int], None]] = None,
     resend_interval: float = 30.0,
-    connect: Optional[Callable[..., AMQPConnectionService]] = None,
+    connect: Optional[Callable[..., IAMQPConnectionService]] = None,
 ) -> Tuple[Transport, InterchangeT]:
     """A transport and the interchange it feeds, joined.
 
