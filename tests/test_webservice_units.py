@@ -25,8 +25,8 @@ from funcx_endpoint.webservice.api import (
     canonical_uuid,
 )
 from funcx_endpoint.webservice.db import DatabaseConfig, DatabaseError, redact_url
-from funcx_endpoint.webservice.dispatch import ResultIngest
 from funcx_endpoint.webservice.http import Router, parse_json
+from funcx_endpoint.webservice.ingest import ResultIngest
 from funcx_endpoint.webservice.management import endpoint_permissions, user_permissions
 from funcx_endpoint.webservice.settings import MIB, ServiceSettings, client_env_lines
 from funcx_endpoint.webservice.storage import StoredOutcome
@@ -162,7 +162,7 @@ class ParsingTests(SynchronousTestCase):
         self.assertEqual(parse_json(b'["\\ud800"]', check_text=False), ["\ud800"])
 
     def test_permanent_storage_errors_by_class_chain(self) -> None:
-        from funcx_endpoint.webservice.dispatch import _permanent
+        from funcx_endpoint.webservice.ingest import _permanent
 
         class IntegrityError(Exception):
             pass

@@ -33,7 +33,16 @@ from funcx_endpoint.amqp.client import AMQPClient, Delivery
 from funcx_endpoint.amqp.connection import AMQPURL, AMQPConnectionService
 from funcx_endpoint.endpoint.layout import EndpointDir
 from funcx_endpoint.testing.service_on_node import NodeServiceProcess
-from funcx_endpoint.wire import Task, pack, pack_function, pack_payload, serialize
+from funcx_endpoint.webservice.api import takes_batches
+from funcx_endpoint.webservice.dispatch import TASK_BATCH_MAX
+from funcx_endpoint.wire import (
+    Task,
+    TaskBatchMessage,
+    pack,
+    pack_function,
+    pack_payload,
+    serialize,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -42,7 +51,8 @@ sys.path.insert(0, HERE)
 from workloads import WORKLOADS  # noqa: E402
 
 ENDPOINT_NAME = "bench"
-_RESULT_PREFIX = b'\x01{"message_type":"result"'
+_RESULT_PREFIX = b'\x01{"message_type":"result",'
+_BATCH_PREFIX = b'\x01{"message_type":"result_batch"'
 _PREFIX_LEN = len(_RESULT_PREFIX)
 
 
@@ -91,6 +101,7 @@ class RealEndpoint:
         self.env: Dict[str, str] = {}
         self.ep = EndpointDir(self.config_dir, ENDPOINT_NAME)
         self.endpoint_id = ""
+        self.batches = False
         self.admin_url = ""
         self._started = False
         self._known: Dict[int, psutil.Process] = {}
@@ -142,6 +153,8 @@ class RealEndpoint:
         self._started = True
         self._check(self.cli("start", ENDPOINT_NAME), "start")
         self.endpoint_id = str(self.ep.endpoint_id())
+        # As the service decides: several tasks to a message if the endpoint asked.
+        self.batches = takes_batches(self.service.endpoint_metadata(self.endpoint_id))
         self._wait_for_workers()
         self.progress(
             f"endpoint {self.endpoint_id} running; stopping funcx-service (AMQP only now)"
@@ -270,9 +283,14 @@ class RealEndpoint:
 class Driver:
     """Publishes tasks to an endpoint's queue and times their results (in the reactor)."""
 
-    def __init__(self, reactor: Any, admin_url: str, ca_file: str, endpoint_id: str) -> None:
+    def __init__(
+        self, reactor: Any, admin_url: str, ca_file: str, endpoint_id: str, batches: bool = False
+    ) -> None:
+        """``batches``: publish several tasks to a message (``task_batch``), as the
+        service does for an endpoint that asked for MESSAGE_BATCHES."""
         self.reactor = reactor
         self.endpoint_id = endpoint_id
+        self.batches = batches
         self.task_key = topology.task_queue(endpoint_id)
         self.results_queue = f"bench-results-{uuid.uuid4().hex[:8]}"
         self.conn = AMQPConnectionService(
@@ -341,12 +359,20 @@ class Driver:
     def _publish(self, n: int) -> None:
         channel = self.channel
         now = time.perf_counter
+        tasks = []
         for _ in range(n):
             task = Task(str(uuid.uuid4()), self.buffer)
             self.sent_at[task.task_id] = now()
-            channel.publish(
-                topology.TASKS_EXCHANGE, self.task_key, pack(task), {"delivery-mode": 2}
-            )
+            tasks.append(task)
+        if self.batches:
+            bodies = [
+                pack(TaskBatchMessage(tasks[i : i + TASK_BATCH_MAX]))
+                for i in range(0, len(tasks), TASK_BATCH_MAX)
+            ]
+        else:
+            bodies = [pack(task) for task in tasks]
+        for body in bodies:
+            channel.publish(topology.TASKS_EXCHANGE, self.task_key, body, {"delivery-mode": 2})
         self.in_flight += n
         self.to_send -= n
 
@@ -356,16 +382,19 @@ class Driver:
             self.longest_pause = max(self.longest_pause, received - self.last_received)
         self.last_received = received
         body = delivery.body
-        if bytes(body[:_PREFIX_LEN]) == _RESULT_PREFIX:
+        batch = bytes(body[: len(_BATCH_PREFIX)]) == _BATCH_PREFIX
+        if batch or bytes(body[:_PREFIX_LEN]) == _RESULT_PREFIX:
             data = json.loads(bytes(body[1:]))["data"]
-            sent = self.sent_at.pop(data["task_id"], None)
-            if sent is not None:
+            for result in data["results"] if batch else [data]:
+                sent = self.sent_at.pop(result["task_id"], None)
+                if sent is None:
+                    continue
                 self.latencies.append(received - sent)
                 self.in_flight -= 1
-                if data.get("error_details") is not None or data.get("data") != self.expected:
+                if result.get("error_details") is not None or result.get("data") != self.expected:
                     self.errors += 1
                     if self.first_error is None:
-                        self.first_error = json.dumps(data)[:2000]
+                        self.first_error = json.dumps(result)[:2000]
         else:
             # A status report (every heartbeat_period): not parsed, it can be big.
             self.status_reports += 1
@@ -446,11 +475,15 @@ def measure(
 ) -> Dict[str, Any]:
     """Every workload on the endpoint; the figures as a dict."""
     driver = Driver(
-        reactor_thread.reactor, endpoint.admin_url, endpoint.node.ca_cert_path, endpoint.endpoint_id
+        reactor_thread.reactor,
+        endpoint.admin_url,
+        endpoint.node.ca_cert_path,
+        endpoint.endpoint_id,
+        endpoint.batches,
     )
     call = reactor_thread.call
     call(driver.start)
-    figures: Dict[str, Any] = {"system": "funcx-endpoint (ours)"}
+    figures: Dict[str, Any] = {"system": "funcx-endpoint (ours)", "batches": endpoint.batches}
     try:
         for name, count in (("noop", tasks), ("echo", tasks), ("sleep", sleep_tasks)):
             driver.set_workload(name)
@@ -603,7 +636,11 @@ def profile_daemon(
             ),
         )
     driver = Driver(
-        reactor_thread.reactor, endpoint.admin_url, endpoint.node.ca_cert_path, endpoint.endpoint_id
+        reactor_thread.reactor,
+        endpoint.admin_url,
+        endpoint.node.ca_cert_path,
+        endpoint.endpoint_id,
+        endpoint.batches,
     )
     call = reactor_thread.call
     call(driver.start)

@@ -17,7 +17,7 @@ the prefetch window never fills with finished work.
 from __future__ import annotations
 
 import heapq
-from typing import Any, Callable, List, Optional, Set
+from typing import Any, Callable, Dict, List, Optional, Set
 
 from twisted.internet.interfaces import IReactorTime
 from txamqp.client import Closed
@@ -108,7 +108,13 @@ class ExclusiveConsumer:
 
 
 class AckBatcher:
-    """Acknowledges done deliveries of one channel, batched per reactor turn."""
+    """Acknowledges done deliveries of one channel, batched per reactor turn.
+
+    A delivery may hold several parts (a batch of tasks): it is acknowledged
+    once :meth:`done` was called for each.  A delivery given back
+    (:meth:`release`, :meth:`reject`) is settled at once, whatever its parts;
+    later :meth:`done` calls for it are ignored.
+    """
 
     def __init__(self, channel: IAMQPChannel, clock: IReactorTime) -> None:
         self.channel = channel
@@ -116,28 +122,50 @@ class AckBatcher:
         self._outstanding: List[int] = []  # heap of delivered, not yet done tags
         self._done: Set[int] = set()  # done, not yet acked
         self._settled: Set[int] = set()  # rejected or released: no ack due
+        self._given_back: Set[int] = set()  # rejected or released, ever, on this channel
+        self._parts: Dict[int, int] = {}  # deliveries of several parts: parts not done
         self._scheduled: Optional[Any] = None
         self.ack_frames = 0
 
-    def delivered(self, tag: int) -> None:
+    def delivered(self, tag: int, parts: int = 1) -> None:
+        """Delivery ``tag`` arrived, holding ``parts`` parts."""
         heapq.heappush(self._outstanding, tag)
+        if parts > 1:
+            self._parts[tag] = parts
 
     def settled(self, tag: int) -> None:
         """``tag`` was rejected or released: it needs no ack and holds nothing up."""
         self._settled.add(tag)
 
     def release(self, tag: int) -> None:
-        """Give delivery ``tag`` back to the broker, to be delivered again."""
-        self.channel.reject(tag, requeue=True)
-        self.settled(tag)
+        """Give delivery ``tag`` back to the broker, to be delivered again (once)."""
+        if self._give_back(tag):
+            self.channel.reject(tag, requeue=True)
 
     def reject(self, tag: int) -> None:
         """Refuse delivery ``tag`` for good (a message nobody can use)."""
-        self.channel.reject(tag, requeue=False)
+        if self._give_back(tag):
+            self.channel.reject(tag, requeue=False)
+
+    def _give_back(self, tag: int) -> bool:
+        if tag in self._given_back:
+            return False  # a second reject of a tag would close the channel
+        self._given_back.add(tag)
+        self._parts.pop(tag, None)
+        self._done.discard(tag)
         self.settled(tag)
+        return True
 
     def done(self, tag: int) -> None:
-        """``tag`` may be acknowledged (its result is safe)."""
+        """One part of ``tag`` may be acknowledged (its result is safe)."""
+        if tag in self._given_back:
+            return
+        left = self._parts.get(tag)
+        if left is not None:
+            if left > 1:
+                self._parts[tag] = left - 1
+                return
+            del self._parts[tag]
         self._done.add(tag)
         if self._scheduled is None:
             self._scheduled = self._clock.callLater(0, self.flush)

@@ -499,6 +499,12 @@ class Config(ConfigObject):
             number(0, integer=True),
             "AMQP heartbeat interval in seconds (0 turns heartbeats off).",
         ),
+        "message_batches": Field(
+            True,
+            boolean,
+            "Offer the service several tasks and results per broker message (used only "
+            "if the service agrees at registration; funcX 1.0 services never do).",
+        ),
         "heartbeat_period": Field(
             30.0,
             number(0, exclusive_minimum=True),
@@ -557,6 +563,7 @@ class Config(ConfigObject):
     amqp_ca_file: Optional[str]
     amqp_prefetch: int
     amqp_heartbeat: int
+    message_batches: bool
     heartbeat_period: float
     heartbeat_threshold: float
     allowed_functions: Optional[List[str]]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import struct
-from typing import Any, Dict
+from typing import Any, Dict, FrozenSet
 
 import attr
 
@@ -32,6 +32,9 @@ class BrokerInfo:
     endpoint_id: str
     tasks: QueueInfo
     results: QueueInfo
+    #: What the service agreed to besides funcX 1.0's formats
+    #: (:data:`~funcx_endpoint.wire.MESSAGE_BATCHES`).
+    features: FrozenSet[str] = frozenset()
 
     @classmethod
     def from_registration(cls, answer: Dict[str, Any]) -> BrokerInfo:
@@ -55,6 +58,9 @@ class BrokerInfo:
                     routing_key=str(publish.get("routing_key", f"{endpoint_id}.results")),
                     mandatory=bool(publish.get("mandatory", True)),
                     properties=_checked_properties(publish.get("properties")),
+                ),
+                features=frozenset(
+                    f for f in answer.get("wire_features") or () if isinstance(f, str)
                 ),
             )
         except (KeyError, TypeError, AttributeError) as e:

@@ -33,7 +33,14 @@ from funcx_endpoint.amqp.interfaces import IAMQPClient, IAMQPConnectionService
 from funcx_endpoint.endpoint.broker_info import BrokerInfo
 from funcx_endpoint.endpoint.deliveries import Decision, DeliveryLedger
 from funcx_endpoint.executor.interface import IInterchange, IResultSink
-from funcx_endpoint.wire import ErrorCode, MessageError, PackedResult, Task, unpack
+from funcx_endpoint.wire import (
+    ErrorCode,
+    MessageError,
+    PackedResult,
+    Task,
+    TaskBatchMessage,
+    unpack,
+)
 
 __all__ = ["TaskIntake"]
 
@@ -144,47 +151,84 @@ class TaskIntake:
 
     def _on_delivery(self, delivery: Delivery, generation: int, acks: AckBatcher) -> None:
         tag = delivery.delivery_tag
-        acks.delivered(tag)
         if not self.taking:
             # Arrived after the consumer was cancelled (the cancel failed, or a
             # reconnection consumed again): not run, not acknowledged; the
             # broker delivers it again once this channel closes at the stop.
             # (Rejecting it now would only bring it straight back.)
+            acks.delivered(tag)
             self.counts["tasks_held_while_draining"] += 1
             return
         try:
             message = unpack(delivery.body)
         except MessageError as e:
+            acks.delivered(tag)
             self._malformed(e, tag, generation, acks)
             return
-        if type(message) is not Task:
+        if isinstance(message, Task):
+            acks.delivered(tag)
+            self._take(message, generation, tag, acks)
+        elif isinstance(message, TaskBatchMessage):
+            # Acknowledged once every part (each task, each unreadable item) is done.
+            tasks, errors = message.tasks, message.errors
+            parts = len(tasks) + len(errors)
+            if not parts:
+                acks.delivered(tag)
+                acks.reject(tag)
+                return
+            acks.delivered(tag, parts)
+            for error in errors:
+                self._malformed(error, tag, generation, acks, in_batch=True)
+            for task in tasks:
+                self._take(task, generation, tag, acks)
+        else:
+            acks.delivered(tag)
             self.log.error(
                 "Rejected a {kind} message on the task queue", kind=type(message).__name__
             )
             acks.reject(tag)
-            return
+
+    def _take(self, task: Task, generation: int, tag: int, acks: AckBatcher) -> None:
+        """One task of a delivery: run it, unless it runs or ran already, or is not allowed."""
         self.counts["tasks_received"] += 1
-        decision = self.ledger.delivered(message.task_id, (generation, tag))
+        decision = self.ledger.delivered(task.task_id, (generation, tag))
         if decision is not Decision.RUN:
             self._redelivered(decision, tag, acks)
             return
-        if self.allowed is not None and message.function_id not in self.allowed:
+        if self.allowed is not None and task.function_id not in self.allowed:
             why = (
-                f"function {message.function_id} is not in this endpoint's allowed_functions"
-                if message.function_id
+                f"function {task.function_id} is not in this endpoint's allowed_functions"
+                if task.function_id
                 else "the task names no function id, and this endpoint only runs the "
                 "functions in its allowed_functions"
             )
-            self._answer(message.task_id, ErrorCode.FUNCTION_NOT_ALLOWED, why)
+            self._answer(task.task_id, ErrorCode.FUNCTION_NOT_ALLOWED, why)
             return
-        self._to_submit.append(message)
+        self._to_submit.append(task)
         if not self._submit_scheduled:
             self._submit_scheduled = True
             self.clock.callLater(0, self._submit)
 
-    def _malformed(self, error: MessageError, tag: int, generation: int, acks: AckBatcher) -> None:
+    def _malformed(
+        self,
+        error: MessageError,
+        tag: int,
+        generation: int,
+        acks: AckBatcher,
+        in_batch: bool = False,
+    ) -> None:
         self.counts["malformed"] += 1
         if error.task_id is None:
+            if in_batch:
+                # Nothing to answer; the rest of the batch still counts.
+                self.log.error(
+                    "Dropped a malformed task with no readable task id from a batch "
+                    "(delivery {tag}): {error}",
+                    tag=tag,
+                    error=error,
+                )
+                acks.done(tag)
+                return
             self.log.error(
                 "Rejected a malformed message with no readable task id (delivery {tag}): {error}",
                 tag=tag,

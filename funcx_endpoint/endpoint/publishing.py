@@ -45,6 +45,7 @@ from funcx_endpoint.endpoint.broker_info import BrokerInfo, amqp_properties
 from funcx_endpoint.endpoint.deliveries import DeliveryLedger
 from funcx_endpoint.executor.interface import IResultSink
 from funcx_endpoint.wire import (
+    MESSAGE_BATCHES,
     EPStatusReport,
     ErrorCode,
     MessageError,
@@ -53,6 +54,7 @@ from funcx_endpoint.wire import (
     pack,
     unpack,
 )
+from funcx_endpoint.wire.results import batch_message_pieces
 
 __all__ = ["ResultPublisher"]
 
@@ -65,6 +67,9 @@ class ResultPublisher:
     #: spooled results sent again per window; the next window goes once
     #: these are confirmed (or refused), so a large spool is not sent in one turn
     resend_window = 256
+    #: with MESSAGE_BATCHES agreed: results per message at most, and bytes
+    batch_max = 64
+    batch_max_bytes = 512 * 1024
 
     def __init__(
         self,
@@ -73,8 +78,13 @@ class ResultPublisher:
         spool: ResultSpool,
         *,
         resend_interval: float = 30.0,
+        message_batches: bool = True,
     ) -> None:
+        """``message_batches``: send several results per message when the service
+        agreed to (at registration)."""
         self.clock = clock
+        self.message_batches = message_batches
+        self.batching = False
         self.ledger = ledger
         self.spool = spool
         self.resend_interval = resend_interval
@@ -103,6 +113,7 @@ class ResultPublisher:
     def start(self, info: BrokerInfo) -> None:
         """Read the spool and start the periodic resend."""
         self.info = info
+        self.batching = self.message_batches and MESSAGE_BATCHES in info.features
         self._properties = amqp_properties(info.results.properties)
         self.spool.load().addCallbacks(self._loaded_spool, self._spool_load_failed)
         self._resend_call = LoopingCall(self._resend_spooled)
@@ -158,50 +169,86 @@ class ResultPublisher:
     # -- IResultSink -----------------------------------------------------------------
 
     def results_ready(self, results: List[PackedResult]) -> None:
-        """Publish each result; its task is acknowledged once it is safe."""
+        """Publish the results (several to a message where the service agreed);
+        a task is acknowledged once its result is safe."""
         assert self.info is not None
-        info = self.info.results
-        properties = self._properties
-        publisher = self.publisher
         limit = self.broker_limit
+        ready = []
         for result in results:
             if limit is not None and result.message_size() > limit:
                 result = self._too_large(result, result.message_size(), limit)
-            self.publishing += 1
-            task_id = result.task_id
-            if publisher is None or publisher.closed:
-                self._spool(task_id, result.message())
-                continue
-            props = dict(properties)
-            props["message-id"] = task_id
-            d = publisher.publish(
-                info.exchange, info.routing_key, result.message_pieces(), props, info.mandatory
-            )
-            d.addCallbacks(
-                self._confirmed,
-                self._not_confirmed,
-                callbackArgs=(task_id,),
-                errbackArgs=(result,),
-            )
+            ready.append(result)
+        self.publishing += len(ready)
+        publisher = self.publisher
+        if publisher is None or publisher.closed:
+            for result in ready:
+                self._spool(result.task_id, result.message())
+            return
+        if not self.batching or len(ready) == 1:
+            for result in ready:
+                self._publish(publisher, [result])
+            return
+        for group in self._groups(ready):
+            self._publish(publisher, group)
 
-    def _confirmed(self, _: None, task_id: str) -> None:
-        self.counts["results_confirmed"] += 1
-        self.publishing -= 1
-        self._finished(task_id)
+    def _groups(self, results: List[PackedResult]) -> List[List[PackedResult]]:
+        """``results`` in messages of at most ``batch_max`` results and
+        ``batch_max_bytes`` (and the broker's limit); a large result alone."""
+        room = self.batch_max_bytes
+        if self.broker_limit is not None:
+            room = min(room, self.broker_limit - 64)
+        groups: List[List[PackedResult]] = []
+        group: List[PackedResult] = []
+        size = 0
+        for result in results:
+            length = result.message_size()
+            if group and (len(group) >= self.batch_max or size + length > room):
+                groups.append(group)
+                group, size = [], 0
+            group.append(result)
+            size += length
+        if group:
+            groups.append(group)
+        return groups
 
-    def _not_confirmed(self, failure: Failure, result: PackedResult) -> None:
+    def _publish(self, publisher: ConfirmingPublisher, group: List[PackedResult]) -> None:
+        assert self.info is not None
+        info = self.info.results
+        props = dict(self._properties)
+        if len(group) == 1:
+            props["message-id"] = group[0].task_id
+            body = group[0].message_pieces()
+        else:
+            props["message-id"] = f"{group[0].task_id}+{len(group) - 1}"
+            body = batch_message_pieces(group)
+        d = publisher.publish(info.exchange, info.routing_key, body, props, info.mandatory)
+        d.addCallbacks(
+            self._confirmed, self._not_confirmed, callbackArgs=(group,), errbackArgs=(group,)
+        )
+
+    def _confirmed(self, _: None, group: List[PackedResult]) -> None:
+        self.counts["results_confirmed"] += len(group)
+        self.publishing -= len(group)
+        for result in group:
+            self.ledger.finished(result.task_id)
+        self._check_idle()
+
+    def _not_confirmed(self, failure: Failure, group: List[PackedResult]) -> None:
         error = failure.value
         if isinstance(error, PublishFailed) and error.too_large is not None:
+            # Learnt the broker's limit: publish again within it (a result
+            # over it alone is replaced by an error).
             self.broker_limit = error.too_large
-            self.publishing -= 1
-            self.results_ready([self._too_large(result, result.message_size(), error.too_large)])
+            self.publishing -= len(group)
+            self.results_ready(group)
             return
         self.log.info(
-            "Result of task {task_id} not confirmed ({error}); spooling it",
-            task_id=result.task_id,
+            "{count} result(s) not confirmed ({error}); spooling them",
+            count=len(group),
             error=failure.getErrorMessage(),
         )
-        self._spool(result.task_id, result.message())
+        for result in group:
+            self._spool(result.task_id, result.message())
 
     def _too_large(self, result: PackedResult, size: int, limit: int) -> PackedResult:
         """The error result that replaces ``result``, too large for the broker."""

@@ -37,9 +37,9 @@ from twisted.web.client import (
 
 from funcx_endpoint.config.model import Config
 from funcx_endpoint.endpoint.auth import Authenticator, AuthError, error_message, headers
+from funcx_endpoint.endpoint.broker_info import BrokerInfo
 from funcx_endpoint.endpoint.layout import EndpointDir
 from funcx_endpoint.endpoint.service import StartupError
-from funcx_endpoint.endpoint.transport import BrokerInfo
 from funcx_endpoint.lifecycle import (
     EX_CONFIG,
     EX_DATAERR,
@@ -50,6 +50,7 @@ from funcx_endpoint.lifecycle import (
 )
 from funcx_endpoint.observer import OneShotObserver
 from funcx_endpoint.version import __version__
+from funcx_endpoint.wire import MESSAGE_BATCHES
 
 NETWORK_ERRORS = (
     ConnectError,
@@ -89,6 +90,7 @@ def endpoint_metadata(endpoint_dir: EndpointDir, config: Config) -> Dict[str, An
             "allowed_functions": config.allowed_functions,
             "heartbeat_period": config.heartbeat_period,
             "heartbeat_threshold": config.heartbeat_threshold,
+            "wire_features": [MESSAGE_BATCHES] if config.message_batches else [],
             "config": {
                 "_type": "Config",
                 "funcx_service_address": config.funcx_service_address,

@@ -141,6 +141,7 @@ def build_endpoint(
         heartbeat=config.amqp_heartbeat,
         ca_file=config.amqp_ca_file or config.service_ca_file,
         allowed_functions=config.allowed_functions,
+        message_batches=config.message_batches,
         on_fatal=endpoint.fail,
     )
     endpoint.add(interchange)

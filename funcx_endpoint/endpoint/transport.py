@@ -317,6 +317,7 @@ def build_transport(
     allowed_functions: Optional[Sequence[str]] = None,
     on_fatal: Optional[Callable[[str, int], None]] = None,
     resend_interval: float = 30.0,
+    message_batches: bool = True,
     connect: Optional[Callable[..., IAMQPConnectionService]] = None,
 ) -> Tuple[Transport, InterchangeT]:
     """A transport and the interchange it feeds, joined.
@@ -327,7 +328,9 @@ def build_transport(
     ledger joins intake and publisher.
     """
     ledger = DeliveryLedger(reactor)
-    publisher = ResultPublisher(reactor, ledger, spool, resend_interval=resend_interval)
+    publisher = ResultPublisher(
+        reactor, ledger, spool, resend_interval=resend_interval, message_batches=message_batches
+    )
     interchange = make_interchange(publisher)
     intake = TaskIntake(
         reactor,

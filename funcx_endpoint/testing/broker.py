@@ -21,7 +21,7 @@ from funcx_endpoint.amqp.client import AMQPClient, Delivery
 from funcx_endpoint.amqp.connection import AMQPURL, AMQPConnectionService
 from funcx_endpoint.amqp.publisher import ConfirmingPublisher
 from funcx_endpoint.endpoint.transport import BrokerInfo
-from funcx_endpoint.wire import EPStatusReport, Result, Task, pack, unpack
+from funcx_endpoint.wire import EPStatusReport, Result, ResultBatchMessage, Task, pack, unpack
 
 
 class ServiceSide:
@@ -114,10 +114,12 @@ class ServiceSide:
         except ValueError:
             self.bad_messages.append(delivery.body)
         else:
-            if isinstance(message, Result):
-                self.results.setdefault(message.task_id, []).append(message)
-                self.first_result_at.setdefault(message.task_id, time.monotonic())
-            elif isinstance(message, EPStatusReport):
+            results = message.results if isinstance(message, ResultBatchMessage) else [message]
+            for result in results:
+                if isinstance(result, Result):
+                    self.results.setdefault(result.task_id, []).append(result)
+                    self.first_result_at.setdefault(result.task_id, time.monotonic())
+            if isinstance(message, EPStatusReport):
                 self.reports.append(message)
         channel.ack(delivery.delivery_tag)
         self._wake()

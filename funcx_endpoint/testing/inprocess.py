@@ -81,8 +81,9 @@ from funcx_endpoint.webservice.auth import (
     token_hash,
 )
 from funcx_endpoint.webservice.db import DatabaseConfig, Tx
-from funcx_endpoint.webservice.dispatch import ResultIngest, TaskSender
+from funcx_endpoint.webservice.dispatch import TaskSender
 from funcx_endpoint.webservice.http import APIResource, Router
+from funcx_endpoint.webservice.ingest import ResultIngest
 from funcx_endpoint.webservice.settings import DEFAULT_FUNCX_SCOPE, MIB
 from funcx_endpoint.webservice.storage import Endpoint, Storage, TokenInfo
 from funcx_endpoint.wire import (
@@ -93,6 +94,7 @@ from funcx_endpoint.wire import (
     Result,
     ResultErrorDetails,
     Task,
+    TaskBatchMessage,
     TaskTransition,
     pack,
     serialize,
@@ -522,12 +524,14 @@ class InProcessService(MultiService):
     def _published(self, message: PublishedMessage) -> None:
         if message.exchange != topology.TASKS_EXCHANGE:
             return
-        task = unpack(message.body)
-        assert isinstance(task, Task)
+        unpacked = unpack(message.body)
+        tasks = unpacked.tasks if isinstance(unpacked, TaskBatchMessage) else [unpacked]
         endpoint_id = message.queue[: -len(".tasks")]
-        self.published_tasks[task.task_id] = (endpoint_id, task)
-        if self.run_tasks:
-            self.run_task(task.task_id)
+        for task in tasks:
+            assert isinstance(task, Task)
+            self.published_tasks[task.task_id] = (endpoint_id, task)
+            if self.run_tasks:
+                self.run_task(task.task_id)
 
     def _endpoint_of(self, task_id: str) -> str:
         return self.tasks[task_id].endpoint_id

@@ -349,6 +349,21 @@ class ServiceProcess:
             connection.close()
         return client_id, secret
 
+    def endpoint_metadata(self, endpoint_id: str) -> Dict[str, Any]:
+        """What the endpoint sent at its last registration (read from the service's storage)."""
+        from funcx_endpoint.webservice import storage
+        from funcx_endpoint.webservice.settings import ServiceSettings
+
+        settings = ServiceSettings.load(self.state_dir)
+        connection, call = storage.open_sync(settings.effective_database_url)
+        try:
+            endpoint = call(storage.get_endpoint)(endpoint_id)
+        finally:
+            connection.close()
+        if endpoint is None:
+            raise KeyError(f"no endpoint {endpoint_id} at the service")
+        return dict(endpoint.metadata)
+
     # -- from a running reactor -------------------------------------------------------------
 
     def _in_thread(self, reactor: Any, f: Any, *args: Any) -> Deferred[Any]:

@@ -47,7 +47,12 @@ from funcx_endpoint.webservice.management import (
     ManagementError,
 )
 from funcx_endpoint.webservice.storage import Endpoint, NewTask, Storage, TokenInfo, UnsentTask
-from funcx_endpoint.wire import DeserializationError, pack_task_buffer, unpack_buffers
+from funcx_endpoint.wire import (
+    MESSAGE_BATCHES,
+    DeserializationError,
+    pack_task_buffer,
+    unpack_buffers,
+)
 
 __all__ = ["BrokerAddress", "FuncXAPI", "FUNCX_API_VERSION", "MAX_TASKS_PER_SUBMIT"]
 
@@ -148,6 +153,12 @@ def _number(value: Any) -> Optional[float]:
     except (TypeError, ValueError, OverflowError):
         return None
     return number if math.isfinite(number) and number > 0 else None
+
+
+def takes_batches(metadata: Dict[str, Any]) -> bool:
+    """Whether the endpoint offered MESSAGE_BATCHES when it registered."""
+    features = metadata.get("wire_features")
+    return isinstance(features, list) and MESSAGE_BATCHES in features
 
 
 def allowed_functions_of(metadata: Dict[str, Any]) -> Optional[List[str]]:
@@ -432,7 +443,14 @@ class FuncXAPI:
                 )
             )
             to_send.append(
-                UnsentTask(task_id, endpoint_id, function_id, task_buffer, function.container_uuid)
+                UnsentTask(
+                    task_id,
+                    endpoint_id,
+                    function_id,
+                    task_buffer,
+                    function.container_uuid,
+                    takes_batches(endpoints[endpoint_id].metadata),
+                )
             )
             results[index] = {"task_uuid": task_id, "http_status_code": 200}
         if new_tasks:
@@ -662,6 +680,7 @@ class FuncXAPI:
         allowed = allowed_functions_of(metadata)
         period, threshold = _heartbeat_settings(metadata)
 
+        batches = takes_batches(metadata)
         existing = await self.storage.get_endpoint(endpoint_id)
         if existing is not None:
             if existing.owner != me.identity_id:
@@ -719,6 +738,17 @@ class FuncXAPI:
             )
         user, password = saved.broker_user, saved.broker_password
         await self._broker_call(self.management.provision_endpoint(user, password, endpoint_id))
+        if existing is not None and takes_batches(existing.metadata) and not batches:
+            # This start cannot read several tasks to a message (an older version):
+            # what was sent so to its queue is sent again, one task per message.
+            again = await self.storage.send_unfinished_again(endpoint_id)
+            if again:
+                self.log.info(
+                    "Endpoint {eid} no longer takes task batches: {n} unfinished tasks "
+                    "will be sent again one per message",
+                    eid=endpoint_id,
+                    n=again,
+                )
         self.log.info(
             "Registered endpoint {eid} ({name}) for {who} from {ip}",
             eid=endpoint_id,
@@ -727,10 +757,13 @@ class FuncXAPI:
             ip=call.client_ip(),
         )
         url = self.broker_address.url(user, password)
-        return 200, {
+        answer = {
             "endpoint_id": endpoint_id,
             **topology.registration_queue_info(endpoint_id, url, url),
         }
+        if batches:
+            answer["wire_features"] = [MESSAGE_BATCHES]
+        return 200, answer
 
     async def list_endpoints(self, call: Call) -> Tuple[int, Any]:
         me: TokenInfo = call.identity

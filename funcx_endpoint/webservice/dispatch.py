@@ -1,4 +1,4 @@
-"""Tasks out to the broker, results and status reports in.
+"""Tasks out to the broker, with publisher confirms; nothing lost if it is down.
 
 :class:`TaskSender` publishes tasks (and copies of results for FuncXExecutor's
 per-task-group queues) with publisher confirms.  The database is the record:
@@ -9,17 +9,14 @@ refused, the service restarted), so a broker outage delays tasks and never
 loses them.  A task may thus reach its endpoint twice; the endpoint's
 at-least-once promise already allows that and results are deduplicated.
 
-:class:`ResultIngest` takes deliveries from the ``results`` queue in
-batches: it stores results (the first result of a task wins; later ones are
-acknowledged and ignored), records status reports, and acknowledges the
-deliveries only after the database committed them.  A result is accepted
-only from the endpoint its task was sent to (the routing key names the
-endpoint, and the broker lets each endpoint publish only with its own).
+Tasks for an endpoint that agreed to
+:data:`~funcx_endpoint.wire.MESSAGE_BATCHES` at registration go several to a
+message; stored tasks sent again go one per message, which every endpoint
+reads.  Results come in through :mod:`funcx_endpoint.webservice.ingest`.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from twisted.application.service import Service
@@ -30,74 +27,30 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from funcx_endpoint.amqp import topology
-from funcx_endpoint.amqp.client import Delivery, FastChannel
 from funcx_endpoint.amqp.publisher import PublishFailed
 from funcx_endpoint.webservice.broker import IServiceBroker
 from funcx_endpoint.webservice.management import BrokerUnavailable
 from funcx_endpoint.webservice.storage import (
-    IncomingResult,
-    Report,
     ResultCopy,
     Storage,
-    StoredOutcome,
     UnsentTask,
 )
 from funcx_endpoint.wire import (
-    EPStatusReport,
     MessageError,
     Result,
     ResultErrorDetails,
     Task,
+    TaskBatchMessage,
     pack,
-    unpack,
 )
 
-__all__ = ["ResultIngest", "TaskSender"]
+__all__ = ["TASK_BATCH_BYTES", "TASK_BATCH_MAX", "TaskSender"]
 
 _TASK_PROPERTIES = {"delivery-mode": 2}
 _BATCH = 1000
-
-
-def _no_nul(text: str) -> str:
-    """``text`` without NUL characters, which PostgreSQL text cannot hold (one such
-    result would otherwise fail its whole batch, again and again)."""
-    return text.replace("\x00", "\\x00") if "\x00" in text else text
-
-
-def _encodable(*texts: Optional[str]) -> bool:
-    """Whether all ``texts`` can be stored (as UTF-8: no lone surrogates)."""
-    try:
-        for text in texts:
-            if text is not None:
-                text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _finite(value: Any) -> Any:
-    """``value`` (JSON data) with NaN and infinities replaced by None: not JSON, not answerable."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
-#: Storage errors that will happen again however often the same data is stored (bad
-#: data, not a database or connection problem).  Anything else is retried.
-_PERMANENT_ERRORS = (UnicodeError, ValueError, TypeError, OverflowError)
-_PERMANENT_DB_ERRORS = ("DataError", "IntegrityError")
-
-
-def _permanent(error: BaseException) -> bool:
-    # Drivers raise subclasses (psycopg2's UniqueViolation is an IntegrityError):
-    # match the DB-API class names anywhere in the class chain.
-    return isinstance(error, _PERMANENT_ERRORS) or any(
-        cls.__name__ in _PERMANENT_DB_ERRORS for cls in type(error).__mro__
-    )
+#: Tasks in one message at most, for endpoints that take batches, and bytes.
+TASK_BATCH_MAX = 64
+TASK_BATCH_BYTES = 256 * 1024
 
 
 def _sleep(reactor: Any, seconds: float) -> Deferred[None]:
@@ -178,55 +131,87 @@ class TaskSender(Service):
         self.in_flight.difference_update(task_ids)
 
     def send(self, tasks: Sequence[UnsentTask]) -> None:
-        """Publish stored tasks now (reserved already or not); never raises."""
+        """Publish stored tasks now (reserved already or not); never raises.
+
+        Tasks of an endpoint that takes batches go several to a message
+        (``task_batch``, at most :data:`TASK_BATCH_MAX` tasks and
+        :data:`TASK_BATCH_BYTES`); the others one per message.
+        """
+        batches: Dict[str, List[Tuple[UnsentTask, Task]]] = {}
         for task in tasks:
             self.in_flight.add(task.task_id)
             try:
-                body = pack(
-                    Task(
-                        task.task_id,
-                        task.task_buffer,
-                        container_id=task.container_uuid,
-                        function_id=task.function_id,
-                    )
+                message = Task(
+                    task.task_id,
+                    task.task_buffer,
+                    container_id=task.container_uuid,
+                    function_id=task.function_id,
                 )
+                if not task.batchable:
+                    self._publish(task.endpoint_id, [task], pack(message))
+                    continue
             except (MessageError, ValueError) as e:
                 self.log.error("Cannot pack task {task}: {error}", task=task.task_id, error=e)
                 self.in_flight.discard(task.task_id)
                 continue
-            d = self._broker.publish(
-                topology.TASKS_EXCHANGE,
-                topology.task_queue(task.endpoint_id),
-                body,
-                _TASK_PROPERTIES,
-            )
-            d.addCallbacks(
-                self._task_confirmed,
-                self._task_not_confirmed,
-                callbackArgs=(task.task_id,),
-                errbackArgs=(task,),
-            )
+            batches.setdefault(task.endpoint_id, []).append((task, message))
+        for endpoint_id, pairs in batches.items():
+            group: List[Tuple[UnsentTask, Task]] = []
+            size = 0
+            for pair in pairs:
+                length = len(pair[1].task_buffer)
+                if group and (len(group) >= TASK_BATCH_MAX or size + length > TASK_BATCH_BYTES):
+                    self._publish_batch(endpoint_id, group)
+                    group, size = [], 0
+                group.append(pair)
+                size += length
+            if group:
+                self._publish_batch(endpoint_id, group)
         self.published += len(tasks)
 
-    def _task_confirmed(self, _: None, task_id: str) -> None:
-        self._confirmed.append(task_id)
+    def _publish_batch(self, endpoint_id: str, group: List[Tuple[UnsentTask, Task]]) -> None:
+        if len(group) == 1:
+            self._publish(endpoint_id, [group[0][0]], pack(group[0][1]))
+            return
+        body = pack(TaskBatchMessage([message for _, message in group]))
+        self._publish(endpoint_id, [task for task, _ in group], body)
+
+    def _publish(self, endpoint_id: str, tasks: List[UnsentTask], body: bytes) -> None:
+        d = self._broker.publish(
+            topology.TASKS_EXCHANGE, topology.task_queue(endpoint_id), body, _TASK_PROPERTIES
+        )
+        d.addCallbacks(
+            self._task_confirmed,
+            self._task_not_confirmed,
+            callbackArgs=([t.task_id for t in tasks],),
+            errbackArgs=(tasks,),
+        )
+
+    def _task_confirmed(self, _: None, task_ids: List[str]) -> None:
+        self._confirmed.extend(task_ids)
         self._schedule_flush()
 
-    def _task_not_confirmed(self, failure: Failure, task: UnsentTask) -> None:
-        self.in_flight.discard(task.task_id)
+    def _task_not_confirmed(self, failure: Failure, tasks: List[UnsentTask]) -> None:
+        self.in_flight.difference_update(task.task_id for task in tasks)
         error = failure.value
+        endpoint_id = tasks[0].endpoint_id
         if isinstance(error, PublishFailed) and error.returned:
             # The endpoint's queue is gone (a broker reset?): declare it again.
             self.log.warn(
-                "Task {task} could not be routed to {queue}; declaring the queue again",
-                task=task.task_id,
-                queue=topology.task_queue(task.endpoint_id),
+                "{n} task(s) could not be routed to {queue}; declaring the queue again",
+                n=len(tasks),
+                queue=topology.task_queue(endpoint_id),
             )
-            Deferred.fromCoroutine(self._redeclare(task.endpoint_id)).addErrback(
+            Deferred.fromCoroutine(self._redeclare(endpoint_id)).addErrback(
                 lambda f: self.log.warn("Declaring a task queue failed: {e}", e=f.value)
             )
         elif not failure.check(PublishFailed):
-            self.log.failure("Publishing task {task} failed", failure, task=task.task_id)
+            self.log.failure(
+                "Publishing {n} task(s) failed (first {task})",
+                failure,
+                n=len(tasks),
+                task=tasks[0].task_id,
+            )
 
     async def _redeclare(self, endpoint_id: str) -> None:
         endpoint = await self._storage.get_endpoint(endpoint_id)
@@ -340,235 +325,3 @@ class TaskSender(Service):
         todo_copies = [c for c in copies if c.task_id not in self._copies_in_flight]
         if todo_copies:
             await self._send_copies(todo_copies)
-
-
-class ResultIngest:
-    """Stores what arrives on the ``results`` queue; acks only what is stored.
-
-    ``clock`` (the reactor by default) stamps results (``completion_t``) and
-    status reports (when each endpoint was last heard from).
-    """
-
-    log = Logger()
-
-    def __init__(
-        self,
-        reactor: Any,
-        storage: Storage,
-        sender: TaskSender,
-        *,
-        status_log_size: int = 20,
-        clock: Optional[IReactorTime] = None,
-    ) -> None:
-        self._reactor = reactor
-        self._clock: IReactorTime = reactor if clock is None else clock
-        self._storage = storage
-        self._sender = sender
-        self._status_log_size = status_log_size
-        self._pending: List[Tuple[Delivery, FastChannel]] = []
-        self._scheduled: Any = None
-        self._busy = False
-        self.stored = 0
-        self.duplicates = 0
-        self.dropped = 0
-        self.reports = 0
-
-    def on_delivery(self, delivery: Delivery, channel: FastChannel) -> None:
-        self._pending.append((delivery, channel))
-        if not self._busy and self._scheduled is None:
-            self._scheduled = self._reactor.callLater(0, self._start)
-
-    def _start(self) -> None:
-        self._scheduled = None
-        if self._busy:
-            return
-        self._busy = True
-        d = Deferred.fromCoroutine(self._drain())
-        d.addErrback(lambda f: self.log.failure("Processing results failed", f))
-        d.addBoth(lambda _: setattr(self, "_busy", False))
-
-    async def _drain(self) -> None:
-        while self._pending:
-            batch = self._pending[:_BATCH]
-            del self._pending[:_BATCH]
-            batch = [(d, ch) for d, ch in batch if not ch.closed]
-            if not batch:
-                continue
-            try:
-                await self._process(batch)
-            except Exception as e:
-                if _permanent(e):
-                    # Some message in the batch holds data the database refuses: store
-                    # them one by one, so that only the bad ones are dropped.
-                    self.log.warn(
-                        "Storing {n} results and reports failed ({error}); storing them one "
-                        "at a time",
-                        n=len(batch),
-                        error=repr(e),
-                    )
-                    await self._one_by_one(batch)
-                    continue
-                self.log.failure("Storing {n} results and reports failed; retrying", n=len(batch))
-                self._pending[:0] = batch
-                await _sleep(self._reactor, 1.0)
-
-    async def _one_by_one(self, batch: List[Tuple[Delivery, FastChannel]]) -> None:
-        """Store each message alone; ack and drop those the database refuses."""
-        for index, (delivery, channel) in enumerate(batch):
-            if channel.closed:
-                continue
-            try:
-                await self._process([(delivery, channel)])
-            except Exception as e:
-                if not _permanent(e):
-                    self.log.failure(
-                        "Storing results and reports failed; retrying {n}", n=len(batch) - index
-                    )
-                    self._pending[:0] = batch[index:]
-                    await _sleep(self._reactor, 1.0)
-                    return
-                self.dropped += 1
-                self.log.failure(
-                    "Dropped a message from {key} (delivery {tag}): it cannot be stored",
-                    key=delivery.routing_key,
-                    tag=delivery.delivery_tag,
-                )
-                if not channel.closed:
-                    channel.ack(delivery.delivery_tag)
-
-    async def _process(self, batch: List[Tuple[Delivery, FastChannel]]) -> None:
-        results: List[IncomingResult] = []
-        reports: List[Report] = []
-        now = self._clock.seconds()
-        completion_t = f"{now:.3f}"
-        for delivery, _ in batch:
-            parsed = self._parse(delivery, now, completion_t)
-            if isinstance(parsed, IncomingResult):
-                results.append(parsed)
-            elif isinstance(parsed, Report):
-                reports.append(parsed)
-        outcomes: List[StoredOutcome] = []
-        if results:
-            outcomes = await self._storage.store_results(results)
-        if reports:
-            await self._storage.record_reports(reports, self._status_log_size)
-            self.reports += len(reports)
-        # Everything in the batch is settled now: ack per channel, highest tag.
-        highest: Dict[int, Tuple[FastChannel, int]] = {}
-        for delivery, channel in batch:
-            seen = highest.get(id(channel))
-            if seen is None or delivery.delivery_tag > seen[1]:
-                highest[id(channel)] = (channel, delivery.delivery_tag)
-        for channel, tag in highest.values():
-            if not channel.closed:
-                channel.ack(tag, multiple=True)
-        # Acknowledged: from here on nothing may raise (the batch would be stored and
-        # acknowledged again, and a second ack of a tag closes the channel).
-        try:
-            self._stored(results, outcomes)
-        except Exception:
-            self.log.failure("Handling {n} stored results failed", n=len(results))
-
-    def _stored(self, results: List[IncomingResult], outcomes: List[StoredOutcome]) -> None:
-        by_id = {r.task_id: r for r in results}
-        copies = []
-        for outcome in outcomes:
-            if outcome.outcome == "stored":
-                self.stored += 1
-                if outcome.ws_queue:
-                    incoming = by_id[outcome.task_id]
-                    copies.append(
-                        ResultCopy(
-                            incoming.task_id,
-                            outcome.ws_queue,
-                            "failed" if incoming.error_code is not None else "success",
-                            incoming.data,
-                            incoming.error_code,
-                            incoming.error_message,
-                            incoming.completion_t,
-                        )
-                    )
-            elif outcome.outcome == "duplicate":
-                self.duplicates += 1
-                self.log.debug("Duplicate result for task {task} ignored", task=outcome.task_id)
-            else:
-                self.dropped += 1
-                self.log.warn(
-                    "Result for task {task} dropped: {why}",
-                    task=outcome.task_id,
-                    why="no such task"
-                    if outcome.outcome == "unknown"
-                    else "it came from an endpoint the task was not sent to",
-                )
-        self._sender.send_copies(copies)
-
-    def _parse(self, delivery: Delivery, now: float, completion_t: str) -> Any:
-        routing_key = delivery.routing_key
-        sender = routing_key[: -len(".results")] if routing_key.endswith(".results") else None
-        try:
-            message = unpack(delivery.body)
-        except MessageError as e:
-            self.dropped += 1
-            self.log.warn(
-                "Dropped a malformed message from {key}: {error}", key=routing_key, error=e
-            )
-            return None
-        if isinstance(message, Result):
-            if sender is None:
-                self.dropped += 1
-                self.log.warn(
-                    "Dropped result {task}: routing key {key} names no endpoint",
-                    task=message.task_id,
-                    key=routing_key,
-                )
-                return None
-            details = message.error_details
-            data = _no_nul(message.data)
-            code = None if details is None else _no_nul(str(details.code))
-            user_message = None if details is None else _no_nul(details.user_message)
-            if not _encodable(data, code, user_message):
-                # Not storable as it is; the task fails with a reason rather than never
-                # finishing (store_results still checks that it is the sender's task).
-                self.log.warn(
-                    "Result for task {task} from {key} holds text that is not valid Unicode "
-                    "(a lone surrogate); the task is stored as failed",
-                    task=message.task_id,
-                    key=routing_key,
-                )
-                reason = (
-                    f"MalformedResult: the endpoint sent a result for task {message.task_id} "
-                    f"that is not valid Unicode text (it holds a lone surrogate), so the "
-                    f"service could not keep it"
-                )
-                return IncomingResult(
-                    message.task_id, sender, reason, "MalformedResult", reason, completion_t
-                )
-            return IncomingResult(message.task_id, sender, data, code, user_message, completion_t)
-        if isinstance(message, EPStatusReport):
-            if sender != message.endpoint_id:
-                self.dropped += 1
-                self.log.warn(
-                    "Dropped a status report of {endpoint} sent with routing key {key}",
-                    endpoint=message.endpoint_id,
-                    key=routing_key,
-                )
-                return None
-            return Report(
-                message.endpoint_id,
-                _finite(message.global_state),
-                {
-                    task_id: [(t.timestamp, str(t.state)) for t in transitions]
-                    for task_id, transitions in message.task_statuses.items()
-                    # Keys that are not task ids match no task; unstorable ones are dropped.
-                    if _encodable(task_id)
-                },
-                message.is_final,
-                now,
-            )
-        self.dropped += 1
-        self.log.warn(
-            "Dropped a {kind} message from {key}: only results and status reports belong here",
-            kind=type(message).__name__,
-            key=routing_key,
-        )
-        return None

@@ -55,8 +55,9 @@ from funcx_endpoint.webservice.api import BrokerAddress, FuncXAPI
 from funcx_endpoint.webservice.auth import AuthAPI, Authenticator, TokenPurger
 from funcx_endpoint.webservice.broker import ServiceBroker
 from funcx_endpoint.webservice.db import DatabaseConfig, redact_url
-from funcx_endpoint.webservice.dispatch import ResultIngest, TaskSender
+from funcx_endpoint.webservice.dispatch import TaskSender
 from funcx_endpoint.webservice.http import APIResource, JSONSite, Router, error_body
+from funcx_endpoint.webservice.ingest import ResultIngest
 from funcx_endpoint.webservice.management import ManagementAPI
 from funcx_endpoint.webservice.settings import ServiceSettings, client_env_lines
 from funcx_endpoint.webservice.storage import Storage

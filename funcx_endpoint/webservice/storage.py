@@ -211,6 +211,9 @@ class UnsentTask:
     function_id: str
     task_buffer: str
     container_uuid: Optional[str]
+    #: Whether its endpoint takes several tasks per message (MESSAGE_BATCHES);
+    #: unknown (False: one per message, which every endpoint reads) on resends.
+    batchable: bool = False
 
 
 @attr.s(auto_attribs=True, frozen=True)
@@ -703,6 +706,16 @@ def mark_sent(tx: Tx, task_ids: Sequence[str]) -> None:
         tx.execute(f"UPDATE tasks SET sent = 1 WHERE task_id IN ({marks(len(chunk))})", chunk)
 
 
+def send_unfinished_again(tx: Tx, endpoint_id: str) -> int:
+    """Mark the endpoint's unfinished tasks unsent (they are published again); how many."""
+    cursor = tx.execute(
+        f"UPDATE tasks SET sent = 0 WHERE endpoint_id = ? AND sent = 1 "
+        f"AND status NOT IN {_DONE_SQL}",
+        (endpoint_id,),
+    )
+    return int(cursor.rowcount or 0)
+
+
 def unsent_tasks(tx: Tx, limit: int, created_before: float) -> List[UnsentTask]:
     """Tasks not yet confirmed by the broker, oldest first, with their task buffers."""
     rows = tx.execute(
@@ -962,6 +975,9 @@ class Storage:
 
     def mark_sent(self, task_ids: Sequence[str]) -> Deferred[None]:
         return self.run(mark_sent, task_ids)
+
+    def send_unfinished_again(self, endpoint_id: str) -> Deferred[int]:
+        return self.run(send_unfinished_again, endpoint_id)
 
     def unsent_tasks(self, limit: int, created_before: float) -> Deferred[List[UnsentTask]]:
         return self.run(unsent_tasks, limit, created_before)

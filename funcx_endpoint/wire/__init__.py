@@ -35,6 +35,7 @@ from funcx_endpoint.wire.errors import (
     SerializationError,
 )
 from funcx_endpoint.wire.messages import (
+    MESSAGE_BATCHES,
     PROTOCOL_VERSION,
     ActorName,
     Container,
@@ -42,8 +43,10 @@ from funcx_endpoint.wire.messages import (
     EPStatusReport,
     Message,
     Result,
+    ResultBatchMessage,
     ResultErrorDetails,
     Task,
+    TaskBatchMessage,
     TaskState,
     TaskTransition,
     pack,
@@ -65,6 +68,7 @@ from funcx_endpoint.wire.serialize import (
 )
 
 __all__ = [
+    "MESSAGE_BATCHES",
     "PROTOCOL_VERSION",
     "ActorName",
     "Container",
@@ -77,10 +81,12 @@ __all__ = [
     "PackedResult",
     "ProtocolError",
     "Result",
+    "ResultBatchMessage",
     "ResultErrorDetails",
     "SerializationError",
     "Serializer",
     "Task",
+    "TaskBatchMessage",
     "TaskState",
     "TaskTransition",
     "default_serializer",

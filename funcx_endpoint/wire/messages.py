@@ -18,7 +18,7 @@ messages per second in one process.
 from __future__ import annotations
 
 import uuid
-from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from funcx_endpoint.wire.containers import Container, ContainerImage
 from funcx_endpoint.wire.errors import MessageError
@@ -27,6 +27,7 @@ from funcx_endpoint.wire.fields import (
     _decode_json,
     _dict,
     _encode_json,
+    _list,
     _optional_uuid,
     _Record,
     _required,
@@ -44,6 +45,7 @@ from funcx_endpoint.wire.states import (
 )
 
 __all__ = [
+    "MESSAGE_BATCHES",
     "PROTOCOL_VERSION",
     "ActorName",
     "Container",
@@ -51,8 +53,10 @@ __all__ = [
     "EPStatusReport",
     "Message",
     "Result",
+    "ResultBatchMessage",
     "ResultErrorDetails",
     "Task",
+    "TaskBatchMessage",
     "TaskState",
     "TaskTransition",
     "pack",
@@ -313,14 +317,92 @@ def _task_status_key(key: Any) -> str:
         return key
 
 
-#: Any message that can travel on the queues.
-Message = Union[Task, Result, EPStatusReport]
+# ---------------------------------------------------------------------------
+# Batches (negotiated; funcX 1.0 peers never see them)
 
-_MESSAGE_CLASSES = (Task, Result, EPStatusReport)
+#: The feature an endpoint and a service agree on at registration to send
+#: several tasks, or several results, in one message (``task_batch``,
+#: ``result_batch``).  One message per task or result costs the broker more
+#: than the task itself; a peer that did not ask for this gets single messages.
+MESSAGE_BATCHES = "message-batches-v1"
+
+
+def _batch_items(
+    data: Dict[str, Any], field: str, reader: Callable[[Dict[str, Any]], Any]
+) -> Tuple[List[Any], List[MessageError]]:
+    """Items of a batch that read, and an error for each that did not (with its
+    task id when that could be read): one bad item does not spoil the others."""
+    items = _list(_required(data, field, "data"), field)
+    good: List[Any] = []
+    bad: List[MessageError] = []
+    for index, item in enumerate(items):
+        try:
+            good.append(reader(_dict(item, f"{field}[{index}]")))
+        except (ValueError, TypeError) as exc:
+            bad.append(MessageError(f"{field}[{index}]: {exc}", task_id=_find_task_id(item)))
+    return good, bad
+
+
+class TaskBatchMessage(_Record):
+    """Several tasks for one endpoint in one message.
+
+    ``errors`` holds a :class:`MessageError` for each item that is not a valid
+    task (read, never written).
+    """
+
+    __slots__ = ("tasks", "errors")
+    message_type: ClassVar[str] = "task_batch"
+
+    def __init__(self, tasks: Sequence[Task], errors: Sequence[MessageError] = ()) -> None:
+        for task in tasks:
+            if type(task) is not Task:
+                raise MessageError(f"a task batch holds Tasks, got {_show(task)}")
+        self.tasks: List[Task] = list(tasks)
+        self.errors: List[MessageError] = list(errors)
+
+    def to_wire(self) -> Dict[str, Any]:
+        """The JSON-ready ``data`` of this message."""
+        return {"tasks": [task.to_wire() for task in self.tasks]}
+
+    @classmethod
+    def from_wire(cls, data: Dict[str, Any]) -> TaskBatchMessage:
+        """The batch a JSON-decoded ``data`` dict describes (bad items in ``errors``)."""
+        return cls(*_batch_items(data, "tasks", Task.from_wire))
+
+
+class ResultBatchMessage(_Record):
+    """Several results of one endpoint in one message (see :class:`TaskBatchMessage`)."""
+
+    __slots__ = ("results", "errors")
+    message_type: ClassVar[str] = "result_batch"
+
+    def __init__(self, results: Sequence[Result], errors: Sequence[MessageError] = ()) -> None:
+        for result in results:
+            if type(result) is not Result:
+                raise MessageError(f"a result batch holds Results, got {_show(result)}")
+        self.results: List[Result] = list(results)
+        self.errors: List[MessageError] = list(errors)
+
+    def to_wire(self) -> Dict[str, Any]:
+        """The JSON-ready ``data`` of this message."""
+        return {"results": [result.to_wire() for result in self.results]}
+
+    @classmethod
+    def from_wire(cls, data: Dict[str, Any]) -> ResultBatchMessage:
+        """The batch a JSON-decoded ``data`` dict describes (bad items in ``errors``)."""
+        return cls(*_batch_items(data, "results", Result.from_wire))
+
+
+#: Any message that can travel on the queues.
+Message = Union[Task, Result, EPStatusReport, TaskBatchMessage, ResultBatchMessage]
+
+_MESSAGE_CLASSES = (Task, Result, EPStatusReport, TaskBatchMessage, ResultBatchMessage)
 _READERS: Dict[str, Callable[[Dict[str, Any]], Message]] = {
     Task.message_type: Task.from_wire,
     Result.message_type: Result.from_wire,
     EPStatusReport.message_type: EPStatusReport.from_wire,
+    TaskBatchMessage.message_type: TaskBatchMessage.from_wire,
+    ResultBatchMessage.message_type: ResultBatchMessage.from_wire,
 }
 
 

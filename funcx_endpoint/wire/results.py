@@ -36,7 +36,7 @@ from funcx_endpoint.wire.framing import FramingError, decode_list, encode_list
 from funcx_endpoint.wire.messages import PROTOCOL_VERSION, Result, ResultErrorDetails, unpack
 from funcx_endpoint.wire.states import TaskTransition
 
-__all__ = ["PackedResult", "read_result", "transitions_json"]
+__all__ = ["PackedResult", "batch_message_pieces", "read_result", "transitions_json"]
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -237,6 +237,22 @@ class PackedResult:
             f"PackedResult({self.task_id!r}, {len(self.data)} bytes of data, "
             f"error={bytes(self.error_details)[:80]!r})"
         )
+
+
+_BATCH_HEAD = bytes([PROTOCOL_VERSION]) + b'{"message_type":"result_batch","data":{"results":['
+_BATCH_TAIL = b"]}}"
+
+
+def batch_message_pieces(results: Sequence[PackedResult]) -> List[Buffer]:
+    """The ``result_batch`` message holding ``results``, in pieces (see
+    :data:`~funcx_endpoint.wire.messages.MESSAGE_BATCHES`); payloads not decoded."""
+    pieces: List[Buffer] = [_BATCH_HEAD]
+    for index, result in enumerate(results):
+        if index:
+            pieces.append(b",")
+        pieces.extend(result.object_pieces())
+    pieces.append(_BATCH_TAIL)
+    return pieces
 
 
 def read_result(raw: Buffer) -> Result:
