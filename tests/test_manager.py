@@ -262,7 +262,8 @@ class PoolTests(SynchronousTestCase):
                 "--debug",
             ],
         )
-        self.assertEqual(child.child_fds[frames.TASK_FD], "w")
+        # The task pipe is the pool's own (written at once), given to the child.
+        self.assertIsInstance(child.child_fds[frames.TASK_FD], int)
         self.assertEqual(child.child_fds[frames.RESULT_FD], "r")
         for fd in (0, 1, 2):
             self.assertIsInstance(child.child_fds[fd], int)

@@ -35,6 +35,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from funcx_endpoint.manager.pipes import TaskPipe
 from funcx_endpoint.wire import (
     ActorName,
     ErrorCode,
@@ -186,17 +187,21 @@ class _Worker:
 
 
 class WorkerProtocol(ProcessProtocol):
-    """Frames to and from one worker process; events go to the pool."""
+    """Frames to and from one worker process; events go to the pool.
 
-    def __init__(self, pool: WorkerPool, worker: _Worker) -> None:
+    Frames to the worker go through its :class:`TaskPipe` (written at once);
+    frames from it arrive on the result pipe Twisted reads.
+    """
+
+    def __init__(self, pool: WorkerPool, worker: _Worker, pipe: TaskPipe) -> None:
         self._pool = pool
         self._worker = worker
         self._decoder = frames.FrameDecoder()
+        self.pipe = pipe
 
     def send(self, frame: bytes) -> None:
         """Write one frame to the worker's task pipe."""
-        if self.transport is not None:
-            self.transport.writeToChild(frames.TASK_FD, frame)
+        self.pipe.write(frame)
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD != frames.RESULT_FD:
@@ -373,7 +378,8 @@ class WorkerPool:
         worker.exit_reason = None
         worker.phase = frames.PHASE_RUNNING
         worker.spawned_at = self._reactor.seconds()
-        protocol = WorkerProtocol(self, worker)
+        pipe, child_end = TaskPipe.open(self._reactor)
+        protocol = WorkerProtocol(self, worker, pipe)
         worker.protocol = protocol
         try:
             worker.transport = self._reactor.spawnProcess(
@@ -385,11 +391,12 @@ class WorkerPool:
                     0: null_fd,
                     1: out_fd,
                     2: err_fd,
-                    frames.TASK_FD: "w",
+                    frames.TASK_FD: child_end,
                     frames.RESULT_FD: "r",
                 },
             )
         except OSError as exc:
+            pipe.close()
             worker.transport = None
             worker.protocol = None
             self.log.error(
@@ -404,6 +411,7 @@ class WorkerPool:
             os.close(out_fd)
             os.close(err_fd)
             os.close(null_fd)
+            os.close(child_end)
         worker.pid = worker.transport.pid
         self.log.debug("Started worker {index} (pid {pid})", index=worker.index, pid=worker.pid)
 
@@ -525,6 +533,8 @@ class WorkerPool:
 
     def _exited(self, worker: _Worker, reason: Failure) -> None:
         worker.exit_reason = reason
+        if worker.protocol is not None:
+            worker.protocol.pipe.close()
         if worker in self._idle:
             self._idle.remove(worker)
         # Results written just before the exit may still be in the pipe:
@@ -542,8 +552,9 @@ class WorkerPool:
                 index=worker.index,
                 pid=worker.pid,
             )
-            for fd in (frames.TASK_FD, frames.RESULT_FD):
-                transport.closeChildFD(fd)
+            if worker.protocol is not None:
+                worker.protocol.pipe.close()
+            transport.closeChildFD(frames.RESULT_FD)
 
     def _ended(self, worker: _Worker, reason: Failure) -> None:
         if worker.pipe_timer is not None:
@@ -553,6 +564,8 @@ class WorkerPool:
         reason = worker.exit_reason or reason
         worker.exit_reason = reason
         pid = worker.pid
+        if worker.protocol is not None:
+            worker.protocol.pipe.close()
         worker.transport = None
         worker.protocol = None
         if worker in self._idle:

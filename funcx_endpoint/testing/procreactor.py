@@ -28,6 +28,7 @@ exit on, and ``signalProcess`` then raises ``ProcessExitedAlready``.
 
 from __future__ import annotations
 
+import os
 import signal as _signal
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, AnyStr, Union
@@ -100,7 +101,7 @@ class FakeProcess:
         self.original_pid = pid
         self.signals: list[str | int] = []
         self.written: dict[int, bytes] = {}
-        self.closed_by_parent: list[int] = []
+        self._closed_by_parent: list[int] = []
         self.exited = False
         self.ended = False
         self.exit_code: int | None = None
@@ -111,6 +112,18 @@ class FakeProcess:
         self.open_pipes: dict[int, str] = {
             fd: kind for fd, kind in self.child_fds.items() if kind in ("r", "w")
         }
+        # File descriptors the parent gave the child (an int in childFDs): the
+        # child holds a copy, as after a real fork, until it closes it or exits.
+        # What the parent writes into such a pipe is read back by data_written.
+        self.inherited: dict[int, int] = {}
+        for fd, given in self.child_fds.items():
+            if isinstance(given, int) and fd > 2:
+                try:
+                    copy = os.dup(given)
+                except OSError:
+                    continue  # not a real descriptor (a test's stand-in number)
+                os.set_blocking(copy, False)
+                self.inherited[fd] = copy
 
     def __repr__(self) -> str:
         state = "ended" if self.ended else "exited" if self.exited else "running"
@@ -146,7 +159,7 @@ class FakeProcess:
     def closeChildFD(self, descriptor: int) -> None:
         """Close our end of a pipe; the protocol gets ``childConnectionLost``."""
         if descriptor in self.open_pipes:
-            self.closed_by_parent.append(descriptor)
+            self._closed_by_parent.append(descriptor)
             self._pipe_closed(descriptor)
 
     def closeStdin(self) -> None:
@@ -173,8 +186,39 @@ class FakeProcess:
     # -- test helpers: what the child does ----------------------------------------
 
     def data_written(self, fd: int = 0) -> bytes:
-        """Everything the parent wrote to the child's ``fd`` so far."""
+        """Everything the parent wrote to the child's ``fd`` so far (a pipe of
+        ours, or one the parent gave the child)."""
+        self._read_inherited(fd)
         return self.written.get(fd, b"")
+
+    def _read_inherited(self, fd: int) -> None:
+        copy = self.inherited.get(fd)
+        if copy is None:
+            return
+        while True:
+            try:
+                data = os.read(copy, 65536)
+            except BlockingIOError:
+                return
+            if not data:  # the parent closed its end
+                if fd not in self._closed_by_parent:
+                    self._closed_by_parent.append(fd)
+                return
+            self.written[fd] = self.written.get(fd, b"") + data
+
+    @property
+    def closed_by_parent(self) -> list[int]:
+        """The fds whose parent end the parent closed (pipes given to the child
+        included: seen by the end of file the child's copy reads)."""
+        for fd in list(self.inherited):
+            self._read_inherited(fd)
+        return list(self._closed_by_parent)
+
+    def _close_inherited(self, fd: int) -> None:
+        self._read_inherited(fd)  # what was written before stays readable
+        copy = self.inherited.pop(fd, None)
+        if copy is not None:
+            os.close(copy)
 
     def simulate_output(self, fd: int, data: bytes) -> None:
         """The child writes ``data`` to its ``fd``: ``childDataReceived(fd, data)``."""
@@ -184,7 +228,11 @@ class FakeProcess:
         self.proto.childDataReceived(fd, data)
 
     def simulate_close(self, fd: int) -> None:
-        """The child closes its end of pipe ``fd``: ``childConnectionLost(fd)``."""
+        """The child closes its end of pipe ``fd``: ``childConnectionLost(fd)``
+        (for a pipe the parent gave it: the parent's writes then fail)."""
+        if fd in self.inherited:
+            self._close_inherited(fd)
+            return
         if fd not in self.open_pipes:
             raise ValueError(f"fd {fd} is not an open pipe")
         self._pipe_closed(fd)
@@ -216,6 +264,8 @@ class FakeProcess:
         if self.proto is not None:
             self.proto.processExited(self._reason())
         if close_pipes:
+            for fd in list(self.inherited):
+                self._close_inherited(fd)
             for fd in sorted(self.open_pipes):
                 if fd in self.open_pipes:
                     self._pipe_closed(fd)

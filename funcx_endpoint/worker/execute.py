@@ -19,6 +19,7 @@ from __future__ import annotations
 import sys
 import traceback
 from collections import OrderedDict
+from time import time_ns
 from types import TracebackType
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -26,14 +27,12 @@ import dill
 
 from funcx_endpoint.version import __version__
 from funcx_endpoint.wire import (
-    ActorName,
     ErrorCode,
     PackedResult,
-    TaskState,
-    TaskTransition,
     serialize,
     unpack_task_buffer,
 )
+from funcx_endpoint.wire.fields import _encode_json
 from funcx_endpoint.wire.frames import PHASE_LOADING, PHASE_RUNNING
 
 #: The default largest serialized result, in bytes (as funcX).
@@ -144,29 +143,31 @@ class TaskRunner:
 
     def run(self, task_id: str, running_ns: int, task_buffer: str) -> bytes:
         """The encoded PackedResult of running ``task_buffer``."""
-        statuses = [TaskTransition(running_ns, TaskState.RUNNING, ActorName.MANAGER)]
+        # Transitions are written as the JSON they become (no objects on the
+        # way): running (the manager's stamp), execution start and end.
+        statuses = [_RUNNING % running_ns]
         try:
             fn, args, kwargs = self._load(task_buffer)
         except Exception as exc:
             message = clip(f"Task {task_id} could not be deserialized: {exc}", MAX_SUMMARY_BYTES)
-            return self._failure(task_id, ErrorCode.DESERIALIZATION_ERROR, message, statuses)
-        statuses.append(TaskTransition.now(TaskState.EXECUTION_START, ActorName.WORKER))
+            return _failure(task_id, ErrorCode.DESERIALIZATION_ERROR, message, None, statuses)
+        statuses.append(_STARTED % time_ns())
         try:
             value = fn(*args, **kwargs)
         except BaseException as exc:  # the user's code may raise anything, SystemExit too
-            statuses.append(TaskTransition.now(TaskState.EXECUTION_END, ActorName.WORKER))
+            statuses.append(_ENDED % time_ns())
             text = clip(_user_traceback(exc), min(MAX_TRACEBACK_BYTES, self.result_size_limit))
-            return PackedResult.failure(
+            return _failure(
                 task_id, ErrorCode.REMOTE_EXECUTION_ERROR, _summary(exc), text, statuses
-            ).encode()
-        statuses.append(TaskTransition.now(TaskState.EXECUTION_END, ActorName.WORKER))
+            )
+        statuses.append(_ENDED % time_ns())
         try:
             data = serialize(value)
         except Exception as exc:
             message = clip(
                 f"The result of task {task_id} could not be serialized: {exc}", MAX_SUMMARY_BYTES
             )
-            return self._failure(task_id, ErrorCode.REMOTE_EXECUTION_ERROR, message, statuses)
+            return _failure(task_id, ErrorCode.REMOTE_EXECUTION_ERROR, message, None, statuses)
         del value
         size = len(data)
         if size > self.result_size_limit:
@@ -174,8 +175,10 @@ class TaskRunner:
                 f"The result of task {task_id} is {size} bytes serialized, more than the "
                 f"result size limit of {self.result_size_limit} bytes"
             )
-            return self._failure(task_id, ErrorCode.MAX_RESULT_SIZE_EXCEEDED, message, statuses)
-        return PackedResult.success(task_id, data, statuses).encode()
+            return _failure(task_id, ErrorCode.MAX_RESULT_SIZE_EXCEEDED, message, None, statuses)
+        return PackedResult(
+            task_id, _encode_json(data).encode("ascii"), _NULL, _statuses(statuses)
+        ).encode()
 
     def _load(self, task_buffer: str) -> Tuple[Callable[..., Any], Tuple[Any, ...], Dict[str, Any]]:
         try:
@@ -185,6 +188,21 @@ class TaskRunner:
                 self._loading = False
                 self._report_phase(PHASE_RUNNING)
 
-    @staticmethod
-    def _failure(task_id: str, code: str, message: str, statuses: List[TaskTransition]) -> bytes:
-        return PackedResult.failure(task_id, code, message, None, statuses).encode()
+
+_RUNNING = '{"timestamp":%d,"state":"running","actor":"manager"}'
+_STARTED = '{"timestamp":%d,"state":"execution-start","actor":"worker"}'
+_ENDED = '{"timestamp":%d,"state":"execution-end","actor":"worker"}'
+_NULL = b"null"
+
+
+def _statuses(transitions: List[str]) -> bytes:
+    return ("[" + ",".join(transitions) + "]").encode("ascii")
+
+
+def _failure(
+    task_id: str, code: str, message: str, data: Optional[str], transitions: List[str]
+) -> bytes:
+    """The encoded failure result (``data`` defaults to ``message``, as Result.failure)."""
+    details = _encode_json({"code": code, "user_message": message}).encode("ascii")
+    text = _encode_json(message if data is None else data).encode("ascii")
+    return PackedResult(task_id, text, details, _statuses(transitions)).encode()
