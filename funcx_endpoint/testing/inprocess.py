@@ -68,7 +68,7 @@ from funcx_endpoint.testing.recording import (
 )
 from funcx_endpoint.tls import TLSFiles
 from funcx_endpoint.version import __version__
-from funcx_endpoint.webservice import storage as store
+from funcx_endpoint.webservice import accounts
 from funcx_endpoint.webservice.api import MIN_SDK_VERSION, BrokerAddress, FuncXAPI
 from funcx_endpoint.webservice.auth import (
     FUNCX_RESOURCE_SERVER,
@@ -82,9 +82,11 @@ from funcx_endpoint.webservice.auth import (
 )
 from funcx_endpoint.webservice.db import DatabaseConfig, Tx
 from funcx_endpoint.webservice.dispatch import ResultIngest, TaskSender
+from funcx_endpoint.webservice.endpoints import get_endpoint
 from funcx_endpoint.webservice.http import APIResource, Router
+from funcx_endpoint.webservice.records import Endpoint, TokenInfo
 from funcx_endpoint.webservice.settings import DEFAULT_FUNCX_SCOPE, MIB
-from funcx_endpoint.webservice.storage import Endpoint, Storage, TokenInfo
+from funcx_endpoint.webservice.storage import Storage
 from funcx_endpoint.wire import (
     ActorName,
     EPStatusReport,
@@ -232,7 +234,7 @@ def _function_ids(tx: Tx) -> List[str]:
 
 
 def _live_endpoint(tx: Tx, endpoint_id: str) -> Optional[Endpoint]:
-    endpoint = store.get_endpoint(tx, endpoint_id)
+    endpoint = get_endpoint(tx, endpoint_id)
     return endpoint if endpoint is not None and endpoint.deleted_at is None else None
 
 
@@ -413,7 +415,7 @@ class InProcessService(MultiService):
         if found is None:
             client_id = str(uuid.uuid4())
             client = self._run(
-                store.create_client, client_id, name, _NO_SECRET, self.clock.seconds()
+                accounts.create_client, client_id, name, _NO_SECRET, self.clock.seconds()
             )
             found = self.users[name] = TestUser(name, client_id, client.identity_id, None)
         return found
@@ -427,7 +429,7 @@ class InProcessService(MultiService):
             name = str(uuid.uuid4())
             secret = new_secret()
             client = self._run(
-                store.create_client, name, name, hash_secret(secret), self.clock.seconds()
+                accounts.create_client, name, name, hash_secret(secret), self.clock.seconds()
             )
             self.users[name] = TestUser(name, name, client.identity_id, secret)
             return name, secret
@@ -453,14 +455,14 @@ class InProcessService(MultiService):
             now,
             now + self.token_lifetime,
         )
-        self._run(store.insert_token, token_hash(token), info)
+        self._run(accounts.insert_token, token_hash(token), info)
         return token
 
     def revoke_tokens(self) -> None:
         """Revoke every access token, as the revoke call would (the next use gets 401)."""
         for hashed in self._run(_active_token_hashes):
             self.authenticator.forget(hashed)
-            self._run(store.revoke_token, hashed)
+            self._run(accounts.revoke_token, hashed)
 
     # -- playing the endpoints ---------------------------------------------------------
 

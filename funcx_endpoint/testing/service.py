@@ -334,7 +334,7 @@ class ServiceProcess:
 
         Uses the service's storage directly, as ``funcx-service create-client`` does.
         """
-        from funcx_endpoint.webservice import storage
+        from funcx_endpoint.webservice import accounts, storage
         from funcx_endpoint.webservice.auth import hash_secret, new_secret
         from funcx_endpoint.webservice.settings import ServiceSettings
 
@@ -342,7 +342,7 @@ class ServiceProcess:
         connection, call = storage.open_sync(settings.effective_database_url)
         client_id, secret = str(uuid.uuid4()), new_secret()
         try:
-            call(storage.create_client)(
+            call(accounts.create_client)(
                 client_id, name or f"test-{client_id[:8]}", hash_secret(secret), time.time()
             )
         finally:
