@@ -53,6 +53,7 @@ from twisted.logger import Logger
 from funcx_endpoint.executor.blocks import Block, BlockScaler, manager_is_idle
 from funcx_endpoint.executor.interface import ILoadSource, ManagerInfo
 from funcx_endpoint.executor.providers.local import provider_from_config
+from funcx_endpoint.observer import fresh_result
 
 
 def estimate_workers_per_node(
@@ -140,14 +141,7 @@ class SimpleStrategy(Service):
         ticking = self._ticking
         if ticking is None:
             return succeed(None)
-        done: Deferred[None] = Deferred()
-
-        def fire(result: Decision) -> Decision:
-            done.callback(None)
-            return result
-
-        ticking.addCallback(fire)
-        return done
+        return fresh_result(ticking).addCallback(lambda _: None)
 
     # -- decisions --------------------------------------------------------------------
 
