@@ -17,7 +17,6 @@ directory).
 
 from __future__ import annotations
 
-import atexit
 import glob
 import os
 import pwd
@@ -33,9 +32,9 @@ import time
 from typing import Any, Dict, List, Optional
 
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThreadPool
 
 from funcx_endpoint.testing.rabbitmq import WATCHDOG_WAIT
+from funcx_endpoint.testing.shared import SharedInstance
 
 __all__ = [
     "PostgresError",
@@ -319,32 +318,19 @@ def _tail(path: str, lines: int = 30) -> str:
         return "(no log)"
 
 
-_shared: Optional[PostgresServer] = None
-_shared_lock = threading.Lock()
-_registered = False
+_SHARED: SharedInstance[PostgresServer] = SharedInstance(
+    PostgresServer, PostgresServer.start, PostgresServer.stop
+)
 
 
 def shared_postgres() -> PostgresServer:
     """The process-wide server, started on first use (about 2 s); stopped at exit."""
-    global _shared, _registered
-    with _shared_lock:
-        if not _registered:
-            atexit.register(stop_shared_postgres)
-            _registered = True
-        if _shared is None:
-            _shared = PostgresServer()
-        server = _shared
-        server.start()
-        return server
+    return _SHARED.get()
 
 
 def shared_postgres_async(reactor: Any) -> Deferred[PostgresServer]:
-    return deferToThreadPool(reactor, reactor.getThreadPool(), shared_postgres)
+    return _SHARED.get_async(reactor)
 
 
 def stop_shared_postgres() -> None:
-    global _shared
-    with _shared_lock:
-        server, _shared = _shared, None
-    if server is not None:
-        server.stop()
+    _SHARED.stop()

@@ -79,6 +79,7 @@ from funcx_endpoint.rabbitmq.node import (
     tail,
 )
 from funcx_endpoint.rabbitmq.processes import DEFAULT_SERVER, Programs, node_processes
+from funcx_endpoint.testing.shared import SharedInstance
 
 __all__ = [
     "MARKER_ENV",
@@ -955,8 +956,6 @@ def _destroy_nodes_at_exit() -> None:
 
 # -- the node shared by every test of a process --------------------------------
 
-_shared: RabbitMQNode | None = None
-_shared_lock = threading.Lock()
 _hooks_lock = threading.Lock()
 _atexit_registered = False
 _signals_installed = False
@@ -970,33 +969,21 @@ def shared_node() -> RabbitMQNode:
     stopped when the process exits, also on failure, Ctrl-C, SIGTERM, SIGHUP or
     SIGKILL (see the module docstring).
     """
-    global _shared
-    _install_exit_hooks()
-    with _shared_lock:
-        if _shared is None:
-            _shared = RabbitMQNode()
-        node = _shared
-        node.start()
-        return node
+    return _SHARED.get()
 
 
 def shared_node_async(reactor: Any) -> Deferred[RabbitMQNode]:
     """:func:`shared_node` from a running reactor: starts it in a thread if needed."""
-    _install_exit_hooks()
-    return deferToThreadPool(reactor, reactor.getThreadPool(), shared_node)
+    return _SHARED.get_async(reactor)
 
 
 def stop_shared_node() -> None:
     """Stop and remove the shared node now (it is started again on next use)."""
-    global _shared
-    with _shared_lock:
-        node, _shared = _shared, None
-    if node is not None:
-        node.destroy(graceful=False)
+    _SHARED.stop()
 
 
 def _on_fatal_signal(signum: int, frame: FrameType | None) -> None:
-    node = _shared
+    node = _SHARED.current
     if node is not None:
         node.emergency_kill()
     previous = _previous_handlers.get(signum, signal.SIG_DFL)
@@ -1031,3 +1018,17 @@ def _install_exit_hooks() -> None:
             continue
         _previous_handlers[signum] = previous
         signal.signal(signum, _on_fatal_signal)
+
+
+def _destroy_now(node: RabbitMQNode) -> None:
+    node.destroy(graceful=False)
+
+
+# Its exit hooks (atexit and signals) are _install_exit_hooks's, run at every use.
+_SHARED: SharedInstance[RabbitMQNode] = SharedInstance(
+    RabbitMQNode,
+    RabbitMQNode.start,
+    _destroy_now,
+    prepare=_install_exit_hooks,
+    stop_at_exit=False,
+)
