@@ -379,24 +379,19 @@ class LocalProvider(Service):
     # -- ends and stops ------------------------------------------------------------------
 
     def _rank_ended(self, job: _Job, rank: Rank) -> None:
-        how = describe_exit(rank.exit_code)
+        ended = "Block job {job_id} rank {rank} (pid {pid}) {how}"
         if job.cancelled or rank.exit_code == 0:
-            self.log.info(
-                "Block job {job_id} rank {rank} (pid {pid}) {how}",
-                job_id=job.job_id,
-                rank=rank.rank,
-                pid=rank.pid,
-                how=how,
-            )
+            report = self.log.info
         else:
-            self.log.warn(
-                "Block job {job_id} rank {rank} (pid {pid}) {how}; its stderr is in {path}",
-                job_id=job.job_id,
-                rank=rank.rank,
-                pid=rank.pid,
-                how=how,
-                path=rank.stderr_path,
-            )
+            report, ended = self.log.warn, ended + "; its stderr is in {path}"
+        report(
+            ended,
+            job_id=job.job_id,
+            rank=rank.rank,
+            pid=rank.pid,
+            how=describe_exit(rank.exit_code),
+            path=rank.stderr_path,
+        )
         self.reaper.rank_ended(rank)
 
 
@@ -430,18 +425,14 @@ def provider_from_config(
     ``local_options`` are more keyword arguments for our :class:`LocalProvider`.
     """
     if isinstance(config_provider, config_model.LocalProvider):
+        # Every field of the config's provider is an argument of ours, of the same name.
+        settings = {name: getattr(config_provider, name) for name in config_provider.fields}
         native = LocalProvider(
             reactor,
             os.path.join(working_dir, "blocks"),
             label=config_provider.label,
-            init_blocks=config_provider.init_blocks,
-            min_blocks=config_provider.min_blocks,
-            max_blocks=config_provider.max_blocks,
-            nodes_per_block=config_provider.nodes_per_block,
-            parallelism=config_provider.parallelism,
-            worker_init=config_provider.worker_init,
-            cmd_timeout=config_provider.cmd_timeout,
             stop_grace_period=stop_grace_period,
+            **settings,
             **dict(local_options or {}),
         )
         return ProviderAdapter(native, reactor)

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, ClassVar, Dict, List, Optional
 
+import attr
 import psutil
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
@@ -179,6 +180,7 @@ class Rank(ProcessProtocol):
         self._on_ended(self)
 
 
+@attr.s(auto_attribs=True, eq=False)
 class RankReaper:
     """Stops ranks and whatever they started in their process groups.
 
@@ -193,22 +195,13 @@ class RankReaper:
     ``grace_period``: seconds between TERM and KILL.
     """
 
-    log = Logger()
+    log: ClassVar[Logger] = Logger()
 
-    def __init__(
-        self,
-        clock: IReactorTime,
-        groups: IProcessGroups,
-        run_in_thread: Callable[..., Deferred[Any]],
-        *,
-        process_groups: bool = True,
-        grace_period: float = 10.0,
-    ) -> None:
-        self._clock = clock
-        self._groups = groups
-        self._in_thread = run_in_thread
-        self.process_groups = process_groups
-        self.grace_period = grace_period
+    _clock: IReactorTime
+    _groups: IProcessGroups
+    _run_in_thread: Callable[..., Deferred[Any]]
+    process_groups: bool = attr.ib(default=True, kw_only=True)
+    grace_period: float = attr.ib(default=10.0, kw_only=True)
 
     def rank_ended(self, rank: Rank) -> None:
         """The rank's process exited: its polls look again, and whatever it
@@ -272,7 +265,7 @@ class RankReaper:
             for w in waiters:
                 w.callback(alive)
 
-        self._in_thread(self._groups.alive, rank.pid).addCallback(bool).addErrback(
+        self._run_in_thread(self._groups.alive, rank.pid).addCallback(bool).addErrback(
             failed
         ).addCallback(finished)
         return waiter
