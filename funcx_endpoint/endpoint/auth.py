@@ -21,11 +21,11 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import attr
 from treq.client import HTTPClient
-from twisted.internet.ssl import Certificate
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from funcx_endpoint.files import write_atomically
+from funcx_endpoint.tls import trust_root
 
 FUNCX_SCOPE = "https://auth.globus.org/scopes/facd7ccc-c5f4-42aa-916b-a0e270e2c2a9/all"
 GLOBUS_AUTH = "https://auth.globus.org/"
@@ -83,12 +83,7 @@ def http_client(
     """A treq client verifying HTTPS against ``ca_file`` (or the system's CAs)."""
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 4
-    if ca_file:
-        with open(ca_file, "rb") as f:
-            trust = Certificate.loadPEM(f.read())
-        policy = BrowserLikePolicyForHTTPS(trustRoot=trust)
-    else:
-        policy = BrowserLikePolicyForHTTPS()
+    policy = BrowserLikePolicyForHTTPS(trustRoot=trust_root(ca_file))
     agent = Agent(reactor, contextFactory=policy, pool=pool, connectTimeout=30)
     return HTTPClient(agent), pool
 

@@ -431,15 +431,7 @@ class BlockScaler(Service):
             return
         now = self._clock.seconds()
         block.ended_at = now
-        if block.cancelled or status.state in (JobState.CANCELLED, JobState.SCALED_IN):
-            self.log.info(
-                "Block {block_id} (job {job_id}) ended: {status}",
-                block_id=block.block_id,
-                job_id=block.job_id,
-                status=str(status),
-            )
-            self._retire(block)
-            return
+        stopped = block.cancelled or status.state in (JobState.CANCELLED, JobState.SCALED_IN)
         # Measured to the last time a manager of it was seen connected, not to
         # now: a provider that polls slowly learns of the end late.
         healthy = block.healthy or (
@@ -447,10 +439,11 @@ class BlockScaler(Service):
             and block.manager_last_seen is not None
             and block.manager_last_seen - block.manager_since >= self.min_healthy_lifetime
         )
-
-        if not healthy:
+        if not stopped and not healthy:
             self._failed_start(block)
-        if block.failed_start or status.state in (JobState.FAILED, JobState.MISSING):
+        if not stopped and (
+            block.failed_start or status.state in (JobState.FAILED, JobState.MISSING)
+        ):
             tail = await self.provider.read_tail(status.stderr_path)
             why = (
                 "before any of its managers connected"

@@ -50,6 +50,7 @@ from funcx_endpoint.amqp.client import ChannelHandlers, Delivery, Returned, enco
 from funcx_endpoint.amqp.connection import AMQPURL, AMQPError
 from funcx_endpoint.amqp.interfaces import IAMQPChannel, IAMQPClient, IAMQPConnectionService
 from funcx_endpoint.amqp.spec import load_spec
+from funcx_endpoint.observer import OneShotObserver
 
 __all__ = [
     "FakeAMQPClient",
@@ -468,23 +469,22 @@ class FakeChannel:
 
     def confirm(self, seq: Optional[int] = None, multiple: bool = False) -> None:
         """``basic.ack`` of publish ``seq`` (all unconfirmed ones if None)."""
-        if seq is None:
-            if not self.unconfirmed:
-                return
-            seq, multiple = max(self.unconfirmed), True
-        self._confirmed(seq, multiple)
-        if self.handlers.on_ack is not None:
-            self.handlers.on_ack(seq, multiple)
+        self._answer_publish(seq, multiple, self.handlers.on_ack)
 
     def nack_publish(self, seq: Optional[int] = None, multiple: bool = False) -> None:
         """``basic.nack`` of publish ``seq`` (all unconfirmed ones if None)."""
+        self._answer_publish(seq, multiple, self.handlers.on_nack)
+
+    def _answer_publish(
+        self, seq: Optional[int], multiple: bool, handler: Optional[Callable[[int, bool], None]]
+    ) -> None:
         if seq is None:
             if not self.unconfirmed:
                 return
             seq, multiple = max(self.unconfirmed), True
         self._confirmed(seq, multiple)
-        if self.handlers.on_nack is not None:
-            self.handlers.on_nack(seq, multiple)
+        if handler is not None:
+            handler(seq, multiple)
 
     def return_publish(self, seq: int, code: int = NO_ROUTE, text: str = "NO_ROUTE") -> None:
         """``basic.return`` of mandatory publish ``seq`` (unroutable), then its
@@ -689,7 +689,7 @@ class FakeConnectionService(Service):
         #: set-up errors that were not fatal (the real service retries after them)
         self.setup_errors: List[Exception] = []
         self._connected_waiters: List[Deferred[Any]] = []
-        self._fatal_waiters: List[Deferred[AMQPError]] = []
+        self._fatal: OneShotObserver[AMQPError] = OneShotObserver()
         if name:
             self.setName(name)
 
@@ -758,20 +758,13 @@ class FakeConnectionService(Service):
         return d
 
     def when_fatal(self) -> Deferred[AMQPError]:
-        d: Deferred[AMQPError] = Deferred()
-        if self.fatal_error is not None:
-            d.callback(self.fatal_error)
-        else:
-            self._fatal_waiters.append(d)
-        return d
+        return self._fatal.when_fired()
 
     def _fail(self, error: AMQPError) -> None:
         if self.fatal_error is not None:
             return
         self.fatal_error = error
-        waiters, self._fatal_waiters = self._fatal_waiters, []
-        for d in waiters:
-            d.callback(error)
+        self._fatal.fire(error)
 
     def fail(self, error: AMQPError) -> None:
         self._fail(error)

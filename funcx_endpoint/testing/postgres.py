@@ -29,7 +29,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from twisted.internet.defer import Deferred
 
@@ -160,65 +160,79 @@ class PostgresServer:
             self._chown(pwfile)
             data = os.path.join(base, "data")
             log_path = os.path.join(base, "initdb.log")
-            with open(log_path, "wb") as log:
-                self._chown(log_path)
-                result = subprocess.run(
-                    [
-                        os.path.join(bin_dir, "initdb"),
-                        "-D",
-                        data,
-                        "-U",
-                        self.user,
-                        "--auth=scram-sha-256",
-                        f"--pwfile={pwfile}",
-                        "-E",
-                        "UTF8",
-                        "--locale=C",
-                        "--no-sync",
-                    ],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    cwd=base,
-                    timeout=120,
-                    **run_as,
-                )
+            result = self._program(
+                subprocess.run,
+                [
+                    os.path.join(bin_dir, "initdb"),
+                    "-D",
+                    data,
+                    "-U",
+                    self.user,
+                    "--auth=scram-sha-256",
+                    f"--pwfile={pwfile}",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                    "--no-sync",
+                ],
+                log_path,
+                run_as,
+                timeout=120,
+            )
             os.unlink(pwfile)
             if result.returncode != 0:
                 raise PostgresError(f"initdb failed: {_tail(log_path)}")
             self.port = _free_port()
             server_log = os.path.join(base, "postgres.log")
-            with open(server_log, "wb") as log:
-                self._chown(server_log)
-                self._process = subprocess.Popen(
-                    [
-                        os.path.join(bin_dir, "postgres"),
-                        "-D",
-                        data,
-                        "-p",
-                        str(self.port),
-                        "-k",
-                        base,
-                        "-c",
-                        "listen_addresses=127.0.0.1",
-                        "-c",
-                        "fsync=off",
-                        "-c",
-                        "synchronous_commit=off",
-                        "-c",
-                        "full_page_writes=off",
-                        "-c",
-                        "max_connections=60",
-                    ],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    cwd=base,
-                    start_new_session=True,
-                    **run_as,
-                )
+            self._process = self._program(
+                subprocess.Popen,
+                [
+                    os.path.join(bin_dir, "postgres"),
+                    "-D",
+                    data,
+                    "-p",
+                    str(self.port),
+                    "-k",
+                    base,
+                    "-c",
+                    "listen_addresses=127.0.0.1",
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "synchronous_commit=off",
+                    "-c",
+                    "full_page_writes=off",
+                    "-c",
+                    "max_connections=60",
+                ],
+                server_log,
+                run_as,
+                start_new_session=True,
+            )
             self._start_watchdog()
             self._await_ready(server_log)
+
+    def _program(
+        self,
+        run: Callable[..., Any],
+        args: List[str],
+        log_path: str,
+        run_as: Dict[str, Any],
+        **options: Any,
+    ) -> Any:
+        """``run(args, ...)``: a program of the server, in its base directory, as
+        ``run_as`` says, with its output in the new file ``log_path``."""
+        with open(log_path, "wb") as log:
+            self._chown(log_path)
+            return run(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.base_dir,
+                **run_as,
+                **options,
+            )
 
     def _start_watchdog(self) -> None:
         assert self._process is not None and self.base_dir is not None
