@@ -25,7 +25,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -33,8 +32,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 from twisted.internet.defer import Deferred
 
-from funcx_endpoint.testing.rabbitmq import WATCHDOG_WAIT
 from funcx_endpoint.testing.shared import SharedInstance
+from funcx_endpoint.testing.watchdog import Watchdog
 
 __all__ = [
     "PostgresError",
@@ -51,11 +50,9 @@ _INSTALL_HINT = (
     f"or set {BIN_ENV} to the directory holding initdb and postgres."
 )
 
-# The same watchdog as the RabbitMQ harness's: once its owner is gone, it kills
-# the server's process group and removes its files.
-_WATCHDOG = (
-    WATCHDOG_WAIT
-    + r"""
+# What the server's watchdog does once its owner is gone: kill the server's
+# process group and remove its files.
+_WATCHDOG_CLEANUP = r"""
 pgid = int(sys.argv[1]); base = sys.argv[2]
 for sig in (signal.SIGQUIT, signal.SIGKILL):
     try:
@@ -65,7 +62,6 @@ for sig in (signal.SIGQUIT, signal.SIGKILL):
     time.sleep(0.5)
 shutil.rmtree(base, ignore_errors=True)
 """
-)
 
 
 class PostgresError(Exception):
@@ -108,7 +104,7 @@ class PostgresServer:
         self.password = secrets.token_urlsafe(18)
         self.user = "postgres"
         self._process: Optional[subprocess.Popen[bytes]] = None
-        self._watchdog: Optional[subprocess.Popen[bytes]] = None
+        self._watchdog: Optional[Watchdog] = None
         self._lock = threading.RLock()
 
     # -- running as whom ----------------------------------------------------------------
@@ -236,13 +232,7 @@ class PostgresServer:
 
     def _start_watchdog(self) -> None:
         assert self._process is not None and self.base_dir is not None
-        self._watchdog = subprocess.Popen(
-            [sys.executable, "-I", "-c", _WATCHDOG, str(self._process.pid), self.base_dir],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        self._watchdog = Watchdog(_WATCHDOG_CLEANUP, [str(self._process.pid), self.base_dir])
 
     def _await_ready(self, log_path: str) -> None:
         import psycopg2
@@ -297,13 +287,8 @@ class PostgresServer:
                 except OSError:
                     pass
             watchdog, self._watchdog = self._watchdog, None
-            if watchdog is not None and watchdog.stdin is not None:
-                try:
-                    watchdog.stdin.write(b"release\n")
-                    watchdog.stdin.close()
-                except (OSError, ValueError):
-                    pass
-                watchdog.wait(10)
+            if watchdog is not None:
+                watchdog.release(timeout=10)
             if self.base_dir is not None:
                 shutil.rmtree(self.base_dir, ignore_errors=True)
                 self.base_dir = None
