@@ -11,6 +11,7 @@ import atexit
 import threading
 from typing import Any, Callable, Generic, Optional, TypeVar
 
+import attr
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 
@@ -19,6 +20,7 @@ __all__ = ["SharedInstance"]
 T = TypeVar("T")
 
 
+@attr.s(auto_attribs=True, eq=False)
 class SharedInstance(Generic[T]):
     """A process-wide ``make()``, started by ``start(instance)`` at every use.
 
@@ -31,22 +33,13 @@ class SharedInstance(Generic[T]):
     caller's thread (where signal handlers can be installed).
     """
 
-    def __init__(
-        self,
-        make: Callable[[], T],
-        start: Callable[[T], None],
-        stop: Callable[[T], None],
-        *,
-        prepare: Optional[Callable[[], None]] = None,
-        stop_at_exit: bool = True,
-    ) -> None:
-        self._make = make
-        self._start = start
-        self._stop = stop
-        self._prepare = prepare
-        self._hook_wanted = stop_at_exit
-        self._lock = threading.Lock()
-        self._instance: Optional[T] = None
+    _make: Callable[[], T]
+    _start: Callable[[T], None]
+    _stop: Callable[[T], None]
+    _prepare: Optional[Callable[[], None]] = attr.ib(default=None, kw_only=True)
+    _hook_wanted: bool = attr.ib(default=True, kw_only=True, alias="stop_at_exit")
+    _lock: threading.Lock = attr.ib(factory=threading.Lock, init=False)
+    _instance: Optional[T] = attr.ib(default=None, init=False)
 
     @property
     def current(self) -> Optional[T]:

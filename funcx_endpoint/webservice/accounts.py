@@ -124,11 +124,8 @@ def find_token(tx: Tx, token_hash: str) -> Optional[TokenInfo]:
 
 
 def revoke_token(tx: Tx, token_hash: str) -> bool:
-    return (
-        tx.execute(
-            "UPDATE tokens SET revoked = 1 WHERE token_hash = ? AND revoked = 0", (token_hash,)
-        ).rowcount
-        > 0
+    return tx.changes(
+        "UPDATE tokens SET revoked = 1 WHERE token_hash = ? AND revoked = 0", (token_hash,)
     )
 
 

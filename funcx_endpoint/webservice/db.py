@@ -147,6 +147,10 @@ class Tx:
     def rowcount(self) -> int:
         return int(self.cursor.rowcount)
 
+    def changes(self, query: str, params: Sequence[Any] = ()) -> bool:
+        """Run ``query``; whether it changed any row."""
+        return self.execute(query, params).rowcount > 0
+
     def rows_in(self, query: str, ids: Sequence[Any], *params: Any) -> List[Tuple[Any, ...]]:
         """All rows of ``query`` for ``ids``, asked :data:`CHUNK` ids at a time.
 

@@ -52,11 +52,8 @@ def list_endpoints(tx: Tx, owner: str) -> List[Endpoint]:
 
 def consume_lock(tx: Tx, endpoint_id: str) -> bool:
     """Unlock a locked endpoint; whether it was locked."""
-    return (
-        tx.execute(
-            "UPDATE endpoints SET locked = 0 WHERE endpoint_id = ? AND locked = 1", (endpoint_id,)
-        ).rowcount
-        > 0
+    return tx.changes(
+        "UPDATE endpoints SET locked = 0 WHERE endpoint_id = ? AND locked = 1", (endpoint_id,)
     )
 
 
@@ -159,12 +156,9 @@ def add_to_whitelist(tx: Tx, endpoint_id: str, function_ids: Sequence[str]) -> N
 
 
 def remove_from_whitelist(tx: Tx, endpoint_id: str, function_id: str) -> bool:
-    return (
-        tx.execute(
-            "DELETE FROM whitelist WHERE endpoint_id = ? AND function_id = ?",
-            (endpoint_id, function_id),
-        ).rowcount
-        > 0
+    return tx.changes(
+        "DELETE FROM whitelist WHERE endpoint_id = ? AND function_id = ?",
+        (endpoint_id, function_id),
     )
 
 
