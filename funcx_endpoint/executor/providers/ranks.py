@@ -123,6 +123,7 @@ def describe_exit(code: Optional[int]) -> str:
     return f"killed by {name}"
 
 
+@attr.s(auto_attribs=True, eq=False, repr=False)
 class Rank(ProcessProtocol):
     """One process of a job (and its process group): the protocol the reactor calls.
 
@@ -131,30 +132,22 @@ class Rank(ProcessProtocol):
     stop here too.
     """
 
-    def __init__(
-        self,
-        job_id: str,
-        rank: int,
-        stdout_path: str,
-        stderr_path: str,
-        on_ended: Callable[[Rank], None],
-    ) -> None:
-        self.job_id = job_id
-        self.rank = rank
-        self.stdout_path = stdout_path
-        self.stderr_path = stderr_path
-        self._on_ended = on_ended
-        self.pid: Optional[int] = None  # also the process group id
-        self.process: Optional[IProcessTransport] = None
-        self.ended = False
-        self.exit_code: Optional[int] = None
-        self.group_gone = False
-        self.terminator: Optional[Deferred[None]] = None
-        # Polls of the group waiting for their next check (woken early when
-        # the rank ends or its group is found empty).
-        self.sleepers: List[Deferred[None]] = []
-        # Callers waiting for the scan of the group in progress, if any.
-        self.scan_waiters: Optional[List[Deferred[bool]]] = None
+    job_id: str
+    rank: int
+    stdout_path: str
+    stderr_path: str
+    _on_ended: Callable[[Rank], None]
+    pid: Optional[int] = attr.ib(default=None, init=False)  # also the process group id
+    process: Optional[IProcessTransport] = attr.ib(default=None, init=False)
+    ended: bool = attr.ib(default=False, init=False)
+    exit_code: Optional[int] = attr.ib(default=None, init=False)
+    group_gone: bool = attr.ib(default=False, init=False)
+    terminator: Optional[Deferred[None]] = attr.ib(default=None, init=False)
+    # Polls of the group waiting for their next check (woken early when
+    # the rank ends or its group is found empty).
+    sleepers: List[Deferred[None]] = attr.ib(factory=list, init=False)
+    # Callers waiting for the scan of the group in progress, if any.
+    scan_waiters: Optional[List[Deferred[bool]]] = attr.ib(default=None, init=False)
 
     def __repr__(self) -> str:
         return f"<rank {self.rank} of job {self.job_id} pid={self.pid}>"
