@@ -146,20 +146,15 @@ def error_message(data: Dict[str, Any]) -> str:
     return "no details"
 
 
+@attr.s(auto_attribs=True, eq=False)
 class Authenticator:
-    """Gets (and caches) access tokens for the funcX scope."""
+    """Gets (and caches, in ``store``) access tokens for the funcX scope from
+    the auth service at ``auth_url``, through ``http``; ``clock`` tells expiry."""
 
-    def __init__(
-        self,
-        http: HTTPClient,
-        auth_url: str,
-        store: TokenStore,
-        clock: Any,
-    ) -> None:
-        self.http = http
-        self.auth_url = auth_url
-        self.store = store
-        self.clock = clock
+    http: HTTPClient
+    auth_url: str
+    store: TokenStore
+    clock: Any
 
     async def request_token(self, client_id: str, secret: str, scope: str) -> Dict[str, Any]:
         basic = base64.b64encode(f"{client_id}:{secret}".encode()).decode()
