@@ -49,3 +49,22 @@ class OneShotObserver(Generic[T]):
         waiters, self._waiters = self._waiters, []
         for d in waiters:
             self._deliver(d)
+
+
+def fresh_result(d: Deferred[T]) -> Deferred[T]:
+    """A new Deferred with ``d``'s result, leaving ``d``'s own chain alone.
+
+    For Deferreds that do not fail (coroutines that catch their errors): a
+    failure would reach the new Deferred too, and stay in ``d``'s chain.
+    """
+    fresh: Deferred[T] = Deferred()
+
+    def fire(result: Any) -> Any:
+        if isinstance(result, Failure):
+            fresh.errback(result)
+        else:
+            fresh.callback(result)
+        return result
+
+    d.addBoth(fire)
+    return fresh

@@ -3,7 +3,8 @@
 The private funcX web service creates its CA and server certificate on first start,
 and the test suite does the same for the RabbitMQ node it runs. Everything here
 returns or writes PEM; nothing touches the network. Private keys are written with
-:func:`write_private_file` (mode 0600, atomic replace).
+:func:`write_private_file` (mode 0600, atomic replace). Clients verify peers with
+:func:`trust_root`.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import datetime
 import ipaddress
 import os
 from collections.abc import Iterable, Sequence
-from typing import Literal, NamedTuple, Union
+from typing import Any, Literal, NamedTuple, Union
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from twisted.internet.ssl import Certificate, platformTrust
 
 from funcx_endpoint.files import write_atomically
 
@@ -28,6 +30,7 @@ __all__ = [
     "PrivateKey",
     "TLSFiles",
     "certificate_covers",
+    "trust_root",
     "ensure_ca_and_server_cert",
     "generate_private_key",
     "make_ca",
@@ -334,3 +337,12 @@ def ensure_ca_and_server_cert(
         write_private_file(files.server_key, key_pem)
         write_public_file(files.server_cert, cert_pem)
     return files
+
+
+def trust_root(ca_file: str | None) -> Any:
+    """What a TLS client trusts (a ``trustRoot``): the CA certificate in ``ca_file``,
+    else the system's CAs."""
+    if not ca_file:
+        return platformTrust()
+    with open(ca_file, "rb") as f:
+        return Certificate.loadPEM(f.read())

@@ -8,7 +8,7 @@ import textwrap
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from funcx_endpoint.cli.main import render_template
+from funcx_endpoint.cli.profiles import render_template
 from funcx_endpoint.config import (
     Config,
     ConfigError,

@@ -24,15 +24,7 @@ from zope.interface import implementer
 from funcx_endpoint.config.model import HighThroughputExecutor
 from funcx_endpoint.executor.interchange import Interchange
 from funcx_endpoint.manager.main import apply_options, parse_args
-from funcx_endpoint.manager.pool import (
-    MAX_START_FAILURES,
-    PIPE_CLOSE_GRACE,
-    WorkerPool,
-    count_workers,
-    describe_exit,
-    read_tail,
-    worker_environment,
-)
+from funcx_endpoint.manager.pool import MAX_START_FAILURES, PIPE_CLOSE_GRACE, WorkerPool
 from funcx_endpoint.manager.service import (
     EXIT_LOST,
     EXIT_OK,
@@ -40,6 +32,12 @@ from funcx_endpoint.manager.service import (
     EXIT_WORKERS,
     ManagerIdentity,
     ManagerService,
+)
+from funcx_endpoint.manager.workers_env import (
+    count_workers,
+    describe_exit,
+    read_tail,
+    worker_environment,
 )
 from funcx_endpoint.testing.interchanges import CollectingSink
 from funcx_endpoint.testing.procreactor import FakeProcess, MemoryProcessReactor

@@ -535,7 +535,8 @@ class UnpackErrorTests(SynchronousTestCase):
     def test_unknown_type(self) -> None:
         self.assertBad(
             _message("task_cancel", {"task_id": TASK_ID}),
-            "unknown message_type 'task_cancel' (known: task, result, ep_status_report, task_batch, result_batch)",
+            "unknown message_type 'task_cancel' (known: task, result, ep_status_report, "
+            "task_batch, result_batch)",
             task_id=TASK_ID,
             message_type="task_cancel",
         )

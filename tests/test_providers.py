@@ -36,12 +36,11 @@ from funcx_endpoint.executor.providers import (
     provider_from_config,
 )
 from funcx_endpoint.executor.providers.base import read_tail
-from funcx_endpoint.executor.providers.local import (
-    FINISHED_KEPT,
+from funcx_endpoint.executor.providers.local import FINISHED_KEPT, SETSID_SHIM
+from funcx_endpoint.executor.providers.ranks import (
     GROUP_POLL_INTERVAL,
     GROUP_POLL_MAX_INTERVAL,
     KILL_WAIT,
-    SETSID_SHIM,
     IProcessGroups,
 )
 from funcx_endpoint.testing.procreactor import FakeProcess, MemoryProcessReactor
@@ -289,7 +288,7 @@ class LocalProviderUnitTests(SynchronousTestCase):
         provider = self.provider(stop_grace_period=1.0)
         job_id = provider.submit("run", 1)
         events: List[Dict[str, Any]] = []
-        provider.log = Logger(observer=cast(ILogObserver, events.append))
+        provider.reaper.log = Logger(observer=cast(ILogObserver, events.append))
         provider.cancel([job_id])
         gone = provider.when_gone(job_id)
         stopped = provider.stopService()
@@ -409,7 +408,7 @@ class LocalProviderUnitTests(SynchronousTestCase):
 
         provider = self.provider(run_in_thread=in_thread)
         events: List[Dict[str, Any]] = []
-        provider.log = Logger(observer=cast(ILogObserver, events.append))
+        provider.reaper.log = Logger(observer=cast(ILogObserver, events.append))
         provider.submit("run", 1)
         process = self.reactor.processes[0]
         self.groups.remnants.add(process.original_pid)

@@ -31,12 +31,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from funcx_endpoint import tls
-from funcx_endpoint.sdk.client import (
-    Batch,
-    FuncXClient,
-    submit_retry_check,
-    tls_verification_retry_check,
-)
+from funcx_endpoint.sdk.client import FuncXClient
 from funcx_endpoint.sdk.errors import (
     BatchSubmissionError,
     FuncxAPIError,
@@ -47,6 +42,8 @@ from funcx_endpoint.sdk.errors import (
     TaskRefused,
     VersionMismatch,
 )
+from funcx_endpoint.sdk.retries import submit_retry_check, tls_verification_retry_check
+from funcx_endpoint.sdk.tasks import Batch
 from funcx_endpoint.testing.inprocess import FUNCX_SCOPE, InProcessService, ServedService
 from funcx_endpoint.wire import deserialize, unpack_buffers
 

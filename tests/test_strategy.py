@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from funcx_endpoint.config import model as config_model
 from funcx_endpoint.executor.blocks import BlockScaler
 from funcx_endpoint.executor.providers import JobState, JobStatus, LocalProvider, ProviderAdapter
-from funcx_endpoint.executor.providers.local import GROUP_POLL_INTERVAL
+from funcx_endpoint.executor.providers.ranks import GROUP_POLL_INTERVAL
 from funcx_endpoint.executor.strategy import (
     Decision,
     ScalingService,

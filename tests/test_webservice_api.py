@@ -31,7 +31,7 @@ from funcx_endpoint.testing.service import (
     amqp_connect,
     shared_service_async,
 )
-from funcx_endpoint.webservice import storage
+from funcx_endpoint.webservice import accounts, storage
 from funcx_endpoint.webservice.settings import ServiceSettings
 from funcx_endpoint.wire import (
     EPStatusReport,
@@ -428,7 +428,7 @@ class AuthTests(ServiceTestCase):
             settings = ServiceSettings.load(self.service.state_dir)
             connection, call = storage.open_sync(settings.effective_database_url)
             try:
-                call(storage.revoke_client)(client_id, time.time())
+                call(accounts.revoke_client)(client_id, time.time())
                 call(
                     lambda tx: tx.execute(
                         "UPDATE tokens SET expires = 1 WHERE client_id = ?",

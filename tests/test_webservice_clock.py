@@ -24,7 +24,7 @@ from funcx_endpoint.amqp.connection import AMQPURL
 from funcx_endpoint.testing.fakebroker import FakeBrokerAdministrator, FakeServiceBroker
 from funcx_endpoint.testing.inlinedb import InlineConnectionPool
 from funcx_endpoint.testing.inprocess import FUNCX_SCOPE, InProcessService
-from funcx_endpoint.webservice import storage
+from funcx_endpoint.webservice import endpoints
 from funcx_endpoint.webservice.broker import IServiceBroker, ServiceBroker
 from funcx_endpoint.webservice.db import DatabaseConfig, IConnectionPool, make_pool
 from funcx_endpoint.webservice.management import IBrokerAdministrator, ManagementAPI
@@ -244,7 +244,7 @@ class TimestampTests(ClockedServiceTestCase):
             "DELETE", f"/v2/endpoints/{endpoint_id}", token=self.service.issue_token()
         )
         self.assertEqual(code, 200, answer)
-        deleted = self.service._run(storage.get_endpoint, endpoint_id)
+        deleted = self.service._run(endpoints.get_endpoint, endpoint_id)
         self.assertEqual(deleted.deleted_at, START + 13.5)
 
 

@@ -18,9 +18,9 @@ from typing import Any, Callable
 from twisted.internet import reactor
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from funcx_endpoint.webservice import db, storage
+from funcx_endpoint.webservice import accounts, db, endpoints, records, storage, tasks
 from funcx_endpoint.webservice.auth import hash_secret, token_hash, verify_secret
-from funcx_endpoint.webservice.storage import (
+from funcx_endpoint.webservice.records import (
     Endpoint,
     IncomingResult,
     NewTask,
@@ -56,8 +56,8 @@ class StorageCases:
         self.connection, self.call = storage.open_sync(self.url)
         self.addCleanup(self.connection.close)
 
-    def client(self, name: str = "alice") -> storage.Client:
-        return self.call(storage.create_client)(str(uuid.uuid4()), name, "scrypt$x", time.time())
+    def client(self, name: str = "alice") -> records.Client:
+        return self.call(accounts.create_client)(str(uuid.uuid4()), name, "scrypt$x", time.time())
 
     def register(self, owner: str, endpoint_id: str = "", **kwargs: Any) -> Endpoint:
         endpoint_id = endpoint_id or str(uuid.uuid4())
@@ -73,7 +73,7 @@ class StorageCases:
             now=time.time(),
         )
         values.update(kwargs)
-        saved = self.call(storage.save_registration)(
+        saved = self.call(endpoints.save_registration)(
             endpoint_id,
             owner,
             values["name"],
@@ -91,7 +91,7 @@ class StorageCases:
 
     def function(self, owner: str, public: bool = False) -> str:
         function_id = str(uuid.uuid4())
-        self.call(storage.insert_function)(
+        self.call(tasks.insert_function)(
             {
                 "function_id": function_id,
                 "owner": owner,
@@ -122,7 +122,7 @@ class StorageCases:
             )
             for i in range(n)
         ]
-        self.call(storage.insert_tasks)(new)
+        self.call(tasks.insert_tasks)(new)
         return [t.task_id for t in new]
 
     # -- schema ---------------------------------------------------------------------
@@ -147,33 +147,33 @@ class StorageCases:
 
     def test_clients(self) -> None:
         alice = self.client("alice")
-        self.assertRaises(storage.NameTaken, self.client, "alice")
-        self.assertEqual(self.call(storage.get_client)(alice.client_id).name, "alice")
-        self.assertEqual([c.name for c in self.call(storage.list_clients)()], ["alice"])
+        self.assertRaises(accounts.NameTaken, self.client, "alice")
+        self.assertEqual(self.call(accounts.get_client)(alice.client_id).name, "alice")
+        self.assertEqual([c.name for c in self.call(accounts.list_clients)()], ["alice"])
         info = TokenInfo(
             alice.identity_id, alice.client_id, "funcx_service", "s", 1.0, time.time() + 60
         )
-        self.call(storage.insert_token)("h1", info)
-        self.assertFalse(self.call(storage.find_token)("h1").revoked)
-        revoked = self.call(storage.revoke_client)("alice", time.time())
+        self.call(accounts.insert_token)("h1", info)
+        self.assertFalse(self.call(accounts.find_token)("h1").revoked)
+        revoked = self.call(accounts.revoke_client)("alice", time.time())
         self.assertEqual(revoked.client_id, alice.client_id)
-        self.assertTrue(self.call(storage.find_token)("h1").revoked)
-        self.assertIsNone(self.call(storage.revoke_client)("alice", time.time()))
+        self.assertTrue(self.call(accounts.find_token)("h1").revoked)
+        self.assertIsNone(self.call(accounts.revoke_client)("alice", time.time()))
         # The name is free again once revoked.
         self.assertNotEqual(self.client("alice").client_id, alice.client_id)
 
     def test_token_revoke_and_purge(self) -> None:
         alice = self.client()
         old = TokenInfo(alice.identity_id, alice.client_id, "funcx_service", "s", 1.0, 2.0)
-        self.call(storage.insert_token)("old", old)
+        self.call(accounts.insert_token)("old", old)
         new = TokenInfo(
             alice.identity_id, alice.client_id, "funcx_service", "s", 1.0, time.time() + 99
         )
-        self.call(storage.insert_token)("new", new)
-        self.assertTrue(self.call(storage.revoke_token)("new"))
-        self.assertFalse(self.call(storage.revoke_token)("new"))
-        self.assertEqual(self.call(storage.purge_tokens)(time.time()), 1)
-        self.assertIsNone(self.call(storage.find_token)("old"))
+        self.call(accounts.insert_token)("new", new)
+        self.assertTrue(self.call(accounts.revoke_token)("new"))
+        self.assertFalse(self.call(accounts.revoke_token)("new"))
+        self.assertEqual(self.call(accounts.purge_tokens)(time.time()), 1)
+        self.assertIsNone(self.call(accounts.find_token)("old"))
 
     # -- endpoints -----------------------------------------------------------------------
 
@@ -185,7 +185,7 @@ class StorageCases:
         self.assertEqual(again.name, "x")
         self.assertEqual(again.registrations, 2)
         self.assertIsNone(
-            self.call(storage.save_registration)(
+            self.call(endpoints.save_registration)(
                 first.endpoint_id,
                 bob.identity_id,
                 "steal",
@@ -200,45 +200,45 @@ class StorageCases:
             )
         )
         self.assertEqual(
-            self.call(storage.get_endpoint)(first.endpoint_id).owner, alice.identity_id
+            self.call(endpoints.get_endpoint)(first.endpoint_id).owner, alice.identity_id
         )
 
     def test_lock_is_consumed_once(self) -> None:
         alice = self.client()
         endpoint = self.register(alice.identity_id)
-        self.assertFalse(self.call(storage.consume_lock)(endpoint.endpoint_id))
-        self.call(storage.lock_endpoint)(endpoint.endpoint_id)
-        self.assertTrue(self.call(storage.consume_lock)(endpoint.endpoint_id))
-        self.assertFalse(self.call(storage.consume_lock)(endpoint.endpoint_id))
+        self.assertFalse(self.call(endpoints.consume_lock)(endpoint.endpoint_id))
+        self.call(endpoints.lock_endpoint)(endpoint.endpoint_id)
+        self.assertTrue(self.call(endpoints.consume_lock)(endpoint.endpoint_id))
+        self.assertFalse(self.call(endpoints.consume_lock)(endpoint.endpoint_id))
 
     def test_delete_fails_unfinished_tasks(self) -> None:
         alice = self.client()
         endpoint = self.register(alice.identity_id)
         function_id = self.function(alice.identity_id)
         ids = self.tasks(alice.identity_id, function_id, endpoint.endpoint_id, 3)
-        self.call(storage.store_results)(
+        self.call(tasks.store_results)(
             [IncomingResult(ids[0], endpoint.endpoint_id, "00\nx\n", None, None, "1.0")]
         )
-        failed = self.call(storage.delete_endpoint)(endpoint.endpoint_id, time.time(), "gone")
+        failed = self.call(endpoints.delete_endpoint)(endpoint.endpoint_id, time.time(), "gone")
         self.assertEqual(failed, 2)
-        views = self.call(storage.get_tasks)(ids, alice.identity_id)
+        views = self.call(tasks.get_tasks)(ids, alice.identity_id)
         self.assertEqual(views[ids[0]]["status"], "success")
         self.assertEqual(views[ids[1]]["status"], "failed")
         self.assertEqual(views[ids[1]]["error_details"]["code"], "EndpointDeleted")
-        self.assertEqual(self.call(storage.list_endpoints)(alice.identity_id), [])
-        self.assertEqual(self.call(storage.unsent_tasks)(10, time.time()), [])
+        self.assertEqual(self.call(endpoints.list_endpoints)(alice.identity_id), [])
+        self.assertEqual(self.call(tasks.unsent_tasks)(10, time.time()), [])
 
     def test_whitelist(self) -> None:
         alice = self.client()
         endpoint = self.register(alice.identity_id)
         f1, f2 = self.function(alice.identity_id), self.function(alice.identity_id)
-        self.call(storage.add_to_whitelist)(endpoint.endpoint_id, [f1, f2])
-        self.call(storage.add_to_whitelist)(endpoint.endpoint_id, [f1])
-        self.assertEqual(self.call(storage.get_whitelist)(endpoint.endpoint_id), sorted([f1, f2]))
-        self.assertTrue(self.call(storage.remove_from_whitelist)(endpoint.endpoint_id, f1))
-        self.assertFalse(self.call(storage.remove_from_whitelist)(endpoint.endpoint_id, f1))
+        self.call(endpoints.add_to_whitelist)(endpoint.endpoint_id, [f1, f2])
+        self.call(endpoints.add_to_whitelist)(endpoint.endpoint_id, [f1])
+        self.assertEqual(self.call(endpoints.get_whitelist)(endpoint.endpoint_id), sorted([f1, f2]))
+        self.assertTrue(self.call(endpoints.remove_from_whitelist)(endpoint.endpoint_id, f1))
+        self.assertFalse(self.call(endpoints.remove_from_whitelist)(endpoint.endpoint_id, f1))
         self.assertEqual(
-            self.call(storage.whitelists)([endpoint.endpoint_id]), {endpoint.endpoint_id: [f2]}
+            self.call(endpoints.whitelists)([endpoint.endpoint_id]), {endpoint.endpoint_id: [f2]}
         )
 
     def test_visible_functions(self) -> None:
@@ -246,7 +246,7 @@ class StorageCases:
         mine = self.function(alice.identity_id)
         theirs = self.function(bob.identity_id)
         public = self.function(bob.identity_id, public=True)
-        visible = self.call(storage.visible_functions)([mine, theirs, public], alice.identity_id)
+        visible = self.call(tasks.visible_functions)([mine, theirs, public], alice.identity_id)
         self.assertEqual(sorted(visible), sorted([mine, public]))
 
     def test_reports_and_transitions(self) -> None:
@@ -262,18 +262,18 @@ class StorageCases:
             False,
             now,
         )
-        self.assertEqual(self.call(storage.record_reports)([report], 2), 2)
-        views = self.call(storage.get_tasks)([t1, t2], alice.identity_id)
+        self.assertEqual(self.call(endpoints.record_reports)([report], 2), 2)
+        views = self.call(tasks.get_tasks)([t1, t2], alice.identity_id)
         self.assertEqual(views[t1]["status"], "running")
         self.assertEqual(views[t2]["status"], "waiting-for-launch")
         # A stale transition never moves a task back.
         back = Report(endpoint.endpoint_id, {}, {t1: [(9, "waiting-for-nodes")]}, False, now + 1)
         final = Report(endpoint.endpoint_id, {"heartbeat_period": 0}, {}, True, now + 2)
-        self.call(storage.record_reports)([back, final], 2)
+        self.call(endpoints.record_reports)([back, final], 2)
         self.assertEqual(
-            self.call(storage.get_tasks)([t1], alice.identity_id)[t1]["status"], "running"
+            self.call(tasks.get_tasks)([t1], alice.identity_id)[t1]["status"], "running"
         )
-        saved = self.call(storage.get_endpoint)(endpoint.endpoint_id)
+        saved = self.call(endpoints.get_endpoint)(endpoint.endpoint_id)
         self.assertEqual([r["final"] for r in saved.recent_reports], [True, False])
         self.assertEqual(saved.last_report_at, now + 1)
         self.assertEqual(saved.final_report_at, now + 2)
@@ -287,7 +287,7 @@ class StorageCases:
         function_id = self.function(alice.identity_id)
         (task_id,) = self.tasks(alice.identity_id, function_id, endpoint.endpoint_id, 1, ws="q1")
         unknown = str(uuid.uuid4())
-        outcomes = self.call(storage.store_results)(
+        outcomes = self.call(tasks.store_results)(
             [
                 IncomingResult(task_id, other.endpoint_id, "00\nforged\n", None, None, "1.0"),
                 IncomingResult(task_id, endpoint.endpoint_id, "00\nfirst\n", None, None, "2.0"),
@@ -299,11 +299,11 @@ class StorageCases:
             [(o.outcome, o.ws_queue) for o in outcomes],
             [("wrong_endpoint", None), ("stored", "q1"), ("duplicate", None), ("unknown", None)],
         )
-        again = self.call(storage.store_results)(
+        again = self.call(tasks.store_results)(
             [IncomingResult(task_id, endpoint.endpoint_id, "Traceback", "Boom", "b", "4.0")]
         )
         self.assertEqual(again[0].outcome, "duplicate")
-        view = self.call(storage.get_tasks)([task_id], alice.identity_id)[task_id]
+        view = self.call(tasks.get_tasks)([task_id], alice.identity_id)[task_id]
         self.assertEqual(
             view,
             {
@@ -313,19 +313,19 @@ class StorageCases:
                 "result": "00\nfirst\n",
             },
         )
-        copies = self.call(storage.pending_copies)(10)
+        copies = self.call(tasks.pending_copies)(10)
         self.assertEqual(
             [(c.task_id, c.ws_queue, c.data) for c in copies], [(task_id, "q1", "00\nfirst\n")]
         )
-        self.call(storage.mark_copied)([task_id])
-        self.assertEqual(self.call(storage.pending_copies)(10), [])
+        self.call(tasks.mark_copied)([task_id])
+        self.assertEqual(self.call(tasks.pending_copies)(10), [])
 
     def test_failed_result_view(self) -> None:
         alice = self.client()
         endpoint = self.register(alice.identity_id)
         function_id = self.function(alice.identity_id)
         (task_id,) = self.tasks(alice.identity_id, function_id, endpoint.endpoint_id, 1)
-        self.call(storage.store_results)(
+        self.call(tasks.store_results)(
             [
                 IncomingResult(
                     task_id,
@@ -337,7 +337,7 @@ class StorageCases:
                 )
             ]
         )
-        view = self.call(storage.get_tasks)([task_id], alice.identity_id)[task_id]
+        view = self.call(tasks.get_tasks)([task_id], alice.identity_id)[task_id]
         self.assertEqual(view["status"], "failed")
         self.assertEqual(view["exception"], "Traceback...")
         self.assertEqual(view["completion_t"], "5.5")
@@ -352,22 +352,22 @@ class StorageCases:
         endpoint = self.register(alice.identity_id)
         function_id = self.function(alice.identity_id)
         ids = self.tasks(alice.identity_id, function_id, endpoint.endpoint_id, 1200, group="g")
-        unsent = self.call(storage.unsent_tasks)(2000, time.time())
+        unsent = self.call(tasks.unsent_tasks)(2000, time.time())
         self.assertEqual(len(unsent), 1200)
         self.assertEqual(unsent[0].task_buffer, CODE + pack_payload((0,), {}))
-        self.call(storage.mark_sent)(ids[:1100])
-        self.assertEqual(len(self.call(storage.unsent_tasks)(2000, time.time())), 100)
-        views = self.call(storage.get_tasks)(ids + [str(uuid.uuid4())], alice.identity_id)
+        self.call(tasks.mark_sent)(ids[:1100])
+        self.assertEqual(len(self.call(tasks.unsent_tasks)(2000, time.time())), 100)
+        views = self.call(tasks.get_tasks)(ids + [str(uuid.uuid4())], alice.identity_id)
         self.assertEqual(len(views), 1200)
         self.assertEqual({v["status"] for v in views.values()}, {"waiting-for-ep"})
-        self.assertEqual(self.call(storage.get_tasks)(ids, bob.identity_id), {})
-        self.assertEqual(self.call(storage.task_group)("g", alice.identity_id), ids)
-        self.assertEqual(self.call(storage.task_group)("g", bob.identity_id), [])
+        self.assertEqual(self.call(tasks.get_tasks)(ids, bob.identity_id), {})
+        self.assertEqual(self.call(tasks.task_group)("g", alice.identity_id), ids)
+        self.assertEqual(self.call(tasks.task_group)("g", bob.identity_id), [])
 
     def test_user_broker_is_stable(self) -> None:
         alice = self.client()
-        first = self.call(storage.save_user_broker)(alice.identity_id, "u1", "p1")
-        second = self.call(storage.save_user_broker)(alice.identity_id, "u2", "p2")
+        first = self.call(accounts.save_user_broker)(alice.identity_id, "u1", "p1")
+        second = self.call(accounts.save_user_broker)(alice.identity_id, "u2", "p2")
         self.assertEqual(first, ("u1", "p1"))
         self.assertEqual(second, ("u1", "p1"))
 
@@ -395,7 +395,7 @@ class AsyncStorageTests(TestCase):
         store = storage.Storage(db.DatabaseConfig.from_url(url), reactor)
         self.assertEqual((await store.open())[1], db.SCHEMA_VERSION)
         self.addCleanup(store.close)
-        client = await store.run(storage.create_client, str(uuid.uuid4()), "x", "h", time.time())
+        client = await store.run(accounts.create_client, str(uuid.uuid4()), "x", "h", time.time())
         self.assertEqual((await store.get_client(client.client_id)).name, "x")
         self.assertEqual(await store.list_endpoints(client.identity_id), [])
 

@@ -28,8 +28,8 @@ from funcx_endpoint.webservice.db import DatabaseConfig, DatabaseError, redact_u
 from funcx_endpoint.webservice.http import Router, parse_json
 from funcx_endpoint.webservice.ingest import ResultIngest
 from funcx_endpoint.webservice.management import endpoint_permissions, user_permissions
+from funcx_endpoint.webservice.records import StoredOutcome
 from funcx_endpoint.webservice.settings import MIB, ServiceSettings, client_env_lines
-from funcx_endpoint.webservice.storage import StoredOutcome
 from funcx_endpoint.webservice.tap import Options
 from funcx_endpoint.wire import Result, pack
 from tests.support import child_env

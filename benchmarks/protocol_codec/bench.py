@@ -62,6 +62,64 @@ def measure(fn: Callable[[], object], seconds: float) -> float:
     return min(timer.repeat(repeat=5, number=per_round)) / per_round
 
 
+def daemon_rows() -> List[Tuple[str, Callable[[], object]]]:
+    """A result crossing the daemon, from the manager's AMP box to the AMQP frames.
+
+    ``ours``: the list framing of ``SendResults`` read (the AMP value's chunks
+    joined, as AMP's argument does), the packed result's header read, the
+    interchange's two transitions added, and the ``result`` message cut into
+    AMQP body frames from views of the payload, as the publisher writes it.
+    ``re-parsed``: what the daemon did before (decode the whole message, add
+    the transitions, encode it again), for comparison.  Socket and TLS work,
+    the same either way, is not included.
+    """
+    from funcx_endpoint.amqp.client import _split_frames
+    from funcx_endpoint.wire import PackedResult
+    from funcx_endpoint.wire.amp import ChunkedList
+
+    mine = [
+        TaskTransition(
+            1_795_226_228_073_938_204, TaskState.WAITING_FOR_NODES, ActorName.INTERCHANGE
+        ),
+        TaskTransition(
+            1_795_226_228_074_938_204, TaskState.WAITING_FOR_LAUNCH, ActorName.INTERCHANGE
+        ),
+    ]
+    worker_statuses = [
+        TaskTransition(1_795_226_228_083_938_204, TaskState.EXECUTION_START, ActorName.WORKER),
+        TaskTransition(1_795_226_228_093_938_204, TaskState.EXECUTION_END, ActorName.WORKER),
+    ]
+    rows: List[Tuple[str, Callable[[], object]]] = []
+    for label, length in (("100 B", 100), ("137 KB", 137_000), ("6.8 MB", 6_800_000)):
+        result = Result.success(str(uuid.uuid4()), _serialized_of_length(length), worker_statuses)
+        strings: Dict[bytes, bytes] = {}
+        ChunkedList().toBox(
+            b"results", strings, {"results": [PackedResult.from_result(result).encode()]}, None
+        )
+        message = pack(result)
+
+        def ours(strings: Dict[bytes, bytes] = strings) -> object:
+            objects: Dict[str, object] = {}
+            ChunkedList().fromBox(b"results", dict(strings), objects, None)
+            frames = 0
+            for raw in objects["results"]:  # type: ignore[attr-defined]
+                packed = PackedResult.decode(raw)
+                packed.add_transitions(mine)
+                for _frame in _split_frames(packed.message_pieces(), 131_072 - 8):
+                    frames += 1
+            return frames
+
+        def reparsed(message: bytes = message) -> object:
+            old = unpack(message)
+            assert isinstance(old, Result) and old.task_statuses is not None
+            old.task_statuses = mine + old.task_statuses
+            return pack(old)
+
+        rows.append((f"daemon, one {label} result: ours (header only)", ours))
+        rows.append((f"daemon, one {label} result: re-parsed (before)", reparsed))
+    return rows
+
+
 def main(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=1.0, help="time per figure (default 1)")
@@ -112,6 +170,8 @@ def main(argv: List[str]) -> int:
         ),
         ("serialize function add ('04')", lambda: serialize(add)),
     ]
+
+    rows += daemon_rows()
 
     print(
         f"funcx_endpoint.wire micro-benchmark: Python {platform.python_version()} "

@@ -10,7 +10,7 @@ are fatal: the service stops retrying and reports them once.
 from __future__ import annotations
 
 import random
-from typing import Any, Awaitable, Callable, List, Optional, Set
+from typing import Any, Awaitable, Callable, Iterable, List, Optional, Set
 from urllib.parse import quote, unquote, urlsplit
 
 import attr
@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
-from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
+from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txamqp.client import Closed
@@ -31,6 +31,8 @@ from zope.interface import implementer
 
 from funcx_endpoint.amqp.client import AMQPClient
 from funcx_endpoint.amqp.interfaces import IAMQPConnectionService
+from funcx_endpoint.observer import OneShotObserver
+from funcx_endpoint.tls import trust_root
 
 ACCESS_REFUSED = 403
 NOT_FOUND = 404
@@ -116,13 +118,7 @@ def client_endpoint(
     tcp = HostnameEndpoint(reactor, url.host, url.port, timeout=timeout)
     if not url.tls:
         return tcp
-    if ca_file:
-        with open(ca_file, "rb") as f:
-            trust = Certificate.loadPEM(f.read())
-        options = optionsForClientTLS(url.host, trustRoot=trust)
-    else:
-        options = optionsForClientTLS(url.host, trustRoot=platformTrust())
-    return wrapClientTLS(options, tcp)
+    return wrapClientTLS(optionsForClientTLS(url.host, trustRoot=trust_root(ca_file)), tcp)
 
 
 class AMQPError(Exception):
@@ -317,7 +313,7 @@ class AMQPConnectionService(Service):
             self.setup_timeout = setup_timeout
         self._reactor = reactor
         self._prepare = prepare
-        self._fatal_waiters: List[Deferred[AMQPError]] = []
+        self._fatal: OneShotObserver[AMQPError] = OneShotObserver()
         self.fatal_error: Optional[AMQPError] = None
         self.client: Optional[AMQPClient] = None
         self.connections = 0
@@ -445,18 +441,11 @@ class AMQPConnectionService(Service):
         self.log.error("Giving up on {url}: {error}", url=self.url.redacted(), error=error.message)
         # Stop retrying; the owner decides what to do next.
         self._reactor.callLater(0, self._client_service.stopService)
-        waiters, self._fatal_waiters = self._fatal_waiters, []
-        for d in waiters:
-            d.callback(error)
+        self._fatal.fire(error)
 
     def when_fatal(self) -> Deferred[AMQPError]:
         """Fires with the fatal error, if one ever happens."""
-        d: Deferred[AMQPError] = Deferred()
-        if self.fatal_error is not None:
-            d.callback(self.fatal_error)
-        else:
-            self._fatal_waiters.append(d)
-        return d
+        return self._fatal.when_fired()
 
     def fail(self, error: AMQPError) -> None:
         """Report a fatal error found after set-up (e.g. a cancelled consumer)."""
@@ -482,3 +471,27 @@ class AMQPConnectionService(Service):
             if client.transport is not None:
                 client.transport.abortConnection()
         return gatherResults(waits, consumeErrors=True).addCallback(lambda _: None)
+
+
+def connected_or_refused(
+    connected: Deferred[Any],
+    fatal: Iterable[Deferred[AMQPError]],
+    refused: Callable[[AMQPError], Exception],
+) -> Deferred[None]:
+    """Fires when ``connected`` does; fails with ``refused(error)`` if one of
+    ``fatal`` (``when_fatal()`` Deferreds) fires first.  A failure of
+    ``connected`` (its service stopped) is left to ``fatal`` to explain."""
+    ready: Deferred[None] = Deferred()
+
+    def up(_: Any) -> None:
+        if not ready.called:
+            ready.callback(None)
+
+    def down(error: AMQPError) -> None:
+        if not ready.called:
+            ready.errback(refused(error))
+
+    connected.addCallbacks(up, lambda _: None)
+    for d in fatal:
+        d.addCallback(down)
+    return ready

@@ -42,6 +42,14 @@ class QueueHeldElsewhere(AMQPError):
     """
 
 
+def _refused_or_failed(code: Optional[int], text: str, refused: str, doing: str) -> AMQPError:
+    """The error of a step the broker closed the channel on: fatal if it
+    refused ``refused`` (access), else ``doing`` failed (and may work later)."""
+    if code == ACCESS_REFUSED:
+        return AMQPError(f"the broker refused {refused}: {text}", code, fatal=True)
+    return AMQPError(f"{doing} failed: {text}", code)
+
+
 class ExclusiveConsumer:
     """Consumes one queue on one channel, as its only consumer."""
 
@@ -75,11 +83,9 @@ class ExclusiveConsumer:
                     code,
                     fatal=True,
                 ) from None
-            if code == ACCESS_REFUSED:
-                raise AMQPError(
-                    f"the broker refused access to queue {self.queue!r}: {text}", code, fatal=True
-                ) from None
-            raise AMQPError(f"declaring queue {self.queue!r} failed: {text}", code) from None
+            raise _refused_or_failed(
+                code, text, f"access to queue {self.queue!r}", f"declaring queue {self.queue!r}"
+            ) from None
         await self.channel.basic_qos(prefetch_count=self.prefetch)
         try:
             await self.channel.basic_consume(
@@ -95,11 +101,9 @@ class ExclusiveConsumer:
                     code,
                     fatal=True,
                 ) from None
-            if code == ACCESS_REFUSED:
-                raise AMQPError(
-                    f"the broker refused consuming {self.queue!r}: {text}", code, fatal=True
-                ) from None
-            raise AMQPError(f"consuming {self.queue!r} failed: {text}", code) from None
+            raise _refused_or_failed(
+                code, text, f"consuming {self.queue!r}", f"consuming {self.queue!r}"
+            ) from None
 
     async def cancel(self) -> None:
         """Stop receiving deliveries (those held stay unacked)."""

@@ -21,11 +21,11 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import attr
 from treq.client import HTTPClient
-from twisted.internet.ssl import Certificate
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from funcx_endpoint.files import write_atomically
+from funcx_endpoint.tls import trust_root
 
 FUNCX_SCOPE = "https://auth.globus.org/scopes/facd7ccc-c5f4-42aa-916b-a0e270e2c2a9/all"
 GLOBUS_AUTH = "https://auth.globus.org/"
@@ -83,12 +83,7 @@ def http_client(
     """A treq client verifying HTTPS against ``ca_file`` (or the system's CAs)."""
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 4
-    if ca_file:
-        with open(ca_file, "rb") as f:
-            trust = Certificate.loadPEM(f.read())
-        policy = BrowserLikePolicyForHTTPS(trustRoot=trust)
-    else:
-        policy = BrowserLikePolicyForHTTPS()
+    policy = BrowserLikePolicyForHTTPS(trustRoot=trust_root(ca_file))
     agent = Agent(reactor, contextFactory=policy, pool=pool, connectTimeout=30)
     return HTTPClient(agent), pool
 
@@ -151,20 +146,15 @@ def error_message(data: Dict[str, Any]) -> str:
     return "no details"
 
 
+@attr.s(auto_attribs=True, eq=False)
 class Authenticator:
-    """Gets (and caches) access tokens for the funcX scope."""
+    """Gets (and caches, in ``store``) access tokens for the funcX scope from
+    the auth service at ``auth_url``, through ``http``; ``clock`` tells expiry."""
 
-    def __init__(
-        self,
-        http: HTTPClient,
-        auth_url: str,
-        store: TokenStore,
-        clock: Any,
-    ) -> None:
-        self.http = http
-        self.auth_url = auth_url
-        self.store = store
-        self.clock = clock
+    http: HTTPClient
+    auth_url: str
+    store: TokenStore
+    clock: Any
 
     async def request_token(self, client_id: str, secret: str, scope: str) -> Dict[str, Any]:
         basic = base64.b64encode(f"{client_id}:{secret}".encode()).decode()

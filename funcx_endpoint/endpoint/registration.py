@@ -23,6 +23,7 @@ import socket
 import uuid
 from typing import Any, Dict, Optional
 
+import attr
 from OpenSSL import SSL
 from treq.client import HTTPClient
 from twisted.application.service import Service
@@ -112,33 +113,29 @@ def endpoint_metadata(endpoint_dir: EndpointDir, config: Config) -> Dict[str, An
     )
 
 
+@attr.s(auto_attribs=True, eq=False, repr=False)
 class Registration(Service):
-    """Registers at start; ``broker_info`` is known once ``when_ready()`` fires."""
+    """Registers at start; ``broker_info`` is known once ``when_ready()`` fires.
+
+    It registers ``endpoint_dir``'s endpoint with ``config`` through ``http``,
+    as ``authenticator`` logs in, retrying after ``retry_delays`` (times of
+    ``clock``); ``pool``, the HTTP connection pool, is closed on stop.
+    """
 
     log = Logger()
     name = "registration"
 
-    def __init__(
-        self,
-        clock: Any,
-        endpoint_dir: EndpointDir,
-        config: Config,
-        http: HTTPClient,
-        authenticator: Authenticator,
-        pool: Any = None,
-        retry_delays: tuple = (1.0, 2.0, 4.0),
-    ) -> None:
-        self._clock = clock
-        self.endpoint_dir = endpoint_dir
-        self.config = config
-        self.http = http
-        self.authenticator = authenticator
-        self._pool = pool
-        self._retry_delays = retry_delays
-        self.broker_info: Optional[BrokerInfo] = None
-        self.answer: Dict[str, Any] = {}
-        self._ready: Optional[Deferred[None]] = None
-        self._registered: OneShotObserver[None] = OneShotObserver()
+    _clock: Any
+    endpoint_dir: EndpointDir
+    config: Config
+    http: HTTPClient
+    authenticator: Authenticator
+    _pool: Any = None
+    _retry_delays: tuple = (1.0, 2.0, 4.0)
+    broker_info: Optional[BrokerInfo] = attr.ib(default=None, init=False)
+    answer: Dict[str, Any] = attr.ib(factory=dict, init=False)
+    _ready: Optional[Deferred[None]] = attr.ib(default=None, init=False)
+    _registered: OneShotObserver[None] = attr.ib(factory=OneShotObserver, init=False)
 
     def startService(self) -> None:
         super().startService()

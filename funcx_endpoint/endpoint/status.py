@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional
 
+import attr
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
@@ -23,32 +24,28 @@ from funcx_endpoint.wire import EPStatusReport, TaskTransition
 Publish = Callable[[EPStatusReport], Deferred]
 
 
+@attr.s(auto_attribs=True, eq=False, repr=False)
 class StatusReporter(Service):
-    """Sends an :class:`EPStatusReport` now and then; a final one on stop."""
+    """Sends an :class:`EPStatusReport` every ``period`` seconds of ``clock``, and a
+    final one on stop (given ``final_timeout`` seconds).
+
+    ``endpoint_id()`` names the endpoint, ``interchange`` gives the counts and
+    the task transitions, ``extra()`` more counts; ``publish(report)`` sends it.
+    """
 
     log = Logger()
     name = "status"
 
-    def __init__(
-        self,
-        clock: Any,
-        endpoint_id: Callable[[], str],
-        interchange: IInterchange,
-        publish: Publish,
-        period: float,
-        extra: Optional[Callable[[], Dict[str, Any]]] = None,
-        final_timeout: float = 5.0,
-    ) -> None:
-        self._clock = clock
-        self._endpoint_id = endpoint_id
-        self._interchange = interchange
-        self._publish = publish
-        self.period = period
-        self._extra = extra
-        self._final_timeout = final_timeout
-        self._loop: Optional[LoopingCall] = None
-        self.sent = 0
-        self.failed = 0
+    _clock: Any
+    _endpoint_id: Callable[[], str]
+    _interchange: IInterchange
+    _publish: Publish
+    period: float
+    _extra: Optional[Callable[[], Dict[str, Any]]] = None
+    _final_timeout: float = 5.0
+    _loop: Optional[LoopingCall] = attr.ib(default=None, init=False)
+    sent: int = attr.ib(default=0, init=False)
+    failed: int = attr.ib(default=0, init=False)
 
     def global_state(self) -> Dict[str, Any]:
         state = dict(self._interchange.status())

@@ -34,7 +34,12 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 
-from funcx_endpoint.amqp.connection import AMQPConnectionService, AMQPError, close_reason
+from funcx_endpoint.amqp.connection import (
+    AMQPConnectionService,
+    AMQPError,
+    close_reason,
+    connected_or_refused,
+)
 from funcx_endpoint.amqp.interfaces import IAMQPClient, IAMQPConnectionService
 from funcx_endpoint.amqp.spool import ResultSpool
 from funcx_endpoint.endpoint.broker_info import BrokerInfo, QueueInfo
@@ -91,21 +96,19 @@ class Transport(Service):
         info = self.info = self._broker_info()
         self.intake.info = info
         self.publisher.start(info)
-        self.tasks_conn = self._connect(
-            self._reactor,
-            info.tasks.url,
-            self._prepare_tasks,
-            ca_file=self.ca_file,
-            heartbeat=self.heartbeat,
-            name="tasks",
-        )
-        self.results_conn = self._connect(
-            self._reactor,
-            info.results.url,
-            self._prepare_results,
-            ca_file=self.ca_file,
-            heartbeat=self.heartbeat,
-            name="results",
+        self.tasks_conn, self.results_conn = (
+            self._connect(
+                self._reactor,
+                url,
+                prepare,
+                ca_file=self.ca_file,
+                heartbeat=self.heartbeat,
+                name=name,
+            )
+            for url, prepare, name in (
+                (info.tasks.url, self._prepare_tasks, "tasks"),
+                (info.results.url, self._prepare_results, "results"),
+            )
         )
         for conn in (self.results_conn, self.tasks_conn):
             conn.when_fatal().addCallback(self._fatal)
@@ -114,23 +117,12 @@ class Transport(Service):
     def when_ready(self) -> Deferred[None]:
         """Fires when both connections are set up; fails on a fatal error."""
         assert self.tasks_conn is not None and self.results_conn is not None
-        ready: Deferred[None] = Deferred()
-
-        def connected(_: Any) -> None:
-            if not ready.called:
-                ready.callback(None)
-
-        def fatal(error: AMQPError) -> None:
-            if not ready.called:
-                ready.errback(StartupError(error.message, self._exit_code(error)))
-
-        gatherResults(
-            [self.results_conn.when_connected(), self.tasks_conn.when_connected()],
-            consumeErrors=True,
-        ).addCallbacks(connected, lambda f: None)
-        for conn in (self.results_conn, self.tasks_conn):
-            conn.when_fatal().addCallback(fatal)
-        return ready
+        conns = (self.results_conn, self.tasks_conn)
+        return connected_or_refused(
+            gatherResults([conn.when_connected() for conn in conns], consumeErrors=True),
+            [conn.when_fatal() for conn in conns],
+            lambda error: StartupError(error.message, self._exit_code(error)),
+        )
 
     def ready_info(self) -> Dict[str, Any]:
         return {"endpoint_id": self.info.endpoint_id} if self.info else {}

@@ -16,7 +16,7 @@ the manager command template; the managers report it when they register, so
 from __future__ import annotations
 
 import collections
-from typing import Any, Collection, Deque, Dict, List, Optional, Sequence, TypeVar
+from typing import Any, Collection, Deque, Dict, List, Optional, Sequence
 
 import attr
 from twisted.application.service import IService, Service
@@ -27,10 +27,9 @@ from twisted.logger import Logger
 
 from funcx_endpoint.executor.interface import ILoadSource, ManagerInfo
 from funcx_endpoint.executor.providers.base import IAsyncProvider, JobState, JobStatus
+from funcx_endpoint.observer import fresh_result
 
 BLOCK_ID = "{block_id}"
-
-T = TypeVar("T")
 
 
 @attr.s(auto_attribs=True, eq=False)
@@ -188,9 +187,9 @@ class BlockScaler(Service):
             self._poller.stop()
         self._poller = None
         if self._polling is not None:
-            await _fresh(self._polling)
+            await fresh_result(self._polling)
         # A submission that returns now is cancelled at once (see _submit).
-        await gatherResults([_fresh(d) for d in self._submissions.values()])
+        await gatherResults([fresh_result(d) for d in self._submissions.values()])
         left = [b for b in self._blocks.values() if b.job_id is not None and not b.state.terminal]
         if left:
             self.log.info("Cancelling {n} block(s)", n=len(left))
@@ -226,7 +225,7 @@ class BlockScaler(Service):
             if not submission.called:
                 self._submissions[block.block_id] = submission
                 submission.addBoth(self._submitted, block.block_id)
-            waits.append(_fresh(submission))
+            waits.append(fresh_result(submission))
         return gatherResults(waits).addCallback(
             lambda ok: [b.block_id for b, good in zip(new, ok) if good]
         )
@@ -360,13 +359,13 @@ class BlockScaler(Service):
     def poll(self) -> Deferred[None]:
         """Ask the provider for the state of every block now (one poll at a time)."""
         if self._polling is not None:
-            return _fresh(self._polling)
+            return fresh_result(self._polling)
         polling = Deferred.fromCoroutine(self._poll())
         if polling.called:
             return polling
         self._polling = polling
         polling.addBoth(self._polled)
-        return _fresh(polling)
+        return fresh_result(polling)
 
     def _polled(self, result: object) -> object:
         self._polling = None
@@ -432,15 +431,7 @@ class BlockScaler(Service):
             return
         now = self._clock.seconds()
         block.ended_at = now
-        if block.cancelled or status.state in (JobState.CANCELLED, JobState.SCALED_IN):
-            self.log.info(
-                "Block {block_id} (job {job_id}) ended: {status}",
-                block_id=block.block_id,
-                job_id=block.job_id,
-                status=str(status),
-            )
-            self._retire(block)
-            return
+        stopped = block.cancelled or status.state in (JobState.CANCELLED, JobState.SCALED_IN)
         # Measured to the last time a manager of it was seen connected, not to
         # now: a provider that polls slowly learns of the end late.
         healthy = block.healthy or (
@@ -448,10 +439,11 @@ class BlockScaler(Service):
             and block.manager_last_seen is not None
             and block.manager_last_seen - block.manager_since >= self.min_healthy_lifetime
         )
-
-        if not healthy:
+        if not stopped and not healthy:
             self._failed_start(block)
-        if block.failed_start or status.state in (JobState.FAILED, JobState.MISSING):
+        if not stopped and (
+            block.failed_start or status.state in (JobState.FAILED, JobState.MISSING)
+        ):
             tail = await self.provider.read_tail(status.stderr_path)
             why = (
                 "before any of its managers connected"
@@ -486,18 +478,3 @@ class BlockScaler(Service):
         if self._blocks.pop(block.block_id, None) is not None:
             self._history.append(block)
             self._ended[block.state.name] += 1
-
-
-def _fresh(d: Deferred[T]) -> Deferred[T]:
-    """A new Deferred with ``d``'s result, leaving ``d``'s own chain alone.
-
-    Only for Deferreds that never fail (our coroutines catch their errors).
-    """
-    fresh: Deferred[T] = Deferred()
-
-    def fire(result: T) -> T:
-        fresh.callback(result)
-        return result
-
-    d.addCallback(fire)
-    return fresh

@@ -53,6 +53,7 @@ from twisted.logger import Logger
 from funcx_endpoint.executor.blocks import Block, BlockScaler, manager_is_idle
 from funcx_endpoint.executor.interface import ILoadSource, ManagerInfo
 from funcx_endpoint.executor.providers.local import provider_from_config
+from funcx_endpoint.observer import fresh_result
 
 
 def estimate_workers_per_node(
@@ -82,6 +83,11 @@ class Decision:
     reason: str = ""
 
 
+def _at_least_one(value: Any) -> int:
+    return max(1, int(value))
+
+
+@attr.s(auto_attribs=True, eq=False, repr=False)
 class SimpleStrategy(Service):
     """funcX's simple scaling strategy (see the module's docstring for the rules).
 
@@ -94,30 +100,18 @@ class SimpleStrategy(Service):
     log = Logger()
     name = "strategy"
 
-    def __init__(
-        self,
-        scaler: BlockScaler,
-        load: ILoadSource,
-        clock: IReactorTime,
-        *,
-        interval: float = 5.0,
-        max_idletime: float = 120.0,
-        workers_per_node: int = 1,
-        backoff_base: float = 10.0,
-        backoff_cap: float = 300.0,
-    ) -> None:
-        self.scaler = scaler
-        self.load = load
-        self._clock = clock
-        self.interval = interval
-        self.max_idletime = max_idletime
-        self.workers_per_node = max(1, int(workers_per_node))
-        self.backoff_base = backoff_base
-        self.backoff_cap = backoff_cap
-        self._unmanned_since: Dict[str, float] = {}
-        self._loop: Optional[LoopingCall] = None
-        self._ticking: Optional[Deferred[Decision]] = None
-        self._held_logged_for: Optional[float] = None
+    scaler: BlockScaler
+    load: ILoadSource
+    _clock: IReactorTime
+    interval: float = attr.ib(default=5.0, kw_only=True)
+    max_idletime: float = attr.ib(default=120.0, kw_only=True)
+    workers_per_node: int = attr.ib(default=1, kw_only=True, converter=_at_least_one)
+    backoff_base: float = attr.ib(default=10.0, kw_only=True)
+    backoff_cap: float = attr.ib(default=300.0, kw_only=True)
+    _unmanned_since: Dict[str, float] = attr.ib(factory=dict, init=False)
+    _loop: Optional[LoopingCall] = attr.ib(default=None, init=False)
+    _ticking: Optional[Deferred[Decision]] = attr.ib(default=None, init=False)
+    _held_logged_for: Optional[float] = attr.ib(default=None, init=False)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -140,14 +134,7 @@ class SimpleStrategy(Service):
         ticking = self._ticking
         if ticking is None:
             return succeed(None)
-        done: Deferred[None] = Deferred()
-
-        def fire(result: Decision) -> Decision:
-            done.callback(None)
-            return result
-
-        ticking.addCallback(fire)
-        return done
+        return fresh_result(ticking).addCallback(lambda _: None)
 
     # -- decisions --------------------------------------------------------------------
 

@@ -106,8 +106,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         sys.exit(2)
     settings = apply_options(info.settings, options)
 
-    from funcx_endpoint.manager.pool import count_workers
     from funcx_endpoint.manager.service import ManagerIdentity
+    from funcx_endpoint.manager.workers_env import count_workers
 
     if options.worker_count is not None:
         worker_count = max(1, options.worker_count)

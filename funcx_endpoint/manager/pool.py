@@ -20,9 +20,7 @@ delay when it keeps dying at start.
 
 from __future__ import annotations
 
-import math
 import os
-import signal
 import sys
 import time
 from collections import deque
@@ -36,6 +34,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from funcx_endpoint.manager.pipes import TaskPipe
+from funcx_endpoint.manager.workers_env import describe_exit, read_tail, worker_environment
 from funcx_endpoint.wire import (
     ActorName,
     ErrorCode,
@@ -48,93 +47,15 @@ from funcx_endpoint.wire.info import (
     ManagerSettings,
 )
 
-__all__ = ["WorkerPool", "WorkerProtocol", "count_workers", "worker_environment"]
+__all__ = ["WorkerPool", "WorkerProtocol"]
 
-#: Environment variables that pin a worker to one accelerator.
-ACCELERATOR_VARIABLES = ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "ZE_AFFINITY_MASK")
 #: How many times in a row a worker may die before saying hello before the
 #: manager gives up (its tasks then go elsewhere through the interchange).
 MAX_START_FAILURES = 5
-#: Bytes of a dead worker's stderr read for the WorkerLost message.
-STDERR_TAIL_BYTES = 4096
-STDERR_TAIL_LINES = 15
 #: Seconds to wait, after a worker exited, for its pipes to close.
 PIPE_CLOSE_GRACE = 2.0
 
 ResultCallback = Callable[[bytes], None]
-
-
-def count_workers(
-    settings: ManagerSettings, cpu_count: int, memory_gb: Optional[float] = None
-) -> int:
-    """How many workers a node runs.
-
-    One per accelerator when there are accelerators; else as many as the
-    cores allow (``cpu_count / cores_per_worker``) and, with
-    ``mem_per_worker``, the memory too; never more than
-    ``max_workers_per_node``, never fewer than one.
-    """
-    limits: List[float] = []
-    if settings.max_workers_per_node is not None:
-        limits.append(settings.max_workers_per_node)
-    if settings.available_accelerators:
-        limits.append(len(settings.available_accelerators))
-    else:
-        limits.append(cpu_count / settings.cores_per_worker)
-        if settings.mem_per_worker and memory_gb is not None:
-            limits.append(memory_gb / settings.mem_per_worker)
-    return max(1, math.floor(min(limits)))
-
-
-def worker_environment(
-    base: Mapping[str, str],
-    settings: ManagerSettings,
-    index: int,
-) -> Dict[str, str]:
-    """The environment of worker ``index``: ``base``, the configured variables, its device."""
-    env = dict(base)
-    env.update(settings.worker_environment)
-    env["FUNCX_WORKER_ID"] = str(index)
-    env["PYTHONUNBUFFERED"] = "1"
-    accelerators = settings.available_accelerators
-    if accelerators:
-        device = accelerators[index % len(accelerators)]
-        for name in ACCELERATOR_VARIABLES:
-            env[name] = device
-    return env
-
-
-def describe_exit(reason: Failure) -> str:
-    """How a process ended, for people: exit code or signal name."""
-    value: Any = reason.value
-    sig = getattr(value, "signal", None)
-    if sig:
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = f"signal {sig}"
-        return f"it was killed by {name} ({sig})"
-    code = getattr(value, "exitCode", None)
-    if code is None:
-        return f"it ended ({reason.getErrorMessage()})"
-    return f"it exited with code {code}"
-
-
-def read_tail(path: str, offset: int, limit: int = STDERR_TAIL_BYTES) -> str:
-    """The last lines written to ``path`` after ``offset`` (at most ``limit`` bytes)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            end = f.tell()
-            start = max(offset, end - limit)
-            f.seek(start)
-            data = f.read(end - start)
-    except OSError:
-        return ""
-    lines = data.decode("utf-8", "replace").splitlines()
-    if start > offset and lines:
-        lines = lines[1:]  # the first line is probably cut
-    return "\n".join(lines[-STDERR_TAIL_LINES:])
 
 
 class _Worker:

@@ -15,6 +15,7 @@ import signal
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import attr
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
@@ -123,6 +124,7 @@ class NodeProcess(ProcessProtocol):
                 pass
 
 
+@attr.s(auto_attribs=True, eq=False)
 class NodeLauncher:
     """The processes of the node ``identity`` in ``directory``.
 
@@ -133,32 +135,18 @@ class NodeLauncher:
 
     log = Logger()
 
-    def __init__(
-        self,
-        directory: NodeDirectory,
-        identity: NodeIdentity,
-        programs: Programs,
-        *,
-        reactor: IReactorProcess,
-        clock: IReactorTime,
-        table: IProcessTable,
-        commands: CommandRunner,
-        stop_timeout: float,
-        kill_timeout: float,
-        environ: Mapping[str, str] | None = None,
-    ) -> None:
-        self.directory = directory
-        self.identity = identity
-        self.programs = programs
-        self._reactor = reactor
-        self._clock = clock
-        self._table = table
-        self._commands = commands
-        self.stop_timeout = stop_timeout
-        self.kill_timeout = kill_timeout
-        self._environ = environ
-        self.epmd: NodeProcess | None = None
-        self.server: NodeProcess | None = None
+    directory: NodeDirectory
+    identity: NodeIdentity
+    programs: Programs
+    _reactor: IReactorProcess = attr.ib(kw_only=True)
+    _clock: IReactorTime = attr.ib(kw_only=True)
+    _table: IProcessTable = attr.ib(kw_only=True)
+    _commands: CommandRunner = attr.ib(kw_only=True)
+    stop_timeout: float = attr.ib(kw_only=True)
+    kill_timeout: float = attr.ib(kw_only=True)
+    _environ: Mapping[str, str] | None = attr.ib(default=None, kw_only=True)
+    epmd: NodeProcess | None = attr.ib(default=None, init=False)
+    server: NodeProcess | None = attr.ib(default=None, init=False)
 
     @property
     def epmd_alive(self) -> bool:

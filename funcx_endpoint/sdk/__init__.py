@@ -4,8 +4,10 @@
   the funcX 1.0 API, on globus-sdk's ``BaseClient``;
 * :class:`FuncXExecutor` (:mod:`funcx_endpoint.sdk.executor`): a
   ``concurrent.futures.Executor`` whose tasks run on a funcX endpoint;
-* the errors (:mod:`funcx_endpoint.sdk.errors`) and the client-credentials
-  login (:mod:`funcx_endpoint.sdk.login`).
+* :class:`Batch` and the task records (:mod:`funcx_endpoint.sdk.tasks`), the
+  retry policy (:mod:`funcx_endpoint.sdk.retries`), the errors
+  (:mod:`funcx_endpoint.sdk.errors`) and the client-credentials login
+  (:mod:`funcx_endpoint.sdk.login`).
 
 Both work with the public funcX service and with this project's private
 service (``funcx-service``); their tests use that service's API in-process
@@ -14,7 +16,7 @@ service (``funcx-service``); their tests use that service's API in-process
 
 from __future__ import annotations
 
-from funcx_endpoint.sdk.client import Batch, FuncXClient
+from funcx_endpoint.sdk.client import FuncXClient
 from funcx_endpoint.sdk.errors import (
     BatchSubmissionError,
     FuncxAPIError,
@@ -28,6 +30,7 @@ from funcx_endpoint.sdk.errors import (
     VersionMismatch,
 )
 from funcx_endpoint.sdk.executor import FuncXExecutor
+from funcx_endpoint.sdk.tasks import Batch
 
 __all__ = [
     "Batch",

@@ -18,27 +18,15 @@ Where things come from:
   from ``FUNCX_SDK_CLIENT_ID`` / ``FUNCX_SDK_CLIENT_SECRET``
   (:mod:`funcx_endpoint.sdk.login`).
 
-Retries: globus-sdk retries a request up to 5 times on network errors and on
-429/500/502/503/504, and once after refreshing the token on 401.  That is
-right for every call but ``POST /submit``: a retried submit whose first try
-reached the service makes the tasks twice (funcX 1.0 did that).  So submits
-are retried only when the service cannot have acted on them: the connection
-was never made (refused, DNS, connect timeout, TLS handshake), or the answer
-was 401 (token refreshed first), 429 or 503 (the service promises that these
-mean "nothing was created, come back later").  A 500/502/504 or a read
-timeout after sending is raised at once: the caller learns that the tasks
-may or may not exist, instead of silently getting duplicates.  A
-client-generated ``task_group_id`` is sent with every submit too, so the
-tasks of a doubtful submit can be found with :meth:`get_taskgroup_tasks`.
-Certificate verification failures are never retried (retrying cannot help).
+Retries: every request is retried as globus-sdk does, except that a submit
+is retried only when the service cannot have acted on it, and a certificate
+verification failure never (:mod:`funcx_endpoint.sdk.retries` says why).
 """
 
 from __future__ import annotations
 
 import os
 import re
-import ssl
-import threading
 import uuid
 from typing import (
     Any,
@@ -53,26 +41,28 @@ from typing import (
     Tuple,
     Union,
 )
-from urllib.parse import urlsplit
 
 import globus_sdk
-import requests
-import urllib3.exceptions
-from globus_sdk.transport import RetryCheckResult, RetryContext
 
 from funcx_endpoint.sdk.errors import (
     BatchSubmissionError,
     FuncxAPIError,
     MalformedResponse,
-    TaskExecutionFailed,
     TaskPending,
     TaskRefused,
     VersionMismatch,
 )
 from funcx_endpoint.sdk.login import client_credentials_authorizer, transport_arguments
+from funcx_endpoint.sdk.retries import (
+    RETRY_CHECKS,
+    submit_retry_check,
+    tls_verification_retry_check,
+)
+from funcx_endpoint.sdk.tasks import Batch, TaskCache, TaskRecord, canonical_uuid, task_record
 from funcx_endpoint.version import __version__
-from funcx_endpoint.wire import DeserializationError, deserialize, pack_function, pack_payload
+from funcx_endpoint.wire import pack_function
 
+# Batch, task_record and the retry checks were defined here: SDK users may import them from here.
 __all__ = [
     "CA_FILE_ENV",
     "DEFAULT_SERVICE_ADDRESS",
@@ -84,6 +74,7 @@ __all__ = [
     "Batch",
     "FuncXClient",
     "submit_retry_check",
+    "task_record",
     "tls_verification_retry_check",
 ]
 
@@ -107,105 +98,9 @@ FUNCX_API_VERSION = "1.0.13"
 #: The most task ids asked for in one ``POST /batch_status``.
 MAX_BATCH_STATUS_IDS = 1000
 
-_DONE_STATUSES = frozenset({"success", "failed"})
-# Statuses on which a submit is retried (after a token refresh for 401): the
-# service cannot have created anything.
-_SUBMIT_RETRY_STATUSES = frozenset({401, 429, 503})
-
-TaskRecord = Dict[str, Any]
-
-
-# ---------------------------------------------------------------------------
-# Retry policy
-
-
-def _causes(error: BaseException) -> Iterator[BaseException]:
-    """``error`` and the exceptions it wraps (args, ``reason``, cause, context)."""
-    seen = set()
-    stack: List[BaseException] = [error]
-    while stack:
-        current = stack.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        linked: List[Any] = [
-            *current.args,
-            getattr(current, "reason", None),
-            current.__cause__,
-            current.__context__,
-        ]
-        stack.extend(item for item in linked if isinstance(item, BaseException))
-
-
-def _never_reached_server(error: BaseException) -> bool:
-    """Whether ``error`` happened before the request could reach the server."""
-    if isinstance(error, requests.exceptions.ConnectTimeout):
-        return True
-    return any(
-        isinstance(
-            cause,
-            (
-                urllib3.exceptions.NewConnectionError,
-                urllib3.exceptions.ConnectTimeoutError,
-                ssl.SSLError,
-            ),
-        )
-        for cause in _causes(error)
-    )
-
-
-def _sent_request(ctx: RetryContext) -> Optional[requests.PreparedRequest]:
-    if ctx.response is not None:
-        return ctx.response.request
-    request = getattr(ctx.exception, "request", None)
-    return request if isinstance(request, requests.PreparedRequest) else None
-
-
-def submit_retry_check(ctx: RetryContext) -> RetryCheckResult:
-    """globus-sdk retry check: retry ``POST .../submit`` only when nothing was made.
-
-    Runs before globus-sdk's default checks.  For any other request it has no
-    opinion.  For a submit it lets the defaults decide (which retry) only on
-    401, 429 and 503 answers and on errors before the request reached the
-    server; everything else is not retried.
-    """
-    request = _sent_request(ctx)
-    if request is None or request.method != "POST":
-        return RetryCheckResult.no_decision
-    if not urlsplit(request.url or "").path.rstrip("/").endswith("/submit"):
-        return RetryCheckResult.no_decision
-    if ctx.response is not None:
-        if ctx.response.status_code in _SUBMIT_RETRY_STATUSES:
-            return RetryCheckResult.no_decision
-        return RetryCheckResult.do_not_retry
-    if ctx.exception is not None and _never_reached_server(ctx.exception):
-        return RetryCheckResult.no_decision
-    return RetryCheckResult.do_not_retry
-
-
-def tls_verification_retry_check(ctx: RetryContext) -> RetryCheckResult:
-    """globus-sdk retry check: never retry a certificate verification failure."""
-    if ctx.exception is not None and any(
-        isinstance(cause, ssl.SSLCertVerificationError) for cause in _causes(ctx.exception)
-    ):
-        return RetryCheckResult.do_not_retry
-    return RetryCheckResult.no_decision
-
-
-_RETRY_CHECKS = (tls_verification_retry_check, submit_retry_check)
-
 
 # ---------------------------------------------------------------------------
 # Helpers
-
-
-def _canonical_uuid(value: Any, what: str) -> str:
-    """``value`` as a canonical UUID string, or ValueError naming ``what``."""
-    try:
-        return str(uuid.UUID(str(value)))
-    except ValueError:
-        raise ValueError(f"{what} must be a UUID, got {value!r}") from None
 
 
 def _version_tuple(version: str) -> Tuple[int, ...]:
@@ -235,148 +130,6 @@ def _dict_data(response: globus_sdk.GlobusHTTPResponse, call: str) -> Dict[str, 
     if not isinstance(data, dict):
         raise MalformedResponse(f"{call}: expected a JSON object, got {type(data).__name__}")
     return data
-
-
-def task_record(task_id: str, data: Mapping[str, Any]) -> TaskRecord:
-    """The SDK's view of one task from the service's answer about it.
-
-    Always has ``task_id``, ``status`` (lower-cased) and ``pending``.  A task
-    is done when its status is ``success`` or ``failed``; then the record has
-    ``completion_t`` and either ``result`` (deserialized) or ``exception``: a
-    :class:`TaskExecutionFailed` with the remote traceback text and error
-    code, or the error that kept the result from being deserialized here.
-    """
-    status = str(data.get("status") or "unknown").lower()
-    record: TaskRecord = {
-        "task_id": task_id,
-        "status": status,
-        "pending": status not in _DONE_STATUSES,
-    }
-    if record["pending"]:
-        return record
-    completion_t = data.get("completion_t")
-    record["completion_t"] = completion_t
-    if status == "success":
-        if "result" not in data:
-            record["exception"] = MalformedResponse(
-                f"the service says task {task_id} succeeded but sent no result"
-            )
-            return record
-        try:
-            record["result"] = deserialize(data["result"])
-        except DeserializationError as error:
-            record["exception"] = error
-        return record
-    details = data.get("error_details")
-    details = details if isinstance(details, dict) else {}
-    code = details.get("code")
-    user_message = details.get("user_message")
-    remote_data = data.get("exception")
-    record["exception"] = TaskExecutionFailed(
-        str(remote_data) if remote_data else "(the service sent no error text)",
-        completion_t,
-        task_id=task_id,
-        error_code=str(code) if code is not None else None,
-        user_message=str(user_message) if user_message else None,
-    )
-    return record
-
-
-# ---------------------------------------------------------------------------
-# Batches
-
-
-def _funcx_1_0_add_arguments(
-    function_id: str,
-    endpoint_id: str,
-    args: Optional[Sequence[Any]] = None,
-    kwargs: Optional[Mapping[str, Any]] = None,
-) -> Tuple[str, str, Optional[Sequence[Any]], Optional[Mapping[str, Any]]]:
-    """The arguments of funcX 1.0.13's ``Batch.add``, bound by Python's rules."""
-    return function_id, endpoint_id, args, kwargs
-
-
-class Batch:
-    """Tasks to submit together with :meth:`FuncXClient.batch_run`.
-
-    ``task_group_id`` groups the tasks on the service (None: the client's
-    session task group).
-    """
-
-    def __init__(
-        self, task_group_id: Optional[str] = None, *, create_websocket_queue: bool = False
-    ) -> None:
-        self.task_group_id = (
-            _canonical_uuid(task_group_id, "task_group_id") if task_group_id else None
-        )
-        self.create_websocket_queue = create_websocket_queue
-        self._tasks: List[List[str]] = []
-
-    def add(
-        self,
-        *args: Any,
-        endpoint_id: Optional[str] = None,
-        function_id: Optional[str] = None,
-        **kwargs: Any,
-    ) -> None:
-        """Add a task: run ``function_id`` on ``endpoint_id`` with these arguments.
-
-        ``batch.add(*args, endpoint_id=..., function_id=..., **kwargs)``.  The
-        funcX 1.0.13 form ``batch.add(function_id, endpoint_id, args=None,
-        kwargs=None)`` (ids given positionally) is accepted too.
-        """
-        if endpoint_id is None and function_id is None:
-            self._add_funcx_1_0_form(args, kwargs)
-            return
-        if endpoint_id is None or function_id is None:
-            raise TypeError("Batch.add needs both endpoint_id= and function_id=")
-        self.add_task(function_id, endpoint_id, args, kwargs)
-
-    def _add_funcx_1_0_form(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
-        try:
-            function_id, endpoint_id, task_args, task_kwargs = _funcx_1_0_add_arguments(
-                *args, **kwargs
-            )
-        except TypeError:
-            raise TypeError(
-                "Batch.add takes (*args, endpoint_id=..., function_id=..., **kwargs) "
-                "or (function_id, endpoint_id, args=None, kwargs=None)"
-            ) from None
-        self.add_task(function_id, endpoint_id, task_args or (), task_kwargs)
-
-    def add_task(
-        self,
-        function_id: str,
-        endpoint_id: str,
-        args: Sequence[Any] = (),
-        kwargs: Optional[Mapping[str, Any]] = None,
-    ) -> None:
-        """Like :meth:`add`, with the arguments given as a sequence and a mapping.
-
-        Use this when the function itself takes ``endpoint_id``,
-        ``function_id``, ``args`` or ``kwargs`` keyword arguments.  Raises SerializationError if the
-        arguments cannot be serialized (nothing is added then).
-        """
-        function_id = _canonical_uuid(function_id, "function_id")
-        endpoint_id = _canonical_uuid(endpoint_id, "endpoint_id")
-        payload = pack_payload(tuple(args), dict(kwargs) if kwargs else {})
-        self._tasks.append([function_id, endpoint_id, payload])
-
-    @property
-    def tasks(self) -> List[List[str]]:
-        """The tasks as sent: ``[function_id, endpoint_id, payload]`` each."""
-        return [list(task) for task in self._tasks]
-
-    def prepare(self, default_task_group_id: Optional[str] = None) -> Dict[str, Any]:
-        """The ``POST /submit`` body for these tasks."""
-        return {
-            "task_group_id": self.task_group_id or default_task_group_id,
-            "create_websocket_queue": self.create_websocket_queue,
-            "tasks": self.tasks,
-        }
-
-    def __len__(self) -> int:
-        return len(self._tasks)
 
 
 # ---------------------------------------------------------------------------
@@ -447,7 +200,7 @@ class FuncXClient(globus_sdk.BaseClient):
         if self._owns_transport:
             transport_params = kwargs.pop("transport_params", None)
             kwargs.update(
-                transport_arguments(verify_ssl, http_timeout, _RETRY_CHECKS, transport_params)
+                transport_arguments(verify_ssl, http_timeout, RETRY_CHECKS, transport_params)
             )
         super().__init__(
             base_url=base_url,
@@ -457,17 +210,16 @@ class FuncXClient(globus_sdk.BaseClient):
         )
         self.funcx_service_address = base_url
         self.session_task_group_id = (
-            _canonical_uuid(task_group_id, "task_group_id") if task_group_id else str(uuid.uuid4())
+            canonical_uuid(task_group_id, "task_group_id") if task_group_id else str(uuid.uuid4())
         )
-        self._cache_lock = threading.Lock()
-        self._task_cache: Dict[str, TaskRecord] = {}
+        self._finished = TaskCache()
         if do_version_check:
             self.version_check()
 
     def _register_standard_retry_checks(self, retry_config: Any) -> None:
         # globus-sdk 4 calls this while constructing; 3.x gets the checks
         # through transport_params instead.
-        retry_config.checks.register_many_checks(_RETRY_CHECKS)
+        retry_config.checks.register_many_checks(RETRY_CHECKS)
         super()._register_standard_retry_checks(retry_config)
 
     def close(self) -> None:
@@ -516,11 +268,11 @@ class FuncXClient(globus_sdk.BaseClient):
             "function_code": pack_function(function),
             "entry_point": name,
             "container_uuid": (
-                _canonical_uuid(container_uuid, "container_uuid") if container_uuid else None
+                canonical_uuid(container_uuid, "container_uuid") if container_uuid else None
             ),
             "description": description,
             "public": bool(public),
-            "group": _canonical_uuid(group, "group") if group else None,
+            "group": canonical_uuid(group, "group") if group else None,
         }
         data = _dict_data(self.post("functions", data=body), "register_function")
         function_id = data.get("function_uuid")
@@ -583,27 +335,17 @@ class FuncXClient(globus_sdk.BaseClient):
         except BatchSubmissionError as error:
             raise error.failures[0] from error
 
-    def _cached(self, task_id: str) -> Optional[TaskRecord]:
-        with self._cache_lock:
-            record = self._task_cache.get(task_id)
-        return dict(record) if record is not None else None
-
-    def _remember(self, record: TaskRecord) -> None:
-        if not record["pending"]:
-            with self._cache_lock:
-                self._task_cache[record["task_id"]] = record
-
     def get_task(self, task_id: str) -> TaskRecord:
         """What is known of a task (``GET /tasks/<id>``), as :func:`task_record` says.
 
         A finished task is remembered and not asked for again.
         """
-        cached = self._cached(task_id)
+        cached = self._finished.get(task_id)
         if cached is not None:
             return cached
-        path = f"tasks/{_canonical_uuid(task_id, 'task_id')}"
+        path = f"tasks/{canonical_uuid(task_id, 'task_id')}"
         record = task_record(task_id, _dict_data(self.get(path), "get_task"))
-        self._remember(record)
+        self._finished.remember(record)
         return dict(record)
 
     def get_result(self, task_id: str) -> Any:
@@ -631,13 +373,13 @@ class FuncXClient(globus_sdk.BaseClient):
         answer: Dict[str, TaskRecord] = {}
         missing = []
         for task_id in wanted:
-            cached = self._cached(task_id)
+            cached = self._finished.get(task_id)
             if cached is None:
                 missing.append(task_id)
             else:
                 answer[task_id] = cached
         for task_id, record in self.fetch_task_records(missing).items():
-            self._remember(record)
+            self._finished.remember(record)
             answer[task_id] = dict(record)
         return {task_id: answer[task_id] for task_id in wanted if task_id in answer}
 
@@ -648,7 +390,7 @@ class FuncXClient(globus_sdk.BaseClient):
         that keeps the results elsewhere (the executor's futures) does not
         keep them twice.
         """
-        by_canonical = {_canonical_uuid(task_id, "task_id"): task_id for task_id in task_ids}
+        by_canonical = {canonical_uuid(task_id, "task_id"): task_id for task_id in task_ids}
         records: Dict[str, TaskRecord] = {}
         for chunk in _chunks(list(by_canonical), MAX_BATCH_STATUS_IDS):
             data = _dict_data(self.post("batch_status", data={"task_ids": list(chunk)}), "batch")
@@ -657,7 +399,7 @@ class FuncXClient(globus_sdk.BaseClient):
                 raise MalformedResponse("batch_status: the answer has no results object")
             for key, value in results.items():
                 try:
-                    task_id = by_canonical.get(_canonical_uuid(key, "task_id"))
+                    task_id = by_canonical.get(canonical_uuid(key, "task_id"))
                 except ValueError:
                     continue
                 if task_id is not None and isinstance(value, dict):
@@ -666,10 +408,10 @@ class FuncXClient(globus_sdk.BaseClient):
 
     def get_taskgroup_tasks(self, task_group_id: str) -> List[Dict[str, Any]]:
         """The tasks of a task group (``GET /taskgroup/<id>``): ``[{"id": ...}, ...]``."""
-        canonical = _canonical_uuid(task_group_id, "task_group_id")
+        canonical = canonical_uuid(task_group_id, "task_group_id")
         data = _dict_data(self.get(f"taskgroup/{canonical}"), "get_taskgroup_tasks")
         answered = data.get("taskgroup_id")
-        if answered is not None and _canonical_uuid(answered, "taskgroup_id") != canonical:
+        if answered is not None and canonical_uuid(answered, "taskgroup_id") != canonical:
             raise MalformedResponse(
                 f"get_taskgroup_tasks: asked for {canonical}, the service answered {answered}"
             )
@@ -681,7 +423,7 @@ class FuncXClient(globus_sdk.BaseClient):
     # -- endpoints ------------------------------------------------------------
 
     def _endpoint_path(self, endpoint_id: str, *rest: str) -> str:
-        return "/".join(["endpoints", _canonical_uuid(endpoint_id, "endpoint_id"), *rest])
+        return "/".join(["endpoints", canonical_uuid(endpoint_id, "endpoint_id"), *rest])
 
     def get_endpoints(self) -> Any:
         """The caller's endpoints (``GET /endpoints``), as the service gives them."""
@@ -710,7 +452,7 @@ class FuncXClient(globus_sdk.BaseClient):
     def add_to_whitelist(self, endpoint_id: str, function_ids: Union[str, Iterable[str]]) -> Any:
         """Allow functions on an endpoint (``POST /endpoints/<id>/whitelist``)."""
         ids = [function_ids] if isinstance(function_ids, str) else list(function_ids)
-        body = {"func": [_canonical_uuid(f, "function_id") for f in ids]}
+        body = {"func": [canonical_uuid(f, "function_id") for f in ids]}
         return _data(self.post(self._endpoint_path(endpoint_id, "whitelist"), data=body))
 
     def delete_from_whitelist(
@@ -721,7 +463,7 @@ class FuncXClient(globus_sdk.BaseClient):
         return [
             _data(
                 self.delete(
-                    self._endpoint_path(endpoint_id, "whitelist", _canonical_uuid(f, "function_id"))
+                    self._endpoint_path(endpoint_id, "whitelist", canonical_uuid(f, "function_id"))
                 )
             )
             for f in ids

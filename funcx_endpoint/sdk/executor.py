@@ -44,13 +44,14 @@ from typing import IO, Any, Callable, Dict, Hashable, List, Optional, Sequence, 
 
 import globus_sdk
 
-from funcx_endpoint.sdk.client import MAX_BATCH_STATUS_IDS, FuncXClient, TaskRecord
+from funcx_endpoint.sdk.client import MAX_BATCH_STATUS_IDS, FuncXClient
 from funcx_endpoint.sdk.errors import (
     BatchSubmissionError,
     FuncxAPIError,
     FuncxError,
     ServiceUnreachable,
 )
+from funcx_endpoint.sdk.tasks import TaskRecord
 
 try:  # tqdm draws the progress bar when it is installed
     from tqdm import tqdm as _tqdm

@@ -50,6 +50,7 @@ from funcx_endpoint.amqp.client import ChannelHandlers, Delivery, Returned, enco
 from funcx_endpoint.amqp.connection import AMQPURL, AMQPError
 from funcx_endpoint.amqp.interfaces import IAMQPChannel, IAMQPClient, IAMQPConnectionService
 from funcx_endpoint.amqp.spec import load_spec
+from funcx_endpoint.observer import OneShotObserver
 
 __all__ = [
     "FakeAMQPClient",
@@ -468,23 +469,22 @@ class FakeChannel:
 
     def confirm(self, seq: Optional[int] = None, multiple: bool = False) -> None:
         """``basic.ack`` of publish ``seq`` (all unconfirmed ones if None)."""
-        if seq is None:
-            if not self.unconfirmed:
-                return
-            seq, multiple = max(self.unconfirmed), True
-        self._confirmed(seq, multiple)
-        if self.handlers.on_ack is not None:
-            self.handlers.on_ack(seq, multiple)
+        self._answer_publish(seq, multiple, self.handlers.on_ack)
 
     def nack_publish(self, seq: Optional[int] = None, multiple: bool = False) -> None:
         """``basic.nack`` of publish ``seq`` (all unconfirmed ones if None)."""
+        self._answer_publish(seq, multiple, self.handlers.on_nack)
+
+    def _answer_publish(
+        self, seq: Optional[int], multiple: bool, handler: Optional[Callable[[int, bool], None]]
+    ) -> None:
         if seq is None:
             if not self.unconfirmed:
                 return
             seq, multiple = max(self.unconfirmed), True
         self._confirmed(seq, multiple)
-        if self.handlers.on_nack is not None:
-            self.handlers.on_nack(seq, multiple)
+        if handler is not None:
+            handler(seq, multiple)
 
     def return_publish(self, seq: int, code: int = NO_ROUTE, text: str = "NO_ROUTE") -> None:
         """``basic.return`` of mandatory publish ``seq`` (unroutable), then its
@@ -579,15 +579,15 @@ class FakeChannel:
             self.handlers.on_close(reason)
 
 
+@attr.s(auto_attribs=True, eq=False)
 class FakeAMQPTransport:
     """The transport of a :class:`FakeAMQPClient`: closing it loses the
     connection at the next reactor turn."""
 
-    def __init__(self, client: FakeAMQPClient, clock: IReactorTime) -> None:
-        self._client = client
-        self._clock = clock
-        self.disconnecting = False
-        self.aborted = False
+    _client: FakeAMQPClient
+    _clock: IReactorTime
+    disconnecting: bool = attr.ib(default=False, init=False)
+    aborted: bool = attr.ib(default=False, init=False)
 
     def loseConnection(self) -> None:
         if not self.disconnecting:
@@ -663,35 +663,28 @@ class FakeAMQPClient:
 
 
 @implementer(IAMQPConnectionService)
+@attr.s(auto_attribs=True, eq=False, repr=False)
 class FakeConnectionService(Service):
-    """Stands in for AMQPConnectionService; connects when the test says so."""
+    """Stands in for AMQPConnectionService; connects when the test says so.
 
-    def __init__(
-        self,
-        broker: FakeBroker,
-        reactor: Any,
-        url: AMQPURL,
-        prepare: Callable[[Any], Any],
-        *,
-        name: Optional[str] = None,
-        ca_file: Optional[str] = None,
-        heartbeat: int = 30,
-    ) -> None:
-        self.broker = broker
-        self.clock = reactor
-        self.url = url
-        self.heartbeat = heartbeat
-        self._prepare = prepare
-        self.client: Optional[FakeAMQPClient] = None
-        self.connections = 0
-        self.lost_at: Optional[float] = None
-        self.fatal_error: Optional[AMQPError] = None
-        #: set-up errors that were not fatal (the real service retries after them)
-        self.setup_errors: List[Exception] = []
-        self._connected_waiters: List[Deferred[Any]] = []
-        self._fatal_waiters: List[Deferred[AMQPError]] = []
-        if name:
-            self.setName(name)
+    It takes the real one's arguments after ``broker`` (``ca_file`` is not used).
+    """
+
+    broker: FakeBroker
+    clock: Any = attr.ib(alias="reactor")
+    url: AMQPURL
+    _prepare: Callable[[Any], Any]
+    name: Optional[str] = attr.ib(default=None, kw_only=True)
+    _ca_file: Optional[str] = attr.ib(default=None, kw_only=True)
+    heartbeat: int = attr.ib(default=30, kw_only=True)
+    client: Optional[FakeAMQPClient] = attr.ib(default=None, init=False)
+    connections: int = attr.ib(default=0, init=False)
+    lost_at: Optional[float] = attr.ib(default=None, init=False)
+    fatal_error: Optional[AMQPError] = attr.ib(default=None, init=False)
+    #: set-up errors that were not fatal (the real service retries after them)
+    setup_errors: List[Exception] = attr.ib(factory=list, init=False)
+    _connected_waiters: List[Deferred[Any]] = attr.ib(factory=list, init=False)
+    _fatal: OneShotObserver[AMQPError] = attr.ib(factory=OneShotObserver, init=False)
 
     def state(self) -> str:
         if self.fatal_error is not None:
@@ -758,20 +751,13 @@ class FakeConnectionService(Service):
         return d
 
     def when_fatal(self) -> Deferred[AMQPError]:
-        d: Deferred[AMQPError] = Deferred()
-        if self.fatal_error is not None:
-            d.callback(self.fatal_error)
-        else:
-            self._fatal_waiters.append(d)
-        return d
+        return self._fatal.when_fired()
 
     def _fail(self, error: AMQPError) -> None:
         if self.fatal_error is not None:
             return
         self.fatal_error = error
-        waiters, self._fatal_waiters = self._fatal_waiters, []
-        for d in waiters:
-            d.callback(error)
+        self._fatal.fire(error)
 
     def fail(self, error: AMQPError) -> None:
         self._fail(error)

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, TypeVar
 
 from treq.testing import StubTreq
@@ -68,7 +68,7 @@ from funcx_endpoint.testing.recording import (
 )
 from funcx_endpoint.tls import TLSFiles
 from funcx_endpoint.version import __version__
-from funcx_endpoint.webservice import storage as store
+from funcx_endpoint.webservice import accounts
 from funcx_endpoint.webservice.api import MIN_SDK_VERSION, BrokerAddress, FuncXAPI
 from funcx_endpoint.webservice.auth import (
     FUNCX_RESOURCE_SERVER,
@@ -84,8 +84,9 @@ from funcx_endpoint.webservice.db import DatabaseConfig, Tx
 from funcx_endpoint.webservice.dispatch import TaskSender
 from funcx_endpoint.webservice.http import APIResource, Router
 from funcx_endpoint.webservice.ingest import ResultIngest
+from funcx_endpoint.webservice.records import ENDPOINT_COLUMNS, Endpoint, TokenInfo
 from funcx_endpoint.webservice.settings import DEFAULT_FUNCX_SCOPE, MIB
-from funcx_endpoint.webservice.storage import Endpoint, Storage, TokenInfo
+from funcx_endpoint.webservice.storage import Storage
 from funcx_endpoint.wire import (
     ActorName,
     EPStatusReport,
@@ -173,76 +174,52 @@ def _now(d: Deferred[_T]) -> _T:
 
 
 class _Table(Mapping[str, _T]):
-    """A read-only mapping over rows of the database, read at each use."""
+    """A read-only mapping over the rows of ``table`` that ``where`` selects, read
+    at each use: keyed by the first of ``columns``, in order of creation, each
+    row made into ``make(row)``."""
 
     def __init__(
         self,
         run: Callable[..., Any],
-        get: Callable[[Tx, str], Optional[_T]],
-        keys: Callable[[Tx], List[str]],
+        table: str,
+        columns: str,
+        make: Callable[[Tuple[Any, ...]], _T],
+        where: str = "1 = 1",
     ) -> None:
         self._run = run
-        self._get = get
-        self._keys = keys
+        key = columns.split(",", 1)[0]
+        self._select = f"SELECT {columns} FROM {table} WHERE {where} AND {key} = ?"
+        # rowid: the tasks of one submit share their creation time.
+        self._keys = f"SELECT {key} FROM {table} WHERE {where} ORDER BY created, rowid"
+        self._make = make
 
     def __getitem__(self, key: str) -> _T:
-        found: Optional[_T] = self._run(self._get, key)
-        if found is None:
+        row = self._run(lambda tx: tx.execute(self._select, (key,)).fetchone())
+        if row is None:
             raise KeyError(key)
-        return found
+        return self._make(row)
 
     def __iter__(self) -> Iterator[str]:
-        keys: List[str] = self._run(self._keys)
-        return iter(keys)
+        return iter(self._all_keys())
 
     def __len__(self) -> int:
-        return len(self._run(self._keys))
+        return len(self._all_keys())
+
+    def _all_keys(self) -> List[str]:
+        rows: List[Tuple[Any, ...]] = self._run(lambda tx: tx.execute(self._keys).fetchall())
+        return [row[0] for row in rows]
 
 
-def _task(tx: Tx, task_id: str) -> Optional[StoredTask]:
-    row = tx.execute(
-        "SELECT task_id, owner, function_id, endpoint_id, task_group_id, payload, status, "
-        "sent, created FROM tasks WHERE task_id = ?",
-        (task_id,),
-    ).fetchone()
-    if row is None:
-        return None
+def _stored_task(row: Tuple[Any, ...]) -> StoredTask:
     task_id, owner, function_id, endpoint_id, group, payload, status, sent, created = row
     return StoredTask(
         task_id, owner, function_id, endpoint_id, group, payload, status, bool(sent), created
     )
 
 
-def _task_ids(tx: Tx) -> List[str]:
-    # rowid: tasks of one submit share their creation time.
-    rows = tx.execute("SELECT task_id FROM tasks ORDER BY created, rowid").fetchall()
-    return [r[0] for r in rows]
-
-
-def _function(tx: Tx, function_id: str) -> Optional[StoredFunction]:
-    row = tx.execute(
-        "SELECT function_id, owner, name, public, function_code FROM functions "
-        "WHERE function_id = ?",
-        (function_id,),
-    ).fetchone()
-    return None if row is None else StoredFunction(row[0], row[1], row[2], bool(row[3]), row[4])
-
-
-def _function_ids(tx: Tx) -> List[str]:
-    rows = tx.execute("SELECT function_id FROM functions ORDER BY created, rowid").fetchall()
-    return [r[0] for r in rows]
-
-
-def _live_endpoint(tx: Tx, endpoint_id: str) -> Optional[Endpoint]:
-    endpoint = store.get_endpoint(tx, endpoint_id)
-    return endpoint if endpoint is not None and endpoint.deleted_at is None else None
-
-
-def _live_endpoint_ids(tx: Tx) -> List[str]:
-    rows = tx.execute(
-        "SELECT endpoint_id FROM endpoints WHERE deleted_at IS NULL ORDER BY created, rowid"
-    ).fetchall()
-    return [r[0] for r in rows]
+def _stored_function(row: Tuple[Any, ...]) -> StoredFunction:
+    function_id, owner, name, public, function_code = row
+    return StoredFunction(function_id, owner, name, bool(public), function_code)
 
 
 class InProcessService(MultiService):
@@ -324,10 +301,17 @@ class InProcessService(MultiService):
         self.broker.on_publish(self._published)
 
         #: Tasks, functions and (not deleted) endpoints as stored, read at each use.
-        self.tasks: Mapping[str, StoredTask] = _Table(self._run, _task, _task_ids)
-        self.functions: Mapping[str, StoredFunction] = _Table(self._run, _function, _function_ids)
+        self.tasks: Mapping[str, StoredTask] = _Table(
+            self._run, "tasks", ", ".join(f.name for f in fields(StoredTask)), _stored_task
+        )
+        self.functions: Mapping[str, StoredFunction] = _Table(
+            self._run,
+            "functions",
+            ", ".join(f.name for f in fields(StoredFunction)),
+            _stored_function,
+        )
         self.endpoints: Mapping[str, Endpoint] = _Table(
-            self._run, _live_endpoint, _live_endpoint_ids
+            self._run, "endpoints", ENDPOINT_COLUMNS, Endpoint.from_row, "deleted_at IS NULL"
         )
 
     def stopService(self) -> Deferred[None]:
@@ -415,7 +399,7 @@ class InProcessService(MultiService):
         if found is None:
             client_id = str(uuid.uuid4())
             client = self._run(
-                store.create_client, client_id, name, _NO_SECRET, self.clock.seconds()
+                accounts.create_client, client_id, name, _NO_SECRET, self.clock.seconds()
             )
             found = self.users[name] = TestUser(name, client_id, client.identity_id, None)
         return found
@@ -429,7 +413,7 @@ class InProcessService(MultiService):
             name = str(uuid.uuid4())
             secret = new_secret()
             client = self._run(
-                store.create_client, name, name, hash_secret(secret), self.clock.seconds()
+                accounts.create_client, name, name, hash_secret(secret), self.clock.seconds()
             )
             self.users[name] = TestUser(name, name, client.identity_id, secret)
             return name, secret
@@ -455,14 +439,14 @@ class InProcessService(MultiService):
             now,
             now + self.token_lifetime,
         )
-        self._run(store.insert_token, token_hash(token), info)
+        self._run(accounts.insert_token, token_hash(token), info)
         return token
 
     def revoke_tokens(self) -> None:
         """Revoke every access token, as the revoke call would (the next use gets 401)."""
         for hashed in self._run(_active_token_hashes):
             self.authenticator.forget(hashed)
-            self._run(store.revoke_token, hashed)
+            self._run(accounts.revoke_token, hashed)
 
     # -- playing the endpoints ---------------------------------------------------------
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence
 
+import attr
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
@@ -28,7 +29,13 @@ from funcx_endpoint.wire import PackedResult, Result, Task, TaskTransition, seri
 __all__ = ["CollectingSink", "EchoInterchange", "HoldingInterchange"]
 
 
+def _with_default_result(data: Optional[str]) -> str:
+    """The result data given, or a serialized None."""
+    return data if data is not None else serialize(None)
+
+
 @implementer(IInterchange)
+@attr.s(auto_attribs=True, eq=False, repr=False)
 class EchoInterchange(Service):
     """Answers every task at once with a fixed successful result.
 
@@ -38,21 +45,14 @@ class EchoInterchange(Service):
 
     name = "interchange"
 
-    def __init__(
-        self,
-        clock: IReactorTime,
-        result_sink: IResultSink,
-        result_data: Optional[str] = None,
-        delay: float = 0.0,
-    ) -> None:
-        self._clock = clock
-        self._delay = delay
-        self.result_sink = result_sink
-        self._data = result_data if result_data is not None else serialize(None)
-        self._ready: List[PackedResult] = []
-        self._scheduled = False
-        self.accepting = True
-        self.submitted = 0
+    _clock: IReactorTime
+    result_sink: IResultSink
+    _data: str = attr.ib(default=None, converter=_with_default_result, alias="result_data")
+    _delay: float = 0.0
+    _ready: List[PackedResult] = attr.ib(factory=list, init=False)
+    _scheduled: bool = attr.ib(default=False, init=False)
+    accepting: bool = attr.ib(default=True, init=False)
+    submitted: int = attr.ib(default=0, init=False)
 
     def submit(self, tasks: Sequence[Task]) -> None:
         if not self.accepting:

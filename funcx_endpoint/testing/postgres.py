@@ -17,7 +17,6 @@ directory).
 
 from __future__ import annotations
 
-import atexit
 import glob
 import os
 import pwd
@@ -26,16 +25,15 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThreadPool
 
-from funcx_endpoint.testing.rabbitmq import WATCHDOG_WAIT
+from funcx_endpoint.testing.shared import SharedInstance
+from funcx_endpoint.testing.watchdog import Watchdog
 
 __all__ = [
     "PostgresError",
@@ -52,11 +50,9 @@ _INSTALL_HINT = (
     f"or set {BIN_ENV} to the directory holding initdb and postgres."
 )
 
-# The same watchdog as the RabbitMQ harness's: once its owner is gone, it kills
-# the server's process group and removes its files.
-_WATCHDOG = (
-    WATCHDOG_WAIT
-    + r"""
+# What the server's watchdog does once its owner is gone: kill the server's
+# process group and remove its files.
+_WATCHDOG_CLEANUP = r"""
 pgid = int(sys.argv[1]); base = sys.argv[2]
 for sig in (signal.SIGQUIT, signal.SIGKILL):
     try:
@@ -66,7 +62,6 @@ for sig in (signal.SIGQUIT, signal.SIGKILL):
     time.sleep(0.5)
 shutil.rmtree(base, ignore_errors=True)
 """
-)
 
 
 class PostgresError(Exception):
@@ -109,7 +104,7 @@ class PostgresServer:
         self.password = secrets.token_urlsafe(18)
         self.user = "postgres"
         self._process: Optional[subprocess.Popen[bytes]] = None
-        self._watchdog: Optional[subprocess.Popen[bytes]] = None
+        self._watchdog: Optional[Watchdog] = None
         self._lock = threading.RLock()
 
     # -- running as whom ----------------------------------------------------------------
@@ -161,75 +156,83 @@ class PostgresServer:
             self._chown(pwfile)
             data = os.path.join(base, "data")
             log_path = os.path.join(base, "initdb.log")
-            with open(log_path, "wb") as log:
-                self._chown(log_path)
-                result = subprocess.run(
-                    [
-                        os.path.join(bin_dir, "initdb"),
-                        "-D",
-                        data,
-                        "-U",
-                        self.user,
-                        "--auth=scram-sha-256",
-                        f"--pwfile={pwfile}",
-                        "-E",
-                        "UTF8",
-                        "--locale=C",
-                        "--no-sync",
-                    ],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    cwd=base,
-                    timeout=120,
-                    **run_as,
-                )
+            result = self._program(
+                subprocess.run,
+                [
+                    os.path.join(bin_dir, "initdb"),
+                    "-D",
+                    data,
+                    "-U",
+                    self.user,
+                    "--auth=scram-sha-256",
+                    f"--pwfile={pwfile}",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                    "--no-sync",
+                ],
+                log_path,
+                run_as,
+                timeout=120,
+            )
             os.unlink(pwfile)
             if result.returncode != 0:
                 raise PostgresError(f"initdb failed: {_tail(log_path)}")
             self.port = _free_port()
             server_log = os.path.join(base, "postgres.log")
-            with open(server_log, "wb") as log:
-                self._chown(server_log)
-                self._process = subprocess.Popen(
-                    [
-                        os.path.join(bin_dir, "postgres"),
-                        "-D",
-                        data,
-                        "-p",
-                        str(self.port),
-                        "-k",
-                        base,
-                        "-c",
-                        "listen_addresses=127.0.0.1",
-                        "-c",
-                        "fsync=off",
-                        "-c",
-                        "synchronous_commit=off",
-                        "-c",
-                        "full_page_writes=off",
-                        "-c",
-                        "max_connections=60",
-                    ],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    cwd=base,
-                    start_new_session=True,
-                    **run_as,
-                )
+            self._process = self._program(
+                subprocess.Popen,
+                [
+                    os.path.join(bin_dir, "postgres"),
+                    "-D",
+                    data,
+                    "-p",
+                    str(self.port),
+                    "-k",
+                    base,
+                    "-c",
+                    "listen_addresses=127.0.0.1",
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "synchronous_commit=off",
+                    "-c",
+                    "full_page_writes=off",
+                    "-c",
+                    "max_connections=60",
+                ],
+                server_log,
+                run_as,
+                start_new_session=True,
+            )
             self._start_watchdog()
             self._await_ready(server_log)
 
+    def _program(
+        self,
+        run: Callable[..., Any],
+        args: List[str],
+        log_path: str,
+        run_as: Dict[str, Any],
+        **options: Any,
+    ) -> Any:
+        """``run(args, ...)``: a program of the server, in its base directory, as
+        ``run_as`` says, with its output in the new file ``log_path``."""
+        with open(log_path, "wb") as log:
+            self._chown(log_path)
+            return run(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.base_dir,
+                **run_as,
+                **options,
+            )
+
     def _start_watchdog(self) -> None:
         assert self._process is not None and self.base_dir is not None
-        self._watchdog = subprocess.Popen(
-            [sys.executable, "-I", "-c", _WATCHDOG, str(self._process.pid), self.base_dir],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        self._watchdog = Watchdog(_WATCHDOG_CLEANUP, [str(self._process.pid), self.base_dir])
 
     def _await_ready(self, log_path: str) -> None:
         import psycopg2
@@ -284,13 +287,8 @@ class PostgresServer:
                 except OSError:
                     pass
             watchdog, self._watchdog = self._watchdog, None
-            if watchdog is not None and watchdog.stdin is not None:
-                try:
-                    watchdog.stdin.write(b"release\n")
-                    watchdog.stdin.close()
-                except (OSError, ValueError):
-                    pass
-                watchdog.wait(10)
+            if watchdog is not None:
+                watchdog.release(timeout=10)
             if self.base_dir is not None:
                 shutil.rmtree(self.base_dir, ignore_errors=True)
                 self.base_dir = None
@@ -319,32 +317,19 @@ def _tail(path: str, lines: int = 30) -> str:
         return "(no log)"
 
 
-_shared: Optional[PostgresServer] = None
-_shared_lock = threading.Lock()
-_registered = False
+_SHARED: SharedInstance[PostgresServer] = SharedInstance(
+    PostgresServer, PostgresServer.start, PostgresServer.stop
+)
 
 
 def shared_postgres() -> PostgresServer:
     """The process-wide server, started on first use (about 2 s); stopped at exit."""
-    global _shared, _registered
-    with _shared_lock:
-        if not _registered:
-            atexit.register(stop_shared_postgres)
-            _registered = True
-        if _shared is None:
-            _shared = PostgresServer()
-        server = _shared
-        server.start()
-        return server
+    return _SHARED.get()
 
 
 def shared_postgres_async(reactor: Any) -> Deferred[PostgresServer]:
-    return deferToThreadPool(reactor, reactor.getThreadPool(), shared_postgres)
+    return _SHARED.get_async(reactor)
 
 
 def stop_shared_postgres() -> None:
-    global _shared
-    with _shared_lock:
-        server, _shared = _shared, None
-    if server is not None:
-        server.stop()
+    _SHARED.stop()

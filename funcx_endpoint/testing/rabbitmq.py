@@ -79,6 +79,8 @@ from funcx_endpoint.rabbitmq.node import (
     tail,
 )
 from funcx_endpoint.rabbitmq.processes import DEFAULT_SERVER, Programs, node_processes
+from funcx_endpoint.testing.shared import SharedInstance
+from funcx_endpoint.testing.watchdog import Watchdog
 
 __all__ = [
     "MARKER_ENV",
@@ -168,30 +170,9 @@ def _kill_node_processes(name: str) -> None:
         _wait_gone(procs, 5.0)
 
 
-# The watchdog is a tiny separate Python process (no imports beyond the standard
-# library, so it works whatever sys.path the owner had). It blocks reading its stdin,
-# a pipe whose only writer is the owner. "release" means the owner stopped the node
-# itself; EOF without it means the owner died, so the watchdog kills the node.
-# WATCHDOG_WAIT returns only once the owner is gone; the script after it cleans up.
-WATCHDOG_WAIT = r"""
-import os, shutil, signal, sys, time
-for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
-    signal.signal(s, signal.SIG_IGN)
-data = b""
-while True:
-    try:
-        chunk = os.read(0, 512)
-    except InterruptedError:
-        continue
-    if not chunk:
-        break
-    data += chunk
-if b"release" in data:
-    sys.exit(0)
-"""
-_WATCHDOG_SOURCE = (
-    WATCHDOG_WAIT
-    + r"""
+# What a node's watchdog does once its owner is gone: stop the node's processes
+# (found by their marker), then remove its files.
+_WATCHDOG_CLEANUP = r"""
 marker = sys.argv[1].encode()
 grace = float(sys.argv[2])
 remove = sys.argv[3:]
@@ -239,7 +220,6 @@ for path in remove:
         except OSError:
             pass
 """
-)
 
 
 def _pid_alive(pid: int, create_time: float | None) -> bool:
@@ -352,7 +332,7 @@ class RabbitMQNode:
 
         self._server: subprocess.Popen[bytes] | None = None
         self._epmd: subprocess.Popen[bytes] | None = None
-        self._watchdog: subprocess.Popen[bytes] | None = None
+        self._watchdog: Watchdog | None = None
 
     # -- properties -------------------------------------------------------------
 
@@ -610,38 +590,14 @@ class RabbitMQNode:
         if self._owns_base_dir:
             remove.append(self.base_dir)
         env = {k: v for k, v in os.environ.items() if k != MARKER_ENV}
-        self._watchdog = subprocess.Popen(
-            [
-                sys.executable,
-                "-I",
-                "-c",
-                _WATCHDOG_SOURCE,
-                f"{MARKER_ENV}={self.name}",
-                "10",
-                *remove,
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
+        self._watchdog = Watchdog(
+            _WATCHDOG_CLEANUP, [f"{MARKER_ENV}={self.name}", "10", *remove], env=env
         )
 
     def _release_watchdog(self) -> None:
         watchdog, self._watchdog = self._watchdog, None
-        if watchdog is None:
-            return
-        try:
-            assert watchdog.stdin is not None
-            watchdog.stdin.write(b"release\n")
-            watchdog.stdin.close()
-        except (OSError, ValueError):  # ValueError: emergency_kill closed it already
-            pass
-        try:
-            watchdog.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            watchdog.kill()
-            watchdog.wait()
+        if watchdog is not None:
+            watchdog.release(timeout=5)
 
     def _start_server(self, programs: Programs) -> None:
         try:
@@ -802,12 +758,8 @@ class RabbitMQNode:
             except psutil.Error:
                 pass
         watchdog = self._watchdog
-        if watchdog is not None and watchdog.stdin is not None:
-            try:
-                watchdog.stdin.write(b"release\n")
-                watchdog.stdin.close()
-            except (OSError, ValueError):
-                pass
+        if watchdog is not None:
+            watchdog.stand_down()
         try:
             os.unlink(self._registry_path())
         except OSError:
@@ -955,8 +907,6 @@ def _destroy_nodes_at_exit() -> None:
 
 # -- the node shared by every test of a process --------------------------------
 
-_shared: RabbitMQNode | None = None
-_shared_lock = threading.Lock()
 _hooks_lock = threading.Lock()
 _atexit_registered = False
 _signals_installed = False
@@ -970,33 +920,21 @@ def shared_node() -> RabbitMQNode:
     stopped when the process exits, also on failure, Ctrl-C, SIGTERM, SIGHUP or
     SIGKILL (see the module docstring).
     """
-    global _shared
-    _install_exit_hooks()
-    with _shared_lock:
-        if _shared is None:
-            _shared = RabbitMQNode()
-        node = _shared
-        node.start()
-        return node
+    return _SHARED.get()
 
 
 def shared_node_async(reactor: Any) -> Deferred[RabbitMQNode]:
     """:func:`shared_node` from a running reactor: starts it in a thread if needed."""
-    _install_exit_hooks()
-    return deferToThreadPool(reactor, reactor.getThreadPool(), shared_node)
+    return _SHARED.get_async(reactor)
 
 
 def stop_shared_node() -> None:
     """Stop and remove the shared node now (it is started again on next use)."""
-    global _shared
-    with _shared_lock:
-        node, _shared = _shared, None
-    if node is not None:
-        node.destroy(graceful=False)
+    _SHARED.stop()
 
 
 def _on_fatal_signal(signum: int, frame: FrameType | None) -> None:
-    node = _shared
+    node = _SHARED.current
     if node is not None:
         node.emergency_kill()
     previous = _previous_handlers.get(signum, signal.SIG_DFL)
@@ -1031,3 +969,17 @@ def _install_exit_hooks() -> None:
             continue
         _previous_handlers[signum] = previous
         signal.signal(signum, _on_fatal_signal)
+
+
+def _destroy_now(node: RabbitMQNode) -> None:
+    node.destroy(graceful=False)
+
+
+# Its exit hooks (atexit and signals) are _install_exit_hooks's, run at every use.
+_SHARED: SharedInstance[RabbitMQNode] = SharedInstance(
+    RabbitMQNode,
+    RabbitMQNode.start,
+    _destroy_now,
+    prepare=_install_exit_hooks,
+    stop_at_exit=False,
+)

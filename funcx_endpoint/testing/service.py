@@ -20,7 +20,6 @@ only their own functions, endpoints and tasks.
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import select
@@ -36,6 +35,7 @@ from urllib.parse import quote
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 
+from funcx_endpoint.testing.shared import SharedInstance
 from funcx_endpoint.twistd import runner_command
 
 __all__ = [
@@ -334,7 +334,7 @@ class ServiceProcess:
 
         Uses the service's storage directly, as ``funcx-service create-client`` does.
         """
-        from funcx_endpoint.webservice import storage
+        from funcx_endpoint.webservice import accounts, storage
         from funcx_endpoint.webservice.auth import hash_secret, new_secret
         from funcx_endpoint.webservice.settings import ServiceSettings
 
@@ -342,7 +342,7 @@ class ServiceProcess:
         connection, call = storage.open_sync(settings.effective_database_url)
         client_id, secret = str(uuid.uuid4()), new_secret()
         try:
-            call(storage.create_client)(
+            call(accounts.create_client)(
                 client_id, name or f"test-{client_id[:8]}", hash_secret(secret), time.time()
             )
         finally:
@@ -386,9 +386,18 @@ class ServiceProcess:
 
 # -- the service shared by every test of a process ------------------------------------------
 
-_shared: Optional[ServiceProcess] = None
-_shared_lock = threading.Lock()
-_atexit_registered = False
+
+def _start_unless_running(service: ServiceProcess) -> None:
+    if not service.running:
+        service.start()
+
+
+# Its exit hook is registered after its first start, which started the shared
+# RabbitMQ node and registered that one's: atexit runs hooks last-in first-out,
+# so the service stops before its broker.
+_SHARED: SharedInstance[ServiceProcess] = SharedInstance(
+    ServiceProcess, _start_unless_running, ServiceProcess.destroy
+)
 
 
 def shared_service() -> ServiceProcess:
@@ -397,33 +406,16 @@ def shared_service() -> ServiceProcess:
     Tests must not stop or restart it; use a :class:`ServiceProcess` of their
     own for that.
     """
-    global _shared, _atexit_registered
-    with _shared_lock:
-        if _shared is None:
-            _shared = ServiceProcess()
-        service = _shared
-        if not service.running:
-            service.start()
-        if not _atexit_registered:
-            # After the start, which started the shared RabbitMQ node and
-            # registered its own hook: atexit runs hooks last-in first-out, so
-            # the service stops before its broker.
-            atexit.register(stop_shared_service)
-            _atexit_registered = True
-        return service
+    return _SHARED.get()
 
 
 def shared_service_async(reactor: Any) -> Deferred[ServiceProcess]:
     """:func:`shared_service` from a running reactor (started in a thread)."""
-    return deferToThreadPool(reactor, reactor.getThreadPool(), shared_service)
+    return _SHARED.get_async(reactor)
 
 
 def stop_shared_service() -> None:
-    global _shared
-    with _shared_lock:
-        service, _shared = _shared, None
-    if service is not None:
-        service.destroy()
+    _SHARED.stop()
 
 
 # -- talking to a service from trial tests ---------------------------------------------------

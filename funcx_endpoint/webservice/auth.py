@@ -30,6 +30,7 @@ import hmac
 import secrets
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import attr
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -189,6 +190,13 @@ def _oauth_error(status: int, error: str, message: str, **headers: str) -> APIEr
     )
 
 
+def _in_thread_or_default(
+    in_thread: Optional[Callable[..., Deferred[Any]]],
+) -> Callable[..., Deferred[Any]]:
+    return deferToThread if in_thread is None else in_thread
+
+
+@attr.s(auto_attribs=True, eq=False)
 class AuthAPI:
     """Handlers of the auth calls; :meth:`install` adds them to a router.
 
@@ -199,22 +207,14 @@ class AuthAPI:
 
     log = Logger()
 
-    def __init__(
-        self,
-        storage: Storage,
-        authenticator: Authenticator,
-        clock: IReactorTime,
-        funcx_scope: str,
-        token_lifetime: int,
-        *,
-        in_thread: Optional[Callable[..., Deferred[Any]]] = None,
-    ) -> None:
-        self.storage = storage
-        self.authenticator = authenticator
-        self.clock = clock
-        self.funcx_scope = funcx_scope
-        self.token_lifetime = token_lifetime
-        self._in_thread = deferToThread if in_thread is None else in_thread
+    storage: Storage
+    authenticator: Authenticator
+    clock: IReactorTime
+    funcx_scope: str
+    token_lifetime: int
+    _in_thread: Callable[..., Deferred[Any]] = attr.ib(
+        default=None, kw_only=True, converter=_in_thread_or_default
+    )
 
     def install(self, router: Router) -> None:
         router.add("POST", "/v2/oauth2/token", self.token)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, List, Optional, Set
 
+import attr
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, fail
 from twisted.logger import Logger
@@ -76,35 +77,37 @@ class IServiceBroker(Interface):
 
 
 @implementer(IServiceBroker)
+@attr.s(auto_attribs=True, eq=False, repr=False)
 class ServiceBroker(Service):
     """The service's AMQP connection; see the module docstring."""
 
     log = Logger()
     name = "broker"
 
-    def __init__(
-        self,
-        reactor: Any,
-        url: AMQPURL,
-        on_delivery: Callable[[Delivery, FastChannel], None],
-        *,
-        ca_file: Optional[str] = None,
-        prefetch: int = 2000,
-        heartbeat: int = 30,
-    ) -> None:
-        self._reactor = reactor
-        self.url = url
-        self._on_delivery = on_delivery
-        self._prefetch = prefetch
-        self._publisher: Optional[ConfirmingPublisher] = None
-        self._client: Optional[AMQPClient] = None
-        self._control: Optional[FastChannel] = None
-        self._next_channel = _FIRST_CONTROL_CHANNEL
-        self._control_lock = DeferredLock()
-        self._declared_queues: Set[str] = set()
-        self._on_connect: List[Callable[[], None]] = []
-        self.connection = AMQPConnectionService(
-            reactor, url, self._prepare, ca_file=ca_file, heartbeat=heartbeat, name="amqp"
+    _reactor: Any
+    url: AMQPURL
+    _on_delivery: Callable[[Delivery, FastChannel], None]
+    _ca_file: Optional[str] = attr.ib(default=None, kw_only=True)
+    _prefetch: int = attr.ib(default=2000, kw_only=True)
+    _heartbeat: int = attr.ib(default=30, kw_only=True)
+    _publisher: Optional[ConfirmingPublisher] = attr.ib(default=None, init=False)
+    _client: Optional[AMQPClient] = attr.ib(default=None, init=False)
+    _control: Optional[FastChannel] = attr.ib(default=None, init=False)
+    _next_channel: int = attr.ib(default=_FIRST_CONTROL_CHANNEL, init=False)
+    _control_lock: DeferredLock = attr.ib(factory=DeferredLock, init=False)
+    _declared_queues: Set[str] = attr.ib(factory=set, init=False)
+    _on_connect: List[Callable[[], None]] = attr.ib(factory=list, init=False)
+    connection: AMQPConnectionService = attr.ib(init=False)
+
+    @connection.default
+    def _connection(self) -> AMQPConnectionService:
+        return AMQPConnectionService(
+            self._reactor,
+            self.url,
+            self._prepare,
+            ca_file=self._ca_file,
+            heartbeat=self._heartbeat,
+            name="amqp",
         )
 
     # -- lifecycle ----------------------------------------------------------

@@ -437,7 +437,7 @@ def create_client(ctx: click.Context, state_dir: Optional[str], name: str, expor
     (ready for `export`); the secret is stored only as a hash, so this is
     the only time it is shown.
     """
-    from funcx_endpoint.webservice import storage
+    from funcx_endpoint.webservice import accounts
     from funcx_endpoint.webservice.auth import hash_secret, new_secret
 
     if not _NAME.match(name):
@@ -450,8 +450,8 @@ def create_client(ctx: click.Context, state_dir: Optional[str], name: str, expor
     connection, call = _open(settings)
     client_id, secret = str(uuid.uuid4()), new_secret()
     try:
-        client = call(storage.create_client)(client_id, name, hash_secret(secret), time.time())
-    except storage.NameTaken:
+        client = call(accounts.create_client)(client_id, name, hash_secret(secret), time.time())
+    except accounts.NameTaken:
         fail(f"a client named {name!r} exists already (see `funcx-service list-clients`)", 1)
         raise  # unreachable
     finally:
@@ -472,12 +472,12 @@ def create_client(ctx: click.Context, state_dir: Optional[str], name: str, expor
 @click.pass_context
 def list_clients(ctx: click.Context, state_dir: Optional[str], as_json: bool) -> None:
     """List the clients: id, name, identity, created, whether revoked."""
-    from funcx_endpoint.webservice import storage
+    from funcx_endpoint.webservice import accounts
 
     settings = _settings(ctx, state_dir)
     connection, call = _open(settings)
     try:
-        clients = call(storage.list_clients)()
+        clients = call(accounts.list_clients)()
     finally:
         connection.close()
     rows = [
@@ -512,12 +512,12 @@ def list_clients(ctx: click.Context, state_dir: Optional[str], as_json: bool) ->
 @click.pass_context
 def revoke_client(ctx: click.Context, state_dir: Optional[str], client: str) -> None:
     """Revoke a client (by id or name) and every token it holds."""
-    from funcx_endpoint.webservice import storage
+    from funcx_endpoint.webservice import accounts
 
     settings = _settings(ctx, state_dir)
     connection, call = _open(settings)
     try:
-        revoked = call(storage.revoke_client)(client, time.time())
+        revoked = call(accounts.revoke_client)(client, time.time())
     finally:
         connection.close()
     if revoked is None:

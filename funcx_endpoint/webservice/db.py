@@ -147,6 +147,28 @@ class Tx:
     def rowcount(self) -> int:
         return int(self.cursor.rowcount)
 
+    def changes(self, query: str, params: Sequence[Any] = ()) -> bool:
+        """Run ``query``; whether it changed any row."""
+        return self.execute(query, params).rowcount > 0
+
+    def rows_in(self, query: str, ids: Sequence[Any], *params: Any) -> List[Tuple[Any, ...]]:
+        """All rows of ``query`` for ``ids``, asked :data:`CHUNK` ids at a time.
+
+        ``{ids}`` in ``query`` stands for one chunk's placeholders; ``params``
+        fill the placeholders after it.
+        """
+        rows: List[Tuple[Any, ...]] = []
+        for chunk in chunks(list(ids)):
+            rows += self.execute(query.format(ids=marks(len(chunk))), [*chunk, *params]).fetchall()
+        return rows
+
+    def execute_in(self, query: str, ids: Sequence[Any], *params: Any) -> int:
+        """Run ``query`` (as :meth:`rows_in` says) for ``ids``; how many rows it changed."""
+        changed = 0
+        for chunk in chunks(list(ids)):
+            changed += self.execute(query.format(ids=marks(len(chunk))), [*chunk, *params]).rowcount
+        return changed
+
 
 def _raw_cursor(cursor: Any) -> Any:
     """The driver's cursor behind adbapi's Transaction (which only proxies attributes)."""

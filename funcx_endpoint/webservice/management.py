@@ -21,6 +21,8 @@ from twisted.logger import Logger
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseFailed
 from zope.interface import Interface, implementer
 
+from funcx_endpoint.tls import trust_root
+
 __all__ = [
     "BrokerUnavailable",
     "IBrokerAdministrator",
@@ -112,14 +114,7 @@ class ManagementAPI:
             self._pool = HTTPConnectionPool(reactor, persistent=True)
             self._pool.maxPersistentPerHost = 4
             self._pool.retryAutomatically = False
-            if ca_file:
-                from twisted.internet.ssl import Certificate
-
-                with open(ca_file, "rb") as f:
-                    trust = Certificate.loadPEM(f.read())
-                policy = BrowserLikePolicyForHTTPS(trustRoot=trust)
-            else:
-                policy = BrowserLikePolicyForHTTPS()
+            policy = BrowserLikePolicyForHTTPS(trustRoot=trust_root(ca_file))
             http_client = HTTPClient(Agent(reactor, contextFactory=policy, pool=self._pool))
         self._http = http_client
 

@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
 from funcx_endpoint import tls
-from funcx_endpoint.amqp.connection import AMQPURL
+from funcx_endpoint.amqp.connection import AMQPURL, connected_or_refused
 from funcx_endpoint.lifecycle import (
     EX_CONFIG,
     EX_OK,
@@ -251,20 +251,13 @@ class WebService(MultiService):
         self.broker, self.sender, self.ingest = broker, sender, ingest
         self._progress(f"Connecting to the broker at {amqp_url.redacted()}")
         broker.startService()
-        first: Deferred[None] = Deferred()
-
-        def connected(_: Any) -> None:
-            if not first.called:
-                first.callback(None)
-
-        def refused(error: Any) -> None:
-            if not first.called:
-                first.errback(
-                    StartupError(f"the broker refused the service: {error.message}", EX_CONFIG)
-                )
-
-        broker.when_connected().addCallback(connected)
-        broker.connection.when_fatal().addCallback(refused)
+        first = connected_or_refused(
+            broker.when_connected(),
+            [broker.connection.when_fatal()],
+            lambda error: StartupError(
+                f"the broker refused the service: {error.message}", EX_CONFIG
+            ),
+        )
         try:
             await _with_timeout(self._reactor, first, 30.0)
         except TimeoutError:

@@ -221,6 +221,18 @@ def _dumps_data(obj: Any) -> bytes:
     return _dill_dumps(obj)
 
 
+def _write_pickled(method: str, dumps: Callable[[Any], bytes], obj: Any, failure: str) -> str:
+    """``obj`` pickled by ``dumps`` as an item of ``method``; SerializationError
+    saying ``failure`` if it cannot be."""
+    try:
+        raw = dumps(obj)
+    except Exception as exc:
+        raise SerializationError(
+            f"{failure} {_describe(obj)}: {type(exc).__name__}: {exc}"
+        ) from exc
+    return f"{method}\n" + _b64encode(raw)
+
+
 # ---------------------------------------------------------------------------
 # The serializer
 
@@ -285,22 +297,10 @@ class Serializer:
         )
 
     def _write_data(self, obj: Any) -> str:
-        try:
-            raw = _dumps_data(obj)
-        except Exception as exc:
-            raise SerializationError(
-                f"could not serialize {_describe(obj)}: {type(exc).__name__}: {exc}"
-            ) from exc
-        return "00\n" + _b64encode(raw)
+        return _write_pickled(METHOD_DATA, _dumps_data, obj, "could not serialize")
 
     def _write_dill_code(self, fn: Any) -> str:
-        try:
-            raw = _dill_dumps(fn)
-        except Exception as exc:
-            raise SerializationError(
-                f"dill could not pickle {_describe(fn)}: {type(exc).__name__}: {exc}"
-            ) from exc
-        return "01\n" + _b64encode(raw)
+        return _write_pickled(METHOD_DILL_CODE, _dill_dumps, fn, "dill could not pickle")
 
     def _write_source(self, fn: Any, method: str, getsource: Callable[[Any], str]) -> str:
         name, source = _standalone_source(fn, getsource)

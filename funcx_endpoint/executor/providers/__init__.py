@@ -2,7 +2,8 @@
 
 ``base`` holds the interface (Parsl's ``ExecutionProvider``), the job states
 and the :class:`ProviderAdapter` through which the endpoint calls any
-provider without blocking the reactor; ``local`` holds our own provider.
+provider without blocking the reactor; ``local`` holds our own provider, whose
+processes and their stopping are in ``ranks``.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ import enum
 import os
 from typing import Any, Callable, List, Optional, Sequence, TypeVar
 
+import attr
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, DeferredLock, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
@@ -67,27 +68,20 @@ TERMINAL_STATES = frozenset(
 )
 
 
+@attr.s(auto_attribs=True, repr=False)
 class JobStatus:
     """A job's state with its details, as Parsl's ``JobStatus``.
 
     ``exit_code`` is the exit code of the job's command (negative: killed by
     that signal); ``stdout_path``/``stderr_path`` name files holding the job's
-    output, where the provider knows them.
+    output, where the provider knows them.  Equal when all of them are.
     """
 
-    def __init__(
-        self,
-        state: JobState,
-        message: Optional[str] = None,
-        exit_code: Optional[int] = None,
-        stdout_path: Optional[str] = None,
-        stderr_path: Optional[str] = None,
-    ) -> None:
-        self.state = state
-        self.message = message
-        self.exit_code = exit_code
-        self.stdout_path = stdout_path
-        self.stderr_path = stderr_path
+    state: JobState
+    message: Optional[str] = None
+    exit_code: Optional[int] = None
+    stdout_path: Optional[str] = None
+    stderr_path: Optional[str] = None
 
     @property
     def terminal(self) -> bool:
@@ -120,25 +114,6 @@ class JobStatus:
             stdout_path=getattr(status, "stdout_path", None),
             stderr_path=getattr(status, "stderr_path", None),
         )
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, JobStatus):
-            return NotImplemented
-        return (
-            self.state,
-            self.message,
-            self.exit_code,
-            self.stdout_path,
-            self.stderr_path,
-        ) == (
-            other.state,
-            other.message,
-            other.exit_code,
-            other.stdout_path,
-            other.stderr_path,
-        )
-
-    __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         parts = [f"state={self.state.name}"]

@@ -29,26 +29,16 @@ that an endpoint running for months does not accumulate them.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, cast
 
-import psutil
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
-from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
-from twisted.internet.interfaces import (
-    IProcessTransport,
-    IReactorProcess,
-    IReactorThreads,
-    IReactorTime,
-)
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.interfaces import IReactorProcess, IReactorThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from zope.interface import Interface, implementer
+from zope.interface import implementer
 
 from funcx_endpoint.config import model as config_model
 from funcx_endpoint.executor.providers.base import (
@@ -58,145 +48,21 @@ from funcx_endpoint.executor.providers.base import (
     ProviderAdapter,
     SubmitError,
 )
+from funcx_endpoint.executor.providers.ranks import (
+    IProcessGroups,
+    ProcessGroups,
+    Rank,
+    RankReaper,
+    describe_exit,
+)
 
 # Run by the spawned interpreter: become a session (and process group)
 # leader, then become the shell.  The pid, hence the group id, stays the same.
 SETSID_SHIM = "import os, sys; os.setsid(); os.execv(sys.argv[1], sys.argv[1:])"
 
-#: How soon a stopping rank's process group is first checked for survivors;
-#: the interval doubles after each check, up to :data:`GROUP_POLL_MAX_INTERVAL`.
-GROUP_POLL_INTERVAL = 0.1
-#: The longest interval between two checks of a stopping rank's process group.
-GROUP_POLL_MAX_INTERVAL = 1.0
-#: How long processes get to disappear after KILL before we give up on them.
-KILL_WAIT = 5.0
 #: Final statuses of dropped jobs remembered (``status`` answers MISSING
 #: for older ones).
 FINISHED_KEPT = 100
-
-_SIGNAL_NAMES: Dict[int, str] = {int(signal.SIGTERM): "TERM", int(signal.SIGKILL): "KILL"}
-
-
-class IProcessGroups(Interface):
-    """Signals process groups and tells whether one still has a live process."""
-
-    def signal(pgid: int, signum: int) -> None:
-        """Send ``signum`` to the group; ``ProcessLookupError`` if it is empty."""
-
-    def exists(pgid: int) -> bool:
-        """True while the group has any process, zombies included.
-
-        Cheap (one system call): the provider calls it on the reactor thread.
-        (An object without this method is treated as if it always said True.)
-        """
-
-    def alive(pgid: int) -> bool:
-        """True while a process of the group runs (zombies do not count).
-
-        May be slow (it may scan the process table): the provider calls it in
-        a thread, and only once :meth:`exists` said True.
-        """
-
-
-@implementer(IProcessGroups)
-class ProcessGroups:
-    """The real process groups: ``os.killpg`` and the process table.
-
-    Unit tests with a fake reactor pass a fake :class:`IProcessGroups`.
-    """
-
-    def signal(self, pgid: int, signum: int) -> None:
-        """``os.killpg``: raises ``ProcessLookupError`` if the group is empty."""
-        os.killpg(pgid, signum)
-
-    def exists(self, pgid: int) -> bool:
-        """``os.killpg(pgid, 0)``: True while the group has a process, even a zombie."""
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            # Only processes we may not signal (a setuid program) are left:
-            # there is nothing more we can do about them.
-            return False
-        return True
-
-    def alive(self, pgid: int) -> bool:
-        """True while a process of the group runs; walks the whole process
-        table (blocking: the provider calls it in a thread).
-
-        Zombies do not count: a killed process whose parent died waits, dead,
-        until init reaps it, which some inits do only every second or two.
-        """
-        if not self.exists(pgid):
-            return False
-        for proc in psutil.process_iter(["status"]):
-            try:
-                if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
-                    return True
-            except (OSError, psutil.Error):
-                continue
-        return False
-
-
-def describe_exit(code: Optional[int]) -> str:
-    """``exited with code 3`` or ``killed by SIGTERM`` for an exit code (negative: signal)."""
-    if code is None:
-        return "running"
-    if code >= 0:
-        return f"exited with code {code}"
-    try:
-        name = signal.Signals(-code).name
-    except ValueError:
-        name = f"signal {-code}"
-    return f"killed by {name}"
-
-
-class _Rank(ProcessProtocol):
-    """One process of a job (and its process group): the protocol the reactor calls."""
-
-    def __init__(
-        self, provider: LocalProvider, job: _Job, rank: int, stdout_path: str, stderr_path: str
-    ) -> None:
-        self.provider = provider
-        self.job = job
-        self.rank = rank
-        self.stdout_path = stdout_path
-        self.stderr_path = stderr_path
-        self.pid: Optional[int] = None  # also the process group id
-        self.process: Optional[IProcessTransport] = None
-        self.ended = False
-        self.exit_code: Optional[int] = None
-        self.group_gone = False
-        self.terminator: Optional[Deferred[None]] = None
-        # Polls of the group waiting for their next check (woken early when
-        # the rank ends or its group is found empty).
-        self.sleepers: List[Deferred[None]] = []
-        # Callers waiting for the scan of the group in progress, if any.
-        self.scan_waiters: Optional[List[Deferred[bool]]] = None
-
-    def __repr__(self) -> str:
-        return f"<rank {self.rank} of job {self.job.job_id} pid={self.pid}>"
-
-    def makeConnection(self, process: Any) -> None:
-        self.process = process
-        self.pid = process.pid
-        super().makeConnection(process)
-
-    def processEnded(self, reason: Failure) -> None:
-        value = reason.value
-        if isinstance(value, ProcessDone):
-            code = 0
-        elif isinstance(value, ProcessTerminated):
-            if value.exitCode is not None:
-                code = value.exitCode
-            else:
-                code = -(value.signal or 0)
-        else:  # pragma: no cover - the reactor passes only these two
-            code = -1
-        self.ended = True
-        self.exit_code = code
-        self.provider._rank_ended(self)
 
 
 class _Job:
@@ -206,7 +72,7 @@ class _Job:
         self.job_id = job_id
         self.job_name = job_name
         self.command = command
-        self.ranks: List[_Rank] = []
+        self.ranks: List[Rank] = []
         self.cancelled = False
         self.reported = False  # its end was reported: it may be dropped once gone
 
@@ -265,13 +131,9 @@ class LocalProvider(Service):
     a fake ``groups``.  ``run_in_thread(f, *args)`` (a Deferred) runs the
     slow part of a group check (``groups.alive``) off the reactor thread; by
     default in the reactor's thread pool, or, for a reactor without threads
-    (a fake one), at once.
-
-    A stopping rank's group is checked cheaply (``groups.exists``) after
-    :data:`GROUP_POLL_INTERVAL` seconds, then at doubling intervals up to
-    :data:`GROUP_POLL_MAX_INTERVAL`, and at once when the rank's process
-    ends; the process table is scanned (in a thread) only while the group
-    still exists after its leader ended, to tell zombies from live processes.
+    (a fake one), at once.  Ranks are stopped by :attr:`reaper` (a
+    :class:`~funcx_endpoint.executor.providers.ranks.RankReaper`, which says
+    how groups are checked).
 
     As a service, ``stopService`` cancels every job and fires once all their
     processes, and whatever they started in their groups, have exited.
@@ -304,10 +166,13 @@ class LocalProvider(Service):
         run_in_thread: Optional[Callable[..., Deferred[Any]]] = None,
     ) -> None:
         self._reactor = reactor
-        self._clock = clock if clock is not None else cast(IReactorTime, reactor)
-        if run_in_thread is None:
-            run_in_thread = _thread_runner(reactor)
-        self._in_thread = run_in_thread
+        self.reaper = RankReaper(
+            clock if clock is not None else cast(IReactorTime, reactor),
+            groups if groups is not None else ProcessGroups(),
+            run_in_thread if run_in_thread is not None else _thread_runner(reactor),
+            process_groups=process_groups,
+            grace_period=stop_grace_period,
+        )
         self.working_dir = working_dir
         self._label = label
         self.init_blocks = init_blocks
@@ -317,11 +182,8 @@ class LocalProvider(Service):
         self.parallelism = parallelism
         self.worker_init = worker_init
         self.cmd_timeout = cmd_timeout  # Parsl's attribute; spawning does not wait
-        self.stop_grace_period = stop_grace_period
         self._status_polling_interval = status_polling_interval
         self._env = env
-        self._process_groups = process_groups
-        self._groups: IProcessGroups = groups if groups is not None else ProcessGroups()
         self._python = python
         self._shell = shell
         self.script_dir: Optional[str] = working_dir
@@ -341,6 +203,11 @@ class LocalProvider(Service):
     @property
     def status_polling_interval(self) -> float:
         return self._status_polling_interval
+
+    @property
+    def stop_grace_period(self) -> float:
+        """Seconds between TERM and KILL when a rank is stopped."""
+        return self.reaper.grace_period
 
     @property
     def resources(self) -> Dict[str, _Job]:
@@ -373,7 +240,7 @@ class LocalProvider(Service):
             job.cancelled = True
             job.reported = True  # by the SubmitError
             for started in job.ranks:
-                self._when_rank_gone(started)
+                self.reaper.when_stopped(started)
             if job.ranks:
                 self._jobs[job_id] = job
             raise SubmitError(f"could not start {job_name} ({job_id}): {e}") from e
@@ -387,9 +254,15 @@ class LocalProvider(Service):
         )
         return job_id
 
-    def _spawn(self, job: _Job, rank: int, copies: int, script: str, tasks_per_node: int) -> _Rank:
+    def _spawn(self, job: _Job, rank: int, copies: int, script: str, tasks_per_node: int) -> Rank:
         base = os.path.join(self.working_dir, f"{job.job_id}.{rank}")
-        proto = _Rank(self, job, rank, base + ".stdout", base + ".stderr")
+        proto = Rank(
+            job.job_id,
+            rank,
+            base + ".stdout",
+            base + ".stderr",
+            lambda ended: self._rank_ended(job, ended),
+        )
         env = dict(os.environ if self._env is None else self._env)
         env.update(
             FUNCX_JOB_ID=job.job_id,
@@ -398,7 +271,7 @@ class LocalProvider(Service):
             FUNCX_JOB_SIZE=str(copies),
             FUNCX_TASKS_PER_NODE=str(tasks_per_node),
         )
-        if self._process_groups:
+        if self.reaper.process_groups:
             executable = self._python
             args = [self._python, "-S", "-c", SETSID_SHIM, self._shell, "-c", script]
         else:
@@ -438,7 +311,7 @@ class LocalProvider(Service):
     def _drop_finished(self) -> None:
         """Forget the jobs whose end was reported and whose processes are gone."""
         for job_id, job in list(self._jobs.items()):
-            if job.reported and job.gone(self._process_groups):
+            if job.reported and job.gone(self.reaper.process_groups):
                 del self._jobs[job_id]
                 self._finished[job_id] = job.status()
         while len(self._finished) > FINISHED_KEPT:
@@ -460,7 +333,7 @@ class LocalProvider(Service):
             job.cancelled = True
             job.reported = True
             for rank in job.ranks:
-                self._when_rank_gone(rank)
+                self.reaper.when_stopped(rank)
             result.append(True)
         return result
 
@@ -470,7 +343,7 @@ class LocalProvider(Service):
         job = self._jobs.get(job_id)
         if job is None:
             return succeed(None)  # dropped: gone already
-        waits = [Deferred.fromCoroutine(self._wait_gone(r, None)) for r in job.ranks]
+        waits = [self.reaper.when_gone(r) for r in job.ranks]
         return gatherResults(waits).addCallback(lambda _: None)
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -500,208 +373,26 @@ class LocalProvider(Service):
             if not job.ended and not job.cancelled:
                 self.log.info("Stopping block job {job_id}", job_id=job.job_id)
                 job.cancelled = True
-            waits.extend(self._when_rank_gone(rank) for rank in job.ranks)
+            waits.extend(self.reaper.when_stopped(rank) for rank in job.ranks)
         return gatherResults(waits).addCallback(lambda _: None)
 
     # -- ends and stops ------------------------------------------------------------------
 
-    def _rank_ended(self, rank: _Rank) -> None:
-        job = rank.job
-        how = describe_exit(rank.exit_code)
+    def _rank_ended(self, job: _Job, rank: Rank) -> None:
+        ended = "Block job {job_id} rank {rank} (pid {pid}) {how}"
         if job.cancelled or rank.exit_code == 0:
-            self.log.info(
-                "Block job {job_id} rank {rank} (pid {pid}) {how}",
-                job_id=job.job_id,
-                rank=rank.rank,
-                pid=rank.pid,
-                how=how,
-            )
+            report = self.log.info
         else:
-            self.log.warn(
-                "Block job {job_id} rank {rank} (pid {pid}) {how}; its stderr is in {path}",
-                job_id=job.job_id,
-                rank=rank.rank,
-                pid=rank.pid,
-                how=how,
-                path=rank.stderr_path,
-            )
-        # Polls of the rank's group look again now.
-        self._wake(rank)
-        # Whatever the rank left behind in its group goes too.
-        if rank.terminator is None and not self._rank_gone(rank):
-            Deferred.fromCoroutine(self._stop_leftovers(rank))
-
-    async def _stop_leftovers(self, rank: _Rank) -> None:
-        """Stop what the ended rank left in its group, unless only zombies are."""
-        try:
-            if not await self._scan(rank) or rank.terminator is not None:
-                return
-            self.log.info(
-                "Stopping processes left in the group of block job {job_id} rank {rank}",
-                job_id=rank.job.job_id,
-                rank=rank.rank,
-            )
-            self._when_rank_gone(rank, scanned=True)
-        except Exception:
-            self.log.failure("Error while stopping what {rank} left", rank=repr(rank))
-
-    def _rank_gone(self, rank: _Rank) -> bool:
-        """True once the rank's process has exited and its group is known to be
-        empty.  Cheap: it does not scan the process table (see :meth:`_check_gone`)."""
-        if not rank.ended:
-            return False
-        if not self._process_groups or rank.group_gone or rank.pid is None:
-            return True
-        exists = getattr(self._groups, "exists", None)
-        if exists is not None and not exists(rank.pid):
-            self._group_emptied(rank)
-        return rank.group_gone
-
-    async def _check_gone(self, rank: _Rank) -> bool:
-        """:meth:`_rank_gone`, telling a group of zombies from a live one by a
-        scan of the process table in a thread."""
-        if self._rank_gone(rank):
-            return True
-        if not rank.ended:
-            return False
-        return not await self._scan(rank)
-
-    def _scan(self, rank: _Rank) -> Deferred[bool]:
-        """Fires with ``groups.alive`` of the rank's group, asked in a thread;
-        callers during a scan share it.  A failed scan counts as alive."""
-        waiter: Deferred[bool] = Deferred()
-        if rank.scan_waiters is not None:
-            rank.scan_waiters.append(waiter)
-            return waiter
-        waiters = rank.scan_waiters = [waiter]
-
-        def failed(failure: Failure) -> bool:
-            self.log.failure("Could not check process group {pgid}", failure, pgid=rank.pid)
-            return True
-
-        def finished(alive: bool) -> None:
-            rank.scan_waiters = None
-            if not alive:
-                self._group_emptied(rank)
-            for w in waiters:
-                w.callback(alive)
-
-        self._in_thread(self._groups.alive, rank.pid).addCallback(bool).addErrback(
-            failed
-        ).addCallback(finished)
-        return waiter
-
-    def _group_emptied(self, rank: _Rank) -> None:
-        rank.group_gone = True
-        self._wake(rank)
-
-    def _wake(self, rank: _Rank) -> None:
-        """Polls of the rank's group waiting for their next check check now."""
-        for sleeper in list(rank.sleepers):
-            if not sleeper.called:
-                sleeper.callback(None)
-
-    def _signal(self, rank: _Rank, signum: int) -> None:
-        if self._process_groups and rank.pid is not None and not rank.group_gone:
-            try:
-                self._groups.signal(rank.pid, signum)
-                return
-            except ProcessLookupError:
-                # No such group: either it is empty, or the rank has not
-                # called setsid() yet; then signal the process itself.
-                if rank.ended:
-                    rank.group_gone = True
-                    return
-            except PermissionError:
-                self.log.warn("Not allowed to signal process group {pgid}", pgid=rank.pid)
-        if not rank.ended and rank.process is not None:
-            try:
-                rank.process.signalProcess(_SIGNAL_NAMES.get(signum, signum))
-            except ProcessExitedAlready:
-                pass
-
-    def _when_rank_gone(self, rank: _Rank, scanned: bool = False) -> Deferred[None]:
-        """Stop the rank (TERM, KILL after the grace period) unless that is
-        under way; a fresh Deferred that fires when it is gone."""
-        if rank.terminator is None:
-            if self._rank_gone(rank):
-                return succeed(None)
-            rank.terminator = Deferred.fromCoroutine(self._terminate(rank, scanned))
-        return self._wait_rank(rank)
-
-    def _wait_rank(self, rank: _Rank) -> Deferred[None]:
-        waiter: Deferred[None] = Deferred()
-
-        def fire(result: object) -> object:
-            waiter.callback(None)
-            return result
-
-        assert rank.terminator is not None
-        rank.terminator.addBoth(fire)
-        return waiter
-
-    async def _terminate(self, rank: _Rank, scanned: bool = False) -> None:
-        """TERM, KILL after the grace period.  Unless ``scanned`` (a scan just
-        found live processes), an ended rank's group is scanned first."""
-        try:
-            if rank.ended and not scanned and await self._check_gone(rank):
-                return  # only zombies were left
-            self._signal(rank, signal.SIGTERM)
-            if await self._wait_gone(rank, self.stop_grace_period):
-                return
-            self.log.warn(
-                "Block job {job_id} rank {rank} (pid {pid}) still has processes {grace}s "
-                "after TERM; killing them",
-                job_id=rank.job.job_id,
-                rank=rank.rank,
-                pid=rank.pid,
-                grace=self.stop_grace_period,
-            )
-            self._signal(rank, signal.SIGKILL)
-            if await self._wait_gone(rank, KILL_WAIT):
-                return
-            self.log.error(
-                "Block job {job_id} rank {rank} (pid {pid}) still has processes {wait}s "
-                "after KILL; giving up on them",
-                job_id=rank.job.job_id,
-                rank=rank.rank,
-                pid=rank.pid,
-                wait=KILL_WAIT,
-            )
-        except Exception:
-            self.log.failure("Error while stopping {rank}", rank=repr(rank))
-
-    async def _wait_gone(self, rank: _Rank, timeout: Optional[float]) -> bool:
-        """Poll until the rank is gone (True) or ``timeout`` seconds pass (False).
-
-        The interval grows from :data:`GROUP_POLL_INTERVAL` to
-        :data:`GROUP_POLL_MAX_INTERVAL`; the rank's end, or another poll
-        finding its group empty, ends the wait early.
-        """
-        deadline = None if timeout is None else self._clock.seconds() + timeout
-        interval = GROUP_POLL_INTERVAL
-        while not await self._check_gone(rank):
-            delay = interval
-            if deadline is not None:
-                remaining = deadline - self._clock.seconds()
-                if remaining <= 1e-9:
-                    return False
-                delay = min(delay, remaining)
-            await self._sleep(rank, delay)
-            interval = min(interval * 2, GROUP_POLL_MAX_INTERVAL)
-        return True
-
-    async def _sleep(self, rank: _Rank, seconds: float) -> None:
-        """Wait ``seconds``, or until :meth:`_wake` wakes the rank's polls."""
-        sleeper: Deferred[None] = Deferred()
-        call = self._clock.callLater(seconds, sleeper.callback, None)
-        rank.sleepers.append(sleeper)
-        try:
-            await sleeper
-        finally:
-            rank.sleepers.remove(sleeper)
-            if call.active():
-                call.cancel()
+            report, ended = self.log.warn, ended + "; its stderr is in {path}"
+        report(
+            ended,
+            job_id=job.job_id,
+            rank=rank.rank,
+            pid=rank.pid,
+            how=describe_exit(rank.exit_code),
+            path=rank.stderr_path,
+        )
+        self.reaper.rank_ended(rank)
 
 
 def _thread_runner(reactor: Any) -> Callable[..., Deferred[Any]]:
@@ -734,18 +425,14 @@ def provider_from_config(
     ``local_options`` are more keyword arguments for our :class:`LocalProvider`.
     """
     if isinstance(config_provider, config_model.LocalProvider):
+        # Every field of the config's provider is an argument of ours, of the same name.
+        settings = {name: getattr(config_provider, name) for name in config_provider.fields}
         native = LocalProvider(
             reactor,
             os.path.join(working_dir, "blocks"),
             label=config_provider.label,
-            init_blocks=config_provider.init_blocks,
-            min_blocks=config_provider.min_blocks,
-            max_blocks=config_provider.max_blocks,
-            nodes_per_block=config_provider.nodes_per_block,
-            parallelism=config_provider.parallelism,
-            worker_init=config_provider.worker_init,
-            cmd_timeout=config_provider.cmd_timeout,
             stop_grace_period=stop_grace_period,
+            **settings,
             **dict(local_options or {}),
         )
         return ProviderAdapter(native, reactor)
