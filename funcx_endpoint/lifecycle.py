@@ -18,6 +18,8 @@ import json
 import os
 from typing import Any, Dict, Optional
 
+from twisted.application.service import IService
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 EX_OK = 0
@@ -97,3 +99,30 @@ class Phase(enum.Enum):
     RUNNING = "running"
     STOPPING = "stopping"
     FAILED = "failed"
+
+
+# -- the parts of a daemon ----------------------------------------------------
+
+
+class IReadyPart(IService):
+    """A part that is ready some time after it started (the next part waits)."""
+
+    def when_ready() -> Deferred[None]:
+        """A new Deferred firing once ready; failing (StartupError) if it cannot be."""
+
+    def ready_info() -> Dict[str, Any]:
+        """What ``funcx-endpoint start`` reports of it once the daemon is ready."""
+
+
+class IDrainingPart(IService):
+    """A part that holds work to finish before the daemon stops."""
+
+    def drain(grace: float) -> Deferred[None]:
+        """Stop taking work; finish what runs, within ``grace`` seconds."""
+
+
+class IStatusPart(IService):
+    """A part with something to show in ``funcx-endpoint status``."""
+
+    def status_fields() -> Any:
+        """A dict of fields (or a Deferred of one)."""

@@ -19,7 +19,15 @@ from funcx_endpoint.wire import (
     pack,
     serialize,
 )
-from funcx_endpoint.wire.framing import FramingError, ListDecoder, decode_list, encode_list
+from funcx_endpoint.wire.amp import ChunkedViews
+from funcx_endpoint.wire.framing import (
+    FramingError,
+    ListDecoder,
+    decode_list,
+    decode_list_pieces,
+    encode_list,
+    join_pieces,
+)
 from funcx_endpoint.wire.results import read_result, transitions_json
 
 # Text as users' results and errors hold it: any code point, lone surrogates too.
@@ -110,6 +118,53 @@ class PackedResultTests(SynchronousTestCase):
             b'[{"timestamp":5,"state":"running","actor":"worker"},'
             b'{"timestamp":5,"state":"running","actor":"worker"}]',
         )
+
+
+def _chunked(data: bytes, cuts: list) -> list:
+    points = sorted({0, len(data), *[c % (len(data) + 1) for c in cuts]})
+    return [data[a:b] for a, b in zip(points, points[1:])] or [b""]
+
+
+class PiecesTests(SynchronousTestCase):
+    """Items read across the chunks AMP delivers, without joining them."""
+
+    @given(st.lists(st.binary(max_size=300), max_size=8), st.lists(st.integers(0, 10**6)))
+    def test_items_across_chunks(self, items: list, cuts: list) -> None:
+        chunks = _chunked(encode_list(items), cuts)
+        found = decode_list_pieces(chunks)
+        self.assertEqual([join_pieces(item) for item in found], items)
+
+    @settings(max_examples=200, deadline=None)
+    @given(results, st.lists(st.integers(0, 10**6), max_size=6))
+    def test_packed_result_from_pieces(self, result: Result, cuts: list) -> None:
+        encoded = encode_list([PackedResult.from_result(result).encode()])
+        [item] = decode_list_pieces(_chunked(encoded, cuts))
+        packed = PackedResult.decode(item)
+        self.assertEqual(packed.message(), pack(result))
+        self.assertEqual(packed.message_size(), len(pack(result)))
+        self.assertEqual(PackedResult.decode(packed.encode()).to_result(), result)
+
+    def test_a_large_result_is_never_joined(self) -> None:
+        result = Result.success(str(uuid.uuid4()), serialize("x" * 300_000))
+        strings: dict = {}
+        ChunkedViews().toBox(
+            b"results", strings, {"results": [PackedResult.from_result(result).encode()]}, None
+        )
+        self.assertGreater(len(strings), 4)
+        objects: dict = {}
+        ChunkedViews().fromBox(b"results", strings, objects, None)
+        [item] = objects["results"]
+        packed = PackedResult.decode(item)
+        self.assertIsInstance(packed.data, list)  # views of what AMP received
+        self.assertTrue(all(isinstance(piece, memoryview) for piece in packed.data))
+        self.assertEqual(packed.message(), pack(result))
+
+    def test_truncated_pieces(self) -> None:
+        data = encode_list([b"hello", b"world"])
+        for cut in range(1, len(data) - 1):
+            if cut == 9:
+                continue
+            self.assertRaises(FramingError, decode_list_pieces, [data[:3], data[3:cut]])
 
 
 class FramingTests(SynchronousTestCase):

@@ -46,12 +46,13 @@ def _task_buffer_of_length(length: int) -> str:
 
 
 def _serialized_of_length(length: int) -> str:
-    """A serialized string result of about ``length`` characters."""
-    for pad in range(length):
+    """A serialized string result of about ``length`` characters (at least)."""
+    pad = max(0, length * 3 // 4 - 64)  # base64 makes 4 characters of 3 bytes
+    while True:
         data = serialize("r" * pad)
         if len(data) >= length:
             return data
-    raise ValueError(f"no serialized data of {length} characters")
+        pad += max(1, (length - len(data)) * 3 // 4)
 
 
 def measure(fn: Callable[[], object], seconds: float) -> float:
@@ -75,7 +76,7 @@ def daemon_rows() -> List[Tuple[str, Callable[[], object]]]:
     """
     from funcx_endpoint.amqp.client import _split_frames
     from funcx_endpoint.wire import PackedResult
-    from funcx_endpoint.wire.amp import ChunkedList
+    from funcx_endpoint.wire.amp import ChunkedViews
 
     mine = [
         TaskTransition(
@@ -93,14 +94,14 @@ def daemon_rows() -> List[Tuple[str, Callable[[], object]]]:
     for label, length in (("100 B", 100), ("137 KB", 137_000), ("6.8 MB", 6_800_000)):
         result = Result.success(str(uuid.uuid4()), _serialized_of_length(length), worker_statuses)
         strings: Dict[bytes, bytes] = {}
-        ChunkedList().toBox(
+        ChunkedViews().toBox(
             b"results", strings, {"results": [PackedResult.from_result(result).encode()]}, None
         )
         message = pack(result)
 
         def ours(strings: Dict[bytes, bytes] = strings) -> object:
             objects: Dict[str, object] = {}
-            ChunkedList().fromBox(b"results", dict(strings), objects, None)
+            ChunkedViews().fromBox(b"results", dict(strings), objects, None)
             frames = 0
             for raw in objects["results"]:  # type: ignore[attr-defined]
                 packed = PackedResult.decode(raw)

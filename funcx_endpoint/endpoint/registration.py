@@ -35,6 +35,7 @@ from twisted.web.client import (
     ResponseFailed,
     ResponseNeverReceived,
 )
+from zope.interface import implementer
 
 from funcx_endpoint.config.model import Config
 from funcx_endpoint.endpoint.auth import Authenticator, AuthError, error_message, headers
@@ -48,6 +49,7 @@ from funcx_endpoint.lifecycle import (
     EX_SOFTWARE,
     EX_TEMPFAIL,
     EX_UNAVAILABLE,
+    IReadyPart,
 )
 from funcx_endpoint.observer import OneShotObserver
 from funcx_endpoint.version import __version__
@@ -114,6 +116,7 @@ def endpoint_metadata(endpoint_dir: EndpointDir, config: Config) -> Dict[str, An
 
 
 @attr.s(auto_attribs=True, eq=False, repr=False)
+@implementer(IReadyPart)
 class Registration(Service):
     """Registers at start; ``broker_info`` is known once ``when_ready()`` fires.
 

@@ -17,14 +17,17 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from funcx_endpoint.executor.interface import IInterchange
+from funcx_endpoint.lifecycle import IStatusPart
 from funcx_endpoint.wire import EPStatusReport, TaskTransition
 
 Publish = Callable[[EPStatusReport], Deferred]
 
 
 @attr.s(auto_attribs=True, eq=False, repr=False)
+@implementer(IStatusPart)
 class StatusReporter(Service):
     """Sends an :class:`EPStatusReport` every ``period`` seconds of ``clock``, and a
     final one on stop (given ``final_timeout`` seconds).

@@ -33,6 +33,7 @@ from automat import MethodicalMachine
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from funcx_endpoint.amqp.connection import (
     AMQPConnectionService,
@@ -48,13 +49,20 @@ from funcx_endpoint.endpoint.intake import TaskIntake
 from funcx_endpoint.endpoint.publishing import ResultPublisher
 from funcx_endpoint.endpoint.service import StartupError
 from funcx_endpoint.executor.interface import IInterchange, IResultSink
-from funcx_endpoint.lifecycle import EX_NOPERM, EX_UNAVAILABLE
+from funcx_endpoint.lifecycle import (
+    EX_NOPERM,
+    EX_UNAVAILABLE,
+    IDrainingPart,
+    IReadyPart,
+    IStatusPart,
+)
 
 __all__ = ["BrokerInfo", "QueueInfo", "Transport", "build_transport"]
 
 InterchangeT = TypeVar("InterchangeT", bound=IInterchange)
 
 
+@implementer(IReadyPart, IDrainingPart, IStatusPart)
 class Transport(Service):
     """Task intake and result publisher over two reconnecting connections."""
 

@@ -60,6 +60,7 @@ from funcx_endpoint.executor.interface import (
 )
 from funcx_endpoint.executor.registry import ManagerRegistry
 from funcx_endpoint.executor.routing import RAW, LeastLoadedRouting
+from funcx_endpoint.lifecycle import IStatusPart
 from funcx_endpoint.tls import ensure_ca_and_server_cert
 from funcx_endpoint.wire import Task, TaskTransition
 from funcx_endpoint.wire.info import ConnectionInfo, ManagerSettings, local_versions
@@ -72,7 +73,7 @@ INFO_FILE_NAME = "manager-info.json"
 TLS_DIR_NAME = "interchange-tls"
 
 
-@implementer(IInterchange, ILoadSource)
+@implementer(IInterchange, ILoadSource, IStatusPart)
 class Interchange(Service):
     """Dispatches tasks to managers over TLS+AMP and hands their results to a sink.
 

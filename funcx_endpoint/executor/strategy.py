@@ -49,10 +49,12 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from funcx_endpoint.executor.blocks import Block, BlockScaler, manager_is_idle
 from funcx_endpoint.executor.interface import ILoadSource, ManagerInfo
 from funcx_endpoint.executor.providers.local import provider_from_config
+from funcx_endpoint.lifecycle import IStatusPart
 from funcx_endpoint.observer import fresh_result
 
 
@@ -297,6 +299,7 @@ class SimpleStrategy(Service):
         }
 
 
+@implementer(IStatusPart)
 class ScalingService(Service):
     """The ``providers`` part of the endpoint: a block scaler and its strategy.
 

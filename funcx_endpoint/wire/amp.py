@@ -49,12 +49,13 @@ from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type
 
 from twisted.protocols import amp
 
-from funcx_endpoint.wire.framing import decode_list, encode_list
+from funcx_endpoint.wire.framing import decode_list, decode_list_pieces, encode_list
 
 __all__ = [
     "CancelTask",
     "ChunkedBytes",
     "ChunkedList",
+    "ChunkedViews",
     "Heartbeat",
     "NotRegistered",
     "Quitting",
@@ -115,7 +116,7 @@ class ChunkedBytes(amp.Argument):
                 break
             parts.append(part)
             index += 1
-        objects[key] = self.from_bytes(parts[0] if len(parts) == 1 else b"".join(parts))
+        objects[key] = self.from_chunks(parts)
 
     @staticmethod
     def _put(name: bytes, strings: Dict[bytes, bytes], data: bytes) -> None:
@@ -139,6 +140,10 @@ class ChunkedBytes(amp.Argument):
         """The value ``data`` represents (here: ``data`` itself)."""
         return data
 
+    def from_chunks(self, chunks: List[bytes]) -> Any:
+        """The value the received ``chunks`` represent (joined, by default)."""
+        return self.from_bytes(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
 
 class ChunkedList(ChunkedBytes):
     """A list of byte strings of any lengths, as one :class:`ChunkedBytes`."""
@@ -148,6 +153,22 @@ class ChunkedList(ChunkedBytes):
 
     def from_bytes(self, data: bytes) -> Any:
         return decode_list(data)
+
+
+class ChunkedViews(ChunkedList):
+    """A :class:`ChunkedList` whose received items are views, not copies.
+
+    Each item is a memoryview of what arrived, or, for an item spread over
+    several AMP keys, a list of them
+    (:func:`~funcx_endpoint.wire.framing.decode_list_pieces`): the chunks are
+    never joined, so a large result crosses the interchange uncopied.
+    """
+
+    def from_bytes(self, data: bytes) -> Any:
+        return decode_list_pieces([data])
+
+    def from_chunks(self, chunks: List[bytes]) -> Any:
+        return decode_list_pieces(chunks)
 
 
 class TaskBatch(ChunkedBytes):
@@ -219,9 +240,9 @@ class SubmitTasks(amp.Command):
 
 
 class SendResults(amp.Command):
-    """Manager → interchange: packed ``protocol.Result`` messages, with transitions."""
+    """Manager → interchange: encoded packed results (received as views)."""
 
-    arguments = [(b"results", ChunkedList())]
+    arguments = [(b"results", ChunkedViews())]
     requiresAnswer = False
 
 

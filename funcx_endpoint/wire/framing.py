@@ -18,15 +18,18 @@ that only forwards a large item never copies it.
 from __future__ import annotations
 
 import struct
-from typing import Any, Iterable, List, Literal, Optional, Union, overload
+from typing import Any, Iterable, List, Literal, Optional, Sequence, Union, overload
 
 __all__ = [
     "LENGTH",
     "MAX_ITEM",
     "FramingError",
     "ListDecoder",
+    "Pieces",
     "decode_list",
+    "decode_list_pieces",
     "encode_list",
+    "join_pieces",
 ]
 
 #: The length prefix of every item.
@@ -87,6 +90,67 @@ def decode_list(data: Buffer, views: bool = False) -> List[Any]:
         append(source[offset : offset + size])
         offset += size
     return items
+
+
+#: An item read from several received chunks, as views of each, in order.
+Pieces = List[memoryview]
+
+
+def decode_list_pieces(chunks: Sequence[Buffer]) -> List[Union[memoryview, Pieces]]:
+    """The items of a list whose bytes arrived in ``chunks`` (their
+    concatenation is the list), without joining the chunks.
+
+    An item that lies within one chunk is a memoryview of it; one that spans
+    chunks is a list of views (:data:`Pieces`), so a large item is never
+    copied.  Raises :class:`FramingError` if the chunks are not a whole list.
+    """
+    if len(chunks) == 1:
+        return list(decode_list(chunks[0], views=True))
+    reader = _PieceReader(chunks)
+    items: List[Union[memoryview, Pieces]] = []
+    while not reader.at_end():
+        head = reader.read(4)
+        (size,) = LENGTH.unpack(head[0] if len(head) == 1 else b"".join(head))
+        pieces = reader.read(size)
+        items.append(pieces[0] if len(pieces) == 1 else pieces)
+    return items
+
+
+def join_pieces(item: Union[Buffer, Pieces]) -> bytes:
+    """``item`` (a buffer or pieces) as bytes (a copy: for small items)."""
+    if isinstance(item, list):
+        return b"".join(item)
+    return bytes(item)
+
+
+class _PieceReader:
+    """Reads byte counts across a sequence of chunks, as views."""
+
+    def __init__(self, chunks: Sequence[Buffer]) -> None:
+        self._chunks = [memoryview(chunk) for chunk in chunks if len(chunk)]
+        self._index = 0
+        self._offset = 0
+
+    def at_end(self) -> bool:
+        return self._index >= len(self._chunks)
+
+    def read(self, count: int) -> Pieces:
+        pieces: Pieces = []
+        chunks = self._chunks
+        while count:
+            if self._index >= len(chunks):
+                raise FramingError(f"truncated list: {count} more bytes were due")
+            chunk = chunks[self._index]
+            piece = chunk[self._offset : self._offset + count]
+            pieces.append(piece)
+            count -= len(piece)
+            self._offset += len(piece)
+            if self._offset >= len(chunk):
+                self._index += 1
+                self._offset = 0
+        if not pieces:
+            pieces.append(memoryview(b""))
+        return pieces
 
 
 class ListDecoder:

@@ -28,11 +28,18 @@ of what was received, so a large payload is not copied on the way.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Union
 
 from funcx_endpoint.wire.errors import MessageError
 from funcx_endpoint.wire.fields import _CANONICAL_UUID, _encode_json
-from funcx_endpoint.wire.framing import FramingError, decode_list, encode_list
+from funcx_endpoint.wire.framing import (
+    FramingError,
+    Pieces,
+    decode_list,
+    decode_list_pieces,
+    encode_list,
+    join_pieces,
+)
 from funcx_endpoint.wire.messages import PROTOCOL_VERSION, Result, ResultErrorDetails, unpack
 from funcx_endpoint.wire.states import TaskTransition
 
@@ -47,6 +54,14 @@ _TRANSITION = '{"timestamp":%d,"state":"%s","actor":"%s"}'
 _OBJECT_PIECES = (b'{"task_id":"', b'","data":', b',"error_details":', b',"task_statuses":', b"}")
 # The object's fixed pieces and a task id (a canonical UUID: 36 characters).
 _FIXED_OBJECT_LENGTH = sum(map(len, _OBJECT_PIECES)) + 36
+
+
+def _views(raw: Buffer) -> List[Any]:
+    return list(decode_list(raw, views=True))
+
+
+def _data_length(data: Union[Buffer, Pieces]) -> int:
+    return sum(len(piece) for piece in data) if isinstance(data, list) else len(data)
 
 
 def transitions_json(transitions: Sequence[TaskTransition]) -> bytes:
@@ -66,7 +81,7 @@ class PackedResult:
     def __init__(
         self,
         task_id: str,
-        data: Buffer,
+        data: Union[Buffer, Pieces],
         error_details: bytes = _NULL,
         task_statuses: bytes = _NULL,
     ) -> None:
@@ -124,30 +139,46 @@ class PackedResult:
 
     def encode(self) -> bytes:
         """The bytes that carry it over a pipe or AMP."""
+        data = self.data
         return encode_list(
-            (self.task_id.encode("ascii"), self.error_details, self.task_statuses, self.data)
+            (
+                self.task_id.encode("ascii"),
+                self.error_details,
+                self.task_statuses,
+                data if not isinstance(data, list) else b"".join(data),
+            )
         )
 
     @classmethod
-    def decode(cls, raw: Buffer) -> PackedResult:
+    def decode(cls, raw: Union[Buffer, Pieces]) -> PackedResult:
         """What :meth:`encode` wrote; the data stays a view of ``raw`` (no copy).
 
-        Checks the shape only (a task id, each field the right kind of JSON
-        value at its ends), not the payload.  Raises
-        :class:`~funcx_endpoint.wire.errors.MessageError`, with the task id
-        when it could be read.
+        ``raw`` may be one buffer or pieces of one (as
+        :class:`~funcx_endpoint.wire.amp.ChunkedList` receives a large item);
+        the data then stays in pieces.  Checks the shape only (a task id, each
+        field the right kind of JSON value at its ends), not the payload.
+        Raises :class:`~funcx_endpoint.wire.errors.MessageError`, with the
+        task id when it could be read.
 
         A whole ``result`` message (what managers of earlier versions send:
         its first byte is the protocol version, never a packed result's) is
         read and packed.
         """
-        if raw[:1] == _MESSAGE_HEAD[:1]:
-            message = unpack(raw)
+        if isinstance(raw, list):
+            if len(raw) != 1:
+                return cls._decode_items(raw[0][:1], raw, decode_list_pieces)
+            raw = raw[0]
+        return cls._decode_items(raw[:1], raw, _views)
+
+    @classmethod
+    def _decode_items(cls, first: Buffer, raw: Any, split: Any) -> PackedResult:
+        if first == _MESSAGE_HEAD[:1]:
+            message = unpack(join_pieces(raw))
             if type(message) is not Result:
                 raise MessageError(f"a {type(message).__name__} message is not a result")
             return cls.from_result(message)
         try:
-            items = decode_list(raw, views=True)
+            items = split(raw)
         except FramingError as exc:
             raise MessageError(f"unreadable result: {exc}", message_type="result") from None
         if len(items) != 4:
@@ -155,17 +186,18 @@ class PackedResult:
                 f"a packed result has 4 parts, this one {len(items)}", message_type="result"
             )
         raw_id, details, statuses, data = items
-        task_id = bytes(raw_id).decode("ascii", "replace")
+        task_id = join_pieces(raw_id).decode("ascii", "replace")
         if not _CANONICAL_UUID.match(task_id):
             raise MessageError(f"a packed result's task id is not a UUID: {task_id[:60]!r}")
-        details_bytes = bytes(details)
-        statuses_bytes = bytes(statuses)
+        details_bytes = join_pieces(details)
+        statuses_bytes = join_pieces(statuses)
+        first_data, last_data = (data[0], data[-1]) if isinstance(data, list) else (data, data)
         if not (
             (details_bytes == _NULL or details_bytes[:1] == b"{")
             and (statuses_bytes == _NULL or statuses_bytes[:1] == b"[")
-            and len(data) >= 2
-            and data[0] == 0x22  # '"'
-            and data[-1] == 0x22
+            and _data_length(data) >= 2
+            and first_data[:1] == b'"'
+            and last_data[-1:] == b'"'
         ):
             raise MessageError(
                 f"the packed result of task {task_id} is malformed",
@@ -199,11 +231,12 @@ class PackedResult:
     def object_pieces(self) -> List[Buffer]:
         """The message's ``data`` object, in pieces."""
         head, after_id, after_data, after_details, tail = _OBJECT_PIECES
+        data = self.data
         return [
             head,
             self.task_id.encode("ascii"),
             after_id,
-            self.data,
+            *(data if isinstance(data, list) else (data,)),
             after_data,
             self.error_details,
             after_details,
@@ -221,7 +254,7 @@ class PackedResult:
             len(_MESSAGE_HEAD)
             + len(_MESSAGE_TAIL)
             + _FIXED_OBJECT_LENGTH
-            + len(self.data)
+            + _data_length(self.data)
             + len(self.error_details)
             + len(self.task_statuses)
         )
@@ -234,7 +267,7 @@ class PackedResult:
 
     def __repr__(self) -> str:
         return (
-            f"PackedResult({self.task_id!r}, {len(self.data)} bytes of data, "
+            f"PackedResult({self.task_id!r}, {_data_length(self.data)} bytes of data, "
             f"error={bytes(self.error_details)[:80]!r})"
         )
 
