@@ -15,7 +15,6 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 import attr
 import dill
 
-from funcx_endpoint.files import write_atomically
 from funcx_endpoint.version import __version__
 
 __all__ = [
@@ -159,6 +158,11 @@ class ConnectionInfo:
 
     def write(self, path: str) -> None:
         """Write the info file atomically, readable by the owner only (0600)."""
+        # Imported here: the interchange writes info files, managers only read
+        # them, and a manager imports nothing of the project but the wire and
+        # worker packages.
+        from funcx_endpoint.files import write_atomically
+
         write_atomically(path, json.dumps(self.to_json(), indent=1).encode("utf-8"), 0o600)
 
     @classmethod
