@@ -9,11 +9,14 @@ from typing import Any, List, Optional
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from funcx_endpoint.endpoint import service as service_module
 from funcx_endpoint.endpoint.layout import EndpointDir
 from funcx_endpoint.endpoint.service import (
     EndpointService,
+    IReadyPart,
+    IStatusPart,
     Phase,
     StartupError,
     StartupReporter,
@@ -30,6 +33,7 @@ class FakeReactor:
         self.stopped += 1
 
 
+@implementer(IReadyPart, IStatusPart)
 class Part(Service):
     def __init__(
         self,

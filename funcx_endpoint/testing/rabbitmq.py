@@ -279,6 +279,10 @@ def reap_stale_nodes(registry: str | None = None) -> list[str]:
     return reaped
 
 
+#: Starts tried with new free ports when one was taken meanwhile.
+PORT_ATTEMPTS = 3
+
+
 class RabbitMQNode:
     """A RabbitMQ node of our own, with TLS, the management API and an admin user.
 
@@ -519,28 +523,47 @@ class RabbitMQNode:
             _track_for_exit(self)
             reap_stale_nodes(self._registry)
             first = self._identity is None
-            self._prepare()
-            ports = self.ports
-            _progress(
-                f"Starting RabbitMQ node {self.name}{'' if first else ' again'} "
-                f"in {self.base_dir} (about 10 s)"
-            )
-            started = time.monotonic()
-            try:
-                self._start_epmd(programs)
-                self._register()
-                self._start_watchdog()
-                self._start_server(programs)
-                self._register()
-                self._await_startup(programs, started + self._start_timeout)
-            except BaseException:
-                self._kill_everything()
-                raise
-            _progress(
-                f"RabbitMQ node {self.name} ready in {time.monotonic() - started:.1f} s "
-                f"on ports amqp={ports.amqp} amqps={ports.amqps} "
-                f"management={ports.management}"
-            )
+            for attempt in range(1, PORT_ATTEMPTS + 1):
+                try:
+                    self._start_once(programs, first)
+                    return
+                except RabbitMQStartError as e:
+                    # Free ports are chosen before the node binds them: another
+                    # process may take one meanwhile.  A first start with ports
+                    # of our choosing picks new ones.
+                    if not (first and self._requested_ports is None and "eaddrinuse" in str(e)):
+                        raise
+                    if attempt == PORT_ATTEMPTS:
+                        raise
+                    _progress(f"A port of {self.name} was taken meanwhile; new ports")
+                    assert self._directory is not None
+                    os.unlink(self._directory.state_file)
+                    self._identity = None
+
+    def _start_once(self, programs: Programs, first: bool) -> None:
+        """One attempt to start the node (see :meth:`start`)."""
+        self._prepare()
+        ports = self.ports
+        _progress(
+            f"Starting RabbitMQ node {self.name}{'' if first else ' again'} "
+            f"in {self.base_dir} (about 10 s)"
+        )
+        started = time.monotonic()
+        try:
+            self._start_epmd(programs)
+            self._register()
+            self._start_watchdog()
+            self._start_server(programs)
+            self._register()
+            self._await_startup(programs, started + self._start_timeout)
+        except BaseException:
+            self._kill_everything()
+            raise
+        _progress(
+            f"RabbitMQ node {self.name} ready in {time.monotonic() - started:.1f} s "
+            f"on ports amqp={ports.amqp} amqps={ports.amqps} "
+            f"management={ports.management}"
+        )
 
     def _spawn(self, programs: Programs, argv: list[str], out_path: str) -> subprocess.Popen[bytes]:
         with open(out_path, "ab") as out:
