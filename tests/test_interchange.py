@@ -1257,6 +1257,92 @@ class StopTests(SynchronousTestCase):
         self.successResultOf(harness.interchange.when_managers(1))
 
 
+def counted_status(interchange: Interchange) -> Dict[str, Any]:
+    """status() as the interchange computed it before it kept totals: by
+    looking at every manager."""
+    managers = list(interchange.registry.managers.values())
+    dispatcher = interchange.dispatcher
+    outstanding = dispatcher.queued()
+    idle = 0
+    for manager in managers:
+        held = dispatcher.held_by(manager)
+        outstanding[manager.container_type] = outstanding.get(manager.container_type, 0) + held
+        idle += max(0, manager.worker_count - held)
+    return {
+        "managers": len(managers),
+        "total_workers": sum(m.worker_count for m in managers),
+        "idle_workers": idle,
+        "pending_tasks": sum(dispatcher.queued().values()),
+        "outstanding_tasks": outstanding,
+        "mismatched_managers": [
+            dict(manager_id=m.manager_id, hostname=m.hostname, **m.versions)
+            for m in managers
+            if m.version_mismatch
+        ],
+    }
+
+
+class StatusTotalsTests(SynchronousTestCase):
+    def test_totals_match_a_count_of_every_manager(self) -> None:
+        from funcx_endpoint.wire import Container
+
+        executor = HighThroughputExecutor()
+        executor.worker_mode = "docker"  # tasks typed by container
+        harness = Harness(self, executor)
+        interchange, registry = harness.interchange, harness.interchange.registry
+        container = Container(uuid.uuid4(), "image")
+
+        def check() -> None:
+            harness.flush()
+            self.assertEqual(interchange.status(), counted_status(interchange))
+            for block in ("b1", "b2", "b3"):
+                self.assertEqual(
+                    registry.of_block(block),
+                    [m for m in registry.managers.values() if m.block_id == block],
+                )
+
+        check()
+        raw = harness.manager(manager_id="raw", block_id="b1", worker_count=2, prefetch_capacity=1)
+        typed = harness.manager(
+            manager_id="typed",
+            block_id="b2",
+            worker_count=3,
+            prefetch_capacity=0,
+            container_type=container.container_id,
+        )
+        old = harness.manager(
+            manager_id="old", block_id="b1", worker_count=1, python_version="3.8.10"
+        )
+        check()
+        raw_tasks = [make_task() for _ in range(8)]
+        typed_tasks = [Task(uuid.uuid4(), BUFFER, container=container) for _ in range(5)]
+        interchange.submit(raw_tasks + typed_tasks)
+        check()
+        raw.answer(raw.task_ids[0])
+        typed.answer(typed.task_ids[0])
+        check()
+        interchange.cancel(typed.task_ids[1])
+        interchange.cancel(raw_tasks[-1].task_id)  # still queued
+        check()
+        self.assertTrue(interchange.retire_block("b1", "scaling in", only_idle=False))
+        check()
+        old.disconnect()
+        check()
+        typed.callRemote(Quitting, reason="going")
+        check()
+        late = harness.manager(manager_id="late", block_id="b3", worker_count=4)
+        check()
+        for manager in (raw, typed, late):
+            for task_id in manager.task_ids:
+                manager.answer(task_id)
+        check()
+        raw.disconnect()
+        typed.disconnect()
+        check()
+        self.assertEqual(interchange.status()["managers"], 1)
+        self.assertEqual(interchange.status()["mismatched_managers"], [])
+
+
 class StatusTransitionsTests(SynchronousTestCase):
     def test_reports_carry_only_tasks_in_flight(self) -> None:
         harness = Harness(self)

@@ -1,9 +1,13 @@
-"""The interchange's parts alone: the routing policy, the manager lifecycle, the interfaces."""
+"""The interchange's parts alone: the routing policy and its index of managers with
+room, the manager lifecycle, the interfaces."""
 
 from __future__ import annotations
 
+import heapq
+import random
 import uuid
-from typing import Any, List, Tuple
+import weakref
+from typing import Any, Dict, List, Sequence, Tuple
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -25,7 +29,7 @@ from funcx_endpoint.executor.interface import (
     IRoutingPolicy,
 )
 from funcx_endpoint.executor.registry import Manager, ManagerRegistry
-from funcx_endpoint.executor.routing import RAW, LeastLoadedRouting
+from funcx_endpoint.executor.routing import RAW, LeastLoadedRouting, ManagerHeap
 from funcx_endpoint.executor.strategy import ScalingService
 from funcx_endpoint.lifecycle import IDrainingPart, IReadyPart, IStatusPart
 from funcx_endpoint.testing.interchanges import CollectingSink, EchoInterchange, HoldingInterchange
@@ -54,6 +58,22 @@ def by_sequence(pairs: List[Tuple[Any, int]]) -> List[Tuple[int, int]]:
     return sorted((manager.sequence, count) for manager, count in pairs)
 
 
+_indexed: weakref.WeakKeyDictionary[Any, List[Any]] = weakref.WeakKeyDictionary()
+
+
+def assign(
+    policy: LeastLoadedRouting, container_type: str, count: int, managers: Sequence[Any]
+) -> List[Tuple[Any, int]]:
+    """A decision over exactly ``managers`` as they are now: the policy's index
+    (which it keeps between calls) is set to them first."""
+    for manager in _indexed.pop(policy, []):
+        policy.remove(manager)
+    for manager in managers:
+        policy.update(manager)
+    _indexed[policy] = list(managers)
+    return policy.assign(container_type, count)
+
+
 class LeastLoadedRoutingTests(SynchronousTestCase):
     def test_interface(self) -> None:
         self.assertTrue(verifyObject(IRoutingPolicy, LeastLoadedRouting()))
@@ -77,22 +97,202 @@ class LeastLoadedRoutingTests(SynchronousTestCase):
         policy = LeastLoadedRouting()
         managers = [Load(1, 2, held=2, prefetch=2), Load(2, 2, prefetch=2), Load(3, 4, prefetch=2)]
         # Loads per worker: 1.0, 0, 0.  Six tasks: to 2 and 3 until they match 1's load.
-        self.assertEqual(by_sequence(policy.assign(RAW, 6, managers)), [(2, 2), (3, 4)])
-        self.assertEqual(by_sequence(policy.assign(RAW, 1, managers)), [(2, 1)])
+        self.assertEqual(by_sequence(assign(policy, RAW, 6, managers)), [(2, 2), (3, 4)])
+        self.assertEqual(by_sequence(assign(policy, RAW, 1, managers)), [(2, 1)])
 
     def test_never_more_than_room(self) -> None:
         policy = LeastLoadedRouting()
         managers = [Load(1, 1, held=1, prefetch=1), Load(2, 1)]
-        self.assertEqual(by_sequence(policy.assign(RAW, 10, managers)), [(1, 1), (2, 1)])
-        [(only, count)] = policy.assign(RAW, 10, [Load(5, 2, held=1, prefetch=1)])
+        self.assertEqual(by_sequence(assign(policy, RAW, 10, managers)), [(1, 1), (2, 1)])
+        [(only, count)] = assign(policy, RAW, 10, [Load(5, 2, held=1, prefetch=1)])
         self.assertEqual((only.sequence, count), (5, 3))
 
     def test_only_managers_of_the_type(self) -> None:
         policy = LeastLoadedRouting(containers=True)
         managers = [Load(1, 2, kind="docker-a"), Load(2, 2, kind=RAW)]
-        self.assertEqual(by_sequence(policy.assign("docker-a", 5, managers)), [(1, 2)])
-        self.assertEqual(policy.assign("docker-b", 5, managers), [])
-        self.assertEqual(policy.assign(RAW, 0, managers), [])
+        self.assertEqual(by_sequence(assign(policy, "docker-a", 5, managers)), [(1, 2)])
+        self.assertEqual(assign(policy, "docker-b", 5, managers), [])
+        self.assertEqual(assign(policy, RAW, 0, managers), [])
+
+
+def reference_assign(
+    container_type: str, count: int, managers: Sequence[Load]
+) -> List[Tuple[Load, int]]:
+    """The policy as it was before it kept an index: a heap over every candidate,
+    built for each call (the behaviour the index must keep)."""
+    candidates = [m for m in managers if m.container_type == container_type and m.held < m.capacity]
+    heap = [(m.held / max(m.worker_count, 1), m.sequence, m.held, m) for m in candidates]
+    heapq.heapify(heap)
+    given: Dict[int, int] = {}
+    while count and heap:
+        _, sequence, held, manager = heap[0]
+        given[sequence] = given.get(sequence, 0) + 1
+        count -= 1
+        held += 1
+        if held >= manager.capacity:
+            heapq.heappop(heap)
+        else:
+            heapq.heapreplace(heap, (held / max(manager.worker_count, 1), sequence, held, manager))
+    by_sequence = {m.sequence: m for m in candidates}
+    return [(by_sequence[sequence], n) for sequence, n in given.items()]
+
+
+class ManagerHeapTests(SynchronousTestCase):
+    def test_empty(self) -> None:
+        heap = ManagerHeap()
+        self.assertIsNone(heap.peek())
+        self.assertEqual(len(heap), 0)
+        heap.discard("nobody")  # no error
+        self.assertIsNone(heap.key("nobody"))
+
+    def test_smallest_load_then_sequence(self) -> None:
+        heap = ManagerHeap()
+        heap.set("b", 0.5, 2)
+        heap.set("a", 0.5, 1)
+        heap.set("c", 0.25, 3)
+        self.assertEqual(heap.peek(), (0.25, 3, "c"))
+        heap.discard("c")
+        self.assertEqual(heap.peek(), (0.5, 1, "a"))
+        self.assertEqual(len(heap), 2)
+        self.assertIn("b", heap)
+        self.assertNotIn("c", heap)
+
+    def test_key_changes(self) -> None:
+        heap = ManagerHeap()
+        heap.set("a", 0.0, 1)
+        heap.set("b", 0.1, 2)
+        heap.set("a", 0.2, 1)  # a's old entry is stale now
+        self.assertEqual(heap.peek(), (0.1, 2, "b"))
+        self.assertEqual(heap.key("a"), (0.2, 1))
+        heap.set("b", 0.3, 2)
+        self.assertEqual(heap.peek(), (0.2, 1, "a"))
+        heap.set("a", 0.0, 1)  # back to a key it had: still one item
+        self.assertEqual(heap.peek(), (0.0, 1, "a"))
+        heap.discard("a")
+        self.assertEqual(heap.peek(), (0.3, 2, "b"))
+        heap.discard("b")
+        self.assertIsNone(heap.peek())
+
+    def test_stale_entries_do_not_pile_up(self) -> None:
+        heap = ManagerHeap()
+        for item in range(10):
+            heap.set(item, 0.0, item)
+        for round_ in range(1, 1000):
+            heap.set(round_ % 10, float(round_), round_ % 10)
+        self.assertEqual(len(heap), 10)
+        self.assertLessEqual(len(heap._heap), 2 * 10 + 32)
+        smallest = min(((heap.key(i), i) for i in range(10)), key=lambda pair: pair[0])
+        self.assertEqual(heap.peek(), (*smallest[0], smallest[1]))
+
+    def test_random_operations_against_a_model(self) -> None:
+        rng = random.Random(9)
+        heap = ManagerHeap()
+        model: Dict[int, Tuple[float, int]] = {}
+        for _ in range(20_000):
+            item = rng.randrange(200)
+            if rng.random() < 0.2:
+                heap.discard(item)
+                model.pop(item, None)
+            else:
+                load = rng.randrange(10) / 4
+                heap.set(item, load, item)
+                model[item] = (load, item)
+            top = heap.peek()
+            if not model:
+                self.assertIsNone(top)
+                continue
+            best = min(model.items(), key=lambda pair: pair[1])
+            self.assertEqual(top, (*best[1], best[0]))
+            self.assertEqual(len(heap), len(model))
+
+
+class LeastLoadedIndexTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.policy = LeastLoadedRouting()
+
+    def test_nobody(self) -> None:
+        self.assertEqual(self.policy.assign(RAW, 5), [])
+        self.policy.update(Load(1, 4))
+        self.assertEqual(self.policy.assign(RAW, 0), [])
+        self.assertEqual(self.policy.assign("other", 5), [])
+
+    def test_least_loaded_one_at_a_time(self) -> None:
+        a, b = Load(1, 4), Load(2, 4, held=2)
+        for manager in (a, b):
+            self.policy.update(manager)
+        # a: 0 -> 2, then ties go to the older: a, b, a.
+        self.assertEqual(self.policy.assign(RAW, 5), [(a, 4), (b, 1)])
+
+    def test_load_is_per_worker(self) -> None:
+        big, small = Load(1, 8), Load(2, 1)
+        for manager in (big, small):
+            self.policy.update(manager)
+        self.assertEqual(self.policy.assign(RAW, 9), [(big, 8), (small, 1)])
+
+    def test_room_and_counting_what_was_handed_over(self) -> None:
+        a = Load(1, 2, prefetch=1)  # capacity 4
+        self.policy.update(a)
+        self.assertEqual(self.policy.assign(RAW, 3), [(a, 3)])
+        a.held = 3  # the dispatcher sent them
+        self.assertEqual(self.policy.assign(RAW, 3), [(a, 1)])
+        a.held = 4
+        self.policy.update(a)  # full: no longer a candidate
+        self.assertEqual(self.policy.assign(RAW, 3), [])
+        a.held = 1  # results came back
+        self.policy.update(a)
+        self.assertEqual(self.policy.assign(RAW, 10), [(a, 3)])
+
+    def test_full_on_arrival_and_removed(self) -> None:
+        full = Load(1, 1, held=1)
+        other = Load(2, 1)
+        self.policy.update(full)
+        self.policy.update(other)
+        self.policy.remove(other)
+        self.assertEqual(self.policy.assign(RAW, 1), [])
+        self.policy.remove(other)  # again: nothing happens
+        self.policy.remove(Load(3, 1, kind="never seen"))
+
+    def test_container_types_apart(self) -> None:
+        raw, typed = Load(1, 4), Load(2, 4, kind="c1")
+        self.policy.update(raw)
+        self.policy.update(typed)
+        self.assertEqual(self.policy.assign("c1", 2), [(typed, 2)])
+        self.assertEqual(self.policy.assign(RAW, 1), [(raw, 1)])
+
+    def test_same_decisions_as_a_fresh_heap(self) -> None:
+        """Random loads, arrivals, departures and results: the index decides as the
+        policy did when it built a heap over every manager on each call."""
+        rng = random.Random(4)
+        policy = LeastLoadedRouting()
+        managers: List[Load] = []
+        next_sequence = 1
+        for _ in range(2_000):
+            action = rng.random()
+            if action < 0.1 or not managers:
+                manager = Load(
+                    next_sequence,
+                    rng.choice([1, 2, 8]),
+                    prefetch=rng.choice([0, 1, 2]),
+                    kind=rng.choice([RAW, RAW, "c1"]),
+                )
+                next_sequence += 1
+                managers.append(manager)
+                policy.update(manager)
+            elif action < 0.15:
+                manager = managers.pop(rng.randrange(len(managers)))
+                policy.remove(manager)
+            elif action < 0.6:
+                manager = rng.choice(managers)
+                manager.held = rng.randint(0, manager.held)
+                policy.update(manager)
+            else:
+                container_type = rng.choice([RAW, "c1"])
+                count = rng.randint(1, 30)
+                expected = reference_assign(container_type, count, managers)
+                self.assertEqual(policy.assign(container_type, count), expected)
+                for manager, given in expected:
+                    manager.held += given
+                    policy.update(manager)
 
 
 class FakeConnection:

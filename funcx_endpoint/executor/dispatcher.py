@@ -7,7 +7,10 @@ has its result:
   :meth:`~funcx_endpoint.executor.interface.IRoutingPolicy.task_type`).
   Once per reactor turn the queues are split among the managers that accept
   tasks and have room (``capacity = workers + prefetch_capacity * workers``),
-  as the routing policy says.
+  as the routing policy says; the policy's index of those managers is kept
+  up to date as their loads change, and so are the totals :meth:`load_totals`
+  reports, so that nothing done per turn or per status report looks at every
+  manager.
 * Tasks given to a manager go in batches (``SubmitTasks``), at once after a
   quiet period, else at most one batch per ``batch_interval`` as long as the
   manager's queued tasks outlast the wait at its measured completion rate.
@@ -135,6 +138,9 @@ class TaskDispatcher:
         self._tasks: Dict[str, TaskRecord] = {}
         self._queues: Dict[str, Deque[TaskRecord]] = {}
         self._slots: Dict[Any, _Slot] = {}  # by manager
+        self._workers = 0  # of all managers here
+        self._idle_workers = 0  # sum of max(0, workers - held)
+        self._by_type: Dict[str, List[int]] = {}  # container type: [managers, tasks held]
         self._ready: List[PackedResult] = []
         self._deliver_call: Optional[IDelayedCall] = None
         self._dispatch_call: Optional[IDelayedCall] = None
@@ -180,6 +186,7 @@ class TaskDispatcher:
             where = "while it waited for a worker"
         else:
             del slot.outstanding[task_id]
+            self._held_changed(slot, len(slot.outstanding) + 1)
             if not slot.outstanding:
                 slot.idle_since = self.clock.seconds()
             where = f"at {slot.manager.describe()}"
@@ -215,11 +222,15 @@ class TaskDispatcher:
                 withdrawn.append(record.task_id)
             queue.clear()
         for slot in self._slots.values():
+            if not slot.unsent:
+                continue
+            before = len(slot.outstanding)
             for task_id, _ in slot.unsent:
                 del slot.outstanding[task_id]
                 del self._tasks[task_id]
                 withdrawn.append(task_id)
             slot.unsent = []
+            self._held_changed(slot, before)
         return withdrawn
 
     def stop(self) -> None:
@@ -234,24 +245,37 @@ class TaskDispatcher:
     # -- managers (IManagerEvents) -------------------------------------------
 
     def manager_joined(self, manager: Any) -> None:
-        self._slots[manager] = _Slot(manager, self.clock.seconds())
+        slot = self._slots[manager] = _Slot(manager, self.clock.seconds())
+        self._workers += slot.worker_count
+        self._idle_workers += max(0, slot.worker_count)
+        self._by_type.setdefault(slot.container_type, [0, 0])[0] += 1
+        self.routing.update(slot)
         self._schedule_dispatch()
 
     def manager_closed(self, manager: Any) -> None:
         slot = self._slots.get(manager)
         if slot is not None:
             slot.accepting = False
+            self.routing.remove(slot)
 
     def manager_left(self, manager: Any, why: str, on_purpose: bool) -> None:
         slot = self._slots.pop(manager, None)
         if slot is None:
             return
         slot.accepting = False
+        self.routing.remove(slot)
         if slot.push_call is not None:
             slot.push_call.cancel()
             slot.push_call = None
         records = list(slot.outstanding.values())
         slot.outstanding.clear()
+        self._held_changed(slot, len(records))
+        self._workers -= slot.worker_count
+        self._idle_workers -= max(0, slot.worker_count)
+        of_type = self._by_type[slot.container_type]
+        of_type[0] -= 1
+        if not of_type[0]:
+            del self._by_type[slot.container_type]
         slot.unsent = []
         for record in records:
             record.slot = None
@@ -299,6 +323,7 @@ class TaskDispatcher:
         if slot is None:
             return
         outstanding = slot.outstanding
+        held_before = len(outstanding)
         tasks = self._tasks
         answer = self._ready.append
         decode = PackedResult.decode
@@ -326,6 +351,8 @@ class TaskDispatcher:
         now = self.clock.seconds()
         slot.completions.add(len(results), now)
         slot.tasks_completed += len(results)
+        if len(outstanding) != held_before:
+            self._held_changed(slot, held_before)
         if not outstanding:
             slot.idle_since = now
         if self._ready and self._deliver_call is None:
@@ -364,6 +391,15 @@ class TaskDispatcher:
         if slot is None:
             return 0, None, 0
         return len(slot.outstanding), slot.idle_since, slot.tasks_completed
+
+    def load_totals(self) -> Tuple[int, int, Dict[str, int]]:
+        """``(workers, idle workers, tasks held by container type)`` of the
+        managers here (a type appears while a manager of it is here)."""
+        return (
+            self._workers,
+            self._idle_workers,
+            {container_type: held for container_type, (_, held) in self._by_type.items()},
+        )
 
     def record(self, task_id: str) -> Optional[TaskRecord]:
         """The record of a task held here, if any."""
@@ -414,24 +450,26 @@ class TaskDispatcher:
     def _dispatch(self) -> None:
         """Send queued tasks to managers with room, as the routing policy says."""
         self._dispatch_call = None
-        open_slots: Optional[List[_Slot]] = None
         for container_type, queue in self._queues.items():
             if not queue:
                 continue
-            if open_slots is None:
-                open_slots = [
-                    s for s in self._slots.values() if s.accepting and s.capacity > s.held
-                ]
-            if not open_slots:
-                return
-            for slot, count in self.routing.assign(container_type, len(queue), open_slots):
-                popleft = queue.popleft
+            popleft = queue.popleft
+            for slot, count in self.routing.assign(container_type, len(queue)):
                 self._send_tasks(slot, [popleft() for _ in range(min(count, len(queue)))])
-            open_slots = None  # loads changed
+
+    def _held_changed(self, slot: _Slot, before: int) -> None:
+        """Keep the totals and the routing policy's index up to date."""
+        held = len(slot.outstanding)
+        workers = slot.worker_count
+        self._idle_workers += max(0, workers - held) - max(0, workers - before)
+        self._by_type[slot.container_type][1] += held - before
+        if slot.accepting:
+            self.routing.update(slot)
 
     def _send_tasks(self, slot: _Slot, batch: List[TaskRecord]) -> None:
         transition = TaskTransition.now(TaskState.WAITING_FOR_LAUNCH, ActorName.INTERCHANGE)
         outstanding = slot.outstanding
+        before = len(outstanding)
         note = self._note
         unsent = slot.unsent
         for record in batch:
@@ -442,6 +480,7 @@ class TaskDispatcher:
             outstanding[task_id] = record
             note(task_id, transition)
             unsent.append((task_id, record.buffer))
+        self._held_changed(slot, before)
         slot.idle_since = None
         self._push(slot)
 

@@ -390,25 +390,26 @@ class Interchange(Service):
         return self.dispatcher.accepting
 
     def status(self) -> Dict[str, Any]:
-        """Counts for status reports, like funcX's ``global_state``."""
-        managers = list(self.registry.managers.values())
+        """Counts for status reports, like funcX's ``global_state``.
+
+        From totals kept up to date as tasks and managers come and go: its
+        cost does not grow with the number of managers.
+        """
         dispatcher = self.dispatcher
-        outstanding = dispatcher.queued()
-        idle = 0
-        for manager in managers:
-            held = dispatcher.held_by(manager)
-            outstanding[manager.container_type] = outstanding.get(manager.container_type, 0) + held
-            idle += max(0, manager.worker_count - held)
+        queued = dispatcher.queued()
+        workers, idle, held = dispatcher.load_totals()
+        outstanding = dict(queued)
+        for container_type, count in held.items():
+            outstanding[container_type] = outstanding.get(container_type, 0) + count
         return {
-            "managers": len(managers),
-            "total_workers": sum(m.worker_count for m in managers),
+            "managers": len(self.registry.managers),
+            "total_workers": workers,
             "idle_workers": idle,
-            "pending_tasks": sum(dispatcher.queued().values()),
+            "pending_tasks": sum(queued.values()),
             "outstanding_tasks": outstanding,
             "mismatched_managers": [
                 dict(manager_id=m.manager_id, hostname=m.hostname, **m.versions)
-                for m in managers
-                if m.version_mismatch
+                for m in self.registry.mismatched.values()
             ],
         }
 

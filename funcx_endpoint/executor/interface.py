@@ -79,16 +79,30 @@ class IManagerLoad(Interface):
 
 
 class IRoutingPolicy(Interface):
-    """Decides which manager gets which queued task."""
+    """Decides which manager gets which queued task.
+
+    The policy keeps its own index of the managers that accept tasks (so a
+    decision need not look at every manager): the dispatcher calls
+    :meth:`update` when a manager starts accepting tasks and whenever its
+    held count changes, and :meth:`remove` when it stops accepting them.
+    """
 
     def task_type(task: Task) -> str:
         """The queue (container type) ``task`` waits in."""
 
-    def assign(container_type: str, count: int, managers: Sequence[Any]) -> List[Tuple[Any, int]]:
-        """Split up to ``count`` queued tasks of ``container_type`` among
-        ``managers`` (:class:`IManagerLoad` providers that accept tasks and
-        have room, in registration order): ``(manager, how many)`` pairs, in
-        the order the tasks should go.  Never more than a manager's room."""
+    def update(manager: Any) -> None:
+        """``manager`` (an :class:`IManagerLoad` provider) accepts tasks; its
+        held count may have changed."""
+
+    def remove(manager: Any) -> None:
+        """``manager`` takes no more tasks (it is retiring, quitting or gone)."""
+
+    def assign(container_type: str, count: int) -> List[Tuple[Any, int]]:
+        """Split up to ``count`` queued tasks of ``container_type`` among the
+        managers that accept tasks and have room: ``(manager, how many)``
+        pairs, in the order the tasks should go.  Never more than a
+        manager's room.  The tasks are handed over at once: the policy counts
+        them as held by their managers from now on."""
 
 
 class IManagerEvents(Interface):

@@ -249,6 +249,9 @@ class ManagerRegistry:
         self.heartbeat_threshold = heartbeat_threshold
         self.registration_timeout = registration_timeout
         self.managers: Dict[str, Manager] = {}
+        #: The registered managers whose Python or dill differ from the endpoint's.
+        self.mismatched: Dict[str, Manager] = {}
+        self._by_block: Dict[str, Dict[Manager, None]] = {}  # registered, in order
         self.stopping = False
         self._connections: Set[ManagerConnection] = set()
         self._registrations = 0
@@ -363,6 +366,9 @@ class ManagerRegistry:
         )
         connection.accepted(manager)
         self.managers[manager_id] = manager
+        self._by_block.setdefault(manager.block_id, {})[manager] = None
+        if mismatch:
+            self.mismatched[manager_id] = manager
         self.log.info(
             "Registered {manager}: {workers} workers, prefetch {prefetch}, type "
             "{container_type}, from {peer}",
@@ -402,6 +408,11 @@ class ManagerRegistry:
         """Remove a manager that is gone (its connection may still be closing)."""
         if self.managers.get(manager.manager_id) is manager:
             del self.managers[manager.manager_id]
+            self.mismatched.pop(manager.manager_id, None)
+            of_block = self._by_block.get(manager.block_id, {})
+            of_block.pop(manager, None)
+            if not of_block:
+                self._by_block.pop(manager.block_id, None)
 
     # -- retiring --------------------------------------------------------------------
 
@@ -418,7 +429,7 @@ class ManagerRegistry:
 
     def of_block(self, block_id: str) -> List[Manager]:
         """The registered managers of ``block_id``."""
-        return [m for m in self.managers.values() if m.block_id == block_id]
+        return list(self._by_block.get(block_id, ()))
 
     # -- liveness ----------------------------------------------------------------------
 

@@ -2,7 +2,10 @@
 
 The task dispatcher keeps one queue per container type and, for each queue
 with tasks, asks its policy how to split them among the managers that have
-room (:class:`~funcx_endpoint.executor.interface.IRoutingPolicy`).
+room (:class:`~funcx_endpoint.executor.interface.IRoutingPolicy`).  The
+policy keeps its own index of those managers, which the dispatcher updates
+as their loads change, so that routing a task costs the same with 10 or
+10,000 managers.
 
 :class:`LeastLoadedRouting` is the policy of raw workers and of hard
 routing: a task goes only to managers of its own container type, one task at
@@ -10,22 +13,86 @@ a time to the least loaded (tasks held per worker), ties to the manager that
 registered first.  With ``worker_mode="no_container"`` every task is of type
 ``RAW`` whatever container it names (funcX: "hard and soft routing are the
 same: any free worker").
+
+:class:`ManagerHeap` is its index: the managers with room of one container
+type, the least loaded on top.
 """
 
 from __future__ import annotations
 
 import heapq
-from typing import Any, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from zope.interface import implementer
 
 from funcx_endpoint.executor.interface import IRoutingPolicy
 from funcx_endpoint.wire import Task
 
-__all__ = ["RAW", "LeastLoadedRouting"]
+__all__ = ["RAW", "LeastLoadedRouting", "ManagerHeap"]
 
 #: The container type of tasks that run directly on workers.
 RAW = "RAW"
+
+
+class ManagerHeap:
+    """Items, each with a ``(load, sequence)`` key; :meth:`peek` gives the smallest.
+
+    Setting or dropping an item's key costs O(log n) amortized: a changed
+    key is pushed anew and the old entry, now stale, is skipped when it
+    reaches the top (or dropped when stale entries outnumber live ones).
+    ``sequence`` must be unique to an item: ties of load go to the smaller
+    sequence, and items themselves are never compared.
+    """
+
+    __slots__ = ("_heap", "_keys")
+
+    def __init__(self) -> None:
+        self._heap: List[Tuple[float, int, Any]] = []
+        self._keys: Dict[Any, Tuple[float, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, item: Any) -> bool:
+        return item in self._keys
+
+    def key(self, item: Any) -> Optional[Tuple[float, int]]:
+        """The key of ``item``, or None if it is not here."""
+        return self._keys.get(item)
+
+    def set(self, item: Any, load: float, sequence: int) -> None:
+        """Add ``item`` with this key, or change its key."""
+        key = (load, sequence)
+        keys = self._keys
+        if keys.get(item) == key:
+            return
+        keys[item] = key
+        heapq.heappush(self._heap, (load, sequence, item))
+        if len(self._heap) > 2 * len(keys) + 32:
+            self._compact()
+
+    def discard(self, item: Any) -> None:
+        """Remove ``item`` if it is here."""
+        if self._keys.pop(item, None) is not None and len(self._heap) > 2 * len(self._keys) + 32:
+            self._compact()
+
+    def peek(self) -> Optional[Tuple[float, int, Any]]:
+        """``(load, sequence, item)`` of the item with the smallest key, or None."""
+        heap, keys = self._heap, self._keys
+        while heap:
+            load, sequence, item = top = heap[0]
+            if keys.get(item) == (load, sequence):
+                return top
+            heapq.heappop(heap)
+        return None
+
+    def _compact(self) -> None:
+        self._heap = [(load, sequence, item) for item, (load, sequence) in self._keys.items()]
+        heapq.heapify(self._heap)
+
+
+def _load(held: int, worker_count: int) -> float:
+    return held / max(worker_count, 1)
 
 
 @implementer(IRoutingPolicy)
@@ -38,6 +105,7 @@ class LeastLoadedRouting:
 
     def __init__(self, containers: bool = False) -> None:
         self.containers = containers
+        self._open: Dict[str, ManagerHeap] = {}  # managers with room, by container type
 
     def task_type(self, task: Task) -> str:
         if not self.containers:
@@ -46,31 +114,38 @@ class LeastLoadedRouting:
             return task.container.container_id
         return task.container_id or RAW
 
-    def assign(
-        self, container_type: str, count: int, managers: Sequence[Any]
-    ) -> List[Tuple[Any, int]]:
-        candidates = [m for m in managers if m.container_type == container_type]
-        if not candidates or count <= 0:
+    def update(self, manager: Any) -> None:
+        heap = self._open.get(manager.container_type)
+        if heap is None:
+            heap = self._open[manager.container_type] = ManagerHeap()
+        held = manager.held
+        if held < manager.capacity:
+            heap.set(manager, _load(held, manager.worker_count), manager.sequence)
+        else:
+            heap.discard(manager)
+
+    def remove(self, manager: Any) -> None:
+        heap = self._open.get(manager.container_type)
+        if heap is not None:
+            heap.discard(manager)
+
+    def assign(self, container_type: str, count: int) -> List[Tuple[Any, int]]:
+        heap = self._open.get(container_type)
+        if not heap or count <= 0:
             return []
-        if len(candidates) == 1:
-            only = candidates[0]
-            return [(only, min(count, only.capacity - only.held))]
-        # One task at a time to the least loaded: a heap keyed by load.
-        heap = []
-        for manager in candidates:
-            held = manager.held
-            heap.append((held / max(manager.worker_count, 1), manager.sequence, held, manager))
-        heapq.heapify(heap)
-        given: dict = {}
-        while count and heap:
-            _, sequence, held, manager = heap[0]
-            given[sequence] = given.get(sequence, 0) + 1
+        # One task at a time to the least loaded; the managers' keys follow.
+        given: Dict[Any, int] = {}
+        while count:
+            top = heap.peek()
+            if top is None:
+                break
+            _, sequence, manager = top
+            n = given.get(manager, 0) + 1
+            given[manager] = n
             count -= 1
-            held += 1
+            held = manager.held + n
             if held >= manager.capacity:
-                heapq.heappop(heap)
+                heap.discard(manager)
             else:
-                load = held / max(manager.worker_count, 1)
-                heapq.heapreplace(heap, (load, sequence, held, manager))
-        by_sequence = {manager.sequence: manager for manager in candidates}
-        return [(by_sequence[sequence], n) for sequence, n in given.items()]
+                heap.set(manager, _load(held, manager.worker_count), sequence)
+        return list(given.items())
