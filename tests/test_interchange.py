@@ -15,6 +15,7 @@ import uuid
 from typing import Any, Dict, List, Optional, Tuple, cast
 
 from twisted.internet.error import CannotListenError
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from twisted.protocols import amp
@@ -24,8 +25,11 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from funcx_endpoint.config.model import HighThroughputExecutor
+from funcx_endpoint.executor.dispatcher import TaskDispatcher
 from funcx_endpoint.executor.interchange import MAX_UNREGISTERED_BYTES, Interchange
 from funcx_endpoint.executor.interface import IInterchange, ILoadSource, IResultSink, ManagerInfo
+from funcx_endpoint.executor.registry import LIVENESS_BATCH, ManagerRegistry
+from funcx_endpoint.executor.routing import LeastLoadedRouting
 from funcx_endpoint.testing.interchanges import CollectingSink
 from funcx_endpoint.wire import (
     ActorName,
@@ -152,6 +156,42 @@ def outcome(deferred: Any) -> List[Any]:
     box: List[Any] = []
     deferred.addBoth(box.append)
     return box
+
+
+class Link:
+    """A registered manager's connection as the registry uses it, without I/O."""
+
+    def __init__(self) -> None:
+        self.manager: Any = None
+        self.peer = "test"
+        self.heartbeats = 0
+        self.dropped = False
+
+    def details(self, index: int) -> Dict[str, Any]:
+        return dict(
+            secret="s3cret",
+            manager_id=f"m{index}",
+            block_id="b",
+            hostname=f"node{index}",
+            pid=index,
+            worker_count=1,
+            prefetch_capacity=0,
+            worker_type="no_container",
+            container_type="RAW",
+            **local_versions(),
+        )
+
+    def accepted(self, manager: Any) -> None:
+        self.manager = manager
+
+    def sendBox(self, box: amp.AmpBox) -> None:
+        if box[b"_command"] == Heartbeat.commandName:
+            self.heartbeats += 1
+
+    def drop(self) -> None:
+        if not self.dropped:
+            self.dropped = True
+            self.manager.gone("dropped", on_purpose=False)
 
 
 class CapturedLog:
@@ -978,6 +1018,48 @@ class LivenessTests(SynchronousTestCase):
         self.assertEqual(result.error_details.code, ErrorCode.MANAGER_LOST)
         self.assertIn("connection closed", result.error_details.user_message)
         self.assertIn("block b3", result.error_details.user_message)
+
+    def test_heartbeats_follow_registration(self) -> None:
+        """Each manager's liveness check comes a period after its registration,
+        not at one tick for all."""
+        harness = Harness(self)
+        early = harness.manager(manager_id="early")
+        harness.advance(5)
+        late = harness.manager(manager_id="late")
+        harness.advance(5)
+        self.assertEqual((early.heartbeats, late.heartbeats), (1, 0))
+        harness.advance(5)
+        self.assertEqual((early.heartbeats, late.heartbeats), (1, 1))
+        harness.advance(10)
+        self.assertEqual((early.heartbeats, late.heartbeats), (2, 2))
+
+    def test_liveness_ticks_take_a_bounded_share(self) -> None:
+        """Managers registered at once get their heartbeats over several ticks."""
+        clock = Clock()
+        registry = ManagerRegistry(
+            clock,
+            TaskDispatcher(clock, CollectingSink(), LeastLoadedRouting()),
+            secret="s3cret",
+            versions=local_versions(),
+            answer={},
+            heartbeat_period=10.0,
+            heartbeat_threshold=30.0,
+        )
+        registry.start()
+        links = [Link() for _ in range(LIVENESS_BATCH + 44)]
+        for index, link in enumerate(links):
+            registry.register(link, link.details(index))
+        clock.advance(10)
+        self.assertEqual(sum(link.heartbeats for link in links), LIVENESS_BATCH)
+        clock.advance(1)
+        self.assertEqual([link.heartbeats for link in links], [1] * len(links))
+        clock.pump([1] * 10)
+        self.assertEqual([link.heartbeats for link in links], [2] * len(links))
+        clock.pump([1] * 35)  # silent for longer than the threshold: all lost
+        self.assertEqual(registry.managers, {})
+        self.assertTrue(all(link.dropped for link in links))
+        registry.stop_accepting()
+        self.assertEqual(clock.getDelayedCalls(), [])
 
 
 class ScaleInTests(SynchronousTestCase):

@@ -21,6 +21,7 @@ attempt; a quitting one's say what it said when it quit.
 
 from __future__ import annotations
 
+import heapq
 import hmac
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Set, Tuple
@@ -49,6 +50,12 @@ __all__ = ["RETIRED_BLOCKS_KEPT", "Manager", "ManagerRegistry"]
 #: Blocks retired (being ended by the endpoint) remembered, for their
 #: managers that register late.
 RETIRED_BLOCKS_KEPT = 1000
+#: Liveness checks run this many times per heartbeat period, each for the
+#: managers whose turn has come.
+LIVENESS_TICKS_PER_PERIOD = 10
+#: A liveness tick checks at least this many managers whose turn has come
+#: (and at least twice its share of all managers); the rest wait for the next.
+LIVENESS_BATCH = 256
 
 
 class Manager:
@@ -259,6 +266,8 @@ class ManagerRegistry:
         self._disconnect_waiters: List[Deferred[None]] = []
         self._manager_waiters: List[Tuple[int, Deferred[None]]] = []
         self._ticker: Optional[LoopingCall] = None
+        # (when, registration sequence, manager): each manager's next liveness check.
+        self._checks: List[Tuple[float, int, Manager]] = []
 
     def held_by(self, manager: Manager) -> int:
         """Tasks ``manager`` holds, as the dispatcher counts them."""
@@ -267,10 +276,11 @@ class ManagerRegistry:
     # -- lifecycle ---------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the liveness checks (every ``heartbeat_period``)."""
+        """Start the liveness checks: each manager's every ``heartbeat_period``
+        from its registration, a tenth of the period at a time."""
         ticker = LoopingCall(self._tick)
         ticker.clock = self.clock
-        ticker.start(self.heartbeat_period, now=False)
+        ticker.start(self.heartbeat_period / LIVENESS_TICKS_PER_PERIOD, now=False)
         self._ticker = ticker
 
     def stop_accepting(self) -> None:
@@ -389,6 +399,9 @@ class ManagerRegistry:
                 my_python=self.versions["python_version"],
                 my_dill=self.versions["dill_version"],
             )
+        heapq.heappush(
+            self._checks, (manager.registered_at + self.heartbeat_period, manager.sequence, manager)
+        )
         self.events.manager_joined(manager)
         retired = self._retired_blocks.get(manager.block_id)
         if retired is not None:
@@ -434,9 +447,27 @@ class ManagerRegistry:
     # -- liveness ----------------------------------------------------------------------
 
     def _tick(self) -> None:
-        """Every heartbeat period: heartbeats out, silent managers declared lost."""
+        """For each manager whose turn has come (one period after its last):
+        a heartbeat out, or, if it has been silent too long, declared lost.
+
+        The managers' turns are spread over the period as their registrations
+        were, and a tick takes at most the larger of ``LIVENESS_BATCH`` and twice
+        its share of all managers (the rest wait for the next tick), so that
+        thousands of managers registered at once do not all get a heartbeat in
+        one reactor turn.
+        """
         now = self.clock.seconds()
-        for manager in list(self.managers.values()):
+        period = self.heartbeat_period
+        checks, managers = self._checks, self.managers
+        budget = max(LIVENESS_BATCH, 2 * len(managers) // LIVENESS_TICKS_PER_PERIOD + 1)
+        due: List[Manager] = []
+        while checks and checks[0][0] <= now and len(due) < budget:
+            when, sequence, manager = heapq.heappop(checks)
+            if managers.get(manager.manager_id) is manager:
+                due.append(manager)
+                when = when + period if when + period > now else now + period
+                heapq.heappush(checks, (when, sequence, manager))
+        for manager in due:
             silence = now - manager.last_heard
             if silence > self.heartbeat_threshold:
                 manager.lost(
