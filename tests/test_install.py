@@ -12,6 +12,7 @@ and pip installs only this project, from a copy of the checkout, with
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -264,6 +265,22 @@ class WheelInstallTests(InstalledPackageTests, SynchronousTestCase):
 
 class RunnerTests(SynchronousTestCase):
     """``python -m funcx_endpoint.twistd``: twistd that knows our ServiceMakers itself."""
+
+    def test_daemons_tune_the_garbage_collector(self) -> None:
+        import gc
+
+        from funcx_endpoint.twistd import GC_THRESHOLDS, run_app, tune_garbage_collector
+
+        self.addCleanup(gc.set_threshold, *gc.get_threshold())
+        gc.set_threshold(700, 10, 10)
+        self.assertEqual(tune_garbage_collector(), (700, 10, 10))
+        self.assertEqual(gc.get_threshold(), GC_THRESHOLDS)
+        self.assertGreaterEqual(GC_THRESHOLDS[0], 50_000)
+        gc.set_threshold(700, 10, 10)
+        self.patch(sys, "stdout", io.StringIO())
+        with self.assertRaises(SystemExit):
+            run_app(["--version"])
+        self.assertEqual(gc.get_threshold(), GC_THRESHOLDS)
 
     def test_subcommands_without_plugin_scan(self) -> None:
         self.assertEqual(ServerOptions._getPlugins(IServiceMaker), [funcx_endpoint, funcx_service])
