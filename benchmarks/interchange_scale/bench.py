@@ -645,6 +645,8 @@ def summary(results: List[Dict[str, Any]]) -> Dict[str, Any]:
         "from_rate": first["tasks_per_second"],
         "to_rate": last["tasks_per_second"],
         "change": change,
+        "from_cpu_us_per_task": first["interchange_cpu_us_per_task"],
+        "to_cpu_us_per_task": last["interchange_cpu_us_per_task"],
         "target_loss": TARGET_LOSS,
         "met": change > -TARGET_LOSS,
     }
@@ -690,6 +692,11 @@ def orchestrate(options: argparse.Namespace, argv: List[str]) -> None:
             f"{outcome['from_rate']:,.0f} -> {outcome['to_rate']:,.0f} tasks/s "
             f"({outcome['change'] * 100:+.1f}%); target: less than {TARGET_LOSS * 100:.0f}% "
             f"lost: {'MET' if outcome['met'] else 'NOT MET'}"
+        )
+        print(
+            f"Interchange CPU per task: {outcome['from_cpu_us_per_task']:.1f} -> "
+            f"{outcome['to_cpu_us_per_task']:.1f} us (the rate at small scales is bound by "
+            f"the round trip rather than the interchange's CPU: see '% of a core')"
         )
         print(FUNCX_FIGURE)
 
