@@ -14,8 +14,8 @@ flight, the way the endpoint's AMQP consumer does.  Measured:
 * single-task round trip (submit to result at the sink), p50 and p99: idle
   (one task at a time, nothing else in flight) and under load (a probe task
   every 20 ms while the window is kept full; it queues behind the window);
-* dispatch rate: tasks/s over ``--measure`` seconds after a ``--warm-up``
-  with the window full;
+* dispatch rate: tasks/s, the median of ``--rounds`` rounds of ``--measure``
+  seconds, after a ``--warm-up``, with the window full;
 * CPU per task of the interchange process (the feeder's share, making and
   submitting tasks, is measured apart and shown) and of the simulated
   managers; the longest reactor turn of the interchange under load;
@@ -445,7 +445,7 @@ async def measure_scale(reactor: Any, options: argparse.Namespace) -> None:
     progress(f"window of {window:,} tasks in flight: {options.warm_up:g} s warm-up")
     feeder.start(window)
     await sleep(options.warm_up)
-    progress(f"measuring for {options.measure:g} s")
+    progress(f"measuring: {options.rounds} rounds of {options.measure:g} s")
     loaded: List[float] = []
     per_second: List[float] = []
     last = [feeder.answered, time.perf_counter()]
@@ -473,9 +473,18 @@ async def measure_scale(reactor: Any, options: argparse.Namespace) -> None:
     sampling.start(1.0, now=False)
     stalls.start()
     collections.measuring = True
-    await sleep(options.measure / 2)
-    loaded_calls = time_calls()
-    await sleep(options.measure / 2)
+    round_rates: List[float] = []
+    loaded_calls: Dict[str, float] = {}
+    for round_index in range(options.rounds):
+        round_started, round_answered = time.perf_counter(), feeder.answered
+        await sleep(options.measure / 2)
+        if round_index == 0:
+            loaded_calls = time_calls()
+        await sleep(options.measure / 2)
+        round_rates.append(
+            (feeder.answered - round_answered) / (time.perf_counter() - round_started)
+        )
+        progress(f"round {round_index + 1}: {round_rates[-1]:,.0f} tasks/s")
     elapsed = time.perf_counter() - measure_started
     answered = feeder.answered - answered_before
     interchange_cpu = cpu_seconds(me) - cpu_before
@@ -487,7 +496,7 @@ async def measure_scale(reactor: Any, options: argparse.Namespace) -> None:
     stalls.stop()
     collections.measuring = False
     rss_loaded = me.memory_info().rss
-    progress(f"{answered / elapsed:,.0f} tasks/s; draining")
+    progress("draining")
     await feeder.stop()
     while feeder.probes:
         await sleep(0.01)
@@ -522,7 +531,9 @@ async def measure_scale(reactor: Any, options: argparse.Namespace) -> None:
         "registration_s": registration_s,
         "registration_cpu_s": registration_cpu,
         "connect_failures": connect_failures,
-        "tasks_per_second": answered / elapsed,
+        "tasks_per_second": sorted(round_rates)[len(round_rates) // 2],
+        "tasks_per_second_rounds": [round(r) for r in round_rates],
+        "tasks_per_second_overall": answered / elapsed,
         "tasks_per_second_each_second": [round(r) for r in per_second],
         "tasks_measured": answered,
         "latency_idle_ms": {
@@ -584,7 +595,11 @@ def report(result: Dict[str, Any]) -> None:
             f"managers/s), interchange CPU {r['registration_cpu_s'] / r['managers'] * 1e3:.2f} "
             f"ms/manager, {r['connect_failures']} failed attempts",
         ),
-        ("dispatch rate", f"{r['tasks_per_second']:,.0f} tasks/s{spread}"),
+        (
+            "dispatch rate",
+            f"{r['tasks_per_second']:,.0f} tasks/s median of rounds "
+            f"({', '.join(f'{x:,}' for x in r['tasks_per_second_rounds'])}){spread}",
+        ),
         ("round trip, idle", f"p50 {idle['p50']:.2f} ms, p99 {idle['p99']:.2f} ms"),
         (
             "round trip, loaded",
@@ -733,8 +748,12 @@ def main(argv: List[str]) -> None:
     parser.add_argument(
         "--measure",
         type=float,
-        default=10.0,
-        help="seconds measured (at least --heartbeat-period: the window holds a liveness tick)",
+        default=6.0,
+        help="seconds per measured round (rounds x measure should cover --heartbeat-period: "
+        "the measurement then holds a liveness tick)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="measured rounds (the rate is their median)"
     )
     parser.add_argument("--latency-samples", type=int, default=200)
     parser.add_argument("--client-processes", type=int, default=1)
