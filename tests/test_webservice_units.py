@@ -16,7 +16,7 @@ from twisted.internet.task import Clock
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from funcx_endpoint.amqp.client import Delivery
+from funcx_endpoint.amqp.channel import Delivery
 from funcx_endpoint.webservice.api import (
     APIError,
     BrokerAddress,

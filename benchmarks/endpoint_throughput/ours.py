@@ -29,7 +29,8 @@ import psutil
 from twisted.internet.defer import Deferred, ensureDeferred
 
 from funcx_endpoint.amqp import topology
-from funcx_endpoint.amqp.client import AMQPClient, Delivery
+from funcx_endpoint.amqp.channel import Delivery
+from funcx_endpoint.amqp.client import AMQPClient
 from funcx_endpoint.amqp.connection import AMQPURL, AMQPConnectionService
 from funcx_endpoint.endpoint.layout import EndpointDir
 from funcx_endpoint.testing.service_on_node import NodeServiceProcess
