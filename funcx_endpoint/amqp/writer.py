@@ -17,9 +17,9 @@ class CoalescingWriter:
     """Buffers what is written to ``protocol``'s transport until the end of the
     reactor turn (a ``callLater(0)`` on ``clock``), then writes it at once.
 
-    Parts written with :meth:`write_many` are handed to the transport as they
-    are (a large body is not copied once more by joining).  What is written
-    while the protocol has no transport is dropped at the flush.
+    Parts written with :meth:`write_many` are kept as they are until the
+    flush joins everything once (a large body is not copied twice).  What is
+    written while the protocol has no transport is dropped at the flush.
     """
 
     def __init__(self, clock: IReactorTime, protocol: Protocol) -> None:
