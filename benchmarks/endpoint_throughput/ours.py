@@ -34,7 +34,7 @@ from funcx_endpoint.amqp.client import AMQPClient
 from funcx_endpoint.amqp.connection import AMQPURL, AMQPConnectionService
 from funcx_endpoint.endpoint.layout import EndpointDir
 from funcx_endpoint.testing.service_on_node import NodeServiceProcess
-from funcx_endpoint.webservice.api import takes_batches
+from funcx_endpoint.webservice.api_checks import takes_batches
 from funcx_endpoint.webservice.dispatch import TASK_BATCH_MAX
 from funcx_endpoint.wire import (
     Task,
