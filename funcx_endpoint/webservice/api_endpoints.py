@@ -1,8 +1,6 @@
 """Endpoints: registration, listing, status, remote stop (lock), deletion, whitelists.
 
-Another user's endpoints are answered 404 (their existence is not even
-confirmed); registering an endpoint id that another user owns is refused
-with 403.
+An endpoint is seen only by its owner (see :mod:`funcx_endpoint.webservice.api`).
 """
 
 from __future__ import annotations

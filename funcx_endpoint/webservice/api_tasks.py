@@ -1,11 +1,8 @@
 """Tasks: ``POST /v2/submit``, their status, task groups, and the result queues
 that give FuncXExecutor each result as it arrives.
 
-``POST /v2/submit`` decides task by task: a refused task gets its own 4xx
-entry in the answer and the others are created.  Once tasks are created the
-answer is 200 whatever happens with the broker: tasks wait in the database
-until it takes them (globus-sdk retries 5xx answers to POSTs, which would
-create the tasks again).
+What ``POST /v2/submit`` promises (task by task answers; 200 once tasks are
+created) is in :mod:`funcx_endpoint.webservice.api`.
 """
 
 from __future__ import annotations
