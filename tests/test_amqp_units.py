@@ -16,7 +16,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from txamqp.connection import Frame, Method
 
-from funcx_endpoint.amqp.client import (
+from funcx_endpoint.amqp.channel import Delivery
+from funcx_endpoint.amqp.client import AMQPClient
+from funcx_endpoint.amqp.codec import (
     BASIC,
     BASIC_DELIVER,
     BASIC_PUBLISH,
@@ -25,8 +27,6 @@ from funcx_endpoint.amqp.client import (
     FRAME_HEADER,
     FRAME_HEARTBEAT,
     FRAME_METHOD,
-    AMQPClient,
-    Delivery,
     decode_properties,
     encode_properties,
 )

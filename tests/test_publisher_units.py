@@ -6,7 +6,7 @@ from typing import Any, List
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from funcx_endpoint.amqp.client import ChannelHandlers
+from funcx_endpoint.amqp.channel import ChannelHandlers
 from funcx_endpoint.amqp.publisher import ConfirmingPublisher, PublishFailed
 from funcx_endpoint.endpoint.transport import BrokerInfo
 

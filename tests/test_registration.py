@@ -25,7 +25,7 @@ from funcx_endpoint.endpoint.layout import EndpointDir
 from funcx_endpoint.endpoint.registration import Registration
 from funcx_endpoint.lifecycle import StartupError
 from funcx_endpoint.testing.inprocess import InProcessService
-from funcx_endpoint.webservice.api import BrokerAddress
+from funcx_endpoint.webservice.api_context import BrokerAddress
 
 SERVICE = "https://funcx.example/v2"
 

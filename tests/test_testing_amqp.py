@@ -12,7 +12,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from txamqp.client import ChannelClosed, Closed
 from zope.interface.verify import verifyClass, verifyObject
 
-from funcx_endpoint.amqp.client import AMQPClient, Delivery
+from funcx_endpoint.amqp.channel import Delivery
+from funcx_endpoint.amqp.client import AMQPClient
 from funcx_endpoint.amqp.connection import AMQPURL, AMQPConnectionService, AMQPError, close_reason
 from funcx_endpoint.amqp.interfaces import IAMQPChannel, IAMQPClient, IAMQPConnectionService
 from funcx_endpoint.amqp.publisher import _TOO_LARGE, ConfirmingPublisher, PublishFailed

@@ -21,7 +21,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 from txamqp.client import Closed
 
-from funcx_endpoint.amqp.client import Delivery
+from funcx_endpoint.amqp.channel import Delivery
 from funcx_endpoint.amqp.connection import close_reason
 from funcx_endpoint.amqp.publisher import ConfirmingPublisher, PublishFailed
 from funcx_endpoint.testing.service import (

@@ -16,16 +16,15 @@ from twisted.internet.task import Clock
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from funcx_endpoint.amqp.client import Delivery
-from funcx_endpoint.webservice.api import (
-    APIError,
-    BrokerAddress,
-    _number,
+from funcx_endpoint.amqp.channel import Delivery
+from funcx_endpoint.webservice.api_checks import (
     allowed_functions_of,
     canonical_uuid,
+    positive_number,
 )
+from funcx_endpoint.webservice.api_context import BrokerAddress
 from funcx_endpoint.webservice.db import DatabaseConfig, DatabaseError, redact_url
-from funcx_endpoint.webservice.http import Router, parse_json
+from funcx_endpoint.webservice.http import APIError, Router, parse_json
 from funcx_endpoint.webservice.ingest import ResultIngest
 from funcx_endpoint.webservice.management import endpoint_permissions, user_permissions
 from funcx_endpoint.webservice.records import StoredOutcome
@@ -140,8 +139,8 @@ class ParsingTests(SynchronousTestCase):
 
     def test_numbers(self) -> None:
         for value in (10**400, "1e400", "inf", "-inf", "nan", float("nan"), True, 0, -1, "x", None):
-            self.assertIsNone(_number(value), value)
-        self.assertEqual((_number("2.5"), _number(30)), (2.5, 30.0))
+            self.assertIsNone(positive_number(value), value)
+        self.assertEqual((positive_number("2.5"), positive_number(30)), (2.5, 30.0))
 
     def test_json_bodies(self) -> None:
         self.assertEqual(parse_json(b'{"a": [1, "\\ud83d\\ude00"]}'), {"a": [1, "\U0001f600"]})

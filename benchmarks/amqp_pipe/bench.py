@@ -36,7 +36,8 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import react
 
 from funcx_endpoint.amqp import topology
-from funcx_endpoint.amqp.client import AMQPClient, Delivery
+from funcx_endpoint.amqp.channel import Delivery
+from funcx_endpoint.amqp.client import AMQPClient
 from funcx_endpoint.amqp.connection import AMQPURL, AMQPConnectionService
 from funcx_endpoint.testing.broker import _unredacted
 from funcx_endpoint.testing.rabbitmq import RabbitMQNode

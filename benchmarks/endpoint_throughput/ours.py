@@ -29,11 +29,12 @@ import psutil
 from twisted.internet.defer import Deferred, ensureDeferred
 
 from funcx_endpoint.amqp import topology
-from funcx_endpoint.amqp.client import AMQPClient, Delivery
+from funcx_endpoint.amqp.channel import Delivery
+from funcx_endpoint.amqp.client import AMQPClient
 from funcx_endpoint.amqp.connection import AMQPURL, AMQPConnectionService
 from funcx_endpoint.endpoint.layout import EndpointDir
 from funcx_endpoint.testing.service_on_node import NodeServiceProcess
-from funcx_endpoint.webservice.api import takes_batches
+from funcx_endpoint.webservice.api_checks import takes_batches
 from funcx_endpoint.webservice.dispatch import TASK_BATCH_MAX
 from funcx_endpoint.wire import (
     Task,

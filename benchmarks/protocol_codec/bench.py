@@ -74,7 +74,7 @@ def daemon_rows() -> List[Tuple[str, Callable[[], object]]]:
     the transitions, encode it again), for comparison.  Socket and TLS work,
     the same either way, is not included.
     """
-    from funcx_endpoint.amqp.client import _split_frames
+    from funcx_endpoint.amqp.codec import split_frames
     from funcx_endpoint.wire import PackedResult
     from funcx_endpoint.wire.amp import ChunkedViews
 
@@ -106,7 +106,7 @@ def daemon_rows() -> List[Tuple[str, Callable[[], object]]]:
             for raw in objects["results"]:  # type: ignore[attr-defined]
                 packed = PackedResult.decode(raw)
                 packed.add_transitions(mine)
-                for _frame in _split_frames(packed.message_pieces(), 131_072 - 8):
+                for _frame in split_frames(packed.message_pieces(), 131_072 - 8):
                     frames += 1
             return frames
 

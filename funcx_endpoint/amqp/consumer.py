@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Set
 from twisted.internet.interfaces import IReactorTime
 from txamqp.client import Closed
 
-from funcx_endpoint.amqp.client import Delivery
+from funcx_endpoint.amqp.channel import Delivery
 from funcx_endpoint.amqp.connection import (
     ACCESS_REFUSED,
     NOT_FOUND,

@@ -5,7 +5,7 @@ The task intake, the result publisher and their helpers
 :class:`~funcx_endpoint.amqp.consumer.AckBatcher`,
 :class:`~funcx_endpoint.amqp.publisher.ConfirmingPublisher`) depend on these
 interfaces only.  The real things are
-:class:`~funcx_endpoint.amqp.client.FastChannel`,
+:class:`~funcx_endpoint.amqp.channel.FastChannel`,
 :class:`~funcx_endpoint.amqp.client.AMQPClient` and
 :class:`~funcx_endpoint.amqp.connection.AMQPConnectionService`; the fakes in
 :mod:`funcx_endpoint.testing.amqp` provide the same interfaces, and both are

@@ -15,7 +15,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from funcx_endpoint.amqp.client import Body, Properties, Returned
+from funcx_endpoint.amqp.channel import Returned
+from funcx_endpoint.amqp.codec import Body, Properties
 from funcx_endpoint.amqp.connection import close_reason
 from funcx_endpoint.amqp.interfaces import IAMQPChannel
 

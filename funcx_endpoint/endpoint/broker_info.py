@@ -7,7 +7,7 @@ from typing import Any, Dict, FrozenSet
 
 import attr
 
-from funcx_endpoint.amqp.client import encode_properties
+from funcx_endpoint.amqp.codec import encode_properties
 from funcx_endpoint.amqp.connection import AMQPURL
 
 __all__ = ["BrokerInfo", "QueueInfo", "amqp_properties"]

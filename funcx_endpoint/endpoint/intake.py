@@ -26,7 +26,7 @@ from typing import Any, Callable, List, Optional, Sequence
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from funcx_endpoint.amqp.client import Delivery
+from funcx_endpoint.amqp.channel import Delivery
 from funcx_endpoint.amqp.connection import AMQPError
 from funcx_endpoint.amqp.consumer import AckBatcher, ExclusiveConsumer, QueueHeldElsewhere
 from funcx_endpoint.amqp.interfaces import IAMQPClient, IAMQPConnectionService

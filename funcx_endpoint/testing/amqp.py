@@ -46,7 +46,8 @@ from txamqp.message import Message
 from zope.interface import implementer
 
 from funcx_endpoint.amqp import topology
-from funcx_endpoint.amqp.client import ChannelHandlers, Delivery, Returned, encode_properties
+from funcx_endpoint.amqp.channel import ChannelHandlers, Delivery, Returned
+from funcx_endpoint.amqp.codec import encode_properties
 from funcx_endpoint.amqp.connection import AMQPURL, AMQPError
 from funcx_endpoint.amqp.interfaces import IAMQPChannel, IAMQPClient, IAMQPConnectionService
 from funcx_endpoint.amqp.spec import load_spec
@@ -454,9 +455,15 @@ class FakeChannel:
         tag = self._next_tag
         self._next_tag += 1
         self.unacked[tag] = (queue.name, message)
-        delivery = Delivery(consumer_tag, tag, message.redelivered, "", queue.name)
-        delivery.properties = dict(message.properties)
-        delivery.body = message.body
+        delivery = Delivery(
+            consumer_tag,
+            tag,
+            message.redelivered,
+            "",
+            queue.name,
+            properties=dict(message.properties),
+            body=message.body,
+        )
         if self.closed:
             return tag  # to a half-open connection: nobody reads it
         consumer = self.handlers.consumers.get(consumer_tag)
@@ -490,9 +497,14 @@ class FakeChannel:
         """``basic.return`` of mandatory publish ``seq`` (unroutable), then its
         ``basic.ack``, in RabbitMQ's order."""
         message = self.unconfirmed[seq]
-        returned = Returned(code, text, message.exchange, message.routing_key)
-        returned.properties = dict(message.properties)
-        returned.body = message.body
+        returned = Returned(
+            code,
+            text,
+            message.exchange,
+            message.routing_key,
+            properties=dict(message.properties),
+            body=message.body,
+        )
         if self.handlers.on_return is not None:
             self.handlers.on_return(returned)
         self.confirm(seq)
@@ -612,7 +624,7 @@ class FakeAMQPClient:
         self.channels: Dict[int, FakeChannel] = {}
         self.close_reason: Any = None
         self.flushes = 0
-        self._closed_waiters: List[Deferred[Any]] = []
+        self._closed: OneShotObserver[Any] = OneShotObserver()
         broker.clients.append(self)
 
     async def open_channel(self, id: int) -> FakeChannel:
@@ -628,16 +640,7 @@ class FakeAMQPClient:
         self.flushes += 1
 
     def when_closed(self) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        if self.transport is None:
-            d.callback(self._reason_value())
-        else:
-            self._closed_waiters.append(d)
-        return d
-
-    def _reason_value(self) -> Any:
-        reason = self.close_reason
-        return reason.value if isinstance(reason, Failure) else reason
+        return self._closed.when_fired()
 
     def connection_lost(self, reason: Failure, half_open: bool = False) -> None:
         """The connection is gone (what the reactor tells the protocol).
@@ -657,9 +660,7 @@ class FakeAMQPClient:
         for channel in list(self.channels.values()):
             channel._close(reason)
         self.transport = None
-        waiters, self._closed_waiters = self._closed_waiters, []
-        for d in waiters:
-            d.callback(self._reason_value())
+        self._closed.fire(reason.value)
 
 
 @implementer(IAMQPConnectionService)

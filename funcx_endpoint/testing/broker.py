@@ -17,7 +17,8 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
 from funcx_endpoint.amqp import topology
-from funcx_endpoint.amqp.client import AMQPClient, Delivery
+from funcx_endpoint.amqp.channel import Delivery
+from funcx_endpoint.amqp.client import AMQPClient
 from funcx_endpoint.amqp.connection import AMQPURL, AMQPConnectionService
 from funcx_endpoint.amqp.publisher import ConfirmingPublisher
 from funcx_endpoint.endpoint.transport import BrokerInfo

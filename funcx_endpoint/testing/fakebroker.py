@@ -21,7 +21,8 @@ from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from funcx_endpoint.amqp import topology
-from funcx_endpoint.amqp.client import Delivery, Properties
+from funcx_endpoint.amqp.channel import Delivery
+from funcx_endpoint.amqp.codec import Properties
 from funcx_endpoint.amqp.publisher import PublishFailed
 from funcx_endpoint.webservice.broker import RESULTS_CONSUMER_TAG, IServiceBroker
 from funcx_endpoint.webservice.management import (
@@ -141,8 +142,7 @@ class FakeServiceBroker:
         tag = self._next_tag
         self._next_tag += 1
         exchange = topology.RESULTS_EXCHANGE
-        delivery = Delivery(RESULTS_CONSUMER_TAG, tag, False, exchange, routing_key)
-        delivery.body = body
+        delivery = Delivery(RESULTS_CONSUMER_TAG, tag, False, exchange, routing_key, body=body)
         acked = self.results_channel.when_acked(tag)
         self._on_delivery(delivery, self.results_channel)
         return acked

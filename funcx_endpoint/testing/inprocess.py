@@ -69,7 +69,8 @@ from funcx_endpoint.testing.recording import (
 from funcx_endpoint.tls import TLSFiles
 from funcx_endpoint.version import __version__
 from funcx_endpoint.webservice import accounts
-from funcx_endpoint.webservice.api import MIN_SDK_VERSION, BrokerAddress, FuncXAPI
+from funcx_endpoint.webservice.api import MIN_SDK_VERSION, FuncXAPI
+from funcx_endpoint.webservice.api_context import BrokerAddress
 from funcx_endpoint.webservice.auth import (
     FUNCX_RESOURCE_SERVER,
     AuthAPI,

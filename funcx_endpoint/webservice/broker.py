@@ -27,7 +27,9 @@ from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
 from funcx_endpoint.amqp import topology
-from funcx_endpoint.amqp.client import AMQPClient, Delivery, FastChannel, Properties
+from funcx_endpoint.amqp.channel import Delivery, FastChannel
+from funcx_endpoint.amqp.client import AMQPClient
+from funcx_endpoint.amqp.codec import Properties
 from funcx_endpoint.amqp.connection import AMQPURL, AMQPConnectionService, close_reason
 from funcx_endpoint.amqp.publisher import ConfirmingPublisher, PublishFailed
 from funcx_endpoint.webservice.management import BrokerUnavailable

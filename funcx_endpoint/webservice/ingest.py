@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from funcx_endpoint.amqp.client import Delivery, FastChannel
+from funcx_endpoint.amqp.channel import Delivery, FastChannel
 from funcx_endpoint.webservice.dispatch import _BATCH, TaskSender, _sleep
 from funcx_endpoint.webservice.storage import (
     IncomingResult,

@@ -51,7 +51,8 @@ from funcx_endpoint.rabbitmq.node import NodeIdentity, RabbitMQError
 from funcx_endpoint.rabbitmq.service import RabbitMQNodeService
 from funcx_endpoint.version import __version__
 from funcx_endpoint.webservice import embedded_broker
-from funcx_endpoint.webservice.api import BrokerAddress, FuncXAPI
+from funcx_endpoint.webservice.api import FuncXAPI
+from funcx_endpoint.webservice.api_context import BrokerAddress
 from funcx_endpoint.webservice.auth import AuthAPI, Authenticator, TokenPurger
 from funcx_endpoint.webservice.broker import ServiceBroker
 from funcx_endpoint.webservice.db import DatabaseConfig, redact_url

@@ -1,0 +1,82 @@
+"""``POST /v2/functions``: registering a function.
+
+The function's code is stored as the client sent it (a packed buffer holding
+the serialized function); it is checked to be one, not run.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Tuple
+
+import attr
+from twisted.logger import Logger
+
+from funcx_endpoint.webservice.api_checks import (
+    MAX_NAME,
+    MAX_TEXT,
+    boolean_field,
+    canonical_uuid,
+    string_field,
+)
+from funcx_endpoint.webservice.api_context import APIContext
+from funcx_endpoint.webservice.auth import API
+from funcx_endpoint.webservice.http import Call, Router, bad_request
+from funcx_endpoint.webservice.storage import TokenInfo
+from funcx_endpoint.wire import DeserializationError, unpack_buffers
+
+__all__ = ["FunctionsAPI"]
+
+
+@attr.s(auto_attribs=True)
+class FunctionsAPI:
+    """The function handlers; :meth:`install` adds them to a router."""
+
+    log = Logger()
+
+    context: APIContext
+
+    def install(self, router: Router) -> None:
+        router.add("POST", "/v2/functions", self.register_function, API)
+
+    async def register_function(self, call: Call) -> Tuple[int, Any]:
+        me: TokenInfo = call.identity
+        body = await call.json_object()
+        name = string_field(body, "function_name", required=True, max_length=MAX_NAME)
+        code = string_field(body, "function_code", required=True, max_length=1 << 31)
+        assert name is not None and code is not None
+        entry_point = string_field(body, "entry_point", required=False, max_length=MAX_NAME) or name
+        description = string_field(body, "description", required=False, max_length=MAX_TEXT)
+        container = body.get("container_uuid")
+        container = None if container in (None, "") else canonical_uuid(container, "container_uuid")
+        group = body.get("group")
+        group = None if group in (None, "") else canonical_uuid(group, "group")
+        public = boolean_field(body, "public")
+        try:
+            parts = unpack_buffers(code)
+        except DeserializationError as e:
+            raise bad_request(
+                f"function_code is not a packed buffer: {e}", "INVALID_FUNCTION"
+            ) from None
+        if len(parts) != 1 or not parts[0]:
+            raise bad_request(
+                f"function_code must be one packed part (the serialized function), "
+                f"it holds {len(parts)}",
+                "INVALID_FUNCTION",
+            )
+        function_id = str(uuid.uuid4())
+        await self.context.storage.insert_function(
+            {
+                "function_id": function_id,
+                "owner": me.identity_id,
+                "name": name,
+                "entry_point": entry_point,
+                "description": description,
+                "container_uuid": container,
+                "public": public,
+                "group_id": group,
+                "function_code": code,
+                "created": self.context.clock.seconds(),
+            }
+        )
+        return 200, {"function_uuid": function_id}
