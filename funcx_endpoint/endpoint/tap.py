@@ -31,6 +31,7 @@ from funcx_endpoint.endpoint.layout import (
     BadEndpointName,
     EndpointDir,
 )
+from funcx_endpoint.endpoint.notices import ConfigNotices
 from funcx_endpoint.endpoint.registration import Registration
 from funcx_endpoint.endpoint.service import EndpointService, StartupReporter
 from funcx_endpoint.endpoint.status import StatusReporter
@@ -106,12 +107,14 @@ def build_endpoint(
     """Build the daemon's service tree from a loaded config.
 
     Parts start in this order and stop in reverse (after the transport has
-    drained): control socket, registration, interchange, providers (blocks
-    of managers and the scaling strategy), AMQP transport, status reports.
+    drained): warnings about funcX 1.0 settings, control socket,
+    registration, interchange, providers (blocks of managers and the scaling
+    strategy), AMQP transport, status reports.
     """
     endpoint = EndpointService(
         endpoint_dir, reactor, StartupReporter(ready_fd), drain_grace=config.stop_grace_period
     )
+    endpoint.add(ConfigNotices(config.notices()))
     endpoint.add(control_service(reactor, endpoint_dir.control_socket, {"status": endpoint.status}))
     http, pool = http_client(reactor, config.service_ca_file)
     authenticator = Authenticator(
