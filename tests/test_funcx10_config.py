@@ -455,6 +455,7 @@ class Funcx10ConfigFileTests(SynchronousTestCase):
                     "interchange",
                     "providers",
                     "amqp",
+                    "idle",
                     "status",
                 ],
             )
