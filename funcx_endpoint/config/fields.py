@@ -31,10 +31,13 @@ class Unused:
     ``meaning`` completes the warning the endpoint logs at start for such a
     field given in ``config.py`` (see :class:`Notice`); ``quiet`` lists the
     values that need no warning because they ask for what happens here anyway.
+    ``partly``: the field is honoured, and only its other values (or parts)
+    have no effect.
     """
 
     meaning: str
     quiet: Tuple[Any, ...] = ()
+    partly: bool = False
 
     def wants_warning(self, value: Any) -> bool:
         """True unless ``value`` is one of the quiet values."""

@@ -96,10 +96,11 @@ EXECUTOR_FIELDS: Dict[str, Field] = {
         optional(port_pair),
         "funcX 1.0's (task port, result port): when given, the interchange "
         "listens on the first (instead of a range).",
-        unused=_funcx10(
+        unused=Unused(
             "the interchange listens on the first port; managers send results over the "
             "same connection, so the second port is not used",
-            None,
+            (None,),
+            partly=True,
         ),
     ),
     "container_type": Field(

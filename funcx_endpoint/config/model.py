@@ -236,7 +236,9 @@ class HighThroughputExecutor(ConfigObject):
         "interchange_port_range": Field(
             (0, 0),
             port_range,
-            "Ports the interchange may listen on; (0, 0) picks any free port.",
+            "Ports the interchange may listen on for managers; (0, 0) picks any free "
+            "port. When worker_port_range or worker_ports is given, that is used instead "
+            "(and, this given too, a warning says it is not used).",
         ),
         "worker_port_range": Field(
             None,
@@ -268,7 +270,7 @@ class HighThroughputExecutor(ConfigObject):
             _worker_mode,
             "How workers are started; only 'no_container' (directly) in this version "
             "(funcX 1.0's container modes are accepted and run so).",
-            unused=Unused(CONTAINERS_UNUSED, WORKER_MODES),
+            unused=Unused(CONTAINERS_UNUSED, WORKER_MODES, partly=True),
         ),
         "container_cmd_options": Field(
             "",
@@ -382,6 +384,7 @@ class Config(ConfigObject):
                 "not a funcX 1.0 environment name: the production service is used (as "
                 "funcX 1.0 did), unless funcx_service_address is given",
                 (None, *ENVIRONMENT_ADDRESSES),
+                partly=True,
             ),
         ),
         "auth_address": Field(
@@ -422,12 +425,14 @@ class Config(ConfigObject):
         "heartbeat_period": Field(
             30.0,
             number(0, exclusive_minimum=True),
-            "Seconds between status reports to the service and heartbeats with managers.",
+            "Seconds between status reports to the service, beats of the idle clock, and "
+            "heartbeats with managers (unless the executor sets its own).",
         ),
         "heartbeat_threshold": Field(
             120.0,
             number(0, exclusive_minimum=True),
-            "Seconds of silence after which a manager is declared lost.",
+            "Seconds of silence after which a manager is declared lost (unless the "
+            "executor sets its own).",
         ),
         "allowed_functions": Field(
             None,
