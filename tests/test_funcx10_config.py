@@ -3,8 +3,10 @@
 The files in ``tests/configs_funcx10/`` are written the way funcX 1.0.13's
 documentation showed them (local, Slurm, Torque, Cobalt, PBS Pro with GPUs,
 local GPUs, Kubernetes); each loads unchanged and builds the endpoint's
-service, with exactly the warnings expected.  They use Parsl's providers,
-launchers and addresses: the ``[parsl]`` extra (``make test`` installs it).
+service, with exactly the warnings expected; the default one also runs a
+function end to end through Parsl's LocalProvider.  They use Parsl's
+providers, launchers and addresses: the ``[parsl]`` extra (``make test``
+installs it).
 """
 
 from __future__ import annotations
@@ -516,3 +518,71 @@ class _NoLoad:
 
     def managers(self) -> List[Any]:  # pragma: no cover
         return []
+
+
+class Funcx10DefaultConfigRunsTests(SynchronousTestCase):
+    """funcX 1.0's default config.py (Parsl's LocalProvider) runs a function end to end:
+    its only additions are the private service's address and CA files."""
+
+    def setUp(self) -> None:
+        try:
+            import parsl  # noqa: F401
+        except ImportError:
+            raise self.skipTest("the [parsl] extra is not installed") from None
+
+    def test_runs_a_function(self) -> None:
+        from funcx_endpoint.testing.service import shared_service
+        from tests.support import alive, endpoint_processes, run_cli, wait_for
+        from tests.test_end_to_end import add, wait_result
+
+        service = shared_service()
+        env = service.client_env(service.create_client())
+        config_dir = os.path.abspath(self.mktemp())
+        with open(os.path.join(CONFIGS, "local.py")) as f:
+            text = f.read()
+        text = text.replace(
+            "config = Config(\n",
+            "config = Config(\n"
+            f"    funcx_service_address={service.base_url!r},\n"
+            f"    service_ca_file={service.ca_file!r},\n"
+            f"    amqp_ca_file={service.broker_ca_file!r},\n",
+        )
+        source = os.path.abspath(self.mktemp())
+        with open(source, "w") as f:
+            f.write(text)
+        configured = run_cli(config_dir, "configure", "old", "--endpoint-config", source, env=env)
+        self.assertEqual(configured.returncode, 0, configured.stdout + configured.stderr)
+        started = run_cli(config_dir, "start", "old", env=env)
+        self.assertEqual(started.returncode, 0, started.stdout + started.stderr)
+        self.addCleanup(run_cli, config_dir, "stop", "old", env=env)
+        ep = EndpointDir(config_dir, "old")
+        pid = ep.read_pid()
+        self.assertTrue(
+            wait_for(
+                lambda: "managers: 1" in run_cli(config_dir, "status", "old", env=env).stdout, 60
+            ),
+            run_cli(config_dir, "status", "old", env=env).stdout,
+        )
+        from funcx_endpoint.sdk import FuncXClient
+
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            client = FuncXClient()
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+        function_id = client.register_function(add)
+        task_id = client.run(5, 6, endpoint_id=ep.endpoint_id(), function_id=function_id)
+        self.assertEqual(wait_result(client, task_id), 11)
+        # Parsl wrote its submit script under the endpoint's directory.
+        self.assertTrue(os.listdir(os.path.join(ep.path, "submit_scripts")))
+        processes = endpoint_processes(ep, pid)
+        stopped = run_cli(config_dir, "stop", "old", env=env)
+        self.assertEqual(stopped.returncode, 0, stopped.stderr)
+        self.assertTrue(wait_for(lambda: not alive(processes), 30))
+        with open(ep.log_file()) as f:
+            self.assertNotIn("funcX 1.0 compatibility", f.read())

@@ -16,7 +16,7 @@ from funcx_endpoint.endpoint.idle import Activity, Change, IdleClock, IdleShutdo
 from funcx_endpoint.endpoint.layout import EndpointDir, EndpointState
 from funcx_endpoint.endpoint.service import EndpointService, StartupReporter
 from funcx_endpoint.lifecycle import IStatusPart
-from tests.support import endpoint_processes, run_cli, wait_for
+from tests.support import alive, endpoint_processes, run_cli, wait_for
 from tests.test_transport_units import TransportTestCase, make_tasks
 
 # Activity values: nothing done yet; work done and nothing outstanding; work outstanding.
@@ -321,7 +321,7 @@ class IdleDaemonTests(SynchronousTestCase):
         while ep.state() is EndpointState.RUNNING and time.monotonic() < deadline:
             time.sleep(0.2)
         self.assertEqual(ep.state(), EndpointState.STOPPED, status())
-        self.assertTrue(wait_for(lambda: not [p for p in processes if p.is_running()], 20))
+        self.assertTrue(wait_for(lambda: not alive(processes), 20))
         with open(ep.log_file()) as f:
             log = f.read()
         self.assertIn("In idle state", log)
