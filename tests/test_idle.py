@@ -282,8 +282,11 @@ class IdleDaemonTests(SynchronousTestCase):
         with open(ep.config_file) as f:
             text = f.read()
         # funcX 1.0's fields, as a funcX 1.0 config.py would set them.
-        text = text.replace("heartbeat_period=30,", "heartbeat_period=1, idle_heartbeats_soft=4,")
+        text = text.replace("heartbeat_period=30,", "heartbeat_period=1,")
         text = text.replace("heartbeat_threshold=120,", "heartbeat_threshold=10,")
+        text = text.replace("idle_heartbeats_soft=0,", "idle_heartbeats_soft=4,")
+        # A funcX 1.0 field without effect here: one warning in the log at start.
+        text = text.replace("worker_debug=False,", "worker_debug=False, poll_period=100,")
         with open(ep.config_file, "w") as f:
             f.write(text)
         started = run_cli(config_dir, "start", "idle", env=env)
@@ -327,4 +330,5 @@ class IdleDaemonTests(SynchronousTestCase):
         self.assertIn("In idle state", log)
         self.assertIn("Shutting down: idle for 4 heartbeats of 1s (idle_heartbeats_soft=4)", log)
         self.assertIn("Endpoint idle stopped", log)
+        self.assertEqual(log.count("HighThroughputExecutor.poll_period=100: this endpoint"), 1)
         self.assertIn("Stopped", run_cli(config_dir, "list", env=env).stdout)
