@@ -71,6 +71,14 @@ setup(
         "docs": [
             "sphinx>=7.0.0",
         ],
+        # Parsl's providers, launchers, addresses and channels, as funcX 1.0
+        # config.py files import them.  From 2023.1.23 (what funcX 1.0.13
+        # required) to the last release whose parsl.channels still exports
+        # SSHChannel (2024.8.12 dropped it; later ones also dropped the
+        # CobaltProvider and the providers' channel= argument).
+        "parsl": [
+            "parsl>=2023.1.23,<2024.8.12",
+        ],
     },
     entry_points={
         "console_scripts": [

@@ -11,6 +11,10 @@ own check: the check is given values it must refuse, and its error message
 ("expected an integer >= 1, got ...") says what it expects; then it is given
 ``None``, ``float("inf")`` and an integer to see whether it takes those too.
 So the table says what ``config.py`` really accepts, and cannot go stale.
+
+``.. funcx10-fields:: Config`` makes the table of funcX 1.0.13's fields of
+that class, their default there and their fate here, from
+:data:`funcx_endpoint.config.funcx10.FUNCX10_FIELDS` and the fields themselves.
 """
 
 from __future__ import annotations
@@ -138,6 +142,71 @@ class ConfigFields(SphinxDirective):
         return [table]
 
 
+def fate(field: Any) -> str:
+    """What becomes of a funcX 1.0 field here, from the field itself."""
+    unused = field.unused
+    if unused is None:
+        return f"Honoured. {field.doc}"
+    quiet = [format_default(value) for value in unused.quiet]
+    if unused.partly:
+        other = f" other than {', '.join(quiet)}" if quiet else ""
+        return f"Honoured. {field.doc} A warning at start for a value{other}: {unused.meaning}."
+    text = f"Accepted; a warning at start: {unused.meaning}."
+    if quiet:
+        text += f" No warning for {', '.join(quiet)}."
+    return text
+
+
+class Funcx10Fields(SphinxDirective):
+    """``.. funcx10-fields:: Config``: each keyword argument funcX 1.0.13's class
+    took (:data:`funcx_endpoint.config.funcx10.FUNCX10_FIELDS`), its default
+    there, and what becomes of it here."""
+
+    required_arguments = 1
+    has_content = False
+    classes = {
+        "Config": "funcx_endpoint.config.model.Config",
+        "HighThroughputExecutor": "funcx_endpoint.config.model.HighThroughputExecutor",
+        "SimpleStrategy": "funcx_endpoint.config.model.SimpleStrategy",
+    }
+
+    def run(self) -> List[nodes.Node]:
+        owner = self.arguments[0]
+        try:
+            from funcx_endpoint.config.funcx10 import FUNCX10_FIELDS
+
+            cls = _import(self.classes[owner])
+            names = FUNCX10_FIELDS[owner]
+        except Exception as e:
+            raise self.error(f"funcx10-fields: {owner}: {e}") from None
+        headers = ["Field", "funcX 1.0.13 default", "Here"]
+        table = nodes.table(classes=["funcx10-fields"])
+        table += nodes.title(text=f"funcX 1.0.13's {owner}(...) fields")
+        group = nodes.tgroup(cols=len(headers))
+        table += group
+        for width in (22, 20, 58):
+            group += nodes.colspec(colwidth=width)
+        head = nodes.thead()
+        head += _row([(h, False) for h in headers])
+        group += head
+        body = nodes.tbody()
+        for name, default in names.items():
+            if name not in cls.fields:
+                raise self.error(f"funcx10-fields: {owner}.{name} is not a field of {cls}")
+            # The table writes objects as text ("SimpleStrategy()").
+            shown = default if isinstance(default, str) and "(" in default else None
+            body += _row(
+                [
+                    (name, True),
+                    (shown or format_default(default), True),
+                    (fate(cls.fields[name]), False),
+                ]
+            )
+        group += body
+        return [table]
+
+
 def setup(app: Sphinx) -> dict:
     app.add_directive("config-fields", ConfigFields)
+    app.add_directive("funcx10-fields", Funcx10Fields)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}

@@ -4,258 +4,60 @@ Every class here takes keyword arguments only and checks each one as it is
 given, so a typo or a wrong type in ``config.py`` is reported at once, with
 the field's name, what it expects and what it got, instead of surfacing later
 as a mysterious failure in a daemon.
+
+Every keyword argument of funcX 1.0.13's ``Config``, ``HighThroughputExecutor``
+and ``SimpleStrategy`` is a field here too, so a funcX 1.0 ``config.py`` loads
+unchanged (:mod:`funcx_endpoint.config.funcx10` lists them): most are
+honoured; the few that have no meaning in this design are marked
+:class:`~funcx_endpoint.config.fields.Unused` and the endpoint logs a warning
+for each one given, saying what it means here.
 """
 
 from __future__ import annotations
 
-import difflib
 import math
-import re
-import uuid
-from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-DEFAULT_SERVICE_ADDRESS = "https://api2.funcx.org/v2"
+from funcx_endpoint.config import funcx10
+from funcx_endpoint.config.fields import (
+    ConfigError,
+    ConfigObject,
+    Field,
+    Notice,
+    Unused,
+    _describe,
+    boolean,
+    choice,
+    number,
+    optional,
+    port_range,
+    string,
+    string_dict,
+    string_list,
+    url,
+    uuid_list,
+)
+from funcx_endpoint.config.funcx10 import CONTAINERS_UNUSED
+from funcx_endpoint.environments import DEFAULT_SERVICE_ADDRESS, ENVIRONMENT_ADDRESSES
+
+__all__ = [
+    "DEFAULT_SERVICE_ADDRESS",
+    "Config",
+    "ConfigError",
+    "ConfigObject",
+    "Field",
+    "HighThroughputExecutor",
+    "LocalProvider",
+    "MiB",
+    "Notice",
+    "SimpleStrategy",
+    "Unused",
+]
+
 MiB = 1024 * 1024
 
-
-class ConfigError(ValueError):
-    """A config value is missing, unknown or of the wrong kind.
-
-    The message names the class and the field, and says what was expected.
-    """
-
-
-_UNSET: Any = object()
-
-
-class Field:
-    """One keyword argument of a config class: its default and its check.
-
-    ``check`` receives the value and returns it, possibly normalised; it
-    raises :class:`TypeError` or :class:`ValueError` with a description of
-    what it expected, which :class:`ConfigObject` turns into a
-    :class:`ConfigError` naming the field.
-    """
-
-    def __init__(
-        self,
-        default: Any,
-        check: Callable[[Any], Any],
-        doc: str,
-        default_factory: Optional[Callable[[], Any]] = None,
-    ) -> None:
-        self.default = default
-        self.check = check
-        self.doc = doc
-        self.default_factory = default_factory
-
-    def default_value(self) -> Any:
-        if self.default_factory is not None:
-            return self.default_factory()
-        return self.default
-
-
-def _describe(value: Any) -> str:
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{text} ({type(value).__name__})"
-
-
-def number(
-    minimum: Optional[float] = None,
-    exclusive_minimum: bool = False,
-    allow_inf: bool = False,
-    integer: bool = False,
-) -> Callable[[Any], Any]:
-    """A check for an int or float within bounds."""
-    kind = "an integer" if integer else "a number"
-    if minimum is not None:
-        kind += f" {'>' if exclusive_minimum else '>='} {minimum:g}"
-
-    def check(value: Any) -> Any:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"expected {kind}, got {_describe(value)}")
-        if math.isnan(value):
-            raise ValueError(f"expected {kind}, got NaN")
-        if math.isinf(value):
-            if allow_inf and value > 0:
-                return value
-            raise ValueError(f"expected {kind}, got {value}")
-        if integer and not isinstance(value, int):
-            if value != int(value):
-                raise TypeError(f"expected {kind}, got {_describe(value)}")
-            value = int(value)
-        if minimum is not None:
-            if value < minimum or (exclusive_minimum and value == minimum):
-                raise ValueError(f"expected {kind}, got {value}")
-        return value
-
-    return check
-
-
-def optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """Allow ``None`` besides what ``check`` accepts."""
-
-    def optional_check(value: Any) -> Any:
-        if value is None:
-            return None
-        return check(value)
-
-    return optional_check
-
-
-def boolean(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"expected True or False, got {_describe(value)}")
-    return value
-
-
-def string(pattern: Optional[str] = None, what: str = "a string") -> Callable[[Any], str]:
-    compiled = re.compile(pattern) if pattern else None
-
-    def check(value: Any) -> str:
-        if not isinstance(value, str):
-            raise TypeError(f"expected {what}, got {_describe(value)}")
-        if compiled is not None and not compiled.fullmatch(value):
-            raise ValueError(f"expected {what}, got {value!r}")
-        return value
-
-    return check
-
-
-def choice(*choices: str) -> Callable[[Any], str]:
-    def check(value: Any) -> str:
-        if value not in choices:
-            raise ValueError(
-                f"expected one of {', '.join(map(repr, choices))}, got {_describe(value)}"
-            )
-        return str(value)
-
-    return check
-
-
-def url(schemes: Tuple[str, ...]) -> Callable[[Any], str]:
-    def check(value: Any) -> str:
-        if not isinstance(value, str):
-            raise TypeError(f"expected a URL, got {_describe(value)}")
-        scheme = value.split("://", 1)[0] if "://" in value else ""
-        if scheme not in schemes:
-            raise ValueError(
-                f"expected a URL starting with {' or '.join(s + '://' for s in schemes)},"
-                f" got {value!r}"
-            )
-        return value.rstrip("/")
-
-    return check
-
-
-def uuid_list(value: Any) -> List[str]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple, set)):
-        raise TypeError(f"expected a list of function UUIDs, got {_describe(value)}")
-    result = []
-    for item in value:
-        try:
-            result.append(str(uuid.UUID(str(item))))
-        except ValueError:
-            raise ValueError(f"expected a list of function UUIDs, {item!r} is not a UUID") from None
-    return result
-
-
-def string_list(value: Any) -> List[str]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-        raise TypeError(f"expected a list of strings, got {_describe(value)}")
-    for item in value:
-        if not isinstance(item, str):
-            raise TypeError(f"expected a list of strings, got an item {_describe(item)}")
-    return list(value)
-
-
-def string_dict(value: Any) -> Dict[str, str]:
-    if not isinstance(value, dict):
-        raise TypeError(f"expected a dict of strings to strings, got {_describe(value)}")
-    for key, item in value.items():
-        if not isinstance(key, str) or not isinstance(item, str):
-            raise TypeError(
-                f"expected a dict of strings to strings, got {key!r}: {_describe(item)}"
-            )
-    return dict(value)
-
-
-def port_range(value: Any) -> Tuple[int, int]:
-    if (
-        not isinstance(value, (tuple, list))
-        or len(value) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    ):
-        raise TypeError(f"expected a (low, high) pair of ports, got {_describe(value)}")
-    low, high = value
-    if not 0 <= low <= high <= 65535:
-        raise ValueError(f"expected 0 <= low <= high <= 65535, got {value!r}")
-    return (low, high)
-
-
-class ConfigObject:
-    """Base of the config classes: keyword-only fields, each checked on entry.
-
-    Subclasses declare ``fields``, a dict of name to :class:`Field`.  The
-    values are available as attributes; :meth:`as_dict` gives them all.
-    """
-
-    fields: ClassVar[Dict[str, Field]] = {}
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        cls = type(self).__name__
-        if args:
-            raise ConfigError(
-                f"{cls} takes keyword arguments only (name=value), "
-                f"got {len(args)} positional argument(s)"
-            )
-        for name in kwargs:
-            if name not in self.fields:
-                close = difflib.get_close_matches(name, list(self.fields), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ConfigError(
-                    f"{cls} got an unknown field {name!r}{hint} "
-                    f"(known fields: {', '.join(sorted(self.fields))})"
-                )
-        for name, field in self.fields.items():
-            value = kwargs[name] if name in kwargs else field.default_value()
-            if name in kwargs or value is not None:
-                try:
-                    value = field.check(value)
-                except (TypeError, ValueError) as e:
-                    raise ConfigError(f"{cls}.{name}: {e}") from None
-            setattr(self, name, value)
-        self.validate()
-
-    def validate(self) -> None:
-        """Check relations between fields; raise :class:`ConfigError`."""
-
-    def as_dict(self) -> Dict[str, Any]:
-        return {name: getattr(self, name) for name in self.fields}
-
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self):
-            return NotImplemented
-        assert isinstance(other, ConfigObject)
-        return self.as_dict() == other.as_dict()
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        changed = []
-        for name, field in self.fields.items():
-            value = getattr(self, name)
-            if value != field.default_value():
-                changed.append(f"{name}={value!r}")
-        return f"{type(self).__name__}({', '.join(changed)})"
-
-    @classmethod
-    def describe_fields(cls) -> Iterator[Tuple[str, Any, str]]:
-        """(name, default, doc) for each field, for documentation."""
-        for name, field in cls.fields.items():
-            yield name, field.default_value(), field.doc
+#: The worker modes this version runs (containers are not implemented).
+WORKER_MODES = ("no_container",)
 
 
 def _provider(value: Any) -> Any:
@@ -277,13 +79,22 @@ def _strategy(value: Any) -> Any:
 
 
 def _worker_mode(value: Any) -> str:
-    mode = choice("no_container", "docker", "podman", "singularity", "apptainer")(value)
-    if mode != "no_container":
-        raise ValueError(
-            f"{mode!r} workers (in containers) are not supported by this version; "
-            f"use 'no_container'"
-        )
-    return mode
+    """Any mode funcX 1.0 took (it checked none); those this version cannot run
+    (the container modes) run as ``no_container``, with a notice."""
+    mode = string(what="a worker mode such as 'no_container'")(value)
+    return mode if mode in WORKER_MODES else "no_container"
+
+
+def _idle_count(value: Any) -> int:
+    """A count of heartbeats, as funcX 1.0 took it: a number, negative meaning 0."""
+    return int(max(0, number()(value)))
+
+
+def _label(value: Any) -> str:
+    label = string(r".+", "a non-empty label")(value)
+    if "/" in label or "\x00" in label:
+        raise ValueError(f"expected a label without '/', got {label!r}")
+    return label
 
 
 def _accelerators(value: Any) -> List[str]:
@@ -369,19 +180,20 @@ class SimpleStrategy(ConfigObject):
             number(0),
             "Seconds a block may stay idle before it is scaled in (down to min_blocks).",
         ),
+        # The fields only funcX 1.0 had (accepted; a warning when given).
+        **funcx10.STRATEGY_FIELDS,
     }
 
     interval: float
     max_idletime: float
+    threshold: float
 
 
 class HighThroughputExecutor(ConfigObject):
     """Where and how tasks run: the provider of manager blocks and the workers."""
 
     fields = {
-        "label": Field(
-            "htex", string(r"[A-Za-z0-9_.-]+", "a label of letters, digits, _ . -"), "Name in logs."
-        ),
+        "label": Field("htex", _label, "Name in logs and in the provider's job names."),
         "provider": Field(
             None, _provider, "Starts blocks of managers.", default_factory=lambda: LocalProvider()
         ),
@@ -401,7 +213,7 @@ class HighThroughputExecutor(ConfigObject):
         ),
         "available_accelerators": Field(
             None,
-            _accelerators,
+            optional(_accelerators),
             "Accelerators to pin workers to: a count or a list of device ids; "
             "each worker gets one through CUDA_VISIBLE_DEVICES and friends.",
             default_factory=list,
@@ -424,18 +236,53 @@ class HighThroughputExecutor(ConfigObject):
         "interchange_port_range": Field(
             (0, 0),
             port_range,
-            "Ports the interchange may listen on; (0, 0) picks any free port.",
+            "Ports the interchange may listen on for managers; (0, 0) picks any free "
+            "port. When worker_port_range or worker_ports is given, that is used instead "
+            "(and, this given too, a warning says it is not used).",
+        ),
+        "worker_port_range": Field(
+            None,
+            optional(port_range),
+            "funcX 1.0's name for the ports managers connect to: when given, the "
+            "interchange listens in this range (instead of interchange_port_range).",
+        ),
+        "heartbeat_period": Field(
+            None,
+            optional(number(0, exclusive_minimum=True)),
+            "Seconds between heartbeats of the interchange and its managers; None: "
+            "Config.heartbeat_period.",
+        ),
+        "heartbeat_threshold": Field(
+            None,
+            optional(number(0, exclusive_minimum=True)),
+            "Seconds of silence after which a manager (or, for a manager, the "
+            "interchange) is lost; None: Config.heartbeat_threshold.",
+        ),
+        "working_dir": Field(
+            None,
+            optional(string()),
+            "Directory of the blocks' output and submit scripts (relative: to the "
+            "endpoint directory); None: the endpoint directory.",
         ),
         "worker_debug": Field(False, boolean, "Debug logging in managers and workers."),
         "worker_mode": Field(
             "no_container",
             _worker_mode,
-            "How workers are started; only 'no_container' (directly) in this version.",
+            "How workers are started; only 'no_container' (directly) in this version "
+            "(funcX 1.0's container modes are accepted and run so).",
+            unused=Unused(CONTAINERS_UNUSED, WORKER_MODES, partly=True),
         ),
-        "container_cmd_options": Field("", string(), "Extra options for the container command."),
+        "container_cmd_options": Field(
+            "",
+            optional(string()),
+            "Extra options for the container command.",
+            unused=Unused(CONTAINERS_UNUSED + " (no effect)", ("", None)),
+        ),
         "worker_environment": Field(
             None, string_dict, "Environment variables set for workers.", default_factory=dict
         ),
+        # The fields only funcX 1.0 had (accepted; a warning when given).
+        **funcx10.EXECUTOR_FIELDS,
     }
 
     label: str
@@ -449,10 +296,67 @@ class HighThroughputExecutor(ConfigObject):
     max_retries_on_system_failure: int
     address: str
     interchange_port_range: Tuple[int, int]
+    worker_port_range: Optional[Tuple[int, int]]
+    worker_ports: Optional[Tuple[int, int]]
+    heartbeat_period: Optional[float]
+    heartbeat_threshold: Optional[float]
+    working_dir: Optional[str]
     worker_debug: bool
     worker_mode: str
-    container_cmd_options: str
+    container_cmd_options: Optional[str]
+    container_type: Optional[str]
+    container_image: Optional[str]
+    scheduler_mode: Optional[str]
+    cold_routing_interval: Optional[float]
+    launch_cmd: Optional[str]
+    poll_period: Optional[float]
+    suppress_failure: Any
+    storage_access: Any
+    run_dir: Any
+    endpoint_id: Any
+    passthrough: Any
+    task_status_queue: Any
     worker_environment: Dict[str, str]
+
+    def validate(self) -> None:
+        if self.available_accelerators is None:
+            self.available_accelerators = []
+        if self.heartbeat_period is not None and self.heartbeat_threshold is not None:
+            _check_heartbeats(
+                "HighThroughputExecutor", self.heartbeat_period, self.heartbeat_threshold
+            )
+
+    def listen_port_range(self) -> Tuple[int, int]:
+        """The ports the interchange may listen on for managers: ``worker_ports[0]``,
+        else ``worker_port_range``, else ``interchange_port_range``."""
+        if self.worker_ports is not None:
+            return (self.worker_ports[0], self.worker_ports[0])
+        if self.worker_port_range is not None:
+            return self.worker_port_range
+        return self.interchange_port_range
+
+    def relation_notices(self) -> List[Notice]:
+        if "interchange_port_range" in self.given and (
+            self.worker_ports is not None or self.worker_port_range is not None
+        ):
+            chosen = "worker_ports" if self.worker_ports is not None else "worker_port_range"
+            return [
+                Notice(
+                    "HighThroughputExecutor.interchange_port_range",
+                    self.given["interchange_port_range"],
+                    f"funcX 1.0's internal ports; managers connect on {chosen} and there are "
+                    f"no internal ports here: not used",
+                )
+            ]
+        return []
+
+
+def _check_heartbeats(owner: str, period: float, threshold: float) -> None:
+    if threshold <= period:
+        raise ConfigError(
+            f"{owner}: heartbeat_threshold ({threshold:g}) must be larger "
+            f"than heartbeat_period ({period:g})"
+        )
 
 
 class Config(ConfigObject):
@@ -467,8 +371,21 @@ class Config(ConfigObject):
         ),
         "funcx_service_address": Field(
             DEFAULT_SERVICE_ADDRESS,
-            url(("https", "http")),
-            "Base URL of the funcX web service, ending in /v2.",
+            optional(url(("https", "http"))),
+            "Base URL of the funcX web service, ending in /v2; None (or not given): "
+            "the URL of `environment`.",
+        ),
+        "environment": Field(
+            None,
+            optional(string()),
+            "funcX 1.0's name of a public service, used when funcx_service_address is "
+            "not given: 'production' (the default), 'dev' or 'local'.",
+            unused=Unused(
+                "not a funcX 1.0 environment name: the production service is used (as "
+                "funcX 1.0 did), unless funcx_service_address is given",
+                (None, *ENVIRONMENT_ADDRESSES),
+                partly=True,
+            ),
         ),
         "auth_address": Field(
             None,
@@ -508,12 +425,14 @@ class Config(ConfigObject):
         "heartbeat_period": Field(
             30.0,
             number(0, exclusive_minimum=True),
-            "Seconds between status reports to the service and heartbeats with managers.",
+            "Seconds between status reports to the service, beats of the idle clock, and "
+            "heartbeats with managers (unless the executor sets its own).",
         ),
         "heartbeat_threshold": Field(
             120.0,
             number(0, exclusive_minimum=True),
-            "Seconds of silence after which a manager is declared lost.",
+            "Seconds of silence after which a manager is declared lost (unless the "
+            "executor sets its own).",
         ),
         "allowed_functions": Field(
             None,
@@ -537,7 +456,10 @@ class Config(ConfigObject):
             "Seconds managers and workers get after TERM before they are killed.",
         ),
         "log_dir": Field(
-            None, optional(string()), "Directory for endpoint.log; None: the endpoint's directory."
+            None,
+            optional(string()),
+            "Directory for endpoint.log (relative: to the endpoint's directory); None: the "
+            "endpoint's directory.",
         ),
         "log_max_bytes": Field(
             10 * MiB, number(1024, integer=True), "Size at which endpoint.log is rotated."
@@ -554,10 +476,25 @@ class Config(ConfigObject):
         "detach_endpoint": Field(
             True, boolean, "Run as a daemon on start (False: stay in the foreground)."
         ),
+        "idle_heartbeats_soft": Field(
+            0,
+            _idle_count,
+            "Shut down after this many heartbeat periods idle (no task or result "
+            "moved, none outstanding, at least one handled); 0: never (funcX 1.0).",
+        ),
+        "idle_heartbeats_hard": Field(
+            5760,
+            _idle_count,
+            "With idle_heartbeats_soft on: shut down after this many heartbeat periods "
+            "in which no task or result moved, even with tasks outstanding (funcX 1.0).",
+        ),
+        # The fields only funcX 1.0 had (accepted; a warning when given).
+        **funcx10.CONFIG_FIELDS,
     }
 
     executors: List[HighThroughputExecutor]
     funcx_service_address: str
+    environment: Optional[str]
     auth_address: Optional[str]
     service_ca_file: Optional[str]
     amqp_ca_file: Optional[str]
@@ -576,16 +513,38 @@ class Config(ConfigObject):
     log_format: str
     debug: bool
     detach_endpoint: bool
+    idle_heartbeats_soft: int
+    idle_heartbeats_hard: int
+    multi_tenant: Any
+    stdout: Any
+    stderr: Any
+    results_ws_uri: Any
+    warn_about_url_mismatch: Any
 
     def validate(self) -> None:
-        if self.heartbeat_threshold <= self.heartbeat_period:
-            raise ConfigError(
-                f"Config: heartbeat_threshold ({self.heartbeat_threshold:g}) must be larger "
-                f"than heartbeat_period ({self.heartbeat_period:g})"
+        if self.given.get("funcx_service_address") is None:
+            # funcX 1.0: an address given wins, else the environment's, else production.
+            self.funcx_service_address = ENVIRONMENT_ADDRESSES.get(
+                self.environment or "production", DEFAULT_SERVICE_ADDRESS
+            )
+        _check_heartbeats("Config", self.heartbeat_period, self.heartbeat_threshold)
+        for executor in self.executors:
+            _check_heartbeats(
+                f"HighThroughputExecutor (label {executor.label!r})",
+                self.manager_heartbeat_period(executor),
+                self.manager_heartbeat_threshold(executor),
             )
         labels = [e.label for e in self.executors]
         if len(set(labels)) != len(labels):
             raise ConfigError(f"Config.executors: labels must be unique, got {labels}")
+
+    def manager_heartbeat_period(self, executor: HighThroughputExecutor) -> float:
+        """Seconds between heartbeats of ``executor``'s interchange and managers."""
+        return executor.heartbeat_period or self.heartbeat_period
+
+    def manager_heartbeat_threshold(self, executor: HighThroughputExecutor) -> float:
+        """Seconds of silence after which a manager of ``executor`` is lost."""
+        return executor.heartbeat_threshold or self.heartbeat_threshold
 
 
 def _executors(value: Any) -> List[HighThroughputExecutor]:

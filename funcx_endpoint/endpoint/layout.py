@@ -184,7 +184,9 @@ class EndpointDir:
         return self.lock_held() or self.runs_this_endpoint(pid)
 
     def log_file(self, log_dir: Optional[str] = None) -> str:
-        return os.path.join(log_dir or self.path, "endpoint.log")
+        """``endpoint.log`` in ``log_dir``; a relative ``log_dir`` is under the
+        endpoint's directory (funcX 1.0's daemon ran in it), None is that directory."""
+        return os.path.join(self.path, log_dir or "", "endpoint.log")
 
     @property
     def control_socket(self) -> str:

@@ -3,11 +3,13 @@
 :class:`EndpointService` is a ``MultiService`` whose children are the parts of
 the daemon, in the order they start::
 
+    config        warnings about funcX 1.0 settings without effect here
     control       local control socket (status)
     registration  registers with the web service, learns the broker URLs
     interchange   dispatches tasks to managers, collects results
     providers     starts and scales blocks of managers
     amqp          task consumer and result publisher (AMQPS)
+    idle          shuts the daemon down when idle (funcX 1.0's idle_heartbeats_*)
     status        periodic status reports to the service
 
 (the order ``tap.build_endpoint`` adds them in: the interchange must listen
@@ -301,6 +303,17 @@ class EndpointService(MultiService):
         else:
             # twistd starts services before the reactor runs: stop it as soon
             # as it does, so a daemon that failed never lingers.
+            self._reactor.callWhenRunning(self._reactor.stop)
+
+    def shut_down(self, reason: str) -> None:
+        """Stop the daemon cleanly, as ``funcx-endpoint stop`` does (drain, then
+        stop the parts), because of ``reason``; it exits with code 0."""
+        self.log.info(
+            "Endpoint {name} is shutting down: {reason}", name=self.endpoint_dir.name, reason=reason
+        )
+        if self._reactor.running:
+            self._reactor.stop()
+        else:
             self._reactor.callWhenRunning(self._reactor.stop)
 
     async def _drain_all(self) -> None:

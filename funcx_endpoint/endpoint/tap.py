@@ -24,6 +24,7 @@ from funcx_endpoint.endpoint import logs
 from funcx_endpoint.endpoint.auth import Authenticator, TokenStore, auth_base_url, http_client
 from funcx_endpoint.endpoint.broker_info import BrokerInfo
 from funcx_endpoint.endpoint.control import control_service
+from funcx_endpoint.endpoint.idle import IdleClock, IdleShutdown
 from funcx_endpoint.endpoint.layout import (
     DEFAULT_CONFIG_DIR,
     OWNER_ENV,
@@ -31,6 +32,7 @@ from funcx_endpoint.endpoint.layout import (
     BadEndpointName,
     EndpointDir,
 )
+from funcx_endpoint.endpoint.notices import ConfigNotices
 from funcx_endpoint.endpoint.registration import Registration
 from funcx_endpoint.endpoint.service import EndpointService, StartupReporter
 from funcx_endpoint.endpoint.status import StatusReporter
@@ -106,12 +108,14 @@ def build_endpoint(
     """Build the daemon's service tree from a loaded config.
 
     Parts start in this order and stop in reverse (after the transport has
-    drained): control socket, registration, interchange, providers (blocks
-    of managers and the scaling strategy), AMQP transport, status reports.
+    drained): warnings about funcX 1.0 settings, control socket,
+    registration, interchange, providers (blocks of managers and the scaling
+    strategy), AMQP transport, idle shutdown, status reports.
     """
     endpoint = EndpointService(
         endpoint_dir, reactor, StartupReporter(ready_fd), drain_grace=config.stop_grace_period
     )
+    endpoint.add(ConfigNotices(config.notices()))
     endpoint.add(control_service(reactor, endpoint_dir.control_socket, {"status": endpoint.status}))
     http, pool = http_client(reactor, config.service_ca_file)
     authenticator = Authenticator(
@@ -156,6 +160,15 @@ def build_endpoint(
         )
     )
     endpoint.add(transport)
+    endpoint.add(
+        IdleShutdown(
+            reactor,
+            config.heartbeat_period,
+            IdleClock(config.idle_heartbeats_soft, config.idle_heartbeats_hard),
+            transport.activity,
+            endpoint.shut_down,
+        )
+    )
     endpoint.add(
         StatusReporter(
             reactor,

@@ -45,6 +45,7 @@ from funcx_endpoint.amqp.interfaces import IAMQPClient, IAMQPConnectionService
 from funcx_endpoint.amqp.spool import ResultSpool
 from funcx_endpoint.endpoint.broker_info import BrokerInfo, QueueInfo
 from funcx_endpoint.endpoint.deliveries import DeliveryLedger
+from funcx_endpoint.endpoint.idle import Activity
 from funcx_endpoint.endpoint.intake import TaskIntake
 from funcx_endpoint.endpoint.publishing import ResultPublisher
 from funcx_endpoint.endpoint.service import StartupError
@@ -291,6 +292,15 @@ class Transport(Service):
     def counts(self) -> Dict[str, int]:
         """What the intake and the publisher counted."""
         return {**self.intake.counts, **self.publisher.counts}
+
+    def activity(self) -> Activity:
+        """Tasks taken plus results confirmed so far, and the work outstanding (tasks
+        in flight, results being published or spooled): for the idle shutdown."""
+        counts = self.counts
+        return Activity(
+            moved=counts["tasks_received"] + counts["results_confirmed"],
+            outstanding=len(self.ledger) + self.publisher.publishing + self.publisher.spooled,
+        )
 
     def status_fields(self) -> Dict[str, Any]:
         publisher = self.publisher.publisher

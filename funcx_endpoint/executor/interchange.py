@@ -153,13 +153,14 @@ class Interchange(Service):
         cls, reactor: Any, work_dir: str, config: Any, result_sink: IResultSink
     ) -> Interchange:
         """An interchange for ``config`` (a :class:`~funcx_endpoint.config.model.Config`)."""
+        executor = config.executors[0]
         return cls(
             reactor,
             work_dir,
-            config.executors[0],
+            executor,
             result_sink,
-            heartbeat_period=config.heartbeat_period,
-            heartbeat_threshold=config.heartbeat_threshold,
+            heartbeat_period=config.manager_heartbeat_period(executor),
+            heartbeat_threshold=config.manager_heartbeat_threshold(executor),
             task_timeout=config.task_timeout,
             result_size_limit=config.result_size_limit,
             stop_grace_period=config.stop_grace_period,
@@ -305,7 +306,7 @@ class Interchange(Service):
     def _listen(self, factory: Factory, options: Any) -> IListeningPort:
         address = self.executor.address
         interface = address if _is_ip(address) else ""
-        low, high = self.executor.interchange_port_range
+        low, high = self.executor.listen_port_range()
         candidates: Iterable[int] = [0] if high == 0 else range(max(low, 1), high + 1)
         failure: Optional[CannotListenError] = None
         for port in candidates:

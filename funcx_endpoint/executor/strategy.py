@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import attr
@@ -348,9 +349,13 @@ def scaling_from_config(
 
     ``reactor`` spawns processes, keeps time and runs threads; ``load`` is
     the interchange; ``command_template`` starts one manager and contains
-    ``{block_id}``; ``working_dir`` receives block output and submit scripts;
+    ``{block_id}``; ``working_dir`` (or the executor's ``working_dir`` under it)
+    receives block output and submit scripts;
     ``local_options`` go to our ``LocalProvider`` (see :func:`provider_from_config`).
     """
+    if executor.working_dir:
+        # Relative to the endpoint's directory (an absolute one replaces it).
+        working_dir = os.path.join(working_dir, executor.working_dir)
     provider = provider_from_config(
         executor.provider,
         reactor,
@@ -358,8 +363,10 @@ def scaling_from_config(
         stop_grace_period=stop_grace_period,
         local_options=local_options,
     )
+    # A batch scheduler's job names take letters, digits and a few marks only.
+    job_label = re.sub(r"[^A-Za-z0-9_.-]", "_", executor.label)
     scaler = BlockScaler(
-        provider, load, reactor, command_template, job_name_prefix=f"funcx.{executor.label}"
+        provider, load, reactor, command_template, job_name_prefix=f"funcx.{job_label}"
     )
     strategy = SimpleStrategy(
         scaler,

@@ -35,7 +35,6 @@ from typing import (
     Iterable,
     Iterator,
     List,
-    Mapping,
     Optional,
     Sequence,
     Tuple,
@@ -44,6 +43,7 @@ from typing import (
 
 import globus_sdk
 
+from funcx_endpoint.environments import DEFAULT_SERVICE_ADDRESS, ENVIRONMENT_ADDRESSES
 from funcx_endpoint.sdk.errors import (
     BatchSubmissionError,
     FuncxAPIError,
@@ -78,20 +78,12 @@ __all__ = [
     "tls_verification_retry_check",
 ]
 
-#: The public funcX web service.
-DEFAULT_SERVICE_ADDRESS = "https://api2.funcx.org/v2"
 #: The environment variable naming the service URL (ends in ``/v2``).
 SERVICE_ADDRESS_ENV = "FUNCX_SERVICE_ADDRESS"
 #: The environment variable naming a CA file to verify the service with.
 CA_FILE_ENV = "FUNCX_SERVICE_CA_FILE"
 #: The environment variable naming a funcX environment (as funcX 1.0 had).
 ENVIRONMENT_ENV = "FUNCX_SDK_ENVIRONMENT"
-#: The service URL of each funcX 1.0 environment name.
-ENVIRONMENT_ADDRESSES: Mapping[str, str] = {
-    "production": DEFAULT_SERVICE_ADDRESS,
-    "dev": "https://api.dev.funcx.org/v2",
-    "local": "http://localhost:5000/v2",
-}
 #: The funcX API (SDK) version this client speaks; compared with the
 #: service's ``min_sdk_version``.
 FUNCX_API_VERSION = "1.0.13"

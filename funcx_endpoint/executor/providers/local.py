@@ -40,6 +40,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from funcx_endpoint.config import kubernetes as config_kubernetes
 from funcx_endpoint.config import model as config_model
 from funcx_endpoint.executor.providers.base import (
     INonBlockingProvider,
@@ -55,6 +56,7 @@ from funcx_endpoint.executor.providers.ranks import (
     RankReaper,
     describe_exit,
 )
+from funcx_endpoint.executor.providers.unavailable import UnavailableProvider
 
 # Run by the spawned interpreter: become a session (and process group)
 # leader, then become the shell.  The pid, hence the group id, stays the same.
@@ -420,10 +422,15 @@ def provider_from_config(
     The config's :class:`~funcx_endpoint.config.model.LocalProvider` becomes
     our :class:`LocalProvider` (output in ``<working_dir>/blocks``), called
     on the reactor thread; any other object (a Parsl provider) is called in a
-    thread, with its submit scripts in ``<working_dir>/submit_scripts``.
+    thread, with its submit scripts in ``<working_dir>/submit_scripts``; funcX
+    1.0's ``KubernetesProvider`` becomes an :class:`UnavailableProvider`.
     ``reactor`` must spawn processes, keep time and run threads;
     ``local_options`` are more keyword arguments for our :class:`LocalProvider`.
     """
+    if isinstance(config_provider, config_kubernetes.KubernetesProvider):
+        return ProviderAdapter(
+            UnavailableProvider(config_provider.label, config_kubernetes.NOT_YET), reactor
+        )
     if isinstance(config_provider, config_model.LocalProvider):
         # Every field of the config's provider is an argument of ours, of the same name.
         settings = {name: getattr(config_provider, name) for name in config_provider.fields}

@@ -1,0 +1,1 @@
+"""funcX 1.0 import path: ``funcx_endpoint.providers.kubernetes.kube``."""
