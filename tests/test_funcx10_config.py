@@ -60,7 +60,10 @@ class ImportPathTests(SynchronousTestCase):
             "funcx_endpoint.strategies.simple": {"SimpleStrategy": SimpleStrategy},
             "funcx_endpoint.strategies.kube_simple": {"KubeSimpleStrategy": KubeSimpleStrategy},
             "funcx_endpoint.providers": {"KubernetesProvider": KubernetesProvider},
-            "funcx_endpoint.providers.kubernetes.kube": {"KubernetesProvider": KubernetesProvider},
+            "funcx_endpoint.providers.kubernetes.kube": {
+                "KubernetesProvider": KubernetesProvider,
+                "KubeSimpleProvider": KubernetesProvider,
+            },
         }
         for module_name, names in paths.items():
             module = importlib.import_module(module_name)
