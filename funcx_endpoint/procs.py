@@ -16,7 +16,8 @@ from __future__ import annotations
 import errno
 import json
 import os
-from typing import Iterable, List, Optional
+import socket
+from typing import Any, Dict, Iterable, List, Optional
 
 import psutil
 
@@ -27,7 +28,9 @@ __all__ = [
     "marked_processes",
     "pid_alive",
     "processes",
+    "read_daemon_info",
     "read_daemon_session",
+    "this_host",
     "read_pidfile",
     "write_daemon_info",
 ]
@@ -92,21 +95,33 @@ def read_pidfile(path: str) -> Optional[int]:
         return -1
 
 
+def this_host() -> str:
+    """The name of the machine this runs on (as ``daemon.json`` records it)."""
+    return socket.gethostname()
+
+
 def write_daemon_info(path: str, pid: int, session: Optional[int]) -> None:
-    """Record a daemon's pid and the session it owns (None: not its own), 0600."""
-    write_atomically(path, json.dumps({"pid": pid, "session": session}).encode())
+    """Record a daemon's pid, the session it owns (None: not its own) and the
+    host it runs on, 0600."""
+    info = {"pid": pid, "session": session, "host": this_host()}
+    write_atomically(path, json.dumps(info).encode())
 
 
-def read_daemon_session(path: str, pid: int) -> Optional[int]:
-    """The session daemon ``pid`` recorded in ``path`` as its own, if any."""
+def read_daemon_info(path: str, pid: int) -> Dict[str, Any]:
+    """What daemon ``pid`` recorded in ``path`` (empty if it is another's, or none)."""
     try:
         with open(path) as f:
             info = json.load(f)
     except (OSError, ValueError):
-        return None
+        return {}
     if not isinstance(info, dict) or info.get("pid") != pid:
-        return None
-    session = info.get("session")
+        return {}
+    return info
+
+
+def read_daemon_session(path: str, pid: int) -> Optional[int]:
+    """The session daemon ``pid`` recorded in ``path`` as its own, if any."""
+    session = read_daemon_info(path, pid).get("session")
     return session if isinstance(session, int) and session > 0 else None
 
 

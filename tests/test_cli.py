@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 
 from click.testing import CliRunner
 from twisted.trial.unittest import SynchronousTestCase
 
+from funcx_endpoint.cli.context import EX_ALREADY
 from funcx_endpoint.cli.main import cli
 from funcx_endpoint.config import load_config
 from funcx_endpoint.endpoint.layout import EndpointDir
@@ -161,3 +163,54 @@ class CLITests(SynchronousTestCase):
             self.assertIn(path, result.output)
             with open(path) as f:
                 self.assertIn("_FUNCX_ENDPOINT_COMPLETE", f.read())
+
+
+class TwoLoginNodesTests(SynchronousTestCase):
+    """A ~/.funcx shared by two login nodes: the daemon of one is never taken
+    for a dead one by the other (Globus Compute issue #581)."""
+
+    def setUp(self) -> None:
+        self.config_dir = os.path.abspath(self.mktemp())
+        self.runner = CliRunner()
+        self.assertEqual(self.fx("configure", "shared").exit_code, 0)
+        self.ep = EndpointDir(self.config_dir, "shared")
+        self.ep.write_endpoint_json({"endpoint_id": "0d5e4a9c-4dc6-4d1f-9f6f-b7e3c2a1e111"})
+        # What the daemon on the other login node wrote: its pid, and its host.
+        with open(self.ep.pidfile, "w") as f:
+            f.write("424242\n")
+        with open(self.ep.daemon_info_file, "w") as f:
+            json.dump({"pid": 424242, "session": 424242, "host": "login-2"}, f)
+
+    def fx(self, *args: str, **kwargs):
+        return self.runner.invoke(cli, ["-c", self.config_dir, *args], **kwargs)
+
+    def test_list_and_status_name_the_host(self) -> None:
+        listed = self.fx("list")
+        self.assertEqual(listed.exit_code, 0)
+        self.assertIn("Running on login-2", listed.output)
+        status = self.fx("status", "shared")
+        self.assertIn("Running on login-2", status.output)
+        self.assertIn("runs on host login-2", status.output)
+
+    def test_start_and_stop_refused_files_kept(self) -> None:
+        for command in (["start", "shared"], ["stop", "shared"], ["delete", "--yes", "shared"]):
+            result = self.fx(*command)
+            self.assertEqual(result.exit_code, EX_ALREADY, result.output)
+            self.assertIn("is running on host login-2 (pid 424242)", result.output)
+            self.assertIn("stop --forget shared", result.output)
+            self.assertTrue(os.path.exists(self.ep.pidfile))
+            self.assertTrue(os.path.exists(self.ep.daemon_info_file))
+
+    def test_forget(self) -> None:
+        result = self.fx("stop", "--forget", "shared")
+        self.assertEqual(result.exit_code, 0, result.output)
+        self.assertIn("Forgot the daemon of endpoint 'shared' on host login-2", result.output)
+        self.assertFalse(os.path.exists(self.ep.pidfile))
+        self.assertEqual(self.ep.state().value, "Stopped")
+
+    def test_this_host_is_not_elsewhere(self) -> None:
+        from funcx_endpoint.procs import this_host
+
+        with open(self.ep.daemon_info_file, "w") as f:
+            json.dump({"pid": 424242, "session": None, "host": this_host()}, f)
+        self.assertEqual(self.ep.state().value, "Disconnected")  # a dead daemon of this host

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from typing import Any, List, Optional
 
 from twisted.application.service import Service
@@ -104,6 +105,12 @@ class EndpointServiceTests(SynchronousTestCase):
         # The daemon recorded its pid (and no own session: this is no daemon).
         self.assertEqual(self.ep.daemon_session(os.getpid()), None)
         self.assertTrue(os.path.exists(self.ep.daemon_info_file))
+        # ...and the host it runs on: another login node sharing the directory
+        # sees it runs elsewhere.
+        with open(self.ep.pidfile, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        self.assertEqual(self.ep.daemon_host(), socket.gethostname())
+        self.assertIsNone(self.ep.runs_elsewhere())
 
     def test_stop_in_reverse_waiting_for_each(self) -> None:
         b_stopped: Deferred = Deferred()

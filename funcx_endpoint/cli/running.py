@@ -23,6 +23,17 @@ from funcx_endpoint.endpoint.layout import EndpointDir, EndpointState
 from funcx_endpoint.lifecycle import EX_CONFIG
 
 
+def elsewhere_message(ctx: Context, ep: EndpointDir, what: str) -> str:
+    """Why ``what`` is refused here: the daemon runs on another host."""
+    return (
+        f"endpoint {ep.name!r} is running on host {ep.runs_elsewhere()} (pid {ep.read_pid()}), "
+        f"which shares {ep.path} with this host; {what} there "
+        f"(e.g. ssh {ep.runs_elsewhere()} funcx-endpoint{ctx.dir_option()} stop {ep.name}). "
+        f"If that host's daemon is gone for good, forget it here with: "
+        f"funcx-endpoint{ctx.dir_option()} stop --forget {ep.name}"
+    )
+
+
 def clean_stale(ep: EndpointDir) -> None:
     """Remove a dead daemon's pidfile (and any process it left), saying so."""
     result = stop_daemon(ep, grace=0)
@@ -62,6 +73,8 @@ def start(ctx: Context, name: str, foreground: bool, timeout: float) -> None:
     ep = ctx.existing(name)
     config = load_checked(ep)
     state = ep.state()
+    if state is EndpointState.ELSEWHERE:
+        fail(elsewhere_message(ctx, ep, "start it"), EX_ALREADY)
     if state is EndpointState.RUNNING:
         fail(
             f"endpoint {name!r} is already running (pid {ep.read_pid()}); "
@@ -108,7 +121,18 @@ def start(ctx: Context, name: str, foreground: bool, timeout: float) -> None:
     click.echo(f"Log: {ep.log_file(config.log_dir)}")
 
 
-def _stop(ctx: Context, ep: EndpointDir, timeout: Optional[float]) -> None:
+def _stop(ctx: Context, ep: EndpointDir, timeout: Optional[float], forget: bool = False) -> None:
+    elsewhere = ep.runs_elsewhere()
+    if elsewhere is not None:
+        if not forget:
+            fail(elsewhere_message(ctx, ep, "stop it"), EX_ALREADY)
+        ep.remove_pidfile()
+        ep.remove_daemon_info()
+        click.echo(
+            f"Forgot the daemon of endpoint {ep.name!r} on host {elsewhere}: its pidfile "
+            f"is removed (a daemon still alive there keeps running)."
+        )
+        return
     grace = timeout
     if grace is None:
         try:
@@ -160,15 +184,22 @@ timeout_option = click.option(
 @click.command()
 @name_argument
 @timeout_option
+@click.option(
+    "--forget",
+    is_flag=True,
+    help="If the daemon runs on another host sharing this directory (a second "
+    "login node) that is gone for good: remove its pidfile here.",
+)
 @pass_context
-def stop(ctx: Context, name: str, timeout: Optional[float]) -> None:
+def stop(ctx: Context, name: str, timeout: Optional[float], forget: bool) -> None:
     """Stop the endpoint NAME, its managers and workers.
 
     One stop is always enough: the daemon gets TERM and stops its children;
     after the grace period every process left of its tree is killed.  A stale
-    pidfile (daemon gone) is removed.
+    pidfile (daemon gone) is removed.  A daemon that runs on another host
+    sharing this directory is stopped there, not from here.
     """
-    _stop(ctx, ctx.existing(name), timeout)
+    _stop(ctx, ctx.existing(name), timeout, forget)
 
 
 @click.command()
@@ -214,6 +245,8 @@ def delete(ctx: Context, name: str, yes: bool, force: bool, timeout: Optional[fl
     from funcx_endpoint.cli import remote
 
     ep = ctx.existing(name)
+    if ep.runs_elsewhere() is not None and not force:
+        fail(elsewhere_message(ctx, ep, "stop it") + " (or delete with --force)", EX_ALREADY)
     if not yes:
         click.confirm(f"Delete endpoint {name!r} and everything in {ep.path}?", abort=True)
     endpoint_id = ep.endpoint_id()
@@ -234,7 +267,7 @@ def delete(ctx: Context, name: str, yes: bool, force: bool, timeout: Optional[fl
                 fail(f"{e}; nothing deleted (use --force to delete the local profile)", 69)
             click.echo(f"Warning: {e}; deleting the local profile anyway (--force)", err=True)
     if ep.read_pid() is not None:
-        _stop(ctx, ep, timeout)
+        _stop(ctx, ep, timeout, forget=force)
     shutil.rmtree(ep.path)
 
     click.echo(f"Deleted endpoint {name!r} ({ep.path}).")

@@ -6,7 +6,7 @@ import click
 
 from funcx_endpoint.cli.context import Context, fail, name_argument, pass_context
 from funcx_endpoint.endpoint.control import ControlError, ask
-from funcx_endpoint.endpoint.layout import EndpointState, list_endpoints
+from funcx_endpoint.endpoint.layout import EndpointDir, EndpointState, list_endpoints
 
 
 @click.command(name="list")
@@ -14,8 +14,9 @@ from funcx_endpoint.endpoint.layout import EndpointState, list_endpoints
 def list_command(ctx: Context) -> None:
     """List the endpoints: name, status and endpoint id.
 
-    Status: Initialized (never registered), Running, Stopped, or Disconnected
-    (the daemon died; `start` or `stop` cleans up).
+    Status: Initialized (never registered), Running, Stopped, Disconnected
+    (the daemon died; `start` or `stop` cleans up), or Running on HOST (its
+    daemon runs on another host sharing this directory).
     """
     endpoints = list_endpoints(ctx.config_dir)
     if not endpoints:
@@ -26,10 +27,17 @@ def list_command(ctx: Context) -> None:
         return
     rows = [("NAME", "STATUS", "ENDPOINT ID")]
     for ep in endpoints:
-        rows.append((ep.name, ep.state().value, ep.endpoint_id() or "-"))
+        rows.append((ep.name, _state_text(ep), ep.endpoint_id() or "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def _state_text(ep: EndpointDir) -> str:
+    state = ep.state()
+    if state is EndpointState.ELSEWHERE:
+        return f"Running on {ep.runs_elsewhere()}"
+    return state.value
 
 
 def format_status(details: dict) -> str:
@@ -75,12 +83,17 @@ def status(ctx: Context, name: str) -> None:
     """
     ep = ctx.existing(name)
     state = ep.state()
-    click.echo(f"Endpoint {name!r}: {state.value}")
+    click.echo(f"Endpoint {name!r}: {_state_text(ep)}")
     endpoint_id = ep.endpoint_id()
     if endpoint_id:
         click.echo(f"  endpoint id: {endpoint_id}")
     if state is EndpointState.DISCONNECTED:
         click.echo(f"  the daemon (pid {ep.read_pid()}) is gone; `start` or `stop` cleans up")
+    if state is EndpointState.ELSEWHERE:
+        click.echo(
+            f"  the daemon (pid {ep.read_pid()}) runs on host {ep.runs_elsewhere()}: "
+            f"ask there for its details"
+        )
     if state is not EndpointState.RUNNING:
         return
     try:

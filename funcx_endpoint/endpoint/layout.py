@@ -22,8 +22,10 @@ from typing import Any, Dict, Optional
 from funcx_endpoint.files import write_atomically
 from funcx_endpoint.procs import (
     command_line_has,
+    read_daemon_info,
     read_daemon_session,
     read_pidfile,
+    this_host,
     write_daemon_info,
 )
 
@@ -44,6 +46,9 @@ class EndpointState(enum.Enum):
     RUNNING = "Running"
     STOPPED = "Stopped"
     DISCONNECTED = "Disconnected"
+    #: The daemon runs (or ran) on another host sharing this directory (a
+    #: second login node): nothing here can tell whether it is alive.
+    ELSEWHERE = "Running elsewhere"
 
 
 class BadEndpointName(ValueError):
@@ -253,10 +258,27 @@ class EndpointDir:
             self.endpoint_json, json.dumps(data, indent=2, sort_keys=True).encode() + b"\n"
         )
 
+    def daemon_host(self) -> Optional[str]:
+        """The host the daemon of ``daemon.pid`` recorded it runs on, if it did."""
+        pid = self.read_pid()
+        if pid is None or pid < 0:
+            return None
+        host = read_daemon_info(self.daemon_info_file, pid).get("host")
+        return host if isinstance(host, str) and host else None
+
+    def runs_elsewhere(self) -> Optional[str]:
+        """The other host the daemon runs on (with this directory shared), if so."""
+        host = self.daemon_host()
+        return host if host is not None and host != this_host() else None
+
     def state(self) -> EndpointState:
-        """Derive the state from the files, as PROTOCOL.md section 5 says."""
+        """Derive the state from the files, as PROTOCOL.md section 5 says; a
+        daemon of another host is :attr:`EndpointState.ELSEWHERE`, never taken
+        for a dead one here."""
         pid = self.read_pid()
         if pid is not None:
+            if self.runs_elsewhere():
+                return EndpointState.ELSEWHERE
             if self.owns(pid):
                 return EndpointState.RUNNING
 
