@@ -123,7 +123,10 @@ SCRIPT = textwrap.dedent(
 def _funcx_python() -> str:
     script = os.path.join(REPO_ROOT, "scripts", "make-funcx-venv.sh")
     try:
-        made = subprocess.run([script], capture_output=True, text=True, timeout=600)
+        # Not this project's Python path (trial -j sets PYTHONPATH for its
+        # workers): the funcx venv must see only its own packages.
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+        made = subprocess.run([script], capture_output=True, text=True, timeout=600, env=env)
     except subprocess.TimeoutExpired:
         raise SkipTest("making the funcx 1.0.13 venv took over 10 minutes") from None
     if made.returncode != 0:
