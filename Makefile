@@ -6,6 +6,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 STATE_DIR ?= $(CURDIR)/.state
+# Test processes (trial -j): the suite waits on brokers and daemons as much as it computes.
+TEST_JOBS ?= 2
 
 .PHONY: all demo test bench docs lint typecheck clean system system-test deps demo-stop
 
@@ -37,7 +39,7 @@ demo-stop:
 	$(BIN)/python scripts/demo.py --state-dir $(STATE_DIR)/demo --stop
 
 test: system-test deps
-	$(BIN)/trial tests
+	$(BIN)/trial -j$(TEST_JOBS) tests
 
 bench: deps
 	@for b in benchmarks/*/run; do echo ">>> $$b"; $$b || exit 1; done
