@@ -17,33 +17,9 @@ service (``funcx-service``); their tests use that service's API in-process
 from __future__ import annotations
 
 from funcx_endpoint.sdk.client import FuncXClient
-from funcx_endpoint.sdk.errors import (
-    BatchSubmissionError,
-    FuncxAPIError,
-    FuncxError,
-    LoginError,
-    MalformedResponse,
-    ServiceUnreachable,
-    TaskExecutionFailed,
-    TaskPending,
-    TaskRefused,
-    VersionMismatch,
-)
+from funcx_endpoint.sdk.errors import *  # noqa: F403
+from funcx_endpoint.sdk.errors import __all__ as _errors_all
 from funcx_endpoint.sdk.executor import FuncXExecutor
 from funcx_endpoint.sdk.tasks import Batch
 
-__all__ = [
-    "Batch",
-    "BatchSubmissionError",
-    "FuncXClient",
-    "FuncXExecutor",
-    "FuncxAPIError",
-    "FuncxError",
-    "LoginError",
-    "MalformedResponse",
-    "ServiceUnreachable",
-    "TaskExecutionFailed",
-    "TaskPending",
-    "TaskRefused",
-    "VersionMismatch",
-]
+__all__ = ["Batch", "FuncXClient", "FuncXExecutor", *_errors_all]

@@ -34,71 +34,20 @@ from funcx_endpoint.wire.errors import (
     ProtocolError,
     SerializationError,
 )
-from funcx_endpoint.wire.messages import (
-    MESSAGE_BATCHES,
-    PROTOCOL_VERSION,
-    ActorName,
-    Container,
-    ContainerImage,
-    EPStatusReport,
-    Message,
-    Result,
-    ResultBatchMessage,
-    ResultErrorDetails,
-    Task,
-    TaskBatchMessage,
-    TaskState,
-    TaskTransition,
-    pack,
-    unpack,
-)
+from funcx_endpoint.wire.messages import *  # noqa: F403
+from funcx_endpoint.wire.messages import __all__ as _messages_all
 from funcx_endpoint.wire.results import PackedResult
-from funcx_endpoint.wire.serialize import (
-    Serializer,
-    default_serializer,
-    deserialize,
-    pack_buffers,
-    pack_function,
-    pack_payload,
-    pack_task_buffer,
-    serialize,
-    split_task_buffer,
-    unpack_buffers,
-    unpack_task_buffer,
-)
+from funcx_endpoint.wire.serialize import *  # noqa: F403
+from funcx_endpoint.wire.serialize import __all__ as _serialize_all
 
+# The errors, the packed result, and all of messages' and serialize's names.
 __all__ = [
-    "MESSAGE_BATCHES",
-    "PROTOCOL_VERSION",
-    "ActorName",
-    "Container",
-    "ContainerImage",
     "DeserializationError",
-    "EPStatusReport",
     "ErrorCode",
-    "Message",
     "MessageError",
     "PackedResult",
     "ProtocolError",
-    "Result",
-    "ResultBatchMessage",
-    "ResultErrorDetails",
     "SerializationError",
-    "Serializer",
-    "Task",
-    "TaskBatchMessage",
-    "TaskState",
-    "TaskTransition",
-    "default_serializer",
-    "deserialize",
-    "pack",
-    "pack_buffers",
-    "pack_function",
-    "pack_payload",
-    "pack_task_buffer",
-    "serialize",
-    "split_task_buffer",
-    "unpack",
-    "unpack_buffers",
-    "unpack_task_buffer",
+    *_messages_all,
+    *_serialize_all,
 ]

@@ -18,7 +18,21 @@ messages per second in one process.
 from __future__ import annotations
 
 import uuid
-from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    ClassVar,
+    Dict,
+    Generic,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Type,
+    TypeVar,
+    Union,
+)
 
 from funcx_endpoint.wire.containers import Container, ContainerImage
 from funcx_endpoint.wire.errors import MessageError
@@ -343,54 +357,62 @@ def _batch_items(
     return good, bad
 
 
-class TaskBatchMessage(_Record):
-    """Several tasks for one endpoint in one message.
+ItemT = TypeVar("ItemT", "Task", "Result")
+BatchT = TypeVar("BatchT", bound="_Batch[Any]")
 
-    ``errors`` holds a :class:`MessageError` for each item that is not a valid
-    task (read, never written).
+
+class _Batch(_Record, Generic[ItemT]):
+    """Several items of one class in one message.
+
+    A subclass names the class, ``class TaskBatchMessage(_Batch[Task],
+    item_class=Task)``: its message type is ``task_batch`` and its items are in
+    the field (and attribute) ``tasks``.  ``errors`` holds a
+    :class:`MessageError` for each item that is not valid (read, never written).
     """
 
-    __slots__ = ("tasks", "errors")
-    message_type: ClassVar[str] = "task_batch"
+    __slots__ = ()
+    message_type: ClassVar[str]
+    _field: ClassVar[str]
+    _item_class: ClassVar[Union[Type[Task], Type[Result]]]
+    errors: List[MessageError]
 
-    def __init__(self, tasks: Sequence[Task], errors: Sequence[MessageError] = ()) -> None:
-        for task in tasks:
-            if type(task) is not Task:
-                raise MessageError(f"a task batch holds Tasks, got {_show(task)}")
-        self.tasks: List[Task] = list(tasks)
-        self.errors: List[MessageError] = list(errors)
+    def __init_subclass__(cls, item_class: Union[Type[Task], Type[Result]]) -> None:
+        super().__init_subclass__()
+        cls._item_class = item_class
+        cls._field = item_class.message_type + "s"
+        cls.message_type = item_class.message_type + "_batch"
+
+    def __init__(self, items: Sequence[ItemT], errors: Sequence[MessageError] = ()) -> None:
+        item_class = self._item_class
+        for item in items:
+            if type(item) is not item_class:
+                kind = self.message_type.replace("_", " ")
+                raise MessageError(f"a {kind} holds {item_class.__name__}s, got {_show(item)}")
+        setattr(self, self._field, list(items))
+        self.errors = list(errors)  # type: ignore[misc]  # a slot of each subclass
 
     def to_wire(self) -> Dict[str, Any]:
         """The JSON-ready ``data`` of this message."""
-        return {"tasks": [task.to_wire() for task in self.tasks]}
+        return {self._field: [item.to_wire() for item in getattr(self, self._field)]}
 
     @classmethod
-    def from_wire(cls, data: Dict[str, Any]) -> TaskBatchMessage:
+    def from_wire(cls: Type[BatchT], data: Dict[str, Any]) -> BatchT:
         """The batch a JSON-decoded ``data`` dict describes (bad items in ``errors``)."""
-        return cls(*_batch_items(data, "tasks", Task.from_wire))
+        return cls(*_batch_items(data, cls._field, cls._item_class.from_wire))
 
 
-class ResultBatchMessage(_Record):
-    """Several results of one endpoint in one message (see :class:`TaskBatchMessage`)."""
+class TaskBatchMessage(_Batch[Task], item_class=Task):
+    """Several tasks for one endpoint in one message."""
+
+    __slots__ = ("tasks", "errors")
+    tasks: List[Task]
+
+
+class ResultBatchMessage(_Batch[Result], item_class=Result):
+    """Several results of one endpoint in one message."""
 
     __slots__ = ("results", "errors")
-    message_type: ClassVar[str] = "result_batch"
-
-    def __init__(self, results: Sequence[Result], errors: Sequence[MessageError] = ()) -> None:
-        for result in results:
-            if type(result) is not Result:
-                raise MessageError(f"a result batch holds Results, got {_show(result)}")
-        self.results: List[Result] = list(results)
-        self.errors: List[MessageError] = list(errors)
-
-    def to_wire(self) -> Dict[str, Any]:
-        """The JSON-ready ``data`` of this message."""
-        return {"results": [result.to_wire() for result in self.results]}
-
-    @classmethod
-    def from_wire(cls, data: Dict[str, Any]) -> ResultBatchMessage:
-        """The batch a JSON-decoded ``data`` dict describes (bad items in ``errors``)."""
-        return cls(*_batch_items(data, "results", Result.from_wire))
+    results: List[Result]
 
 
 #: Any message that can travel on the queues.
