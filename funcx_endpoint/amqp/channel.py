@@ -77,6 +77,15 @@ class ChannelHandlers:
         self.on_return: Optional[Callable[[Returned], None]] = None
         self.on_cancel: Optional[Callable[[str], None]] = None
         self.on_close: Optional[Callable[[Any], None]] = None
+        self._close_notified = False
+
+    def notify_closed(self, reason: Any) -> None:
+        """Call ``on_close(reason)`` once: the channel is gone (and why)."""
+        if self._close_notified:
+            return
+        self._close_notified = True
+        if self.on_close is not None:
+            self.on_close(reason)
 
 
 @implementer(IAMQPChannel)
@@ -93,7 +102,6 @@ class FastChannel(AMQChannel):
     def __init__(self, id: int, outgoing: Any, client: AMQPClient) -> None:
         super().__init__(id, outgoing, client)
         self.handlers = ChannelHandlers()
-        self._close_notified = False
 
         # The message whose content is being received, its body size, the
         # body frames so far and their size.
@@ -104,11 +112,7 @@ class FastChannel(AMQChannel):
 
     def notify_closed(self, reason: Any) -> None:
         """Tell the channel's owner, once, that the channel is gone (and why)."""
-        if self._close_notified:
-            return
-        self._close_notified = True
-        if self.handlers.on_close is not None:
-            self.handlers.on_close(reason)
+        self.handlers.notify_closed(reason)
 
     # -- sending ----------------------------------------------------------
 

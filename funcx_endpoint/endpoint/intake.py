@@ -30,6 +30,7 @@ from funcx_endpoint.amqp.channel import Delivery
 from funcx_endpoint.amqp.connection import AMQPError
 from funcx_endpoint.amqp.consumer import AckBatcher, ExclusiveConsumer, QueueHeldElsewhere
 from funcx_endpoint.amqp.interfaces import IAMQPClient, IAMQPConnectionService
+from funcx_endpoint.batching import TurnBatch
 from funcx_endpoint.endpoint.broker_info import BrokerInfo
 from funcx_endpoint.endpoint.deliveries import Decision, DeliveryLedger
 from funcx_endpoint.executor.interface import IInterchange, IResultSink
@@ -75,8 +76,7 @@ class TaskIntake:
         self.info: Optional[BrokerInfo] = None
         self.consumer: Optional[ExclusiveConsumer] = None
         self.taking = True
-        self._to_submit: List[Task] = []
-        self._submit_scheduled = False
+        self._to_submit: TurnBatch[Task] = TurnBatch(clock, self._submit)
         self.counts = {
             "tasks_received": 0,
             "tasks_redelivered_running": 0,
@@ -204,10 +204,7 @@ class TaskIntake:
             )
             self._answer(task.task_id, ErrorCode.FUNCTION_NOT_ALLOWED, why)
             return
-        self._to_submit.append(task)
-        if not self._submit_scheduled:
-            self._submit_scheduled = True
-            self.clock.callLater(0, self._submit)
+        self._to_submit.add(task)
 
     def _malformed(
         self,
@@ -256,19 +253,15 @@ class TaskIntake:
     def _answer(self, task_id: str, code: str, message: str) -> None:
         self.result_sink.results_ready([PackedResult.failure(task_id, code, message)])
 
-    def _submit(self) -> None:
-        self._submit_scheduled = False
-        tasks, self._to_submit = self._to_submit, []
-        if tasks:
-            self.interchange.submit(tasks)
+    def _submit(self, tasks: List[Task]) -> None:
+        self.interchange.submit(tasks)
 
     # -- draining -----------------------------------------------------------------------
 
     def stop_taking(self) -> List[str]:
         """Take no more tasks; the ids of those received but not yet handed over."""
         self.taking = False
-        queued, self._to_submit = self._to_submit, []
-        return [task.task_id for task in queued]
+        return [task.task_id for task in self._to_submit.take()]
 
     async def cancel_consumer(self) -> None:
         """Ask the broker to stop delivering (errors are logged, not raised)."""

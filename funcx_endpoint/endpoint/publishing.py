@@ -41,6 +41,7 @@ from funcx_endpoint.amqp.connection import AMQPError
 from funcx_endpoint.amqp.interfaces import IAMQPClient
 from funcx_endpoint.amqp.publisher import ConfirmingPublisher, PublishFailed
 from funcx_endpoint.amqp.spool import ResultSpool
+from funcx_endpoint.batching import TurnBatch
 from funcx_endpoint.endpoint.broker_info import BrokerInfo, amqp_properties
 from funcx_endpoint.endpoint.deliveries import DeliveryLedger
 from funcx_endpoint.executor.interface import IResultSink
@@ -91,8 +92,7 @@ class ResultPublisher:
         self.info: Optional[BrokerInfo] = None
         self.publisher: Optional[ConfirmingPublisher] = None
         self._properties: Dict[str, Any] = {}
-        self._spool_batch: List[Tuple[str, bytes]] = []
-        self._spool_scheduled = False
+        self._spool_batch: TurnBatch[Tuple[str, bytes]] = TurnBatch(clock, self._write_spool)
         self._spooled: Dict[str, bytes] = {}  # task id -> message, not yet confirmed
         self._resending: Set[str] = set()
         self._resend_queue: Deque[str] = deque()
@@ -276,16 +276,9 @@ class ResultPublisher:
 
     def _spool(self, task_id: str, body: bytes) -> None:
         self._spooled[task_id] = body
-        self._spool_batch.append((task_id, body))
-        if not self._spool_scheduled:
-            self._spool_scheduled = True
-            self.clock.callLater(0, self._write_spool)
+        self._spool_batch.add((task_id, body))
 
-    def _write_spool(self) -> None:
-        self._spool_scheduled = False
-        batch, self._spool_batch = self._spool_batch, []
-        if not batch:
-            return
+    def _write_spool(self, batch: List[Tuple[str, bytes]]) -> None:
 
         def written(_: Any) -> None:
             self.counts["results_spooled"] += len(batch)

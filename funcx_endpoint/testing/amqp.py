@@ -278,7 +278,6 @@ class FakeChannel:
         self.prefetch = 0
         self._next_seq = 1
         self._closing: Any = None  # a scheduled close by the broker
-        self._close_notified = False
         self._next_tag = 1
         #: delivery tag -> (queue name, message), delivered and not yet settled
         self.unacked: Dict[int, Tuple[str, QueuedMessage]] = {}
@@ -529,7 +528,7 @@ class FakeChannel:
         # As txAMQP does: the channel closes and its pending requests fail,
         # then the owner hears of it.
         self._close(reason)
-        self._notify_closed(reason)
+        self.handlers.notify_closed(reason)
 
     def _close_soon(self, code: int, text: str) -> None:
         """The broker found an error on the channel: its close arrives next turn."""
@@ -582,13 +581,6 @@ class FakeChannel:
             back.setdefault(queue, []).append(message)
         for queue, messages in back.items():
             self.broker._requeue(queue, messages)
-
-    def _notify_closed(self, reason: Any) -> None:
-        if self._close_notified:
-            return
-        self._close_notified = True
-        if self.handlers.on_close is not None:
-            self.handlers.on_close(reason)
 
 
 @attr.s(auto_attribs=True, eq=False)
@@ -656,7 +648,7 @@ class FakeAMQPClient:
         # As AMQPClient.connectionLost: the owners hear of it first, then the
         # channels close (failing their pending requests).
         for channel in list(self.channels.values()):
-            channel._notify_closed(reason)
+            channel.handlers.notify_closed(reason)
         for channel in list(self.channels.values()):
             channel._close(reason)
         self.transport = None

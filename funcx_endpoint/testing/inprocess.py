@@ -292,6 +292,14 @@ class InProcessService(MultiService):
         #: The service's own resource: what the HTTPS site of a real service serves.
         self.api_resource = APIResource(router, self.authenticator)
         self._recorder = RecordingResource(self.api_resource)
+        #: ``requests_to(method, path)``: the recorded requests for ``method path``
+        #: (e.g. ``"POST", "/v2/submit"``).
+        self.requests_to = self._recorder.requests_to
+        #: ``fail_next(method, path, status=500, body=None, *, times=1, headers=None)``:
+        #: answer the next ``times`` ``method path`` requests with an error instead
+        #: (``body`` defaults to the service's error body; ``status=None`` drops the
+        #: connection without an answer, the request received).
+        self.fail_next = self._recorder.fail_next
         # StubTreq makes its methods at run time; mypy cannot see them.
         self._setup_http: Any = StubTreq(self.api_resource)
 
@@ -338,27 +346,6 @@ class InProcessService(MultiService):
     def requests(self) -> List[RecordedRequest]:
         """Every request received through :meth:`resource`, in order."""
         return self._recorder.requests
-
-    def requests_to(self, method: str, path: str) -> List[RecordedRequest]:
-        """The recorded requests for ``method path`` (e.g. ``"POST", "/v2/submit"``)."""
-        return self._recorder.requests_to(method, path)
-
-    def fail_next(
-        self,
-        method: str,
-        path: str,
-        status: Optional[int] = 500,
-        body: Any = None,
-        *,
-        times: int = 1,
-        headers: Optional[Mapping[str, str]] = None,
-    ) -> None:
-        """Answer the next ``times`` ``method path`` requests with an error instead.
-
-        ``body`` defaults to the service's error body; ``status=None`` drops
-        the connection without an answer (the request was received).
-        """
-        self._recorder.fail_next(method, path, status, body, times=times, headers=headers)
 
     def listen(
         self, *, interface: str = "127.0.0.1", port: int = 0, tls_files: Optional[TLSFiles] = None

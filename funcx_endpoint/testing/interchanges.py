@@ -23,6 +23,7 @@ from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
+from funcx_endpoint.batching import TurnBatch
 from funcx_endpoint.executor.interface import IInterchange, IResultSink
 from funcx_endpoint.wire import PackedResult, Result, Task, TaskTransition, serialize
 
@@ -49,10 +50,13 @@ class EchoInterchange(Service):
     result_sink: IResultSink
     _data: str = attr.ib(default=None, converter=_with_default_result, alias="result_data")
     _delay: float = 0.0
-    _ready: List[PackedResult] = attr.ib(factory=list, init=False)
-    _scheduled: bool = attr.ib(default=False, init=False)
+    _ready: TurnBatch[PackedResult] = attr.ib(init=False)
     accepting: bool = attr.ib(default=True, init=False)
     submitted: int = attr.ib(default=0, init=False)
+
+    @_ready.default
+    def _results_each_turn(self) -> TurnBatch[PackedResult]:
+        return TurnBatch(self._clock, lambda ready: self.result_sink.results_ready(ready))
 
     def submit(self, tasks: Sequence[Task]) -> None:
         if not self.accepting:
@@ -64,15 +68,6 @@ class EchoInterchange(Service):
             self._clock.callLater(self._delay, self.result_sink.results_ready, batch)
             return
         self._ready.extend(batch)
-        if not self._scheduled:
-            self._scheduled = True
-            self._clock.callLater(0, self._deliver)
-
-    def _deliver(self) -> None:
-        self._scheduled = False
-        ready, self._ready = self._ready, []
-        if ready:
-            self.result_sink.results_ready(ready)
 
     def cancel(self, task_id: str) -> bool:
         return False
