@@ -21,8 +21,9 @@ with the channel.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set
 
+import attr
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
@@ -45,7 +46,21 @@ from funcx_endpoint.wire import (
 
 __all__ = ["TaskIntake"]
 
+_COUNTS = (
+    "tasks_received",
+    "tasks_redelivered_running",
+    "tasks_redelivered_done",
+    "malformed",
+    "stale_consumer_retries",
+    "tasks_held_while_draining",
+)
 
+
+def _set_or_none(function_ids: Optional[Sequence[str]]) -> Optional[Set[str]]:
+    return set(function_ids) if function_ids is not None else None
+
+
+@attr.s(auto_attribs=True, eq=False, repr=False)
 class TaskIntake:
     """Consumes the task queue and feeds the interchange."""
 
@@ -55,36 +70,25 @@ class TaskIntake:
     #: half-open connection, which the broker drops after missed heartbeats)
     stale_consumer_heartbeats = 3
 
-    def __init__(
-        self,
-        clock: Any,
-        ledger: DeliveryLedger,
-        interchange: IInterchange,
-        result_sink: IResultSink,
-        *,
-        prefetch: int = 512,
-        heartbeat: int = 30,
-        allowed_functions: Optional[Sequence[str]] = None,
-    ) -> None:
-        self.clock = clock
-        self.ledger = ledger
-        self.interchange = interchange
-        self.result_sink = result_sink
-        self.prefetch = prefetch
-        self.heartbeat = heartbeat
-        self.allowed = set(allowed_functions) if allowed_functions is not None else None
-        self.info: Optional[BrokerInfo] = None
-        self.consumer: Optional[ExclusiveConsumer] = None
-        self.taking = True
-        self._to_submit: TurnBatch[Task] = TurnBatch(clock, self._submit)
-        self.counts = {
-            "tasks_received": 0,
-            "tasks_redelivered_running": 0,
-            "tasks_redelivered_done": 0,
-            "malformed": 0,
-            "stale_consumer_retries": 0,
-            "tasks_held_while_draining": 0,
-        }
+    clock: Any
+    ledger: DeliveryLedger
+    interchange: IInterchange
+    result_sink: IResultSink
+    prefetch: int = attr.ib(default=512, kw_only=True)
+    heartbeat: int = attr.ib(default=30, kw_only=True)
+    #: the function ids it runs (None: all)
+    allowed: Optional[Set[str]] = attr.ib(
+        default=None, kw_only=True, converter=_set_or_none, alias="allowed_functions"
+    )
+    info: Optional[BrokerInfo] = attr.ib(default=None, init=False)
+    consumer: Optional[ExclusiveConsumer] = attr.ib(default=None, init=False)
+    taking: bool = attr.ib(default=True, init=False)
+    _to_submit: TurnBatch[Task] = attr.ib(init=False)
+    counts: Dict[str, int] = attr.ib(init=False, factory=lambda: dict.fromkeys(_COUNTS, 0))
+
+    @_to_submit.default
+    def _each_turn(self) -> TurnBatch[Task]:
+        return TurnBatch(self.clock, self._submit)
 
     async def prepare(
         self,

@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
+import attr
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -61,6 +62,7 @@ __all__ = ["ResultPublisher"]
 
 
 @implementer(IResultSink)
+@attr.s(auto_attribs=True, eq=False, repr=False)
 class ResultPublisher:
     """Publishes results with confirms; spools what the broker did not confirm."""
 
@@ -72,41 +74,39 @@ class ResultPublisher:
     batch_max = 64
     batch_max_bytes = 512 * 1024
 
-    def __init__(
-        self,
-        clock: Any,
-        ledger: DeliveryLedger,
-        spool: ResultSpool,
-        *,
-        resend_interval: float = 30.0,
-        message_batches: bool = True,
-    ) -> None:
-        """``message_batches``: send several results per message when the service
-        agreed to (at registration)."""
-        self.clock = clock
-        self.message_batches = message_batches
-        self.batching = False
-        self.ledger = ledger
-        self.spool = spool
-        self.resend_interval = resend_interval
-        self.info: Optional[BrokerInfo] = None
-        self.publisher: Optional[ConfirmingPublisher] = None
-        self._properties: Dict[str, Any] = {}
-        self._spool_batch: TurnBatch[Tuple[str, bytes]] = TurnBatch(clock, self._write_spool)
-        self._spooled: Dict[str, bytes] = {}  # task id -> message, not yet confirmed
-        self._resending: Set[str] = set()
-        self._resend_queue: Deque[str] = deque()
-        self._spool_loaded = False
-        self._spool_error: Optional[AMQPError] = None
-        self._spool_waiters: List[Deferred[None]] = []
-        self._resend_call: Optional[LoopingCall] = None
-        # The broker's message size limit, once it refused a message for it:
-        # a bigger result is replaced before it is sent (each refusal costs
-        # the results channel).
-        self.broker_limit: Optional[int] = None
-        self.publishing = 0  # results published, not yet confirmed or spooled
-        self._idle_waiters: List[Deferred[None]] = []
-        self.counts = {"results_confirmed": 0, "results_spooled": 0}
+    clock: Any
+    ledger: DeliveryLedger
+    spool: ResultSpool
+    resend_interval: float = attr.ib(default=30.0, kw_only=True)
+    #: send several results per message when the service agreed to (at registration)
+    message_batches: bool = attr.ib(default=True, kw_only=True)
+    batching: bool = attr.ib(default=False, init=False)
+    info: Optional[BrokerInfo] = attr.ib(default=None, init=False)
+    publisher: Optional[ConfirmingPublisher] = attr.ib(default=None, init=False)
+    _properties: Dict[str, Any] = attr.ib(factory=dict, init=False)
+    _spool_batch: TurnBatch[Tuple[str, bytes]] = attr.ib(init=False)
+    # task id -> message, not yet confirmed
+    _spooled: Dict[str, bytes] = attr.ib(factory=dict, init=False)
+    _resending: Set[str] = attr.ib(factory=set, init=False)
+    _resend_queue: Deque[str] = attr.ib(factory=deque, init=False)
+    _spool_loaded: bool = attr.ib(default=False, init=False)
+    _spool_error: Optional[AMQPError] = attr.ib(default=None, init=False)
+    _spool_waiters: List[Deferred[None]] = attr.ib(factory=list, init=False)
+    _resend_call: Optional[LoopingCall] = attr.ib(default=None, init=False)
+    # The broker's message size limit, once it refused a message for it:
+    # a bigger result is replaced before it is sent (each refusal costs
+    # the results channel).
+    broker_limit: Optional[int] = attr.ib(default=None, init=False)
+    #: results published, not yet confirmed or spooled
+    publishing: int = attr.ib(default=0, init=False)
+    _idle_waiters: List[Deferred[None]] = attr.ib(factory=list, init=False)
+    counts: Dict[str, int] = attr.ib(
+        init=False, factory=lambda: {"results_confirmed": 0, "results_spooled": 0}
+    )
+
+    @_spool_batch.default
+    def _spool_writes_each_turn(self) -> TurnBatch[Tuple[str, bytes]]:
+        return TurnBatch(self.clock, self._write_spool)
 
     # -- lifecycle (driven by the transport) -------------------------------------
 
