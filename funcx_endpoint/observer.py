@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Generic, List, Optional, TypeVar
+from typing import Any, Generic, List, Optional, TypeVar, Union
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -35,10 +35,7 @@ class OneShotObserver(Generic[T]):
         return d
 
     def _deliver(self, d: Deferred[T]) -> None:
-        if isinstance(self._result, Failure):
-            d.errback(self._result)
-        else:
-            d.callback(self._result)
+        _fire(d, self._result)
 
     def fire(self, result: Optional[Any]) -> None:
         """Fire with ``result`` (a Failure fires the waiters' errbacks)."""
@@ -46,9 +43,25 @@ class OneShotObserver(Generic[T]):
             return
         self._fired = True
         self._result = result
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            self._deliver(d)
+        fire_all(self._waiters, result)
+
+
+def _fire(d: Deferred[T], result: Union[T, Failure]) -> None:
+    if isinstance(result, Failure):
+        d.errback(result)
+    else:
+        d.callback(result)
+
+
+def fire_all(waiters: List[Deferred[T]], result: Union[T, Failure]) -> None:
+    """Fire each Deferred in ``waiters`` with ``result`` (a Failure: their errbacks).
+
+    The list is emptied first: a callback may add a waiter for a later event.
+    """
+    fired = waiters[:]
+    waiters.clear()
+    for d in fired:
+        _fire(d, result)
 
 
 def fresh_result(d: Deferred[T]) -> Deferred[T]:
@@ -60,10 +73,7 @@ def fresh_result(d: Deferred[T]) -> Deferred[T]:
     fresh: Deferred[T] = Deferred()
 
     def fire(result: Any) -> Any:
-        if isinstance(result, Failure):
-            fresh.errback(result)
-        else:
-            fresh.callback(result)
+        _fire(fresh, result)
         return result
 
     d.addBoth(fire)

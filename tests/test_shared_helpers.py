@@ -7,11 +7,13 @@ import sqlite3
 from typing import Any, List
 
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from funcx_endpoint.amqp.connection import AMQPError, connected_or_refused
-from funcx_endpoint.observer import fresh_result
+from funcx_endpoint.batching import TurnBatch
+from funcx_endpoint.observer import fire_all, fresh_result
 from funcx_endpoint.testing.shared import SharedInstance
 from funcx_endpoint.webservice.db import CHUNK, Dialect, Tx
 
@@ -39,6 +41,57 @@ class FreshResultTests(SynchronousTestCase):
         d.errback(ValueError("boom"))
         self.failureResultOf(fresh, ValueError)
         self.failureResultOf(d, ValueError)
+
+
+class FireAllTests(SynchronousTestCase):
+    def test_fires_each_and_empties_the_list_first(self) -> None:
+        waiters: List[Deferred[int]] = [Deferred(), Deferred()]
+        first, second = waiters
+        # A callback may wait for the next event: that waiter is not fired now.
+        waiter_for_next: Deferred[int] = Deferred()
+
+        def wait_again(n: int) -> int:
+            waiters.append(waiter_for_next)
+            return n
+
+        first.addCallback(wait_again)
+        fire_all(waiters, 3)
+        self.assertEqual((self.successResultOf(first), self.successResultOf(second)), (3, 3))
+        self.assertEqual(waiters, [waiter_for_next])
+        self.assertNoResult(waiter_for_next)
+
+    def test_a_failure_fires_the_errbacks(self) -> None:
+        waiters: List[Deferred[None]] = [Deferred(), Deferred()]
+        fired = list(waiters)
+        fire_all(waiters, Failure(ValueError("boom")))
+        for d in fired:
+            self.failureResultOf(d, ValueError)
+        self.assertEqual(waiters, [])
+
+
+class TurnBatchTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.handled: List[List[int]] = []
+        self.batch: TurnBatch[int] = TurnBatch(self.clock, self.handled.append)
+        self.addCleanup(lambda: self.assertEqual(self.clock.getDelayedCalls(), []))
+
+    def test_one_turn_is_handled_together_at_its_end(self) -> None:
+        self.batch.add(1)
+        self.batch.extend([2, 3])
+        self.assertEqual((self.handled, len(self.batch)), ([], 3))
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(0)
+        self.assertEqual((self.handled, len(self.batch)), ([[1, 2, 3]], 0))
+        self.batch.add(4)
+        self.clock.advance(0)
+        self.assertEqual(self.handled, [[1, 2, 3], [4]])
+
+    def test_items_taken_back_are_not_handled(self) -> None:
+        self.batch.extend([1, 2])
+        self.assertEqual(self.batch.take(), [1, 2])
+        self.clock.advance(0)
+        self.assertEqual(self.handled, [])
 
 
 class ConnectedOrRefusedTests(SynchronousTestCase):

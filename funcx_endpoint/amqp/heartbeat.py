@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, List
 
+import attr
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -21,6 +22,7 @@ __all__ = ["Heartbeats"]
 _HEARTBEAT = encode_frame(FRAME_HEARTBEAT, 0, b"")
 
 
+@attr.s(auto_attribs=True, eq=False, repr=False)
 class Heartbeats:
     """Keeps a connection's heartbeats, on ``clock``.
 
@@ -32,20 +34,17 @@ class Heartbeats:
 
     log = Logger()
 
-    def __init__(
-        self,
-        clock: IReactorTime,
-        writer: CoalescingWriter,
-        drop: Callable[[], None],
-        max_unseen: int,
-    ) -> None:
-        self._clock = clock
-        self._writer = writer
-        self._drop = drop
-        self._max_unseen = max_unseen
-        self._interval = 0.0
-        self._calls: List[LoopingCall] = []
-        self._last_received = clock.seconds()
+    _clock: IReactorTime
+    _writer: CoalescingWriter
+    _drop: Callable[[], None]
+    _max_unseen: int
+    _interval: float = attr.ib(default=0.0, init=False)
+    _calls: List[LoopingCall] = attr.ib(factory=list, init=False)
+    _last_received: float = attr.ib(init=False)
+
+    @_last_received.default
+    def _now(self) -> float:
+        return self._clock.seconds()
 
     def heard(self) -> None:
         """Data came in from the peer."""

@@ -46,6 +46,7 @@ from funcx_endpoint.batching import TurnBatch
 from funcx_endpoint.endpoint.broker_info import BrokerInfo, amqp_properties
 from funcx_endpoint.endpoint.deliveries import DeliveryLedger
 from funcx_endpoint.executor.interface import IResultSink
+from funcx_endpoint.observer import fire_all
 from funcx_endpoint.wire import (
     MESSAGE_BATCHES,
     EPStatusReport,
@@ -308,9 +309,7 @@ class ResultPublisher:
             self._spooled.setdefault(task_id, body)
         self.ledger.mark_done(found)
         self._spool_loaded = True
-        waiters, self._spool_waiters = self._spool_waiters, []
-        for d in waiters:
-            d.callback(None)
+        fire_all(self._spool_waiters, None)
 
     def _spool_load_failed(self, failure: Failure) -> None:
         # Without the spool the delivery promise cannot be kept: both
@@ -319,9 +318,7 @@ class ResultPublisher:
             f"cannot read the result spool {self.spool.directory}: {failure.getErrorMessage()}",
             fatal=True,
         )
-        waiters, self._spool_waiters = self._spool_waiters, []
-        for d in waiters:
-            d.errback(self._spool_error)
+        fire_all(self._spool_waiters, Failure(self._spool_error))
 
     def _resend_spooled(self, restart: bool = False) -> None:
         """Send spooled results again, ``resend_window`` at a time.

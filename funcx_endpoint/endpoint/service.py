@@ -58,6 +58,7 @@ from funcx_endpoint.lifecycle import (
     StartupReporter,
     exit_status,
 )
+from funcx_endpoint.observer import fire_all
 
 # Re-exported for the endpoint's parts and tests.
 __all__ = [
@@ -243,9 +244,7 @@ class EndpointService(MultiService):
         self.phase = Phase.STOPPED
         self.endpoint_dir.remove_daemon_info()
         self.log.info("Endpoint {name} stopped", name=self.endpoint_dir.name)
-        waiters, self._stop_waiters = self._stop_waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
+        fire_all(self._stop_waiters, None)
 
     @_machine.output()
     def _already_stopped(self, waiter: Deferred[None]) -> None:

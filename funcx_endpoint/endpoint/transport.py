@@ -57,6 +57,7 @@ from funcx_endpoint.lifecycle import (
     IReadyPart,
     IStatusPart,
 )
+from funcx_endpoint.observer import fire_all
 
 __all__ = ["BrokerInfo", "QueueInfo", "Transport", "build_transport"]
 
@@ -202,9 +203,7 @@ class Transport(Service):
 
     @_machine.output()
     def _notify_drained(self) -> None:
-        waiters, self._drain_waiters = self._drain_waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
+        fire_all(self._drain_waiters, None)
 
     _open.upon(_drain, enter=_draining, outputs=[_begin])
     _draining.upon(_drain, enter=_draining, outputs=[_join])

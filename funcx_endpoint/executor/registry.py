@@ -26,6 +26,7 @@ import hmac
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Set, Tuple
 
+import attr
 from automat import MethodicalMachine
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -35,6 +36,7 @@ from twisted.python.failure import Failure
 
 from funcx_endpoint.executor.connection import ManagerConnection
 from funcx_endpoint.executor.interface import IManagerEvents
+from funcx_endpoint.observer import fire_all
 from funcx_endpoint.wire.amp import (
     CancelTask,
     Heartbeat,
@@ -228,46 +230,36 @@ class Manager:
     _gone.upon(gone, enter=_gone, outputs=[])
 
 
+@attr.s(auto_attribs=True, eq=False, repr=False)
 class ManagerRegistry:
     """Registered managers and the connections that may become managers."""
 
     log = Logger()
 
-    def __init__(
-        self,
-        clock: IReactorTime,
-        events: IManagerEvents,
-        *,
-        secret: str,
-        versions: Dict[str, str],
-        answer: Dict[str, Any],
-        heartbeat_period: float = 30.0,
-        heartbeat_threshold: float = 120.0,
-        registration_timeout: float = 5.0,
-    ) -> None:
-        """``answer``: what a registration is answered with (the settings a
-        manager applies); ``versions``: this side's Python/dill/funcx versions."""
-        self.clock = clock
-        self.events = events
-        self.secret = secret
-        self.versions = versions
-        self.answer = answer
-        self.heartbeat_period = heartbeat_period
-        self.heartbeat_threshold = heartbeat_threshold
-        self.registration_timeout = registration_timeout
-        self.managers: Dict[str, Manager] = {}
-        #: The registered managers whose Python or dill differ from the endpoint's.
-        self.mismatched: Dict[str, Manager] = {}
-        self._by_block: Dict[str, Dict[Manager, None]] = {}  # registered, in order
-        self.stopping = False
-        self._connections: Set[ManagerConnection] = set()
-        self._registrations = 0
-        self._retired_blocks: OrderedDict[str, str] = OrderedDict()
-        self._disconnect_waiters: List[Deferred[None]] = []
-        self._manager_waiters: List[Tuple[int, Deferred[None]]] = []
-        self._ticker: Optional[LoopingCall] = None
-        # (when, registration sequence, manager): each manager's next liveness check.
-        self._checks: List[Tuple[float, int, Manager]] = []
+    clock: IReactorTime
+    events: IManagerEvents
+    secret: str = attr.ib(kw_only=True)
+    #: this side's Python/dill/funcx versions
+    versions: Dict[str, str] = attr.ib(kw_only=True)
+    #: what a registration is answered with (the settings a manager applies)
+    answer: Dict[str, Any] = attr.ib(kw_only=True)
+    heartbeat_period: float = attr.ib(default=30.0, kw_only=True)
+    heartbeat_threshold: float = attr.ib(default=120.0, kw_only=True)
+    registration_timeout: float = attr.ib(default=5.0, kw_only=True)
+    managers: Dict[str, Manager] = attr.ib(factory=dict, init=False)
+    #: The registered managers whose Python or dill differ from the endpoint's.
+    mismatched: Dict[str, Manager] = attr.ib(factory=dict, init=False)
+    # registered, in order
+    _by_block: Dict[str, Dict[Manager, None]] = attr.ib(factory=dict, init=False)
+    stopping: bool = attr.ib(default=False, init=False)
+    _connections: Set[ManagerConnection] = attr.ib(factory=set, init=False)
+    _registrations: int = attr.ib(default=0, init=False)
+    _retired_blocks: OrderedDict[str, str] = attr.ib(factory=OrderedDict, init=False)
+    _disconnect_waiters: List[Deferred[None]] = attr.ib(factory=list, init=False)
+    _manager_waiters: List[Tuple[int, Deferred[None]]] = attr.ib(factory=list, init=False)
+    _ticker: Optional[LoopingCall] = attr.ib(default=None, init=False)
+    # (when, registration sequence, manager): each manager's next liveness check.
+    _checks: List[Tuple[float, int, Manager]] = attr.ib(factory=list, init=False)
 
     def held_by(self, manager: Manager) -> int:
         """Tasks ``manager`` holds, as the dispatcher counts them."""
@@ -337,9 +329,7 @@ class ManagerRegistry:
         if manager is not None:
             manager.gone(f"its connection closed ({reason.getErrorMessage()})", on_purpose=False)
         if not self._connections:
-            waiters, self._disconnect_waiters = self._disconnect_waiters, []
-            for waiter in waiters:
-                waiter.callback(None)
+            fire_all(self._disconnect_waiters, None)
 
     def register(self, connection: ManagerConnection, details: Dict[str, Any]) -> Dict[str, Any]:
         """Check a registration; the settings it is answered with, or RegistrationRefused."""

@@ -271,14 +271,17 @@ class NodeDirectory:
 
     # -- config ---------------------------------------------------------------------
 
-    def config_text(
+    def write_config(
         self,
         identity: NodeIdentity,
         tls_files: tls.TLSFiles,
         extra_config: Mapping[str, str] | None = None,
         amqps_address: str = LISTEN_IP,
-    ) -> str:
-        """``rabbitmq.conf``: listeners, TLS, management, the admin user, logging."""
+    ) -> None:
+        """Create the subdirectories and (re)write ``rabbitmq.conf`` (listeners, TLS,
+        management, the admin user, logging) and ``enabled_plugins``."""
+        for sub in ("home", "log", "mnesia"):
+            os.makedirs(self.path(sub), mode=0o700, exist_ok=True)
         ports = identity.ports
         settings = {
             "listeners.tcp.default": f"{LISTEN_IP}:{ports.amqp}",
@@ -308,19 +311,7 @@ class NodeDirectory:
         settings.update(extra_config or {})
         lines = ["# Written by funcx_endpoint.rabbitmq; rewritten at each start."]
         lines += [f"{key} = {value}" for key, value in settings.items()]
-        return "\n".join(lines) + "\n"
-
-    def write_config(
-        self,
-        identity: NodeIdentity,
-        tls_files: tls.TLSFiles,
-        extra_config: Mapping[str, str] | None = None,
-        amqps_address: str = LISTEN_IP,
-    ) -> None:
-        """Create the subdirectories and (re)write ``rabbitmq.conf`` and ``enabled_plugins``."""
-        for sub in ("home", "log", "mnesia"):
-            os.makedirs(self.path(sub), mode=0o700, exist_ok=True)
-        text = self.config_text(identity, tls_files, extra_config, amqps_address)
+        text = "\n".join(lines) + "\n"
         tls.write_private_file(self.path("rabbitmq.conf"), text.encode())
         tls.write_private_file(self.path("enabled_plugins"), b"[rabbitmq_management].\n")
 

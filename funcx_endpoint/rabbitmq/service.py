@@ -37,7 +37,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from funcx_endpoint import tls
-from funcx_endpoint.observer import OneShotObserver
+from funcx_endpoint.observer import OneShotObserver, fire_all
 from funcx_endpoint.rabbitmq.commands import CommandRunner
 from funcx_endpoint.rabbitmq.launcher import NodeLauncher
 from funcx_endpoint.rabbitmq.node import (
@@ -219,14 +219,6 @@ class RabbitMQNodeService(Service):
         self._state = state
         self._since = self._clock.seconds()
 
-    def _fire_waiters(self, failure: Failure | None) -> None:
-        waiters, self._ready_waiters = self._ready_waiters, []
-        for d in waiters:
-            if failure is None:
-                d.callback(None)
-            else:
-                d.errback(failure)
-
     # -- the service ------------------------------------------------------------------
 
     def startService(self) -> None:
@@ -253,8 +245,9 @@ class RabbitMQNodeService(Service):
             supervisor, self._supervisor = self._supervisor, None
             if supervisor is not None:
                 supervisor.cancel()
-            self._fire_waiters(
-                Failure(RabbitMQError("the RabbitMQ node service stopped before it was ready"))
+            fire_all(
+                self._ready_waiters,
+                Failure(RabbitMQError("the RabbitMQ node service stopped before it was ready")),
             )
             Deferred.fromCoroutine(self._shut_down(graceful)).addBoth(stopped.fire)
         return self._stopped.when_fired()
@@ -273,7 +266,7 @@ class RabbitMQNodeService(Service):
             if self._launcher is not None:
                 await self._launcher.stop_all(graceful=False)
             self._set_state(NodeState.FAILED)
-            self._fire_waiters(failure)
+            fire_all(self._ready_waiters, failure)
             return
         self._now_running()
         launcher = self._launcher
@@ -318,7 +311,7 @@ class RabbitMQNodeService(Service):
     def _now_running(self) -> None:
         self._running_since = self._clock.seconds()
         self._set_state(NodeState.RUNNING)
-        self._fire_waiters(None)
+        fire_all(self._ready_waiters, None)
 
     def _prepare(self) -> NodeLauncher:
         """Programs, identity and config files (small local files: written in place)."""

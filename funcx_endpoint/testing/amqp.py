@@ -51,7 +51,7 @@ from funcx_endpoint.amqp.codec import encode_properties
 from funcx_endpoint.amqp.connection import AMQPURL, AMQPError
 from funcx_endpoint.amqp.interfaces import IAMQPChannel, IAMQPClient, IAMQPConnectionService
 from funcx_endpoint.amqp.spec import load_spec
-from funcx_endpoint.observer import OneShotObserver
+from funcx_endpoint.observer import OneShotObserver, fire_all
 
 __all__ = [
     "FakeAMQPClient",
@@ -724,9 +724,7 @@ class FakeConnectionService(Service):
         self.client = client
         self.connections += 1
         client.when_closed().addCallback(self._lost, client)
-        waiters, self._connected_waiters = self._connected_waiters, []
-        for d in waiters:
-            d.callback(client)
+        fire_all(self._connected_waiters, client)
         return client
 
     def _lost(self, reason: Any, client: FakeAMQPClient) -> None:

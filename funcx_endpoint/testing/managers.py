@@ -25,6 +25,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
 import funcx_endpoint
+from funcx_endpoint.observer import fire_all
 
 __all__ = ["ManagerProcess", "package_environment", "spawn_manager"]
 
@@ -69,9 +70,7 @@ class ManagerProcess(ProcessProtocol):
         self.exit_code = getattr(value, "exitCode", None)
         self.exit_signal = getattr(value, "signal", None)
         self.ended = True
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.callback(self.exit_code)
+        fire_all(self._waiters, self.exit_code)
 
     def when_ended(self) -> Deferred[Optional[int]]:
         """A new Deferred firing with the exit code (None if killed by a signal)."""

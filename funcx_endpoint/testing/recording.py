@@ -24,6 +24,7 @@ from twisted.protocols.policies import WrappingFactory
 from twisted.web import server
 from twisted.web.resource import IResource, Resource
 
+from funcx_endpoint.observer import fire_all
 from funcx_endpoint.tls import TLSFiles
 from funcx_endpoint.webservice.http import JSONSite, error_body
 from funcx_endpoint.webservice.service import load_tls_options
@@ -161,9 +162,7 @@ class _TrackingFactory(WrappingFactory):
     def unregisterProtocol(self, p: Any) -> None:
         super().unregisterProtocol(p)
         if not self.protocols:
-            waiters, self._when_idle = self._when_idle, []
-            for waiter in waiters:
-                waiter.callback(None)
+            fire_all(self._when_idle, None)
 
     def close_all(self) -> Deferred[None]:
         """Abort every open connection; fires when all are gone."""
