@@ -42,9 +42,19 @@ class QueueHeldElsewhere(AMQPError):
     """
 
 
-def _refused_or_failed(code: Optional[int], text: str, refused: str, doing: str) -> AMQPError:
-    """The error of a step the broker closed the channel on: fatal if it
-    refused ``refused`` (access), else ``doing`` failed (and may work later)."""
+def _closed_error(
+    closed: Closed,
+    fatal: Callable[[Optional[int], str], Optional[AMQPError]],
+    refused: str,
+    doing: str,
+) -> AMQPError:
+    """The error of a step the broker closed the channel on: ``fatal(code, text)``
+    if that names one; fatal too if the broker refused ``refused`` (access); else
+    ``doing`` failed (and may work later)."""
+    code, text = close_reason(closed)
+    error = fatal(code, text)
+    if error is not None:
+        return error
     if code == ACCESS_REFUSED:
         return AMQPError(f"the broker refused {refused}: {text}", code, fatal=True)
     return AMQPError(f"{doing} failed: {text}", code)
@@ -69,41 +79,51 @@ class ExclusiveConsumer:
 
     async def start(self, exchange: Optional[str] = None) -> None:
         """Declare passively, set the prefetch, and start consuming."""
+        queue = self.queue
         try:
             if exchange:
                 await self.channel.exchange_declare(exchange=exchange, passive=True)
-            await self.channel.queue_declare(queue=self.queue, passive=True)
+            await self.channel.queue_declare(queue=queue, passive=True)
         except Closed as e:
-            code, text = close_reason(e)
-            if code == NOT_FOUND:
-                what = f"exchange {exchange!r}" if "exchange" in text else f"queue {self.queue!r}"
-                raise AMQPError(
-                    f"the broker has no {what}; the funcX service owns it: register the "
-                    f"endpoint again (or ask the service's operator): {text}",
-                    code,
-                    fatal=True,
-                ) from None
-            raise _refused_or_failed(
-                code, text, f"access to queue {self.queue!r}", f"declaring queue {self.queue!r}"
+            raise _closed_error(
+                e,
+                lambda code, text: self._missing(exchange, code, text),
+                f"access to queue {queue!r}",
+                f"declaring queue {queue!r}",
             ) from None
         await self.channel.basic_qos(prefetch_count=self.prefetch)
         try:
             await self.channel.basic_consume(
-                queue=self.queue, consumer_tag=self.consumer_tag, exclusive=True
+                queue=queue, consumer_tag=self.consumer_tag, exclusive=True
             )
         except Closed as e:
-            code, text = close_reason(e)
-            if code in (ACCESS_REFUSED, RESOURCE_LOCKED) and "exclusive" in text:
-                raise QueueHeldElsewhere(
-                    f"queue {self.queue!r} is already consumed by another endpoint instance "
-                    f"(another `funcx-endpoint start` of this endpoint, here or elsewhere); "
-                    f"stop that one first ({text})",
-                    code,
-                    fatal=True,
-                ) from None
-            raise _refused_or_failed(
-                code, text, f"consuming {self.queue!r}", f"consuming {self.queue!r}"
+            raise _closed_error(
+                e, self._held_elsewhere, f"consuming {queue!r}", f"consuming {queue!r}"
             ) from None
+
+    def _missing(
+        self, exchange: Optional[str], code: Optional[int], text: str
+    ) -> Optional[AMQPError]:
+        if code != NOT_FOUND:
+            return None
+        what = f"exchange {exchange!r}" if "exchange" in text else f"queue {self.queue!r}"
+        return AMQPError(
+            f"the broker has no {what}; the funcX service owns it: register the "
+            f"endpoint again (or ask the service's operator): {text}",
+            code,
+            fatal=True,
+        )
+
+    def _held_elsewhere(self, code: Optional[int], text: str) -> Optional[AMQPError]:
+        if code not in (ACCESS_REFUSED, RESOURCE_LOCKED) or "exclusive" not in text:
+            return None
+        return QueueHeldElsewhere(
+            f"queue {self.queue!r} is already consumed by another endpoint instance "
+            f"(another `funcx-endpoint start` of this endpoint, here or elsewhere); "
+            f"stop that one first ({text})",
+            code,
+            fatal=True,
+        )
 
     async def cancel(self) -> None:
         """Stop receiving deliveries (those held stay unacked)."""

@@ -133,50 +133,49 @@ class ManagerIdentity:
     container_type: str = "RAW"
 
 
+@attr.s(auto_attribs=True, eq=False, repr=False)
 class ManagerService(Service):
     """One manager: a connection to the interchange and a pool of workers."""
 
     log = Logger()
 
-    def __init__(
-        self,
-        reactor: Any,
-        info: ConnectionInfo,
-        identity: ManagerIdentity,
-        worker_count: int,
-        log_dir: str,
-        *,
-        settings: Optional[ManagerSettings] = None,
-        worker_command: Optional[Sequence[str]] = None,
-        connect_attempts: int = 10,
-        connect_timeout: float = 10.0,
-        endpoint: Optional[IStreamClientEndpoint] = None,
-    ) -> None:
-        self.reactor = reactor
-        self.clock = reactor
-        self.info = info
-        self.identity = identity
-        self.worker_count = worker_count
-        self.log_dir = log_dir
-        self.settings = settings or info.settings
-        self.worker_command = worker_command
-        self.connect_attempts = connect_attempts
-        self.connect_timeout = connect_timeout
-        self._endpoint = endpoint
-        self.pool: Optional[WorkerPool] = None
-        self.connection: Optional[InterchangeConnection] = None
-        self._connecting: Optional[InterchangeConnection] = None
-        self.last_heard = 0.0
-        self._attempt: Optional[Deferred[Any]] = None
-        self._disconnected: Optional[Deferred[None]] = None
-        self._heartbeats: Optional[LoopingCall] = None
-        self._outbox: List[bytes] = []
-        self._last_flush = -1.0
-        self._flush_call: Optional[IDelayedCall] = None
-        self._finishing = False
-        self._exit_code: Optional[int] = None
-        self._stop_waiters: List[Deferred[int]] = []
-        self.results_sent = 0
+    reactor: Any
+    info: ConnectionInfo
+    identity: ManagerIdentity
+    worker_count: int
+    log_dir: str
+    _given_settings: Optional[ManagerSettings] = attr.ib(
+        default=None, kw_only=True, alias="settings"
+    )
+    worker_command: Optional[Sequence[str]] = attr.ib(default=None, kw_only=True)
+    connect_attempts: int = attr.ib(default=10, kw_only=True)
+    connect_timeout: float = attr.ib(default=10.0, kw_only=True)
+    _endpoint: Optional[IStreamClientEndpoint] = attr.ib(default=None, kw_only=True)
+    clock: Any = attr.ib(init=False)
+    #: The settings given, else the info file's (updated by the registration's answer).
+    settings: ManagerSettings = attr.ib(init=False)
+    pool: Optional[WorkerPool] = attr.ib(default=None, init=False)
+    connection: Optional[InterchangeConnection] = attr.ib(default=None, init=False)
+    _connecting: Optional[InterchangeConnection] = attr.ib(default=None, init=False)
+    last_heard: float = attr.ib(default=0.0, init=False)
+    _attempt: Optional[Deferred[Any]] = attr.ib(default=None, init=False)
+    _disconnected: Optional[Deferred[None]] = attr.ib(default=None, init=False)
+    _heartbeats: Optional[LoopingCall] = attr.ib(default=None, init=False)
+    _outbox: List[bytes] = attr.ib(factory=list, init=False)
+    _last_flush: float = attr.ib(default=-1.0, init=False)
+    _flush_call: Optional[IDelayedCall] = attr.ib(default=None, init=False)
+    _finishing: bool = attr.ib(default=False, init=False)
+    _exit_code: Optional[int] = attr.ib(default=None, init=False)
+    _stop_waiters: List[Deferred[int]] = attr.ib(factory=list, init=False)
+    results_sent: int = attr.ib(default=0, init=False)
+
+    @clock.default
+    def _the_reactor(self) -> Any:
+        return self.reactor
+
+    @settings.default
+    def _given_or_info_settings(self) -> ManagerSettings:
+        return self._given_settings or self.info.settings
 
     # -- lifecycle ------------------------------------------------------------
 
