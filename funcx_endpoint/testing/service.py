@@ -86,6 +86,11 @@ def _make_vhost(node: Any, vhost: str) -> None:
             response.read()
 
 
+def _info_field(key: str, doc: str) -> property:
+    """A read-only attribute: ``info[key]`` (what the started service said), a string."""
+    return property(lambda service: str(service.info[key]), doc=doc)
+
+
 class ServiceProcess:
     """One ``funcx-service`` child process; see the module docstring."""
 
@@ -113,24 +118,10 @@ class ServiceProcess:
 
     # -- where it is ----------------------------------------------------------------
 
-    @property
-    def base_url(self) -> str:
-        """The funcX API base URL (``.../v2``)."""
-        return str(self.info["base_url"])
-
-    @property
-    def root_url(self) -> str:
-        return str(self.info["root_url"])
-
-    @property
-    def auth_url(self) -> str:
-        """The value for ``GLOBUS_SDK_SERVICE_URL_AUTH``."""
-        return str(self.info["auth_url"])
-
-    @property
-    def ca_file(self) -> str:
-        """The CA file that verifies the service's HTTPS certificate."""
-        return str(self.info["ca_file"])
+    base_url = _info_field("base_url", "The funcX API base URL (``.../v2``).")
+    root_url = _info_field("root_url", "The service's root URL (its HTTPS site).")
+    auth_url = _info_field("auth_url", "The value for ``GLOBUS_SDK_SERVICE_URL_AUTH``.")
+    ca_file = _info_field("ca_file", "The CA file that verifies the service's HTTPS certificate.")
 
     @property
     def broker_ca_file(self) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
+import attr
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -59,6 +60,7 @@ def _sleep(reactor: Any, seconds: float) -> Deferred[None]:
     return d
 
 
+@attr.s(auto_attribs=True, eq=False, repr=False)
 class TaskSender(Service):
     """Publishes tasks and result copies; re-sends what the broker did not confirm.
 
@@ -69,35 +71,37 @@ class TaskSender(Service):
     log = Logger()
     name = "sender"
 
-    def __init__(
-        self,
-        reactor: Any,
-        storage: Storage,
-        broker: IServiceBroker,
-        *,
-        resend_interval: float = 2.0,
-        result_queue_ttl: int = 7 * 24 * 3600,
-        clock: Optional[IReactorTime] = None,
-    ) -> None:
-        self._reactor = reactor
-        self._clock: IReactorTime = reactor if clock is None else clock
-        self._storage = storage
-        self._broker = broker
-        self.resend_interval = resend_interval
-        self.result_queue_ttl = result_queue_ttl
-        #: Task ids published and not yet recorded as sent (or failed).
-        self.in_flight: Set[str] = set()
-        self._copies_in_flight: Set[str] = set()
-        self._confirmed: List[str] = []
-        self._copied: List[str] = []
-        self._flush_call: Any = None
-        self._kick_call: Any = None
-        self._loop = LoopingCall(self._resend)
-        self._loop.clock = reactor
-        self._resending = False
-        self.published = 0
-        self.resent = 0
-        broker.on_connect(self.kick)
+    _reactor: Any
+    _storage: Storage
+    _broker: IServiceBroker
+    resend_interval: float = attr.ib(default=2.0, kw_only=True)
+    result_queue_ttl: int = attr.ib(default=7 * 24 * 3600, kw_only=True)
+    _given_clock: Optional[IReactorTime] = attr.ib(default=None, kw_only=True, alias="clock")
+    _clock: IReactorTime = attr.ib(init=False)
+    #: Task ids published and not yet recorded as sent (or failed).
+    in_flight: Set[str] = attr.ib(factory=set, init=False)
+    _copies_in_flight: Set[str] = attr.ib(factory=set, init=False)
+    _confirmed: List[str] = attr.ib(factory=list, init=False)
+    _copied: List[str] = attr.ib(factory=list, init=False)
+    _flush_call: Any = attr.ib(default=None, init=False)
+    _kick_call: Any = attr.ib(default=None, init=False)
+    _loop: LoopingCall = attr.ib(init=False)
+    _resending: bool = attr.ib(default=False, init=False)
+    published: int = attr.ib(default=0, init=False)
+    resent: int = attr.ib(default=0, init=False)
+
+    @_clock.default
+    def _given_or_the_reactor(self) -> IReactorTime:
+        return self._reactor if self._given_clock is None else self._given_clock
+
+    @_loop.default
+    def _resend_loop(self) -> LoopingCall:
+        loop = LoopingCall(self._resend)
+        loop.clock = self._reactor
+        return loop
+
+    def __attrs_post_init__(self) -> None:
+        self._broker.on_connect(self.kick)
 
     def startService(self) -> None:
         super().startService()
