@@ -68,19 +68,14 @@ class ManagerConnection(amp.AMP):
         self.unregistered_bytes = 0
         self._deadline: Any = None
 
-    # -- states -----------------------------------------------------------------
+    # -- states (described in the module docstring) ------------------------------
 
     @_machine.state(initial=True)
-    def _unregistered(self) -> None:
-        """Connected; nothing but Register accepted yet."""
-
+    def _unregistered(self) -> None: ...
     @_machine.state()
-    def _registered(self) -> None:
-        """Registered: a manager the registry knows."""
-
+    def _registered(self) -> None: ...
     @_machine.state()
-    def _closed(self) -> None:
-        """The connection is gone."""
+    def _closed(self) -> None: ...
 
     # -- inputs -------------------------------------------------------------------
 

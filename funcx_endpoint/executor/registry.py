@@ -11,12 +11,14 @@ of it through :class:`~funcx_endpoint.executor.interface.IManagerEvents`.
 A :class:`Manager`'s lifecycle is a state machine::
 
     serving ──retire──► retiring ──┐
-       │ └──quit_announced──► quitting ──┤── gone (connection closed)
+       │ └──quit_announced──► quitting ──┤── gone
        └─────────────────────────────────┘
 
-Only a ``serving`` manager is given tasks.  When it goes, the dispatcher
-hears why: a retired manager's tasks are queued again without losing an
-attempt; a quitting one's say what it said when it quit.
+``serving``: registered, the only state in which a manager is given tasks;
+``retiring``: the endpoint is ending it (scaling in); ``quitting``: it said
+it is about to exit; ``gone``: disconnected, or declared lost.  When it
+goes, the dispatcher hears why: a retired manager's tasks are queued again
+without losing an attempt; a quitting one's say what it said when it quit.
 """
 
 from __future__ import annotations
@@ -153,23 +155,16 @@ class Manager:
         self.gone(why, on_purpose=False)
         self.connection.drop()
 
-    # -- lifecycle ------------------------------------------------------------------
+    # -- lifecycle (its states are described in the module docstring) ---------------
 
     @_machine.state(initial=True)
-    def _serving(self) -> None:
-        """Registered; may be given tasks."""
-
+    def _serving(self) -> None: ...
     @_machine.state()
-    def _retiring(self) -> None:
-        """The endpoint is ending it: no new tasks."""
-
+    def _retiring(self) -> None: ...
     @_machine.state()
-    def _quitting(self) -> None:
-        """It said it is about to exit: no new tasks."""
-
+    def _quitting(self) -> None: ...
     @_machine.state()
-    def _gone(self) -> None:
-        """Disconnected, or declared lost."""
+    def _gone(self) -> None: ...
 
     @_machine.input()
     def retire(self, reason: str, tell_now: bool = True) -> None:
