@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Dict, Optional, Tuple
 
+import attr
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
@@ -23,6 +24,7 @@ from funcx_endpoint.amqp.interfaces import IAMQPChannel
 _TOO_LARGE = re.compile(r"message size (\d+) is larger than configured max size (\d+)")
 
 
+@attr.s(auto_attribs=True, eq=False, repr=False)
 class PublishFailed(Exception):
     """A message was not confirmed by the broker.
 
@@ -33,21 +35,14 @@ class PublishFailed(Exception):
     exceeded it.
     """
 
-    def __init__(
-        self,
-        text: str,
-        *,
-        code: Optional[int] = None,
-        returned: bool = False,
-        nacked: bool = False,
-        too_large: Optional[int] = None,
-    ) -> None:
-        super().__init__(text)
-        self.text = text
-        self.code = code
-        self.returned = returned
-        self.nacked = nacked
-        self.too_large = too_large
+    text: str
+    code: Optional[int] = attr.ib(default=None, kw_only=True)
+    returned: bool = attr.ib(default=False, kw_only=True)
+    nacked: bool = attr.ib(default=False, kw_only=True)
+    too_large: Optional[int] = attr.ib(default=None, kw_only=True)
+
+    def __attrs_post_init__(self) -> None:
+        super().__init__(self.text)  # its args: the text alone
 
 
 class ConfirmingPublisher:

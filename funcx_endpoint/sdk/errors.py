@@ -20,6 +20,7 @@ from __future__ import annotations
 import textwrap
 from typing import Any, List, Optional, Sequence
 
+import attr
 import globus_sdk
 
 __all__ = [
@@ -103,6 +104,7 @@ class TaskPending(FuncxError):
         self.reason = status
 
 
+@attr.s(auto_attribs=True, eq=False, repr=False)
 class TaskExecutionFailed(FuncxError):
     """The task ran (or was meant to run) and failed; this is the remote error.
 
@@ -115,21 +117,14 @@ class TaskExecutionFailed(FuncxError):
     ended, as the service gave it.
     """
 
-    def __init__(
-        self,
-        remote_data: str,
-        completion_t: Any = None,
-        *,
-        task_id: Optional[str] = None,
-        error_code: Optional[str] = None,
-        user_message: Optional[str] = None,
-    ) -> None:
-        super().__init__(remote_data)
-        self.remote_data = remote_data
-        self.completion_t = completion_t
-        self.task_id = task_id
-        self.error_code = error_code
-        self.user_message = user_message
+    remote_data: str
+    completion_t: Any = None
+    task_id: Optional[str] = attr.ib(default=None, kw_only=True)
+    error_code: Optional[str] = attr.ib(default=None, kw_only=True)
+    user_message: Optional[str] = attr.ib(default=None, kw_only=True)
+
+    def __attrs_post_init__(self) -> None:
+        super().__init__(self.remote_data)  # its args: the traceback text alone
 
     def __str__(self) -> str:
         what = f"task {self.task_id}" if self.task_id else "the task"
