@@ -104,6 +104,7 @@ class ExclusiveConsumer:
     def _missing(
         self, exchange: Optional[str], code: Optional[int], text: str
     ) -> Optional[AMQPError]:
+        """Fatal: the exchange or queue is not there (the service owns them)."""
         if code != NOT_FOUND:
             return None
         what = f"exchange {exchange!r}" if "exchange" in text else f"queue {self.queue!r}"
@@ -115,6 +116,7 @@ class ExclusiveConsumer:
         )
 
     def _held_elsewhere(self, code: Optional[int], text: str) -> Optional[AMQPError]:
+        """Fatal (:class:`QueueHeldElsewhere`): another consumer holds the queue."""
         if code not in (ACCESS_REFUSED, RESOURCE_LOCKED) or "exclusive" not in text:
             return None
         return QueueHeldElsewhere(

@@ -87,7 +87,7 @@ class TaskIntake:
     counts: Dict[str, int] = attr.ib(init=False, factory=lambda: dict.fromkeys(_COUNTS, 0))
 
     @_to_submit.default
-    def _each_turn(self) -> TurnBatch[Task]:
+    def _submitted_each_turn(self) -> TurnBatch[Task]:
         return TurnBatch(self.clock, self._submit)
 
     async def prepare(

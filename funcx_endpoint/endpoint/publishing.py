@@ -280,7 +280,6 @@ class ResultPublisher:
         self._spool_batch.add((task_id, body))
 
     def _write_spool(self, batch: List[Tuple[str, bytes]]) -> None:
-
         def written(_: Any) -> None:
             self.counts["results_spooled"] += len(batch)
             for task_id, _body in batch:
