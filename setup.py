@@ -79,6 +79,13 @@ setup(
         "parsl": [
             "parsl>=2023.1.23,<2024.8.12",
         ],
+        # The official Kubernetes client: funcX 1.0's KubernetesProvider runs
+        # pods through it, and Parsl's KubernetesProvider needs it.  26.1.0
+        # (early 2023) is the oldest tried; the providers use only the core
+        # v1 pod, pod log and secret calls every release since has.
+        "kubernetes": [
+            "kubernetes>=26.1.0",
+        ],
     },
     entry_points={
         "console_scripts": [
