@@ -48,6 +48,10 @@ class _Container(ProcessProtocol):
         self.ended: Deferred[None] = Deferred()
         self.exit_code: Optional[int] = None
         self.kill_call: Any = None
+        self.pid: Optional[int] = None
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid if self.transport is not None else None
 
     def outReceived(self, data: bytes) -> None:
         self.output.append(data)
@@ -150,6 +154,8 @@ class LocalKubelet:
 
     def _ended(self, proto: _Container) -> None:
         self.running.pop(proto.name, None)
+        # The container's first process is gone: so is everything it started.
+        self._signal(proto, signal.SIGKILL)
         key = (proto.namespace, proto.name)
         self.stub.set_log(proto.name, proto.text, proto.namespace)
         pod = self.stub.pods.get(key)
@@ -174,7 +180,7 @@ class LocalKubelet:
         proto.kill_call = self.reactor.callLater(grace, self._signal, proto, signal.SIGKILL)
 
     def _signal(self, proto: _Container, sig: int, group: bool = True) -> None:
-        pid = proto.transport.pid if proto.transport is not None else None
+        pid = proto.pid
         if pid is None:
             return
         try:
@@ -190,6 +196,8 @@ class LocalKubelet:
         waits = []
         for proto in list(self.running.values()):
             self._signal(proto, signal.SIGTERM, group=False)
+            if proto.kill_call is not None and proto.kill_call.active():
+                proto.kill_call.cancel()
             proto.kill_call = self.reactor.callLater(grace, self._signal, proto, signal.SIGKILL)
             waits.append(proto.ended)
         if not waits:

@@ -183,7 +183,11 @@ class ParslKubernetesProvider(Service):
         except KubernetesApiError as e:
             self.backoff.failed(e)
             raise
-        in_pod = pod_command(command, self.info_dir, python=self.python, log_dir=self.log_dir)
+        # exec: the manager replaces Parsl's bash, so it is the container's
+        # first process and gets the TERM that deleting the pod sends.
+        in_pod = "exec " + pod_command(
+            command, self.info_dir, python=self.python, log_dir=self.log_dir
+        )
         try:
             job_id = self.provider.submit(
                 in_pod, tasks_per_node, job_name=dns_label(job_name, _JOB_NAME_LENGTH)
