@@ -17,6 +17,7 @@ from typing import Any, List, Optional
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from funcx_endpoint.config import kubernetes as config_kubernetes
@@ -287,6 +288,7 @@ class FromConfigTests(SynchronousTestCase):
         self.assertEqual(adapter.nodes_per_block, 1)
         self.assertEqual(adapter.label, "kubernetes")
         self.assertEqual(adapter.status_polling_interval, 5.0)
+        self.assertEqual(adapter.cores_per_node, 2)  # max_cpu: the strategy's estimate
         self.assertEqual(native.settings.image, "img")
         self.assertEqual(native.settings.namespace, "ns")
         self.assertEqual(native.settings.stop_grace_period, 4)
@@ -605,6 +607,21 @@ class PodProviderTests(TestCase):
         failure = await self.assertFailure(self.submit(adapter), KubernetesApiError)
         self.assertEqual(failure.status, 401)
         self.assertIn("check the credentials", str(failure))
+
+    def test_secret_left_when_its_deletion_fails(self) -> Deferred[None]:
+        return ensureDeferred(self._secret_left())
+
+    async def _secret_left(self) -> None:
+        adapter = self.adapter()
+        await self.submit(adapter)
+        events: List[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.stub.fail("DELETE", "/secrets/", 500, message="etcd is down")
+        await adapter.stopService()  # does not fail: the stop goes on
+        self.assertEqual(len(self.stub.secrets), 1)
+        [warning] = [e for e in events if "could not delete secret" in e.get("log_format", "")]
+        self.assertIn("etcd is down", warning["error"])
 
     def test_cancel_error_is_raised_for_a_retry(self) -> Deferred[None]:
         return ensureDeferred(self._cancel_error())

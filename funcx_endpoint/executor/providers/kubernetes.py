@@ -138,7 +138,8 @@ class KubernetesPodProvider(Service):
         self.max_blocks = max_blocks
         self.parallelism = parallelism
         self.status_polling_interval = status_polling_interval
-        self.cores_per_node: Optional[int] = None
+        # What a pod may use, for the strategy's estimate of workers per block.
+        self.cores_per_node: Optional[int] = max(1, int(settings.max_cpu))
         self.incluster = incluster
         self.kubeconfig = kubeconfig
         self.context = context
