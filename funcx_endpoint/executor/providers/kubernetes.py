@@ -146,11 +146,10 @@ class KubernetesPodProvider(Service):
         self._api = api
         self.request_timeout = request_timeout
         self.backoff = backoff if backoff is not None else ApiBackoff(status_polling_interval)
-        self.key = endpoint_key(os.path.abspath(working_dir), hostname)
-        self.labels = endpoint_labels(self.key)
-        self.info_secret = InfoSecret(
-            settings.namespace, secret_name(self.key), self.labels, request_timeout
+        self.info_secret = endpoint_info_secret(
+            settings.namespace, working_dir, hostname, request_timeout
         )
+        self.labels = dict(self.info_secret.labels)
         self._unique = unique
         self._pods: Dict[str, _Pod] = {}
         self._finished: OrderedDict[str, JobStatus] = OrderedDict()
@@ -431,18 +430,40 @@ class KubernetesPodProvider(Service):
     def stopService(self) -> Deferred[None]:
         """Delete the info-file Secret (in a thread); errors are logged."""
         super().stopService()
-        if not self.info_secret.created or self._api is None:
+        if self._api is None:
             return succeed(None)
-        pool = self._reactor.getThreadPool()
-        d = deferToThreadPool(self._reactor, pool, self.info_secret.delete, self._api)
-        d.addErrback(
-            lambda f: self.log.warn(
-                "Kubernetes: could not delete secret {name}: {error}",
-                name=self.info_secret.name,
-                error=f.getErrorMessage(),
-            )
+        return delete_info_secret(self._reactor, self.info_secret, self._api, self.log)
+
+
+def endpoint_info_secret(
+    namespace: str,
+    working_dir: str,
+    hostname: Optional[str],
+    request_timeout: Tuple[float, float] = REQUEST_TIMEOUT,
+) -> InfoSecret:
+    """The info-file Secret of the endpoint in ``working_dir`` on ``hostname``
+    (None: this host): named and labelled after its :func:`endpoint_key`."""
+    key = endpoint_key(os.path.abspath(working_dir), hostname)
+    return InfoSecret(namespace, secret_name(key), endpoint_labels(key), request_timeout)
+
+
+def delete_info_secret(
+    reactor: Any, info_secret: InfoSecret, api: Any, log: Logger
+) -> Deferred[None]:
+    """Delete ``info_secret`` if this run created it, in a thread of ``reactor``'s
+    pool; a failure is logged on ``log``, and the Deferred fires with None anyway."""
+    if not info_secret.created:
+        return succeed(None)
+    pool = reactor.getThreadPool()
+    d = deferToThreadPool(reactor, pool, info_secret.delete, api)
+    d.addErrback(
+        lambda f: log.warn(
+            "Kubernetes: could not delete secret {name}: {error}",
+            name=info_secret.name,
+            error=f.getErrorMessage(),
         )
-        return d
+    )
+    return d
 
 
 def pod_provider_from_config(
@@ -507,6 +528,8 @@ def kubernetes_provider(
 __all__ = [
     "KubernetesPodProvider",
     "SubmitError",
+    "delete_info_secret",
+    "endpoint_info_secret",
     "is_parsl_kubernetes",
     "kubernetes_provider",
     "pod_provider_from_config",

@@ -26,19 +26,16 @@ through a :class:`~funcx_endpoint.executor.providers.base.ProviderAdapter`.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from funcx_endpoint.executor.providers.base import JobState, JobStatus
 from funcx_endpoint.executor.providers.kube_api import (
     REQUEST_TIMEOUT,
     ApiBackoff,
-    InfoSecret,
     KubernetesApiError,
     api_host,
     describe_api_error,
@@ -52,11 +49,12 @@ from funcx_endpoint.executor.providers.kube_spec import (
     DEFAULT_PYTHON,
     INFO_VOLUME,
     dns_label,
-    endpoint_key,
-    endpoint_labels,
     info_file_of,
     pod_command,
-    secret_name,
+)
+from funcx_endpoint.executor.providers.kubernetes import (
+    delete_info_secret,
+    endpoint_info_secret,
 )
 
 #: Parsl appends ``-<milliseconds>`` (14 characters) to the job name.
@@ -145,9 +143,8 @@ class ParslKubernetesProvider(Service):
         self.python = python
         self.request_timeout = request_timeout
         self.backoff = backoff if backoff is not None else ApiBackoff(5.0)
-        key = endpoint_key(os.path.abspath(working_dir), hostname)
-        self.info_secret = InfoSecret(
-            provider.namespace, secret_name(key), endpoint_labels(key), request_timeout
+        self.info_secret = endpoint_info_secret(
+            provider.namespace, working_dir, hostname, request_timeout
         )
         self._api: Any = provider.kube_client
         provider.kube_client = _InfoMountingApi(
@@ -227,15 +224,4 @@ class ParslKubernetesProvider(Service):
     def stopService(self) -> Deferred[None]:
         """Delete the info-file Secret (in a thread); errors are logged."""
         super().stopService()
-        if not self.info_secret.created:
-            return succeed(None)
-        pool = self._reactor.getThreadPool()
-        d = deferToThreadPool(self._reactor, pool, self.info_secret.delete, self._api)
-        d.addErrback(
-            lambda f: self.log.warn(
-                "Kubernetes: could not delete secret {name}: {error}",
-                name=self.info_secret.name,
-                error=f.getErrorMessage(),
-            )
-        )
-        return d
+        return delete_info_secret(self._reactor, self.info_secret, self._api, self.log)
