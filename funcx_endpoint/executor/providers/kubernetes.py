@@ -262,18 +262,7 @@ class KubernetesPodProvider(Service):
         """Delete the pods an earlier run of this endpoint left (once per run)."""
         if self._leftovers_checked:
             return
-        ns = self.settings.namespace
-        try:
-            listing = self._call(
-                f"list pods in namespace {ns!r}",
-                "list_namespaced_pod",
-                ns,
-                label_selector=selector(self.labels),
-            )
-        except Exception as e:
-            if not_found(e):
-                raise describe_api_error(e, f"list pods in namespace {ns!r}") from e
-            raise
+        listing = self._list_pods()
         left = [p.metadata.name for p in listing.items if p.metadata.name not in self._pods]
         if left:
             self._note(
@@ -285,6 +274,20 @@ class KubernetesPodProvider(Service):
         for name in left:
             self._delete_pod(name)
         self._leftovers_checked = True
+
+    def _list_pods(self) -> Any:
+        """This endpoint's pods (a ``V1PodList``); an unknown namespace is a
+        :class:`KubernetesApiError` as any other error of the call."""
+        ns = self.settings.namespace
+        action = f"list pods in namespace {ns!r}"
+        try:
+            return self._call(
+                action, "list_namespaced_pod", ns, label_selector=selector(self.labels)
+            )
+        except Exception as e:
+            if not_found(e):
+                raise describe_api_error(e, action) from e
+            raise
 
     def _delete_pod(self, name: str) -> bool:
         """Delete a pod; False if it was gone already."""
@@ -305,22 +308,12 @@ class KubernetesPodProvider(Service):
         followed = [j for j in job_ids if j in self._pods]
         found: Optional[Dict[str, Any]] = None
         if followed and not self.backoff.waiting:
-            ns = self.settings.namespace
             try:
-                listing = self._call(
-                    f"list pods in namespace {ns!r}",
-                    "list_namespaced_pod",
-                    ns,
-                    label_selector=selector(self.labels),
-                )
+                listing = self._list_pods()
             except KubernetesApiError as e:
                 if not e.unavailable:
                     raise
                 self._note("warn", "Kubernetes: pod states unknown for now: {error}", error=str(e))
-            except Exception as e:
-                if not_found(e):
-                    raise describe_api_error(e, f"list pods in namespace {ns!r}") from e
-                raise
             else:
                 found = {p.metadata.name: p for p in listing.items}
         result = []
