@@ -459,6 +459,18 @@ def delete_info_secret(
     return d
 
 
+#: The config's fields that :class:`KubernetesPodProvider` takes as they are,
+#: for the strategy.
+_SCALING_FIELDS = (
+    "label",
+    "init_blocks",
+    "min_blocks",
+    "max_blocks",
+    "parallelism",
+    "status_polling_interval",
+)
+
+
 def pod_provider_from_config(
     config_provider: Any, reactor: Any, working_dir: str, stop_grace_period: float = 10.0
 ) -> KubernetesPodProvider:
@@ -468,13 +480,8 @@ def pod_provider_from_config(
         settings,
         reactor,
         os.path.join(working_dir, "blocks"),
-        label=config_provider.label,
-        init_blocks=config_provider.init_blocks,
-        min_blocks=config_provider.min_blocks,
-        max_blocks=config_provider.max_blocks,
-        parallelism=config_provider.parallelism,
-        status_polling_interval=config_provider.status_polling_interval,
         incluster=bool(config_provider.incluster_config),
+        **{name: getattr(config_provider, name) for name in _SCALING_FIELDS},
     )
 
 
