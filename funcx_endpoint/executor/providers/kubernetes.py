@@ -89,6 +89,7 @@ class _Pod:
     last: JobStatus = attr.Factory(lambda: JobStatus(JobState.PENDING))
 
 
+@attr.s(auto_attribs=True, eq=False, repr=False)
 class KubernetesPodProvider(Service):
     """Runs each block as one manager pod (``nodes_per_block`` is always 1).
 
@@ -108,49 +109,36 @@ class KubernetesPodProvider(Service):
     name = "kubernetes-provider"
     nodes_per_block = 1
 
-    def __init__(
-        self,
-        settings: PodSettings,
-        reactor: Any,
-        working_dir: str,
-        *,
-        label: str = "kubernetes",
-        init_blocks: int = 0,
-        min_blocks: int = 0,
-        max_blocks: int = 10,
-        parallelism: float = 1.0,
-        status_polling_interval: float = 5.0,
-        incluster: bool = True,
-        kubeconfig: Optional[str] = None,
-        context: Optional[str] = None,
-        api: Any = None,
-        request_timeout: Tuple[float, float] = REQUEST_TIMEOUT,
-        backoff: Optional[ApiBackoff] = None,
-        hostname: Optional[str] = None,
-        unique: Callable[[], str] = lambda: secrets.token_hex(4),
-    ) -> None:
-        self.settings = settings
-        self._reactor = reactor
-        self.working_dir = working_dir
-        self.label = label
-        self.init_blocks = init_blocks
-        self.min_blocks = min_blocks
-        self.max_blocks = max_blocks
-        self.parallelism = parallelism
-        self.status_polling_interval = status_polling_interval
+    settings: PodSettings
+    _reactor: Any
+    working_dir: str
+    label: str = attr.ib(default="kubernetes", kw_only=True)
+    init_blocks: int = attr.ib(default=0, kw_only=True)
+    min_blocks: int = attr.ib(default=0, kw_only=True)
+    max_blocks: int = attr.ib(default=10, kw_only=True)
+    parallelism: float = attr.ib(default=1.0, kw_only=True)
+    status_polling_interval: float = attr.ib(default=5.0, kw_only=True)
+    incluster: bool = attr.ib(default=True, kw_only=True)
+    kubeconfig: Optional[str] = attr.ib(default=None, kw_only=True)
+    context: Optional[str] = attr.ib(default=None, kw_only=True)
+    _api: Any = attr.ib(default=None, kw_only=True)
+    request_timeout: Tuple[float, float] = attr.ib(default=REQUEST_TIMEOUT, kw_only=True)
+    _given_backoff: Optional[ApiBackoff] = attr.ib(default=None, kw_only=True, alias="backoff")
+    hostname: Optional[str] = attr.ib(default=None, kw_only=True)
+    _unique: Callable[[], str] = attr.ib(default=lambda: secrets.token_hex(4), kw_only=True)
+
+    def __attrs_post_init__(self) -> None:
+        self.backoff = (
+            self._given_backoff
+            if self._given_backoff is not None
+            else ApiBackoff(self.status_polling_interval)
+        )
         # What a pod may use, for the strategy's estimate of workers per block.
-        self.cores_per_node: Optional[int] = max(1, int(settings.max_cpu))
-        self.incluster = incluster
-        self.kubeconfig = kubeconfig
-        self.context = context
-        self._api = api
-        self.request_timeout = request_timeout
-        self.backoff = backoff if backoff is not None else ApiBackoff(status_polling_interval)
+        self.cores_per_node: Optional[int] = max(1, int(self.settings.max_cpu))
         self.info_secret = endpoint_info_secret(
-            settings.namespace, working_dir, hostname, request_timeout
+            self.settings.namespace, self.working_dir, self.hostname, self.request_timeout
         )
         self.labels = dict(self.info_secret.labels)
-        self._unique = unique
         self._pods: Dict[str, _Pod] = {}
         self._finished: OrderedDict[str, JobStatus] = OrderedDict()
         self._leftovers_checked = False
