@@ -340,6 +340,9 @@ class Events:
     def held_by(self, manager: Any) -> int:
         return self.holding
 
+    def warm_containers(self, manager: Any, warm: Dict[str, int], cold_starts: int) -> None:
+        self.calls.append(("warm", manager.manager_id, warm, cold_starts))
+
 
 class ManagerLifecycleTests(SynchronousTestCase):
     def setUp(self) -> None:

@@ -41,7 +41,9 @@ from funcx_endpoint.executor.interface import (
     IManagerLoad,
     IResultSink,
     IRoutingPolicy,
+    IWarmManagerLoad,
 )
+from funcx_endpoint.executor.routing import RAW
 from funcx_endpoint.wire import (
     ActorName,
     Container,
@@ -86,7 +88,7 @@ class TaskRecord:
         self.slot: Optional[_Slot] = None
 
 
-@implementer(IManagerLoad)
+@implementer(IManagerLoad, IWarmManagerLoad)
 class _Slot:
     """The dispatcher's side of one manager: the tasks it holds, what is
     still to be sent to it, and how fast it answers."""
@@ -106,6 +108,9 @@ class _Slot:
         "tasks_completed",
         "idle_since",
         "accepting",
+        "warm",
+        "held_of_type",
+        "cold_starts",
     )
 
     def __init__(self, manager: Any, now: float) -> None:
@@ -123,6 +128,24 @@ class _Slot:
         self.tasks_completed = 0
         self.idle_since: Optional[float] = now
         self.accepting = True
+        self.warm: Dict[str, int] = {}  # its last WarmContainers
+        self.held_of_type: Dict[str, int] = {}
+        self.cold_starts = 0
+
+    def hold(self, record: TaskRecord) -> None:
+        self.outstanding[record.task_id] = record
+        of_type = self.held_of_type
+        of_type[record.container_type] = of_type.get(record.container_type, 0) + 1
+
+    def release(self, record: TaskRecord) -> None:
+        """Forget ``record`` (it must be held here)."""
+        del self.outstanding[record.task_id]
+        of_type = self.held_of_type
+        count = of_type[record.container_type] - 1
+        if count:
+            of_type[record.container_type] = count
+        else:
+            del of_type[record.container_type]
 
     @property
     def held(self) -> int:
@@ -158,6 +181,8 @@ class TaskDispatcher:
         self._workers = 0  # of all managers here
         self._idle_workers = 0  # sum of max(0, workers - held)
         self._by_type: Dict[str, List[int]] = {}  # container type: [managers, tasks held]
+        self._warm: Dict[str, int] = {}  # container type: warm workers at all managers
+        self._cold_starts = 0  # reported by managers, those gone included
         self._ready: List[PackedResult] = []
         self._deliver_call: Optional[IDelayedCall] = None
         self._dispatch_call: Optional[IDelayedCall] = None
@@ -178,6 +203,7 @@ class TaskDispatcher:
         transition = TaskTransition.now(TaskState.WAITING_FOR_NODES, ActorName.INTERCHANGE)
         known = self._tasks
         task_type = self.routing.task_type
+        unservable = self.routing.why_unservable
         for task in tasks:
             task_id = task.task_id
             if task_id in known:
@@ -186,11 +212,25 @@ class TaskDispatcher:
                 )
                 continue
             container_type = task_type(task)
+            if container_type != RAW:
+                why = unservable(container_type, task.container)
+                if why is not None:
+                    self._refuse(task_id, why, transition)
+                    continue
             record = TaskRecord(task, container_type, transition)
             known[task_id] = record
             self._queue(container_type).append(record)
             self._note(task_id, transition)
         self._schedule_dispatch()
+
+    def _refuse(self, task_id: str, why: str, transition: TaskTransition) -> None:
+        """Answer a task no manager can ever run (``ContainerError``) at once."""
+        self.log.warn("Task {task_id} cannot run here: {why}", task_id=task_id, why=why)
+        self._answer(
+            PackedResult.failure(
+                task_id, ErrorCode.CONTAINER_ERROR, f"Task {task_id}: {why}", None, [transition]
+            )
+        )
 
     def cancel(self, task_id: str) -> bool:
         """Cancel a task queued here or at a manager; it is answered ``TaskCancelled``."""
@@ -202,7 +242,7 @@ class TaskDispatcher:
             self._queues[record.container_type].remove(record)
             where = "while it waited for a worker"
         else:
-            del slot.outstanding[task_id]
+            slot.release(record)
             self._held_changed(slot, len(slot.outstanding) + 1)
             if not slot.outstanding:
                 slot.idle_since = self.clock.seconds()
@@ -244,7 +284,7 @@ class TaskDispatcher:
                 continue
             before = len(slot.outstanding)
             for task_id, _ in slot.unsent:
-                del slot.outstanding[task_id]
+                slot.release(slot.outstanding[task_id])
                 del self._tasks[task_id]
                 withdrawn.append(task_id)
             slot.unsent = []
@@ -288,6 +328,8 @@ class TaskDispatcher:
             slot.push_call = None
         records = list(slot.outstanding.values())
         slot.outstanding.clear()
+        slot.held_of_type.clear()
+        self._warm_changed(slot, {})
         self._held_changed(slot, len(records))
         self._workers -= slot.worker_count
         self._idle_workers -= max(0, slot.worker_count)
@@ -356,7 +398,7 @@ class TaskDispatcher:
                     continue
                 result = unreadable
             task_id = result.task_id
-            record = outstanding.pop(task_id, None)
+            record = outstanding.get(task_id)
             if record is None:
                 # Cancelled meanwhile, or never sent there.
                 self.log.debug(
@@ -365,6 +407,7 @@ class TaskDispatcher:
                     manager=manager.describe(),
                 )
                 continue
+            slot.release(record)
             del tasks[task_id]
             result.add_transitions(record.transitions)
             answer(result)
@@ -378,6 +421,30 @@ class TaskDispatcher:
         if self._ready and self._deliver_call is None:
             self._deliver_call = self.clock.callLater(0, self.deliver)
         self._schedule_dispatch()
+
+    def warm_containers(self, manager: Any, warm: Dict[str, int], cold_starts: int) -> None:
+        slot = self._slots.get(manager)
+        if slot is None:
+            return
+        self._cold_starts += max(0, cold_starts - slot.cold_starts)
+        slot.cold_starts = cold_starts
+        self._warm_changed(slot, dict(warm))
+        if slot.accepting:
+            self.routing.update(slot)
+            self._schedule_dispatch()
+
+    def _warm_changed(self, slot: _Slot, warm: Dict[str, int]) -> None:
+        totals = self._warm
+        for container_type, count in slot.warm.items():
+            left = totals.get(container_type, 0) - count
+            if left > 0:
+                totals[container_type] = left
+            else:
+                totals.pop(container_type, None)
+        for container_type, count in warm.items():
+            if count > 0:
+                totals[container_type] = totals.get(container_type, 0) + count
+        slot.warm = warm
 
     def _unreadable_result(self, manager: Any, error: MessageError) -> Optional[PackedResult]:
         """The failure that answers a result this endpoint cannot read, if it
@@ -420,6 +487,16 @@ class TaskDispatcher:
             self._idle_workers,
             {container_type: held for container_type, (_, held) in self._by_type.items()},
         )
+
+    def warm_totals(self) -> Tuple[Dict[str, int], int]:
+        """``(warm workers by container type, cold starts)``: the warm workers of
+        the managers here; the cold starts of every manager since the start."""
+        return dict(self._warm), self._cold_starts
+
+    def cold_starts_of(self, manager: Any) -> int:
+        """The cold starts ``manager`` reported."""
+        slot = self._slots.get(manager)
+        return 0 if slot is None else slot.cold_starts
 
     def record(self, task_id: str) -> Optional[TaskRecord]:
         """The record of a task held here, if any."""
@@ -470,12 +547,14 @@ class TaskDispatcher:
     def _dispatch(self) -> None:
         """Send queued tasks to managers with room, as the routing policy says."""
         self._dispatch_call = None
-        for container_type, queue in self._queues.items():
-            if not queue:
-                continue
+        queues = self._queues
+        queued = {container_type: len(queue) for container_type, queue in queues.items() if queue}
+        if not queued:
+            return
+        for container_type, slot, count in self.routing.route(queued):
+            queue = queues[container_type]
             popleft = queue.popleft
-            for slot, count in self.routing.assign(container_type, len(queue)):
-                self._send_tasks(slot, [popleft() for _ in range(min(count, len(queue)))])
+            self._send_tasks(slot, [popleft() for _ in range(min(count, len(queue)))])
 
     def _held_changed(self, slot: _Slot, before: int) -> None:
         """Keep the totals and the routing policy's index up to date."""
@@ -497,7 +576,7 @@ class TaskDispatcher:
             record.slot = slot
             record.attempts += 1
             record.transitions.append(transition)
-            outstanding[task_id] = record
+            slot.hold(record)
             note(task_id, transition)
             unsent.append((task_id, record.buffer))
             if record.container is not None:
