@@ -167,6 +167,7 @@ class ManagerInfo:
     registered_at: float  # clock time
     idle_since: Optional[float]  # clock time it last became idle; None while busy
     tasks_completed: int = 0  # results it has sent back
+    container_type: str = "RAW"  # the type it serves (hard routing)
 
 
 class ILoadSource(Interface):
@@ -188,3 +189,11 @@ class ILoadSource(Interface):
         the block holds a task (it may have been given one since the caller
         looked).  True otherwise.
         """
+
+
+class ITypedLoadSource(ILoadSource):
+    """The load by container type, for scaling blocks per type (hard routing)."""
+
+    def outstanding_by_type() -> Dict[str, int]:
+        """Tasks accepted and not yet answered, by container type (types with
+        none may be absent)."""

@@ -232,7 +232,8 @@ async def _connect_one(
     endpoint = wrapClientTLS(tls, TCP4ClientEndpoint(reactor, info.address, info.port))
     factory = Factory.forProtocol(lambda: SimulatedContainerManager(reactor, settings, block_id))
     factory.noisy = False
-    manager: SimulatedContainerManager = await endpoint.connect(factory)
+    connected: Any = await endpoint.connect(factory)
+    manager: SimulatedContainerManager = connected
     await manager.register(info.secret)
     manager.send_warm()
     return manager
