@@ -38,15 +38,13 @@ from zope.interface import implementer
 
 from funcx_endpoint.executor.interface import (
     IManagerEvents,
-    IManagerLoad,
     IResultSink,
     IRoutingPolicy,
-    IWarmManagerLoad,
 )
 from funcx_endpoint.executor.routing import RAW
+from funcx_endpoint.executor.slots import ManagerSlot, TaskRecord
 from funcx_endpoint.wire import (
     ActorName,
-    Container,
     ErrorCode,
     MessageError,
     PackedResult,
@@ -54,102 +52,8 @@ from funcx_endpoint.wire import (
     TaskState,
     TaskTransition,
 )
-from funcx_endpoint.wire.amp import RateMeter
 
-__all__ = ["TaskDispatcher", "TaskRecord"]
-
-
-class TaskRecord:
-    """One task the interchange accepted and has not answered yet."""
-
-    __slots__ = (
-        "task_id",
-        "buffer",
-        "container",
-        "container_type",
-        "transitions",
-        "attempts",
-        "slot",
-    )
-
-    def __init__(self, task: Task, container_type: str, transition: TaskTransition) -> None:
-        self.task_id = task.task_id
-        # As the manager receives it; made once, however often it is sent.
-        self.buffer = task.task_buffer.encode("utf-8")
-        # The container the manager runs it in (a task naming a container by id
-        # only gets one of that id without images: the manager says why it
-        # cannot run it, in a container mode).
-        self.container: Optional[Container] = task.container
-        if self.container is None and task.container_id is not None:
-            self.container = Container(task.container_id, "")
-        self.container_type = container_type
-        self.transitions: List[TaskTransition] = [transition]
-        self.attempts = 0  # times sent to a manager
-        self.slot: Optional[_Slot] = None
-
-
-@implementer(IManagerLoad, IWarmManagerLoad)
-class _Slot:
-    """The dispatcher's side of one manager: the tasks it holds, what is
-    still to be sent to it, and how fast it answers."""
-
-    __slots__ = (
-        "manager",
-        "container_type",
-        "worker_count",
-        "capacity",
-        "sequence",
-        "outstanding",
-        "unsent",
-        "unsent_containers",
-        "push_call",
-        "last_push",
-        "completions",
-        "tasks_completed",
-        "idle_since",
-        "accepting",
-        "warm",
-        "held_of_type",
-        "cold_starts",
-    )
-
-    def __init__(self, manager: Any, now: float) -> None:
-        self.manager = manager
-        self.container_type: str = manager.container_type
-        self.worker_count: int = manager.worker_count
-        self.capacity: int = manager.capacity
-        self.sequence: int = manager.sequence
-        self.outstanding: Dict[str, TaskRecord] = {}
-        self.unsent: List[Tuple[str, bytes]] = []
-        self.unsent_containers: Dict[str, Container] = {}
-        self.push_call: Optional[IDelayedCall] = None
-        self.last_push = -1.0
-        self.completions = RateMeter()
-        self.tasks_completed = 0
-        self.idle_since: Optional[float] = now
-        self.accepting = True
-        self.warm: Dict[str, int] = {}  # its last WarmContainers
-        self.held_of_type: Dict[str, int] = {}
-        self.cold_starts = 0
-
-    def hold(self, record: TaskRecord) -> None:
-        self.outstanding[record.task_id] = record
-        of_type = self.held_of_type
-        of_type[record.container_type] = of_type.get(record.container_type, 0) + 1
-
-    def release(self, record: TaskRecord) -> None:
-        """Forget ``record`` (it must be held here)."""
-        del self.outstanding[record.task_id]
-        of_type = self.held_of_type
-        count = of_type[record.container_type] - 1
-        if count:
-            of_type[record.container_type] = count
-        else:
-            del of_type[record.container_type]
-
-    @property
-    def held(self) -> int:
-        return len(self.outstanding)
+__all__ = ["ManagerSlot", "TaskDispatcher", "TaskRecord"]
 
 
 @implementer(IManagerEvents)
@@ -177,7 +81,7 @@ class TaskDispatcher:
         self._dispatching = True
         self._tasks: Dict[str, TaskRecord] = {}
         self._queues: Dict[str, Deque[TaskRecord]] = {}
-        self._slots: Dict[Any, _Slot] = {}  # by manager
+        self._slots: Dict[Any, ManagerSlot] = {}  # by manager
         self._workers = 0  # of all managers here
         self._idle_workers = 0  # sum of max(0, workers - held)
         self._by_type: Dict[str, List[int]] = {}  # container type: [managers, tasks held]
@@ -304,7 +208,7 @@ class TaskDispatcher:
     # -- managers (IManagerEvents) -------------------------------------------
 
     def manager_joined(self, manager: Any) -> None:
-        slot = self._slots[manager] = _Slot(manager, self.clock.seconds())
+        slot = self._slots[manager] = ManagerSlot(manager, self.clock.seconds())
         self._workers += slot.worker_count
         self._idle_workers += max(0, slot.worker_count)
         self._by_type.setdefault(slot.container_type, [0, 0])[0] += 1
@@ -433,7 +337,7 @@ class TaskDispatcher:
             self.routing.update(slot)
             self._schedule_dispatch()
 
-    def _warm_changed(self, slot: _Slot, warm: Dict[str, int]) -> None:
+    def _warm_changed(self, slot: ManagerSlot, warm: Dict[str, int]) -> None:
         totals = self._warm
         for container_type, count in slot.warm.items():
             left = totals.get(container_type, 0) - count
@@ -556,7 +460,7 @@ class TaskDispatcher:
             popleft = queue.popleft
             self._send_tasks(slot, [popleft() for _ in range(min(count, len(queue)))])
 
-    def _held_changed(self, slot: _Slot, before: int) -> None:
+    def _held_changed(self, slot: ManagerSlot, before: int) -> None:
         """Keep the totals and the routing policy's index up to date."""
         held = len(slot.outstanding)
         workers = slot.worker_count
@@ -565,7 +469,7 @@ class TaskDispatcher:
         if slot.accepting:
             self.routing.update(slot)
 
-    def _send_tasks(self, slot: _Slot, batch: List[TaskRecord]) -> None:
+    def _send_tasks(self, slot: ManagerSlot, batch: List[TaskRecord]) -> None:
         transition = TaskTransition.now(TaskState.WAITING_FOR_LAUNCH, ActorName.INTERCHANGE)
         outstanding = slot.outstanding
         before = len(outstanding)
@@ -585,7 +489,7 @@ class TaskDispatcher:
         slot.idle_since = None
         self._push(slot)
 
-    def _push(self, slot: _Slot) -> None:
+    def _push(self, slot: ManagerSlot) -> None:
         """Send the manager its unsent tasks now, or when ``batch_interval`` allows.
 
         They go at once after a quiet period, or when the manager holds no more
@@ -603,7 +507,7 @@ class TaskDispatcher:
         else:
             self._push_now(slot)
 
-    def _push_now(self, slot: _Slot) -> None:
+    def _push_now(self, slot: ManagerSlot) -> None:
         slot.push_call = None
         if not slot.unsent or self._slots.get(slot.manager) is not slot:
             return
