@@ -331,15 +331,20 @@ class SimpleStrategy(Service):
                     f"{count * per_block} slot(s)"
                 )
         room = max(0, max_blocks - len(active))
-        # Types with no block first, then by need.
+        # One block for each type with none first, then the rest by need.
         order = sorted(wanted, key=lambda t: (bool(blocks_of.get(t)), -wanted[t], t))
-        chosen: List[Tuple[str, int]] = []
+        given: Dict[str, int] = {}
         for container_type in order:
-            n = min(wanted[container_type], room)
+            if room and not blocks_of.get(container_type):
+                given[container_type] = 1
+                room -= 1
+        for container_type in order:
+            n = min(wanted[container_type] - given.get(container_type, 0), room)
             if n > 0:
-                chosen.append((container_type, n))
+                given[container_type] = given.get(container_type, 0) + n
                 room -= n
-        starved = [t for t in order if not blocks_of.get(t) and t not in dict(chosen)]
+        chosen = [(t, given[t]) for t in order if given.get(t)]
+        starved = [t for t in order if not blocks_of.get(t) and t not in given]
         reason = "; ".join(reasons)
         if chosen:
             hold = self.backoff_until()
