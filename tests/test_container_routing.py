@@ -90,8 +90,13 @@ class DispatcherWarmTests(SynchronousTestCase):
         self.assertEqual([t for t, _ in warm.sent][-2:], [t.task_id for t in tasks])
         slot = self.dispatcher._slots[warm]
         self.assertEqual(slot.held_of_type.get(TYPES[0]), 2)
+        # Tasks held count under their own type, not the manager's (RAW).
+        self.assertEqual(self.dispatcher.load_totals()[2], {RAW: 0, TYPES[0]: 2, TYPES[1]: 2})
         self.dispatcher.results_received(warm, [answer(tasks[0].task_id)])
         self.assertEqual(slot.held_of_type.get(TYPES[0]), 1)
+        self.dispatcher.manager_left(warm, "gone", on_purpose=False)
+        self.assertEqual(self.dispatcher.load_totals()[2], {RAW: 0, TYPES[1]: 2})
+        self.flush()
 
     def test_cold_start_totals_outlive_managers(self) -> None:
         a, b = FakeManager(RAW), FakeManager(RAW)

@@ -84,7 +84,8 @@ class TaskDispatcher:
         self._slots: Dict[Any, ManagerSlot] = {}  # by manager
         self._workers = 0  # of all managers here
         self._idle_workers = 0  # sum of max(0, workers - held)
-        self._by_type: Dict[str, List[int]] = {}  # container type: [managers, tasks held]
+        self._by_type: Dict[str, List[int]] = {}  # manager's container type: [managers, held]
+        self._held_of_type: Dict[str, int] = {}  # task's container type: tasks held
         self._warm: Dict[str, int] = {}  # container type: warm workers at all managers
         self._cold_starts = 0  # reported by managers, those gone included
         self._ready: List[PackedResult] = []
@@ -208,7 +209,7 @@ class TaskDispatcher:
     # -- managers (IManagerEvents) -------------------------------------------
 
     def manager_joined(self, manager: Any) -> None:
-        slot = self._slots[manager] = ManagerSlot(manager, self.clock.seconds())
+        slot = self._slots[manager] = ManagerSlot(manager, self.clock.seconds(), self._held_of_type)
         self._workers += slot.worker_count
         self._idle_workers += max(0, slot.worker_count)
         self._by_type.setdefault(slot.container_type, [0, 0])[0] += 1
@@ -231,8 +232,7 @@ class TaskDispatcher:
             slot.push_call.cancel()
             slot.push_call = None
         records = list(slot.outstanding.values())
-        slot.outstanding.clear()
-        slot.held_of_type.clear()
+        slot.release_all()
         self._warm_changed(slot, {})
         self._held_changed(slot, len(records))
         self._workers -= slot.worker_count
@@ -384,12 +384,12 @@ class TaskDispatcher:
         return len(slot.outstanding), slot.idle_since, slot.tasks_completed
 
     def load_totals(self) -> Tuple[int, int, Dict[str, int]]:
-        """``(workers, idle workers, tasks held by container type)`` of the
+        """``(workers, idle workers, tasks held by their container type)`` of the
         managers here (a type appears while a manager of it is here)."""
         return (
             self._workers,
             self._idle_workers,
-            {container_type: held for container_type, (_, held) in self._by_type.items()},
+            self._held_by_type(),
         )
 
     def warm_totals(self) -> Tuple[Dict[str, int], int]:
@@ -401,6 +401,13 @@ class TaskDispatcher:
         """The cold starts ``manager`` reported."""
         slot = self._slots.get(manager)
         return 0 if slot is None else slot.cold_starts
+
+    def _held_by_type(self) -> Dict[str, int]:
+        # The types of the managers here (0 if they hold none), and of the
+        # tasks held (a task's own type: soft routing's managers serve any).
+        held = dict.fromkeys(self._by_type, 0)
+        held.update(self._held_of_type)
+        return held
 
     def record(self, task_id: str) -> Optional[TaskRecord]:
         """The record of a task held here, if any."""

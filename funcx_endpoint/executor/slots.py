@@ -72,9 +72,12 @@ class ManagerSlot:
         "warm",
         "held_of_type",
         "cold_starts",
+        "_totals",
     )
 
-    def __init__(self, manager: Any, now: float) -> None:
+    def __init__(
+        self, manager: Any, now: float, held_totals: Optional[Dict[str, int]] = None
+    ) -> None:
         self.manager = manager
         self.container_type: str = manager.container_type
         self.worker_count: int = manager.worker_count
@@ -91,22 +94,38 @@ class ManagerSlot:
         self.accepting = True
         self.warm: Dict[str, int] = {}  # its last WarmContainers
         self.held_of_type: Dict[str, int] = {}
+        # The dispatcher's tasks held by type, at every manager: kept with ours.
+        self._totals: Dict[str, int] = {} if held_totals is None else held_totals
         self.cold_starts = 0
 
     def hold(self, record: TaskRecord) -> None:
+        """Hold ``record`` (sent, or about to be)."""
         self.outstanding[record.task_id] = record
-        of_type = self.held_of_type
-        of_type[record.container_type] = of_type.get(record.container_type, 0) + 1
+        kind = record.container_type
+        for of_type in (self.held_of_type, self._totals):
+            of_type[kind] = of_type.get(kind, 0) + 1
 
     def release(self, record: TaskRecord) -> None:
         """Forget ``record`` (it must be held here)."""
         del self.outstanding[record.task_id]
-        of_type = self.held_of_type
-        count = of_type[record.container_type] - 1
-        if count:
-            of_type[record.container_type] = count
-        else:
-            del of_type[record.container_type]
+        kind = record.container_type
+        for of_type in (self.held_of_type, self._totals):
+            count = of_type[kind] - 1
+            if count:
+                of_type[kind] = count
+            else:
+                del of_type[kind]
+
+    def release_all(self) -> None:
+        """Forget every task held here."""
+        for kind, count in self.held_of_type.items():
+            left = self._totals[kind] - count
+            if left:
+                self._totals[kind] = left
+            else:
+                del self._totals[kind]
+        self.outstanding.clear()
+        self.held_of_type.clear()
 
     @property
     def held(self) -> int:
