@@ -195,6 +195,20 @@ class ChoiceOfPolicyTests(SynchronousTestCase):
         soft.worker_mode = "docker"
         self.assertEqual(soft.notices(), [])
 
+    def test_soft_refused_on_kubernetes(self) -> None:
+        from funcx_endpoint.config.fields import ConfigError
+
+        class KubernetesProvider:
+            pass
+
+        executor = containers_executor("soft")
+        executor.provider = KubernetesProvider()
+        with self.assertRaises(ConfigError) as caught:
+            executor.validate()
+        self.assertIn("not supported with Kubernetes", str(caught.exception))
+        executor.scheduler_mode = "hard"
+        executor.validate()
+
     def test_scheduler_mode_values(self) -> None:
         from funcx_endpoint.config.fields import ConfigError
 

@@ -325,6 +325,16 @@ class HighThroughputExecutor(ConfigObject):
             _check_heartbeats(
                 "HighThroughputExecutor", self.heartbeat_period, self.heartbeat_threshold
             )
+        if (
+            self.scheduler_mode == "soft"
+            and self.worker_mode != "no_container"
+            and "Kubernetes" in type(self.provider).__name__
+        ):
+            raise ConfigError(
+                "HighThroughputExecutor.scheduler_mode='soft' is not supported with "
+                "Kubernetes: a pod runs its manager and workers in one image, so a manager "
+                "cannot start containers of other types; use scheduler_mode='hard'"
+            )
 
     def listen_port_range(self) -> Tuple[int, int]:
         """The ports the interchange may listen on for managers: ``worker_ports[0]``,
