@@ -485,7 +485,9 @@ class Interchange(Service):
         With containers, ``routing``: the scheduler mode, warm workers by
         container type, the cold starts of all managers since the start, and
         those of the :data:`COLD_STARTS_SHOWN` managers here that made the
-        most (by manager id).
+        most (by manager id).  Asked for only by ``funcx-endpoint status``
+        (not by the periodic status reports): finding those managers looks at
+        every manager once.
         """
         status = self.status()
         fields: Dict[str, Any] = {
