@@ -84,7 +84,7 @@ class TaskDispatcher:
         self._slots: Dict[Any, ManagerSlot] = {}  # by manager
         self._workers = 0  # of all managers here
         self._idle_workers = 0  # sum of max(0, workers - held)
-        self._by_type: Dict[str, List[int]] = {}  # manager's container type: [managers, held]
+        self._managers_of_type: Dict[str, int] = {}  # manager's container type: managers
         self._held_of_type: Dict[str, int] = {}  # task's container type: tasks held
         self._warm: Dict[str, int] = {}  # container type: warm workers at all managers
         self._cold_starts = 0  # reported by managers, those gone included
@@ -212,7 +212,8 @@ class TaskDispatcher:
         slot = self._slots[manager] = ManagerSlot(manager, self.clock.seconds(), self._held_of_type)
         self._workers += slot.worker_count
         self._idle_workers += max(0, slot.worker_count)
-        self._by_type.setdefault(slot.container_type, [0, 0])[0] += 1
+        of_type = self._managers_of_type
+        of_type[slot.container_type] = of_type.get(slot.container_type, 0) + 1
         self.routing.update(slot)
         self._schedule_dispatch()
 
@@ -237,10 +238,11 @@ class TaskDispatcher:
         self._held_changed(slot, len(records))
         self._workers -= slot.worker_count
         self._idle_workers -= max(0, slot.worker_count)
-        of_type = self._by_type[slot.container_type]
-        of_type[0] -= 1
-        if not of_type[0]:
-            del self._by_type[slot.container_type]
+        left = self._managers_of_type[slot.container_type] - 1
+        if left:
+            self._managers_of_type[slot.container_type] = left
+        else:
+            del self._managers_of_type[slot.container_type]
         slot.unsent = []
         slot.unsent_containers = {}
         for record in records:
@@ -405,7 +407,7 @@ class TaskDispatcher:
     def _held_by_type(self) -> Dict[str, int]:
         # The types of the managers here (0 if they hold none), and of the
         # tasks held (a task's own type: soft routing's managers serve any).
-        held = dict.fromkeys(self._by_type, 0)
+        held = dict.fromkeys(self._managers_of_type, 0)
         held.update(self._held_of_type)
         return held
 
@@ -472,7 +474,6 @@ class TaskDispatcher:
         held = len(slot.outstanding)
         workers = slot.worker_count
         self._idle_workers += max(0, workers - held) - max(0, workers - before)
-        self._by_type[slot.container_type][1] += held - before
         if slot.accepting:
             self.routing.update(slot)
 

@@ -102,19 +102,25 @@ class ManagerSlot:
         """Hold ``record`` (sent, or about to be)."""
         self.outstanding[record.task_id] = record
         kind = record.container_type
-        for of_type in (self.held_of_type, self._totals):
-            of_type[kind] = of_type.get(kind, 0) + 1
+        mine, totals = self.held_of_type, self._totals
+        mine[kind] = mine.get(kind, 0) + 1
+        totals[kind] = totals.get(kind, 0) + 1
 
     def release(self, record: TaskRecord) -> None:
         """Forget ``record`` (it must be held here)."""
         del self.outstanding[record.task_id]
         kind = record.container_type
-        for of_type in (self.held_of_type, self._totals):
-            count = of_type[kind] - 1
-            if count:
-                of_type[kind] = count
-            else:
-                del of_type[kind]
+        mine, totals = self.held_of_type, self._totals
+        count = mine[kind] - 1
+        if count:
+            mine[kind] = count
+        else:
+            del mine[kind]
+        count = totals[kind] - 1
+        if count:
+            totals[kind] = count
+        else:
+            del totals[kind]
 
     def release_all(self) -> None:
         """Forget every task held here."""
