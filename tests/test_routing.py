@@ -574,6 +574,17 @@ class WarmFirstRoutingTests(SynchronousTestCase):
         self.clock.advance(1)
         self.assertEqual(routed(self.route({"t1": 3})), {("t1", 1): 3})
 
+    def test_waiting_restarts_when_a_queue_empties(self) -> None:
+        busy = WarmLoad(1, 2, prefetch=4, warm={"t2": 2}, held_of_type={"t2": 2})
+        self.add(busy)
+        self.assertEqual(self.route({"t1": 3}), [])
+        self.clock.advance(9)
+        self.assertEqual(self.route({"t3": 1}), [])  # t1's tasks were cancelled
+        self.clock.advance(5)
+        self.assertEqual(self.route({"t1": 1}), [])  # waiting since now, not 14 s ago
+        self.clock.advance(10)
+        self.assertEqual(routed(self.route({"t1": 1})), {("t1", 1): 1})
+
     def test_cold_routing_interval_zero(self) -> None:
         policy = WarmFirstRouting(self.clock, cold_routing_interval=0.0)
         busy = WarmLoad(1, 2, prefetch=4, warm={"t2": 2}, held_of_type={"t2": 2})

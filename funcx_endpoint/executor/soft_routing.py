@@ -183,6 +183,9 @@ class WarmFirstRouting:
             left[container_type] -= self._route_warm(container_type, count, pending, given)
         self._route_cold(left, pending, given)
         now = self.clock.seconds()
+        unserved = self._unserved_since
+        for container_type in [t for t in unserved if not queued.get(t)]:
+            del unserved[container_type]  # its queue emptied (cancelled, withdrawn)
         starving = []
         for container_type, count in queued.items():
             if count <= 0 or left.get(container_type, 0) < count:
