@@ -31,6 +31,7 @@ from funcx_endpoint.wire.amp import (
     Quitting,
     Register,
     SendResults,
+    WarmContainers,
     read_unanswered,
     set_no_delay,
 )
@@ -227,6 +228,13 @@ class ManagerConnection(amp.AMP):
     @Heartbeat.responder
     def heartbeat(self) -> Dict[str, Any]:
         """Nothing to do: receiving any box counts as a sign of life."""
+        return {}
+
+    @WarmContainers.responder
+    def warm_containers(self, warm: Dict[str, int], cold_starts: int) -> Dict[str, Any]:
+        """The manager's warm workers per container type and its cold starts (soft routing)."""
+        if self.manager is not None:
+            self._registry.warm_containers(self.manager, warm, cold_starts)
         return {}
 
     @Quitting.responder
