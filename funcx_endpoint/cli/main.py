@@ -12,7 +12,7 @@ from typing import Optional
 
 import click
 
-from funcx_endpoint.cli import account, completion, profiles, running, status
+from funcx_endpoint.cli import account, boot, completion, profiles, running, status
 from funcx_endpoint.cli.context import Context
 from funcx_endpoint.version import __version__
 
@@ -64,6 +64,8 @@ for command in (
     account.logout,
     status.list_command,
     status.status,
+    boot.enable_on_boot,
+    boot.disable_on_boot,
 ):
     cli.add_command(command)
 
