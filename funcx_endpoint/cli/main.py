@@ -3,7 +3,9 @@
 The commands are in the modules of their concern: :mod:`~funcx_endpoint.cli.profiles`
 (``init``, ``configure``), :mod:`~funcx_endpoint.cli.running` (``start``, ``stop``,
 ``restart``, ``delete``), :mod:`~funcx_endpoint.cli.account` (``whoami``, ``logout``)
-and :mod:`~funcx_endpoint.cli.status` (``list``, ``status``).
+:mod:`~funcx_endpoint.cli.status` (``list``, ``status``),
+:mod:`~funcx_endpoint.cli.remote_endpoints` (``list --remote``, ``delete --remote``)
+and :mod:`~funcx_endpoint.cli.boot` (``enable-on-boot``, ``disable-on-boot``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,15 @@ from typing import Optional
 
 import click
 
-from funcx_endpoint.cli import account, boot, completion, profiles, running, status
+from funcx_endpoint.cli import (
+    account,
+    boot,
+    completion,
+    profiles,
+    remote_endpoints,
+    running,
+    status,
+)
 from funcx_endpoint.cli.context import Context
 from funcx_endpoint.version import __version__
 
@@ -59,10 +69,10 @@ for command in (
     running.start,
     running.stop,
     running.restart,
-    running.delete,
+    remote_endpoints.with_remote_delete(running.delete),
     account.whoami,
     account.logout,
-    status.list_command,
+    remote_endpoints.with_remote_list(status.list_command),
     status.status,
     boot.enable_on_boot,
     boot.disable_on_boot,
