@@ -5,7 +5,8 @@ The commands are in the modules of their concern: :mod:`~funcx_endpoint.cli.prof
 ``restart``, ``delete``), :mod:`~funcx_endpoint.cli.account` (``whoami``, ``logout``)
 :mod:`~funcx_endpoint.cli.status` (``list``, ``status``),
 :mod:`~funcx_endpoint.cli.remote_endpoints` (``list --remote``, ``delete --remote``)
-and :mod:`~funcx_endpoint.cli.boot` (``enable-on-boot``, ``disable-on-boot``).
+:mod:`~funcx_endpoint.cli.boot` (``enable-on-boot``, ``disable-on-boot``)
+and :mod:`~funcx_endpoint.cli.diagnose` (``diagnose``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from funcx_endpoint.cli import (
     account,
     boot,
     completion,
+    diagnose,
     profiles,
     remote_endpoints,
     running,
@@ -76,6 +78,7 @@ for command in (
     status.status,
     boot.enable_on_boot,
     boot.disable_on_boot,
+    diagnose.diagnose,
 ):
     cli.add_command(command)
 
