@@ -45,7 +45,7 @@ def print_checks(checks: List[c.Check]) -> None:
     default=10.0,
     show_default=True,
     metavar="SECONDS",
-    help="How long each network check may take.",
+    help="How long each network step (connecting, an answer) may take.",
 )
 @click.option(
     "--bundle",
@@ -94,8 +94,11 @@ def diagnose(
     if config is not None:
         from funcx_endpoint.cli import remote
 
+        urls = c.broker_urls(ep)
         checks.extend(
-            remote.run_in_reactor(lambda reactor: c.network_checks(reactor, config, ep, timeout))
+            remote.run_in_reactor(
+                lambda reactor: c.network_checks(reactor, config, ep, urls, timeout)
+            )
         )
     else:
         for what in ("service", "clock", "credentials", "broker"):

@@ -511,13 +511,13 @@ async def check_broker(
 
 
 async def network_checks(
-    reactor: Any, config: Config, ep: EndpointDir, timeout: float
+    reactor: Any, config: Config, ep: EndpointDir, urls: List[AMQPURL], timeout: float
 ) -> List[Check]:
-    """Service, clock, credentials and broker checks, run concurrently."""
+    """Service, clock, credentials and broker (at ``urls``, see :func:`broker_urls`)
+    checks, run concurrently; each step (connecting, an answer) bounded by ``timeout``."""
     from twisted.internet.defer import gatherResults
 
     service_d = Deferred.fromCoroutine(check_service(reactor, config, timeout))
-    urls = broker_urls(ep)
     ca_file = config.amqp_ca_file or config.service_ca_file
     broker_ds = [
         Deferred.fromCoroutine(
