@@ -146,3 +146,38 @@ class RemoteEndpointsTests(SynchronousTestCase):
         result = self.fx(self.here, "list", "--json")
         self.assertEqual(result.returncode, 2)
         self.assertIn("go with --remote", result.stderr)
+
+
+class WrapperTests(SynchronousTestCase):
+    """The wrappers keep the local commands as they are."""
+
+    def test_local_json_option_serves_both(self) -> None:
+        import click
+        from click.testing import CliRunner
+
+        from funcx_endpoint.cli.context import Context
+        from funcx_endpoint.cli.remote_endpoints import with_remote_list
+
+        seen = []
+
+        @click.command(name="list")
+        @click.option("--json", "as_json", is_flag=True)
+        def local(as_json: bool) -> None:
+            seen.append(as_json)
+
+        wrapped = with_remote_list(local)
+        self.assertEqual([p.name for p in wrapped.params].count("as_json"), 1)
+
+        @click.group()
+        @click.pass_context
+        def group(ctx: click.Context) -> None:
+            ctx.obj = Context(os.path.abspath(self.mktemp()), False)
+
+        group.add_command(wrapped)
+        result = CliRunner().invoke(group, ["list", "--json"])
+        self.assertEqual(result.exit_code, 0, result.output)
+        self.assertEqual(seen, [True])
+        # --remote with no profile to say which service: exit 66, before any call.
+        remote = CliRunner().invoke(group, ["list", "--remote", "--json"])
+        self.assertEqual(remote.exit_code, 66, remote.output)
+        self.assertIn("no endpoint profile", remote.output)

@@ -173,8 +173,8 @@ unit_dir_option = click.option(
     "--unit-dir",
     type=click.Path(file_okay=False),
     default=None,
-    help="Write the unit here instead [default: /etc/systemd/system as root, "
-    "else ~/.config/systemd/user].",
+    help="Write the unit here instead, and do not call systemctl [default: "
+    "/etc/systemd/system as root, else ~/.config/systemd/user].",
 )
 user_option = click.option(
     "--user/--system",

@@ -207,18 +207,23 @@ def with_remote_list(local: click.Command) -> click.Command:
             "service of every profile].",
         ),
     ]
-    if "json" not in own:
+    # The local list may come to have a JSON option of its own: then it serves both.
+    json_param = next((n for n in ("as_json", "json") if n in own), None)
+    if json_param is None:
         extra.append(
             click.Option(["--json", "as_json"], is_flag=True, help="With --remote: print JSON.")
         )
 
     def callback(remote: bool, profile: Optional[str], **kwargs: Any) -> None:
         click_ctx = click.get_current_context()
-        as_json = bool(kwargs.pop("as_json", False) or kwargs.get("json", False))
+        if json_param is None:
+            as_json = bool(kwargs.pop("as_json", False))
+        else:
+            as_json = bool(kwargs.get(json_param))
         if remote:
             show_remote_list(click_ctx.find_object(Context), as_json, profile)  # type: ignore[arg-type]
             return
-        if profile is not None or ("json" not in own and as_json):
+        if profile is not None or (json_param is None and as_json):
             raise click.UsageError("--profile and --json go with --remote")
         click_ctx.invoke(local, **kwargs)
 
