@@ -170,3 +170,96 @@ def _owner_name(path: str) -> str:
     import pwd
 
     return pwd.getpwuid(os.stat(path).st_uid).pw_name
+
+
+class UnitRunsTheEndpointTests(SynchronousTestCase):
+    """What the unit runs, run as systemd would (its ExecStart, WorkingDirectory,
+    EnvironmentFile and Environment; TERM to the main process on stop), against
+    the real service: the endpoint gets ready, and TERM makes it exit 0, which
+    Restart=on-failure does not restart."""
+
+    def test_exec_start_runs_the_endpoint(self) -> None:
+        import signal
+        import sys
+
+        from funcx_endpoint.endpoint.layout import EndpointState
+        from funcx_endpoint.testing.service import shared_service
+        from tests.support import alive, endpoint_processes, run_cli, wait_for
+
+        service = shared_service()
+        client_id, secret = service.create_client()
+        env = service.client_env((client_id, secret))
+        config_dir = os.path.abspath(self.mktemp())
+        configured = run_cli(
+            config_dir,
+            "configure",
+            "booted",
+            "--service-address",
+            service.base_url,
+            "--service-ca-file",
+            service.ca_file,
+            "--amqp-ca-file",
+            service.broker_ca_file,
+            env=env,
+        )
+        self.assertEqual(configured.returncode, 0, configured.stderr)
+        ep = EndpointDir(config_dir, "booted")
+        # The credentials go to the EnvironmentFile, not into the unit.
+        env_file = os.path.join(ep.path, "endpoint.env")
+        fd = os.open(env_file, os.O_WRONLY | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"FUNCX_SDK_CLIENT_ID={client_id}\nFUNCX_SDK_CLIENT_SECRET={secret}\n")
+        unit_dir = os.path.abspath(self.mktemp())
+        bare = {k: v for k, v in env.items() if not k.startswith("FUNCX_SDK_")}
+        enabled = run_cli(config_dir, "enable-on-boot", "booted", "--unit-dir", unit_dir, env=bare)
+        self.assertEqual(enabled.returncode, 0, enabled.stderr)
+        self.assertNotIn("Credentials:", enabled.stdout)  # the file exists
+        with open(os.path.join(unit_dir, unit_name(ep))) as f:
+            text = f.read()
+        self.assertNotIn(secret, text)
+        settings = unit_settings(text)
+
+        unit_env = {k: v for k, v in child_env().items() if not k.startswith(("FUNCX_", "GLOBUS_"))}
+        unit_env.update({k: v for k, v in bare.items() if k.startswith("GLOBUS_")})
+        for assignment in settings.get("Environment", []):
+            key, value = shlex.split(assignment)[0].split("=", 1)
+            unit_env[key] = value
+        with open(settings["EnvironmentFile"][0].lstrip("-")) as f:
+            for line in f:
+                key, value = line.strip().split("=", 1)
+                unit_env[key] = value
+        argv = shlex.split(settings["ExecStart"][0])
+        self.assertEqual(argv[0], sys.executable)
+        process = subprocess.Popen(
+            argv,
+            cwd=settings["WorkingDirectory"][0],
+            env=unit_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        ready = wait_for(
+            lambda: (
+                process.poll() is None
+                and ep.state() is EndpointState.RUNNING
+                and ep.endpoint_id() is not None
+                and "broker tasks connection: connected"
+                in run_cli(config_dir, "status", "booted").stdout
+            ),
+            60,
+        )
+        if not ready:
+            process.kill()
+            self.fail(process.communicate()[0].decode(errors="replace")[-3000:])
+        pid = ep.read_pid()
+        process.send_signal(signal.SIGTERM)  # KillMode=mixed: the main process only
+        output, _ = process.communicate(timeout=60)
+        # twistd ends by re-raising the TERM it stopped for; systemd counts an exit
+        # by SIGTERM as clean (SuccessExitStatus's default), so no restart follows.
+        self.assertIn(
+            process.returncode, (0, -signal.SIGTERM), output.decode(errors="replace")[-3000:]
+        )
+        self.assertIn(b"Starting endpoint 'booted' in the foreground", output)
+        self.assertEqual(alive(endpoint_processes(ep, pid)), [])
+        self.assertEqual(ep.state(), EndpointState.STOPPED)

@@ -136,6 +136,8 @@ def render_unit(
         # TERM to the daemon alone: it drains and stops its managers and workers
         # itself; what is left after the timeout is killed.
         "KillMode=mixed",
+        # twistd ends by re-raising the TERM it stopped for: systemd counts that
+        # as a clean exit (SuccessExitStatus's default), so no restart follows.
         f"TimeoutStopSec={int(stop_grace_period) + 30}",
         "",
         "[Install]",
