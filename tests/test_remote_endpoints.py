@@ -181,3 +181,75 @@ class WrapperTests(SynchronousTestCase):
         remote = CliRunner().invoke(group, ["list", "--remote", "--json"])
         self.assertEqual(remote.exit_code, 66, remote.output)
         self.assertIn("no endpoint profile", remote.output)
+
+
+REAL_SDK_SCRIPT = """
+import json, sys
+from funcx import FuncXClient
+
+fxc = FuncXClient(funcx_service_address=sys.argv[1])
+out = {"before": sorted(e["endpoint_id"] for e in fxc.get_endpoints())}
+fxc.delete_endpoint(sys.argv[2])
+out["after"] = sorted(e["endpoint_id"] for e in fxc.get_endpoints())
+print(json.dumps(out))
+"""
+
+
+class RealSDKTests(SynchronousTestCase):
+    """`list --remote` agrees with the real funcX 1.0.13 SDK's get_endpoints, and
+    sees what its delete_endpoint did."""
+
+    def test_list_agrees_with_the_real_sdk(self) -> None:
+        import subprocess
+
+        from funcx_endpoint.testing.service import shared_service
+        from tests.test_real_funcx_sdk import _funcx_python
+
+        python = _funcx_python()
+        service = shared_service()
+        env = service.client_env(service.create_client())
+        config_dir = os.path.abspath(self.mktemp())
+        for name in ("one", "two"):
+            configured = run_cli(
+                config_dir,
+                "configure",
+                name,
+                "--service-address",
+                service.base_url,
+                "--service-ca-file",
+                service.ca_file,
+                "--amqp-ca-file",
+                service.broker_ca_file,
+                env=env,
+            )
+            self.assertEqual(configured.returncode, 0, configured.stderr)
+            started = run_cli(config_dir, "start", name, env=env)
+            self.assertEqual(started.returncode, 0, started.stdout + started.stderr)
+            self.assertEqual(run_cli(config_dir, "stop", name, env=env).returncode, 0)
+        ids = sorted(EndpointDir(config_dir, n).endpoint_id() or "" for n in ("one", "two"))
+        listed = run_cli(config_dir, "list", "--remote", "--json", env=env)
+        self.assertEqual(sorted(r["endpoint_id"] for r in json.loads(listed.stdout)), ids)
+
+        home = os.path.abspath(self.mktemp())
+        os.makedirs(home)
+        sdk_env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("FUNCX_", "GLOBUS_")) and k != "PYTHONPATH"
+        }
+        sdk_env.update(env)
+        sdk_env["HOME"] = home
+        done = subprocess.run(
+            [python, "-c", REAL_SDK_SCRIPT, service.base_url, ids[0]],
+            capture_output=True,
+            text=True,
+            env=sdk_env,
+            cwd=home,
+            timeout=300,
+        )
+        self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+        out = json.loads(done.stdout.strip().splitlines()[-1])
+        self.assertEqual(out["before"], ids)
+        self.assertEqual(out["after"], [ids[1]])
+        listed = run_cli(config_dir, "list", "--remote", "--json", env=env)
+        self.assertEqual([r["endpoint_id"] for r in json.loads(listed.stdout)], [ids[1]])
