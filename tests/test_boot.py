@@ -143,6 +143,16 @@ class BootUnitTests(SynchronousTestCase):
         self.assertEqual(result.exit_code, 0, result.output)
         self.assertFalse(os.path.exists(path))
 
+    def test_delete_points_at_a_unit_left(self) -> None:
+        if systemd_running():
+            raise SkipTest("systemd runs here: the command would call systemctl")
+        self.env["XDG_CONFIG_HOME"] = os.path.abspath(self.mktemp())
+        self.assertEqual(self.fx("enable-on-boot", "boot", "--user").exit_code, 0)
+        result = self.fx("delete", "boot", "--yes")
+        self.assertEqual(result.exit_code, 0, result.output)
+        self.assertIn("disable-on-boot boot", result.output)
+        self.assertEqual(self.fx("disable-on-boot", "boot", "--user").exit_code, 0)
+
     def test_unknown_endpoint(self) -> None:
         result = self.fx("enable-on-boot", "nope", "--unit-dir", self.unit_dir)
         self.assertEqual(result.exit_code, 66)

@@ -147,6 +147,17 @@ def render_unit(
     return "\n".join(lines)
 
 
+def existing_units(ep: EndpointDir) -> List[str]:
+    """The units enable-on-boot wrote for ``ep`` in the usual places (system, this user)."""
+    unit = unit_name(ep)
+    places = [default_place(False), default_place(True)]
+    return [
+        os.path.join(p.directory, unit)
+        for p in places
+        if os.path.exists(os.path.join(p.directory, unit))
+    ]
+
+
 def systemd_running() -> bool:
     """Whether this machine was booted with systemd (``sd_booted()``)."""
     return os.path.isdir("/run/systemd/system")

@@ -276,6 +276,13 @@ def with_remote_delete(local: click.Command) -> click.Command:
             click.echo(f"Endpoint {name} is the local profile {holder!r}.")
             kwargs["name"] = holder
         click_ctx.invoke(local, **kwargs)
+        from funcx_endpoint.cli.boot import existing_units
+
+        for unit in existing_units(ctx.endpoint(kwargs["name"])):
+            click.echo(
+                f"Its systemd unit {unit} is still there: remove it with "
+                f"funcx-endpoint{ctx.dir_option()} disable-on-boot {kwargs['name']}"
+            )
 
     return click.Command(
         name=local.name,

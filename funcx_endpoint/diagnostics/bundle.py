@@ -190,6 +190,7 @@ def write_bundle(
             info.mode = 0o600
             tar.addfile(info, io.BytesIO(data))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode otherwise
     with os.fdopen(fd, "wb") as f:
         f.write(buffer.getvalue())
     return sorted(texts)
