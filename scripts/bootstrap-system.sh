@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the OS packages the endpoint's demo and tests need, when missing:
-# RabbitMQ (the embedded broker), and python3-venv where Python lacks venv.
+# RabbitMQ (the embedded broker), and python3-venv where Python lacks venv;
+# named extras: postgresql, systemd (systemd-analyze, to verify enable-on-boot's units).
 # Debian/Ubuntu; runs apt-get as root or through sudo.  Idempotent.
 set -euo pipefail
 
@@ -11,6 +12,7 @@ if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
 fi
 for extra in "$@"; do
   case "$extra" in
+    systemd) command -v systemd-analyze >/dev/null 2>&1 || want+=(systemd) ;;
     postgresql) command -v pg_ctlcluster >/dev/null 2>&1 && [ -n "$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null)" ] || want+=(postgresql) ;;
     *) want+=("$extra") ;;
   esac

@@ -115,6 +115,16 @@ class RegistrationTests(SynchronousTestCase):
         self.assertEqual(info.results.routing_key, f"{endpoint_id}.results")
         self.assertEqual(info.tasks.url.host, "broker.example")
 
+    def test_broker_address_saved_without_password(self) -> None:
+        """endpoint.json records where the broker is (for `diagnose`), never its password."""
+        self.fake.answers = [(200, ok)]
+        self.successResultOf(self.register())
+        saved = self.ep.read_endpoint_json()
+        self.assertEqual(saved["broker"]["tasks"], "amqps://ep:***@broker.example:5671/%2F")
+        self.assertEqual(saved["broker"]["results"], "amqps://ep:***@broker.example:5671/%2F")
+        with open(self.ep.endpoint_json) as f:
+            self.assertNotIn("secret", f.read())
+
     def test_pinned_id_is_reused(self) -> None:
         pinned = str(uuid.uuid4())
         self.ep.write_endpoint_json({"endpoint_id": pinned})

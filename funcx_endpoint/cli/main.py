@@ -3,7 +3,10 @@
 The commands are in the modules of their concern: :mod:`~funcx_endpoint.cli.profiles`
 (``init``, ``configure``), :mod:`~funcx_endpoint.cli.running` (``start``, ``stop``,
 ``restart``, ``delete``), :mod:`~funcx_endpoint.cli.account` (``whoami``, ``logout``)
-and :mod:`~funcx_endpoint.cli.status` (``list``, ``status``).
+:mod:`~funcx_endpoint.cli.status` (``list``, ``status``),
+:mod:`~funcx_endpoint.cli.remote_endpoints` (``list --remote``, ``delete --remote``)
+:mod:`~funcx_endpoint.cli.boot` (``enable-on-boot``, ``disable-on-boot``)
+and :mod:`~funcx_endpoint.cli.diagnose` (``diagnose``).
 """
 
 from __future__ import annotations
@@ -12,7 +15,16 @@ from typing import Optional
 
 import click
 
-from funcx_endpoint.cli import account, completion, profiles, running, status
+from funcx_endpoint.cli import (
+    account,
+    boot,
+    completion,
+    diagnose,
+    profiles,
+    remote_endpoints,
+    running,
+    status,
+)
 from funcx_endpoint.cli.context import Context
 from funcx_endpoint.version import __version__
 
@@ -59,11 +71,14 @@ for command in (
     running.start,
     running.stop,
     running.restart,
-    running.delete,
+    remote_endpoints.with_remote_delete(running.delete),
     account.whoami,
     account.logout,
-    status.list_command,
+    remote_endpoints.with_remote_list(status.list_command),
     status.status,
+    boot.enable_on_boot,
+    boot.disable_on_boot,
+    diagnose.diagnose,
 ):
     cli.add_command(command)
 

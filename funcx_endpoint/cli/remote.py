@@ -1,4 +1,4 @@
-"""The CLI's calls to the funcX service: whoami, logout, delete an endpoint.
+"""The CLI's calls to the funcX service: whoami, logout, list and delete endpoints.
 
 They use the daemon's own login code (:mod:`funcx_endpoint.endpoint.auth`)
 and treq, run once in a reactor started for the command.
@@ -7,7 +7,7 @@ and treq, run once in a reactor started for the command.
 from __future__ import annotations
 
 import json
-from typing import Any, Awaitable, Callable, Dict, Optional, TypeVar
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -27,7 +27,13 @@ T = TypeVar("T")
 
 
 class RemoteError(Exception):
-    """A call to the service failed; the message says why and what to do."""
+    """A call to the service failed; the message says why and what to do.
+
+    ``exit_code``: 77 when the credentials are missing or refused, else 69."""
+
+    def __init__(self, message: str, exit_code: int = 69) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def run_in_reactor(make: Callable[[Any], Awaitable[T]]) -> T:
@@ -83,7 +89,7 @@ async def delete_endpoint(reactor: Any, config: Config, config_dir: str, endpoin
     try:
         token = await auth.token()
     except AuthError as e:
-        raise RemoteError(e.message) from None
+        raise RemoteError(e.message, 77) from None
     url = f"{config.funcx_service_address}/endpoints/{endpoint_id}"
     try:
         response = await auth.http.delete(
@@ -111,3 +117,50 @@ async def delete_endpoint(reactor: Any, config: Config, config_dir: str, endpoin
         f"the service refused to delete endpoint {endpoint_id} ({response.code}: "
         f"{error_message(data if isinstance(data, dict) else {})})"
     )
+
+
+async def get_json(reactor: Any, config: Config, config_dir: str, path: str) -> Tuple[int, Any]:
+    """``GET <service>/path`` with a token for these credentials: the answer's
+    status and JSON body.  A cached token the service refuses (401) is renewed once."""
+    auth = authenticator(reactor, config, config_dir)
+    url = config.funcx_service_address + path
+    for force_new in (False, True):
+        try:
+            token = await auth.token(force_new=force_new)
+        except AuthError as e:
+            raise RemoteError(e.message, 77) from None
+        try:
+            response = await auth.http.get(
+                url,
+                headers=headers({"Authorization": f"Bearer {token}", "Accept": "application/json"}),
+            )
+            body = await response.content()
+        except Exception as e:
+            raise RemoteError(
+                f"cannot reach the funcX service at {config.funcx_service_address}: {e}"
+            ) from None
+        if response.code != 401:
+            break
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = {"message": body[:200].decode(errors="replace")}
+    if response.code == 401:
+        raise RemoteError(
+            f"the service at {config.funcx_service_address} refused the credentials "
+            f"(401: {error_message(data if isinstance(data, dict) else {})})",
+            77,
+        )
+    return response.code, data
+
+
+async def list_endpoints(reactor: Any, config: Config, config_dir: str) -> List[Dict[str, Any]]:
+    """``GET /endpoints``: the endpoints these credentials own at the config's service."""
+    code, data = await get_json(reactor, config, config_dir, "/endpoints")
+    if code != 200 or not isinstance(data, list):
+        detail = error_message(data) if isinstance(data, dict) else repr(data)[:200]
+        raise RemoteError(
+            f"the service at {config.funcx_service_address} did not list the endpoints "
+            f"({code}: {detail})"
+        )
+    return [e for e in data if isinstance(e, dict)]

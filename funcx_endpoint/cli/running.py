@@ -97,15 +97,17 @@ def start(ctx: Context, name: str, foreground: bool, timeout: float) -> None:
     )
 
     elapsed = time.monotonic() - started
+    # The pidfile is read once: the daemon that failed may be removing it now.
+    winner = ep.read_pid() if not result.ok and not result.timed_out else None
     if (
-        not result.ok
-        and not result.timed_out
+        winner is not None
+        and winner != result.info.get("pid")
         and ep.state() is EndpointState.RUNNING
-        and ep.read_pid() != result.info.get("pid")
+        and ep.read_pid() == winner
     ):
         # Another `start` won the race: its daemon holds the endpoint's lock.
         fail(
-            f"endpoint {name!r} is already running (pid {ep.read_pid()}), started by "
+            f"endpoint {name!r} is already running (pid {winner}), started by "
             f"another `start` at the same time",
             EX_ALREADY,
         )

@@ -218,7 +218,17 @@ class Registration(Service):
             raise StartupError(f"bad registration answer: {e}", EX_DATAERR) from None
         self.answer = answer
         data = self.endpoint_dir.read_endpoint_json()
-        data.update({"endpoint_id": endpoint_id, "service": self.config.funcx_service_address})
+        data.update(
+            {
+                "endpoint_id": endpoint_id,
+                "service": self.config.funcx_service_address,
+                # Where the broker is, its password redacted: for `diagnose`.
+                "broker": {
+                    "tasks": self.broker_info.tasks.url.redacted(),
+                    "results": self.broker_info.results.url.redacted(),
+                },
+            }
+        )
         self.endpoint_dir.write_endpoint_json(data)
         self.log.info(
             "Registered as endpoint {endpoint_id} with {service}",
