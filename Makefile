@@ -16,9 +16,11 @@ all: test
 system:
 	@scripts/bootstrap-system.sh
 
-# The tests also run a private PostgreSQL server (the service's second backend).
+# The tests also run a private PostgreSQL server (the service's second backend)
+# and a private Slurm cluster (Slurm's daemons and clients, MariaDB for its
+# accounting, iproute2 for the nodes' network namespaces).
 system-test:
-	@scripts/bootstrap-system.sh postgresql
+	@scripts/bootstrap-system.sh postgresql slurm
 
 $(STAMP): setup.py
 	@echo ">>> Creating the virtualenv $(VENV) and installing the package"
