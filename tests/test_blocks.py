@@ -128,6 +128,8 @@ class FakeLoadSource:
         self._managers: Dict[str, ManagerInfo] = {}
         self.retired: List[Tuple[str, str]] = []  # (block_id, reason)
         self.retire_refused: List[str] = []
+        self.failed: List[Tuple[str, str, int]] = []  # fail_waiting calls: code, message, count
+        self.gone: Dict[str, int] = {}  # managers disconnected, by block
 
     def outstanding_tasks(self) -> int:
         return self.tasks
@@ -142,6 +144,14 @@ class FakeLoadSource:
             return False
         self.retired.append((block_id, reason))
         return True
+
+    def departures(self) -> Dict[str, int]:
+        return dict(self.gone)
+
+    def fail_waiting(self, code: str, message: str) -> int:
+        failed, self.tasks = self.tasks, 0
+        self.failed.append((code, message, failed))
+        return failed
 
     def connect(
         self,
@@ -185,6 +195,7 @@ class FakeLoadSource:
         for manager_id, info in list(self._managers.items()):
             if info.block_id == block_id:
                 del self._managers[manager_id]
+                self.gone[block_id] = self.gone.get(block_id, 0) + 1
 
 
 @implementer(ILogObserver)

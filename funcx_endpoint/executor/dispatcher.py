@@ -20,7 +20,12 @@ has its result:
   Results go to the :class:`~funcx_endpoint.executor.interface.IResultSink`
   in batches, one call per reactor turn.
 * When a manager is lost its tasks are queued again, up to
-  ``max_retries`` times each, then fail with ``ManagerLost``.
+  ``max_retries`` times each, then fail with ``ManagerLost``.  The other
+  managers of its block get no new task for ``block_holdoff`` seconds
+  (unless it was declared lost after a long silence): when a block's job is
+  cancelled or its node fails, its managers go one after the other, and a
+  task retried on a sibling that is about to go would lose a second attempt
+  to the same failure.
 
 The dispatcher knows managers only through the registry's events
 (:class:`~funcx_endpoint.executor.interface.IManagerEvents`) and talks to
@@ -90,6 +95,7 @@ class _Slot:
         "tasks_completed",
         "idle_since",
         "accepting",
+        "paused",
     )
 
     def __init__(self, manager: Any, now: float) -> None:
@@ -106,6 +112,7 @@ class _Slot:
         self.tasks_completed = 0
         self.idle_since: Optional[float] = now
         self.accepting = True
+        self.paused = False  # its block lost a manager a moment ago (block_holdoff)
 
     @property
     def held(self) -> int:
@@ -127,12 +134,16 @@ class TaskDispatcher:
         max_retries: int = 0,
         batch_interval: float = 0.001,
         max_recorded_tasks: int = 10_000,
+        block_holdoff: float = 2.0,
     ) -> None:
         self.clock = clock
         self.result_sink = result_sink
         self.routing = routing
         self.max_retries = max_retries
         self.batch_interval = batch_interval
+        self.block_holdoff = block_holdoff
+        self._held_blocks: Dict[str, float] = {}  # block id: no new tasks until then
+        self._holdoff_call: Optional[IDelayedCall] = None
         self.accepting = True
         self._dispatching = True
         self._tasks: Dict[str, TaskRecord] = {}
@@ -233,6 +244,26 @@ class TaskDispatcher:
             self._held_changed(slot, before)
         return withdrawn
 
+    def fail_waiting(self, code: str, message: str) -> int:
+        """Fail the tasks waiting for a manager with ``code`` and ``message``;
+        return how many (see :meth:`ILoadSource.fail_waiting`)."""
+        failed = 0
+        for queue in self._queues.values():
+            while queue:
+                record = queue.popleft()
+                del self._tasks[record.task_id]
+                failed += 1
+                self._answer(
+                    PackedResult.failure(
+                        record.task_id,
+                        code,
+                        f"Task {record.task_id} was not run: {message}",
+                        None,
+                        record.transitions,
+                    )
+                )
+        return failed
+
     def stop(self) -> None:
         """Send no more tasks (the interchange is stopping) and deliver what is ready."""
         self.accepting = False
@@ -240,6 +271,9 @@ class TaskDispatcher:
         if self._dispatch_call is not None:
             self._dispatch_call.cancel()
             self._dispatch_call = None
+        if self._holdoff_call is not None and self._holdoff_call.active():
+            self._holdoff_call.cancel()
+        self._holdoff_call = None
         self.deliver()
 
     # -- managers (IManagerEvents) -------------------------------------------
@@ -249,7 +283,10 @@ class TaskDispatcher:
         self._workers += slot.worker_count
         self._idle_workers += max(0, slot.worker_count)
         self._by_type.setdefault(slot.container_type, [0, 0])[0] += 1
-        self.routing.update(slot)
+        if str(manager.block_id) in self._held_blocks:
+            slot.paused = True
+        else:
+            self.routing.update(slot)
         self._schedule_dispatch()
 
     def manager_closed(self, manager: Any) -> None:
@@ -279,6 +316,8 @@ class TaskDispatcher:
         slot.unsent = []
         for record in records:
             record.slot = None
+        if not on_purpose and self.accepting and self.block_holdoff > 0 and not manager.silent:
+            self._hold_block(str(manager.block_id))
         if not records or not self.accepting:
             # Stopping (tasks were withdrawn): the broker delivers these tasks
             # again; failing them now would be wrong.
@@ -443,6 +482,34 @@ class TaskDispatcher:
         else:
             self._dropped_transitions += 1
 
+    def _hold_block(self, block_id: str) -> None:
+        """No new task for the managers of ``block_id`` for ``block_holdoff`` seconds:
+        they leave the routing policy's index meanwhile (a manager lost is rare:
+        looking at every slot then is fine)."""
+        self._held_blocks[block_id] = self.clock.seconds() + self.block_holdoff
+        for slot in self._slots.values():
+            if str(slot.manager.block_id) == block_id and not slot.paused:
+                slot.paused = True
+                self.routing.remove(slot)
+        if self._holdoff_call is None or not self._holdoff_call.active():
+            self._holdoff_call = self.clock.callLater(self.block_holdoff, self._holdoff_ended)
+
+    def _holdoff_ended(self) -> None:
+        self._holdoff_call = None
+        now = self.clock.seconds()
+        ended = {b for b, until in self._held_blocks.items() if until <= now + 1e-9}
+        for block_id in ended:
+            del self._held_blocks[block_id]
+        for slot in self._slots.values():
+            if slot.paused and str(slot.manager.block_id) in ended:
+                slot.paused = False
+                if slot.accepting:
+                    self.routing.update(slot)
+        if self._held_blocks:
+            wait = max(0.0, min(self._held_blocks.values()) - now)
+            self._holdoff_call = self.clock.callLater(wait, self._holdoff_ended)
+        self._schedule_dispatch()
+
     def _schedule_dispatch(self) -> None:
         if self._dispatch_call is None and self._dispatching:
             self._dispatch_call = self.clock.callLater(0, self._dispatch)
@@ -463,7 +530,7 @@ class TaskDispatcher:
         workers = slot.worker_count
         self._idle_workers += max(0, workers - held) - max(0, workers - before)
         self._by_type[slot.container_type][1] += held - before
-        if slot.accepting:
+        if slot.accepting and not slot.paused:
             self.routing.update(slot)
 
     def _send_tasks(self, slot: _Slot, batch: List[TaskRecord]) -> None:

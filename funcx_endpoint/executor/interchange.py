@@ -477,6 +477,14 @@ class Interchange(Service):
         self.registry.retire_block(block_id, reason)
         return True
 
+    def departures(self) -> Dict[str, int]:
+        """Managers gone so far, by block id (see :meth:`ILoadSource.departures`)."""
+        return dict(self.registry.departures)
+
+    def fail_waiting(self, code: str, message: str) -> int:
+        """Fail the tasks waiting for a manager (see :meth:`ILoadSource.fail_waiting`)."""
+        return self.dispatcher.fail_waiting(code, message)
+
     def manager_versions(self) -> Dict[str, Dict[str, str]]:
         """Python, dill and funcx versions of each registered manager, by manager id."""
         return {m.manager_id: dict(m.versions) for m in self.registry.managers.values()}

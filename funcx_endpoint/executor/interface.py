@@ -162,3 +162,13 @@ class ILoadSource(Interface):
         the block holds a task (it may have been given one since the caller
         looked).  True otherwise.
         """
+
+    def departures() -> Dict[str, int]:
+        """How many registered managers of each block have gone so far (for
+        whatever reason), by block id, for the most recent blocks: a manager
+        that came and went between two looks at :meth:`managers` shows here."""
+
+    def fail_waiting(code: str, message: str) -> int:
+        """Answer every task still waiting for a manager (none of those a
+        manager holds) with a failure of this error code and message; return
+        how many.  For when no manager can come to take them."""
