@@ -41,9 +41,13 @@ def _state_text(ep: EndpointDir) -> str:
 
 
 def format_status(details: dict) -> str:
-    """The daemon's status as indented ``key: value`` lines (nested dicts inline)."""
+    """The daemon's status as indented ``key: value`` lines (nested dicts
+    inline); the blocks' counts, then their last error and one line per block."""
     lines = []
     for key, value in details.items():
+        if key == "blocks" and isinstance(value, dict):
+            lines.extend(_block_lines(value))
+            continue
         if key == "uptime" and isinstance(value, (int, float)):
             value = _duration(value)
         elif isinstance(value, float):
@@ -63,6 +67,31 @@ def _inline(value: dict) -> str:
             item = f"{item:g}"
         parts.append(f"{key.replace('_', ' ')} {item}")
     return ", ".join(parts)
+
+
+def _block_lines(blocks: dict) -> list:
+    blocks = dict(blocks)
+    listed = blocks.pop("list", None) or []
+    error = blocks.pop("last_error", None)
+    age = blocks.pop("last_error_age", None)
+    lines = [f"  blocks: {_inline(blocks)}"]
+    if error:
+        ago = f" ({_duration(age)} ago)" if isinstance(age, (int, float)) else ""
+        lines.append(f"    last error{ago}: {' '.join(str(error).split())}")
+    for entry in listed:
+        nodes = entry.get("nodes") or []
+        parts = [
+            f"block {entry.get('block')}",
+            f"job {entry.get('job_id')}",
+            str(entry.get("state")),
+            f"nodes {' '.join(nodes) if nodes else '-'}",
+            f"managers {entry.get('managers')}",
+        ]
+        left = entry.get("walltime_left")
+        if isinstance(left, (int, float)):
+            parts.append(f"walltime left {_duration(left)}")
+        lines.append("    " + ", ".join(parts))
+    return lines
 
 
 def _duration(seconds: float) -> str:

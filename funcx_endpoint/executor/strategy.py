@@ -25,7 +25,15 @@ with Parsl's providers.  The rules, in the order they are applied:
    manager of it sent a result, or stayed connected ``min_healthy_lifetime``)
    resets ``k``; a manager that merely connects, then quits, does not.
    This holds the ``min_blocks`` top-up too: a block that cannot start is
-   not retried in a loop.
+   not retried in a loop.  Once the backoff has reached its cap (after
+   ``give_up_after`` failed starts in a row: by default the first ``k``
+   whose delay reaches ``backoff_cap``, 6 with the defaults) and no manager
+   is connected, the tasks waiting for a manager fail with
+   ``BlockStartFailed`` and the scaler's last error (the scheduler's own
+   message where there is one) instead of waiting forever; tasks that
+   arrive while that lasts fail at the next tick.  Blocks are still tried
+   every ``backoff_cap`` seconds while there is work, so the endpoint
+   serves again once a block starts.
 5. Scale in, when not scaling out: a block is idle when none of its
    managers has a task (since the latest ``idle_since`` of its managers), or
    when it has no manager connected (since the strategy first saw it so).
@@ -57,6 +65,10 @@ from funcx_endpoint.executor.interface import ILoadSource, ManagerInfo
 from funcx_endpoint.executor.providers.local import provider_from_config
 from funcx_endpoint.lifecycle import IStatusPart
 from funcx_endpoint.observer import fresh_result
+from funcx_endpoint.wire.errors import ErrorCode
+
+#: Seconds before a Parsl provider is asked about a new block (see BlockScaler).
+FIRST_POLL_DELAY = 10.0
 
 
 def estimate_workers_per_node(
@@ -111,6 +123,8 @@ class SimpleStrategy(Service):
     workers_per_node: int = attr.ib(default=1, kw_only=True, converter=_at_least_one)
     backoff_base: float = attr.ib(default=10.0, kw_only=True)
     backoff_cap: float = attr.ib(default=300.0, kw_only=True)
+    give_up_after: Optional[int] = attr.ib(default=None, kw_only=True)
+    tasks_failed: int = attr.ib(default=0, init=False)
     _unmanned_since: Dict[str, float] = attr.ib(factory=dict, init=False)
     _loop: Optional[LoopingCall] = attr.ib(default=None, init=False)
     _ticking: Optional[Deferred[Decision]] = attr.ib(default=None, init=False)
@@ -175,10 +189,36 @@ class SimpleStrategy(Service):
                     only_idle=True,
                     reason=f"scaling in: {decision.reason}",
                 )
+            self._give_up_if_hopeless()
             return decision
         except Exception:
             self.log.failure("The scaling strategy failed; it tries again in {s}s", s=self.interval)
             return Decision(reason="error")
+
+    def failures_before_giving_up(self) -> int:
+        """Failed starts in a row after which waiting tasks fail (see the module)."""
+        if self.give_up_after is not None:
+            return max(1, self.give_up_after)
+        k = 1
+        while self.backoff_base * 2 ** (k - 1) < self.backoff_cap and k < 30:
+            k += 1
+        return k
+
+    def _give_up_if_hopeless(self) -> None:
+        failures = self.scaler.consecutive_failures
+        if failures < self.failures_before_giving_up() or self.load.managers():
+            return
+        if not self.load.outstanding_tasks():
+            return
+        message = (
+            f"no block of managers could start: {failures} failed start(s) in a row with "
+            f"the {self.scaler.provider.label} provider; the last: "
+            f"{self.scaler.last_error or 'unknown'}"
+        )
+        failed = self.load.fail_waiting(ErrorCode.BLOCK_START_FAILED, message)
+        if failed:
+            self.tasks_failed += failed
+            self.log.error("Failed {n} waiting task(s): {message}", n=failed, message=message)
 
     def workers_per_manager(self, managers: List[ManagerInfo]) -> int:
         """The mean worker count of the connected managers, else the estimate."""
@@ -239,11 +279,12 @@ class SimpleStrategy(Service):
                     self._held_logged_for = hold
                     self.log.warn(
                         "Not starting blocks for {s:.0f}s after {k} failed block start(s) in "
-                        "a row (wanted {n}: {reason})",
+                        "a row (wanted {n}: {reason}); the last: {error}",
                         s=hold - now,
                         k=self.scaler.consecutive_failures,
                         n=wanted,
                         reason=reason,
+                        error=self.scaler.last_error or "unknown",
                     )
                 return Decision(held=True, reason=reason)
             return Decision(scale_out=wanted, reason=reason)
@@ -296,6 +337,7 @@ class SimpleStrategy(Service):
                 "interval": self.interval,
                 "max_idletime": self.max_idletime,
                 "backoff_remaining": round(max(0.0, hold - now), 1) if hold else 0.0,
+                "tasks_failed_for_want_of_blocks": self.tasks_failed,
             }
         }
 
@@ -329,8 +371,9 @@ class ScalingService(Service):
         await maybeDeferred(self.scaler.stopService)
 
     def status_fields(self) -> Dict[str, Any]:
-        """Blocks by state and the strategy's state."""
+        """Blocks by state (and each block, under ``blocks.list``) and the strategy's state."""
         fields = self.scaler.status_fields()
+        fields["blocks"]["list"] = self.scaler.describe_blocks()
         fields.update(self.strategy.status_fields())
         return fields
 
@@ -366,7 +409,13 @@ def scaling_from_config(
     # A batch scheduler's job names take letters, digits and a few marks only.
     job_label = re.sub(r"[^A-Za-z0-9_.-]", "_", executor.label)
     scaler = BlockScaler(
-        provider, load, reactor, command_template, job_name_prefix=f"funcx.{job_label}"
+        provider,
+        load,
+        reactor,
+        command_template,
+        job_name_prefix=f"funcx.{job_label}",
+        # A batch scheduler's accounting may not list a job at once (see BlockScaler).
+        first_poll_delay=FIRST_POLL_DELAY if provider.blocking else 0.0,
     )
     strategy = SimpleStrategy(
         scaler,
