@@ -113,6 +113,15 @@ class ClusterTests(SynchronousTestCase):
             netns=[n.netns for n in cluster.nodes],
             links=[n.veth for n in cluster.nodes] + [cluster.bridge],
         )
+        # Nothing of it listens on the machine's own interfaces: slurmctld on the
+        # bridge address only (slurmdbd and MariaDB are in a namespace of their own).
+        listening = {
+            (p.name(), c.laddr.ip)
+            for p in _marked(cluster.cluster_id)
+            for c in p.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN
+        }
+        self.assertEqual(listening, {("slurmctld", cluster.address)})
         kinds = {item.split()[0] for item in _leftovers(state)}
         self.assertEqual(kinds, {"netns", "link", "process", "job", "directory"})
         cluster.stop()

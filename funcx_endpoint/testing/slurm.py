@@ -14,10 +14,15 @@ temporary directory:
   ``/etc/hosts`` naming the cluster's machines (a bind mount, in its mount namespace
   only; the machine's ``/etc`` is not touched);
 - on the host, in the same kind of UTS and mount namespace (host name ``slurmctl``):
-  ``slurmctld`` and ``slurmdbd``, bound to the bridge address
-  (``CommunicationParameters=NoInAddrAny``), and a private MariaDB server on
-  127.0.0.1 for the accounting that ``sacct`` reads (Parsl's ``SlurmProvider`` asks
-  ``sacct`` for job states; without accounting storage it answers nothing);
+  ``slurmctld``, bound to the bridge address (``CommunicationParameters=NoInAddrAny,
+  NoCtldInAddrAny``);
+- in one more namespace on the bridge (``funcx-slurm-<id>-db``, ``10.x.y.2``, host
+  name ``slurmdb``), the accounting that ``sacct`` reads (Parsl's ``SlurmProvider``
+  asks ``sacct`` for job states; without accounting storage it answers nothing):
+  ``slurmdbd`` and a private MariaDB server on that namespace's own loopback.
+  ``slurmdbd`` cannot be told to listen on one address only; in its namespace it
+  can be reached only over the bridge, so nothing of the cluster listens on the
+  machine's own interfaces;
 - authentication ``auth/none`` and ``cred/none`` (no munge), free ports, and
   scheduling without delays (``batch_sched_delay=0,sched_min_interval=0``): the
   cluster is up in about 3 s and a job starts in about 1 s.
@@ -108,6 +113,7 @@ INSTALL_HINT = (
     "mariadb-client-core iproute2)"
 )
 CONTROLLER_NAME = "slurmctl"
+DATABASE_NAME = "slurmdb"
 
 # Run a program with its own host name and its own /etc/hosts (both only in its
 # own UTS and mount namespaces): sh -c SCRIPT sh HOSTS NAME PROGRAM ARGS...
@@ -438,6 +444,7 @@ class SlurmCluster:
         self.bridge = f"fxsb{self.cluster_id}"
         self.address = ""
         self.nodes: List[SlurmNode] = []
+        self.database: Optional[SlurmNode] = None  # the namespace of slurmdbd and MariaDB
         self._ports: Optional[_Ports] = None
         self._processes: Dict[str, subprocess.Popen[bytes]] = {}
         self._watchdog: Optional[Watchdog] = None
@@ -584,6 +591,12 @@ class SlurmCluster:
         subnet = _free_subnet()
         hosts = list(subnet.hosts())
         self.address = str(hosts[0])
+        self.database = SlurmNode(
+            name=DATABASE_NAME,
+            address=str(hosts[1]),
+            netns=f"funcx-slurm-{self.cluster_id}-db",
+            veth=f"fxsv{self.cluster_id}d",
+        )
         self.nodes = [
             SlurmNode(
                 name=f"node{i}",
@@ -599,7 +612,7 @@ class SlurmCluster:
             controller=_free_port(),
             slurmd=_free_port(),
             dbd=_free_port(),
-            database=_free_port("127.0.0.1"),
+            database=3306,  # on the database namespace's own loopback
         )
         self._db_password = secrets.token_urlsafe(16)
         self._write_files(subnet)
@@ -608,7 +621,12 @@ class SlurmCluster:
         base = self._need_dir()
         ports = self._ports
         assert ports is not None
-        lines = ["127.0.0.1 localhost", f"{self.address} {CONTROLLER_NAME}"]
+        assert self.database is not None
+        lines = [
+            "127.0.0.1 localhost",
+            f"{self.address} {CONTROLLER_NAME}",
+            f"{self.database.address} {DATABASE_NAME}",
+        ]
         lines += [f"{n.address} {n.name}" for n in self.nodes]
         with open(os.path.join(base, "etc", "hosts"), "w") as f:
             f.write("\n".join(lines) + "\n")
@@ -621,7 +639,7 @@ class SlurmCluster:
             "CredType=cred/none",
             "SlurmUser=root",
             "SlurmdUser=root",
-            "CommunicationParameters=NoInAddrAny",
+            "CommunicationParameters=NoInAddrAny,NoCtldInAddrAny",
             f"StateSaveLocation={base}/state",
             f"SlurmdSpoolDir={base}/spool/%n",
             f"SlurmctldPidFile={base}/state/slurmctld.pid",
@@ -632,7 +650,7 @@ class SlurmCluster:
             "TaskPlugin=task/none",
             "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/slurmdbd",
-            f"AccountingStorageHost={self.address}",
+            f"AccountingStorageHost={self.database.address}",
             f"AccountingStoragePort={ports.dbd}",
             "JobCompType=jobcomp/none",
             "MpiDefault=none",
@@ -658,8 +676,8 @@ class SlurmCluster:
             f.write("\n".join(conf) + "\n")
         dbd = [
             "AuthType=auth/none",
-            f"DbdHost={CONTROLLER_NAME}",
-            f"DbdAddr={self.address}",
+            f"DbdHost={DATABASE_NAME}",
+            f"DbdAddr={self.database.address}",
             f"DbdPort={ports.dbd}",
             "SlurmUser=root",
             "StorageType=accounting_storage/mysql",
@@ -681,10 +699,14 @@ class SlurmCluster:
         return {
             "conf": os.path.join(base, "etc", "slurm.conf"),
             "marker": f"{MARKER_ENV}={self.cluster_id}",
-            "netns": [n.netns for n in self.nodes],
-            "links": [n.veth for n in self.nodes] + [self.bridge],
+            "netns": [n.netns for n in self._namespaces()],
+            "links": [n.veth for n in self._namespaces()] + [self.bridge],
             "remove": [base, self._registry_path()],
         }
+
+    def _namespaces(self) -> List[SlurmNode]:
+        """The machines in network namespaces: the database's and the nodes."""
+        return ([self.database] if self.database is not None else []) + self.nodes
 
     def _registry_path(self) -> str:
         return os.path.join(self._registry, f"{self.cluster_id}.json")
@@ -707,8 +729,8 @@ class SlurmCluster:
         _checked(["ip", "link", "add", self.bridge, "type", "bridge"])
         _checked(["ip", "addr", "add", f"{self.address}/{prefix}", "dev", self.bridge])
         _checked(["ip", "link", "set", self.bridge, "up"])
-        for i, node in enumerate(self.nodes):
-            peer = f"fxsp{self.cluster_id}{i}"
+        for node in self._namespaces():
+            peer = "fxsp" + node.veth[4:]
             _checked(["ip", "netns", "add", node.netns])
             _checked(["ip", "link", "add", node.veth, "type", "veth", "peer", "name", peer])
             _checked(["ip", "link", "set", peer, "netns", node.netns])
@@ -778,10 +800,14 @@ class SlurmCluster:
     def _deadline(self) -> float:
         return time.monotonic() + self.start_timeout
 
+    def _in_netns(self, machine: SlurmNode, argv: List[str]) -> List[str]:
+        """``argv`` run in ``machine``'s network namespace, with its host name."""
+        return ["nsenter", f"--net=/run/netns/{machine.netns}", *self._as_host(machine.name, argv)]
+
     def _start_database(self) -> None:
         base = self._need_dir()
         ports = self._ports
-        assert ports is not None
+        assert ports is not None and self.database is not None
         data = os.path.join(base, "db", "data")
         socket_path = os.path.join(base, "db", "mysqld.sock")
         tuning = ["--innodb-log-file-size=8M", "--innodb-buffer-pool-size=32M"]
@@ -797,12 +823,12 @@ class SlurmCluster:
             raise SlurmError(f"mariadb-install-db failed: {done.stdout[-1500:]}{done.stderr}")
         self._spawn(
             "mariadbd",
-            [
+            self._in_netns(self.database, [
                 "mariadbd", "--no-defaults", f"--datadir={data}", "--user=root",
                 "--bind-address=127.0.0.1", f"--port={ports.database}",
                 f"--socket={socket_path}", f"--pid-file={base}/db/mysqld.pid",
                 "--skip-name-resolve", f"--log-error={base}/log/mariadbd.log", *tuning,
-            ],
+            ]),
         )  # fmt: skip
         client = ["mariadb", "--no-defaults", "-S", socket_path, "-uroot"]
 
@@ -821,12 +847,13 @@ class SlurmCluster:
 
     def _start_controller(self) -> None:
         ports = self._ports
-        assert ports is not None
-        self._spawn("slurmdbd", self._as_host(CONTROLLER_NAME, ["slurmdbd", "-D"]))
+        assert ports is not None and self.database is not None
+        database = self.database
+        self._spawn("slurmdbd", self._in_netns(database, ["slurmdbd", "-D"]))
 
         def dbd_listens() -> bool:
             try:
-                with socket.create_connection((self.address, ports.dbd), timeout=0.5):
+                with socket.create_connection((database.address, ports.dbd), timeout=0.5):
                     return True
             except OSError:
                 return False
@@ -845,10 +872,7 @@ class SlurmCluster:
     def _start_nodes(self) -> None:
         for node in self.nodes:
             argv = ["slurmd", "-D", "-f", self.conf_path, "-N", node.name]
-            self._spawn(
-                f"slurmd-{node.name}",
-                ["nsenter", f"--net=/run/netns/{node.netns}", *self._as_host(node.name, argv)],
-            )
+            self._spawn(f"slurmd-{node.name}", self._in_netns(node, argv))
 
         def all_idle() -> bool:
             done = self.command("sinfo", "-h", "-N", "-o", "%N %t", check=False, timeout=10)
