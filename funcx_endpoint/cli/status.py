@@ -108,7 +108,9 @@ def status(ctx: Context, name: str) -> None:
     """Show the state of the endpoint NAME; live details if it runs.
 
     A running daemon is asked over its control socket (owner only) for its
-    uptime, pid, broker connection, managers, workers and tasks in flight.
+    uptime, pid, broker connection, managers, workers, tasks in flight and
+    blocks (each with its job id, scheduler state, nodes, managers and
+    walltime left; the last failed start's message).
     """
     ep = ctx.existing(name)
     state = ep.state()

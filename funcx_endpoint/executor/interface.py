@@ -117,6 +117,10 @@ class IManagerEvents(Interface):
     def manager_left(manager: Any, why: str, on_purpose: bool) -> None:
         """A manager is gone: its unanswered tasks are queued again or fail.
 
+        ``manager.block_id`` is its block; ``manager.silent`` is true if it was
+        declared lost after ``heartbeat_threshold`` of silence (rather than
+        its connection closing).
+
         ``on_purpose``: the endpoint ended it (scaling in), so its tasks lose
         no attempt.
         """

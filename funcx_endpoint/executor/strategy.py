@@ -31,9 +31,9 @@ with Parsl's providers.  The rules, in the order they are applied:
    is connected, the tasks waiting for a manager fail with
    ``BlockStartFailed`` and the scaler's last error (the scheduler's own
    message where there is one) instead of waiting forever; tasks that
-   arrive while that lasts fail at the next tick.  Blocks are still tried
-   every ``backoff_cap`` seconds while there is work, so the endpoint
-   serves again once a block starts.
+   arrive while that lasts fail at the next tick.  A block is still tried
+   when tasks are there and the backoff allows (at most once per
+   ``backoff_cap`` seconds), so the endpoint serves again once a block starts.
 5. Scale in, when not scaling out: a block is idle when none of its
    managers has a task (since the latest ``idle_since`` of its managers), or
    when it has no manager connected (since the strategy first saw it so).
