@@ -20,12 +20,10 @@ has its result:
   Results go to the :class:`~funcx_endpoint.executor.interface.IResultSink`
   in batches, one call per reactor turn.
 * When a manager is lost its tasks are queued again, up to
-  ``max_retries`` times each, then fail with ``ManagerLost``.  The other
-  managers of its block get no new task for ``block_holdoff`` seconds
-  (unless it was declared lost after a long silence): when a block's job is
-  cancelled or its node fails, its managers go one after the other, and a
-  task retried on a sibling that is about to go would lose a second attempt
-  to the same failure.
+  ``max_retries`` times each, then fail with ``ManagerLost``.  Its block's
+  other managers get no new task for ``block_holdoff`` seconds (unless it
+  went silent): a cancelled job's managers go one after the other, and a
+  retry on one about to go would lose a second attempt to the same end.
 
 The dispatcher knows managers only through the registry's events
 (:class:`~funcx_endpoint.executor.interface.IManagerEvents`) and talks to
@@ -273,7 +271,6 @@ class TaskDispatcher:
             self._dispatch_call = None
         if self._holdoff_call is not None and self._holdoff_call.active():
             self._holdoff_call.cancel()
-        self._holdoff_call = None
         self.deliver()
 
     # -- managers (IManagerEvents) -------------------------------------------
@@ -483,9 +480,8 @@ class TaskDispatcher:
             self._dropped_transitions += 1
 
     def _hold_block(self, block_id: str) -> None:
-        """No new task for the managers of ``block_id`` for ``block_holdoff`` seconds:
-        they leave the routing policy's index meanwhile (a manager lost is rare:
-        looking at every slot then is fine)."""
+        """No new task for the managers of ``block_id`` for ``block_holdoff``
+        seconds: they leave the routing policy's index meanwhile."""
         self._held_blocks[block_id] = self.clock.seconds() + self.block_holdoff
         for slot in self._slots.values():
             if str(slot.manager.block_id) == block_id and not slot.paused:
