@@ -14,9 +14,11 @@ from typing import Any, Dict, List, Tuple
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from funcx_endpoint.endpoint import logs
 from funcx_endpoint.endpoint.control import ControlError, ask, control_service
@@ -166,6 +168,7 @@ class LogTests(SynchronousTestCase):
             self.assertIn("[info] [n] hello", f.read())
 
 
+@implementer(IReactorFromThreads)
 class FakeThreadsReactor:
     """``callFromThread`` that the test runs itself."""
 
@@ -192,7 +195,7 @@ class PythonLoggingBridgeTests(SynchronousTestCase):
         return [(e["log_namespace"], e["log_level"].name, formatEvent(e)) for e in self.events]
 
     def test_records_become_events_in_their_logger_namespace(self) -> None:
-        self.bridge.startService()
+        self.bridge.install()
         try:
             self.assertEqual(self.root.level, logging.INFO)
             slurm = logging.getLogger("parsl.providers.slurm.slurm")
@@ -203,7 +206,7 @@ class PythonLoggingBridgeTests(SynchronousTestCase):
             logging.getLogger("parsl.channels").critical("gone")
             logging.getLogger("parsl.channels").debug("Executing sacct")  # below INFO
         finally:
-            self.bridge.stopService()
+            self.bridge.remove()
         self.assertEqual(
             self.texts(),
             [
@@ -225,8 +228,8 @@ class PythonLoggingBridgeTests(SynchronousTestCase):
         self.assertEqual(len(self.events), 5)
 
     def test_traceback(self) -> None:
-        self.bridge.startService()
-        self.addCleanup(self.bridge.stopService)
+        self.bridge.install()
+        self.addCleanup(self.bridge.remove)
         try:
             raise OSError("sbatch: not found")
         except OSError:
@@ -237,8 +240,8 @@ class PythonLoggingBridgeTests(SynchronousTestCase):
         self.assertIn("OSError: sbatch: not found", text)
 
     def test_records_of_other_threads_go_through_the_reactor_thread(self) -> None:
-        self.bridge.startService()
-        self.addCleanup(self.bridge.stopService)
+        self.bridge.install()
+        self.addCleanup(self.bridge.remove)
         thread = threading.Thread(
             target=logging.getLogger("parsl.providers").warning, args=("from a thread",)
         )
@@ -251,9 +254,37 @@ class PythonLoggingBridgeTests(SynchronousTestCase):
 
     def test_lower_level_is_kept(self) -> None:
         self.root.setLevel(logging.DEBUG)
-        self.bridge.startService()
-        self.addCleanup(self.bridge.stopService)
+        self.bridge.install()
+        self.addCleanup(self.bridge.remove)
         self.assertEqual(self.root.level, logging.DEBUG)
+
+    def test_make_observer_installs_it_for_the_daemon(self) -> None:
+        path = os.path.join(os.path.abspath(self.mktemp()), "endpoint.log")
+        self.addCleanup(logs.configure, logs.LogSettings())
+        logs.configure(logs.LogSettings(path=path, python_logging=True))
+        observer = logs.make_observer()
+        bridge = logs._bridge
+        assert bridge is not None
+        self.addCleanup(setattr, logs, "_bridge", None)
+        self.addCleanup(bridge.remove)
+        self.assertIn(bridge.handler, self.root.handlers)
+        logs.make_observer()  # again: still the one bridge
+        self.assertIs(logs._bridge, bridge)
+        self.assertEqual(
+            [h for h in self.root.handlers if isinstance(h, logs.TwistedLogHandler)],
+            [bridge.handler],
+        )
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        logging.getLogger("parsl.providers.slurm.slurm").info("Submitted batch job 7")
+        with open(path) as f:
+            self.assertIn("[info] [parsl.providers.slurm.slurm] Submitted batch job 7", f.read())
+
+    def test_not_for_other_daemons(self) -> None:
+        self.addCleanup(logs.configure, logs.LogSettings())
+        logs.configure(logs.LogSettings(path=os.path.abspath(self.mktemp())))
+        logs.make_observer()
+        self.assertIsNone(logs._bridge)
 
     def test_levels(self) -> None:
         self.assertEqual(logs.twisted_level(logging.DEBUG), LogLevel.debug)

@@ -6,9 +6,10 @@ names :func:`make_observer`, which reads them.  Without ``--logger`` (for
 example ``twistd -n funcx-endpoint``) twistd's own logging is used.
 
 Libraries that log with Python's ``logging`` (Parsl's providers, run in
-threads) reach the same log through :class:`PythonLoggingBridge`, a service
-of the daemon: their records become ``twisted.logger`` events in the
-namespace of their logger's name.
+threads) reach the same log: with ``LogSettings.python_logging`` (the
+endpoint daemon's), :func:`make_observer` also installs a
+:class:`PythonLoggingBridge`, through which their records become
+``twisted.logger`` events in the namespace of their logger's name.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from typing import Any, Callable, Dict, Optional
 
 import attr
-from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
@@ -49,9 +50,11 @@ class LogSettings:
     backup_count: int = 5
     json: bool = False
     debug: bool = False
+    python_logging: bool = False  # Python's logging into this log too (PythonLoggingBridge)
 
 
 _settings = LogSettings()
+_bridge: Optional[PythonLoggingBridge] = None
 
 
 def configure(settings: LogSettings) -> None:
@@ -126,8 +129,21 @@ def observer_for(settings: LogSettings, stdout: Optional[io.TextIOBase] = None) 
 
 
 def make_observer() -> ILogObserver:
-    """twistd ``--logger`` entry point: an observer per :func:`configure`."""
-    return observer_for(_settings)
+    """twistd ``--logger`` entry point: an observer per :func:`configure`.
+
+    With ``python_logging``, Python's logging goes to ``twisted.logger`` from
+    now on too (a :class:`PythonLoggingBridge` at INFO, or DEBUG with
+    ``debug``, installed once per process).
+    """
+    global _bridge
+    observer = observer_for(_settings)
+    if _settings.python_logging and _bridge is None:
+        from twisted.internet import reactor
+
+        level = logging.DEBUG if _settings.debug else logging.INFO
+        _bridge = PythonLoggingBridge(reactor, level)
+        _bridge.install()
+    return observer
 
 
 def twisted_level(levelno: int) -> LogLevel:
@@ -183,17 +199,17 @@ class TwistedLogHandler(logging.Handler):
         )
 
 
-class PythonLoggingBridge(Service):
-    """While running, Python ``logging`` records of ``level`` and above go to
+class PythonLoggingBridge:
+    """Once installed, Python ``logging`` records of ``level`` and above go to
     ``twisted.logger`` (see :class:`TwistedLogHandler`).
 
-    It adds its handler to the root logger and lowers the root logger's level
-    to ``level`` if it was higher (Python's default is WARNING; Parsl's
-    providers say what they submit at INFO and run their commands at DEBUG);
-    ``stopService`` undoes both.  ``reactor`` provides ``callFromThread``.
+    :meth:`install` adds its handler to the root logger and lowers the root
+    logger's level to ``level`` if it was higher (Python's default is
+    WARNING; Parsl's providers say what they submit at INFO and run their
+    commands at DEBUG); :meth:`remove` undoes both.  Records of other
+    threads reach the log through ``reactor``'s ``callFromThread`` (a
+    reactor without threads, a test's, gets them directly).
     """
-
-    name = "python-logging"
 
     def __init__(
         self,
@@ -204,21 +220,21 @@ class PythonLoggingBridge(Service):
         self.level = level
         self.handler = TwistedLogHandler(
             observer if observer is not None else globalLogPublisher,
-            reactor.callFromThread,
+            reactor.callFromThread if IReactorFromThreads.providedBy(reactor) else None,
             level,
         )
         self._saved_level: Optional[int] = None
 
-    def startService(self) -> None:
-        super().startService()
+    def install(self) -> None:
+        """Send Python's logging records to ``twisted.logger`` from now on."""
         root = logging.getLogger()
         self._saved_level = root.level
         if root.level == logging.NOTSET or root.level > self.level:
             root.setLevel(self.level)
         root.addHandler(self.handler)
 
-    def stopService(self) -> None:
-        super().stopService()
+    def remove(self) -> None:
+        """Stop it: the root logger's handlers and level are as before."""
         root = logging.getLogger()
         root.removeHandler(self.handler)
         if self._saved_level is not None:

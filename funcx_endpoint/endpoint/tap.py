@@ -8,7 +8,6 @@ when the services start.
 
 from __future__ import annotations
 
-import logging
 import os
 import shlex
 from typing import Any, Optional
@@ -92,6 +91,8 @@ def log_settings(
         backup_count=config.log_backup_count,
         json=config.log_format == "json",
         debug=debug or config.debug,
+        # Parsl's providers log with Python's logging: into endpoint.log too.
+        python_logging=True,
     )
 
 
@@ -109,16 +110,13 @@ def build_endpoint(
     """Build the daemon's service tree from a loaded config.
 
     Parts start in this order and stop in reverse (after the transport has
-    drained): Python logging into the endpoint's log, warnings about funcX
-    1.0 settings, control socket, registration, interchange, providers
-    (blocks of managers and the scaling strategy), AMQP transport, idle
-    shutdown, status reports.
+    drained): warnings about funcX 1.0 settings, control socket,
+    registration, interchange, providers (blocks of managers and the scaling
+    strategy), AMQP transport, idle shutdown, status reports.
     """
     endpoint = EndpointService(
         endpoint_dir, reactor, StartupReporter(ready_fd), drain_grace=config.stop_grace_period
     )
-    # Parsl's providers log with Python's logging: into the endpoint's log.
-    endpoint.add(logs.PythonLoggingBridge(reactor, logging.DEBUG if config.debug else logging.INFO))
     endpoint.add(ConfigNotices(config.notices()))
     endpoint.add(control_service(reactor, endpoint_dir.control_socket, {"status": endpoint.status}))
     http, pool = http_client(reactor, config.service_ca_file)
