@@ -21,9 +21,8 @@ has its result:
   in batches, one call per reactor turn.
 * When a manager is lost its tasks are queued again, up to
   ``max_retries`` times each, then fail with ``ManagerLost``.  Its block's
-  other managers get no new task for ``block_holdoff`` seconds (unless it
-  went silent): a cancelled job's managers go one after the other, and a
-  retry on one about to go would lose a second attempt to the same end.
+  other managers get no new task for ``block_holdoff`` seconds, unless it
+  went silent (:mod:`~funcx_endpoint.executor.block_pauses` says why).
 
 The dispatcher knows managers only through the registry's events
 (:class:`~funcx_endpoint.executor.interface.IManagerEvents`) and talks to
@@ -33,21 +32,21 @@ them through :class:`~funcx_endpoint.executor.registry.Manager`'s methods.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from funcx_endpoint.executor.block_pauses import BlockPauses
+from funcx_endpoint.executor.dispatch_records import ManagerSlot, TaskRecord
 from funcx_endpoint.executor.interface import (
     IManagerEvents,
-    IManagerLoad,
     IResultSink,
     IRoutingPolicy,
 )
 from funcx_endpoint.wire import (
     ActorName,
-    Container,
     ErrorCode,
     MessageError,
     PackedResult,
@@ -55,83 +54,8 @@ from funcx_endpoint.wire import (
     TaskState,
     TaskTransition,
 )
-from funcx_endpoint.wire.amp import RateMeter
 
 __all__ = ["TaskDispatcher", "TaskRecord"]
-
-
-class TaskRecord:
-    """One task the interchange accepted and has not answered yet."""
-
-    __slots__ = (
-        "task_id",
-        "buffer",
-        "container",
-        "container_type",
-        "transitions",
-        "attempts",
-        "slot",
-    )
-
-    def __init__(self, task: Task, container_type: str, transition: TaskTransition) -> None:
-        self.task_id = task.task_id
-        # As the manager receives it; made once, however often it is sent.
-        self.buffer = task.task_buffer.encode("utf-8")
-        # The container the manager runs it in (a task naming a container by id
-        # only gets one of that id without images: the manager says why it
-        # cannot run it, in a container mode).
-        self.container: Optional[Container] = task.container
-        if self.container is None and task.container_id is not None:
-            self.container = Container(task.container_id, "")
-        self.container_type = container_type
-        self.transitions: List[TaskTransition] = [transition]
-        self.attempts = 0  # times sent to a manager
-        self.slot: Optional[_Slot] = None
-
-
-@implementer(IManagerLoad)
-class _Slot:
-    """The dispatcher's side of one manager: the tasks it holds, what is
-    still to be sent to it, and how fast it answers."""
-
-    __slots__ = (
-        "manager",
-        "container_type",
-        "worker_count",
-        "capacity",
-        "sequence",
-        "outstanding",
-        "unsent",
-        "unsent_containers",
-        "push_call",
-        "last_push",
-        "completions",
-        "tasks_completed",
-        "idle_since",
-        "accepting",
-        "paused",
-    )
-
-    def __init__(self, manager: Any, now: float) -> None:
-        self.manager = manager
-        self.container_type: str = manager.container_type
-        self.worker_count: int = manager.worker_count
-        self.capacity: int = manager.capacity
-        self.sequence: int = manager.sequence
-        self.outstanding: Dict[str, TaskRecord] = {}
-        self.unsent: List[Tuple[str, bytes]] = []
-        self.unsent_containers: Dict[str, Container] = {}
-        self.push_call: Optional[IDelayedCall] = None
-        self.last_push = -1.0
-        self.completions = RateMeter()
-        self.tasks_completed = 0
-        self.idle_since: Optional[float] = now
-        self.accepting = True
-        self.paused = False  # its block lost a manager a moment ago (block_holdoff)
-
-    @property
-    def held(self) -> int:
-        return len(self.outstanding)
 
 
 @implementer(IManagerEvents)
@@ -157,13 +81,12 @@ class TaskDispatcher:
         self.max_retries = max_retries
         self.batch_interval = batch_interval
         self.block_holdoff = block_holdoff
-        self._held_blocks: Dict[str, float] = {}  # block id: no new tasks until then
-        self._holdoff_call: Optional[IDelayedCall] = None
+        self.pauses = BlockPauses(clock, block_holdoff, self._pause_block, self._resume_blocks)
         self.accepting = True
         self._dispatching = True
         self._tasks: Dict[str, TaskRecord] = {}
         self._queues: Dict[str, Deque[TaskRecord]] = {}
-        self._slots: Dict[Any, _Slot] = {}  # by manager
+        self._slots: Dict[Any, ManagerSlot] = {}  # by manager
         self._workers = 0  # of all managers here
         self._idle_workers = 0  # sum of max(0, workers - held)
         self._by_type: Dict[str, List[int]] = {}  # container type: [managers, tasks held]
@@ -288,18 +211,17 @@ class TaskDispatcher:
         if self._dispatch_call is not None:
             self._dispatch_call.cancel()
             self._dispatch_call = None
-        if self._holdoff_call is not None and self._holdoff_call.active():
-            self._holdoff_call.cancel()
+        self.pauses.stop()
         self.deliver()
 
     # -- managers (IManagerEvents) -------------------------------------------
 
     def manager_joined(self, manager: Any) -> None:
-        slot = self._slots[manager] = _Slot(manager, self.clock.seconds())
+        slot = self._slots[manager] = ManagerSlot(manager, self.clock.seconds())
         self._workers += slot.worker_count
         self._idle_workers += max(0, slot.worker_count)
         self._by_type.setdefault(slot.container_type, [0, 0])[0] += 1
-        if str(manager.block_id) in self._held_blocks:
+        if self.pauses.paused(str(manager.block_id)):
             slot.paused = True
         else:
             self.routing.update(slot)
@@ -333,8 +255,8 @@ class TaskDispatcher:
         slot.unsent_containers = {}
         for record in records:
             record.slot = None
-        if not on_purpose and self.accepting and self.block_holdoff > 0 and not manager.silent:
-            self._hold_block(str(manager.block_id))
+        if not on_purpose and self.accepting and not manager.silent:
+            self.pauses.hold(str(manager.block_id))
         if not records or not self.accepting:
             # Stopping (tasks were withdrawn): the broker delivers these tasks
             # again; failing them now would be wrong.
@@ -499,31 +421,20 @@ class TaskDispatcher:
         else:
             self._dropped_transitions += 1
 
-    def _hold_block(self, block_id: str) -> None:
-        """No new task for the managers of ``block_id`` for ``block_holdoff``
-        seconds: they leave the routing policy's index meanwhile."""
-        self._held_blocks[block_id] = self.clock.seconds() + self.block_holdoff
+    def _pause_block(self, block_id: str) -> None:
+        """The managers of ``block_id`` leave the routing policy's index (see
+        :class:`~funcx_endpoint.executor.block_pauses.BlockPauses`)."""
         for slot in self._slots.values():
             if str(slot.manager.block_id) == block_id and not slot.paused:
                 slot.paused = True
                 self.routing.remove(slot)
-        if self._holdoff_call is None or not self._holdoff_call.active():
-            self._holdoff_call = self.clock.callLater(self.block_holdoff, self._holdoff_ended)
 
-    def _holdoff_ended(self) -> None:
-        self._holdoff_call = None
-        now = self.clock.seconds()
-        ended = {b for b, until in self._held_blocks.items() if until <= now + 1e-9}
-        for block_id in ended:
-            del self._held_blocks[block_id]
+    def _resume_blocks(self, block_ids: Set[str]) -> None:
         for slot in self._slots.values():
-            if slot.paused and str(slot.manager.block_id) in ended:
+            if slot.paused and str(slot.manager.block_id) in block_ids:
                 slot.paused = False
                 if slot.accepting:
                     self.routing.update(slot)
-        if self._held_blocks:
-            wait = max(0.0, min(self._held_blocks.values()) - now)
-            self._holdoff_call = self.clock.callLater(wait, self._holdoff_ended)
         self._schedule_dispatch()
 
     def _schedule_dispatch(self) -> None:
@@ -540,7 +451,7 @@ class TaskDispatcher:
             for slot, count in self.routing.assign(container_type, len(queue)):
                 self._send_tasks(slot, [popleft() for _ in range(min(count, len(queue)))])
 
-    def _held_changed(self, slot: _Slot, before: int) -> None:
+    def _held_changed(self, slot: ManagerSlot, before: int) -> None:
         """Keep the totals and the routing policy's index up to date."""
         held = len(slot.outstanding)
         workers = slot.worker_count
@@ -549,7 +460,7 @@ class TaskDispatcher:
         if slot.accepting and not slot.paused:
             self.routing.update(slot)
 
-    def _send_tasks(self, slot: _Slot, batch: List[TaskRecord]) -> None:
+    def _send_tasks(self, slot: ManagerSlot, batch: List[TaskRecord]) -> None:
         transition = TaskTransition.now(TaskState.WAITING_FOR_LAUNCH, ActorName.INTERCHANGE)
         outstanding = slot.outstanding
         before = len(outstanding)
@@ -569,7 +480,7 @@ class TaskDispatcher:
         slot.idle_since = None
         self._push(slot)
 
-    def _push(self, slot: _Slot) -> None:
+    def _push(self, slot: ManagerSlot) -> None:
         """Send the manager its unsent tasks now, or when ``batch_interval`` allows.
 
         They go at once after a quiet period, or when the manager holds no more
@@ -587,7 +498,7 @@ class TaskDispatcher:
         else:
             self._push_now(slot)
 
-    def _push_now(self, slot: _Slot) -> None:
+    def _push_now(self, slot: ManagerSlot) -> None:
         slot.push_call = None
         if not slot.unsent or self._slots.get(slot.manager) is not slot:
             return
