@@ -130,6 +130,7 @@ class FakeLoadSource:
         self.retire_refused: List[str] = []
         self.failed: List[Tuple[str, str, int]] = []  # fail_waiting calls: code, message, count
         self.gone: Dict[str, int] = {}  # managers disconnected, by block
+        self.drained: Dict[str, str] = {}  # drain_block calls: block id, why
 
     def outstanding_tasks(self) -> int:
         return self.tasks
@@ -143,6 +144,12 @@ class FakeLoadSource:
             self.retire_refused.append(block_id)
             return False
         self.retired.append((block_id, reason))
+        return True
+
+    def drain_block(self, block_id: str, why: str) -> bool:
+        if block_id in self.drained:
+            return False
+        self.drained[block_id] = why
         return True
 
     def departures(self) -> Dict[str, int]:

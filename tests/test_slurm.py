@@ -34,6 +34,7 @@ from funcx_endpoint.executor.blocks import BlockScaler
 from funcx_endpoint.executor.interchange import Interchange
 from funcx_endpoint.executor.providers import JobState, ProviderAdapter
 from funcx_endpoint.executor.strategy import ScalingService, SimpleStrategy
+from funcx_endpoint.executor.walltime import WalltimeWatch
 from funcx_endpoint.testing.interchanges import CollectingSink
 from funcx_endpoint.testing.slurm import SlurmCluster, SlurmUnavailable, shared_cluster_async
 from funcx_endpoint.wire import Result, Task, deserialize, pack_function, pack_payload
@@ -52,6 +53,16 @@ def where(seconds):
 
     time.sleep(seconds)
     return socket.gethostname()
+
+
+def outlast(job_id):
+    """Sleep until killed in Slurm job ``job_id``; elsewhere return this job's id."""
+    import os
+    import time
+
+    if os.environ.get("SLURM_JOB_ID") == job_id:
+        time.sleep(3600)
+    return os.environ.get("SLURM_JOB_ID")
 
 
 # -- helpers ------------------------------------------------------------------------
@@ -126,6 +137,7 @@ class Rig:
         max_retries: int = 1,
         max_idletime: float = 60.0,
         give_up_after: Optional[int] = None,
+        drain_margin: Optional[float] = None,
     ) -> None:
         self.cluster = cluster
         self.results: List[Result] = []
@@ -169,7 +181,19 @@ class Rig:
             backoff_cap=2.0,
             give_up_after=give_up_after,
         )
-        self.service = ScalingService(self.scaler, self.strategy)
+        self.walltimes: Optional[WalltimeWatch] = None
+        if drain_margin is not None:
+            assert self.adapter.walltime is not None
+            self.walltimes = WalltimeWatch(
+                self.scaler,
+                self.interchange,
+                reactor,
+                self.adapter.walltime,
+                drain_margin,
+                interval=0.3,
+            )
+            self.strategy.walltimes = self.walltimes
+        self.service = ScalingService(self.scaler, self.strategy, self.walltimes)
         self.started = time.monotonic()
         self.service.startService()
         test.addCleanup(self.stop)
@@ -385,6 +409,54 @@ class SlurmBlockTests(TestCase):
         self.assertGreaterEqual(gaps[0], 0.5)
         self.assertGreaterEqual(gaps[1], 1.0)
         self.assertEqual(await rig.our_jobs(), [])
+
+
+class SlurmWalltimeTests(TestCase):
+    timeout = 200
+
+    def test_stream_across_a_walltime(self) -> Deferred[None]:
+        """Blocks of a one-minute walltime: a stream of short tasks goes on
+        across the first block's end with no task lost or failed.  The block
+        drains 8 s before its walltime ends, its replacement is running by
+        then; a task still running when Slurm kills the job at its walltime
+        is retried on the replacement without counting an attempt
+        (``max_retries_on_system_failure=0``: counted, it would fail)."""
+        return ensureDeferred(self._stream())
+
+    async def _stream(self) -> None:
+        cluster = await get_cluster()
+        provider = slurm_provider(cluster, walltime="00:01:00", init_blocks=1, max_blocks=1)
+        rig = Rig(self, cluster, provider, max_retries=0, drain_margin=8.0)
+        await wait_until(lambda: len(rig.managers()) == 2, 60, "block 0's managers")
+        [first] = rig.scaler.blocks()
+        # A task that runs as long as block 0 does, then quickly elsewhere.
+        stuck = task(outlast, str(first.job_id))
+        rig.interchange.submit([stuck])
+        submitted = 1
+        while stuck.task_id not in rig.results_by_id():
+            if rig.interchange.outstanding_tasks() < 4:
+                rig.interchange.submit([task(where, 0.01) for _ in range(2)])
+                submitted += 2
+            await sleep(0.02)
+            self.assertLess(time.monotonic() - rig.started, 180, "the stream takes too long")
+        await wait_until(lambda: len(rig.results) == submitted, 30, "every result")
+        failed = [r for r in rig.results if r.is_error]
+        self.assertEqual(failed, [])
+        result = rig.results_by_id()[stuck.task_id]
+        self.assertNotEqual(deserialize(result.data), str(first.job_id))
+        # Block 0 drained, and Slurm ended it at its walltime (TIMEOUT).
+        await wait_until(
+            lambda: any(b.block_id == "0" for b in rig.scaler.ended_blocks()), 30, "block 0's end"
+        )
+        [ended] = [b for b in rig.scaler.ended_blocks() if b.block_id == "0"]
+        self.assertTrue(ended.draining)
+        self.assertEqual(ended.state, JobState.TIMEOUT)
+        self.assertEqual(rig.scaler.failed_starts, 0)
+        log.info(
+            "Walltime stream: {n} tasks, {failed} failed, across block 0's end",
+            n=submitted,
+            failed=len(failed),
+        )
 
 
 # -- the endpoint daemon through the real CLI, with a real service --------------------

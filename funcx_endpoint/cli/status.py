@@ -83,7 +83,7 @@ def _block_lines(blocks: dict) -> list:
         parts = [
             f"block {entry.get('block')}",
             f"job {entry.get('job_id')}",
-            str(entry.get("state")),
+            str(entry.get("state")) + (" (draining)" if entry.get("draining") else ""),
             f"nodes {' '.join(nodes) if nodes else '-'}",
             f"managers {entry.get('managers')}",
         ]

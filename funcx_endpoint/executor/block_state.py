@@ -39,6 +39,7 @@ class Block:
     departures: int = 0  # of its managers that have gone, as last seen
     manager_lost_at: Optional[float] = None  # last time one of its managers was seen gone
     error: Optional[str] = None  # why it failed to start
+    draining: bool = False  # its walltime ends soon: its managers take no new task
 
     @property
     def active(self) -> bool:
@@ -119,6 +120,8 @@ def describe_block(
         "nodes": sorted({m.hostname for m in managers}),
         "managers": f"{len(managers)}/{expected_managers}",
     }
+    if block.draining:
+        entry["draining"] = True
     if walltime:
         used = 0.0 if block.started_at is None else now - block.started_at
         entry["walltime_left"] = round(max(0.0, walltime - used), 1)

@@ -204,6 +204,13 @@ class TaskDispatcher:
                 )
         return failed
 
+    def drain_block(self, block_id: str, why: str) -> bool:
+        """The managers of ``block_id`` get no new task from now on, and tasks
+        lost with them are retried without counting an attempt (see
+        :class:`~funcx_endpoint.executor.block_pauses.BlockPauses`); False if
+        it was draining already."""
+        return self.pauses.drain(block_id, why)
+
     def stop(self) -> None:
         """Send no more tasks (the interchange is stopping) and deliver what is ready."""
         self.accepting = False
@@ -255,15 +262,20 @@ class TaskDispatcher:
         slot.unsent_containers = {}
         for record in records:
             record.slot = None
+        block_id = str(manager.block_id)
+        at_walltime = not on_purpose and self.pauses.draining(block_id)
         if not on_purpose and self.accepting and not manager.silent:
-            self.pauses.hold(str(manager.block_id))
+            self.pauses.hold(block_id)
         if not records or not self.accepting:
             # Stopping (tasks were withdrawn): the broker delivers these tasks
             # again; failing them now would be wrong.
             return
-        if on_purpose:
+        if on_purpose or at_walltime:
+            # Ended by the endpoint, or by the scheduler at its block's walltime.
             for record in records:
                 record.attempts -= 1
+            if at_walltime:
+                why = f"{why} (its block's walltime ended: tasks retried, no attempt counted)"
         retry = [r for r in records if r.attempts <= self.max_retries]
         failed = [r for r in records if r.attempts > self.max_retries]
         if retry:

@@ -167,6 +167,12 @@ class ILoadSource(Interface):
         looked).  True otherwise.
         """
 
+    def drain_block(block_id: str, why: str) -> bool:
+        """Block ``block_id``'s walltime ends soon: its managers (and those of
+        it that register later) get no new task, and tasks lost with them
+        are queued again without counting an attempt.  False if it was
+        draining already."""
+
     def departures() -> Dict[str, int]:
         """How many registered managers of each block have gone so far (for
         whatever reason), by block id, for the most recent blocks: a manager

@@ -8,7 +8,10 @@ with Parsl's providers.  The rules, in the order they are applied:
 
 1. At start, ``init_blocks`` blocks are submitted.
 2. *Active* blocks are those submitted and not ended nor being cancelled
-   (pending, running, held or of unknown state).  Each holds
+   (pending, running, held or of unknown state), except those whose
+   walltime ends soon (see :mod:`~funcx_endpoint.executor.walltime`): a
+   draining block, or one that drains before a replacement could start,
+   counts as gone already, so its replacement is requested in time.  Each holds
    ``slots_per_block = nodes_per_block * workers_per_manager`` tasks, where
    ``workers_per_manager`` is the mean ``worker_count`` of the connected
    managers, or, before any connects, the estimate from the executor's
@@ -63,6 +66,7 @@ from zope.interface import implementer
 from funcx_endpoint.executor.blocks import Block, BlockScaler, manager_is_idle
 from funcx_endpoint.executor.interface import ILoadSource, ManagerInfo
 from funcx_endpoint.executor.providers.local import provider_from_config
+from funcx_endpoint.executor.walltime import WalltimeWatch, drain_margin
 from funcx_endpoint.lifecycle import IStatusPart
 from funcx_endpoint.observer import fresh_result
 from funcx_endpoint.wire.errors import ErrorCode
@@ -124,6 +128,7 @@ class SimpleStrategy(Service):
     backoff_base: float = attr.ib(default=10.0, kw_only=True)
     backoff_cap: float = attr.ib(default=300.0, kw_only=True)
     give_up_after: Optional[int] = attr.ib(default=None, kw_only=True)
+    walltimes: Optional[WalltimeWatch] = attr.ib(default=None, kw_only=True)
     tasks_failed: int = attr.ib(default=0, init=False)
     _unmanned_since: Dict[str, float] = attr.ib(factory=dict, init=False)
     _loop: Optional[LoopingCall] = attr.ib(default=None, init=False)
@@ -244,10 +249,13 @@ class SimpleStrategy(Service):
         min_blocks = provider.min_blocks
         max_blocks = provider.max_blocks
         parallelism = provider.parallelism
+        by_block = self.scaler.managers_by_block()
         active = self.scaler.active_blocks()
+        if self.walltimes is not None:
+            ending = self.walltimes.ending
+            active = [b for b in active if not ending(b, by_block.get(b.block_id, []), now)]
         count = len(active)
         tasks = self.load.outstanding_tasks()
-        by_block = self.scaler.managers_by_block()
         per_block = max(1, provider.nodes_per_block) * self.workers_per_manager(
             [m for managers in by_block.values() for m in managers]
         )
@@ -344,29 +352,40 @@ class SimpleStrategy(Service):
 
 @implementer(IStatusPart)
 class ScalingService(Service):
-    """The ``providers`` part of the endpoint: a block scaler and its strategy.
+    """The ``providers`` part of the endpoint: a block scaler, its strategy
+    and, for a provider with a walltime, the walltime watch.
 
-    Starts the scaler (and so the provider), then the strategy; stops the
-    strategy first, then the scaler, which cancels every block and waits for
-    the provider to stop.
+    Starts the scaler (and so the provider), then the strategy and the
+    watch; stops those first, then the scaler, which cancels every block and
+    waits for the provider to stop.
     """
 
     name = "providers"
 
-    def __init__(self, scaler: BlockScaler, strategy: SimpleStrategy) -> None:
+    def __init__(
+        self,
+        scaler: BlockScaler,
+        strategy: SimpleStrategy,
+        walltimes: Optional[WalltimeWatch] = None,
+    ) -> None:
         self.scaler = scaler
         self.strategy = strategy
+        self.walltimes = walltimes
 
     def startService(self) -> None:
         super().startService()
         self.scaler.startService()
         self.strategy.startService()
+        if self.walltimes is not None:
+            self.walltimes.startService()
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        if self.walltimes is not None:
+            self.walltimes.stopService()
         await maybeDeferred(self.strategy.stopService)
         await maybeDeferred(self.scaler.stopService)
 
@@ -375,6 +394,9 @@ class ScalingService(Service):
         fields = self.scaler.status_fields()
         fields["blocks"]["list"] = self.scaler.describe_blocks()
         fields.update(self.strategy.status_fields())
+        if self.walltimes is not None:
+            fields["blocks"]["walltime"] = self.walltimes.walltime
+            fields["blocks"]["drain_margin"] = self.walltimes.margin
         return fields
 
 
@@ -417,6 +439,10 @@ def scaling_from_config(
         # A batch scheduler's accounting may not list a job at once (see BlockScaler).
         first_poll_delay=FIRST_POLL_DELAY if provider.blocking else 0.0,
     )
+    walltimes = None
+    if provider.walltime:
+        margin = drain_margin(provider.walltime, executor.walltime_drain_margin)
+        walltimes = WalltimeWatch(scaler, load, reactor, provider.walltime, margin)
     strategy = SimpleStrategy(
         scaler,
         load,
@@ -426,5 +452,6 @@ def scaling_from_config(
         workers_per_node=estimate_workers_per_node(
             executor.max_workers_per_node, executor.cores_per_worker, provider.cores_per_node
         ),
+        walltimes=walltimes,
     )
-    return ScalingService(scaler, strategy)
+    return ScalingService(scaler, strategy, walltimes)
