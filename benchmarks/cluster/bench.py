@@ -32,6 +32,8 @@ import tempfile
 import time
 from typing import Any, Dict, List, Optional
 
+import psutil
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks", "endpoint_throughput"))
@@ -57,6 +59,33 @@ NODES = 2
 WORKERS_PER_NODE = 2
 SLEEP = 0.01
 IDEAL = NODES * WORKERS_PER_NODE / SLEEP
+
+
+def cpu_by_kind() -> Dict[str, float]:
+    """CPU seconds used so far by the processes of this machine, by kind."""
+    totals: Dict[str, float] = {}
+    for proc in psutil.process_iter(["pid", "cmdline", "cpu_times", "name"]):
+        info = proc.info
+        if info["cpu_times"] is None:
+            continue
+        cmdline = " ".join(info["cmdline"] or [])
+        if info["pid"] == os.getpid():
+            kind = "driver"
+        elif "funcx_endpoint.worker" in cmdline:
+            kind = "workers"
+        elif "funcx_endpoint.manager" in cmdline:
+            kind = "managers"
+        elif "twistd" in cmdline or "funcx-endpoint" in cmdline:
+            kind = "daemon"
+        elif "beam" in (info["name"] or ""):
+            kind = "broker"
+        elif (info["name"] or "").startswith(("slurm", "srun")):
+            kind = "slurm"
+        else:
+            kind = "other"
+        times = info["cpu_times"]
+        totals[kind] = totals.get(kind, 0.0) + times.user + times.system
+    return totals
 
 
 def say(text: str) -> None:
@@ -114,7 +143,8 @@ class SlurmEndpoint(RealEndpoint):
         self.endpoint_id = str(self.ep.endpoint_id())
         self.batches = ours.takes_batches(self.service.endpoint_metadata(self.endpoint_id))
         say(
-            f"start returned after {time.perf_counter() - self.start_called:.1f} s; "
+            f"start returned after {time.perf_counter() - self.start_called:.1f} s "
+            f"(task batches: {self.batches}); "
             f"stopping funcx-service (AMQP only now)"
         )
         self.service.stop()
@@ -238,17 +268,28 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         driver.set_workload("sleep")
         call(driver.run, min(args.tasks, 400), args.window)  # every worker started
         others.mark()
+        cpu_before = psutil.cpu_times()
+        kinds_before = cpu_by_kind()
         elapsed = call(driver.run, args.tasks, args.window)
+        cpu_after = psutil.cpu_times()
+        kinds = {
+            k: (v - kinds_before.get(k, 0.0)) / args.tasks * 1e6 for k, v in cpu_by_kind().items()
+        }
+        figures["sleep_cpu_us_per_task"] = kinds
+        say("   CPU us/task: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(kinds.items())))
+        idle = (cpu_after.idle - cpu_before.idle) / max(1e-9, sum(cpu_after) - sum(cpu_before))
         rate = args.tasks / elapsed
         figures["sleep_rate"] = rate
         figures["sleep_rate_percent_of_ideal"] = 100 * rate / IDEAL
         figures["sleep_errors"] = driver.errors
         figures["sleep_other_load_cores"] = busy = others.mark()
+        figures["sleep_cpu_idle_percent"] = 100 * idle
         say(
             f"2. 10 ms sleep, {NODES} nodes x {WORKERS_PER_NODE} workers: {rate:.0f} tasks/s "
             f"({args.tasks} in {elapsed:.1f} s) = {100 * rate / IDEAL:.1f}% of the ideal "
             f"{IDEAL:.0f}/s (target 90%); {driver.errors} failed; other processes on "
-            f"this machine used {busy:.2f} of its {os.cpu_count()} cores meanwhile"
+            f"this machine used {busy:.2f} of its {os.cpu_count()} cores meanwhile, "
+            f"{100 * idle:.0f}% of the CPU time was idle"
         )
 
         def drained_blocks() -> int:
