@@ -277,7 +277,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         }
         figures["sleep_cpu_us_per_task"] = kinds
         say("   CPU us/task: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(kinds.items())))
-        idle = (cpu_after.idle - cpu_before.idle) / max(1e-9, sum(cpu_after) - sum(cpu_before))
+        total = max(1e-9, sum(cpu_after) - sum(cpu_before))
+        idle = (cpu_after.idle - cpu_before.idle) / total
+        iowait = (cpu_after.iowait - cpu_before.iowait) / total
+        steal = (cpu_after.steal - cpu_before.steal) / total
         rate = args.tasks / elapsed
         figures["sleep_rate"] = rate
         figures["sleep_rate_percent_of_ideal"] = 100 * rate / IDEAL
@@ -289,7 +292,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             f"({args.tasks} in {elapsed:.1f} s) = {100 * rate / IDEAL:.1f}% of the ideal "
             f"{IDEAL:.0f}/s (target 90%); {driver.errors} failed; other processes on "
             f"this machine used {busy:.2f} of its {os.cpu_count()} cores meanwhile, "
-            f"{100 * idle:.0f}% of the CPU time was idle"
+            f"{100 * idle:.0f}% of the CPU time was idle ({100 * iowait:.0f}% waiting for I/O, "
+            f"{100 * steal:.0f}% stolen)"
         )
 
         def drained_blocks() -> int:
@@ -350,12 +354,12 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=4000, help="10 ms tasks for the rate")
-    parser.add_argument("--window", type=int, default=400, help="tasks kept unanswered")
+    parser.add_argument("--window", type=int, default=1000, help="tasks kept unanswered")
     parser.add_argument("--stream-window", type=int, default=8, help="the stream's window")
     parser.add_argument("--walltime", default="00:01:00", help="the blocks' walltime")
     parser.add_argument("--drain-margin", type=float, default=10.0, help="walltime_drain_margin")
     parser.add_argument("--walltimes", type=int, default=2, help="walltime ends the stream crosses")
-    parser.add_argument("--prefetch-capacity", type=int, default=8)
+    parser.add_argument("--prefetch-capacity", type=int, default=32)
     parser.add_argument("--amqp-prefetch", type=int, default=512)
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
     return parser.parse_args()
