@@ -61,25 +61,45 @@ SLEEP = 0.01
 IDEAL = NODES * WORKERS_PER_NODE / SLEEP
 
 
-def cpu_by_kind() -> Dict[str, float]:
-    """CPU seconds used so far by the processes of this machine, by kind."""
-    totals: Dict[str, float] = {}
-    for proc in psutil.process_iter(["pid", "cmdline", "cpu_times", "name"]):
+def cpu_by_kind(mark: str) -> Dict[str, float]:
+    """CPU seconds used so far by this run's processes, by kind: this process
+    and its descendants (RabbitMQ, the cluster's daemons, the managers and
+    workers under ``slurmd``), and processes whose command line names
+    ``mark`` (this run's directory: the endpoint daemon) and theirs."""
+    infos = {}
+    children: Dict[int, List[int]] = {}
+    for proc in psutil.process_iter(["pid", "ppid", "cmdline", "cpu_times", "name"]):
         info = proc.info
         if info["cpu_times"] is None:
             continue
+        infos[info["pid"]] = info
+        children.setdefault(info["ppid"] or 0, []).append(info["pid"])
+    roots = [os.getpid()]
+    roots += [pid for pid, i in infos.items() if mark in " ".join(i["cmdline"] or [])]
+    ours_: set = set()
+    while roots:
+        pid = roots.pop()
+        if pid not in ours_:
+            ours_.add(pid)
+            roots.extend(children.get(pid, []))
+    totals: Dict[str, float] = {}
+    for pid in ours_:
+        info = infos.get(pid)
+        if info is None:
+            continue
         cmdline = " ".join(info["cmdline"] or [])
-        if info["pid"] == os.getpid():
+        name = info["name"] or ""
+        if pid == os.getpid():
             kind = "driver"
         elif "funcx_endpoint.worker" in cmdline:
             kind = "workers"
         elif "funcx_endpoint.manager" in cmdline:
             kind = "managers"
-        elif "twistd" in cmdline or "funcx-endpoint" in cmdline:
+        elif "twistd" in cmdline or "funcx-endpoint" in cmdline or "funcx_endpoint" in cmdline:
             kind = "daemon"
-        elif "beam" in (info["name"] or ""):
+        elif "beam" in name or "erl" in name:
             kind = "broker"
-        elif (info["name"] or "").startswith(("slurm", "srun")):
+        elif name.startswith(("slurm", "srun")):
             kind = "slurm"
         else:
             kind = "other"
@@ -269,11 +289,12 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         call(driver.run, min(args.tasks, 400), args.window)  # every worker started
         others.mark()
         cpu_before = psutil.cpu_times()
-        kinds_before = cpu_by_kind()
+        kinds_before = cpu_by_kind(base)
         elapsed = call(driver.run, args.tasks, args.window)
         cpu_after = psutil.cpu_times()
+        kinds_after = cpu_by_kind(base)
         kinds = {
-            k: (v - kinds_before.get(k, 0.0)) / args.tasks * 1e6 for k, v in cpu_by_kind().items()
+            k: (v - kinds_before.get(k, 0.0)) / args.tasks * 1e6 for k, v in kinds_after.items()
         }
         figures["sleep_cpu_us_per_task"] = kinds
         say("   CPU us/task: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(kinds.items())))
