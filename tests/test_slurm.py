@@ -417,7 +417,7 @@ class SlurmWalltimeTests(TestCase):
     def test_stream_across_a_walltime(self) -> Deferred[None]:
         """Blocks of a one-minute walltime: a stream of short tasks goes on
         across the first block's end with no task lost or failed.  The block
-        drains 8 s before its walltime ends, its replacement is running by
+        drains 15 s before its walltime ends, its replacement is running by
         then; a task still running when Slurm kills the job at its walltime
         is retried on the replacement without counting an attempt
         (``max_retries_on_system_failure=0``: counted, it would fail)."""
@@ -426,7 +426,7 @@ class SlurmWalltimeTests(TestCase):
     async def _stream(self) -> None:
         cluster = await get_cluster()
         provider = slurm_provider(cluster, walltime="00:01:00", init_blocks=1, max_blocks=1)
-        rig = Rig(self, cluster, provider, max_retries=0, drain_margin=8.0)
+        rig = Rig(self, cluster, provider, max_retries=0, drain_margin=15.0)
         await wait_until(lambda: len(rig.managers()) == 2, 60, "block 0's managers")
         [first] = rig.scaler.blocks()
         # A task that runs as long as block 0 does, then quickly elsewhere.

@@ -24,6 +24,8 @@ from funcx_endpoint.executor.strategy import (
     scaling_from_config,
 )
 from funcx_endpoint.executor.walltime import WalltimeWatch, drain_margin
+from funcx_endpoint.wire import Result
+from funcx_endpoint.wire.errors import ErrorCode
 from tests.test_blocks import TEMPLATE, FakeLoadSource, FakeProvider
 from tests.test_interchange import Harness, make_task
 
@@ -90,6 +92,59 @@ class InterchangeDrainTests(SynchronousTestCase):
         harness.flush()
         [result] = harness.results
         self.assertIsNone(result.error_details)
+
+    def test_workers_killed_at_the_walltime_end_cost_no_attempt(self) -> None:
+        """The scheduler kills every process of the job: a worker may die
+        before its manager, which answers WorkerLost; from a draining block,
+        the task is queued again instead, without counting an attempt."""
+        harness = Harness(self, HighThroughputExecutor(max_retries_on_system_failure=0))
+        old = harness.manager(manager_id="old", block_id="0", worker_count=2, prefetch_capacity=0)
+        killed, done = make_task(), make_task()
+        harness.interchange.submit([killed, done])
+        harness.flush()
+        harness.interchange.drain_block("0", "its walltime ends in 60s")
+        old.send_results(
+            Result.failure(killed.task_id, ErrorCode.WORKER_LOST, "worker 0 was killed by SIGTERM")
+        )
+        old.answer(done.task_id)
+        harness.flush()
+        self.assertEqual([r.task_id for r in harness.results], [done.task_id])
+        record = harness.interchange.dispatcher.record(killed.task_id)
+        assert record is not None
+        self.assertEqual(record.attempts, 0)
+        new = harness.manager(manager_id="new", block_id="1", worker_count=1)
+        harness.flush()
+        self.assertEqual(new.task_ids, [killed.task_id])
+        new.answer(killed.task_id)
+        harness.flush()
+        self.assertEqual(len(harness.results), 2)
+        self.assertFalse([r for r in harness.results if r.is_error])
+
+    def test_other_failures_of_a_draining_block_are_answered(self) -> None:
+        harness = Harness(self)
+        old = harness.manager(manager_id="old", block_id="0", worker_count=1, prefetch_capacity=0)
+        task = make_task()
+        harness.interchange.submit([task])
+        harness.flush()
+        harness.interchange.drain_block("0", "its walltime ends in 60s")
+        old.send_results(Result.failure(task.task_id, ErrorCode.TASK_TIMEOUT, "too long"))
+        harness.flush()
+        [result] = harness.results
+        assert result.error_details is not None
+        self.assertEqual(result.error_details.code, ErrorCode.TASK_TIMEOUT)
+
+    def test_worker_lost_elsewhere_is_answered(self) -> None:
+        """The control: WorkerLost from a block not draining is the task's result."""
+        harness = Harness(self)
+        old = harness.manager(manager_id="old", block_id="0", worker_count=1, prefetch_capacity=0)
+        task = make_task()
+        harness.interchange.submit([task])
+        harness.flush()
+        old.send_results(Result.failure(task.task_id, ErrorCode.WORKER_LOST, "segfault"))
+        harness.flush()
+        [result] = harness.results
+        assert result.error_details is not None
+        self.assertEqual(result.error_details.code, ErrorCode.WORKER_LOST)
 
     def test_without_drain_the_loss_counts(self) -> None:
         """The control: the same loss from a block not draining is ManagerLost."""

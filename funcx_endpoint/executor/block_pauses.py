@@ -10,8 +10,9 @@
 * *Draining*: the block's walltime ends soon (the block scaler says so,
   ``walltime_drain_margin`` before it ends).  Its managers get no new task
   for good; those that register later neither.  A task lost with one of
-  them (the scheduler killed the job at its walltime) is queued again
-  without counting an attempt.
+  them, or whose worker one of them says died (``WorkerLost``: the
+  scheduler kills every process of the job at its walltime, and a worker
+  may go before its manager), is queued again without counting an attempt.
 
 The dispatcher is told through ``on_pause(block_id)`` when a block's
 managers must leave its routing index and ``on_resume(block_ids)`` when a

@@ -23,6 +23,9 @@ has its result:
   ``max_retries`` times each, then fail with ``ManagerLost``.  Its block's
   other managers get no new task for ``block_holdoff`` seconds, unless it
   went silent (:mod:`~funcx_endpoint.executor.block_pauses` says why).
+  A block whose walltime ends soon *drains*: its managers get no new task,
+  and tasks lost with them (their manager gone, or ``WorkerLost``) are
+  queued again without counting an attempt.
 
 The dispatcher knows managers only through the registry's events
 (:class:`~funcx_endpoint.executor.interface.IManagerEvents`) and talks to
@@ -31,6 +34,7 @@ them through :class:`~funcx_endpoint.executor.registry.Manager`'s methods.
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from typing import Any, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -278,13 +282,7 @@ class TaskDispatcher:
                 why = f"{why} (its block's walltime ended: tasks retried, no attempt counted)"
         retry = [r for r in records if r.attempts <= self.max_retries]
         failed = [r for r in records if r.attempts > self.max_retries]
-        if retry:
-            transition = TaskTransition.now(TaskState.WAITING_FOR_NODES, ActorName.INTERCHANGE)
-            for record in reversed(retry):
-                record.transitions.append(transition)
-                self._note(record.task_id, transition)
-                self._queue(record.container_type).appendleft(record)
-            self._schedule_dispatch()
+        self._requeue(retry)
         description = manager.describe()
         for record in failed:
             task_id = record.task_id
@@ -317,6 +315,8 @@ class TaskDispatcher:
         tasks = self._tasks
         answer = self._ready.append
         decode = PackedResult.decode
+        draining = self.pauses.draining(str(manager.block_id))
+        killed: List[TaskRecord] = []
         for raw in results:
             try:
                 result = decode(raw)
@@ -335,9 +335,23 @@ class TaskDispatcher:
                     manager=manager.describe(),
                 )
                 continue
+            if draining and result.is_error and _worker_lost(result):
+                killed.append(record)  # by the scheduler at its block's walltime
+                continue
             del tasks[task_id]
             result.add_transitions(record.transitions)
             answer(result)
+        if killed:
+            for record in killed:
+                record.slot = None
+                record.attempts -= 1
+            self.log.info(
+                "{count} task(s) lost their worker on {manager}, whose block's walltime "
+                "ends: queued again, no attempt counted",
+                count=len(killed),
+                manager=manager.describe(),
+            )
+            self._requeue(killed)
         now = self.clock.seconds()
         slot.completions.add(len(results), now)
         slot.tasks_completed += len(results)
@@ -463,6 +477,17 @@ class TaskDispatcher:
             for slot, count in self.routing.assign(container_type, len(queue)):
                 self._send_tasks(slot, [popleft() for _ in range(min(count, len(queue)))])
 
+    def _requeue(self, records: List[TaskRecord]) -> None:
+        """Queue ``records`` again, first in their queues (they waited longest)."""
+        if not records:
+            return
+        transition = TaskTransition.now(TaskState.WAITING_FOR_NODES, ActorName.INTERCHANGE)
+        for record in reversed(records):
+            record.transitions.append(transition)
+            self._note(record.task_id, transition)
+            self._queue(record.container_type).appendleft(record)
+        self._schedule_dispatch()
+
     def _held_changed(self, slot: ManagerSlot, before: int) -> None:
         """Keep the totals and the routing policy's index up to date."""
         held = len(slot.outstanding)
@@ -543,3 +568,12 @@ class TaskDispatcher:
             self.result_sink.results_ready(ready)
         except Exception:
             self.log.failure("The result sink failed for {count} results", count=len(ready))
+
+
+def _worker_lost(result: PackedResult) -> bool:
+    """Whether a failure is ``WorkerLost`` (its error details only are read)."""
+    try:
+        details = json.loads(bytes(result.error_details))
+    except ValueError:
+        return False
+    return isinstance(details, dict) and details.get("code") == ErrorCode.WORKER_LOST
