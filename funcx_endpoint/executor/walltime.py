@@ -27,7 +27,7 @@ The default margin is 10% of the walltime, at most 60 seconds
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
@@ -36,6 +36,9 @@ from twisted.logger import Logger
 
 from funcx_endpoint.executor.block_state import Block
 from funcx_endpoint.executor.interface import ILoadSource, ManagerInfo
+
+if TYPE_CHECKING:
+    from funcx_endpoint.executor.blocks import BlockScaler
 
 __all__ = ["DEFAULT_MARGIN_CAP", "DEFAULT_MARGIN_FRACTION", "WalltimeWatch", "drain_margin"]
 
@@ -68,7 +71,7 @@ class WalltimeWatch(Service):
 
     def __init__(
         self,
-        scaler: Any,
+        scaler: BlockScaler,
         load: ILoadSource,
         clock: IReactorTime,
         walltime: float,
