@@ -17,9 +17,11 @@ system:
 	@scripts/bootstrap-system.sh
 
 # The tests also run a private PostgreSQL server (the service's second backend)
-# and verify systemd units with systemd-analyze.
+# a private Slurm cluster (Slurm's daemons and clients, MariaDB for its
+# accounting, iproute2 for the nodes' network namespaces), and verify systemd
+# units with systemd-analyze.
 system-test:
-	@scripts/bootstrap-system.sh postgresql systemd
+	@scripts/bootstrap-system.sh postgresql slurm systemd
 
 $(STAMP): setup.py
 	@echo ">>> Creating the virtualenv $(VENV) and installing the package"

@@ -1,9 +1,19 @@
 #!/usr/bin/env bash
 # Installs the OS packages the endpoint's demo and tests need, when missing:
-# RabbitMQ (the embedded broker), and python3-venv where Python lacks venv;
-# named extras: postgresql, systemd (systemd-analyze, to verify enable-on-boot's units).
-# Debian/Ubuntu; runs apt-get as root or through sudo.  Idempotent.
+# RabbitMQ (the embedded broker), and python3-venv where Python lacks venv.
+# Extras named as arguments: postgresql (the service's second backend), slurm
+# (the private Slurm cluster of the tests: slurmctld, slurmd, slurmdbd and the
+# client commands, MariaDB's server and client cores for the accounting that
+# sacct reads, iproute2 for the nodes' network namespaces), systemd
+# (systemd-analyze, to verify enable-on-boot's units).
+# Debian/Ubuntu; runs apt-get as root or through sudo.  Idempotent: only what
+# is missing is installed.
 set -euo pipefail
+
+# A program in PATH or in an sbin directory (not in a non-root user's PATH).
+have() {
+  command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]
+}
 
 want=()
 [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || want+=(rabbitmq-server)
@@ -14,6 +24,15 @@ for extra in "$@"; do
   case "$extra" in
     systemd) command -v systemd-analyze >/dev/null 2>&1 || want+=(systemd) ;;
     postgresql) command -v pg_ctlcluster >/dev/null 2>&1 && [ -n "$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null)" ] || want+=(postgresql) ;;
+    slurm)
+      have slurmctld || want+=(slurmctld)
+      have slurmd || want+=(slurmd)
+      have slurmdbd || want+=(slurmdbd)
+      have sbatch && have sacct || want+=(slurm-client)
+      have mariadbd && have mariadb-install-db || want+=(mariadb-server-core)
+      have mariadb && have my_print_defaults || want+=(mariadb-client-core)
+      have ip || want+=(iproute2)
+      ;;
     *) want+=("$extra") ;;
   esac
 done
@@ -35,5 +54,6 @@ echo ">>> Installing OS packages: ${want[*]}"
 export DEBIAN_FRONTEND=noninteractive
 "${SUDO[@]}" apt-get update -q
 # policy-rc.d or not, the packages' own services are not what we use: the
-# project starts private RabbitMQ/PostgreSQL instances on free ports.
+# project starts private RabbitMQ/PostgreSQL instances and Slurm clusters on
+# free ports (slurmctld's own service finds no /etc/slurm/slurm.conf and stays down).
 "${SUDO[@]}" apt-get install -y -q --no-install-recommends "${want[@]}"

@@ -128,6 +128,9 @@ class FakeLoadSource:
         self._managers: Dict[str, ManagerInfo] = {}
         self.retired: List[Tuple[str, str]] = []  # (block_id, reason)
         self.retire_refused: List[str] = []
+        self.failed: List[Tuple[str, str, int]] = []  # fail_waiting calls: code, message, count
+        self.gone: Dict[str, int] = {}  # managers disconnected, by block
+        self.drained: Dict[str, str] = {}  # drain_block calls: block id, why
 
     def outstanding_tasks(self) -> int:
         return self.tasks
@@ -142,6 +145,20 @@ class FakeLoadSource:
             return False
         self.retired.append((block_id, reason))
         return True
+
+    def drain_block(self, block_id: str, why: str) -> bool:
+        if block_id in self.drained:
+            return False
+        self.drained[block_id] = why
+        return True
+
+    def departures(self) -> Dict[str, int]:
+        return dict(self.gone)
+
+    def fail_waiting(self, code: str, message: str) -> int:
+        failed, self.tasks = self.tasks, 0
+        self.failed.append((code, message, failed))
+        return failed
 
     def connect(
         self,
@@ -185,6 +202,7 @@ class FakeLoadSource:
         for manager_id, info in list(self._managers.items()):
             if info.block_id == block_id:
                 del self._managers[manager_id]
+                self.gone[block_id] = self.gone.get(block_id, 0) + 1
 
 
 @implementer(ILogObserver)
@@ -526,3 +544,228 @@ class BlockScalerTests(SynchronousTestCase):
         self.provider.set_state("job-0", JobState.RUNNING)
         self.successResultOf(self.scaler.poll())
         self.assertEqual(self.states(), {"0": "RUNNING"})
+
+
+class ParslLikeSubmitError(Exception):
+    """Parsl's SubmitException: the scheduler's output as attributes."""
+
+    def __init__(self, stderr: str) -> None:
+        super().__init__("Could not read job ID from submit command standard output")
+        self.stdout = ""
+        self.stderr = stderr
+        self.retcode = 1
+
+
+class LastErrorTests(BlockScalerTests):
+    """The last failed start's message, for status and for tasks nothing can serve."""
+
+    def test_submit_error_names_the_scheduler_message(self) -> None:
+        self.provider.submit_error = ParslLikeSubmitError(
+            "sbatch: error: Batch job submission failed: Invalid partition name specified\n"
+        )
+        self.clock.advance(5)
+        self.successResultOf(self.scaler.scale_out(1))
+        expected = (
+            "block 0 could not be submitted to the fake provider: the fake scheduler refused "
+            "funcx.block-0 (exit code 1): sbatch: error: Batch job submission failed: Invalid "
+            "partition name specified"
+        )
+        self.assertEqual(self.scaler.last_error, expected)
+        [ended] = self.scaler.ended_blocks()
+        self.assertEqual(ended.error, expected)
+        self.clock.advance(3)
+        blocks = self.scaler.status_fields()["blocks"]
+        self.assertEqual(blocks["last_error"], expected)
+        self.assertEqual(blocks["last_error_age"], 3.0)
+        [text] = self.logs.texts("error")
+        self.assertIn("Invalid partition name specified", text)
+
+    def test_block_that_ends_early_names_its_status_and_stderr(self) -> None:
+        stderr = os.path.join(_make_dir(self), "block.err")
+        with open(stderr, "w") as f:
+            f.write("srun: error: Unable to create step\nsrun: error: node0: task 0: Exited\n")
+        self.successResultOf(self.scaler.scale_out(1))
+        self.provider.set_state(
+            "job-0", JobState.FAILED, exit_code=1, message="NODE_FAIL", stderr_path=stderr
+        )
+        self.clock.advance(2.0)
+        self.assertEqual(
+            self.scaler.last_error,
+            "block 0 (job job-0) ended before any of its managers connected: FAILED (NODE_FAIL);"
+            " its stderr ends: srun: error: Unable to create step | srun: error: node0: task 0:"
+            " Exited",
+        )
+
+    def test_no_last_error_without_failures(self) -> None:
+        self.successResultOf(self.scaler.scale_out(1))
+        self.assertNotIn("last_error", self.scaler.status_fields()["blocks"])
+        self.assertIsNone(self.scaler.last_error)
+
+
+class DescribeBlocksTests(BlockScalerTests):
+    """What `funcx-endpoint status` lists of each block."""
+
+    def test_describe_blocks(self) -> None:
+        self.provider.walltime = "00:10:00"  # type: ignore[attr-defined]
+        self.provider.nodes_per_block = 2
+        self.successResultOf(self.scaler.scale_out(2))
+        self.provider.submit_result = Deferred()
+        self.scaler.scale_out(1)  # block 2: being submitted
+        self.provider.set_state("job-0", JobState.RUNNING)
+        self.clock.advance(2.0)  # first seen running at t=2
+        a = self.load.connect("0", manager_id="a", registered_at=2.5)
+        self.load.update(a.manager_id, hostname="node1")
+        b = self.load.connect("0", manager_id="b", registered_at=2.5)
+        self.load.update(b.manager_id, hostname="node0")
+        self.clock.advance(98.0)
+        self.assertEqual(
+            self.scaler.describe_blocks(),
+            [
+                {
+                    "block": "0",
+                    "job_id": "job-0",
+                    "state": "RUNNING",
+                    "nodes": ["node0", "node1"],
+                    "managers": "2/2",
+                    "walltime_left": 502.0,  # 98 s since t=2
+                },
+                {
+                    "block": "1",
+                    "job_id": "job-1",
+                    "state": "PENDING",
+                    "nodes": [],
+                    "managers": "0/2",
+                    "walltime_left": 600.0,  # not started: all of it
+                },
+                {
+                    "block": "2",
+                    "job_id": "(submitting)",
+                    "state": "PENDING",
+                    "nodes": [],
+                    "managers": "0/2",
+                    "walltime_left": 600.0,
+                },
+            ],
+        )
+        self.successResultOf(self.scaler.scale_in(block_ids=["1"]))
+        self.assertNotIn("1", [d["block"] for d in self.scaler.describe_blocks()])
+        self.provider.submit_result.callback(None)
+
+    def test_started_by_its_first_manager(self) -> None:
+        """A block whose manager connected has started, whatever the provider said last."""
+        self.provider.walltime = 60  # minutes  # type: ignore[attr-defined]
+        self.successResultOf(self.scaler.scale_out(1))
+        self.load.connect("0", registered_at=1.0)
+        self.clock.advance(2.0)
+        [described] = self.scaler.describe_blocks()
+        self.assertEqual(described["walltime_left"], 3600.0 - 1.0)
+
+    def test_no_walltime(self) -> None:
+        self.successResultOf(self.scaler.scale_out(1))
+        [described] = self.scaler.describe_blocks()
+        self.assertNotIn("walltime_left", described)
+        self.assertEqual(described["managers"], "0/1")
+
+
+class PromptPollTests(SynchronousTestCase):
+    """A slow-polling provider (Slurm: 60 s) is asked sooner when a block is in question."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.provider = FakeProvider(status_polling_interval=60.0)
+        self.load = FakeLoadSource()
+        self.logs = LogCollector()
+
+    def make(self, **kwargs: Any) -> BlockScaler:
+        scaler = BlockScaler(
+            ProviderAdapter(self.provider, self.clock),
+            self.load,
+            self.clock,
+            TEMPLATE,
+            prompt_poll_interval=5.0,
+            **kwargs,
+        )
+        scaler.log = self.logs.logger()
+        scaler.startService()
+        self.addCleanup(self.stop, scaler)
+        return scaler
+
+    def stop(self, scaler: BlockScaler) -> None:
+        if scaler.running:
+            self.successResultOf(scaler.stopService())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def advance(self, seconds: float) -> None:
+        """Let ``seconds`` pass, a poller tick (5 s) at a time."""
+        self.clock.pump([5.0] * round(seconds / 5.0))
+
+    def test_no_question_no_early_poll(self) -> None:
+        scaler = self.make()
+        self.successResultOf(scaler.scale_out(1))
+        self.advance(55.0)
+        self.assertEqual(self.provider.status_calls, 0)
+        self.advance(5.0)
+        self.assertEqual(self.provider.status_calls, 1)
+
+    def test_managers_connected_to_a_pending_block(self) -> None:
+        scaler = self.make()
+        self.successResultOf(scaler.scale_out(1))
+        self.advance(5.0)
+        self.provider.set_state("job-0", JobState.RUNNING)
+        self.load.connect("0", registered_at=6.0)
+        self.advance(5.0)  # t=10: connected while PENDING: asked
+        self.assertEqual(self.provider.status_calls, 1)
+        self.assertEqual(scaler.blocks()[0].state, JobState.RUNNING)
+        self.advance(45.0)
+        self.assertEqual(self.provider.status_calls, 1)  # answered: back to 60 s
+
+    def test_provider_that_keeps_saying_pending_is_asked_for_one_interval(self) -> None:
+        scaler = self.make()
+        self.successResultOf(scaler.scale_out(1))
+        self.load.connect("0", registered_at=0.0)
+        self.advance(60.0)
+        self.assertEqual(self.provider.status_calls, 12)  # every 5 s
+        self.advance(55.0)
+        self.assertEqual(self.provider.status_calls, 12)  # then every 60 s only
+        self.advance(5.0)
+        self.assertEqual(self.provider.status_calls, 13)
+        self.assertEqual(scaler.blocks()[0].state, JobState.PENDING)
+
+    def test_managers_gone_between_two_looks(self) -> None:
+        """scancel: the block's managers came and went; its end is learned in seconds."""
+        scaler = self.make()
+        self.successResultOf(scaler.scale_out(1))
+        self.advance(20.0)
+        self.load.connect("0", registered_at=self.clock.seconds())
+        self.load.disconnect_block("0")  # before the scaler looked
+        self.provider.set_state("job-0", JobState.CANCELLED)
+        self.advance(5.0)  # seen gone, and asked, at the next tick (t=25)
+        self.assertEqual(self.provider.status_calls, 1)
+        self.assertEqual(scaler.blocks(), [])
+        [ended] = scaler.ended_blocks()
+        self.assertEqual(ended.state, JobState.CANCELLED)
+        self.assertFalse(ended.failed_start)  # the scheduler said cancelled
+        self.assertEqual(scaler.consecutive_failures, 0)
+
+    def test_first_poll_delay(self) -> None:
+        """A job the scheduler's accounting may not list yet is not asked about."""
+        self.provider.status_polling_interval = 2.0
+        scaler = self.make(first_poll_delay=10.0)
+        self.successResultOf(scaler.scale_out(1))
+        del self.provider.resources["job-0"]  # "sacct" does not know it yet
+        self.clock.pump([2.0] * 4)
+        self.assertEqual(self.provider.status_calls, 0)
+        self.assertEqual(scaler.blocks()[0].state, JobState.PENDING)
+        self.provider.set_state("job-0", JobState.RUNNING)
+        self.clock.advance(2.0)
+        self.assertEqual(self.provider.status_calls, 1)
+        self.assertEqual(scaler.blocks()[0].state, JobState.RUNNING)
+
+    def test_managers_of_an_ended_block_are_retired(self) -> None:
+        scaler = self.make()
+        self.successResultOf(scaler.scale_out(1))
+        self.load.connect("0")
+        self.provider.set_state("job-0", JobState.COMPLETED, exit_code=0)
+        self.advance(60.0)
+        self.assertEqual(self.load.retired, [("0", "its job ended: COMPLETED")])
+        self.assertEqual(scaler.blocks(), [])

@@ -11,6 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from funcx_endpoint.cli.context import EX_ALREADY
 from funcx_endpoint.cli.main import cli
+from funcx_endpoint.cli.status import format_status
 from funcx_endpoint.config import load_config
 from funcx_endpoint.endpoint.layout import EndpointDir
 from funcx_endpoint.version import __version__
@@ -242,3 +243,62 @@ class TwoLoginNodesTests(SynchronousTestCase):
         with open(self.ep.daemon_info_file, "w") as f:
             json.dump({"pid": 424242, "session": None, "host": this_host()}, f)
         self.assertEqual(self.ep.state().value, "Disconnected")  # a dead daemon of this host
+
+
+class StatusFormatTests(SynchronousTestCase):
+    """How `funcx-endpoint status` shows the daemon's answer."""
+
+    def test_blocks(self) -> None:
+        text = format_status(
+            {
+                "uptime": 75.0,
+                "blocks": {
+                    "provider": "slurm",
+                    "active": 2,
+                    "states": {"RUNNING": 1, "PENDING": 1},
+                    "ended": {"CANCELLED": 1},
+                    "failed_starts_in_a_row": 1,
+                    "last_error": "block 2 could not be submitted to the slurm provider: the "
+                    "slurm scheduler refused funcx.htex.block-2 (exit code 1): sbatch: error:\n"
+                    "Invalid partition name specified",
+                    "last_error_age": 130.0,
+                    "list": [
+                        {
+                            "block": "0",
+                            "job_id": "41",
+                            "state": "RUNNING",
+                            "nodes": ["node0", "node1"],
+                            "managers": "2/2",
+                            "walltime_left": 570.4,
+                        },
+                        {
+                            "block": "1",
+                            "job_id": "42",
+                            "state": "PENDING",
+                            "nodes": [],
+                            "managers": "0/2",
+                        },
+                    ],
+                },
+                "strategy": {"name": "simple", "backoff_remaining": 8.5},
+            }
+        )
+        self.assertEqual(
+            text.splitlines(),
+            [
+                "  uptime: 1m15s",
+                "  blocks: provider slurm, active 2, states (RUNNING 1, PENDING 1), ended "
+                "(CANCELLED 1), failed starts in a row 1",
+                "    last error (2m10s ago): block 2 could not be submitted to the slurm "
+                "provider: the slurm scheduler refused funcx.htex.block-2 (exit code 1): "
+                "sbatch: error: Invalid partition name specified",
+                "    block 0, job 41, RUNNING, nodes node0 node1, managers 2/2, walltime left "
+                "9m30s",
+                "    block 1, job 42, PENDING, nodes -, managers 0/2",
+                "  strategy: name simple, backoff remaining 8.5",
+            ],
+        )
+
+    def test_no_blocks(self) -> None:
+        text = format_status({"blocks": {"provider": "local", "active": 0, "list": []}})
+        self.assertEqual(text, "  blocks: provider local, active 0")

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
 import stat
 import tempfile
+import threading
+from typing import Any, Dict, List, Tuple
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThread
-from twisted.logger import Logger, LogLevel, globalLogPublisher
+from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from funcx_endpoint.endpoint import logs
 from funcx_endpoint.endpoint.control import ControlError, ask, control_service
@@ -161,3 +166,130 @@ class LogTests(SynchronousTestCase):
         )
         with open(path) as f:
             self.assertIn("[info] [n] hello", f.read())
+
+
+@implementer(IReactorFromThreads)
+class FakeThreadsReactor:
+    """``callFromThread`` that the test runs itself."""
+
+    def __init__(self) -> None:
+        self.calls: List[Tuple[Any, Tuple[Any, ...]]] = []
+
+    def callFromThread(self, f: Any, *args: Any) -> None:
+        self.calls.append((f, args))
+
+
+class PythonLoggingBridgeTests(SynchronousTestCase):
+    """Records of Python's logging (Parsl's providers) go to the endpoint's log."""
+
+    def setUp(self) -> None:
+        self.events: List[Dict[str, Any]] = []
+        self.reactor = FakeThreadsReactor()
+        self.root = logging.getLogger()
+        self.saved_level = self.root.level
+        self.root.setLevel(logging.WARNING)
+        self.addCleanup(self.root.setLevel, self.saved_level)
+        self.bridge = logs.PythonLoggingBridge(self.reactor, logging.INFO, self.events.append)
+
+    def texts(self) -> List[Tuple[str, str, str]]:
+        return [(e["log_namespace"], e["log_level"].name, formatEvent(e)) for e in self.events]
+
+    def test_records_become_events_in_their_logger_namespace(self) -> None:
+        self.bridge.install()
+        try:
+            self.assertEqual(self.root.level, logging.INFO)
+            slurm = logging.getLogger("parsl.providers.slurm.slurm")
+            slurm.error("Submit command failed")
+            slurm.error("Retcode:%s STDOUT:%s STDERR:%s", 1, "", "sbatch: error: {bad} partition")
+            logging.getLogger("parsl.channels").info("Submitted job %s", 7)
+            logging.getLogger("parsl.channels").warning("sacct failed")
+            logging.getLogger("parsl.channels").critical("gone")
+            logging.getLogger("parsl.channels").debug("Executing sacct")  # below INFO
+        finally:
+            self.bridge.remove()
+        self.assertEqual(
+            self.texts(),
+            [
+                ("parsl.providers.slurm.slurm", "error", "Submit command failed"),
+                (
+                    "parsl.providers.slurm.slurm",
+                    "error",
+                    "Retcode:1 STDOUT: STDERR:sbatch: error: {bad} partition",
+                ),
+                ("parsl.channels", "info", "Submitted job 7"),
+                ("parsl.channels", "warn", "sacct failed"),
+                ("parsl.channels", "critical", "gone"),
+            ],
+        )
+        # Stopped: the handler and the level are as they were.
+        self.assertNotIn(self.bridge.handler, self.root.handlers)
+        self.assertEqual(self.root.level, logging.WARNING)
+        logging.getLogger("parsl").error("after the stop")
+        self.assertEqual(len(self.events), 5)
+
+    def test_traceback(self) -> None:
+        self.bridge.install()
+        self.addCleanup(self.bridge.remove)
+        try:
+            raise OSError("sbatch: not found")
+        except OSError:
+            logging.getLogger("parsl.providers").exception("Submit failed")
+        [(namespace, level, text)] = self.texts()
+        self.assertEqual((namespace, level), ("parsl.providers", "error"))
+        self.assertIn("Submit failed\nTraceback (most recent call last):", text)
+        self.assertIn("OSError: sbatch: not found", text)
+
+    def test_records_of_other_threads_go_through_the_reactor_thread(self) -> None:
+        self.bridge.install()
+        self.addCleanup(self.bridge.remove)
+        thread = threading.Thread(
+            target=logging.getLogger("parsl.providers").warning, args=("from a thread",)
+        )
+        thread.start()
+        thread.join()
+        self.assertEqual(self.events, [])
+        [(f, args)] = self.reactor.calls
+        f(*args)
+        self.assertEqual(self.texts(), [("parsl.providers", "warn", "from a thread")])
+
+    def test_lower_level_is_kept(self) -> None:
+        self.root.setLevel(logging.DEBUG)
+        self.bridge.install()
+        self.addCleanup(self.bridge.remove)
+        self.assertEqual(self.root.level, logging.DEBUG)
+
+    def test_make_observer_installs_it_for_the_daemon(self) -> None:
+        path = os.path.join(os.path.abspath(self.mktemp()), "endpoint.log")
+        self.addCleanup(logs.configure, logs.LogSettings())
+        logs.configure(logs.LogSettings(path=path, python_logging=True))
+        observer = logs.make_observer()
+        bridge = logs._bridge
+        assert bridge is not None
+        self.addCleanup(setattr, logs, "_bridge", None)
+        self.addCleanup(bridge.remove)
+        self.assertIn(bridge.handler, self.root.handlers)
+        logs.make_observer()  # again: still the one bridge
+        self.assertIs(logs._bridge, bridge)
+        self.assertEqual(
+            [h for h in self.root.handlers if isinstance(h, logs.TwistedLogHandler)],
+            [bridge.handler],
+        )
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        logging.getLogger("parsl.providers.slurm.slurm").info("Submitted batch job 7")
+        with open(path) as f:
+            self.assertIn("[info] [parsl.providers.slurm.slurm] Submitted batch job 7", f.read())
+
+    def test_not_for_other_daemons(self) -> None:
+        self.addCleanup(logs.configure, logs.LogSettings())
+        logs.configure(logs.LogSettings(path=os.path.abspath(self.mktemp())))
+        logs.make_observer()
+        self.assertIsNone(logs._bridge)
+
+    def test_levels(self) -> None:
+        self.assertEqual(logs.twisted_level(logging.DEBUG), LogLevel.debug)
+        self.assertEqual(logs.twisted_level(5), LogLevel.debug)
+        self.assertEqual(logs.twisted_level(logging.INFO), LogLevel.info)
+        self.assertEqual(logs.twisted_level(logging.WARNING), LogLevel.warn)
+        self.assertEqual(logs.twisted_level(logging.ERROR), LogLevel.error)
+        self.assertEqual(logs.twisted_level(logging.CRITICAL), LogLevel.critical)

@@ -1444,3 +1444,64 @@ class StatusTransitionsTests(SynchronousTestCase):
         self.assertNotIn(first.task_id, popped)
         self.assertIn(second.task_id, popped)
         self.assertEqual(popped[second.task_id][0].state, TaskState.WAITING_FOR_NODES)
+
+
+class BlockFailureTests(SynchronousTestCase):
+    """What the interchange does for the scaling when blocks fail."""
+
+    def test_siblings_of_a_lost_manager_get_no_new_task_for_a_moment(self) -> None:
+        """scancel ends a block's managers one after the other: a retried task
+        does not go to a sibling that is about to go too."""
+        harness = Harness(self)
+        a = harness.manager(manager_id="a", block_id="7", worker_count=1, prefetch_capacity=0)
+        b = harness.manager(manager_id="b", block_id="7", worker_count=1, prefetch_capacity=0)
+        task = make_task()
+        harness.interchange.submit([task])
+        harness.flush()
+        self.assertEqual(a.task_ids, [task.task_id])
+        a.disconnect()
+        harness.flush()
+        self.assertEqual(b.task_ids, [])  # held back
+        other = harness.manager(manager_id="c", block_id="8", worker_count=1, prefetch_capacity=0)
+        self.assertEqual(other.task_ids, [task.task_id])  # another block: at once
+        more = make_task()
+        harness.interchange.submit([more])
+        harness.advance(1.9)
+        self.assertEqual(b.task_ids, [])
+        harness.advance(0.1)  # block_holdoff (2 s) over: b is fine after all
+        self.assertEqual(b.task_ids, [more.task_id])
+
+    def test_departures(self) -> None:
+        harness = Harness(self)
+        a = harness.manager(manager_id="a", block_id="7")
+        harness.manager(manager_id="b", block_id="7")
+        c = harness.manager(manager_id="c", block_id="8")
+        self.assertEqual(harness.interchange.departures(), {})
+        a.disconnect()
+        c.disconnect()
+        harness.flush()
+        self.assertEqual(harness.interchange.departures(), {"7": 1, "8": 1})
+
+    def test_fail_waiting(self) -> None:
+        harness = Harness(self)
+        busy = harness.manager(manager_id="busy", worker_count=1, prefetch_capacity=0)
+        tasks = [make_task() for _ in range(3)]
+        harness.interchange.submit(tasks)
+        harness.flush()
+        self.assertEqual(busy.task_ids, [tasks[0].task_id])
+        failed = harness.interchange.fail_waiting("BlockStartFailed", "no block could start")
+        harness.flush()
+        self.assertEqual(failed, 2)
+        self.assertEqual(
+            sorted(r.task_id for r in harness.results), sorted(t.task_id for t in tasks[1:])
+        )
+        for result in harness.results:
+            assert result.error_details is not None
+            self.assertEqual(result.error_details.code, "BlockStartFailed")
+            self.assertEqual(
+                result.data, f"Task {result.task_id} was not run: no block could start"
+            )
+            states = [t.state for t in result.task_statuses or []]
+            self.assertEqual(states, [TaskState.WAITING_FOR_NODES])
+        self.assertEqual(harness.interchange.outstanding_tasks(), 1)  # the one at a manager
+        self.assertEqual(harness.interchange.fail_waiting("x", "y"), 0)

@@ -33,7 +33,9 @@ from funcx_endpoint.executor.providers import (
     LocalProvider,
     ProviderAdapter,
     SubmitError,
+    parse_walltime,
     provider_from_config,
+    scheduler_message,
 )
 from funcx_endpoint.executor.providers.base import read_tail
 from funcx_endpoint.executor.providers.local import FINISHED_KEPT, SETSID_SHIM
@@ -988,3 +990,95 @@ class ParslLocalProviderTests(TestCase):
             sys.stdout.write(f"parsl LocalProvider via the adapter: {status!r}\n")
 
         return ensureDeferred(go())
+
+
+class ParslSubmitException(Exception):
+    """What Parsl's providers raise when ``sbatch`` (or ``qsub``...) fails: its
+    output and exit code as attributes, its ``str`` not for people."""
+
+    def __init__(self, job_name: str, message: str, stdout: Any, stderr: Any, retcode: int) -> None:
+        self.job_name = job_name
+        self.message = message
+        self.stdout = stdout
+        self.stderr = stderr
+        self.retcode = retcode
+
+    def __str__(self) -> str:
+        return f"Cannot launch job {self.job_name}: {self.message}; recode={self.retcode}"
+
+
+class SchedulerMessageTests(SynchronousTestCase):
+    """A failed submit says what the batch scheduler said."""
+
+    SBATCH = (
+        "sbatch: error: invalid partition specified: nosuch\n"
+        "sbatch: error: Batch job submission failed: Invalid partition name specified\n"
+    )
+
+    def test_scheduler_message(self) -> None:
+        error = ParslSubmitException("j", "Could not read job ID", "", self.SBATCH, 1)
+        self.assertEqual(
+            scheduler_message(error),
+            "sbatch: error: invalid partition specified: nosuch; "
+            "sbatch: error: Batch job submission failed: Invalid partition name specified",
+        )
+        only_stdout = ParslSubmitException("j", "m", b"qsub: Unknown queue\n", None, 2)
+        self.assertEqual(scheduler_message(only_stdout), "qsub: Unknown queue")
+        self.assertIsNone(scheduler_message(RuntimeError("no output")))
+        many = ParslSubmitException("j", "m", "", "\n".join(f"line {i}" for i in range(20)), 1)
+        self.assertEqual(scheduler_message(many), "; ".join(f"line {i}" for i in range(14, 20)))
+
+    def test_adapter_submit_error_names_the_scheduler_message(self) -> None:
+        @implementer(INonBlockingProvider)
+        class Refused(BlockingProvider):
+            def submit(self, command: str, tasks_per_node: int, job_name: str = "") -> Any:
+                raise ParslSubmitException(
+                    job_name, "Could not read job ID", "", SchedulerMessageTests.SBATCH, 1
+                )
+
+        adapter = ProviderAdapter(Refused(), MemoryProcessReactor())
+        failure = self.failureResultOf(adapter.submit("run", 1, "funcx.block-3"), SubmitError)
+        error = failure.value
+        self.assertEqual(
+            str(error),
+            "the blocking scheduler refused funcx.block-3 (exit code 1): sbatch: error: invalid "
+            "partition specified: nosuch; sbatch: error: Batch job submission failed: Invalid "
+            "partition name specified",
+        )
+        self.assertIn("Invalid partition name specified", error.scheduler_message)
+        self.assertIsInstance(error.__cause__, ParslSubmitException)
+
+    def test_other_submit_errors(self) -> None:
+        @implementer(INonBlockingProvider)
+        class Broken(BlockingProvider):
+            def submit(self, command: str, tasks_per_node: int, job_name: str = "") -> Any:
+                raise OSError("sbatch: not found")
+
+        adapter = ProviderAdapter(Broken(), MemoryProcessReactor())
+        error = self.failureResultOf(adapter.submit("run", 1, "job"), SubmitError).value
+        self.assertEqual(str(error), "OSError: sbatch: not found")
+        self.assertIsNone(error.scheduler_message)
+
+
+class WalltimeTests(SynchronousTestCase):
+    def test_parse_walltime(self) -> None:
+        for text, seconds in (
+            ("00:10:00", 600.0),
+            ("01:00:30", 3630.0),
+            ("30", 1800.0),
+            ("10:30", 630.0),
+            ("2-00", 2 * 86400.0),
+            ("1-02:03", 86400.0 + 2 * 3600 + 3 * 60),
+            ("1-00:00:10", 86410.0),
+            (15, 900.0),
+        ):
+            self.assertEqual(parse_walltime(text), seconds, text)
+        for bad in (None, "", "soon", "1:2:3:4", "x-01:00", 0, "00:00:00", True):
+            self.assertIsNone(parse_walltime(bad), bad)
+
+    def test_adapter_walltime(self) -> None:
+        provider = BlockingProvider()
+        adapter = ProviderAdapter(provider, MemoryProcessReactor())
+        self.assertIsNone(adapter.walltime)  # none given
+        provider.walltime = "00:30:00"  # type: ignore[attr-defined]
+        self.assertEqual(adapter.walltime, 1800.0)

@@ -25,6 +25,7 @@ from funcx_endpoint.executor.strategy import (
     scaling_from_config,
 )
 from funcx_endpoint.testing.procreactor import MemoryProcessReactor
+from funcx_endpoint.wire.errors import ErrorCode
 from tests.test_blocks import TEMPLATE, FakeLoadSource, FakeProvider, LogCollector
 from tests.test_interchange import Harness, make_task
 
@@ -666,3 +667,90 @@ def _running(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+class GiveUpTests(StrategyTestCase):
+    """Once blocks have failed to start past the backoff limit, waiting tasks fail
+    with the last error instead of waiting forever."""
+
+    def fail_submissions(self, stderr: str = "sbatch: error: invalid partition") -> None:
+        error = RuntimeError("Could not read job ID")
+        error.stderr = stderr  # type: ignore[attr-defined]
+        self.provider.submit_error = error
+
+    def test_default_limit_is_where_the_backoff_reaches_its_cap(self) -> None:
+        self.build()
+        self.assertEqual(self.strategy.failures_before_giving_up(), 6)  # 10*2**5 >= 300
+        self.strategy.give_up_after = 2
+        self.assertEqual(self.strategy.failures_before_giving_up(), 2)
+
+    def test_waiting_tasks_fail_after_the_limit(self) -> None:
+        self.build(init_blocks=0, max_blocks=1)
+        self.fail_submissions()
+        self.load.tasks = 3
+        for _ in range(400):  # 2000 s: attempts at 5, 20, 45, 90, 175, 340 s...
+            self.clock.advance(self.interval)
+            if self.load.failed:
+                break
+        self.assertEqual(self.scaler.consecutive_failures, 6)
+        [(code, message, count)] = self.load.failed
+        self.assertEqual(code, ErrorCode.BLOCK_START_FAILED)
+        self.assertEqual(count, 3)
+        self.assertEqual(
+            message,
+            "no block of managers could start: 6 failed start(s) in a row with the fake "
+            "provider; the last: block 5 could not be submitted to the fake provider: the fake "
+            "scheduler refused funcx.block-5: sbatch: error: invalid partition",
+        )
+        self.assertEqual(
+            self.strategy.status_fields()["strategy"]["tasks_failed_for_want_of_blocks"], 3
+        )
+        [text] = [t for t in self.logs.texts("error") if "Failed 3 waiting task(s)" in t]
+        self.assertIn("sbatch: error: invalid partition", text)
+        # Tasks arriving later fail at the next tick; a block is still tried
+        # when there is work, once per backoff_cap seconds.
+        before = self.scaler.failed_starts
+        self.load.tasks = 2
+        self.clock.advance(self.interval)
+        self.assertEqual(self.load.failed[-1][2], 2)
+        self.assertEqual(self.scaler.failed_starts, before)  # held back
+        self.clock.pump([self.interval] * 60)
+        self.load.tasks = 1
+        self.clock.advance(self.interval)
+        self.assertEqual(self.scaler.failed_starts, before + 1)
+        self.assertEqual(self.load.failed[-1][2], 1)
+
+    def test_not_before_the_limit(self) -> None:
+        self.build(init_blocks=0, max_blocks=1)
+        self.strategy.give_up_after = 4
+        self.fail_submissions()
+        self.load.tasks = 1
+        for _ in range(8):  # attempts at 5, 20 and 40 s
+            self.clock.advance(self.interval)
+        self.assertEqual(self.scaler.consecutive_failures, 3)
+        self.assertEqual(self.load.failed, [])
+
+    def test_not_while_a_manager_is_connected(self) -> None:
+        self.build(init_blocks=0, max_blocks=2)
+        self.strategy.give_up_after = 1
+        self.load.connect("old", idle_since=None, active_tasks=4)  # of an earlier block
+        self.fail_submissions()
+        self.load.tasks = 10
+        for _ in range(10):
+            self.clock.advance(self.interval)
+        self.assertGreaterEqual(self.scaler.consecutive_failures, 1)
+        self.assertEqual(self.load.failed, [])
+
+    def test_failures_of_blocks_that_start_and_die(self) -> None:
+        """Jobs that are accepted but end before any manager connects count too."""
+        self.build(init_blocks=0, max_blocks=1, status_polling_interval=1.0)
+        self.strategy.give_up_after = 2
+        self.load.tasks = 1
+        for _ in range(60):
+            self.clock.advance(1.0)
+            self.provider.set_all(JobState.FAILED, exit_code=1, message="NODE_FAIL")
+            if self.load.failed:
+                break
+        [(code, message, count)] = self.load.failed
+        self.assertIn("2 failed start(s) in a row", message)
+        self.assertIn("ended before any of its managers connected: FAILED (NODE_FAIL)", message)

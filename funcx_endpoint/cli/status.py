@@ -55,9 +55,13 @@ def _status_object(ep: EndpointDir, name: str) -> dict:
 
 
 def format_status(details: dict) -> str:
-    """The daemon's status as indented ``key: value`` lines (nested dicts inline)."""
+    """The daemon's status as indented ``key: value`` lines (nested dicts
+    inline); the blocks' counts, then their last error and one line per block."""
     lines = []
     for key, value in details.items():
+        if key == "blocks" and isinstance(value, dict):
+            lines.extend(_block_lines(value))
+            continue
         if key == "uptime" and isinstance(value, (int, float)):
             value = _duration(value)
         elif isinstance(value, float):
@@ -79,6 +83,31 @@ def _inline(value: dict) -> str:
     return ", ".join(parts)
 
 
+def _block_lines(blocks: dict) -> list:
+    blocks = dict(blocks)
+    listed = blocks.pop("list", None) or []
+    error = blocks.pop("last_error", None)
+    age = blocks.pop("last_error_age", None)
+    lines = [f"  blocks: {_inline(blocks)}"]
+    if error:
+        ago = f" ({_duration(age)} ago)" if isinstance(age, (int, float)) else ""
+        lines.append(f"    last error{ago}: {' '.join(str(error).split())}")
+    for entry in listed:
+        nodes = entry.get("nodes") or []
+        parts = [
+            f"block {entry.get('block')}",
+            f"job {entry.get('job_id')}",
+            str(entry.get("state")) + (" (draining)" if entry.get("draining") else ""),
+            f"nodes {' '.join(nodes) if nodes else '-'}",
+            f"managers {entry.get('managers')}",
+        ]
+        left = entry.get("walltime_left")
+        if isinstance(left, (int, float)):
+            parts.append(f"walltime left {_duration(left)}")
+        lines.append("    " + ", ".join(parts))
+    return lines
+
+
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
     h, rest = divmod(seconds, 3600)
@@ -96,9 +125,11 @@ def status(ctx: Context, name: str, as_json: bool = False) -> None:
     """Show the state of the endpoint NAME; live details if it runs.
 
     A running daemon is asked over its control socket (owner only) for its
-    uptime, pid, broker connection, managers, workers and tasks in flight,
-    and, with containers, its routing: warm workers by container type and
-    cold starts (in all and of the managers that made the most).
+    uptime, pid, broker connection, managers, workers, tasks in flight and
+    blocks (each with its job id, scheduler state, nodes, managers and
+    walltime left; the last failed start's message), and, with containers,
+    its routing: warm workers by container type and cold starts (in all and
+    of the managers that made the most).
     """
     ep = ctx.existing(name)
     state = ep.state()

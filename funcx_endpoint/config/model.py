@@ -228,6 +228,12 @@ class HighThroughputExecutor(ConfigObject):
             number(0, integer=True),
             "Times a task lost with its manager is retried before it fails with ManagerLost.",
         ),
+        "walltime_drain_margin": Field(
+            None,
+            optional(number(0)),
+            "Seconds before a block's walltime ends that its managers stop taking new "
+            "tasks (and a replacement is running); None: 10% of the walltime, at most 60.",
+        ),
         "address": Field(
             "127.0.0.1",
             string(),
@@ -294,6 +300,7 @@ class HighThroughputExecutor(ConfigObject):
     available_accelerators: List[str]
     prefetch_capacity: int
     max_retries_on_system_failure: int
+    walltime_drain_margin: Optional[float]
     address: str
     interchange_port_range: Tuple[int, int]
     worker_port_range: Optional[Tuple[int, int]]

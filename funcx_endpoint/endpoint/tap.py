@@ -91,6 +91,8 @@ def log_settings(
         backup_count=config.log_backup_count,
         json=config.log_format == "json",
         debug=debug or config.debug,
+        # Parsl's providers log with Python's logging: into endpoint.log too.
+        python_logging=True,
     )
 
 

@@ -6,7 +6,10 @@ node.  :class:`BlockScaler` owns the blocks of one executor: it submits them
 their states by polling the provider every ``status_polling_interval``.  It
 decides nothing by itself: the strategy (``executor/strategy.py``) says when
 to scale.  It remembers the *failed starts* (see :class:`BlockScaler`) so that
-the strategy can back off instead of submitting broken blocks in a loop.
+the strategy can back off instead of submitting broken blocks in a loop,
+and the last failure's message (the scheduler's own words where the
+provider gave them) for ``funcx-endpoint status`` and for the tasks that
+no block could serve.
 
 Each block gets an id, ``"0"``, ``"1"``..., which replaces ``{block_id}`` in
 the manager command template; the managers report it when they register, so
@@ -19,52 +22,35 @@ import collections
 import re
 from typing import Any, Collection, Deque, Dict, List, Optional, Sequence
 
-import attr
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from funcx_endpoint.executor.block_state import (
+    Block,
+    PollSchedule,
+    describe_block,
+    last_lines,
+    manager_is_idle,
+)
 from funcx_endpoint.executor.interface import ILoadSource, ManagerInfo
-from funcx_endpoint.executor.providers.base import IAsyncProvider, JobState, JobStatus
+from funcx_endpoint.executor.providers.base import (
+    IAsyncProvider,
+    JobState,
+    JobStatus,
+    SubmitError,
+)
 from funcx_endpoint.observer import fresh_result
+
+__all__ = ["BLOCK_ID", "Block", "BlockScaler", "manager_is_idle"]
 
 BLOCK_ID = "{block_id}"
 #: Replaced by the block's container type (hard routing: its managers serve that type).
 CONTAINER_TYPE = "{container_type}"
 #: What a container type may hold to go into a command line (container ids, RAW).
 _SAFE_TYPE = re.compile(r"[A-Za-z0-9_.:-]+")
-
-
-@attr.s(auto_attribs=True, eq=False)
-class Block:
-    """One block: a provider job of ``nodes_per_block`` managers."""
-
-    block_id: str
-    submitted_at: float
-    job_id: Any = None  # None while the submission is in progress
-    state: JobState = JobState.PENDING
-    status: Optional[JobStatus] = None  # the provider's last word
-    cancelled: bool = False  # we asked for its end
-    cancel_retry: bool = False  # the provider's cancel failed: try again
-    managers_seen: bool = False  # one of its managers has connected
-    manager_since: Optional[float] = None  # when its first manager seen registered
-    manager_last_seen: Optional[float] = None  # last time one of its managers was connected
-    healthy: bool = False  # proved it works (see BlockScaler)
-    ended_at: Optional[float] = None
-    failed_start: bool = False
-    container_type: str = "RAW"  # the type its managers serve (hard routing)
-
-    @property
-    def active(self) -> bool:
-        """Counts against the block limits: not ended, not being cancelled."""
-        return not self.state.terminal and not self.cancelled
-
-
-def manager_is_idle(manager: ManagerInfo) -> bool:
-    """True if the manager runs nothing and has nothing queued."""
-    return manager.idle_since is not None and manager.active_tasks == 0
 
 
 class BlockScaler(Service):
@@ -89,6 +75,25 @@ class BlockScaler(Service):
     strategy's backoff keeps growing.  :attr:`last_failure_at` is when the
     last failed start was seen.
 
+    :attr:`last_error` is the message of the last failed start: the
+    provider's submit error (with the scheduler's message, see
+    :class:`~funcx_endpoint.executor.providers.base.SubmitError`), or how the
+    block ended and the end of its stderr.
+
+    The provider is asked for the states of the blocks every
+    ``status_polling_interval`` (the provider's: 60 s for Parsl's Slurm
+    provider), and sooner, every ``prompt_poll_interval`` seconds, while a
+    block is in question: its managers have gone (has its job ended?), or
+    they connected while the provider last said it was pending (has it
+    started?); for at most one ``status_polling_interval`` after that.
+    Managers that come and go between two looks are seen through
+    :meth:`ILoadSource.departures`.  A
+    block younger than ``first_poll_delay`` seconds is not asked about: a
+    scheduler's accounting may not know a job yet (Parsl's Slurm provider
+    takes a job ``sacct`` does not list for a COMPLETED one).  A block the
+    provider says has ended has its managers, if any are still connected,
+    retired at the load source.
+
     ``stopService`` waits for submissions in progress, cancels every block
     and stops the provider (which, for the local one, waits for its processes).
     """
@@ -107,6 +112,8 @@ class BlockScaler(Service):
         job_name_prefix: str = "funcx",
         min_healthy_lifetime: float = 60.0,
         history: int = 100,
+        prompt_poll_interval: float = 5.0,
+        first_poll_delay: float = 0.0,
     ) -> None:
         if BLOCK_ID not in command_template:
             raise ValueError(
@@ -119,6 +126,8 @@ class BlockScaler(Service):
         self.tasks_per_node = tasks_per_node
         self.job_name_prefix = job_name_prefix
         self.min_healthy_lifetime = min_healthy_lifetime
+        self.prompt_poll_interval = prompt_poll_interval
+        self.first_poll_delay = first_poll_delay
         self._blocks: Dict[str, Block] = {}  # not yet ended, in submission order
         self._history: Deque[Block] = collections.deque(maxlen=history)
         self._ended: collections.Counter[str] = collections.Counter()
@@ -127,9 +136,11 @@ class BlockScaler(Service):
         self._poller: Optional[LoopingCall] = None
         self._polling: Optional[Deferred[None]] = None
         self._stopping = False
+        self._last_poll = 0.0
         self.consecutive_failures = 0
         self.last_failure_at: Optional[float] = None
         self.failed_starts = 0
+        self.last_error: Optional[str] = None
 
     # -- views ------------------------------------------------------------------------
 
@@ -161,16 +172,35 @@ class BlockScaler(Service):
         states: collections.Counter[str] = collections.Counter()
         for block in self._blocks.values():
             states["CANCELLING" if block.cancelled else block.state.name] += 1
-        return {
-            "blocks": {
-                "provider": self.provider.label,
-                "active": len(self.active_blocks()),
-                "states": dict(states),
-                "ended": dict(self._ended),
-                "failed_starts_in_a_row": self.consecutive_failures,
-                **self._by_type(),
-            }
+        blocks: Dict[str, Any] = {
+            "provider": self.provider.label,
+            "active": len(self.active_blocks()),
+            "states": dict(states),
+            "ended": dict(self._ended),
+            "failed_starts_in_a_row": self.consecutive_failures,
+            **self._by_type(),
         }
+        if self.last_error is not None:
+            blocks["last_error"] = self.last_error
+            if self.last_failure_at is not None:
+                blocks["last_error_age"] = round(self._clock.seconds() - self.last_failure_at, 1)
+        return {"blocks": blocks}
+
+    def describe_blocks(self) -> List[Dict[str, Any]]:
+        """One dict per block not ended: ``block``, ``job_id``, ``state`` (the
+        provider's last word; CANCELLING once we asked for its end), ``nodes``
+        (host names of its connected managers), ``managers`` (connected, out
+        of ``nodes_per_block * tasks_per_node``), and ``walltime_left``
+        (seconds, counted from when it was first seen running) where the
+        provider has a walltime."""
+        now = self._clock.seconds()
+        by_block = self.managers_by_block()
+        expected = max(1, self.provider.nodes_per_block) * max(1, self.tasks_per_node)
+        walltime = getattr(self.provider, "walltime", None)
+        return [
+            describe_block(block, by_block.get(block.block_id, []), expected, walltime, now)
+            for block in self._blocks.values()
+        ]
 
     def _by_type(self) -> Dict[str, Any]:
         types = collections.Counter(b.container_type for b in self.active_blocks())
@@ -185,9 +215,11 @@ class BlockScaler(Service):
         self._stopping = False
         if IService.providedBy(self.provider) and not self.provider.running:
             self.provider.startService()
-        self._poller = LoopingCall(self.poll)
+        self._last_poll = self._clock.seconds()
+        self._poller = LoopingCall(self._check)
         self._poller.clock = self._clock
-        d = self._poller.start(self.provider.status_polling_interval, now=False)
+        interval = min(self.provider.status_polling_interval, self.prompt_poll_interval)
+        d = self._poller.start(interval, now=False)
         d.addErrback(lambda f: self.log.failure("Block status polling stopped", f))
 
     def stopService(self) -> Deferred[None]:
@@ -269,16 +301,21 @@ class BlockScaler(Service):
         try:
             job_id = await self.provider.submit(command, self.tasks_per_node, job_name)
         except Exception as e:
+            error = str(e) if isinstance(e, SubmitError) else f"{type(e).__name__}: {e}"
             self.log.error(
                 "Block {block_id} could not be submitted to the {provider} provider: {error}",
                 block_id=block.block_id,
                 provider=self.provider.label,
-                error=f"{type(e).__name__}: {e}",
+                error=error,
             )
-            status = JobStatus(JobState.FAILED, f"submit failed: {type(e).__name__}: {e}")
+            status = JobStatus(JobState.FAILED, f"submit failed: {error}")
             block.status = status
             block.state = JobState.FAILED
-            self._failed_start(block)
+            self._failed_start(
+                block,
+                f"block {block.block_id} could not be submitted to the "
+                f"{self.provider.label} provider: {error}",
+            )
             self._retire(block)
             return False
         block.job_id = job_id
@@ -385,6 +422,23 @@ class BlockScaler(Service):
 
     # -- following the blocks ------------------------------------------------------------
 
+    def _schedule(self) -> PollSchedule:
+        return PollSchedule(
+            self.provider.status_polling_interval,
+            self.prompt_poll_interval,
+            self.first_poll_delay,
+        )
+
+    def _check(self) -> Optional[Deferred[None]]:
+        """Every tick of the poller: note the managers; ask the provider when
+        its polling interval has passed, or sooner while a block is in question."""
+        self._note_managers()
+        schedule = self._schedule()
+        now = self._clock.seconds()
+        if schedule.due(now, self._last_poll, self.blocks(), self.managers_by_block()):
+            return self.poll()
+        return None
+
     def poll(self) -> Deferred[None]:
         """Ask the provider for the state of every block now (one poll at a time)."""
         if self._polling is not None:
@@ -403,12 +457,12 @@ class BlockScaler(Service):
     async def _poll(self) -> None:
         try:
             self._note_managers()
+            now = self._last_poll = self._clock.seconds()
             retry = [b for b in self._blocks.values() if b.cancel_retry]
             if retry:
                 await self._cancel(retry)
-            watched = [
-                b for b in self._blocks.values() if b.job_id is not None and not b.state.terminal
-            ]
+            schedule = self._schedule()
+            watched = [b for b in self._blocks.values() if schedule.watched(b, now)]
             if not watched:
                 return
             statuses = await self.provider.status([b.job_id for b in watched])
@@ -419,6 +473,13 @@ class BlockScaler(Service):
 
     def _note_managers(self) -> None:
         now = self._clock.seconds()
+        departures = self.load.departures()
+        for each in self._blocks.values():
+            gone = departures.get(each.block_id, 0)
+            if gone > each.departures:
+                each.departures = gone
+                each.managers_seen = True
+                each.manager_lost_at = now
         for block_id, managers in self.managers_by_block().items():
             block = self._blocks.get(block_id)
             if block is None:
@@ -428,6 +489,8 @@ class BlockScaler(Service):
             first = min(m.registered_at for m in managers)
             if block.manager_since is None or first < block.manager_since:
                 block.manager_since = first
+            if block.started_at is None or first < block.started_at:
+                block.started_at = first
             if block.healthy:
                 continue
             served = any(m.tasks_completed > 0 for m in managers)
@@ -450,6 +513,8 @@ class BlockScaler(Service):
         if status.state == block.state:
             return
         block.state = status.state
+        if status.state == JobState.RUNNING and block.started_at is None:
+            block.started_at = self._clock.seconds()
         if not status.terminal:
             self.log.info(
                 "Block {block_id} (job {job_id}) is {state}",
@@ -469,7 +534,9 @@ class BlockScaler(Service):
             and block.manager_last_seen - block.manager_since >= self.min_healthy_lifetime
         )
         if not stopped and not healthy:
-            self._failed_start(block)
+            self._failed_start(block, None)
+        if self.managers_by_block().get(block.block_id):
+            self.load.retire_block(block.block_id, f"its job ended: {status}", False)
         if not stopped and (
             block.failed_start or status.state in (JobState.FAILED, JobState.MISSING)
         ):
@@ -479,6 +546,12 @@ class BlockScaler(Service):
                 if not block.managers_seen
                 else (f"{now - block.submitted_at:.0f}s after its submission")
             )
+            if block.failed_start:
+                self._note_error(
+                    block,
+                    f"block {block.block_id} (job {block.job_id}) ended {why}: {status}"
+                    + (f"; its stderr ends: {last_lines(tail)}" if tail else ""),
+                )
             self.log.error(
                 "Block {block_id} (job {job_id}) ended {why}: {status}; stderr ({path}):\n{tail}",
                 block_id=block.block_id,
@@ -497,11 +570,17 @@ class BlockScaler(Service):
             )
         self._retire(block)
 
-    def _failed_start(self, block: Block) -> None:
+    def _failed_start(self, block: Block, error: Optional[str]) -> None:
         block.failed_start = True
         self.failed_starts += 1
         self.consecutive_failures += 1
         self.last_failure_at = self._clock.seconds()
+        if error is not None:
+            self._note_error(block, error)
+
+    def _note_error(self, block: Block, error: str) -> None:
+        block.error = error
+        self.last_error = error
 
     def _retire(self, block: Block) -> None:
         if self._blocks.pop(block.block_id, None) is not None:

@@ -20,7 +20,12 @@ has its result:
   Results go to the :class:`~funcx_endpoint.executor.interface.IResultSink`
   in batches, one call per reactor turn.
 * When a manager is lost its tasks are queued again, up to
-  ``max_retries`` times each, then fail with ``ManagerLost``.
+  ``max_retries`` times each, then fail with ``ManagerLost``.  Its block's
+  other managers get no new task for ``block_holdoff`` seconds, unless it
+  went silent (:mod:`~funcx_endpoint.executor.block_pauses` says why).
+  A block whose walltime ends soon *drains*: its managers get no new task,
+  and tasks lost with them (their manager gone, or ``WorkerLost``) are
+  queued again without counting an attempt.
 
 The dispatcher knows managers only through the registry's events
 (:class:`~funcx_endpoint.executor.interface.IManagerEvents`) and talks to
@@ -29,13 +34,15 @@ them through :class:`~funcx_endpoint.executor.registry.Manager`'s methods.
 
 from __future__ import annotations
 
+import json
 from collections import deque
-from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from funcx_endpoint.executor.block_pauses import BlockPauses
 from funcx_endpoint.executor.interface import (
     IManagerEvents,
     IResultSink,
@@ -71,12 +78,15 @@ class TaskDispatcher:
         max_retries: int = 0,
         batch_interval: float = 0.001,
         max_recorded_tasks: int = 10_000,
+        block_holdoff: float = 2.0,
     ) -> None:
         self.clock = clock
         self.result_sink = result_sink
         self.routing = routing
         self.max_retries = max_retries
         self.batch_interval = batch_interval
+        self.block_holdoff = block_holdoff
+        self.pauses = BlockPauses(clock, block_holdoff, self._pause_block, self._resume_blocks)
         self.accepting = True
         self._dispatching = True
         self._tasks: Dict[str, TaskRecord] = {}
@@ -197,6 +207,33 @@ class TaskDispatcher:
             self._held_changed(slot, before)
         return withdrawn
 
+    def fail_waiting(self, code: str, message: str) -> int:
+        """Fail the tasks waiting for a manager with ``code`` and ``message``;
+        return how many (see :meth:`ILoadSource.fail_waiting`)."""
+        failed = 0
+        for queue in self._queues.values():
+            while queue:
+                record = queue.popleft()
+                del self._tasks[record.task_id]
+                failed += 1
+                self._answer(
+                    PackedResult.failure(
+                        record.task_id,
+                        code,
+                        f"Task {record.task_id} was not run: {message}",
+                        None,
+                        record.transitions,
+                    )
+                )
+        return failed
+
+    def drain_block(self, block_id: str, why: str) -> bool:
+        """The managers of ``block_id`` get no new task from now on, and tasks
+        lost with them are retried without counting an attempt (see
+        :class:`~funcx_endpoint.executor.block_pauses.BlockPauses`); False if
+        it was draining already."""
+        return self.pauses.drain(block_id, why)
+
     def stop(self) -> None:
         """Send no more tasks (the interchange is stopping) and deliver what is ready."""
         self.accepting = False
@@ -204,6 +241,7 @@ class TaskDispatcher:
         if self._dispatch_call is not None:
             self._dispatch_call.cancel()
             self._dispatch_call = None
+        self.pauses.stop()
         self.deliver()
 
     # -- managers (IManagerEvents) -------------------------------------------
@@ -214,7 +252,10 @@ class TaskDispatcher:
         self._idle_workers += max(0, slot.worker_count)
         of_type = self._managers_of_type
         of_type[slot.container_type] = of_type.get(slot.container_type, 0) + 1
-        self.routing.update(slot)
+        if self.pauses.paused(str(manager.block_id)):
+            slot.paused = True
+        else:
+            self.routing.update(slot)
         self._schedule_dispatch()
 
     def manager_closed(self, manager: Any) -> None:
@@ -247,22 +288,23 @@ class TaskDispatcher:
         slot.unsent_containers = {}
         for record in records:
             record.slot = None
+        block_id = str(manager.block_id)
+        at_walltime = not on_purpose and self.pauses.draining(block_id)
+        if not on_purpose and self.accepting and not manager.silent:
+            self.pauses.hold(block_id)
         if not records or not self.accepting:
             # Stopping (tasks were withdrawn): the broker delivers these tasks
             # again; failing them now would be wrong.
             return
-        if on_purpose:
+        if on_purpose or at_walltime:
+            # Ended by the endpoint, or by the scheduler at its block's walltime.
             for record in records:
                 record.attempts -= 1
+            if at_walltime:
+                why = f"{why} (its block's walltime ended: tasks retried, no attempt counted)"
         retry = [r for r in records if r.attempts <= self.max_retries]
         failed = [r for r in records if r.attempts > self.max_retries]
-        if retry:
-            transition = TaskTransition.now(TaskState.WAITING_FOR_NODES, ActorName.INTERCHANGE)
-            for record in reversed(retry):
-                record.transitions.append(transition)
-                self._note(record.task_id, transition)
-                self._queue(record.container_type).appendleft(record)
-            self._schedule_dispatch()
+        self._requeue(retry)
         description = manager.describe()
         for record in failed:
             task_id = record.task_id
@@ -295,6 +337,8 @@ class TaskDispatcher:
         tasks = self._tasks
         answer = self._ready.append
         decode = PackedResult.decode
+        draining = self.pauses.draining(str(manager.block_id))
+        killed: List[TaskRecord] = []
         for raw in results:
             try:
                 result = decode(raw)
@@ -314,9 +358,23 @@ class TaskDispatcher:
                 )
                 continue
             slot.release(record)
+            if draining and result.is_error and _worker_lost(result):
+                killed.append(record)  # by the scheduler at its block's walltime
+                continue
             del tasks[task_id]
             result.add_transitions(record.transitions)
             answer(result)
+        if killed:
+            for record in killed:
+                record.slot = None
+                record.attempts -= 1
+            self.log.info(
+                "{count} task(s) lost their worker on {manager}, whose block's walltime "
+                "ends: queued again, no attempt counted",
+                count=len(killed),
+                manager=manager.describe(),
+            )
+            self._requeue(killed)
         now = self.clock.seconds()
         slot.completions.add(len(results), now)
         slot.tasks_completed += len(results)
@@ -453,6 +511,22 @@ class TaskDispatcher:
         else:
             self._dropped_transitions += 1
 
+    def _pause_block(self, block_id: str) -> None:
+        """The managers of ``block_id`` leave the routing policy's index (see
+        :class:`~funcx_endpoint.executor.block_pauses.BlockPauses`)."""
+        for slot in self._slots.values():
+            if str(slot.manager.block_id) == block_id and not slot.paused:
+                slot.paused = True
+                self.routing.remove(slot)
+
+    def _resume_blocks(self, block_ids: Set[str]) -> None:
+        for slot in self._slots.values():
+            if slot.paused and str(slot.manager.block_id) in block_ids:
+                slot.paused = False
+                if slot.accepting:
+                    self.routing.update(slot)
+        self._schedule_dispatch()
+
     def _schedule_dispatch(self) -> None:
         if self._dispatch_call is None and self._dispatching:
             self._dispatch_call = self.clock.callLater(0, self._dispatch)
@@ -469,12 +543,23 @@ class TaskDispatcher:
             popleft = queue.popleft
             self._send_tasks(slot, [popleft() for _ in range(min(count, len(queue)))])
 
+    def _requeue(self, records: List[TaskRecord]) -> None:
+        """Queue ``records`` again, first in their queues (they waited longest)."""
+        if not records:
+            return
+        transition = TaskTransition.now(TaskState.WAITING_FOR_NODES, ActorName.INTERCHANGE)
+        for record in reversed(records):
+            record.transitions.append(transition)
+            self._note(record.task_id, transition)
+            self._queue(record.container_type).appendleft(record)
+        self._schedule_dispatch()
+
     def _held_changed(self, slot: ManagerSlot, before: int) -> None:
         """Keep the totals and the routing policy's index up to date."""
         held = len(slot.outstanding)
         workers = slot.worker_count
         self._idle_workers += max(0, workers - held) - max(0, workers - before)
-        if slot.accepting:
+        if slot.accepting and not slot.paused:
             self.routing.update(slot)
 
     def _send_tasks(self, slot: ManagerSlot, batch: List[TaskRecord]) -> None:
@@ -548,3 +633,12 @@ class TaskDispatcher:
             self.result_sink.results_ready(ready)
         except Exception:
             self.log.failure("The result sink failed for {count} results", count=len(ready))
+
+
+def _worker_lost(result: PackedResult) -> bool:
+    """Whether a failure is ``WorkerLost`` (its error details only are read)."""
+    try:
+        details = json.loads(bytes(result.error_details))
+    except ValueError:
+        return False
+    return isinstance(details, dict) and details.get("code") == ErrorCode.WORKER_LOST

@@ -571,6 +571,26 @@ class Interchange(Service):
         self.registry.retire_block(block_id, reason)
         return True
 
+    def drain_block(self, block_id: str, why: str) -> bool:
+        """Give the managers of a block whose walltime ends soon no new task
+        (see :meth:`ILoadSource.drain_block`)."""
+        drained = self.dispatcher.drain_block(block_id, why)
+        if drained:
+            self.log.info(
+                "Block {block_id} drains: {why}; its managers get no new task",
+                block_id=block_id,
+                why=why,
+            )
+        return drained
+
+    def departures(self) -> Dict[str, int]:
+        """Managers gone so far, by block id (see :meth:`ILoadSource.departures`)."""
+        return dict(self.registry.departures)
+
+    def fail_waiting(self, code: str, message: str) -> int:
+        """Fail the tasks waiting for a manager (see :meth:`ILoadSource.fail_waiting`)."""
+        return self.dispatcher.fail_waiting(code, message)
+
     def manager_versions(self) -> Dict[str, Dict[str, str]]:
         """Python, dill and funcx versions of each registered manager, by manager id."""
         return {m.manager_id: dict(m.versions) for m in self.registry.managers.values()}

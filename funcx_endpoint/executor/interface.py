@@ -139,6 +139,10 @@ class IManagerEvents(Interface):
     def manager_left(manager: Any, why: str, on_purpose: bool) -> None:
         """A manager is gone: its unanswered tasks are queued again or fail.
 
+        ``manager.block_id`` is its block; ``manager.silent`` is true if it was
+        declared lost after ``heartbeat_threshold`` of silence (rather than
+        its connection closing).
+
         ``on_purpose``: the endpoint ended it (scaling in), so its tasks lose
         no attempt.
         """
@@ -189,6 +193,22 @@ class ILoadSource(Interface):
         the block holds a task (it may have been given one since the caller
         looked).  True otherwise.
         """
+
+    def drain_block(block_id: str, why: str) -> bool:
+        """Block ``block_id``'s walltime ends soon: its managers (and those of
+        it that register later) get no new task, and tasks lost with them
+        are queued again without counting an attempt.  False if it was
+        draining already."""
+
+    def departures() -> Dict[str, int]:
+        """How many registered managers of each block have gone so far (for
+        whatever reason), by block id, for the most recent blocks: a manager
+        that came and went between two looks at :meth:`managers` shows here."""
+
+    def fail_waiting(code: str, message: str) -> int:
+        """Answer every task still waiting for a manager (none of those a
+        manager holds) with a failure of this error code and message; return
+        how many.  For when no manager can come to take them."""
 
 
 class ITypedLoadSource(ILoadSource):

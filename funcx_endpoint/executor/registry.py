@@ -98,6 +98,9 @@ class Manager:
         self.sequence = sequence
         self.retiring = False
         self.quit_reason: Optional[str] = None
+        # Declared lost after heartbeat_threshold of silence (not a closed
+        # connection): its end says nothing about its block's other managers.
+        self.silent = False
 
     def describe(self) -> str:
         """ "manager ID (block B, host H, pid P)", for messages."""
@@ -254,6 +257,8 @@ class ManagerRegistry:
     _connections: Set[ManagerConnection] = attr.ib(factory=set, init=False)
     _registrations: int = attr.ib(default=0, init=False)
     _retired_blocks: OrderedDict[str, str] = attr.ib(factory=OrderedDict, init=False)
+    #: Managers gone so far, by block id (the most recent blocks).
+    departures: OrderedDict[str, int] = attr.ib(factory=OrderedDict, init=False)
     _disconnect_waiters: List[Deferred[None]] = attr.ib(factory=list, init=False)
     _manager_waiters: List[Tuple[int, Deferred[None]]] = attr.ib(factory=list, init=False)
     _ticker: Optional[LoopingCall] = attr.ib(default=None, init=False)
@@ -418,6 +423,11 @@ class ManagerRegistry:
             of_block.pop(manager, None)
             if not of_block:
                 self._by_block.pop(manager.block_id, None)
+            block_id = manager.block_id
+            self.departures[block_id] = self.departures.get(block_id, 0) + 1
+            self.departures.move_to_end(block_id)
+            while len(self.departures) > RETIRED_BLOCKS_KEPT:
+                self.departures.popitem(last=False)
 
     # -- retiring --------------------------------------------------------------------
 
@@ -462,6 +472,7 @@ class ManagerRegistry:
         for manager in due:
             silence = now - manager.last_heard
             if silence > self.heartbeat_threshold:
+                manager.silent = True
                 manager.lost(
                     f"it sent nothing for {silence:.0f} s (heartbeat_threshold is "
                     f"{self.heartbeat_threshold:g} s)"

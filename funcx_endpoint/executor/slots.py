@@ -69,6 +69,7 @@ class ManagerSlot:
         "tasks_completed",
         "idle_since",
         "accepting",
+        "paused",
         "warm",
         "held_of_type",
         "cold_starts",
@@ -92,6 +93,7 @@ class ManagerSlot:
         self.tasks_completed = 0
         self.idle_since: Optional[float] = now
         self.accepting = True
+        self.paused = False  # its block lost a manager a moment ago (block_holdoff)
         self.warm: Dict[str, int] = {}  # its last WarmContainers
         self.held_of_type: Dict[str, int] = {}
         # The dispatcher's tasks held by type, at every manager: kept with ours.

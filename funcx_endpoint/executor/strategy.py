@@ -8,7 +8,10 @@ with Parsl's providers.  The rules, in the order they are applied:
 
 1. At start, ``init_blocks`` blocks are submitted.
 2. *Active* blocks are those submitted and not ended nor being cancelled
-   (pending, running, held or of unknown state).  Each holds
+   (pending, running, held or of unknown state), except those whose
+   walltime ends soon (see :mod:`~funcx_endpoint.executor.walltime`): a
+   draining block, or one that drains before a replacement could start,
+   counts as gone already, so its replacement is requested in time.  Each holds
    ``slots_per_block = nodes_per_block * workers_per_manager`` tasks, where
    ``workers_per_manager`` is the mean ``worker_count`` of the connected
    managers, or, before any connects, the estimate from the executor's
@@ -25,7 +28,15 @@ with Parsl's providers.  The rules, in the order they are applied:
    manager of it sent a result, or stayed connected ``min_healthy_lifetime``)
    resets ``k``; a manager that merely connects, then quits, does not.
    This holds the ``min_blocks`` top-up too: a block that cannot start is
-   not retried in a loop.
+   not retried in a loop.  Once the backoff has reached its cap (after
+   ``give_up_after`` failed starts in a row: by default the first ``k``
+   whose delay reaches ``backoff_cap``, 6 with the defaults) and no manager
+   is connected, the tasks waiting for a manager fail with
+   ``BlockStartFailed`` and the scaler's last error (the scheduler's own
+   message where there is one) instead of waiting forever; tasks that
+   arrive while that lasts fail at the next tick.  A block is still tried
+   when tasks are there and the backoff allows (at most once per
+   ``backoff_cap`` seconds), so the endpoint serves again once a block starts.
 5. Scale in, when not scaling out: a block is idle when none of its
    managers has a task (since the latest ``idle_since`` of its managers), or
    when it has no manager connected (since the strategy first saw it so).
@@ -65,8 +76,13 @@ from zope.interface import implementer
 from funcx_endpoint.executor.blocks import Block, BlockScaler, manager_is_idle
 from funcx_endpoint.executor.interface import ILoadSource, ManagerInfo
 from funcx_endpoint.executor.providers.local import provider_from_config
+from funcx_endpoint.executor.walltime import WalltimeWatch, drain_margin
 from funcx_endpoint.lifecycle import IStatusPart
 from funcx_endpoint.observer import fresh_result
+from funcx_endpoint.wire.errors import ErrorCode
+
+#: Seconds before a Parsl provider is asked about a new block (see BlockScaler).
+FIRST_POLL_DELAY = 10.0
 
 #: The container type of blocks started for no type in particular.
 RAW_TYPE = "RAW"
@@ -127,6 +143,9 @@ class SimpleStrategy(Service):
     backoff_base: float = attr.ib(default=10.0, kw_only=True)
     backoff_cap: float = attr.ib(default=300.0, kw_only=True)
     per_type: bool = attr.ib(default=False, kw_only=True)
+    give_up_after: Optional[int] = attr.ib(default=None, kw_only=True)
+    walltimes: Optional[WalltimeWatch] = attr.ib(default=None, kw_only=True)
+    tasks_failed: int = attr.ib(default=0, init=False)
     _unmanned_since: Dict[str, float] = attr.ib(factory=dict, init=False)
     _loop: Optional[LoopingCall] = attr.ib(default=None, init=False)
     _ticking: Optional[Deferred[Decision]] = attr.ib(default=None, init=False)
@@ -199,10 +218,36 @@ class SimpleStrategy(Service):
                     only_idle=True,
                     reason=f"scaling in: {decision.reason}",
                 )
+            self._give_up_if_hopeless()
             return decision
         except Exception:
             self.log.failure("The scaling strategy failed; it tries again in {s}s", s=self.interval)
             return Decision(reason="error")
+
+    def failures_before_giving_up(self) -> int:
+        """Failed starts in a row after which waiting tasks fail (see the module)."""
+        if self.give_up_after is not None:
+            return max(1, self.give_up_after)
+        k = 1
+        while self.backoff_base * 2 ** (k - 1) < self.backoff_cap and k < 30:
+            k += 1
+        return k
+
+    def _give_up_if_hopeless(self) -> None:
+        failures = self.scaler.consecutive_failures
+        if failures < self.failures_before_giving_up() or self.load.managers():
+            return
+        if not self.load.outstanding_tasks():
+            return
+        message = (
+            f"no block of managers could start: {failures} failed start(s) in a row with "
+            f"the {self.scaler.provider.label} provider; the last: "
+            f"{self.scaler.last_error or 'unknown'}"
+        )
+        failed = self.load.fail_waiting(ErrorCode.BLOCK_START_FAILED, message)
+        if failed:
+            self.tasks_failed += failed
+            self.log.error("Failed {n} waiting task(s): {message}", n=failed, message=message)
 
     def workers_per_manager(self, managers: List[ManagerInfo]) -> int:
         """The mean worker count of the connected managers, else the estimate."""
@@ -228,10 +273,13 @@ class SimpleStrategy(Service):
         min_blocks = provider.min_blocks
         max_blocks = provider.max_blocks
         parallelism = provider.parallelism
+        by_block = self.scaler.managers_by_block()
         active = self.scaler.active_blocks()
+        if self.walltimes is not None:
+            ending = self.walltimes.ending
+            active = [b for b in active if not ending(b, by_block.get(b.block_id, []), now)]
         count = len(active)
         tasks = self.load.outstanding_tasks()
-        by_block = self.scaler.managers_by_block()
         per_block = max(1, provider.nodes_per_block) * self.workers_per_manager(
             [m for managers in by_block.values() for m in managers]
         )
@@ -263,11 +311,12 @@ class SimpleStrategy(Service):
                     self._held_logged_for = hold
                     self.log.warn(
                         "Not starting blocks for {s:.0f}s after {k} failed block start(s) in "
-                        "a row (wanted {n}: {reason})",
+                        "a row (wanted {n}: {reason}); the last: {error}",
                         s=hold - now,
                         k=self.scaler.consecutive_failures,
                         n=wanted,
                         reason=reason,
+                        error=self.scaler.last_error or "unknown",
                     )
                 return Decision(held=True, reason=reason)
             return Decision(scale_out=wanted, reason=reason)
@@ -299,10 +348,13 @@ class SimpleStrategy(Service):
         now = self._clock.seconds()
         provider = self.scaler.provider
         min_blocks, max_blocks = provider.min_blocks, provider.max_blocks
+        by_block = self.scaler.managers_by_block()
         active = self.scaler.active_blocks()
+        if self.walltimes is not None:
+            ending = self.walltimes.ending
+            active = [b for b in active if not ending(b, by_block.get(b.block_id, []), now)]
         load: Any = self.load
         tasks_by_type: Dict[str, int] = dict(load.outstanding_by_type())
-        by_block = self.scaler.managers_by_block()
         per_block = max(1, provider.nodes_per_block) * self.workers_per_manager(
             [m for managers in by_block.values() for m in managers]
         )
@@ -410,42 +462,58 @@ class SimpleStrategy(Service):
                 "interval": self.interval,
                 "max_idletime": self.max_idletime,
                 "backoff_remaining": round(max(0.0, hold - now), 1) if hold else 0.0,
+                "tasks_failed_for_want_of_blocks": self.tasks_failed,
             }
         }
 
 
 @implementer(IStatusPart)
 class ScalingService(Service):
-    """The ``providers`` part of the endpoint: a block scaler and its strategy.
+    """The ``providers`` part of the endpoint: a block scaler, its strategy
+    and, for a provider with a walltime, the walltime watch.
 
-    Starts the scaler (and so the provider), then the strategy; stops the
-    strategy first, then the scaler, which cancels every block and waits for
-    the provider to stop.
+    Starts the scaler (and so the provider), then the strategy and the
+    watch; stops those first, then the scaler, which cancels every block and
+    waits for the provider to stop.
     """
 
     name = "providers"
 
-    def __init__(self, scaler: BlockScaler, strategy: SimpleStrategy) -> None:
+    def __init__(
+        self,
+        scaler: BlockScaler,
+        strategy: SimpleStrategy,
+        walltimes: Optional[WalltimeWatch] = None,
+    ) -> None:
         self.scaler = scaler
         self.strategy = strategy
+        self.walltimes = walltimes
 
     def startService(self) -> None:
         super().startService()
         self.scaler.startService()
         self.strategy.startService()
+        if self.walltimes is not None:
+            self.walltimes.startService()
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        if self.walltimes is not None:
+            self.walltimes.stopService()
         await maybeDeferred(self.strategy.stopService)
         await maybeDeferred(self.scaler.stopService)
 
     def status_fields(self) -> Dict[str, Any]:
-        """Blocks by state and the strategy's state."""
+        """Blocks by state (and each block, under ``blocks.list``) and the strategy's state."""
         fields = self.scaler.status_fields()
+        fields["blocks"]["list"] = self.scaler.describe_blocks()
         fields.update(self.strategy.status_fields())
+        if self.walltimes is not None:
+            fields["blocks"]["walltime"] = self.walltimes.walltime
+            fields["blocks"]["drain_margin"] = self.walltimes.margin
         return fields
 
 
@@ -483,8 +551,18 @@ def scaling_from_config(
     # A batch scheduler's job names take letters, digits and a few marks only.
     job_label = re.sub(r"[^A-Za-z0-9_.-]", "_", executor.label)
     scaler = BlockScaler(
-        provider, load, reactor, command_template, job_name_prefix=f"funcx.{job_label}"
+        provider,
+        load,
+        reactor,
+        command_template,
+        job_name_prefix=f"funcx.{job_label}",
+        # A batch scheduler's accounting may not list a job at once (see BlockScaler).
+        first_poll_delay=FIRST_POLL_DELAY if provider.blocking else 0.0,
     )
+    walltimes = None
+    if provider.walltime:
+        margin = drain_margin(provider.walltime, executor.walltime_drain_margin)
+        walltimes = WalltimeWatch(scaler, load, reactor, provider.walltime, margin)
     strategy = SimpleStrategy(
         scaler,
         load,
@@ -495,5 +573,6 @@ def scaling_from_config(
         workers_per_node=estimate_workers_per_node(
             executor.max_workers_per_node, executor.cores_per_worker, provider.cores_per_node
         ),
+        walltimes=walltimes,
     )
-    return ScalingService(scaler, strategy)
+    return ScalingService(scaler, strategy, walltimes)

@@ -51,6 +51,13 @@ class ErrorCode:
         value for name, value in list(locals().items()) if name.isupper()
     )
 
+    #: No block of managers could start (the endpoint's provider failed
+    #: again and again; the message has its last error, the batch scheduler's
+    #: own words where there are some): the task waited for a worker in vain.
+    #: Made by the endpoint's scaling, not by the task's path through managers
+    #: and workers: not in :attr:`ALL`.
+    BLOCK_START_FAILED: ClassVar[str] = "BlockStartFailed"
+
 
 class ProtocolError(ValueError):
     """Something on the wire could not be written or read."""

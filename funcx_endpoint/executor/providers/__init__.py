@@ -18,6 +18,8 @@ from funcx_endpoint.executor.providers.base import (
     JobStatus,
     ProviderAdapter,
     SubmitError,
+    parse_walltime,
+    scheduler_message,
 )
 from funcx_endpoint.executor.providers.local import LocalProvider, provider_from_config
 
@@ -32,5 +34,7 @@ __all__ = [
     "LocalProvider",
     "ProviderAdapter",
     "SubmitError",
+    "parse_walltime",
     "provider_from_config",
+    "scheduler_message",
 ]

@@ -134,7 +134,77 @@ class ExecutionProviderError(Exception):
 
 
 class SubmitError(ExecutionProviderError):
-    """A job could not be submitted."""
+    """A job could not be submitted.
+
+    ``scheduler_message`` holds the batch scheduler's own words (the submit
+    command's stderr, e.g. ``sbatch: error: Batch job submission failed:
+    Invalid partition name specified``) when the provider gave them.
+    """
+
+    def __init__(self, message: str, scheduler_message: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.scheduler_message = scheduler_message
+
+
+def scheduler_message(error: BaseException, max_lines: int = 6) -> Optional[str]:
+    """What the batch scheduler said, from a Parsl ``SubmitException`` (its
+    ``stderr``, else its ``stdout``, one line per line joined by ``"; "``,
+    the last ``max_lines``); None if the error carries no such output."""
+    for name in ("stderr", "stdout"):
+        text = getattr(error, name, None)
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "replace")
+        if isinstance(text, str) and text.strip():
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            return "; ".join(lines[-max_lines:])
+    return None
+
+
+def submit_error(label: str, job_name: str, error: BaseException) -> SubmitError:
+    """The :class:`SubmitError` for a provider's failed ``submit``: the
+    scheduler's message (and the submit command's exit code) if the error has
+    them, else the error itself."""
+    if isinstance(error, SubmitError):
+        return error
+    said = scheduler_message(error)
+    if said is None:
+        return SubmitError(f"{type(error).__name__}: {error}")
+    code = getattr(error, "retcode", None)
+    exit_text = f" (exit code {code})" if isinstance(code, int) else ""
+    return SubmitError(
+        f"the {label} scheduler refused {job_name}{exit_text}: {said}", scheduler_message=said
+    )
+
+
+def parse_walltime(value: Any) -> Optional[float]:
+    """Seconds in a provider's ``walltime``, read as Slurm reads a time limit
+    (``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``, ``D-HH:MM:SS``; a
+    number is minutes); None if there is none or it cannot be read."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value) * 60 if value > 0 else None
+    if not isinstance(value, str) or not value.strip():
+        return None
+    text = value.strip()
+    days = 0
+    if "-" in text:
+        day_text, _, text = text.partition("-")
+        if not day_text.isdigit():
+            return None
+        days = int(day_text)
+    parts = text.split(":")
+    if not all(p.isdigit() for p in parts) or not 1 <= len(parts) <= 3:
+        return None
+    numbers = [int(p) for p in parts]
+    if len(parts) == 1:
+        seconds = numbers[0] * (3600 if days else 60)
+    elif len(parts) == 2:
+        seconds = numbers[0] * 3600 + numbers[1] * 60 if days else numbers[0] * 60 + numbers[1]
+    else:
+        seconds = numbers[0] * 3600 + numbers[1] * 60 + numbers[2]
+    total = days * 86400 + seconds
+    return float(total) if total > 0 else None
 
 
 class IExecutionProvider(Interface):
@@ -182,9 +252,12 @@ class IAsyncProvider(Interface):
     parallelism = Attribute("float")
     status_polling_interval = Attribute("float: seconds between status polls")
     cores_per_node = Attribute("Optional[int]: cores of a node, where the provider knows")
+    walltime = Attribute("Optional[float]: seconds a block may run, where the provider says")
 
     def submit(command: str, tasks_per_node: int, job_name: str) -> Deferred[Any]:
-        """``provider.submit``; a false job id fails with :class:`SubmitError`."""
+        """``provider.submit``; any failure, and a false job id, fail with
+        :class:`SubmitError` (with the scheduler's message where the provider
+        gave it)."""
 
     def status(job_ids: Sequence[Any]) -> Deferred[List[JobStatus]]:
         """``provider.status``, converted to this module's :class:`JobStatus`."""
@@ -286,6 +359,10 @@ class ProviderAdapter(Service):
         value = getattr(self.provider, "cores_per_node", None)
         return int(value) if value else None
 
+    @property
+    def walltime(self) -> Optional[float]:
+        return parse_walltime(getattr(self.provider, "walltime", None))
+
     # -- lifecycle ------------------------------------------------------------------
 
     def startService(self) -> None:
@@ -330,7 +407,12 @@ class ProviderAdapter(Service):
         return Deferred.fromCoroutine(self._submit(command, tasks_per_node, job_name))
 
     async def _submit(self, command: str, tasks_per_node: int, job_name: str) -> Any:
-        job_id = await self._call(self.provider.submit, command, tasks_per_node, job_name=job_name)
+        try:
+            job_id = await self._call(
+                self.provider.submit, command, tasks_per_node, job_name=job_name
+            )
+        except Exception as e:
+            raise submit_error(self.label, job_name, e) from e
         if not job_id and job_id != 0:
             raise SubmitError(f"{self.label} provider returned no job id for {job_name}")
         return job_id
