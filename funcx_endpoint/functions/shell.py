@@ -171,7 +171,9 @@ def sandbox_dir() -> str:
     return tempfile.mkdtemp(prefix="funcx-shell-")
 
 
-def _run(cmd: str, cwd: str, out: IO[str], err: IO[str], walltime: Optional[float]) -> Optional[int]:
+def _run(
+    cmd: str, cwd: str, out: IO[str], err: IO[str], walltime: Optional[float]
+) -> Optional[int]:
     """The return code of ``cmd``, or None if it ran past ``walltime`` (then its
     process group got TERM, and KILL after :data:`KILL_GRACE`)."""
     process = subprocess.Popen(
