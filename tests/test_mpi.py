@@ -163,6 +163,7 @@ class PrefixTests(SynchronousTestCase):
                 "PARSL_NUM_RANKS": "4",
                 "PARSL_MPI_NODELIST": "n2,n1",
                 "SLURM_OVERLAP": "1",
+                "SLURM_LABELIO": None,
             },
         )
         outside = mpi_environment(TWO, {"FUNCX_BLOCK_NODES": "a,b"}, "a")

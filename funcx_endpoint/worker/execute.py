@@ -213,7 +213,7 @@ class TaskRunner:
 TASK_ID_VARIABLE = "FUNCX_TASK_ID"
 
 
-def _mpi_environment(spec: Any) -> Dict[str, str]:
+def _mpi_environment(spec: Any) -> Dict[str, Optional[str]]:
     """The MPI variables for a task's resource specification, in this worker's
     block (see :mod:`funcx_endpoint.worker.mpi`)."""
     from funcx_endpoint.worker.mpi import mpi_environment

@@ -244,14 +244,14 @@ def mpi_prefix(launcher: str, spec: Mapping[str, int], nodes: Sequence[str]) -> 
 
 def mpi_environment(
     spec: Mapping[str, int], environ: Mapping[str, str], hostname: Optional[str] = None
-) -> Dict[str, str]:
-    """The variables to set for a task with the (checked) specification ``spec``
-    in a worker whose environment is ``environ``."""
+) -> Dict[str, Optional[str]]:
+    """The variables to set (None: to remove) for a task with the (checked)
+    specification ``spec`` in a worker whose environment is ``environ``."""
     launcher = choose_launcher(environ.get(LAUNCHER_VARIABLE), environ)
     nodes = block_nodes(environ, hostname)
     prefix = mpi_prefix(launcher, spec, nodes)
     chosen = nodes[: spec["num_nodes"]]
-    env = {
+    env: Dict[str, Optional[str]] = {
         "PARSL_MPI_PREFIX": prefix,
         "PARSL_NUM_NODES": str(spec["num_nodes"]),
         "PARSL_RANKS_PER_NODE": str(spec["ranks_per_node"]),
@@ -262,4 +262,7 @@ def mpi_environment(
         # Inside a Slurm job, Hydra's and Open MPI's srun (and srun itself) must
         # share the CPUs the managers' job step holds.
         env["SLURM_OVERLAP"] = "1"
+        # SrunLauncher's ``srun -l`` leaves this to the managers: the ranks'
+        # output would be labelled "0: ..." as the managers' is.
+        env["SLURM_LABELIO"] = None
     return env
