@@ -18,9 +18,10 @@ system:
 
 # The tests also run a private PostgreSQL server (the service's second backend)
 # and a private Slurm cluster (Slurm's daemons and clients, MariaDB for its
-# accounting, iproute2 for the nodes' network namespaces).
+# accounting, iproute2 for the nodes' network namespaces) and MPICH (real MPI
+# across the cluster's two nodes).
 system-test:
-	@scripts/bootstrap-system.sh postgresql slurm
+	@scripts/bootstrap-system.sh postgresql slurm mpi
 
 $(STAMP): setup.py
 	@echo ">>> Creating the virtualenv $(VENV) and installing the package"

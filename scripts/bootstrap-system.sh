@@ -4,7 +4,8 @@
 # Extras named as arguments: postgresql (the service's second backend), slurm
 # (the private Slurm cluster of the tests: slurmctld, slurmd, slurmdbd and the
 # client commands, MariaDB's server and client cores for the accounting that
-# sacct reads, iproute2 for the nodes' network namespaces).
+# sacct reads, iproute2 for the nodes' network namespaces), mpi (MPICH with its
+# compiler wrapper and headers, for the real MPI tests across the cluster's nodes).
 # Debian/Ubuntu; runs apt-get as root or through sudo.  Idempotent: only what
 # is missing is installed.
 set -euo pipefail
@@ -30,6 +31,11 @@ for extra in "$@"; do
       have mariadbd && have mariadb-install-db || want+=(mariadb-server-core)
       have mariadb && have my_print_defaults || want+=(mariadb-client-core)
       have ip || want+=(iproute2)
+      ;;
+    mpi)
+      have mpiexec.hydra && have mpicc || want+=(mpich)
+      [ -n "$(ls /usr/include/*/mpich/mpi.h 2>/dev/null)" ] || want+=(libmpich-dev)
+      have gcc || want+=(gcc libc6-dev)
       ;;
     *) want+=("$extra") ;;
   esac
