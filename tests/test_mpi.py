@@ -84,6 +84,8 @@ class ResourceSpecificationTests(SynchronousTestCase):
         self.assertNotIn("resource_specification", plain.to_wire())
         task = Task(task_id, "b", resource_specification={"num_nodes": 2})
         self.assertEqual(task.to_wire()["resource_specification"], {"num_nodes": 2})
+        self.assertIn("resource_specification={'num_nodes': 2})", repr(task))
+        self.assertNotIn("resource_specification", repr(plain))
         again = unpack(pack(task))
         assert isinstance(again, Task)
         self.assertEqual(again.resource_specification, {"num_nodes": 2})

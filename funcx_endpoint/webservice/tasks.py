@@ -64,10 +64,13 @@ def visible_functions(
 
 
 def insert_tasks(tx: Tx, tasks: Sequence[NewTask]) -> None:
+    # The resource_specification column is named only when a task has one.
+    with_resources = any(t.resource_specification is not None for t in tasks)
+    extra_column, extra_value = (", resource_specification", ", ?") if with_resources else ("", "")
     tx.executemany(
         "INSERT INTO tasks (task_id, owner, function_id, endpoint_id, task_group_id, payload, "
-        "status, created, ws_queue, resource_specification) "
-        "VALUES (?, ?, ?, ?, ?, ?, 'waiting-for-ep', ?, ?, ?)",
+        f"status, created, ws_queue{extra_column}) "
+        f"VALUES (?, ?, ?, ?, ?, ?, 'waiting-for-ep', ?, ?{extra_value})",
         [
             (
                 t.task_id,
@@ -78,7 +81,7 @@ def insert_tasks(tx: Tx, tasks: Sequence[NewTask]) -> None:
                 t.payload,
                 t.created,
                 t.ws_queue,
-                t.resource_specification,
+                *((t.resource_specification,) if with_resources else ()),
             )
             for t in tasks
         ],

@@ -154,6 +154,12 @@ class Task(_Record):
             )
         self.resource_specification: Optional[Dict[str, Any]] = resource_specification or None
 
+    def __repr__(self) -> str:
+        # resource_specification only when there is one (most tasks have none).
+        names = self.__slots__ if self.resource_specification is not None else self.__slots__[:-1]
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in names)
+        return f"{type(self).__name__}({fields})"
+
     def to_wire(self) -> Dict[str, Any]:
         """The JSON-ready ``data`` of this message."""
         container = self.container
