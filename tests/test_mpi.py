@@ -339,3 +339,23 @@ class IntakeTests(TransportTestCase):
         [result] = self.results()[bad.task_id]
         self.assertEqual(error_code(result), "InvalidResourceSpecification")
         self.assertIn("unknown resource_specification keys ['nodes']", user_message(result))
+
+
+class LocalMPITests(SynchronousTestCase):
+    """A real MPI program (MPICH) on this host alone: a block without a scheduler."""
+
+    def test_mpiexec_here(self) -> None:
+        from tests.test_mpi_slurm import build_hello, ranks
+
+        program = build_hello(os.path.abspath(self.mktemp()))
+        for name in ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "FUNCX_BLOCK_NODES"):
+            if name in os.environ:
+                _Environment(self, **{name: os.environ[name]})
+                del os.environ[name]
+        _Environment(self, FUNCX_MPI_LAUNCHER="auto")  # mpiexec outside a Slurm job
+        spec = check_resource_specification({"num_ranks": 2})
+        buffer = add_resources_header(task_buffer(MPIFunction(program, walltime=60)), spec)
+        result = run(TaskRunner(), buffer)
+        got = ranks(result)
+        self.assertEqual([(r, s, t) for r, s, _, t in got], [(0, 2, 1), (1, 2, 1)])
+        self.assertEqual(deserialize(result.data).cmd, f"$PARSL_MPI_PREFIX {program}")

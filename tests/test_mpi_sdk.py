@@ -8,8 +8,10 @@ storage is checked on SQLite and PostgreSQL.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import subprocess
 import time
 import uuid
 from typing import Any
@@ -19,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from funcx_endpoint.sdk import MPIFunction, ShellFunction, ShellResult
 from funcx_endpoint.webservice import tasks
 from funcx_endpoint.webservice.records import NewTask
-from funcx_endpoint.wire import pack_payload
+from funcx_endpoint.wire import Task, pack, pack_payload
 from funcx_endpoint.wire.resources import ResourceSpecificationError
 from tests.test_sdk_executor import ExecutorTestCase
 from tests.test_webservice_storage import StorageCases
@@ -77,6 +79,32 @@ class SDKTests(ExecutorTestCase):
         self.assertEqual(status, 400)
         self.assertIn("INVALID_RESOURCE_SPECIFICATION", json.dumps(answer))
         self.assertIn("positive integer", json.dumps(answer))
+
+
+class Funcx10EndpointTests(SynchronousTestCase):
+    def test_funcx_common_ignores_the_field(self) -> None:
+        """funcX 1.0.13's own reader (funcx_common, in the funcx venv) reads a task
+        message with a resource_specification: the field is ignored."""
+        from tests.test_real_funcx_sdk import _funcx_python
+
+        python = _funcx_python()
+        task = Task(str(uuid.uuid4()), "1\nx", resource_specification=SPEC)
+        script = (
+            "import base64, sys\n"
+            "from funcx_common.messagepack import unpack\n"
+            "task = unpack(base64.b64decode(sys.argv[1]))\n"
+            "print(type(task).__name__, task.task_id, task.task_buffer == '1\\nx')\n"
+        )
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+        done = subprocess.run(
+            [python, "-c", script, base64.b64encode(pack(task)).decode("ascii")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stdout.split(), ["Task", task.task_id, "True"])
 
 
 class _StoredSpecification:
