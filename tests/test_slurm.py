@@ -123,10 +123,10 @@ class Rig:
         provider: Any,
         *,
         address: Optional[str] = None,
+        executor_options: Optional[Dict[str, Any]] = None,
         max_retries: int = 1,
         max_idletime: float = 60.0,
         give_up_after: Optional[int] = None,
-        executor_options: Optional[Dict[str, Any]] = None,
     ) -> None:
         self.cluster = cluster
         self.results: List[Result] = []
