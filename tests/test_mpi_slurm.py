@@ -89,7 +89,11 @@ def plain_task(fn: Any, **kwargs: Any) -> Task:
 def ranks(result: Result) -> List[tuple]:
     """``(rank, size, host, sum)`` of each line the MPI program printed."""
     assert not result.is_error, result.data
-    shell = deserialize(result.data)
+    return shell_ranks(deserialize(result.data))
+
+
+def shell_ranks(shell: Any) -> List[tuple]:
+    """``(rank, size, host, sum)`` of each line the MPI program printed (a ShellResult)."""
     assert shell.returncode == 0, (shell.returncode, shell.stdout, shell.stderr)
     found = []
     for line in shell.stdout.splitlines():
