@@ -4,8 +4,9 @@
 # Extras named as arguments: postgresql (the service's second backend), slurm
 # (the private Slurm cluster of the tests: slurmctld, slurmd, slurmdbd and the
 # client commands, MariaDB's server and client cores for the accounting that
-# sacct reads, iproute2 for the nodes' network namespaces), systemd
-# (systemd-analyze, to verify enable-on-boot's units).
+# sacct reads, iproute2 for the nodes' network namespaces), mpi (MPICH with its
+# compiler wrapper and headers, for the real MPI tests across the cluster's nodes),
+# systemd (systemd-analyze, to verify enable-on-boot's units).
 # Debian/Ubuntu; runs apt-get as root or through sudo.  Idempotent: only what
 # is missing is installed.
 set -euo pipefail
@@ -32,6 +33,11 @@ for extra in "$@"; do
       have mariadbd && have mariadb-install-db || want+=(mariadb-server-core)
       have mariadb && have my_print_defaults || want+=(mariadb-client-core)
       have ip || want+=(iproute2)
+      ;;
+    mpi)
+      have mpiexec.hydra && have mpicc || want+=(mpich)
+      [ -n "$(ls /usr/include/*/mpich/mpi.h 2>/dev/null)" ] || want+=(libmpich-dev)
+      have gcc || want+=(gcc libc6-dev)
       ;;
     *) want+=("$extra") ;;
   esac

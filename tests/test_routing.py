@@ -487,6 +487,8 @@ class FakeManager:
         self.container_type = container_type
         self.worker_count = workers
         self.capacity = workers + prefetch * workers
+        self.block_id = "0"
+        self.silent = False
         self.sent: List[Tuple[str, bytes]] = []
 
     def describe(self) -> str:

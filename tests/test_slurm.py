@@ -134,6 +134,7 @@ class Rig:
         provider: Any,
         *,
         address: Optional[str] = None,
+        executor_options: Optional[Dict[str, Any]] = None,
         max_retries: int = 1,
         max_idletime: float = 60.0,
         give_up_after: Optional[int] = None,
@@ -150,6 +151,7 @@ class Rig:
             max_workers_per_node=1,
             prefetch_capacity=0,
             max_retries_on_system_failure=max_retries,
+            **(executor_options or {}),
         )
         self.interchange = Interchange(
             reactor,

@@ -39,6 +39,7 @@ from funcx_endpoint.config.fields import (
 )
 from funcx_endpoint.config.funcx10 import CONTAINERS_UNUSED
 from funcx_endpoint.environments import DEFAULT_SERVICE_ADDRESS, ENVIRONMENT_ADDRESSES
+from funcx_endpoint.worker.mpi import LAUNCHER_VARIABLE, LAUNCHERS
 
 __all__ = [
     "DEFAULT_SERVICE_ADDRESS",
@@ -88,6 +89,13 @@ def _worker_mode(value: Any) -> str:
 def _idle_count(value: Any) -> int:
     """A count of heartbeats, as funcX 1.0 took it: a number, negative meaning 0."""
     return int(max(0, number()(value)))
+
+
+def _mpi_launcher(value: Any) -> str:
+    """An MPI launcher :mod:`funcx_endpoint.worker.mpi` knows, or ``auto``."""
+    if value not in ("auto", *LAUNCHERS):
+        raise ValueError(f"must be one of {['auto', *sorted(LAUNCHERS)]}, not {value!r}")
+    return str(value)
 
 
 def _label(value: Any) -> str:
@@ -287,6 +295,13 @@ class HighThroughputExecutor(ConfigObject):
         "worker_environment": Field(
             None, string_dict, "Environment variables set for workers.", default_factory=dict
         ),
+        "mpi_launcher": Field(
+            "auto",
+            _mpi_launcher,
+            "How tasks with a resource specification (MPIFunction) start their ranks: "
+            "'srun', 'mpiexec' (MPICH, Intel MPI), 'mpirun' (Open MPI), 'aprun', or "
+            "'auto': srun inside a Slurm job, else mpiexec.",
+        ),
         # The fields only funcX 1.0 had (accepted; a warning when given).
         **funcx10.EXECUTOR_FIELDS,
     }
@@ -324,6 +339,7 @@ class HighThroughputExecutor(ConfigObject):
     passthrough: Any
     task_status_queue: Any
     worker_environment: Dict[str, str]
+    mpi_launcher: str
 
     def validate(self) -> None:
         if self.available_accelerators is None:
@@ -342,6 +358,10 @@ class HighThroughputExecutor(ConfigObject):
                 "Kubernetes: a pod runs its manager and workers in one image, so a manager "
                 "cannot start containers of other types; use scheduler_mode='hard'"
             )
+
+    def manager_worker_environment(self) -> Dict[str, str]:
+        """The environment workers get: ``worker_environment`` and the MPI launcher."""
+        return {**self.worker_environment, LAUNCHER_VARIABLE: self.mpi_launcher}
 
     def listen_port_range(self) -> Tuple[int, int]:
         """The ports the interchange may listen on for managers: ``worker_ports[0]``,

@@ -11,6 +11,9 @@ connection set-up is :meth:`TaskIntake.prepare`) and, for each delivery:
   with ``MalformedTask``, one without is rejected (not requeued);
 * checks ``allowed_functions`` (``FunctionNotAllowed``, without
   deserializing anything);
+* checks a task's ``resource_specification`` (``InvalidResourceSpecification``)
+  and puts it in front of the task buffer for the worker
+  (:mod:`funcx_endpoint.wire.resources`);
 * hands the tasks received in one reactor turn to the interchange together.
 
 Error results it makes go to the same result sink as the interchange's.
@@ -42,6 +45,11 @@ from funcx_endpoint.wire import (
     Task,
     TaskBatchMessage,
     unpack,
+)
+from funcx_endpoint.wire.resources import (
+    ResourceSpecificationError,
+    add_resources_header,
+    check_resource_specification,
 )
 
 __all__ = ["TaskIntake"]
@@ -208,6 +216,14 @@ class TaskIntake:
             )
             self._answer(task.task_id, ErrorCode.FUNCTION_NOT_ALLOWED, why)
             return
+        if task.resource_specification is not None:
+            # The worker reads it (MPI tasks); the routers pass it on unread.
+            try:
+                spec = check_resource_specification(task.resource_specification)
+            except ResourceSpecificationError as e:
+                self._answer(task.task_id, ErrorCode.RESOURCE_SPECIFICATION_ERROR, str(e))
+                return
+            task.task_buffer = add_resources_header(task.task_buffer, spec)
         self._to_submit.add(task)
 
     def _malformed(

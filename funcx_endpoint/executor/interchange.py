@@ -397,7 +397,7 @@ class Interchange(Service):
                 mem_per_worker=executor.mem_per_worker,
                 available_accelerators=tuple(executor.available_accelerators),
                 prefetch_capacity=executor.prefetch_capacity,
-                worker_environment=dict(executor.worker_environment),
+                worker_environment=executor.manager_worker_environment(),
                 batch_interval=self.batch_interval,
             ),
         )

@@ -348,9 +348,17 @@ class FuncXClient(globus_sdk.BaseClient):
 
     # -- tasks ----------------------------------------------------------------
 
-    def create_batch(self, task_group_id: Optional[str] = None) -> Batch:
-        """An empty :class:`Batch` in ``task_group_id`` (default: the session's)."""
-        return Batch(task_group_id or self.session_task_group_id)
+    def create_batch(
+        self,
+        task_group_id: Optional[str] = None,
+        resource_specification: Optional[Dict[str, int]] = None,
+    ) -> Batch:
+        """An empty :class:`Batch` in ``task_group_id`` (default: the session's),
+        its tasks asking for ``resource_specification`` (MPI nodes and ranks)."""
+        return Batch(
+            task_group_id or self.session_task_group_id,
+            resource_specification=resource_specification,
+        )
 
     def batch_run(self, batch: Batch) -> List[str]:
         """Submit ``batch`` (``POST /submit``); the task ids, in the batch's order.

@@ -34,6 +34,7 @@ Results come by polling rather than over AMQP as in funcX 1.0's executor;
 from __future__ import annotations
 
 import functools
+import json
 import queue
 import sys
 import threading
@@ -52,6 +53,7 @@ from funcx_endpoint.sdk.errors import (
     ServiceUnreachable,
 )
 from funcx_endpoint.sdk.tasks import TaskRecord
+from funcx_endpoint.wire.resources import check_resource_specification
 
 try:  # tqdm draws the progress bar when it is installed
     from tqdm import tqdm as _tqdm
@@ -64,14 +66,19 @@ __all__ = ["FuncXExecutor"]
 class _Submission:
     """A task waiting for the submitter thread."""
 
-    __slots__ = ("args", "fn", "future", "kwargs")
+    __slots__ = ("args", "fn", "future", "kwargs", "resources")
 
     def __init__(
-        self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]
+        self,
+        fn: Callable[..., Any],
+        args: Tuple[Any, ...],
+        kwargs: Dict[str, Any],
+        resources: Optional[Dict[str, int]] = None,
     ) -> None:
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
+        self.resources = resources
         self.future: Future[Any] = Future()
 
 
@@ -153,6 +160,9 @@ class FuncXExecutor(Executor):
     ``progress_stream`` (stderr by default) with tqdm if it is installed,
     else as one plain line.  Tasks go in task group ``task_group_id`` (a new
     one by default) and functions are registered with ``container_id``.
+    ``resource_specification`` (settable later, as Globus Compute's) is what
+    the tasks submitted ask of the endpoint's nodes: an ``MPIFunction``'s
+    ``num_nodes``, ``ranks_per_node`` and ``num_ranks``.
     """
 
     def __init__(
@@ -165,6 +175,7 @@ class FuncXExecutor(Executor):
         *,
         task_group_id: Optional[str] = None,
         container_id: Optional[str] = None,
+        resource_specification: Optional[Dict[str, int]] = None,
         max_poll_failures: int = 3,
         progress_stream: Optional[IO[str]] = None,
     ) -> None:
@@ -181,6 +192,10 @@ class FuncXExecutor(Executor):
         self.poll_interval = poll_interval
         self.task_group_id = str(uuid.UUID(task_group_id)) if task_group_id else str(uuid.uuid4())
         self.container_id = container_id
+        #: What the tasks submitted from now on ask of the endpoint's nodes
+        #: (an MPIFunction's ``num_nodes``, ``ranks_per_node``, ``num_ranks``),
+        #: as Globus Compute's ``executor.resource_specification``.
+        self.resource_specification: Optional[Dict[str, int]] = resource_specification
         self.max_poll_failures = max_poll_failures
         self._show_progress = show_progress
         self._progress_stream = progress_stream
@@ -207,7 +222,11 @@ class FuncXExecutor(Executor):
         """Run ``fn(*args, **kwargs)`` on the endpoint; a Future of its result."""
         if not callable(fn):
             raise TypeError(f"submit needs a callable, got {type(fn).__name__}")
-        item = _Submission(fn, args, kwargs)
+        resources = self.resource_specification
+        if resources:
+            resources = dict(resources)
+            check_resource_specification(resources)
+        item = _Submission(fn, args, kwargs, resources or None)
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot submit to a FuncXExecutor after shutdown")
@@ -279,11 +298,11 @@ class FuncXExecutor(Executor):
             while not stop:
                 batch, stop = self._next_batch()
                 live = [item for item in batch if item.future.set_running_or_notify_cancel()]
-                if live:
+                for group in _by_resources(live):
                     try:
-                        self._submit_batch(live)
+                        self._submit_batch(group)
                     except Exception as error:  # a bug: fail the batch, keep going
-                        self._fail(live, error)
+                        self._fail(group, error)
         finally:
             with self._changed:
                 self._submitter_finished = True
@@ -301,7 +320,9 @@ class FuncXExecutor(Executor):
     def _submit_batch(self, items: List[_Submission]) -> None:
         if self._progress is not None:
             self._progress.add_submitted(len(items))
-        batch = self.funcx_client.create_batch(self.task_group_id)
+        batch = self.funcx_client.create_batch(
+            self.task_group_id, resource_specification=items[0].resources
+        )
         sent: List[_Submission] = []
         for item in items:
             try:
@@ -435,6 +456,15 @@ class FuncXExecutor(Executor):
             future.set_exception(reason(task_id))
         if futures and self._progress is not None:
             self._progress.add_done(len(futures))
+
+
+def _by_resources(items: List[_Submission]) -> List[List[_Submission]]:
+    """``items`` in groups of one resource specification (one batch each), in order."""
+    groups: Dict[str, List[_Submission]] = {}
+    for item in items:
+        key = json.dumps(item.resources, sort_keys=True)
+        groups.setdefault(key, []).append(item)
+    return list(groups.values())
 
 
 def _same_error(error: Exception, task_id: str) -> Exception:

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from funcx_endpoint.sdk.errors import MalformedResponse, TaskExecutionFailed
 from funcx_endpoint.wire import DeserializationError, deserialize, pack_payload
+from funcx_endpoint.wire.resources import check_resource_specification
 
 __all__ = ["Batch", "TaskCache", "TaskRecord", "canonical_uuid", "task_record"]
 
@@ -88,16 +89,26 @@ class Batch:
     """Tasks to submit together with :meth:`FuncXClient.batch_run`.
 
     ``task_group_id`` groups the tasks on the service (None: the client's
-    session task group).
+    session task group); ``resource_specification`` is what each of them
+    asks of the endpoint's nodes (an ``MPIFunction``'s nodes and ranks).
     """
 
     def __init__(
-        self, task_group_id: Optional[str] = None, *, create_websocket_queue: bool = False
+        self,
+        task_group_id: Optional[str] = None,
+        *,
+        create_websocket_queue: bool = False,
+        resource_specification: Optional[Mapping[str, int]] = None,
     ) -> None:
         self.task_group_id = (
             canonical_uuid(task_group_id, "task_group_id") if task_group_id else None
         )
         self.create_websocket_queue = create_websocket_queue
+        if resource_specification:
+            check_resource_specification(resource_specification)  # fail here, not remotely
+        #: What every task of the batch asks of the endpoint's nodes (MPI:
+        #: ``num_nodes``, ``ranks_per_node``, ``num_ranks``), as Globus Compute's.
+        self.resource_specification = dict(resource_specification or {}) or None
         self._tasks: List[List[str]] = []
 
     def add(
@@ -157,11 +168,14 @@ class Batch:
 
     def prepare(self, default_task_group_id: Optional[str] = None) -> Dict[str, Any]:
         """The ``POST /submit`` body for these tasks."""
-        return {
+        body: Dict[str, Any] = {
             "task_group_id": self.task_group_id or default_task_group_id,
             "create_websocket_queue": self.create_websocket_queue,
             "tasks": self.tasks,
         }
+        if self.resource_specification:
+            body["resource_specification"] = dict(self.resource_specification)
+        return body
 
     def __len__(self) -> int:
         return len(self._tasks)

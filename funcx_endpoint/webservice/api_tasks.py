@@ -7,6 +7,7 @@ created) is in :mod:`funcx_endpoint.webservice.api`.
 
 from __future__ import annotations
 
+import json
 import secrets
 import uuid
 from typing import Any, Dict, List, Optional, Set, Tuple
@@ -37,6 +38,7 @@ from funcx_endpoint.webservice.storage import (
     UnsentTask,
 )
 from funcx_endpoint.wire import DeserializationError, pack_task_buffer
+from funcx_endpoint.wire.resources import ResourceSpecificationError, check_resource_specification
 
 __all__ = ["MAX_BATCH_STATUS_IDS", "MAX_TASKS_PER_SUBMIT", "TasksAPI", "queue_prefix"]
 
@@ -49,6 +51,20 @@ _TASK_GROUP_PREFIX = "taskgroup."
 def queue_prefix(identity_id: str) -> str:
     """What the names of a user's result queues start with (the user may read those)."""
     return f"{_TASK_GROUP_PREFIX}{identity_id}."
+
+
+def _resource_specification(value: Any) -> Optional[str]:
+    """A batch's ``resource_specification`` (Globus Compute's MPI keys) as JSON
+    text to store, None for none; 400 if it makes no sense."""
+    if value is None or value == {}:
+        return None
+    try:
+        check_resource_specification(value)
+    except ResourceSpecificationError as e:
+        raise bad_request(
+            f"resource_specification: {e}", "INVALID_RESOURCE_SPECIFICATION"
+        ) from None
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
 def _refusal(status: int, code: str, reason: str) -> Dict[str, Any]:
@@ -94,6 +110,7 @@ class TasksAPI(HandlerGroup):
         )
         websocket = boolean_field(body, "create_websocket_queue")
         ws_queue = queue_prefix(me.identity_id) + task_group_id if websocket else None
+        resources = _resource_specification(body.get("resource_specification"))
 
         # First pass: shapes and UUIDs, without the database.
         results: List[Optional[Dict[str, Any]]] = []
@@ -171,6 +188,7 @@ class TasksAPI(HandlerGroup):
                     payload,
                     ws_queue,
                     now,
+                    resources,
                 )
             )
             to_send.append(
@@ -182,6 +200,7 @@ class TasksAPI(HandlerGroup):
                     function.container_uuid,
                     takes_batches(endpoints[endpoint_id].metadata),
                     containers.get(function.container_uuid) if function.container_uuid else None,
+                    json.loads(resources) if resources else None,
                 )
             )
             results[index] = {"task_uuid": task_id, "http_status_code": 200}

@@ -400,6 +400,11 @@ MIGRATIONS: List[Tuple[int, str, List[str]]] = [
             )""",
         ],
     ),
+    (
+        3,
+        "a task's resource specification (MPI nodes and ranks), as JSON",
+        ["ALTER TABLE tasks ADD COLUMN resource_specification TEXT"],
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

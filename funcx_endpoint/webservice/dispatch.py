@@ -195,6 +195,7 @@ class TaskSender(Service):
                     container_id=task.container_uuid,
                     container=_wire_container(task.container, containers),
                     function_id=task.function_id,
+                    resource_specification=task.resource_specification,
                 )
                 if not task.batchable:
                     self._publish(task.endpoint_id, [task], pack(message))

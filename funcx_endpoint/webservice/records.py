@@ -179,6 +179,8 @@ class NewTask:
     payload: str
     ws_queue: Optional[str]
     created: float
+    #: The batch's resource specification as JSON text (None: none).
+    resource_specification: Optional[str] = None
 
 
 @attr.s(auto_attribs=True, frozen=True)
@@ -194,6 +196,8 @@ class UnsentTask:
     #: The container ``container_uuid`` names, with its images (None if it names
     #: none, or one that is not stored: functions registered before containers were).
     container: Optional[ContainerInfo] = None
+    #: What the task asks of the endpoint's nodes (MPI), sent in its message.
+    resource_specification: Optional[Dict[str, Any]] = None
 
 
 @attr.s(auto_attribs=True, frozen=True)

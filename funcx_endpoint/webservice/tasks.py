@@ -11,6 +11,7 @@ reported as duplicates and change nothing (the ``status`` guard in
 
 from __future__ import annotations
 
+import json
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from funcx_endpoint.webservice.containers import get_containers
@@ -63,9 +64,13 @@ def visible_functions(
 
 
 def insert_tasks(tx: Tx, tasks: Sequence[NewTask]) -> None:
+    # The resource_specification column is named only when a task has one.
+    with_resources = any(t.resource_specification is not None for t in tasks)
+    extra_column, extra_value = (", resource_specification", ", ?") if with_resources else ("", "")
     tx.executemany(
         "INSERT INTO tasks (task_id, owner, function_id, endpoint_id, task_group_id, payload, "
-        "status, created, ws_queue) VALUES (?, ?, ?, ?, ?, ?, 'waiting-for-ep', ?, ?)",
+        f"status, created, ws_queue{extra_column}) "
+        f"VALUES (?, ?, ?, ?, ?, ?, 'waiting-for-ep', ?, ?{extra_value})",
         [
             (
                 t.task_id,
@@ -76,6 +81,7 @@ def insert_tasks(tx: Tx, tasks: Sequence[NewTask]) -> None:
                 t.payload,
                 t.created,
                 t.ws_queue,
+                *((t.resource_specification,) if with_resources else ()),
             )
             for t in tasks
         ],
@@ -101,7 +107,8 @@ def unsent_tasks(tx: Tx, limit: int, created_before: float) -> List[UnsentTask]:
     and their functions' containers."""
     rows = tx.execute(
         "SELECT t.task_id, t.endpoint_id, t.function_id, t.payload, f.function_code, "
-        "f.container_uuid FROM tasks t JOIN functions f ON f.function_id = t.function_id "
+        "f.container_uuid, t.resource_specification "
+        "FROM tasks t JOIN functions f ON f.function_id = t.function_id "
         "WHERE t.sent = 0 AND t.created < ? ORDER BY t.created LIMIT ?",
         (created_before, limit),
     ).fetchall()
@@ -114,8 +121,9 @@ def unsent_tasks(tx: Tx, limit: int, created_before: float) -> List[UnsentTask]:
             code + (payload or ""),
             container_id,
             container=None if container_id is None else containers.get(container_id),
+            resource_specification=json.loads(resources) if resources else None,
         )
-        for task_id, endpoint_id, function_id, payload, code, container_id in rows
+        for task_id, endpoint_id, function_id, payload, code, container_id, resources in rows
     ]
 
 

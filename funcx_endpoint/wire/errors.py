@@ -57,6 +57,10 @@ class ErrorCode:
     #: Made by the endpoint's scaling, not by the task's path through managers
     #: and workers: not in :attr:`ALL`.
     BLOCK_START_FAILED: ClassVar[str] = "BlockStartFailed"
+    #: The task's resource specification (MPI nodes and ranks) makes no sense,
+    #: or asks for more nodes than the block it runs in has.  Added with MPI
+    #: tasks, after the funcX 1.0 set that :attr:`ALL` lists.
+    RESOURCE_SPECIFICATION_ERROR: ClassVar[str] = "InvalidResourceSpecification"
 
 
 class ProtocolError(ValueError):

@@ -115,10 +115,20 @@ class Task(_Record):
     funcX 1.0 endpoints; ``container`` says where to run the task, if
     anywhere special.  ``function_id`` is this project's addition (our service
     sends it so an endpoint can enforce ``allowed_functions``); it is written
-    only when known, and funcX 1.0 endpoints ignore it.
+    only when known, and funcX 1.0 endpoints ignore it.  So is
+    ``resource_specification`` (a dict, as Globus Compute's task messages
+    carry it: the nodes and MPI ranks the task needs, see
+    :mod:`funcx_endpoint.wire.resources`), written only when given.
     """
 
-    __slots__ = ("task_id", "task_buffer", "container_id", "container", "function_id")
+    __slots__ = (
+        "task_id",
+        "task_buffer",
+        "container_id",
+        "container",
+        "function_id",
+        "resource_specification",
+    )
     message_type: ClassVar[str] = "task"
 
     def __init__(
@@ -128,6 +138,7 @@ class Task(_Record):
         container_id: Union[str, uuid.UUID, None] = None,
         container: Optional[Container] = None,
         function_id: Union[str, uuid.UUID, None] = None,
+        resource_specification: Optional[Dict[str, Any]] = None,
     ) -> None:
         self.task_id: str = _uuid(task_id, "task_id")
         self.task_buffer: str = _str(task_buffer, "task_buffer")
@@ -136,6 +147,18 @@ class Task(_Record):
         if container is not None and type(container) is not Container:
             raise MessageError(f"container must be a Container or None, got {_show(container)}")
         self.container: Optional[Container] = container
+        if resource_specification is not None and not isinstance(resource_specification, dict):
+            raise MessageError(
+                f"resource_specification must be a dict or null, got "
+                f"{_show(resource_specification)}"
+            )
+        self.resource_specification: Optional[Dict[str, Any]] = resource_specification or None
+
+    def __repr__(self) -> str:
+        # resource_specification only when there is one (most tasks have none).
+        names = self.__slots__ if self.resource_specification is not None else self.__slots__[:-1]
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in names)
+        return f"{type(self).__name__}({fields})"
 
     def to_wire(self) -> Dict[str, Any]:
         """The JSON-ready ``data`` of this message."""
@@ -148,6 +171,8 @@ class Task(_Record):
         }
         if self.function_id is not None:
             data["function_id"] = self.function_id
+        if self.resource_specification is not None:
+            data["resource_specification"] = self.resource_specification
         return data
 
     @classmethod
@@ -160,6 +185,7 @@ class Task(_Record):
             data.get("container_id"),
             None if container is None else Container.from_wire(container),
             data.get("function_id"),
+            data.get("resource_specification"),
         )
 
 

@@ -16,6 +16,7 @@ gives a small error result, not a 40 MB one.
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from collections import OrderedDict
@@ -34,6 +35,12 @@ from funcx_endpoint.wire import (
 )
 from funcx_endpoint.wire.fields import _encode_json
 from funcx_endpoint.wire.frames import PHASE_LOADING, PHASE_RUNNING
+from funcx_endpoint.wire.resources import (
+    RESOURCES_HEADER,
+    ResourceSpecificationError,
+    check_resource_specification,
+    split_resources_header,
+)
 
 #: The default largest serialized result, in bytes (as funcX).
 DEFAULT_RESULT_SIZE_LIMIT = 10 * 1024 * 1024
@@ -146,20 +153,32 @@ class TaskRunner:
         # Transitions are written as the JSON they become (no objects on the
         # way): running (the manager's stamp), execution start and end.
         statuses = [_RUNNING % running_ns]
+        environment: Dict[str, Optional[str]] = {TASK_ID_VARIABLE: task_id}
+        if task_buffer.startswith(RESOURCES_HEADER):
+            try:
+                spec, task_buffer = split_resources_header(task_buffer)
+                environment.update(_mpi_environment(spec))
+            except (ResourceSpecificationError, ValueError) as exc:
+                message = clip(f"Task {task_id} cannot run here: {exc}", MAX_SUMMARY_BYTES)
+                code = ErrorCode.RESOURCE_SPECIFICATION_ERROR
+                return _failure(task_id, code, message, None, statuses)
         try:
             fn, args, kwargs = self._load(task_buffer)
         except Exception as exc:
             message = clip(f"Task {task_id} could not be deserialized: {exc}", MAX_SUMMARY_BYTES)
             return _failure(task_id, ErrorCode.DESERIALIZATION_ERROR, message, None, statuses)
         statuses.append(_STARTED % time_ns())
+        previous = _set_environment(environment)
         try:
             value = fn(*args, **kwargs)
         except BaseException as exc:  # the user's code may raise anything, SystemExit too
+            _set_environment(previous)
             statuses.append(_ENDED % time_ns())
             text = clip(_user_traceback(exc), min(MAX_TRACEBACK_BYTES, self.result_size_limit))
             return _failure(
                 task_id, ErrorCode.REMOTE_EXECUTION_ERROR, _summary(exc), text, statuses
             )
+        _set_environment(previous)
         statuses.append(_ENDED % time_ns())
         try:
             data = serialize(value)
@@ -187,6 +206,31 @@ class TaskRunner:
             if self._loading:
                 self._loading = False
                 self._report_phase(PHASE_RUNNING)
+
+
+#: The variable that names the task being run, for the task's own code
+#: (a ShellFunction makes its sandbox directory from it).
+TASK_ID_VARIABLE = "FUNCX_TASK_ID"
+
+
+def _mpi_environment(spec: Any) -> Dict[str, Optional[str]]:
+    """The MPI variables for a task's resource specification, in this worker's
+    block (see :mod:`funcx_endpoint.worker.mpi`)."""
+    from funcx_endpoint.worker.mpi import mpi_environment
+
+    return mpi_environment(check_resource_specification(spec), os.environ)
+
+
+def _set_environment(values: Dict[str, Optional[str]]) -> Dict[str, Optional[str]]:
+    """Set (or, for None, remove) variables; their previous values."""
+    environ = os.environ
+    previous = {name: environ.get(name) for name in values}
+    for name, value in values.items():
+        if value is None:
+            environ.pop(name, None)
+        else:
+            environ[name] = value
+    return previous
 
 
 _RUNNING = '{"timestamp":%d,"state":"running","actor":"manager"}'
