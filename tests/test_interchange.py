@@ -89,6 +89,7 @@ class FakeManager(amp.AMP):
     def __init__(self) -> None:
         super().__init__()
         self.batches: List[List[Tuple[str, bytes]]] = []
+        self.containers: Dict[str, Any] = {}
         self.cancelled: List[str] = []
         self.shutdowns: List[str] = []
         self.heartbeats = 0
@@ -99,8 +100,11 @@ class FakeManager(amp.AMP):
         return [task_id for batch in self.batches for task_id, _ in batch]
 
     @SubmitTasks.responder
-    def submit_tasks(self, tasks: List[Tuple[str, bytes]]) -> Dict[str, Any]:
+    def submit_tasks(
+        self, tasks: List[Tuple[str, bytes]], containers: Optional[Dict[str, Any]] = None
+    ) -> Dict[str, Any]:
         self.batches.append(tasks)
+        self.containers.update(containers or {})
         return {}
 
     @CancelTask.responder

@@ -344,6 +344,7 @@ class ValueTests(SynchronousTestCase):
                 ErrorCode.TASK_CANCELLED,
                 ErrorCode.VERSION_MISMATCH,
                 ErrorCode.MALFORMED_TASK,
+                ErrorCode.CONTAINER_ERROR,
             },
             {
                 "RemoteExecutionError",
@@ -356,10 +357,11 @@ class ValueTests(SynchronousTestCase):
                 "TaskCancelled",
                 "VersionMismatch",
                 "MalformedTask",
+                "ContainerError",
             },
         )
         self.assertIn("CouldNotExecuteUserTaskError", ErrorCode.ALL)
-        self.assertEqual(len(ErrorCode.ALL), 11)
+        self.assertEqual(len(ErrorCode.ALL), 12)
 
     def test_repr_and_equality(self) -> None:
         task = Task(TASK_ID, "b")

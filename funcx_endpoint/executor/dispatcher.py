@@ -44,6 +44,7 @@ from funcx_endpoint.executor.interface import (
 )
 from funcx_endpoint.wire import (
     ActorName,
+    Container,
     ErrorCode,
     MessageError,
     PackedResult,
@@ -59,12 +60,26 @@ __all__ = ["TaskDispatcher", "TaskRecord"]
 class TaskRecord:
     """One task the interchange accepted and has not answered yet."""
 
-    __slots__ = ("task_id", "buffer", "container_type", "transitions", "attempts", "slot")
+    __slots__ = (
+        "task_id",
+        "buffer",
+        "container",
+        "container_type",
+        "transitions",
+        "attempts",
+        "slot",
+    )
 
     def __init__(self, task: Task, container_type: str, transition: TaskTransition) -> None:
         self.task_id = task.task_id
         # As the manager receives it; made once, however often it is sent.
         self.buffer = task.task_buffer.encode("utf-8")
+        # The container the manager runs it in (a task naming a container by id
+        # only gets one of that id without images: the manager says why it
+        # cannot run it, in a container mode).
+        self.container: Optional[Container] = task.container
+        if self.container is None and task.container_id is not None:
+            self.container = Container(task.container_id, "")
         self.container_type = container_type
         self.transitions: List[TaskTransition] = [transition]
         self.attempts = 0  # times sent to a manager
@@ -84,6 +99,7 @@ class _Slot:
         "sequence",
         "outstanding",
         "unsent",
+        "unsent_containers",
         "push_call",
         "last_push",
         "completions",
@@ -100,6 +116,7 @@ class _Slot:
         self.sequence: int = manager.sequence
         self.outstanding: Dict[str, TaskRecord] = {}
         self.unsent: List[Tuple[str, bytes]] = []
+        self.unsent_containers: Dict[str, Container] = {}
         self.push_call: Optional[IDelayedCall] = None
         self.last_push = -1.0
         self.completions = RateMeter()
@@ -193,6 +210,7 @@ class TaskDispatcher:
             unsent = [pair for pair in slot.unsent if pair[0] != task_id]
             if len(unsent) < len(slot.unsent):
                 slot.unsent = unsent  # it never left: nothing to tell the manager
+                slot.unsent_containers.pop(task_id, None)
             else:
                 slot.manager.cancel_task(task_id)
             self._schedule_dispatch()
@@ -230,6 +248,7 @@ class TaskDispatcher:
                 del self._tasks[task_id]
                 withdrawn.append(task_id)
             slot.unsent = []
+            slot.unsent_containers = {}
             self._held_changed(slot, before)
         return withdrawn
 
@@ -277,6 +296,7 @@ class TaskDispatcher:
         if not of_type[0]:
             del self._by_type[slot.container_type]
         slot.unsent = []
+        slot.unsent_containers = {}
         for record in records:
             record.slot = None
         if not records or not self.accepting:
@@ -480,6 +500,8 @@ class TaskDispatcher:
             outstanding[task_id] = record
             note(task_id, transition)
             unsent.append((task_id, record.buffer))
+            if record.container is not None:
+                slot.unsent_containers[task_id] = record.container
         self._held_changed(slot, before)
         slot.idle_since = None
         self._push(slot)
@@ -508,7 +530,8 @@ class TaskDispatcher:
             return
         slot.last_push = self.clock.seconds()
         batch, slot.unsent = slot.unsent, []
-        slot.manager.send_tasks(batch)
+        containers, slot.unsent_containers = slot.unsent_containers, {}
+        slot.manager.send_tasks(batch, containers)
 
     # -- results out ----------------------------------------------------------------
 

@@ -47,6 +47,7 @@ from funcx_endpoint.wire.amp import (
     SubmitTasks,
     send_unanswered,
 )
+from funcx_endpoint.wire.containers import Container
 from funcx_endpoint.wire.info import versions_differ
 
 __all__ = ["RETIRED_BLOCKS_KEPT", "Manager", "ManagerRegistry"]
@@ -107,10 +108,13 @@ class Manager:
 
     # -- talking to it ------------------------------------------------------------
 
-    def send_tasks(self, batch: List[Tuple[str, bytes]]) -> None:
-        """Send ``(task_id, buffer)`` pairs; a broken link makes the manager lost."""
+    def send_tasks(
+        self, batch: List[Tuple[str, bytes]], containers: Optional[Dict[str, Container]] = None
+    ) -> None:
+        """Send ``(task_id, buffer)`` pairs, and the containers of those that name one;
+        a broken link makes the manager lost."""
         try:
-            send_unanswered(self.connection, SubmitTasks, tasks=batch)
+            send_unanswered(self.connection, SubmitTasks, tasks=batch, containers=containers)
         except Exception as exc:
             self.lost(f"sending it tasks failed ({exc})")
 

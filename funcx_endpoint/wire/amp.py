@@ -9,7 +9,8 @@ endpoint's secret.  After that:
 command             direction              what
 ==================  =====================  ==========================================
 ``Register``        manager → interchange  who the manager is; answered with settings
-``SubmitTasks``     interchange → manager  a batch of ``(task_id, task_buffer)``
+``SubmitTasks``     interchange → manager  a batch of ``(task_id, task_buffer)``, and
+                                           the containers of those that name one
 ``SendResults``     manager → interchange  a batch of packed results
 ``Heartbeat``       both ways              "still here" every ``heartbeat_period``
 ``CancelTask``      interchange → manager  drop or kill one task; answered ``found``
@@ -45,10 +46,13 @@ the info file (:mod:`funcx_endpoint.wire.info`).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type
+import json
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple, Type
 
 from twisted.protocols import amp
 
+from funcx_endpoint.wire.containers import Container
+from funcx_endpoint.wire.errors import MessageError
 from funcx_endpoint.wire.framing import decode_list, decode_list_pieces, encode_list
 
 __all__ = [
@@ -66,7 +70,9 @@ __all__ = [
     "Shutdown",
     "SubmitTasks",
     "TaskBatch",
+    "TaskContainers",
     "read_unanswered",
+    "read_unanswered_arguments",
     "send_unanswered",
     "set_no_delay",
 ]
@@ -188,6 +194,55 @@ class TaskBatch(ChunkedBytes):
         return [(items[i].decode("ascii"), items[i + 1]) for i in range(0, len(items), 2)]
 
 
+class TaskContainers(ChunkedBytes):
+    """The containers of the tasks of a batch that name one: task id → :class:`Container`.
+
+    Optional and absent when no task of the batch names a container, so that a
+    batch of plain tasks costs nothing more.  A task that names a container by
+    id only (``container_id`` without ``container``) travels as a container of
+    that id with no name and no images.  Each container is its JSON (as in a
+    task message), after its task id, in the list framing.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(optional=True)
+
+    def toBox(
+        self, name: bytes, strings: Dict[bytes, bytes], objects: Dict[str, Any], proto: Any
+    ) -> None:
+        value = objects.get(_python_name(name))
+        if value:
+            self._put(name, strings, self.to_bytes(value))
+
+    def fromBox(
+        self, name: bytes, strings: Dict[bytes, bytes], objects: Dict[str, Any], proto: Any
+    ) -> None:
+        # Absent: no keyword at all, so responders written before this
+        # argument existed keep working.
+        if name in strings:
+            super().fromBox(name, strings, objects, proto)
+
+    def to_bytes(self, value: Mapping[str, Container]) -> bytes:
+        items: List[bytes] = []
+        for task_id, container in value.items():
+            items.append(task_id.encode("ascii"))
+            items.append(json.dumps(container.to_wire(), separators=(",", ":")).encode("utf-8"))
+        return encode_list(items)
+
+    def from_bytes(self, data: bytes) -> Dict[str, Container]:
+        items = decode_list(data)
+        if len(items) % 2:
+            raise ValueError("task containers must be (task id, container) pairs")
+        found: Dict[str, Container] = {}
+        for i in range(0, len(items), 2):
+            try:
+                container = Container.from_wire(json.loads(items[i + 1].decode("utf-8")))
+            except (MessageError, ValueError) as exc:
+                raise ValueError(f"unreadable task container: {exc}") from None
+            found[items[i].decode("ascii")] = container
+        return found
+
+
 class RegistrationRefused(Exception):
     """The interchange refused a manager (wrong secret, bad details)."""
 
@@ -233,9 +288,10 @@ class Register(amp.Command):
 
 
 class SubmitTasks(amp.Command):
-    """Interchange → manager: run these tasks (``(task_id, task_buffer)`` pairs)."""
+    """Interchange → manager: run these tasks (``(task_id, task_buffer)`` pairs);
+    ``containers`` (optional) gives the container of each task that names one."""
 
-    arguments = [(b"tasks", TaskBatch())]
+    arguments = [(b"tasks", TaskBatch()), (b"containers", TaskContainers())]
     requiresAnswer = False
 
 
@@ -303,18 +359,30 @@ def send_unanswered(protocol: amp.AMP, command: Type[amp.Command], **arguments: 
     protocol.sendBox(box)
 
 
-def read_unanswered(command: Type[amp.Command], box: amp.AmpBox, protocol: amp.AMP) -> Any:
-    """The single argument of ``command`` from a received ``box``, or None if the box
-    is not an unanswered ``command``: the receiving side of :func:`send_unanswered`.
+def read_unanswered_arguments(
+    command: Type[amp.Command], box: amp.AmpBox, protocol: amp.AMP
+) -> Optional[Dict[str, Any]]:
+    """The arguments of ``command`` (by keyword) from a received ``box``, or None if
+    the box is not an unanswered ``command``: the receiving side of
+    :func:`send_unanswered`.  An optional argument that is absent may be missing.
 
     Raises ValueError (or KeyError) for a malformed box.
     """
     if box.get(b"_command") != command.commandName or b"_ask" in box:
         return None
-    [(name, argument)] = command.arguments
     objects: Dict[str, Any] = {}
-    argument.fromBox(name, box, objects, protocol)
-    return objects[_python_name(name)]
+    for name, argument in command.arguments:
+        argument.fromBox(name, box, objects, protocol)
+    return objects
+
+
+def read_unanswered(command: Type[amp.Command], box: amp.AmpBox, protocol: amp.AMP) -> Any:
+    """The first argument of ``command`` from a received ``box``, or None if the box
+    is not an unanswered ``command`` (see :func:`read_unanswered_arguments`)."""
+    objects = read_unanswered_arguments(command, box, protocol)
+    if objects is None:
+        return None
+    return objects[_python_name(command.arguments[0][0])]
 
 
 class RateMeter:

@@ -39,6 +39,9 @@ class ErrorCode:
     VERSION_MISMATCH: ClassVar[str] = "VersionMismatch"
     #: The task message itself is malformed (bad fields, bad task buffer).
     MALFORMED_TASK: ClassVar[str] = "MalformedTask"
+    #: The task's container could not run: its image is missing or cannot start
+    #: a worker, or it has no image of the type the endpoint's engine runs.
+    CONTAINER_ERROR: ClassVar[str] = "ContainerError"
     #: Made only by the real 1.0.13 endpoint.
     COULD_NOT_EXECUTE_USER_TASK: ClassVar[str] = "CouldNotExecuteUserTaskError"
 
@@ -55,6 +58,7 @@ class ErrorCode:
             TASK_CANCELLED,
             VERSION_MISMATCH,
             MALFORMED_TASK,
+            CONTAINER_ERROR,
             COULD_NOT_EXECUTE_USER_TASK,
         }
     )

@@ -91,11 +91,21 @@ class ManagerSettings:
     prefetch_capacity: int = 1
     worker_environment: Dict[str, str] = attr.Factory(dict)
     batch_interval: float = 0.001
+    #: How workers run: ``no_container``, or a container engine (``podman``...).
+    worker_mode: str = "no_container"
+    #: The image every worker runs (the endpoint-wide form), or None: each task's
+    #: container says which.
+    container_uri: Optional[str] = None
+    #: The image types taken from a task's container, in order; empty: the engine's.
+    container_image_types: Tuple[str, ...] = attr.ib(default=(), converter=_str_tuple)
+    #: Options added to the engine's command line (split as a shell would).
+    container_cmd_options: str = ""
 
     def to_json(self) -> Dict[str, Any]:
         """A JSON-ready dict of these settings."""
         data = attr.asdict(self)
         data["available_accelerators"] = list(self.available_accelerators)
+        data["container_image_types"] = list(self.container_image_types)
         return data
 
     @classmethod
@@ -127,6 +137,15 @@ class ManagerSettings:
                 values["available_accelerators"] = [
                     str(a) for a in values["available_accelerators"]
                 ]
+            if "worker_mode" in values:
+                values["worker_mode"] = str(values["worker_mode"] or "no_container")
+            if "container_cmd_options" in values:
+                values["container_cmd_options"] = str(values["container_cmd_options"] or "")
+            if "container_uri" in values:
+                uri = values["container_uri"]
+                values["container_uri"] = None if uri is None else str(uri)
+            if "container_image_types" in values:
+                values["container_image_types"] = [str(t) for t in values["container_image_types"]]
             if "worker_environment" in values:
                 values["worker_environment"] = {
                     str(k): str(v) for k, v in dict(values["worker_environment"]).items()
