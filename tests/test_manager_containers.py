@@ -484,3 +484,108 @@ class ContainerPoolTests(SynchronousTestCase):
     def test_default_image_starts_at_once(self) -> None:
         harness = ContainerPool(self, count=2, default=PYTHON_IMAGE)
         self.assertEqual(len(harness.workers()), 2)
+
+
+# ---------------------------------------------------------------------------
+# The manager service with containers
+
+
+class ContainerServiceTests(SynchronousTestCase):
+    def executor(self, **options: Any) -> Any:
+        from funcx_endpoint.config.model import HighThroughputExecutor
+
+        return HighThroughputExecutor(**options)
+
+    def test_missing_engine_quits_with_ex_config(self) -> None:
+        from funcx_endpoint.manager.service import EXIT_CONFIG
+        from tests.test_manager import Link
+
+        empty = self.mktemp()
+        os.makedirs(empty)
+        link = Link(
+            self,
+            worker_count=1,
+            executor=self.executor(worker_mode="podman"),
+            service_options={"environment": {"PATH": empty}},
+        )
+        self.assertEqual(link.codes, [EXIT_CONFIG])
+        self.assertEqual(link.reactor.processes, [])
+        self.assertEqual(link.interchange.managers(), [])
+        link.finish()
+
+    def test_task_of_a_container_runs_in_its_image(self) -> None:
+        from funcx_endpoint.manager.service import ManagerIdentity
+        from funcx_endpoint.wire import Task
+        from tests.test_manager import Link
+
+        box = container(("docker", "localhost/sci:1"))
+        link = Link(
+            self,
+            worker_count=1,
+            executor=self.executor(worker_mode="podman", container_cmd_options="--cpus 1"),
+            service_options={"environment": {"PATH": fake_engines(self)}},
+            identity=ManagerIdentity(
+                manager_id="m1", hostname="node1", container_type=box.container_id
+            ),
+        )
+        self.assertEqual(link.reactor.processes, [])  # hard routing: no image yet
+        task = Task(uuid.uuid4(), BUFFER, container_id=box.container_id, container=box)
+        link.interchange.submit([task])
+        link.flush()
+        [child] = link.reactor.processes
+        self.assertIn("localhost/sci:1", child.args)
+        self.assertIn("--cpus", child.args)
+        hello(child)
+        link.flush()
+        [(task_id, _, _)] = sent_tasks(child)
+        answer(child, task_id, 7)
+        link.flush()
+        self.assertEqual([r.task_id for r in link.results], [task.task_id])
+        link.finish()
+
+    def test_container_without_an_image_of_the_engine(self) -> None:
+        from funcx_endpoint.manager.service import ManagerIdentity
+        from funcx_endpoint.wire import Task
+        from tests.test_manager import Link
+
+        box = container(("singularity", "/x.sif"))
+        link = Link(
+            self,
+            worker_count=1,
+            executor=self.executor(worker_mode="docker"),
+            service_options={"environment": {"PATH": fake_engines(self)}},
+            identity=ManagerIdentity(manager_id="m1", container_type=box.container_id),
+        )
+        task = Task(uuid.uuid4(), BUFFER, container_id=box.container_id, container=box)
+        link.interchange.submit([task])
+        link.flush()
+        link.advance(1)
+        [result] = link.results
+        assert result.error_details is not None
+        self.assertEqual(result.error_details.code, ErrorCode.CONTAINER_ERROR)
+        self.assertIn("no image of type 'docker'", result.error_details.user_message)
+        self.assertEqual(link.reactor.processes, [])
+        link.finish()
+
+    def test_endpoint_wide_image(self) -> None:
+        from funcx_endpoint.wire import Task
+        from tests.test_manager import Link
+
+        link = Link(
+            self,
+            worker_count=2,
+            executor=self.executor(container_type="docker", container_uri="mine:2"),
+            service_options={"environment": {"PATH": fake_engines(self)}},
+        )
+        workers = link.reactor.processes
+        self.assertEqual(len(workers), 2)  # started at once, in the one image
+        self.assertTrue(all("mine:2" in w.args and w.args[1] == "run" for w in workers))
+        for worker in workers:  # docker: the result pipe is the CLI's stdout
+            worker.simulate_output(1, frames.encode_hello({"pid": 1, "python": "3.11"}))
+        link.flush()
+        link.interchange.submit([Task(uuid.uuid4(), BUFFER)])  # no container: the same image
+        link.flush()
+        assert link.service.pool is not None
+        self.assertEqual(link.service.pool.counts()["running"], 1)
+        self.assertEqual(link.service.pool.images(), {WorkerImage("docker", "mine:2"): 2})
+        link.finish()

@@ -5,7 +5,8 @@
     funcx-manager --info-file PATH --block-id BLOCK [--manager-id ID]
                   [--max-workers N] [--cores-per-worker C] [--mem-per-worker GB]
                   [--available-accelerators 0,1,...] [--prefetch-capacity N]
-                  [--log-dir DIR] [--debug]
+                  [--worker-mode MODE] [--container-uri IMAGE]
+                  [--container-type TYPE] [--log-dir DIR] [--debug]
 
 Where to connect (address, port, CA certificate, secret) and the endpoint's
 worker settings come from the info file the interchange wrote (0600), so no
@@ -13,6 +14,13 @@ secret is on the command line; the options override the worker settings.
 The manager logs to ``manager.log`` in its log directory (default:
 ``managers/<manager id>`` beside the info file), and each worker's output
 goes to ``worker-<n>.out`` / ``.err`` there.
+
+``--worker-mode`` and ``--container-uri`` override the endpoint's container
+settings (``--container-uri``: every worker runs that image).
+``--container-type`` is the type the manager registers with (default
+``RAW``): the interchange's routing then sends it only tasks of that type,
+and its workers start with the first task's image (the manager of hard
+routing).
 """
 
 from __future__ import annotations
@@ -55,6 +63,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help="Comma-separated device ids; one worker per device.",
     )
     parser.add_argument("--prefetch-capacity", type=int, default=None)
+    parser.add_argument(
+        "--worker-mode", default=None, help="no_container, or a container engine (podman...)."
+    )
+    parser.add_argument("--container-uri", default=None, help="The image every worker runs.")
+    parser.add_argument(
+        "--container-type",
+        default="RAW",
+        help="The container type this manager serves (default RAW: tasks without one).",
+    )
     parser.add_argument("--log-dir", default=None, help="Where manager.log and worker logs go.")
     parser.add_argument("--debug", action="store_true", help="Log debug messages.")
     return parser.parse_args(argv)
@@ -77,6 +94,10 @@ def apply_options(settings: ManagerSettings, options: argparse.Namespace) -> Man
         changes["prefetch_capacity"] = options.prefetch_capacity
     if options.debug:
         changes["worker_debug"] = True
+    if getattr(options, "worker_mode", None) is not None:
+        changes["worker_mode"] = options.worker_mode
+    if getattr(options, "container_uri", None) is not None:
+        changes["container_uri"] = options.container_uri or None
     return attr.evolve(settings, **changes)
 
 
@@ -114,7 +135,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     else:
         memory = _memory_gb() if settings.mem_per_worker else None
         worker_count = count_workers(settings, _cpu_count(), memory)
-    identity = ManagerIdentity(block_id=options.block_id)
+    identity = ManagerIdentity(
+        block_id=options.block_id,
+        worker_type=settings.worker_mode,
+        container_type=options.container_type,
+    )
     if options.manager_id:
         identity = attr.evolve(identity, manager_id=options.manager_id)
     log_dir = options.log_dir or os.path.join(
