@@ -24,7 +24,7 @@ $(STAMP): setup.py
 	@echo ">>> Creating the virtualenv $(VENV) and installing the package"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade "pip>=23" "setuptools>=68" wheel
-	$(BIN)/pip install -q -e '.[test,parsl]'
+	$(BIN)/pip install -q -e '.[test,parsl,kubernetes]'
 	@# Refresh twistd's plugin cache (twisted/plugins/dropin.cache) now rather
 	@# than on the first `twistd --help`.
 	$(BIN)/python -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'

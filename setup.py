@@ -79,6 +79,14 @@ setup(
         "parsl": [
             "parsl>=2023.1.23,<2024.8.12",
         ],
+        # The official Kubernetes client: funcX 1.0's KubernetesProvider runs
+        # pods through it, and Parsl's KubernetesProvider needs it.  The tests
+        # pass with 26.1.0 (early 2023) and 36.0.3; 37 made its models pydantic
+        # ones, which refuse the pod spec Parsl's provider (up to 2024.8.5)
+        # builds when it has no image pull secret.
+        "kubernetes": [
+            "kubernetes>=26.1.0,<37",
+        ],
     },
     entry_points={
         "console_scripts": [

@@ -26,13 +26,13 @@ from funcx_endpoint.config import Config, ConfigError, HighThroughputExecutor, l
 from funcx_endpoint.config import model as config_model
 from funcx_endpoint.config.fields import Notice
 from funcx_endpoint.config.funcx10 import FUNCX10_FIELDS
-from funcx_endpoint.config.kubernetes import NOT_YET, KubernetesProvider, KubeSimpleStrategy
+from funcx_endpoint.config.kubernetes import KubernetesProvider, KubeSimpleStrategy
 from funcx_endpoint.endpoint.layout import EndpointDir
 from funcx_endpoint.endpoint.notices import ConfigNotices
 from funcx_endpoint.endpoint.tap import build_endpoint
 from funcx_endpoint.executor.interchange import Interchange
+from funcx_endpoint.executor.providers.kubernetes import KubernetesPodProvider
 from funcx_endpoint.executor.strategy import scaling_from_config
-from funcx_endpoint.lifecycle import EX_CONFIG, StartupError
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs_funcx10")
 
@@ -368,7 +368,7 @@ class UnusedFieldTests(SynchronousTestCase):
 
 class KubernetesProviderTests(SynchronousTestCase):
     """funcX 1.0's KubernetesProvider: its fields checked as funcX 1.0 checked them;
-    an endpoint using it is refused when it starts."""
+    an endpoint using it runs its blocks as pods (tests/test_kubernetes.py)."""
 
     def test_fields(self) -> None:
         provider = KubernetesProvider(image="python:3.11", max_blocks=2, incluster_config=False)
@@ -380,7 +380,11 @@ class KubernetesProviderTests(SynchronousTestCase):
         self.assertRaises(ConfigError, KubernetesProvider, image="x", init_blocks=1)
         self.assertRaises(ConfigError, KubernetesProvider, image="x", persistent_volumes=["a"])
 
-    def test_refused_at_start(self) -> None:
+    def test_starts_as_the_pod_provider(self) -> None:
+        try:
+            import kubernetes  # noqa: F401
+        except ImportError:
+            raise self.skipTest("the [kubernetes] extra is not installed") from None
         executor = HighThroughputExecutor(provider=KubernetesProvider(image="x"))
         scaling = scaling_from_config(
             executor,
@@ -389,13 +393,10 @@ class KubernetesProviderTests(SynchronousTestCase):
             command_template="x {block_id}",
             working_dir=self.mktemp(),
         )
-        with self.assertRaises(StartupError) as cm:
-            scaling.startService()
-        self.assertEqual(cm.exception.exit_code, EX_CONFIG)
-        self.assertEqual(cm.exception.message, NOT_YET)
-        self.assertIn("Kubernetes provider work", NOT_YET)
-        self.assertFalse(scaling.strategy.running)
-        # The stop that follows a failed start ends cleanly.
+        self.assertIsInstance(scaling.scaler.provider.provider, KubernetesPodProvider)
+        # No API call at start: the first comes with the first block.
+        scaling.startService()
+        self.assertTrue(scaling.strategy.running)
         self.successResultOf(scaling.stopService())
 
 
@@ -515,9 +516,11 @@ class Funcx10ConfigFileTests(SynchronousTestCase):
         self.assertEqual((kube.heartbeat_period, kube.heartbeat_threshold), (15, 200))
         self.assertEqual(kube.executors[0].strategy.max_idletime, 3600)
         self.assertEqual(kube.executors[0].label, "Kubernetes_funcX")
-        with self.assertRaises(StartupError) as cm:
-            service.getServiceNamed("providers").startService()
-        self.assertIn("Kubernetes provider work", cm.exception.message)
+        pods = service.getServiceNamed("providers").scaler.provider
+        self.assertTrue(pods.blocking)  # the kubernetes client blocks: called in a thread
+        self.assertEqual(pods.max_blocks, 2)
+        settings = pods.provider.settings
+        self.assertEqual((settings.image, settings.init_mem), ("python:3.8-buster", "1024Mi"))
 
     def test_a_funcx10_default_config_is_quiet(self) -> None:
         config, _ = self.build("local.py")

@@ -740,3 +740,27 @@ class FunctionIdTests(SynchronousTestCase):
         wire = pack(task)
         self.assertNotIn(b"function_id", wire)
         self.assertIsNone(unpack(wire).function_id)
+
+
+class WarmContainersTests(SynchronousTestCase):
+    """The soft-routing report of a manager's warm container types."""
+
+    def test_round_trip(self) -> None:
+        from twisted.protocols import amp as _amp
+
+        from funcx_endpoint.wire.amp import WarmContainers
+
+        protocol = _amp.AMP()
+        box = _amp.AmpBox()
+        for name, argument in WarmContainers.arguments:
+            argument.toBox(name, box, {"warm": {"RAW": 2, "c-1": 1}, "cold_starts": 3}, protocol)
+        objects: dict = {}
+        for name, argument in WarmContainers.arguments:
+            argument.fromBox(name, box, objects, protocol)
+        self.assertEqual(objects, {"warm": {"RAW": 2, "c-1": 1}, "cold_starts": 3})
+
+    def test_bad_counts_refused(self) -> None:
+        from funcx_endpoint.wire.amp import WarmCounts
+
+        for bad in (b"[1]", b'{"a": -1}', b'{"a": 1.5}', b'{"a": true}'):
+            self.assertRaises(ValueError, WarmCounts().fromString, bad)

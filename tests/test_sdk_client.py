@@ -530,6 +530,110 @@ class EndpointTests(FakeServiceTestCase):
         self.assertEqual((error.http_status, error.code), (410, "ENDPOINT_DELETED"))
 
 
+class ContainerTests(FakeServiceTestCase):
+    async def test_register_and_get(self) -> None:
+        """funcX 1.0.13's calls: the same request bodies and paths, the same return values."""
+        self.serve()
+        client = self.make_client()
+        container_id = await self.call(
+            client.register_container, "python:3.11", "docker", "py", "a description"
+        )
+        [request] = self.fake.requests_to("POST", "/v2/containers")
+        self.assertEqual(
+            request.body,
+            {
+                "name": "py",
+                "location": "python:3.11",
+                "description": "a description",
+                "type": "docker",
+            },
+        )
+        container = await self.call(client.get_container, container_id, "docker")
+        self.assertEqual(
+            len(self.fake.requests_to("GET", f"/v2/containers/{container_id}/docker")), 1
+        )
+        self.assertEqual(
+            {k: container[k] for k in ("container_uuid", "name", "type", "location")},
+            {
+                "container_uuid": container_id,
+                "name": "py",
+                "type": "docker",
+                "location": "python:3.11",
+            },
+        )
+
+        # Defaults as funcX 1.0.13's: name and description "".
+        other = await self.call(client.register_container, "/img/x.sif", "singularity")
+        request = self.fake.requests_to("POST", "/v2/containers")[-1]
+        self.assertEqual((request.body["name"], request.body["description"]), ("", ""))
+        self.assertNotIn("public", request.body)
+        self.assertEqual((await self.call(client.get_container, other, "singularity"))["name"], "")
+
+    async def test_more_images_and_the_whole_container(self) -> None:
+        """This service's additions: add_container_image, get_container without a type."""
+        self.serve()
+        client = self.make_client()
+        container_id = await self.call(client.register_container, "python:3.11", "docker")
+        image = await self.call(
+            client.add_container_image, container_id, "/img/py.sif", "apptainer"
+        )
+        self.assertEqual((image["type"], image["location"]), ("apptainer", "/img/py.sif"))
+        whole = await self.call(client.get_container, container_id)
+        self.assertEqual(
+            [(i["type"], i["location"]) for i in whole["images"]],
+            [("docker", "python:3.11"), ("apptainer", "/img/py.sif")],
+        )
+
+    async def test_public_containers(self) -> None:
+        self.serve()
+        theirs = self.make_client(self.fake.issue_token("someone-else"))
+        shared = await self.call(theirs.register_container, "python:3", "docker", public=True)
+        [request] = self.fake.requests_to("POST", "/v2/containers")
+        self.assertIs(request.body["public"], True)
+        private = await self.call(theirs.register_container, "python:3", "docker")
+        mine = self.make_client()
+        self.assertEqual((await self.call(mine.get_container, shared, "docker"))["public"], True)
+        await self.call(mine.register_function, add, container_uuid=shared)
+        error = await self.failure(FuncxAPIError, mine.get_container, private, "docker")
+        self.assertEqual((error.http_status, error.code), (404, "CONTAINER_NOT_FOUND"))
+
+    async def test_function_in_a_container(self) -> None:
+        """register_function(container_uuid=...) sends it; its tasks carry the container."""
+        self.serve()
+        client = self.make_client()
+        endpoint_id = self.fake.add_endpoint()
+        container_id = await self.call(client.register_container, "python:3.11", "podman")
+        function_id = await self.call(client.register_function, add, container_uuid=container_id)
+        request = self.fake.requests_to("POST", "/v2/functions")[-1]
+        self.assertEqual(request.body["container_uuid"], container_id)
+        task_id = await self.call(client.run, 1, endpoint_id=endpoint_id, function_id=function_id)
+        _, task = self.fake.published_tasks[task_id]
+        self.assertEqual(task.container_id, container_id)
+        assert task.container is not None
+        self.assertEqual(
+            [(i.image_type, i.location) for i in task.container.images],
+            [("podman", "python:3.11")],
+        )
+
+    async def test_errors(self) -> None:
+        """The service's refusals are FuncxAPIErrors with its code; ids are checked here."""
+        self.serve()
+        client = self.make_client()
+        error = await self.failure(FuncxAPIError, client.register_container, "python:3", "lxc")
+        self.assertEqual((error.http_status, error.code), (400, "INVALID_CONTAINER_TYPE"))
+        error = await self.failure(FuncxAPIError, client.get_container, str(uuid.uuid4()), "docker")
+        self.assertEqual((error.http_status, error.code), (404, "CONTAINER_NOT_FOUND"))
+        error = await self.failure(
+            FuncxAPIError, lambda: client.register_function(add, container_uuid=str(uuid.uuid4()))
+        )
+        self.assertEqual((error.http_status, error.code), (404, "CONTAINER_NOT_FOUND"))
+        container_id = await self.call(client.register_container, "python:3", "docker")
+        # A type that would change the path is sent quoted, and refused by the service.
+        error = await self.failure(FuncxAPIError, client.get_container, container_id, "../x")
+        self.assertEqual((error.http_status, error.code), (400, "INVALID_CONTAINER_TYPE"))
+        await self.failure(ValueError, client.get_container, "not-a-uuid", "docker")
+
+
 class ErrorTests(FakeServiceTestCase):
     async def test_unauthorized(self) -> None:
         """A 401 with a JSON body is a FuncxAPIError with its code and message."""

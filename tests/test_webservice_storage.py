@@ -18,10 +18,20 @@ from typing import Any, Callable
 from twisted.internet import reactor
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from funcx_endpoint.webservice import accounts, db, endpoints, records, storage, tasks
+from funcx_endpoint.webservice import (
+    accounts,
+    containers,
+    db,
+    endpoints,
+    records,
+    storage,
+    tasks,
+)
 from funcx_endpoint.webservice.auth import hash_secret, token_hash, verify_secret
 from funcx_endpoint.webservice.records import (
+    ContainerInfo,
     Endpoint,
+    ImageInfo,
     IncomingResult,
     NewTask,
     Report,
@@ -89,7 +99,7 @@ class StorageCases:
         assert saved is not None
         return saved
 
-    def function(self, owner: str, public: bool = False) -> str:
+    def function(self, owner: str, public: bool = False, container_uuid: Any = None) -> str:
         function_id = str(uuid.uuid4())
         self.call(tasks.insert_function)(
             {
@@ -98,7 +108,7 @@ class StorageCases:
                 "name": "add",
                 "entry_point": "add",
                 "description": None,
-                "container_uuid": None,
+                "container_uuid": container_uuid,
                 "public": public,
                 "group_id": None,
                 "function_code": CODE,
@@ -142,6 +152,102 @@ class StorageCases:
             db.DatabaseError, db.migrate, db.DatabaseConfig.from_url(self.url)
         )
         self.assertIn("newer", str(error))
+
+    def test_migration_from_version_1(self) -> None:
+        """A database made before containers gets them; its functions and tasks stay,
+        and a function's container_uuid that names nothing stored is read as no container."""
+        config = db.DatabaseConfig.from_url(self.make_url())
+        saved = db.MIGRATIONS, db.SCHEMA_VERSION
+        db.MIGRATIONS, db.SCHEMA_VERSION = db.MIGRATIONS[:1], 1
+        try:
+            self.assertEqual(db.migrate(config), (0, 1))
+            connection = db.connect(config)
+            try:
+                cursor = connection.cursor()
+                tx = db.Tx(cursor, db.Dialect(config.kind))
+                dangling = str(uuid.uuid4())
+                row = {
+                    "function_id": str(uuid.uuid4()),
+                    "owner": "o",
+                    "name": "add",
+                    "entry_point": "add",
+                    "description": None,
+                    "container_uuid": dangling,
+                    "public": False,
+                    "group_id": None,
+                    "function_code": CODE,
+                    "created": 1.0,
+                }
+                tasks.insert_function(tx, row)
+                task = NewTask(str(uuid.uuid4()), "o", row["function_id"], "e", "g", "", None, 1.0)
+                tasks.insert_tasks(tx, [task])
+                connection.commit()
+            finally:
+                connection.close()
+        finally:
+            db.MIGRATIONS, db.SCHEMA_VERSION = saved
+        self.assertEqual(db.migrate(config), (1, db.SCHEMA_VERSION))
+        connection, call = storage.open_sync(config.dsn or "sqlite://" + str(config.path))
+        self.addCleanup(connection.close)
+        [unsent] = call(tasks.unsent_tasks)(10, time.time())
+        self.assertEqual((unsent.container_uuid, unsent.container), (dangling, None))
+        self.assertEqual(call(storage.counts)()["containers"], 0)
+
+    # -- containers ---------------------------------------------------------------------
+
+    def test_containers_and_their_images(self) -> None:
+        alice = self.client()
+        container_id = str(uuid.uuid4())
+        container = ContainerInfo(
+            container_id,
+            alice.identity_id,
+            "py",
+            "d",
+            False,
+            1.0,
+            1.0,
+            (ImageInfo("docker", "python:3.11", 1.0, 1.0),),
+        )
+        self.call(containers.insert_container)(container)
+        self.assertEqual(self.call(containers.get_container)(container_id), container)
+        self.assertIsNone(self.call(containers.get_container)(str(uuid.uuid4())))
+        # A new type, then the docker image moved: one image per type.
+        self.call(containers.put_image)(container_id, ImageInfo("apptainer", "/a.sif", 2.0, 2.0))
+        self.call(containers.put_image)(container_id, ImageInfo("docker", "python:3.12", 3.0, 3.0))
+        found = self.call(containers.get_container)(container_id)
+        self.assertEqual(found.modified, 3.0)
+        self.assertEqual(
+            [(i.image_type, i.location, i.created, i.modified) for i in found.images],
+            [("docker", "python:3.12", 1.0, 3.0), ("apptainer", "/a.sif", 2.0, 2.0)],
+        )
+        self.assertEqual(found.image("apptainer").build_status, "provided")
+        other = ContainerInfo(
+            str(uuid.uuid4()),
+            "bob",
+            "",
+            None,
+            True,
+            4.0,
+            4.0,
+            (ImageInfo("podman", "x", 4.0, 4.0),),
+        )
+        self.call(containers.insert_container)(other)
+        many = self.call(containers.get_containers)([container_id, other.container_id, "nope"])
+        self.assertEqual(set(many), {container_id, other.container_id})
+        self.assertTrue(many[other.container_id].public)
+        self.assertEqual(self.call(storage.counts)()["containers"], 2)
+
+        # Tasks read back for sending carry their function's container.
+        endpoint = self.register(alice.identity_id)
+        in_container = self.function(alice.identity_id, container_uuid=container_id)
+        plain = self.function(alice.identity_id)
+        self.tasks(alice.identity_id, in_container, endpoint.endpoint_id, 2)
+        self.tasks(alice.identity_id, plain, endpoint.endpoint_id, 1)
+        unsent = self.call(tasks.unsent_tasks)(10, time.time())
+        self.assertEqual(
+            sorted((t.container_uuid or "", t.container == found) for t in unsent),
+            [("", False), (container_id, True), (container_id, True)],
+        )
 
     # -- clients and tokens ------------------------------------------------------------
 

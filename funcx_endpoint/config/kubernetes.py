@@ -3,9 +3,10 @@
 funcX 1.0.13 shipped its own ``KubernetesProvider`` (pods per container type)
 and ``KubeSimpleStrategy``.  A ``config.py`` using them loads here unchanged:
 the provider's fields are those of funcX 1.0.13 and are checked as it checked
-them.  Running pods is the work of the Kubernetes provider, which this
-version does not have yet: an endpoint whose executor uses this provider
-refuses to start, saying so (:mod:`funcx_endpoint.executor.providers.unavailable`).
+them.  The endpoint runs each block as one manager pod of ``image``
+(:class:`funcx_endpoint.executor.providers.kubernetes.KubernetesPodProvider`),
+through the ``kubernetes`` client (the ``[kubernetes]`` extra); without that
+package, an endpoint using this provider refuses to start (:data:`NO_CLIENT`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from funcx_endpoint.config.fields import (
     ConfigError,
     ConfigObject,
     Field,
+    Unused,
     boolean,
     number,
     optional,
@@ -23,11 +25,10 @@ from funcx_endpoint.config.fields import (
 )
 from funcx_endpoint.config.model import SimpleStrategy
 
-#: Why an endpoint with this provider does not start (the start error says it).
-NOT_YET = (
-    "funcX 1.0's KubernetesProvider is accepted in config.py, but this version cannot "
-    "run pods yet: Kubernetes support comes with the Kubernetes provider work. Use "
-    "another provider (LocalProvider, or a Parsl provider) until then"
+#: Why an endpoint with this provider does not start without the client package.
+NO_CLIENT = (
+    "funcX 1.0's KubernetesProvider needs the kubernetes Python client, which is not "
+    "installed: pip install 'funcx-endpoint[kubernetes]'"
 )
 
 
@@ -42,12 +43,18 @@ def _volumes(value: Any) -> List[Tuple[str, str]]:
 
 class KubernetesProvider(ConfigObject):
     """funcX 1.0.13's Kubernetes provider (``funcx_endpoint.providers.kubernetes.kube``):
-    its fields, checked; starting an endpoint with it is refused (:data:`NOT_YET`)."""
+    its fields, checked.  Each block is one pod running one manager (so
+    ``nodes_per_block`` is 1 whatever it says, as in funcX 1.0)."""
 
     fields = {
         "image": Field(None, string(), "Container image of the worker pods (required)."),
         "namespace": Field("default", string(), "Namespace of the pods."),
-        "nodes_per_block": Field(1, number(1, integer=True), "Pods per block."),
+        "nodes_per_block": Field(
+            1,
+            number(1, integer=True),
+            "Pods per block: always 1 (as in funcX 1.0).",
+            unused=Unused("every block is one pod (as in funcX 1.0)", quiet=(1,)),
+        ),
         "init_blocks": Field(0, number(0, integer=True), "Blocks at start (funcX 1.0: 0)."),
         "min_blocks": Field(0, number(0, integer=True), "Fewest blocks kept."),
         "max_blocks": Field(10, number(0, integer=True), "Most blocks at once."),
@@ -93,15 +100,16 @@ class KubernetesProvider(ConfigObject):
                 f"got {self.init_blocks}"
             )
 
-    # Recognisably a provider (the config's check); the endpoint never calls these.
+    # Recognisably a provider (the config's check); the endpoint calls the
+    # provider it becomes (KubernetesPodProvider), never these.
     def submit(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover
-        raise NotImplementedError(NOT_YET)
+        raise NotImplementedError("the endpoint runs this through KubernetesPodProvider")
 
     def status(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover
-        raise NotImplementedError(NOT_YET)
+        raise NotImplementedError("the endpoint runs this through KubernetesPodProvider")
 
     def cancel(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover
-        raise NotImplementedError(NOT_YET)
+        raise NotImplementedError("the endpoint runs this through KubernetesPodProvider")
 
 
 class KubeSimpleStrategy(SimpleStrategy):
@@ -110,5 +118,5 @@ class KubeSimpleStrategy(SimpleStrategy):
 
     unused_class = (
         "scales as SimpleStrategy here (funcX 1.0 scaled Kubernetes pods per "
-        "container type; that comes with the Kubernetes provider work)"
+        "container type; here every pod runs the configured image)"
     )

@@ -40,6 +40,7 @@ from typing import (
     Tuple,
     Union,
 )
+from urllib.parse import quote
 
 import globus_sdk
 
@@ -252,7 +253,9 @@ class FuncXClient(globus_sdk.BaseClient):
     ) -> str:
         """Register ``function`` (``POST /functions``); its function id.
 
-        Raises SerializationError if the function cannot be serialized.
+        With ``container_uuid`` (from :meth:`register_container`) its tasks run
+        in that container.  Raises SerializationError if the function cannot
+        be serialized.
         """
         name = function_name or getattr(function, "__name__", None) or type(function).__name__
         body = {
@@ -271,6 +274,76 @@ class FuncXClient(globus_sdk.BaseClient):
         if not isinstance(function_id, str):
             raise MalformedResponse("register_function: the answer has no function_uuid")
         return function_id
+
+    # -- containers -----------------------------------------------------------
+
+    def register_container(
+        self,
+        location: str,
+        container_type: str,
+        name: str = "",
+        description: str = "",
+        *,
+        public: bool = False,
+    ) -> str:
+        """Register a container image (``POST /containers``); the new container's id.
+
+        ``location`` is where an endpoint finds the image (a registry reference
+        such as ``python:3.11``, or a path); ``container_type`` one of
+        ``docker``, ``singularity``, ``shifter``, ``podman``, ``apptainer``.
+        Pass the id to :meth:`register_function` (``container_uuid``) to run
+        that function in it.  ``public`` (this service's addition) lets other
+        users use it too.
+        """
+        body: Dict[str, Any] = {
+            "name": name,
+            "location": location,
+            "description": description,
+            "type": container_type,
+        }
+        if public:
+            body["public"] = True
+        data = _dict_data(self.post("containers", data=body), "register_container")
+        container_id = data.get("container_id")
+        if not isinstance(container_id, str):
+            raise MalformedResponse("register_container: the answer has no container_id")
+        return container_id
+
+    def get_container(
+        self, container_uuid: str, container_type: Optional[str] = None
+    ) -> Dict[str, Any]:
+        """A container as the service has it (``GET /containers/<id>/<type>``).
+
+        With a ``container_type``: its image of that type, as funcX 1.0 gave
+        it (``container_uuid``, ``name``, ``type``, ``location``,
+        ``build_status``...; 404 if it has none).  Without (this service's
+        addition): the container with all its ``images``.
+        """
+        path = f"containers/{canonical_uuid(container_uuid, 'container_uuid')}"
+        if container_type is not None:
+            path += "/" + quote(container_type, safe="")
+        data = _dict_data(self.get(path), "get_container")
+        container = data.get("container")
+        if not isinstance(container, dict):
+            raise MalformedResponse("get_container: the answer has no container object")
+        return container
+
+    def add_container_image(
+        self, container_uuid: str, location: str, container_type: str
+    ) -> Dict[str, Any]:
+        """Give a container of yours an image of another type, or move the one it has
+        (``PUT /containers/<id>/<type>``, this service's addition); the image as
+        :meth:`get_container` gives it.  Functions registered with the container
+        run in it on endpoints of either type."""
+        path = (
+            f"containers/{canonical_uuid(container_uuid, 'container_uuid')}/"
+            f"{quote(container_type, safe='')}"
+        )
+        data = _dict_data(self.put(path, data={"location": location}), "add_container_image")
+        container = data.get("container")
+        if not isinstance(container, dict):
+            raise MalformedResponse("add_container_image: the answer has no container object")
+        return container
 
     # -- tasks ----------------------------------------------------------------
 

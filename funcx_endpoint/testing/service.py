@@ -551,6 +551,8 @@ class EndpointPlayer:
         self.ca_file = ca_file
         self.run_tasks = run_tasks
         self.tasks: List[Any] = []
+        #: The task messages as received (bytes), in order.
+        self.bodies: List[bytes] = []
         self.published = 0
         self._client: Any = None
         self._publisher: Any = None
@@ -601,6 +603,7 @@ class EndpointPlayer:
     def _on_task(self, channel: Any, delivery: Any) -> None:
         from funcx_endpoint.wire import Result, serialize, unpack, unpack_task_buffer
 
+        self.bodies.append(delivery.body)
         task: Any = unpack(delivery.body)
         self.tasks.append(task)
         if self.run_tasks:

@@ -8,14 +8,15 @@ others are created.  Once tasks are created the answer is 200 whatever
 happens with the broker: tasks wait in the database until it takes them
 (globus-sdk retries 5xx answers to POSTs, which would create the tasks again).
 
-Another user's endpoints, tasks and task groups are answered 404 (their
-existence is not even confirmed); registering an endpoint id that another
+Another user's endpoints, tasks, task groups and private containers are
+answered 404 (their existence is not even confirmed); registering an endpoint id that another
 user owns, or submitting to one, is refused with 403.
 
 :class:`FuncXAPI` answers ``GET /v2/version`` and installs the groups of
 handlers, each an object of its own sharing one
 :class:`~funcx_endpoint.webservice.api_context.APIContext`: functions
-(:mod:`~funcx_endpoint.webservice.api_functions`), tasks
+(:mod:`~funcx_endpoint.webservice.api_functions`), containers
+(:mod:`~funcx_endpoint.webservice.api_containers`), tasks
 (:mod:`~funcx_endpoint.webservice.api_tasks`) and endpoints
 (:mod:`~funcx_endpoint.webservice.api_endpoints`); the checks of their input
 are in :mod:`~funcx_endpoint.webservice.api_checks`.
@@ -28,6 +29,7 @@ from typing import Any, Optional, Tuple
 from twisted.internet.interfaces import IReactorTime
 
 from funcx_endpoint.version import __version__
+from funcx_endpoint.webservice.api_containers import ContainersAPI
 from funcx_endpoint.webservice.api_context import APIContext, BrokerAddress
 from funcx_endpoint.webservice.api_endpoints import EndpointsAPI
 from funcx_endpoint.webservice.api_functions import FunctionsAPI
@@ -81,12 +83,14 @@ class FuncXAPI:
             result_queue_ttl,
         )
         self.functions = FunctionsAPI(self.context)
+        self.containers = ContainersAPI(self.context)
         self.tasks = TasksAPI(self.context)
         self.endpoints = EndpointsAPI(self.context)
 
     def install(self, router: Router) -> None:
         router.add("GET", "/v2/version", self.version)
         self.functions.install(router)
+        self.containers.install(router)
         self.tasks.install(router)
         self.endpoints.install(router)
 

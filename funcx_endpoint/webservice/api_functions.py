@@ -1,7 +1,9 @@
 """``POST /v2/functions``: registering a function.
 
 The function's code is stored as the client sent it (a packed buffer holding
-the serialized function); it is checked to be one, not run.
+the serialized function); it is checked to be one, not run.  A
+``container_uuid`` must name a container the caller may use (its own, or a
+public one): the function's tasks carry that container to the endpoint.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from funcx_endpoint.webservice.api_checks import (
 )
 from funcx_endpoint.webservice.api_context import APIContext
 from funcx_endpoint.webservice.auth import API
-from funcx_endpoint.webservice.http import Call, Router, bad_request
+from funcx_endpoint.webservice.http import Call, Router, bad_request, not_found
 from funcx_endpoint.webservice.storage import TokenInfo
 from funcx_endpoint.wire import DeserializationError, unpack_buffers
 
@@ -64,6 +66,14 @@ class FunctionsAPI:
                 f"it holds {len(parts)}",
                 "INVALID_FUNCTION",
             )
+        if container is not None:
+            found = await self.context.storage.get_container(container)
+            if found is None or not found.visible_to(me.identity_id):
+                raise not_found(
+                    f"Container {container} not found: register it first "
+                    f"(POST /v2/containers); another user's container must be public",
+                    "CONTAINER_NOT_FOUND",
+                )
         function_id = str(uuid.uuid4())
         await self.context.storage.insert_function(
             {

@@ -30,7 +30,13 @@ from funcx_endpoint.webservice.http import (
     not_found,
     utf8_encodable,
 )
-from funcx_endpoint.webservice.storage import Endpoint, NewTask, TokenInfo, UnsentTask
+from funcx_endpoint.webservice.storage import (
+    Endpoint,
+    NewTask,
+    SubmitContext,
+    TokenInfo,
+    UnsentTask,
+)
 from funcx_endpoint.wire import DeserializationError, pack_task_buffer
 
 __all__ = ["MAX_BATCH_STATUS_IDS", "MAX_TASKS_PER_SUBMIT", "TasksAPI", "queue_prefix"]
@@ -122,7 +128,7 @@ class TasksAPI:
             results.append(None)
             parsed.append((function_id, endpoint_id, item[2]))
         wanted = [p for p in parsed if p is not None]
-        functions, endpoints, whitelists = await self._submit_context(
+        functions, endpoints, whitelists, containers = await self._submit_context(
             sorted({p[0] for p in wanted}), sorted({p[1] for p in wanted}), me.identity_id
         )
 
@@ -179,6 +185,7 @@ class TasksAPI:
                     task_buffer,
                     function.container_uuid,
                     takes_batches(endpoints[endpoint_id].metadata),
+                    containers.get(function.container_uuid) if function.container_uuid else None,
                 )
             )
             results[index] = {"task_uuid": task_id, "http_status_code": 200}
@@ -207,7 +214,7 @@ class TasksAPI:
 
     async def _submit_context(
         self, function_ids: List[str], endpoint_ids: List[str], identity: str
-    ) -> Any:
+    ) -> SubmitContext:
         try:
             return await self.context.storage.submit_context(function_ids, endpoint_ids, identity)
         except Exception:

@@ -374,7 +374,8 @@ def status(ctx: click.Context, state_dir: Optional[str], as_json: bool) -> None:
         click.echo(
             f"  endpoints online:       {report['endpoints_online']} of "
             f"{report['counts']['endpoints']}; clients {report['counts']['clients']}, "
-            f"functions {report['counts']['functions']}, tasks {report['counts']['tasks']}"
+            f"functions {report['counts']['functions']}, containers "
+            f"{report['counts']['containers']}, tasks {report['counts']['tasks']}"
         )
     if pid is None:
         sys.exit(NOT_RUNNING)

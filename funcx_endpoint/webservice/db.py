@@ -372,6 +372,34 @@ MIGRATIONS: List[Tuple[int, str, List[str]]] = [
             "CREATE INDEX tasks_ws_pending ON tasks (created) WHERE ws_pending = 1",
         ],
     ),
+    (
+        2,
+        "containers and their images",
+        [
+            # Functions registered before this kept their container_uuid unchecked:
+            # there is no foreign key from functions to containers.
+            """CREATE TABLE containers (
+                container_id TEXT PRIMARY KEY,
+                owner TEXT NOT NULL,
+                name TEXT NOT NULL,
+                description TEXT,
+                public INTEGER NOT NULL DEFAULT 0,
+                created {REAL} NOT NULL,
+                modified {REAL} NOT NULL
+            )""",
+            "CREATE INDEX containers_owner ON containers (owner)",
+            """CREATE TABLE container_images (
+                container_id TEXT NOT NULL REFERENCES containers (container_id),
+                image_type TEXT NOT NULL,
+                location TEXT NOT NULL,
+                build_status TEXT,
+                build_stderr TEXT,
+                created {REAL} NOT NULL,
+                modified {REAL} NOT NULL,
+                PRIMARY KEY (container_id, image_type)
+            )""",
+        ],
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

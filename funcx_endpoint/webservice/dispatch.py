@@ -12,7 +12,10 @@ at-least-once promise already allows that and results are deduplicated.
 Tasks for an endpoint that agreed to
 :data:`~funcx_endpoint.wire.MESSAGE_BATCHES` at registration go several to a
 message; stored tasks sent again go one per message, which every endpoint
-reads.  Results come in through :mod:`funcx_endpoint.webservice.ingest`.
+reads.  A task of a function registered with a container carries
+``container_id`` and the ``container`` with all its images, as funcX 1.0's
+service sent them; the endpoint picks the image of its own container type.
+Results come in through :mod:`funcx_endpoint.webservice.ingest`.
 """
 
 from __future__ import annotations
@@ -32,11 +35,14 @@ from funcx_endpoint.amqp.publisher import PublishFailed
 from funcx_endpoint.webservice.broker import IServiceBroker
 from funcx_endpoint.webservice.management import BrokerUnavailable
 from funcx_endpoint.webservice.storage import (
+    ContainerInfo,
     ResultCopy,
     Storage,
     UnsentTask,
 )
 from funcx_endpoint.wire import (
+    Container,
+    ContainerImage,
     MessageError,
     Result,
     ResultErrorDetails,
@@ -58,6 +64,43 @@ def _sleep(reactor: Any, seconds: float) -> Deferred[None]:
     d: Deferred[None] = Deferred()
     reactor.callLater(seconds, d.callback, None)
     return d
+
+
+def _wire_container(
+    container: Optional[ContainerInfo], made: Dict[str, Container]
+) -> Optional[Container]:
+    """The task message's ``container``: the stored one with its images (one object
+    per container in ``made``, shared by the tasks that run in it)."""
+    if container is None:
+        return None
+    found = made.get(container.container_id)
+    if found is None:
+        found = made[container.container_id] = Container(
+            container.container_id,
+            container.name,
+            [
+                # funcx_common wants whole seconds; funcX 1.0.13 endpoints drop a task without.
+                ContainerImage(
+                    image.image_type,
+                    image.location,
+                    int(image.created),
+                    int(image.modified),
+                    image.build_status,
+                    image.build_stderr,
+                )
+                for image in container.images
+            ],
+        )
+    return found
+
+
+def _container_size(container: Optional[Container]) -> int:
+    """About how many bytes ``container`` adds to a task in a message."""
+    if container is None:
+        return 0
+    return len(container.name) + sum(
+        200 + len(image.location) + len(image.build_stderr or "") for image in container.images
+    )
 
 
 @attr.s(auto_attribs=True, eq=False, repr=False)
@@ -142,6 +185,7 @@ class TaskSender(Service):
         :data:`TASK_BATCH_BYTES`); the others one per message.
         """
         batches: Dict[str, List[Tuple[UnsentTask, Task]]] = {}
+        containers: Dict[str, Container] = {}
         for task in tasks:
             self.in_flight.add(task.task_id)
             try:
@@ -149,6 +193,7 @@ class TaskSender(Service):
                     task.task_id,
                     task.task_buffer,
                     container_id=task.container_uuid,
+                    container=_wire_container(task.container, containers),
                     function_id=task.function_id,
                 )
                 if not task.batchable:
@@ -163,7 +208,7 @@ class TaskSender(Service):
             group: List[Tuple[UnsentTask, Task]] = []
             size = 0
             for pair in pairs:
-                length = len(pair[1].task_buffer)
+                length = len(pair[1].task_buffer) + _container_size(pair[1].container)
                 if group and (len(group) >= TASK_BATCH_MAX or size + length > TASK_BATCH_BYTES):
                     self._publish_batch(endpoint_id, group)
                     group, size = [], 0

@@ -1,4 +1,5 @@
-"""What the service stores: clients, tokens, functions, endpoints and tasks, as records.
+"""What the service stores: clients, tokens, functions, containers, endpoints and tasks,
+as records.
 
 Frozen values that the storage functions (:mod:`~funcx_endpoint.webservice.accounts`,
 :mod:`~funcx_endpoint.webservice.endpoints`, :mod:`~funcx_endpoint.webservice.tasks`)
@@ -56,6 +57,49 @@ class FunctionInfo:
     public: bool
     function_code: str
     container_uuid: Optional[str]
+
+
+#: The kinds of container image a container may have (``image_type``), lower case.
+CONTAINER_TYPES = ("docker", "singularity", "shifter", "podman", "apptainer")
+#: What a registered image's ``build_status`` is (funcX 1.0's name: the user provided it).
+PROVIDED = "provided"
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class ImageInfo:
+    """One image of a container: where an endpoint of ``image_type`` finds it."""
+
+    image_type: str
+    location: str
+    created: float
+    modified: float
+    build_status: Optional[str] = PROVIDED
+    build_stderr: Optional[str] = None
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class ContainerInfo:
+    """A registered container and its images (at most one of each type)."""
+
+    container_id: str
+    owner: str
+    name: str
+    description: Optional[str]
+    public: bool
+    created: float
+    modified: float
+    images: Tuple[ImageInfo, ...]
+
+    def image(self, image_type: str) -> Optional[ImageInfo]:
+        """Its image of ``image_type``, if it has one."""
+        for image in self.images:
+            if image.image_type == image_type:
+                return image
+        return None
+
+    def visible_to(self, identity: str) -> bool:
+        """Whether ``identity`` may see and use it: its owner's, or public."""
+        return self.public or self.owner == identity
 
 
 @attr.s(auto_attribs=True, frozen=True)
@@ -147,6 +191,9 @@ class UnsentTask:
     #: Whether its endpoint takes several tasks per message (MESSAGE_BATCHES);
     #: unknown (False: one per message, which every endpoint reads) on resends.
     batchable: bool = False
+    #: The container ``container_uuid`` names, with its images (None if it names
+    #: none, or one that is not stored: functions registered before containers were).
+    container: Optional[ContainerInfo] = None
 
 
 @attr.s(auto_attribs=True, frozen=True)

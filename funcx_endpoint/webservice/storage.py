@@ -2,7 +2,8 @@
 
 Each operation is a plain function of a :class:`~funcx_endpoint.webservice.db.Tx`
 (one transaction), kept by what it is about (:mod:`~funcx_endpoint.webservice.accounts`,
-:mod:`~funcx_endpoint.webservice.endpoints`, :mod:`~funcx_endpoint.webservice.tasks`;
+:mod:`~funcx_endpoint.webservice.endpoints`, :mod:`~funcx_endpoint.webservice.tasks`,
+:mod:`~funcx_endpoint.webservice.containers`;
 the records in :mod:`~funcx_endpoint.webservice.records`), so the command-line tools
 can run it directly (:func:`open_sync`), and :class:`Storage` runs it in adbapi's
 database threads for the service: ``await storage.get_tasks(ids, owner)``.
@@ -24,6 +25,12 @@ from funcx_endpoint.webservice.accounts import (
     purge_tokens,
     revoke_token,
     save_user_broker,
+)
+from funcx_endpoint.webservice.containers import (
+    get_container,
+    get_containers,
+    insert_container,
+    put_image,
 )
 from funcx_endpoint.webservice.db import (
     DatabaseConfig,
@@ -49,9 +56,11 @@ from funcx_endpoint.webservice.endpoints import (
 )
 from funcx_endpoint.webservice.records import (
     Client,
+    ContainerInfo,
     Endpoint,
     FunctionInfo,
     Identity,
+    ImageInfo,
     IncomingResult,
     NewTask,
     Report,
@@ -75,6 +84,10 @@ from funcx_endpoint.webservice.tasks import (
 )
 
 _T = TypeVar("_T")
+#: What :meth:`Storage.submit_context` reads: functions, endpoints, whitelists, containers.
+SubmitContext = Tuple[
+    Dict[str, FunctionInfo], Dict[str, Endpoint], Dict[str, List[str]], Dict[str, ContainerInfo]
+]
 
 
 def count_online_candidates(tx: Tx, since: float) -> int:
@@ -94,6 +107,7 @@ def counts(tx: Tx) -> Dict[str, int]:
         ("clients", "revoked_at IS NULL"),
         ("endpoints", "deleted_at IS NULL"),
         ("functions", "1 = 1"),
+        ("containers", "1 = 1"),
         ("tasks", "1 = 1"),
     ):
         row = tx.execute(f"SELECT COUNT(*) FROM {table} WHERE {where}").fetchone()
@@ -177,6 +191,15 @@ class Storage:
     ) -> Deferred[Dict[str, FunctionInfo]]:
         return self.run(visible_functions, ids, identity)
 
+    def insert_container(self, container: ContainerInfo) -> Deferred[None]:
+        return self.run(insert_container, container)
+
+    def get_container(self, container_id: str) -> Deferred[Optional[ContainerInfo]]:
+        return self.run(get_container, container_id)
+
+    def put_image(self, container_id: str, image: ImageInfo) -> Deferred[None]:
+        return self.run(put_image, container_id, image)
+
     def get_endpoint(self, endpoint_id: str) -> Deferred[Optional[Endpoint]]:
         return self.run(get_endpoint, endpoint_id)
 
@@ -217,14 +240,19 @@ class Storage:
 
     def submit_context(
         self, function_ids: Sequence[str], endpoint_ids: Sequence[str], identity: str
-    ) -> Deferred[Tuple[Dict[str, FunctionInfo], Dict[str, Endpoint], Dict[str, List[str]]]]:
-        """The functions, endpoints and whitelists a submit needs, in one transaction."""
+    ) -> Deferred[SubmitContext]:
+        """The functions, endpoints, whitelists and the functions' containers a submit
+        needs, in one transaction."""
 
-        def context(tx: Tx) -> Any:
+        def context(tx: Tx) -> SubmitContext:
+            functions = visible_functions(tx, function_ids, identity)
             return (
-                visible_functions(tx, function_ids, identity),
+                functions,
                 get_endpoints(tx, endpoint_ids),
                 whitelists(tx, endpoint_ids),
+                get_containers(
+                    tx, [f.container_uuid for f in functions.values() if f.container_uuid]
+                ),
             )
 
         return self.run(context)
@@ -287,15 +315,18 @@ def open_sync(database_url: str) -> Tuple[Any, Callable[[Callable[..., _T]], Cal
 # The records of the storage interface, for its users (the service's API and dispatch).
 __all__ = [
     "Client",
+    "ContainerInfo",
     "Endpoint",
     "FunctionInfo",
     "Identity",
+    "ImageInfo",
     "IncomingResult",
     "NewTask",
     "Report",
     "ResultCopy",
     "Storage",
     "StoredOutcome",
+    "SubmitContext",
     "TokenInfo",
     "UnsentTask",
     "count_online_candidates",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from funcx_endpoint.webservice.containers import get_containers
 from funcx_endpoint.webservice.db import Tx
 from funcx_endpoint.webservice.records import (
     DONE_SQL,
@@ -96,16 +97,25 @@ def send_unfinished_again(tx: Tx, endpoint_id: str) -> int:
 
 
 def unsent_tasks(tx: Tx, limit: int, created_before: float) -> List[UnsentTask]:
-    """Tasks not yet confirmed by the broker, oldest first, with their task buffers."""
+    """Tasks not yet confirmed by the broker, oldest first, with their task buffers
+    and their functions' containers."""
     rows = tx.execute(
         "SELECT t.task_id, t.endpoint_id, t.function_id, t.payload, f.function_code, "
         "f.container_uuid FROM tasks t JOIN functions f ON f.function_id = t.function_id "
         "WHERE t.sent = 0 AND t.created < ? ORDER BY t.created LIMIT ?",
         (created_before, limit),
     ).fetchall()
+    containers = get_containers(tx, [row[5] for row in rows if row[5] is not None])
     return [
-        UnsentTask(task_id, endpoint_id, function_id, code + (payload or ""), container)
-        for task_id, endpoint_id, function_id, payload, code, container in rows
+        UnsentTask(
+            task_id,
+            endpoint_id,
+            function_id,
+            code + (payload or ""),
+            container_id,
+            container=None if container_id is None else containers.get(container_id),
+        )
+        for task_id, endpoint_id, function_id, payload, code, container_id in rows
     ]
 
 

@@ -17,6 +17,9 @@ command             direction              what
 ``Shutdown``        interchange → manager  stop workers, disconnect, exit
 ``Quitting``        manager → interchange  why it is about to exit (e.g. workers
                                            cannot start), sent before it disconnects
+``WarmContainers``  manager → interchange  its warm workers per container type and
+                                           its cold starts so far (soft routing),
+                                           sent when they change
 ==================  =====================  ==========================================
 
 Only ``Register`` and ``CancelTask`` are answered: the others flow one way,
@@ -71,6 +74,8 @@ __all__ = [
     "SubmitTasks",
     "TaskBatch",
     "TaskContainers",
+    "WarmContainers",
+    "WarmCounts",
     "read_unanswered",
     "read_unanswered_arguments",
     "send_unanswered",
@@ -333,6 +338,38 @@ class Quitting(amp.Command):
     goes into the ``ManagerLost`` errors of the tasks lost with it."""
 
     arguments = [(b"reason", amp.Unicode())]
+    requiresAnswer = False
+
+
+class WarmCounts(amp.Argument):
+    """A ``{container type: count}`` dict of non-negative integers, as JSON."""
+
+    def toString(self, inObject: Any) -> bytes:
+        return json.dumps(dict(inObject), separators=(",", ":"), sort_keys=True).encode()
+
+    def fromString(self, inString: bytes) -> Any:
+        counts = json.loads(inString)
+        if not isinstance(counts, dict) or not all(
+            isinstance(key, str) and type(value) is int and value >= 0
+            for key, value in counts.items()
+        ):
+            raise ValueError("warm counts must map container types to counts")
+        return counts
+
+
+class WarmContainers(amp.Command):
+    """Manager → interchange: which container types it has warm workers of.
+
+    ``warm`` maps each container type (the dispatcher's queue key: a
+    container id, or ``RAW``) to the manager's workers running that type now,
+    busy or idle; ``cold_starts`` counts the workers it has started for a
+    type that was not warm, since it started.  Sent (unanswered) after
+    registration by managers that run containers, and again whenever either
+    changes; soft routing prefers managers with a warm worker of a task's
+    type.
+    """
+
+    arguments = [(b"warm", WarmCounts()), (b"cold_starts", amp.Integer())]
     requiresAnswer = False
 
 

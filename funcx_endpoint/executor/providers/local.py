@@ -40,7 +40,6 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from funcx_endpoint.config import kubernetes as config_kubernetes
 from funcx_endpoint.config import model as config_model
 from funcx_endpoint.executor.providers.base import (
     INonBlockingProvider,
@@ -49,6 +48,7 @@ from funcx_endpoint.executor.providers.base import (
     ProviderAdapter,
     SubmitError,
 )
+from funcx_endpoint.executor.providers.kubernetes import kubernetes_provider
 from funcx_endpoint.executor.providers.ranks import (
     IProcessGroups,
     ProcessGroups,
@@ -56,7 +56,6 @@ from funcx_endpoint.executor.providers.ranks import (
     RankReaper,
     describe_exit,
 )
-from funcx_endpoint.executor.providers.unavailable import UnavailableProvider
 
 # Run by the spawned interpreter: become a session (and process group)
 # leader, then become the shell.  The pid, hence the group id, stays the same.
@@ -423,14 +422,14 @@ def provider_from_config(
     our :class:`LocalProvider` (output in ``<working_dir>/blocks``), called
     on the reactor thread; any other object (a Parsl provider) is called in a
     thread, with its submit scripts in ``<working_dir>/submit_scripts``; funcX
-    1.0's ``KubernetesProvider`` becomes an :class:`UnavailableProvider`.
+    1.0's ``KubernetesProvider`` and Parsl's become Kubernetes providers
+    (:func:`~funcx_endpoint.executor.providers.kubernetes.kubernetes_provider`).
     ``reactor`` must spawn processes, keep time and run threads;
     ``local_options`` are more keyword arguments for our :class:`LocalProvider`.
     """
-    if isinstance(config_provider, config_kubernetes.KubernetesProvider):
-        return ProviderAdapter(
-            UnavailableProvider(config_provider.label, config_kubernetes.NOT_YET), reactor
-        )
+    kube = kubernetes_provider(config_provider, reactor, working_dir, stop_grace_period)
+    if kube is not None:
+        return kube
     if isinstance(config_provider, config_model.LocalProvider):
         # Every field of the config's provider is an argument of ours, of the same name.
         settings = {name: getattr(config_provider, name) for name in config_provider.fields}

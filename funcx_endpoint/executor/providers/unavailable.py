@@ -1,7 +1,7 @@
 """A provider this version accepts in ``config.py`` but cannot run: it refuses to start.
 
 An endpoint whose executor names such a provider (funcX 1.0's
-``KubernetesProvider``, until the Kubernetes provider exists) loads its
+``KubernetesProvider`` without the ``kubernetes`` client installed) loads its
 configuration and builds its service as usual, then fails to start with
 :class:`~funcx_endpoint.lifecycle.StartupError` and the given message (exit
 code ``EX_CONFIG``), before any block is submitted.
