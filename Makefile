@@ -16,9 +16,10 @@ all: test
 system:
 	@scripts/bootstrap-system.sh
 
-# The tests also run a private PostgreSQL server (the service's second backend).
+# The tests also run a private PostgreSQL server (the service's second backend)
+# and their own Podman and Docker daemon (workers in containers).
 system-test:
-	@scripts/bootstrap-system.sh postgresql
+	@scripts/bootstrap-system.sh postgresql containers
 
 $(STAMP): setup.py
 	@echo ">>> Creating the virtualenv $(VENV) and installing the package"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the OS packages the endpoint's demo and tests need, when missing:
-# RabbitMQ (the embedded broker), and python3-venv where Python lacks venv.
+# RabbitMQ (the embedded broker), and python3-venv where Python lacks venv;
+# with arguments, more: postgresql, containers (podman, docker.io, runc).
 # Debian/Ubuntu; runs apt-get as root or through sudo.  Idempotent.
 set -euo pipefail
 
@@ -12,6 +13,13 @@ fi
 for extra in "$@"; do
   case "$extra" in
     postgresql) command -v pg_ctlcluster >/dev/null 2>&1 && [ -n "$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null)" ] || want+=(postgresql) ;;
+    # The container tests' engines (funcx_endpoint/testing/engines.py): Podman and
+    # a private Docker daemon, both on runc.
+    containers)
+      command -v podman >/dev/null 2>&1 || want+=(podman)
+      command -v dockerd >/dev/null 2>&1 || want+=(docker.io)
+      command -v runc >/dev/null 2>&1 || want+=(runc)
+      ;;
     *) want+=("$extra") ;;
   esac
 done

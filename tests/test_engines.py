@@ -1,0 +1,164 @@
+"""Workers in real containers: the test run's own Podman and Docker
+(:mod:`funcx_endpoint.testing.engines`), the worker image built here from this
+machine's Python, a manager's worker pool on the real reactor.
+
+Each engine runs functions (one cold start, then warm tasks; a function that
+prints), and the failure cases: an image that is not there (ContainerError with
+the image and the engine's own message) and a container killed mid-task
+(WorkerLost with its exit status).  Skipped, with the reason, without root or
+the engines' packages.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Dict, List
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from funcx_endpoint.manager.containers import WorkerImage
+from funcx_endpoint.manager.images import OneImagePlacement
+from funcx_endpoint.manager.launcher import WorkerLauncher
+from funcx_endpoint.manager.pool import WorkerPool
+from funcx_endpoint.testing.engines import WORKER_IMAGE, shared_docker, shared_podman
+from funcx_endpoint.wire import ErrorCode, Result, deserialize, pack_function, pack_payload
+from funcx_endpoint.wire.info import ManagerSettings
+from funcx_endpoint.wire.results import read_result
+
+
+def double(value: int) -> Dict[str, Any]:
+    import os
+    import sys
+
+    print("printed by the user's function")
+    return {"value": value * 2, "pid": os.getpid(), "python": sys.version.split()[0]}
+
+
+def nap(seconds: float) -> float:
+    import time
+
+    time.sleep(seconds)
+    return seconds
+
+
+def buffer_of(function: Any, *args: Any) -> bytes:
+    return (pack_function(function) + pack_payload(args)).encode()
+
+
+class _EngineTests:
+    """The same tests for each engine (mixed into a TestCase per engine)."""
+
+    shared: Any
+    engine: Any
+    timeout = 120
+
+    def setUp(self) -> None:
+        self.engine = self.shared.get()
+        self.engine.import_worker_image()
+        self.results: Dict[str, Result] = {}
+        self.waiting: Dict[str, Deferred[Result]] = {}
+
+    def pool(self, count: int = 1, **settings: Any) -> WorkerPool:
+        settings.setdefault("stop_grace_period", 10.0)
+        manager_settings = ManagerSettings(worker_mode=self.engine.name, **settings)
+        launcher = WorkerLauncher(reactor, manager_settings, None, self.engine.env())
+        pool = WorkerPool(
+            reactor,
+            count,
+            manager_settings,
+            self.mktemp(),  # type: ignore[attr-defined]
+            on_result=self._result,
+            hostname="testhost",
+            launcher=launcher,
+            placement=OneImagePlacement(None),
+        )
+        pool.start()
+        self.addCleanup(pool.stop)  # type: ignore[attr-defined]
+        return pool
+
+    def _result(self, packed: bytes) -> None:
+        result = read_result(packed)
+        self.results[result.task_id] = result
+        waiter = self.waiting.pop(result.task_id, None)
+        if waiter is not None:
+            waiter.callback(result)
+
+    def submit(self, pool: WorkerPool, image: WorkerImage, buffer: bytes) -> Deferred[Result]:
+        task_id = str(uuid.uuid4())
+        waiter: Deferred[Result] = Deferred()
+        self.waiting[task_id] = waiter
+        pool.submit([(task_id, buffer)], image)  # an answer at once fires the waiter now
+        return waiter
+
+    @inlineCallbacks
+    def test_functions_run_in_the_container(self) -> Any:
+        pool = self.pool(count=1)
+        image = WorkerImage(self.engine.name, WORKER_IMAGE)
+        started = time.monotonic()
+        first = yield self.submit(pool, image, buffer_of(double, 21))
+        cold = time.monotonic() - started
+        self.assertIsNone(first.error_details, first.data)
+        answer = deserialize(first.data)
+        self.assertEqual(answer["value"], 42)
+        self.assertEqual(answer["pid"], 1)  # the first process of its own container
+        warm: List[float] = []
+        for value in range(5):
+            started = time.monotonic()
+            result = yield self.submit(pool, image, buffer_of(double, value))
+            warm.append(time.monotonic() - started)
+            self.assertEqual(deserialize(result.data)["value"], value * 2)
+        print(
+            f"\n{self.engine.name}: cold start + first task {cold:.2f} s; warm tasks "
+            f"{min(warm) * 1000:.1f}-{max(warm) * 1000:.1f} ms"
+        )
+        self.assertEqual(pool.images(), {image: 1})
+
+    @inlineCallbacks
+    def test_missing_image_is_a_container_error(self) -> Any:
+        pool = self.pool(count=1)
+        image = WorkerImage(self.engine.name, "localhost/not-here:1")
+        result = yield self.submit(pool, image, buffer_of(double, 1))
+        details = result.error_details
+        self.assertIsNotNone(details)
+        self.assertEqual(details.code, ErrorCode.CONTAINER_ERROR)
+        message = details.user_message
+        self.assertIn(f"image 'localhost/not-here:1' ({self.engine.name})", message)
+        self.assertIn("exit status 125", message)
+        self.assertIn(self.missing_image_says, message)
+        # Failing fast meanwhile, without another container.
+        again = yield self.submit(pool, image, buffer_of(double, 1))
+        self.assertEqual(again.error_details.code, ErrorCode.CONTAINER_ERROR)
+
+    @inlineCallbacks
+    def test_container_killed_mid_task_is_worker_lost(self) -> Any:
+        pool = self.pool(count=1)
+        image = WorkerImage(self.engine.name, WORKER_IMAGE)
+        yield self.submit(pool, image, buffer_of(nap, 0))  # warm
+        running = self.submit(pool, image, buffer_of(nap, 60))
+        yield deferLater(reactor, 0.5, lambda: None)
+        [slot] = pool._workers
+        assert slot.launch is not None and slot.launch.name is not None
+        yield deferLater(reactor, 0, self.engine.kill_container, slot.launch.name)
+        result = yield running
+        details = result.error_details
+        self.assertEqual(details.code, ErrorCode.WORKER_LOST)
+        self.assertIn("status 137", details.user_message)
+        self.assertIn("SIGKILL", details.user_message)
+        self.assertIn(WORKER_IMAGE, details.user_message)
+        # The slot gets a new container, which runs the next task.
+        result = yield self.submit(pool, image, buffer_of(nap, 0))
+        self.assertIsNone(result.error_details)
+
+
+class PodmanTests(_EngineTests, TestCase):
+    shared = shared_podman
+    missing_image_says = "image not known"
+
+
+class DockerTests(_EngineTests, TestCase):
+    shared = shared_docker
+    missing_image_says = "No such image: localhost/not-here:1"
