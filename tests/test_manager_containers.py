@@ -13,6 +13,7 @@ import stat
 import uuid
 from typing import Any, Dict, List, Optional
 
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -43,6 +44,7 @@ from funcx_endpoint.manager.images import (
 )
 from funcx_endpoint.manager.launcher import WorkerLauncher
 from funcx_endpoint.manager.pool import WorkerPool
+from funcx_endpoint.manager.warm import WarmPlacement, WarmReport
 from funcx_endpoint.testing.procreactor import FakeProcess, MemoryProcessReactor
 from funcx_endpoint.wire import Container, ContainerImage, ErrorCode, Result, frames
 from funcx_endpoint.wire.info import ManagerSettings
@@ -214,20 +216,35 @@ class TaskQueuesTests(SynchronousTestCase):
 
 class ImageHealthTests(SynchronousTestCase):
     def test_backoff_doubles_up_to_the_most(self) -> None:
-        health = ImageHealth(first=1.0, most=8.0)
-        self.assertIsNone(health.failing(PYTHON_IMAGE, 0))
-        self.assertEqual(health.failed(PYTHON_IMAGE, "gone", 0), 1.0)
-        self.assertEqual(health.failing(PYTHON_IMAGE, 0.5), "gone")
+        clock = Clock()
+        retried: List[WorkerImage] = []
+        health = ImageHealth(clock, retried.append, first=1.0, most=8.0)
+        self.assertIsNone(health.failing(PYTHON_IMAGE))
+        self.assertEqual(health.failed(PYTHON_IMAGE, "gone"), 1.0)
+        clock.advance(0.5)
+        self.assertEqual(health.failing(PYTHON_IMAGE), "gone")
         # Workers of the same attempt failing together count once.
-        self.assertIsNone(health.failed(PYTHON_IMAGE, "gone again", 0.6))
-        self.assertEqual(health.failing(PYTHON_IMAGE, 0.7), "gone again")
-        self.assertIsNone(health.failing(PYTHON_IMAGE, 1.0))
-        delays = [health.failed(PYTHON_IMAGE, "x", t) for t in (1.0, 3.0, 7.0, 15.0, 23.0)]
+        clock.advance(0.1)
+        self.assertIsNone(health.failed(PYTHON_IMAGE, "gone again"))
+        self.assertEqual(health.failing(PYTHON_IMAGE), "gone again")
+        self.assertEqual(retried, [])
+        clock.advance(0.4)
+        self.assertEqual(retried, [PYTHON_IMAGE])  # its retry time came
+        self.assertIsNone(health.failing(PYTHON_IMAGE))
+        delays = []
+        for _ in range(5):
+            delays.append(health.failed(PYTHON_IMAGE, "x"))
+            clock.advance(delays[-1])
         self.assertEqual(delays, [2.0, 4.0, 8.0, 8.0, 8.0])
-        self.assertIsNone(health.failing(OTHER_IMAGE, 23.5))
-        health.succeeded(PYTHON_IMAGE)
-        self.assertIsNone(health.failing(PYTHON_IMAGE, 23.5))
-        self.assertEqual(health.failed(PYTHON_IMAGE, "x", 24), 1.0)
+        self.assertEqual(len(retried), 6)
+        self.assertIsNone(health.failing(OTHER_IMAGE))
+        health.failed(PYTHON_IMAGE, "x")
+        health.succeeded(PYTHON_IMAGE)  # cleared, its call cancelled
+        self.assertIsNone(health.failing(PYTHON_IMAGE))
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertEqual(health.failed(PYTHON_IMAGE, "x"), 1.0)
+        health.stop()
+        self.assertEqual(clock.getDelayedCalls(), [])
         self.assertEqual(BACKOFF_MAX, 60.0)
 
 
@@ -332,6 +349,7 @@ class ContainerPool:
         count: int = 1,
         default: Optional[WorkerImage] = None,
         mode: str = "podman",
+        placement: Any = None,
         **settings: Any,
     ) -> None:
         self.reactor = MemoryProcessReactor()
@@ -354,7 +372,7 @@ class ContainerPool:
             on_result=lambda packed: self.results.append(read_result(packed)),
             hostname="node1",
             launcher=launcher,
-            placement=OneImagePlacement(default),
+            placement=placement or OneImagePlacement(default),
         )
         self.pool.start()
         testcase.addCleanup(self.cleanup, testcase)
@@ -486,6 +504,124 @@ class ContainerPoolTests(SynchronousTestCase):
         self.assertEqual(len(harness.workers()), 2)
 
 
+class WarmPlacementTests(SynchronousTestCase):
+    A = WorkerImage("podman", "a")
+    B = WorkerImage("podman", "b")
+    C = WorkerImage("podman", "c")
+    D = WorkerImage("podman", "d")
+
+    def test_interface(self) -> None:
+        verifyObject(IWorkerPlacement, WarmPlacement())
+
+    def test_empty_slots_start_what_waits_within_the_limits(self) -> None:
+        slots = [SlotState(i, None, EMPTY) for i in range(4)]
+        pool = FakeImagePool(slots, {self.A: 5, self.B: 1})
+        WarmPlacement(per_type=2).rebalance(pool)
+        self.assertEqual(pool.runs, [(0, self.A), (1, self.A), (2, self.B)])
+        pool = FakeImagePool(slots, {self.A: 5, self.B: 1})
+        WarmPlacement(total=2).rebalance(pool)
+        self.assertEqual(pool.runs, [(0, self.A), (1, self.A)])
+        pool = FakeImagePool(slots, {})
+        WarmPlacement().rebalance(pool)
+        self.assertEqual(pool.runs, [])  # nothing waits: nothing starts
+
+    def test_least_recently_used_idle_worker_is_retired(self) -> None:
+        slots = [
+            SlotState(0, self.A, IDLE, since=5.0),
+            SlotState(1, self.B, IDLE, since=1.0),
+            SlotState(2, self.C, BUSY),
+            SlotState(3, self.A, IDLE, since=3.0),
+        ]
+        pool = FakeImagePool(slots, {self.D: 1})
+        WarmPlacement().rebalance(pool)
+        self.assertEqual(pool.runs, [(1, self.D)])
+        pool = FakeImagePool(slots, {self.D: 3})
+        WarmPlacement().rebalance(pool)
+        self.assertEqual(pool.runs, [(1, self.D)])  # only for a type with no worker
+
+    def test_no_retirement_for_a_type_that_has_workers(self) -> None:
+        slots = [SlotState(0, self.A, BUSY), SlotState(1, self.B, IDLE, since=0.0)]
+        pool = FakeImagePool(slots, {self.A: 3})
+        WarmPlacement().rebalance(pool)
+        self.assertEqual(pool.runs, [])
+
+    def test_idle_workers_wanted_and_failing_images_stay(self) -> None:
+        slots = [SlotState(0, self.A, IDLE), SlotState(1, self.B, IDLE, since=9.0)]
+        pool = FakeImagePool(slots, {self.A: 1, self.C: 1})
+        pool.oldest = self.C
+        WarmPlacement().rebalance(pool)
+        self.assertEqual(pool.runs, [(1, self.C)])  # A's idle worker is wanted
+        pool = FakeImagePool(slots, {self.C: 1})
+        pool.failing_images.add(self.C)
+        WarmPlacement().rebalance(pool)
+        self.assertEqual(pool.runs, [])
+
+
+class WarmReportTests(SynchronousTestCase):
+    def test_types_per_image_and_changes(self) -> None:
+        report = WarmReport()
+        image = WorkerImage("docker", "sci")
+        report.served(image, "c1")
+        report.served(image, "c2")
+        report.served(RAW, None)
+        self.assertEqual(report.warm({image: 2, RAW: 1}), {"c1": 2, "c2": 2, "RAW": 1})
+        self.assertEqual(report.update({}, 0), ({}, 0))
+        self.assertIsNone(report.update({}, 0))
+        self.assertEqual(report.update({image: 1}, 1), ({"c1": 1, "c2": 1}, 1))
+        self.assertIsNone(report.update({image: 1}, 1))
+        self.assertEqual(report.update({image: 1}, 2), ({"c1": 1, "c2": 1}, 2))
+
+
+class SoftPoolTests(SynchronousTestCase):
+    A = WorkerImage("podman", "a")
+    B = WorkerImage("podman", "b")
+    C = WorkerImage("podman", "c")
+
+    def test_warm_workers_of_several_images_and_cold_starts(self) -> None:
+        harness = ContainerPool(self, count=2, placement=WarmPlacement(per_type=1))
+        pool = harness.pool
+        self.assertEqual(harness.workers(), [])
+        first, second = harness.submit(self.A, 2)
+        [a] = harness.workers()  # one per type
+        [b_task] = harness.submit(self.B)
+        [_, b] = harness.workers()
+        self.assertIn("b", b.args)
+        self.assertEqual(pool.cold_starts, 2)
+        self.assertEqual(pool.images(), {self.A: 1, self.B: 1})
+        hello(a)
+        hello(b)
+        self.assertEqual([t[0] for t in sent_tasks(a)], [first])
+        answer(a, first)
+        self.assertEqual([t[0] for t in sent_tasks(a)], [first, second])  # warm: no start
+        answer(a, second)
+        self.assertEqual(pool.cold_starts, 2)
+        # C waits; B is busy, A idle: A's worker (least recently used idle) makes room.
+        harness.reactor.advance(1)
+        [c_task] = harness.submit(self.C)
+        self.assertIn(frames.TASK_FD, a.closed_by_parent)
+        a.simulate_exit(0)
+        c = harness.workers()[-1]
+        self.assertIn("c", c.args)
+        self.assertEqual(pool.cold_starts, 3)
+        self.assertEqual(pool.images(), {self.B: 1, self.C: 1})
+        hello(c)
+        self.assertEqual([t[0] for t in sent_tasks(c)], [c_task])
+        answer(b, b_task)
+        answer(c, c_task)
+        self.assertEqual(len(harness.results), 4)
+        self.assertTrue(all(r.error_details is None for r in harness.results))
+
+    def test_restarted_worker_of_a_warm_image_is_not_cold(self) -> None:
+        harness = ContainerPool(self, count=2, placement=WarmPlacement())
+        harness.submit(self.A, 2)
+        first, second = harness.workers()
+        self.assertEqual(harness.pool.cold_starts, 1)  # the second started beside the first
+        hello(first)
+        hello(second)
+        first.simulate_killed(signal.SIGKILL)
+        self.assertEqual(harness.pool.cold_starts, 1)
+
+
 # ---------------------------------------------------------------------------
 # The manager service with containers
 
@@ -541,7 +677,23 @@ class ContainerServiceTests(SynchronousTestCase):
         answer(child, task_id, 7)
         link.flush()
         self.assertEqual([r.task_id for r in link.results], [task.task_id])
+        # WarmContainers: nothing warm after registration, then its type warm, 1 cold start.
+        self.assertEqual(self.warm_sent, [({}, 0), ({box.container_id: 1}, 1)])
         link.finish()
+
+    def setUp(self) -> None:
+        from funcx_endpoint.manager.service import ManagerService
+
+        self.warm_sent: List[tuple] = []
+        original = ManagerService._report_warm
+
+        def recording(service: Any) -> None:
+            before = service.warm_report._sent
+            original(service)
+            if service.warm_report._sent is not before:
+                self.warm_sent.append(service.warm_report._sent)
+
+        self.patch(ManagerService, "_report_warm", recording)
 
     def test_container_without_an_image_of_the_engine(self) -> None:
         from funcx_endpoint.manager.service import ManagerIdentity
@@ -589,3 +741,18 @@ class ContainerServiceTests(SynchronousTestCase):
         self.assertEqual(link.service.pool.counts()["running"], 1)
         self.assertEqual(link.service.pool.images(), {WorkerImage("docker", "mine:2"): 2})
         link.finish()
+
+
+class ManagerCommandTests(SynchronousTestCase):
+    def test_soft_routing_without_a_container_type(self) -> None:
+        from funcx_endpoint.manager.main import parse_args, placement_for
+
+        base = ["--info-file", "x", "--block-id", "1"]
+        podman = ManagerSettings(worker_mode="podman")
+        placement = placement_for(podman, parse_args(base + ["--warm-per-type", "2"]))
+        self.assertEqual(placement, WarmPlacement(per_type=2, total=None))
+        hard = parse_args(base + ["--container-type", str(uuid.uuid4())])
+        self.assertIsNone(placement_for(podman, hard))
+        self.assertIsNone(placement_for(ManagerSettings(), parse_args(base)))
+        wide = ManagerSettings(worker_mode="docker", container_uri="img")
+        self.assertIsNone(placement_for(wide, parse_args(base)))

@@ -31,6 +31,7 @@ from funcx_endpoint.wire.amp import (
     Quitting,
     Register,
     SendResults,
+    WarmContainers,
     read_unanswered,
     set_no_delay,
 )
@@ -227,6 +228,11 @@ class ManagerConnection(amp.AMP):
     @Heartbeat.responder
     def heartbeat(self) -> Dict[str, Any]:
         """Nothing to do: receiving any box counts as a sign of life."""
+        return {}
+
+    @WarmContainers.responder
+    def warm_containers(self, warm: Dict[str, int], cold_starts: int) -> Dict[str, Any]:
+        """Taken (soft routing uses it: the routing work, issue 11)."""
         return {}
 
     @Quitting.responder

@@ -32,9 +32,10 @@ used image's idle workers replaced for an image that waits
 from __future__ import annotations
 
 from collections import deque
-from typing import Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import attr
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from zope.interface import Attribute, Interface, implementer
 
 from funcx_endpoint.manager.containers import WorkerImage
@@ -137,27 +138,41 @@ class _Failure:
     message: str
     failures: int
     retry_at: float
+    call: Optional[IDelayedCall] = None
 
 
 class ImageHealth:
-    """Images that could not start a worker: why, and when to try again."""
+    """Images that could not start a worker: why, and when to try again.
 
-    def __init__(self, first: float = BACKOFF_FIRST, most: float = BACKOFF_MAX) -> None:
+    ``on_retry(image)`` is called (on ``clock``) when a failing image's retry
+    time comes; :meth:`stop` cancels the pending calls.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        on_retry: Callable[[WorkerImage], None],
+        first: float = BACKOFF_FIRST,
+        most: float = BACKOFF_MAX,
+    ) -> None:
+        self._clock = clock
+        self._on_retry = on_retry
         self._first = first
         self._most = most
         self._failed: Dict[WorkerImage, _Failure] = {}
 
-    def failing(self, image: WorkerImage, now: float) -> Optional[str]:
+    def failing(self, image: WorkerImage) -> Optional[str]:
         """Why ``image`` cannot start a worker, while it waits for its retry; else None."""
         failure = self._failed.get(image)
-        if failure is None or now >= failure.retry_at:
+        if failure is None or self._clock.seconds() >= failure.retry_at:
             return None
         return failure.message
 
-    def failed(self, image: WorkerImage, message: str, now: float) -> Optional[float]:
+    def failed(self, image: WorkerImage, message: str) -> Optional[float]:
         """``image`` could not start a worker: the seconds until it may be tried again,
         or None when it was failing already (workers of one attempt failing
         together count once; the message is the newest)."""
+        now = self._clock.seconds()
         failure = self._failed.get(image)
         if failure is not None and now < failure.retry_at:
             failure.message = message
@@ -165,11 +180,27 @@ class ImageHealth:
         failures = 1 if failure is None else failure.failures + 1
         delay = min(self._first * 2 ** (failures - 1), self._most)
         self._failed[image] = _Failure(message, failures, now + delay)
+        self._failed[image].call = self._clock.callLater(delay, self._retry, image)
         return delay
+
+    def _retry(self, image: WorkerImage) -> None:
+        failure = self._failed.get(image)
+        if failure is not None:
+            failure.call = None
+        self._on_retry(image)
 
     def succeeded(self, image: WorkerImage) -> None:
         """A worker of ``image`` started: its record is cleared."""
-        self._failed.pop(image, None)
+        failure = self._failed.pop(image, None)
+        if failure is not None and failure.call is not None and failure.call.active():
+            failure.call.cancel()
+
+    def stop(self) -> None:
+        """Cancel the pending retry calls."""
+        for failure in self._failed.values():
+            if failure.call is not None and failure.call.active():
+                failure.call.cancel()
+            failure.call = None
 
 
 @attr.s(auto_attribs=True, frozen=True)
@@ -179,12 +210,14 @@ class SlotState:
     ``image``: what it runs, or will run once it has switched (None: empty);
     ``state``: ``starting``, ``idle``, ``busy`` (running a task), ``switching``
     (its worker is ending, to be replaced by one of ``image``) or ``empty``
-    (no worker, none coming).
+    (no worker, none coming); ``since``: when its worker last became idle
+    (for least recently used choices).
     """
 
     index: int
     image: Optional[WorkerImage]
     state: str
+    since: float = 0.0
 
 
 def count_images(slots: Sequence[SlotState]) -> Dict[WorkerImage, int]:

@@ -1,23 +1,16 @@
 """The manager's workers: spawn, feed one task at a time, supervise, respawn.
 
-:class:`WorkerPool` owns a fixed number of worker slots
-(:mod:`funcx_endpoint.manager.slots`).  Each runs one worker process
-(``python -m funcx_endpoint.worker``), directly or in a container
-(:mod:`funcx_endpoint.manager.containers`), started with
-``reactor.spawnProcess`` by a :class:`~funcx_endpoint.manager.launcher.WorkerLauncher`.
-
-Tasks wait in one queue per image and go to an idle worker of their image as
-soon as there is one (a worker that answers gets its next task at once, so
-the queue is the prefetch that keeps workers busy); which image each slot
-runs is the placement policy's choice (:mod:`funcx_endpoint.manager.images`).
-Results (encoded packed results, made by the worker) go to ``on_result``
-untouched.  The pool answers for the worker when the worker cannot:
-``WorkerLost`` when it dies (how it died, what it was doing, the end of its
-stderr; for a container, its exit status), ``TaskTimeout`` when it runs past
-the task timeout (it is killed), ``ContainerError`` for the tasks of an image
-that cannot start a worker (which is then not tried again for a growing
-while, its tasks failing at once meanwhile).  A dead worker is replaced,
-after a growing delay when it keeps dying at start.
+:class:`WorkerPool` owns a fixed number of worker slots (:mod:`.slots`), each
+running one ``funcx_endpoint.worker`` process, directly or in a container
+(:mod:`.containers`, started by a :class:`~.launcher.WorkerLauncher`).  Tasks
+wait in one queue per image for an idle worker of their image (the queue is
+the prefetch that keeps workers busy); which image each slot runs is the
+placement policy's choice (:mod:`.images`, :mod:`.warm`).  Results go to
+``on_result`` untouched.  The pool answers for a worker that cannot:
+``WorkerLost`` when it dies (how, doing what, its stderr's end, a
+container's exit status), ``TaskTimeout`` past the task timeout (killed),
+``ContainerError`` for the tasks of an image that cannot start a worker
+(not tried again for a growing while).  Dead workers are replaced.
 """
 
 from __future__ import annotations
@@ -80,7 +73,9 @@ class WorkerPool:
     """Runs tasks on ``worker_count`` supervised worker processes.
 
     ``on_result`` receives each encoded PackedResult.  ``on_fatal`` is
-    called (once) with a reason if workers cannot be started at all.
+    called (once) with a reason if workers cannot be started at all;
+    ``on_change`` when a slot starts a worker or empties (:meth:`images` and
+    :attr:`cold_starts` may have changed).
     ``launcher`` starts workers (default: directly, with ``worker_command``
     in ``environment``); ``placement`` chooses the image of each slot
     (default: :class:`~funcx_endpoint.manager.images.OneImagePlacement` of
@@ -97,6 +92,7 @@ class WorkerPool:
         log_dir: str,
         on_result: ResultCallback,
         on_fatal: Callable[[str], None] = lambda reason: None,
+        on_change: Callable[[], None] = lambda: None,
         hostname: str = "localhost",
         worker_command: Optional[Sequence[str]] = None,
         environment: Optional[Mapping[str, str]] = None,
@@ -108,6 +104,7 @@ class WorkerPool:
         self.log_dir = log_dir
         self._on_result = on_result
         self._on_fatal = on_fatal
+        self._on_change = on_change
         self.hostname = hostname
         self.launcher = launcher or WorkerLauncher(reactor, settings, worker_command, environment)
         self.worker_command = self.launcher.worker_command
@@ -117,15 +114,16 @@ class WorkerPool:
         self._workers = [WorkerSlot(index) for index in range(worker_count)]
         self._queues = TaskQueues()
         self._idle: Deque[WorkerSlot] = deque()
-        self._health = ImageHealth()
+        self._health = ImageHealth(reactor, lambda image: self._rebalance())
         self._start_failures = 0
         self._respawn_calls: Dict[int, IDelayedCall] = {}
-        self._retry_calls: Dict[WorkerImage, IDelayedCall] = {}
         self._stopping = False
         self._kill_call: Optional[IDelayedCall] = None
         self._stop_waiters: List[Deferred[None]] = []
         self._running: Dict[str, WorkerSlot] = {}
         self.tasks_done = 0
+        #: Workers started for an image no other worker was running.
+        self.cold_starts = 0
 
     # -- public -------------------------------------------------------------
 
@@ -170,7 +168,7 @@ class WorkerPool:
 
     def failing(self, image: WorkerImage) -> bool:
         """Whether ``image`` could not start a worker and waits for its retry time."""
-        return self._health.failing(image, self._reactor.seconds()) is not None
+        return self._health.failing(image) is not None
 
     def run_worker(self, index: int, image: WorkerImage) -> None:
         """Make slot ``index`` run ``image`` (see :class:`IImagePool`)."""
@@ -216,7 +214,7 @@ class WorkerPool:
         if self._stopping:
             return
         if image.contained:
-            why = self._health.failing(image, self._reactor.seconds())
+            why = self._health.failing(image)
             if why is not None:
                 for task_id, _ in tasks:
                     self._answer_unstarted(task_id, ErrorCode.CONTAINER_ERROR, why)
@@ -229,7 +227,7 @@ class WorkerPool:
             if worker is None:
                 break
             self._start_task(worker)
-        if queues.count(image) and not self._has_worker_for(image):
+        if queues.count(image) and not self._has_worker_for(image, empty_too=True):
             self._rebalance()
 
     def _take_idle(self, image: WorkerImage) -> Optional[WorkerSlot]:
@@ -242,11 +240,16 @@ class WorkerPool:
                 return worker
         return None
 
-    def _has_worker_for(self, image: WorkerImage) -> bool:
+    def _has_worker_for(self, image: WorkerImage, empty_too: bool = False) -> bool:
+        """Whether a slot runs ``image`` (with ``empty_too``: and none is empty)."""
+        found = False
         for worker in self._workers:
-            if (worker.wanted or worker.image) == image:
-                return True
-        return False
+            runs = worker.wanted or worker.image
+            if runs == image:
+                found = True
+            elif runs is None and empty_too and worker.index not in self._respawn_calls:
+                return False
+        return found
 
     def cancel(self, task_id: str) -> bool:
         """Forget a queued task, or kill the worker running it; no result is sent."""
@@ -280,10 +283,10 @@ class WorkerPool:
             self._stopping = True
             self._queues.clear()
             self._idle.clear()
-            for call in [*self._respawn_calls.values(), *self._retry_calls.values()]:
+            for call in self._respawn_calls.values():
                 call.cancel()
             self._respawn_calls.clear()
-            self._retry_calls.clear()
+            self._health.stop()
             for worker in self._workers:
                 self._cancel_timeout(worker)
                 worker.signal("TERM")
@@ -303,6 +306,8 @@ class WorkerPool:
         image = worker.image
         if image is None:
             return  # an empty slot
+        if not any(w.image == image and w.transport is not None for w in self._workers):
+            self.cold_starts += 1  # no worker of its image runs: a cold start
         launch = self.launcher.launch(image, worker.index)
         try:
             spawn_worker(self._reactor, worker, launch, self.log_dir, self)
@@ -321,6 +326,7 @@ class WorkerPool:
             pid=worker.pid,
             image=image.describe(),
         )
+        self._on_change()
 
     def frame_received(self, worker: WorkerSlot, kind: bytes, body: bytes) -> None:
         if kind == frames.KIND_RESULT:
@@ -375,6 +381,7 @@ class WorkerPool:
         if self._queues.count(worker.image):
             self._start_task(worker)
         else:
+            worker.idle_since = self._reactor.seconds()
             self._idle.append(worker)
             if len(self._queues):
                 self._rebalance()  # tasks of other images wait
@@ -441,13 +448,9 @@ class WorkerPool:
             pid=worker.pid,
         )
         self._abandon_task(worker, "timeout")
-        self._answer_failure(
-            worker,
-            task_id,
-            ErrorCode.TASK_TIMEOUT,
-            f"Task {task_id} ran longer than the task timeout of {timeout:g} s; "
-            f"its worker (pid {worker.pid} on {self.hostname}) was killed",
-        )
+        message = f"Task {task_id} ran longer than the task timeout of {timeout:g} s; "
+        message += f"its worker (pid {worker.pid} on {self.hostname}) was killed"
+        self._answer_failure(worker, task_id, ErrorCode.TASK_TIMEOUT, message)
         self._kill(worker)
 
     def garbled(self, worker: WorkerSlot, problem: str) -> None:
@@ -472,18 +475,13 @@ class WorkerPool:
 
     def _close_pipes(self, worker: WorkerSlot) -> None:
         worker.pipe_timer = None
-        transport = worker.transport
-        if transport is not None:
+        if worker.close_pipes():
             self.log.warn(
                 "Worker {index} (pid {pid}) exited but its pipes stayed open (a process it "
-                "started holds them?); closing them",
+                "started holds them?); closed them",
                 index=worker.index,
                 pid=worker.pid,
             )
-            if worker.protocol is not None:
-                worker.protocol.pipe.close()
-            launch = worker.launch
-            transport.closeChildFD(frames.RESULT_FD if launch is None else launch.result_fd)
 
     def ended(self, worker: WorkerSlot, reason: Failure) -> None:
         if worker.pipe_timer is not None:
@@ -544,25 +542,17 @@ class WorkerPool:
         message = start_failure_message(worker, reason, self.hostname)
         worker.image = None
         worker.wanted = None
-        now = self._reactor.seconds()
-        delay = self._health.failed(image, message, now)
+        self._on_change()
+        delay = self._health.failed(image, message)
         if delay is not None:
             self.log.warn(
                 "{message}\n(tried again in {delay:g} s, or when a task needs it after that)",
                 message=message,
                 delay=delay,
             )
-            old = self._retry_calls.pop(image, None)
-            if old is not None and old.active():
-                old.cancel()
-            self._retry_calls[image] = self._reactor.callLater(delay, self._retry, image)
         if not any(w.ready and w.image == image and w.exit_reason is None for w in self._workers):
             for task_id, _ in self._queues.take_all(image):
                 self._answer_unstarted(task_id, ErrorCode.CONTAINER_ERROR, message)
-        self._rebalance()
-
-    def _retry(self, image: WorkerImage) -> None:
-        self._retry_calls.pop(image, None)
         self._rebalance()
 
     def _start_failed(self, worker: WorkerSlot, how: str) -> None:

@@ -42,9 +42,10 @@ from funcx_endpoint.manager.containers import (
     WorkerImage,
     image_for_task,
 )
-from funcx_endpoint.manager.images import OneImagePlacement
+from funcx_endpoint.manager.images import IWorkerPlacement, OneImagePlacement
 from funcx_endpoint.manager.launcher import WorkerLauncher
 from funcx_endpoint.manager.pool import WorkerPool
+from funcx_endpoint.manager.warm import WarmReport
 from funcx_endpoint.wire import Container, ErrorCode, PackedResult
 from funcx_endpoint.wire.amp import (
     MAX_QUIT_REASON,
@@ -56,6 +57,7 @@ from funcx_endpoint.wire.amp import (
     SendResults,
     Shutdown,
     SubmitTasks,
+    WarmContainers,
     read_unanswered_arguments,
     send_unanswered,
     set_no_delay,
@@ -171,6 +173,9 @@ class ManagerService(Service):
     #: The workers' base environment, where the container engine is looked up
     #: (None: this process's).
     environment: Optional[Mapping[str, str]] = attr.ib(default=None, kw_only=True)
+    #: Which image each worker slot runs (None: one image at a time,
+    #: :meth:`first_image` first; soft routing gives a WarmPlacement).
+    placement: Optional[IWorkerPlacement] = attr.ib(default=None, kw_only=True)
     connect_attempts: int = attr.ib(default=10, kw_only=True)
     connect_timeout: float = attr.ib(default=10.0, kw_only=True)
     _endpoint: Optional[IStreamClientEndpoint] = attr.ib(default=None, kw_only=True)
@@ -191,6 +196,7 @@ class ManagerService(Service):
     _exit_code: Optional[int] = attr.ib(default=None, init=False)
     _stop_waiters: List[Deferred[int]] = attr.ib(factory=list, init=False)
     results_sent: int = attr.ib(default=0, init=False)
+    warm_report: WarmReport = attr.ib(factory=WarmReport, init=False)
 
     @clock.default
     def _the_reactor(self) -> Any:
@@ -374,13 +380,30 @@ class ManagerService(Service):
             on_fatal=self._workers_failed,
             hostname=self.identity.hostname,
             launcher=launcher,
-            placement=OneImagePlacement(self.first_image()),
+            placement=self.placement or OneImagePlacement(self.first_image()),
+            on_change=self._report_warm,
         )
         self.pool.start()
+        self._report_warm()
         heartbeats = LoopingCall(self._heartbeat)
         heartbeats.clock = self.clock
         heartbeats.start(self.settings.heartbeat_period, now=False)
         self._heartbeats = heartbeats
+
+    def _report_warm(self) -> None:
+        """Tell the interchange its warm workers per container type and its cold
+        starts (``WarmContainers``), when they changed; managers of raw workers
+        say nothing."""
+        pool, connection = self.pool, self.connection
+        if pool is None or connection is None or self.settings.worker_mode == NO_CONTAINER:
+            return
+        report = self.warm_report.update(pool.images(), pool.cold_starts)
+        if report is None:
+            return
+        try:
+            send_unanswered(connection, WarmContainers, warm=report[0], cold_starts=report[1])
+        except Exception as exc:
+            self.log.warn("Could not send the warm containers: {error}", error=exc)
 
     def first_image(self) -> Optional[WorkerImage]:
         """What the workers run before any task asks: the endpoint-wide image; no
@@ -409,13 +432,19 @@ class ManagerService(Service):
             pool.submit(tasks)
             return
         if settings.container_uri:
-            pool.submit(tasks, WorkerImage(settings.worker_mode, settings.container_uri))
+            image = WorkerImage(settings.worker_mode, settings.container_uri)
+            for task_id, _ in tasks:
+                box = containers.get(task_id) if containers else None
+                self.warm_report.served(image, box.container_id if box else None)
+            pool.submit(tasks, image)
+            self._report_warm()
             return
         assert containers is not None
         groups: Dict[WorkerImage, List[Tuple[str, bytes]]] = {}
         for task in tasks:
+            box = containers.get(task[0])
             try:
-                image = image_for_task(settings, containers.get(task[0]))
+                image = image_for_task(settings, box)
             except ImageUnavailable as exc:
                 message = f"Task {task[0]} cannot run on {self.identity.hostname}: {exc}"
                 self.log.warn("{message}", message=message)
@@ -423,8 +452,10 @@ class ManagerService(Service):
                 self._result_ready(failed.encode())
                 continue
             groups.setdefault(image, []).append(task)
+            self.warm_report.served(image, box.container_id if box else None)
         for image, group in groups.items():
             pool.submit(group, image)
+        self._report_warm()
 
     def cancel(self, task_id: str) -> bool:
         """Cancel a task here; whether it was found."""

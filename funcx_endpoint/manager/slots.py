@@ -64,6 +64,7 @@ class WorkerSlot:
         "stderr_offset",
         "exit_reason",
         "pipe_timer",
+        "idle_since",
     )
 
     def __init__(self, index: int) -> None:
@@ -87,6 +88,7 @@ class WorkerSlot:
         self.stderr_offset = 0
         self.exit_reason: Optional[Failure] = None
         self.pipe_timer: Optional[IDelayedCall] = None
+        self.idle_since = 0.0
 
     @property
     def contained(self) -> bool:
@@ -107,7 +109,19 @@ class WorkerSlot:
             state = IDLE
         else:
             state = STARTING
-        return SlotState(self.index, image, state)
+        return SlotState(self.index, image, state, self.idle_since)
+
+    def close_pipes(self) -> bool:
+        """Close both pipes of a process that exited but whose pipes stay open (a
+        process it started holds them); whether it had any."""
+        transport = self.transport
+        if transport is None:
+            return False
+        if self.protocol is not None:
+            self.protocol.pipe.close()
+        launch = self.launch
+        transport.closeChildFD(frames.RESULT_FD if launch is None else launch.result_fd)
+        return True
 
     def signal(self, name: str) -> None:
         """Send signal ``name`` to the process, if it is still there."""
