@@ -16,7 +16,7 @@ import uuid
 from typing import Any, Dict, List
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
@@ -24,6 +24,7 @@ from funcx_endpoint.manager.containers import WorkerImage
 from funcx_endpoint.manager.images import OneImagePlacement
 from funcx_endpoint.manager.launcher import WorkerLauncher
 from funcx_endpoint.manager.pool import WorkerPool
+from funcx_endpoint.manager.warm import WarmPlacement
 from funcx_endpoint.testing.engines import WORKER_IMAGE, shared_docker, shared_podman
 from funcx_endpoint.wire import ErrorCode, Result, deserialize, pack_function, pack_payload
 from funcx_endpoint.wire.info import ManagerSettings
@@ -62,7 +63,7 @@ class _EngineTests:
         self.results: Dict[str, Result] = {}
         self.waiting: Dict[str, Deferred[Result]] = {}
 
-    def pool(self, count: int = 1, **settings: Any) -> WorkerPool:
+    def pool(self, count: int = 1, placement: Any = None, **settings: Any) -> WorkerPool:
         settings.setdefault("stop_grace_period", 10.0)
         manager_settings = ManagerSettings(worker_mode=self.engine.name, **settings)
         launcher = WorkerLauncher(reactor, manager_settings, None, self.engine.env())
@@ -74,7 +75,7 @@ class _EngineTests:
             on_result=self._result,
             hostname="testhost",
             launcher=launcher,
-            placement=OneImagePlacement(None),
+            placement=placement or OneImagePlacement(None),
         )
         pool.start()
         self.addCleanup(pool.stop)  # type: ignore[attr-defined]
@@ -152,6 +153,65 @@ class _EngineTests:
         # The slot gets a new container, which runs the next task.
         result = yield self.submit(pool, image, buffer_of(nap, 0))
         self.assertIsNone(result.error_details)
+
+    @inlineCallbacks
+    def test_warm_workers_of_three_images_in_two_slots(self) -> Any:
+        """Soft routing's manager: three images (tags of the worker image) in two
+        slots; each image's first task is a cold start, the least recently used idle
+        container makes room for the third, a warm one takes its next task."""
+        names = [f"localhost/funcx-type-{kind}:1" for kind in "abc"]
+        self.engine.import_worker_image(names)
+        pool = self.pool(count=2, placement=WarmPlacement())
+        a, b, c = (WorkerImage(self.engine.name, name) for name in names)
+        results = yield gatherResults(
+            [self.submit(pool, a, buffer_of(double, 1)), self.submit(pool, b, buffer_of(double, 2))]
+        )
+        self.assertEqual([deserialize(r.data)["value"] for r in results], [2, 4])
+        self.assertEqual(pool.cold_starts, 2)
+        yield self.submit(pool, b, buffer_of(double, 3))  # b is now the most recently used
+        result = yield self.submit(pool, c, buffer_of(double, 5))  # a's container retired
+        self.assertEqual(deserialize(result.data)["value"], 10)
+        self.assertEqual(pool.cold_starts, 3)
+        self.assertEqual(pool.images(), {b: 1, c: 1})
+        yield self.submit(pool, b, buffer_of(double, 3))
+        self.assertEqual(pool.cold_starts, 3)  # warm
+
+    async def test_manager_process_of_one_container_type(self) -> None:
+        """A real interchange and ``funcx-manager`` process (hard routing: it serves one
+        container's tasks): the task carries its container; the manager runs it in
+        the container's image with this engine, and stops its containers at the end."""
+        from funcx_endpoint.config.model import HighThroughputExecutor
+        from funcx_endpoint.wire import Container, ContainerImage, Task
+        from tests.test_execution_integration import Cluster
+
+        cluster = Cluster(self, HighThroughputExecutor(worker_mode=self.engine.name))
+        box = Container(uuid.uuid4(), "sci", [ContainerImage("docker", WORKER_IMAGE)])
+        cluster.start_manager(
+            workers=1,
+            extra_args=["--container-type", box.container_id],
+            env=self.engine.environment(),
+        )
+        await cluster.ready()
+        task = Task(uuid.uuid4(), buffer_of(double, 4).decode(), box.container_id, box)
+        cluster.interchange.submit([task])
+        result = await cluster.result(task.task_id, timeout=90)
+        self.assertIsNone(result.error_details, result.data)
+        self.assertEqual(deserialize(result.data)["value"], 8)
+        self.assertEqual(deserialize(result.data)["pid"], 1)
+        missing = Container(uuid.uuid4(), "gone", [ContainerImage("docker", "localhost/gone:1")])
+        cluster.start_manager(
+            workers=1,
+            extra_args=["--container-type", missing.container_id],
+            env=self.engine.environment(),
+        )
+        await cluster.ready(2)
+        task = Task(uuid.uuid4(), buffer_of(double, 4).decode(), missing.container_id, missing)
+        cluster.interchange.submit([task])
+        failed = await cluster.result(task.task_id, timeout=90)
+        self.assertEqual(failed.error_details.code, ErrorCode.CONTAINER_ERROR)
+        self.assertIn("localhost/gone:1", failed.error_details.user_message)
+        await cluster.close()
+        self.assertEqual(self.engine.containers(), [])
 
 
 class PodmanTests(_EngineTests, TestCase):
