@@ -7,7 +7,8 @@ own engine setup, and no registry is reached:
 
 * :class:`PodmanSetup`: ``podman`` with a ``containers.conf`` (runtime
   ``runc``, ``cgroupfs``, file events, ``nofile``/``nproc`` ulimits of 4096)
-  and a ``storage.conf`` (``vfs`` driver, private graph root and run root),
+  and a ``storage.conf`` (``overlay`` driver, or ``vfs`` where overlay cannot
+  mount; private graph root and run root),
   both given through ``CONTAINERS_CONF`` / ``CONTAINERS_STORAGE_CONF`` in the
   environment of every ``podman`` command, the manager's included.  Podman
   has no daemon: "starting" it only writes the files.
@@ -95,6 +96,18 @@ def worker_rootfs() -> str:
         return _rootfs
 
 
+def _unmount_under(directory: str) -> None:
+    """Unmount (lazily) whatever an engine left mounted under ``directory``."""
+    try:
+        with open("/proc/self/mounts") as handle:
+            points = [line.split()[1] for line in handle]
+    except OSError:
+        return
+    prefix = directory.rstrip("/") + "/"
+    for point in sorted((p for p in points if p.startswith(prefix)), reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False, timeout=30)
+
+
 class _Engine:
     """What both engines share: a directory, an environment, the CLI."""
 
@@ -158,6 +171,7 @@ class PodmanSetup(_Engine):
     """Podman with private configuration and storage (see the module docstring)."""
 
     name = "podman"
+    driver = "overlay"
 
     def environment(self) -> Dict[str, str]:
         return {
@@ -196,6 +210,8 @@ class PodmanSetup(_Engine):
     def stop(self) -> None:
         if os.path.exists(os.path.join(self.base_dir, "storage.conf")):
             self.command("rm", "--all", "--force", "--time", "0", check=False)
+            self.command("rmi", "--all", "--force", check=False)
+        _unmount_under(self.base_dir)
         shutil.rmtree(self.base_dir, ignore_errors=True)
         self.started = False
 
@@ -302,6 +318,7 @@ class DockerDaemon(_Engine):
         if self._watchdog is not None:
             self._watchdog.release(timeout=5)
             self._watchdog = None
+        _unmount_under(self.base_dir)
         shutil.rmtree(self.base_dir, ignore_errors=True)
         self.started = False
 
