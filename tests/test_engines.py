@@ -18,7 +18,7 @@ from typing import Any, Dict, List
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.task import deferLater
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from funcx_endpoint.manager.containers import WorkerImage
 from funcx_endpoint.manager.images import OneImagePlacement
@@ -222,3 +222,41 @@ class PodmanTests(_EngineTests, TestCase):
 class DockerTests(_EngineTests, TestCase):
     shared = shared_docker
     missing_image_says = "No such image: localhost/not-here:1"
+
+
+class HarnessTests(SynchronousTestCase):
+    def test_skipped_with_the_reason(self) -> None:
+        from unittest import SkipTest
+
+        from funcx_endpoint.testing.engines import _skip_unless_usable
+
+        with self.assertRaises(SkipTest) as caught:
+            _skip_unless_usable("podman", ["funcx-no-such-engine"])
+        reason = str(caught.exception)
+        self.assertTrue("funcx-no-such-engine" in reason or "root" in reason, reason)
+        if "root" not in reason:
+            self.assertIn("apt-get install podman runc", reason)
+
+    def test_worker_rootfs(self) -> None:
+        import os
+        import sys
+        import tarfile
+
+        from funcx_endpoint.testing.rootfs import write_worker_rootfs
+
+        path = os.path.join(self.mktemp() + ".tar")
+        counts = write_worker_rootfs(path)
+        self.assertGreater(counts["files"], 100)
+        with tarfile.open(path) as tar:
+            members = {m.name: m for m in tar.getmembers()}
+        prefix = sys.base_prefix.lstrip("/")
+        self.assertTrue(members["usr/local/bin/python3"].issym())
+        self.assertEqual(members["tmp"].mode, 0o1777)
+        site = [n for n in members if n.endswith("funcx_endpoint/worker/main.py")]
+        self.assertEqual(len(site), 1)
+        self.assertTrue(site[0].startswith(prefix))
+        self.assertTrue(any(n.endswith("/dill/__init__.py") for n in members))
+        version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+        stdlib_tests = [n for n in members if f"/lib/{version}/test/" in n]
+        self.assertEqual(stdlib_tests, [])
+        self.assertTrue(any(n.startswith(("lib/", "usr/lib/")) and "libc.so" in n for n in members))
