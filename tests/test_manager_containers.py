@@ -151,6 +151,12 @@ class CommandLineTests(SynchronousTestCase):
         self.assertIn("status 1 before it was ready", ENGINES["podman"].start_failure(1))
         self.assertIn("(exit status 255)", ENGINES["apptainer"].start_failure(255))
 
+    def test_the_config_knows_the_same_engines(self) -> None:
+        from funcx_endpoint.config.model import CONTAINER_ENGINES, WORKER_MODES
+
+        self.assertEqual(set(CONTAINER_ENGINES), set(ENGINES))
+        self.assertEqual(set(WORKER_MODES), {"no_container", *ENGINES})
+
     def test_missing_engine(self) -> None:
         empty = self.mktemp()
         os.makedirs(empty)

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import uuid
 from typing import ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -70,7 +71,6 @@ from funcx_endpoint.wire.info import ManagerSettings
 
 __all__ = [
     "ENGINES",
-    "FUNCX10_WORKER_MODES",
     "NO_CONTAINER",
     "RAW",
     "WORKER_MODES",
@@ -377,18 +377,10 @@ ENGINES: Dict[str, ContainerEngine] = {
 }
 #: Every worker mode.
 WORKER_MODES: Tuple[str, ...] = (NO_CONTAINER, *ENGINES)
-#: funcX 1.0's names of worker modes, and the mode each runs as here.
-FUNCX10_WORKER_MODES: Dict[str, str] = {
-    "singularity_reuse": "singularity",
-    "singularity_single_use": "singularity",
-    "shifter_reuse": "shifter",
-}
 
 
 def find_engine(name: str, path: Optional[str] = None) -> Optional[str]:
     """The path of engine ``name``'s command on ``path`` (default: PATH), or None."""
-    import shutil
-
     return shutil.which(
         ENGINES[name].binary, path=path if path is not None else os.environ.get("PATH")
     )
