@@ -260,3 +260,85 @@ class HarnessTests(SynchronousTestCase):
         stdlib_tests = [n for n in members if f"/lib/{version}/test/" in n]
         self.assertEqual(stdlib_tests, [])
         self.assertTrue(any(n.startswith(("lib/", "usr/lib/")) and "libc.so" in n for n in members))
+
+
+class _EndToEndTests:
+    """SDK -> private service -> broker -> endpoint daemon -> manager -> a worker in a
+    container of the endpoint-wide image (Globus Compute's form: ``container_type``
+    and ``container_uri`` in config.py), with this engine."""
+
+    shared: Any
+    timeout = 240
+
+    def test_function_runs_in_the_endpoint_wide_container(self) -> None:
+        import os
+
+        from funcx_endpoint.endpoint.layout import EndpointDir
+        from funcx_endpoint.testing.service import shared_service
+        from tests.support import run_cli, wait_for
+        from tests.test_end_to_end import wait_result
+
+        engine = self.shared.get()
+        engine.import_worker_image()
+        service = shared_service()
+        env = service.client_env(service.create_client())
+        config_dir = os.path.abspath(self.mktemp())  # type: ignore[attr-defined]
+        configured = run_cli(
+            config_dir,
+            "configure",
+            "boxed",
+            "--service-address",
+            service.base_url,
+            "--service-ca-file",
+            service.ca_file,
+            "--amqp-ca-file",
+            service.broker_ca_file,
+            env=env,
+        )
+        self.assertEqual(configured.returncode, 0, configured.stderr)  # type: ignore[attr-defined]
+        ep = EndpointDir(config_dir, "boxed")
+        with open(ep.config_file) as f:
+            text = f.read()
+        text = text.replace(
+            'max_workers_per_node=float("inf"),',
+            f"max_workers_per_node=1, container_type={engine.name!r}, "
+            f"container_uri={WORKER_IMAGE!r}, worker_environment={engine.environment()!r},",
+        )
+        with open(ep.config_file, "w") as f:
+            f.write(text)
+        started = run_cli(config_dir, "start", "boxed", env=env)
+        self.addCleanup(run_cli, config_dir, "stop", "boxed", env=env)  # type: ignore[attr-defined]
+        self.assertEqual(started.returncode, 0, started.stdout + started.stderr)  # type: ignore[attr-defined]
+        assert wait_for(
+            lambda: "workers: 1" in run_cli(config_dir, "status", "boxed", env=env).stdout, 120
+        ), run_cli(config_dir, "status", "boxed", env=env).stdout
+        from funcx_endpoint.sdk import FuncXClient
+
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            client = FuncXClient()
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+        self.addCleanup(client.close)  # type: ignore[attr-defined]
+        function_id = client.register_function(double)
+        task = client.run(21, endpoint_id=ep.endpoint_id(), function_id=function_id)
+        answer = wait_result(client, task, timeout=120)
+        self.assertEqual(answer["value"], 42)  # type: ignore[attr-defined]
+        self.assertEqual(answer["pid"], 1)  # type: ignore[attr-defined]
+        self.assertEqual(len(engine.containers()), 1)  # type: ignore[attr-defined]
+        stopped = run_cli(config_dir, "stop", "boxed", env=env)
+        self.assertEqual(stopped.returncode, 0, stopped.stderr)  # type: ignore[attr-defined]
+        assert wait_for(lambda: engine.containers() == [], 30), engine.containers()
+
+
+class PodmanEndToEndTests(_EndToEndTests, SynchronousTestCase):
+    shared = shared_podman
+
+
+class DockerEndToEndTests(_EndToEndTests, SynchronousTestCase):
+    shared = shared_docker
