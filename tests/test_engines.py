@@ -135,6 +135,31 @@ class _EngineTests:
         self.assertEqual(again.error_details.code, ErrorCode.CONTAINER_ERROR)
 
     @inlineCallbacks
+    def test_image_without_python_is_a_container_error(self) -> Any:
+        """An image that cannot start a worker (no python3 in it): ContainerError with
+        the engine's exit status (127) and message."""
+        import io
+        import os
+        import tarfile
+
+        path = os.path.abspath(self.mktemp()) + ".tar"  # type: ignore[attr-defined]
+        with tarfile.open(path, "w") as tar:
+            data = b"root:x:0:0:root:/:/nothing\n"
+            info = tarfile.TarInfo("etc/passwd")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        name = "localhost/funcx-no-python:1"
+        self.engine.command("import", path, name)
+        pool = self.pool(count=1)
+        result = yield self.submit(pool, WorkerImage(self.engine.name, name), buffer_of(nap, 0))
+        details = result.error_details
+        self.assertEqual(details.code, ErrorCode.CONTAINER_ERROR)
+        self.assertIn(f"image '{name}' ({self.engine.name})", details.user_message)
+        self.assertIn("needs python3", details.user_message)
+        self.assertIn("exit status 127", details.user_message)
+        self.assertIn("python3", details.user_message.split("said:")[-1])
+
+    @inlineCallbacks
     def test_container_killed_mid_task_is_worker_lost(self) -> Any:
         pool = self.pool(count=1)
         image = WorkerImage(self.engine.name, WORKER_IMAGE)
