@@ -152,7 +152,7 @@ class CommandLineTests(SynchronousTestCase):
         self.assertIn("(exit status 255)", ENGINES["apptainer"].start_failure(255))
 
     def test_the_config_knows_the_same_engines(self) -> None:
-        from funcx_endpoint.config.model import CONTAINER_ENGINES, WORKER_MODES
+        from funcx_endpoint.config.containers import CONTAINER_ENGINES, WORKER_MODES
 
         self.assertEqual(set(CONTAINER_ENGINES), set(ENGINES))
         self.assertEqual(set(WORKER_MODES), {"no_container", *ENGINES})

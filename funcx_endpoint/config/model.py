@@ -19,6 +19,11 @@ import math
 from typing import Any, Dict, List, Optional, Tuple
 
 from funcx_endpoint.config import funcx10
+from funcx_endpoint.config.containers import (
+    CONTAINER_FIELDS,
+    container_notices,
+    resolve_containers,
+)
 from funcx_endpoint.config.fields import (
     ConfigError,
     ConfigObject,
@@ -55,17 +60,6 @@ __all__ = [
 
 MiB = 1024 * 1024
 
-#: The container engines a worker mode may name (:mod:`funcx_endpoint.manager.containers`).
-CONTAINER_ENGINES = ("docker", "podman", "singularity", "apptainer", "shifter")
-#: The worker modes: workers run directly, or in containers of an engine.
-WORKER_MODES = ("no_container", *CONTAINER_ENGINES)
-#: funcX 1.0's worker modes, and the mode each runs as here.
-FUNCX10_WORKER_MODES = {
-    "singularity_reuse": "singularity",
-    "singularity_single_use": "singularity",
-    "shifter_reuse": "shifter",
-}
-
 
 def _provider(value: Any) -> Any:
     """Any object with the Parsl provider interface is accepted."""
@@ -83,16 +77,6 @@ def _strategy(value: Any) -> Any:
     if not isinstance(value, SimpleStrategy):
         raise TypeError(f"expected SimpleStrategy(...), got {_describe(value)}")
     return value
-
-
-def _worker_mode(value: Any) -> str:
-    """A worker mode; funcX 1.0's ``singularity_reuse`` and the like run as their
-    engine's mode (with a notice)."""
-    mode = string(what="a worker mode such as 'no_container'")(value)
-    mode = FUNCX10_WORKER_MODES.get(mode, mode)
-    if mode not in WORKER_MODES:
-        raise ValueError(f"expected one of {', '.join(map(repr, WORKER_MODES))}, got {mode!r}")
-    return mode
 
 
 def _idle_count(value: Any) -> int:
@@ -275,49 +259,13 @@ class HighThroughputExecutor(ConfigObject):
             "endpoint directory); None: the endpoint directory.",
         ),
         "worker_debug": Field(False, boolean, "Debug logging in managers and workers."),
-        "worker_mode": Field(
-            "no_container",
-            _worker_mode,
-            "How workers are started: 'no_container' (directly), or in containers of "
-            "an engine: 'docker', 'podman', 'singularity', 'apptainer', 'shifter'.",
-            unused=Unused(
-                "funcX 1.0's reuse/single-use modes run as their engine's mode here, "
-                "with workers reused",
-                WORKER_MODES,
-                partly=True,
-            ),
-        ),
-        "container_cmd_options": Field(
-            "",
-            optional(string()),
-            "Extra options for the container engine's command, split as a shell would "
-            "(e.g. '--memory 2g' for docker/podman, '--bind /data' for apptainer).",
-        ),
         "worker_environment": Field(
             None, string_dict, "Environment variables set for workers.", default_factory=dict
         ),
         # The fields only funcX 1.0 had (accepted; a warning when given).
         **funcx10.EXECUTOR_FIELDS,
-        # Globus Compute's endpoint-wide container (funcX 1.0's container_type and
-        # container_image meant the same).
-        "container_type": Field(
-            None,
-            optional(choice(*CONTAINER_ENGINES)),
-            "The engine of the endpoint-wide container (Globus Compute's form): with "
-            "container_uri, every worker runs that image with it (it sets worker_mode "
-            "when that is not given).",
-        ),
-        "container_uri": Field(
-            None,
-            optional(string(r".+", "an image name")),
-            "The image every worker runs (Globus Compute's form); None: each task's "
-            "container says which (or none: no container).",
-        ),
-        "container_image": Field(
-            None,
-            optional(string(r".+", "an image name")),
-            "funcX 1.0's name of container_uri.",
-        ),
+        # How workers run: directly or in containers (worker_mode and the rest).
+        **CONTAINER_FIELDS,
     }
 
     label: str
@@ -357,31 +305,10 @@ class HighThroughputExecutor(ConfigObject):
     def validate(self) -> None:
         if self.available_accelerators is None:
             self.available_accelerators = []
-        self._resolve_containers()
+        resolve_containers(self)
         if self.heartbeat_period is not None and self.heartbeat_threshold is not None:
             _check_heartbeats(
                 "HighThroughputExecutor", self.heartbeat_period, self.heartbeat_threshold
-            )
-
-    def _resolve_containers(self) -> None:
-        """The endpoint-wide form: ``container_type`` is the engine (the worker mode
-        unless one was given), ``container_uri`` (or ``container_image``) the image."""
-        if self.container_uri is None and self.container_image is not None:
-            self.container_uri = self.container_image
-        engine = self.container_type
-        if engine is not None and self.container_uri is not None:
-            if self.worker_mode == "no_container" and "worker_mode" not in self.given:
-                self.worker_mode = engine
-            elif self.worker_mode != engine:
-                raise ConfigError(
-                    f"HighThroughputExecutor: container_type={engine!r} and "
-                    f"worker_mode={self.worker_mode!r} name different engines; give one"
-                )
-        if self.container_uri is not None and self.worker_mode == "no_container":
-            raise ConfigError(
-                f"HighThroughputExecutor: container_uri={self.container_uri!r} needs a "
-                f"container engine: set container_type (or worker_mode) to one of "
-                f"{', '.join(map(repr, CONTAINER_ENGINES))}"
             )
 
     @property
@@ -399,18 +326,7 @@ class HighThroughputExecutor(ConfigObject):
         return self.interchange_port_range
 
     def relation_notices(self) -> List[Notice]:
-        found = []
-        if self.container_type is not None and self.container_uri is None:
-            found.append(
-                Notice(
-                    "HighThroughputExecutor.container_type",
-                    self.container_type,
-                    "without container_uri (or container_image) no container is run for "
-                    "it: set worker_mode to run each task's container, or container_uri "
-                    "to run every worker in one image",
-                )
-            )
-        return found + self._port_notices()
+        return container_notices(self) + self._port_notices()
 
     def _port_notices(self) -> List[Notice]:
         if "interchange_port_range" in self.given and (
