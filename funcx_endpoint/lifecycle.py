@@ -7,6 +7,8 @@
   reports the asynchronous ones (registration, broker) too.
 * :data:`exit_status`: the code a foreground run should exit with.
 * :class:`Phase`: where a daemon is in its life.
+* :func:`start_loop`, :func:`stop_loop`: a part's periodic call, on the
+  clock the part was given.
 
 Exit codes are BSD sysexits.
 """
@@ -16,10 +18,12 @@ from __future__ import annotations
 import enum
 import json
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 from twisted.application.service import IService
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 EX_OK = 0
@@ -126,3 +130,23 @@ class IStatusPart(IService):
 
     def status_fields() -> Any:
         """A dict of fields (or a Deferred of one)."""
+
+
+# -- periodic calls of a part -------------------------------------------------
+
+
+def start_loop(
+    call: Callable[[], Any], clock: IReactorTime, interval: float, *, now: bool
+) -> LoopingCall:
+    """A :class:`LoopingCall` of ``call`` every ``interval`` seconds of ``clock``,
+    started (with a first call at once if ``now``)."""
+    loop = LoopingCall(call)
+    loop.clock = clock
+    loop.start(interval, now=now)
+    return loop
+
+
+def stop_loop(loop: Optional[LoopingCall]) -> None:
+    """Stop ``loop`` if it runs (None: there is none)."""
+    if loop is not None and loop.running:
+        loop.stop()

@@ -158,6 +158,34 @@ class CLITests(SynchronousTestCase):
         self.assertEqual(result.exit_code, 0)
         self.assertIn("Endpoint 'x': Initialized", result.output)
 
+    def test_status_json_not_running(self) -> None:
+        self.fx("configure", "x")
+        result = self.fx("status", "x", "--json")
+        self.assertEqual(result.exit_code, 0, result.output)
+        self.assertEqual(
+            json.loads(result.output), {"name": "x", "state": "Initialized", "endpoint_id": None}
+        )
+
+    def test_status_shows_routing(self) -> None:
+        from funcx_endpoint.cli.status import format_status
+
+        text = format_status(
+            {
+                "managers": 2,
+                "routing": {
+                    "scheduler_mode": "soft",
+                    "cold_starts": 7,
+                    "warm_workers": {"c1": 3},
+                    "cold_starts_by_manager": {"m1": 5, "m2": 2},
+                },
+            }
+        )
+        self.assertIn(
+            "routing: scheduler mode soft, cold starts 7, warm workers (c1 3), cold starts "
+            "by manager (m1 5, m2 2)",
+            text,
+        )
+
     def test_delete_not_running(self) -> None:
         self.fx("configure", "x")
         result = self.fx("delete", "x", "--yes")

@@ -7,7 +7,7 @@ import heapq
 import random
 import uuid
 import weakref
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -27,9 +27,11 @@ from funcx_endpoint.executor.interface import (
     IManagerLoad,
     IResultSink,
     IRoutingPolicy,
+    IWarmManagerLoad,
 )
 from funcx_endpoint.executor.registry import Manager, ManagerRegistry
-from funcx_endpoint.executor.routing import RAW, LeastLoadedRouting, ManagerHeap
+from funcx_endpoint.executor.routing import RAW, LeastLoadedRouting, ManagerHeap, RandomSet
+from funcx_endpoint.executor.soft_routing import RandomRouting, WarmFirstRouting
 from funcx_endpoint.executor.strategy import ScalingService
 from funcx_endpoint.lifecycle import IDrainingPart, IReadyPart, IStatusPart
 from funcx_endpoint.testing.interchanges import CollectingSink, EchoInterchange, HoldingInterchange
@@ -340,6 +342,9 @@ class Events:
     def held_by(self, manager: Any) -> int:
         return self.holding
 
+    def warm_containers(self, manager: Any, warm: Dict[str, int], cold_starts: int) -> None:
+        self.calls.append(("warm", manager.manager_id, warm, cold_starts))
+
 
 class ManagerLifecycleTests(SynchronousTestCase):
     def setUp(self) -> None:
@@ -422,3 +427,254 @@ class InterfaceTests(SynchronousTestCase):
         self.assertTrue(verifyClass(IStatusPart, ScalingService))
         self.assertTrue(verifyClass(IStatusPart, StatusReporter))
         self.assertFalse(IDrainingPart.implementedBy(EndpointService))
+
+
+@implementer(IWarmManagerLoad)
+class WarmLoad:
+    """A manager as soft routing sees it: its warm workers and tasks by type.
+
+    ``reads`` counts how often a policy looked at it (its ``held``).
+    """
+
+    def __init__(
+        self,
+        sequence: int,
+        workers: int,
+        prefetch: int = 0,
+        warm: Optional[Dict[str, int]] = None,
+        held_of_type: Optional[Dict[str, int]] = None,
+    ) -> None:
+        self.sequence = sequence
+        self.worker_count = workers
+        self.capacity = workers + prefetch * workers
+        self.warm = dict(warm or {})
+        self.held_of_type = dict(held_of_type or {})
+        self.container_type = RAW
+        self.reads = 0
+
+    @property
+    def held(self) -> int:
+        self.reads += 1
+        return sum(self.held_of_type.values())
+
+    def take(self, container_type: str, count: int) -> None:
+        """What the dispatcher does with tasks routed here."""
+        self.held_of_type[container_type] = self.held_of_type.get(container_type, 0) + count
+
+    def __repr__(self) -> str:
+        return f"WarmLoad({self.sequence})"
+
+
+def routed(triples: List[Tuple[str, Any, int]]) -> Dict[Tuple[str, int], int]:
+    """``{(type, manager sequence): count}``."""
+    found: Dict[Tuple[str, int], int] = {}
+    for container_type, manager, count in triples:
+        key = (container_type, manager.sequence)
+        found[key] = found.get(key, 0) + count
+    return found
+
+
+class FakeManager:
+    """What the dispatcher needs of a registered manager."""
+
+    _count = 0
+
+    def __init__(self, container_type: str, workers: int = 2, prefetch: int = 0) -> None:
+        FakeManager._count += 1
+        self.sequence = FakeManager._count
+        self.manager_id = f"m{self.sequence}"
+        self.hostname = "localhost"
+        self.container_type = container_type
+        self.worker_count = workers
+        self.capacity = workers + prefetch * workers
+        self.sent: List[Tuple[str, bytes]] = []
+
+    def describe(self) -> str:
+        return f"manager {self.manager_id}"
+
+    def send_tasks(self, batch: List[Tuple[str, bytes]], containers: Any = None) -> None:
+        self.sent.extend(batch)
+
+    def cancel_task(self, task_id: str) -> None:
+        pass
+
+
+class WarmFirstRoutingTests(SynchronousTestCase):
+    """Soft routing on fakes: warm workers first, then idle workers at random,
+    the cold routing interval against starvation."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.policy = WarmFirstRouting(self.clock, cold_routing_interval=10.0, rng=random.Random(3))
+
+    def add(self, *managers: WarmLoad) -> None:
+        for manager in managers:
+            self.policy.update(manager)
+
+    def route(self, queued: Dict[str, int]) -> List[Tuple[str, Any, int]]:
+        triples = self.policy.route(queued)
+        for container_type, manager, count in triples:
+            manager.take(container_type, count)
+            self.policy.update(manager)
+        return triples
+
+    def test_interfaces(self) -> None:
+        self.assertTrue(verifyObject(IRoutingPolicy, self.policy))
+        self.assertTrue(verifyObject(IRoutingPolicy, RandomRouting()))
+        self.assertTrue(verifyObject(IWarmManagerLoad, WarmLoad(1, 2)))
+        dispatcher = TaskDispatcher(Clock(), CollectingSink(), self.policy)
+        dispatcher.manager_joined(FakeManager(RAW))
+        [slot] = dispatcher._slots.values()
+        self.assertTrue(verifyObject(IWarmManagerLoad, slot))
+
+    def test_task_types_are_containers(self) -> None:
+        container = Container(uuid.uuid4(), "image")
+        self.assertEqual(self.policy.task_type(Task(uuid.uuid4(), "b")), RAW)
+        task = Task(uuid.uuid4(), "b", container=container)
+        self.assertEqual(self.policy.task_type(task), container.container_id)
+        self.assertIsNone(self.policy.why_unservable(container.container_id, container))
+
+    def test_warm_workers_first(self) -> None:
+        a = WarmLoad(1, 2, warm={"t1": 2})
+        b = WarmLoad(2, 2, warm={"t2": 2})
+        c = WarmLoad(3, 2)
+        self.add(a, b, c)
+        self.assertEqual(routed(self.route({"t1": 2, "t2": 2})), {("t1", 1): 2, ("t2", 2): 2})
+
+    def test_warm_pass_before_any_cold_start(self) -> None:
+        # t1 comes first but has no warm worker: it must not take b's idle
+        # worker, which t2 (warm there) wants.
+        a = WarmLoad(1, 1, warm={"t2": 1})
+        b = WarmLoad(2, 1, warm={"t2": 1})
+        self.add(a, b)
+        self.assertEqual(routed(self.route({"t1": 1, "t2": 2})), {("t2", 1): 1, ("t2", 2): 1})
+
+    def test_warm_room_is_per_warm_worker(self) -> None:
+        # One warm t1 worker, prefetch 1: two t1 tasks for it; cold, only as
+        # many more as the manager has idle workers (4 - 2), not its prefetch.
+        a = WarmLoad(1, 4, prefetch=1, warm={"t1": 1})
+        self.add(a)
+        self.assertEqual(routed(self.route({"t1": 10})), {("t1", 1): 4})
+        b = WarmLoad(2, 3)
+        self.add(b)
+        self.assertEqual(routed(self.route({"t1": 10})), {("t1", 2): 3})
+
+    def test_least_loaded_warm_manager_first(self) -> None:
+        a = WarmLoad(1, 4, prefetch=1, warm={"t1": 2}, held_of_type={"t1": 2})
+        b = WarmLoad(2, 4, prefetch=1, warm={"t1": 2})
+        self.add(a, b)
+        self.assertEqual(routed(self.route({"t1": 2})), {("t1", 2): 2})
+
+    def test_cold_only_to_idle_workers_until_the_interval(self) -> None:
+        busy = WarmLoad(1, 2, prefetch=4, warm={"t2": 2}, held_of_type={"t2": 2})
+        self.add(busy)
+        self.assertEqual(self.route({"t1": 3}), [])
+        self.clock.advance(9)
+        self.assertEqual(self.route({"t1": 3}), [])
+        self.clock.advance(1)
+        self.assertEqual(routed(self.route({"t1": 3})), {("t1", 1): 3})
+
+    def test_waiting_restarts_when_a_queue_empties(self) -> None:
+        busy = WarmLoad(1, 2, prefetch=4, warm={"t2": 2}, held_of_type={"t2": 2})
+        self.add(busy)
+        self.assertEqual(self.route({"t1": 3}), [])
+        self.clock.advance(9)
+        self.assertEqual(self.route({"t3": 1}), [])  # t1's tasks were cancelled
+        self.clock.advance(5)
+        self.assertEqual(self.route({"t1": 1}), [])  # waiting since now, not 14 s ago
+        self.clock.advance(10)
+        self.assertEqual(routed(self.route({"t1": 1})), {("t1", 1): 1})
+
+    def test_cold_routing_interval_zero(self) -> None:
+        policy = WarmFirstRouting(self.clock, cold_routing_interval=0.0)
+        busy = WarmLoad(1, 2, prefetch=4, warm={"t2": 2}, held_of_type={"t2": 2})
+        policy.update(busy)
+        self.assertEqual(routed(policy.route({"t1": 3})), {("t1", 1): 3})
+
+    def test_cold_split_in_proportion_to_tasks_left(self) -> None:
+        managers = [WarmLoad(i, 2) for i in range(100)]
+        self.add(*managers)
+        found: Dict[str, int] = {}
+        for container_type, _, count in self.route({"big": 900, "small": 100}):
+            found[container_type] = found.get(container_type, 0) + count
+        self.assertEqual(sum(found.values()), 200)  # every idle worker, none more
+        self.assertGreater(found["big"], 3 * found["small"])
+        self.assertGreater(found["small"], 0)
+        for manager in managers:
+            self.assertEqual(manager.held, 2)
+
+    def test_never_more_than_room(self) -> None:
+        managers = [WarmLoad(i, 3, prefetch=1, warm={"t": i % 3}) for i in range(10)]
+        self.add(*managers)
+        self.clock.advance(100)
+        for _ in range(5):
+            self.route({"t": 1000, "u": 50})
+            self.clock.advance(20)
+        for manager in managers:
+            self.assertLessEqual(manager.held, manager.capacity)
+
+    def test_removed_managers_get_nothing(self) -> None:
+        a = WarmLoad(1, 2, warm={"t1": 2})
+        self.add(a)
+        self.policy.remove(a)
+        self.assertEqual(self.policy.route({"t1": 5, "t2": 5}), [])
+
+    def test_warm_change_moves_a_manager_between_types(self) -> None:
+        a = WarmLoad(1, 1, prefetch=3, warm={"t1": 1}, held_of_type={"t1": 1})
+        self.add(a)
+        a.warm = {"t2": 1}
+        self.policy.update(a)
+        self.assertEqual(routed(self.route({"t1": 1, "t2": 1})), {("t2", 1): 1})
+
+    def test_cost_does_not_grow_with_managers(self) -> None:
+        """Routing a task of a warm type looks at the same few managers with 10
+        or 10,000 managers connected."""
+        reads = []
+        for count in (10, 10_000):
+            policy = WarmFirstRouting(self.clock, rng=random.Random(1))
+            managers = [WarmLoad(i, 4, prefetch=1, warm={"other": 4}) for i in range(count)]
+            warm = WarmLoad(count, 4, prefetch=1, warm={"t": 4})
+            for manager in [*managers, warm]:
+                manager.held_of_type = {"other": 4} if manager is not warm else {}
+                policy.update(manager)
+                manager.reads = 0
+            self.assertEqual(routed(policy.route({"t": 3})), {("t", count): 3})
+            reads.append(sum(m.reads for m in [*managers, warm]))
+        self.assertEqual(reads[0], reads[1])
+
+
+class RandomRoutingTests(SynchronousTestCase):
+    def test_random_with_room(self) -> None:
+        policy = RandomRouting(rng=random.Random(5))
+        managers = [WarmLoad(i, 2, prefetch=1) for i in range(4)]
+        for manager in managers:
+            policy.update(manager)
+        triples = policy.route({"a": 10, "b": 10})
+        self.assertEqual(sum(n for _, _, n in triples), 16)  # every slot, 4 x (2 + 2)
+        self.assertEqual({m.sequence for _, m, _ in triples}, {0, 1, 2, 3})
+        fresh = RandomRouting(rng=random.Random(5))
+        for manager in managers:
+            fresh.update(manager)
+        fresh.remove(managers[0])
+        pairs = fresh.assign("a", 100)
+        self.assertEqual(sum(n for _, n in pairs), 12)
+        self.assertNotIn(managers[0], [m for m, _ in pairs])
+
+
+class RandomSetTests(SynchronousTestCase):
+    def test_against_a_set(self) -> None:
+        rng = random.Random(9)
+        items = RandomSet()
+        model: set = set()
+        for _ in range(2000):
+            value = rng.randrange(50)
+            if rng.random() < 0.5:
+                items.add(value)
+                model.add(value)
+            else:
+                items.discard(value)
+                model.discard(value)
+            self.assertEqual(len(items), len(model))
+            if model:
+                self.assertIn(items.choice(rng), model)
+        self.assertEqual({v for v in range(50) if v in items}, model)

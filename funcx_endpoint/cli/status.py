@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import click
 
 from funcx_endpoint.cli.context import Context, fail, name_argument, pass_context
@@ -40,6 +42,18 @@ def _state_text(ep: EndpointDir) -> str:
     return state.value
 
 
+def _status_object(ep: EndpointDir, name: str) -> dict:
+    """``status --json``: the state, and the daemon's details if it runs."""
+    state = ep.state()
+    found: dict = {"name": name, "state": _state_text(ep), "endpoint_id": ep.endpoint_id()}
+    if state is EndpointState.RUNNING:
+        try:
+            found["details"] = ask(ep.control_socket, "status")
+        except ControlError as e:
+            fail(f"the daemon (pid {ep.read_pid()}) did not answer: {e}", 1)
+    return found
+
+
 def format_status(details: dict) -> str:
     """The daemon's status as indented ``key: value`` lines (nested dicts inline)."""
     lines = []
@@ -74,15 +88,23 @@ def _duration(seconds: float) -> str:
 
 @click.command()
 @name_argument
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the state and live details as one JSON object."
+)
 @pass_context
-def status(ctx: Context, name: str) -> None:
+def status(ctx: Context, name: str, as_json: bool = False) -> None:
     """Show the state of the endpoint NAME; live details if it runs.
 
     A running daemon is asked over its control socket (owner only) for its
-    uptime, pid, broker connection, managers, workers and tasks in flight.
+    uptime, pid, broker connection, managers, workers and tasks in flight,
+    and, with containers, its routing: warm workers by container type and
+    cold starts (in all and of the managers that made the most).
     """
     ep = ctx.existing(name)
     state = ep.state()
+    if as_json:
+        click.echo(json.dumps(_status_object(ep, name), indent=1, sort_keys=True))
+        return
     click.echo(f"Endpoint {name!r}: {_state_text(ep)}")
     endpoint_id = ep.endpoint_id()
     if endpoint_id:

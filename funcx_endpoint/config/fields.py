@@ -72,6 +72,8 @@ class Notice:
         return f"{self.setting}={value}: {self.meaning}"
 
 
+# eq=False: fields compare and hash by identity (a field is one argument of one class).
+@attr.s(auto_attribs=True, frozen=True, eq=False)
 class Field:
     """One keyword argument of a config class: its default and its check.
 
@@ -82,19 +84,11 @@ class Field:
     funcX 1.0 had and that is accepted here without effect (see :class:`Unused`).
     """
 
-    def __init__(
-        self,
-        default: Any,
-        check: Callable[[Any], Any],
-        doc: str,
-        default_factory: Optional[Callable[[], Any]] = None,
-        unused: Optional[Unused] = None,
-    ) -> None:
-        self.default = default
-        self.check = check
-        self.doc = doc
-        self.default_factory = default_factory
-        self.unused = unused
+    default: Any
+    check: Callable[[Any], Any]
+    doc: str
+    default_factory: Optional[Callable[[], Any]] = None
+    unused: Optional[Unused] = None
 
     def default_value(self) -> Any:
         if self.default_factory is not None:

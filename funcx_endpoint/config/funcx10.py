@@ -19,11 +19,19 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, Tuple
 
-from funcx_endpoint.config.fields import Field, Unused, anything, number, optional, string
+from funcx_endpoint.config.fields import (
+    Field,
+    Unused,
+    anything,
+    choice,
+    number,
+    optional,
+    string,
+)
 
 
-def _funcx10(meaning: str, *quiet: Any) -> Unused:
-    return Unused(meaning, quiet)
+def _funcx10(meaning: str, *quiet: Any, partly: bool = False) -> Unused:
+    return Unused(meaning, quiet, partly)
 
 
 def port_pair(value: Any) -> Tuple[int, int]:
@@ -98,17 +106,25 @@ EXECUTOR_FIELDS: Dict[str, Field] = {
             partly=True,
         ),
     ),
+    # Honoured with containers (worker_mode other than no_container): their
+    # notice is given only without them (HighThroughputExecutor.notices).
     "scheduler_mode": Field(
         "hard",
-        optional(string()),
-        "funcX 1.0: whether managers may replace idle workers' containers ('soft').",
-        unused=_funcx10("without containers every task goes to any free worker; no effect"),
+        optional(choice("hard", "soft")),
+        "Routing of tasks by container type: 'hard' (each manager serves one type; blocks "
+        "are started per type) or 'soft' (managers start containers of any type; a task "
+        "goes first to a manager with a warm container of its type). None: 'hard'.",
+        unused=_funcx10(
+            "without containers every task goes to any free worker; no effect", partly=True
+        ),
     ),
     "cold_routing_interval": Field(
         10.0,
         optional(number(0)),
-        "funcX 1.0: seconds between routing a task to a manager without a warm container.",
-        unused=_funcx10("without containers there is no cold routing; no effect"),
+        "Soft routing: seconds a container type's tasks may wait with none routed before "
+        "they may go to any manager with room, even behind busy workers of other types "
+        "(0: at once). None: 10.",
+        unused=_funcx10("without containers there is no cold routing; no effect", partly=True),
     ),
     "launch_cmd": Field(
         None,

@@ -310,6 +310,16 @@ class HighThroughputExecutor(ConfigObject):
             _check_heartbeats(
                 "HighThroughputExecutor", self.heartbeat_period, self.heartbeat_threshold
             )
+        if (
+            self.scheduler_mode == "soft"
+            and self.worker_mode != "no_container"
+            and "Kubernetes" in type(self.provider).__name__
+        ):
+            raise ConfigError(
+                "HighThroughputExecutor.scheduler_mode='soft' is not supported with "
+                "Kubernetes: a pod runs its manager and workers in one image, so a manager "
+                "cannot start containers of other types; use scheduler_mode='hard'"
+            )
 
     @property
     def container_engine(self) -> Optional[str]:
@@ -325,23 +335,40 @@ class HighThroughputExecutor(ConfigObject):
             return self.worker_port_range
         return self.interchange_port_range
 
-    def relation_notices(self) -> List[Notice]:
-        return container_notices(self) + self._port_notices()
+    #: Fields whose notice (they do nothing) holds only without containers.
+    ROUTING_FIELDS = ("scheduler_mode", "cold_routing_interval")
 
-    def _port_notices(self) -> List[Notice]:
+    def notices(self) -> List[Notice]:
+        found = super().notices()
+        if self.worker_mode == "no_container":
+            return found
+        routing = {f"HighThroughputExecutor.{name}" for name in self.ROUTING_FIELDS}
+        found = [notice for notice in found if notice.setting not in routing]
+        if "cold_routing_interval" in self.given and (self.scheduler_mode or "hard") == "hard":
+            found.append(
+                Notice(
+                    "HighThroughputExecutor.cold_routing_interval",
+                    self.given["cold_routing_interval"],
+                    "only soft routing (scheduler_mode='soft') uses it; no effect",
+                )
+            )
+        return found
+
+    def relation_notices(self) -> List[Notice]:
+        found: List[Notice] = container_notices(self)
         if "interchange_port_range" in self.given and (
             self.worker_ports is not None or self.worker_port_range is not None
         ):
             chosen = "worker_ports" if self.worker_ports is not None else "worker_port_range"
-            return [
+            found.append(
                 Notice(
                     "HighThroughputExecutor.interchange_port_range",
                     self.given["interchange_port_range"],
                     f"funcX 1.0's internal ports; managers connect on {chosen} and there are "
                     f"no internal ports here: not used",
                 )
-            ]
-        return []
+            )
+        return found
 
 
 def _check_heartbeats(owner: str, period: float, threshold: float) -> None:

@@ -37,7 +37,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from funcx_endpoint.lifecycle import IStatusPart
+from funcx_endpoint.lifecycle import IStatusPart, start_loop, stop_loop
 
 
 @attr.s(auto_attribs=True, frozen=True)
@@ -153,14 +153,11 @@ class IdleShutdown(Service):
         super().startService()
         if not self.idle.enabled:
             return
-        self._loop = LoopingCall(self.beat)
-        self._loop.clock = self._clock
-        self._loop.start(self.period, now=False)
+        self._loop = start_loop(self.beat, self._clock, self.period, now=False)
 
     def stopService(self) -> None:
         super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        stop_loop(self._loop)
         self._loop = None
 
     def _seconds_left(self) -> Optional[float]:
@@ -199,8 +196,7 @@ class IdleShutdown(Service):
 
     def _stop_for(self, reason: str, report: Callable[..., None]) -> None:
         report("Shutting down: {reason}", reason=reason)
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        stop_loop(self._loop)
         self._shut_down(reason)
 
     def status_fields(self) -> Dict[str, Any]:

@@ -46,6 +46,7 @@ from funcx_endpoint.batching import TurnBatch
 from funcx_endpoint.endpoint.broker_info import BrokerInfo, amqp_properties
 from funcx_endpoint.endpoint.deliveries import DeliveryLedger
 from funcx_endpoint.executor.interface import IResultSink
+from funcx_endpoint.lifecycle import start_loop, stop_loop
 from funcx_endpoint.observer import fire_all
 from funcx_endpoint.wire import (
     MESSAGE_BATCHES,
@@ -117,13 +118,12 @@ class ResultPublisher:
         self.batching = self.message_batches and MESSAGE_BATCHES in info.features
         self._properties = amqp_properties(info.results.properties)
         self.spool.load().addCallbacks(self._loaded_spool, self._spool_load_failed)
-        self._resend_call = LoopingCall(self._resend_spooled)
-        self._resend_call.clock = self.clock
-        self._resend_call.start(self.resend_interval, now=False)
+        self._resend_call = start_loop(
+            self._resend_spooled, self.clock, self.resend_interval, now=False
+        )
 
     def stop(self) -> None:
-        if self._resend_call is not None and self._resend_call.running:
-            self._resend_call.stop()
+        stop_loop(self._resend_call)
 
     async def prepare(self, client: IAMQPClient, on_channel_closed: Callable[[Any], None]) -> None:
         """Set up a new results connection: confirm mode, exchange check, resend."""

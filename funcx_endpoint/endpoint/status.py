@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from funcx_endpoint.executor.interface import IInterchange
-from funcx_endpoint.lifecycle import IStatusPart
+from funcx_endpoint.lifecycle import IStatusPart, start_loop, stop_loop
 from funcx_endpoint.wire import EPStatusReport, TaskTransition
 
 Publish = Callable[[EPStatusReport], Deferred]
@@ -84,14 +84,11 @@ class StatusReporter(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._loop = LoopingCall(self.send)
-        self._loop.clock = self._clock
-        self._loop.start(self.period, now=True)
+        self._loop = start_loop(self.send, self._clock, self.period, now=True)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        stop_loop(self._loop)
         d = self.send(final=True)
         # Don't let a broker that is away hold the stop up.
         timer = self._clock.callLater(self._final_timeout, d.cancel)

@@ -38,7 +38,7 @@ from funcx_endpoint.endpoint.service import EndpointService, StartupReporter
 from funcx_endpoint.endpoint.status import StatusReporter
 from funcx_endpoint.endpoint.transport import build_transport
 from funcx_endpoint.executor.blocks import BLOCK_ID
-from funcx_endpoint.executor.interchange import Interchange
+from funcx_endpoint.executor.interchange import Interchange, hard_routing
 from funcx_endpoint.executor.interface import IResultSink
 from funcx_endpoint.executor.strategy import scaling_from_config
 
@@ -157,6 +157,7 @@ def build_endpoint(
             command_template=manager_command(interchange),
             working_dir=endpoint_dir.path,
             stop_grace_period=config.stop_grace_period,
+            per_type=hard_routing(config.executors[0]),
         )
     )
     endpoint.add(transport)

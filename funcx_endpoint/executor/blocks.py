@@ -16,6 +16,7 @@ the manager command template; the managers report it when they register, so
 from __future__ import annotations
 
 import collections
+import re
 from typing import Any, Collection, Deque, Dict, List, Optional, Sequence
 
 import attr
@@ -30,6 +31,10 @@ from funcx_endpoint.executor.providers.base import IAsyncProvider, JobState, Job
 from funcx_endpoint.observer import fresh_result
 
 BLOCK_ID = "{block_id}"
+#: Replaced by the block's container type (hard routing: its managers serve that type).
+CONTAINER_TYPE = "{container_type}"
+#: What a container type may hold to go into a command line (container ids, RAW).
+_SAFE_TYPE = re.compile(r"[A-Za-z0-9_.:-]+")
 
 
 @attr.s(auto_attribs=True, eq=False)
@@ -49,6 +54,7 @@ class Block:
     healthy: bool = False  # proved it works (see BlockScaler)
     ended_at: Optional[float] = None
     failed_start: bool = False
+    container_type: str = "RAW"  # the type its managers serve (hard routing)
 
     @property
     def active(self) -> bool:
@@ -162,8 +168,15 @@ class BlockScaler(Service):
                 "states": dict(states),
                 "ended": dict(self._ended),
                 "failed_starts_in_a_row": self.consecutive_failures,
+                **self._by_type(),
             }
         }
+
+    def _by_type(self) -> Dict[str, Any]:
+        types = collections.Counter(b.container_type for b in self.active_blocks())
+        if set(types) <= {"RAW"}:
+            return {}
+        return {"active_by_container_type": dict(types)}
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -201,22 +214,36 @@ class BlockScaler(Service):
 
     # -- scaling ------------------------------------------------------------------------
 
-    def scale_out(self, count: int) -> Deferred[List[str]]:
+    def scale_out(self, count: int, container_type: str = "RAW") -> Deferred[List[str]]:
         """Submit ``count`` new blocks; they count as active (PENDING) at once.
 
-        Fires with the ids of the blocks submitted successfully.  A failed
-        submission is logged and counted as a failed start, not raised.
+        ``container_type`` replaces ``{container_type}`` in the command (the
+        one type the blocks' managers serve, with hard routing).  Fires with
+        the ids of the blocks submitted successfully.  A failed submission is
+        logged and counted as a failed start, not raised.
         """
         if count <= 0:
+            return succeed([])
+        if not _SAFE_TYPE.fullmatch(container_type):
+            self.log.error(
+                "Not starting blocks for container type {container_type}: not a container id",
+                container_type=container_type,
+            )
             return succeed([])
         if not self.running or self._stopping:
             self.log.warn("Not starting {n} block(s): the scaler is not running", n=count)
             return succeed([])
         now = self._clock.seconds()
-        new = [Block(str(self._next_block + i), now) for i in range(count)]
+        new = [
+            Block(str(self._next_block + i), now, container_type=container_type)
+            for i in range(count)
+        ]
         self._next_block += count
         self.log.info(
-            "Starting {n} block(s): {ids}", n=count, ids=", ".join(b.block_id for b in new)
+            "Starting {n} block(s){of_type}: {ids}",
+            n=count,
+            of_type="" if container_type == "RAW" else f" for container {container_type}",
+            ids=", ".join(b.block_id for b in new),
         )
         waits = []
         for block in new:
@@ -235,7 +262,9 @@ class BlockScaler(Service):
         return result
 
     async def _submit(self, block: Block) -> bool:
-        command = self.command_template.replace(BLOCK_ID, block.block_id)
+        command = self.command_template.replace(BLOCK_ID, block.block_id).replace(
+            CONTAINER_TYPE, block.container_type
+        )
         job_name = f"{self.job_name_prefix}.block-{block.block_id}"
         try:
             job_id = await self.provider.submit(command, self.tasks_per_node, job_name)

@@ -232,7 +232,9 @@ class ManagerConnection(amp.AMP):
 
     @WarmContainers.responder
     def warm_containers(self, warm: Dict[str, int], cold_starts: int) -> Dict[str, Any]:
-        """Taken (soft routing uses it: the routing work, issue 11)."""
+        """The manager's warm workers per container type and its cold starts (soft routing)."""
+        if self.manager is not None:
+            self._registry.warm_containers(self.manager, warm, cold_starts)
         return {}
 
     @Quitting.responder

@@ -38,13 +38,13 @@ from zope.interface import implementer
 
 from funcx_endpoint.executor.interface import (
     IManagerEvents,
-    IManagerLoad,
     IResultSink,
     IRoutingPolicy,
 )
+from funcx_endpoint.executor.routing import RAW
+from funcx_endpoint.executor.slots import ManagerSlot, TaskRecord
 from funcx_endpoint.wire import (
     ActorName,
-    Container,
     ErrorCode,
     MessageError,
     PackedResult,
@@ -52,81 +52,8 @@ from funcx_endpoint.wire import (
     TaskState,
     TaskTransition,
 )
-from funcx_endpoint.wire.amp import RateMeter
 
-__all__ = ["TaskDispatcher", "TaskRecord"]
-
-
-class TaskRecord:
-    """One task the interchange accepted and has not answered yet."""
-
-    __slots__ = (
-        "task_id",
-        "buffer",
-        "container",
-        "container_type",
-        "transitions",
-        "attempts",
-        "slot",
-    )
-
-    def __init__(self, task: Task, container_type: str, transition: TaskTransition) -> None:
-        self.task_id = task.task_id
-        # As the manager receives it; made once, however often it is sent.
-        self.buffer = task.task_buffer.encode("utf-8")
-        # The container the manager runs it in (a task naming a container by id
-        # only gets one of that id without images: the manager says why it
-        # cannot run it, in a container mode).
-        self.container: Optional[Container] = task.container
-        if self.container is None and task.container_id is not None:
-            self.container = Container(task.container_id, "")
-        self.container_type = container_type
-        self.transitions: List[TaskTransition] = [transition]
-        self.attempts = 0  # times sent to a manager
-        self.slot: Optional[_Slot] = None
-
-
-@implementer(IManagerLoad)
-class _Slot:
-    """The dispatcher's side of one manager: the tasks it holds, what is
-    still to be sent to it, and how fast it answers."""
-
-    __slots__ = (
-        "manager",
-        "container_type",
-        "worker_count",
-        "capacity",
-        "sequence",
-        "outstanding",
-        "unsent",
-        "unsent_containers",
-        "push_call",
-        "last_push",
-        "completions",
-        "tasks_completed",
-        "idle_since",
-        "accepting",
-    )
-
-    def __init__(self, manager: Any, now: float) -> None:
-        self.manager = manager
-        self.container_type: str = manager.container_type
-        self.worker_count: int = manager.worker_count
-        self.capacity: int = manager.capacity
-        self.sequence: int = manager.sequence
-        self.outstanding: Dict[str, TaskRecord] = {}
-        self.unsent: List[Tuple[str, bytes]] = []
-        self.unsent_containers: Dict[str, Container] = {}
-        self.push_call: Optional[IDelayedCall] = None
-        self.last_push = -1.0
-        self.completions = RateMeter()
-        self.tasks_completed = 0
-        self.idle_since: Optional[float] = now
-        self.accepting = True
-
-    @property
-    def held(self) -> int:
-        return len(self.outstanding)
+__all__ = ["ManagerSlot", "TaskDispatcher", "TaskRecord"]
 
 
 @implementer(IManagerEvents)
@@ -154,10 +81,13 @@ class TaskDispatcher:
         self._dispatching = True
         self._tasks: Dict[str, TaskRecord] = {}
         self._queues: Dict[str, Deque[TaskRecord]] = {}
-        self._slots: Dict[Any, _Slot] = {}  # by manager
+        self._slots: Dict[Any, ManagerSlot] = {}  # by manager
         self._workers = 0  # of all managers here
         self._idle_workers = 0  # sum of max(0, workers - held)
-        self._by_type: Dict[str, List[int]] = {}  # container type: [managers, tasks held]
+        self._managers_of_type: Dict[str, int] = {}  # manager's container type: managers
+        self._held_of_type: Dict[str, int] = {}  # task's container type: tasks held
+        self._warm: Dict[str, int] = {}  # container type: warm workers at all managers
+        self._cold_starts = 0  # reported by managers, those gone included
         self._ready: List[PackedResult] = []
         self._deliver_call: Optional[IDelayedCall] = None
         self._dispatch_call: Optional[IDelayedCall] = None
@@ -178,6 +108,7 @@ class TaskDispatcher:
         transition = TaskTransition.now(TaskState.WAITING_FOR_NODES, ActorName.INTERCHANGE)
         known = self._tasks
         task_type = self.routing.task_type
+        unservable = self.routing.why_unservable
         for task in tasks:
             task_id = task.task_id
             if task_id in known:
@@ -186,11 +117,25 @@ class TaskDispatcher:
                 )
                 continue
             container_type = task_type(task)
+            if container_type != RAW:
+                why = unservable(container_type, task.container)
+                if why is not None:
+                    self._refuse(task_id, why, transition)
+                    continue
             record = TaskRecord(task, container_type, transition)
             known[task_id] = record
             self._queue(container_type).append(record)
             self._note(task_id, transition)
         self._schedule_dispatch()
+
+    def _refuse(self, task_id: str, why: str, transition: TaskTransition) -> None:
+        """Answer a task no manager can ever run (``ContainerError``) at once."""
+        self.log.warn("Task {task_id} cannot run here: {why}", task_id=task_id, why=why)
+        self._answer(
+            PackedResult.failure(
+                task_id, ErrorCode.CONTAINER_ERROR, f"Task {task_id}: {why}", None, [transition]
+            )
+        )
 
     def cancel(self, task_id: str) -> bool:
         """Cancel a task queued here or at a manager; it is answered ``TaskCancelled``."""
@@ -202,7 +147,7 @@ class TaskDispatcher:
             self._queues[record.container_type].remove(record)
             where = "while it waited for a worker"
         else:
-            del slot.outstanding[task_id]
+            slot.release(record)
             self._held_changed(slot, len(slot.outstanding) + 1)
             if not slot.outstanding:
                 slot.idle_since = self.clock.seconds()
@@ -244,7 +189,7 @@ class TaskDispatcher:
                 continue
             before = len(slot.outstanding)
             for task_id, _ in slot.unsent:
-                del slot.outstanding[task_id]
+                slot.release(slot.outstanding[task_id])
                 del self._tasks[task_id]
                 withdrawn.append(task_id)
             slot.unsent = []
@@ -264,10 +209,11 @@ class TaskDispatcher:
     # -- managers (IManagerEvents) -------------------------------------------
 
     def manager_joined(self, manager: Any) -> None:
-        slot = self._slots[manager] = _Slot(manager, self.clock.seconds())
+        slot = self._slots[manager] = ManagerSlot(manager, self.clock.seconds(), self._held_of_type)
         self._workers += slot.worker_count
         self._idle_workers += max(0, slot.worker_count)
-        self._by_type.setdefault(slot.container_type, [0, 0])[0] += 1
+        of_type = self._managers_of_type
+        of_type[slot.container_type] = of_type.get(slot.container_type, 0) + 1
         self.routing.update(slot)
         self._schedule_dispatch()
 
@@ -287,14 +233,16 @@ class TaskDispatcher:
             slot.push_call.cancel()
             slot.push_call = None
         records = list(slot.outstanding.values())
-        slot.outstanding.clear()
+        slot.release_all()
+        self._warm_changed(slot, {})
         self._held_changed(slot, len(records))
         self._workers -= slot.worker_count
         self._idle_workers -= max(0, slot.worker_count)
-        of_type = self._by_type[slot.container_type]
-        of_type[0] -= 1
-        if not of_type[0]:
-            del self._by_type[slot.container_type]
+        left = self._managers_of_type[slot.container_type] - 1
+        if left:
+            self._managers_of_type[slot.container_type] = left
+        else:
+            del self._managers_of_type[slot.container_type]
         slot.unsent = []
         slot.unsent_containers = {}
         for record in records:
@@ -356,7 +304,7 @@ class TaskDispatcher:
                     continue
                 result = unreadable
             task_id = result.task_id
-            record = outstanding.pop(task_id, None)
+            record = outstanding.get(task_id)
             if record is None:
                 # Cancelled meanwhile, or never sent there.
                 self.log.debug(
@@ -365,6 +313,7 @@ class TaskDispatcher:
                     manager=manager.describe(),
                 )
                 continue
+            slot.release(record)
             del tasks[task_id]
             result.add_transitions(record.transitions)
             answer(result)
@@ -378,6 +327,30 @@ class TaskDispatcher:
         if self._ready and self._deliver_call is None:
             self._deliver_call = self.clock.callLater(0, self.deliver)
         self._schedule_dispatch()
+
+    def warm_containers(self, manager: Any, warm: Dict[str, int], cold_starts: int) -> None:
+        slot = self._slots.get(manager)
+        if slot is None:
+            return
+        self._cold_starts += max(0, cold_starts - slot.cold_starts)
+        slot.cold_starts = cold_starts
+        self._warm_changed(slot, dict(warm))
+        if slot.accepting:
+            self.routing.update(slot)
+            self._schedule_dispatch()
+
+    def _warm_changed(self, slot: ManagerSlot, warm: Dict[str, int]) -> None:
+        totals = self._warm
+        for container_type, count in slot.warm.items():
+            left = totals.get(container_type, 0) - count
+            if left > 0:
+                totals[container_type] = left
+            else:
+                totals.pop(container_type, None)
+        for container_type, count in warm.items():
+            if count > 0:
+                totals[container_type] = totals.get(container_type, 0) + count
+        slot.warm = warm
 
     def _unreadable_result(self, manager: Any, error: MessageError) -> Optional[PackedResult]:
         """The failure that answers a result this endpoint cannot read, if it
@@ -413,13 +386,30 @@ class TaskDispatcher:
         return len(slot.outstanding), slot.idle_since, slot.tasks_completed
 
     def load_totals(self) -> Tuple[int, int, Dict[str, int]]:
-        """``(workers, idle workers, tasks held by container type)`` of the
+        """``(workers, idle workers, tasks held by their container type)`` of the
         managers here (a type appears while a manager of it is here)."""
         return (
             self._workers,
             self._idle_workers,
-            {container_type: held for container_type, (_, held) in self._by_type.items()},
+            self._held_by_type(),
         )
+
+    def warm_totals(self) -> Tuple[Dict[str, int], int]:
+        """``(warm workers by container type, cold starts)``: the warm workers of
+        the managers here; the cold starts of every manager since the start."""
+        return dict(self._warm), self._cold_starts
+
+    def cold_starts_of(self, manager: Any) -> int:
+        """The cold starts ``manager`` reported."""
+        slot = self._slots.get(manager)
+        return 0 if slot is None else slot.cold_starts
+
+    def _held_by_type(self) -> Dict[str, int]:
+        # The types of the managers here (0 if they hold none), and of the
+        # tasks held (a task's own type: soft routing's managers serve any).
+        held = dict.fromkeys(self._managers_of_type, 0)
+        held.update(self._held_of_type)
+        return held
 
     def record(self, task_id: str) -> Optional[TaskRecord]:
         """The record of a task held here, if any."""
@@ -470,23 +460,24 @@ class TaskDispatcher:
     def _dispatch(self) -> None:
         """Send queued tasks to managers with room, as the routing policy says."""
         self._dispatch_call = None
-        for container_type, queue in self._queues.items():
-            if not queue:
-                continue
+        queues = self._queues
+        queued = {container_type: len(queue) for container_type, queue in queues.items() if queue}
+        if not queued:
+            return
+        for container_type, slot, count in self.routing.route(queued):
+            queue = queues[container_type]
             popleft = queue.popleft
-            for slot, count in self.routing.assign(container_type, len(queue)):
-                self._send_tasks(slot, [popleft() for _ in range(min(count, len(queue)))])
+            self._send_tasks(slot, [popleft() for _ in range(min(count, len(queue)))])
 
-    def _held_changed(self, slot: _Slot, before: int) -> None:
+    def _held_changed(self, slot: ManagerSlot, before: int) -> None:
         """Keep the totals and the routing policy's index up to date."""
         held = len(slot.outstanding)
         workers = slot.worker_count
         self._idle_workers += max(0, workers - held) - max(0, workers - before)
-        self._by_type[slot.container_type][1] += held - before
         if slot.accepting:
             self.routing.update(slot)
 
-    def _send_tasks(self, slot: _Slot, batch: List[TaskRecord]) -> None:
+    def _send_tasks(self, slot: ManagerSlot, batch: List[TaskRecord]) -> None:
         transition = TaskTransition.now(TaskState.WAITING_FOR_LAUNCH, ActorName.INTERCHANGE)
         outstanding = slot.outstanding
         before = len(outstanding)
@@ -497,7 +488,7 @@ class TaskDispatcher:
             record.slot = slot
             record.attempts += 1
             record.transitions.append(transition)
-            outstanding[task_id] = record
+            slot.hold(record)
             note(task_id, transition)
             unsent.append((task_id, record.buffer))
             if record.container is not None:
@@ -506,7 +497,7 @@ class TaskDispatcher:
         slot.idle_since = None
         self._push(slot)
 
-    def _push(self, slot: _Slot) -> None:
+    def _push(self, slot: ManagerSlot) -> None:
         """Send the manager its unsent tasks now, or when ``batch_interval`` allows.
 
         They go at once after a quiet period, or when the manager holds no more
@@ -524,7 +515,7 @@ class TaskDispatcher:
         else:
             self._push_now(slot)
 
-    def _push_now(self, slot: _Slot) -> None:
+    def _push_now(self, slot: ManagerSlot) -> None:
         slot.push_call = None
         if not slot.unsent or self._slots.get(slot.manager) is not slot:
             return

@@ -31,6 +31,7 @@ strategy reads).
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 import os
 import secrets
@@ -49,6 +50,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from funcx_endpoint.config.model import HighThroughputExecutor, MiB
+from funcx_endpoint.executor.blocks import CONTAINER_TYPE
 from funcx_endpoint.executor.connection import MAX_UNREGISTERED_BYTES, ManagerConnectionFactory
 from funcx_endpoint.executor.dispatcher import TaskDispatcher
 from funcx_endpoint.executor.interface import (
@@ -56,24 +58,77 @@ from funcx_endpoint.executor.interface import (
     ILoadSource,
     IResultSink,
     IRoutingPolicy,
+    ITypedLoadSource,
     ManagerInfo,
 )
 from funcx_endpoint.executor.registry import ManagerRegistry
 from funcx_endpoint.executor.routing import RAW, LeastLoadedRouting
+from funcx_endpoint.executor.soft_routing import WarmFirstRouting
 from funcx_endpoint.lifecycle import IStatusPart
 from funcx_endpoint.tls import ensure_ca_and_server_cert
 from funcx_endpoint.wire import Task, TaskTransition
 from funcx_endpoint.wire.info import ConnectionInfo, ManagerSettings, local_versions
 
-__all__ = ["INFO_FILE_NAME", "MAX_UNREGISTERED_BYTES", "RAW", "Interchange"]
+__all__ = [
+    "CONTAINER_TYPE",
+    "INFO_FILE_NAME",
+    "MAX_UNREGISTERED_BYTES",
+    "RAW",
+    "Interchange",
+    "hard_routing",
+    "routing_for",
+    "scheduler_mode",
+]
 
 #: The name of the info file in the interchange's working directory.
 INFO_FILE_NAME = "manager-info.json"
 #: The directory (in the working directory) of the CA and server certificate.
 TLS_DIR_NAME = "interchange-tls"
+#: The managers whose cold starts ``funcx-endpoint status`` lists (those with the most).
+COLD_STARTS_SHOWN = 20
 
 
-@implementer(IInterchange, ILoadSource, IStatusPart)
+def scheduler_mode(executor: Any) -> str:
+    """How tasks are routed by type: ``raw`` (no containers, or one image for
+    every worker: every task is ``RAW``), ``hard`` or ``soft``."""
+    if executor.worker_mode == "no_container" or getattr(executor, "container_uri", None):
+        return "raw"
+    return "soft" if executor.scheduler_mode == "soft" else "hard"
+
+
+def hard_routing(executor: Any) -> bool:
+    """Whether managers serve one container type each, started in blocks per type."""
+    return scheduler_mode(executor) == "hard"
+
+
+def _kubernetes(provider: Any) -> bool:
+    return "Kubernetes" in type(provider).__name__
+
+
+def routing_for(executor: Any, clock: Any) -> IRoutingPolicy:
+    """The routing policy of ``executor`` (see :func:`scheduler_mode`)."""
+    mode = scheduler_mode(executor)
+    if mode == "soft":
+        interval = executor.cold_routing_interval
+        return WarmFirstRouting(clock, cold_routing_interval=10.0 if interval is None else interval)
+    if mode == "raw":
+        return LeastLoadedRouting(containers=False)
+    provider = executor.provider
+    unservable = None
+    if _kubernetes(provider):
+        image = getattr(provider, "image", None) or "its image"
+
+        def unservable(container_type: str) -> Optional[str]:
+            return (
+                f"the Kubernetes provider starts every manager in one image ({image}), so "
+                f"no manager can run container {container_type}: hard routing by "
+                f"container needs a provider that starts managers per container type"
+            )
+
+    return LeastLoadedRouting(containers=True, unservable=unservable)
+
+
+@implementer(IInterchange, ILoadSource, ITypedLoadSource, IStatusPart)
 class Interchange(Service):
     """Dispatches tasks to managers over TLS+AMP and hands their results to a sink.
 
@@ -122,7 +177,7 @@ class Interchange(Service):
         self.dispatcher = TaskDispatcher(
             reactor,
             result_sink,
-            routing or LeastLoadedRouting(containers=executor.worker_mode != "no_container"),
+            routing or routing_for(executor, reactor),
             max_retries=executor.max_retries_on_system_failure,
             batch_interval=batch_interval,
             max_recorded_tasks=max_recorded_tasks,
@@ -350,12 +405,20 @@ class Interchange(Service):
             ),
         )
 
-    def manager_command(self, block_id: str, manager_id: Optional[str] = None) -> List[str]:
+    def manager_command(
+        self,
+        block_id: str,
+        manager_id: Optional[str] = None,
+        container_type: Optional[str] = None,
+    ) -> List[str]:
         """The command line that starts a manager for this interchange.
 
         It runs this Python (``sys.executable``), which on a cluster with a
         shared file system is the same installation on every node, without
-        relying on ``funcx-manager`` being on the nodes' PATH.
+        relying on ``funcx-manager`` being on the nodes' PATH.  With hard
+        routing, ``container_type`` (or, by default, the placeholder
+        :data:`CONTAINER_TYPE` the block scaler replaces) is the one type the
+        manager serves: ``--container-type TYPE``.
         """
         command = [
             sys.executable,
@@ -368,6 +431,8 @@ class Interchange(Service):
         ]
         if manager_id is not None:
             command += ["--manager-id", manager_id]
+        if hard_routing(self.executor):
+            command += ["--container-type", container_type or CONTAINER_TYPE]
         return command
 
     def when_managers(self, count: int = 1) -> Deferred[None]:
@@ -418,15 +483,38 @@ class Interchange(Service):
         }
 
     def status_fields(self) -> Dict[str, Any]:
-        """What ``funcx-endpoint status`` shows of the interchange."""
+        """What ``funcx-endpoint status`` shows of the interchange.
+
+        With containers, ``routing``: the scheduler mode, warm workers by
+        container type, the cold starts of all managers since the start, and
+        those of the :data:`COLD_STARTS_SHOWN` managers here that made the
+        most (by manager id).  Asked for only by ``funcx-endpoint status``
+        (not by the periodic status reports): finding those managers looks at
+        every manager once.
+        """
         status = self.status()
-        return {
+        fields: Dict[str, Any] = {
             "managers": status["managers"],
             "workers": status["total_workers"],
             "idle_workers": status["idle_workers"],
             "tasks_queued": status["pending_tasks"],
             "tasks_outstanding": sum(status["outstanding_tasks"].values()),
         }
+        mode = scheduler_mode(self.executor)
+        if mode != "raw":
+            warm, cold_starts = self.dispatcher.warm_totals()
+            by_manager = [
+                (self.dispatcher.cold_starts_of(m), m.manager_id)
+                for m in self.registry.managers.values()
+            ]
+            top = heapq.nlargest(COLD_STARTS_SHOWN, (pair for pair in by_manager if pair[0]))
+            fields["routing"] = {
+                "scheduler_mode": mode,
+                "cold_starts": cold_starts,
+                "warm_workers": warm,
+                "cold_starts_by_manager": {manager_id: n for n, manager_id in top},
+            }
+        return fields
 
     def pop_transitions(self) -> Dict[str, List[TaskTransition]]:
         """Transitions recorded since the last call (the interchange's)."""
@@ -437,6 +525,11 @@ class Interchange(Service):
     def outstanding_tasks(self) -> int:
         """Tasks accepted and not answered yet: queued here plus at managers."""
         return self.dispatcher.outstanding_tasks()
+
+    def outstanding_by_type(self) -> Dict[str, int]:
+        """Tasks accepted and not answered yet, by container type."""
+        outstanding = self.status()["outstanding_tasks"]
+        return {container_type: n for container_type, n in outstanding.items() if n}
 
     def managers(self) -> List[ManagerInfo]:
         """The registered managers."""
@@ -454,6 +547,7 @@ class Interchange(Service):
                     registered_at=manager.registered_at,
                     idle_since=idle_since,
                     tasks_completed=completed,
+                    container_type=manager.container_type,
                 )
             )
         return infos

@@ -78,6 +78,16 @@ class IManagerLoad(Interface):
     sequence = Attribute("int: its registration order (earlier is smaller)")
 
 
+class IWarmManagerLoad(IManagerLoad):
+    """What soft routing also reads of a manager: its warm workers per type."""
+
+    warm = Attribute(
+        "Dict[str, int]: its workers running each container type now, busy or idle "
+        "(as its last WarmContainers said; empty before it said anything)"
+    )
+    held_of_type = Attribute("Dict[str, int]: the tasks it holds, by container type")
+
+
 class IRoutingPolicy(Interface):
     """Decides which manager gets which queued task.
 
@@ -96,6 +106,18 @@ class IRoutingPolicy(Interface):
 
     def remove(manager: Any) -> None:
         """``manager`` takes no more tasks (it is retiring, quitting or gone)."""
+
+    def route(queued: Dict[str, int]) -> List[Tuple[str, Any, int]]:
+        """Split the queued tasks (``{container type: how many}``, each more than
+        0) among the managers with room: ``(container type, manager, how many)``
+        triples, in the order the tasks should go; what :meth:`assign` does for
+        each type, except that a policy may look at every type before it decides
+        (soft routing gives warm workers their tasks before any cold start)."""
+
+    def why_unservable(container_type: str, container: Any) -> Optional[str]:
+        """Why no manager can ever run tasks of ``container_type`` (``container``:
+        the :class:`~funcx_endpoint.wire.Container` a task names, or None), or
+        None if one may.  Such tasks fail at once instead of waiting forever."""
 
     def assign(container_type: str, count: int) -> List[Tuple[Any, int]]:
         """Split up to ``count`` queued tasks of ``container_type`` among the
@@ -127,6 +149,10 @@ class IManagerEvents(Interface):
     def held_by(manager: Any) -> int:
         """How many tasks ``manager`` holds (for the registry's messages)."""
 
+    def warm_containers(manager: Any, warm: Dict[str, int], cold_starts: int) -> None:
+        """``manager`` said which container types it has warm workers of, and how
+        many cold starts it has made since it started (``WarmContainers``)."""
+
 
 @attr.s(auto_attribs=True, frozen=True)
 class ManagerInfo:
@@ -141,6 +167,7 @@ class ManagerInfo:
     registered_at: float  # clock time
     idle_since: Optional[float]  # clock time it last became idle; None while busy
     tasks_completed: int = 0  # results it has sent back
+    container_type: str = "RAW"  # the type it serves (hard routing)
 
 
 class ILoadSource(Interface):
@@ -162,3 +189,11 @@ class ILoadSource(Interface):
         the block holds a task (it may have been given one since the caller
         looked).  True otherwise.
         """
+
+
+class ITypedLoadSource(ILoadSource):
+    """The load by container type, for scaling blocks per type (hard routing)."""
+
+    def outstanding_by_type() -> Dict[str, int]:
+        """Tasks accepted and not yet answered, by container type (types with
+        none may be absent)."""

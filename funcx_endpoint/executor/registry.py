@@ -406,6 +406,9 @@ class ManagerRegistry:
     def results_received(self, manager: Manager, results: List[bytes]) -> None:
         self.events.results_received(manager, results)
 
+    def warm_containers(self, manager: Manager, warm: Dict[str, int], cold_starts: int) -> None:
+        self.events.warm_containers(manager, warm, cold_starts)
+
     def forget(self, manager: Manager) -> None:
         """Remove a manager that is gone (its connection may still be closing)."""
         if self.managers.get(manager.manager_id) is manager:

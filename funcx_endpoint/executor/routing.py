@@ -12,7 +12,11 @@ routing: a task goes only to managers of its own container type, one task at
 a time to the least loaded (tasks held per worker), ties to the manager that
 registered first.  With ``worker_mode="no_container"`` every task is of type
 ``RAW`` whatever container it names (funcX: "hard and soft routing are the
-same: any free worker").
+same: any free worker").  With the endpoint-wide form of containers
+(``container_uri``: every worker runs one image) every task is of that one type.
+
+Soft routing (``scheduler_mode="soft"``) is :class:`~funcx_endpoint.executor.
+soft_routing.WarmFirstRouting`, in its own module.
 
 :class:`ManagerHeap` is its index: the managers with room of one container
 type, the least loaded on top.
@@ -21,14 +25,15 @@ type, the least loaded on top.
 from __future__ import annotations
 
 import heapq
-from typing import Any, Dict, List, Optional, Tuple
+import random
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from zope.interface import implementer
 
 from funcx_endpoint.executor.interface import IRoutingPolicy
 from funcx_endpoint.wire import Task
 
-__all__ = ["RAW", "LeastLoadedRouting", "ManagerHeap"]
+__all__ = ["RAW", "LeastLoadedRouting", "ManagerHeap", "RandomSet", "container_type_of"]
 
 #: The container type of tasks that run directly on workers.
 RAW = "RAW"
@@ -91,6 +96,47 @@ class ManagerHeap:
         heapq.heapify(self._heap)
 
 
+class RandomSet:
+    """A set whose :meth:`choice` is uniform and O(1), as are add and discard."""
+
+    __slots__ = ("_items", "_where")
+
+    def __init__(self) -> None:
+        self._items: List[Any] = []
+        self._where: Dict[Any, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, item: Any) -> bool:
+        return item in self._where
+
+    def add(self, item: Any) -> None:
+        if item not in self._where:
+            self._where[item] = len(self._items)
+            self._items.append(item)
+
+    def discard(self, item: Any) -> None:
+        index = self._where.pop(item, None)
+        if index is None:
+            return
+        last = self._items.pop()
+        if index < len(self._items):
+            self._items[index] = last
+            self._where[last] = index
+
+    def choice(self, rng: random.Random) -> Any:
+        """A uniformly random item (the set must not be empty)."""
+        return self._items[int(rng.random() * len(self._items))]
+
+
+def container_type_of(task: Task) -> str:
+    """The container type a task names: its container's id, else ``RAW``."""
+    if task.container is not None:
+        return task.container.container_id
+    return task.container_id or RAW
+
+
 def _load(held: int, worker_count: int) -> float:
     return held / max(worker_count, 1)
 
@@ -100,19 +146,42 @@ class LeastLoadedRouting:
     """Tasks of a type go to managers of that type, the least loaded first.
 
     ``containers``: whether tasks are typed by the container they name
-    (False for ``worker_mode="no_container"``: every task is ``RAW``).
+    (False for ``worker_mode="no_container"``: every task is ``RAW``);
+    ``single_type``: the one type of every task (the endpoint-wide form of
+    containers, where every worker runs ``container_uri``); ``unservable``:
+    says why no manager of a type can ever be started (None: one can), e.g.
+    when the provider cannot start managers per type.
     """
 
-    def __init__(self, containers: bool = False) -> None:
+    def __init__(
+        self,
+        containers: bool = False,
+        single_type: Optional[str] = None,
+        unservable: Optional[Callable[[str], Optional[str]]] = None,
+    ) -> None:
         self.containers = containers
+        self.single_type = single_type
+        self.unservable = unservable
         self._open: Dict[str, ManagerHeap] = {}  # managers with room, by container type
 
     def task_type(self, task: Task) -> str:
+        if self.single_type is not None:
+            return self.single_type
         if not self.containers:
             return RAW
-        if task.container is not None:
-            return task.container.container_id
-        return task.container_id or RAW
+        return container_type_of(task)
+
+    def why_unservable(self, container_type: str, container: Any) -> Optional[str]:
+        if self.unservable is None or not self.containers or self.single_type is not None:
+            return None
+        return self.unservable(container_type)
+
+    def route(self, queued: Dict[str, int]) -> List[Tuple[str, Any, int]]:
+        return [
+            (container_type, manager, n)
+            for container_type, count in queued.items()
+            for manager, n in self.assign(container_type, count)
+        ]
 
     def update(self, manager: Any) -> None:
         heap = self._open.get(manager.container_type)

@@ -35,6 +35,16 @@ with Parsl's providers.  The rules, in the order they are applied:
    idle block down to ``min_blocks``).  The managers of the chosen blocks
    are retired at the interchange first (no more tasks for them; a block
    that took a task since the decision is kept), then the blocks cancelled.
+
+With hard routing by container (``per_type``), every block serves one
+container type (its managers are started with ``--container-type``), and
+the rules apply to each type apart (:meth:`SimpleStrategy.decide_per_type`):
+a type's outstanding tasks against the slots of its own blocks; the initial
+and ``min_blocks`` blocks are ``RAW``; ``max_blocks`` bounds all types
+together, types with no block served first.  A type that needs its first
+block while ``max_blocks`` are active takes the place of idle blocks of types
+with no outstanding task, at once (without waiting ``max_idletime``): so a
+type never waits for more than the work of the others.
 """
 
 from __future__ import annotations
@@ -57,6 +67,9 @@ from funcx_endpoint.executor.interface import ILoadSource, ManagerInfo
 from funcx_endpoint.executor.providers.local import provider_from_config
 from funcx_endpoint.lifecycle import IStatusPart
 from funcx_endpoint.observer import fresh_result
+
+#: The container type of blocks started for no type in particular.
+RAW_TYPE = "RAW"
 
 
 def estimate_workers_per_node(
@@ -82,6 +95,8 @@ class Decision:
 
     scale_out: int = 0
     scale_in: Tuple[str, ...] = ()
+    #: per-type blocks to start (hard routing): (container type, how many)
+    scale_out_types: Tuple[Tuple[str, int], ...] = ()
     held: bool = False  # a scale-out was wanted but failed starts hold it back
     reason: str = ""
 
@@ -111,6 +126,7 @@ class SimpleStrategy(Service):
     workers_per_node: int = attr.ib(default=1, kw_only=True, converter=_at_least_one)
     backoff_base: float = attr.ib(default=10.0, kw_only=True)
     backoff_cap: float = attr.ib(default=300.0, kw_only=True)
+    per_type: bool = attr.ib(default=False, kw_only=True)
     _unmanned_since: Dict[str, float] = attr.ib(factory=dict, init=False)
     _loop: Optional[LoopingCall] = attr.ib(default=None, init=False)
     _ticking: Optional[Deferred[Decision]] = attr.ib(default=None, init=False)
@@ -156,7 +172,15 @@ class SimpleStrategy(Service):
 
     async def _tick(self) -> Decision:
         try:
-            decision = self.decide()
+            decision = self.decide_per_type() if self.per_type else self.decide()
+            for container_type, count in decision.scale_out_types:
+                self.log.info(
+                    "Scaling out by {n} block(s) for container type {container_type}: {reason}",
+                    n=count,
+                    container_type=container_type,
+                    reason=decision.reason,
+                )
+                await self.scaler.scale_out(count, container_type)
             if decision.scale_out:
                 self.log.info(
                     "Scaling out by {n} block(s): {reason}",
@@ -269,6 +293,96 @@ class SimpleStrategy(Service):
             )
         return Decision(reason="steady")
 
+    def decide_per_type(self) -> Decision:
+        """What to do now, each container type's blocks for its own tasks (hard
+        routing; see the module's docstring)."""
+        now = self._clock.seconds()
+        provider = self.scaler.provider
+        min_blocks, max_blocks = provider.min_blocks, provider.max_blocks
+        active = self.scaler.active_blocks()
+        load: Any = self.load
+        tasks_by_type: Dict[str, int] = dict(load.outstanding_by_type())
+        by_block = self.scaler.managers_by_block()
+        per_block = max(1, provider.nodes_per_block) * self.workers_per_manager(
+            [m for managers in by_block.values() for m in managers]
+        )
+        self._track_unmanned(active, by_block, now)
+        blocks_of: Dict[str, List[Block]] = {}
+        for block in active:
+            blocks_of.setdefault(block.container_type, []).append(block)
+
+        wanted: Dict[str, int] = {}
+        reasons = []
+        if len(active) < min_blocks:
+            wanted[RAW_TYPE] = min_blocks - len(active)
+            reasons.append(f"{len(active)} active block(s) < min_blocks {min_blocks}")
+        for container_type, tasks in sorted(tasks_by_type.items()):
+            count = len(blocks_of.get(container_type, ())) + wanted.get(container_type, 0)
+            excess = tasks - count * per_block
+            if excess <= 0:
+                continue
+            extra = math.ceil(excess * provider.parallelism / per_block - 1e-9)
+            if count == 0:
+                extra = max(extra, 1)
+            if extra > 0:
+                wanted[container_type] = wanted.get(container_type, 0) + extra
+                reasons.append(
+                    f"{tasks} outstanding task(s) of type {container_type} > "
+                    f"{count * per_block} slot(s)"
+                )
+        room = max(0, max_blocks - len(active))
+        # One block for each type with none first, then the rest by need.
+        order = sorted(wanted, key=lambda t: (bool(blocks_of.get(t)), -wanted[t], t))
+        given: Dict[str, int] = {}
+        for container_type in order:
+            if room and not blocks_of.get(container_type):
+                given[container_type] = 1
+                room -= 1
+        for container_type in order:
+            n = min(wanted[container_type] - given.get(container_type, 0), room)
+            if n > 0:
+                given[container_type] = given.get(container_type, 0) + n
+                room -= n
+        chosen = [(t, given[t]) for t in order if given.get(t)]
+        starved = [t for t in order if not blocks_of.get(t) and t not in given]
+        reason = "; ".join(reasons)
+        if chosen:
+            hold = self.backoff_until()
+            if hold is not None and now < hold:
+                return Decision(held=True, reason=reason)
+            return Decision(scale_out_types=tuple(chosen), reason=reason)
+        idle: List[Tuple[float, Block]] = []
+        for block in active:
+            since = self._idle_since(block, by_block.get(block.block_id, []))
+            if since is not None:
+                idle.append((since, block))
+        idle.sort(key=lambda pair: pair[0])
+        if starved:
+            # Make room at once: idle blocks of types nobody waits for.
+            spare = [b.block_id for _, b in idle if not tasks_by_type.get(b.container_type)]
+            spare = spare[: len(starved)]
+            if spare:
+                return Decision(
+                    scale_in=tuple(spare),
+                    reason=f"container type(s) {', '.join(starved)} need a block and "
+                    f"max_blocks {max_blocks} are active",
+                )
+        scale_in: List[str] = []
+        left_of = {t: len(b) for t, b in blocks_of.items()}
+        for since, block in idle:
+            if now - since < self.max_idletime or len(active) - len(scale_in) <= min_blocks:
+                continue
+            of_type = block.container_type
+            if (left_of[of_type] - 1) * per_block < tasks_by_type.get(of_type, 0):
+                continue
+            left_of[of_type] -= 1
+            scale_in.append(block.block_id)
+        if scale_in:
+            return Decision(
+                scale_in=tuple(scale_in), reason=f"idle for {self.max_idletime:g}s or more"
+            )
+        return Decision(reason="steady")
+
     def _track_unmanned(
         self, active: List[Block], by_block: Dict[str, List[ManagerInfo]], now: float
     ) -> None:
@@ -344,6 +458,7 @@ def scaling_from_config(
     working_dir: str,
     stop_grace_period: float = 10.0,
     local_options: Optional[Mapping[str, Any]] = None,
+    per_type: bool = False,
 ) -> ScalingService:
     """Build the provider, scaler and strategy of a ``HighThroughputExecutor`` config.
 
@@ -351,7 +466,9 @@ def scaling_from_config(
     the interchange; ``command_template`` starts one manager and contains
     ``{block_id}``; ``working_dir`` (or the executor's ``working_dir`` under it)
     receives block output and submit scripts;
-    ``local_options`` go to our ``LocalProvider`` (see :func:`provider_from_config`).
+    ``local_options`` go to our ``LocalProvider`` (see :func:`provider_from_config`);
+    ``per_type``: blocks per container type (hard routing; ``load`` must then
+    provide :class:`~funcx_endpoint.executor.interface.ITypedLoadSource`).
     """
     if executor.working_dir:
         # Relative to the endpoint's directory (an absolute one replaces it).
@@ -372,6 +489,7 @@ def scaling_from_config(
         scaler,
         load,
         reactor,
+        per_type=per_type,
         interval=executor.strategy.interval,
         max_idletime=executor.strategy.max_idletime,
         workers_per_node=estimate_workers_per_node(

@@ -125,6 +125,16 @@ def _dict_data(response: globus_sdk.GlobusHTTPResponse, call: str) -> Dict[str, 
     return data
 
 
+def _answer(response: globus_sdk.GlobusHTTPResponse, call: str, key: str, kind: type) -> Any:
+    """``key`` of the JSON object ``response`` holds, which must be a ``kind``
+    (:class:`MalformedResponse` naming ``call`` otherwise)."""
+    value = _dict_data(response, call).get(key)
+    if not isinstance(value, kind):
+        what = f"{key} object" if kind is dict else key
+        raise MalformedResponse(f"{call}: the answer has no {what}")
+    return value
+
+
 # ---------------------------------------------------------------------------
 # The client
 
@@ -269,10 +279,8 @@ class FuncXClient(globus_sdk.BaseClient):
             "public": bool(public),
             "group": canonical_uuid(group, "group") if group else None,
         }
-        data = _dict_data(self.post("functions", data=body), "register_function")
-        function_id = data.get("function_uuid")
-        if not isinstance(function_id, str):
-            raise MalformedResponse("register_function: the answer has no function_uuid")
+        response = self.post("functions", data=body)
+        function_id: str = _answer(response, "register_function", "function_uuid", str)
         return function_id
 
     # -- containers -----------------------------------------------------------
@@ -303,10 +311,8 @@ class FuncXClient(globus_sdk.BaseClient):
         }
         if public:
             body["public"] = True
-        data = _dict_data(self.post("containers", data=body), "register_container")
-        container_id = data.get("container_id")
-        if not isinstance(container_id, str):
-            raise MalformedResponse("register_container: the answer has no container_id")
+        response = self.post("containers", data=body)
+        container_id: str = _answer(response, "register_container", "container_id", str)
         return container_id
 
     def get_container(
@@ -322,10 +328,7 @@ class FuncXClient(globus_sdk.BaseClient):
         path = f"containers/{canonical_uuid(container_uuid, 'container_uuid')}"
         if container_type is not None:
             path += "/" + quote(container_type, safe="")
-        data = _dict_data(self.get(path), "get_container")
-        container = data.get("container")
-        if not isinstance(container, dict):
-            raise MalformedResponse("get_container: the answer has no container object")
+        container: Dict[str, Any] = _answer(self.get(path), "get_container", "container", dict)
         return container
 
     def add_container_image(
@@ -339,10 +342,8 @@ class FuncXClient(globus_sdk.BaseClient):
             f"containers/{canonical_uuid(container_uuid, 'container_uuid')}/"
             f"{quote(container_type, safe='')}"
         )
-        data = _dict_data(self.put(path, data={"location": location}), "add_container_image")
-        container = data.get("container")
-        if not isinstance(container, dict):
-            raise MalformedResponse("add_container_image: the answer has no container object")
+        response = self.put(path, data={"location": location})
+        container: Dict[str, Any] = _answer(response, "add_container_image", "container", dict)
         return container
 
     # -- tasks ----------------------------------------------------------------

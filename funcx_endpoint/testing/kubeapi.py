@@ -411,12 +411,7 @@ class KubeApiStub(Resource):
             if self.on_pod_created is not None:
                 self.on_pod_created(pod)
             return 201, pod
-        if not rest:
-            raise ApiError(405, f"method {method} not allowed")
-        name = rest[0]
-        pod = self.pods.get((ns, name))
-        if pod is None:
-            raise ApiError(404, f'pods "{name}" not found')
+        name, pod = _named(self.pods, "pods", method, ns, rest)
         sub = rest[1] if len(rest) > 1 else None
         if method == "GET" and sub in (None, "status"):
             return 200, pod
@@ -450,12 +445,7 @@ class KubeApiStub(Resource):
             stored["metadata"] = dict(body["metadata"], namespace=ns, uid=f"uid-{next(self._uids)}")
             self.secrets[(ns, name)] = stored
             return 201, stored
-        if not rest:
-            raise ApiError(405, f"method {method} not allowed")
-        name = rest[0]
-        secret = self.secrets.get((ns, name))
-        if secret is None:
-            raise ApiError(404, f'secrets "{name}" not found')
+        name, secret = _named(self.secrets, "secrets", method, ns, rest)
         if method == "GET":
             return 200, secret
         if method == "PUT":
@@ -470,6 +460,21 @@ class KubeApiStub(Resource):
             del self.secrets[(ns, name)]
             return 200, _status(200, "", "")
         raise ApiError(405, f"method {method} not allowed on secrets")
+
+
+def _named(
+    store: Dict[Tuple[str, str], Any], kind: str, method: str, ns: str, rest: List[str]
+) -> Tuple[str, Any]:
+    """The name in the path (``rest[0]``) and the stored object of ``kind``
+    (``pods``, ``secrets``) by that name in namespace ``ns``: 405 if the path
+    names none, 404 if there is none."""
+    if not rest:
+        raise ApiError(405, f"method {method} not allowed")
+    name = rest[0]
+    found = store.get((ns, name))
+    if found is None:
+        raise ApiError(404, f'{kind} "{name}" not found')
+    return name, found
 
 
 def _check_secret_data(name: str, body: Dict[str, Any]) -> None:

@@ -21,7 +21,6 @@ import uuid
 from typing import Any, Dict, Tuple
 
 import attr
-from twisted.logger import Logger
 
 from funcx_endpoint.webservice.api_checks import (
     MAX_NAME,
@@ -31,7 +30,7 @@ from funcx_endpoint.webservice.api_checks import (
     show,
     string_field,
 )
-from funcx_endpoint.webservice.api_context import APIContext
+from funcx_endpoint.webservice.api_context import HandlerGroup
 from funcx_endpoint.webservice.auth import API
 from funcx_endpoint.webservice.http import APIError, Call, Router, bad_request, not_found
 from funcx_endpoint.webservice.records import CONTAINER_TYPES, PROVIDED, ContainerInfo, ImageInfo
@@ -96,13 +95,8 @@ def _container_view(container: ContainerInfo) -> Dict[str, Any]:
     }
 
 
-@attr.s(auto_attribs=True)
-class ContainersAPI:
+class ContainersAPI(HandlerGroup):
     """The container handlers; :meth:`install` adds them to a router."""
-
-    log = Logger()
-
-    context: APIContext
 
     def install(self, router: Router) -> None:
         # The build paths first: /v2/containers/build/<id> has the shape of <id>/<type>.

@@ -2,7 +2,7 @@
 
 :class:`~funcx_endpoint.webservice.api.FuncXAPI` makes one
 :class:`APIContext` and hands it to each group of handlers (functions,
-tasks, endpoints).
+containers, tasks, endpoints: each a :class:`HandlerGroup`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from twisted.logger import Logger
 
 from funcx_endpoint.webservice.broker import IServiceBroker
 from funcx_endpoint.webservice.dispatch import TaskSender
-from funcx_endpoint.webservice.http import APIError
+from funcx_endpoint.webservice.http import APIError, Router
 from funcx_endpoint.webservice.management import (
     BrokerUnavailable,
     IBrokerAdministrator,
@@ -24,7 +24,7 @@ from funcx_endpoint.webservice.management import (
 )
 from funcx_endpoint.webservice.storage import Storage
 
-__all__ = ["APIContext", "BrokerAddress"]
+__all__ = ["APIContext", "BrokerAddress", "HandlerGroup"]
 
 
 @attr.s(auto_attribs=True, frozen=True)
@@ -83,3 +83,17 @@ class APIContext:
                 "the service could not set up broker access; the operator should check "
                 "that the service's broker user is an administrator (see the service log)",
             ) from None
+
+
+@attr.s(auto_attribs=True)
+class HandlerGroup:
+    """A group of the API's handlers (functions, containers, tasks, endpoints)
+    over the service's shared :class:`APIContext`; :meth:`install` adds them
+    to a router.  ``log`` is named after the subclass."""
+
+    log = Logger()
+
+    context: APIContext
+
+    def install(self, router: Router) -> None:
+        raise NotImplementedError(f"{type(self).__name__} installs no handlers")

@@ -10,9 +10,6 @@ import secrets
 import uuid
 from typing import Any, Dict, Tuple
 
-import attr
-from twisted.logger import Logger
-
 from funcx_endpoint.amqp import topology
 from funcx_endpoint.webservice.api_checks import (
     MAX_NAME,
@@ -23,7 +20,7 @@ from funcx_endpoint.webservice.api_checks import (
     string_field,
     takes_batches,
 )
-from funcx_endpoint.webservice.api_context import APIContext
+from funcx_endpoint.webservice.api_context import HandlerGroup
 from funcx_endpoint.webservice.auth import API
 from funcx_endpoint.webservice.http import APIError, Call, Router, bad_request, not_found
 from funcx_endpoint.webservice.storage import Endpoint, TokenInfo
@@ -34,13 +31,8 @@ __all__ = ["EndpointsAPI"]
 MAX_METADATA = 256 * 1024
 
 
-@attr.s(auto_attribs=True)
-class EndpointsAPI:
+class EndpointsAPI(HandlerGroup):
     """The endpoint handlers; :meth:`install` adds them to a router."""
-
-    log = Logger()
-
-    context: APIContext
 
     def install(self, router: Router) -> None:
         eid = "(?P<endpoint_id>[^/]+)"

@@ -11,9 +11,6 @@ from __future__ import annotations
 import uuid
 from typing import Any, Tuple
 
-import attr
-from twisted.logger import Logger
-
 from funcx_endpoint.webservice.api_checks import (
     MAX_NAME,
     MAX_TEXT,
@@ -21,7 +18,7 @@ from funcx_endpoint.webservice.api_checks import (
     canonical_uuid,
     string_field,
 )
-from funcx_endpoint.webservice.api_context import APIContext
+from funcx_endpoint.webservice.api_context import HandlerGroup
 from funcx_endpoint.webservice.auth import API
 from funcx_endpoint.webservice.http import Call, Router, bad_request, not_found
 from funcx_endpoint.webservice.storage import TokenInfo
@@ -30,13 +27,8 @@ from funcx_endpoint.wire import DeserializationError, unpack_buffers
 __all__ = ["FunctionsAPI"]
 
 
-@attr.s(auto_attribs=True)
-class FunctionsAPI:
+class FunctionsAPI(HandlerGroup):
     """The function handlers; :meth:`install` adds them to a router."""
-
-    log = Logger()
-
-    context: APIContext
 
     def install(self, router: Router) -> None:
         router.add("POST", "/v2/functions", self.register_function, API)

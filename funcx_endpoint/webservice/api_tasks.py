@@ -12,7 +12,6 @@ import uuid
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 import attr
-from twisted.logger import Logger
 
 from funcx_endpoint.webservice.api_checks import (
     boolean_field,
@@ -20,7 +19,7 @@ from funcx_endpoint.webservice.api_checks import (
     show,
     takes_batches,
 )
-from funcx_endpoint.webservice.api_context import APIContext
+from funcx_endpoint.webservice.api_context import HandlerGroup
 from funcx_endpoint.webservice.auth import API
 from funcx_endpoint.webservice.http import (
     APIError,
@@ -58,12 +57,9 @@ def _refusal(status: int, code: str, reason: str) -> Dict[str, Any]:
 
 
 @attr.s(auto_attribs=True)
-class TasksAPI:
+class TasksAPI(HandlerGroup):
     """The task handlers; :meth:`install` adds them to a router."""
 
-    log = Logger()
-
-    context: APIContext
     #: users whose broker user for result queues was set up by this process
     _provisioned_users: Set[str] = attr.ib(factory=set, init=False)
 

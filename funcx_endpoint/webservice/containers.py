@@ -8,7 +8,7 @@ in database threads.  Who may see a container is the API's decision
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from funcx_endpoint.webservice.db import Tx
 from funcx_endpoint.webservice.records import ContainerInfo, ImageInfo
@@ -20,6 +20,23 @@ _IMAGE_SELECT = (
     "SELECT container_id, image_type, location, created, modified, build_status, build_stderr "
     "FROM container_images"
 )
+_IMAGE_INSERT = (
+    "INSERT INTO container_images (container_id, image_type, location, build_status, "
+    "build_stderr, created, modified) VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _image_row(container_id: str, image: ImageInfo) -> Tuple[Any, ...]:
+    """The values of :data:`_IMAGE_INSERT` for ``image`` of container ``container_id``."""
+    return (
+        container_id,
+        image.image_type,
+        image.location,
+        image.build_status,
+        image.build_stderr,
+        image.created,
+        image.modified,
+    )
 
 
 def insert_container(tx: Tx, container: ContainerInfo) -> None:
@@ -38,20 +55,8 @@ def insert_container(tx: Tx, container: ContainerInfo) -> None:
         ),
     )
     tx.executemany(
-        "INSERT INTO container_images (container_id, image_type, location, build_status, "
-        "build_stderr, created, modified) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        [
-            (
-                container.container_id,
-                image.image_type,
-                image.location,
-                image.build_status,
-                image.build_stderr,
-                image.created,
-                image.modified,
-            )
-            for image in container.images
-        ],
+        _IMAGE_INSERT,
+        [_image_row(container.container_id, image) for image in container.images],
     )
 
 
@@ -84,20 +89,10 @@ def _container(row: Sequence[Any], images: List[ImageInfo]) -> ContainerInfo:
 def put_image(tx: Tx, container_id: str, image: ImageInfo) -> None:
     """Give a stored container ``image``, replacing its image of that type if it had one."""
     tx.execute(
-        "INSERT INTO container_images (container_id, image_type, location, build_status, "
-        "build_stderr, created, modified) VALUES (?, ?, ?, ?, ?, ?, ?) "
-        "ON CONFLICT (container_id, image_type) DO UPDATE SET location = excluded.location, "
-        "build_status = excluded.build_status, build_stderr = excluded.build_stderr, "
-        "modified = excluded.modified",
-        (
-            container_id,
-            image.image_type,
-            image.location,
-            image.build_status,
-            image.build_stderr,
-            image.created,
-            image.modified,
-        ),
+        _IMAGE_INSERT + " ON CONFLICT (container_id, image_type) DO UPDATE SET "
+        "location = excluded.location, build_status = excluded.build_status, "
+        "build_stderr = excluded.build_stderr, modified = excluded.modified",
+        _image_row(container_id, image),
     )
     tx.execute(
         "UPDATE containers SET modified = ? WHERE container_id = ?", (image.modified, container_id)

@@ -45,22 +45,10 @@ class ErrorCode:
     #: Made only by the real 1.0.13 endpoint.
     COULD_NOT_EXECUTE_USER_TASK: ClassVar[str] = "CouldNotExecuteUserTaskError"
 
-    #: Every code above.
+    #: Every code above (the upper-case names of this class body so far, so
+    #: that a code added above is in it without being listed twice).
     ALL: ClassVar[FrozenSet[str]] = frozenset(
-        {
-            REMOTE_EXECUTION_ERROR,
-            WORKER_LOST,
-            MANAGER_LOST,
-            TASK_TIMEOUT,
-            MAX_RESULT_SIZE_EXCEEDED,
-            FUNCTION_NOT_ALLOWED,
-            DESERIALIZATION_ERROR,
-            TASK_CANCELLED,
-            VERSION_MISMATCH,
-            MALFORMED_TASK,
-            CONTAINER_ERROR,
-            COULD_NOT_EXECUTE_USER_TASK,
-        }
+        value for name, value in list(locals().items()) if name.isupper()
     )
 
 

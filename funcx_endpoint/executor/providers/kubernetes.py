@@ -89,6 +89,7 @@ class _Pod:
     last: JobStatus = attr.Factory(lambda: JobStatus(JobState.PENDING))
 
 
+@attr.s(auto_attribs=True, eq=False, repr=False)
 class KubernetesPodProvider(Service):
     """Runs each block as one manager pod (``nodes_per_block`` is always 1).
 
@@ -108,50 +109,36 @@ class KubernetesPodProvider(Service):
     name = "kubernetes-provider"
     nodes_per_block = 1
 
-    def __init__(
-        self,
-        settings: PodSettings,
-        reactor: Any,
-        working_dir: str,
-        *,
-        label: str = "kubernetes",
-        init_blocks: int = 0,
-        min_blocks: int = 0,
-        max_blocks: int = 10,
-        parallelism: float = 1.0,
-        status_polling_interval: float = 5.0,
-        incluster: bool = True,
-        kubeconfig: Optional[str] = None,
-        context: Optional[str] = None,
-        api: Any = None,
-        request_timeout: Tuple[float, float] = REQUEST_TIMEOUT,
-        backoff: Optional[ApiBackoff] = None,
-        hostname: Optional[str] = None,
-        unique: Callable[[], str] = lambda: secrets.token_hex(4),
-    ) -> None:
-        self.settings = settings
-        self._reactor = reactor
-        self.working_dir = working_dir
-        self.label = label
-        self.init_blocks = init_blocks
-        self.min_blocks = min_blocks
-        self.max_blocks = max_blocks
-        self.parallelism = parallelism
-        self.status_polling_interval = status_polling_interval
-        # What a pod may use, for the strategy's estimate of workers per block.
-        self.cores_per_node: Optional[int] = max(1, int(settings.max_cpu))
-        self.incluster = incluster
-        self.kubeconfig = kubeconfig
-        self.context = context
-        self._api = api
-        self.request_timeout = request_timeout
-        self.backoff = backoff if backoff is not None else ApiBackoff(status_polling_interval)
-        self.key = endpoint_key(os.path.abspath(working_dir), hostname)
-        self.labels = endpoint_labels(self.key)
-        self.info_secret = InfoSecret(
-            settings.namespace, secret_name(self.key), self.labels, request_timeout
+    settings: PodSettings
+    _reactor: Any
+    working_dir: str
+    label: str = attr.ib(default="kubernetes", kw_only=True)
+    init_blocks: int = attr.ib(default=0, kw_only=True)
+    min_blocks: int = attr.ib(default=0, kw_only=True)
+    max_blocks: int = attr.ib(default=10, kw_only=True)
+    parallelism: float = attr.ib(default=1.0, kw_only=True)
+    status_polling_interval: float = attr.ib(default=5.0, kw_only=True)
+    incluster: bool = attr.ib(default=True, kw_only=True)
+    kubeconfig: Optional[str] = attr.ib(default=None, kw_only=True)
+    context: Optional[str] = attr.ib(default=None, kw_only=True)
+    _api: Any = attr.ib(default=None, kw_only=True)
+    request_timeout: Tuple[float, float] = attr.ib(default=REQUEST_TIMEOUT, kw_only=True)
+    _given_backoff: Optional[ApiBackoff] = attr.ib(default=None, kw_only=True, alias="backoff")
+    hostname: Optional[str] = attr.ib(default=None, kw_only=True)
+    _unique: Callable[[], str] = attr.ib(default=lambda: secrets.token_hex(4), kw_only=True)
+
+    def __attrs_post_init__(self) -> None:
+        self.backoff = (
+            self._given_backoff
+            if self._given_backoff is not None
+            else ApiBackoff(self.status_polling_interval)
         )
-        self._unique = unique
+        # What a pod may use, for the strategy's estimate of workers per block.
+        self.cores_per_node: Optional[int] = max(1, int(self.settings.max_cpu))
+        self.info_secret = endpoint_info_secret(
+            self.settings.namespace, self.working_dir, self.hostname, self.request_timeout
+        )
+        self.labels = dict(self.info_secret.labels)
         self._pods: Dict[str, _Pod] = {}
         self._finished: OrderedDict[str, JobStatus] = OrderedDict()
         self._leftovers_checked = False
@@ -263,18 +250,7 @@ class KubernetesPodProvider(Service):
         """Delete the pods an earlier run of this endpoint left (once per run)."""
         if self._leftovers_checked:
             return
-        ns = self.settings.namespace
-        try:
-            listing = self._call(
-                f"list pods in namespace {ns!r}",
-                "list_namespaced_pod",
-                ns,
-                label_selector=selector(self.labels),
-            )
-        except Exception as e:
-            if not_found(e):
-                raise describe_api_error(e, f"list pods in namespace {ns!r}") from e
-            raise
+        listing = self._list_pods()
         left = [p.metadata.name for p in listing.items if p.metadata.name not in self._pods]
         if left:
             self._note(
@@ -286,6 +262,20 @@ class KubernetesPodProvider(Service):
         for name in left:
             self._delete_pod(name)
         self._leftovers_checked = True
+
+    def _list_pods(self) -> Any:
+        """This endpoint's pods (a ``V1PodList``); an unknown namespace is a
+        :class:`KubernetesApiError` as any other error of the call."""
+        ns = self.settings.namespace
+        action = f"list pods in namespace {ns!r}"
+        try:
+            return self._call(
+                action, "list_namespaced_pod", ns, label_selector=selector(self.labels)
+            )
+        except Exception as e:
+            if not_found(e):
+                raise describe_api_error(e, action) from e
+            raise
 
     def _delete_pod(self, name: str) -> bool:
         """Delete a pod; False if it was gone already."""
@@ -306,22 +296,12 @@ class KubernetesPodProvider(Service):
         followed = [j for j in job_ids if j in self._pods]
         found: Optional[Dict[str, Any]] = None
         if followed and not self.backoff.waiting:
-            ns = self.settings.namespace
             try:
-                listing = self._call(
-                    f"list pods in namespace {ns!r}",
-                    "list_namespaced_pod",
-                    ns,
-                    label_selector=selector(self.labels),
-                )
+                listing = self._list_pods()
             except KubernetesApiError as e:
                 if not e.unavailable:
                     raise
                 self._note("warn", "Kubernetes: pod states unknown for now: {error}", error=str(e))
-            except Exception as e:
-                if not_found(e):
-                    raise describe_api_error(e, f"list pods in namespace {ns!r}") from e
-                raise
             else:
                 found = {p.metadata.name: p for p in listing.items}
         result = []
@@ -431,18 +411,52 @@ class KubernetesPodProvider(Service):
     def stopService(self) -> Deferred[None]:
         """Delete the info-file Secret (in a thread); errors are logged."""
         super().stopService()
-        if not self.info_secret.created or self._api is None:
+        if self._api is None:
             return succeed(None)
-        pool = self._reactor.getThreadPool()
-        d = deferToThreadPool(self._reactor, pool, self.info_secret.delete, self._api)
-        d.addErrback(
-            lambda f: self.log.warn(
-                "Kubernetes: could not delete secret {name}: {error}",
-                name=self.info_secret.name,
-                error=f.getErrorMessage(),
-            )
+        return delete_info_secret(self._reactor, self.info_secret, self._api, self.log)
+
+
+def endpoint_info_secret(
+    namespace: str,
+    working_dir: str,
+    hostname: Optional[str],
+    request_timeout: Tuple[float, float] = REQUEST_TIMEOUT,
+) -> InfoSecret:
+    """The info-file Secret of the endpoint in ``working_dir`` on ``hostname``
+    (None: this host): named and labelled after its :func:`endpoint_key`."""
+    key = endpoint_key(os.path.abspath(working_dir), hostname)
+    return InfoSecret(namespace, secret_name(key), endpoint_labels(key), request_timeout)
+
+
+def delete_info_secret(
+    reactor: Any, info_secret: InfoSecret, api: Any, log: Logger
+) -> Deferred[None]:
+    """Delete ``info_secret`` if this run created it, in a thread of ``reactor``'s
+    pool; a failure is logged on ``log``, and the Deferred fires with None anyway."""
+    if not info_secret.created:
+        return succeed(None)
+    pool = reactor.getThreadPool()
+    d = deferToThreadPool(reactor, pool, info_secret.delete, api)
+    d.addErrback(
+        lambda f: log.warn(
+            "Kubernetes: could not delete secret {name}: {error}",
+            name=info_secret.name,
+            error=f.getErrorMessage(),
         )
-        return d
+    )
+    return d
+
+
+#: The config's fields that :class:`KubernetesPodProvider` takes as they are,
+#: for the strategy.
+_SCALING_FIELDS = (
+    "label",
+    "init_blocks",
+    "min_blocks",
+    "max_blocks",
+    "parallelism",
+    "status_polling_interval",
+)
 
 
 def pod_provider_from_config(
@@ -454,13 +468,8 @@ def pod_provider_from_config(
         settings,
         reactor,
         os.path.join(working_dir, "blocks"),
-        label=config_provider.label,
-        init_blocks=config_provider.init_blocks,
-        min_blocks=config_provider.min_blocks,
-        max_blocks=config_provider.max_blocks,
-        parallelism=config_provider.parallelism,
-        status_polling_interval=config_provider.status_polling_interval,
         incluster=bool(config_provider.incluster_config),
+        **{name: getattr(config_provider, name) for name in _SCALING_FIELDS},
     )
 
 
@@ -507,6 +516,8 @@ def kubernetes_provider(
 __all__ = [
     "KubernetesPodProvider",
     "SubmitError",
+    "delete_info_secret",
+    "endpoint_info_secret",
     "is_parsl_kubernetes",
     "kubernetes_provider",
     "pod_provider_from_config",

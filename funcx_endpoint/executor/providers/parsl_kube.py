@@ -26,19 +26,17 @@ through a :class:`~funcx_endpoint.executor.providers.base.ProviderAdapter`.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import attr
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from funcx_endpoint.executor.providers.base import JobState, JobStatus
 from funcx_endpoint.executor.providers.kube_api import (
     REQUEST_TIMEOUT,
     ApiBackoff,
-    InfoSecret,
     KubernetesApiError,
     api_host,
     describe_api_error,
@@ -52,11 +50,12 @@ from funcx_endpoint.executor.providers.kube_spec import (
     DEFAULT_PYTHON,
     INFO_VOLUME,
     dns_label,
-    endpoint_key,
-    endpoint_labels,
     info_file_of,
     pod_command,
-    secret_name,
+)
+from funcx_endpoint.executor.providers.kubernetes import (
+    delete_info_secret,
+    endpoint_info_secret,
 )
 
 #: Parsl appends ``-<milliseconds>`` (14 characters) to the job name.
@@ -115,6 +114,11 @@ def mount_info_secret(pod: Any, secret: str, info_dir: str) -> None:
         spec.image_pull_secrets = [s for s in spec.image_pull_secrets if s is not None] or None
 
 
+def _backoff_or_default(backoff: Optional[ApiBackoff]) -> ApiBackoff:
+    return backoff if backoff is not None else ApiBackoff(5.0)
+
+
+@attr.s(auto_attribs=True, eq=False, repr=False)
 class ParslKubernetesProvider(Service):
     """Parsl's ``KubernetesProvider`` ``provider``, as the endpoint runs it (see
     the module's docstring).  ``working_dir`` identifies the endpoint (its
@@ -125,33 +129,23 @@ class ParslKubernetesProvider(Service):
     name = "parsl-kubernetes-provider"
     nodes_per_block = 1  # Parsl's provider makes one pod per block, whatever it says
 
-    def __init__(
-        self,
-        provider: Any,
-        reactor: Any,
-        working_dir: str,
-        *,
-        info_dir: str = DEFAULT_INFO_DIR,
-        log_dir: str = DEFAULT_LOG_DIR,
-        python: str = DEFAULT_PYTHON,
-        request_timeout: Tuple[float, float] = REQUEST_TIMEOUT,
-        backoff: Optional[ApiBackoff] = None,
-        hostname: Optional[str] = None,
-    ) -> None:
-        self.provider = provider
-        self._reactor = reactor
-        self.info_dir = info_dir
-        self.log_dir = log_dir
-        self.python = python
-        self.request_timeout = request_timeout
-        self.backoff = backoff if backoff is not None else ApiBackoff(5.0)
-        key = endpoint_key(os.path.abspath(working_dir), hostname)
-        self.info_secret = InfoSecret(
-            provider.namespace, secret_name(key), endpoint_labels(key), request_timeout
+    provider: Any
+    _reactor: Any
+    working_dir: str
+    info_dir: str = attr.ib(default=DEFAULT_INFO_DIR, kw_only=True)
+    log_dir: str = attr.ib(default=DEFAULT_LOG_DIR, kw_only=True)
+    python: str = attr.ib(default=DEFAULT_PYTHON, kw_only=True)
+    request_timeout: Tuple[float, float] = attr.ib(default=REQUEST_TIMEOUT, kw_only=True)
+    backoff: ApiBackoff = attr.ib(default=None, kw_only=True, converter=_backoff_or_default)
+    hostname: Optional[str] = attr.ib(default=None, kw_only=True)
+
+    def __attrs_post_init__(self) -> None:
+        self.info_secret = endpoint_info_secret(
+            self.provider.namespace, self.working_dir, self.hostname, self.request_timeout
         )
-        self._api: Any = provider.kube_client
-        provider.kube_client = _InfoMountingApi(
-            self._api, self.info_secret.name, info_dir, request_timeout
+        self._api: Any = self.provider.kube_client
+        self.provider.kube_client = _InfoMountingApi(
+            self._api, self.info_secret.name, self.info_dir, self.request_timeout
         )
         self._gone: Dict[Any, JobStatus] = {}
 
@@ -227,15 +221,4 @@ class ParslKubernetesProvider(Service):
     def stopService(self) -> Deferred[None]:
         """Delete the info-file Secret (in a thread); errors are logged."""
         super().stopService()
-        if not self.info_secret.created:
-            return succeed(None)
-        pool = self._reactor.getThreadPool()
-        d = deferToThreadPool(self._reactor, pool, self.info_secret.delete, self._api)
-        d.addErrback(
-            lambda f: self.log.warn(
-                "Kubernetes: could not delete secret {name}: {error}",
-                name=self.info_secret.name,
-                error=f.getErrorMessage(),
-            )
-        )
-        return d
+        return delete_info_secret(self._reactor, self.info_secret, self._api, self.log)
