@@ -238,6 +238,43 @@ class _EngineTests:
         await cluster.close()
         self.assertEqual(self.engine.containers(), [])
 
+    async def test_soft_routing_managers_of_three_types(self) -> None:
+        """A real interchange with soft routing and two real soft managers (no
+        --container-type) of two slots: tasks of three container types all run in
+        their images; the managers' WarmContainers reach the interchange (warm
+        workers per type, cold starts)."""
+        from funcx_endpoint.config.model import HighThroughputExecutor
+        from funcx_endpoint.wire import Container, ContainerImage, Task
+        from tests.test_execution_integration import Cluster
+
+        names = [f"localhost/funcx-soft-{kind}:1" for kind in "abc"]
+        self.engine.import_worker_image(names)
+        boxes = [
+            Container(uuid.uuid4(), f"t{i}", [ContainerImage("docker", name)])
+            for i, name in enumerate(names)
+        ]
+        executor = HighThroughputExecutor(worker_mode=self.engine.name, scheduler_mode="soft")
+        cluster = Cluster(self, executor)
+        for _ in range(2):
+            cluster.start_manager(workers=2, env=self.engine.environment())
+        await cluster.ready(2)
+        tasks = [
+            Task(uuid.uuid4(), buffer_of(double, i).decode(), box.container_id, box)
+            for i in range(3)
+            for box in boxes
+        ]
+        cluster.interchange.submit(tasks)
+        for i, task in enumerate(tasks):
+            result = await cluster.result(task.task_id, timeout=120)
+            self.assertIsNone(result.error_details, result.data)
+            self.assertEqual(deserialize(result.data)["value"], 2 * (i // 3))
+        warm, cold_starts = cluster.interchange.dispatcher.warm_totals()
+        self.assertGreaterEqual(cold_starts, 3)  # each type started at least once
+        self.assertTrue(set(warm) <= {box.container_id for box in boxes}, warm)
+        self.assertGreaterEqual(sum(warm.values()), 1)
+        await cluster.close()
+        self.assertEqual(self.engine.containers(), [])
+
 
 class PodmanTests(_EngineTests, TestCase):
     shared = shared_podman
