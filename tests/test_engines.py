@@ -326,19 +326,22 @@ class HarnessTests(SynchronousTestCase):
 
 class _EndToEndTests:
     """SDK -> private service -> broker -> endpoint daemon -> manager -> a worker in a
-    container of the endpoint-wide image (Globus Compute's form: ``container_type``
-    and ``container_uri`` in config.py), with this engine."""
+    container, with this engine: the endpoint-wide container (Globus Compute's
+    form: ``container_type`` and ``container_uri`` in config.py), and a function
+    registered with a container (hard routing: a block of managers for its type)."""
 
     shared: Any
-    timeout = 240
+    timeout = 300
 
-    def test_function_runs_in_the_endpoint_wide_container(self) -> None:
+    def start_endpoint(self, options: str) -> Any:
+        """A running endpoint whose executor has ``options`` (config.py source) and
+        the engine's environment; its id, SDK client and engine."""
         import os
 
         from funcx_endpoint.endpoint.layout import EndpointDir
+        from funcx_endpoint.sdk import FuncXClient
         from funcx_endpoint.testing.service import shared_service
         from tests.support import run_cli, wait_for
-        from tests.test_end_to_end import wait_result
 
         engine = self.shared.get()
         engine.import_worker_image()
@@ -363,19 +366,13 @@ class _EndToEndTests:
             text = f.read()
         text = text.replace(
             'max_workers_per_node=float("inf"),',
-            f"max_workers_per_node=1, container_type={engine.name!r}, "
-            f"container_uri={WORKER_IMAGE!r}, worker_environment={engine.environment()!r},",
+            f"max_workers_per_node=1, {options}, worker_environment={engine.environment()!r},",
         )
         with open(ep.config_file, "w") as f:
             f.write(text)
         started = run_cli(config_dir, "start", "boxed", env=env)
         self.addCleanup(run_cli, config_dir, "stop", "boxed", env=env)  # type: ignore[attr-defined]
         self.assertEqual(started.returncode, 0, started.stdout + started.stderr)  # type: ignore[attr-defined]
-        assert wait_for(
-            lambda: "workers: 1" in run_cli(config_dir, "status", "boxed", env=env).stdout, 120
-        ), run_cli(config_dir, "status", "boxed", env=env).stdout
-        from funcx_endpoint.sdk import FuncXClient
-
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
@@ -387,15 +384,47 @@ class _EndToEndTests:
                 else:
                     os.environ[key] = value
         self.addCleanup(client.close)  # type: ignore[attr-defined]
+
+        def stop() -> None:
+            stopped = run_cli(config_dir, "stop", "boxed", env=env)
+            self.assertEqual(stopped.returncode, 0, stopped.stderr)  # type: ignore[attr-defined]
+            assert wait_for(lambda: engine.containers() == [], 30), engine.containers()
+
+        return ep.endpoint_id(), client, engine, stop
+
+    def test_function_runs_in_the_endpoint_wide_container(self) -> None:
+        from tests.test_end_to_end import wait_result
+
+        engine = self.shared.get()
+        endpoint_id, client, engine, stop = self.start_endpoint(
+            f"container_type={engine.name!r}, container_uri={WORKER_IMAGE!r}"
+        )
         function_id = client.register_function(double)
-        task = client.run(21, endpoint_id=ep.endpoint_id(), function_id=function_id)
+        task = client.run(21, endpoint_id=endpoint_id, function_id=function_id)
         answer = wait_result(client, task, timeout=120)
         self.assertEqual(answer["value"], 42)  # type: ignore[attr-defined]
         self.assertEqual(answer["pid"], 1)  # type: ignore[attr-defined]
         self.assertEqual(len(engine.containers()), 1)  # type: ignore[attr-defined]
-        stopped = run_cli(config_dir, "stop", "boxed", env=env)
-        self.assertEqual(stopped.returncode, 0, stopped.stderr)  # type: ignore[attr-defined]
-        assert wait_for(lambda: engine.containers() == [], 30), engine.containers()
+        stop()
+
+    def test_function_of_a_registered_container(self) -> None:
+        """register_container + register_function(container_uuid=...): the endpoint
+        (hard routing) starts a manager for the container's type, whose worker runs
+        in its image; a plain function still runs on a raw worker."""
+        from tests.test_end_to_end import add, wait_result
+
+        engine = self.shared.get()
+        endpoint_id, client, engine, stop = self.start_endpoint(f"worker_mode={engine.name!r}")
+        container_id = client.register_container(WORKER_IMAGE, "docker", name="worker")
+        function_id = client.register_function(double, container_uuid=container_id)
+        task = client.run(5, endpoint_id=endpoint_id, function_id=function_id)
+        answer = wait_result(client, task, timeout=180)
+        self.assertEqual(answer["value"], 10)  # type: ignore[attr-defined]
+        self.assertEqual(answer["pid"], 1)  # type: ignore[attr-defined]
+        plain = client.register_function(add)
+        task = client.run(1, endpoint_id=endpoint_id, function_id=plain)
+        self.assertEqual(wait_result(client, task, timeout=120), 11)  # type: ignore[attr-defined]
+        stop()
 
 
 class PodmanEndToEndTests(_EndToEndTests, SynchronousTestCase):
