@@ -5,8 +5,8 @@ with the task pipe on fd 3 and the result pipe on fd 4; fds 1 and 2 are log
 files (``--task-fd 0 --result-fd 1``: the pipes are stdin and stdout, as in a
 Docker container, and stdout is moved aside).  Plain Python: no Twisted, no
 reactor, one task at a time.  The worker exits when the task pipe closes or says
-quit, and dies with its manager
-(``PR_SET_PDEATHSIG`` on Linux) so that a killed manager leaves no orphans.
+quit, and dies with its manager (``PR_SET_PDEATHSIG`` on Linux) so that a
+killed manager leaves no orphans.
 """
 
 from __future__ import annotations
