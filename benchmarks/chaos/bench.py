@@ -47,7 +47,8 @@ def main() -> int:
     from twisted.internet import reactor
 
     thread = threading.Thread(
-        target=lambda: reactor.run(installSignalHandlers=False), daemon=True  # type: ignore[attr-defined]
+        target=lambda: reactor.run(installSignalHandlers=False),
+        daemon=True,  # type: ignore[attr-defined]
     )
     thread.start()
     base_dir = args.state_dir or tempfile.mkdtemp(prefix="funcx-chaos-")

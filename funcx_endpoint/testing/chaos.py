@@ -29,11 +29,13 @@ result or a named error.
 A task is counted under the first fault that struck while it was in flight
 (submitted, not answered), else under the last fault before its submission
 (``none`` before the first one).  *Time to recover* is from the fault's
-injection until every task that was in flight then has its answer.
+injection until every task that was in flight then, or sent while the fault
+lasted (a broker restart takes seconds), has its answer.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import threading
@@ -128,7 +130,8 @@ class FaultReport:
     errors: Counter[str] = attr.ib(factory=Counter)
     #: Seconds the fault itself took (e.g. a broker restart).
     action_seconds: float = 0.0
-    #: Seconds from injection until the tasks in flight then were all answered.
+    #: Seconds from injection until the tasks in flight then, or sent while the
+    #: fault lasted, were all answered.
     recovery_seconds: Optional[float] = None
     in_flight_at_fault: int = 0
     #: When the fault struck (monotonic clock), and the tasks in flight then.
@@ -337,6 +340,11 @@ class _Stream:
             report.detail = f"FAILED: {type(error).__name__}: {error}"
             self.progress(f"  fault {name} failed: {error}")
         report.action_seconds = time.monotonic() - report.struck
+        with self.lock:
+            # What was sent during the fault (e.g. while the broker was down)
+            # is part of what has to come through once it is over.
+            watched = {id(task) for task in report.watch}
+            report.watch.extend(t for t in self.pending.values() if id(t) not in watched)
         return report
 
     def top_up(self, fault: int, timeout: float = 30.0) -> None:
@@ -358,7 +366,8 @@ class _Stream:
                 self.progress_event.wait(0.2)
 
     def wait_recovered(self, report: FaultReport, timeout: float) -> None:
-        """Until the tasks in flight at ``report``'s fault are answered (or timeout)."""
+        """Until the tasks in flight at ``report``'s fault, or sent while it
+        lasted, are answered (or ``timeout``)."""
         deadline = time.monotonic() + timeout
         watch: List[_Task] = report.watch
         struck = report.struck
@@ -462,7 +471,7 @@ def run_chaos(
                     f"(submitted {stream.submitted}, answered {stream.answered})"
                 )
                 report = stream.strike(
-                    name, lambda name=name: FAULTS[name](stack, rng, partition_seconds)
+                    name, functools.partial(FAULTS[name], stack, rng, partition_seconds)
                 )
                 stream.wait_recovered(report, recovery_timeout)
                 progress(
@@ -487,9 +496,7 @@ def run_chaos(
             for thread in threads:
                 thread.join(30)
         seconds = time.monotonic() - stream_started
-        progress(
-            f"stream done in {seconds:.0f} s; checking every answer again and the run logs"
-        )
+        progress(f"stream done in {seconds:.0f} s; checking every answer again and the run logs")
         result = _account(stream, client_factory, log_dir, seed, tasks, seconds, stack.spool_fs)
     finally:
         try:
@@ -580,8 +587,10 @@ def format_report(result: ChaosResult) -> str:
     lines = [header, "-" * len(header)]
     for r in result.faults:
         errors = ", ".join(f"{k} {v}" for k, v in sorted(r.errors.items())) or "-"
-        recover = "-" if r.name == "none" else (
-            f"{r.recovery_seconds:.1f}" if r.recovery_seconds is not None else "NO"
+        recover = (
+            "-"
+            if r.name == "none"
+            else (f"{r.recovery_seconds:.1f}" if r.recovery_seconds is not None else "NO")
         )
         lines.append(
             f"{r.name:<26}{r.submitted:>10}{r.answered:>10}{r.lost:>6}{r.duplicates:>5}"

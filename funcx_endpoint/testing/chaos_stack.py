@@ -136,7 +136,6 @@ class ChaosStack:
         self.endpoint_id = ""
         #: "tmpfs" if the spool is on a tmpfs of its own, else why not.
         self.spool_fs = "not mounted"
-        self._fill_file = ""
         self._started_endpoint = False
 
     # -- start and stop ------------------------------------------------------------------
@@ -206,7 +205,6 @@ class ChaosStack:
             self.spool_fs = "tmpfs"
         else:
             self.spool_fs = f"not mounted ({(result.stderr or result.stdout).strip()[:200]})"
-        self._fill_file = os.path.join(spool, ".." + "fill")
 
     def stop(self) -> None:
         if self._started_endpoint:
@@ -263,8 +261,7 @@ class ChaosStack:
         while len(self.processes("worker")) < self.managers * self.workers:
             if time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"the endpoint's workers did not come up: {self.status()}\n"
-                    f"{self.log_tail()}"
+                    f"the endpoint's workers did not come up: {self.status()}\n{self.log_tail()}"
                 )
             time.sleep(0.25)
 
@@ -349,6 +346,7 @@ class ChaosStack:
                     f.flush()
             except OSError:
                 pass
+        before = self.log_counts()
         try:
             what = self.partition(seconds, mode="reset")
         finally:
@@ -356,7 +354,28 @@ class ChaosStack:
             # to hit the full disk before it is freed.
             time.sleep(1.0)
             os.unlink(fill)
-        return f"spool tmpfs filled ({written // 1024} KiB), {what}, disk freed"
+        after = self.log_counts()
+        seen = ", ".join(f"{after[k] - before.get(k, 0)} {k}" for k in after)
+        return f"spool tmpfs filled ({written // 1024} KiB), {what}, disk freed ({seen})"
+
+    #: Lines of endpoint.log that show what a fault did to the spool.
+    LOG_MARKERS = {
+        "results not confirmed, to the spool": "result(s) not confirmed (",
+        "spool writes failed": "Could not write results to the spool",
+    }
+
+    def log_counts(self) -> Dict[str, int]:
+        """How often each of :data:`LOG_MARKERS` is in endpoint.log now."""
+        counts = dict.fromkeys(self.LOG_MARKERS, 0)
+        try:
+            with open(self.ep.log_file(), errors="replace") as f:
+                for line in f:
+                    for name, marker in self.LOG_MARKERS.items():
+                        if marker in line:
+                            counts[name] += 1
+        except OSError:
+            pass
+        return counts
 
 
 def _kill(pid: int, timeout: float = 10.0) -> None:

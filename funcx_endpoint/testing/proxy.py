@@ -42,6 +42,12 @@ BLACKHOLE = "blackhole"
 RESET = "reset"
 
 
+def _abort(transport: Any) -> None:
+    """Abort a TCP connection (an ITCPTransport; ``None``: not connected)."""
+    if transport is not None:
+        transport.abortConnection()
+
+
 class _Upstream(Protocol):
     """The proxy's connection to upstream, joined to one accepted connection."""
 
@@ -92,7 +98,7 @@ class _Downstream(Protocol):
 
     def upstream_made(self, upstream: _Upstream) -> None:
         if self.closed or self.blackholed:
-            upstream.transport.abortConnection()  # type: ignore[attr-defined]
+            _abort(upstream.transport)
             return
         self.upstream = upstream
         # Each side stops reading while the other cannot keep up.
@@ -126,10 +132,10 @@ class _Downstream(Protocol):
         self.pending = []
 
     def abort(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
-        if self.upstream is not None and self.upstream.transport is not None:
-            self.upstream.transport.abortConnection()  # type: ignore[attr-defined]
+        if not self.closed:
+            _abort(self.transport)
+        if self.upstream is not None:
+            _abort(self.upstream.transport)
 
     def upstream_lost(self) -> None:
         if not self.blackholed and not self.closed and self.transport is not None:
