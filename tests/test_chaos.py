@@ -11,6 +11,7 @@ nothing answered twice, nothing hung.  Functions that ran twice are allowed
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 
@@ -22,7 +23,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from funcx_endpoint.testing.chaos import FAULTS, ChaosResult, format_report, run_chaos
 
 #: Tasks of the short variant, and of the stream's window and submit batches.
-TASKS = int(os.environ.get("FUNCX_CHAOS_TASKS", "3000"))
+TASKS = int(os.environ.get("FUNCX_CHAOS_TASKS", "5000"))
 SEED = int(os.environ.get("FUNCX_CHAOS_SEED", "12"))
 
 
@@ -46,8 +47,8 @@ class ShortChaosTests(TestCase):
             self.base_dir,
             tasks=TASKS,
             seed=SEED,
-            window=150,
-            batch=50,
+            window=400,
+            batch=100,
             partition_seconds=4.0,
             recovery_timeout=90.0,
             drain_timeout=60.0,
@@ -65,6 +66,11 @@ class ShortChaosTests(TestCase):
         for r in struck:
             self.assertFalse(r.detail.startswith("FAILED"), report)
             self.assertIsNotNone(r.recovery_seconds, f"{r.name} did not recover\n{report}")
+        if result.spool_fs == "tmpfs":
+            # The full disk was met: results went to the spool and could not be written.
+            (spool,) = [r for r in struck if r.name == "spool-disk-full"]
+            failed = re.search(r"(\d+) spool writes failed", spool.detail)
+            self.assertTrue(failed and int(failed.group(1)) > 0, report)
         self.assertEqual(result.total("submitted"), TASKS, report)
         self.assertEqual(result.total("answered"), TASKS, report)
         self.assertEqual(result.total("lost"), 0, report)

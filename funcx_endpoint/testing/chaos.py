@@ -30,7 +30,8 @@ A task is counted under the first fault that struck while it was in flight
 (submitted, not answered), else under the last fault before its submission
 (``none`` before the first one).  *Time to recover* is from the fault's
 injection until every task that was in flight then, or sent while the fault
-lasted (a broker restart takes seconds), has its answer.
+lasted (a broker restart takes seconds), has its answer, and so has one sent
+after it.
 """
 
 from __future__ import annotations
@@ -136,6 +137,8 @@ class FaultReport:
     in_flight_at_fault: int = 0
     #: When the fault struck (monotonic clock), and the tasks in flight then.
     struck: float = attr.ib(default=0.0, repr=False)
+    #: Tasks numbered from this one were sent after the fault.
+    canary_from: int = attr.ib(default=0, repr=False)
     watch: List[Any] = attr.ib(factory=list, repr=False)
 
 
@@ -206,6 +209,8 @@ class _Stream:
         self.progress = progress
         self.lock = threading.Lock()
         self.tasks: Dict[str, _Task] = {}
+        #: The tasks in the order sent: task number n is order[n].
+        self.order: List[_Task] = []
         self.pending: Dict[str, _Task] = {}
         self.submitted = 0
         self.answered = 0
@@ -256,6 +261,7 @@ class _Stream:
                     for number, task_id in zip(numbers, ids):
                         task = _Task(number, task_id, now, fault)
                         self.tasks[task_id] = task
+                        self.order.append(task)
                         self.pending[task_id] = task
                     self.submitted += len(ids)
                     self.progress_event.notify_all()
@@ -345,6 +351,15 @@ class _Stream:
             # is part of what has to come through once it is over.
             watched = {id(task) for task in report.watch}
             report.watch.extend(t for t in self.pending.values() if id(t) not in watched)
+            # And new work must come through: the next tasks sent (let past
+            # the next fault's gate if need be) are its canaries.
+            report.canary_from = self.submitted
+            index = len(self.reports) - 1
+            if index < len(self.gates):
+                self.gates[index] = min(
+                    self.count, max(self.gates[index], self.submitted + self.batch)
+                )
+            self.progress_event.notify_all()
         return report
 
     def top_up(self, fault: int, timeout: float = 30.0) -> None:
@@ -367,22 +382,34 @@ class _Stream:
 
     def wait_recovered(self, report: FaultReport, timeout: float) -> None:
         """Until the tasks in flight at ``report``'s fault, or sent while it
-        lasted, are answered (or ``timeout``)."""
+        lasted, are answered, and one sent after it (or ``timeout``)."""
         deadline = time.monotonic() + timeout
         watch: List[_Task] = report.watch
         struck = report.struck
         with self.lock:
             while True:
                 left = [t for t in watch if t.answered is None]
-                if not left:
+                canary = self._canary(report)
+                if not left and canary is not None:
                     break
                 if time.monotonic() > deadline or self.stop.is_set():
                     return
                 self.progress_event.wait(0.5)
-            if watch:
-                report.recovery_seconds = max(t.answered or struck for t in watch) - struck
-            else:
-                report.recovery_seconds = 0.0
+            times = [t.answered or struck for t in watch]
+            if canary is not False and canary is not None:
+                times.append(canary)
+            report.recovery_seconds = max(times, default=struck) - struck
+
+    def _canary(self, report: FaultReport) -> Any:
+        """When the first task sent after the fault was answered; None: not
+        yet; False: no task was left to send."""
+        if report.canary_from >= self.count:
+            return False
+        start = report.canary_from
+        answered = [
+            t.answered for t in self.order[start : start + self.batch] if t.answered is not None
+        ]
+        return min(answered) if answered else None
 
 
 # -- the whole run -----------------------------------------------------------------------------

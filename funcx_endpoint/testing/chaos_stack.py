@@ -38,7 +38,7 @@ from twisted.internet.threads import blockingCallFromThread
 
 from funcx_endpoint.endpoint.layout import OWNER_ENV, EndpointDir
 from funcx_endpoint.procs import marked_processes
-from funcx_endpoint.testing.proxy import BLACKHOLE, PartitionableProxy
+from funcx_endpoint.testing.proxy import BLACKHOLE, RESET, PartitionableProxy
 from funcx_endpoint.testing.rabbitmq import RabbitMQNode
 from funcx_endpoint.testing.service import child_env
 from funcx_endpoint.testing.service_on_node import NodeServiceProcess
@@ -333,7 +333,8 @@ class ChaosStack:
 
     def full_disk(self, seconds: float) -> str:
         """Fill the spool's disk, cut the link (so results must be spooled),
-        heal, then free the disk."""
+        heal, then free the disk; says how often endpoint.log shows results
+        sent to the spool and spool writes failing meanwhile."""
         if self.spool_fs != "tmpfs":
             return f"skipped: the spool is {self.spool_fs}"
         fill = os.path.join(self.ep.spool_dir, "chaos-fill")
@@ -347,8 +348,17 @@ class ChaosStack:
             except OSError:
                 pass
         before = self.log_counts()
+        proxy = self.proxy
+        assert proxy is not None
         try:
-            what = self.partition(seconds, mode="reset")
+            # First silent, so that results pile up unconfirmed, then reset:
+            # the closed channels fail them, and the endpoint must spool them.
+            blockingCallFromThread(self.reactor, proxy.partition, BLACKHOLE)
+            time.sleep(seconds / 2)
+            blockingCallFromThread(self.reactor, proxy.partition, RESET)
+            time.sleep(seconds / 2)
+            blockingCallFromThread(self.reactor, proxy.heal)
+            what = f"endpoint-broker link black-holed then reset for {seconds:g} s, healed"
         finally:
             # Results may still be waiting to be spooled; give them a moment
             # to hit the full disk before it is freed.
