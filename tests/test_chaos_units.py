@@ -145,7 +145,7 @@ class StreamTests(SynchronousTestCase):
             if not record.get("pending"):
                 task = stream.pending.pop(task_id)
                 task.record = record
-                task.answered = 1.0
+                task.answered = time.monotonic()
 
     def account(self, stream: _Stream) -> ChaosResult:
         return _account(stream, lambda: FakeClient(self.world), self.log_dir, 1, 7, 1.0, "tmpfs")
@@ -209,6 +209,26 @@ class StreamTests(SynchronousTestCase):
         for task in stream.tasks.values():
             if task.n in (0, 1):
                 self.assertEqual(stream.reports[task.fault].name, "worker-kill")
+
+    def test_recovery_waits_for_a_task_sent_after_the_fault(self) -> None:
+        stream = self.stream(8, gates=[4])
+        submitter = threading.Thread(target=stream.submit_loop, daemon=True)
+        submitter.start()
+        self.addCleanup(stream.stop.set)
+        deadline = time.monotonic() + 10
+        while stream.submitted < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.collect(stream)  # everything sent so far is answered
+        report = stream.strike("broker-close-connections", lambda: "done")
+        self.assertEqual(report.canary_from, 4)
+        submitter.join(10)
+        self.assertEqual(stream.submitted, 8)
+        stream.wait_recovered(report, timeout=0.1)
+        self.assertIsNone(report.recovery_seconds)  # no new task answered yet
+        self.collect(stream)
+        stream.wait_recovered(report, timeout=1)
+        assert report.recovery_seconds is not None
+        self.assertGreaterEqual(report.recovery_seconds, 0)
 
     def test_a_fault_that_raises_is_reported(self) -> None:
         stream = self.stream(1)

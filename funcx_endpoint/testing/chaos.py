@@ -206,6 +206,9 @@ class _Stream:
         self.window = window
         self.batch = batch
         self.gates = list(gates)
+        if self.gates:
+            # The last batch waits for the last fault to be over: its canaries.
+            self.gates.append(max(self.gates[-1], tasks - batch))
         self.progress = progress
         self.lock = threading.Lock()
         self.tasks: Dict[str, _Task] = {}

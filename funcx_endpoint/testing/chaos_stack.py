@@ -42,6 +42,7 @@ from funcx_endpoint.testing.proxy import BLACKHOLE, RESET, PartitionableProxy
 from funcx_endpoint.testing.rabbitmq import RabbitMQNode
 from funcx_endpoint.testing.service import child_env
 from funcx_endpoint.testing.service_on_node import NodeServiceProcess
+from funcx_endpoint.testing.watchdog import Watchdog
 
 __all__ = ["ENDPOINT_NAME", "ChaosStack"]
 
@@ -78,6 +79,25 @@ config = Config(
         )
     ],
 )
+"""
+
+
+# Run by the watchdog once this process is gone: argv[1] is the endpoint's
+# marker (NAME=VALUE in a process's environment), argv[2] the spool mount or "".
+_WATCHDOG_CLEANUP = r"""
+needle = sys.argv[1].encode()
+for entry in os.listdir("/proc"):
+    if not entry.isdigit():
+        continue
+    try:
+        with open(f"/proc/{entry}/environ", "rb") as f:
+            if needle in f.read().split(b"\0"):
+                os.kill(int(entry), signal.SIGKILL)
+    except OSError:
+        pass
+if sys.argv[2]:
+    import subprocess
+    subprocess.run(["umount", "-l", sys.argv[2]])
 """
 
 
@@ -137,6 +157,7 @@ class ChaosStack:
         #: "tmpfs" if the spool is on a tmpfs of its own, else why not.
         self.spool_fs = "not mounted"
         self._started_endpoint = False
+        self._watchdog: Optional[Watchdog] = None
 
     # -- start and stop ------------------------------------------------------------------
 
@@ -183,6 +204,13 @@ class ChaosStack:
                 )
             )
         self._mount_spool()
+        # If this process dies without stopping the stack, the watchdog kills
+        # the endpoint's processes and unmounts the spool (the node and the
+        # service have lifelines of their own).
+        self._watchdog = Watchdog(
+            _WATCHDOG_CLEANUP,
+            [f"{OWNER_ENV}={self.ep.path}", self.ep.spool_dir if self.spool_fs == "tmpfs" else ""],
+        )
         self._started_endpoint = True
         self._check(self.cli("start", ENDPOINT_NAME), "start")
         self.endpoint_id = str(self.ep.endpoint_id())
@@ -216,6 +244,9 @@ class ChaosStack:
         if self.spool_fs == "tmpfs":
             subprocess.run(["umount", "-l", self.ep.spool_dir], capture_output=True)
             self.spool_fs = "unmounted"
+        if self._watchdog is not None:
+            watchdog, self._watchdog = self._watchdog, None
+            watchdog.release(timeout=5)
         if self.service is not None:
             self.service.stop()
         if self.proxy is not None:
