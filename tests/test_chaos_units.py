@@ -174,6 +174,8 @@ class StreamTests(SynchronousTestCase):
         self.patch(chaos.time, "sleep", lambda seconds: None)
         self.run_stream(stream)
         self.assertEqual(stream.client_errors, {"submit: ConnectionError": 1})
+        # Under the fault of the moment too (none yet).
+        self.assertEqual(stream.reports[0].errors, {"client submit: ConnectionError": 1})
         self.assertEqual(stream.submitted, 3)
 
     def test_the_submitter_waits_at_a_gate_until_the_fault_strikes(self) -> None:

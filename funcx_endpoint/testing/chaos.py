@@ -235,11 +235,17 @@ class _Stream:
             try:
                 return call()
             except Exception as error:  # counted and tried again: the service may be down
-                with self.lock:
-                    self.client_errors[f"{what}: {type(error).__name__}"] += 1
+                self._client_error(what, error)
                 if self.stop.is_set():
                     raise
                 time.sleep(0.5)
+
+    def _client_error(self, what: str, error: Exception) -> None:
+        """Count a failed SDK call, in all and under the fault of the moment."""
+        name = f"{what}: {type(error).__name__}"
+        with self.lock:
+            self.client_errors[name] += 1
+            self.reports[-1].errors[f"client {name}"] += 1
 
     def submit_loop(self) -> None:
         client = self.client_factory()
@@ -305,8 +311,7 @@ class _Stream:
                 try:
                     records = client.fetch_task_records(ids)
                 except Exception as error:
-                    with self.lock:
-                        self.client_errors[f"status: {type(error).__name__}"] += 1
+                    self._client_error("status", error)
                     time.sleep(0.5)
                     continue
                 now = time.monotonic()
