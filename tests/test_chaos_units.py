@@ -120,13 +120,13 @@ class StreamTests(SynchronousTestCase):
         self.log_dir = tempfile.mkdtemp(prefix="chaos-units-")
         self.world = World()
 
-    def stream(self, tasks: int, gates: Sequence[int] = ()) -> _Stream:
+    def stream(self, tasks: int, gates: Sequence[int] = (), window: int = 10) -> _Stream:
         stream = _Stream(
             lambda: FakeClient(self.world),
             "endpoint",
             self.log_dir,
             tasks=tasks,
-            window=10,
+            window=window,
             batch=4,
             gates=gates,
             progress=lambda message: None,
@@ -211,6 +211,23 @@ class StreamTests(SynchronousTestCase):
         for task in stream.tasks.values():
             if task.n in (0, 1):
                 self.assertEqual(stream.reports[task.fault].name, "worker-kill")
+
+    def test_after_the_last_fault_the_rest_of_the_stream_is_sent(self) -> None:
+        # The last batch is held back until the last fault is over (its
+        # canaries), and then everything goes.
+        stream = self.stream(20, gates=[4], window=100)
+        submitter = threading.Thread(target=stream.submit_loop, daemon=True)
+        submitter.start()
+        self.addCleanup(stream.stop.set)
+        deadline = time.monotonic() + 10
+        while stream.submitted < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        submitter.join(0.2)
+        self.assertEqual(stream.submitted, 4)
+        stream.strike("worker-kill", lambda: "done")
+        submitter.join(10)
+        self.assertFalse(submitter.is_alive())
+        self.assertEqual(stream.submitted, 20)
 
     def test_recovery_waits_for_a_task_sent_after_the_fault(self) -> None:
         stream = self.stream(8, gates=[4])

@@ -364,9 +364,10 @@ class _Stream:
             report.canary_from = self.submitted
             index = len(self.reports) - 1
             if index < len(self.gates):
-                self.gates[index] = min(
-                    self.count, max(self.gates[index], self.submitted + self.batch)
-                )
+                # After the last fault, nothing is held back any more.
+                last = index == len(self.gates) - 1
+                floor = self.count if last else self.submitted + self.batch
+                self.gates[index] = min(self.count, max(self.gates[index], floor))
             self.progress_event.notify_all()
         return report
 
