@@ -223,7 +223,7 @@ class _Stream:
         self.done_submitting = threading.Event()
         self.stop = threading.Event()
         self.progress_event = threading.Condition(self.lock)
-        self.last_answer = time.monotonic()
+        self.last_answer = self.last_sent = time.monotonic()
 
     # -- submitting ----------------------------------------------------------------------
 
@@ -273,6 +273,7 @@ class _Stream:
                         self.order.append(task)
                         self.pending[task_id] = task
                     self.submitted += len(ids)
+                    self.last_sent = now
                     self.progress_event.notify_all()
                 n += room
         finally:
@@ -518,13 +519,16 @@ def run_chaos(
                         else f"NOT within {recovery_timeout:g} s"
                     )
                 )
-            stream.done_submitting.wait()
-            # Drain: until every task is answered, or no answer came for drain_timeout.
+            # Drain: until every task is sent and answered, or nothing moved
+            # (no task sent, none answered) for drain_timeout.
             while True:
                 with stream.lock:
                     left = len(stream.pending)
-                    quiet = time.monotonic() - stream.last_answer
-                if not left or quiet > drain_timeout:
+                    quiet = time.monotonic() - max(stream.last_answer, stream.last_sent)
+                if stream.done_submitting.is_set() and not left:
+                    break
+                if quiet > drain_timeout:
+                    progress(f"nothing moved for {drain_timeout:g} s: giving up")
                     break
                 time.sleep(0.2)
         finally:
