@@ -15,6 +15,7 @@ import uuid
 from typing import Any, Dict, List, Optional
 
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from funcx_endpoint.amqp import topology
@@ -443,9 +444,22 @@ class SpoolFailureTests(TransportTestCase):
         self.results_conn.lose()
         self.settle()
         self.threads.failure = OSError(errno.ENOSPC, "No space left on device")
-        self.interchange.answer([task.task_id], data="lost")
-        self.settle()
-        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        events: List[Dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        try:
+            self.interchange.answer([task.task_id], data="lost")
+            self.settle()
+        finally:
+            globalLogPublisher.removeObserver(events.append)
+        # One line saying what to do, not a traceback.
+        self.assertEqual(self.flushLoggedErrors(OSError), [])
+        [error] = [e for e in events if e.get("log_level") == LogLevel.error]
+        self.assertNotIn("log_failure", error)
+        self.assertRegex(
+            formatEvent(error),
+            r"Could not write results to the spool .*: .*No space left on device; their 1 "
+            r"task\(s\) go back to the broker",
+        )
         self.assertNotIn(task.task_id, self.ledger)
         return task
 

@@ -291,7 +291,18 @@ class ResultPublisher:
             # back to the broker, which delivers them again (to run again).
             # Not at once: while the spool stays unwritable and the results
             # side down, an immediate requeue would run them again in a loop.
-            self.log.failure("Could not write results to the spool", failure)
+            if failure.check(OSError):
+                # A full or read-only disk: what to do, in one line.
+                self.log.error(
+                    "Could not write results to the spool {directory}: {error}; their "
+                    "{n} task(s) go back to the broker to run again (free space there, "
+                    "or make it writable)",
+                    directory=self.spool.directory,
+                    error=failure.getErrorMessage(),
+                    n=len(batch),
+                )
+            else:
+                self.log.failure("Could not write results to the spool", failure)
             task_ids = [task_id for task_id, _body in batch]
             for task_id in task_ids:
                 self.publishing -= 1
