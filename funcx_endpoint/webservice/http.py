@@ -177,7 +177,8 @@ class JSONChannel(http.HTTPChannel):
             ),
             separators=(",", ":"),
         ).encode()
-        self.transport.write(
+        transport: Any = self.transport
+        transport.write(
             b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
             b"Content-Type: application/json\r\nConnection: close\r\n"
             + b"Content-Length: %d\r\n\r\n" % len(body)
@@ -191,7 +192,7 @@ class JSONSite(server.Site):
 
     requestFactory = LimitedRequest
     # HTTP/1.1 only (the TLS options offer no h2), with the long-line answer above.
-    protocol = JSONChannel
+    protocol = JSONChannel  # type: ignore[assignment]
 
     def __init__(self, resource: Resource, max_body: int) -> None:
         super().__init__(resource)
