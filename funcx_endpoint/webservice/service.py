@@ -57,6 +57,7 @@ from funcx_endpoint.webservice.auth import AuthAPI, Authenticator, TokenPurger
 from funcx_endpoint.webservice.broker import ServiceBroker
 from funcx_endpoint.webservice.db import DatabaseConfig, redact_url
 from funcx_endpoint.webservice.dispatch import TaskSender
+from funcx_endpoint.webservice.health import HealthAPI
 from funcx_endpoint.webservice.http import APIResource, JSONSite, Router, error_body
 from funcx_endpoint.webservice.ingest import ResultIngest
 from funcx_endpoint.webservice.management import ManagementAPI
@@ -300,6 +301,7 @@ class WebService(MultiService):
                 tasks_in_flight=settings.max_tasks_in_flight,
             ),
         ).install(router)
+        HealthAPI(broker, self.embedded).install(router)
         self._root.target = APIResource(router, authenticator)
 
         self._purger = TokenPurger(storage, self._clock)
