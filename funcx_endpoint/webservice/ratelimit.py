@@ -10,15 +10,23 @@ that check, whether it runs at all:
 * a count over its free allowance blocks its key: after the last failure, for
   ``first_delay`` seconds, doubling with each further failure up to
   ``max_delay``; a blocked caller is answered 429 with ``Retry-After`` and no
-  secret check;
+  secret check, after ``refusal_delay`` seconds (at most the time it must wait):
+  a guesser that ignores ``Retry-After`` gets about one answer per second per
+  connection instead of hundreds, which would load the service as much as the
+  checks they replace;
 * a pair that logged in successfully is **trusted** for ``trusted_for``
   seconds: its logins are held back only by failures of that very pair, so a
   brute force against a client id, from other addresses, does not lock out its
   owner;
-* checks of untrusted callers run at most ``untrusted_checks`` at a time, with
-  at most ``untrusted_queue`` waiting (beyond that: 429 at once): however many
-  addresses an attacker has, his checks use at most that many threads, and
-  trusted logins keep the rest of the pool.
+* a **clean** address (no failure counted against it, no other check of it
+  running) has its check run at once too: a new client's first login is not
+  queued behind an attack from elsewhere;
+* checks of other callers (suspect addresses) run at most ``untrusted_checks``
+  at a time, ``suspect_interval`` seconds apart at least (5 per second), with
+  at most ``untrusted_queue`` waiting (beyond that: 429): however
+  many connections an attacker opens, his guesses use that many threads (plus
+  one per address until its first failure), and legitimate logins keep the
+  rest of the pool.
 
 State lives in memory (one service instance), bounded by ``max_keys`` entries.
 """
@@ -32,6 +40,7 @@ from typing import Awaitable, Callable, Dict, Optional, Tuple
 import attr
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from funcx_endpoint.webservice.http import APIError
@@ -59,6 +68,10 @@ class LoginLimits:
     untrusted_queue: int = 64
     #: Entries kept in memory (counts, trusted pairs) before the oldest are forgotten.
     max_keys: int = 100_000
+    #: Checks of suspect callers start at least this far apart (seconds).
+    suspect_interval: float = 0.2
+    #: A refusal is answered after this long (at most the wait it announces).
+    refusal_delay: float = 1.0
 
 
 @attr.s(auto_attribs=True)
@@ -85,12 +98,18 @@ class _Counts:
         count = self._counts.get(key)
         if count is None:
             return 0.0
+        # The count decays continuously; it is read to the nearest failure, so
+        # that ``free`` failures in a row block, however little time they took.
         excess = self._current(key, now) - free
-        if excess < -1e-9:
+        if excess < -0.5:
             return 0.0
-        over = max(0, math.ceil(excess - 1e-9))
+        over = max(0, math.floor(excess + 0.5))
         delay = min(self._limits.first_delay * 2.0**over, self._limits.max_delay)
         return max(0.0, count.last + delay - now)
+
+    def clean(self, key: Tuple[str, ...], now: float) -> bool:
+        """Whether no failure of ``key`` is counted (any there was has decayed)."""
+        return self._current(key, now) <= 0.0
 
     def fail(self, key: Tuple[str, ...], now: float) -> None:
         failures = self._current(key, now) + 1
@@ -117,7 +136,10 @@ class LoginGuard:
         self._counts = _Counts(self.limits)
         self._trusted: OrderedDict[Tuple[str, str], float] = OrderedDict()
         self._running = 0
+        self._next_suspect = 0.0
         self._waiting: list[Deferred[None]] = []
+        #: Addresses whose one check runs outside the queue (as a clean address).
+        self._clean_running: set[str] = set()
         #: What was refused so far, by reason (for logs and benchmarks).
         self.refused: Dict[str, int] = {"blocked": 0, "busy": 0}
 
@@ -147,9 +169,18 @@ class LoginGuard:
         wait = max(self._counts.blocked_for(key, free, now) for key, free in keys)
         if wait > 0:
             self.refused["blocked"] += 1
-            raise _too_many(wait, "too many failed logins from this address or for this client id")
+            pause = await self._pause(wait)
+            raise _too_many(
+                wait - pause, "too many failed logins from this address or for this client id"
+            )
         if trusted:
             ok = await verify()
+        elif where not in self._clean_running and self._counts.clean(("address", where), now):
+            self._clean_running.add(where)
+            try:
+                ok = await verify()
+            finally:
+                self._clean_running.discard(where)
         else:
             ok = await self._untrusted(verify)
         now = self._clock.seconds()
@@ -165,10 +196,18 @@ class LoginGuard:
                 self._counts.fail(key, now)
         return ok
 
+    async def _pause(self, wait: float) -> float:
+        """Hold a refusal back (see ``refusal_delay``); how long it was held."""
+        pause = min(wait, self.limits.refusal_delay)
+        if pause > 0:
+            await deferLater(self._clock, pause)
+        return pause
+
     async def _untrusted(self, verify: Callable[[], Awaitable[bool]]) -> bool:
         if self._running >= self.limits.untrusted_checks:
             if len(self._waiting) >= self.limits.untrusted_queue:
                 self.refused["busy"] += 1
+                await self._pause(1.0)
                 raise _too_many(1.0, "too many logins are being checked now")
             turn: Deferred[None] = Deferred()
             self._waiting.append(turn)
@@ -176,6 +215,10 @@ class LoginGuard:
         else:
             self._running += 1
         try:
+            gap = self._next_suspect - self._clock.seconds()
+            if gap > 0:
+                await deferLater(self._clock, gap)
+            self._next_suspect = self._clock.seconds() + self.limits.suspect_interval
             return await verify()
         finally:
             if self._waiting:
