@@ -7,9 +7,10 @@ HTTPS connections sending ``POST /v2/oauth2/token`` with wrong secrets back to
 back, ignoring ``Retry-After``: half of the guesses for the legitimate client's
 id, half for random client ids.  Legitimate clients log in from 127.0.0.1 (a
 fresh connection per login, as a command does): one client again and again, and
-new clients for their first login, by turns, in rounds of a quiet window then an attack window.  Every answer is
-counted by status: 401 means a secret check
-(scrypt) ran, 429 that the service refused before checking.
+new clients for their first login, by turns, in rounds of a quiet window then
+an attack window (the machine's other load drifts; the rounds cancel it).  Every
+answer of the attack is counted by status: 401 means a secret check (scrypt)
+ran, 429 that the service refused before checking.
 """
 
 from __future__ import annotations
