@@ -412,8 +412,8 @@ MIGRATIONS: List[Tuple[int, str, List[str]]] = [
             "ALTER TABLE tasks ADD COLUMN fetched {REAL}",
             "UPDATE tasks SET finished = created WHERE status IN ('success', 'failed')",
             # Tasks in flight of a user: counted (and their payloads summed) from this
-            # index alone.
-            "CREATE INDEX tasks_owner_unfinished ON tasks (owner, payload_size) "
+            # index alone (status in it too, or SQLite reads the rows).
+            "CREATE INDEX tasks_owner_unfinished ON tasks (owner, status, payload_size) "
             "WHERE status NOT IN ('success', 'failed')",
             "CREATE INDEX tasks_finished ON tasks (finished) WHERE finished IS NOT NULL",
             "CREATE INDEX tasks_fetched ON tasks (fetched) WHERE fetched IS NOT NULL",
