@@ -30,6 +30,8 @@ from funcx_endpoint.webservice.http import (
     not_found,
     utf8_encodable,
 )
+from funcx_endpoint.webservice.records import DONE_STATUSES
+from funcx_endpoint.webservice.retention import delete_finished_task, mark_fetched
 from funcx_endpoint.webservice.storage import (
     Endpoint,
     NewTask,
@@ -37,6 +39,7 @@ from funcx_endpoint.webservice.storage import (
     TokenInfo,
     UnsentTask,
 )
+from funcx_endpoint.webservice.tasks import text_size
 from funcx_endpoint.wire import DeserializationError, pack_task_buffer
 from funcx_endpoint.wire.resources import ResourceSpecificationError, check_resource_specification
 
@@ -82,6 +85,7 @@ class TasksAPI(HandlerGroup):
     def install(self, router: Router) -> None:
         router.add("POST", "/v2/submit", self.submit, API)
         router.add("GET", "/v2/tasks/(?P<task_id>[^/]+)", self.get_task, API)
+        router.add("DELETE", "/v2/tasks/(?P<task_id>[^/]+)", self.delete_task, API)
         router.add("POST", "/v2/batch_status", self.batch_status, API)
         router.add("GET", "/v2/taskgroup/(?P<task_group_id>[^/]+)", self.get_task_group, API)
         router.add("GET", "/v2/get_amqp_result_connection_url", self.result_connection_url, API)
@@ -205,6 +209,10 @@ class TasksAPI(HandlerGroup):
             )
             results[index] = {"task_uuid": task_id, "http_status_code": 200}
         if new_tasks:
+            usage = await self.context.usage(me.identity_id)
+            self.context.quotas.check_tasks(
+                usage, len(new_tasks), sum(text_size(t.payload) for t in new_tasks)
+            )
             ids = [t.task_id for t in new_tasks]
             self.context.sender.reserve(ids)
             try:
@@ -294,7 +302,35 @@ class TasksAPI(HandlerGroup):
         found = await self.context.storage.get_tasks([task_id], me.identity_id)
         if task_id not in found:
             raise not_found(f"Task {task_id} not found", "TASK_NOT_FOUND")
+        await self._fetched(found)
         return 200, found[task_id]
+
+    async def _fetched(self, found: Dict[str, Dict[str, Any]]) -> None:
+        """Stamp the first fetch of finished tasks (their results expire sooner)."""
+        done = [t for t, view in found.items() if view.get("status") in DONE_STATUSES]
+        if not done:
+            return
+        try:
+            await self.context.storage.run(mark_fetched, done, self.context.clock.seconds())
+        except Exception:
+            # The answer stands; the task then expires by its finish time only.
+            self.log.failure("Recording the fetch of {n} results failed", n=len(done))
+
+    async def delete_task(self, call: Call) -> Tuple[int, Any]:
+        """Delete a finished task and its result (funcX deleted a result once fetched)."""
+        me: TokenInfo = call.identity
+        task_id = canonical_uuid(call.params["task_id"], "the task id")
+        deleted = await self.context.storage.run(delete_finished_task, task_id, me.identity_id)
+        if deleted is None:
+            raise not_found(f"Task {task_id} not found", "TASK_NOT_FOUND")
+        if not deleted:
+            raise APIError(
+                409,
+                "TASK_NOT_FINISHED",
+                f"Task {task_id} has not finished; only a finished task (and its result) "
+                f"can be deleted",
+            )
+        return 200, {"task_id": task_id, "deleted": True}
 
     async def batch_status(self, call: Call) -> Tuple[int, Any]:
         me: TokenInfo = call.identity
@@ -314,6 +350,7 @@ class TasksAPI(HandlerGroup):
             sorted(set(canonical.values())), me.identity_id
         )
         results = {asked: found[c] for asked, c in canonical.items() if c in found}
+        await self._fetched(found)
         return 200, {"response": "batch", "results": results}
 
     async def get_task_group(self, call: Call) -> Tuple[int, Any]:

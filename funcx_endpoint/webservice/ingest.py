@@ -189,7 +189,7 @@ class ResultIngest:
                     reports.append(parsed)
         outcomes: List[StoredOutcome] = []
         if results:
-            outcomes = await self._storage.store_results(results)
+            outcomes = await self._storage.store_results(results, now)
         if reports:
             await self._storage.record_reports(reports, self._status_log_size)
             self.reports += len(reports)

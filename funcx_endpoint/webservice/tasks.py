@@ -33,8 +33,8 @@ from funcx_endpoint.webservice.records import (
 def insert_function(tx: Tx, row: Dict[str, Any]) -> None:
     tx.execute(
         "INSERT INTO functions (function_id, owner, name, entry_point, description, "
-        "container_uuid, public, group_id, function_code, created) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "container_uuid, public, group_id, function_code, created, code_size) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             row["function_id"],
             row["owner"],
@@ -46,6 +46,7 @@ def insert_function(tx: Tx, row: Dict[str, Any]) -> None:
             row["group_id"],
             row["function_code"],
             row["created"],
+            text_size(row["function_code"]),
         ),
     )
 
@@ -69,8 +70,8 @@ def insert_tasks(tx: Tx, tasks: Sequence[NewTask]) -> None:
     extra_column, extra_value = (", resource_specification", ", ?") if with_resources else ("", "")
     tx.executemany(
         "INSERT INTO tasks (task_id, owner, function_id, endpoint_id, task_group_id, payload, "
-        f"status, created, ws_queue{extra_column}) "
-        f"VALUES (?, ?, ?, ?, ?, ?, 'waiting-for-ep', ?, ?{extra_value})",
+        f"status, created, ws_queue, payload_size{extra_column}) "
+        f"VALUES (?, ?, ?, ?, ?, ?, 'waiting-for-ep', ?, ?, ?{extra_value})",
         [
             (
                 t.task_id,
@@ -81,6 +82,7 @@ def insert_tasks(tx: Tx, tasks: Sequence[NewTask]) -> None:
                 t.payload,
                 t.created,
                 t.ws_queue,
+                text_size(t.payload),
                 *((t.resource_specification,) if with_resources else ()),
             )
             for t in tasks
@@ -127,8 +129,18 @@ def unsent_tasks(tx: Tx, limit: int, created_before: float) -> List[UnsentTask]:
     ]
 
 
-def store_results(tx: Tx, results: Sequence[IncomingResult]) -> List[StoredOutcome]:
-    """Store each result unless its task is done already (the first result wins)."""
+def text_size(text: Optional[str]) -> int:
+    """The bytes ``text`` takes as UTF-8 (what quotas count)."""
+    if not text:
+        return 0
+    return len(text) if text.isascii() else len(text.encode("utf-8", "replace"))
+
+
+def store_results(
+    tx: Tx, results: Sequence[IncomingResult], now: Optional[float] = None
+) -> List[StoredOutcome]:
+    """Store each result unless its task is done already (the first result wins);
+    ``now`` is when the task finished (retention counts from it)."""
     known: Dict[str, Tuple[str, str, Optional[str]]] = {
         task_id: (endpoint_id, status, ws_queue)
         for task_id, endpoint_id, status, ws_queue in tx.rows_in(
@@ -152,8 +164,8 @@ def store_results(tx: Tx, results: Sequence[IncomingResult]) -> List[StoredOutco
         failed = result.error_code is not None
         updated = tx.execute(
             "UPDATE tasks SET status = ?, sent = 1, payload = NULL, completion_t = ?, "
-            "result = ?, exception = ?, error_code = ?, error_message = ?, ws_pending = ? "
-            f"WHERE task_id = ? AND status NOT IN {DONE_SQL}",
+            "result = ?, exception = ?, error_code = ?, error_message = ?, ws_pending = ?, "
+            f"finished = ? WHERE task_id = ? AND status NOT IN {DONE_SQL}",
             (
                 "failed" if failed else "success",
                 result.completion_t,
@@ -162,6 +174,7 @@ def store_results(tx: Tx, results: Sequence[IncomingResult]) -> List[StoredOutco
                 result.error_code,
                 result.error_message,
                 0 if ws_queue is None else 1,
+                now,
                 result.task_id,
             ),
         ).rowcount
