@@ -405,6 +405,14 @@ MIGRATIONS: List[Tuple[int, str, List[str]]] = [
         "a task's resource specification (MPI nodes and ranks), as JSON",
         ["ALTER TABLE tasks ADD COLUMN resource_specification TEXT"],
     ),
+    (
+        4,
+        "the submitter's Python and dill versions, and the worker's environment, as JSON",
+        [
+            "ALTER TABLE tasks ADD COLUMN user_runtime TEXT",
+            "ALTER TABLE tasks ADD COLUMN details TEXT",
+        ],
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
