@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import shlex
-from typing import Any, Optional
+from typing import Any, Dict, List, Optional
 
 from twisted.application.service import IService
 from twisted.internet.threads import deferToThread
@@ -40,6 +40,7 @@ from funcx_endpoint.endpoint.transport import build_transport
 from funcx_endpoint.executor.blocks import BLOCK_ID
 from funcx_endpoint.executor.interchange import Interchange, hard_routing
 from funcx_endpoint.executor.interface import IResultSink
+from funcx_endpoint.executor.listing import RecentResults, TaskListing
 from funcx_endpoint.executor.strategy import scaling_from_config
 
 
@@ -118,7 +119,8 @@ def build_endpoint(
         endpoint_dir, reactor, StartupReporter(ready_fd), drain_grace=config.stop_grace_period
     )
     endpoint.add(ConfigNotices(config.notices()))
-    endpoint.add(control_service(reactor, endpoint_dir.control_socket, {"status": endpoint.status}))
+    commands: Dict[str, Any] = {"status": endpoint.status}
+    endpoint.add(control_service(reactor, endpoint_dir.control_socket, commands))
     http, pool = http_client(reactor, config.service_ca_file)
     authenticator = Authenticator(
         http,
@@ -133,9 +135,12 @@ def build_endpoint(
         assert registration.broker_info is not None, "registration must come first"
         return registration.broker_info
 
+    recent: List[RecentResults] = []
+
     def make_interchange(results: IResultSink) -> Interchange:
+        recent.append(RecentResults(results))  # for the `tasks` command
         return Interchange.from_config(
-            reactor, os.path.join(endpoint_dir.path, "interchange"), config, results
+            reactor, os.path.join(endpoint_dir.path, "interchange"), config, recent[-1]
         )
 
     transport, interchange = build_transport(
@@ -151,6 +156,7 @@ def build_endpoint(
         on_fatal=endpoint.fail,
     )
     endpoint.add(interchange)
+    commands["tasks"] = TaskListing(interchange.dispatcher, recent[-1])
     endpoint.add(
         scaling_from_config(
             config.executors[0],
