@@ -24,6 +24,7 @@ from funcx_endpoint.endpoint import logs
 from funcx_endpoint.endpoint.auth import Authenticator, TokenStore, auth_base_url, http_client
 from funcx_endpoint.endpoint.broker_info import BrokerInfo
 from funcx_endpoint.endpoint.control import control_service
+from funcx_endpoint.endpoint.hooks import ShellHooks
 from funcx_endpoint.endpoint.idle import IdleClock, IdleShutdown
 from funcx_endpoint.endpoint.layout import (
     DEFAULT_CONFIG_DIR,
@@ -111,13 +112,24 @@ def build_endpoint(
     """Build the daemon's service tree from a loaded config.
 
     Parts start in this order and stop in reverse (after the transport has
-    drained): warnings about funcX 1.0 settings, control socket,
+    drained): endpoint_setup (and, stopping, endpoint_teardown) if given, warnings about
+    funcX 1.0 settings, control socket,
     registration, interchange, providers (blocks of managers and the scaling
     strategy), AMQP transport, idle shutdown, status reports.
     """
     endpoint = EndpointService(
         endpoint_dir, reactor, StartupReporter(ready_fd), drain_grace=config.stop_grace_period
     )
+    if config.endpoint_setup or config.endpoint_teardown:
+        endpoint.add(
+            ShellHooks(
+                reactor,
+                endpoint_dir.path,
+                config.endpoint_setup,
+                config.endpoint_teardown,
+                config.hook_timeout,
+            )
+        )
     endpoint.add(ConfigNotices(config.notices()))
     commands: Dict[str, Any] = {"status": endpoint.status}
     endpoint.add(control_service(reactor, endpoint_dir.control_socket, commands))

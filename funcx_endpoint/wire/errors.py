@@ -37,6 +37,8 @@ class ErrorCode:
     TASK_CANCELLED: ClassVar[str] = "TaskCancelled"
     #: The sender speaks a protocol or serialization version we cannot read.
     VERSION_MISMATCH: ClassVar[str] = "VersionMismatch"
+    #: The task's sandbox directory (``run_in_sandbox``) could not be made or entered.
+    SANDBOX_UNAVAILABLE: ClassVar[str] = "SandboxUnavailable"
     #: The task message itself is malformed (bad fields, bad task buffer).
     MALFORMED_TASK: ClassVar[str] = "MalformedTask"
     #: The task's container could not run: its image is missing or cannot start

@@ -20,6 +20,11 @@ minor version differs from the worker's, functions are loaded from their
 source only (never another Python's bytecode, which may crash the worker),
 and a task that cannot be loaded while the versions differ is a
 ``VersionMismatch`` naming both sides rather than a ``DeserializationError``.
+
+With ``run_in_sandbox`` (the variable ``FUNCX_TASK_SANDBOX_DIR`` names the
+directory of the sandboxes) each task runs in its own directory,
+``<that directory>/<task id>``, made for it; the worker goes back to its own
+directory afterwards.
 """
 
 from __future__ import annotations
@@ -162,6 +167,8 @@ class TaskRunner:
         self._functions = FunctionCache(cache_size, self._loading_function)
         self._loading = False
         self._runtime = local_runtime()
+        #: The directory of the task sandboxes (None: tasks run where the worker does).
+        self.sandbox_root: Optional[str] = os.environ.get(SANDBOX_VARIABLE) or None
         #: This worker's environment, as every result carries it (JSON).
         self.details = _encode_json(worker_details()).encode("ascii")
 
@@ -209,18 +216,31 @@ class TaskRunner:
             message = clip(f"Task {task_id} could not be deserialized: {exc}", MAX_SUMMARY_BYTES)
             code = ErrorCode.DESERIALIZATION_ERROR
             return _failure(task_id, code, message, None, statuses, details)
+        home = None
+        if self.sandbox_root is not None:
+            try:
+                home = _enter_sandbox(self.sandbox_root, task_id)
+            except OSError as exc:
+                message = clip(
+                    f"Task {task_id} could not enter its sandbox in {self.sandbox_root}: {exc}",
+                    MAX_SUMMARY_BYTES,
+                )
+                code = ErrorCode.SANDBOX_UNAVAILABLE
+                return _failure(task_id, code, message, None, statuses, details)
         statuses.append(_STARTED % time_ns())
         previous = _set_environment(environment)
         try:
             value = fn(*args, **kwargs)
         except BaseException as exc:  # the user's code may raise anything, SystemExit too
             _set_environment(previous)
+            _leave_sandbox(home)
             statuses.append(_ENDED % time_ns())
             text = clip(_user_traceback(exc), min(MAX_TRACEBACK_BYTES, self.result_size_limit))
             return _failure(
                 task_id, ErrorCode.REMOTE_EXECUTION_ERROR, _summary(exc), text, statuses, details
             )
         _set_environment(previous)
+        _leave_sandbox(home)
         statuses.append(_ENDED % time_ns())
         try:
             data = serialize(value)
@@ -268,6 +288,27 @@ def _mpi_environment(spec: Any) -> Dict[str, Optional[str]]:
     from funcx_endpoint.worker.mpi import mpi_environment
 
     return mpi_environment(check_resource_specification(spec), os.environ)
+
+
+#: The variable that names the directory of task sandboxes (run_in_sandbox).
+SANDBOX_VARIABLE = "FUNCX_TASK_SANDBOX_DIR"
+
+
+def _enter_sandbox(root: str, task_id: str) -> str:
+    """Make and enter ``root/task_id``; the directory to go back to."""
+    home = os.getcwd()
+    path = os.path.join(root, task_id)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.chdir(path)
+    return home
+
+
+def _leave_sandbox(home: Optional[str]) -> None:
+    if home is not None:
+        try:
+            os.chdir(home)
+        except OSError:
+            pass
 
 
 def _set_environment(values: Dict[str, Optional[str]]) -> Dict[str, Optional[str]]:
