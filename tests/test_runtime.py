@@ -294,3 +294,34 @@ class SDKWarningTests(SynchronousTestCase):
         self.assertIn("Python 3.10.13 with dill 0.4.1", text)
         self.assertIn("host node7", text)
         self.assertIn("this client Python 3.11.7", text)
+
+
+class Funcx10ReadersTests(SynchronousTestCase):
+    def test_funcx_common_ignores_the_fields(self) -> None:
+        """funcX 1.0.13's own reader (funcx_common, in the funcx venv) reads a task
+        message with a user_runtime and a result with details: both ignored."""
+        import subprocess
+
+        from funcx_endpoint.wire import Task as TaskMessage
+        from tests.test_real_funcx_sdk import _funcx_python
+
+        task = TaskMessage(TASK_ID, "1\nx", user_runtime=local_runtime())
+        result = Result(TASK_ID, "00\nx", details=worker_details())
+        script = (
+            "import base64, sys\n"
+            "from funcx_common.messagepack import unpack\n"
+            "for arg in sys.argv[1:]:\n"
+            "    message = unpack(base64.b64decode(arg))\n"
+            "    print(type(message).__name__, message.task_id)\n"
+        )
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+        done = subprocess.run(
+            [_funcx_python(), "-c", script]
+            + [base64.b64encode(pack(m)).decode("ascii") for m in (task, result)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stdout.split(), ["Task", TASK_ID, "Result", TASK_ID])
