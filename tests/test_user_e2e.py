@@ -101,10 +101,9 @@ class UserEndpoint:
                 'max_workers_per_node=float("inf"),': (
                     "max_workers_per_node=2, run_in_sandbox=True,"
                 ),
-                "detach_endpoint=True,": (
-                    f"detach_endpoint=True, endpoint_setup={SETUP!r}, "
-                    f"endpoint_teardown={TEARDOWN!r},"
-                ),
+                "endpoint_setup=None,": f"endpoint_setup={SETUP!r},",
+                "endpoint_teardown=None,": f"endpoint_teardown={TEARDOWN!r},",
+                "run_in_sandbox=False,": "",
             },
         )
         started = run_cli(self.config_dir, "start", self.name, env=self.env)
@@ -313,10 +312,7 @@ class HookStartStopTests(SynchronousTestCase):
             self.env,
             self.config_dir,
             "badsetup",
-            **{
-                "detach_endpoint=True,": "detach_endpoint=True, "
-                "endpoint_setup='echo no such module >&2; exit 4',"
-            },
+            **{"endpoint_setup=None,": "endpoint_setup='echo no such module >&2; exit 4',"},
         )
         started = run_cli(self.config_dir, "start", "badsetup", env=self.env)
         self.assertEqual(started.returncode, 78, started.stdout + started.stderr)
@@ -330,7 +326,7 @@ class HookStartStopTests(SynchronousTestCase):
             self.env,
             self.config_dir,
             "teardown",
-            **{"detach_endpoint=True,": f"detach_endpoint=True, endpoint_teardown={TEARDOWN!r},"},
+            **{"endpoint_teardown=None,": f"endpoint_teardown={TEARDOWN!r},"},
         )
         started = run_cli(self.config_dir, "start", "teardown", env=self.env)
         self.assertEqual(started.returncode, 0, started.stdout + started.stderr)
