@@ -11,6 +11,7 @@ import uuid
 from typing import Any, Dict, List
 
 from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -139,3 +140,17 @@ class HookTests(TestCase):
         self.assertTrue(
             any(e.get("how") == "exited with code 1" for e in self.events), self.events[-3:]
         )
+
+    async def test_stopped_during_setup(self) -> None:
+        """Stopping while the setup runs ends it (TERM), then tears down."""
+        hooks = ShellHooks(reactor, self.dir, "echo started; exec sleep 30", "echo bye")
+        hooks.startService()
+        ready = hooks.when_ready()
+        await deferLater(reactor, 0.3, lambda: None)
+        started = reactor.seconds()
+        await hooks.stopService()
+        self.assertLess(reactor.seconds() - started, 5)
+        self.assertEqual(self.lines("endpoint_teardown"), ["bye"])
+        with self.assertRaises(StartupError) as caught:
+            await ready
+        self.assertIn("was killed", caught.exception.message)

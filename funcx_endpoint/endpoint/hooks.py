@@ -102,6 +102,9 @@ class ShellHooks(Service):
         self.teardown = teardown
         self.timeout = timeout
         self._last_tail: Deque[str] = deque()
+        self._process: Any = None  # the hook started last
+        self._setup_process: Any = None
+        self._setup_ended_d: Optional[Deferred[Optional[int]]] = None
         self._waiters: List[Deferred[None]] = []
         self._setup_failure: Optional[Failure] = None
         self._setup_finished = False
@@ -139,6 +142,7 @@ class ShellHooks(Service):
 
         protocol.finished.addCallback(ended)
         self._last_tail = protocol.tail
+        self._process = process
         return protocol.finished
 
     def startService(self) -> None:
@@ -146,7 +150,10 @@ class ShellHooks(Service):
         if not self.setup:
             self._finish_setup(None)
             return
-        self._run("endpoint_setup", self.setup).addCallback(self._setup_ended)
+        ended = self._run("endpoint_setup", self.setup)
+        self._setup_process = self._process
+        self._setup_ended_d = ended
+        ended.addCallback(self._setup_ended)
 
     def _setup_ended(self, code: Optional[int]) -> None:
         if code == 0:
@@ -185,6 +192,25 @@ class ShellHooks(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        if not self._setup_finished and self._setup_process is not None:
+            # Stopped while the setup runs: end it first, then tear down.
+            self.log.info("Stopping endpoint_setup (the endpoint stops)")
+            try:
+                self._setup_process.signalProcess("TERM")
+            except Exception:  # already gone
+                pass
+            waiting: Deferred[None] = Deferred()
+
+            def then(_: Any) -> None:
+                self._teardown().chainDeferred(waiting)
+
+            assert self._setup_ended_d is not None
+            self._setup_ended_d.addBoth(lambda result: None)
+            self._setup_ended_d.addCallback(then)
+            return waiting
+        return self._teardown()
+
+    def _teardown(self) -> Deferred[None]:
         done: Deferred[None] = Deferred()
         if not self.teardown:
             done.callback(None)
