@@ -37,8 +37,6 @@ class ErrorCode:
     TASK_CANCELLED: ClassVar[str] = "TaskCancelled"
     #: The sender speaks a protocol or serialization version we cannot read.
     VERSION_MISMATCH: ClassVar[str] = "VersionMismatch"
-    #: The task's sandbox directory (``run_in_sandbox``) could not be made or entered.
-    SANDBOX_UNAVAILABLE: ClassVar[str] = "SandboxUnavailable"
     #: The task message itself is malformed (bad fields, bad task buffer).
     MALFORMED_TASK: ClassVar[str] = "MalformedTask"
     #: The task's container could not run: its image is missing or cannot start
@@ -63,6 +61,9 @@ class ErrorCode:
     #: or asks for more nodes than the block it runs in has.  Added with MPI
     #: tasks, after the funcX 1.0 set that :attr:`ALL` lists.
     RESOURCE_SPECIFICATION_ERROR: ClassVar[str] = "InvalidResourceSpecification"
+    #: The task's sandbox directory (``run_in_sandbox``) could not be made or
+    #: entered.  Added with sandboxes, after the funcX 1.0 set of :attr:`ALL`.
+    SANDBOX_UNAVAILABLE: ClassVar[str] = "SandboxUnavailable"
 
 
 class ProtocolError(ValueError):
