@@ -230,7 +230,8 @@ class UserEndToEndTests(SynchronousTestCase):
         pickled = pickled_by(other_python(), "def f(x):\n    return 3 * x", "f")
         self.client.user_runtime = {k: pickled[k] for k in ("python_version", "dill_version")}
         function_id = self.register_bytecode_only(pickled["function_code"])
-        with self.assertRaises(TaskExecutionFailed) as caught:
+        with self.assertRaises(TaskExecutionFailed) as caught, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the SDK's warning: another test's subject
             wait_result(self.client, self.run_function(function_id, 1))
         self.assertEqual(caught.exception.error_code, "VersionMismatch")
         self.assertIn(f"Python {pickled['python_version']}", str(caught.exception))
