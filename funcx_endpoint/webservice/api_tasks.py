@@ -42,6 +42,7 @@ from funcx_endpoint.webservice.storage import (
 from funcx_endpoint.webservice.tasks import text_size
 from funcx_endpoint.wire import DeserializationError, pack_task_buffer
 from funcx_endpoint.wire.resources import ResourceSpecificationError, check_resource_specification
+from funcx_endpoint.wire.runtime import UserRuntimeError, check_user_runtime
 
 __all__ = ["MAX_BATCH_STATUS_IDS", "MAX_TASKS_PER_SUBMIT", "TasksAPI", "queue_prefix"]
 
@@ -68,6 +69,18 @@ def _resource_specification(value: Any) -> Optional[str]:
             f"resource_specification: {e}", "INVALID_RESOURCE_SPECIFICATION"
         ) from None
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def _user_runtime(value: Any) -> Optional[str]:
+    """A batch's ``user_runtime`` (the submitter's Python and dill versions) as
+    JSON text to store, None for none; 400 if it makes no sense."""
+    if value is None:
+        return None
+    try:
+        runtime = check_user_runtime(value)
+    except UserRuntimeError as e:
+        raise bad_request(str(e), "INVALID_USER_RUNTIME") from None
+    return json.dumps(runtime, separators=(",", ":"), sort_keys=True) if runtime else None
 
 
 def _refusal(status: int, code: str, reason: str) -> Dict[str, Any]:
@@ -115,6 +128,7 @@ class TasksAPI(HandlerGroup):
         websocket = boolean_field(body, "create_websocket_queue")
         ws_queue = queue_prefix(me.identity_id) + task_group_id if websocket else None
         resources = _resource_specification(body.get("resource_specification"))
+        runtime = _user_runtime(body.get("user_runtime"))
 
         # First pass: shapes and UUIDs, without the database.
         results: List[Optional[Dict[str, Any]]] = []
@@ -193,6 +207,7 @@ class TasksAPI(HandlerGroup):
                     ws_queue,
                     now,
                     resources,
+                    runtime,
                 )
             )
             to_send.append(
@@ -205,6 +220,7 @@ class TasksAPI(HandlerGroup):
                     takes_batches(endpoints[endpoint_id].metadata),
                     containers.get(function.container_uuid) if function.container_uuid else None,
                     json.loads(resources) if resources else None,
+                    json.loads(runtime) if runtime else None,
                 )
             )
             results[index] = {"task_uuid": task_id, "http_status_code": 200}

@@ -424,6 +424,14 @@ MIGRATIONS: List[Tuple[int, str, List[str]]] = [
             "CREATE INDEX tasks_fetched ON tasks (fetched) WHERE fetched IS NOT NULL",
         ],
     ),
+    (
+        5,
+        "the submitter's Python and dill versions, and the worker's environment, as JSON",
+        [
+            "ALTER TABLE tasks ADD COLUMN user_runtime TEXT",
+            "ALTER TABLE tasks ADD COLUMN details TEXT",
+        ],
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

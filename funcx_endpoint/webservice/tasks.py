@@ -65,9 +65,13 @@ def visible_functions(
 
 
 def insert_tasks(tx: Tx, tasks: Sequence[NewTask]) -> None:
-    # The resource_specification column is named only when a task has one.
+    # The optional columns are named only when a task has them.
     with_resources = any(t.resource_specification is not None for t in tasks)
-    extra_column, extra_value = (", resource_specification", ", ?") if with_resources else ("", "")
+    with_runtime = any(t.user_runtime is not None for t in tasks)
+    extra_column = (", resource_specification" if with_resources else "") + (
+        ", user_runtime" if with_runtime else ""
+    )
+    extra_value = ", ?" * (with_resources + with_runtime)
     tx.executemany(
         "INSERT INTO tasks (task_id, owner, function_id, endpoint_id, task_group_id, payload, "
         f"status, created, ws_queue, payload_size{extra_column}) "
@@ -84,6 +88,7 @@ def insert_tasks(tx: Tx, tasks: Sequence[NewTask]) -> None:
                 t.ws_queue,
                 text_size(t.payload),
                 *((t.resource_specification,) if with_resources else ()),
+                *((t.user_runtime,) if with_runtime else ()),
             )
             for t in tasks
         ],
@@ -109,7 +114,7 @@ def unsent_tasks(tx: Tx, limit: int, created_before: float) -> List[UnsentTask]:
     and their functions' containers."""
     rows = tx.execute(
         "SELECT t.task_id, t.endpoint_id, t.function_id, t.payload, f.function_code, "
-        "f.container_uuid, t.resource_specification "
+        "f.container_uuid, t.resource_specification, t.user_runtime "
         "FROM tasks t JOIN functions f ON f.function_id = t.function_id "
         "WHERE t.sent = 0 AND t.created < ? ORDER BY t.created LIMIT ?",
         (created_before, limit),
@@ -124,8 +129,18 @@ def unsent_tasks(tx: Tx, limit: int, created_before: float) -> List[UnsentTask]:
             container_id,
             container=None if container_id is None else containers.get(container_id),
             resource_specification=json.loads(resources) if resources else None,
+            user_runtime=json.loads(runtime) if runtime else None,
         )
-        for task_id, endpoint_id, function_id, payload, code, container_id, resources in rows
+        for (
+            task_id,
+            endpoint_id,
+            function_id,
+            payload,
+            code,
+            container_id,
+            resources,
+            runtime,
+        ) in rows
     ]
 
 
@@ -165,7 +180,8 @@ def store_results(
         updated = tx.execute(
             "UPDATE tasks SET status = ?, sent = 1, payload = NULL, completion_t = ?, "
             "result = ?, exception = ?, error_code = ?, error_message = ?, ws_pending = ?, "
-            f"finished = ? WHERE task_id = ? AND status NOT IN {DONE_SQL}",
+            "finished = ?, details = ? "
+            f"WHERE task_id = ? AND status NOT IN {DONE_SQL}",
             (
                 "failed" if failed else "success",
                 result.completion_t,
@@ -175,6 +191,7 @@ def store_results(
                 result.error_message,
                 0 if ws_queue is None else 1,
                 now,
+                result.details,
                 result.task_id,
             ),
         ).rowcount
