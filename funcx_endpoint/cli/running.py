@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -54,8 +55,14 @@ def clean_stale(ep: EndpointDir) -> None:
     metavar="SECONDS",
     help="How long to wait for the daemon to report ready.",
 )
+@click.option(
+    "--keep-lock",
+    is_flag=True,
+    help="Do not lift a remote stop: the service keeps refusing this endpoint until its "
+    "owner starts it without this flag.  Implied under systemd (the on-boot unit).",
+)
 @pass_context
-def start(ctx: Context, name: str, foreground: bool, timeout: float) -> None:
+def start(ctx: Context, name: str, foreground: bool, timeout: float, keep_lock: bool) -> None:
     """Start the endpoint NAME as a daemon and wait until it is ready.
 
     The configuration is checked first; a broken config.py is reported with
@@ -72,6 +79,9 @@ def start(ctx: Context, name: str, foreground: bool, timeout: float) -> None:
     """
     ep = ctx.existing(name)
     config = load_checked(ep)
+    # systemd sets INVOCATION_ID in every unit's environment: a start on boot (or
+    # a restart by systemd) is no owner's decision to lift a remote stop.
+    clear_lock = not keep_lock and "INVOCATION_ID" not in os.environ
     state = ep.state()
     if state is EndpointState.ELSEWHERE:
         fail(elsewhere_message(ctx, ep, "start it"), EX_ALREADY)
@@ -85,7 +95,7 @@ def start(ctx: Context, name: str, foreground: bool, timeout: float) -> None:
         clean_stale(ep)
     if foreground or not config.detach_endpoint:
         click.echo(f"Starting endpoint {name!r} in the foreground (Ctrl-C stops it)")
-        sys.exit(run_foreground(ep, debug=ctx.debug))
+        sys.exit(run_foreground(ep, debug=ctx.debug, clear_lock=clear_lock))
     click.echo(f"Starting endpoint {name!r} ...")
     started = time.monotonic()
     result = start_daemon(
@@ -94,6 +104,7 @@ def start(ctx: Context, name: str, foreground: bool, timeout: float) -> None:
         timeout=timeout,
         log_file=ep.log_file(config.log_dir),
         command=f"funcx-endpoint{ctx.dir_option()}",
+        clear_lock=clear_lock,
     )
 
     elapsed = time.monotonic() - started

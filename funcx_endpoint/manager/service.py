@@ -46,6 +46,7 @@ from funcx_endpoint.wire.amp import (
     SendResults,
     Shutdown,
     SubmitTasks,
+    TasksStarted,
     read_unanswered,
     send_unanswered,
     set_no_delay,
@@ -168,6 +169,8 @@ class ManagerService(Service):
     _exit_code: Optional[int] = attr.ib(default=None, init=False)
     _stop_waiters: List[Deferred[int]] = attr.ib(factory=list, init=False)
     results_sent: int = attr.ib(default=0, init=False)
+    _started: List[Tuple[str, int]] = attr.ib(factory=list, init=False)
+    _started_call: Optional[IDelayedCall] = attr.ib(default=None, init=False)
 
     @clock.default
     def _the_reactor(self) -> Any:
@@ -344,6 +347,7 @@ class ManagerService(Service):
             on_fatal=self._workers_failed,
             hostname=self.identity.hostname,
             worker_command=self.worker_command,
+            on_started=self._task_started,
         )
         self.pool.start()
         heartbeats = LoopingCall(self._heartbeat)
@@ -361,6 +365,23 @@ class ManagerService(Service):
     def cancel(self, task_id: str) -> bool:
         """Cancel a task here; whether it was found."""
         return self.pool is not None and self.pool.cancel(task_id)
+
+    def _task_started(self, task_id: str, started_ns: int) -> None:
+        """A worker took a task: tell the interchange (once per reactor turn)."""
+        self._started.append((task_id, started_ns))
+        if self._started_call is None:
+            self._started_call = self.clock.callLater(0, self._send_started)
+
+    def _send_started(self) -> None:
+        self._started_call = None
+        started, self._started = self._started, []
+        if started and self.connection is not None:
+            try:
+                send_unanswered(self.connection, TasksStarted, started=started)
+            except Exception as exc:
+                self.log.warn(
+                    "Could not report {n} started tasks: {error}", n=len(started), error=exc
+                )
 
     def _result_ready(self, packed: bytes) -> None:
         self._outbox.append(packed)
@@ -467,6 +488,9 @@ class ManagerService(Service):
         if self._flush_call is not None:
             self._flush_call.cancel()
             self._flush_call = None
+        if self._started_call is not None and self._started_call.active():
+            self._started_call.cancel()
+        self._started_call = None
         connection = self.connection or self._connecting
         transport: Any = connection.transport if connection is not None else None
         if transport is not None:

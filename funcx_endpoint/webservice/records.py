@@ -247,6 +247,8 @@ class Report:
     task_statuses: Dict[str, List[Tuple[int, str]]]  # task id -> [(timestamp ns, state)]
     final: bool
     received: float
+    #: real-time task states (``task_states``): transitions only, not a status report
+    states_only: bool = False
 
 
 TASK_COLUMNS = "task_id, owner, status, completion_t, result, exception, error_code, error_message"

@@ -35,6 +35,12 @@ from typing import (
 )
 
 from funcx_endpoint.wire.containers import Container, ContainerImage
+from funcx_endpoint.wire.control import (
+    ENDPOINT_COMMANDS,
+    TASK_STATES,
+    EndpointCommand,
+    TaskStatesMessage,
+)
 from funcx_endpoint.wire.errors import MessageError
 from funcx_endpoint.wire.fields import (
     _MISSING,
@@ -59,12 +65,15 @@ from funcx_endpoint.wire.states import (
 )
 
 __all__ = [
+    "ENDPOINT_COMMANDS",
     "MESSAGE_BATCHES",
     "PROTOCOL_VERSION",
+    "TASK_STATES",
     "ActorName",
     "Container",
     "ContainerImage",
     "EPStatusReport",
+    "EndpointCommand",
     "Message",
     "Result",
     "ResultBatchMessage",
@@ -72,6 +81,7 @@ __all__ = [
     "Task",
     "TaskBatchMessage",
     "TaskState",
+    "TaskStatesMessage",
     "TaskTransition",
     "pack",
     "unpack",
@@ -442,15 +452,33 @@ class ResultBatchMessage(_Batch[Result], item_class=Result):
 
 
 #: Any message that can travel on the queues.
-Message = Union[Task, Result, EPStatusReport, TaskBatchMessage, ResultBatchMessage]
+Message = Union[
+    Task,
+    Result,
+    EPStatusReport,
+    TaskBatchMessage,
+    ResultBatchMessage,
+    TaskStatesMessage,
+    EndpointCommand,
+]
 
-_MESSAGE_CLASSES = (Task, Result, EPStatusReport, TaskBatchMessage, ResultBatchMessage)
+_MESSAGE_CLASSES = (
+    Task,
+    Result,
+    EPStatusReport,
+    TaskBatchMessage,
+    ResultBatchMessage,
+    TaskStatesMessage,
+    EndpointCommand,
+)
 _READERS: Dict[str, Callable[[Dict[str, Any]], Message]] = {
     Task.message_type: Task.from_wire,
     Result.message_type: Result.from_wire,
     EPStatusReport.message_type: EPStatusReport.from_wire,
     TaskBatchMessage.message_type: TaskBatchMessage.from_wire,
     ResultBatchMessage.message_type: ResultBatchMessage.from_wire,
+    TaskStatesMessage.message_type: TaskStatesMessage.from_wire,
+    EndpointCommand.message_type: EndpointCommand.from_wire,
 }
 
 
