@@ -203,16 +203,65 @@ timeout_option = click.option(
     help="If the daemon runs on another host sharing this directory (a second "
     "login node) that is gone for good: remove its pidfile here.",
 )
+@click.option(
+    "--remote",
+    is_flag=True,
+    help="Stop it through the service (from any machine): NAME is a profile here or an "
+    "endpoint id.  The running endpoint drains and exits, and the service refuses it "
+    "until its owner starts it again on its host.",
+)
 @pass_context
-def stop(ctx: Context, name: str, timeout: Optional[float], forget: bool) -> None:
+def stop(ctx: Context, name: str, timeout: Optional[float], forget: bool, remote: bool) -> None:
     """Stop the endpoint NAME, its managers and workers.
 
     One stop is always enough: the daemon gets TERM and stops its children;
     after the grace period every process left of its tree is killed.  A stale
     pidfile (daemon gone) is removed.  A daemon that runs on another host
-    sharing this directory is stopped there, not from here.
+    sharing this directory is stopped there, not from here (or with --remote).
     """
+    if remote:
+        _stop_remote(ctx, name)
+        return
     _stop(ctx, ctx.existing(name), timeout, forget)
+
+
+def _stop_remote(ctx: Context, name: str) -> None:
+    """``stop --remote``: ask the service to stop endpoint NAME (a profile or an id)."""
+    from funcx_endpoint.cli import remote
+    from funcx_endpoint.cli.remote_endpoints import UUID, services
+
+    if UUID.fullmatch(name) and not ctx.endpoint(name).exists():
+        endpoint_id = name.lower()
+        configs = services(ctx, None)
+        if len(configs) > 1:
+            fail(
+                "the profiles here use several services; name a profile instead of the id",
+                64,
+            )
+        config = configs[0]
+    else:
+        ep = ctx.existing(name)
+        config = load_checked(ep)
+        registered = ep.endpoint_id()
+        if registered is None:
+            fail(f"endpoint {name!r} was never registered (no endpoint.json)", 66)
+        assert registered is not None
+        endpoint_id = registered
+    try:
+        answer = remote.run_in_reactor(
+            lambda reactor: remote.stop_endpoint(reactor, config, ctx.config_dir, endpoint_id)
+        )
+    except remote.RemoteError as e:
+        fail(f"{e}; not stopped", e.exit_code)
+    how = (
+        "it drains and exits"
+        if answer.get("stop_sent")
+        else "if it runs, it cannot be told (an older endpoint, or the broker is away)"
+    )
+    click.echo(
+        f"Endpoint {endpoint_id} stopped remotely at {config.funcx_service_address}: {how}; "
+        f"the service refuses it until it is started again on its host (funcx-endpoint start)."
+    )
 
 
 @click.command()
