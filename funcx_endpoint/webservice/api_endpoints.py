@@ -271,14 +271,14 @@ class EndpointsAPI(HandlerGroup):
         self.log.info("Endpoint {eid} locked (stopped remotely)", eid=endpoint.endpoint_id)
         # A running endpoint of ours drains and exits; a funcX 1.0 one is only
         # refused at its next registration.
-        stop_sent = False
+        answer: Dict[str, Any] = {"endpoint_id": endpoint.endpoint_id, "locked": True}
         if takes_commands(endpoint.metadata):
-            stop_sent = await send_command(
+            answer["stop_sent"] = await send_command(
                 self.context,
                 endpoint.endpoint_id,
                 EndpointCommand.stop("stopped remotely", self.context.clock.seconds()),
             )
-        return 200, {"endpoint_id": endpoint.endpoint_id, "locked": True, "stop_sent": stop_sent}
+        return 200, answer
 
     async def delete_endpoint(self, call: Call) -> Tuple[int, Any]:
         endpoint = await self._own_endpoint(call)

@@ -477,9 +477,11 @@ _READERS: Dict[str, Callable[[Dict[str, Any]], Message]] = {
     EPStatusReport.message_type: EPStatusReport.from_wire,
     TaskBatchMessage.message_type: TaskBatchMessage.from_wire,
     ResultBatchMessage.message_type: ResultBatchMessage.from_wire,
-    TaskStatesMessage.message_type: TaskStatesMessage.from_wire,
-    EndpointCommand.message_type: EndpointCommand.from_wire,
 }
+#: Message types only sent to a peer that agreed at registration (wire.control).
+_NEGOTIATED = (TaskStatesMessage.message_type, EndpointCommand.message_type)
+_READERS[TaskStatesMessage.message_type] = TaskStatesMessage.from_wire
+_READERS[EndpointCommand.message_type] = EndpointCommand.from_wire
 
 
 # ---------------------------------------------------------------------------
@@ -549,8 +551,9 @@ def unpack(data: Union[bytes, bytearray, memoryview, str]) -> Message:
             problem = "message has no message_type"
         else:
             problem = f"unknown message_type {_show(message_type)}"
+        known = ", ".join(t for t in _READERS if t not in _NEGOTIATED)
         raise MessageError(
-            f"{problem} (known: {', '.join(_READERS)})",
+            f"{problem} (known: {known}); where negotiated: {', '.join(_NEGOTIATED)}",
             message_type=message_type if isinstance(message_type, str) else None,
             task_id=_find_task_id(body),
         )
