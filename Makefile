@@ -19,9 +19,10 @@ system:
 # The tests also run a private PostgreSQL server (the service's second backend)
 # a private Slurm cluster (Slurm's daemons and clients, MariaDB for its
 # accounting, iproute2 for the nodes' network namespaces), MPICH (real MPI
-# across the cluster's two nodes), and verify systemd units with systemd-analyze.
+# across the cluster's two nodes), their own Podman and Docker daemon (workers
+# in containers), and verify systemd units with systemd-analyze.
 system-test:
-	@scripts/bootstrap-system.sh postgresql slurm mpi systemd
+	@scripts/bootstrap-system.sh postgresql slurm mpi containers systemd
 
 $(STAMP): setup.py
 	@echo ">>> Creating the virtualenv $(VENV) and installing the package"

@@ -6,7 +6,8 @@
 # client commands, MariaDB's server and client cores for the accounting that
 # sacct reads, iproute2 for the nodes' network namespaces), mpi (MPICH with its
 # compiler wrapper and headers, for the real MPI tests across the cluster's nodes),
-# systemd (systemd-analyze, to verify enable-on-boot's units).
+# containers (podman, docker.io, runc: the container tests' engines), systemd
+# (systemd-analyze, to verify enable-on-boot's units).
 # Debian/Ubuntu; runs apt-get as root or through sudo.  Idempotent: only what
 # is missing is installed.
 set -euo pipefail
@@ -38,6 +39,13 @@ for extra in "$@"; do
       have mpiexec.hydra && have mpicc || want+=(mpich)
       [ -n "$(ls /usr/include/*/mpich/mpi.h 2>/dev/null)" ] || want+=(libmpich-dev)
       have gcc || want+=(gcc libc6-dev)
+      ;;
+    # The container tests' engines (funcx_endpoint/testing/engines.py): Podman and
+    # a private Docker daemon, both on runc.
+    containers)
+      command -v podman >/dev/null 2>&1 || want+=(podman)
+      command -v dockerd >/dev/null 2>&1 || want+=(docker.io)
+      command -v runc >/dev/null 2>&1 || want+=(runc)
       ;;
     *) want+=("$extra") ;;
   esac

@@ -116,6 +116,24 @@ class CLITests(SynchronousTestCase):
         self.assertIn(f"{source}, line", result.output)
         self.assertFalse(os.path.exists(EndpointDir(self.config_dir, "bad").path))
 
+    def test_start_without_the_container_engine(self) -> None:
+        """A worker_mode whose engine is not installed: exit 78 (EX_CONFIG) with the fix."""
+        source = os.path.abspath(self.mktemp())
+        with open(source, "w") as f:
+            f.write(
+                "from funcx_endpoint.config import Config, HighThroughputExecutor\n"
+                "config = Config(executors=[HighThroughputExecutor(worker_mode='podman')])\n"
+            )
+        result = self.fx("configure", "boxed", "--endpoint-config", source)
+        self.assertEqual(result.exit_code, 0, result.output)
+        empty = os.path.abspath(self.mktemp())
+        os.makedirs(empty)
+        result = self.fx("start", "boxed", env={"PATH": empty})
+        self.assertEqual(result.exit_code, 78, result.output)
+        self.assertIn("worker_mode='podman'", result.output)
+        self.assertIn("install podman", result.output)
+        self.assertFalse(os.path.exists(EndpointDir(self.config_dir, "boxed").pidfile))
+
     def test_bad_name(self) -> None:
         result = self.fx("configure", "../evil")
         self.assertEqual(result.exit_code, 65)

@@ -276,9 +276,6 @@ class UnusedFieldTests(SynchronousTestCase):
                 "launch_cmd": "process_worker_pool.py {debug} --task_url={task_url}",
                 "worker_mode": "singularity_reuse",
                 "scheduler_mode": "soft",
-                "container_type": "singularity",
-                "container_cmd_options": "-H /home/$USER",
-                "container_image": "/images/python.sif",
                 "cold_routing_interval": 5.0,
                 "poll_period": 100,
                 "suppress_failure": False,
@@ -316,11 +313,29 @@ class UnusedFieldTests(SynchronousTestCase):
         for config in quiet:
             self.assertEqual(config.notices(), [], repr(config))
 
-    def test_container_modes_run_without_containers(self) -> None:
+    def test_container_modes(self) -> None:
+        """(Issue 11: containers run; before it, these modes ran as no_container.)"""
         executor = HighThroughputExecutor(worker_mode="singularity_reuse")
-        self.assertEqual(executor.worker_mode, "no_container")
+        self.assertEqual(executor.worker_mode, "singularity")
         self.assertEqual(executor.given["worker_mode"], "singularity_reuse")
-        self.assertEqual(HighThroughputExecutor(worker_mode="docker").worker_mode, "no_container")
+        for mode in ("docker", "podman", "singularity", "apptainer", "shifter"):
+            self.assertEqual(HighThroughputExecutor(worker_mode=mode).worker_mode, mode)
+        self.assertRaises(ConfigError, HighThroughputExecutor, worker_mode="rkt")
+
+    def test_funcx10_container_fields(self) -> None:
+        """container_type and container_image are honoured (funcX 1.0's endpoint-wide
+        container); container_type alone gives a notice (nothing runs it)."""
+        executor = HighThroughputExecutor(
+            container_type="singularity",
+            container_cmd_options="-H /home/$USER",
+            container_image="/images/python.sif",
+        )
+        self.assertEqual(executor.worker_mode, "singularity")
+        self.assertEqual(executor.container_uri, "/images/python.sif")
+        self.assertEqual(executor.notices(), [])
+        [notice] = HighThroughputExecutor(container_type="docker").notices()
+        self.assertEqual(notice.setting, "HighThroughputExecutor.container_type")
+        self.assertIn("without container_uri", notice.text())
 
     def test_nested_notices_are_collected(self) -> None:
         config = Config(
@@ -405,7 +420,7 @@ class NoticeLoggingTests(SynchronousTestCase):
         )
         text = " ".join(e["notice"] for e in warnings)
         self.assertIn("poll_period=1: this endpoint is event-driven", text)
-        self.assertIn("worker_mode='singularity_reuse': containers are not supported", text)
+        self.assertIn("worker_mode='singularity_reuse': funcX 1.0's reuse/single-use", text)
 
 
 # The seven funcX 1.0 config files and the warnings each is expected to give.

@@ -580,6 +580,8 @@ class Link:
         worker_count: int = 2,
         secret: Optional[str] = None,
         server_factory: Any = None,
+        service_options: Optional[Dict[str, Any]] = None,
+        identity: Optional[ManagerIdentity] = None,
         **interchange_options: Any,
     ) -> None:
         self.testcase = testcase
@@ -609,12 +611,13 @@ class Link:
         self.service = ManagerService(
             self.reactor,
             info,
-            ManagerIdentity(manager_id="m1", block_id="b1", hostname="node1", pid=99),
+            identity or ManagerIdentity(manager_id="m1", block_id="b1", hostname="node1", pid=99),
             worker_count,
             self.log_dir,
             worker_command=["/opt/python", "-m", "funcx_endpoint.worker"],
             endpoint=self.endpoint,
             connect_attempts=3,
+            **(service_options or {}),
         )
         self.codes: List[int] = []
         self.service.when_stopped().addCallback(self.codes.append)

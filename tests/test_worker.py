@@ -44,6 +44,11 @@ def add(a: int, b: int = 0) -> int:
     return a + b
 
 
+def shout(value: int) -> int:
+    print("printed by the user")
+    return value * 2
+
+
 def user_failure(value: int) -> float:
     # Functions travel as source: what they call must be inside them.
     def inner_failure(value: int) -> float:
@@ -418,6 +423,34 @@ class ProcessTests(SynchronousTestCase):
         self.assertEqual(worker.close(), 0)
         # Typically 50-100 us here; the bound only catches gross regressions.
         self.assertLess(elapsed, 0.001, f"{elapsed * 1e6:.0f} us per round trip")
+
+    def test_pipes_on_stdin_and_stdout(self) -> None:
+        """``--task-fd 0 --result-fd 1`` (a worker in a Docker container): what the
+        user's code prints goes to stderr, never among the result frames."""
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "funcx_endpoint.worker",
+                "--task-fd",
+                "0",
+                "--result-fd",
+                "1",
+            ],
+            env=package_environment(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self.addCleanup(process.kill)
+        buffer = task_buffer(shout, 21).encode()
+        out, err = process.communicate(frames.encode_task(str(uuid.uuid4()), 1, buffer), timeout=60)
+        self.assertEqual(process.returncode, 0)
+        received = frames.FrameDecoder().feed(out)
+        self.assertEqual(received[0][0], frames.KIND_HELLO)
+        self.assertEqual(received[-1][0], frames.KIND_RESULT)
+        self.assertEqual(deserialize(read_result(received[-1][1]).data), 42)  # type: ignore[union-attr]
+        self.assertIn(b"printed by the user", err)
 
     def test_dies_while_loading(self) -> None:
         worker = WorkerProcess()

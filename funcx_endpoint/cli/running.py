@@ -22,6 +22,7 @@ from funcx_endpoint.cli.daemon import run_foreground, start_daemon, stop_daemon
 from funcx_endpoint.config import Config, ConfigFileError, load_config
 from funcx_endpoint.endpoint.layout import EndpointDir, EndpointState
 from funcx_endpoint.lifecycle import EX_CONFIG
+from funcx_endpoint.manager.containers import find_engine, missing_engine_message
 
 
 def elsewhere_message(ctx: Context, ep: EndpointDir, what: str) -> str:
@@ -43,6 +44,20 @@ def clean_stale(ep: EndpointDir) -> None:
         f"Endpoint {ep.name!r} was Disconnected: its daemon (pid {result.pid}) died "
         f"without cleaning up; removed the stale pidfile{extra}."
     )
+
+
+def missing_engine(config: Config, path: Optional[str] = None) -> Optional[str]:
+    """What to fix when an executor's workers run in containers of an engine that is
+    not installed here (None: nothing).  Only executors whose managers run on
+    this machine (a local provider) are checked: other nodes may have it; a
+    manager without it there quits with the same message."""
+    for executor in config.executors:
+        engine = getattr(executor, "container_engine", None)
+        if engine is None or type(executor.provider).__name__ != "LocalProvider":
+            continue
+        if find_engine(engine, path) is None:
+            return missing_engine_message(engine)
+    return None
 
 
 @click.command()
@@ -82,6 +97,9 @@ def start(ctx: Context, name: str, foreground: bool, timeout: float, keep_lock: 
     # systemd sets INVOCATION_ID in every unit's environment: a start on boot (or
     # a restart by systemd) is no owner's decision to lift a remote stop.
     clear_lock = not keep_lock and "INVOCATION_ID" not in os.environ
+    problem = missing_engine(config)
+    if problem is not None:
+        fail(f"bad configuration: {problem}", EX_CONFIG)
     state = ep.state()
     if state is EndpointState.ELSEWHERE:
         fail(elsewhere_message(ctx, ep, "start it"), EX_ALREADY)

@@ -1,7 +1,7 @@
 """funcX 1.0.13's config fields: the ones only funcX 1.0 had, and the list of all of them.
 
 A funcX 1.0 ``config.py`` passes keyword arguments that this design has no
-use for (container settings, ZeroMQ polling, values funcX 1.0 set itself).
+use for (ZeroMQ polling, routing knobs, values funcX 1.0 set itself).
 They are fields here too, so such a file loads unchanged, each marked
 :class:`~funcx_endpoint.config.fields.Unused` with what it means here: the
 endpoint logs one warning for each one given (:meth:`ConfigObject.notices`).
@@ -27,11 +27,6 @@ from funcx_endpoint.config.fields import (
     number,
     optional,
     string,
-)
-
-CONTAINERS_UNUSED = (
-    "containers are not supported by this version: workers run directly on the node "
-    "(as with worker_mode='no_container') and a task's container is not used"
 )
 
 
@@ -110,18 +105,6 @@ EXECUTOR_FIELDS: Dict[str, Field] = {
             (None,),
             partly=True,
         ),
-    ),
-    "container_type": Field(
-        None,
-        optional(string()),
-        "funcX 1.0: the container type of this executor's workers.",
-        unused=_funcx10(CONTAINERS_UNUSED + " (no effect)", None),
-    ),
-    "container_image": Field(
-        None,
-        optional(string()),
-        "funcX 1.0: the container image of this executor's workers.",
-        unused=_funcx10(CONTAINERS_UNUSED + " (no effect)", None),
     ),
     # Honoured with containers (worker_mode other than no_container): their
     # notice is given only without them (HighThroughputExecutor.notices).

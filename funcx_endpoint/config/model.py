@@ -19,6 +19,11 @@ import math
 from typing import Any, Dict, List, Optional, Tuple
 
 from funcx_endpoint.config import funcx10
+from funcx_endpoint.config.containers import (
+    CONTAINER_FIELDS,
+    container_notices,
+    resolve_containers,
+)
 from funcx_endpoint.config.fields import (
     ConfigError,
     ConfigObject,
@@ -37,7 +42,6 @@ from funcx_endpoint.config.fields import (
     url,
     uuid_list,
 )
-from funcx_endpoint.config.funcx10 import CONTAINERS_UNUSED
 from funcx_endpoint.environments import DEFAULT_SERVICE_ADDRESS, ENVIRONMENT_ADDRESSES
 from funcx_endpoint.worker.mpi import LAUNCHER_VARIABLE, LAUNCHERS
 
@@ -57,9 +61,6 @@ __all__ = [
 
 MiB = 1024 * 1024
 
-#: The worker modes this version runs (containers are not implemented).
-WORKER_MODES = ("no_container",)
-
 
 def _provider(value: Any) -> Any:
     """Any object with the Parsl provider interface is accepted."""
@@ -77,13 +78,6 @@ def _strategy(value: Any) -> Any:
     if not isinstance(value, SimpleStrategy):
         raise TypeError(f"expected SimpleStrategy(...), got {_describe(value)}")
     return value
-
-
-def _worker_mode(value: Any) -> str:
-    """Any mode funcX 1.0 took (it checked none); those this version cannot run
-    (the container modes) run as ``no_container``, with a notice."""
-    mode = string(what="a worker mode such as 'no_container'")(value)
-    return mode if mode in WORKER_MODES else "no_container"
 
 
 def _idle_count(value: Any) -> int:
@@ -279,19 +273,6 @@ class HighThroughputExecutor(ConfigObject):
             "endpoint directory); None: the endpoint directory.",
         ),
         "worker_debug": Field(False, boolean, "Debug logging in managers and workers."),
-        "worker_mode": Field(
-            "no_container",
-            _worker_mode,
-            "How workers are started; only 'no_container' (directly) in this version "
-            "(funcX 1.0's container modes are accepted and run so).",
-            unused=Unused(CONTAINERS_UNUSED, WORKER_MODES, partly=True),
-        ),
-        "container_cmd_options": Field(
-            "",
-            optional(string()),
-            "Extra options for the container command.",
-            unused=Unused(CONTAINERS_UNUSED + " (no effect)", ("", None)),
-        ),
         "worker_environment": Field(
             None, string_dict, "Environment variables set for workers.", default_factory=dict
         ),
@@ -304,6 +285,8 @@ class HighThroughputExecutor(ConfigObject):
         ),
         # The fields only funcX 1.0 had (accepted; a warning when given).
         **funcx10.EXECUTOR_FIELDS,
+        # How workers run: directly or in containers (worker_mode and the rest).
+        **CONTAINER_FIELDS,
     }
 
     label: str
@@ -327,6 +310,7 @@ class HighThroughputExecutor(ConfigObject):
     worker_mode: str
     container_cmd_options: Optional[str]
     container_type: Optional[str]
+    container_uri: Optional[str]
     container_image: Optional[str]
     scheduler_mode: Optional[str]
     cold_routing_interval: Optional[float]
@@ -344,6 +328,7 @@ class HighThroughputExecutor(ConfigObject):
     def validate(self) -> None:
         if self.available_accelerators is None:
             self.available_accelerators = []
+        resolve_containers(self)
         if self.heartbeat_period is not None and self.heartbeat_threshold is not None:
             _check_heartbeats(
                 "HighThroughputExecutor", self.heartbeat_period, self.heartbeat_threshold
@@ -362,6 +347,11 @@ class HighThroughputExecutor(ConfigObject):
     def manager_worker_environment(self) -> Dict[str, str]:
         """The environment workers get: ``worker_environment`` and the MPI launcher."""
         return {**self.worker_environment, LAUNCHER_VARIABLE: self.mpi_launcher}
+
+    @property
+    def container_engine(self) -> Optional[str]:
+        """The engine that runs this executor's workers, or None (no container)."""
+        return None if self.worker_mode == "no_container" else self.worker_mode
 
     def listen_port_range(self) -> Tuple[int, int]:
         """The ports the interchange may listen on for managers: ``worker_ports[0]``,
@@ -392,7 +382,7 @@ class HighThroughputExecutor(ConfigObject):
         return found
 
     def relation_notices(self) -> List[Notice]:
-        found: List[Notice] = []
+        found: List[Notice] = container_notices(self)
         if "interchange_port_range" in self.given and (
             self.worker_ports is not None or self.worker_port_range is not None
         ):

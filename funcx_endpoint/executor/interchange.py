@@ -399,6 +399,9 @@ class Interchange(Service):
                 prefetch_capacity=executor.prefetch_capacity,
                 worker_environment=executor.manager_worker_environment(),
                 batch_interval=self.batch_interval,
+                worker_mode=executor.worker_mode,
+                container_uri=getattr(executor, "container_uri", None),
+                container_cmd_options=executor.container_cmd_options or "",
             ),
         )
 

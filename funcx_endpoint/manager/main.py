@@ -5,6 +5,8 @@
     funcx-manager --info-file PATH --block-id BLOCK [--manager-id ID]
                   [--max-workers N] [--cores-per-worker C] [--mem-per-worker GB]
                   [--available-accelerators 0,1,...] [--prefetch-capacity N]
+                  [--worker-mode MODE] [--container-uri IMAGE]
+                  [--container-type TYPE] [--warm-per-type N] [--max-warm N]
                   [--log-dir DIR] [--debug]
 
 Where to connect (address, port, CA certificate, secret) and the endpoint's
@@ -13,6 +15,16 @@ secret is on the command line; the options override the worker settings.
 The manager logs to ``manager.log`` in its log directory (default:
 ``managers/<manager id>`` beside the info file), and each worker's output
 goes to ``worker-<n>.out`` / ``.err`` there.
+
+``--worker-mode`` and ``--container-uri`` override the endpoint's container
+settings (``--container-uri``: every worker runs that image).
+``--container-type`` is the type the manager registers with (hard routing:
+the interchange then sends it only tasks of that type, and its workers start
+with the first task's image).  A manager of a container engine without it
+serves every type (soft routing, :mod:`funcx_endpoint.manager.warm`): its
+slots start workers of any image on demand and keep them warm
+(``--warm-per-type``, ``--max-warm``), and it reports them to the
+interchange (``WarmContainers``).
 """
 
 from __future__ import annotations
@@ -55,6 +67,29 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help="Comma-separated device ids; one worker per device.",
     )
     parser.add_argument("--prefetch-capacity", type=int, default=None)
+    parser.add_argument(
+        "--worker-mode", default=None, help="no_container, or a container engine (podman...)."
+    )
+    parser.add_argument("--container-uri", default=None, help="The image every worker runs.")
+    parser.add_argument(
+        "--container-type",
+        default=None,
+        help="The one container type this manager serves (hard routing; RAW: tasks "
+        "without one).  Without it, a manager of a container engine serves every type "
+        "(soft routing).",
+    )
+    parser.add_argument(
+        "--warm-per-type",
+        type=int,
+        default=None,
+        help="Soft routing: most workers of one container type (default: all slots).",
+    )
+    parser.add_argument(
+        "--max-warm",
+        type=int,
+        default=None,
+        help="Soft routing: most warm workers in all (default: all slots).",
+    )
     parser.add_argument("--log-dir", default=None, help="Where manager.log and worker logs go.")
     parser.add_argument("--debug", action="store_true", help="Log debug messages.")
     return parser.parse_args(argv)
@@ -77,6 +112,10 @@ def apply_options(settings: ManagerSettings, options: argparse.Namespace) -> Man
         changes["prefetch_capacity"] = options.prefetch_capacity
     if options.debug:
         changes["worker_debug"] = True
+    if getattr(options, "worker_mode", None) is not None:
+        changes["worker_mode"] = options.worker_mode
+    if getattr(options, "container_uri", None) is not None:
+        changes["container_uri"] = options.container_uri or None
     return attr.evolve(settings, **changes)
 
 
@@ -114,7 +153,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     else:
         memory = _memory_gb() if settings.mem_per_worker else None
         worker_count = count_workers(settings, _cpu_count(), memory)
-    identity = ManagerIdentity(block_id=options.block_id)
+    identity = ManagerIdentity(
+        block_id=options.block_id,
+        worker_type=settings.worker_mode,
+        container_type=options.container_type or "RAW",
+    )
     if options.manager_id:
         identity = attr.evolve(identity, manager_id=options.manager_id)
     log_dir = options.log_dir or os.path.join(
@@ -133,7 +176,29 @@ def main(argv: Optional[List[str]] = None) -> None:
     from twisted.internet import reactor
     from twisted.internet.task import react
 
-    react(_run, (info, identity, worker_count, log_dir, settings), _reactor=reactor)
+    placement = placement_for(settings, options)
+    react(_run, (info, identity, worker_count, log_dir, settings, placement), _reactor=reactor)
+
+
+def soft_routing(settings: ManagerSettings, options: argparse.Namespace) -> bool:
+    """Whether this manager serves every container type, with warm workers of
+    several (soft routing): it runs a container engine, no endpoint-wide image,
+    and was given no ``--container-type``."""
+    return (
+        settings.worker_mode != "no_container"
+        and not settings.container_uri
+        and getattr(options, "container_type", None) is None
+    )
+
+
+def placement_for(settings: ManagerSettings, options: argparse.Namespace) -> Any:
+    """The placement policy of soft routing (:class:`WarmPlacement`), or None (the
+    manager's default: one image at a time)."""
+    if not soft_routing(settings, options):
+        return None
+    from funcx_endpoint.manager.warm import WarmPlacement
+
+    return WarmPlacement(per_type=options.warm_per_type, total=options.max_warm)
 
 
 def _start_logging(path: str, debug: bool) -> None:
@@ -152,12 +217,15 @@ def _run(
     worker_count: int,
     log_dir: str,
     settings: ManagerSettings,
+    placement: Any = None,
 ) -> Any:
     from twisted.internet.defer import Deferred
 
     from funcx_endpoint.manager.service import ManagerService
 
-    service = ManagerService(reactor, info, identity, worker_count, log_dir, settings=settings)
+    service = ManagerService(
+        reactor, info, identity, worker_count, log_dir, settings=settings, placement=placement
+    )
     # SIGTERM/SIGINT stop the reactor, which first waits for this.
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     service.startService()

@@ -1,40 +1,52 @@
 """The manager's workers: spawn, feed one task at a time, supervise, respawn.
 
-:class:`WorkerPool` owns a fixed number of worker slots.  Each slot runs one
-worker process (``python -m funcx_endpoint.worker``) started with
-``reactor.spawnProcess``: the task pipe on the worker's fd 3, the result pipe
-on its fd 4 (see :mod:`funcx_endpoint.wire.frames`), its stdout and stderr
-appended to ``worker-<n>.out`` / ``worker-<n>.err`` in the log directory.
-
-Tasks wait in the pool's queue and go to an idle worker as soon as there is
-one (a worker that answers gets its next task at once, so the queue is the
-prefetch that keeps workers busy).  Results (encoded packed results,
-made by the worker) go to ``on_result`` untouched.  The pool answers for the
-worker when the worker cannot: ``WorkerLost`` when it dies (how it died, what
-it was doing, the end of its stderr), ``TaskTimeout`` when it runs past the
-task timeout (it is killed).  A dead worker is replaced, after a growing
-delay when it keeps dying at start.
-
-:class:`WorkerProtocol` only frames bytes; every decision is the pool's.
+:class:`WorkerPool` owns a fixed number of worker slots (:mod:`.slots`), each
+running one ``funcx_endpoint.worker`` process, directly or in a container
+(:mod:`.containers`, started by a :class:`~.launcher.WorkerLauncher`).  Tasks
+wait in one queue per image for an idle worker of their image (the queue is
+the prefetch that keeps workers busy); which image each slot runs is the
+placement policy's choice (:mod:`.images`, :mod:`.warm`).  Results go to
+``on_result`` untouched.  The pool answers for a worker that cannot:
+``WorkerLost`` when it dies (how, doing what, its stderr's end, a
+container's exit status), ``TaskTimeout`` past the task timeout (killed),
+``ContainerError`` for the tasks of an image that cannot start a worker
+(not tried again for a growing while).  Dead workers are replaced.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from funcx_endpoint.manager.pipes import TaskPipe
-from funcx_endpoint.manager.workers_env import describe_exit, read_tail, worker_environment
+from funcx_endpoint.manager.containers import RAW, WorkerImage
+from funcx_endpoint.manager.images import (
+    IImagePool,
+    ImageHealth,
+    IWorkerPlacement,
+    OneImagePlacement,
+    SlotState,
+    TaskQueues,
+    count_images,
+)
+from funcx_endpoint.manager.launcher import WorkerLauncher
+from funcx_endpoint.manager.slots import (
+    IWorkerEvents,
+    WorkerProtocol,
+    WorkerSlot,
+    how_it_ended,
+    lost_message,
+    spawn_worker,
+    start_failure_message,
+)
+from funcx_endpoint.manager.workers_env import read_tail
 from funcx_endpoint.wire import (
     ActorName,
     ErrorCode,
@@ -43,9 +55,7 @@ from funcx_endpoint.wire import (
     TaskTransition,
     frames,
 )
-from funcx_endpoint.wire.info import (
-    ManagerSettings,
-)
+from funcx_endpoint.wire.info import ManagerSettings
 
 __all__ = ["WorkerPool", "WorkerProtocol"]
 
@@ -58,95 +68,18 @@ PIPE_CLOSE_GRACE = 2.0
 ResultCallback = Callable[[bytes], None]
 
 
-class _Worker:
-    """One worker slot and the process running in it now."""
-
-    __slots__ = (
-        "index",
-        "protocol",
-        "transport",
-        "pid",
-        "ready",
-        "versions",
-        "task_id",
-        "task_started_ns",
-        "phase",
-        "timeout_call",
-        "kill_reason",
-        "spawned_at",
-        "stderr_path",
-        "stderr_offset",
-        "exit_reason",
-        "pipe_timer",
-    )
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.protocol: Optional[WorkerProtocol] = None
-        self.transport: Any = None
-        self.pid: Optional[int] = None
-        self.ready = False
-        self.versions: Dict[str, Any] = {}
-        self.task_id: Optional[str] = None
-        self.task_started_ns = 0
-        self.phase = frames.PHASE_RUNNING
-        self.timeout_call: Optional[IDelayedCall] = None
-        self.kill_reason: Optional[str] = None
-        self.spawned_at = 0.0
-        self.stderr_path = ""
-        self.stderr_offset = 0
-        self.exit_reason: Optional[Failure] = None
-        self.pipe_timer: Optional[IDelayedCall] = None
-
-    def signal(self, name: str) -> None:
-        """Send signal ``name`` to the process, if it is still there."""
-        if self.transport is not None:
-            try:
-                self.transport.signalProcess(name)
-            except ProcessExitedAlready:
-                pass
-
-
-class WorkerProtocol(ProcessProtocol):
-    """Frames to and from one worker process; events go to the pool.
-
-    Frames to the worker go through its :class:`TaskPipe` (written at once);
-    frames from it arrive on the result pipe Twisted reads.
-    """
-
-    def __init__(self, pool: WorkerPool, worker: _Worker, pipe: TaskPipe) -> None:
-        self._pool = pool
-        self._worker = worker
-        self._decoder = frames.FrameDecoder()
-        self.pipe = pipe
-
-    def send(self, frame: bytes) -> None:
-        """Write one frame to the worker's task pipe."""
-        self.pipe.write(frame)
-
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        if childFD != frames.RESULT_FD:
-            return
-        try:
-            received = self._decoder.feed(data)
-        except frames.FrameError as exc:
-            self._pool._garbled(self._worker, str(exc))
-            return
-        for kind, body in received:
-            self._pool._frame(self._worker, kind, body)
-
-    def processExited(self, reason: Failure) -> None:
-        self._pool._exited(self._worker, reason)
-
-    def processEnded(self, reason: Failure) -> None:
-        self._pool._ended(self._worker, reason)
-
-
+@implementer(IImagePool, IWorkerEvents)
 class WorkerPool:
-    """Runs tasks on ``settings``-many supervised worker processes.
+    """Runs tasks on ``worker_count`` supervised worker processes.
 
     ``on_result`` receives each encoded PackedResult.  ``on_fatal`` is
-    called (once) with a reason if workers cannot be started at all.
+    called (once) with a reason if workers cannot be started at all;
+    ``on_change`` when a slot starts a worker or empties (:meth:`images` and
+    :attr:`cold_starts` may have changed).
+    ``launcher`` starts workers (default: directly, with ``worker_command``
+    in ``environment``); ``placement`` chooses the image of each slot
+    (default: :class:`~funcx_endpoint.manager.images.OneImagePlacement` of
+    no container).
     """
 
     log = Logger()
@@ -159,9 +92,12 @@ class WorkerPool:
         log_dir: str,
         on_result: ResultCallback,
         on_fatal: Callable[[str], None] = lambda reason: None,
+        on_change: Callable[[], None] = lambda: None,
         hostname: str = "localhost",
         worker_command: Optional[Sequence[str]] = None,
         environment: Optional[Mapping[str, str]] = None,
+        launcher: Optional[WorkerLauncher] = None,
+        placement: Optional[IWorkerPlacement] = None,
         on_started: Optional[Callable[[str, int], None]] = None,
     ) -> None:
         self._reactor = reactor
@@ -171,22 +107,26 @@ class WorkerPool:
         self.log_dir = log_dir
         self._on_result = on_result
         self._on_fatal = on_fatal
+        self._on_change = on_change
         self.hostname = hostname
-        self.worker_command = list(
-            worker_command or [sys.executable, "-m", "funcx_endpoint.worker"]
-        )
-        self._environment = dict(os.environ if environment is None else environment)
+        self.launcher = launcher or WorkerLauncher(reactor, settings, worker_command, environment)
+        self.worker_command = self.launcher.worker_command
+        self._environment = self.launcher.environment
+        self.placement = placement or OneImagePlacement(RAW)
         self.kill_grace = settings.stop_grace_period / 2
-        self._workers = [_Worker(index) for index in range(worker_count)]
-        self._queue: Deque[Tuple[str, bytes]] = deque()
-        self._idle: Deque[_Worker] = deque()
+        self._workers = [WorkerSlot(index) for index in range(worker_count)]
+        self._queues = TaskQueues()
+        self._idle: Deque[WorkerSlot] = deque()
+        self._health = ImageHealth(reactor, lambda image: self._rebalance())
         self._start_failures = 0
         self._respawn_calls: Dict[int, IDelayedCall] = {}
         self._stopping = False
         self._kill_call: Optional[IDelayedCall] = None
         self._stop_waiters: List[Deferred[None]] = []
-        self._running: Dict[str, _Worker] = {}
+        self._running: Dict[str, WorkerSlot] = {}
         self.tasks_done = 0
+        #: Workers started for an image no other worker was running.
+        self.cold_starts = 0
 
     # -- public -------------------------------------------------------------
 
@@ -198,7 +138,7 @@ class WorkerPool:
     @property
     def queued(self) -> int:
         """Tasks waiting for a worker."""
-        return len(self._queue)
+        return len(self._queues)
 
     def counts(self) -> Dict[str, int]:
         """Workers ready and idle, tasks running and queued."""
@@ -207,34 +147,117 @@ class WorkerPool:
             "ready": sum(1 for w in self._workers if w.ready),
             "idle": len(self._idle),
             "running": len(self._running),
-            "queued": len(self._queue),
+            "queued": len(self._queues),
         }
+
+    # -- IImagePool: what a placement policy sees and does --------------------------
+
+    def slots(self) -> List[SlotState]:
+        """Every slot's image (the next one, if switching) and state."""
+        idle = self._idle
+        return [worker.state(worker in idle) for worker in self._workers]
+
+    def images(self) -> Dict[WorkerImage, int]:
+        """Workers by the image they run (or are starting, or switching to)."""
+        return count_images(self.slots())
+
+    def waiting(self) -> Dict[WorkerImage, int]:
+        """Tasks waiting for a worker, by image."""
+        return self._queues.waiting()
+
+    def oldest_waiting(self) -> Optional[WorkerImage]:
+        """The image of the task that has waited longest."""
+        return self._queues.oldest()
+
+    def failing(self, image: WorkerImage) -> bool:
+        """Whether ``image`` could not start a worker and waits for its retry time."""
+        return self._health.failing(image) is not None
+
+    def run_worker(self, index: int, image: WorkerImage) -> None:
+        """Make slot ``index`` run ``image`` (see :class:`IImagePool`)."""
+        worker = self._workers[index]
+        if self._stopping:
+            return
+        if worker.transport is None and index not in self._respawn_calls:
+            worker.wanted = image  # an empty slot
+            self._spawn(worker)
+            return
+        if image == worker.image:
+            worker.wanted = None
+            return
+        worker.wanted = image
+        if worker in self._idle:
+            self._retire(worker)
+        # A busy worker is replaced after its task, a starting one once ready.
+
+    def _retire(self, worker: WorkerSlot) -> None:
+        """End an idle worker (its task pipe closes; it exits) to run another image."""
+        self._idle.remove(worker)
+        worker.kill_reason = "switching"
+        if worker.protocol is not None:
+            worker.protocol.pipe.close()
+
+    def _rebalance(self) -> None:
+        if not self._stopping:
+            self.placement.rebalance(self)
 
     def pids(self) -> List[int]:
         """Process ids of the live workers."""
         return [w.pid for w in self._workers if w.pid is not None and w.exit_reason is None]
 
     def start(self) -> None:
-        """Spawn every worker."""
+        """Spawn the workers the placement policy wants at first (by default, all)."""
         os.makedirs(self.log_dir, mode=0o700, exist_ok=True)
-        for worker in self._workers:
-            self._spawn(worker)
+        self._rebalance()
 
-    def submit(self, tasks: Sequence[Tuple[str, bytes]]) -> None:
-        """Queue ``(task_id, task_buffer)`` pairs; idle workers start on them at once."""
+    def submit(self, tasks: Sequence[Tuple[str, bytes]], image: WorkerImage = RAW) -> None:
+        """Queue ``(task_id, task_buffer)`` pairs to run in ``image``; idle workers of
+        that image start on them at once.  If ``image`` failed to start a worker and
+        waits for its retry time, they fail now with ``ContainerError``."""
         if self._stopping:
             return
-        self._queue.extend(tasks)
+        if image.contained:
+            why = self._health.failing(image)
+            if why is not None:
+                for task_id, _ in tasks:
+                    self._answer_unstarted(task_id, ErrorCode.CONTAINER_ERROR, why)
+                return
+        queues = self._queues
+        queues.add(image, tasks)
         idle = self._idle
-        while idle and self._queue:
-            self._start_task(idle.popleft())
+        while idle and queues.count(image):
+            worker = self._take_idle(image)
+            if worker is None:
+                break
+            self._start_task(worker)
+        if queues.count(image) and not self._has_worker_for(image, empty_too=True):
+            self._rebalance()
+
+    def _take_idle(self, image: WorkerImage) -> Optional[WorkerSlot]:
+        idle = self._idle
+        if idle[0].image == image:
+            return idle.popleft()
+        for worker in idle:
+            if worker.image == image:
+                idle.remove(worker)
+                return worker
+        return None
+
+    def _has_worker_for(self, image: WorkerImage, empty_too: bool = False) -> bool:
+        """Whether a slot runs ``image`` (with ``empty_too``: and none is empty)."""
+        found = False
+        for worker in self._workers:
+            runs = worker.wanted or worker.image
+            if runs == image:
+                found = True
+            elif runs is None and empty_too and worker.index not in self._respawn_calls:
+                return False
+        return found
 
     def cancel(self, task_id: str) -> bool:
         """Forget a queued task, or kill the worker running it; no result is sent."""
-        for item in self._queue:
-            if item[0] == task_id:
-                self._queue.remove(item)
-                return True
+        if self._queues.remove(task_id):
+            return True
         worker = self._running.get(task_id)
         if worker is None:
             return False
@@ -245,7 +268,7 @@ class WorkerPool:
             task_id=task_id,
         )
         self._abandon_task(worker, "cancelled")
-        worker.signal("KILL")
+        self._kill(worker)
         return True
 
     def stop(self) -> Deferred[None]:
@@ -261,11 +284,12 @@ class WorkerPool:
         self._stop_waiters.append(waiter)
         if not self._stopping:
             self._stopping = True
-            self._queue.clear()
+            self._queues.clear()
             self._idle.clear()
             for call in self._respawn_calls.values():
                 call.cancel()
             self._respawn_calls.clear()
+            self._health.stop()
             for worker in self._workers:
                 self._cancel_timeout(worker)
                 worker.signal("TERM")
@@ -276,70 +300,38 @@ class WorkerPool:
 
     # -- processes ------------------------------------------------------------
 
-    def _spawn(self, worker: _Worker) -> None:
+    def _spawn(self, worker: WorkerSlot) -> None:
         self._respawn_calls.pop(worker.index, None)
         if self._stopping:
             return
-        base = os.path.join(self.log_dir, f"worker-{worker.index}")
-        args = self.worker_command + [
-            "--worker-id",
-            str(worker.index),
-            "--result-size-limit",
-            str(self.settings.result_size_limit),
-        ]
-        if self.settings.worker_debug:
-            args.append("--debug")
-        env = worker_environment(self._environment, self.settings, worker.index)
-        out_fd = os.open(base + ".out", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        err_fd = os.open(base + ".err", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        null_fd = os.open(os.devnull, os.O_RDONLY)
-        worker.stderr_path = base + ".err"
-        worker.stderr_offset = os.lseek(err_fd, 0, os.SEEK_END)
-        worker.ready = False
-        worker.versions = {}
-        worker.task_id = None
-        worker.kill_reason = None
-        worker.exit_reason = None
-        worker.phase = frames.PHASE_RUNNING
-        worker.spawned_at = self._reactor.seconds()
-        pipe, child_end = TaskPipe.open(self._reactor)
-        protocol = WorkerProtocol(self, worker, pipe)
-        worker.protocol = protocol
+        if worker.wanted is not None:
+            worker.image, worker.wanted = worker.wanted, None
+        image = worker.image
+        if image is None:
+            return  # an empty slot
+        if not any(w.image == image and w.transport is not None for w in self._workers):
+            self.cold_starts += 1  # no worker of its image runs: a cold start
+        launch = self.launcher.launch(image, worker.index)
         try:
-            worker.transport = self._reactor.spawnProcess(
-                protocol,
-                args[0],
-                args,
-                env=env,
-                childFDs={
-                    0: null_fd,
-                    1: out_fd,
-                    2: err_fd,
-                    frames.TASK_FD: child_end,
-                    frames.RESULT_FD: "r",
-                },
-            )
+            spawn_worker(self._reactor, worker, launch, self.log_dir, self)
         except OSError as exc:
-            pipe.close()
-            worker.transport = None
-            worker.protocol = None
             self.log.error(
                 "Could not start worker {index} ({command}): {error}",
                 index=worker.index,
-                command=" ".join(args),
+                command=" ".join(launch.argv),
                 error=exc,
             )
             self._start_failed(worker, f"spawning it failed: {exc}")
             return
-        finally:
-            os.close(out_fd)
-            os.close(err_fd)
-            os.close(null_fd)
-            os.close(child_end)
-        worker.pid = worker.transport.pid
-        self.log.debug("Started worker {index} (pid {pid})", index=worker.index, pid=worker.pid)
+        self.log.debug(
+            "Started worker {index} (pid {pid}, {image})",
+            index=worker.index,
+            pid=worker.pid,
+            image=image.describe(),
+        )
+        self._on_change()
 
-    def _frame(self, worker: _Worker, kind: bytes, body: bytes) -> None:
+    def frame_received(self, worker: WorkerSlot, kind: bytes, body: bytes) -> None:
         if kind == frames.KIND_RESULT:
             task_id = worker.task_id
             if task_id is None:
@@ -362,10 +354,13 @@ class WorkerPool:
             try:
                 worker.versions = frames.decode_hello(body)
             except frames.FrameError as exc:
-                self._garbled(worker, str(exc))
+                self.garbled(worker, str(exc))
                 return
             worker.ready = True
-            self._start_failures = 0
+            if worker.image is not None and worker.image.contained:
+                self._health.succeeded(worker.image)
+            else:
+                self._start_failures = 0
             self.log.debug(
                 "Worker {index} (pid {pid}) is ready: {versions}",
                 index=worker.index,
@@ -374,22 +369,31 @@ class WorkerPool:
             )
             self._next(worker)
         else:
-            self._garbled(worker, f"unknown frame kind {kind!r}")
+            self.garbled(worker, f"unknown frame kind {kind!r}")
 
-    def _next(self, worker: _Worker) -> None:
+    def _next(self, worker: WorkerSlot) -> None:
         # A worker that has exited (its last result may still come through
         # the pipe) takes nothing: it would be answered WorkerLost unrun.
         if self._stopping or worker.kill_reason is not None or worker.exit_reason is not None:
             return
-        if self._queue:
+        if worker.wanted is not None and worker.wanted != worker.image:
+            self._idle.append(worker)
+            self._retire(worker)  # the slot switches to another image
+            return
+        assert worker.image is not None
+        if self._queues.count(worker.image):
             self._start_task(worker)
         else:
+            worker.idle_since = self._reactor.seconds()
             self._idle.append(worker)
+            if len(self._queues):
+                self._rebalance()  # tasks of other images wait
 
-    def _start_task(self, worker: _Worker) -> None:
+    def _start_task(self, worker: WorkerSlot) -> None:
         if worker.exit_reason is not None or worker.protocol is None:
             return  # dead: the task stays queued for a live worker
-        task_id, task_buffer = self._queue.popleft()
+        assert worker.image is not None
+        task_id, task_buffer = self._queues.pop(worker.image)
         started = time.time_ns()
         worker.task_id = task_id
         worker.task_started_ns = started
@@ -403,13 +407,13 @@ class WorkerPool:
         if self._on_started is not None:
             self._on_started(task_id, started)
 
-    def _cancel_timeout(self, worker: _Worker) -> None:
+    def _cancel_timeout(self, worker: WorkerSlot) -> None:
         if worker.timeout_call is not None:
             if worker.timeout_call.active():
                 worker.timeout_call.cancel()
             worker.timeout_call = None
 
-    def _abandon_task(self, worker: _Worker, why: str) -> Optional[str]:
+    def _abandon_task(self, worker: WorkerSlot, why: str) -> Optional[str]:
         """Forget the worker's task (it gets no result from the worker) and mark it killed."""
         self._cancel_timeout(worker)
         task_id = worker.task_id
@@ -421,11 +425,21 @@ class WorkerPool:
             self._idle.remove(worker)
         return task_id
 
-    def _answer_failure(self, worker: _Worker, task_id: str, code: str, message: str) -> None:
+    def _answer_failure(self, worker: WorkerSlot, task_id: str, code: str, message: str) -> None:
         statuses = [TaskTransition(worker.task_started_ns, TaskState.RUNNING, ActorName.MANAGER)]
         self._on_result(PackedResult.failure(task_id, code, message, None, statuses).encode())
 
-    def _timed_out(self, worker: _Worker, task_id: str) -> None:
+    def _answer_unstarted(self, task_id: str, code: str, message: str) -> None:
+        """Fail a task no worker has started."""
+        self._on_result(PackedResult.failure(task_id, code, message).encode())
+
+    def _kill(self, worker: WorkerSlot) -> None:
+        """KILL the worker's process and, for a container, the container."""
+        worker.signal("KILL")
+        if worker.launch is not None and worker.transport is not None:
+            self.launcher.kill(worker.launch)
+
+    def _timed_out(self, worker: WorkerSlot, task_id: str) -> None:
         worker.timeout_call = None
         if worker.task_id != task_id:
             return
@@ -439,25 +453,21 @@ class WorkerPool:
             pid=worker.pid,
         )
         self._abandon_task(worker, "timeout")
-        self._answer_failure(
-            worker,
-            task_id,
-            ErrorCode.TASK_TIMEOUT,
-            f"Task {task_id} ran longer than the task timeout of {timeout:g} s; "
-            f"its worker (pid {worker.pid} on {self.hostname}) was killed",
-        )
-        worker.signal("KILL")
+        message = f"Task {task_id} ran longer than the task timeout of {timeout:g} s; "
+        message += f"its worker (pid {worker.pid} on {self.hostname}) was killed"
+        self._answer_failure(worker, task_id, ErrorCode.TASK_TIMEOUT, message)
+        self._kill(worker)
 
-    def _garbled(self, worker: _Worker, problem: str) -> None:
+    def garbled(self, worker: WorkerSlot, problem: str) -> None:
         self.log.error(
             "Worker {index} (pid {pid}) broke the frame protocol ({problem}); killing it",
             index=worker.index,
             pid=worker.pid,
             problem=problem,
         )
-        worker.signal("KILL")
+        self._kill(worker)
 
-    def _exited(self, worker: _Worker, reason: Failure) -> None:
+    def exited(self, worker: WorkerSlot, reason: Failure) -> None:
         worker.exit_reason = reason
         if worker.protocol is not None:
             worker.protocol.pipe.close()
@@ -468,21 +478,17 @@ class WorkerPool:
         # a grace if something else holds them open.
         worker.pipe_timer = self._reactor.callLater(PIPE_CLOSE_GRACE, self._close_pipes, worker)
 
-    def _close_pipes(self, worker: _Worker) -> None:
+    def _close_pipes(self, worker: WorkerSlot) -> None:
         worker.pipe_timer = None
-        transport = worker.transport
-        if transport is not None:
+        if worker.close_pipes():
             self.log.warn(
                 "Worker {index} (pid {pid}) exited but its pipes stayed open (a process it "
-                "started holds them?); closing them",
+                "started holds them?); closed them",
                 index=worker.index,
                 pid=worker.pid,
             )
-            if worker.protocol is not None:
-                worker.protocol.pipe.close()
-            transport.closeChildFD(frames.RESULT_FD)
 
-    def _ended(self, worker: _Worker, reason: Failure) -> None:
+    def ended(self, worker: WorkerSlot, reason: Failure) -> None:
         if worker.pipe_timer is not None:
             if worker.pipe_timer.active():
                 worker.pipe_timer.cancel()
@@ -496,7 +502,7 @@ class WorkerPool:
         worker.protocol = None
         if worker in self._idle:
             self._idle.remove(worker)
-        how = describe_exit(reason)
+        how = how_it_ended(worker, reason)
         task_id = worker.task_id
         if self._stopping:
             if task_id is not None:
@@ -511,7 +517,7 @@ class WorkerPool:
             self._cancel_timeout(worker)
             worker.task_id = None
             self._running.pop(task_id, None)
-            message = self._lost_message(worker, pid, task_id, how)
+            message = lost_message(worker, pid, self.hostname, task_id, how)
             self.log.warn("{message}", message=message)
             self._answer_failure(worker, task_id, ErrorCode.WORKER_LOST, message)
         elif worker.kill_reason is None:
@@ -525,11 +531,36 @@ class WorkerPool:
                 tail=f"; its stderr ends with:\n{tail}" if tail else "",
             )
         if not worker.ready and worker.kill_reason is None:
-            self._start_failed(worker, how)
+            if worker.image is not None and worker.image.contained:
+                self._image_failed(worker, reason)
+            else:
+                self._start_failed(worker, how)
             return
         self._spawn(worker)
 
-    def _start_failed(self, worker: _Worker, how: str) -> None:
+    def _image_failed(self, worker: WorkerSlot, reason: Failure) -> None:
+        """A worker of a container image died before it was ready: the image cannot
+        start one.  Its waiting tasks fail (unless other workers of it run), the
+        slot empties, and the image is not tried again until its retry time."""
+        image = worker.image
+        assert image is not None
+        message = start_failure_message(worker, reason, self.hostname)
+        worker.image = None
+        worker.wanted = None
+        self._on_change()
+        delay = self._health.failed(image, message)
+        if delay is not None:
+            self.log.warn(
+                "{message}\n(tried again in {delay:g} s, or when a task needs it after that)",
+                message=message,
+                delay=delay,
+            )
+        if not any(w.ready and w.image == image and w.exit_reason is None for w in self._workers):
+            for task_id, _ in self._queues.take_all(image):
+                self._answer_unstarted(task_id, ErrorCode.CONTAINER_ERROR, message)
+        self._rebalance()
+
+    def _start_failed(self, worker: WorkerSlot, how: str) -> None:
         self._start_failures += 1
         if self._start_failures >= MAX_START_FAILURES:
             tail = read_tail(worker.stderr_path, worker.stderr_offset) if worker.stderr_path else ""
@@ -544,27 +575,9 @@ class WorkerPool:
         delay = min(0.1 * 2**self._start_failures, 10.0)
         self._respawn_calls[worker.index] = self._reactor.callLater(delay, self._spawn, worker)
 
-    def _lost_message(self, worker: _Worker, pid: Optional[int], task_id: str, how: str) -> str:
-        parts = [
-            f"Worker {worker.index} (pid {pid}) on {self.hostname} died while running "
-            f"task {task_id}: {how}."
-        ]
-        if worker.phase == frames.PHASE_LOADING:
-            python = worker.versions.get("python", "unknown")
-            dill = worker.versions.get("dill", "unknown")
-            parts.append(
-                f"It died while deserializing the task's function: the function was "
-                f"probably serialized with a Python or dill version other than the "
-                f"worker's (Python {python}, dill {dill})."
-            )
-        tail = read_tail(worker.stderr_path, worker.stderr_offset)
-        if tail:
-            parts.append(f"The end of its stderr ({worker.stderr_path}):\n{tail}")
-        return " ".join(parts)
-
     # -- stopping -------------------------------------------------------------
 
-    def _alive(self) -> List[_Worker]:
+    def _alive(self) -> List[WorkerSlot]:
         return [w for w in self._workers if w.transport is not None]
 
     def _kill_all(self) -> None:
@@ -576,7 +589,7 @@ class WorkerPool:
                 pid=worker.pid,
                 grace=self.kill_grace,
             )
-            worker.signal("KILL")
+            self._kill(worker)
 
     def _check_stopped(self) -> None:
         if not self._stopping or self._alive():

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import attr
 from twisted.application.service import Service
@@ -35,7 +35,18 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from funcx_endpoint.manager.containers import (
+    NO_CONTAINER,
+    RAW,
+    ImageUnavailable,
+    WorkerImage,
+    image_for_task,
+)
+from funcx_endpoint.manager.images import IWorkerPlacement, OneImagePlacement
+from funcx_endpoint.manager.launcher import WorkerLauncher
 from funcx_endpoint.manager.pool import WorkerPool
+from funcx_endpoint.manager.warm import WarmReport
+from funcx_endpoint.wire import Container, ErrorCode, PackedResult
 from funcx_endpoint.wire.amp import (
     MAX_QUIT_REASON,
     CancelTask,
@@ -47,7 +58,8 @@ from funcx_endpoint.wire.amp import (
     Shutdown,
     SubmitTasks,
     TasksStarted,
-    read_unanswered,
+    WarmContainers,
+    read_unanswered_arguments,
     send_unanswered,
     set_no_delay,
 )
@@ -59,13 +71,21 @@ from funcx_endpoint.wire.info import (
 )
 from funcx_endpoint.worker.execute import clip
 
-__all__ = ["EXIT_LOST", "EXIT_OK", "EXIT_REFUSED", "InterchangeConnection", "ManagerService"]
+__all__ = [
+    "EXIT_CONFIG",
+    "EXIT_LOST",
+    "EXIT_OK",
+    "EXIT_REFUSED",
+    "InterchangeConnection",
+    "ManagerService",
+]
 
 #: Exit statuses of a manager process.
 EXIT_OK = 0
 EXIT_LOST = 1  # the interchange went away or could not be reached
 EXIT_REFUSED = 3  # the interchange refused the registration
 EXIT_WORKERS = 4  # workers could not be started
+EXIT_CONFIG = 78  # the settings cannot work here (EX_CONFIG): e.g. no container engine
 
 
 class InterchangeConnection(amp.AMP):
@@ -84,21 +104,23 @@ class InterchangeConnection(amp.AMP):
         manager = self._manager
         manager.last_heard = manager.clock.seconds()
         try:
-            tasks = read_unanswered(SubmitTasks, box, self)
+            batch = read_unanswered_arguments(SubmitTasks, box, self)
         except (ValueError, KeyError) as exc:
             manager.log.error("Unreadable batch of tasks from the interchange: {error}", error=exc)
             transport: Any = self.transport
             transport.loseConnection()
             return
-        if tasks is not None:
-            manager.tasks_received(tasks)
+        if batch is not None:
+            manager.tasks_received(batch["tasks"], batch.get("containers"))
             return
         super().ampBoxReceived(box)
 
     @SubmitTasks.responder
-    def submit_tasks(self, tasks: List[Tuple[str, bytes]]) -> Dict[str, Any]:
+    def submit_tasks(
+        self, tasks: List[Tuple[str, bytes]], containers: Optional[Dict[str, Container]] = None
+    ) -> Dict[str, Any]:
         """Tasks sent with callRemote (the fast path in ampBoxReceived takes most)."""
-        self._manager.tasks_received(tasks)
+        self._manager.tasks_received(tasks, containers)
         return {}
 
     @CancelTask.responder
@@ -149,6 +171,12 @@ class ManagerService(Service):
         default=None, kw_only=True, alias="settings"
     )
     worker_command: Optional[Sequence[str]] = attr.ib(default=None, kw_only=True)
+    #: The workers' base environment, where the container engine is looked up
+    #: (None: this process's).
+    environment: Optional[Mapping[str, str]] = attr.ib(default=None, kw_only=True)
+    #: Which image each worker slot runs (None: one image at a time,
+    #: :meth:`first_image` first; soft routing gives a WarmPlacement).
+    placement: Optional[IWorkerPlacement] = attr.ib(default=None, kw_only=True)
     connect_attempts: int = attr.ib(default=10, kw_only=True)
     connect_timeout: float = attr.ib(default=10.0, kw_only=True)
     _endpoint: Optional[IStreamClientEndpoint] = attr.ib(default=None, kw_only=True)
@@ -169,6 +197,7 @@ class ManagerService(Service):
     _exit_code: Optional[int] = attr.ib(default=None, init=False)
     _stop_waiters: List[Deferred[int]] = attr.ib(factory=list, init=False)
     results_sent: int = attr.ib(default=0, init=False)
+    warm_report: WarmReport = attr.ib(factory=WarmReport, init=False)
     _started: List[Tuple[str, int]] = attr.ib(factory=list, init=False)
     _started_call: Optional[IDelayedCall] = attr.ib(default=None, init=False)
 
@@ -338,6 +367,13 @@ class ManagerService(Service):
                 dill=theirs["dill_version"],
                 mine=local_versions(),
             )
+        launcher = WorkerLauncher(
+            self.reactor, self.settings, self.worker_command, self.environment
+        )
+        problem = launcher.problem(self.identity.hostname)
+        if problem is not None:
+            self.shutdown(problem, EXIT_CONFIG)
+            return
         self.pool = WorkerPool(
             self.reactor,
             self.worker_count,
@@ -346,21 +382,84 @@ class ManagerService(Service):
             on_result=self._result_ready,
             on_fatal=self._workers_failed,
             hostname=self.identity.hostname,
-            worker_command=self.worker_command,
+            launcher=launcher,
+            placement=self.placement or OneImagePlacement(self.first_image()),
+            on_change=self._report_warm,
             on_started=self._task_started,
         )
         self.pool.start()
+        self._report_warm()
         heartbeats = LoopingCall(self._heartbeat)
         heartbeats.clock = self.clock
         heartbeats.start(self.settings.heartbeat_period, now=False)
         self._heartbeats = heartbeats
 
+    def _report_warm(self) -> None:
+        """Tell the interchange its warm workers per container type and its cold
+        starts (``WarmContainers``), when they changed; managers of raw workers
+        say nothing."""
+        pool, connection = self.pool, self.connection
+        if pool is None or connection is None or self.settings.worker_mode == NO_CONTAINER:
+            return
+        report = self.warm_report.update(pool.images(), pool.cold_starts)
+        if report is None:
+            return
+        try:
+            send_unanswered(connection, WarmContainers, warm=report[0], cold_starts=report[1])
+        except Exception as exc:
+            self.log.warn("Could not send the warm containers: {error}", error=exc)
+
+    def first_image(self) -> Optional[WorkerImage]:
+        """What the workers run before any task asks: the endpoint-wide image; no
+        container for a manager of raw tasks; nothing yet for a manager of one
+        container's tasks (hard routing), which starts its workers for the first."""
+        settings = self.settings
+        if settings.worker_mode != NO_CONTAINER and settings.container_uri:
+            return WorkerImage(settings.worker_mode, settings.container_uri)
+        return RAW if self.identity.container_type == "RAW" else None
+
     # -- traffic --------------------------------------------------------------
 
-    def tasks_received(self, tasks: List[Tuple[str, bytes]]) -> None:
-        """Tasks from the interchange: to the pool."""
-        if self.pool is not None:
-            self.pool.submit(tasks)
+    def tasks_received(
+        self, tasks: List[Tuple[str, bytes]], containers: Optional[Dict[str, Container]] = None
+    ) -> None:
+        """Tasks from the interchange: to the pool, each for the image it runs in.
+
+        A task whose container this manager cannot run (no image of its
+        engine's type) is answered ``ContainerError`` here.
+        """
+        pool = self.pool
+        if pool is None:
+            return
+        settings = self.settings
+        if settings.worker_mode == NO_CONTAINER or not (containers or settings.container_uri):
+            pool.submit(tasks)
+            return
+        if settings.container_uri:
+            image = WorkerImage(settings.worker_mode, settings.container_uri)
+            for task_id, _ in tasks:
+                box = containers.get(task_id) if containers else None
+                self.warm_report.served(image, box.container_id if box else None)
+            pool.submit(tasks, image)
+            self._report_warm()
+            return
+        assert containers is not None
+        groups: Dict[WorkerImage, List[Tuple[str, bytes]]] = {}
+        for task in tasks:
+            box = containers.get(task[0])
+            try:
+                image = image_for_task(settings, box)
+            except ImageUnavailable as exc:
+                message = f"Task {task[0]} cannot run on {self.identity.hostname}: {exc}"
+                self.log.warn("{message}", message=message)
+                failed = PackedResult.failure(task[0], ErrorCode.CONTAINER_ERROR, message)
+                self._result_ready(failed.encode())
+                continue
+            groups.setdefault(image, []).append(task)
+            self.warm_report.served(image, box.container_id if box else None)
+        for image, group in groups.items():
+            pool.submit(group, image)
+        self._report_warm()
 
     def cancel(self, task_id: str) -> bool:
         """Cancel a task here; whether it was found."""

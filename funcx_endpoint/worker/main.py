@@ -2,9 +2,11 @@
 
 Started by a manager (``funcx-worker`` or ``python -m funcx_endpoint.worker``)
 with the task pipe on fd 3 and the result pipe on fd 4; fds 1 and 2 are log
-files.  Plain Python: no Twisted, no reactor, one task at a time.  The worker
-exits when the task pipe closes or says quit, and dies with its manager
-(``PR_SET_PDEATHSIG`` on Linux) so that a killed manager leaves no orphans.
+files (``--task-fd 0 --result-fd 1``: the pipes are stdin and stdout, as in a
+Docker container, and stdout is moved aside).  Plain Python: no Twisted, no
+reactor, one task at a time.  The worker exits when the task pipe closes or says
+quit, and dies with its manager (``PR_SET_PDEATHSIG`` on Linux) so that a
+killed manager leaves no orphans.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import argparse
 import os
 import signal
 import sys
-from typing import BinaryIO, List, Optional
+from typing import BinaryIO, List, Optional, Tuple
 
 from funcx_endpoint.wire import frames
 from funcx_endpoint.worker.execute import DEFAULT_RESULT_SIZE_LIMIT, TaskRunner, versions
@@ -35,6 +37,28 @@ def _die_with_parent() -> None:
         return
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    os._exit(128 + signum)
+
+
+def _move_pipes(task_fd: int, result_fd: int) -> Tuple[int, int]:
+    """Pipes on the standard fds (a worker in a Docker container reads tasks on
+    stdin and writes results on stdout) move to fds of their own: stdin then
+    reads nothing, and stdout goes to stderr, so that what the user's code
+    prints never lands among the result frames."""
+    if task_fd < 3:
+        moved = os.dup(task_fd)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, task_fd)
+        os.close(null)
+        task_fd = moved
+    if result_fd < 3:
+        moved = os.dup(result_fd)
+        os.dup2(2, result_fd)
+        result_fd = moved
+    return task_fd, result_fd
 
 
 class Worker:
@@ -126,12 +150,17 @@ def main(argv: Optional[List[str]] = None) -> None:
     # Ctrl-C in a terminal reaches the whole process group; the manager
     # decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if os.getpid() == 1:
+        # The first process of a container ignores the signals it has no
+        # handler for: TERM (a manager stopping) must still end it.
+        signal.signal(signal.SIGTERM, _terminate)
+    task_fd, result_fd = _move_pipes(options.task_fd, options.result_fd)
     # The pipes stay away from processes the user's code starts, which would
     # otherwise keep them open after this worker dies.
-    os.set_inheritable(options.task_fd, False)
-    os.set_inheritable(options.result_fd, False)
-    reader = open(options.task_fd, "rb", buffering=256 * 1024)
-    writer = open(options.result_fd, "wb", buffering=256 * 1024)
+    os.set_inheritable(task_fd, False)
+    os.set_inheritable(result_fd, False)
+    reader = open(task_fd, "rb", buffering=256 * 1024)
+    writer = open(result_fd, "wb", buffering=256 * 1024)
     worker = Worker(reader, writer, options.result_size_limit)
     if options.debug:
         print(
