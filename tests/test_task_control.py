@@ -87,9 +87,8 @@ class StatePublisherTests(SynchronousTestCase):
         self.sent: List[TaskStatesMessage] = []
         self.info: Any = _Info((TASK_STATES,))
         self.states = TaskStatePublisher(self.clock, lambda: self.info, self.publish, 0.25)
-        self.states.startService()
         self.addCleanup(lambda: self.assertEqual(self.clock.getDelayedCalls(), []))
-        self.addCleanup(self.states.stopService)
+        self.addCleanup(self.states.stop)
 
     def publish(self, message: Any) -> Deferred[None]:
         self.sent.append(message)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional
 
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
@@ -35,7 +34,7 @@ __all__ = ["TaskStatePublisher"]
 
 
 @implementer(ITaskStateListener)
-class TaskStatePublisher(Service):
+class TaskStatePublisher:
     """Gathers task transitions; sends them every ``interval`` seconds of ``clock``.
 
     ``broker_info()`` says (once registered) the endpoint's id and whether the
@@ -43,7 +42,6 @@ class TaskStatePublisher(Service):
     """
 
     log = Logger()
-    name = "task-states"
     #: tasks per message at most (the rest go in the next one)
     max_tasks = 10_000
 
@@ -118,9 +116,8 @@ class TaskStatePublisher(Service):
         self.failed += 1
         self.log.debug("Task states not delivered: {error}", error=failure.getErrorMessage())
 
-    def stopService(self) -> None:
+    def stop(self) -> None:
         """Drop what is pending (a last status report follows) and the timer."""
-        super().stopService()
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None

@@ -178,7 +178,7 @@ def build_endpoint(
             config.task_states_interval,
         )
         interchange.dispatcher.state_listener = states
-        endpoint.add(states)
+        transport.task_states = states  # stopped with the results connection
     endpoint.add(
         IdleShutdown(
             reactor,
