@@ -221,9 +221,7 @@ class RealServiceTests(SynchronousTestCase):
         self.addCleanup(lambda: self.successResultOf(self.service.stopService()))
         self.stub = StubTreq(self.service.resource())
 
-    def register(
-        self, user: str = "owner", endpoint_id: Optional[str] = None, clear_lock: bool = False
-    ) -> Deferred[None]:
+    def register(self, user: str = "owner", endpoint_id: Optional[str] = None) -> Deferred[None]:
         ep = EndpointDir(os.path.abspath(self.mktemp()), "ep")
         os.makedirs(ep.path)
         if endpoint_id is not None:
@@ -234,7 +232,6 @@ class RealServiceTests(SynchronousTestCase):
             Config(funcx_service_address=SERVICE),
             self.stub,
             _ServiceTokens(self.service, user),
-            clear_lock=clear_lock,
         )
         d = Deferred.fromCoroutine(self.registration.register())
         self.stub.flush()
@@ -289,11 +286,7 @@ class RealServiceTests(SynchronousTestCase):
         code, message = self.refusal(self.register(endpoint_id=endpoint_id))
         self.assertEqual(code, 69)
         self.assertIn("locked (stopped remotely)", message)
-        # Our endpoint stays refused (a restart by systemd, say) ...
-        code, message = self.refusal(self.register(endpoint_id=endpoint_id))
-        self.assertEqual(code, 69)
-        # ... until its owner starts it: the next start registers.
-        self.successResultOf(self.register(endpoint_id=endpoint_id, clear_lock=True))
+        # The refusal consumed the lock: the next start registers.
         self.successResultOf(self.register(endpoint_id=endpoint_id))
 
         status, _ = self.service.call("DELETE", f"/v2/endpoints/{endpoint_id}", user="owner")

@@ -320,6 +320,31 @@ class ServiceTests(ClockedServiceTestCase):
         code, answer = self.call("POST", "/v2/batch_cancel", {"task_ids": "x"})
         self.assertEqual(code, 400)
 
+    def register(self, endpoint_id: str, **metadata: Any) -> Tuple[int, Any]:
+        return self.call(
+            "POST",
+            "/v2/endpoints",
+            {"endpoint_name": "e", "endpoint_uuid": endpoint_id, "metadata": metadata},
+        )
+
+    def test_lock_kept_until_the_owner_starts_it(self) -> None:
+        """Restarts that are no one's decision stay refused and keep the lock; the
+        owner's start is refused once more and clears it."""
+        endpoint_id = self.endpoint(ENDPOINT_COMMANDS)
+        self.call("POST", f"/v2/endpoints/{endpoint_id}/lock", {})
+        for _ in range(3):
+            code, answer = self.register(endpoint_id, wire_features=[ENDPOINT_COMMANDS])
+            self.assertEqual((code, answer["code"]), (423, "ENDPOINT_LOCKED"))
+            self.assertIn("until its owner starts it", answer["message"])
+        owner = {"wire_features": [ENDPOINT_COMMANDS], "clear_lock": True}
+        code, answer = self.register(endpoint_id, **owner)
+        self.assertEqual((code, answer["code"]), (423, "ENDPOINT_LOCKED"))
+        self.assertIn("the lock is cleared", answer["message"])
+        code, answer = self.register(endpoint_id, wire_features=[ENDPOINT_COMMANDS])
+        self.assertEqual(code, 200, answer)
+        code, answer = self.call("GET", f"/v2/endpoints/{endpoint_id}")
+        self.assertNotIn("clear_lock", answer.get("metadata", {}))
+
     def test_lock_sends_stop(self) -> None:
         endpoint_id = self.endpoint(ENDPOINT_COMMANDS)
         code, answer = self.call("POST", f"/v2/endpoints/{endpoint_id}/lock", {})

@@ -276,9 +276,9 @@ class RemoteStopTests(SynchronousTestCase):
             refused = endpoint.start("--keep-lock")
             self.assertEqual(refused.returncode, 69, refused.stdout + refused.stderr)
             self.assertIn("locked", refused.stdout + refused.stderr)
-        # ... until its owner starts it.
-        started = endpoint.start()
-        self.assertEqual(started.returncode, 0, started.stdout + started.stderr)
+        # ... until its owner starts it: refused once more (so the owner hears of
+        # the remote stop), and the lock is cleared.
+        self.owner_restarts(endpoint)
 
         # 2. `funcx-endpoint stop --remote` (talks to the service only).
         pid = ep.read_pid()
@@ -290,4 +290,11 @@ class RemoteStopTests(SynchronousTestCase):
         self.assertIn("drains and exits", stopped.stdout)
         self.wait_exit(ep, pid)
         self.assertEqual(endpoint.start("--keep-lock").returncode, 69)
-        self.assertEqual(endpoint.start().returncode, 0)
+        self.owner_restarts(endpoint)
+
+    def owner_restarts(self, endpoint: ControlledEndpoint) -> None:
+        first = endpoint.start()
+        self.assertEqual(first.returncode, 69, first.stdout + first.stderr)
+        self.assertIn("the lock is cleared", first.stdout + first.stderr)
+        started = endpoint.start()
+        self.assertEqual(started.returncode, 0, started.stdout + started.stderr)

@@ -144,8 +144,9 @@ class Registration(Service):
     authenticator: Authenticator
     _pool: Any = None
     _retry_delays: tuple = (1.0, 2.0, 4.0)
-    #: started by its owner (``funcx-endpoint start``): lift a remote stop's lock
-    clear_lock: bool = attr.ib(default=False, kw_only=True)
+    #: started by its owner (``funcx-endpoint start``): may clear a remote stop's
+    #: lock; False for starts that are no one's decision (systemd, ``--keep-lock``)
+    clear_lock: bool = attr.ib(default=True, kw_only=True)
     broker_info: Optional[BrokerInfo] = attr.ib(default=None, init=False)
     answer: Dict[str, Any] = attr.ib(factory=dict, init=False)
     _ready: Optional[Deferred[None]] = attr.ib(default=None, init=False)

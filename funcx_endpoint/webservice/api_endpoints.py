@@ -213,20 +213,17 @@ class EndpointsAPI(HandlerGroup):
     async def _check_lock(
         self, endpoint_id: str, metadata: Dict[str, Any], clear_lock: bool
     ) -> None:
-        """Refuse (423) the registration of a locked (remotely stopped) endpoint, or
-        lift the lock.
+        """Refuse (423) the registration of a locked (remotely stopped) endpoint.
 
-        Our endpoint stays refused until its owner starts it (``clear_lock``); a
-        restart by systemd or any other registration does not lift it.  A funcX 1.0
-        endpoint, which cannot say who started it, is refused once (its lock is
-        consumed), as funcX 1.0's service did.
+        Our endpoint stays refused, lock kept, however often it is restarted on
+        its own (systemd, ``start --keep-lock``); its owner's ``funcx-endpoint
+        start`` (``clear_lock``) is refused once more and clears the lock, so
+        the next start runs: the owner learns that it was stopped remotely.  A
+        funcX 1.0 endpoint, which cannot say who started it, is treated as its
+        owner's start, as funcX 1.0's service did.
         """
         storage = self.context.storage
-        if clear_lock:
-            if await storage.consume_lock(endpoint_id):
-                self.log.info("Endpoint {eid} started by its owner: unlocked", eid=endpoint_id)
-            return
-        if takes_commands(metadata):
+        if takes_commands(metadata) and not clear_lock:
             self.log.info("Refused locked endpoint {eid}", eid=endpoint_id)
             raise APIError(
                 423,
