@@ -73,8 +73,9 @@ def missing_engine(config: Config, path: Optional[str] = None) -> Optional[str]:
 @click.option(
     "--keep-lock",
     is_flag=True,
-    help="Do not lift a remote stop: the service keeps refusing this endpoint until its "
-    "owner starts it without this flag.  Implied under systemd (the on-boot unit).",
+    help="Keep a remote stop's lock: the service keeps refusing this endpoint until its "
+    "owner starts it without this flag (refused once more, which clears the lock).  "
+    "Implied under systemd (the on-boot unit).",
 )
 @pass_context
 def start(ctx: Context, name: str, foreground: bool, timeout: float, keep_lock: bool) -> None:
@@ -278,7 +279,8 @@ def _stop_remote(ctx: Context, name: str) -> None:
     )
     click.echo(
         f"Endpoint {endpoint_id} stopped remotely at {config.funcx_service_address}: {how}; "
-        f"the service refuses it until it is started again on its host (funcx-endpoint start)."
+        f"the service refuses it until its owner starts it on its host (funcx-endpoint start, "
+        f"refused once more: that clears the lock)."
     )
 
 

@@ -68,7 +68,7 @@ class Options(usage.Options):
     optFlags = [
         ["debug", None, "Log debug messages."],
         ["log-stdout", None, "With --logger from this package: log to stdout, not endpoint.log."],
-        ["clear-lock", None, "Its owner starts it: lift a remote stop's lock at registration."],
+        ["clear-lock", None, "Its owner starts it: may clear a remote stop's lock."],
     ]
 
     def postOptions(self) -> None:

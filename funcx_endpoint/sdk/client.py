@@ -544,8 +544,9 @@ class FuncXClient(globus_sdk.BaseClient):
 
         A running endpoint of this project drains and exits (``stop_sent`` in
         the answer), and the service refuses to register it until its owner
-        starts it again on its host; a funcX 1.0 endpoint's next registration
-        is refused once."""
+        starts it again on its host (that start is refused once more, which
+        clears the lock); a funcX 1.0 endpoint's next registration is refused
+        once."""
         return _data(self.post(self._endpoint_path(endpoint_id, "lock"), data={}))
 
     def delete_endpoint(self, endpoint_id: str) -> Any:
