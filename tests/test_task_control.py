@@ -382,3 +382,36 @@ class ServiceTests(ClockedServiceTestCase):
         )
         code, task = self.call("GET", f"/v2/tasks/{task_id}")
         self.assertEqual(task_record(task_id, task)["status"], "cancelled")
+
+
+class StartReportsTests(SynchronousTestCase):
+    """The manager tells the interchange of task starts once per reactor turn."""
+
+    def test_one_box_per_turn(self) -> None:
+        from funcx_endpoint.manager.started import StartReports
+        from funcx_endpoint.wire.amp import TasksStarted, read_unanswered
+
+        clock = Clock()
+        boxes: List[Any] = []
+
+        class Connection:
+            def sendBox(self, box: Any) -> None:
+                boxes.append(box)
+
+        connection: Any = Connection()
+        reports = StartReports(clock, lambda: connection)
+        a, b = new_id(), new_id()
+        reports.started(a, 1)
+        reports.started(b, 2)
+        self.assertEqual(boxes, [])
+        clock.advance(0)
+        [box] = boxes
+        self.assertEqual(read_unanswered(TasksStarted, box, connection), [(a, 1), (b, 2)])
+        # Not connected: dropped (the status report and the result carry the states).
+        connection = None
+        reports.started(a, 3)
+        clock.advance(0)
+        self.assertEqual(len(boxes), 1)
+        reports.started(b, 4)
+        reports.stop()
+        self.assertEqual(clock.getDelayedCalls(), [])

@@ -45,6 +45,7 @@ from funcx_endpoint.manager.containers import (
 from funcx_endpoint.manager.images import IWorkerPlacement, OneImagePlacement
 from funcx_endpoint.manager.launcher import WorkerLauncher
 from funcx_endpoint.manager.pool import WorkerPool
+from funcx_endpoint.manager.started import StartReports
 from funcx_endpoint.manager.warm import WarmReport
 from funcx_endpoint.wire import Container, ErrorCode, PackedResult
 from funcx_endpoint.wire.amp import (
@@ -57,7 +58,6 @@ from funcx_endpoint.wire.amp import (
     SendResults,
     Shutdown,
     SubmitTasks,
-    TasksStarted,
     WarmContainers,
     read_unanswered_arguments,
     send_unanswered,
@@ -198,12 +198,15 @@ class ManagerService(Service):
     _stop_waiters: List[Deferred[int]] = attr.ib(factory=list, init=False)
     results_sent: int = attr.ib(default=0, init=False)
     warm_report: WarmReport = attr.ib(factory=WarmReport, init=False)
-    _started: List[Tuple[str, int]] = attr.ib(factory=list, init=False)
-    _started_call: Optional[IDelayedCall] = attr.ib(default=None, init=False)
+    _starts: StartReports = attr.ib(init=False)
 
     @clock.default
     def _the_reactor(self) -> Any:
         return self.reactor
+
+    @_starts.default
+    def _start_reports(self) -> StartReports:
+        return StartReports(self.clock, lambda: self.connection)
 
     @settings.default
     def _given_or_info_settings(self) -> ManagerSettings:
@@ -385,7 +388,7 @@ class ManagerService(Service):
             launcher=launcher,
             placement=self.placement or OneImagePlacement(self.first_image()),
             on_change=self._report_warm,
-            on_started=self._task_started,
+            on_started=self._starts.started,
         )
         self.pool.start()
         self._report_warm()
@@ -464,23 +467,6 @@ class ManagerService(Service):
     def cancel(self, task_id: str) -> bool:
         """Cancel a task here; whether it was found."""
         return self.pool is not None and self.pool.cancel(task_id)
-
-    def _task_started(self, task_id: str, started_ns: int) -> None:
-        """A worker took a task: tell the interchange (once per reactor turn)."""
-        self._started.append((task_id, started_ns))
-        if self._started_call is None:
-            self._started_call = self.clock.callLater(0, self._send_started)
-
-    def _send_started(self) -> None:
-        self._started_call = None
-        started, self._started = self._started, []
-        if started and self.connection is not None:
-            try:
-                send_unanswered(self.connection, TasksStarted, started=started)
-            except Exception as exc:
-                self.log.warn(
-                    "Could not report {n} started tasks: {error}", n=len(started), error=exc
-                )
 
     def _result_ready(self, packed: bytes) -> None:
         self._outbox.append(packed)
@@ -587,9 +573,7 @@ class ManagerService(Service):
         if self._flush_call is not None:
             self._flush_call.cancel()
             self._flush_call = None
-        if self._started_call is not None and self._started_call.active():
-            self._started_call.cancel()
-        self._started_call = None
+        self._starts.stop()
         connection = self.connection or self._connecting
         transport: Any = connection.transport if connection is not None else None
         if transport is not None:
