@@ -345,6 +345,9 @@ class Events:
     def warm_containers(self, manager: Any, warm: Dict[str, int], cold_starts: int) -> None:
         self.calls.append(("warm", manager.manager_id, warm, cold_starts))
 
+    def tasks_started(self, manager: Any, started: List[Tuple[str, int]]) -> None:
+        self.calls.append(("started", manager.manager_id, started))
+
 
 class ManagerLifecycleTests(SynchronousTestCase):
     def setUp(self) -> None:

@@ -326,6 +326,7 @@ def measure_ours(
         workers=2,
         prefetch_capacity=args.prefetch_capacity,
         amqp_prefetch=args.amqp_prefetch,
+        task_states=args.task_states == "on",
         progress=say,
         python=python,
         root=root,
@@ -558,6 +559,12 @@ def parse() -> argparse.Namespace:
         "--baseline-first",
         action="store_true",
         help="measure 'before' first (default: ours first), to check order effects",
+    )
+    parser.add_argument(
+        "--task-states",
+        choices=("on", "off"),
+        default="on",
+        help="our endpoint's real-time task states (config task_states) [default: on]",
     )
     parser.add_argument("--json", help="also write every figure to this file")
     args = parser.parse_args()

@@ -83,6 +83,7 @@ class RealEndpoint:
         workers: int = 2,
         prefetch_capacity: int = 8,
         amqp_prefetch: int = 512,
+        task_states: bool = True,
         progress: Callable[[str], None] = print,
         python: str = sys.executable,
         root: Optional[str] = ROOT,
@@ -97,6 +98,7 @@ class RealEndpoint:
         self.workers = workers
         self.prefetch_capacity = prefetch_capacity
         self.amqp_prefetch = amqp_prefetch
+        self.task_states = task_states
         self.progress = progress
         self.service: Optional[NodeServiceProcess] = None
         self.env: Dict[str, str] = {}
@@ -169,7 +171,11 @@ class RealEndpoint:
         edits = [
             (r"max_workers_per_node=float\(\"inf\"\)", f"max_workers_per_node={self.workers}"),
             (r"prefetch_capacity=\d+", f"prefetch_capacity={self.prefetch_capacity}"),
-            (r"amqp_prefetch=\d+", f"amqp_prefetch={self.amqp_prefetch}"),
+            (
+                r"amqp_prefetch=\d+",
+                f"amqp_prefetch={self.amqp_prefetch}"
+                + ("" if self.task_states else ", task_states=False"),
+            ),
             # One block all along: no scaling in between phases.
             (r"min_blocks=0", "min_blocks=1"),
         ]

@@ -44,9 +44,15 @@ class StartResult:
 
 
 def twistd_argv(
-    ep: EndpointDir, *, daemon: bool, debug: bool, ready_fd: Optional[int]
+    ep: EndpointDir,
+    *,
+    daemon: bool,
+    debug: bool,
+    ready_fd: Optional[int],
+    clear_lock: bool = False,
 ) -> List[str]:
-    """Arguments for twistd (after the program name) to run endpoint ``ep``."""
+    """Arguments for twistd (after the program name) to run endpoint ``ep``;
+    ``clear_lock``: its owner starts it, which lifts a remote stop's lock."""
     argv = ["--pidfile", ep.pidfile, "--rundir", ep.path, "--logger", LOGGER]
     if not daemon:
         argv += ["--nodaemon"]
@@ -57,6 +63,8 @@ def twistd_argv(
         argv.append("--debug")
     if ready_fd is not None:
         argv += ["--ready-fd", str(ready_fd)]
+    if clear_lock:
+        argv.append("--clear-lock")
     return argv
 
 
@@ -67,12 +75,13 @@ def start_daemon(
     timeout: float,
     log_file: Optional[str] = None,
     command: str = "funcx-endpoint",
+    clear_lock: bool = False,
 ) -> StartResult:
     """Run twistd to daemonize endpoint ``ep``; wait for it to be ready or fail.
 
     ``log_file`` and ``command`` (the CLI with its options) only go into hints."""
     return launch_daemon(
-        lambda fd: twistd_argv(ep, daemon=True, debug=debug, ready_fd=fd),
+        lambda fd: twistd_argv(ep, daemon=True, debug=debug, ready_fd=fd, clear_lock=clear_lock),
         cwd=ep.path,
         timeout=timeout,
         read_pid=ep.read_pid,
@@ -189,11 +198,11 @@ def _read_report(
         data += chunk
 
 
-def run_foreground(ep: EndpointDir, *, debug: bool) -> int:
+def run_foreground(ep: EndpointDir, *, debug: bool, clear_lock: bool = False) -> int:
     """Run the daemon in this process, attached to the terminal; its exit code."""
     from funcx_endpoint.endpoint.service import exit_status
 
-    run_app(twistd_argv(ep, daemon=False, debug=debug, ready_fd=None))
+    run_app(twistd_argv(ep, daemon=False, debug=debug, ready_fd=None, clear_lock=clear_lock))
     return exit_status.code
 
 

@@ -119,6 +119,52 @@ async def delete_endpoint(reactor: Any, config: Config, config_dir: str, endpoin
     )
 
 
+async def stop_endpoint(
+    reactor: Any, config: Config, config_dir: str, endpoint_id: str
+) -> Dict[str, Any]:
+    """``POST /endpoints/<id>/lock`` at the endpoint's service: a running endpoint
+    drains and exits, and stays refused until its owner starts it; the answer."""
+    auth = authenticator(reactor, config, config_dir)
+    try:
+        token = await auth.token()
+    except AuthError as e:
+        raise RemoteError(e.message, 77) from None
+    url = f"{config.funcx_service_address}/endpoints/{endpoint_id}/lock"
+    try:
+        response = await auth.http.post(
+            url,
+            data=b"{}",
+            headers=headers(
+                {
+                    "Authorization": f"Bearer {token}",
+                    "Accept": "application/json",
+                    "Content-Type": "application/json",
+                }
+            ),
+        )
+        body = await response.content()
+    except Exception as e:
+        raise RemoteError(
+            f"cannot reach the funcX service at {config.funcx_service_address}: {e}"
+        ) from None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = {"message": body[:200].decode(errors="replace")}
+    if response.code == 200 and isinstance(data, dict):
+        return data
+    if response.code == 404:
+        raise RemoteError(
+            f"endpoint {endpoint_id} was not found at {config.funcx_service_address}, or it "
+            f"is not yours (are these the credentials it was registered with?)"
+        )
+    raise RemoteError(
+        f"the service refused to stop endpoint {endpoint_id} ({response.code}: "
+        f"{error_message(data if isinstance(data, dict) else {})})",
+        77 if response.code == 401 else 69,
+    )
+
+
 async def get_json(reactor: Any, config: Config, config_dir: str, path: str) -> Tuple[int, Any]:
     """``GET <service>/path`` with a token for these credentials: the answer's
     status and JSON body.  A cached token the service refuses (401) is renewed once."""

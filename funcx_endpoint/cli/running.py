@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -69,8 +70,15 @@ def missing_engine(config: Config, path: Optional[str] = None) -> Optional[str]:
     metavar="SECONDS",
     help="How long to wait for the daemon to report ready.",
 )
+@click.option(
+    "--keep-lock",
+    is_flag=True,
+    help="Keep a remote stop's lock: the service keeps refusing this endpoint until its "
+    "owner starts it without this flag (refused once more, which clears the lock).  "
+    "Implied under systemd (the on-boot unit).",
+)
 @pass_context
-def start(ctx: Context, name: str, foreground: bool, timeout: float) -> None:
+def start(ctx: Context, name: str, foreground: bool, timeout: float, keep_lock: bool) -> None:
     """Start the endpoint NAME as a daemon and wait until it is ready.
 
     The configuration is checked first; a broken config.py is reported with
@@ -87,6 +95,9 @@ def start(ctx: Context, name: str, foreground: bool, timeout: float) -> None:
     """
     ep = ctx.existing(name)
     config = load_checked(ep)
+    # systemd sets INVOCATION_ID in every unit's environment: a start on boot (or
+    # a restart by systemd) is no owner's decision to lift a remote stop.
+    clear_lock = not keep_lock and "INVOCATION_ID" not in os.environ
     problem = missing_engine(config)
     if problem is not None:
         fail(f"bad configuration: {problem}", EX_CONFIG)
@@ -103,7 +114,7 @@ def start(ctx: Context, name: str, foreground: bool, timeout: float) -> None:
         clean_stale(ep)
     if foreground or not config.detach_endpoint:
         click.echo(f"Starting endpoint {name!r} in the foreground (Ctrl-C stops it)")
-        sys.exit(run_foreground(ep, debug=ctx.debug))
+        sys.exit(run_foreground(ep, debug=ctx.debug, clear_lock=clear_lock))
     click.echo(f"Starting endpoint {name!r} ...")
     started = time.monotonic()
     result = start_daemon(
@@ -112,6 +123,7 @@ def start(ctx: Context, name: str, foreground: bool, timeout: float) -> None:
         timeout=timeout,
         log_file=ep.log_file(config.log_dir),
         command=f"funcx-endpoint{ctx.dir_option()}",
+        clear_lock=clear_lock,
     )
 
     elapsed = time.monotonic() - started
@@ -210,16 +222,66 @@ timeout_option = click.option(
     help="If the daemon runs on another host sharing this directory (a second "
     "login node) that is gone for good: remove its pidfile here.",
 )
+@click.option(
+    "--remote",
+    is_flag=True,
+    help="Stop it through the service (from any machine): NAME is a profile here or an "
+    "endpoint id.  The running endpoint drains and exits, and the service refuses it "
+    "until its owner starts it again on its host.",
+)
 @pass_context
-def stop(ctx: Context, name: str, timeout: Optional[float], forget: bool) -> None:
+def stop(ctx: Context, name: str, timeout: Optional[float], forget: bool, remote: bool) -> None:
     """Stop the endpoint NAME, its managers and workers.
 
     One stop is always enough: the daemon gets TERM and stops its children;
     after the grace period every process left of its tree is killed.  A stale
     pidfile (daemon gone) is removed.  A daemon that runs on another host
-    sharing this directory is stopped there, not from here.
+    sharing this directory is stopped there, not from here (or with --remote).
     """
+    if remote:
+        _stop_remote(ctx, name)
+        return
     _stop(ctx, ctx.existing(name), timeout, forget)
+
+
+def _stop_remote(ctx: Context, name: str) -> None:
+    """``stop --remote``: ask the service to stop endpoint NAME (a profile or an id)."""
+    from funcx_endpoint.cli import remote
+    from funcx_endpoint.cli.remote_endpoints import UUID, services
+
+    if UUID.fullmatch(name) and not ctx.endpoint(name).exists():
+        endpoint_id = name.lower()
+        configs = services(ctx, None)
+        if len(configs) > 1:
+            fail(
+                "the profiles here use several services; name a profile instead of the id",
+                64,
+            )
+        config = configs[0]
+    else:
+        ep = ctx.existing(name)
+        config = load_checked(ep)
+        registered = ep.endpoint_id()
+        if registered is None:
+            fail(f"endpoint {name!r} was never registered (no endpoint.json)", 66)
+        assert registered is not None
+        endpoint_id = registered
+    try:
+        answer = remote.run_in_reactor(
+            lambda reactor: remote.stop_endpoint(reactor, config, ctx.config_dir, endpoint_id)
+        )
+    except remote.RemoteError as e:
+        fail(f"{e}; not stopped", e.exit_code)
+    how = (
+        "it drains and exits"
+        if answer.get("stop_sent")
+        else "if it runs, it cannot be told (an older endpoint, or the broker is away)"
+    )
+    click.echo(
+        f"Endpoint {endpoint_id} stopped remotely at {config.funcx_service_address}: {how}; "
+        f"the service refuses it until its owner starts it on its host (funcx-endpoint start, "
+        f"refused once more: that clears the lock)."
+    )
 
 
 @click.command()

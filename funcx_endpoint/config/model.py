@@ -477,6 +477,17 @@ class Config(ConfigObject):
             "Offer the service several tasks and results per broker message (used only "
             "if the service agrees at registration; funcX 1.0 services never do).",
         ),
+        "task_states": Field(
+            True,
+            boolean,
+            "Send task state changes (running, ...) to the service as they happen, "
+            "batched; off: they travel only with the status reports.",
+        ),
+        "task_states_interval": Field(
+            0.25,
+            number(0, exclusive_minimum=True),
+            "Seconds task state changes are gathered before they are sent (task_states).",
+        ),
         "heartbeat_period": Field(
             30.0,
             number(0, exclusive_minimum=True),
@@ -557,6 +568,8 @@ class Config(ConfigObject):
     amqp_prefetch: int
     amqp_heartbeat: int
     message_batches: bool
+    task_states: bool
+    task_states_interval: float
     heartbeat_period: float
     heartbeat_threshold: float
     allowed_functions: Optional[List[str]]

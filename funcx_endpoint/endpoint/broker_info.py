@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import struct
-from typing import Any, Dict, FrozenSet
+from typing import Any, Dict, FrozenSet, Optional
 
 import attr
 
@@ -35,6 +35,8 @@ class BrokerInfo:
     #: What the service agreed to besides funcX 1.0's formats
     #: (:data:`~funcx_endpoint.wire.MESSAGE_BATCHES`).
     features: FrozenSet[str] = frozenset()
+    #: When the service registered it, by the service's clock (for endpoint commands)
+    registered_at: Optional[float] = None
 
     @classmethod
     def from_registration(cls, answer: Dict[str, Any]) -> BrokerInfo:
@@ -62,9 +64,16 @@ class BrokerInfo:
                 features=frozenset(
                     f for f in answer.get("wire_features") or () if isinstance(f, str)
                 ),
+                registered_at=_number(answer.get("registered_at")),
             )
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"the registration answer lacks broker details ({e!r})") from None
+
+
+def _number(value: Any) -> Optional[float]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
 
 
 def _checked_properties(given: Any) -> Dict[str, Any]:

@@ -17,6 +17,14 @@ connection set-up is :meth:`TaskIntake.prepare`) and, for each delivery:
   versions (``user_runtime``, :mod:`funcx_endpoint.wire.runtime`) likewise;
 * hands the tasks received in one reactor turn to the interchange together.
 
+Commands from the service (``endpoint_command``, negotiated with
+:data:`~funcx_endpoint.wire.ENDPOINT_COMMANDS`) arrive on the same queue and
+are acknowledged at once: ``cancel`` drops a task received but not handed
+over, or has the interchange cancel it (dropped from its queue, or its worker
+killed); a cancel that arrives before its task is remembered, and the task
+is answered ``TaskCancelled`` when it comes.  ``stop`` calls ``on_stop``
+unless it was issued before this endpoint registered.
+
 Error results it makes go to the same result sink as the interchange's.
 Once :meth:`stop_taking` is called (the endpoint drains), deliveries that
 still arrive are neither run nor acknowledged: they go back to the broker
@@ -25,6 +33,7 @@ with the channel.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set
 
 import attr
@@ -40,6 +49,7 @@ from funcx_endpoint.endpoint.broker_info import BrokerInfo
 from funcx_endpoint.endpoint.deliveries import Decision, DeliveryLedger
 from funcx_endpoint.executor.interface import IInterchange, IResultSink
 from funcx_endpoint.wire import (
+    EndpointCommand,
     ErrorCode,
     MessageError,
     PackedResult,
@@ -63,6 +73,7 @@ _COUNTS = (
     "malformed",
     "stale_consumer_retries",
     "tasks_held_while_draining",
+    "tasks_cancelled",
 )
 
 
@@ -90,6 +101,11 @@ class TaskIntake:
     allowed: Optional[Set[str]] = attr.ib(
         default=None, kw_only=True, converter=_set_or_none, alias="allowed_functions"
     )
+    #: called with the reason when the service says ``stop``
+    on_stop: Optional[Callable[[str], None]] = attr.ib(default=None, kw_only=True)
+    #: cancels that came before their task (task id -> None), oldest first
+    _cancelled_early: OrderedDict[str, None] = attr.ib(factory=OrderedDict, init=False)
+    remember_cancels = 10_000
     info: Optional[BrokerInfo] = attr.ib(default=None, init=False)
     consumer: Optional[ExclusiveConsumer] = attr.ib(default=None, init=False)
     taking: bool = attr.ib(default=True, init=False)
@@ -182,6 +198,10 @@ class TaskIntake:
         if isinstance(message, Task):
             acks.delivered(tag)
             self._take(message, generation, tag, acks)
+        elif isinstance(message, EndpointCommand):
+            acks.delivered(tag)
+            acks.done(tag)
+            self._command(message)
         elif isinstance(message, TaskBatchMessage):
             # Acknowledged once every part (each task, each unreadable item) is done.
             tasks, errors = message.tasks, message.errors
@@ -208,6 +228,10 @@ class TaskIntake:
         decision = self.ledger.delivered(task.task_id, (generation, tag))
         if decision is not Decision.RUN:
             self._redelivered(decision, tag, acks)
+            return
+        if self._cancelled_early and task.task_id in self._cancelled_early:
+            del self._cancelled_early[task.task_id]
+            self._cancelled(task.task_id, "before it reached the endpoint")
             return
         if self.allowed is not None and task.function_id not in self.allowed:
             why = (
@@ -286,6 +310,55 @@ class TaskIntake:
 
     def _submit(self, tasks: List[Task]) -> None:
         self.interchange.submit(tasks)
+
+    # -- commands from the service ---------------------------------------------------
+
+    def _command(self, command: EndpointCommand) -> None:
+        if command.command == EndpointCommand.CANCEL:
+            for task_id in command.task_ids:
+                self.cancel(task_id)
+            return
+        registered_at = self.info.registered_at if self.info is not None else None
+        if (
+            command.issued_at is not None
+            and registered_at is not None
+            and command.issued_at < registered_at
+        ):
+            self.log.info(
+                "Ignored a stop command issued before this endpoint registered ({reason})",
+                reason=command.reason,
+            )
+            return
+        reason = command.reason or "stopped by the service"
+        self.log.info("The service asks this endpoint to stop: {reason}", reason=reason)
+        if self.on_stop is not None:
+            self.on_stop(f"{reason} (remote stop)")
+
+    def cancel(self, task_id: str) -> str:
+        """Cancel a task: drop it, kill its run, or remember it for when it comes;
+        what happened (``dropped``, ``cancelled``, ``finished``, ``early``)."""
+        waiting = self._to_submit.take()
+        kept = [task for task in waiting if task.task_id != task_id]
+        if kept:
+            self._to_submit.extend(kept)
+        if len(kept) < len(waiting):
+            self._cancelled(task_id, "before it was handed to the interchange")
+            return "dropped"
+        if task_id in self.ledger:
+            if self.interchange.cancel(task_id):
+                self.counts["tasks_cancelled"] += 1
+                return "cancelled"
+            return "finished"  # its result is on its way: the first to arrive wins
+        early = self._cancelled_early
+        early[task_id] = None
+        while len(early) > self.remember_cancels:
+            early.popitem(last=False)
+        return "early"
+
+    def _cancelled(self, task_id: str, when: str) -> None:
+        self.counts["tasks_cancelled"] += 1
+        self.log.info("Task {task_id} cancelled {when}", task_id=task_id, when=when)
+        self._answer(task_id, ErrorCode.TASK_CANCELLED, f"Task {task_id} was cancelled {when}")
 
     # -- draining -----------------------------------------------------------------------
 

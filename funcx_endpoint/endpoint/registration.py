@@ -22,7 +22,7 @@ import json
 import math
 import socket
 import uuid
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import attr
 from OpenSSL import SSL
@@ -54,7 +54,7 @@ from funcx_endpoint.lifecycle import (
 )
 from funcx_endpoint.observer import OneShotObserver
 from funcx_endpoint.version import __version__
-from funcx_endpoint.wire import MESSAGE_BATCHES
+from funcx_endpoint.wire import ENDPOINT_COMMANDS, MESSAGE_BATCHES, TASK_STATES
 
 NETWORK_ERRORS = (
     ConnectError,
@@ -79,6 +79,15 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def wire_features(config: Config) -> List[str]:
+    """The features beyond funcX 1.0 this endpoint offers the service at registration."""
+    features = [MESSAGE_BATCHES] if config.message_batches else []
+    if config.task_states:
+        features.append(TASK_STATES)
+    features.append(ENDPOINT_COMMANDS)  # cancel and stop over the task queue
+    return features
+
+
 def endpoint_metadata(endpoint_dir: EndpointDir, config: Config) -> Dict[str, Any]:
     """What the service learns about this endpoint at registration (strict JSON:
     ``max_workers_per_node = inf`` is sent as ``"inf"``)."""
@@ -94,7 +103,7 @@ def endpoint_metadata(endpoint_dir: EndpointDir, config: Config) -> Dict[str, An
             "allowed_functions": config.allowed_functions,
             "heartbeat_period": config.heartbeat_period,
             "heartbeat_threshold": config.heartbeat_threshold,
-            "wire_features": [MESSAGE_BATCHES] if config.message_batches else [],
+            "wire_features": wire_features(config),
             "config": {
                 "_type": "Config",
                 "funcx_service_address": config.funcx_service_address,
@@ -136,6 +145,9 @@ class Registration(Service):
     authenticator: Authenticator
     _pool: Any = None
     _retry_delays: tuple = (1.0, 2.0, 4.0)
+    #: started by its owner (``funcx-endpoint start``): may clear a remote stop's
+    #: lock; False for starts that are no one's decision (systemd, ``--keep-lock``)
+    clear_lock: bool = attr.ib(default=True, kw_only=True)
     broker_info: Optional[BrokerInfo] = attr.ib(default=None, init=False)
     answer: Dict[str, Any] = attr.ib(factory=dict, init=False)
     _ready: Optional[Deferred[None]] = attr.ib(default=None, init=False)
@@ -168,10 +180,13 @@ class Registration(Service):
     async def register(self) -> None:
         endpoint_id = self.requested_id()
         url = self.config.funcx_service_address + "/endpoints"
+        metadata = endpoint_metadata(self.endpoint_dir, self.config)
+        if self.clear_lock:
+            metadata["clear_lock"] = True
         body = {
             "endpoint_name": self.endpoint_dir.name,
             "endpoint_uuid": endpoint_id,
-            "metadata": endpoint_metadata(self.endpoint_dir, self.config),
+            "metadata": metadata,
         }
         attempt = 0
         while True:

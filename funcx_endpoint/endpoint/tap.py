@@ -36,6 +36,7 @@ from funcx_endpoint.endpoint.layout import (
 from funcx_endpoint.endpoint.notices import ConfigNotices
 from funcx_endpoint.endpoint.registration import Registration
 from funcx_endpoint.endpoint.service import EndpointService, StartupReporter
+from funcx_endpoint.endpoint.states import TaskStatePublisher
 from funcx_endpoint.endpoint.status import StatusReporter
 from funcx_endpoint.endpoint.transport import build_transport
 from funcx_endpoint.executor.blocks import BLOCK_ID
@@ -69,6 +70,7 @@ class Options(usage.Options):
     optFlags = [
         ["debug", None, "Log debug messages."],
         ["log-stdout", None, "With --logger from this package: log to stdout, not endpoint.log."],
+        ["clear-lock", None, "Its owner starts it: may clear a remote stop's lock."],
     ]
 
     def postOptions(self) -> None:
@@ -108,6 +110,7 @@ def build_endpoint(
     config: Config,
     reactor: Any,
     ready_fd: Optional[int] = None,
+    clear_lock: bool = False,
 ) -> EndpointService:
     """Build the daemon's service tree from a loaded config.
 
@@ -140,7 +143,9 @@ def build_endpoint(
         TokenStore(endpoint_dir.config_dir),
         reactor,
     )
-    registration = Registration(reactor, endpoint_dir, config, http, authenticator, pool)
+    registration = Registration(
+        reactor, endpoint_dir, config, http, authenticator, pool, clear_lock=clear_lock
+    )
     endpoint.add(registration)
 
     def broker_info() -> BrokerInfo:
@@ -181,6 +186,17 @@ def build_endpoint(
         )
     )
     endpoint.add(transport)
+    # The service's stop command drains and stops the daemon, as `stop` does.
+    transport.intake.on_stop = endpoint.shut_down
+    if config.task_states:
+        states = TaskStatePublisher(
+            reactor,
+            lambda: registration.broker_info,
+            transport.publish_status,
+            config.task_states_interval,
+        )
+        interchange.dispatcher.state_listener = states
+        transport.task_states = states  # stopped with the results connection
     endpoint.add(
         IdleShutdown(
             reactor,
@@ -231,4 +247,6 @@ def makeService(options: Options) -> IService:
             "second daemon of this endpoint from starting",
             path=endpoint_dir.lock_file,
         )
-    return build_endpoint(endpoint_dir, config, reactor, options["ready-fd"])
+    return build_endpoint(
+        endpoint_dir, config, reactor, options["ready-fd"], bool(options["clear-lock"])
+    )

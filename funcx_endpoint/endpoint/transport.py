@@ -49,6 +49,7 @@ from funcx_endpoint.endpoint.idle import Activity
 from funcx_endpoint.endpoint.intake import TaskIntake
 from funcx_endpoint.endpoint.publishing import ResultPublisher
 from funcx_endpoint.endpoint.service import StartupError
+from funcx_endpoint.endpoint.states import TaskStatePublisher
 from funcx_endpoint.executor.interface import IInterchange, IResultSink
 from funcx_endpoint.lifecycle import (
     EX_NOPERM,
@@ -98,6 +99,8 @@ class Transport(Service):
         self.results_conn: Optional[IAMQPConnectionService] = None
         self.fatal_error: Optional[AMQPError] = None
         self._drain_waiters: List[Deferred[None]] = []
+        #: real-time task states, sent on the results connection (if on)
+        self.task_states: Optional[TaskStatePublisher] = None
 
     # -- lifecycle --------------------------------------------------------
 
@@ -152,6 +155,8 @@ class Transport(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        if self.task_states is not None:
+            self.task_states.stop()
         self.publisher.stop()
         # Delayed releases are dropped: the deliveries go back when the channel closes.
         self.ledger.cancel_delayed()

@@ -17,7 +17,7 @@ state machine:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from automat import MethodicalMachine
 from twisted.internet.defer import Deferred, fail, succeed
@@ -31,6 +31,7 @@ from funcx_endpoint.wire.amp import (
     Quitting,
     Register,
     SendResults,
+    TasksStarted,
     WarmContainers,
     read_unanswered,
     set_no_delay,
@@ -228,6 +229,13 @@ class ManagerConnection(amp.AMP):
     @Heartbeat.responder
     def heartbeat(self) -> Dict[str, Any]:
         """Nothing to do: receiving any box counts as a sign of life."""
+        return {}
+
+    @TasksStarted.responder
+    def tasks_started(self, started: List[Tuple[str, int]]) -> Dict[str, Any]:
+        """Workers of the manager started these tasks."""
+        if self.manager is not None:
+            self._registry.tasks_started(self.manager, started)
         return {}
 
     @WarmContainers.responder

@@ -104,6 +104,8 @@ class TaskDispatcher:
         self._transitions: Dict[str, List[TaskTransition]] = {}
         self._max_recorded = max_recorded_tasks
         self._dropped_transitions = 0
+        #: an ITaskStateListener told of each transition as it happens, if any
+        self.state_listener: Any = None
 
     # -- tasks in -------------------------------------------------------------
 
@@ -386,6 +388,16 @@ class TaskDispatcher:
             self._deliver_call = self.clock.callLater(0, self.deliver)
         self._schedule_dispatch()
 
+    def tasks_started(self, manager: Any, started: List[Tuple[str, int]]) -> None:
+        """Workers of ``manager`` started these tasks: ``running`` (by the manager)."""
+        slot = self._slots.get(manager)
+        if slot is None:
+            return
+        outstanding = slot.outstanding
+        for task_id, timestamp in started:
+            if task_id in outstanding:
+                self._note(task_id, TaskTransition(timestamp, TaskState.RUNNING, ActorName.MANAGER))
+
     def warm_containers(self, manager: Any, warm: Dict[str, int], cold_starts: int) -> None:
         slot = self._slots.get(manager)
         if slot is None:
@@ -507,6 +519,8 @@ class TaskDispatcher:
         return queue
 
     def _note(self, task_id: str, transition: TaskTransition) -> None:
+        if self.state_listener is not None:
+            self.state_listener.transition(task_id, transition)
         recorded = self._transitions.get(task_id)
         if recorded is not None:
             recorded.append(transition)
@@ -633,6 +647,8 @@ class TaskDispatcher:
         transitions = self._transitions
         for result in ready:
             transitions.pop(result.task_id, None)
+        if self.state_listener is not None:
+            self.state_listener.finished([result.task_id for result in ready])
         try:
             self.result_sink.results_ready(ready)
         except Exception:

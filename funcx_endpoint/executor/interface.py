@@ -157,6 +157,19 @@ class IManagerEvents(Interface):
         """``manager`` said which container types it has warm workers of, and how
         many cold starts it has made since it started (``WarmContainers``)."""
 
+    def tasks_started(manager: Any, started: List[Tuple[str, int]]) -> None:
+        """``manager`` gave these tasks to workers (``(task id, ns since the epoch)``)."""
+
+
+class ITaskStateListener(Interface):
+    """Hears of task transitions as they happen (real-time task states)."""
+
+    def transition(task_id: str, transition: Any) -> None:
+        """``task_id`` made ``transition`` (a TaskTransition)."""
+
+    def finished(task_ids: List[str]) -> None:
+        """These tasks' results are on their way (carrying their transitions)."""
+
 
 @attr.s(auto_attribs=True, frozen=True)
 class ManagerInfo:

@@ -414,6 +414,9 @@ class ManagerRegistry:
     def warm_containers(self, manager: Manager, warm: Dict[str, int], cold_starts: int) -> None:
         self.events.warm_containers(manager, warm, cold_starts)
 
+    def tasks_started(self, manager: Manager, started: List[Tuple[str, int]]) -> None:
+        self.events.tasks_started(manager, started)
+
     def forget(self, manager: Manager) -> None:
         """Remove a manager that is gone (its connection may still be closing)."""
         if self.managers.get(manager.manager_id) is manager:

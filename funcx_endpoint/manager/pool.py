@@ -98,8 +98,11 @@ class WorkerPool:
         environment: Optional[Mapping[str, str]] = None,
         launcher: Optional[WorkerLauncher] = None,
         placement: Optional[IWorkerPlacement] = None,
+        on_started: Optional[Callable[[str, int], None]] = None,
     ) -> None:
         self._reactor = reactor
+        #: told ``(task id, ns)`` as each task is given to a worker
+        self._on_started = on_started
         self.settings = settings
         self.log_dir = log_dir
         self._on_result = on_result
@@ -401,6 +404,8 @@ class WorkerPool:
             worker.timeout_call = self._reactor.callLater(timeout, self._timed_out, worker, task_id)
         assert worker.protocol is not None
         worker.protocol.send(frames.encode_task(task_id, started, task_buffer))
+        if self._on_started is not None:
+            self._on_started(task_id, started)
 
     def _cancel_timeout(self, worker: WorkerSlot) -> None:
         if worker.timeout_call is not None:

@@ -45,6 +45,7 @@ from funcx_endpoint.manager.containers import (
 from funcx_endpoint.manager.images import IWorkerPlacement, OneImagePlacement
 from funcx_endpoint.manager.launcher import WorkerLauncher
 from funcx_endpoint.manager.pool import WorkerPool
+from funcx_endpoint.manager.started import StartReports
 from funcx_endpoint.manager.warm import WarmReport
 from funcx_endpoint.wire import Container, ErrorCode, PackedResult
 from funcx_endpoint.wire.amp import (
@@ -197,10 +198,15 @@ class ManagerService(Service):
     _stop_waiters: List[Deferred[int]] = attr.ib(factory=list, init=False)
     results_sent: int = attr.ib(default=0, init=False)
     warm_report: WarmReport = attr.ib(factory=WarmReport, init=False)
+    _starts: StartReports = attr.ib(init=False)
 
     @clock.default
     def _the_reactor(self) -> Any:
         return self.reactor
+
+    @_starts.default
+    def _start_reports(self) -> StartReports:
+        return StartReports(self.clock, lambda: self.connection)
 
     @settings.default
     def _given_or_info_settings(self) -> ManagerSettings:
@@ -382,6 +388,7 @@ class ManagerService(Service):
             launcher=launcher,
             placement=self.placement or OneImagePlacement(self.first_image()),
             on_change=self._report_warm,
+            on_started=self._starts.started,
         )
         self.pool.start()
         self._report_warm()
@@ -566,6 +573,7 @@ class ManagerService(Service):
         if self._flush_call is not None:
             self._flush_call.cancel()
             self._flush_call = None
+        self._starts.stop()
         connection = self.connection or self._connecting
         transport: Any = connection.transport if connection is not None else None
         if transport is not None:

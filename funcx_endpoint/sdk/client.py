@@ -491,6 +491,34 @@ class FuncXClient(globus_sdk.BaseClient):
                     self._environment.check(record, self.user_runtime)
         return records
 
+    def cancel(self, task_id: str) -> bool:
+        """Cancel a task (``DELETE /tasks/<id>``); whether it was cancelled now.
+
+        A cancelled task ends with :class:`TaskCancelled` (status ``cancelled``);
+        the endpoint drops it if it is queued there, or kills its worker if it
+        runs.  False if it had finished already: the first of its result and
+        the cancel wins.
+        """
+        path = f"tasks/{canonical_uuid(task_id, 'task_id')}"
+        answer = _dict_data(self.delete(path), "cancel")
+        return bool(answer.get("cancelled"))
+
+    def cancel_batch(self, task_ids: Iterable[str]) -> Dict[str, bool]:
+        """Cancel many tasks (``POST /batch_cancel``); for each task id known to the
+        service, whether it was cancelled now (see :meth:`cancel`)."""
+        by_canonical = {canonical_uuid(t, "task_id"): t for t in task_ids}
+        answer: Dict[str, bool] = {}
+        for chunk in _chunks(list(by_canonical), MAX_BATCH_STATUS_IDS):
+            data = _dict_data(self.post("batch_cancel", data={"task_ids": list(chunk)}), "cancel")
+            results = data.get("results")
+            if not isinstance(results, dict):
+                raise MalformedResponse("batch_cancel: the answer has no results object")
+            for key, value in results.items():
+                asked = by_canonical.get(key)
+                if asked is not None and isinstance(value, dict):
+                    answer[asked] = bool(value.get("cancelled"))
+        return answer
+
     def get_taskgroup_tasks(self, task_group_id: str) -> List[Dict[str, Any]]:
         """The tasks of a task group (``GET /taskgroup/<id>``): ``[{"id": ...}, ...]``."""
         canonical = canonical_uuid(task_group_id, "task_group_id")
@@ -523,7 +551,13 @@ class FuncXClient(globus_sdk.BaseClient):
         return _data(self.get(self._endpoint_path(endpoint_id, "status")))
 
     def stop_endpoint(self, endpoint_id: str) -> Any:
-        """Lock an endpoint (``POST /endpoints/<id>/lock``): its next registration fails."""
+        """Stop an endpoint remotely (``POST /endpoints/<id>/lock``).
+
+        A running endpoint of this project drains and exits (``stop_sent`` in
+        the answer), and the service refuses to register it until its owner
+        starts it again on its host (that start is refused once more, which
+        clears the lock); a funcX 1.0 endpoint's next registration is refused
+        once."""
         return _data(self.post(self._endpoint_path(endpoint_id, "lock"), data={}))
 
     def delete_endpoint(self, endpoint_id: str) -> Any:

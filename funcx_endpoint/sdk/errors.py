@@ -31,6 +31,7 @@ __all__ = [
     "LoginError",
     "MalformedResponse",
     "ServiceUnreachable",
+    "TaskCancelled",
     "TaskExecutionFailed",
     "TaskPending",
     "TaskRefused",
@@ -168,6 +169,11 @@ def _rebuild_task_execution_failed(
 
 #: The name funcX 1.0 gave this exception.
 FuncxTaskExecutionFailed = TaskExecutionFailed
+
+
+class TaskCancelled(TaskExecutionFailed):
+    """The task was cancelled (:meth:`FuncXClient.cancel`) before it finished:
+    its error code is ``TaskCancelled``; it has no result."""
 
 
 class TaskRefused(FuncxError):

@@ -41,6 +41,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Executor, Future
+from concurrent.futures._base import PENDING, RUNNING
 from typing import IO, Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import globus_sdk
@@ -60,7 +61,41 @@ try:  # tqdm draws the progress bar when it is installed
 except ImportError:  # pragma: no cover - depends on the environment
     _tqdm = None
 
-__all__ = ["FuncXExecutor"]
+__all__ = ["FuncXExecutor", "TaskFuture"]
+
+
+class TaskFuture(Future):
+    """The future of a task run by a :class:`FuncXExecutor`.
+
+    ``task_id`` is set once the service accepted the task.  :meth:`running`
+    is true once the service reports the task ``running`` on the endpoint
+    (not merely submitted).  :meth:`cancel` works until the task is done:
+    a task not yet sent is not sent; a submitted one is cancelled at the
+    service (:meth:`FuncXClient.cancel`), which has the endpoint drop or kill
+    it; then the future is cancelled (``result()`` raises ``CancelledError``).
+    It returns False if the task finished first.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.task_id: Optional[str] = None
+        self._cancel_remote: Optional[Callable[[str], bool]] = None
+
+    def cancel(self) -> bool:
+        if self.done():
+            return self.cancelled()
+        task_id, cancel_remote = self.task_id, self._cancel_remote
+        if task_id is not None and cancel_remote is not None:
+            try:
+                if not cancel_remote(task_id):
+                    return False  # it finished first; its result is on its way
+            except Exception:
+                return False
+        with self._condition:
+            # Running at the endpoint, cancelled there: the future may be too.
+            if self._state == RUNNING:
+                self._state = PENDING
+        return super().cancel()
 
 
 class _Submission:
@@ -79,7 +114,7 @@ class _Submission:
         self.args = args
         self.kwargs = kwargs
         self.resources = resources
-        self.future: Future[Any] = Future()
+        self.future: TaskFuture = TaskFuture()
 
 
 _STOP = object()
@@ -297,7 +332,8 @@ class FuncXExecutor(Executor):
         try:
             while not stop:
                 batch, stop = self._next_batch()
-                live = [item for item in batch if item.future.set_running_or_notify_cancel()]
+                # A future stays pending until the task runs (``running()``).
+                live = [item for item in batch if not item.future.cancelled()]
                 for group in _by_resources(live):
                     try:
                         self._submit_batch(group)
@@ -345,11 +381,19 @@ class FuncXExecutor(Executor):
         except Exception as error:
             self._fail(sent, self._describe_error(error, "submit the task"))
             return
+        cancelled_meanwhile = []
         with self._changed:
             for item, task_id in zip(sent, task_ids):
                 if task_id is not None:
-                    self._pending[task_id] = item.future
+                    item.future.task_id = task_id
+                    item.future._cancel_remote = self.funcx_client.cancel
+                    if item.future.cancelled():
+                        cancelled_meanwhile.append(task_id)
+                    else:
+                        self._pending[task_id] = item.future
             self._changed.notify_all()
+        if cancelled_meanwhile:
+            self.funcx_client.cancel_batch(cancelled_meanwhile)
 
     def _describe_error(self, error: Exception, doing: str) -> Exception:
         """``error``, or a ServiceUnreachable saying what it means for the tasks."""
@@ -429,6 +473,7 @@ class FuncXExecutor(Executor):
 
     def _resolve(self, task_ids: List[str], records: Dict[str, TaskRecord]) -> None:
         finished: List[Tuple[Future[Any], TaskRecord]] = []
+        running: List[Future[Any]] = []
         with self._lock:
             for task_id in task_ids:
                 record = records.get(task_id)
@@ -440,13 +485,33 @@ class FuncXExecutor(Executor):
                     future = self._pending.pop(task_id, None)
                     if future is not None:
                         finished.append((future, record))
+                elif record.get("status") == "running":
+                    future = self._pending.get(task_id)
+                    if future is not None and not future.running():
+                        running.append(future)
+        for future in running:
+            if not future.set_running_or_notify_cancel():
+                self._forget(future)
         for future, record in finished:
+            if future.done():
+                continue  # cancelled here meanwhile
+            if future.running() is False and not future.cancelled():
+                # Finished without being seen running: futures go pending → running → done.
+                future.set_running_or_notify_cancel()
             if "exception" in record:
                 future.set_exception(record["exception"])
             else:
                 future.set_result(record["result"])
         if finished and self._progress is not None:
             self._progress.add_done(len(finished))
+
+    def _forget(self, future: Future[Any]) -> None:
+        """Stop polling for a future cancelled here."""
+        with self._lock:
+            for task_id, pending in list(self._pending.items()):
+                if pending is future:
+                    del self._pending[task_id]
+                    break
 
     def _abandon(self, task_ids: List[str], reason: Callable[[str], Exception]) -> None:
         """Fail the pending futures of ``task_ids`` with ``reason(task_id)``."""

@@ -11,7 +11,7 @@ import threading
 import uuid
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from funcx_endpoint.sdk.errors import MalformedResponse, TaskExecutionFailed
+from funcx_endpoint.sdk.errors import MalformedResponse, TaskCancelled, TaskExecutionFailed
 from funcx_endpoint.wire import DeserializationError, deserialize, pack_payload
 from funcx_endpoint.wire.resources import check_resource_specification
 
@@ -34,7 +34,8 @@ def task_record(task_id: str, data: Mapping[str, Any]) -> TaskRecord:
     """The SDK's view of one task from the service's answer about it.
 
     Always has ``task_id``, ``status`` (lower-cased) and ``pending``.  A task
-    is done when its status is ``success`` or ``failed``; then the record has
+    is done when its status is ``success`` or ``failed`` (``cancelled`` for a
+    task failed with ``TaskCancelled``); then the record has
     ``completion_t`` and either ``result`` (deserialized) or ``exception``: a
     :class:`TaskExecutionFailed` with the remote traceback text and error
     code, or the error that kept the result from being deserialized here.
@@ -68,7 +69,12 @@ def task_record(task_id: str, data: Mapping[str, Any]) -> TaskRecord:
     code = details.get("code")
     user_message = details.get("user_message")
     remote_data = data.get("exception")
-    record["exception"] = TaskExecutionFailed(
+    error_class = TaskExecutionFailed
+    if code == "TaskCancelled":
+        # Stored as failed (funcX 1.0 clients know no other final status); shown so.
+        record["status"] = "cancelled"
+        error_class = TaskCancelled
+    record["exception"] = error_class(
         str(remote_data) if remote_data else "(the service sent no error text)",
         completion_t,
         task_id=task_id,

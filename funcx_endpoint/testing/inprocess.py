@@ -92,6 +92,7 @@ from funcx_endpoint.webservice.settings import DEFAULT_FUNCX_SCOPE, MIB
 from funcx_endpoint.webservice.storage import Storage
 from funcx_endpoint.wire import (
     ActorName,
+    EndpointCommand,
     EPStatusReport,
     ErrorCode,
     PackedResult,
@@ -319,6 +320,8 @@ class InProcessService(MultiService):
         self.users: Dict[str, TestUser] = {}
         #: task id -> (endpoint id, the task as the service published it)
         self.published_tasks: Dict[str, Tuple[str, Task]] = {}
+        #: (endpoint id, command) the service sent to endpoints, in order
+        self.commands: List[Tuple[str, EndpointCommand]] = []
         self._runner = TaskRunner()
         self.broker.on_publish(self._published)
 
@@ -510,8 +513,11 @@ class InProcessService(MultiService):
         if message.exchange != topology.TASKS_EXCHANGE:
             return
         unpacked = unpack(message.body)
-        tasks = unpacked.tasks if isinstance(unpacked, TaskBatchMessage) else [unpacked]
         endpoint_id = message.queue[: -len(".tasks")]
+        if isinstance(unpacked, EndpointCommand):
+            self.commands.append((endpoint_id, unpacked))
+            return
+        tasks = unpacked.tasks if isinstance(unpacked, TaskBatchMessage) else [unpacked]
         for task in tasks:
             assert isinstance(task, Task)
             self.published_tasks[task.task_id] = (endpoint_id, task)

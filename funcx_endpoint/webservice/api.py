@@ -35,6 +35,7 @@ from funcx_endpoint.webservice.api_endpoints import EndpointsAPI
 from funcx_endpoint.webservice.api_functions import FunctionsAPI
 from funcx_endpoint.webservice.api_tasks import TasksAPI
 from funcx_endpoint.webservice.broker import IServiceBroker
+from funcx_endpoint.webservice.commands import CancelAPI
 from funcx_endpoint.webservice.dispatch import TaskSender
 from funcx_endpoint.webservice.http import Call, Router
 from funcx_endpoint.webservice.management import IBrokerAdministrator
@@ -91,6 +92,7 @@ class FuncXAPI:
         self.containers = ContainersAPI(self.context)
         self.tasks = TasksAPI(self.context)
         self.endpoints = EndpointsAPI(self.context)
+        self.cancels = CancelAPI(self.context)
 
     def install(self, router: Router) -> None:
         router.add("GET", "/v2/version", self.version)
@@ -98,6 +100,7 @@ class FuncXAPI:
         self.containers.install(router)
         self.tasks.install(router)
         self.endpoints.install(router)
+        self.cancels.install(router)
 
     async def version(self, call: Call) -> Tuple[int, Any]:
         return 200, {

@@ -15,7 +15,7 @@ import uuid
 from typing import Any, Dict, List, Optional, Tuple
 
 from funcx_endpoint.webservice.http import APIError, bad_request, utf8_encodable
-from funcx_endpoint.wire import MESSAGE_BATCHES
+from funcx_endpoint.wire import ENDPOINT_COMMANDS, MESSAGE_BATCHES, TASK_STATES
 
 __all__ = [
     "MAX_NAME",
@@ -110,6 +110,25 @@ def takes_batches(metadata: Dict[str, Any]) -> bool:
     """Whether the endpoint offered MESSAGE_BATCHES when it registered."""
     features = metadata.get("wire_features")
     return isinstance(features, list) and MESSAGE_BATCHES in features
+
+
+#: The features beyond funcX 1.0 this service agrees to when an endpoint offers them.
+SERVICE_FEATURES = (MESSAGE_BATCHES, TASK_STATES, ENDPOINT_COMMANDS)
+
+
+def agreed_features(metadata: Dict[str, Any]) -> List[str]:
+    """The features the endpoint offered (``metadata.wire_features``) that this
+    service speaks too: the registration answer's ``wire_features``."""
+    features = metadata.get("wire_features")
+    if not isinstance(features, list):
+        return []
+    return [f for f in SERVICE_FEATURES if f in features]
+
+
+def takes_commands(metadata: Dict[str, Any]) -> bool:
+    """Whether the endpoint offered ENDPOINT_COMMANDS when it registered: only
+    then may the service send it ``endpoint_command`` messages."""
+    return ENDPOINT_COMMANDS in agreed_features(metadata)
 
 
 def allowed_functions_of(metadata: Dict[str, Any]) -> Optional[List[str]]:

@@ -13,18 +13,21 @@ from typing import Any, Dict, Tuple
 from funcx_endpoint.amqp import topology
 from funcx_endpoint.webservice.api_checks import (
     MAX_NAME,
+    agreed_features,
     allowed_functions_of,
     canonical_uuid,
     heartbeat_settings,
     show,
     string_field,
     takes_batches,
+    takes_commands,
 )
 from funcx_endpoint.webservice.api_context import HandlerGroup
 from funcx_endpoint.webservice.auth import API
+from funcx_endpoint.webservice.commands import send_command
 from funcx_endpoint.webservice.http import APIError, Call, Router, bad_request, not_found
 from funcx_endpoint.webservice.storage import Endpoint, TokenInfo
-from funcx_endpoint.wire import MESSAGE_BATCHES
+from funcx_endpoint.wire import EndpointCommand
 
 __all__ = ["EndpointsAPI"]
 
@@ -115,6 +118,8 @@ class EndpointsAPI(HandlerGroup):
             metadata = {}
         if not isinstance(metadata, dict):
             raise bad_request(f"metadata must be an object, got {show(metadata)}", "INVALID_TYPE")
+        # Our endpoint started by its owner (funcx-endpoint start) lifts a remote stop.
+        clear_lock = metadata.pop("clear_lock", None) is True
         if len(json.dumps(metadata)) > MAX_METADATA:
             raise APIError(422, "INVALID_VALUE", f"metadata is larger than {MAX_METADATA} bytes")
         allowed = allowed_functions_of(metadata)
@@ -139,14 +144,8 @@ class EndpointsAPI(HandlerGroup):
                     f"Endpoint {endpoint_id} was deleted; register under a new id "
                     f"(remove its endpoint.json)",
                 )
-            if existing.locked and await self.context.storage.consume_lock(endpoint_id):
-                self.log.info("Refused locked endpoint {eid}; lock consumed", eid=endpoint_id)
-                raise APIError(
-                    423,
-                    "ENDPOINT_LOCKED",
-                    f"Endpoint {endpoint_id} was stopped remotely (locked); this registration "
-                    f"is refused and the lock is cleared: start it again to run it",
-                )
+            if existing.locked:
+                await self._check_lock(endpoint_id, metadata, clear_lock)
         consumers = await self.context.broker_call(
             self.context.broker.declare_task_queue(endpoint_id)
         )
@@ -207,9 +206,41 @@ class EndpointsAPI(HandlerGroup):
             "endpoint_id": endpoint_id,
             **topology.registration_queue_info(endpoint_id, url, url),
         }
-        if batches:
-            answer["wire_features"] = [MESSAGE_BATCHES]
+        features = agreed_features(metadata)
+        if features:
+            answer["wire_features"] = features
+            answer["registered_at"] = saved.registered_at
         return 200, answer
+
+    async def _check_lock(
+        self, endpoint_id: str, metadata: Dict[str, Any], clear_lock: bool
+    ) -> None:
+        """Refuse (423) the registration of a locked (remotely stopped) endpoint.
+
+        Our endpoint stays refused, lock kept, however often it is restarted on
+        its own (systemd, ``start --keep-lock``); its owner's ``funcx-endpoint
+        start`` (``clear_lock``) is refused once more and clears the lock, so
+        the next start runs: the owner learns that it was stopped remotely.  A
+        funcX 1.0 endpoint, which cannot say who started it, is treated as its
+        owner's start, as funcX 1.0's service did.
+        """
+        storage = self.context.storage
+        if takes_commands(metadata) and not clear_lock:
+            self.log.info("Refused locked endpoint {eid}", eid=endpoint_id)
+            raise APIError(
+                423,
+                "ENDPOINT_LOCKED",
+                f"Endpoint {endpoint_id} was stopped remotely (locked); it stays refused "
+                f"until its owner starts it again (funcx-endpoint start on its host)",
+            )
+        if await storage.consume_lock(endpoint_id):
+            self.log.info("Refused locked endpoint {eid}; lock consumed", eid=endpoint_id)
+            raise APIError(
+                423,
+                "ENDPOINT_LOCKED",
+                f"Endpoint {endpoint_id} was stopped remotely (locked); this registration "
+                f"is refused and the lock is cleared: start it again to run it",
+            )
 
     async def list_endpoints(self, call: Call) -> Tuple[int, Any]:
         me: TokenInfo = call.identity
@@ -237,7 +268,16 @@ class EndpointsAPI(HandlerGroup):
         endpoint = await self._own_endpoint(call)
         await self.context.storage.lock_endpoint(endpoint.endpoint_id)
         self.log.info("Endpoint {eid} locked (stopped remotely)", eid=endpoint.endpoint_id)
-        return 200, {"endpoint_id": endpoint.endpoint_id, "locked": True}
+        # A running endpoint of ours drains and exits; a funcX 1.0 one is only
+        # refused at its next registration.
+        answer: Dict[str, Any] = {"endpoint_id": endpoint.endpoint_id, "locked": True}
+        if takes_commands(endpoint.metadata):
+            answer["stop_sent"] = await send_command(
+                self.context,
+                endpoint.endpoint_id,
+                EndpointCommand.stop("stopped remotely", self.context.clock.seconds()),
+            )
+        return 200, answer
 
     async def delete_endpoint(self, call: Call) -> Tuple[int, Any]:
         endpoint = await self._own_endpoint(call)

@@ -166,6 +166,9 @@ def record_reports(tx: Tx, reports: Sequence[Report], log_size: int) -> int:
     """Record status reports; apply their task transitions; tasks whose status moved."""
     moved = 0
     for report in reports:
+        if report.states_only:
+            moved += _apply_transitions(tx, report.endpoint_id, report.task_statuses)
+            continue
         row = tx.execute(
             "SELECT recent_reports FROM endpoints WHERE endpoint_id = ? AND deleted_at IS NULL",
             (report.endpoint_id,),

@@ -35,6 +35,7 @@ from funcx_endpoint.wire import (
     MessageError,
     Result,
     ResultBatchMessage,
+    TaskStatesMessage,
     unpack,
 )
 
@@ -282,7 +283,7 @@ class ResultIngest:
                     error=error,
                 )
             return self._incoming(message.results, sender, routing_key, completion_t)
-        if isinstance(message, EPStatusReport):
+        if isinstance(message, (EPStatusReport, TaskStatesMessage)):
             if sender != message.endpoint_id:
                 self.dropped += 1
                 self.log.warn(
@@ -294,15 +295,16 @@ class ResultIngest:
             return [
                 Report(
                     message.endpoint_id,
-                    _finite(message.global_state),
+                    _finite(getattr(message, "global_state", {})),
                     {
                         task_id: [(t.timestamp, str(t.state)) for t in transitions]
                         for task_id, transitions in message.task_statuses.items()
                         # Keys that are not task ids match no task; unstorable ones are dropped.
                         if _encodable(task_id)
                     },
-                    message.is_final,
+                    isinstance(message, EPStatusReport) and message.is_final,
                     now,
+                    states_only=isinstance(message, TaskStatesMessage),
                 )
             ]
         self.dropped += 1

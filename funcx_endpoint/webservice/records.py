@@ -253,6 +253,8 @@ class Report:
     task_statuses: Dict[str, List[Tuple[int, str]]]  # task id -> [(timestamp ns, state)]
     final: bool
     received: float
+    #: real-time task states (``task_states``): transitions only, not a status report
+    states_only: bool = False
 
 
 TASK_COLUMNS = (

@@ -74,6 +74,7 @@ __all__ = [
     "SubmitTasks",
     "TaskBatch",
     "TaskContainers",
+    "TasksStarted",
     "WarmContainers",
     "WarmCounts",
     "read_unanswered",
@@ -338,6 +339,28 @@ class Quitting(amp.Command):
     goes into the ``ManagerLost`` errors of the tasks lost with it."""
 
     arguments = [(b"reason", amp.Unicode())]
+    requiresAnswer = False
+
+
+class StartTimes(ChunkedList):
+    """``(task id, ns since the epoch)`` pairs, as ``b"<task id> <ns>"`` items."""
+
+    def to_bytes(self, value: Any) -> bytes:
+        return encode_list([f"{task_id} {ns}".encode("ascii") for task_id, ns in value])
+
+    def from_bytes(self, data: bytes) -> Any:
+        pairs = []
+        for item in decode_list(data):
+            task_id, _, ns = bytes(item).decode("ascii").partition(" ")
+            pairs.append((task_id, int(ns)))
+        return pairs
+
+
+class TasksStarted(amp.Command):
+    """Manager → interchange: workers started these tasks (for real-time
+    ``running`` states); sent at most once per reactor turn."""
+
+    arguments = [(b"started", StartTimes())]
     requiresAnswer = False
 
 

@@ -35,6 +35,12 @@ from typing import (
 )
 
 from funcx_endpoint.wire.containers import Container, ContainerImage
+from funcx_endpoint.wire.control import (
+    ENDPOINT_COMMANDS,
+    TASK_STATES,
+    EndpointCommand,
+    TaskStatesMessage,
+)
 from funcx_endpoint.wire.errors import MessageError
 from funcx_endpoint.wire.fields import (
     _MISSING,
@@ -59,12 +65,15 @@ from funcx_endpoint.wire.states import (
 )
 
 __all__ = [
+    "ENDPOINT_COMMANDS",
     "MESSAGE_BATCHES",
     "PROTOCOL_VERSION",
+    "TASK_STATES",
     "ActorName",
     "Container",
     "ContainerImage",
     "EPStatusReport",
+    "EndpointCommand",
     "Message",
     "Result",
     "ResultBatchMessage",
@@ -72,6 +81,7 @@ __all__ = [
     "Task",
     "TaskBatchMessage",
     "TaskState",
+    "TaskStatesMessage",
     "TaskTransition",
     "pack",
     "unpack",
@@ -474,9 +484,25 @@ class ResultBatchMessage(_Batch[Result], item_class=Result):
 
 
 #: Any message that can travel on the queues.
-Message = Union[Task, Result, EPStatusReport, TaskBatchMessage, ResultBatchMessage]
+Message = Union[
+    Task,
+    Result,
+    EPStatusReport,
+    TaskBatchMessage,
+    ResultBatchMessage,
+    TaskStatesMessage,
+    EndpointCommand,
+]
 
-_MESSAGE_CLASSES = (Task, Result, EPStatusReport, TaskBatchMessage, ResultBatchMessage)
+_MESSAGE_CLASSES = (
+    Task,
+    Result,
+    EPStatusReport,
+    TaskBatchMessage,
+    ResultBatchMessage,
+    TaskStatesMessage,
+    EndpointCommand,
+)
 _READERS: Dict[str, Callable[[Dict[str, Any]], Message]] = {
     Task.message_type: Task.from_wire,
     Result.message_type: Result.from_wire,
@@ -484,6 +510,10 @@ _READERS: Dict[str, Callable[[Dict[str, Any]], Message]] = {
     TaskBatchMessage.message_type: TaskBatchMessage.from_wire,
     ResultBatchMessage.message_type: ResultBatchMessage.from_wire,
 }
+#: Message types only sent to a peer that agreed at registration (wire.control).
+_NEGOTIATED = (TaskStatesMessage.message_type, EndpointCommand.message_type)
+_READERS[TaskStatesMessage.message_type] = TaskStatesMessage.from_wire
+_READERS[EndpointCommand.message_type] = EndpointCommand.from_wire
 
 
 # ---------------------------------------------------------------------------
@@ -553,8 +583,9 @@ def unpack(data: Union[bytes, bytearray, memoryview, str]) -> Message:
             problem = "message has no message_type"
         else:
             problem = f"unknown message_type {_show(message_type)}"
+        known = ", ".join(t for t in _READERS if t not in _NEGOTIATED)
         raise MessageError(
-            f"{problem} (known: {', '.join(_READERS)})",
+            f"{problem} (known: {known}); where negotiated: {', '.join(_NEGOTIATED)}",
             message_type=message_type if isinstance(message_type, str) else None,
             task_id=_find_task_id(body),
         )

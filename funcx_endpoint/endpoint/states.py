@@ -1,0 +1,124 @@
+"""Task states to the service as they happen (``task_states`` messages).
+
+:class:`TaskStatePublisher` is the interchange dispatcher's
+:class:`~funcx_endpoint.executor.interface.ITaskStateListener`.  It keeps the
+latest transition of each task (``waiting-for-nodes``, ``waiting-for-launch``,
+``running``) and, at most once per ``interval`` seconds, sends those of the
+tasks still in flight in one :class:`~funcx_endpoint.wire.TaskStatesMessage`
+on the results connection (confirmed, never spooled).  A task whose result
+went out meanwhile is left out: its result carries its transitions.  So
+under load a message holds only the tasks that live longer than the
+interval, and the pipe pays one small message per interval at most.
+
+It sends only if the service agreed to
+:data:`~funcx_endpoint.wire.TASK_STATES` at registration; a message the
+broker does not confirm is dropped (the next status report carries the
+transitions too).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from funcx_endpoint.endpoint.broker_info import BrokerInfo
+from funcx_endpoint.executor.interface import ITaskStateListener
+from funcx_endpoint.wire import TASK_STATES, Message, TaskStatesMessage, TaskTransition
+
+__all__ = ["TaskStatePublisher"]
+
+
+@implementer(ITaskStateListener)
+class TaskStatePublisher:
+    """Gathers task transitions; sends them every ``interval`` seconds of ``clock``.
+
+    ``broker_info()`` says (once registered) the endpoint's id and whether the
+    service takes task states; ``publish(message)`` sends a message.
+    """
+
+    log = Logger()
+    #: tasks per message at most (the rest go in the next one)
+    max_tasks = 10_000
+
+    def __init__(
+        self,
+        clock: Any,
+        broker_info: Callable[[], Optional[BrokerInfo]],
+        publish: Callable[[Message], Deferred[None]],
+        interval: float = 0.25,
+    ) -> None:
+        self._clock = clock
+        self._broker_info = broker_info
+        self._publish = publish
+        self.interval = interval
+        self._latest: Dict[str, TaskTransition] = {}
+        self._call: Optional[IDelayedCall] = None
+        self._enabled: Optional[bool] = None
+        self.sent = 0
+        self.failed = 0
+
+    def _on(self) -> bool:
+        enabled = self._enabled
+        if enabled is None:
+            info = self._broker_info()
+            if info is None:
+                return False
+            enabled = self._enabled = TASK_STATES in info.features
+            if not enabled:
+                self.log.info(
+                    "The service does not take real-time task states: they go with the "
+                    "status reports only"
+                )
+        return enabled
+
+    def transition(self, task_id: str, transition: TaskTransition) -> None:
+        if not self._on():
+            return
+        self._latest[task_id] = transition
+        if self._call is None:
+            self._call = self._clock.callLater(self.interval, self.flush)
+
+    def finished(self, task_ids: List[str]) -> None:
+        latest = self._latest
+        if latest:
+            for task_id in task_ids:
+                latest.pop(task_id, None)
+
+    def flush(self) -> None:
+        """Send what was gathered now."""
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        if not self._latest:
+            return
+        info = self._broker_info()
+        if info is None:
+            return
+        if len(self._latest) <= self.max_tasks:
+            batch, self._latest = self._latest, {}
+        else:
+            batch = {}
+            for task_id in list(self._latest)[: self.max_tasks]:
+                batch[task_id] = self._latest.pop(task_id)
+            self._call = self._clock.callLater(self.interval, self.flush)
+        message = TaskStatesMessage(info.endpoint_id, {k: [v] for k, v in batch.items()})
+        self._publish(message).addCallbacks(self._sent, self._failed)
+
+    def _sent(self, _: Any) -> None:
+        self.sent += 1
+
+    def _failed(self, failure: Failure) -> None:
+        self.failed += 1
+        self.log.debug("Task states not delivered: {error}", error=failure.getErrorMessage())
+
+    def stop(self) -> None:
+        """Drop what is pending (a last status report follows) and the timer."""
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        self._latest.clear()
