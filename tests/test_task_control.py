@@ -265,7 +265,7 @@ class ServiceTests(ClockedServiceTestCase):
     def test_cancel_a_pending_task(self) -> None:
         endpoint_id = self.endpoint(ENDPOINT_COMMANDS)
         [task_id] = self.submit(endpoint_id)
-        code, answer = self.call("DELETE", f"/v2/tasks/{task_id}")
+        code, answer = self.call("POST", f"/v2/tasks/{task_id}/cancel", {})
         self.assertEqual(code, 200, answer)
         self.assertEqual(answer, {"task_id": task_id, "cancelled": True, "status": "failed"})
         code, task = self.call("GET", f"/v2/tasks/{task_id}")
@@ -292,7 +292,7 @@ class ServiceTests(ClockedServiceTestCase):
         endpoint_id = self.endpoint(ENDPOINT_COMMANDS)
         [task_id] = self.submit(endpoint_id)
         self.done(self.service.set_result(task_id, 3))
-        code, answer = self.call("DELETE", f"/v2/tasks/{task_id}")
+        code, answer = self.call("POST", f"/v2/tasks/{task_id}/cancel", {})
         self.assertEqual(answer, {"task_id": task_id, "cancelled": False, "status": "success"})
         code, task = self.call("GET", f"/v2/tasks/{task_id}")
         self.assertEqual(task["status"], "success")
@@ -314,7 +314,10 @@ class ServiceTests(ClockedServiceTestCase):
         endpoint_id = self.endpoint()
         [task_id] = self.submit(endpoint_id)
         code, answer = self.request(
-            "DELETE", f"/v2/tasks/{task_id}", token=self.service.issue_token("mallory")
+            "POST",
+            f"/v2/tasks/{task_id}/cancel",
+            token=self.service.issue_token("mallory"),
+            json={},
         )
         self.assertEqual((code, answer["code"]), (404, "TASK_NOT_FOUND"))
         code, answer = self.call("POST", "/v2/batch_cancel", {"task_ids": "x"})

@@ -492,15 +492,15 @@ class FuncXClient(globus_sdk.BaseClient):
         return records
 
     def cancel(self, task_id: str) -> bool:
-        """Cancel a task (``DELETE /tasks/<id>``); whether it was cancelled now.
+        """Cancel a task (``POST /tasks/<id>/cancel``); whether it was cancelled now.
 
         A cancelled task ends with :class:`TaskCancelled` (status ``cancelled``);
         the endpoint drops it if it is queued there, or kills its worker if it
         runs.  False if it had finished already: the first of its result and
         the cancel wins.
         """
-        path = f"tasks/{canonical_uuid(task_id, 'task_id')}"
-        answer = _dict_data(self.delete(path), "cancel")
+        path = f"tasks/{canonical_uuid(task_id, 'task_id')}/cancel"
+        answer = _dict_data(self.post(path, data={}), "cancel")
         return bool(answer.get("cancelled"))
 
     def cancel_batch(self, task_ids: Iterable[str]) -> Dict[str, bool]:

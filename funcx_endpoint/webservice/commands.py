@@ -1,6 +1,6 @@
 """Commands to running endpoints: cancelling tasks and stopping endpoints.
 
-``DELETE /v2/tasks/<id>`` and ``POST /v2/batch_cancel`` (``{"task_ids": [...]}``)
+``POST /v2/tasks/<id>/cancel`` and ``POST /v2/batch_cancel`` (``{"task_ids": [...]}``)
 cancel tasks of the caller that are not done yet.  The service decides at
 once: the task is stored as failed with error code ``TaskCancelled`` (so a
 funcX 1.0 SDK, which knows only ``success`` and ``failed`` as final, stops
@@ -114,10 +114,14 @@ async def send_command(context: APIContext, endpoint_id: str, command: EndpointC
 
 
 class CancelAPI(HandlerGroup):
-    """``DELETE /v2/tasks/<id>`` and ``POST /v2/batch_cancel``."""
+    """``POST /v2/tasks/<id>/cancel`` and ``POST /v2/batch_cancel``.
+
+    (``DELETE /v2/tasks/<id>`` deletes a finished task and its result: see
+    :mod:`~funcx_endpoint.webservice.retention`.)
+    """
 
     def install(self, router: Router) -> None:
-        router.add("DELETE", "/v2/tasks/(?P<task_id>[^/]+)", self.cancel_task, API)
+        router.add("POST", "/v2/tasks/(?P<task_id>[^/]+)/cancel", self.cancel_task, API)
         router.add("POST", "/v2/batch_cancel", self.batch_cancel, API)
 
     async def cancel_task(self, call: Call) -> Tuple[int, Any]:
