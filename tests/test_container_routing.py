@@ -22,10 +22,11 @@ from zope.interface.verify import verifyObject
 from funcx_endpoint.config.model import HighThroughputExecutor
 from funcx_endpoint.executor.blocks import BlockScaler
 from funcx_endpoint.executor.dispatcher import TaskDispatcher
-from funcx_endpoint.executor.interchange import Interchange, routing_for, scheduler_mode
+from funcx_endpoint.executor.interchange import Interchange
 from funcx_endpoint.executor.interface import ITypedLoadSource
 from funcx_endpoint.executor.providers import JobState, ProviderAdapter
 from funcx_endpoint.executor.routing import RAW, LeastLoadedRouting
+from funcx_endpoint.executor.routing_mode import routing_for, scheduler_mode
 from funcx_endpoint.executor.soft_routing import WarmFirstRouting
 from funcx_endpoint.executor.strategy import Decision, ScalingService, SimpleStrategy
 from funcx_endpoint.testing.interchanges import CollectingSink

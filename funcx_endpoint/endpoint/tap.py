@@ -40,9 +40,10 @@ from funcx_endpoint.endpoint.states import TaskStatePublisher
 from funcx_endpoint.endpoint.status import StatusReporter
 from funcx_endpoint.endpoint.transport import build_transport
 from funcx_endpoint.executor.blocks import BLOCK_ID
-from funcx_endpoint.executor.interchange import Interchange, hard_routing
+from funcx_endpoint.executor.interchange import Interchange
 from funcx_endpoint.executor.interface import IResultSink
 from funcx_endpoint.executor.listing import RecentResults, TaskListing
+from funcx_endpoint.executor.routing_mode import hard_routing
 from funcx_endpoint.executor.strategy import scaling_from_config
 
 

@@ -9,16 +9,16 @@ has its result:
   tasks and have room (``capacity = workers + prefetch_capacity * workers``),
   as the routing policy says; the policy's index of those managers is kept
   up to date as their loads change, and so are the totals :meth:`load_totals`
-  reports, so that nothing done per turn or per status report looks at every
-  manager.
+  reports (:mod:`~funcx_endpoint.executor.load_totals`), so that nothing
+  done per turn or per status report looks at every manager.
 * Tasks given to a manager go in batches (``SubmitTasks``), at once after a
   quiet period, else at most one batch per ``batch_interval`` as long as the
   manager's queued tasks outlast the wait at its measured completion rate.
 * Results come back in batches; each result's header is read (its task id)
   and the interchange's own transitions (``waiting-for-nodes``,
   ``waiting-for-launch``) are added to it, without decoding its payload.
-  Results go to the :class:`~funcx_endpoint.executor.interface.IResultSink`
-  in batches, one call per reactor turn.
+  Results and transitions leave through a
+  :class:`~funcx_endpoint.executor.outbox.TaskOutbox`.
 * When a manager is lost its tasks are queued again, up to
   ``max_retries`` times each, then fail with ``ManagerLost``.  Its block's
   other managers get no new task for ``block_holdoff`` seconds, unless it
@@ -48,6 +48,8 @@ from funcx_endpoint.executor.interface import (
     IResultSink,
     IRoutingPolicy,
 )
+from funcx_endpoint.executor.load_totals import LoadTotals
+from funcx_endpoint.executor.outbox import TaskOutbox
 from funcx_endpoint.executor.routing import RAW
 from funcx_endpoint.executor.slots import ManagerSlot, TaskRecord
 from funcx_endpoint.wire import (
@@ -92,20 +94,18 @@ class TaskDispatcher:
         self._tasks: Dict[str, TaskRecord] = {}
         self._queues: Dict[str, Deque[TaskRecord]] = {}
         self._slots: Dict[Any, ManagerSlot] = {}  # by manager
-        self._workers = 0  # of all managers here
-        self._idle_workers = 0  # sum of max(0, workers - held)
-        self._managers_of_type: Dict[str, int] = {}  # manager's container type: managers
-        self._held_of_type: Dict[str, int] = {}  # task's container type: tasks held
-        self._warm: Dict[str, int] = {}  # container type: warm workers at all managers
-        self._cold_starts = 0  # reported by managers, those gone included
-        self._ready: List[PackedResult] = []
-        self._deliver_call: Optional[IDelayedCall] = None
+        self.totals = LoadTotals()
         self._dispatch_call: Optional[IDelayedCall] = None
-        self._transitions: Dict[str, List[TaskTransition]] = {}
-        self._max_recorded = max_recorded_tasks
-        self._dropped_transitions = 0
-        #: an ITaskStateListener told of each transition as it happens, if any
-        self.state_listener: Any = None
+        self.outbox = TaskOutbox(clock, result_sink, max_recorded_tasks)
+
+    @property
+    def state_listener(self) -> Any:
+        """An ITaskStateListener told of each transition as it happens, if any."""
+        return self.outbox.state_listener
+
+    @state_listener.setter
+    def state_listener(self, listener: Any) -> None:
+        self.outbox.state_listener = listener
 
     # -- tasks in -------------------------------------------------------------
 
@@ -137,17 +137,13 @@ class TaskDispatcher:
             record = TaskRecord(task, container_type, transition)
             known[task_id] = record
             self._queue(container_type).append(record)
-            self._note(task_id, transition)
+            self.outbox.note(task_id, transition)
         self._schedule_dispatch()
 
     def _refuse(self, task_id: str, why: str, transition: TaskTransition) -> None:
         """Answer a task no manager can ever run (``ContainerError``) at once."""
         self.log.warn("Task {task_id} cannot run here: {why}", task_id=task_id, why=why)
-        self._answer(
-            PackedResult.failure(
-                task_id, ErrorCode.CONTAINER_ERROR, f"Task {task_id}: {why}", None, [transition]
-            )
-        )
+        self.outbox.fail(task_id, ErrorCode.CONTAINER_ERROR, f"Task {task_id}: {why}", [transition])
 
     def cancel(self, task_id: str) -> bool:
         """Cancel a task queued here or at a manager; it is answered ``TaskCancelled``."""
@@ -172,14 +168,11 @@ class TaskDispatcher:
                 slot.manager.cancel_task(task_id)
             self._schedule_dispatch()
         self.log.info("Task {task_id} cancelled {where}", task_id=task_id, where=where)
-        self._answer(
-            PackedResult.failure(
-                task_id,
-                ErrorCode.TASK_CANCELLED,
-                f"Task {task_id} was cancelled {where}",
-                None,
-                record.transitions,
-            )
+        self.outbox.fail(
+            task_id,
+            ErrorCode.TASK_CANCELLED,
+            f"Task {task_id} was cancelled {where}",
+            record.transitions,
         )
         return True
 
@@ -218,14 +211,11 @@ class TaskDispatcher:
                 record = queue.popleft()
                 del self._tasks[record.task_id]
                 failed += 1
-                self._answer(
-                    PackedResult.failure(
-                        record.task_id,
-                        code,
-                        f"Task {record.task_id} was not run: {message}",
-                        None,
-                        record.transitions,
-                    )
+                self.outbox.fail(
+                    record.task_id,
+                    code,
+                    f"Task {record.task_id} was not run: {message}",
+                    record.transitions,
                 )
         return failed
 
@@ -249,11 +239,9 @@ class TaskDispatcher:
     # -- managers (IManagerEvents) -------------------------------------------
 
     def manager_joined(self, manager: Any) -> None:
-        slot = self._slots[manager] = ManagerSlot(manager, self.clock.seconds(), self._held_of_type)
-        self._workers += slot.worker_count
-        self._idle_workers += max(0, slot.worker_count)
-        of_type = self._managers_of_type
-        of_type[slot.container_type] = of_type.get(slot.container_type, 0) + 1
+        held_of_type = self.totals.held_of_type
+        slot = self._slots[manager] = ManagerSlot(manager, self.clock.seconds(), held_of_type)
+        self.totals.joined(slot)
         if self.pauses.paused(str(manager.block_id)):
             slot.paused = True
         else:
@@ -277,15 +265,9 @@ class TaskDispatcher:
             slot.push_call = None
         records = list(slot.outstanding.values())
         slot.release_all()
-        self._warm_changed(slot, {})
+        self.totals.warm_changed(slot, {})
         self._held_changed(slot, len(records))
-        self._workers -= slot.worker_count
-        self._idle_workers -= max(0, slot.worker_count)
-        left = self._managers_of_type[slot.container_type] - 1
-        if left:
-            self._managers_of_type[slot.container_type] = left
-        else:
-            del self._managers_of_type[slot.container_type]
+        self.totals.left(slot)
         slot.unsent = []
         slot.unsent_containers = {}
         for record in records:
@@ -311,16 +293,13 @@ class TaskDispatcher:
         for record in failed:
             task_id = record.task_id
             del self._tasks[task_id]
-            self._answer(
-                PackedResult.failure(
-                    task_id,
-                    ErrorCode.MANAGER_LOST,
-                    f"Task {task_id} was lost with {description}: {why}. It was "
-                    f"tried {record.attempts} time(s) (max_retries_on_system_failure is "
-                    f"{self.max_retries}).",
-                    None,
-                    record.transitions,
-                )
+            self.outbox.fail(
+                task_id,
+                ErrorCode.MANAGER_LOST,
+                f"Task {task_id} was lost with {description}: {why}. It was "
+                f"tried {record.attempts} time(s) (max_retries_on_system_failure is "
+                f"{self.max_retries}).",
+                record.transitions,
             )
         self.log.warn(
             "Lost {manager}: {why}; {retried} tasks queued again, {failed} failed",
@@ -337,7 +316,8 @@ class TaskDispatcher:
         outstanding = slot.outstanding
         held_before = len(outstanding)
         tasks = self._tasks
-        answer = self._ready.append
+        answered: List[PackedResult] = []
+        answer = answered.append
         decode = PackedResult.decode
         draining = self.pauses.draining(str(manager.block_id))
         killed: List[TaskRecord] = []
@@ -384,8 +364,7 @@ class TaskDispatcher:
             self._held_changed(slot, held_before)
         if not outstanding:
             slot.idle_since = now
-        if self._ready and self._deliver_call is None:
-            self._deliver_call = self.clock.callLater(0, self.deliver)
+        self.outbox.answer_all(answered)
         self._schedule_dispatch()
 
     def tasks_started(self, manager: Any, started: List[Tuple[str, int]]) -> None:
@@ -396,31 +375,19 @@ class TaskDispatcher:
         outstanding = slot.outstanding
         for task_id, timestamp in started:
             if task_id in outstanding:
-                self._note(task_id, TaskTransition(timestamp, TaskState.RUNNING, ActorName.MANAGER))
+                self.outbox.note(
+                    task_id, TaskTransition(timestamp, TaskState.RUNNING, ActorName.MANAGER)
+                )
 
     def warm_containers(self, manager: Any, warm: Dict[str, int], cold_starts: int) -> None:
         slot = self._slots.get(manager)
         if slot is None:
             return
-        self._cold_starts += max(0, cold_starts - slot.cold_starts)
-        slot.cold_starts = cold_starts
-        self._warm_changed(slot, dict(warm))
+        self.totals.cold_starts_reported(slot, cold_starts)
+        self.totals.warm_changed(slot, dict(warm))
         if slot.accepting:
             self.routing.update(slot)
             self._schedule_dispatch()
-
-    def _warm_changed(self, slot: ManagerSlot, warm: Dict[str, int]) -> None:
-        totals = self._warm
-        for container_type, count in slot.warm.items():
-            left = totals.get(container_type, 0) - count
-            if left > 0:
-                totals[container_type] = left
-            else:
-                totals.pop(container_type, None)
-        for container_type, count in warm.items():
-            if count > 0:
-                totals[container_type] = totals.get(container_type, 0) + count
-        slot.warm = warm
 
     def _unreadable_result(self, manager: Any, error: MessageError) -> Optional[PackedResult]:
         """The failure that answers a result this endpoint cannot read, if it
@@ -458,28 +425,18 @@ class TaskDispatcher:
     def load_totals(self) -> Tuple[int, int, Dict[str, int]]:
         """``(workers, idle workers, tasks held by their container type)`` of the
         managers here (a type appears while a manager of it is here)."""
-        return (
-            self._workers,
-            self._idle_workers,
-            self._held_by_type(),
-        )
+        totals = self.totals
+        return totals.workers, totals.idle_workers, totals.held_by_type()
 
     def warm_totals(self) -> Tuple[Dict[str, int], int]:
         """``(warm workers by container type, cold starts)``: the warm workers of
         the managers here; the cold starts of every manager since the start."""
-        return dict(self._warm), self._cold_starts
+        return dict(self.totals.warm), self.totals.cold_starts
 
     def cold_starts_of(self, manager: Any) -> int:
         """The cold starts ``manager`` reported."""
         slot = self._slots.get(manager)
         return 0 if slot is None else slot.cold_starts
-
-    def _held_by_type(self) -> Dict[str, int]:
-        # The types of the managers here (0 if they hold none), and of the
-        # tasks held (a task's own type: soft routing's managers serve any).
-        held = dict.fromkeys(self._managers_of_type, 0)
-        held.update(self._held_of_type)
-        return held
 
     def record(self, task_id: str) -> Optional[TaskRecord]:
         """The record of a task held here, if any."""
@@ -499,16 +456,7 @@ class TaskDispatcher:
 
     def pop_transitions(self) -> Dict[str, List[TaskTransition]]:
         """Transitions recorded since the last call."""
-        transitions, self._transitions = self._transitions, {}
-        if self._dropped_transitions:
-            self.log.warn(
-                "Dropped transitions of {count} tasks: more than {limit} tasks between two "
-                "status reports",
-                count=self._dropped_transitions,
-                limit=self._max_recorded,
-            )
-            self._dropped_transitions = 0
-        return transitions
+        return self.outbox.pop_transitions()
 
     # -- dispatching --------------------------------------------------------------
 
@@ -517,17 +465,6 @@ class TaskDispatcher:
         if queue is None:
             queue = self._queues[container_type] = deque()
         return queue
-
-    def _note(self, task_id: str, transition: TaskTransition) -> None:
-        if self.state_listener is not None:
-            self.state_listener.transition(task_id, transition)
-        recorded = self._transitions.get(task_id)
-        if recorded is not None:
-            recorded.append(transition)
-        elif len(self._transitions) < self._max_recorded:
-            self._transitions[task_id] = [transition]
-        else:
-            self._dropped_transitions += 1
 
     def _pause_block(self, block_id: str) -> None:
         """The managers of ``block_id`` leave the routing policy's index (see
@@ -568,15 +505,13 @@ class TaskDispatcher:
         transition = TaskTransition.now(TaskState.WAITING_FOR_NODES, ActorName.INTERCHANGE)
         for record in reversed(records):
             record.transitions.append(transition)
-            self._note(record.task_id, transition)
+            self.outbox.note(record.task_id, transition)
             self._queue(record.container_type).appendleft(record)
         self._schedule_dispatch()
 
     def _held_changed(self, slot: ManagerSlot, before: int) -> None:
         """Keep the totals and the routing policy's index up to date."""
-        held = len(slot.outstanding)
-        workers = slot.worker_count
-        self._idle_workers += max(0, workers - held) - max(0, workers - before)
+        self.totals.held_changed(slot, before)
         if slot.accepting and not slot.paused:
             self.routing.update(slot)
 
@@ -584,7 +519,7 @@ class TaskDispatcher:
         transition = TaskTransition.now(TaskState.WAITING_FOR_LAUNCH, ActorName.INTERCHANGE)
         outstanding = slot.outstanding
         before = len(outstanding)
-        note = self._note
+        note = self.outbox.note
         unsent = slot.unsent
         for record in batch:
             task_id = record.task_id
@@ -627,32 +562,9 @@ class TaskDispatcher:
         containers, slot.unsent_containers = slot.unsent_containers, {}
         slot.manager.send_tasks(batch, containers)
 
-    # -- results out ----------------------------------------------------------------
-
-    def _answer(self, result: PackedResult) -> None:
-        self._ready.append(result)
-        if self._deliver_call is None:
-            self._deliver_call = self.clock.callLater(0, self.deliver)
-
     def deliver(self) -> None:
         """Hand the results ready so far to the result sink, in one batch."""
-        if self._deliver_call is not None and self._deliver_call.active():
-            self._deliver_call.cancel()
-        self._deliver_call = None
-        ready, self._ready = self._ready, []
-        if not ready:
-            return
-        # A result carries its task's transitions itself: status reports need
-        # only those of tasks still in flight (and stay small).
-        transitions = self._transitions
-        for result in ready:
-            transitions.pop(result.task_id, None)
-        if self.state_listener is not None:
-            self.state_listener.finished([result.task_id for result in ready])
-        try:
-            self.result_sink.results_ready(ready)
-        except Exception:
-            self.log.failure("The result sink failed for {count} results", count=len(ready))
+        self.outbox.deliver()
 
 
 def _worker_lost(result: PackedResult) -> bool:

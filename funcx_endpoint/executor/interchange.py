@@ -11,7 +11,7 @@ that each hold one concern:
   :class:`~funcx_endpoint.executor.interface.IResultSink` given at
   construction, retries;
 * a routing policy (:mod:`funcx_endpoint.executor.routing`) the dispatcher
-  asks where tasks go.
+  asks where tasks go, chosen by :mod:`funcx_endpoint.executor.routing_mode`.
 
 The facade itself makes the TLS files and the secret, listens, writes the
 manager info file, and runs the lifecycle::
@@ -62,8 +62,8 @@ from funcx_endpoint.executor.interface import (
     ManagerInfo,
 )
 from funcx_endpoint.executor.registry import ManagerRegistry
-from funcx_endpoint.executor.routing import RAW, LeastLoadedRouting
-from funcx_endpoint.executor.soft_routing import WarmFirstRouting
+from funcx_endpoint.executor.routing import RAW
+from funcx_endpoint.executor.routing_mode import hard_routing, routing_for, scheduler_mode
 from funcx_endpoint.lifecycle import IStatusPart
 from funcx_endpoint.tls import ensure_ca_and_server_cert
 from funcx_endpoint.wire import Task, TaskTransition
@@ -86,46 +86,6 @@ INFO_FILE_NAME = "manager-info.json"
 TLS_DIR_NAME = "interchange-tls"
 #: The managers whose cold starts ``funcx-endpoint status`` lists (those with the most).
 COLD_STARTS_SHOWN = 20
-
-
-def scheduler_mode(executor: Any) -> str:
-    """How tasks are routed by type: ``raw`` (no containers, or one image for
-    every worker: every task is ``RAW``), ``hard`` or ``soft``."""
-    if executor.worker_mode == "no_container" or getattr(executor, "container_uri", None):
-        return "raw"
-    return "soft" if executor.scheduler_mode == "soft" else "hard"
-
-
-def hard_routing(executor: Any) -> bool:
-    """Whether managers serve one container type each, started in blocks per type."""
-    return scheduler_mode(executor) == "hard"
-
-
-def _kubernetes(provider: Any) -> bool:
-    return "Kubernetes" in type(provider).__name__
-
-
-def routing_for(executor: Any, clock: Any) -> IRoutingPolicy:
-    """The routing policy of ``executor`` (see :func:`scheduler_mode`)."""
-    mode = scheduler_mode(executor)
-    if mode == "soft":
-        interval = executor.cold_routing_interval
-        return WarmFirstRouting(clock, cold_routing_interval=10.0 if interval is None else interval)
-    if mode == "raw":
-        return LeastLoadedRouting(containers=False)
-    provider = executor.provider
-    unservable = None
-    if _kubernetes(provider):
-        image = getattr(provider, "image", None) or "its image"
-
-        def unservable(container_type: str) -> Optional[str]:
-            return (
-                f"the Kubernetes provider starts every manager in one image ({image}), so "
-                f"no manager can run container {container_type}: hard routing by "
-                f"container needs a provider that starts managers per container type"
-            )
-
-    return LeastLoadedRouting(containers=True, unservable=unservable)
 
 
 @implementer(IInterchange, ILoadSource, ITypedLoadSource, IStatusPart)

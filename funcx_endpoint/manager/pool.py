@@ -10,7 +10,8 @@ placement policy's choice (:mod:`.images`, :mod:`.warm`).  Results go to
 ``WorkerLost`` when it dies (how, doing what, its stderr's end, a
 container's exit status), ``TaskTimeout`` past the task timeout (killed),
 ``ContainerError`` for the tasks of an image that cannot start a worker
-(not tried again for a growing while).  Dead workers are replaced.
+(not tried again for a growing while).  Dead workers are replaced; a stop
+waits for them all to end (:mod:`.stopping`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from funcx_endpoint.manager.slots import (
     spawn_worker,
     start_failure_message,
 )
+from funcx_endpoint.manager.stopping import PoolStop
 from funcx_endpoint.manager.workers_env import read_tail
 from funcx_endpoint.wire import (
     ActorName,
@@ -121,8 +123,7 @@ class WorkerPool:
         self._start_failures = 0
         self._respawn_calls: Dict[int, IDelayedCall] = {}
         self._stopping = False
-        self._kill_call: Optional[IDelayedCall] = None
-        self._stop_waiters: List[Deferred[None]] = []
+        self._stop = PoolStop(reactor, self._alive, self._kill)
         self._running: Dict[str, WorkerSlot] = {}
         self.tasks_done = 0
         #: Workers started for an image no other worker was running.
@@ -280,8 +281,6 @@ class WorkerPool:
         returns a new Deferred that fires once every worker process has
         ended.
         """
-        waiter: Deferred[None] = Deferred()
-        self._stop_waiters.append(waiter)
         if not self._stopping:
             self._stopping = True
             self._queues.clear()
@@ -293,10 +292,8 @@ class WorkerPool:
             for worker in self._workers:
                 self._cancel_timeout(worker)
                 worker.signal("TERM")
-            if self._alive():
-                self._kill_call = self._reactor.callLater(self.kill_grace, self._kill_all)
-        self._check_stopped()
-        return waiter
+            self._stop.start(self.kill_grace)
+        return self._stop.when_stopped()
 
     # -- processes ------------------------------------------------------------
 
@@ -511,7 +508,7 @@ class WorkerPool:
             self.log.debug(
                 "Worker {index} (pid {pid}) stopped: {how}", index=worker.index, pid=pid, how=how
             )
-            self._check_stopped()
+            self._stop.check()
             return
         if task_id is not None:
             self._cancel_timeout(worker)
@@ -579,25 +576,3 @@ class WorkerPool:
 
     def _alive(self) -> List[WorkerSlot]:
         return [w for w in self._workers if w.transport is not None]
-
-    def _kill_all(self) -> None:
-        self._kill_call = None
-        for worker in self._alive():
-            self.log.warn(
-                "Worker {index} (pid {pid}) did not stop within {grace} s; killing it",
-                index=worker.index,
-                pid=worker.pid,
-                grace=self.kill_grace,
-            )
-            self._kill(worker)
-
-    def _check_stopped(self) -> None:
-        if not self._stopping or self._alive():
-            return
-        if self._kill_call is not None:
-            if self._kill_call.active():
-                self._kill_call.cancel()
-            self._kill_call = None
-        waiters, self._stop_waiters = self._stop_waiters, []
-        for waiter in waiters:
-            waiter.callback(None)

@@ -8,8 +8,9 @@ module                                    what
                                           :mod:`~funcx_endpoint.wire.source` and the
                                           packed buffers of :mod:`~.wire.buffers`
 :mod:`~funcx_endpoint.wire.messages`      the queue messages (section 4), with their
-                                          parts in :mod:`~.wire.states` and
-                                          :mod:`~.wire.containers`
+                                          parts in :mod:`~.wire.states`,
+                                          :mod:`~.wire.containers` and the status
+                                          report in :mod:`~.wire.report`
 :mod:`~funcx_endpoint.wire.results`       a result between worker and broker: a
                                           header routers read, a payload they never
                                           decode
