@@ -405,6 +405,14 @@ MIGRATIONS: List[Tuple[int, str, List[str]]] = [
         "a task's resource specification (MPI nodes and ranks), as JSON",
         ["ALTER TABLE tasks ADD COLUMN resource_specification TEXT"],
     ),
+    (
+        4,
+        "which service instance publishes a task (or its result copy), and until when",
+        [
+            "ALTER TABLE tasks ADD COLUMN claimed_by TEXT",
+            "ALTER TABLE tasks ADD COLUMN claimed_until {REAL}",
+        ],
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
