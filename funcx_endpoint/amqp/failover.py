@@ -3,7 +3,8 @@
 A RabbitMQ cluster has several nodes; a client that knows them all can reach
 whichever is up.  :class:`FailoverEndpoint` is an ``IStreamClientEndpoint``
 over several endpoints (one per node): each ``connect`` tries them in turn,
-starting after the one that last failed, and fails only when every one has.
+starting with the one that last answered, and fails only when every one has
+(the next ``connect`` then starts one further on).
 Under :class:`~twisted.application.internet.ClientService` (which
 :class:`~funcx_endpoint.amqp.connection.AMQPConnectionService` uses), a lost
 connection is made again to the next node that answers.
@@ -89,7 +90,8 @@ class FailoverEndpoint:
                     )
                     attempt(position + 1)
                 else:
-                    self._next = (index + 1) % len(self._endpoints)
+                    # Next time, start one further on: rotate through them all.
+                    self._next = (order[0] + 1) % len(self._endpoints)
                     result.errback(
                         ConnectionRefusedError("no address answered: " + "; ".join(errors))
                     )
