@@ -85,7 +85,9 @@ class RabbitMQCluster:
     def amqps_url(self, vhost: str = "/") -> str:
         """The administrator's URL of the first node, for ``vhost``."""
         user, password = quote(self.admin_user, safe=""), quote(self.admin_password, safe="")
-        return f"amqps://{user}:{password}@{HOSTNAME}:{self.first.amqps_port}/{quote(vhost, safe='')}"
+        return (
+            f"amqps://{user}:{password}@{HOSTNAME}:{self.first.amqps_port}/{quote(vhost, safe='')}"
+        )
 
     def management_url(self) -> str:
         user, password = quote(self.admin_user, safe=""), quote(self.admin_password, safe="")
