@@ -148,6 +148,28 @@ class PostgresClaimTests(ClaimCases, SynchronousTestCase):
     def make_url(self) -> str:
         return _pg_url()
 
+    def test_instances_starting_together_migrate_once(self) -> None:
+        """Two instances migrating a new database at once: one migrates, the other
+        waits for it (an advisory lock) and finds the schema up to date."""
+        config = db.DatabaseConfig.from_url(_pg_url())
+        results: List[Any] = []
+
+        def migrate() -> None:
+            try:
+                results.append(db.migrate(config))
+            except Exception as e:  # reported by the assertion
+                results.append(e)
+
+        threads = [threading.Thread(target=migrate) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        self.assertEqual(
+            sorted(results),
+            [(0, db.SCHEMA_VERSION), (db.SCHEMA_VERSION, db.SCHEMA_VERSION)],
+        )
+
     def test_two_instances_reading_at_once_never_get_the_same_task(self) -> None:
         """A's read holds its rows until it commits; B's read meanwhile skips them,
         and after the commit they are A's claim."""
@@ -289,6 +311,7 @@ class ClusterSettingsTests(SynchronousTestCase):
             {"amqp_hosts": "a:1,b:2"},
             {"management_hosts": "a:1"},
             {"queue_type": "quorum"},
+            {"instance_id": "web-1"},
         ):
             self.assertRaises(ValueError, self.load, **overrides)
         settings = self.load(
@@ -300,4 +323,5 @@ class ClusterSettingsTests(SynchronousTestCase):
     def test_the_instance_id_is_stable(self) -> None:
         settings = self.load(port=4443)
         self.assertTrue(settings.effective_instance_id.endswith(":4443"))
-        self.assertEqual(self.load(instance_id="web-1").effective_instance_id, "web-1")
+        settings = self.load(instance_id="web-1", amqp_url="amqp://u:p@h/v")
+        self.assertEqual(settings.effective_instance_id, "web-1")

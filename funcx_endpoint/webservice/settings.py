@@ -307,6 +307,11 @@ class ServiceSettings:
                 parse_hosts(hosts, 1)
         if self.management_hosts and not self.amqp_url:
             raise ValueError("--management-hosts needs --amqp-url (an existing broker)")
+        if self.instance_id and not self.amqp_url:
+            raise ValueError(
+                "--instance-id needs --amqp-url: instances share one broker (the embedded "
+                "broker is one instance's own)"
+            )
         if self.queue_type == "quorum" and not self.amqp_url:
             raise ValueError("--queue-type quorum needs --amqp-url (a RabbitMQ cluster)")
         if self.database_url and not self.database_url.startswith(
