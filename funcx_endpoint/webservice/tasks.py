@@ -106,13 +106,19 @@ def visible_functions(
 
 
 def insert_tasks(tx: Tx, tasks: Sequence[NewTask], claim: Optional[Claim] = None) -> None:
-    # The resource_specification column is named only when a task has one.
+    """Store new tasks; with a ``claim``, as its instance's to publish (others only
+    once the claim expired)."""
+    # The optional columns are named only when they are used.
     with_resources = any(t.resource_specification is not None for t in tasks)
-    extra_column, extra_value = (", resource_specification", ", ?") if with_resources else ("", "")
+    columns, values = "", ""
+    if with_resources:
+        columns, values = ", resource_specification", ", ?"
+    if claim is not None:
+        columns, values = columns + ", claimed_by, claimed_until", values + ", ?, ?"
     tx.executemany(
         "INSERT INTO tasks (task_id, owner, function_id, endpoint_id, task_group_id, payload, "
-        f"status, created, ws_queue{extra_column}) "
-        f"VALUES (?, ?, ?, ?, ?, ?, 'waiting-for-ep', ?, ?{extra_value})",
+        f"status, created, ws_queue{columns}) "
+        f"VALUES (?, ?, ?, ?, ?, ?, 'waiting-for-ep', ?, ?{values})",
         [
             (
                 t.task_id,
@@ -124,16 +130,11 @@ def insert_tasks(tx: Tx, tasks: Sequence[NewTask], claim: Optional[Claim] = None
                 t.created,
                 t.ws_queue,
                 *((t.resource_specification,) if with_resources else ()),
+                *((claim.instance, t.created + claim.seconds) if claim is not None else ()),
             )
             for t in tasks
         ],
     )
-    if claim is not None:
-        # The storing instance publishes them; others only once its claim expired.
-        tx.executemany(
-            "UPDATE tasks SET claimed_by = ?, claimed_until = ? WHERE task_id = ?",
-            [(claim.instance, t.created + claim.seconds, t.task_id) for t in tasks],
-        )
 
 
 def mark_sent(tx: Tx, task_ids: Sequence[str]) -> None:
