@@ -13,6 +13,7 @@ endpoint daemon, and the SDK streaming tasks.  One broker node is killed
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 
@@ -70,6 +71,9 @@ class ClusterTests(TestCase):
         for r in struck:
             self.assertFalse(r.detail.startswith("FAILED"), report)
             self.assertIsNotNone(r.recovery_seconds, f"{r.name} did not recover\n{report}")
+            # The rest of the cluster served while the node (the instance) was down.
+            served = re.search(r"\((\d+) tasks finished meanwhile\)", r.detail)
+            self.assertTrue(served and int(served.group(1)) > 0, f"{r.name}: {r.detail}")
         self.assertEqual(result.total("submitted"), TASKS, report)
         self.assertEqual(result.total("answered"), TASKS, report)
         self.assertEqual(result.total("lost"), 0, report)

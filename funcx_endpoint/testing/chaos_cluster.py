@@ -66,6 +66,7 @@ class ClusterChaosStack(ChaosStack):
         self.http_proxy: Optional[PartitionableProxy] = None
         self._rng = random.Random(7)
         self.vhost = "funcx-cluster"
+        self.database_url = ""
 
     def _listen(self, upstreams: List[Any], names: List[str]) -> tuple[PartitionableProxy, int]:
         proxy = PartitionableProxy(
@@ -95,7 +96,7 @@ class ClusterChaosStack(ChaosStack):
             [f"node{i + 1}" for i in range(len(self.cluster.nodes))],
         )
         self.progress("starting PostgreSQL")
-        database_url = shared_postgres().create_database()
+        database_url = self.database_url = shared_postgres().create_database()
         tls_files = tls.ensure_ca_and_server_cert(
             os.path.join(self.base_dir, "service-tls"), ["localhost"], ["127.0.0.1"]
         )
@@ -159,6 +160,24 @@ class ClusterChaosStack(ChaosStack):
 
     # -- faults --------------------------------------------------------------------------
 
+    def finished_tasks(self) -> int:
+        """Tasks with a stored result, from the shared database."""
+        from funcx_endpoint.webservice import db
+
+        connection = db.connect(db.DatabaseConfig.from_url(self.database_url))
+        try:
+            cursor = connection.cursor()
+            cursor.execute("SELECT COUNT(*) FROM tasks WHERE status IN ('success', 'failed')")
+            return int(cursor.fetchone()[0])
+        finally:
+            connection.close()
+
+    def _down_for(self, seconds: float) -> int:
+        """Wait ``seconds``; how many tasks finished meanwhile."""
+        before = self.finished_tasks()
+        time.sleep(seconds)
+        return self.finished_tasks() - before
+
     def _pick_node(self) -> int:
         return self._rng.randrange(len(self.cluster.nodes))
 
@@ -172,12 +191,13 @@ class ClusterChaosStack(ChaosStack):
     def kill_broker(self) -> str:
         index = self._pick_node()
         pid = self.cluster.kill_node(index)
-        time.sleep(DOWN_SECONDS)
+        served = self._down_for(DOWN_SECONDS)
         self.cluster.start_node(index)
         self.cluster.wait_for_members(len(self.cluster.nodes))
         return (
             f"RabbitMQ node {index + 1} of 3 (beam pid {pid}) killed with SIGKILL, "
-            f"down {DOWN_SECONDS:g} s, started again (rejoined)"
+            f"down {DOWN_SECONDS:g} s ({served} tasks finished meanwhile), "
+            f"started again (rejoined)"
         )
 
     def close_broker_connections(self) -> str:
@@ -192,9 +212,9 @@ class ClusterChaosStack(ChaosStack):
         service = self.services[index]
         pid = service.pid
         service.kill()
-        time.sleep(DOWN_SECONDS)
+        served = self._down_for(DOWN_SECONDS)
         service.start()
         return (
             f"funcx-service instance {index + 1} of 2 (pid {pid}) killed with SIGKILL, "
-            f"down {DOWN_SECONDS:g} s (the other served), started again"
+            f"down {DOWN_SECONDS:g} s ({served} tasks finished meanwhile), started again"
         )
