@@ -452,7 +452,8 @@ class StopKillsEverythingTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.config_dir = os.path.abspath(self.mktemp())
-        self.assertEqual(run_cli(self.config_dir, "configure", "ep1").returncode, 0)
+        configured = run_cli(self.config_dir, "configure", "ep1")
+        self.assertEqual(configured.returncode, 0, configured.stdout + configured.stderr)
         self.ep = EndpointDir(self.config_dir, "ep1")
         self.children_file = os.path.abspath(self.mktemp())
 

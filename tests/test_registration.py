@@ -137,6 +137,7 @@ class RegistrationTests(SynchronousTestCase):
             409: (69, "refused"),
             410: (69, "gone (deleted)"),
             423: (69, "locked (stopped remotely)"),
+            429: (69, "a quota of this user is reached"),
             400: (65, "rejected the registration request"),
             422: (65, "rejected the registration request"),
             403: (77, "refused the registration (403)"),

@@ -46,6 +46,7 @@ from funcx_endpoint.sdk.retries import submit_retry_check, tls_verification_retr
 from funcx_endpoint.sdk.tasks import Batch
 from funcx_endpoint.testing.inprocess import FUNCX_SCOPE, InProcessService, ServedService
 from funcx_endpoint.wire import deserialize, unpack_buffers
+from funcx_endpoint.wire.runtime import local_runtime
 
 T = TypeVar("T")
 
@@ -291,6 +292,7 @@ class SubmitTests(FakeServiceTestCase):
     async def test_run_body(self) -> None:
         """run() sends one task: [function_id, endpoint_id, payload of args/kwargs]."""
         client, endpoint_id, function_id = await self.setup_function()
+        client.user_runtime = {}  # no versions announced: funcX 1.0's body (next test)
         task_id = await self.call(
             lambda: client.run(3, b=4, endpoint_id=endpoint_id, function_id=function_id)
         )
@@ -307,6 +309,13 @@ class SubmitTests(FakeServiceTestCase):
         args, kwargs = (deserialize(part) for part in unpack_buffers(task[2]))
         self.assertEqual((args, kwargs), ((3,), {"b": 4}))
         self.assertEqual(self.fake.tasks[task_id].payload, task[2])
+
+    async def test_run_body_announces_versions(self) -> None:
+        """run() announces the client's Python and dill versions (``user_runtime``)."""
+        client, endpoint_id, function_id = await self.setup_function()
+        await self.call(lambda: client.run(3, endpoint_id=endpoint_id, function_id=function_id))
+        [request] = self.fake.requests_to("POST", "/v2/submit")
+        self.assertEqual(request.body["user_runtime"], local_runtime())
 
     async def test_batch_run_order(self) -> None:
         """batch_run answers one id per task, in the order the tasks were added."""

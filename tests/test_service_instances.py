@@ -121,7 +121,7 @@ class ClaimCases:
         [task_id] = self.store(A, created=100.0, n=1, ws="q")
         self.call(tasks.mark_sent)([task_id])
         outcomes = self.call(tasks.store_results)(
-            [IncomingResult(task_id, "ep", "00\nx", None, None, "200.0")], B, 200.0
+            [IncomingResult(task_id, "ep", "00\nx", None, None, "200.0")], 200.0, B
         )
         self.assertEqual([o.outcome for o in outcomes], ["stored"])  # type: ignore[attr-defined]
         copies = self.call(tasks.pending_copies)

@@ -420,7 +420,8 @@ class DeliveryTests(TransportTestCase):
         )
         interchange.answer([task.task_id], data="lost")
         await wait_until(lambda: interchange.submissions[task.task_id] == 2)
-        self.assertEqual(len(self.flushLoggedErrors()), 1)
+        # An OSError of the spool is one error line (test_transport_units), no traceback.
+        self.assertEqual(self.flushLoggedErrors(), [])
         self.assertIn(task.task_id, transport.ledger)
         transport.publisher.publisher, transport.publisher.spool.directory = publisher, spool_dir
         interchange.answer([task.task_id], data="second run")

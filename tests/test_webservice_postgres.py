@@ -233,3 +233,63 @@ class PostgresHarnessTests(TestCase):
             await sleep(0.1)
         self.assertFalse(server.is_running() and server.status() != psutil.STATUS_ZOMBIE)
         self.assertFalse(os.path.exists(info["base"]))
+
+
+class PostgresQuotaRetentionTests(TestCase):
+    """Quotas and the deletion of finished tasks, by a service on PostgreSQL."""
+
+    timeout = 180
+
+    def test_quotas_and_delete(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self.quotas_and_delete())
+
+    async def quotas_and_delete(self) -> None:
+        url = await deferToThread(_postgres_url)
+        service = ServiceProcess(
+            database_url=url, args=["--max-functions", "2", "--max-tasks-in-flight", "3"]
+        )
+        await service.start_async(reactor)
+        self.addCleanup(lambda: deferToThread(service.destroy))
+        alice = APIClient(reactor, service)
+        await alice.login(*(await service.create_client_async(reactor, "alice")))
+        body = {"function_name": "add", "function_code": FUNCTION_CODE}
+        answers = [await alice.post("/v2/functions", body) for _ in range(3)]
+        self.assertEqual([status for status, _ in answers], [200, 200, 429], answers)
+        self.assertEqual(answers[2][1]["code"], "FUNCTION_QUOTA")
+        function_id = answers[0][1]["function_uuid"]
+        status, registration = await alice.post(
+            "/v2/endpoints", {"endpoint_name": "pg", "endpoint_uuid": str(uuid.uuid4())}
+        )
+        self.assertEqual(status, 200, registration)
+        endpoint_id = registration["endpoint_id"]
+        task = [function_id, endpoint_id, pack_payload((1,), {"b": 2})]
+        status, submitted = await alice.post("/v2/submit", {"tasks": [task] * 3})
+        self.assertEqual(status, 200, submitted)
+        task_ids = [r["task_uuid"] for r in submitted["results"]]
+        status, answer = await alice.post("/v2/submit", {"tasks": [task]})
+        self.assertEqual((status, answer["code"]), (429, "TASK_QUOTA"))
+
+        status, answer = await alice.delete(f"/v2/tasks/{task_ids[0]}")
+        self.assertEqual((status, answer["code"]), (409, "TASK_NOT_FINISHED"))
+        player = EndpointPlayer(reactor, registration, service.broker_ca_file)
+        await player.start()
+        self.addCleanup(lambda: Deferred.fromCoroutine(player.stop()))
+
+        async def done() -> Any:
+            status, view = await alice.get(f"/v2/tasks/{task_ids[0]}")
+            return view if view["status"] == "success" else None
+
+        await wait_until(done, timeout=60)
+        status, answer = await alice.delete(f"/v2/tasks/{task_ids[0]}")
+        self.assertEqual((status, answer), (200, {"task_id": task_ids[0], "deleted": True}))
+        status, answer = await alice.get(f"/v2/tasks/{task_ids[0]}")
+        self.assertEqual((status, answer["code"]), (404, "TASK_NOT_FOUND"))
+
+        # Finished tasks made room.
+        async def all_done() -> Any:
+            status, answer = await alice.post("/v2/batch_status", {"task_ids": task_ids[1:]})
+            return all(r["status"] == "success" for r in answer["results"].values())
+
+        await wait_until(all_done, timeout=60)
+        status, answer = await alice.post("/v2/submit", {"tasks": [task] * 3})
+        self.assertEqual(status, 200, answer)

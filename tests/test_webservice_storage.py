@@ -178,9 +178,30 @@ class StorageCases:
                     "function_code": CODE,
                     "created": 1.0,
                 }
-                tasks.insert_function(tx, row)
+                # Rows as a version-1 service wrote them (today's insert functions
+                # write columns added later).
+                tx.execute(
+                    "INSERT INTO functions (function_id, owner, name, entry_point, description, "
+                    "container_uuid, public, group_id, function_code, created) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [int(v) if isinstance(v, bool) else v for v in row.values()],
+                )
                 task = NewTask(str(uuid.uuid4()), "o", row["function_id"], "e", "g", "", None, 1.0)
-                tasks.insert_tasks(tx, [task])
+                tx.execute(
+                    "INSERT INTO tasks (task_id, owner, function_id, endpoint_id, task_group_id, "
+                    "payload, status, created, ws_queue) "
+                    "VALUES (?, ?, ?, ?, ?, ?, 'waiting-for-ep', ?, ?)",
+                    (
+                        task.task_id,
+                        task.owner,
+                        task.function_id,
+                        task.endpoint_id,
+                        task.task_group_id,
+                        task.payload,
+                        task.created,
+                        task.ws_queue,
+                    ),
+                )
                 connection.commit()
             finally:
                 connection.close()

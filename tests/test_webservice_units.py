@@ -267,7 +267,7 @@ class _Storage:
         self.stored: List[str] = []
         self.calls = 0
 
-    def store_results(self, results: Any) -> Any:
+    def store_results(self, results: Any, now: Any = None) -> Any:
         self.calls += 1
         if any(r.data == "00\nbad" for r in results):
             return fail(self.error)
@@ -317,7 +317,7 @@ class ResultIngestTests(SynchronousTestCase):
         self.assertEqual((storage.calls, channel.acks), (2, []))
         # The database recovers: everything is stored and acknowledged.
         storage.error = None  # type: ignore[assignment]
-        storage.store_results = lambda results: succeed(  # type: ignore[method-assign]
+        storage.store_results = lambda results, now=None: succeed(  # type: ignore[method-assign]
             [StoredOutcome(r.task_id, "stored") for r in results]
         )
         clock.advance(1)

@@ -282,7 +282,11 @@ def main() -> int:
                 print(f"(PostgreSQL skipped: {e})", file=sys.stderr)
         try:
             for label, database_url in runs:
-                service = ServiceProcess(database_url=database_url)
+                # Every submitted task stays unfinished (no endpoint takes them): lift
+                # the per-user quota of tasks in flight for this measure.
+                service = ServiceProcess(
+                    database_url=database_url, args=["--max-tasks-in-flight", "100000000"]
+                )
                 print(f"[{label}] starting a service ...", flush=True)
                 service.start()
                 try:

@@ -24,6 +24,7 @@ from funcx_endpoint.cli import (
     remote_endpoints,
     running,
     status,
+    tasks,
 )
 from funcx_endpoint.cli.context import Context
 from funcx_endpoint.version import __version__
@@ -76,6 +77,7 @@ for command in (
     account.logout,
     remote_endpoints.with_remote_list(status.list_command),
     status.status,
+    tasks.tasks,
     boot.enable_on_boot,
     boot.disable_on_boot,
     diagnose.diagnose,

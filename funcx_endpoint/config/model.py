@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List, Optional, Tuple
 
-from funcx_endpoint.config import funcx10
+from funcx_endpoint.config import funcx10, sandbox
 from funcx_endpoint.config.containers import (
     CONTAINER_FIELDS,
     container_notices,
@@ -283,6 +283,7 @@ class HighThroughputExecutor(ConfigObject):
             "'srun', 'mpiexec' (MPICH, Intel MPI), 'mpirun' (Open MPI), 'aprun', or "
             "'auto': srun inside a Slurm job, else mpiexec.",
         ),
+        **sandbox.EXECUTOR_FIELDS,
         # The fields only funcX 1.0 had (accepted; a warning when given).
         **funcx10.EXECUTOR_FIELDS,
         # How workers run: directly or in containers (worker_mode and the rest).
@@ -324,6 +325,8 @@ class HighThroughputExecutor(ConfigObject):
     task_status_queue: Any
     worker_environment: Dict[str, str]
     mpi_launcher: str
+    run_in_sandbox: bool
+    tasks_working_dir: str
 
     def validate(self) -> None:
         if self.available_accelerators is None:
@@ -345,8 +348,13 @@ class HighThroughputExecutor(ConfigObject):
             )
 
     def manager_worker_environment(self) -> Dict[str, str]:
-        """The environment workers get: ``worker_environment`` and the MPI launcher."""
-        return {**self.worker_environment, LAUNCHER_VARIABLE: self.mpi_launcher}
+        """The environment workers get: ``worker_environment``, the MPI launcher
+        and, with ``run_in_sandbox``, the sandboxes' directory."""
+        return {
+            **self.worker_environment,
+            LAUNCHER_VARIABLE: self.mpi_launcher,
+            **sandbox.sandbox_environment(self.run_in_sandbox, self.tasks_working_dir),
+        }
 
     @property
     def container_engine(self) -> Optional[str]:
@@ -535,6 +543,7 @@ class Config(ConfigObject):
             "With idle_heartbeats_soft on: shut down after this many heartbeat periods "
             "in which no task or result moved, even with tasks outstanding (funcX 1.0).",
         ),
+        **sandbox.CONFIG_FIELDS,
         # The fields only funcX 1.0 had (accepted; a warning when given).
         **funcx10.CONFIG_FIELDS,
     }
@@ -562,6 +571,9 @@ class Config(ConfigObject):
     detach_endpoint: bool
     idle_heartbeats_soft: int
     idle_heartbeats_hard: int
+    endpoint_setup: Optional[str]
+    endpoint_teardown: Optional[str]
+    hook_timeout: float
     multi_tenant: Any
     stdout: Any
     stderr: Any

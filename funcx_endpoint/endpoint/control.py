@@ -7,6 +7,12 @@ One JSON object per line each way.  The socket is a UNIX socket, 0600 in a
     -> ``{"ok": true, "status": {...}}``: uptime, pid, broker connection,
     managers, workers, tasks in flight.
 
+``{"command": "tasks", "args": {"finished": N}}``
+    -> ``{"ok": true, "tasks": {...}}``: the tasks held and the last N
+    finished (:class:`~funcx_endpoint.executor.listing.TaskListing`).
+
+A request's ``args`` (an object, optional) are the command's keyword arguments.
+
 Anything else gets ``{"ok": false, "error": "..."}``.
 """
 
@@ -14,7 +20,7 @@ from __future__ import annotations
 
 import json
 import socket
-from typing import Any, Awaitable, Callable, Dict, Union
+from typing import Any, Awaitable, Callable, Dict, Optional, Union
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import maybeDeferred
@@ -24,7 +30,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
-StatusSource = Callable[[], Union[Dict[str, Any], Awaitable[Dict[str, Any]]]]
+StatusSource = Callable[..., Union[Dict[str, Any], Awaitable[Dict[str, Any]]]]
 
 MAX_REQUEST = 64 * 1024
 
@@ -44,12 +50,15 @@ class ControlProtocol(LineOnlyReceiver):
             request = json.loads(line)
             command = request["command"]
             handler = self._commands[command]
-        except (ValueError, TypeError, KeyError):
+            args = request.get("args") or {}
+            if not isinstance(args, dict):
+                raise TypeError("args must be an object")
+        except (ValueError, TypeError, KeyError, AttributeError):
             self._reply(
                 {
                     "ok": False,
                     "error": f"bad request; send one JSON object per line with "
-                    f"'command' one of {sorted(self._commands)}",
+                    f"'command' one of {sorted(self._commands)} (and 'args', an object)",
                 }
             )
             return
@@ -62,7 +71,7 @@ class ControlProtocol(LineOnlyReceiver):
             self._reply({"ok": False, "error": f"{command} failed: {failure.getErrorMessage()}"})
 
         # maybeDeferred also turns a coroutine into a Deferred.
-        maybeDeferred(handler).addCallbacks(answer, failed)
+        maybeDeferred(handler, **args).addCallbacks(answer, failed)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._reply({"ok": False, "error": "request too long"})
@@ -104,8 +113,10 @@ class ControlError(Exception):
     """The daemon could not be asked (not running, or no answer)."""
 
 
-def ask(path: str, command: str, timeout: float = 10.0) -> Dict[str, Any]:
-    """Blocking client for the CLI: send ``command``, return its answer."""
+def ask(
+    path: str, command: str, timeout: float = 10.0, args: Optional[Dict[str, Any]] = None
+) -> Dict[str, Any]:
+    """Blocking client for the CLI: send ``command`` (with ``args``), return its answer."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
@@ -113,7 +124,10 @@ def ask(path: str, command: str, timeout: float = 10.0) -> Dict[str, Any]:
             sock.connect(path)
         except OSError as e:
             raise ControlError(f"cannot reach the daemon at {path}: {e.strerror}") from None
-        sock.sendall(json.dumps({"command": command}).encode() + b"\n")
+        request: Dict[str, Any] = {"command": command}
+        if args:
+            request["args"] = args
+        sock.sendall(json.dumps(request).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):
             try:

@@ -13,7 +13,8 @@ connection set-up is :meth:`TaskIntake.prepare`) and, for each delivery:
   deserializing anything);
 * checks a task's ``resource_specification`` (``InvalidResourceSpecification``)
   and puts it in front of the task buffer for the worker
-  (:mod:`funcx_endpoint.wire.resources`);
+  (:mod:`funcx_endpoint.wire.resources`), and the submitter's Python and dill
+  versions (``user_runtime``, :mod:`funcx_endpoint.wire.runtime`) likewise;
 * hands the tasks received in one reactor turn to the interchange together.
 
 Error results it makes go to the same result sink as the interchange's.
@@ -51,6 +52,7 @@ from funcx_endpoint.wire.resources import (
     add_resources_header,
     check_resource_specification,
 )
+from funcx_endpoint.wire.runtime import UserRuntimeError, add_runtime_header, check_user_runtime
 
 __all__ = ["TaskIntake"]
 
@@ -224,6 +226,15 @@ class TaskIntake:
                 self._answer(task.task_id, ErrorCode.RESOURCE_SPECIFICATION_ERROR, str(e))
                 return
             task.task_buffer = add_resources_header(task.task_buffer, spec)
+        if task.user_runtime is not None:
+            # The submitter's versions: the worker compares them with its own.
+            try:
+                runtime = check_user_runtime(task.user_runtime)
+            except UserRuntimeError as e:
+                self._answer(task.task_id, ErrorCode.MALFORMED_TASK, str(e))
+                return
+            if runtime:
+                task.task_buffer = add_runtime_header(task.task_buffer, runtime)
         self._to_submit.add(task)
 
     def _malformed(

@@ -7,6 +7,7 @@ code of PROTOCOL.md section 2, which ``funcx-endpoint start`` reports:
 
 ======================================  ====
 409, 410, 423 (refused, gone, locked)   69
+429 (a quota of the user's reached)     69
 network error (after retries)           75
 the service returned another id         70
 no ``endpoint_id`` / 400 / 422          65
@@ -277,6 +278,13 @@ class Registration(Service):
             raise StartupError(
                 f"the service refused the registration: endpoint {body['endpoint_uuid']} is "
                 f"{what}: {message}",
+                EX_UNAVAILABLE,
+            )
+        if code == 429:
+            raise StartupError(
+                f"the service refused the registration: a quota of this user is reached "
+                f"({message}); delete endpoints you no longer use (funcx-endpoint list "
+                f"--remote, delete --remote ID) or ask the service's administrator",
                 EX_UNAVAILABLE,
             )
         if code in (401, 403):

@@ -3,6 +3,7 @@
 :class:`EndpointService` is a ``MultiService`` whose children are the parts of
 the daemon, in the order they start::
 
+    hooks         endpoint_setup (and, stopping last, endpoint_teardown), if given
     config        warnings about funcX 1.0 settings without effect here
     control       local control socket (status)
     registration  registers with the web service, learns the broker URLs

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import shlex
-from typing import Any, Optional
+from typing import Any, Dict, List, Optional
 
 from twisted.application.service import IService
 from twisted.internet.threads import deferToThread
@@ -24,6 +24,7 @@ from funcx_endpoint.endpoint import logs
 from funcx_endpoint.endpoint.auth import Authenticator, TokenStore, auth_base_url, http_client
 from funcx_endpoint.endpoint.broker_info import BrokerInfo
 from funcx_endpoint.endpoint.control import control_service
+from funcx_endpoint.endpoint.hooks import ShellHooks
 from funcx_endpoint.endpoint.idle import IdleClock, IdleShutdown
 from funcx_endpoint.endpoint.layout import (
     DEFAULT_CONFIG_DIR,
@@ -40,6 +41,7 @@ from funcx_endpoint.endpoint.transport import build_transport
 from funcx_endpoint.executor.blocks import BLOCK_ID
 from funcx_endpoint.executor.interchange import Interchange, hard_routing
 from funcx_endpoint.executor.interface import IResultSink
+from funcx_endpoint.executor.listing import RecentResults, TaskListing
 from funcx_endpoint.executor.strategy import scaling_from_config
 
 
@@ -110,15 +112,27 @@ def build_endpoint(
     """Build the daemon's service tree from a loaded config.
 
     Parts start in this order and stop in reverse (after the transport has
-    drained): warnings about funcX 1.0 settings, control socket,
+    drained): endpoint_setup (and, stopping, endpoint_teardown) if given, warnings about
+    funcX 1.0 settings, control socket,
     registration, interchange, providers (blocks of managers and the scaling
     strategy), AMQP transport, idle shutdown, status reports.
     """
     endpoint = EndpointService(
         endpoint_dir, reactor, StartupReporter(ready_fd), drain_grace=config.stop_grace_period
     )
+    if config.endpoint_setup or config.endpoint_teardown:
+        endpoint.add(
+            ShellHooks(
+                reactor,
+                endpoint_dir.path,
+                config.endpoint_setup,
+                config.endpoint_teardown,
+                config.hook_timeout,
+            )
+        )
     endpoint.add(ConfigNotices(config.notices()))
-    endpoint.add(control_service(reactor, endpoint_dir.control_socket, {"status": endpoint.status}))
+    commands: Dict[str, Any] = {"status": endpoint.status}
+    endpoint.add(control_service(reactor, endpoint_dir.control_socket, commands))
     http, pool = http_client(reactor, config.service_ca_file)
     authenticator = Authenticator(
         http,
@@ -133,9 +147,12 @@ def build_endpoint(
         assert registration.broker_info is not None, "registration must come first"
         return registration.broker_info
 
+    recent: List[RecentResults] = []
+
     def make_interchange(results: IResultSink) -> Interchange:
+        recent.append(RecentResults(results))  # for the `tasks` command
         return Interchange.from_config(
-            reactor, os.path.join(endpoint_dir.path, "interchange"), config, results
+            reactor, os.path.join(endpoint_dir.path, "interchange"), config, recent[-1]
         )
 
     transport, interchange = build_transport(
@@ -151,6 +168,7 @@ def build_endpoint(
         on_fatal=endpoint.fail,
     )
     endpoint.add(interchange)
+    commands["tasks"] = TaskListing(interchange.dispatcher, recent[-1])
     endpoint.add(
         scaling_from_config(
             config.executors[0],

@@ -473,6 +473,10 @@ class TaskDispatcher:
         """The record of a task held here, if any."""
         return self._tasks.get(task_id)
 
+    def held_records(self) -> List[TaskRecord]:
+        """The records of every task held here, in a new list (for listings: read only)."""
+        return list(self._tasks.values())
+
     def outstanding_tasks(self) -> int:
         """Tasks accepted and not answered yet: queued here plus at managers."""
         return len(self._tasks)

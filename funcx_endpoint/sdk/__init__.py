@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from funcx_endpoint.functions import MPIFunction, ShellFunction, ShellResult
 from funcx_endpoint.sdk.client import FuncXClient
+from funcx_endpoint.sdk.environment import EnvironmentMismatchWarning
 from funcx_endpoint.sdk.errors import *  # noqa: F403
 from funcx_endpoint.sdk.errors import __all__ as _errors_all
 from funcx_endpoint.sdk.executor import FuncXExecutor
@@ -28,6 +29,7 @@ from funcx_endpoint.sdk.tasks import Batch
 
 __all__ = [
     "Batch",
+    "EnvironmentMismatchWarning",
     "FuncXClient",
     "FuncXExecutor",
     "MPIFunction",

@@ -45,6 +45,7 @@ from urllib.parse import quote
 import globus_sdk
 
 from funcx_endpoint.environments import DEFAULT_SERVICE_ADDRESS, ENVIRONMENT_ADDRESSES
+from funcx_endpoint.sdk.environment import EnvironmentCheck
 from funcx_endpoint.sdk.errors import (
     BatchSubmissionError,
     FuncxAPIError,
@@ -62,6 +63,7 @@ from funcx_endpoint.sdk.retries import (
 from funcx_endpoint.sdk.tasks import Batch, TaskCache, TaskRecord, canonical_uuid, task_record
 from funcx_endpoint.version import __version__
 from funcx_endpoint.wire import pack_function
+from funcx_endpoint.wire.runtime import local_runtime
 
 # Batch, task_record and the retry checks were defined here: SDK users may import them from here.
 __all__ = [
@@ -216,6 +218,11 @@ class FuncXClient(globus_sdk.BaseClient):
             canonical_uuid(task_group_id, "task_group_id") if task_group_id else str(uuid.uuid4())
         )
         self._finished = TaskCache()
+        #: The Python and dill versions announced with each task (the
+        #: endpoint's workers check them before loading it); this
+        #: interpreter's by default.
+        self.user_runtime: Dict[str, str] = local_runtime()
+        self._environment = EnvironmentCheck()
         if do_version_check:
             self.version_check()
 
@@ -370,6 +377,8 @@ class FuncXClient(globus_sdk.BaseClient):
         if not len(batch):
             return []
         body = batch.prepare(self.session_task_group_id)
+        if self.user_runtime:
+            body.setdefault("user_runtime", dict(self.user_runtime))
         data = _dict_data(self.post("submit", data=body), "submit")
         results = data.get("results")
         if not isinstance(results, list) or len(results) != len(batch):
@@ -419,6 +428,7 @@ class FuncXClient(globus_sdk.BaseClient):
             return cached
         path = f"tasks/{canonical_uuid(task_id, 'task_id')}"
         record = task_record(task_id, _dict_data(self.get(path), "get_task"))
+        self._environment.check(record, self.user_runtime)
         self._finished.remember(record)
         return dict(record)
 
@@ -477,7 +487,8 @@ class FuncXClient(globus_sdk.BaseClient):
                 except ValueError:
                     continue
                 if task_id is not None and isinstance(value, dict):
-                    records[task_id] = task_record(task_id, value)
+                    records[task_id] = record = task_record(task_id, value)
+                    self._environment.check(record, self.user_runtime)
         return records
 
     def get_taskgroup_tasks(self, task_group_id: str) -> List[Dict[str, Any]]:

@@ -49,6 +49,9 @@ def task_record(task_id: str, data: Mapping[str, Any]) -> TaskRecord:
         return record
     completion_t = data.get("completion_t")
     record["completion_t"] = completion_t
+    worker = data.get("details")
+    if isinstance(worker, dict):
+        record["details"] = worker  # the environment of the worker that ran it
     if status == "success":
         if "result" not in data:
             record["exception"] = MalformedResponse(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -405,7 +406,15 @@ class ChaosStack:
             # First silent, so that results pile up unconfirmed, then reset:
             # the closed channels fail them, and the endpoint must spool them.
             blockingCallFromThread(self.reactor, proxy.partition, BLACKHOLE)
-            time.sleep(seconds / 2)
+            silent_until = time.monotonic() + seconds / 2
+            # Until results wait unconfirmed (on a slow machine the workers may
+            # take a while to answer the tasks the endpoint holds), at most 10 s.
+            deadline = time.monotonic() + max(seconds / 2, 10.0)
+            while time.monotonic() < deadline:
+                if re.search(r"results unconfirmed: [1-9]", self.status()):
+                    break
+                time.sleep(0.2)
+            time.sleep(max(0.0, silent_until - time.monotonic()))
             blockingCallFromThread(self.reactor, proxy.partition, RESET)
             time.sleep(seconds / 2)
             blockingCallFromThread(self.reactor, proxy.heal)

@@ -85,7 +85,9 @@ from funcx_endpoint.webservice.db import DatabaseConfig, Tx
 from funcx_endpoint.webservice.dispatch import TaskSender
 from funcx_endpoint.webservice.http import APIResource, Router
 from funcx_endpoint.webservice.ingest import ResultIngest
+from funcx_endpoint.webservice.quotas import Quotas
 from funcx_endpoint.webservice.records import ENDPOINT_COLUMNS, Endpoint, TokenInfo
+from funcx_endpoint.webservice.retention import RetentionPurger
 from funcx_endpoint.webservice.settings import DEFAULT_FUNCX_SCOPE, MIB
 from funcx_endpoint.webservice.storage import Storage
 from funcx_endpoint.wire import (
@@ -246,6 +248,9 @@ class InProcessService(MultiService):
         run_tasks: bool = False,
         max_body: int = 10 * MIB,
         broker_address: BrokerAddress = BrokerAddress("amqps", "localhost", 5671, "/"),
+        quotas: Optional[Quotas] = None,
+        task_retention: Optional[float] = None,
+        fetched_result_retention: float = 3600.0,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -266,6 +271,13 @@ class InProcessService(MultiService):
         self.sender.setServiceParent(self)
         self.ingest = ResultIngest(reactor, self.storage, self.sender, clock=self.clock)
         TokenPurger(self.storage, self.clock).setServiceParent(self)
+        #: Deletes expired tasks, if a ``task_retention`` was given (else none runs).
+        self.retention: Optional[RetentionPurger] = None
+        if task_retention is not None:
+            self.retention = RetentionPurger(
+                self.storage, self.clock, task_retention, fetched_result_retention
+            )
+            self.retention.setServiceParent(self)
 
         router = Router()
         self.authenticator = Authenticator(self.storage, self.clock)
@@ -287,6 +299,7 @@ class InProcessService(MultiService):
             heartbeat_threshold=heartbeat_threshold,
             min_sdk_version=min_sdk_version,
             clock=self.clock,
+            quotas=quotas,
         )
         self.api.install(router)
         #: The service's own resource: what the HTTPS site of a real service serves.

@@ -38,6 +38,7 @@ from funcx_endpoint.webservice.broker import IServiceBroker
 from funcx_endpoint.webservice.dispatch import TaskSender
 from funcx_endpoint.webservice.http import Call, Router
 from funcx_endpoint.webservice.management import IBrokerAdministrator
+from funcx_endpoint.webservice.quotas import Quotas
 from funcx_endpoint.webservice.storage import Storage
 
 __all__ = ["FuncXAPI", "FUNCX_API_VERSION", "MIN_SDK_VERSION"]
@@ -55,6 +56,8 @@ class FuncXAPI:
     tasks, registrations, deletions) and decides liveness: an endpoint is
     online while its last status report is at most its heartbeat threshold
     old by this clock.  ``min_sdk_version`` is what ``GET /version`` asks of clients.
+    ``quotas`` (default: :class:`~funcx_endpoint.webservice.quotas.Quotas`) limit
+    what each user holds.
     """
 
     def __init__(
@@ -70,6 +73,7 @@ class FuncXAPI:
         result_queue_ttl: int = 7 * 24 * 3600,
         min_sdk_version: str = MIN_SDK_VERSION,
         clock: Optional[IReactorTime] = None,
+        quotas: Optional[Quotas] = None,
     ) -> None:
         self.min_sdk_version = min_sdk_version
         self.context = APIContext(
@@ -81,6 +85,7 @@ class FuncXAPI:
             broker_address,
             heartbeat_threshold,
             result_queue_ttl,
+            quotas or Quotas(),
         )
         self.functions = FunctionsAPI(self.context)
         self.containers = ContainersAPI(self.context)

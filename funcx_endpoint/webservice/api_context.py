@@ -22,6 +22,7 @@ from funcx_endpoint.webservice.management import (
     IBrokerAdministrator,
     ManagementError,
 )
+from funcx_endpoint.webservice.quotas import Quotas, Usage, user_usage
 from funcx_endpoint.webservice.storage import Storage
 
 __all__ = ["APIContext", "BrokerAddress", "HandlerGroup"]
@@ -50,6 +51,7 @@ class APIContext:
     ``clock`` stamps what is stored and decides liveness: an endpoint is
     online while its last status report is at most its heartbeat threshold
     (``heartbeat_threshold`` unless it registered its own) old by this clock.
+    ``quotas`` limit what each user holds.
     """
 
     log = Logger()
@@ -62,6 +64,20 @@ class APIContext:
     broker_address: BrokerAddress
     heartbeat_threshold: float
     result_queue_ttl: int
+    quotas: Quotas = attr.ib(factory=Quotas)
+
+    async def usage(self, owner: str) -> Usage:
+        """What ``owner`` holds now (for the quotas)."""
+        try:
+            return await self.storage.run(user_usage, owner)
+        except Exception:
+            self.log.failure("Reading the usage of {owner} failed", owner=owner)
+            raise APIError(
+                503,
+                "STORAGE_UNAVAILABLE",
+                "the service cannot read its database now (nothing was created); try again",
+                headers={"Retry-After": "5"},
+            ) from None
 
     async def broker_call(self, operation: Any) -> Any:
         """Await ``operation`` (a call to the broker or its management API);

@@ -122,7 +122,9 @@ class EndpointsAPI(HandlerGroup):
 
         batches = takes_batches(metadata)
         existing = await self.context.storage.get_endpoint(endpoint_id)
-        if existing is not None:
+        if existing is None:
+            self.context.quotas.check_endpoint(await self.context.usage(me.identity_id))
+        else:
             if existing.owner != me.identity_id:
                 raise APIError(
                     403,

@@ -22,6 +22,7 @@ from funcx_endpoint.webservice.api_context import HandlerGroup
 from funcx_endpoint.webservice.auth import API
 from funcx_endpoint.webservice.http import Call, Router, bad_request, not_found
 from funcx_endpoint.webservice.storage import TokenInfo
+from funcx_endpoint.webservice.tasks import text_size
 from funcx_endpoint.wire import DeserializationError, unpack_buffers
 
 __all__ = ["FunctionsAPI"]
@@ -66,6 +67,8 @@ class FunctionsAPI(HandlerGroup):
                     f"(POST /v2/containers); another user's container must be public",
                     "CONTAINER_NOT_FOUND",
                 )
+        usage = await self.context.usage(me.identity_id)
+        self.context.quotas.check_function(usage, text_size(code))
         function_id = str(uuid.uuid4())
         await self.context.storage.insert_function(
             {

@@ -30,6 +30,8 @@ from funcx_endpoint.webservice.http import (
     not_found,
     utf8_encodable,
 )
+from funcx_endpoint.webservice.records import DONE_STATUSES
+from funcx_endpoint.webservice.retention import delete_finished_task, mark_fetched
 from funcx_endpoint.webservice.storage import (
     Endpoint,
     NewTask,
@@ -37,8 +39,10 @@ from funcx_endpoint.webservice.storage import (
     TokenInfo,
     UnsentTask,
 )
+from funcx_endpoint.webservice.tasks import text_size
 from funcx_endpoint.wire import DeserializationError, pack_task_buffer
 from funcx_endpoint.wire.resources import ResourceSpecificationError, check_resource_specification
+from funcx_endpoint.wire.runtime import UserRuntimeError, check_user_runtime
 
 __all__ = ["MAX_BATCH_STATUS_IDS", "MAX_TASKS_PER_SUBMIT", "TasksAPI", "queue_prefix"]
 
@@ -67,6 +71,18 @@ def _resource_specification(value: Any) -> Optional[str]:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
+def _user_runtime(value: Any) -> Optional[str]:
+    """A batch's ``user_runtime`` (the submitter's Python and dill versions) as
+    JSON text to store, None for none; 400 if it makes no sense."""
+    if value is None:
+        return None
+    try:
+        runtime = check_user_runtime(value)
+    except UserRuntimeError as e:
+        raise bad_request(str(e), "INVALID_USER_RUNTIME") from None
+    return json.dumps(runtime, separators=(",", ":"), sort_keys=True) if runtime else None
+
+
 def _refusal(status: int, code: str, reason: str) -> Dict[str, Any]:
     """The answer's entry for a task ``POST /v2/submit`` refused."""
     return {"task_uuid": None, "http_status_code": status, "code": code, "reason": reason}
@@ -82,6 +98,7 @@ class TasksAPI(HandlerGroup):
     def install(self, router: Router) -> None:
         router.add("POST", "/v2/submit", self.submit, API)
         router.add("GET", "/v2/tasks/(?P<task_id>[^/]+)", self.get_task, API)
+        router.add("DELETE", "/v2/tasks/(?P<task_id>[^/]+)", self.delete_task, API)
         router.add("POST", "/v2/batch_status", self.batch_status, API)
         router.add("GET", "/v2/taskgroup/(?P<task_group_id>[^/]+)", self.get_task_group, API)
         router.add("GET", "/v2/get_amqp_result_connection_url", self.result_connection_url, API)
@@ -111,6 +128,7 @@ class TasksAPI(HandlerGroup):
         websocket = boolean_field(body, "create_websocket_queue")
         ws_queue = queue_prefix(me.identity_id) + task_group_id if websocket else None
         resources = _resource_specification(body.get("resource_specification"))
+        runtime = _user_runtime(body.get("user_runtime"))
 
         # First pass: shapes and UUIDs, without the database.
         results: List[Optional[Dict[str, Any]]] = []
@@ -189,6 +207,7 @@ class TasksAPI(HandlerGroup):
                     ws_queue,
                     now,
                     resources,
+                    runtime,
                 )
             )
             to_send.append(
@@ -201,10 +220,15 @@ class TasksAPI(HandlerGroup):
                     takes_batches(endpoints[endpoint_id].metadata),
                     containers.get(function.container_uuid) if function.container_uuid else None,
                     json.loads(resources) if resources else None,
+                    json.loads(runtime) if runtime else None,
                 )
             )
             results[index] = {"task_uuid": task_id, "http_status_code": 200}
         if new_tasks:
+            usage = await self.context.usage(me.identity_id)
+            self.context.quotas.check_tasks(
+                usage, len(new_tasks), sum(text_size(t.payload) for t in new_tasks)
+            )
             ids = [t.task_id for t in new_tasks]
             self.context.sender.reserve(ids)
             try:
@@ -294,7 +318,35 @@ class TasksAPI(HandlerGroup):
         found = await self.context.storage.get_tasks([task_id], me.identity_id)
         if task_id not in found:
             raise not_found(f"Task {task_id} not found", "TASK_NOT_FOUND")
+        await self._fetched(found)
         return 200, found[task_id]
+
+    async def _fetched(self, found: Dict[str, Dict[str, Any]]) -> None:
+        """Stamp the first fetch of finished tasks (their results expire sooner)."""
+        done = [t for t, view in found.items() if view.get("status") in DONE_STATUSES]
+        if not done:
+            return
+        try:
+            await self.context.storage.run(mark_fetched, done, self.context.clock.seconds())
+        except Exception:
+            # The answer stands; the task then expires by its finish time only.
+            self.log.failure("Recording the fetch of {n} results failed", n=len(done))
+
+    async def delete_task(self, call: Call) -> Tuple[int, Any]:
+        """Delete a finished task and its result (funcX deleted a result once fetched)."""
+        me: TokenInfo = call.identity
+        task_id = canonical_uuid(call.params["task_id"], "the task id")
+        deleted = await self.context.storage.run(delete_finished_task, task_id, me.identity_id)
+        if deleted is None:
+            raise not_found(f"Task {task_id} not found", "TASK_NOT_FOUND")
+        if not deleted:
+            raise APIError(
+                409,
+                "TASK_NOT_FINISHED",
+                f"Task {task_id} has not finished; only a finished task (and its result) "
+                f"can be deleted",
+            )
+        return 200, {"task_id": task_id, "deleted": True}
 
     async def batch_status(self, call: Call) -> Tuple[int, Any]:
         me: TokenInfo = call.identity
@@ -314,6 +366,7 @@ class TasksAPI(HandlerGroup):
             sorted(set(canonical.values())), me.identity_id
         )
         results = {asked: found[c] for asked, c in canonical.items() if c in found}
+        await self._fetched(found)
         return 200, {"response": "batch", "results": results}
 
     async def get_task_group(self, call: Call) -> Tuple[int, Any]:

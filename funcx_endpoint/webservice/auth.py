@@ -39,6 +39,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from funcx_endpoint.webservice.http import APIError, Call, Router, bad_request
+from funcx_endpoint.webservice.ratelimit import LoginGuard
 from funcx_endpoint.webservice.storage import Client, Storage, TokenInfo
 
 FUNCX_RESOURCE_SERVER = "funcx_service"
@@ -202,7 +203,10 @@ class AuthAPI:
 
     Tokens are issued at ``clock.seconds()`` and last ``token_lifetime``
     seconds.  ``in_thread(fn, *args)`` runs the slow secret checks (scrypt)
-    off the reactor thread: ``deferToThread`` unless given.
+    off the reactor thread: ``deferToThread`` unless given.  ``guard``
+    decides whether a secret check runs at all (back-off after failed logins,
+    :mod:`~funcx_endpoint.webservice.ratelimit`): one with the default limits
+    on ``clock`` unless given.
     """
 
     log = Logger()
@@ -215,6 +219,11 @@ class AuthAPI:
     _in_thread: Callable[..., Deferred[Any]] = attr.ib(
         default=None, kw_only=True, converter=_in_thread_or_default
     )
+    guard: LoginGuard = attr.ib(default=None, kw_only=True)
+
+    def __attrs_post_init__(self) -> None:
+        if self.guard is None:
+            self.guard = LoginGuard(self.clock)
 
     def install(self, router: Router) -> None:
         router.add("POST", "/v2/oauth2/token", self.token)
@@ -247,18 +256,24 @@ class AuthAPI:
                 "client credentials are required (HTTP Basic client_id:client_secret)",
                 **{"WWW-Authenticate": 'Basic realm="funcx"'},
             )
-        client = await self.storage.get_client(client_id)
-        ok = client is not None and client.revoked_at is None
-        # Verify even for unknown clients, so timing does not tell them apart.
-        stored = client.secret_hash if client is not None else _DUMMY_HASH
-        matches = await self._in_thread(verify_secret, secret, stored)
-        if not (ok and matches):
+        found: List[Optional[Client]] = []
+
+        async def verify() -> bool:
+            client = await self.storage.get_client(client_id)
+            found.append(client)
+            # Verify even for unknown clients, so timing does not tell them apart.
+            stored = client.secret_hash if client is not None else _DUMMY_HASH
+            matches = await self._in_thread(verify_secret, secret, stored)
+            return bool(matches) and client is not None and client.revoked_at is None
+
+        if not await self.guard.check(client_id, call.client_ip(), verify):
             raise _oauth_error(
                 401,
                 "invalid_client",
                 "bad client credentials: check FUNCX_SDK_CLIENT_ID and "
                 "FUNCX_SDK_CLIENT_SECRET (the client may have been revoked)",
             )
+        client = found[0]
         assert client is not None
         return client
 

@@ -23,6 +23,7 @@ import sys
 import time
 import uuid
 from typing import Any, Callable, Dict, Optional, TypeVar
+from urllib.error import HTTPError
 from urllib.request import urlopen
 
 import click
@@ -329,20 +330,36 @@ def restart(ctx: click.Context, state_dir: Optional[str], timeout: float) -> Non
     ctx.invoke(start, state_dir=state_dir, foreground=False, timeout=timeout, debug=False)
 
 
-def _ping(info: Dict[str, Any]) -> Optional[str]:
-    """None if the API answers ``GET /version``, else why not."""
+def _get(info: Dict[str, Any], path: str) -> Any:
+    """The JSON answer of ``GET <base URL><path>`` (an error answer's body too)."""
     url = info.get("base_url")
     if not url:
-        return "no URL recorded"
+        raise ValueError("no URL recorded")
     context = None
     if url.startswith("https"):
         context = ssl.create_default_context(cafile=info.get("ca_file") or None)
     try:
-        with urlopen(f"{url}/version", timeout=5, context=context) as response:
-            json.loads(response.read())
+        with urlopen(f"{url}{path}", timeout=5, context=context) as response:
+            return json.loads(response.read())
+    except HTTPError as e:
+        return json.loads(e.read())
+
+
+def _ping(info: Dict[str, Any]) -> Optional[str]:
+    """None if the API answers ``GET /version``, else why not."""
+    try:
+        _get(info, "/version")
         return None
     except Exception as e:
         return str(e)
+
+
+def _health(info: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    try:
+        answer = _get(info, "/health")
+    except Exception:
+        return None
+    return answer if isinstance(answer, dict) and "broker" in answer else None
 
 
 @cli.command()
@@ -350,14 +367,23 @@ def _ping(info: Dict[str, Any]) -> Optional[str]:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 @click.pass_context
 def status(ctx: click.Context, state_dir: Optional[str], as_json: bool) -> None:
-    """Whether it runs: pid, URLs, broker, database, endpoints online. Exit 3 if stopped."""
+    """Whether it runs: pid, URLs, broker, database, endpoints online.
+
+    Exit 0 if all is well, 3 if stopped, 1 if it does not answer, 2 if its broker is
+    down (or the service is not connected to it).
+    """
+    from funcx_endpoint.webservice.health import broker_problem
+
     settings = _settings(ctx, state_dir)
     pid = running_pid(settings)
     info = settings.read_runtime() if pid is not None else {}
     report: Dict[str, Any] = {"state_dir": settings.state_dir, "running": pid is not None}
     if pid is not None:
         problem = _ping(info)
+        health = _health(info) if problem is None else None
         report.update({"pid": pid, "answering": problem is None, "problem": problem, **info})
+        report["broker_problem"] = broker_problem(settings, health)
+        report["health"] = health
     try:
         report.update(_storage_summary(settings))
     except Exception as e:
@@ -370,6 +396,15 @@ def status(ctx: click.Context, state_dir: Optional[str], as_json: bool) -> None:
         _print_ready(info)
         answering = "yes" if report["answering"] else f"NO ({report['problem']})"
         click.echo(f"  answering:              {answering}")
+        broker_up = (
+            "yes" if report["broker_problem"] is None else f"NO ({report['broker_problem']})"
+        )
+        click.echo(f"  broker up:              {broker_up}")
+        node = ((report.get("health") or {}).get("broker") or {}).get("embedded") or {}
+        if node.get("restarts"):
+            click.echo(
+                f"  broker restarts:        {node['restarts']} (last: {node.get('last_exit')})"
+            )
     if not as_json and "endpoints_online" in report:
         click.echo(
             f"  endpoints online:       {report['endpoints_online']} of "
@@ -381,6 +416,8 @@ def status(ctx: click.Context, state_dir: Optional[str], as_json: bool) -> None:
         sys.exit(NOT_RUNNING)
     if not report.get("answering"):
         sys.exit(1)
+    if report.get("broker_problem") is not None:
+        sys.exit(2)
 
 
 def _storage_summary(settings: ServiceSettings) -> Dict[str, Any]:

@@ -407,6 +407,33 @@ MIGRATIONS: List[Tuple[int, str, List[str]]] = [
     ),
     (
         4,
+        "sizes for quotas, finish and fetch times for retention",
+        [
+            "ALTER TABLE functions ADD COLUMN code_size INTEGER NOT NULL DEFAULT 0",
+            "UPDATE functions SET code_size = LENGTH(function_code)",
+            "ALTER TABLE tasks ADD COLUMN payload_size INTEGER NOT NULL DEFAULT 0",
+            "UPDATE tasks SET payload_size = COALESCE(LENGTH(payload), 0)",
+            "ALTER TABLE tasks ADD COLUMN finished {REAL}",
+            "ALTER TABLE tasks ADD COLUMN fetched {REAL}",
+            "UPDATE tasks SET finished = created WHERE status IN ('success', 'failed')",
+            # Tasks in flight of a user: counted (and their payloads summed) from this
+            # index alone (status in it too, or SQLite reads the rows).
+            "CREATE INDEX tasks_owner_unfinished ON tasks (owner, status, payload_size) "
+            "WHERE status NOT IN ('success', 'failed')",
+            "CREATE INDEX tasks_finished ON tasks (finished) WHERE finished IS NOT NULL",
+            "CREATE INDEX tasks_fetched ON tasks (fetched) WHERE fetched IS NOT NULL",
+        ],
+    ),
+    (
+        5,
+        "the submitter's Python and dill versions, and the worker's environment, as JSON",
+        [
+            "ALTER TABLE tasks ADD COLUMN user_runtime TEXT",
+            "ALTER TABLE tasks ADD COLUMN details TEXT",
+        ],
+    ),
+    (
+        6,
         "which service instance publishes a task (or its result copy), and until when",
         [
             "ALTER TABLE tasks ADD COLUMN claimed_by TEXT",

@@ -196,6 +196,7 @@ class TaskSender(Service):
                     container=_wire_container(task.container, containers),
                     function_id=task.function_id,
                     resource_specification=task.resource_specification,
+                    user_runtime=task.user_runtime,
                 )
                 if not task.batchable:
                     self._publish(task.endpoint_id, [task], pack(message))

@@ -121,9 +121,9 @@ def delete_endpoint(tx: Tx, endpoint_id: str, now: float, message: str) -> int:
     return tx.execute(
         "UPDATE tasks SET status = 'failed', sent = 1, payload = NULL, completion_t = ?, "
         "exception = ?, error_code = 'EndpointDeleted', error_message = ?, "
-        "ws_pending = CASE WHEN ws_queue IS NULL THEN 0 ELSE 1 END "
+        "ws_pending = CASE WHEN ws_queue IS NULL THEN 0 ELSE 1 END, finished = ? "
         f"WHERE endpoint_id = ? AND status NOT IN {DONE_SQL}",
-        (f"{now:.3f}", message, message, endpoint_id),
+        (f"{now:.3f}", message, message, now, endpoint_id),
     ).rowcount
 
 

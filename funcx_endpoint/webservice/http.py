@@ -26,7 +26,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import server
+from twisted.web import http, server
 from twisted.web.resource import Resource
 
 __all__ = ["APIError", "Call", "JSONSite", "Router", "error_body"]
@@ -158,10 +158,41 @@ class LimitedRequest(server.Request):
         super().handleContentChunk(data)
 
 
+class JSONChannel(http.HTTPChannel):
+    """HTTP/1.1 that answers a header line too long (over ``MAX_LENGTH``, 16 KiB) with
+    431 and closes the connection.
+
+    Twisted's line receiver only calls ``transport.loseConnection()`` there, with the
+    channel still registered as the transport's producer: over TLS the connection then
+    stays open, unanswered, until a timeout.
+    """
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        body = json.dumps(
+            error_body(
+                431,
+                "HEADER_TOO_LARGE",
+                f"a line of the request head is longer than {self.MAX_LENGTH} bytes; "
+                f"send shorter headers",
+            ),
+            separators=(",", ":"),
+        ).encode()
+        transport: Any = self.transport
+        transport.write(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+            b"Content-Type: application/json\r\nConnection: close\r\n"
+            + b"Content-Length: %d\r\n\r\n" % len(body)
+            + body
+        )
+        self.loseConnection()
+
+
 class JSONSite(server.Site):
     """A site with :class:`LimitedRequest`\\ s and no access log (it costs at high rates)."""
 
     requestFactory = LimitedRequest
+    # HTTP/1.1 only (the TLS options offer no h2), with the long-line answer above.
+    protocol = JSONChannel  # type: ignore[assignment]
 
     def __init__(self, resource: Resource, max_body: int) -> None:
         super().__init__(resource)
@@ -230,8 +261,13 @@ class Call:
         return self.request.method.decode("latin-1")
 
     def header(self, name: str) -> Optional[str]:
-        value = self.request.getHeader(name)
-        return value.decode("latin-1") if isinstance(value, bytes) else value
+        """The last value of header ``name``, its bytes read as Latin-1.
+
+        Any byte sequence is an answer: ``request.getHeader`` with a ``str`` name
+        decodes as UTF-8 and raises on other bytes.
+        """
+        values = self.request.requestHeaders.getRawHeaders(name.encode("latin-1"))
+        return values[-1].decode("latin-1") if values else None
 
     def query(self, name: str) -> List[str]:
         values = (self.request.args or {}).get(name.encode(), [])

@@ -13,6 +13,7 @@ in it is dropped alone.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -72,6 +73,21 @@ def _finite(value: Any) -> Any:
 #: data, not a database or connection problem).  Anything else is retried.
 _PERMANENT_ERRORS = (UnicodeError, ValueError, TypeError, OverflowError)
 _PERMANENT_DB_ERRORS = ("DataError", "IntegrityError")
+
+
+#: The largest worker environment (``details``) kept with a result, as JSON.
+MAX_DETAILS_BYTES = 4096
+
+
+def _worker_details(details: Optional[Dict[str, Any]]) -> Optional[str]:
+    """A result's ``details`` (the worker's environment) as JSON text to store;
+    None if there are none or they are too big or not storable text."""
+    if not details:
+        return None
+    text = json.dumps(details, separators=(",", ":"), sort_keys=True, default=str)
+    if len(text) > MAX_DETAILS_BYTES:
+        return None
+    return text
 
 
 def _permanent(error: BaseException) -> bool:
@@ -189,7 +205,7 @@ class ResultIngest:
                     reports.append(parsed)
         outcomes: List[StoredOutcome] = []
         if results:
-            outcomes = await self._storage.store_results(results)
+            outcomes = await self._storage.store_results(results, now)
         if reports:
             await self._storage.record_reports(reports, self._status_log_size)
             self.reports += len(reports)
@@ -337,4 +353,12 @@ class ResultIngest:
             return IncomingResult(
                 message.task_id, sender, reason, "MalformedResult", reason, completion_t
             )
-        return IncomingResult(message.task_id, sender, data, code, user_message, completion_t)
+        return IncomingResult(
+            message.task_id,
+            sender,
+            data,
+            code,
+            user_message,
+            completion_t,
+            _worker_details(message.details),
+        )

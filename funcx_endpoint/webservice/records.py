@@ -181,6 +181,8 @@ class NewTask:
     created: float
     #: The batch's resource specification as JSON text (None: none).
     resource_specification: Optional[str] = None
+    #: The submitter's Python and dill versions as JSON text (None: not said).
+    user_runtime: Optional[str] = None
 
 
 @attr.s(auto_attribs=True, frozen=True)
@@ -198,6 +200,8 @@ class UnsentTask:
     container: Optional[ContainerInfo] = None
     #: What the task asks of the endpoint's nodes (MPI), sent in its message.
     resource_specification: Optional[Dict[str, Any]] = None
+    #: The submitter's Python and dill versions, sent in its message.
+    user_runtime: Optional[Dict[str, Any]] = None
 
 
 @attr.s(auto_attribs=True, frozen=True)
@@ -210,6 +214,8 @@ class IncomingResult:
     error_code: Optional[str]
     error_message: Optional[str]
     completion_t: str
+    #: The environment of the worker that ran it, as JSON text (None: not said).
+    details: Optional[str] = None
 
 
 @attr.s(auto_attribs=True, frozen=True)
@@ -249,15 +255,20 @@ class Report:
     received: float
 
 
-TASK_COLUMNS = "task_id, owner, status, completion_t, result, exception, error_code, error_message"
+TASK_COLUMNS = (
+    "task_id, owner, status, completion_t, result, exception, error_code, error_message, details"
+)
 
 
 def task_view(row: Sequence[Any]) -> Dict[str, Any]:
     """The API's answer about a task (``GET /tasks/<id>``) from its row."""
-    task_id, _owner, status, completion_t, result, exception, code, message = row
+    task_id, _owner, status, completion_t, result, exception, code, message, details = row
     answer: Dict[str, Any] = {"task_id": task_id, "status": status}
     if status in DONE_STATUSES:
         answer["completion_t"] = completion_t
+        if details:
+            # The worker's environment, as Globus Compute's service returns it.
+            answer["details"] = json.loads(details)
         if status == "success":
             answer["result"] = result
         else:

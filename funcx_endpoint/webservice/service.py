@@ -59,9 +59,12 @@ from funcx_endpoint.webservice.broker import ServiceBroker
 from funcx_endpoint.webservice.cluster import FailoverAdministrator, management_apis
 from funcx_endpoint.webservice.db import DatabaseConfig, redact_url
 from funcx_endpoint.webservice.dispatch import TaskSender
+from funcx_endpoint.webservice.health import HealthAPI
 from funcx_endpoint.webservice.http import APIResource, JSONSite, Router, error_body
 from funcx_endpoint.webservice.ingest import ResultIngest
 from funcx_endpoint.webservice.management import ManagementAPI
+from funcx_endpoint.webservice.quotas import Quotas
+from funcx_endpoint.webservice.retention import RetentionPurger
 from funcx_endpoint.webservice.settings import ServiceSettings, client_env_lines
 from funcx_endpoint.webservice.storage import Claim, Storage
 
@@ -159,6 +162,7 @@ class WebService(MultiService):
         self._factory: Optional[_TrackingFactory] = None
         self._root: Optional[_Switch] = None
         self._purger: Optional[TokenPurger] = None
+        self._retention: Optional[RetentionPurger] = None
         self._tls_files: Optional[tls.TLSFiles] = None
         self.info: Dict[str, Any] = {}
 
@@ -312,11 +316,22 @@ class WebService(MultiService):
             heartbeat_threshold=settings.heartbeat_threshold,
             result_queue_ttl=settings.result_queue_ttl,
             clock=self._clock,
+            quotas=Quotas(
+                functions=settings.max_functions,
+                stored_bytes=settings.max_stored_bytes,
+                endpoints=settings.max_endpoints,
+                tasks_in_flight=settings.max_tasks_in_flight,
+            ),
         ).install(router)
+        HealthAPI(broker, self.embedded).install(router)
         self._root.target = APIResource(router, authenticator)
 
         self._purger = TokenPurger(storage, self._clock)
         self._purger.startService()
+        self._retention = RetentionPurger(
+            storage, self._clock, settings.task_retention, settings.fetched_result_retention
+        )
+        self._retention.startService()
 
         host = settings.public_host
         root = f"{settings.scheme}://{host}:{port_number}"
@@ -450,8 +465,9 @@ class WebService(MultiService):
     async def _stop(self) -> None:
         if self._startup is not None and not self._startup.called:
             self._startup.cancel()
-        if self._purger is not None and self._purger.running:
-            self._purger.stopService()
+        for purger in (self._purger, self._retention):
+            if purger is not None and purger.running:
+                purger.stopService()
         steps = [
             ("https", self._stop_http),
             ("sender", lambda: self.sender.stopService() if self.sender else None),

@@ -88,6 +88,20 @@ def _positive(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError(f"must be a positive whole number, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise ValueError(f"must be a number of seconds, 0 or more, got {text!r}")
+    return value
+
+
 QUEUE_TYPES = ("classic", "quorum")
 
 
@@ -170,6 +184,32 @@ OPTIONS: List[Option] = [
         "Seconds without a status report after which an endpoint is offline",
     ),
     Option("token_lifetime", "token-lifetime", int, "Seconds an access token is valid"),
+    Option("max_functions", "max-functions", _count, "Functions a user may register"),
+    Option(
+        "max_stored_bytes",
+        "max-stored-bytes",
+        _size,
+        "Bytes a user may store: function code plus payloads of unfinished tasks (e.g. 1G)",
+    ),
+    Option("max_endpoints", "max-endpoints", _count, "Endpoints a user may have (not deleted)"),
+    Option(
+        "max_tasks_in_flight",
+        "max-tasks-in-flight",
+        _count,
+        "Unfinished tasks a user may have",
+    ),
+    Option(
+        "task_retention",
+        "task-retention",
+        _seconds,
+        "Seconds a finished task and its result are kept",
+    ),
+    Option(
+        "fetched_result_retention",
+        "fetched-result-retention",
+        _seconds,
+        "Seconds a result is kept after it was first fetched (0: deleted at the next purge)",
+    ),
     Option(
         "amqp_hosts",
         "amqp-hosts",
@@ -234,6 +274,14 @@ class ServiceSettings:
     status_log_size: int = 20
     #: Per-task-group result queues expire after this long unused (seconds).
     result_queue_ttl: int = 7 * 24 * 3600
+    #: Quotas per user (:mod:`funcx_endpoint.webservice.quotas`).
+    max_functions: int = 10_000
+    max_stored_bytes: int = 1024 * MIB
+    max_endpoints: int = 20
+    max_tasks_in_flight: int = 100_000
+    #: Retention (:mod:`funcx_endpoint.webservice.retention`), in seconds.
+    task_retention: float = 14 * 24 * 3600.0
+    fetched_result_retention: float = 3600.0
 
     # -- files ----------------------------------------------------------------
 

@@ -281,8 +281,12 @@ class Storage:
     def unsent_tasks(self, limit: int, created_before: float) -> Deferred[List[UnsentTask]]:
         return self.run(unsent_tasks, limit, created_before, self.claim, self._clock.seconds())
 
-    def store_results(self, results: Sequence[IncomingResult]) -> Deferred[List[StoredOutcome]]:
-        return self.run(store_results, results, self.claim, self._clock.seconds())
+    def store_results(
+        self, results: Sequence[IncomingResult], now: Optional[float] = None
+    ) -> Deferred[List[StoredOutcome]]:
+        """Store results; ``now`` (the service's clock) stamps when the tasks finished
+        (and, with a claim, from when this instance's claims on their copies run)."""
+        return self.run(store_results, results, now, self.claim)
 
     def get_tasks(self, task_ids: Sequence[str], owner: str) -> Deferred[Dict[str, Dict[str, Any]]]:
         return self.run(get_tasks, task_ids, owner)

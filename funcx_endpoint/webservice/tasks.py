@@ -75,8 +75,8 @@ def _lock_clause(tx: Tx) -> str:
 def insert_function(tx: Tx, row: Dict[str, Any]) -> None:
     tx.execute(
         "INSERT INTO functions (function_id, owner, name, entry_point, description, "
-        "container_uuid, public, group_id, function_code, created) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "container_uuid, public, group_id, function_code, created, code_size) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             row["function_id"],
             row["owner"],
@@ -88,6 +88,7 @@ def insert_function(tx: Tx, row: Dict[str, Any]) -> None:
             row["group_id"],
             row["function_code"],
             row["created"],
+            text_size(row["function_code"]),
         ),
     )
 
@@ -110,15 +111,18 @@ def insert_tasks(tx: Tx, tasks: Sequence[NewTask], claim: Optional[Claim] = None
     once the claim expired)."""
     # The optional columns are named only when they are used.
     with_resources = any(t.resource_specification is not None for t in tasks)
-    columns, values = "", ""
-    if with_resources:
-        columns, values = ", resource_specification", ", ?"
+    with_runtime = any(t.user_runtime is not None for t in tasks)
+    extra_column = (", resource_specification" if with_resources else "") + (
+        ", user_runtime" if with_runtime else ""
+    )
+    extra_value = ", ?" * (with_resources + with_runtime)
     if claim is not None:
-        columns, values = columns + ", claimed_by, claimed_until", values + ", ?, ?"
+        extra_column += ", claimed_by, claimed_until"
+        extra_value += ", ?, ?"
     tx.executemany(
         "INSERT INTO tasks (task_id, owner, function_id, endpoint_id, task_group_id, payload, "
-        f"status, created, ws_queue{columns}) "
-        f"VALUES (?, ?, ?, ?, ?, ?, 'waiting-for-ep', ?, ?{values})",
+        f"status, created, ws_queue, payload_size{extra_column}) "
+        f"VALUES (?, ?, ?, ?, ?, ?, 'waiting-for-ep', ?, ?, ?{extra_value})",
         [
             (
                 t.task_id,
@@ -129,7 +133,9 @@ def insert_tasks(tx: Tx, tasks: Sequence[NewTask], claim: Optional[Claim] = None
                 t.payload,
                 t.created,
                 t.ws_queue,
+                text_size(t.payload),
                 *((t.resource_specification,) if with_resources else ()),
+                *((t.user_runtime,) if with_runtime else ()),
                 *((claim.instance, t.created + claim.seconds) if claim is not None else ()),
             )
             for t in tasks
@@ -167,7 +173,7 @@ def unsent_tasks(
         params += [claim.instance, now]
     rows = tx.execute(
         "SELECT t.task_id, t.endpoint_id, t.function_id, t.payload, f.function_code, "
-        "f.container_uuid, t.resource_specification "
+        "f.container_uuid, t.resource_specification, t.user_runtime "
         "FROM tasks t JOIN functions f ON f.function_id = t.function_id "
         f"WHERE t.sent = 0 AND t.created < ? AND {_claimable(claim, 't.')} "
         f"ORDER BY t.created LIMIT ?{_lock_clause(tx) if claim is not None else ''}",
@@ -184,16 +190,37 @@ def unsent_tasks(
             container_id,
             container=None if container_id is None else containers.get(container_id),
             resource_specification=json.loads(resources) if resources else None,
+            user_runtime=json.loads(runtime) if runtime else None,
         )
-        for task_id, endpoint_id, function_id, payload, code, container_id, resources in rows
+        for (
+            task_id,
+            endpoint_id,
+            function_id,
+            payload,
+            code,
+            container_id,
+            resources,
+            runtime,
+        ) in rows
     ]
 
 
+def text_size(text: Optional[str]) -> int:
+    """The bytes ``text`` takes as UTF-8 (what quotas count)."""
+    if not text:
+        return 0
+    return len(text) if text.isascii() else len(text.encode("utf-8", "replace"))
+
+
 def store_results(
-    tx: Tx, results: Sequence[IncomingResult], claim: Optional[Claim] = None, now: float = 0.0
+    tx: Tx,
+    results: Sequence[IncomingResult],
+    now: Optional[float] = None,
+    claim: Optional[Claim] = None,
 ) -> List[StoredOutcome]:
     """Store each result unless its task is done already (the first result wins);
-    with a ``claim``, the stored ones' result copies are its instance's to send."""
+    ``now`` is when the task finished (retention counts from it); with a
+    ``claim``, the stored ones' result copies are its instance's to send."""
     known: Dict[str, Tuple[str, str, Optional[str]]] = {
         task_id: (endpoint_id, status, ws_queue)
         for task_id, endpoint_id, status, ws_queue in tx.rows_in(
@@ -217,7 +244,8 @@ def store_results(
         failed = result.error_code is not None
         updated = tx.execute(
             "UPDATE tasks SET status = ?, sent = 1, payload = NULL, completion_t = ?, "
-            "result = ?, exception = ?, error_code = ?, error_message = ?, ws_pending = ? "
+            "result = ?, exception = ?, error_code = ?, error_message = ?, ws_pending = ?, "
+            "finished = ?, details = ? "
             f"WHERE task_id = ? AND status NOT IN {DONE_SQL}",
             (
                 "failed" if failed else "success",
@@ -227,6 +255,8 @@ def store_results(
                 result.error_code,
                 result.error_message,
                 0 if ws_queue is None else 1,
+                now,
+                result.details,
                 result.task_id,
             ),
         ).rowcount
@@ -234,7 +264,7 @@ def store_results(
             known[result.task_id] = (endpoint_id, "success", ws_queue)
             outcomes.append(StoredOutcome(result.task_id, "stored", ws_queue))
             if ws_queue is not None:
-                _take(tx, [result.task_id], claim, now)
+                _take(tx, [result.task_id], claim, 0.0 if now is None else now)
         else:
             outcomes.append(StoredOutcome(result.task_id, "duplicate"))
     return outcomes

@@ -61,6 +61,9 @@ class ErrorCode:
     #: or asks for more nodes than the block it runs in has.  Added with MPI
     #: tasks, after the funcX 1.0 set that :attr:`ALL` lists.
     RESOURCE_SPECIFICATION_ERROR: ClassVar[str] = "InvalidResourceSpecification"
+    #: The task's sandbox directory (``run_in_sandbox``) could not be made or
+    #: entered.  Added with sandboxes, after the funcX 1.0 set of :attr:`ALL`.
+    SANDBOX_UNAVAILABLE: ClassVar[str] = "SandboxUnavailable"
 
 
 class ProtocolError(ValueError):

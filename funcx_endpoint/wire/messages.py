@@ -118,7 +118,9 @@ class Task(_Record):
     only when known, and funcX 1.0 endpoints ignore it.  So is
     ``resource_specification`` (a dict, as Globus Compute's task messages
     carry it: the nodes and MPI ranks the task needs, see
-    :mod:`funcx_endpoint.wire.resources`), written only when given.
+    :mod:`funcx_endpoint.wire.resources`), written only when given, and
+    ``user_runtime`` (the submitter's Python and dill versions, see
+    :mod:`funcx_endpoint.wire.runtime`).
     """
 
     __slots__ = (
@@ -128,6 +130,7 @@ class Task(_Record):
         "container",
         "function_id",
         "resource_specification",
+        "user_runtime",
     )
     message_type: ClassVar[str] = "task"
 
@@ -139,6 +142,7 @@ class Task(_Record):
         container: Optional[Container] = None,
         function_id: Union[str, uuid.UUID, None] = None,
         resource_specification: Optional[Dict[str, Any]] = None,
+        user_runtime: Optional[Dict[str, Any]] = None,
     ) -> None:
         self.task_id: str = _uuid(task_id, "task_id")
         self.task_buffer: str = _str(task_buffer, "task_buffer")
@@ -153,10 +157,18 @@ class Task(_Record):
                 f"{_show(resource_specification)}"
             )
         self.resource_specification: Optional[Dict[str, Any]] = resource_specification or None
+        if user_runtime is not None and not isinstance(user_runtime, dict):
+            raise MessageError(f"user_runtime must be a dict or null, got {_show(user_runtime)}")
+        self.user_runtime: Optional[Dict[str, Any]] = user_runtime or None
 
     def __repr__(self) -> str:
-        # resource_specification only when there is one (most tasks have none).
-        names = self.__slots__ if self.resource_specification is not None else self.__slots__[:-1]
+        # The optional fields only when there are some (most tasks have none).
+        names = [
+            name
+            for name in self.__slots__
+            if name not in ("resource_specification", "user_runtime")
+            or getattr(self, name) is not None
+        ]
         fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in names)
         return f"{type(self).__name__}({fields})"
 
@@ -173,6 +185,8 @@ class Task(_Record):
             data["function_id"] = self.function_id
         if self.resource_specification is not None:
             data["resource_specification"] = self.resource_specification
+        if self.user_runtime is not None:
+            data["user_runtime"] = self.user_runtime
         return data
 
     @classmethod
@@ -186,6 +200,7 @@ class Task(_Record):
             None if container is None else Container.from_wire(container),
             data.get("function_id"),
             data.get("resource_specification"),
+            data.get("user_runtime"),
         )
 
 
@@ -196,9 +211,12 @@ class Result(_Record):
     is None.  On failure ``error_details`` says why and ``data`` is text for
     a person (for ``RemoteExecutionError``, the traceback of the user's code).
     ``task_statuses`` are transitions seen on the way, in any order.
+    ``details`` (optional, as Globus Compute's results carry it: funcX 1.0's
+    ``funcx_common`` ignores it) is the environment of the worker that ran
+    the task (see :mod:`funcx_endpoint.wire.runtime`), written only when known.
     """
 
-    __slots__ = ("task_id", "data", "error_details", "task_statuses")
+    __slots__ = ("task_id", "data", "error_details", "task_statuses", "details")
     message_type: ClassVar[str] = "result"
 
     def __init__(
@@ -207,6 +225,7 @@ class Result(_Record):
         data: str,
         error_details: Optional[ResultErrorDetails] = None,
         task_statuses: Optional[Sequence[TaskTransition]] = None,
+        details: Optional[Dict[str, Any]] = None,
     ) -> None:
         self.task_id: str = _uuid(task_id, "task_id")
         self.data: str = _str(data, "data")
@@ -218,6 +237,14 @@ class Result(_Record):
         self.task_statuses: Optional[List[TaskTransition]] = (
             None if task_statuses is None else _check_transitions(task_statuses, "task_statuses")
         )
+        if details is not None and not isinstance(details, dict):
+            raise MessageError(f"details must be a dict or null, got {_show(details)}")
+        self.details: Optional[Dict[str, Any]] = details
+
+    def __repr__(self) -> str:
+        names = self.__slots__ if self.details is not None else self.__slots__[:-1]
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in names)
+        return f"{type(self).__name__}({fields})"
 
     @property
     def is_error(self) -> bool:
@@ -259,12 +286,15 @@ class Result(_Record):
         """The JSON-ready ``data`` of this message."""
         details = self.error_details
         statuses = self.task_statuses
-        return {
+        data = {
             "task_id": self.task_id,
             "data": self.data,
             "error_details": None if details is None else details.to_wire(),
             "task_statuses": None if statuses is None else _transitions_to_wire(statuses),
         }
+        if self.details is not None:
+            data["details"] = self.details
+        return data
 
     @classmethod
     def from_wire(cls, data: Dict[str, Any]) -> Result:
@@ -276,6 +306,8 @@ class Result(_Record):
             _required(data, "data", "data"),
             None if details is None else ResultErrorDetails.from_wire(details),
             None if statuses is None else _transitions_from_wire(statuses, "task_statuses"),
+            # Unknown shapes of an optional field are ignored, as unknown fields.
+            details if isinstance(details := data.get("details"), dict) else None,
         )
 
 

@@ -18,12 +18,16 @@ message is a concatenation, and the bytes are exactly those
 ``error_details``
     ``null``, or the JSON object ``{"code": ..., "user_message": ...}``;
 ``task_statuses``
-    ``null``, or the JSON array of the task's transitions.
+    ``null``, or the JSON array of the task's transitions;
+``details``
+    ``null``, or the JSON object of the worker's environment (written in the
+    message only when not ``null``; see :mod:`funcx_endpoint.wire.runtime`).
 
 On the pipes and over AMP a packed result is one byte string in the list
 framing (:mod:`funcx_endpoint.wire.framing`): task id, error details,
-statuses, data.  :meth:`PackedResult.decode` returns the data as a memoryview
-of what was received, so a large payload is not copied on the way.
+statuses, data, and the details when there are some.
+:meth:`PackedResult.decode` returns the data as a memoryview of what was
+received, so a large payload is not copied on the way.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ _MESSAGE_HEAD = bytes([PROTOCOL_VERSION]) + b'{"message_type":"result","data":'
 _MESSAGE_TAIL = b"}"
 _TRANSITION = '{"timestamp":%d,"state":"%s","actor":"%s"}'
 _OBJECT_PIECES = (b'{"task_id":"', b'","data":', b',"error_details":', b',"task_statuses":', b"}")
+_DETAILS_PIECE = b',"details":'
 # The object's fixed pieces and a task id (a canonical UUID: 36 characters).
 _FIXED_OBJECT_LENGTH = sum(map(len, _OBJECT_PIECES)) + 36
 
@@ -76,7 +81,7 @@ def transitions_json(transitions: Sequence[TaskTransition]) -> bytes:
 class PackedResult:
     """One task's result as the processes between the worker and the broker carry it."""
 
-    __slots__ = ("task_id", "data", "error_details", "task_statuses")
+    __slots__ = ("task_id", "data", "error_details", "task_statuses", "details")
 
     def __init__(
         self,
@@ -84,11 +89,13 @@ class PackedResult:
         data: Union[Buffer, Pieces],
         error_details: bytes = _NULL,
         task_statuses: bytes = _NULL,
+        details: bytes = _NULL,
     ) -> None:
         self.task_id = task_id
         self.data = data
         self.error_details = error_details
         self.task_statuses = task_statuses
+        self.details = details
 
     # -- making one ---------------------------------------------------------
 
@@ -133,6 +140,7 @@ class PackedResult:
             _encode_json(result.data).encode("ascii"),
             _NULL if details is None else _encode_json(details.to_wire()).encode("ascii"),
             _NULL if statuses is None else transitions_json(statuses),
+            _NULL if result.details is None else _encode_json(result.details).encode("ascii"),
         )
 
     # -- on the links ---------------------------------------------------------
@@ -140,14 +148,15 @@ class PackedResult:
     def encode(self) -> bytes:
         """The bytes that carry it over a pipe or AMP."""
         data = self.data
-        return encode_list(
-            (
-                self.task_id.encode("ascii"),
-                self.error_details,
-                self.task_statuses,
-                data if not isinstance(data, list) else b"".join(data),
-            )
-        )
+        items = [
+            self.task_id.encode("ascii"),
+            self.error_details,
+            self.task_statuses,
+            data if not isinstance(data, list) else b"".join(data),
+        ]
+        if self.details != _NULL:
+            items.append(self.details)
+        return encode_list(items)
 
     @classmethod
     def decode(cls, raw: Union[Buffer, Pieces]) -> PackedResult:
@@ -181,11 +190,12 @@ class PackedResult:
             items = split(raw)
         except FramingError as exc:
             raise MessageError(f"unreadable result: {exc}", message_type="result") from None
-        if len(items) != 4:
+        if len(items) not in (4, 5):
             raise MessageError(
-                f"a packed result has 4 parts, this one {len(items)}", message_type="result"
+                f"a packed result has 4 or 5 parts, this one {len(items)}", message_type="result"
             )
-        raw_id, details, statuses, data = items
+        raw_id, details, statuses, data = items[:4]
+        environment = join_pieces(items[4]) if len(items) == 5 else _NULL
         task_id = join_pieces(raw_id).decode("ascii", "replace")
         if not _CANONICAL_UUID.match(task_id):
             raise MessageError(f"a packed result's task id is not a UUID: {task_id[:60]!r}")
@@ -198,13 +208,14 @@ class PackedResult:
             and _data_length(data) >= 2
             and first_data[:1] == b'"'
             and last_data[-1:] == b'"'
+            and (environment == _NULL or environment[:1] == b"{")
         ):
             raise MessageError(
                 f"the packed result of task {task_id} is malformed",
                 message_type="result",
                 task_id=task_id,
             )
-        return cls(task_id, data, details_bytes, statuses_bytes)
+        return cls(task_id, data, details_bytes, statuses_bytes, bytes(environment))
 
     # -- what routers do -------------------------------------------------------
 
@@ -241,6 +252,7 @@ class PackedResult:
             self.error_details,
             after_details,
             self.task_statuses,
+            *(() if self.details == _NULL else (_DETAILS_PIECE, self.details)),
             tail,
         ]
 
@@ -257,6 +269,7 @@ class PackedResult:
             + _data_length(self.data)
             + len(self.error_details)
             + len(self.task_statuses)
+            + (0 if self.details == _NULL else len(_DETAILS_PIECE) + len(self.details))
         )
 
     def to_result(self) -> Result:

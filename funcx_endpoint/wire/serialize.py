@@ -242,10 +242,16 @@ class Serializer:
 
     ``code_methods`` is the order in which code methods are tried for
     callables; the first that succeeds is used.  Readers accept every method
-    whatever this order is.
+    whatever this order is, except that with ``load_bytecode`` false functions
+    pickled with their bytecode (``01``, ``02``, the ``01`` part of ``10``) are
+    refused: the bytecode of another Python minor version may crash the
+    interpreter that runs it, so a worker loads such a function from its source
+    only (see :mod:`funcx_endpoint.wire.runtime`).
     """
 
-    def __init__(self, code_methods: Sequence[str] = DEFAULT_CODE_METHODS) -> None:
+    def __init__(
+        self, code_methods: Sequence[str] = DEFAULT_CODE_METHODS, *, load_bytecode: bool = True
+    ) -> None:
         unknown = [m for m in code_methods if m not in CODE_METHODS]
         if unknown or not code_methods:
             raise ValueError(
@@ -267,6 +273,14 @@ class Serializer:
             METHOD_SOURCE_DILL + "\n": self._read_source,
             METHOD_COMBINED + "\n": self._read_combined,
         }
+        if not load_bytecode:
+            self._readers = dict(
+                self._readers,
+                **{
+                    METHOD_DILL_CODE + "\n": self._refuse_bytecode,
+                    METHOD_PICKLE_CODE + "\n": self._refuse_bytecode,
+                },
+            )
 
     # -- writing ------------------------------------------------------------
 
@@ -385,6 +399,12 @@ class Serializer:
 
     def _read_pickle_code(self, method: str, body: str) -> Any:
         return _unpickle(_b64decode(body, method), method, "function", pickle.loads)
+
+    def _refuse_bytecode(self, method: str, body: str) -> Any:
+        raise DeserializationError(
+            f"the function was pickled with its bytecode (method {method!r}), which is not "
+            f"loaded into another Python version, and has no source to load instead"
+        )
 
     def _read_source(self, method: str, body: str) -> Any:
         pair = _unpickle(_b64decode(body, method), method, "(name, source) pair", dill.loads)

@@ -12,6 +12,19 @@ Error texts are bounded too: the one-line summary (``error_details``) to
 never more than the result size limit), keeping their head and tail and
 saying how big they were, so that ``raise ValueError("x" * 20_000_000)``
 gives a small error result, not a 40 MB one.
+
+Every result carries the worker's environment (``details``: Python, dill,
+OS, host).  A task buffer may start with the submitter's versions (a
+``#runtime:`` header, :mod:`funcx_endpoint.wire.runtime`): when its Python
+minor version differs from the worker's, functions are loaded from their
+source only (never another Python's bytecode, which may crash the worker),
+and a task that cannot be loaded while the versions differ is a
+``VersionMismatch`` naming both sides rather than a ``DeserializationError``.
+
+With ``run_in_sandbox`` (the variable ``FUNCX_TASK_SANDBOX_DIR`` names the
+directory of the sandboxes) each task runs in its own directory,
+``<that directory>/<task id>``, made for it; the worker goes back to its own
+directory afterwards.
 """
 
 from __future__ import annotations
@@ -41,6 +54,16 @@ from funcx_endpoint.wire.resources import (
     check_resource_specification,
     split_resources_header,
 )
+from funcx_endpoint.wire.runtime import (
+    RUNTIME_HEADER,
+    UserRuntimeError,
+    describe_runtime,
+    local_runtime,
+    runtime_difference,
+    split_runtime_header,
+    worker_details,
+)
+from funcx_endpoint.wire.serialize import Serializer
 
 #: The default largest serialized result, in bytes (as funcX).
 DEFAULT_RESULT_SIZE_LIMIT = 10 * 1024 * 1024
@@ -143,6 +166,11 @@ class TaskRunner:
         self._report_phase = report_phase
         self._functions = FunctionCache(cache_size, self._loading_function)
         self._loading = False
+        self._runtime = local_runtime()
+        #: The directory of the task sandboxes (None: tasks run where the worker does).
+        self.sandbox_root: Optional[str] = os.environ.get(SANDBOX_VARIABLE) or None
+        #: This worker's environment, as every result carries it (JSON).
+        self.details = _encode_json(worker_details()).encode("ascii")
 
     def _loading_function(self) -> None:
         self._loading = True
@@ -154,6 +182,14 @@ class TaskRunner:
         # way): running (the manager's stamp), execution start and end.
         statuses = [_RUNNING % running_ns]
         environment: Dict[str, Optional[str]] = {TASK_ID_VARIABLE: task_id}
+        details = self.details
+        theirs: Optional[Dict[str, str]] = None
+        if task_buffer.startswith(RUNTIME_HEADER):
+            try:
+                theirs, task_buffer = split_runtime_header(task_buffer)
+            except UserRuntimeError as exc:
+                message = clip(f"Task {task_id} could not be read: {exc}", MAX_SUMMARY_BYTES)
+                return _failure(task_id, ErrorCode.MALFORMED_TASK, message, None, statuses, details)
         if task_buffer.startswith(RESOURCES_HEADER):
             try:
                 spec, task_buffer = split_resources_header(task_buffer)
@@ -161,24 +197,50 @@ class TaskRunner:
             except (ResourceSpecificationError, ValueError) as exc:
                 message = clip(f"Task {task_id} cannot run here: {exc}", MAX_SUMMARY_BYTES)
                 code = ErrorCode.RESOURCE_SPECIFICATION_ERROR
-                return _failure(task_id, code, message, None, statuses)
+                return _failure(task_id, code, message, None, statuses, details)
+        python_differs, dill_differs = (
+            runtime_difference(theirs, self._runtime) if theirs else (False, False)
+        )
         try:
-            fn, args, kwargs = self._load(task_buffer)
+            fn, args, kwargs = self._load(task_buffer, python_differs)
         except Exception as exc:
+            if python_differs or dill_differs:
+                message = clip(
+                    f"Task {task_id} could not be loaded: it was serialized with "
+                    f"{describe_runtime(theirs or {})} and this worker runs "
+                    f"{describe_runtime(self._runtime)} ({exc})",
+                    MAX_SUMMARY_BYTES,
+                )
+                code = ErrorCode.VERSION_MISMATCH
+                return _failure(task_id, code, message, None, statuses, details)
             message = clip(f"Task {task_id} could not be deserialized: {exc}", MAX_SUMMARY_BYTES)
-            return _failure(task_id, ErrorCode.DESERIALIZATION_ERROR, message, None, statuses)
+            code = ErrorCode.DESERIALIZATION_ERROR
+            return _failure(task_id, code, message, None, statuses, details)
+        home = None
+        if self.sandbox_root is not None:
+            try:
+                home = _enter_sandbox(self.sandbox_root, task_id)
+            except OSError as exc:
+                message = clip(
+                    f"Task {task_id} could not enter its sandbox in {self.sandbox_root}: {exc}",
+                    MAX_SUMMARY_BYTES,
+                )
+                code = ErrorCode.SANDBOX_UNAVAILABLE
+                return _failure(task_id, code, message, None, statuses, details)
         statuses.append(_STARTED % time_ns())
         previous = _set_environment(environment)
         try:
             value = fn(*args, **kwargs)
         except BaseException as exc:  # the user's code may raise anything, SystemExit too
             _set_environment(previous)
+            _leave_sandbox(home)
             statuses.append(_ENDED % time_ns())
             text = clip(_user_traceback(exc), min(MAX_TRACEBACK_BYTES, self.result_size_limit))
             return _failure(
-                task_id, ErrorCode.REMOTE_EXECUTION_ERROR, _summary(exc), text, statuses
+                task_id, ErrorCode.REMOTE_EXECUTION_ERROR, _summary(exc), text, statuses, details
             )
         _set_environment(previous)
+        _leave_sandbox(home)
         statuses.append(_ENDED % time_ns())
         try:
             data = serialize(value)
@@ -186,7 +248,8 @@ class TaskRunner:
             message = clip(
                 f"The result of task {task_id} could not be serialized: {exc}", MAX_SUMMARY_BYTES
             )
-            return _failure(task_id, ErrorCode.REMOTE_EXECUTION_ERROR, message, None, statuses)
+            code = ErrorCode.REMOTE_EXECUTION_ERROR
+            return _failure(task_id, code, message, None, statuses, details)
         del value
         size = len(data)
         if size > self.result_size_limit:
@@ -194,13 +257,19 @@ class TaskRunner:
                 f"The result of task {task_id} is {size} bytes serialized, more than the "
                 f"result size limit of {self.result_size_limit} bytes"
             )
-            return _failure(task_id, ErrorCode.MAX_RESULT_SIZE_EXCEEDED, message, None, statuses)
+            code = ErrorCode.MAX_RESULT_SIZE_EXCEEDED
+            return _failure(task_id, code, message, None, statuses, details)
         return PackedResult(
-            task_id, _encode_json(data).encode("ascii"), _NULL, _statuses(statuses)
+            task_id, _encode_json(data).encode("ascii"), _NULL, _statuses(statuses), details
         ).encode()
 
-    def _load(self, task_buffer: str) -> Tuple[Callable[..., Any], Tuple[Any, ...], Dict[str, Any]]:
+    def _load(
+        self, task_buffer: str, source_only: bool = False
+    ) -> Tuple[Callable[..., Any], Tuple[Any, ...], Dict[str, Any]]:
         try:
+            if source_only:
+                # Another Python's bytecode is never loaded (nor cached).
+                return _SOURCE_ONLY.unpack_task_buffer(task_buffer)
             return unpack_task_buffer(task_buffer, function_cache=self._functions)
         finally:
             if self._loading:
@@ -221,6 +290,27 @@ def _mpi_environment(spec: Any) -> Dict[str, Optional[str]]:
     return mpi_environment(check_resource_specification(spec), os.environ)
 
 
+#: The variable that names the directory of task sandboxes (run_in_sandbox).
+SANDBOX_VARIABLE = "FUNCX_TASK_SANDBOX_DIR"
+
+
+def _enter_sandbox(root: str, task_id: str) -> str:
+    """Make and enter ``root/task_id``; the directory to go back to."""
+    home = os.getcwd()
+    path = os.path.join(root, task_id)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.chdir(path)
+    return home
+
+
+def _leave_sandbox(home: Optional[str]) -> None:
+    if home is not None:
+        try:
+            os.chdir(home)
+        except OSError:
+            pass
+
+
 def _set_environment(values: Dict[str, Optional[str]]) -> Dict[str, Optional[str]]:
     """Set (or, for None, remove) variables; their previous values."""
     environ = os.environ
@@ -237,6 +327,7 @@ _RUNNING = '{"timestamp":%d,"state":"running","actor":"manager"}'
 _STARTED = '{"timestamp":%d,"state":"execution-start","actor":"worker"}'
 _ENDED = '{"timestamp":%d,"state":"execution-end","actor":"worker"}'
 _NULL = b"null"
+_SOURCE_ONLY = Serializer(load_bytecode=False)
 
 
 def _statuses(transitions: List[str]) -> bytes:
@@ -244,9 +335,14 @@ def _statuses(transitions: List[str]) -> bytes:
 
 
 def _failure(
-    task_id: str, code: str, message: str, data: Optional[str], transitions: List[str]
+    task_id: str,
+    code: str,
+    message: str,
+    data: Optional[str],
+    transitions: List[str],
+    environment: bytes = _NULL,
 ) -> bytes:
     """The encoded failure result (``data`` defaults to ``message``, as Result.failure)."""
     details = _encode_json({"code": code, "user_message": message}).encode("ascii")
     text = _encode_json(message if data is None else data).encode("ascii")
-    return PackedResult(task_id, text, details, _statuses(transitions)).encode()
+    return PackedResult(task_id, text, details, _statuses(transitions), environment).encode()
