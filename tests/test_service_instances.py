@@ -9,6 +9,7 @@
 - :class:`~funcx_endpoint.webservice.cluster.FailoverAdministrator`: the next
   node's management API when one cannot be reached.
 - The settings of the cluster mode, and the quorum queue arguments.
+- The caller's address behind a trusted load balancer (``X-Forwarded-For``).
 
 The cluster itself (three RabbitMQ nodes, two instances, a node and an
 instance killed) is in ``tests/test_service_cluster.py``.
@@ -20,10 +21,12 @@ import threading
 import uuid
 from typing import Any, Callable, List
 
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -34,6 +37,7 @@ from funcx_endpoint.webservice.cluster import (
     management_apis,
     queue_arguments,
 )
+from funcx_endpoint.webservice.http import Call
 from funcx_endpoint.webservice.management import (
     BrokerUnavailable,
     IBrokerAdministrator,
@@ -325,3 +329,27 @@ class ClusterSettingsTests(SynchronousTestCase):
         self.assertTrue(settings.effective_instance_id.endswith(":4443"))
         settings = self.load(instance_id="web-1", amqp_url="amqp://u:p@h/v")
         self.assertEqual(settings.effective_instance_id, "web-1")
+
+
+class TrustedProxyTests(SynchronousTestCase):
+    """Behind a load balancer, the caller's address comes from ``X-Forwarded-For``,
+    and only when the balancer is a trusted proxy (else anyone could claim any
+    address, and escape the login back-off)."""
+
+    def call(self, peer: str, forwarded: List[bytes], trusted: Any = frozenset()) -> Call:
+        request = DummyRequest([b""])
+        request.client = IPv4Address("TCP", peer, 40000)
+        for value in forwarded:
+            request.requestHeaders.addRawHeader(b"x-forwarded-for", value)
+        return Call(request, {}, frozenset(trusted))  # type: ignore[arg-type]
+
+    def test_direct_callers_are_their_peer_address(self) -> None:
+        self.assertEqual(self.call("192.0.2.7", [b"203.0.113.9"]).client_ip(), "192.0.2.7")
+
+    def test_the_last_untrusted_hop_behind_trusted_proxies(self) -> None:
+        lb = {"10.0.0.1", "10.0.0.2"}
+        call = self.call("10.0.0.1", [b"198.51.100.1, 203.0.113.9", b"10.0.0.2"], lb)
+        # The client may have sent a forged first entry; the last one the trusted
+        # proxies added is the address that reached them.
+        self.assertEqual(call.client_ip(), "203.0.113.9")
+        self.assertEqual(self.call("10.0.0.1", [], lb).client_ip(), "10.0.0.1")

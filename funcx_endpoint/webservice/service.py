@@ -324,7 +324,8 @@ class WebService(MultiService):
             ),
         ).install(router)
         HealthAPI(broker, self.embedded).install(router)
-        self._root.target = APIResource(router, authenticator)
+        proxies = frozenset(p.strip() for p in (settings.trusted_proxies or "").split(","))
+        self._root.target = APIResource(router, authenticator, proxies - {""})
 
         self._purger = TokenPurger(storage, self._clock)
         self._purger.startService()

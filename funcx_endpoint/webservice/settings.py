@@ -232,6 +232,13 @@ OPTIONS: List[Option] = [
         "(quorum: replicated over a cluster's nodes)",
     ),
     Option(
+        "trusted_proxies",
+        "trusted-proxies",
+        str,
+        "Addresses (a,b,...) of load balancers whose X-Forwarded-For header names the "
+        "caller (for login back-off and endpoint addresses)",
+    ),
+    Option(
         "instance_id",
         "instance-id",
         str,
@@ -265,6 +272,7 @@ class ServiceSettings:
     management_hosts: Optional[str] = None
     queue_type: str = "classic"
     instance_id: Optional[str] = None
+    trusted_proxies: Optional[str] = None
     #: Seconds a task stored by one instance is left for it to publish before
     #: another instance sharing the database publishes it (several instances).
     claim_seconds: float = 15.0
