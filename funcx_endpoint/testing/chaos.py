@@ -557,19 +557,25 @@ def run_chaos(
     return result
 
 
+#: The submit and poll threads both make clients: one at a time changes os.environ
+#: (else one saves the other's values and puts them back for good).
+_ENV_LOCK = threading.Lock()
+
+
 def _client(env: Dict[str, str]) -> Any:
     from funcx_endpoint.sdk import FuncXClient
 
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        return FuncXClient(http_timeout=30)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with _ENV_LOCK:
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return FuncXClient(http_timeout=30)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 def _account(
