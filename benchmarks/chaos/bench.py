@@ -36,6 +36,13 @@ def main() -> int:
     )
     parser.add_argument("--managers", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2, help="workers per manager (2)")
+    parser.add_argument(
+        "--topology",
+        choices=("single", "cluster"),
+        default="single",
+        help="single: one broker node, one service (SQLite); cluster: three broker nodes "
+        "(quorum queues), two services (PostgreSQL) behind one address each",
+    )
     parser.add_argument("--state-dir", help="keep the stack's files here (default: a temp dir)")
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args()
@@ -71,6 +78,7 @@ def main() -> int:
             managers=args.managers,
             workers=args.workers,
             progress=progress,
+            topology=args.topology,
         )
     finally:
         reactor.callFromThread(reactor.stop)  # type: ignore[attr-defined]

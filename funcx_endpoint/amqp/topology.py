@@ -6,7 +6,7 @@ Names are functions so that every component spells them the same way.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Dict, Optional
 
 TASKS_EXCHANGE = "tasks"
 RESULTS_EXCHANGE = "results"
@@ -24,11 +24,17 @@ def results_routing_key(endpoint_id: str) -> str:
     return f"{endpoint_id}.results"
 
 
-async def declare_service_topology(channel: Any) -> None:
-    """Declare the exchanges and the results queue (idempotent)."""
+async def declare_service_topology(
+    channel: Any, queue_arguments: Optional[Dict[str, Any]] = None
+) -> None:
+    """Declare the exchanges and the results queue (idempotent); ``queue_arguments``
+    (e.g. ``{"x-queue-type": "quorum"}``) for the queue."""
     await channel.exchange_declare(exchange=TASKS_EXCHANGE, type="direct", durable=True)
     await channel.exchange_declare(exchange=RESULTS_EXCHANGE, type="topic", durable=True)
-    await channel.queue_declare(queue=RESULTS_QUEUE, durable=True)
+    if queue_arguments:
+        await channel.queue_declare(queue=RESULTS_QUEUE, durable=True, arguments=queue_arguments)
+    else:
+        await channel.queue_declare(queue=RESULTS_QUEUE, durable=True)
     await channel.queue_bind(
         queue=RESULTS_QUEUE, exchange=RESULTS_EXCHANGE, routing_key=RESULTS_BINDING
     )

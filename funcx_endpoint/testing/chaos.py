@@ -454,15 +454,26 @@ def run_chaos(
     managers: int = 2,
     workers: int = 2,
     progress: Callable[[str], None] = print,
+    topology: str = "single",
 ) -> ChaosResult:
     """Start the stack in ``base_dir``, stream ``tasks`` tasks under faults, stop
     the stack; the figures.  Blocking: call it from a thread, with the
-    reactor running (the proxy runs on it)."""
+    reactor running (the proxy runs on it).  ``topology`` is ``single`` (one
+    broker node, one service on SQLite) or ``cluster`` (three broker nodes with
+    quorum queues, two services on PostgreSQL:
+    :mod:`~funcx_endpoint.testing.chaos_cluster`)."""
     from funcx_endpoint.testing.chaos_stack import ChaosStack
 
     plan = schedule(seed, tasks, rounds, faults)
     rng = random.Random(seed + 1)
-    stack = ChaosStack(reactor, base_dir, managers=managers, workers=workers, progress=progress)
+    stack_class: Any = ChaosStack
+    if topology == "cluster":
+        from funcx_endpoint.testing.chaos_cluster import ClusterChaosStack
+
+        stack_class = ClusterChaosStack
+    elif topology != "single":
+        raise ValueError(f"the topology is single or cluster, not {topology!r}")
+    stack = stack_class(reactor, base_dir, managers=managers, workers=workers, progress=progress)
     log_dir = os.path.join(stack.base_dir, "runs")
     started = time.monotonic()
     try:
@@ -546,19 +557,25 @@ def run_chaos(
     return result
 
 
+#: The submit and poll threads both make clients: one at a time changes os.environ
+#: (else one saves the other's values and puts them back for good).
+_ENV_LOCK = threading.Lock()
+
+
 def _client(env: Dict[str, str]) -> Any:
     from funcx_endpoint.sdk import FuncXClient
 
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        return FuncXClient(http_timeout=30)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with _ENV_LOCK:
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return FuncXClient(http_timeout=30)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 def _account(

@@ -154,6 +154,9 @@ class ChaosStack:
         self.config_dir = os.path.join(self.base_dir, "endpoints")
         self.ep = EndpointDir(self.config_dir, ENDPOINT_NAME)
         self.env: Dict[str, str] = {}
+        self.service_address = ""
+        self.service_ca = ""
+        self.amqp_ca = ""
         self.endpoint_id = ""
         #: "tmpfs" if the spool is on a tmpfs of its own, else why not.
         self.spool_fs = "not mounted"
@@ -164,6 +167,12 @@ class ChaosStack:
 
     def start(self) -> None:
         os.makedirs(self.base_dir, mode=0o700, exist_ok=True)
+        self._start_backend()
+        self._start_endpoint()
+
+    def _start_backend(self) -> None:
+        """The broker, the proxy and the service; sets :attr:`service_address`,
+        :attr:`service_ca`, :attr:`amqp_ca` and :attr:`env` (a client's)."""
         self.progress("starting RabbitMQ")
         self.node.start()
         self.proxy = PartitionableProxy(
@@ -177,26 +186,31 @@ class ChaosStack:
         self.service = _Service(self.node, state_dir, _free_port(), port.getHost().port)
         self.service.start()
         self.env = self.service.client_env(self.service.create_client("chaos"))
+        self.service_address = self.service.base_url
+        self.service_ca = self.service.ca_file
+        self.amqp_ca = self.node.ca_cert_path
+
+    def _start_endpoint(self) -> None:
         self.progress("configuring and starting the endpoint")
         self._check(
             self.cli(
                 "configure",
                 ENDPOINT_NAME,
                 "--service-address",
-                self.service.base_url,
+                self.service_address,
                 "--service-ca-file",
-                self.service.ca_file,
+                self.service_ca,
                 "--amqp-ca-file",
-                self.node.ca_cert_path,
+                self.amqp_ca,
             ),
             "configure",
         )
         with open(self.ep.config_file, "w") as f:
             f.write(
                 CONFIG.format(
-                    service_address=self.service.base_url,
-                    service_ca=self.service.ca_file,
-                    amqp_ca=self.node.ca_cert_path,
+                    service_address=self.service_address,
+                    service_ca=self.service_ca,
+                    amqp_ca=self.amqp_ca,
                     amqp_heartbeat=self.amqp_heartbeat,
                     heartbeat=self.heartbeat,
                     heartbeat_threshold=self.heartbeat_threshold,
@@ -236,6 +250,10 @@ class ChaosStack:
             self.spool_fs = f"not mounted ({(result.stderr or result.stdout).strip()[:200]})"
 
     def stop(self) -> None:
+        self._stop_endpoint()
+        self._stop_backend()
+
+    def _stop_endpoint(self) -> None:
         if self._started_endpoint:
             self.progress("stopping the endpoint")
             result = self.cli("stop", ENDPOINT_NAME, timeout=120)
@@ -248,6 +266,8 @@ class ChaosStack:
         if self._watchdog is not None:
             watchdog, self._watchdog = self._watchdog, None
             watchdog.release(timeout=5)
+
+    def _stop_backend(self) -> None:
         if self.service is not None:
             self.service.stop()
         if self.proxy is not None:

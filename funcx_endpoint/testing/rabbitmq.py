@@ -296,7 +296,9 @@ class RabbitMQNode:
     ``name`` is the Erlang node name (default ``funcx-<random>@localhost``);
     ``ports`` fixes the ports instead of picking free ones; ``extra_config`` adds or
     overrides ``rabbitmq.conf`` settings (e.g. ``{"consumer_timeout": "60000"}``);
-    ``start_timeout`` bounds :meth:`start` (default 120 s, or
+    ``shared_epmd`` says the epmd on ``ports.epmd`` is someone else's (a cluster's,
+    :mod:`~funcx_endpoint.testing.rabbitmq_cluster`): the node registers there and
+    neither starts nor stops one; ``start_timeout`` bounds :meth:`start` (default 120 s, or
     ``$FUNCX_TEST_RABBITMQ_START_TIMEOUT``); ``server_path`` names
     ``rabbitmq-server`` (default ``$FUNCX_TEST_RABBITMQ_SERVER``, else the Debian
     path); ``registry_dir`` is where running nodes are recorded for the reaper.
@@ -317,7 +319,9 @@ class RabbitMQNode:
         start_timeout: float | None = None,
         registry_dir: str | None = None,
         server_path: str | None = None,
+        shared_epmd: bool = False,
     ) -> None:
+        self._shared_epmd = shared_epmd
         self._requested_base_dir = base_dir
         self._requested_name = name
         self._requested_ports = ports
@@ -550,7 +554,11 @@ class RabbitMQNode:
         )
         started = time.monotonic()
         try:
-            self._start_epmd(programs)
+            if self._shared_epmd:
+                if not self._epmd_answers(programs):
+                    raise RabbitMQStartError(f"no epmd answers on port {ports.epmd}")
+            else:
+                self._start_epmd(programs)
             self._register()
             self._start_watchdog()
             self._start_server(programs)
@@ -637,7 +645,7 @@ class RabbitMQNode:
         succeeds, watching the server meanwhile (the probe does not notice a
         server that dies before writing its pid file)."""
         server, epmd = self._server, self._epmd
-        assert server is not None and epmd is not None
+        assert server is not None and (epmd is not None or self._shared_epmd)
         last_error = ""
         while True:
             remaining = deadline - time.monotonic()
@@ -658,7 +666,7 @@ class RabbitMQNode:
                         pass
                     if server.poll() is not None:
                         raise self._failure(f"exited with code {server.returncode} while starting")
-                    if epmd.poll() is not None:
+                    if epmd is not None and epmd.poll() is not None:
                         raise self._failure(f"lost its epmd (exit code {epmd.returncode})")
                     if time.monotonic() > deadline:
                         raise self._failure(

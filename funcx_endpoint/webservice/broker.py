@@ -23,6 +23,7 @@ from typing import Any, Callable, List, Optional, Set
 import attr
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, fail
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
@@ -32,6 +33,7 @@ from funcx_endpoint.amqp.client import AMQPClient
 from funcx_endpoint.amqp.codec import Properties
 from funcx_endpoint.amqp.connection import AMQPURL, AMQPConnectionService, close_reason
 from funcx_endpoint.amqp.publisher import ConfirmingPublisher, PublishFailed
+from funcx_endpoint.webservice.cluster import queue_arguments
 from funcx_endpoint.webservice.management import BrokerUnavailable
 
 __all__ = ["IServiceBroker", "ServiceBroker"]
@@ -92,6 +94,12 @@ class ServiceBroker(Service):
     _ca_file: Optional[str] = attr.ib(default=None, kw_only=True)
     _prefetch: int = attr.ib(default=2000, kw_only=True)
     _heartbeat: int = attr.ib(default=30, kw_only=True)
+    #: ``classic`` or ``quorum``: the type of every queue declared here.
+    queue_type: str = attr.ib(default="classic", kw_only=True)
+    #: Other service instances share this virtual host (and its results queue).
+    shared: bool = attr.ib(default=False, kw_only=True)
+    #: How to reach the broker (default: ``url``'s host); e.g. a cluster's nodes.
+    _endpoint: Optional[IStreamClientEndpoint] = attr.ib(default=None, kw_only=True)
     _publisher: Optional[ConfirmingPublisher] = attr.ib(default=None, init=False)
     _client: Optional[AMQPClient] = attr.ib(default=None, init=False)
     _control: Optional[FastChannel] = attr.ib(default=None, init=False)
@@ -110,6 +118,7 @@ class ServiceBroker(Service):
             ca_file=self._ca_file,
             heartbeat=self._heartbeat,
             name="amqp",
+            endpoint=self._endpoint,
         )
 
     # -- lifecycle ----------------------------------------------------------
@@ -138,10 +147,12 @@ class ServiceBroker(Service):
 
     async def _prepare(self, client: AMQPClient) -> None:
         channel = await client.open_channel(1)
-        await topology.declare_service_topology(channel)
+        await topology.declare_service_topology(channel, queue_arguments(self.queue_type))
         await channel.basic_qos(prefetch_count=self._prefetch)
-        reply = await channel.queue_declare(queue=topology.RESULTS_QUEUE, durable=True)
-        if reply.consumer_count:
+        reply = await channel.queue_declare(
+            queue=topology.RESULTS_QUEUE, durable=True, arguments=queue_arguments(self.queue_type)
+        )
+        if reply.consumer_count and not self.shared:
             self.log.warn(
                 "The results queue already has {n} consumer(s): is another funcx-service "
                 "using this broker's virtual host {vhost}? Each service needs its own (they "
@@ -230,7 +241,9 @@ class ServiceBroker(Service):
         queue = topology.task_queue(endpoint_id)
 
         async def declare(channel: FastChannel) -> int:
-            reply = await channel.queue_declare(queue=queue, durable=True)
+            reply = await channel.queue_declare(
+                queue=queue, durable=True, arguments=queue_arguments(self.queue_type)
+            )
             await channel.queue_bind(
                 queue=queue, exchange=topology.TASKS_EXCHANGE, routing_key=queue
             )
@@ -260,7 +273,11 @@ class ServiceBroker(Service):
 
         async def declare(channel: FastChannel) -> None:
             await channel.queue_declare(
-                queue=queue, durable=True, arguments={"x-expires": int(ttl_seconds * 1000)}
+                queue=queue,
+                durable=True,
+                arguments=queue_arguments(
+                    self.queue_type, **{"x-expires": int(ttl_seconds * 1000)}
+                ),
             )
 
         await self._control_op(declare)

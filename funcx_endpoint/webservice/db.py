@@ -432,6 +432,14 @@ MIGRATIONS: List[Tuple[int, str, List[str]]] = [
             "ALTER TABLE tasks ADD COLUMN details TEXT",
         ],
     ),
+    (
+        6,
+        "which service instance publishes a task (or its result copy), and until when",
+        [
+            "ALTER TABLE tasks ADD COLUMN claimed_by TEXT",
+            "ALTER TABLE tasks ADD COLUMN claimed_until {REAL}",
+        ],
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -18,7 +18,7 @@ import io
 import json
 import math
 import re
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Pattern, Tuple
+from typing import Any, Awaitable, Callable, Dict, FrozenSet, List, Optional, Pattern, Tuple
 from urllib.parse import unquote
 
 import attr
@@ -251,10 +251,16 @@ class Router:
 class Call:
     """One request, as a handler sees it."""
 
-    def __init__(self, request: server.Request, params: Dict[str, str]) -> None:
+    def __init__(
+        self,
+        request: server.Request,
+        params: Dict[str, str],
+        trusted_proxies: FrozenSet[str] = frozenset(),
+    ) -> None:
         self.request = request
         self.params = params
         self.identity: Any = None  # set by the authenticator
+        self._trusted_proxies = trusted_proxies
 
     @property
     def method(self) -> str:
@@ -282,8 +288,19 @@ class Call:
         }
 
     def client_ip(self) -> Optional[str]:
-        peer = self.request.getClientAddress()
-        return getattr(peer, "host", None)
+        """The caller's address; behind a trusted proxy (a load balancer in front of
+        several instances), the last address its ``X-Forwarded-For`` names that is
+        not a trusted proxy's."""
+        peer: Optional[str] = getattr(self.request.getClientAddress(), "host", None)
+        if peer is None or peer not in self._trusted_proxies:
+            return peer
+        hops: List[str] = []
+        for raw in self.request.requestHeaders.getRawHeaders(b"x-forwarded-for") or []:
+            hops += [h.strip() for h in raw.decode("latin-1").split(",") if h.strip()]
+        for hop in reversed(hops):
+            if hop not in self._trusted_proxies:
+                return hop
+        return peer
 
     def raw_body(self) -> bytes:
         content = self.request.content
@@ -341,10 +358,16 @@ class APIResource(Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, router: Router, authenticate: Authenticator) -> None:
+    def __init__(
+        self,
+        router: Router,
+        authenticate: Authenticator,
+        trusted_proxies: FrozenSet[str] = frozenset(),
+    ) -> None:
         super().__init__()
         self._router = router
         self._authenticate = authenticate
+        self._trusted_proxies = trusted_proxies
 
     def render(self, request: server.Request) -> Any:
         d = Deferred.fromCoroutine(self._handle(request))
@@ -369,7 +392,7 @@ class APIResource(Resource):
             path = request.path.decode("latin-1")
             method = request.method.decode("latin-1")
             route, params = self._router.match(method, path)
-            call = Call(request, params)
+            call = Call(request, params, self._trusted_proxies)
             if route.audiences is not None:
                 call.identity = await self._authenticate(call, route.audiences)
             status, body = await route.handler(call)

@@ -36,6 +36,7 @@ from twisted.web.resource import Resource
 
 from funcx_endpoint import tls
 from funcx_endpoint.amqp.connection import AMQPURL, connected_or_refused
+from funcx_endpoint.amqp.failover import cluster_endpoint, parse_hosts
 from funcx_endpoint.lifecycle import (
     EX_CONFIG,
     EX_OK,
@@ -55,6 +56,7 @@ from funcx_endpoint.webservice.api import FuncXAPI
 from funcx_endpoint.webservice.api_context import BrokerAddress
 from funcx_endpoint.webservice.auth import AuthAPI, Authenticator, TokenPurger
 from funcx_endpoint.webservice.broker import ServiceBroker
+from funcx_endpoint.webservice.cluster import FailoverAdministrator, management_apis
 from funcx_endpoint.webservice.db import DatabaseConfig, redact_url
 from funcx_endpoint.webservice.dispatch import TaskSender
 from funcx_endpoint.webservice.health import HealthAPI
@@ -64,7 +66,7 @@ from funcx_endpoint.webservice.management import ManagementAPI
 from funcx_endpoint.webservice.quotas import Quotas
 from funcx_endpoint.webservice.retention import RetentionPurger
 from funcx_endpoint.webservice.settings import ServiceSettings, client_env_lines
-from funcx_endpoint.webservice.storage import Storage
+from funcx_endpoint.webservice.storage import Claim, Storage
 
 __all__ = ["StartupReporter", "WebService", "exit_status", "load_tls_options"]
 
@@ -153,7 +155,7 @@ class WebService(MultiService):
         self.embedded: Optional[RabbitMQNodeService] = None
         self.storage: Optional[Storage] = None
         self.broker: Optional[ServiceBroker] = None
-        self.management: Optional[ManagementAPI] = None
+        self.management: Optional[ManagementAPI | FailoverAdministrator] = None
         self.sender: Optional[TaskSender] = None
         self.ingest: Optional[ResultIngest] = None
         self.port: Optional[IListeningPort] = None
@@ -217,7 +219,13 @@ class WebService(MultiService):
             public = _public_address(settings.broker_public_url, amqp_url)
 
         config = DatabaseConfig.from_url(settings.effective_database_url)
-        storage = Storage(config, self._reactor)
+        # Several instances share the database: each publishes what it stored.
+        claim = (
+            Claim(settings.effective_instance_id, settings.claim_seconds)
+            if self._shared()
+            else None
+        )
+        storage = Storage(config, self._reactor, claim=claim, clock=self._clock)
         self._progress(f"Opening the database ({config.describe()})")
         try:
             before, after = await storage.open()
@@ -227,15 +235,29 @@ class WebService(MultiService):
         if before != after:
             self.log.info("Database schema migrated from version {a} to {b}", a=before, b=after)
 
-        self.management = ManagementAPI(
-            self._reactor, management_url, amqp_url.vhost, ca_file=broker_ca
+        apis = management_apis(
+            self._reactor, management_url, settings.management_hosts, amqp_url.vhost, broker_ca
         )
+        self.management = apis[0] if len(apis) == 1 else FailoverAdministrator(apis)
         holder: List[ResultIngest] = []
+        broker_tls_ca = broker_ca if amqp_url.tls else None
         broker = ServiceBroker(
             self._reactor,
             amqp_url,
             lambda delivery, channel: holder[0].on_delivery(delivery, channel),
-            ca_file=broker_ca if amqp_url.tls else None,
+            ca_file=broker_tls_ca,
+            queue_type=settings.queue_type,
+            shared=self._shared(),
+            endpoint=(
+                cluster_endpoint(
+                    self._reactor,
+                    amqp_url,
+                    parse_hosts(settings.amqp_hosts, amqp_url.port),
+                    broker_tls_ca,
+                )
+                if settings.amqp_hosts
+                else None
+            ),
         )
         sender = TaskSender(
             self._reactor,
@@ -302,7 +324,8 @@ class WebService(MultiService):
             ),
         ).install(router)
         HealthAPI(broker, self.embedded).install(router)
-        self._root.target = APIResource(router, authenticator)
+        proxies = frozenset(p.strip() for p in (settings.trusted_proxies or "").split(","))
+        self._root.target = APIResource(router, authenticator, proxies - {""})
 
         self._purger = TokenPurger(storage, self._clock)
         self._purger.startService()
@@ -340,6 +363,11 @@ class WebService(MultiService):
             "funcx-service ready at {url} (pid {pid})", url=self.info["base_url"], pid=os.getpid()
         )
         self._reporter.ready(**self.info)
+
+    def _shared(self) -> bool:
+        """Whether other instances may share the database and the broker's virtual host."""
+        settings = self.settings
+        return bool(settings.amqp_hosts or settings.instance_id) or settings.queue_type == "quorum"
 
     def _progress(self, message: str) -> None:
         self.log.info("{message}", message=message)

@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional
 import attr
 
 from funcx_endpoint import tls
+from funcx_endpoint.amqp.failover import parse_hosts
 
 DEFAULT_STATE_DIR = os.path.join("~", ".funcx-service")
 STATE_DIR_ENV = "FUNCX_SERVICE_STATE_DIR"
@@ -99,6 +100,15 @@ def _seconds(text: str) -> float:
     if not 0 <= value < float("inf"):
         raise ValueError(f"must be a number of seconds, 0 or more, got {text!r}")
     return value
+
+
+QUEUE_TYPES = ("classic", "quorum")
+
+
+def _queue_type(text: str) -> str:
+    if text not in QUEUE_TYPES:
+        raise ValueError(f"the queue type is classic or quorum, not {text!r}")
+    return text
 
 
 def _existing_file(text: str) -> str:
@@ -200,6 +210,41 @@ OPTIONS: List[Option] = [
         _seconds,
         "Seconds a result is kept after it was first fetched (0: deleted at the next purge)",
     ),
+    Option(
+        "amqp_hosts",
+        "amqp-hosts",
+        str,
+        "host:port,host:port,... of every node of a RabbitMQ cluster, reached with "
+        "--amqp-url's scheme, user, password and virtual host (the service fails over)",
+    ),
+    Option(
+        "management_hosts",
+        "management-hosts",
+        str,
+        "host:port,... of the cluster nodes' management APIs, reached with "
+        "--management-url's scheme and credentials (the service fails over)",
+    ),
+    Option(
+        "queue_type",
+        "queue-type",
+        _queue_type,
+        "classic (default) or quorum: the type of the queues the service declares "
+        "(quorum: replicated over a cluster's nodes)",
+    ),
+    Option(
+        "trusted_proxies",
+        "trusted-proxies",
+        str,
+        "Addresses (a,b,...) of load balancers whose X-Forwarded-For header names the "
+        "caller (for login back-off and endpoint addresses)",
+    ),
+    Option(
+        "instance_id",
+        "instance-id",
+        str,
+        "Name of this instance among several sharing a database (default: host name "
+        "and port); tasks it stores are its to publish until it is silent for a while",
+    ),
 ]
 
 
@@ -223,6 +268,14 @@ class ServiceSettings:
     max_request_size: int = 10 * MIB
     heartbeat_threshold: float = 120.0
     token_lifetime: int = 48 * 3600
+    amqp_hosts: Optional[str] = None
+    management_hosts: Optional[str] = None
+    queue_type: str = "classic"
+    instance_id: Optional[str] = None
+    trusted_proxies: Optional[str] = None
+    #: Seconds a task stored by one instance is left for it to publish before
+    #: another instance sharing the database publishes it (several instances).
+    claim_seconds: float = 15.0
     #: How often unsent tasks and result copies are sent again (seconds).
     resend_interval: float = 2.0
     #: Status reports kept per endpoint for ``GET /endpoints/<id>/status``.
@@ -281,6 +334,13 @@ class ServiceSettings:
         return not self.amqp_url
 
     @property
+    def effective_instance_id(self) -> str:
+        """This instance's name among those sharing the database (stable across restarts)."""
+        import socket
+
+        return self.instance_id or f"{socket.gethostname()}:{self.port}"
+
+    @property
     def funcx_scope(self) -> str:
         return os.environ.get(SCOPE_ENV) or DEFAULT_FUNCX_SCOPE
 
@@ -296,6 +356,20 @@ class ServiceSettings:
             raise ValueError("--management-url needs --amqp-url (an existing broker)")
         if self.amqp_url and not self.amqp_url.startswith(("amqp://", "amqps://")):
             raise ValueError("--amqp-url must be an amqp:// or amqps:// URL")
+        if self.amqp_hosts and not self.amqp_url:
+            raise ValueError("--amqp-hosts needs --amqp-url (its scheme, user and password)")
+        for hosts in (self.amqp_hosts, self.management_hosts):
+            if hosts:
+                parse_hosts(hosts, 1)
+        if self.management_hosts and not self.amqp_url:
+            raise ValueError("--management-hosts needs --amqp-url (an existing broker)")
+        if self.instance_id and not self.amqp_url:
+            raise ValueError(
+                "--instance-id needs --amqp-url: instances share one broker (the embedded "
+                "broker is one instance's own)"
+            )
+        if self.queue_type == "quorum" and not self.amqp_url:
+            raise ValueError("--queue-type quorum needs --amqp-url (a RabbitMQ cluster)")
         if self.database_url and not self.database_url.startswith(
             ("postgresql://", "postgres://", "sqlite:")
         ):

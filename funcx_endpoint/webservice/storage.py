@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, cast
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 
 from funcx_endpoint.webservice.accounts import (
     find_token,
@@ -70,6 +71,7 @@ from funcx_endpoint.webservice.records import (
     UnsentTask,
 )
 from funcx_endpoint.webservice.tasks import (
+    Claim,
     get_tasks,
     insert_function,
     insert_tasks,
@@ -123,15 +125,25 @@ class Storage:
     """The service's storage: every method runs in a database thread.
 
     ``open()`` migrates the schema (in a thread) and starts the pool;
-    ``close()`` stops it.  A storage given a ``pool`` (any
+    ``close()`` stops it.  With a ``claim`` (several service instances share
+    the database), tasks and result copies are claimed by this instance, by
+    ``clock``'s time (see :mod:`~funcx_endpoint.webservice.tasks`).  A storage given a ``pool`` (any
     :class:`~funcx_endpoint.webservice.db.IConnectionPool`) is open at once:
     the caller has migrated its database.
     """
 
     def __init__(
-        self, config: DatabaseConfig, reactor: Any, *, pool: Optional[IConnectionPool] = None
+        self,
+        config: DatabaseConfig,
+        reactor: Any,
+        *,
+        pool: Optional[IConnectionPool] = None,
+        claim: Optional[Claim] = None,
+        clock: Optional[IReactorTime] = None,
     ) -> None:
         self.config = config
+        self.claim = claim
+        self._clock: IReactorTime = reactor if clock is None else clock
         self.dialect = Dialect(config.kind)
         self._reactor = reactor
         self._pool: Optional[IConnectionPool] = pool
@@ -258,7 +270,7 @@ class Storage:
         return self.run(context)
 
     def insert_tasks(self, tasks: Sequence[NewTask]) -> Deferred[None]:
-        return self.run(insert_tasks, tasks)
+        return self.run(insert_tasks, tasks, self.claim)
 
     def mark_sent(self, task_ids: Sequence[str]) -> Deferred[None]:
         return self.run(mark_sent, task_ids)
@@ -267,13 +279,14 @@ class Storage:
         return self.run(send_unfinished_again, endpoint_id)
 
     def unsent_tasks(self, limit: int, created_before: float) -> Deferred[List[UnsentTask]]:
-        return self.run(unsent_tasks, limit, created_before)
+        return self.run(unsent_tasks, limit, created_before, self.claim, self._clock.seconds())
 
     def store_results(
         self, results: Sequence[IncomingResult], now: Optional[float] = None
     ) -> Deferred[List[StoredOutcome]]:
-        """Store results; ``now`` (the service's clock) stamps when the tasks finished."""
-        return self.run(store_results, results, now)
+        """Store results; ``now`` (the service's clock) stamps when the tasks finished
+        (and, with a claim, from when this instance's claims on their copies run)."""
+        return self.run(store_results, results, now, self.claim)
 
     def get_tasks(self, task_ids: Sequence[str], owner: str) -> Deferred[Dict[str, Dict[str, Any]]]:
         return self.run(get_tasks, task_ids, owner)
@@ -282,7 +295,7 @@ class Storage:
         return self.run(task_group, task_group_id, owner)
 
     def pending_copies(self, limit: int) -> Deferred[List[ResultCopy]]:
-        return self.run(pending_copies, limit)
+        return self.run(pending_copies, limit, self.claim, self._clock.seconds())
 
     def mark_copied(self, task_ids: Sequence[str]) -> Deferred[None]:
         return self.run(mark_copied, task_ids)
@@ -317,6 +330,7 @@ def open_sync(database_url: str) -> Tuple[Any, Callable[[Callable[..., _T]], Cal
 
 # The records of the storage interface, for its users (the service's API and dispatch).
 __all__ = [
+    "Claim",
     "Client",
     "ContainerInfo",
     "Endpoint",
