@@ -19,6 +19,13 @@ import math
 from typing import Any, Dict, List, Optional, Tuple
 
 from funcx_endpoint.config import funcx10
+from funcx_endpoint.config.bounds import (
+    AMQP_SHORT_MAX,
+    LOCAL_MAX_MANAGERS,
+    LOCAL_MAX_NODES_PER_BLOCK,
+    check_workers_per_node,
+    host_address,
+)
 from funcx_endpoint.config.fields import (
     ConfigError,
     ConfigObject,
@@ -162,6 +169,18 @@ class LocalProvider(ConfigObject):
             raise ConfigError(
                 "LocalProvider: init_blocks must be between min_blocks and max_blocks"
             )
+        # Every node of a local block is a process on this machine.
+        if self.nodes_per_block > LOCAL_MAX_NODES_PER_BLOCK:
+            raise ConfigError(
+                f"LocalProvider.nodes_per_block: at most {LOCAL_MAX_NODES_PER_BLOCK} managers "
+                f"per block run on this machine, got {self.nodes_per_block}"
+            )
+        if self.max_blocks * self.nodes_per_block > LOCAL_MAX_MANAGERS:
+            raise ConfigError(
+                f"LocalProvider: max_blocks * nodes_per_block = "
+                f"{self.max_blocks * self.nodes_per_block} managers on this machine; "
+                f"at most {LOCAL_MAX_MANAGERS}"
+            )
 
     # The provider interface is implemented by the executor package, which
     # binds this configuration to a reactor; these exist so a config object is
@@ -244,7 +263,7 @@ class HighThroughputExecutor(ConfigObject):
         ),
         "address": Field(
             "127.0.0.1",
-            string(),
+            host_address,
             "Address managers connect back to; must be reachable from batch nodes.",
         ),
         "interchange_port_range": Field(
@@ -344,6 +363,9 @@ class HighThroughputExecutor(ConfigObject):
     def validate(self) -> None:
         if self.available_accelerators is None:
             self.available_accelerators = []
+        too_many = check_workers_per_node(self.max_workers_per_node, self.cores_per_worker)
+        if too_many:
+            raise ConfigError(f"HighThroughputExecutor: {too_many}")
         if self.heartbeat_period is not None and self.heartbeat_threshold is not None:
             _check_heartbeats(
                 "HighThroughputExecutor", self.heartbeat_period, self.heartbeat_threshold
@@ -465,12 +487,12 @@ class Config(ConfigObject):
         ),
         "amqp_prefetch": Field(
             512,
-            number(1, integer=True),
+            number(1, integer=True, maximum=AMQP_SHORT_MAX),
             "Tasks the broker sends before the endpoint acknowledges any (AMQP prefetch).",
         ),
         "amqp_heartbeat": Field(
             30,
-            number(0, integer=True),
+            number(0, integer=True, maximum=AMQP_SHORT_MAX),
             "AMQP heartbeat interval in seconds (0 turns heartbeats off).",
         ),
         "message_batches": Field(

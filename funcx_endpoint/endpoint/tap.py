@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from funcx_endpoint.amqp.spool import ResultSpool
-from funcx_endpoint.config import ConfigFileError, load_config
+from funcx_endpoint.config import ConfigFileError, load_runnable_config
 from funcx_endpoint.config.model import Config
 from funcx_endpoint.endpoint import logs
 from funcx_endpoint.endpoint.auth import Authenticator, TokenStore, auth_base_url, http_client
@@ -190,7 +190,7 @@ def makeService(options: Options) -> IService:
 
     endpoint_dir: EndpointDir = options.endpoint_dir
     try:
-        config = load_config(endpoint_dir.config_file)
+        config = load_runnable_config(endpoint_dir.config_file)
     except ConfigFileError as e:
         raise SystemExit(f"funcx-endpoint: bad configuration: {e}") from None
     # One daemon per endpoint: the lock is taken before twistd daemonizes (the

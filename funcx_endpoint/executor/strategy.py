@@ -73,6 +73,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from funcx_endpoint.config.bounds import MAX_WORKERS_PER_NODE
 from funcx_endpoint.executor.blocks import Block, BlockScaler, manager_is_idle
 from funcx_endpoint.executor.interface import ILoadSource, ManagerInfo
 from funcx_endpoint.executor.providers.local import provider_from_config
@@ -99,7 +100,7 @@ def estimate_workers_per_node(
     provider does not say), capped by ``max_workers_per_node``, at least 1.
     """
     cores = cores_per_node or os.cpu_count() or 1
-    workers = max(1, math.floor(cores / cores_per_worker + 1e-9))
+    workers = max(1, min(MAX_WORKERS_PER_NODE, math.floor(cores / cores_per_worker + 1e-9)))
     if math.isfinite(max_workers_per_node):
         workers = min(workers, max(1, int(max_workers_per_node)))
     return workers

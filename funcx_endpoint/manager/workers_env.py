@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from twisted.python.failure import Failure
 
+from funcx_endpoint.config.bounds import MAX_WORKERS_PER_NODE
 from funcx_endpoint.wire.info import ManagerSettings
 
 __all__ = [
@@ -38,7 +39,7 @@ def count_workers(
     One per accelerator when there are accelerators; else as many as the
     cores allow (``cpu_count / cores_per_worker``) and, with
     ``mem_per_worker``, the memory too; never more than
-    ``max_workers_per_node``, never fewer than one.
+    ``max_workers_per_node`` nor ``MAX_WORKERS_PER_NODE``, never fewer than one.
     """
     limits: List[float] = []
     if settings.max_workers_per_node is not None:
@@ -49,7 +50,7 @@ def count_workers(
         limits.append(cpu_count / settings.cores_per_worker)
         if settings.mem_per_worker and memory_gb is not None:
             limits.append(memory_gb / settings.mem_per_worker)
-    return max(1, math.floor(min(limits)))
+    return max(1, min(MAX_WORKERS_PER_NODE, math.floor(min(limits))))
 
 
 def worker_environment(
