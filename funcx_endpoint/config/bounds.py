@@ -15,6 +15,8 @@ import os
 import re
 from typing import Any, Optional
 
+from funcx_endpoint.wire.info import MAX_WORKERS_PER_NODE
+
 __all__ = [
     "AMQP_SHORT_MAX",
     "LOCAL_MAX_MANAGERS",
@@ -28,9 +30,6 @@ __all__ = [
 #: AMQP ``short`` fields (``basic.qos`` prefetch-count, ``connection.tune``
 #: heartbeat) hold at most this.
 AMQP_SHORT_MAX = 65535
-#: Most workers one manager starts, whatever the cores (and the count that
-#: ``max_workers_per_node`` may not exceed unless it is ``inf``).
-MAX_WORKERS_PER_NODE = 4096
 #: The LocalProvider runs every "node" of a block as a process on this
 #: machine: at most this many per block ...
 LOCAL_MAX_NODES_PER_BLOCK = 64

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import shlex
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from twisted.application.service import IService
 from twisted.internet.threads import deferToThread
@@ -41,6 +41,7 @@ from funcx_endpoint.executor.blocks import BLOCK_ID
 from funcx_endpoint.executor.interchange import Interchange, hard_routing
 from funcx_endpoint.executor.interface import IResultSink
 from funcx_endpoint.executor.strategy import scaling_from_config
+from funcx_endpoint.wire.environment import take_credentials
 
 
 class Options(usage.Options):
@@ -106,13 +107,15 @@ def build_endpoint(
     config: Config,
     reactor: Any,
     ready_fd: Optional[int] = None,
+    credentials: Optional[Mapping[str, str]] = None,
 ) -> EndpointService:
     """Build the daemon's service tree from a loaded config.
 
     Parts start in this order and stop in reverse (after the transport has
     drained): warnings about funcX 1.0 settings, control socket,
     registration, interchange, providers (blocks of managers and the scaling
-    strategy), AMQP transport, idle shutdown, status reports.
+    strategy), AMQP transport, idle shutdown, status reports.  ``credentials``:
+    the variables holding the client credentials (default: the environment).
     """
     endpoint = EndpointService(
         endpoint_dir, reactor, StartupReporter(ready_fd), drain_grace=config.stop_grace_period
@@ -125,6 +128,7 @@ def build_endpoint(
         auth_base_url(config.funcx_service_address, config.auth_address),
         TokenStore(endpoint_dir.config_dir),
         reactor,
+        credentials,
     )
     registration = Registration(reactor, endpoint_dir, config, http, authenticator, pool)
     endpoint.add(registration)
@@ -203,6 +207,9 @@ def makeService(options: Options) -> IService:
     # Everything the daemon starts inherits this, so that `stop` can find it
     # even after the daemon died (see funcx_endpoint.procs).
     os.environ[OWNER_ENV] = endpoint_dir.path
+    # ... but not the owner's client secret, nor any other credential: only
+    # the authenticator keeps them (issue 12: any function could read them).
+    credentials = take_credentials(os.environ)
 
     logs.configure(
         log_settings(endpoint_dir, config, bool(options["debug"]), bool(options["log-stdout"]))
@@ -213,4 +220,4 @@ def makeService(options: Options) -> IService:
             "second daemon of this endpoint from starting",
             path=endpoint_dir.lock_file,
         )
-    return build_endpoint(endpoint_dir, config, reactor, options["ready-fd"])
+    return build_endpoint(endpoint_dir, config, reactor, options["ready-fd"], credentials)

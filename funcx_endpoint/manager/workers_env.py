@@ -13,8 +13,8 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from twisted.python.failure import Failure
 
-from funcx_endpoint.config.bounds import MAX_WORKERS_PER_NODE
-from funcx_endpoint.wire.info import ManagerSettings
+from funcx_endpoint.wire.environment import without_credentials
+from funcx_endpoint.wire.info import MAX_WORKERS_PER_NODE, ManagerSettings
 
 __all__ = [
     "ACCELERATOR_VARIABLES",
@@ -58,8 +58,9 @@ def worker_environment(
     settings: ManagerSettings,
     index: int,
 ) -> Dict[str, str]:
-    """The environment of worker ``index``: ``base``, the configured variables, its device."""
-    env = dict(base)
+    """The environment of worker ``index``: ``base`` without credentials (see
+    :mod:`funcx_endpoint.wire.environment`), the configured variables, its device."""
+    env = without_credentials(base)
     env.update(settings.worker_environment)
     env["FUNCX_WORKER_ID"] = str(index)
     env["PYTHONUNBUFFERED"] = "1"
