@@ -410,7 +410,7 @@ class TaskQueue(Surface):
     name = "task queue (endpoint)"
 
     @property
-    def strategy(self) -> Any:  # type: ignore[override]
+    def strategy(self) -> Any:
         return _message_bodies()
 
     def start(self) -> None:
@@ -484,7 +484,7 @@ class ResultsQueue(Surface):
     name = "results queue (service)"
 
     @property
-    def strategy(self) -> Any:  # type: ignore[override]
+    def strategy(self) -> Any:
         return _message_bodies()
 
     def start(self) -> None:
@@ -574,7 +574,7 @@ class AMPBoxes(Surface):
         return "amp boxes (registered)" if self.registered else "amp boxes (stranger)"
 
     @property
-    def strategy(self) -> Any:  # type: ignore[override]
+    def strategy(self) -> Any:
         return _amp_fields()
 
     def start(self) -> None:
@@ -683,7 +683,7 @@ class WorkerFrames(Surface):
     name = "worker pipe frames"
 
     @property
-    def strategy(self) -> Any:  # type: ignore[override]
+    def strategy(self) -> Any:
         from funcx_endpoint.wire import frames
 
         body = st.one_of(
@@ -779,7 +779,7 @@ class ConfigValues(Surface):
     name = "config values"
 
     @property
-    def strategy(self) -> Any:  # type: ignore[override]
+    def strategy(self) -> Any:
         return st.tuples(st.sampled_from(_numeric_fields()), _NUMBERS)
 
     def check(self, data: Any) -> None:
