@@ -43,6 +43,12 @@ class FuzzTests(FuzzTestCase):
     def test_worker_pipe_frames(self) -> None:
         self.fuzz("worker-frames", 300)
 
+    def test_worker_frame_with_a_non_ascii_task_id(self) -> None:
+        """Found by the long run: a UnicodeDecodeError out of the worker."""
+        surface = make_surface("worker-frames")
+        surface.feed(b"\x00\x00\x00\x0fT\x05\\j\xfc-\xff8^2\x9d\xbc\xaf\xec\xcd")
+        self.assertEqual(surface.tally.bad(), 0, surface.tally.examples)
+
     def test_control_socket(self) -> None:
         self.fuzz("control", 200)
 
