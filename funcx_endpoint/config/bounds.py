@@ -24,6 +24,7 @@ __all__ = [
     "MAX_WORKERS_PER_NODE",
     "ca_file_problem",
     "check_workers_per_node",
+    "local_managers_problem",
     "host_address",
 ]
 
@@ -84,6 +85,22 @@ def check_workers_per_node(
             f"cores_per_worker={cores_per_worker:g} gives {workers:.3g} workers per node on "
             f"this machine's {cores} cores, more than {MAX_WORKERS_PER_NODE}; raise "
             f"cores_per_worker or set max_workers_per_node"
+        )
+    return None
+
+
+def local_managers_problem(nodes_per_block: int, max_blocks: int) -> Optional[str]:
+    """Why a LocalProvider with these settings would start too many manager
+    processes on this machine (``.field: reason`` or ``: reason``), or None."""
+    if nodes_per_block > LOCAL_MAX_NODES_PER_BLOCK:
+        return (
+            f".nodes_per_block: at most {LOCAL_MAX_NODES_PER_BLOCK} managers per block run "
+            f"on this machine, got {nodes_per_block}"
+        )
+    if max_blocks * nodes_per_block > LOCAL_MAX_MANAGERS:
+        return (
+            f": max_blocks * nodes_per_block = {max_blocks * nodes_per_block} managers on "
+            f"this machine; at most {LOCAL_MAX_MANAGERS}"
         )
     return None
 

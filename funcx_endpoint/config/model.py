@@ -21,10 +21,9 @@ from typing import Any, Dict, List, Optional, Tuple
 from funcx_endpoint.config import funcx10
 from funcx_endpoint.config.bounds import (
     AMQP_SHORT_MAX,
-    LOCAL_MAX_MANAGERS,
-    LOCAL_MAX_NODES_PER_BLOCK,
     check_workers_per_node,
     host_address,
+    local_managers_problem,
 )
 from funcx_endpoint.config.fields import (
     ConfigError,
@@ -169,18 +168,9 @@ class LocalProvider(ConfigObject):
             raise ConfigError(
                 "LocalProvider: init_blocks must be between min_blocks and max_blocks"
             )
-        # Every node of a local block is a process on this machine.
-        if self.nodes_per_block > LOCAL_MAX_NODES_PER_BLOCK:
-            raise ConfigError(
-                f"LocalProvider.nodes_per_block: at most {LOCAL_MAX_NODES_PER_BLOCK} managers "
-                f"per block run on this machine, got {self.nodes_per_block}"
-            )
-        if self.max_blocks * self.nodes_per_block > LOCAL_MAX_MANAGERS:
-            raise ConfigError(
-                f"LocalProvider: max_blocks * nodes_per_block = "
-                f"{self.max_blocks * self.nodes_per_block} managers on this machine; "
-                f"at most {LOCAL_MAX_MANAGERS}"
-            )
+        too_many = local_managers_problem(self.nodes_per_block, self.max_blocks)
+        if too_many:
+            raise ConfigError(f"LocalProvider{too_many}")
 
     # The provider interface is implemented by the executor package, which
     # binds this configuration to a reactor; these exist so a config object is
