@@ -364,7 +364,8 @@ class RestOverTCP(Surface):
         now = self._count_log_tracebacks()
         if now > self._log_tracebacks:
             self.tally.tracebacks += now - self._log_tracebacks
-            self.tally.examples.append(f"traceback in the service log: {data!r:.200}")
+            if len(self.tally.examples) < _MAX_EXAMPLES_SHOWN:
+                self.tally.examples.append(f"traceback in the service log: {data!r:.200}")
             self._log_tracebacks = now
 
 
