@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional, TypeVar
 
 import click
 
-from funcx_endpoint.config import Config, ConfigFileError, load_config
+from funcx_endpoint.config import Config, ConfigFileError, load_runnable_config
 from funcx_endpoint.endpoint.layout import BadEndpointName, EndpointDir, resolve_config_dir
 from funcx_endpoint.lifecycle import EX_CONFIG, EX_DATAERR, EX_NOINPUT
 
@@ -67,7 +67,7 @@ name_argument = click.argument("name", default="default", metavar="[NAME]")
 
 def load_checked(ep: EndpointDir) -> Config:
     try:
-        return load_config(ep.config_file)
+        return load_runnable_config(ep.config_file)
     except ConfigFileError as e:
         fail(f"bad configuration: {e}", EX_CONFIG)
         raise  # unreachable

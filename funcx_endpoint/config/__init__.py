@@ -7,7 +7,7 @@ A ``config.py`` reads::
     config = Config(executors=[HighThroughputExecutor(provider=LocalProvider())])
 """
 
-from funcx_endpoint.config.loader import ConfigFileError, load_config
+from funcx_endpoint.config.loader import ConfigFileError, load_config, load_runnable_config
 from funcx_endpoint.config.model import (
     DEFAULT_SERVICE_ADDRESS,
     Config,
@@ -26,4 +26,5 @@ __all__ = [
     "LocalProvider",
     "SimpleStrategy",
     "load_config",
+    "load_runnable_config",
 ]

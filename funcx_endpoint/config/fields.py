@@ -113,11 +113,14 @@ def number(
     exclusive_minimum: bool = False,
     allow_inf: bool = False,
     integer: bool = False,
+    maximum: Optional[float] = None,
 ) -> Callable[[Any], Any]:
     """A check for an int or float within bounds."""
     kind = "an integer" if integer else "a number"
     if minimum is not None:
         kind += f" {'>' if exclusive_minimum else '>='} {minimum:g}"
+    if maximum is not None:
+        kind += f"{' and' if minimum is not None else ''} <= {maximum:g}"
 
     def check(value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -135,6 +138,8 @@ def number(
         if minimum is not None:
             if value < minimum or (exclusive_minimum and value == minimum):
                 raise ValueError(f"expected {kind}, got {value}")
+        if maximum is not None and value > maximum:
+            raise ValueError(f"expected {kind}, got {value}")
         return value
 
     return check

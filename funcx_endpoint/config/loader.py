@@ -6,6 +6,7 @@ import os
 import traceback
 from typing import Any, Dict, Optional
 
+from funcx_endpoint.config.bounds import ca_file_problem
 from funcx_endpoint.config.model import Config, ConfigError
 
 
@@ -79,4 +80,24 @@ def load_config(path: str) -> Config:
             None,
             f"'config' must be a Config(...), got a {type(config).__name__}",
         )
+    return config
+
+
+def check_files(path: str, config: Config) -> None:
+    """Raise :class:`ConfigFileError` if a file ``config`` names cannot be used:
+    a CA file (``service_ca_file``, ``amqp_ca_file``) that is missing,
+    unreadable or holds no PEM certificate.  Run before the endpoint starts, so
+    a bad file is one line and exit 78, not a traceback from a TLS handshake."""
+    for name in ("service_ca_file", "amqp_ca_file"):
+        ca_file = getattr(config, name)
+        if ca_file:
+            problem = ca_file_problem(ca_file)
+            if problem:
+                raise ConfigFileError(os.path.abspath(path), None, f"{name}: {problem}")
+
+
+def load_runnable_config(path: str) -> Config:
+    """:func:`load_config`, then :func:`check_files`: a config to start an endpoint with."""
+    config = load_config(path)
+    check_files(path, config)
     return config

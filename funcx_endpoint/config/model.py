@@ -19,6 +19,12 @@ import math
 from typing import Any, Dict, List, Optional, Tuple
 
 from funcx_endpoint.config import funcx10, sandbox
+from funcx_endpoint.config.bounds import (
+    AMQP_SHORT_MAX,
+    check_workers_per_node,
+    host_address,
+    local_managers_problem,
+)
 from funcx_endpoint.config.containers import (
     CONTAINER_FIELDS,
     container_notices,
@@ -156,6 +162,9 @@ class LocalProvider(ConfigObject):
             raise ConfigError(
                 "LocalProvider: init_blocks must be between min_blocks and max_blocks"
             )
+        too_many = local_managers_problem(self.nodes_per_block, self.max_blocks)
+        if too_many:
+            raise ConfigError(f"LocalProvider{too_many}")
 
     # The provider interface is implemented by the executor package, which
     # binds this configuration to a reactor; these exist so a config object is
@@ -238,7 +247,7 @@ class HighThroughputExecutor(ConfigObject):
         ),
         "address": Field(
             "127.0.0.1",
-            string(),
+            host_address,
             "Address managers connect back to; must be reachable from batch nodes.",
         ),
         "interchange_port_range": Field(
@@ -332,6 +341,9 @@ class HighThroughputExecutor(ConfigObject):
         if self.available_accelerators is None:
             self.available_accelerators = []
         resolve_containers(self)
+        too_many = check_workers_per_node(self.max_workers_per_node, self.cores_per_worker)
+        if too_many:
+            raise ConfigError(f"HighThroughputExecutor: {too_many}")
         if self.heartbeat_period is not None and self.heartbeat_threshold is not None:
             _check_heartbeats(
                 "HighThroughputExecutor", self.heartbeat_period, self.heartbeat_threshold
@@ -463,12 +475,12 @@ class Config(ConfigObject):
         ),
         "amqp_prefetch": Field(
             512,
-            number(1, integer=True),
+            number(1, integer=True, maximum=AMQP_SHORT_MAX),
             "Tasks the broker sends before the endpoint acknowledges any (AMQP prefetch).",
         ),
         "amqp_heartbeat": Field(
             30,
-            number(0, integer=True),
+            number(0, integer=True, maximum=AMQP_SHORT_MAX),
             "AMQP heartbeat interval in seconds (0 turns heartbeats off).",
         ),
         "message_batches": Field(

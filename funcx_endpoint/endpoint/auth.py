@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import attr
@@ -64,10 +64,14 @@ def auth_base_url(service_address: str, configured: Optional[str] = None) -> str
     return url if url.endswith("/") else url + "/"
 
 
-def client_credentials() -> Optional[Tuple[str, str]]:
-    """``(client id, secret)`` from the environment, or None."""
-    client_id = os.environ.get("FUNCX_SDK_CLIENT_ID", "").strip()
-    secret = os.environ.get("FUNCX_SDK_CLIENT_SECRET", "").strip()
+def client_credentials(
+    environ: Optional[Mapping[str, str]] = None,
+) -> Optional[Tuple[str, str]]:
+    """``(client id, secret)`` from ``environ`` (default: the environment), or None."""
+    if environ is None:
+        environ = os.environ
+    client_id = environ.get("FUNCX_SDK_CLIENT_ID", "").strip()
+    secret = environ.get("FUNCX_SDK_CLIENT_SECRET", "").strip()
     if client_id and secret:
         return client_id, secret
     if client_id or secret:
@@ -155,6 +159,10 @@ class Authenticator:
     auth_url: str
     store: TokenStore
     clock: Any
+    #: Where the client credentials are; None: the environment.  The daemon
+    #: gives the variables it took out of its environment (so that managers
+    #: and workers do not inherit them).
+    environ: Optional[Mapping[str, str]] = None
 
     async def request_token(self, client_id: str, secret: str, scope: str) -> Dict[str, Any]:
         basic = base64.b64encode(f"{client_id}:{secret}".encode()).decode()
@@ -188,7 +196,7 @@ class Authenticator:
     async def token(self, force_new: bool = False) -> str:
         """A valid access token for the funcX scope."""
         now = self.clock.seconds()
-        creds = client_credentials()
+        creds = client_credentials(self.environ)
         cached = self.store.load()
         if (
             not force_new
@@ -220,7 +228,7 @@ class Authenticator:
 
     async def userinfo(self) -> Dict[str, Any]:
         """Who the credentials belong to (``whoami``)."""
-        creds = client_credentials()
+        creds = client_credentials(self.environ)
         if creds is None:
             cached = self.store.load()
             if cached is None or not cached.valid(self.clock.seconds()):

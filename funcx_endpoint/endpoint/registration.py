@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional
 
 import attr
 from OpenSSL import SSL
+from service_identity import CertificateError, VerificationError
 from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
@@ -194,6 +195,14 @@ class Registration(Service):
                 answer = await self._post(url, body)
                 break
             except NETWORK_ERRORS as e:
+                if _host_mismatch(e):
+                    raise StartupError(
+                        f"the certificate of the funcX service at "
+                        f"{self.config.funcx_service_address} is not for that host name "
+                        f"({_describe(e)}); funcx_service_address in config.py must name a "
+                        f"host the service's certificate covers",
+                        EX_CONFIG,
+                    ) from None
                 if _tls_failure(e):
                     raise StartupError(
                         f"the funcX service at {self.config.funcx_service_address} failed TLS "
@@ -319,8 +328,15 @@ class Registration(Service):
 
 
 def _tls_failure(error: BaseException) -> bool:
+    """The certificate was refused: not trusted (``SSL.Error``) or not for this
+    host name (service-identity's ``VerificationError``); retrying cannot help."""
     reasons = getattr(error, "reasons", None) or []
-    return any(r.check(SSL.Error) for r in reasons)
+    return any(r.check(SSL.Error, VerificationError, CertificateError) for r in reasons)
+
+
+def _host_mismatch(error: BaseException) -> bool:
+    reasons = getattr(error, "reasons", None) or []
+    return any(r.check(VerificationError) for r in reasons)
 
 
 def _describe(error: BaseException) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import shlex
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from twisted.application.service import IService
 from twisted.internet.threads import deferToThread
@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from funcx_endpoint.amqp.spool import ResultSpool
-from funcx_endpoint.config import ConfigFileError, load_config
+from funcx_endpoint.config import ConfigFileError, load_runnable_config
 from funcx_endpoint.config.model import Config
 from funcx_endpoint.endpoint import logs
 from funcx_endpoint.endpoint.auth import Authenticator, TokenStore, auth_base_url, http_client
@@ -45,6 +45,7 @@ from funcx_endpoint.executor.interface import IResultSink
 from funcx_endpoint.executor.listing import RecentResults, TaskListing
 from funcx_endpoint.executor.routing_mode import hard_routing
 from funcx_endpoint.executor.strategy import scaling_from_config
+from funcx_endpoint.wire.environment import take_credentials
 
 
 class Options(usage.Options):
@@ -112,6 +113,7 @@ def build_endpoint(
     reactor: Any,
     ready_fd: Optional[int] = None,
     clear_lock: bool = False,
+    credentials: Optional[Mapping[str, str]] = None,
 ) -> EndpointService:
     """Build the daemon's service tree from a loaded config.
 
@@ -119,7 +121,8 @@ def build_endpoint(
     drained): endpoint_setup (and, stopping, endpoint_teardown) if given, warnings about
     funcX 1.0 settings, control socket,
     registration, interchange, providers (blocks of managers and the scaling
-    strategy), AMQP transport, idle shutdown, status reports.
+    strategy), AMQP transport, idle shutdown, status reports.  ``credentials``:
+    the variables holding the client credentials (default: the environment).
     """
     endpoint = EndpointService(
         endpoint_dir, reactor, StartupReporter(ready_fd), drain_grace=config.stop_grace_period
@@ -143,6 +146,7 @@ def build_endpoint(
         auth_base_url(config.funcx_service_address, config.auth_address),
         TokenStore(endpoint_dir.config_dir),
         reactor,
+        credentials,
     )
     registration = Registration(
         reactor, endpoint_dir, config, http, authenticator, pool, clear_lock=clear_lock
@@ -225,7 +229,7 @@ def makeService(options: Options) -> IService:
 
     endpoint_dir: EndpointDir = options.endpoint_dir
     try:
-        config = load_config(endpoint_dir.config_file)
+        config = load_runnable_config(endpoint_dir.config_file)
     except ConfigFileError as e:
         raise SystemExit(f"funcx-endpoint: bad configuration: {e}") from None
     # One daemon per endpoint: the lock is taken before twistd daemonizes (the
@@ -238,6 +242,9 @@ def makeService(options: Options) -> IService:
     # Everything the daemon starts inherits this, so that `stop` can find it
     # even after the daemon died (see funcx_endpoint.procs).
     os.environ[OWNER_ENV] = endpoint_dir.path
+    # ... but not the owner's client secret, nor any other credential: only
+    # the authenticator keeps them (issue 12: any function could read them).
+    credentials = take_credentials(os.environ)
 
     logs.configure(
         log_settings(endpoint_dir, config, bool(options["debug"]), bool(options["log-stdout"]))
@@ -249,5 +256,10 @@ def makeService(options: Options) -> IService:
             path=endpoint_dir.lock_file,
         )
     return build_endpoint(
-        endpoint_dir, config, reactor, options["ready-fd"], bool(options["clear-lock"])
+        endpoint_dir,
+        config,
+        reactor,
+        options["ready-fd"],
+        bool(options["clear-lock"]),
+        credentials,
     )

@@ -46,6 +46,10 @@ __all__ = ["MAX_UNREGISTERED_BYTES", "ManagerConnection", "ManagerConnectionFact
 #: well under 1 KiB); past this it is dropped.
 MAX_UNREGISTERED_BYTES = 64 * 1024
 
+#: What AMP raises for a box it cannot read (a missing or ill-typed argument, an
+#: answer to nothing asked, no command at all): the peer is dropped with one warning.
+MALFORMED_ERRORS = (KeyError, ValueError, TypeError, OverflowError, amp.AmpError)
+
 
 def describe_peer(transport: Any) -> str:
     """``host:port`` of the other end, for messages."""
@@ -169,7 +173,12 @@ class ManagerConnection(amp.AMP):
             if self.unregistered_bytes > MAX_UNREGISTERED_BYTES:
                 self.overflowed()
                 return
-        super().dataReceived(data)
+        try:
+            super().dataReceived(data)
+        except MALFORMED_ERRORS as exc:
+            # A box AMP cannot take (an answer to nothing asked, no command,
+            # bad framing): the peer does not speak our protocol.
+            self._drop_malformed("an unreadable AMP box", exc)
 
     def ampBoxReceived(self, box: amp.AmpBox) -> None:
         manager = self.manager
@@ -193,7 +202,44 @@ class ManagerConnection(amp.AMP):
     def locateResponder(self, name: bytes) -> Any:
         if self.manager is None and name != Register.commandName:
             return self._refuse_unregistered
-        return super().locateResponder(name)
+        responder = super().locateResponder(name)
+        if responder is None:
+            return lambda box: self._refuse_malformed(box, "an unknown command")
+
+        def checked(box: amp.AmpBox) -> Any:
+            # AMP's responder parses the arguments before it calls ours, and
+            # raises there: a box with a missing or ill-typed argument.
+            try:
+                return responder(box)
+            except MALFORMED_ERRORS as exc:
+                what = name.decode("ascii", "replace")[:40]
+                return self._refuse_malformed(box, f"a malformed {what}", exc)
+
+        return checked
+
+    def _refuse_malformed(
+        self, box: amp.AmpBox, what: str, error: Optional[BaseException] = None
+    ) -> Deferred[Any]:
+        """Drop a peer that sent ``what``: one warning, no traceback; answered
+        (if it asked) with a fatal error, which closes the connection."""
+        self._drop_malformed(what, error, quietly_if_asked=b"_ask" in box)
+        if b"_ask" not in box:
+            return succeed(amp.AmpBox())
+        return fail(amp.RemoteAmpError(b"MALFORMED", what, fatal=True))
+
+    def _drop_malformed(
+        self, what: str, error: Optional[BaseException] = None, quietly_if_asked: bool = False
+    ) -> None:
+        who = self.manager.describe() if self.manager is not None else self.peer
+        detail = f" ({type(error).__name__}: {str(error)[:120]})" if error is not None else ""
+        self.log.warn(
+            "Dropped {who}: it sent {what}{detail}",
+            who=who if self.manager is not None else f"a connection from {who}",
+            what=what,
+            detail=detail,
+        )
+        if not quietly_if_asked:
+            self.drop()
 
     def _refuse_unregistered(self, box: amp.AmpBox) -> Deferred[Any]:
         command = box.get(b"_command", b"?").decode("ascii", "replace")

@@ -73,7 +73,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from funcx_endpoint.config.bounds import MAX_WORKERS_PER_NODE
 from funcx_endpoint.executor.blocks import Block, BlockScaler, manager_is_idle
+from funcx_endpoint.executor.degraded import DegradedBlocks
 from funcx_endpoint.executor.interface import ILoadSource, ManagerInfo
 from funcx_endpoint.executor.providers.local import provider_from_config
 from funcx_endpoint.executor.walltime import WalltimeWatch, drain_margin
@@ -99,7 +101,7 @@ def estimate_workers_per_node(
     provider does not say), capped by ``max_workers_per_node``, at least 1.
     """
     cores = cores_per_node or os.cpu_count() or 1
-    workers = max(1, math.floor(cores / cores_per_worker + 1e-9))
+    workers = max(1, min(MAX_WORKERS_PER_NODE, math.floor(cores / cores_per_worker + 1e-9)))
     if math.isfinite(max_workers_per_node):
         workers = min(workers, max(1, int(max_workers_per_node)))
     return workers
@@ -274,7 +276,8 @@ class SimpleStrategy(Service):
         max_blocks = provider.max_blocks
         parallelism = provider.parallelism
         by_block = self.scaler.managers_by_block()
-        active = self.scaler.active_blocks()
+        # Draining blocks (walltime, lost managers) count as gone: they are replaced.
+        active = [b for b in self.scaler.active_blocks() if not b.draining]
         if self.walltimes is not None:
             ending = self.walltimes.ending
             active = [b for b in active if not ending(b, by_block.get(b.block_id, []), now)]
@@ -349,7 +352,8 @@ class SimpleStrategy(Service):
         provider = self.scaler.provider
         min_blocks, max_blocks = provider.min_blocks, provider.max_blocks
         by_block = self.scaler.managers_by_block()
-        active = self.scaler.active_blocks()
+        # Draining blocks (walltime, lost managers) count as gone: they are replaced.
+        active = [b for b in self.scaler.active_blocks() if not b.draining]
         if self.walltimes is not None:
             ending = self.walltimes.ending
             active = [b for b in active if not ending(b, by_block.get(b.block_id, []), now)]
@@ -484,10 +488,12 @@ class ScalingService(Service):
         scaler: BlockScaler,
         strategy: SimpleStrategy,
         walltimes: Optional[WalltimeWatch] = None,
+        degraded: Optional[DegradedBlocks] = None,
     ) -> None:
         self.scaler = scaler
         self.strategy = strategy
         self.walltimes = walltimes
+        self.degraded = degraded
 
     def startService(self) -> None:
         super().startService()
@@ -495,6 +501,8 @@ class ScalingService(Service):
         self.strategy.startService()
         if self.walltimes is not None:
             self.walltimes.startService()
+        if self.degraded is not None:
+            self.degraded.startService()
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -503,6 +511,8 @@ class ScalingService(Service):
     async def _stop(self) -> None:
         if self.walltimes is not None:
             self.walltimes.stopService()
+        if self.degraded is not None:
+            self.degraded.stopService()
         await maybeDeferred(self.strategy.stopService)
         await maybeDeferred(self.scaler.stopService)
 
@@ -575,4 +585,4 @@ def scaling_from_config(
         ),
         walltimes=walltimes,
     )
-    return ScalingService(scaler, strategy, walltimes)
+    return ScalingService(scaler, strategy, walltimes, DegradedBlocks(scaler, load, reactor))

@@ -13,7 +13,8 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from twisted.python.failure import Failure
 
-from funcx_endpoint.wire.info import ManagerSettings
+from funcx_endpoint.wire.environment import without_credentials
+from funcx_endpoint.wire.info import MAX_WORKERS_PER_NODE, ManagerSettings
 
 __all__ = [
     "ACCELERATOR_VARIABLES",
@@ -38,7 +39,7 @@ def count_workers(
     One per accelerator when there are accelerators; else as many as the
     cores allow (``cpu_count / cores_per_worker``) and, with
     ``mem_per_worker``, the memory too; never more than
-    ``max_workers_per_node``, never fewer than one.
+    ``max_workers_per_node`` nor ``MAX_WORKERS_PER_NODE``, never fewer than one.
     """
     limits: List[float] = []
     if settings.max_workers_per_node is not None:
@@ -49,7 +50,7 @@ def count_workers(
         limits.append(cpu_count / settings.cores_per_worker)
         if settings.mem_per_worker and memory_gb is not None:
             limits.append(memory_gb / settings.mem_per_worker)
-    return max(1, math.floor(min(limits)))
+    return max(1, min(MAX_WORKERS_PER_NODE, math.floor(min(limits))))
 
 
 def worker_environment(
@@ -57,8 +58,9 @@ def worker_environment(
     settings: ManagerSettings,
     index: int,
 ) -> Dict[str, str]:
-    """The environment of worker ``index``: ``base``, the configured variables, its device."""
-    env = dict(base)
+    """The environment of worker ``index``: ``base`` without credentials (see
+    :mod:`funcx_endpoint.wire.environment`), the configured variables, its device."""
+    env = without_credentials(base)
     env.update(settings.worker_environment)
     env["FUNCX_WORKER_ID"] = str(index)
     env["PYTHONUNBUFFERED"] = "1"

@@ -112,7 +112,11 @@ def decode_task(body: bytes) -> Tuple[str, int, bytes]:
     end = start + id_length
     if len(body) < end:
         raise FrameError("a task frame is shorter than its task id")
-    return body[start:end].decode("ascii"), running_ns, body[end:]
+    try:
+        task_id = body[start:end].decode("ascii")
+    except UnicodeDecodeError:
+        raise FrameError("a task frame's task id is not ASCII") from None
+    return task_id, running_ns, body[end:]
 
 
 def encode_hello(info: Dict[str, Any]) -> bytes:

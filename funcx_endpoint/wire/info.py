@@ -30,6 +30,11 @@ __all__ = [
 # Versions
 
 
+#: Most workers one manager starts, whatever the cores (and the count that
+#: ``max_workers_per_node`` may not exceed in config.py unless it is ``inf``).
+MAX_WORKERS_PER_NODE = 4096
+
+
 def local_versions() -> Dict[str, str]:
     """The Python, dill and funcx-endpoint versions of this process."""
     return {

@@ -111,7 +111,11 @@ class Worker:
                 return 0
             kind = body[0]
             if kind == kind_task:
-                task_id, running_ns, task_buffer = frames.decode_task(body[1:])
+                try:
+                    task_id, running_ns, task_buffer = frames.decode_task(body[1:])
+                except frames.FrameError as e:
+                    print(f"funcx-worker: unreadable task frame ({e}), exiting", file=sys.stderr)
+                    return 2
                 del body
                 packed = run(task_id, running_ns, task_buffer.decode("utf-8", "replace"))
                 del task_buffer

@@ -56,6 +56,7 @@ from funcx_endpoint.executor.providers.ranks import (
     RankReaper,
     describe_exit,
 )
+from funcx_endpoint.wire.environment import without_credentials
 
 # Run by the spawned interpreter: become a session (and process group)
 # leader, then become the shell.  The pid, hence the group id, stays the same.
@@ -264,7 +265,7 @@ class LocalProvider(Service):
             base + ".stderr",
             lambda ended: self._rank_ended(job, ended),
         )
-        env = dict(os.environ if self._env is None else self._env)
+        env = without_credentials(os.environ if self._env is None else self._env)
         env.update(
             FUNCX_JOB_ID=job.job_id,
             FUNCX_JOB_NAME=job.job_name,
