@@ -300,7 +300,15 @@ class SlurmBlockTests(TestCase):
         self.assertFalse([r for r in rig.results if r.is_error])
         self.assertEqual({deserialize(r.data) for r in rig.results}, {"node0", "node1"})
 
-        await rig.scaler.poll()
+        # The scheduler's accounting (what Parsl's provider reads) may say
+        # PENDING for a moment after the job's processes run, on a slow machine.
+        async def running() -> bool:
+            await rig.scaler.poll()
+            return bool(rig.scaler.describe_blocks()[0]["state"] == "RUNNING")
+
+        deadline = time.monotonic() + 30
+        while not await running() and time.monotonic() < deadline:
+            await deferLater(reactor, 1.0, lambda: None)
         [described] = rig.scaler.describe_blocks()
         self.assertEqual(described["job_id"], str(block.job_id))
         self.assertEqual(described["state"], "RUNNING")
