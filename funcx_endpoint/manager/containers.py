@@ -239,6 +239,25 @@ class _OCIEngine(ContainerEngine):
         "funcx-endpoint installed)",
     }
 
+    #: How the worker's pipes reach the container: ``run`` options, the
+    #: worker's own arguments for them, and :attr:`Launch.pipes`.
+    pipe_options: ClassVar[Tuple[str, ...]] = ()
+    worker_pipes: ClassVar[Tuple[str, ...]] = ()
+    pipes: ClassVar[str] = "fds"
+
+    def launch(
+        self,
+        executable: str,
+        location: str,
+        worker_args: Sequence[str],
+        env: Mapping[str, str],
+        names: Sequence[str],
+        options: str = "",
+    ) -> Launch:
+        worker = [*CONTAINER_WORKER, *self.worker_pipes, *worker_args]
+        argv, name = self._run(executable, location, self.pipe_options, worker, names, options)
+        return Launch(argv, dict(env), self.pipes, name, [executable, "kill", name])
+
     def _run(
         self,
         executable: str,
@@ -269,19 +288,9 @@ class Podman(_OCIEngine):
     binary: ClassVar[str] = "podman"
     image_types: ClassVar[Tuple[str, ...]] = ("docker", "podman")
     tested: ClassVar[bool] = True
-
-    def launch(
-        self,
-        executable: str,
-        location: str,
-        worker_args: Sequence[str],
-        env: Mapping[str, str],
-        names: Sequence[str],
-        options: str = "",
-    ) -> Launch:
-        worker = [*CONTAINER_WORKER, *worker_args]
-        argv, name = self._run(executable, location, ["--preserve-fds=2"], worker, names, options)
-        return Launch(argv, dict(env), "fds", name, [executable, "kill", name])
+    pipe_options: ClassVar[Tuple[str, ...]] = ("--preserve-fds=2",)
+    worker_pipes: ClassVar[Tuple[str, ...]] = ()
+    pipes: ClassVar[str] = "fds"
 
 
 class Docker(_OCIEngine):
@@ -291,19 +300,9 @@ class Docker(_OCIEngine):
     binary: ClassVar[str] = "docker"
     image_types: ClassVar[Tuple[str, ...]] = ("docker",)
     tested: ClassVar[bool] = True
-
-    def launch(
-        self,
-        executable: str,
-        location: str,
-        worker_args: Sequence[str],
-        env: Mapping[str, str],
-        names: Sequence[str],
-        options: str = "",
-    ) -> Launch:
-        worker = [*CONTAINER_WORKER, "--task-fd", "0", "--result-fd", "1", *worker_args]
-        argv, name = self._run(executable, location, ["-i"], worker, names, options)
-        return Launch(argv, dict(env), "stdio", name, [executable, "kill", name])
+    pipe_options: ClassVar[Tuple[str, ...]] = ("-i",)
+    worker_pipes: ClassVar[Tuple[str, ...]] = ("--task-fd", "0", "--result-fd", "1")
+    pipes: ClassVar[str] = "stdio"
 
 
 class Singularity(ContainerEngine):
