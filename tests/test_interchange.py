@@ -57,6 +57,8 @@ from funcx_endpoint.wire.amp import (
     SendResults,
     Shutdown,
     SubmitTasks,
+    TasksStarted,
+    send_unanswered,
     TaskBatch,
 )
 from funcx_endpoint.wire.framing import (
@@ -939,6 +941,32 @@ class ResultTests(SynchronousTestCase):
         harness.flush()
         self.assertTrue(manager.lost)
         self.assertTrue(any("unreadable batch" in w for w in log.warnings()))
+
+    def test_started_tasks_reach_the_dispatcher(self) -> None:
+        # TasksStarted takes the fast path (no AMP dispatch): the task held
+        # here is marked running at the manager's time.
+        harness = Harness(self)
+        manager = harness.manager()
+        task = make_task()
+        harness.interchange.submit([task])
+        harness.flush()
+        send_unanswered(manager, TasksStarted, started=[(str(task.task_id), 123)])
+        harness.flush()
+        noted = harness.interchange.dispatcher.outbox.pop_transitions()[str(task.task_id)]
+        self.assertIn(
+            (123, TaskState.RUNNING, ActorName.MANAGER),
+            [(t.timestamp, t.state, t.actor) for t in noted],
+        )
+        self.assertFalse(manager.lost)
+
+    def test_malformed_start_report_drops_manager(self) -> None:
+        harness = Harness(self)
+        log = CapturedLog(self)
+        manager = harness.manager()
+        manager.sendBox(amp.AmpBox(_command=b"TasksStarted", started=b"not json"))
+        harness.flush()
+        self.assertTrue(manager.lost)
+        self.assertTrue(any("unreadable report of started tasks" in w for w in log.warnings()))
 
     def test_on_results_failure_logged(self) -> None:
         @implementer(IResultSink)

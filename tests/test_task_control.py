@@ -388,9 +388,10 @@ class ServiceTests(ClockedServiceTestCase):
 
 
 class StartReportsTests(SynchronousTestCase):
-    """The manager tells the interchange of task starts once per reactor turn."""
+    """The manager tells the interchange of the tasks still running a moment after
+    they started, in one box."""
 
-    def test_one_box_per_turn(self) -> None:
+    def test_one_box_per_delay(self) -> None:
         from funcx_endpoint.manager.started import StartReports
         from funcx_endpoint.wire.amp import TasksStarted, read_unanswered
 
@@ -402,18 +403,27 @@ class StartReportsTests(SynchronousTestCase):
                 boxes.append(box)
 
         connection: Any = Connection()
-        reports = StartReports(clock, lambda: connection)
-        a, b = new_id(), new_id()
+        reports = StartReports(clock, lambda: connection, delay=0.02)
+        a, b, c = new_id(), new_id(), new_id()
         reports.started(a, 1)
         reports.started(b, 2)
+        reports.started(c, 3)
+        clock.advance(0.01)
         self.assertEqual(boxes, [])
-        clock.advance(0)
+        # c's result came back: its result carries its running transition.
+        reports.finished(c)
+        clock.advance(0.01)
         [box] = boxes
         self.assertEqual(read_unanswered(TasksStarted, box, connection), [(a, 1), (b, 2)])
+        # Only finished tasks: nothing to send.
+        reports.started(c, 4)
+        reports.finished(c)
+        clock.advance(0.02)
+        self.assertEqual(len(boxes), 1)
         # Not connected: dropped (the status report and the result carry the states).
         connection = None
         reports.started(a, 3)
-        clock.advance(0)
+        clock.advance(0.02)
         self.assertEqual(len(boxes), 1)
         reports.started(b, 4)
         reports.stop()

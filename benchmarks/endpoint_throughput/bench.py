@@ -326,7 +326,8 @@ def measure_ours(
         workers=2,
         prefetch_capacity=args.prefetch_capacity,
         amqp_prefetch=args.amqp_prefetch,
-        task_states=args.task_states == "on",
+        # The baseline may predate the setting (its default then applies).
+        task_states=args.task_states == "on" or label != "ours",
         progress=say,
         python=python,
         root=root,
@@ -632,7 +633,7 @@ def main() -> int:
         say(f"(other processes on this machine used {busy[key]:.2f} cores meanwhile)")
 
     try:
-        if "ours" in args.systems or "celery" in args.systems:
+        if {"ours", "before", "celery"} & set(args.systems):
             node = RabbitMQNode(os.path.join(base, "rabbitmq"))
             say("starting a private RabbitMQ node (about 10 s)")
             node.start()

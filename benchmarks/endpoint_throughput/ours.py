@@ -319,6 +319,8 @@ class Driver:
         self.errors = 0
         self.first_error: Optional[str] = None
         self.status_reports = 0
+        #: Result messages received in the current run (a batch counts once).
+        self.result_messages = 0
         #: Sizes of the status reports seen during the last run(); its longest
         #: pause between two messages (seconds).
         self.phase_reports: List[int] = []
@@ -391,6 +393,7 @@ class Driver:
         body = delivery.body
         batch = bytes(body[: len(_BATCH_PREFIX)]) == _BATCH_PREFIX
         if batch or bytes(body[:_PREFIX_LEN]) == _RESULT_PREFIX:
+            self.result_messages += 1
             data = json.loads(bytes(body[1:]))["data"]
             for result in data["results"] if batch else [data]:
                 sent = self.sent_at.pop(result["task_id"], None)
@@ -419,6 +422,7 @@ class Driver:
         """Seconds to get ``count`` results, keeping ``window`` unanswered."""
         self.latencies = []
         self.phase_reports = []
+        self.result_messages = 0
         self.last_received = 0.0
         self.longest_pause = 0.0
         self.to_send = count
@@ -500,6 +504,7 @@ def measure(
             broker_before = _cpu(broker)
             elapsed = call(driver.run, count, window)
             reports, pause = list(driver.phase_reports), driver.longest_pause
+            per_message = count / max(driver.result_messages, 1)
             after = endpoint.cpu_seconds()
             me_after = _own_cpu()
             broker_after = _cpu(broker)
@@ -516,12 +521,13 @@ def measure(
                 "status_reports": len(reports),
                 "status_report_bytes": reports,
                 "longest_pause_ms": pause * 1000,
+                "results_per_message": per_message,
             }
             line = (
                 f"    {name:<6} {rate:>8,.0f} tasks/s ({count} in {elapsed:.2f} s); CPU us/task: "
                 + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items() if k != "other")
             )
-            line += f"; longest pause {pause * 1000:.0f} ms"
+            line += f"; {per_message:.1f} results/message; longest pause {pause * 1000:.0f} ms"
             if reports:
                 line += (
                     f" ({len(reports)} status report(s) arrived meanwhile, "

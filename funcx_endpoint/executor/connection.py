@@ -184,18 +184,33 @@ class ManagerConnection(amp.AMP):
         manager = self.manager
         if manager is not None:
             manager.last_heard = self._registry.clock.seconds()
+            # The two frequent unanswered commands skip AMP's dispatch (a
+            # Deferred and an answer path per box).
+            command = box.get(b"_command")
             try:
-                results = read_unanswered(SendResults, box, self)
+                if command == SendResults.commandName:
+                    results = read_unanswered(SendResults, box, self)
+                    if results is not None:
+                        self._registry.results_received(manager, results)
+                        return
+                elif command == TasksStarted.commandName:
+                    started = read_unanswered(TasksStarted, box, self)
+                    if started is not None:
+                        self._registry.tasks_started(manager, started)
+                        return
             except (ValueError, KeyError) as exc:
+                what = (
+                    "batch of results"
+                    if command == SendResults.commandName
+                    else "report of started tasks"
+                )
                 self.log.warn(
-                    "Dropped {manager}: it sent an unreadable batch of results ({error})",
+                    "Dropped {manager}: it sent an unreadable {what} ({error})",
                     manager=manager.describe(),
+                    what=what,
                     error=exc,
                 )
                 self.drop()
-                return
-            if results is not None:
-                self._registry.results_received(manager, results)
                 return
         super().ampBoxReceived(box)
 

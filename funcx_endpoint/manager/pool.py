@@ -101,10 +101,13 @@ class WorkerPool:
         launcher: Optional[WorkerLauncher] = None,
         placement: Optional[IWorkerPlacement] = None,
         on_started: Optional[Callable[[str, int], None]] = None,
+        on_finished: Optional[Callable[[str], None]] = None,
     ) -> None:
         self._reactor = reactor
-        #: told ``(task id, ns)`` as each task is given to a worker
+        #: told ``(task id, ns)`` as each task is given to a worker, and the
+        #: task id when its worker sends the result
         self._on_started = on_started
+        self._on_finished = on_finished
         self.settings = settings
         self.log_dir = log_dir
         self._on_result = on_result
@@ -343,6 +346,8 @@ class WorkerPool:
             worker.task_id = None
             del self._running[task_id]
             self.tasks_done += 1
+            if self._on_finished is not None:
+                self._on_finished(task_id)
             self._on_result(body)
             self._next(worker)
         elif kind == frames.KIND_PHASE:

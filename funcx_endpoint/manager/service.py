@@ -389,6 +389,7 @@ class ManagerService(Service):
             placement=self.placement or OneImagePlacement(self.first_image()),
             on_change=self._report_warm,
             on_started=self._starts.started,
+            on_finished=self._starts.finished,
         )
         self.pool.start()
         self._report_warm()

@@ -181,7 +181,8 @@ class TaskRunner:
         # Transitions are written as the JSON they become (no objects on the
         # way): running (the manager's stamp), execution start and end.
         statuses = [_RUNNING % running_ns]
-        environment: Dict[str, Optional[str]] = {TASK_ID_VARIABLE: task_id}
+        # Only while the task runs: its id (always) and MPI's variables (if asked).
+        environment: Optional[Dict[str, Optional[str]]] = None
         details = self.details
         theirs: Optional[Dict[str, str]] = None
         if task_buffer.startswith(RUNTIME_HEADER):
@@ -193,7 +194,7 @@ class TaskRunner:
         if task_buffer.startswith(RESOURCES_HEADER):
             try:
                 spec, task_buffer = split_resources_header(task_buffer)
-                environment.update(_mpi_environment(spec))
+                environment = _mpi_environment(spec)
             except (ResourceSpecificationError, ValueError) as exc:
                 message = clip(f"Task {task_id} cannot run here: {exc}", MAX_SUMMARY_BYTES)
                 code = ErrorCode.RESOURCE_SPECIFICATION_ERROR
@@ -228,18 +229,20 @@ class TaskRunner:
                 code = ErrorCode.SANDBOX_UNAVAILABLE
                 return _failure(task_id, code, message, None, statuses, details)
         statuses.append(_STARTED % time_ns())
-        previous = _set_environment(environment)
+        environ = os.environ
+        environ[TASK_ID_VARIABLE] = task_id
+        previous = None if environment is None else _set_environment(environment)
         try:
             value = fn(*args, **kwargs)
         except BaseException as exc:  # the user's code may raise anything, SystemExit too
-            _set_environment(previous)
+            _restore_environment(previous)
             _leave_sandbox(home)
             statuses.append(_ENDED % time_ns())
             text = clip(_user_traceback(exc), min(MAX_TRACEBACK_BYTES, self.result_size_limit))
             return _failure(
                 task_id, ErrorCode.REMOTE_EXECUTION_ERROR, _summary(exc), text, statuses, details
             )
-        _set_environment(previous)
+        _restore_environment(previous)
         _leave_sandbox(home)
         statuses.append(_ENDED % time_ns())
         try:
@@ -309,6 +312,13 @@ def _leave_sandbox(home: Optional[str]) -> None:
             os.chdir(home)
         except OSError:
             pass
+
+
+def _restore_environment(previous: Optional[Dict[str, Optional[str]]]) -> None:
+    """Remove the task's id and put back what ``_set_environment`` changed."""
+    os.environ.pop(TASK_ID_VARIABLE, None)
+    if previous is not None:
+        _set_environment(previous)
 
 
 def _set_environment(values: Dict[str, Optional[str]]) -> Dict[str, Optional[str]]:
