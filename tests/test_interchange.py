@@ -57,9 +57,9 @@ from funcx_endpoint.wire.amp import (
     SendResults,
     Shutdown,
     SubmitTasks,
+    TaskBatch,
     TasksStarted,
     send_unanswered,
-    TaskBatch,
 )
 from funcx_endpoint.wire.framing import (
     decode_list,
