@@ -304,7 +304,7 @@ class CSRFAndHeaderTests(PortalTestCase):
             self.assertIn("frame-ancestors 'none'", csp)
             self.assertNotIn("unsafe-inline", csp)
             self.assertEqual(response.headers.getRawHeaders("x-frame-options"), ["DENY"])
-            self.assertEqual(response.headers.getRawHeaders("referrer-policy"), ["no-referrer"])
+            self.assertEqual(response.headers.getRawHeaders("referrer-policy"), ["same-origin"])
 
     def test_pages_have_no_inline_script_or_style(self) -> None:
         self.sign_in()

@@ -182,8 +182,9 @@ def line_chart(
     for i in range(5):
         t = start + span * i / 4
         label = "now" if i == 4 else f"-{minutes * (4 - i) / 4:.0f} min"
+        anchor = "start" if i == 0 else "end" if i == 4 else "middle"
         parts.append(
-            f'<text x="{x(t):.1f}" y="{_H - 6}" text-anchor="middle" font-size="11" '
+            f'<text x="{x(t):.1f}" y="{_H - 6}" text-anchor="{anchor}" font-size="11" '
             f'fill="#57606a">{label}</text>'
         )
     has_data = False

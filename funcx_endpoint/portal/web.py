@@ -2,7 +2,9 @@
 
 Every answer carries a Content-Security-Policy that allows only the portal's own
 script and style files (no inline script or style), forbids framing, and
-sends no referrer; pages are not cached.  A ``POST`` must carry the form field
+sends a referrer to the portal's own origin only (with ``no-referrer`` Chromium
+sends ``Origin: null`` on form posts, which this check refuses); pages are
+not cached.  A ``POST`` must carry the form field
 ``csrf`` equal to the session's CSRF token (before sign-in: to the value of the
 ``funcx_portal_csrf`` cookie) and, if the browser sends an ``Origin``, come
 from the portal's own origin; otherwise it is answered 403 and does nothing.
@@ -49,7 +51,7 @@ SECURITY_HEADERS = {
         b"connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
     ),
     b"x-frame-options": b"DENY",
-    b"referrer-policy": b"no-referrer",
+    b"referrer-policy": b"same-origin",
     b"x-content-type-options": b"nosniff",
     b"cross-origin-opener-policy": b"same-origin",
     b"cache-control": b"no-store",
