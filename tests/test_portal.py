@@ -12,8 +12,10 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 import pickle
 import re
+import time
 from http.cookies import SimpleCookie
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -523,3 +525,34 @@ class ViewTests(SynchronousTestCase):
         self.assertIn("&lt;l&gt;", svg)
         self.assertIn("<polyline", svg)
         self.assertIn("no reports", views.line_chart("t", [("l", [])], 0.0, 3.0))
+
+
+class CommandTests(SynchronousTestCase):
+    """``funcx-service portal-link`` and ``portal-revoke`` on the storage (no service runs)."""
+
+    def test_link_and_revoke(self) -> None:
+        from funcx_endpoint.webservice.settings import ServiceSettings
+        from funcx_endpoint.webservice.storage import open_sync
+        from tests.test_webservice_cli import funcx_service
+
+        state_dir = os.path.abspath(self.mktemp())
+        self.assertEqual(funcx_service(state_dir, "create-client", "alice").returncode, 0)
+        made = funcx_service(state_dir, "portal-link", "alice")
+        self.assertEqual(made.returncode, 0, made.stderr)
+        found = re.fullmatch(
+            r"https://localhost:\d+/portal/link/([A-Za-z0-9_-]{43})\n", made.stdout
+        )
+        self.assertIsNotNone(found, made.stdout)
+        self.assertIn("15 minutes", made.stderr)
+        assert found is not None
+        settings = ServiceSettings.load(state_dir)
+        connection, call = open_sync(settings.effective_database_url)
+        self.addCleanup(connection.close)
+        self.assertIsNotNone(call(store.use_link)(store.token_hash(found.group(1)), time.time()))
+        client = call(store.active_client_named)("alice")
+        call(store.insert_session)("h", client.identity_id, client.client_id, "c", 0.0, 2e9)
+        revoked = funcx_service(state_dir, "portal-revoke", "alice")
+        self.assertEqual(revoked.returncode, 0, revoked.stderr)
+        self.assertIn("Ended 1 portal session(s) of 'alice'", revoked.stdout)
+        self.assertIsNone(call(store.find_session)("h", time.time()))
+        self.assertEqual(funcx_service(state_dir, "portal-link", "nobody").returncode, 66)
