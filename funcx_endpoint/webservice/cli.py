@@ -168,7 +168,7 @@ def _print_ready(info: Dict[str, Any]) -> None:
     click.echo(f"  API (funcX base URL):   {info.get('base_url')}")
     click.echo(f"  auth (Globus Auth URL): {info.get('auth_url')}")
     if info.get("portal_url"):
-        click.echo(f"  web portal:             {info.get('portal_url')} (funcx-service portal-link)")
+        click.echo(f"  web portal:             {info.get('portal_url')}")
     click.echo(f"  CA file to trust:       {info.get('ca_file') or '(system CAs)'}")
     click.echo(f"  broker:                 {broker_text}")
     if info.get("broker_ca_file") and info.get("broker_ca_file") != info.get("ca_file"):
