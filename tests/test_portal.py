@@ -171,6 +171,28 @@ class SignInTests(PortalTestCase):
         self.assertEqual([r[0] for r in rows], [store.token_hash(token)])
         self.assertIn("alice@funcx-service", self.page("/portal/endpoints", "a"))
 
+    def test_goes_back_only_to_pages_of_the_portal(self) -> None:
+        client_id, secret = self.service.add_client("alice")
+        for asked, went in (
+            ("/portal/tasks?page=2", "/portal/tasks?page=2"),
+            ("https://evil.example/", "/portal/endpoints"),
+            ("/portal/..//evil.example", "/portal/endpoints"),
+            ("//evil.example/portal/", "/portal/endpoints"),
+        ):
+            _, page = self.request("GET", "/portal/signin", asked)
+            response, _ = self.request(
+                "POST",
+                "/portal/signin",
+                asked,
+                {
+                    "client_id": client_id,
+                    "client_secret": secret,
+                    "csrf": self.csrf(page),
+                    "next": asked,
+                },
+            )
+            self.assertEqual(response.headers.getRawHeaders("location"), [went])
+
     def test_wrong_secret_is_refused(self) -> None:
         client_id, _ = self.service.add_client("alice")
         _, page = self.request("GET", "/portal/signin")
@@ -446,6 +468,19 @@ class EndpointPageTests(PortalTestCase):
         self.clock.advance(121)
         self.assertIn('data-status="offline"', self.page("/portal/endpoints"))
 
+    def test_purge_drops_old_history_sessions_and_links(self) -> None:
+        self.sign_in()
+        endpoint_id = self.service.add_endpoint(owner="alice")
+        self.clock.advance(0)
+        self.assertEqual(len(self.service._run(store.status_history, endpoint_id, 0.0)), 1)
+        self.clock.advance(8 * 3600)
+        self.successResultOf(self.portal.sessions.purge())
+        self.assertEqual(self.service._run(store.status_history, endpoint_id, 0.0), [])
+        count = self.service._run(
+            lambda tx: tx.execute("SELECT COUNT(*) FROM portal_sessions").fetchone()[0]
+        )
+        self.assertEqual(count, 0)
+
     def test_history_is_kept_for_an_hour(self) -> None:
         endpoint_id = self.service.add_endpoint(owner="alice")
         self.clock.advance(0)
@@ -478,12 +513,31 @@ class LiveStreamTests(SynchronousTestCase):
         self.assertEqual(len(self.events(request)), 1)  # unchanged: nothing sent
         self.value = [2]
         self.hub.changed()
-        self.clock.advance(0.05)
+        self.clock.advance(0.1)
         self.assertEqual(len(self.events(request)), 2)
         self.assertIn(b"data: [2]", b"".join(request.written))  # type: ignore[arg-type]
         stream.close()
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(request.finished, 1)
+
+    def test_wake_ups_read_at_most_every_tenth_of_a_second(self) -> None:
+        reads: List[float] = []
+
+        async def counted() -> Any:
+            reads.append(self.clock.seconds())
+            return self.value
+
+        request = DummyRequest([b""])
+        stream = Stream(self.hub, self.clock, request, "tasks", counted, period=5.0)
+        stream.start()
+        self.clock.advance(0)
+        for _ in range(5):
+            self.hub.changed()
+            self.clock.advance(0.02)
+        self.clock.advance(0.2)
+        self.assertEqual([round(t, 2) for t in reads], [0.0, 0.1])
+        stream.close()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_ends_when_the_session_ends(self) -> None:
         request = DummyRequest([b""])
@@ -491,7 +545,7 @@ class LiveStreamTests(SynchronousTestCase):
         self.clock.advance(0)
         self.value = None
         self.hub.changed()
-        self.clock.advance(0.05)
+        self.clock.advance(0.1)
         self.assertEqual(self.events(request), [b"tasks", b"signedout"])
         self.assertEqual(self.hub.streams, set())
         self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -3,7 +3,7 @@
 A :class:`Stream` answers one ``GET`` with ``text/event-stream`` and sends an
 event whenever what it shows changed: it reads again when the service stored
 results or status reports (:meth:`LiveHub.changed`, an observer of the result
-ingest), and every ``period`` seconds in any case (an endpoint goes offline
+ingest; at most every 0.1 s), and every ``period`` seconds in any case (an endpoint goes offline
 when its reports stop, with nothing stored).  A stream ends after ``lifetime``
 seconds, or when its session ends (it sends ``signedout`` first); the browser's
 ``EventSource`` opens a new one by itself.
@@ -23,6 +23,8 @@ __all__ = ["LiveHub", "Stream"]
 
 #: How soon after a wake-up a stream reads (wake-ups within it are one read).
 _SETTLE = 0.02
+#: Reads of one stream start at least this far apart (a busy ingest wakes it often).
+_MIN_GAP = 0.1
 #: A comment line at least this often keeps proxies from closing a quiet stream.
 _KEEPALIVE = 15.0
 
@@ -70,6 +72,7 @@ class Stream:
         self._ends_at = clock.seconds() + lifetime
         self._last: Optional[str] = None
         self._last_write = clock.seconds()
+        self._last_read = float("-inf")
         self._call: Optional[IDelayedCall] = None
         self._busy = False
         self._again = False
@@ -91,11 +94,12 @@ class Stream:
         if self._busy:
             self._again = True
             return
+        delay = max(_SETTLE, self._last_read + _MIN_GAP - self._clock.seconds())
         if self._call is not None and self._call.active():
-            if self._call.getTime() - self._clock.seconds() <= _SETTLE:
+            if self._call.getTime() - self._clock.seconds() <= delay:
                 return
             self._call.cancel()
-        self._schedule(_SETTLE)
+        self._schedule(delay)
 
     def close(self) -> None:
         """End the stream (the service stops, the session ended, the lifetime is over)."""
@@ -125,6 +129,7 @@ class Stream:
 
     async def _read(self) -> None:
         self._busy = True
+        self._last_read = self._clock.seconds()
         try:
             value = await self._snapshot()
         finally:

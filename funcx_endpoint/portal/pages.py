@@ -70,7 +70,15 @@ def _uuid(text: Optional[str]) -> Optional[str]:
 
 
 def _safe_next(target: Optional[str]) -> str:
-    if target and target.startswith(PREFIX + "/") and not target.startswith(PREFIX + "/sign"):
+    """Where to go after sign-in: a page of the portal, nowhere else."""
+    if (
+        target
+        and target.startswith(PREFIX + "/")
+        and not target.startswith(PREFIX + "/sign")
+        and ".." not in target
+        and "\\" not in target
+        and "//" not in target
+    ):
         return target
     return PREFIX + "/endpoints"
 
@@ -103,6 +111,7 @@ class Portal(Service):
         self.hub = LiveHub()
         self.live_period = live_period
         self._purge: Optional[LoopingCall] = None
+        self._static: Dict[str, bytes] = {}
         self.templates = jinja2.Environment(
             loader=jinja2.PackageLoader("funcx_endpoint.portal", "templates"),
             autoescape=True,
@@ -179,8 +188,10 @@ class Portal(Service):
 
     async def static(self, call: PageCall) -> Answer:
         name = call.params["name"]
-        with open(os.path.join(_STATIC, name), "rb") as f:
-            data = f.read()
+        data = self._static.get(name)
+        if data is None:
+            with open(os.path.join(_STATIC, name), "rb") as f:
+                data = self._static[name] = f.read()
         request = call.request
         request.setHeader(b"content-type", _STATIC_TYPES[name])
         request.setHeader(b"cache-control", b"max-age=300")

@@ -19,6 +19,7 @@ import attr
 
 from funcx_endpoint.webservice.accounts import _CLIENT_SELECT, _client
 from funcx_endpoint.webservice.db import Tx
+from funcx_endpoint.webservice.endpoints import HISTORY_SECONDS
 from funcx_endpoint.webservice.records import Client
 
 __all__ = [
@@ -122,11 +123,16 @@ def use_link(tx: Tx, hashed: str, now: float) -> Optional[Tuple[str, str]]:
 
 
 def purge(tx: Tx, now: float) -> int:
-    """Delete expired or revoked sessions and expired links; how many."""
+    """Delete expired or revoked sessions, expired links, and status history older than
+    an hour (of endpoints that no longer report); how many rows."""
     count = tx.execute(
         "DELETE FROM portal_sessions WHERE expires <= ? OR revoked = 1", (now,)
     ).rowcount
-    return int(count + tx.execute("DELETE FROM portal_links WHERE expires <= ?", (now,)).rowcount)
+    count += tx.execute("DELETE FROM portal_links WHERE expires <= ?", (now,)).rowcount
+    count += tx.execute(
+        "DELETE FROM status_history WHERE at < ?", (now - HISTORY_SECONDS,)
+    ).rowcount
+    return int(count)
 
 
 def active_client_named(tx: Tx, name: str) -> Optional[Client]:
