@@ -579,6 +579,7 @@ class ViewTests(SynchronousTestCase):
         self.assertIn("&lt;l&gt;", svg)
         self.assertIn("<polyline", svg)
         self.assertIn("no reports", views.line_chart("t", [("l", [])], 0.0, 3.0))
+        self.assertEqual(views.line_chart("t", [("l", [(1.0, 1.0)])], 0.0, 3.0).count("<circle"), 1)
 
 
 class CommandTests(SynchronousTestCase):

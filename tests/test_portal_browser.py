@@ -175,7 +175,7 @@ class PortalInBrowserTests(SynchronousTestCase):
         ep = self.start_endpoint(alice_env)
         endpoint_id = ep.endpoint_id()
 
-        driver = browser.headless_chromium()
+        driver = browser.headless_chromium(1280, 1000)
         self.addCleanup(driver.quit)
         self.sign_in(driver, alice_id, alice_secret, shot="signin")
 

@@ -335,7 +335,9 @@ class Portal(Service):
         if not bins:
             throughput = []
         charts = [
-            views.line_chart("Tasks finished per second", [("tasks/s", throughput)], since, now),
+            views.line_chart(
+                "Tasks finished per second", [("tasks/s", throughput)], since, now, dots=False
+            ),
             views.line_chart(
                 "Queue depth",
                 [("queued tasks", [(h[0], h[4]) for h in history])],

@@ -127,6 +127,8 @@ def duration(start: Optional[float], end: Optional[float]) -> str:
 _W, _H = 560, 160
 _LEFT, _RIGHT, _TOP, _BOTTOM = 44, 8, 10, 24
 _COLOURS = ("#1f6feb", "#d1242f", "#1a7f37")
+#: Series of at most this many points also get a dot per point.
+_DOTS = 120
 
 
 def _nice_max(value: float) -> float:
@@ -146,9 +148,11 @@ def line_chart(
     start: float,
     end: float,
     unit: str = "",
+    dots: bool = True,
 ) -> Markup:
     """An SVG line chart of ``series`` (``(label, [(time, value), ...])``) from
-    ``start`` to ``end``, its axes labelled; an empty chart says there is no data."""
+    ``start`` to ``end``, its axes labelled; an empty chart says there is no data.
+    With ``dots``, a series of few points marks each (one report is a dot)."""
     plot_w, plot_h = _W - _LEFT - _RIGHT, _H - _TOP - _BOTTOM
     top = _nice_max(max((v for _, points in series for _, v in points), default=0.0))
     span = max(end - start, 1e-9)
@@ -197,6 +201,11 @@ def line_chart(
             parts.append(
                 f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"/>'
             )
+            if dots and len(inside) <= _DOTS:  # few reports: each seen, even a lone one
+                parts.extend(
+                    f'<circle cx="{x(t):.1f}" cy="{y(v):.1f}" r="2.5" fill="{colour}"/>'
+                    for t, v in inside
+                )
         parts.append(
             f'<text x="{_LEFT + 8 + 150 * index}" y="{_TOP + 14}" font-size="12" '
             f'fill="{colour}">{escape(label)}</text>'
