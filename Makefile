@@ -20,9 +20,10 @@ system:
 # a private Slurm cluster (Slurm's daemons and clients, MariaDB for its
 # accounting, iproute2 for the nodes' network namespaces), MPICH (real MPI
 # across the cluster's two nodes), their own Podman and Docker daemon (workers
-# in containers), and verify systemd units with systemd-analyze.
+# in containers), verify systemd units with systemd-analyze, and drive Debian's
+# Chromium headless (the portal's browser test).
 system-test:
-	@scripts/bootstrap-system.sh postgresql slurm mpi containers systemd
+	@scripts/bootstrap-system.sh postgresql slurm mpi containers systemd browser
 
 $(STAMP): setup.py
 	@echo ">>> Creating the virtualenv $(VENV) and installing the package"

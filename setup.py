@@ -35,6 +35,7 @@ setup(
         "funcx_endpoint": ["py.typed"],
         "funcx_endpoint.amqp": ["spec/*.xml"],
         "funcx_endpoint.config": ["templates/*"],
+        "funcx_endpoint.portal": ["templates/*.html", "static/*"],
     },
     install_requires=[
         "Twisted[tls]>=24.7.0",
@@ -49,6 +50,7 @@ setup(
         "dill>=0.3.6",
         "globus-sdk>=3.65,<5",
         "requests>=2.28",
+        "jinja2>=3.1",
     ],
     extras_require={
         "test": [
@@ -56,6 +58,7 @@ setup(
             "psycopg2-binary>=2.9",
             "hypothesis>=6.80.0",
             "tqdm>=4.60",
+            "selenium>=4.15",
         ],
         "progress": [
             "tqdm>=4.60",

@@ -7,7 +7,8 @@
 # sacct reads, iproute2 for the nodes' network namespaces), mpi (MPICH with its
 # compiler wrapper and headers, for the real MPI tests across the cluster's nodes),
 # containers (podman, docker.io, runc: the container tests' engines), systemd
-# (systemd-analyze, to verify enable-on-boot's units).
+# (systemd-analyze, to verify enable-on-boot's units), browser (Chromium and its
+# chromedriver: the portal's browser test and benchmark drive them headless).
 # Debian/Ubuntu; runs apt-get as root or through sudo.  Idempotent: only what
 # is missing is installed.
 set -euo pipefail
@@ -46,6 +47,10 @@ for extra in "$@"; do
       command -v podman >/dev/null 2>&1 || want+=(podman)
       command -v dockerd >/dev/null 2>&1 || want+=(docker.io)
       command -v runc >/dev/null 2>&1 || want+=(runc)
+      ;;
+    browser)
+      [ -x /usr/bin/chromium ] || want+=(chromium)
+      [ -x /usr/bin/chromedriver ] || want+=(chromium-driver)
       ;;
     *) want+=("$extra") ;;
   esac

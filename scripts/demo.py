@@ -10,7 +10,9 @@ Steps (each prints what it does):
 4. with the SDK: register functions and run them: one returning data, one
    raising, one printing, and a batch of 1,000 with a progress bar; timings;
 5. ``funcx-endpoint list`` and ``status`` (managers, workers, tasks);
-6. say how to stop it all (``make demo-stop``, which runs this with ``--stop``).
+6. print the web portal's address and a one-time sign-in link
+   (``funcx-service portal-link demo``);
+7. say how to stop it all (``make demo-stop``, which runs this with ``--stop``).
 
 Everything lives in ``--state-dir`` (default ``.state/demo``), so running it
 again reuses the service, the client and the endpoint.
@@ -208,6 +210,18 @@ def demo(state_dir: str, batch: int) -> None:
 
     step("The endpoint, live")
     run([tool("funcx-endpoint"), "-c", endpoints, "status", "demo"], env)
+
+    step("The web portal: the endpoint, its functions and tasks in a browser")
+    link = run(
+        [tool("funcx-service"), "-d", service_dir, "portal-link", "demo"], env, capture=True
+    ).strip()
+    print(
+        f"Portal: {link.split('/portal/')[0]}/portal/ (HTTPS with the service's own CA: "
+        f"trust {env['FUNCX_SERVICE_CA_FILE']} or accept the warning)\n"
+        f"Sign in with FUNCX_SDK_CLIENT_ID and FUNCX_SDK_CLIENT_SECRET from {client_file},\n"
+        f"or open this one-time link (valid 15 minutes; "
+        f"`funcx-service -d {service_dir} portal-link demo` makes another):\n    {link}"
+    )
 
     step("Done")
     print(

@@ -282,14 +282,16 @@ class InProcessService(MultiService):
 
         router = Router()
         self.authenticator = Authenticator(self.storage, self.clock)
-        AuthAPI(
+        #: The auth calls' handlers (the portal's sign-in checks secrets with them).
+        self.auth = AuthAPI(
             self.storage,
             self.authenticator,
             self.clock,
             funcx_scope,
             token_lifetime,
             in_thread=maybeDeferred,
-        ).install(router)
+        )
+        self.auth.install(router)
         self.api = FuncXAPI(
             reactor,
             self.storage,

@@ -104,10 +104,13 @@ class TasksAPI(HandlerGroup):
         router.add("GET", "/v2/get_amqp_result_connection_url", self.result_connection_url, API)
 
     async def submit(self, call: Call) -> Tuple[int, Any]:
-        me: TokenInfo = call.identity
         # Text is checked task by task (a payload that is not valid Unicode fails alone);
         # the other strings kept are UUIDs.
         body = await call.json_object(check_text=False)
+        return 200, await self.submit_as(call.identity, body)
+
+    async def submit_as(self, me: TokenInfo, body: Dict[str, Any]) -> Dict[str, Any]:
+        """What ``POST /v2/submit`` with ``body`` answers ``me`` (the portal submits so)."""
         items = body.get("tasks")
         if not isinstance(items, list):
             raise bad_request(
@@ -249,7 +252,7 @@ class TasksAPI(HandlerGroup):
                 self.context.sender.send(to_send)
             except Exception:
                 self.log.failure("Publishing new tasks failed; they will be sent again")
-        return 200, {"response": "batch", "task_group_id": task_group_id, "results": results}
+        return {"response": "batch", "task_group_id": task_group_id, "results": results}
 
     async def _submit_context(
         self, function_ids: List[str], endpoint_ids: List[str], identity: str

@@ -232,6 +232,11 @@ class AuthAPI:
         router.add("GET", "/v2/oauth2/userinfo", self.userinfo, ANY_TOKEN)
         router.add("GET", "/v2/api/identities", self.identities, ANY_TOKEN)
 
+    async def client_of(self, call: Call) -> Client:
+        """The client whose credentials this call carries (the portal's sign-in too);
+        401 (an APIError) for bad ones, with the back-off of failed logins."""
+        return await self._client(call)
+
     async def _client(self, call: Call) -> Client:
         """The client that authenticated this call (HTTP Basic, or form fields)."""
         header = call.header("authorization") or ""

@@ -7,6 +7,7 @@
     funcx-service create-client NAME                  # FUNCX_SDK_CLIENT_ID/SECRET lines
     funcx-service list-clients | revoke-client ID_OR_NAME
     funcx-service env                                 # export lines for clients
+    funcx-service portal-link NAME | portal-revoke NAME   # the web portal's sign-in
 
 The client commands work whether the service runs or not: they use its
 storage directly, with the settings the last start saved in the state
@@ -166,6 +167,8 @@ def _print_ready(info: Dict[str, Any]) -> None:
     click.echo(f"funcx-service is running (pid {info.get('pid')})")
     click.echo(f"  API (funcX base URL):   {info.get('base_url')}")
     click.echo(f"  auth (Globus Auth URL): {info.get('auth_url')}")
+    if info.get("portal_url"):
+        click.echo(f"  web portal:             {info.get('portal_url')}")
     click.echo(f"  CA file to trust:       {info.get('ca_file') or '(system CAs)'}")
     click.echo(f"  broker:                 {broker_text}")
     if info.get("broker_ca_file") and info.get("broker_ca_file") != info.get("ca_file"):
@@ -565,6 +568,10 @@ def revoke_client(ctx: click.Context, state_dir: Optional[str], client: str) -> 
         f"Revoked client {revoked.name!r} ({revoked.client_id}); its tokens stop working "
         f"within seconds"
     )
+
+
+# The portal's commands (portal-link, portal-revoke) join the group.
+from funcx_endpoint.portal import commands as _portal_commands  # noqa: E402, F401
 
 
 def main() -> None:

@@ -440,6 +440,40 @@ MIGRATIONS: List[Tuple[int, str, List[str]]] = [
             "ALTER TABLE tasks ADD COLUMN claimed_until {REAL}",
         ],
     ),
+    (
+        7,
+        "the web portal: sessions, sign-in links, an hour of status reports, tasks by owner",
+        [
+            """CREATE TABLE portal_sessions (
+                session_hash TEXT PRIMARY KEY,
+                identity_id TEXT NOT NULL,
+                client_id TEXT NOT NULL,
+                csrf TEXT NOT NULL,
+                created {REAL} NOT NULL,
+                expires {REAL} NOT NULL,
+                revoked INTEGER NOT NULL DEFAULT 0
+            )""",
+            "CREATE INDEX portal_sessions_identity ON portal_sessions (identity_id)",
+            """CREATE TABLE portal_links (
+                link_hash TEXT PRIMARY KEY,
+                identity_id TEXT NOT NULL,
+                client_id TEXT NOT NULL,
+                created {REAL} NOT NULL,
+                expires {REAL} NOT NULL,
+                used {REAL}
+            )""",
+            """CREATE TABLE status_history (
+                endpoint_id TEXT NOT NULL,
+                at {REAL} NOT NULL,
+                managers INTEGER NOT NULL,
+                total_workers INTEGER NOT NULL,
+                idle_workers INTEGER NOT NULL,
+                pending_tasks INTEGER NOT NULL
+            )""",
+            "CREATE INDEX status_history_endpoint ON status_history (endpoint_id, at)",
+            "CREATE INDEX tasks_owner_created ON tasks (owner, created)",
+        ],
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

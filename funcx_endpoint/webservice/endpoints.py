@@ -8,6 +8,7 @@ in database threads.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from funcx_endpoint.webservice.db import Tx
@@ -188,9 +189,43 @@ def record_reports(tx: Tx, reports: Sequence[Report], log_size: int) -> int:
             f"UPDATE endpoints SET {column} = ?, recent_reports = ? WHERE endpoint_id = ?",
             (report.received, json.dumps(recent), report.endpoint_id),
         )
+        if not report.final:
+            _keep_history(tx, report)
         if report.task_statuses:
             moved += _apply_transitions(tx, report.endpoint_id, report.task_statuses)
     return moved
+
+
+#: How long the counts of each status report are kept (the portal's charts show an hour).
+HISTORY_SECONDS = 3600.0
+
+
+def _count(value: Any) -> int:
+    """A report's count as a stored integer (0 for what is not a finite number)."""
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return 0
+    return max(0, min(int(value), 2**62))
+
+
+def _keep_history(tx: Tx, report: Report) -> None:
+    """Keep the report's counts for :data:`HISTORY_SECONDS`, dropping older ones."""
+    state = report.global_state
+    tx.execute(
+        "INSERT INTO status_history (endpoint_id, at, managers, total_workers, idle_workers, "
+        "pending_tasks) VALUES (?, ?, ?, ?, ?, ?)",
+        (
+            report.endpoint_id,
+            report.received,
+            _count(state.get("managers")),
+            _count(state.get("total_workers")),
+            _count(state.get("idle_workers")),
+            _count(state.get("pending_tasks")),
+        ),
+    )
+    tx.execute(
+        "DELETE FROM status_history WHERE endpoint_id = ? AND at < ?",
+        (report.endpoint_id, report.received - HISTORY_SECONDS),
+    )
 
 
 def _apply_transitions(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -129,6 +129,9 @@ class ResultIngest:
         self.duplicates = 0
         self.dropped = 0
         self.reports = 0
+        #: Called (without arguments) after each batch of results and reports is stored:
+        #: the portal's live pages read again at once.
+        self.observers: List[Callable[[], None]] = []
 
     def on_delivery(self, delivery: Delivery, channel: FastChannel) -> None:
         self._pending.append((delivery, channel))
@@ -225,6 +228,11 @@ class ResultIngest:
             self._stored(results, outcomes)
         except Exception:
             self.log.failure("Handling {n} stored results failed", n=len(results))
+        for observer in list(self.observers):
+            try:
+                observer()
+            except Exception:
+                self.log.failure("An observer of stored results failed")
 
     def _stored(self, results: List[IncomingResult], outcomes: List[StoredOutcome]) -> None:
         by_id = {r.task_id: r for r in results}

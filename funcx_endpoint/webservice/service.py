@@ -47,6 +47,8 @@ from funcx_endpoint.lifecycle import (
     StartupReporter,
     exit_status,
 )
+from funcx_endpoint.portal.pages import Portal
+from funcx_endpoint.portal.web import Dispatch
 from funcx_endpoint.procs import write_daemon_info
 from funcx_endpoint.rabbitmq.node import NodeIdentity, RabbitMQError
 from funcx_endpoint.rabbitmq.service import RabbitMQNodeService
@@ -62,6 +64,7 @@ from funcx_endpoint.webservice.dispatch import TaskSender
 from funcx_endpoint.webservice.health import HealthAPI
 from funcx_endpoint.webservice.http import APIResource, JSONSite, Router, error_body
 from funcx_endpoint.webservice.ingest import ResultIngest
+from funcx_endpoint.webservice.lifeline import watch_eof
 from funcx_endpoint.webservice.management import ManagementAPI
 from funcx_endpoint.webservice.quotas import Quotas
 from funcx_endpoint.webservice.retention import RetentionPurger
@@ -163,6 +166,7 @@ class WebService(MultiService):
         self._root: Optional[_Switch] = None
         self._purger: Optional[TokenPurger] = None
         self._retention: Optional[RetentionPurger] = None
+        self.portal: Optional[Portal] = None
         self._tls_files: Optional[tls.TLSFiles] = None
         self.info: Dict[str, Any] = {}
 
@@ -180,7 +184,7 @@ class WebService(MultiService):
             session if session != self._session_at_build else None,
         )
         if self._stop_on_eof_fd is not None:
-            _watch_eof(self._reactor, self._stop_on_eof_fd, self._parent_gone)
+            watch_eof(self._reactor, self._stop_on_eof_fd, self._parent_gone)
         self._startup = Deferred.fromCoroutine(self._start())
         self._startup.addErrback(self._start_failed)
 
@@ -296,7 +300,7 @@ class WebService(MultiService):
 
         router = Router()
         authenticator = Authenticator(storage, self._clock)
-        AuthAPI(
+        auth = AuthAPI(
             storage,
             authenticator,
             self._clock,
@@ -305,8 +309,9 @@ class WebService(MultiService):
             in_thread=lambda fn, *args: deferToThreadPool(
                 self._reactor, self._reactor.getThreadPool(), fn, *args
             ),
-        ).install(router)
-        FuncXAPI(
+        )
+        auth.install(router)
+        api = FuncXAPI(
             self._reactor,
             storage,
             broker,
@@ -322,10 +327,15 @@ class WebService(MultiService):
                 endpoints=settings.max_endpoints,
                 tasks_in_flight=settings.max_tasks_in_flight,
             ),
-        ).install(router)
+        )
+        api.install(router)
         HealthAPI(broker, self.embedded).install(router)
         proxies = frozenset(p.strip() for p in (settings.trusted_proxies or "").split(","))
-        self._root.target = APIResource(router, authenticator, proxies - {""})
+        self.portal = Portal(storage, self._clock, api, auth)
+        ingest.observers.append(self.portal.changed)
+        self.portal.startService()
+        api_resource = APIResource(router, authenticator, proxies - {""})
+        self._root.target = Dispatch(api_resource, self.portal.resource())
 
         self._purger = TokenPurger(storage, self._clock)
         self._purger.startService()
@@ -343,6 +353,7 @@ class WebService(MultiService):
             "root_url": root,
             "base_url": root + "/v2",
             "auth_url": root + "/",
+            "portal_url": root + "/portal/",
             "ca_file": ca_file,
             "broker": {
                 "embedded": settings.embedded_broker,
@@ -466,7 +477,7 @@ class WebService(MultiService):
     async def _stop(self) -> None:
         if self._startup is not None and not self._startup.called:
             self._startup.cancel()
-        for purger in (self._purger, self._retention):
+        for purger in (self._purger, self._retention, self.portal):
             if purger is not None and purger.running:
                 purger.stopService()
         steps = [
@@ -563,35 +574,3 @@ def _with_timeout(reactor: Any, d: Deferred[Any], seconds: float) -> Deferred[An
 
     d.addCallbacks(done, failed)
     return result
-
-
-def _watch_eof(reactor: Any, fd: int, on_eof: Any) -> None:
-    """Call ``on_eof()`` when ``fd`` (a pipe from the starter) reaches end-of-file."""
-    from twisted.internet.interfaces import IReadDescriptor
-    from zope.interface import implementer
-
-    @implementer(IReadDescriptor)
-    class Watcher:
-        def fileno(self) -> int:
-            return fd
-
-        def doRead(self) -> Any:
-            try:
-                data = os.read(fd, 4096)
-            except BlockingIOError:
-                return None
-            except OSError:
-                data = b""
-            if not data:
-                reactor.removeReader(self)
-                on_eof()
-            return None
-
-        def connectionLost(self, reason: Any) -> None:
-            pass
-
-        def logPrefix(self) -> str:
-            return "eof-watch"
-
-    os.set_blocking(fd, False)
-    reactor.addReader(Watcher())

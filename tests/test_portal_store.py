@@ -1,0 +1,121 @@
+"""The portal's queries (:mod:`funcx_endpoint.portal.store`) on SQLite and on a real
+PostgreSQL server (the shared one, a database of its own; skipped without it)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from funcx_endpoint.portal import store
+from funcx_endpoint.webservice import accounts, endpoints, tasks
+from funcx_endpoint.webservice.records import IncomingResult, NewTask, Report
+from funcx_endpoint.webservice.storage import open_sync
+
+NOW = 1_000_000.0
+
+
+class StoreTestsMixin:
+    database_url: Any
+
+    def setUp(self) -> None:
+        self.connection, self.call = open_sync(self.database_url())
+        self.addCleanup(self.connection.close)  # type: ignore[attr-defined]
+        self.alice = self.call(accounts.create_client)(str(uuid.uuid4()), "alice", "!", NOW)
+        self.bob = self.call(accounts.create_client)(str(uuid.uuid4()), "bob", "!", NOW)
+        self.endpoint = str(uuid.uuid4())
+        self.call(endpoints.save_registration)(
+            self.endpoint, self.alice.identity_id, "ep", {}, None, 30.0, None, "u", "p", None, NOW
+        )
+
+    def test_sessions_and_links(self) -> None:
+        call = self.call
+        call(store.insert_session)(
+            "h", self.alice.identity_id, self.alice.client_id, "c", NOW, NOW + 10
+        )
+        found = call(store.find_session)("h", NOW + 1)
+        self.assertEqual((found.csrf, found.username), ("c", "alice@funcx-service"))  # type: ignore[attr-defined]
+        self.assertIsNone(call(store.find_session)("h", NOW + 10))
+        self.assertEqual(call(store.revoke_sessions)(self.alice.identity_id), 1)
+        self.assertIsNone(call(store.find_session)("h", NOW + 1))
+        call(store.insert_link)("l", self.alice.identity_id, self.alice.client_id, NOW, NOW + 60)
+        self.assertEqual(
+            call(store.use_link)("l", NOW + 1), (self.alice.identity_id, self.alice.client_id)
+        )
+        self.assertIsNone(call(store.use_link)("l", NOW + 2))
+        self.assertEqual(call(store.active_client_named)("bob").client_id, self.bob.client_id)
+        self.assertEqual(call(store.purge)(NOW + 3600 * 2), 2)
+
+    def test_tasks_functions_history(self) -> None:
+        call = self.call
+        owner = self.alice.identity_id
+        function_id = str(uuid.uuid4())
+        call(tasks.insert_function)(
+            {
+                "function_id": function_id,
+                "owner": owner,
+                "name": "<f>",
+                "entry_point": "f",
+                "description": None,
+                "container_uuid": None,
+                "public": False,
+                "group_id": None,
+                "function_code": "x",
+                "created": NOW,
+            }
+        )
+        ids = [str(uuid.uuid4()) for _ in range(130)]
+        group = str(uuid.uuid4())
+        call(tasks.insert_tasks)(
+            [
+                NewTask(t, owner, function_id, self.endpoint, group, "p", None, NOW + i)
+                for i, t in enumerate(ids)
+            ]
+        )
+        results = [IncomingResult(t, self.endpoint, "00\nx", None, None, "1") for t in ids[:70]]
+        call(tasks.store_results)(results[:40], NOW + 100)
+        call(tasks.store_results)(results[40:], NOW + 190)
+        page, total = call(store.list_tasks)(owner, 50, 100, None, None)
+        self.assertEqual(total, 130)
+        self.assertEqual([t.task_id for t in page], list(reversed(ids[:30])))
+        self.assertEqual(page[0].function_name, "<f>")
+        self.assertEqual(call(store.list_tasks)(self.bob.identity_id, 50, 0, None, None), ([], 0))
+        grouped, _ = call(store.list_tasks)(owner, 5, 0, self.endpoint, group)
+        self.assertEqual([t.task_id for t in grouped], ids[:5])
+        self.assertIsNone(call(store.task_row)(ids[0], self.bob.identity_id))
+        self.assertEqual(call(store.task_row)(ids[0], owner).result, "00\nx")
+        self.assertEqual(set(call(store.tasks_by_id)(ids[:3], owner)), set(ids[:3]))
+        self.assertEqual(
+            call(store.finished_per_bin)(self.endpoint, NOW + 60, 60.0), {0: 40, 2: 30}
+        )
+        self.assertEqual([f.name for f in call(store.list_functions)(owner)], ["<f>"])
+        call(endpoints.record_reports)(
+            [
+                Report(
+                    self.endpoint,
+                    {"managers": 1, "total_workers": 4.0, "idle_workers": "x"},
+                    {},
+                    False,
+                    NOW,
+                )
+            ],
+            20,
+        )
+        self.assertEqual(call(store.status_history)(self.endpoint, 0.0), [(NOW, 1, 4, 0, 0)])
+
+
+class SQLiteStoreTests(StoreTestsMixin, SynchronousTestCase):
+    def database_url(self) -> str:
+        return "sqlite:///" + os.path.abspath(self.mktemp()) + "/db.sqlite3"
+
+
+class PostgreSQLStoreTests(StoreTestsMixin, SynchronousTestCase):
+    def database_url(self) -> str:
+        from funcx_endpoint.testing.postgres import PostgresNotInstalled, shared_postgres
+
+        try:
+            return str(shared_postgres().create_database())
+        except PostgresNotInstalled as e:
+            raise SkipTest(str(e)) from None
