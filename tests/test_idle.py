@@ -16,7 +16,7 @@ from funcx_endpoint.endpoint.idle import Activity, Change, IdleClock, IdleShutdo
 from funcx_endpoint.endpoint.layout import EndpointDir, EndpointState
 from funcx_endpoint.endpoint.service import EndpointService, StartupReporter
 from funcx_endpoint.lifecycle import IStatusPart
-from tests.support import alive, endpoint_processes, run_cli, wait_for
+from tests.support import alive, configure_endpoint, endpoint_processes, run_cli, wait_for
 from tests.test_transport_units import TransportTestCase, make_tasks
 
 # Activity values: nothing done yet; work done and nothing outstanding; work outstanding.
@@ -265,18 +265,7 @@ class IdleDaemonTests(SynchronousTestCase):
         service = shared_service()
         env = service.client_env(service.create_client())
         config_dir = os.path.abspath(self.mktemp())
-        configured = run_cli(
-            config_dir,
-            "configure",
-            "idle",
-            "--service-address",
-            service.base_url,
-            "--service-ca-file",
-            service.ca_file,
-            "--amqp-ca-file",
-            service.broker_ca_file,
-            env=env,
-        )
+        configured = configure_endpoint(config_dir, "idle", service, env)
         self.assertEqual(configured.returncode, 0, configured.stderr)
         ep = EndpointDir(config_dir, "idle")
         with open(ep.config_file) as f:
