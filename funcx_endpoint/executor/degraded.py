@@ -30,14 +30,12 @@ block.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List
 
-from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
 
 from funcx_endpoint.executor.interface import ILoadSource
+from funcx_endpoint.lifecycle import PeriodicService
 
 if TYPE_CHECKING:
     from funcx_endpoint.executor.blocks import BlockScaler
@@ -51,14 +49,14 @@ DEFAULT_GRACE = 30.0
 DEFAULT_START_GRACE = 300.0
 
 
-class DegradedBlocks(Service):
+class DegradedBlocks(PeriodicService):
     """Drains and replaces blocks short of managers (see the module's docstring).
 
     ``scaler`` owns the blocks; ``load`` is the interchange; ``clock`` runs a
     check every ``interval`` seconds.
     """
 
-    log = Logger()
+    stopped_message = "The degraded-block watch stopped"
     name = "degraded-blocks"
 
     def __init__(
@@ -80,21 +78,6 @@ class DegradedBlocks(Service):
         self.short_since: Dict[str, float] = {}  # block id: first seen short
         self.drained: Dict[str, float] = {}  # block id: when drained for being short
         self.replaced = 0  # degraded blocks drained
-        self._loop: Optional[LoopingCall] = None
-
-    def startService(self) -> None:
-        super().startService()
-        self._loop = LoopingCall(self.check)
-        self._loop.clock = self._clock
-        self._loop.start(self.interval, now=False).addErrback(
-            lambda f: self.log.failure("The degraded-block watch stopped", f)
-        )
-
-    def stopService(self) -> None:
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
 
     def expected_managers(self) -> int:
         """Managers a block runs: ``nodes_per_block * tasks_per_node``."""

@@ -29,13 +29,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
-from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
 
 from funcx_endpoint.executor.block_state import Block
 from funcx_endpoint.executor.interface import ILoadSource, ManagerInfo
+from funcx_endpoint.lifecycle import PeriodicService
 
 if TYPE_CHECKING:
     from funcx_endpoint.executor.blocks import BlockScaler
@@ -57,7 +55,7 @@ def drain_margin(walltime: float, configured: Optional[float] = None) -> float:
     return max(0.0, min(float(configured), walltime))
 
 
-class WalltimeWatch(Service):
+class WalltimeWatch(PeriodicService):
     """Drains blocks ``margin`` seconds before their ``walltime`` (seconds)
     ends and cancels them once idle (see the module's docstring).
 
@@ -66,7 +64,7 @@ class WalltimeWatch(Service):
     ``interval`` seconds.
     """
 
-    log = Logger()
+    stopped_message = "The walltime watch stopped"
     name = "walltimes"
 
     def __init__(
@@ -88,21 +86,6 @@ class WalltimeWatch(Service):
         self.drained: Dict[str, float] = {}  # block id: when it began draining
         self._gone_at_drain: Dict[str, int] = {}  # block id: its managers gone by then
         self.cancelled = 0  # drained blocks cancelled once idle
-        self._loop: Optional[LoopingCall] = None
-
-    def startService(self) -> None:
-        super().startService()
-        self._loop = LoopingCall(self.check)
-        self._loop.clock = self._clock
-        self._loop.start(self.interval, now=False).addErrback(
-            lambda f: self.log.failure("The walltime watch stopped", f)
-        )
-
-    def stopService(self) -> None:
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
 
     # -- times ------------------------------------------------------------------------
 

@@ -17,13 +17,11 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from funcx_endpoint.lifecycle import start_loop, stop_loop
+from funcx_endpoint.lifecycle import PeriodicService
 from funcx_endpoint.webservice.db import Tx, chunks, marks
 from funcx_endpoint.webservice.records import DONE_SQL
 from funcx_endpoint.webservice.storage import Storage
@@ -74,7 +72,7 @@ def purge_tasks(tx: Tx, finished_before: float, fetched_before: float, limit: in
     )
 
 
-class RetentionPurger(Service):
+class RetentionPurger(PeriodicService):
     """Deletes expired tasks every ``interval`` seconds of ``clock``; see the module."""
 
     log = Logger()
@@ -93,17 +91,12 @@ class RetentionPurger(Service):
         self.task_retention = task_retention
         self.fetched_retention = fetched_retention
         self.interval = interval
-        self._loop: Optional[LoopingCall] = None
         #: Tasks deleted so far.
         self.purged = 0
 
-    def startService(self) -> None:
-        super().startService()
-        self._loop = start_loop(self.purge, self._clock, self.interval, now=False)
-
-    def stopService(self) -> None:
-        super().stopService()
-        stop_loop(self._loop)
+    def check(self) -> Deferred[int]:
+        """The periodic call: one :meth:`purge`."""
+        return self.purge()
 
     def purge(self) -> Deferred[int]:
         """Purge once (batch after batch); fires with how many tasks were deleted
