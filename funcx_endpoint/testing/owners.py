@@ -9,11 +9,28 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import tempfile
 from typing import Any, Dict, Iterator, List, Tuple
 
 import psutil
 
 from funcx_endpoint import tls
+
+
+def registry_dir(kind: str) -> str:
+    """This user's registry directory for things of ``kind`` ("rabbitmq", "slurm")."""
+    return os.path.join(tempfile.gettempdir(), f"funcx-test-{kind}-{os.getuid()}")
+
+
+def progress(kind: str, message: str) -> None:
+    """Say ``message`` on stderr at once: a test run that pauses while a broker or
+    a cluster starts (or is reaped) should say why."""
+    try:
+        sys.stderr.write(f"[funcx {kind}] {message}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
 
 
 class OwnerRegistry:

@@ -48,7 +48,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -79,7 +78,13 @@ from funcx_endpoint.rabbitmq.node import (
     tail,
 )
 from funcx_endpoint.rabbitmq.processes import DEFAULT_SERVER, Programs, node_processes
-from funcx_endpoint.testing.owners import OwnerRegistry, owner_alive, remove_entry
+from funcx_endpoint.testing.owners import (
+    OwnerRegistry,
+    owner_alive,
+    progress,
+    registry_dir,
+    remove_entry,
+)
 from funcx_endpoint.testing.shared import SharedInstance
 from funcx_endpoint.testing.watchdog import Watchdog
 
@@ -116,18 +121,12 @@ log = Logger(namespace="funcx_endpoint.testing.rabbitmq")
 
 
 def _progress(message: str) -> None:
-    # Shown on stderr as it happens: a test run that seems to hang for 10 s while a
-    # broker boots should say so. Also logged, for test.log.
-    try:
-        sys.stderr.write(f"[funcx rabbitmq] {message}\n")
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        pass
-    log.info("{message}", message=message)
+    progress("rabbitmq", message)
+    log.info("{message}", message=message)  # also for test.log
 
 
 def _registry_dir() -> str:
-    return os.path.join(tempfile.gettempdir(), f"funcx-test-rabbitmq-{os.getuid()}")
+    return registry_dir("rabbitmq")
 
 
 def _port_accepts(port: int, timeout: float = 0.5) -> bool:
@@ -194,15 +193,8 @@ def ours():
             found.append((int(entry), comm))
     return found
 
-def kill(pids, sig):
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except OSError:
-            pass
-
 beams = [pid for pid, comm in ours() if comm == b"beam.smp"]
-kill(beams, signal.SIGTERM)
+signal_all(beams, signal.SIGTERM)
 deadline = time.monotonic() + grace
 while time.monotonic() < deadline and any(c == b"beam.smp" for _, c in ours()):
     time.sleep(0.1)
@@ -210,16 +202,9 @@ for _ in range(20):
     left = ours()
     if not left:
         break
-    kill([pid for pid, _ in left], signal.SIGKILL)
+    signal_all([pid for pid, _ in left], signal.SIGKILL)
     time.sleep(0.1)
-for path in remove:
-    if os.path.isdir(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+remove_paths(remove)
 """
 
 

@@ -69,9 +69,9 @@ import psutil
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 
-from funcx_endpoint.testing.owners import OwnerRegistry, remove_entry
+from funcx_endpoint.testing.owners import OwnerRegistry, progress, registry_dir, remove_entry
 from funcx_endpoint.testing.shared import SharedInstance
-from funcx_endpoint.testing.watchdog import Watchdog
+from funcx_endpoint.testing.watchdog import CLEANUP_HELPERS, Watchdog
 
 __all__ = [
     "INSTALL_HINT",
@@ -170,13 +170,6 @@ def ours():
     pids.discard(os.getpid())
     return pids
 
-def signal_all(pids, sig):
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except OSError:
-            pass
-
 def alive(pid):
     try:
         with open("/proc/%d/stat" % pid) as f:
@@ -200,14 +193,7 @@ for ns in spec["netns"]:
 for link in spec["links"]:
     if os.path.exists("/sys/class/net/" + link):
         run(["ip", "link", "delete", link])
-for path in spec["remove"]:
-    if os.path.isdir(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+remove_paths(spec["remove"])
 """
 
 
@@ -220,12 +206,7 @@ class SlurmUnavailable(SlurmError):
 
 
 def _progress(message: str) -> None:
-    # A test run that pauses while a cluster starts should say why.
-    try:
-        sys.stderr.write(f"[funcx slurm] {message}\n")
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        pass
+    progress("slurm", message)
 
 
 def _run(
@@ -296,7 +277,7 @@ def _find_unavailable_reason() -> Optional[str]:
 
 
 def _registry_dir() -> str:
-    return os.path.join(tempfile.gettempdir(), f"funcx-test-slurm-{os.getuid()}")
+    return registry_dir("slurm")
 
 
 def _cleanup(spec: Dict[str, Any], timeout: float = 60.0) -> None:
@@ -307,7 +288,7 @@ def _cleanup(spec: Dict[str, Any], timeout: float = 60.0) -> None:
             sys.executable,
             "-I",
             "-c",
-            "import os, shutil, signal, sys, time\n" + _CLEANUP,
+            "import os, shutil, signal, sys, time\n" + CLEANUP_HELPERS + _CLEANUP,
             json.dumps(spec),
         ],
         stdin=subprocess.DEVNULL,
