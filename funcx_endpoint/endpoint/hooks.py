@@ -19,6 +19,7 @@ import os
 from collections import deque
 from typing import Any, Deque, Dict, List, Optional
 
+import attr
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone
@@ -81,6 +82,7 @@ class HookProtocol(ProcessProtocol):
 
 
 @implementer(IReadyPart)
+@attr.s(auto_attribs=True, eq=False)
 class ShellHooks(Service):
     """Runs ``setup`` when started (ready once it succeeds) and ``teardown``
     when stopped (``stopService`` waits for it)."""
@@ -88,26 +90,18 @@ class ShellHooks(Service):
     log = Logger()
     name = "hooks"
 
-    def __init__(
-        self,
-        reactor: Any,
-        directory: str,
-        setup: Optional[str],
-        teardown: Optional[str],
-        timeout: float = DEFAULT_HOOK_TIMEOUT,
-    ) -> None:
-        self._reactor = reactor
-        self.directory = directory
-        self.setup = setup
-        self.teardown = teardown
-        self.timeout = timeout
-        self._last_tail: Deque[str] = deque()
-        self._process: Any = None  # the hook started last
-        self._setup_process: Any = None
-        self._setup_ended_d: Optional[Deferred[Optional[int]]] = None
-        self._waiters: List[Deferred[None]] = []
-        self._setup_failure: Optional[Failure] = None
-        self._setup_finished = False
+    _reactor: Any
+    directory: str
+    setup: Optional[str]
+    teardown: Optional[str]
+    timeout: float = DEFAULT_HOOK_TIMEOUT
+    _last_tail: Deque[str] = attr.ib(factory=deque, init=False)
+    _process: Any = attr.ib(default=None, init=False)  # the hook started last
+    _setup_process: Any = attr.ib(default=None, init=False)
+    _setup_ended_d: Optional[Deferred[Optional[int]]] = attr.ib(default=None, init=False)
+    _waiters: List[Deferred[None]] = attr.ib(factory=list, init=False)
+    _setup_failure: Optional[Failure] = attr.ib(default=None, init=False)
+    _setup_finished: bool = attr.ib(default=False, init=False)
 
     def _run(self, name: str, command: str) -> Deferred[Optional[int]]:
         self.log.info("Running {hook}: {command}", hook=name, command=command)

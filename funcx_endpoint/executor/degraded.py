@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Dict, List
 
+import attr
 from twisted.internet.interfaces import IReactorTime
 
 from funcx_endpoint.executor.interface import ILoadSource
@@ -49,6 +50,7 @@ DEFAULT_GRACE = 30.0
 DEFAULT_START_GRACE = 300.0
 
 
+@attr.s(auto_attribs=True, eq=False)
 class DegradedBlocks(PeriodicService):
     """Drains and replaces blocks short of managers (see the module's docstring).
 
@@ -59,25 +61,16 @@ class DegradedBlocks(PeriodicService):
     stopped_message = "The degraded-block watch stopped"
     name = "degraded-blocks"
 
-    def __init__(
-        self,
-        scaler: BlockScaler,
-        load: ILoadSource,
-        clock: IReactorTime,
-        *,
-        grace: float = DEFAULT_GRACE,
-        start_grace: float = DEFAULT_START_GRACE,
-        interval: float = 1.0,
-    ) -> None:
-        self.scaler = scaler
-        self.load = load
-        self._clock = clock
-        self.grace = grace
-        self.start_grace = start_grace
-        self.interval = interval
-        self.short_since: Dict[str, float] = {}  # block id: first seen short
-        self.drained: Dict[str, float] = {}  # block id: when drained for being short
-        self.replaced = 0  # degraded blocks drained
+    scaler: BlockScaler
+    load: ILoadSource
+    _clock: IReactorTime
+    grace: float = attr.ib(default=DEFAULT_GRACE, kw_only=True)
+    start_grace: float = attr.ib(default=DEFAULT_START_GRACE, kw_only=True)
+    interval: float = attr.ib(default=1.0, kw_only=True)
+    #: Block id: when first seen short; block id: when drained for being short.
+    short_since: Dict[str, float] = attr.ib(factory=dict, init=False)
+    drained: Dict[str, float] = attr.ib(factory=dict, init=False)
+    replaced: int = attr.ib(default=0, init=False)  # degraded blocks drained
 
     def expected_managers(self) -> int:
         """Managers a block runs: ``nodes_per_block * tasks_per_node``."""

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
+import attr
 from twisted.internet.interfaces import IReactorTime
 
 from funcx_endpoint.executor.block_state import Block
@@ -55,6 +56,7 @@ def drain_margin(walltime: float, configured: Optional[float] = None) -> float:
     return max(0.0, min(float(configured), walltime))
 
 
+@attr.s(auto_attribs=True, eq=False)
 class WalltimeWatch(PeriodicService):
     """Drains blocks ``margin`` seconds before their ``walltime`` (seconds)
     ends and cancels them once idle (see the module's docstring).
@@ -67,25 +69,16 @@ class WalltimeWatch(PeriodicService):
     stopped_message = "The walltime watch stopped"
     name = "walltimes"
 
-    def __init__(
-        self,
-        scaler: BlockScaler,
-        load: ILoadSource,
-        clock: IReactorTime,
-        walltime: float,
-        margin: float,
-        *,
-        interval: float = 1.0,
-    ) -> None:
-        self.scaler = scaler
-        self.load = load
-        self._clock = clock
-        self.walltime = walltime
-        self.margin = margin
-        self.interval = interval
-        self.drained: Dict[str, float] = {}  # block id: when it began draining
-        self._gone_at_drain: Dict[str, int] = {}  # block id: its managers gone by then
-        self.cancelled = 0  # drained blocks cancelled once idle
+    scaler: BlockScaler
+    load: ILoadSource
+    _clock: IReactorTime
+    walltime: float
+    margin: float
+    interval: float = attr.ib(default=1.0, kw_only=True)
+    #: Block id: when it began draining; block id: its managers gone by then.
+    drained: Dict[str, float] = attr.ib(factory=dict, init=False)
+    _gone_at_drain: Dict[str, int] = attr.ib(factory=dict, init=False)
+    cancelled: int = attr.ib(default=0, init=False)  # drained blocks cancelled once idle
 
     # -- times ------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import attr
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -72,27 +73,20 @@ def purge_tasks(tx: Tx, finished_before: float, fetched_before: float, limit: in
     )
 
 
+@attr.s(auto_attribs=True, eq=False)
 class RetentionPurger(PeriodicService):
     """Deletes expired tasks every ``interval`` seconds of ``clock``; see the module."""
 
     log = Logger()
     name = "task-retention"
 
-    def __init__(
-        self,
-        storage: Storage,
-        clock: IReactorTime,
-        task_retention: float,
-        fetched_retention: float,
-        interval: float = 60.0,
-    ) -> None:
-        self._storage = storage
-        self._clock = clock
-        self.task_retention = task_retention
-        self.fetched_retention = fetched_retention
-        self.interval = interval
-        #: Tasks deleted so far.
-        self.purged = 0
+    _storage: Storage
+    _clock: IReactorTime
+    task_retention: float
+    fetched_retention: float
+    interval: float = 60.0
+    #: Tasks deleted so far.
+    purged: int = attr.ib(default=0, init=False)
 
     def check(self) -> Deferred[int]:
         """The periodic call: one :meth:`purge`."""
