@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from typing import Any, Deque, Dict, List, Optional
+from typing import Any, Deque, Dict, Optional
 
 import attr
 from twisted.application.service import Service
@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from funcx_endpoint.lifecycle import EX_CONFIG, IReadyPart, StartupError
+from funcx_endpoint.observer import OneShotObserver
 
 __all__ = ["DEFAULT_HOOK_TIMEOUT", "HookProtocol", "ShellHooks"]
 
@@ -99,9 +100,8 @@ class ShellHooks(Service):
     _process: Any = attr.ib(default=None, init=False)  # the hook started last
     _setup_process: Any = attr.ib(default=None, init=False)
     _setup_ended_d: Optional[Deferred[Optional[int]]] = attr.ib(default=None, init=False)
-    _waiters: List[Deferred[None]] = attr.ib(factory=list, init=False)
-    _setup_failure: Optional[Failure] = attr.ib(default=None, init=False)
-    _setup_finished: bool = attr.ib(default=False, init=False)
+    #: Fires once the setup finished (with its failure, if it failed).
+    _ready: OneShotObserver[None] = attr.ib(factory=OneShotObserver, init=False)
 
     def _run(self, name: str, command: str) -> Deferred[Optional[int]]:
         self.log.info("Running {hook}: {command}", hook=name, command=command)
@@ -161,32 +161,17 @@ class ShellHooks(Service):
         )
 
     def _finish_setup(self, failure: Optional[Failure]) -> None:
-        self._setup_finished = True
-        self._setup_failure = failure
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            self._fire(waiter)
-
-    def _fire(self, waiter: Deferred[None]) -> None:
-        if self._setup_failure is None:
-            waiter.callback(None)
-        else:
-            waiter.errback(self._setup_failure)
+        self._ready.fire(failure)
 
     def when_ready(self) -> Deferred[None]:
-        waiter: Deferred[None] = Deferred()
-        if self._setup_finished:
-            self._fire(waiter)
-        else:
-            self._waiters.append(waiter)
-        return waiter
+        return self._ready.when_fired()
 
     def ready_info(self) -> Dict[str, Any]:
         return {}
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        if not self._setup_finished and self._setup_process is not None:
+        if not self._ready.fired and self._setup_process is not None:
             # Stopped while the setup runs: end it first, then tear down.
             self.log.info("Stopping endpoint_setup (the endpoint stops)")
             try:
