@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 import psutil
 
 import funcx_endpoint
+from funcx_endpoint.testing.service import sdk_client
 
 if TYPE_CHECKING:
     from funcx_endpoint.endpoint.layout import EndpointDir
@@ -111,22 +112,6 @@ def configure_endpoint(
         service.broker_ca_file,
         env=env,
     )
-
-
-def sdk_client(env: Dict[str, str]) -> Any:
-    """Our SDK's ``FuncXClient`` built with ``env`` in ``os.environ`` (restored after)."""
-    from funcx_endpoint.sdk import FuncXClient
-
-    saved: Dict[str, Optional[str]] = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        return FuncXClient()
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def replacing(edits: Dict[str, str]) -> Callable[[str], str]:
