@@ -16,7 +16,6 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from funcx_endpoint.manager.slots import WorkerSlot
-from funcx_endpoint.observer import fire_all
 
 __all__ = ["PoolStop"]
 
@@ -69,4 +68,6 @@ class PoolStop:
             if self._kill_call.active():
                 self._kill_call.cancel()
             self._kill_call = None
-        fire_all(self._waiters, None)
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
