@@ -20,11 +20,12 @@ import json
 import os
 from typing import Any, Callable, Dict, Optional
 
-from twisted.application.service import IService
+from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 EX_OK = 0
 EX_DATAERR = 65
@@ -136,13 +137,21 @@ class IStatusPart(IService):
 
 
 def start_loop(
-    call: Callable[[], Any], clock: IReactorTime, interval: float, *, now: bool
+    call: Callable[[], Any],
+    clock: IReactorTime,
+    interval: float,
+    *,
+    now: bool,
+    on_failure: Optional[Callable[[Failure], None]] = None,
 ) -> LoopingCall:
     """A :class:`LoopingCall` of ``call`` every ``interval`` seconds of ``clock``,
-    started (with a first call at once if ``now``)."""
+    started (with a first call at once if ``now``); ``on_failure`` hears of a
+    call's failure, which ends the loop."""
     loop = LoopingCall(call)
     loop.clock = clock
-    loop.start(interval, now=now)
+    ended = loop.start(interval, now=now)
+    if on_failure is not None:
+        ended.addErrback(on_failure)
     return loop
 
 
@@ -150,3 +159,37 @@ def stop_loop(loop: Optional[LoopingCall]) -> None:
     """Stop ``loop`` if it runs (None: there is none)."""
     if loop is not None and loop.running:
         loop.stop()
+
+
+class PeriodicService(Service):
+    """A service that calls :meth:`check` every ``interval`` seconds of its
+    ``_clock`` while it runs, the first time one interval after it starts.
+
+    A call that fails ends the calls, logged as ``stopped_message``.  Subclasses
+    set ``_clock`` and ``interval`` (in their constructor) and define ``check``.
+    """
+
+    log = Logger()
+    stopped_message = "A periodic check stopped"
+    _clock: IReactorTime
+    interval: float
+    _loop: Optional[LoopingCall] = None
+
+    def check(self) -> Any:
+        """The periodic work (a Deferred: the next call waits for it)."""
+        raise NotImplementedError
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = start_loop(
+            self.check,
+            self._clock,
+            self.interval,
+            now=False,
+            on_failure=lambda f: self.log.failure(self.stopped_message, f),
+        )
+
+    def stopService(self) -> Any:
+        super().stopService()
+        stop_loop(self._loop)
+        self._loop = None

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import subprocess
 import sys
+import tempfile
 import time
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 import psutil
 
 import funcx_endpoint
+from funcx_endpoint.testing.service import sdk_client
 
 if TYPE_CHECKING:
     from funcx_endpoint.endpoint.layout import EndpointDir
@@ -90,3 +93,117 @@ def alive(procs: List[psutil.Process]) -> List[psutil.Process]:
         except psutil.NoSuchProcess:
             pass
     return result
+
+
+def configure_endpoint(
+    config_dir: str, name: str, service: Any, env: Dict[str, str], address: str = ""
+) -> subprocess.CompletedProcess:
+    """``funcx-endpoint configure NAME`` against ``service`` (a test web service
+    process): its address (or ``address``), its CA and its broker's CA."""
+    return run_cli(
+        config_dir,
+        "configure",
+        name,
+        "--service-address",
+        address or service.base_url,
+        "--service-ca-file",
+        service.ca_file,
+        "--amqp-ca-file",
+        service.broker_ca_file,
+        env=env,
+    )
+
+
+def replacing(edits: Dict[str, str]) -> Callable[[str], str]:
+    """An edit of ``config.py`` that replaces each key of ``edits`` (which must be there)."""
+
+    def edit(text: str) -> str:
+        for old, new in edits.items():
+            assert old in text, old
+            text = text.replace(old, new)
+        return text
+
+    return edit
+
+
+class CLIEndpoint:
+    """An endpoint daemon run through the real CLI against the shared test web
+    service (and its broker), with SDK clients of the endpoint's user.
+
+    ``extra_env`` joins the user's environment (for the CLI, the daemon and the SDK).
+    """
+
+    def __init__(
+        self, config_dir: str, name: str, extra_env: Optional[Dict[str, str]] = None
+    ) -> None:
+        from funcx_endpoint.endpoint.layout import EndpointDir
+        from funcx_endpoint.testing.service import shared_service
+
+        self.service = shared_service()
+        self.credentials = self.service.create_client()
+        self.env = self.service.client_env(self.credentials)
+        self.env.update(extra_env or {})
+        self.config_dir = config_dir
+        self.name = name
+        self.ep = EndpointDir(config_dir, name)
+
+    @property
+    def endpoint_id(self) -> Optional[str]:
+        return self.ep.endpoint_id()
+
+    def configure(self, edit: Callable[[str], str] = lambda text: text) -> None:
+        """``configure`` the endpoint, then rewrite its ``config.py`` with ``edit``."""
+        result = configure_endpoint(self.config_dir, self.name, self.service, self.env)
+        assert result.returncode == 0, result.stderr
+        with open(self.ep.config_file) as f:
+            text = f.read()
+        with open(self.ep.config_file, "w") as f:
+            f.write(edit(text))
+
+    def start(self, *extra: str) -> subprocess.CompletedProcess:
+        """``funcx-endpoint start [EXTRA] NAME``, as the CLI answered."""
+        return run_cli(self.config_dir, "start", *extra, self.name, env=self.env)
+
+    def wait_online(self, says: str = "workers: 2", timeout: float = 60) -> None:
+        """Wait until ``status`` says ``says`` (an AssertionError after ``timeout``)."""
+        assert wait_for(lambda: says in self.status(), timeout), self.status()
+
+    def status(self) -> str:
+        return str(run_cli(self.config_dir, "status", self.name, env=self.env).stdout)
+
+    def stop(self) -> subprocess.CompletedProcess:
+        return run_cli(self.config_dir, "stop", self.name, env=self.env)
+
+    def client(self) -> Any:
+        return sdk_client(self.env)
+
+    def log(self) -> str:
+        with open(self.ep.log_file()) as f:
+            return f.read()
+
+
+def running_endpoint(
+    name: str, edit: Callable[[str], str] = lambda text: text, workers: int = 2
+) -> CLIEndpoint:
+    """A configured endpoint (``config.py`` rewritten by ``edit``), started and
+    registered, once its status counts ``workers`` workers."""
+    endpoint = CLIEndpoint(tempfile.mkdtemp(prefix=f"funcx-{name}-e2e-"), name)
+    endpoint.configure(edit)
+    started = endpoint.start()
+    assert started.returncode == 0, started.stdout + started.stderr
+    endpoint.wait_online(f"workers: {workers}")
+    return endpoint
+
+
+_shared_endpoints: Dict[str, CLIEndpoint] = {}
+
+
+def shared_running_endpoint(
+    name: str, edit: Callable[[str], str] = lambda text: text
+) -> CLIEndpoint:
+    """``running_endpoint(name, edit)`` made once per test process (the first call's
+    ``edit`` counts) and stopped when the process exits."""
+    if name not in _shared_endpoints:
+        endpoint = _shared_endpoints[name] = running_endpoint(name, edit)
+        atexit.register(endpoint.stop)
+    return _shared_endpoints[name]

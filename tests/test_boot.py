@@ -14,7 +14,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from funcx_endpoint.cli.boot import quote_word, systemd_running, unit_name
 from funcx_endpoint.cli.main import cli
 from funcx_endpoint.endpoint.layout import EndpointDir
-from tests.support import child_env
+from tests.support import child_env, configure_endpoint
 
 SECRET = "s3cret-never-in-the-unit"
 
@@ -200,18 +200,7 @@ class UnitRunsTheEndpointTests(SynchronousTestCase):
         client_id, secret = service.create_client()
         env = service.client_env((client_id, secret))
         config_dir = os.path.abspath(self.mktemp())
-        configured = run_cli(
-            config_dir,
-            "configure",
-            "booted",
-            "--service-address",
-            service.base_url,
-            "--service-ca-file",
-            service.ca_file,
-            "--amqp-ca-file",
-            service.broker_ca_file,
-            env=env,
-        )
+        configured = configure_endpoint(config_dir, "booted", service, env)
         self.assertEqual(configured.returncode, 0, configured.stderr)
         ep = EndpointDir(config_dir, "booted")
         # The credentials go to the EnvironmentFile, not into the unit.

@@ -29,8 +29,9 @@ from funcx_endpoint.executor.providers import JobState, ProviderAdapter
 from funcx_endpoint.executor.strategy import ScalingService, SimpleStrategy, scaling_from_config
 from funcx_endpoint.testing.interchanges import CollectingSink
 from funcx_endpoint.wire import Result, Task, deserialize, pack_function, pack_payload
+from tests.support import alive as _alive
 from tests.test_blocks import TEMPLATE, FakeLoadSource, FakeProvider
-from tests.test_scaling_integration import _alive, _managers, nap, wait_until
+from tests.test_scaling_integration import _managers, nap, wait_until
 
 GRACE = 30.0
 

@@ -17,7 +17,7 @@ from twisted.web.http_headers import Headers
 from funcx_endpoint.diagnostics import checks as c
 from funcx_endpoint.diagnostics.bundle import known_secrets, redact
 from funcx_endpoint.endpoint.layout import EndpointDir
-from tests.support import run_cli
+from tests.support import configure_endpoint, run_cli
 
 BROKER_PASSWORD = "brokerPw-9f8e7d6c5b"
 MANAGER_SECRET = "managerSecret-0a1b2c3d4e"
@@ -40,18 +40,7 @@ class DiagnoseServiceTests(SynchronousTestCase):
         self.client = self.service.create_client(f"diag-{uuid.uuid4().hex[:8]}")
         self.env = self.service.client_env(self.client)
         self.config_dir = os.path.abspath(self.mktemp())
-        result = run_cli(
-            self.config_dir,
-            "configure",
-            "diag",
-            "--service-address",
-            self.service.base_url,
-            "--service-ca-file",
-            self.service.ca_file,
-            "--amqp-ca-file",
-            self.service.broker_ca_file,
-            env=self.env,
-        )
+        result = configure_endpoint(self.config_dir, "diag", self.service, self.env)
         self.assertEqual(result.returncode, 0, result.stderr)
         self.ep = EndpointDir(self.config_dir, "diag")
 

@@ -7,84 +7,39 @@ module and stopped when the test process exits.
 
 from __future__ import annotations
 
-import atexit
 import os
-import tempfile
 import time
-from typing import Any, Dict, Optional
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from funcx_endpoint.endpoint.layout import EndpointDir
-from tests.support import alive, endpoint_processes, run_cli, wait_for
+from tests.support import (
+    CLIEndpoint,
+    alive,
+    configure_endpoint,
+    endpoint_processes,
+    replacing,
+    run_cli,
+    sdk_client,
+    shared_running_endpoint,
+    wait_for,
+)
 
 TASK_TIMEOUT = 3
 
 
-class SharedEndpoint:
-    """A configured, running endpoint daemon and an SDK client of the same user."""
-
-    def __init__(self) -> None:
-        from funcx_endpoint.testing.service import shared_service
-
-        self.service = shared_service()
-        self.env = self.service.client_env(self.service.create_client())
-        self.config_dir = tempfile.mkdtemp(prefix="funcx-e2e-")
-        result = run_cli(
-            self.config_dir,
-            "configure",
-            "e2e",
-            "--service-address",
-            self.service.base_url,
-            "--service-ca-file",
-            self.service.ca_file,
-            "--amqp-ca-file",
-            self.service.broker_ca_file,
-            env=self.env,
-        )
-        assert result.returncode == 0, result.stderr
-        self.ep = EndpointDir(self.config_dir, "e2e")
-        with open(self.ep.config_file) as f:
-            text = f.read()
-        text = text.replace("task_timeout=None,", f"task_timeout={TASK_TIMEOUT},")
-        text = text.replace('max_workers_per_node=float("inf"),', "max_workers_per_node=2,")
-        with open(self.ep.config_file, "w") as f:
-            f.write(text)
-        started = run_cli(self.config_dir, "start", "e2e", env=self.env)
-        assert started.returncode == 0, started.stdout + started.stderr
-        self.endpoint_id = self.ep.endpoint_id()
-        assert wait_for(
-            lambda: "workers: 2" in run_cli(self.config_dir, "status", "e2e", env=self.env).stdout,
-            60,
-        ), run_cli(self.config_dir, "status", "e2e", env=self.env).stdout
-
-    def client(self) -> Any:
-        from funcx_endpoint.sdk import FuncXClient
-
-        saved: Dict[str, Optional[str]] = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-        try:
-            return FuncXClient()
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-
-    def stop(self) -> None:
-        run_cli(self.config_dir, "stop", "e2e", env=self.env)
-
-
-_shared: Optional[SharedEndpoint] = None
-
-
-def shared_endpoint() -> SharedEndpoint:
-    global _shared
-    if _shared is None:
-        _shared = SharedEndpoint()
-        atexit.register(_shared.stop)
-    return _shared
+def shared_endpoint() -> CLIEndpoint:
+    """The module's endpoint daemon (2 workers, a task timeout), started once."""
+    return shared_running_endpoint(
+        "e2e",
+        replacing(
+            {
+                "task_timeout=None,": f"task_timeout={TASK_TIMEOUT},",
+                'max_workers_per_node=float("inf"),': "max_workers_per_node=2,",
+            }
+        ),
+    )
 
 
 def wait_result(client: Any, task_id: str, timeout: float = 60.0) -> Any:
@@ -284,18 +239,7 @@ class LoginCommandTests(SynchronousTestCase):
         self.client_id, secret = self.service.create_client(self.name)
         self.env = self.service.client_env((self.client_id, secret))
         self.config_dir = os.path.abspath(self.mktemp())
-        result = run_cli(
-            self.config_dir,
-            "configure",
-            "w",
-            "--service-address",
-            self.service.base_url,
-            "--service-ca-file",
-            self.service.ca_file,
-            "--amqp-ca-file",
-            self.service.broker_ca_file,
-            env=self.env,
-        )
+        result = configure_endpoint(self.config_dir, "w", self.service, self.env)
         self.assertEqual(result.returncode, 0, result.stderr)
         self.ep = EndpointDir(self.config_dir, "w")
 
@@ -358,7 +302,7 @@ class LoginCommandTests(SynchronousTestCase):
 
         self.assertEqual(run_cli(self.config_dir, "start", "w", env=self.env).returncode, 0)
         endpoint_id = self.ep.endpoint_id()
-        client = SharedEndpoint.client(self)  # type: ignore[arg-type]
+        client = sdk_client(self.env)
         self.addCleanup(client.close)
         self.assertEqual(client.get_endpoint_metadata(endpoint_id)["endpoint_id"], endpoint_id)
         result = run_cli(self.config_dir, "delete", "w", "--yes", env=self.env)
@@ -371,7 +315,6 @@ class LoginCommandTests(SynchronousTestCase):
 
     def test_delete_with_another_users_credentials_deletes_nothing(self) -> None:
         """The service answers 404 for another user's endpoint: not a success."""
-        import types
 
         self.assertEqual(run_cli(self.config_dir, "start", "w", env=self.env).returncode, 0)
         self.assertEqual(run_cli(self.config_dir, "stop", "w", env=self.env).returncode, 0)
@@ -388,7 +331,7 @@ class LoginCommandTests(SynchronousTestCase):
         self.assertIn("not yours", forced.stderr)
         self.assertFalse(os.path.exists(self.ep.path))
         # The endpoint is still registered to its owner.
-        client = SharedEndpoint.client(types.SimpleNamespace(env=self.env))  # type: ignore[arg-type]
+        client = sdk_client(self.env)
         self.addCleanup(client.close)
         self.assertEqual(client.get_endpoint_metadata(endpoint_id)["endpoint_id"], endpoint_id)
 

@@ -339,27 +339,15 @@ class _EndToEndTests:
         import os
 
         from funcx_endpoint.endpoint.layout import EndpointDir
-        from funcx_endpoint.sdk import FuncXClient
         from funcx_endpoint.testing.service import shared_service
-        from tests.support import run_cli, wait_for
+        from tests.support import configure_endpoint, run_cli, sdk_client, wait_for
 
         engine = self.shared.get()
         engine.import_worker_image()
         service = shared_service()
         env = service.client_env(service.create_client())
         config_dir = os.path.abspath(self.mktemp())  # type: ignore[attr-defined]
-        configured = run_cli(
-            config_dir,
-            "configure",
-            "boxed",
-            "--service-address",
-            service.base_url,
-            "--service-ca-file",
-            service.ca_file,
-            "--amqp-ca-file",
-            service.broker_ca_file,
-            env=env,
-        )
+        configured = configure_endpoint(config_dir, "boxed", service, env)
         self.assertEqual(configured.returncode, 0, configured.stderr)  # type: ignore[attr-defined]
         ep = EndpointDir(config_dir, "boxed")
         with open(ep.config_file) as f:
@@ -373,16 +361,7 @@ class _EndToEndTests:
         started = run_cli(config_dir, "start", "boxed", env=env)
         self.addCleanup(run_cli, config_dir, "stop", "boxed", env=env)  # type: ignore[attr-defined]
         self.assertEqual(started.returncode, 0, started.stdout + started.stderr)  # type: ignore[attr-defined]
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            client = FuncXClient()
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+        client = sdk_client(env)
         self.addCleanup(client.close)  # type: ignore[attr-defined]
 
         def stop() -> None:

@@ -553,7 +553,7 @@ class Funcx10DefaultConfigRunsTests(SynchronousTestCase):
 
     def test_runs_a_function(self) -> None:
         from funcx_endpoint.testing.service import shared_service
-        from tests.support import alive, endpoint_processes, run_cli, wait_for
+        from tests.support import alive, endpoint_processes, run_cli, sdk_client, wait_for
         from tests.test_end_to_end import add, wait_result
 
         service = shared_service()
@@ -584,18 +584,8 @@ class Funcx10DefaultConfigRunsTests(SynchronousTestCase):
             ),
             run_cli(config_dir, "status", "old", env=env).stdout,
         )
-        from funcx_endpoint.sdk import FuncXClient
 
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            client = FuncXClient()
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+        client = sdk_client(env)
         function_id = client.register_function(add)
         task_id = client.run(5, 6, endpoint_id=ep.endpoint_id(), function_id=function_id)
         self.assertEqual(wait_result(client, task_id), 11)

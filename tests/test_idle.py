@@ -16,7 +16,14 @@ from funcx_endpoint.endpoint.idle import Activity, Change, IdleClock, IdleShutdo
 from funcx_endpoint.endpoint.layout import EndpointDir, EndpointState
 from funcx_endpoint.endpoint.service import EndpointService, StartupReporter
 from funcx_endpoint.lifecycle import IStatusPart
-from tests.support import alive, endpoint_processes, run_cli, wait_for
+from tests.support import (
+    alive,
+    configure_endpoint,
+    endpoint_processes,
+    run_cli,
+    sdk_client,
+    wait_for,
+)
 from tests.test_transport_units import TransportTestCase, make_tasks
 
 # Activity values: nothing done yet; work done and nothing outstanding; work outstanding.
@@ -258,25 +265,13 @@ class IdleDaemonTests(SynchronousTestCase):
     clock in `status`, then exits by itself, cleanly."""
 
     def test_daemon_exits_when_idle(self) -> None:
-        from funcx_endpoint.sdk import FuncXClient
         from funcx_endpoint.testing.service import shared_service
         from tests.test_end_to_end import add, wait_result
 
         service = shared_service()
         env = service.client_env(service.create_client())
         config_dir = os.path.abspath(self.mktemp())
-        configured = run_cli(
-            config_dir,
-            "configure",
-            "idle",
-            "--service-address",
-            service.base_url,
-            "--service-ca-file",
-            service.ca_file,
-            "--amqp-ca-file",
-            service.broker_ca_file,
-            env=env,
-        )
+        configured = configure_endpoint(config_dir, "idle", service, env)
         self.assertEqual(configured.returncode, 0, configured.stderr)
         ep = EndpointDir(config_dir, "idle")
         with open(ep.config_file) as f:
@@ -302,16 +297,7 @@ class IdleDaemonTests(SynchronousTestCase):
         # idle_heartbeats_soft heartbeats have passed: 4 s, shorter than a slow
         # machine may take to get here).
         self.assertRegex(status(), r"idle shutdown: state (active|possibly idle)")
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            client = FuncXClient()
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+        client = sdk_client(env)
         function_id = client.register_function(add)
         task_id = client.run(1, 2, endpoint_id=ep.endpoint_id(), function_id=function_id)
         self.assertEqual(wait_result(client, task_id), 3)

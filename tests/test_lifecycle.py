@@ -13,7 +13,14 @@ import psutil
 from twisted.trial.unittest import SynchronousTestCase
 
 from funcx_endpoint.endpoint.layout import OWNER_ENV, EndpointDir, EndpointState
-from tests.support import alive, child_env, endpoint_processes, run_cli, wait_for
+from tests.support import (
+    alive,
+    child_env,
+    configure_endpoint,
+    endpoint_processes,
+    run_cli,
+    wait_for,
+)
 
 
 def start_a_sleeper():
@@ -38,18 +45,7 @@ def service_endpoint(test: SynchronousTestCase, name: str = "ep1") -> tuple:
     service = shared_service()
     env = service.client_env(service.create_client())
     config_dir = os.path.abspath(test.mktemp())
-    result = run_cli(
-        config_dir,
-        "configure",
-        name,
-        "--service-address",
-        service.base_url,
-        "--service-ca-file",
-        service.ca_file,
-        "--amqp-ca-file",
-        service.broker_ca_file,
-        env=env,
-    )
+    result = configure_endpoint(config_dir, name, service, env)
     test.assertEqual(result.returncode, 0, result.stderr)
     return config_dir, env
 

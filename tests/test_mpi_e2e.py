@@ -10,82 +10,20 @@ the worker, which starts the ranks.
 
 from __future__ import annotations
 
-import atexit
 import os
-import tempfile
-from typing import Any, Optional
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from funcx_endpoint.endpoint.layout import EndpointDir
-from tests.support import run_cli, wait_for
+from tests.support import CLIEndpoint, replacing, shared_running_endpoint
 from tests.test_end_to_end import wait_result
 from tests.test_mpi_slurm import build_hello, shell_ranks
 
 
-class MPIEndpoint:
-    """A running endpoint daemon for these tests, and an SDK client's environment."""
-
-    def __init__(self) -> None:
-        from funcx_endpoint.testing.service import shared_service
-
-        self.service = shared_service()
-        self.env = self.service.client_env(self.service.create_client())
-        self.config_dir = tempfile.mkdtemp(prefix="funcx-mpi-e2e-")
-        result = run_cli(
-            self.config_dir,
-            "configure",
-            "mpi",
-            "--service-address",
-            self.service.base_url,
-            "--service-ca-file",
-            self.service.ca_file,
-            "--amqp-ca-file",
-            self.service.broker_ca_file,
-            env=self.env,
-        )
-        assert result.returncode == 0, result.stderr
-        self.ep = EndpointDir(self.config_dir, "mpi")
-        with open(self.ep.config_file) as f:
-            text = f.read()
-        text = text.replace('max_workers_per_node=float("inf"),', "max_workers_per_node=2,")
-        with open(self.ep.config_file, "w") as f:
-            f.write(text)
-        started = run_cli(self.config_dir, "start", "mpi", env=self.env)
-        assert started.returncode == 0, started.stdout + started.stderr
-        self.endpoint_id = self.ep.endpoint_id()
-        assert wait_for(
-            lambda: "workers: 2" in run_cli(self.config_dir, "status", "mpi", env=self.env).stdout,
-            60,
-        ), run_cli(self.config_dir, "status", "mpi", env=self.env).stdout
-
-    def client(self) -> Any:
-        from funcx_endpoint.sdk import FuncXClient
-
-        saved = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-        try:
-            return FuncXClient()
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-
-    def stop(self) -> None:
-        run_cli(self.config_dir, "stop", "mpi", env=self.env)
-
-
-_endpoint: Optional[MPIEndpoint] = None
-
-
-def mpi_endpoint() -> MPIEndpoint:
-    global _endpoint
-    if _endpoint is None:
-        _endpoint = MPIEndpoint()
-        atexit.register(_endpoint.stop)
-    return _endpoint
+def mpi_endpoint() -> CLIEndpoint:
+    """This module's endpoint daemon (2 workers), started once."""
+    return shared_running_endpoint(
+        "mpi", replacing({'max_workers_per_node=float("inf"),': "max_workers_per_node=2,"})
+    )
 
 
 class MPIEndToEndTests(SynchronousTestCase):

@@ -11,7 +11,7 @@ import uuid
 from twisted.trial.unittest import SynchronousTestCase
 
 from funcx_endpoint.endpoint.layout import EndpointDir
-from tests.support import run_cli
+from tests.support import configure_endpoint, run_cli
 
 
 class RemoteEndpointsTests(SynchronousTestCase):
@@ -28,18 +28,7 @@ class RemoteEndpointsTests(SynchronousTestCase):
         self.configure(self.there, "there")
 
     def configure(self, config_dir: str, name: str, address: str = "") -> None:
-        result = run_cli(
-            config_dir,
-            "configure",
-            name,
-            "--service-address",
-            address or self.service.base_url,
-            "--service-ca-file",
-            self.service.ca_file,
-            "--amqp-ca-file",
-            self.service.broker_ca_file,
-            env=self.env,
-        )
+        result = configure_endpoint(config_dir, name, self.service, self.env, address)
         self.assertEqual(result.returncode, 0, result.stderr)
 
     def fx(self, config_dir: str, *args: str, env=None):
@@ -210,18 +199,7 @@ class RealSDKTests(SynchronousTestCase):
         env = service.client_env(service.create_client())
         config_dir = os.path.abspath(self.mktemp())
         for name in ("one", "two"):
-            configured = run_cli(
-                config_dir,
-                "configure",
-                name,
-                "--service-address",
-                service.base_url,
-                "--service-ca-file",
-                service.ca_file,
-                "--amqp-ca-file",
-                service.broker_ca_file,
-                env=env,
-            )
+            configured = configure_endpoint(config_dir, name, service, env)
             self.assertEqual(configured.returncode, 0, configured.stderr)
             started = run_cli(config_dir, "start", name, env=env)
             self.assertEqual(started.returncode, 0, started.stdout + started.stderr)

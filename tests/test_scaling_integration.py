@@ -23,6 +23,7 @@ from funcx_endpoint.executor.interchange import Interchange
 from funcx_endpoint.executor.strategy import scaling_from_config
 from funcx_endpoint.testing.interchanges import CollectingSink
 from funcx_endpoint.wire import Result, Task, deserialize, pack_function, pack_payload
+from tests.support import alive
 
 
 def nap(seconds):
@@ -96,7 +97,7 @@ class ScalingIntegrationTests(TestCase):
             # Idle past max_idletime: both blocks go (min_blocks is 0), processes too.
             await wait_until(lambda: not scaling.scaler.active_blocks(), 30, "scale-in")
             await wait_until(lambda: not interchange.managers(), 30, "managers to leave")
-            await wait_until(lambda: not _alive(pids), 30, "manager processes to exit")
+            await wait_until(lambda: not alive(pids), 30, "manager processes to exit")
             await scaling.stopService()
             await interchange.stopService()
             stopped = True
@@ -115,14 +116,3 @@ def _managers() -> List[psutil.Process]:
         except psutil.Error:
             continue
     return found
-
-
-def _alive(procs: List[psutil.Process]) -> List[psutil.Process]:
-    result = []
-    for proc in procs:
-        try:
-            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                result.append(proc)
-        except psutil.NoSuchProcess:
-            pass
-    return result

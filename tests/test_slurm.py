@@ -39,7 +39,7 @@ from funcx_endpoint.testing.interchanges import CollectingSink
 from funcx_endpoint.testing.slurm import SlurmCluster, SlurmUnavailable, shared_cluster_async
 from funcx_endpoint.wire import Result, Task, deserialize, pack_function, pack_payload
 from funcx_endpoint.wire.errors import ErrorCode
-from tests.support import alive, endpoint_processes, run_cli, wait_for
+from tests.support import CLIEndpoint, alive, endpoint_processes, wait_for
 from tests.test_end_to_end import wait_result
 
 log = Logger(namespace="tests.test_slurm")
@@ -510,7 +510,6 @@ class SlurmEndpointTests(SynchronousTestCase):
     """``funcx-endpoint start`` with Parsl's SlurmProvider in ``config.py``."""
 
     def setUp(self) -> None:
-        from funcx_endpoint.testing.service import shared_service
         from funcx_endpoint.testing.slurm import shared_cluster
 
         parsl_modules()
@@ -518,38 +517,21 @@ class SlurmEndpointTests(SynchronousTestCase):
             self.cluster = shared_cluster()
         except SlurmUnavailable as e:
             raise SkipTest(str(e)) from None
-        self.service = shared_service()
-        self.env = self.service.client_env(self.service.create_client())
-        self.env.update(self.cluster.env)  # the daemon's sbatch, squeue, sacct, scancel
         self.config_dir = os.path.abspath(self.mktemp())
+        self.endpoints: Dict[str, CLIEndpoint] = {}
 
     def start(self, name: str, partition: str) -> EndpointDir:
-        configured = run_cli(
-            self.config_dir,
-            "configure",
-            name,
-            "--service-address",
-            self.service.base_url,
-            "--service-ca-file",
-            self.service.ca_file,
-            "--amqp-ca-file",
-            self.service.broker_ca_file,
-            env=self.env,
-        )
-        self.assertEqual(configured.returncode, 0, configured.stderr)
-        ep = EndpointDir(self.config_dir, name)
-        with open(ep.config_file) as f:
-            text = f.read()
-        with open(ep.config_file, "w") as f:
-            f.write(slurm_config(text, self.cluster, partition))
-        started = run_cli(self.config_dir, "start", name, env=self.env)
+        # The daemon's sbatch, squeue, sacct and scancel in the user's environment.
+        endpoint = self.endpoints[name] = CLIEndpoint(self.config_dir, name, self.cluster.env)
+        endpoint.configure(lambda text: slurm_config(text, self.cluster, partition))
+        started = endpoint.start()
         self.assertEqual(started.returncode, 0, started.stdout + started.stderr)
-        self.addCleanup(self.stop, name, ep)
-        return ep
+        self.addCleanup(self.stop, name, endpoint.ep)
+        return endpoint.ep
 
     def stop(self, name: str, ep: EndpointDir) -> None:
         pid = ep.read_pid()
-        stopped = run_cli(self.config_dir, "stop", name, env=self.env)
+        stopped = self.endpoints[name].stop()
         self.assertEqual(stopped.returncode, 0, stopped.stderr)
         if pid is not None:
             self.assertEqual(alive(endpoint_processes(ep, pid)), [])
@@ -562,21 +544,10 @@ class SlurmEndpointTests(SynchronousTestCase):
         return [job for job in self.cluster.jobs() if job["name"].startswith("funcx.htex.block-")]
 
     def status(self, name: str) -> str:
-        return str(run_cli(self.config_dir, "status", name, env=self.env).stdout)
+        return self.endpoints[name].status()
 
     def client(self) -> Any:
-        from funcx_endpoint.sdk import FuncXClient
-
-        saved = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-        try:
-            return FuncXClient()
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+        return self.endpoints["slurm"].client()
 
     def test_tasks_run_on_both_nodes(self) -> None:
         ep = self.start("slurm", "debug")

@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from funcx_endpoint.endpoint.layout import EndpointDir
-from tests.support import run_cli, wait_for
+from tests.support import CLIEndpoint, replacing, run_cli, wait_for
 
 
 def sleeper(seconds):
@@ -29,78 +29,24 @@ def add(a, b=10):
     return a + b
 
 
-class ControlledEndpoint:
+def controlled_endpoint(config_dir: str, name: str) -> CLIEndpoint:
     """A configured, running endpoint daemon (2 workers) and SDK clients of its user."""
-
-    def __init__(self, config_dir: str, name: str) -> None:
-        from funcx_endpoint.testing.service import shared_service
-
-        self.service = shared_service()
-        self.credentials = self.service.create_client()
-        self.env = self.service.client_env(self.credentials)
-        self.config_dir = config_dir
-        self.name = name
-        result = run_cli(
-            config_dir,
-            "configure",
-            name,
-            "--service-address",
-            self.service.base_url,
-            "--service-ca-file",
-            self.service.ca_file,
-            "--amqp-ca-file",
-            self.service.broker_ca_file,
-            env=self.env,
-        )
-        assert result.returncode == 0, result.stderr
-        self.ep = EndpointDir(config_dir, name)
-        with open(self.ep.config_file) as f:
-            text = f.read()
-        text = text.replace('max_workers_per_node=float("inf"),', "max_workers_per_node=2,")
-        with open(self.ep.config_file, "w") as f:
-            f.write(text)
-        self.start()
-        self.endpoint_id = self.ep.endpoint_id()
-
-    def start(self, *extra: str) -> subprocess.CompletedProcess:
-        started = run_cli(self.config_dir, "start", *extra, self.name, env=self.env)
-        if started.returncode == 0:
-            assert wait_for(lambda: "workers: 2" in self.status(), 60), self.status()
-        return started
-
-    def status(self) -> str:
-        return run_cli(self.config_dir, "status", self.name, env=self.env).stdout
-
-    def stop(self) -> None:
-        run_cli(self.config_dir, "stop", self.name, env=self.env)
-
-    def client(self) -> Any:
-        from funcx_endpoint.sdk import FuncXClient
-
-        saved: Dict[str, Optional[str]] = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-        try:
-            return FuncXClient()
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-
-    def log(self) -> str:
-        with open(self.ep.log_file()) as f:
-            return f.read()
+    endpoint = CLIEndpoint(config_dir, name)
+    endpoint.configure(replacing({'max_workers_per_node=float("inf"),': "max_workers_per_node=2,"}))
+    started = endpoint.start()
+    assert started.returncode == 0, started.stdout + started.stderr
+    endpoint.wait_online()
+    return endpoint
 
 
 class StatesAndCancelTests(SynchronousTestCase):
     """One endpoint for the module's tests: states seen live, cancels of each kind."""
 
-    endpoint: Optional[ControlledEndpoint] = None
+    endpoint: Optional[CLIEndpoint] = None
 
     def setUp(self) -> None:
         if StatesAndCancelTests.endpoint is None:
-            StatesAndCancelTests.endpoint = ControlledEndpoint(
+            StatesAndCancelTests.endpoint = controlled_endpoint(
                 os.path.abspath(self.mktemp()), "ctl"
             )
             import atexit
@@ -214,7 +160,7 @@ class RemoteStopTests(SynchronousTestCase):
         self.assertTrue(wait_for(gone, 60, 0.1), f"daemon {pid} still runs")
         self.assertTrue(wait_for(lambda: ep.read_pid() is None, 10))
 
-    def real_sdk_stop(self, endpoint: ControlledEndpoint) -> Dict[str, Any]:
+    def real_sdk_stop(self, endpoint: CLIEndpoint) -> Dict[str, Any]:
         from tests.test_real_funcx_sdk import _funcx_python
 
         python = _funcx_python()
@@ -253,7 +199,7 @@ class RemoteStopTests(SynchronousTestCase):
             real = False
         else:
             real = True
-        endpoint = ControlledEndpoint(os.path.abspath(self.mktemp()), "rstop")
+        endpoint = controlled_endpoint(os.path.abspath(self.mktemp()), "rstop")
         self.addCleanup(endpoint.stop)
         ep = endpoint.ep
 
@@ -292,9 +238,10 @@ class RemoteStopTests(SynchronousTestCase):
         self.assertEqual(endpoint.start("--keep-lock").returncode, 69)
         self.owner_restarts(endpoint)
 
-    def owner_restarts(self, endpoint: ControlledEndpoint) -> None:
+    def owner_restarts(self, endpoint: CLIEndpoint) -> None:
         first = endpoint.start()
         self.assertEqual(first.returncode, 69, first.stdout + first.stderr)
         self.assertIn("the lock is cleared", first.stdout + first.stderr)
         started = endpoint.start()
         self.assertEqual(started.returncode, 0, started.stdout + started.stderr)
+        endpoint.wait_online()

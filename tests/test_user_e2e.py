@@ -13,19 +13,17 @@ broker -> endpoint daemon (local provider) -> manager -> worker, and back.
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import socket
 import tempfile
 import warnings
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from funcx_endpoint.endpoint.layout import EndpointDir
 from funcx_endpoint.wire.serialize import Serializer
-from tests.support import run_cli, wait_for
+from tests.support import CLIEndpoint, replacing, run_cli, shared_running_endpoint, wait_for
 from tests.test_end_to_end import wait_result
 from tests.test_runtime import other_python, pickled_by
 
@@ -53,50 +51,12 @@ SETUP = "echo setup says hello from $PWD"
 TEARDOWN = "echo teardown says bye"
 
 
-def configure(
-    service: Any, env: Dict[str, str], config_dir: str, name: str, **edits: str
-) -> EndpointDir:
-    result = run_cli(
-        config_dir,
-        "configure",
-        name,
-        "--service-address",
-        service.base_url,
-        "--service-ca-file",
-        service.ca_file,
-        "--amqp-ca-file",
-        service.broker_ca_file,
-        env=env,
-    )
-    assert result.returncode == 0, result.stderr
-    ep = EndpointDir(config_dir, name)
-    with open(ep.config_file) as f:
-        text = f.read()
-    for old, new in edits.items():
-        assert old in text, old
-        text = text.replace(old, new)
-    with open(ep.config_file, "w") as f:
-        f.write(text)
-    return ep
-
-
-class UserEndpoint:
-    """A running endpoint daemon (2 workers, sandboxes, hooks) and an SDK client's environment."""
-
-    name = "user"
-
-    def __init__(self) -> None:
-        from funcx_endpoint.testing.service import shared_service
-
-        self.service = shared_service()
-        self.env = self.service.client_env(self.service.create_client())
-        self.config_dir = tempfile.mkdtemp(prefix="funcx-user-e2e-")
-        self.ep = configure(
-            self.service,
-            self.env,
-            self.config_dir,
-            self.name,
-            **{
+def user_endpoint() -> CLIEndpoint:
+    """This module's endpoint daemon (2 workers, sandboxes, hooks), started once."""
+    return shared_running_endpoint(
+        "user",
+        replacing(
+            {
                 "prefetch_capacity=8,": "prefetch_capacity=0,",
                 'max_workers_per_node=float("inf"),': (
                     "max_workers_per_node=2, run_in_sandbox=True,"
@@ -104,43 +64,9 @@ class UserEndpoint:
                 "endpoint_setup=None,": f"endpoint_setup={SETUP!r},",
                 "endpoint_teardown=None,": f"endpoint_teardown={TEARDOWN!r},",
                 "run_in_sandbox=False,": "",
-            },
-        )
-        started = run_cli(self.config_dir, "start", self.name, env=self.env)
-        assert started.returncode == 0, started.stdout + started.stderr
-        self.endpoint_id = self.ep.endpoint_id()
-        assert wait_for(lambda: "workers: 2" in self.status(), 60), self.status()
-
-    def status(self) -> str:
-        return run_cli(self.config_dir, "status", self.name, env=self.env).stdout
-
-    def client(self) -> Any:
-        from funcx_endpoint.sdk import FuncXClient
-
-        saved = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-        try:
-            return FuncXClient()
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-
-    def stop(self) -> None:
-        run_cli(self.config_dir, "stop", self.name, env=self.env)
-
-
-_endpoint: Optional[UserEndpoint] = None
-
-
-def user_endpoint() -> UserEndpoint:
-    global _endpoint
-    if _endpoint is None:
-        _endpoint = UserEndpoint()
-        atexit.register(_endpoint.stop)
-    return _endpoint
+            }
+        ),
+    )
 
 
 class UserEndToEndTests(SynchronousTestCase):
@@ -300,38 +226,31 @@ class UserEndToEndTests(SynchronousTestCase):
 class HookStartStopTests(SynchronousTestCase):
     """Daemons of their own: a failing setup, and a teardown at stop."""
 
-    def setUp(self) -> None:
-        from funcx_endpoint.testing.service import shared_service
-
-        self.service = shared_service()
-        self.env = self.service.client_env(self.service.create_client())
-        self.config_dir = tempfile.mkdtemp(prefix="funcx-hooks-e2e-")
+    def configured(self, name: str, edits: Dict[str, str]) -> CLIEndpoint:
+        endpoint = CLIEndpoint(tempfile.mkdtemp(prefix="funcx-hooks-e2e-"), name)
+        endpoint.configure(replacing(edits))
+        return endpoint
 
     def test_failing_setup_is_a_start_error(self) -> None:
-        ep = configure(
-            self.service,
-            self.env,
-            self.config_dir,
+        endpoint = self.configured(
             "badsetup",
-            **{"endpoint_setup=None,": "endpoint_setup='echo no such module >&2; exit 4',"},
+            {"endpoint_setup=None,": "endpoint_setup='echo no such module >&2; exit 4',"},
         )
-        started = run_cli(self.config_dir, "start", "badsetup", env=self.env)
+        ep = endpoint.ep
+        started = endpoint.start()
         self.assertEqual(started.returncode, 78, started.stdout + started.stderr)
         self.assertIn("endpoint_setup exited with code 4", started.stdout + started.stderr)
         self.assertIn("no such module", started.stdout + started.stderr)
         self.assertIsNone(ep.endpoint_id())  # never registered
 
     def test_teardown_after_stop(self) -> None:
-        ep = configure(
-            self.service,
-            self.env,
-            self.config_dir,
-            "teardown",
-            **{"endpoint_teardown=None,": f"endpoint_teardown={TEARDOWN!r},"},
+        endpoint = self.configured(
+            "teardown", {"endpoint_teardown=None,": f"endpoint_teardown={TEARDOWN!r},"}
         )
-        started = run_cli(self.config_dir, "start", "teardown", env=self.env)
+        ep = endpoint.ep
+        started = endpoint.start()
         self.assertEqual(started.returncode, 0, started.stdout + started.stderr)
-        stopped = run_cli(self.config_dir, "stop", "teardown", env=self.env)
+        stopped = endpoint.stop()
         self.assertEqual(stopped.returncode, 0, stopped.stdout + stopped.stderr)
         with open(os.path.join(ep.path, "endpoint.log")) as f:
             log = f.read()

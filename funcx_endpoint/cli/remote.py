@@ -16,11 +16,9 @@ from funcx_endpoint.config.model import Config
 from funcx_endpoint.endpoint.auth import (
     Authenticator,
     AuthError,
-    TokenStore,
-    auth_base_url,
+    config_authenticator,
     error_message,
     headers,
-    http_client,
 )
 
 T = TypeVar("T")
@@ -63,13 +61,8 @@ def run_in_reactor(make: Callable[[Any], Awaitable[T]]) -> T:
 
 
 def authenticator(reactor: Any, config: Config, config_dir: str) -> Authenticator:
-    http, _pool = http_client(reactor, config.service_ca_file)
-    return Authenticator(
-        http,
-        auth_base_url(config.funcx_service_address, config.auth_address),
-        TokenStore(config_dir),
-        reactor,
-    )
+    auth, _pool = config_authenticator(reactor, config, config_dir)
+    return auth
 
 
 async def whoami(reactor: Any, config: Config, config_dir: str) -> Dict[str, Any]:
@@ -83,40 +76,63 @@ async def logout(reactor: Any, config: Config, config_dir: str) -> bool:
     return await authenticator(reactor, config, config_dir).logout()
 
 
+async def _request(
+    auth: Authenticator, config: Config, method: str, path: str, body: Optional[bytes] = None
+) -> Tuple[int, Any]:
+    """``METHOD <service>/path`` (``body``: JSON) with a token for these credentials:
+    the answer's status and JSON body (``{"message": ...}`` when it is not JSON).
+    A cached token the service refuses (401) is renewed once."""
+    url = config.funcx_service_address + path
+    for force_new in (False, True):
+        try:
+            token = await auth.token(force_new=force_new)
+        except AuthError as e:
+            raise RemoteError(e.message, 77) from None
+        fields = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+        if body is not None:
+            fields["Content-Type"] = "application/json"
+        try:
+            response = await auth.http.request(method, url, data=body, headers=headers(fields))
+            content = await response.content()
+        except Exception as e:
+            raise RemoteError(
+                f"cannot reach the funcX service at {config.funcx_service_address}: {e}"
+            ) from None
+        if response.code != 401:
+            break
+    try:
+        data = json.loads(content)
+    except ValueError:
+        data = {"message": content[:200].decode(errors="replace")}
+    return response.code, data
+
+
+def _not_found(config: Config, endpoint_id: str) -> RemoteError:
+    # The service answers 404 for another user's endpoint too: with the wrong
+    # credentials the endpoint would stay registered while its profile goes.
+    return RemoteError(
+        f"endpoint {endpoint_id} was not found at {config.funcx_service_address}, or it "
+        f"is not yours (are these the credentials it was registered with?)"
+    )
+
+
+def _refused(doing: str, code: int, data: Any) -> RemoteError:
+    return RemoteError(
+        f"the service refused to {doing} ({code}: "
+        f"{error_message(data if isinstance(data, dict) else {})})",
+        77 if code == 401 else 69,
+    )
+
+
 async def delete_endpoint(reactor: Any, config: Config, config_dir: str, endpoint_id: str) -> None:
     """``DELETE /endpoints/<id>`` at the endpoint's service."""
     auth = authenticator(reactor, config, config_dir)
-    try:
-        token = await auth.token()
-    except AuthError as e:
-        raise RemoteError(e.message, 77) from None
-    url = f"{config.funcx_service_address}/endpoints/{endpoint_id}"
-    try:
-        response = await auth.http.delete(
-            url, headers=headers({"Authorization": f"Bearer {token}", "Accept": "application/json"})
-        )
-        body = await response.content()
-    except Exception as e:
-        raise RemoteError(
-            f"cannot reach the funcX service at {config.funcx_service_address}: {e}"
-        ) from None
-    if response.code in (200, 204, 410):  # 410: deleted already
+    code, data = await _request(auth, config, "DELETE", f"/endpoints/{endpoint_id}")
+    if code in (200, 204, 410):  # 410: deleted already
         return
-    if response.code == 404:
-        # The service answers 404 for another user's endpoint too: with the wrong
-        # credentials the endpoint would stay registered while its profile goes.
-        raise RemoteError(
-            f"endpoint {endpoint_id} was not found at {config.funcx_service_address}, or it "
-            f"is not yours (are these the credentials it was registered with?)"
-        )
-    try:
-        data = json.loads(body)
-    except ValueError:
-        data = {"message": body[:200].decode(errors="replace")}
-    raise RemoteError(
-        f"the service refused to delete endpoint {endpoint_id} ({response.code}: "
-        f"{error_message(data if isinstance(data, dict) else {})})"
-    )
+    if code == 404:
+        raise _not_found(config, endpoint_id)
+    raise _refused(f"delete endpoint {endpoint_id}", code, data)
 
 
 async def stop_endpoint(
@@ -125,79 +141,26 @@ async def stop_endpoint(
     """``POST /endpoints/<id>/lock`` at the endpoint's service: a running endpoint
     drains and exits, and stays refused until its owner starts it; the answer."""
     auth = authenticator(reactor, config, config_dir)
-    try:
-        token = await auth.token()
-    except AuthError as e:
-        raise RemoteError(e.message, 77) from None
-    url = f"{config.funcx_service_address}/endpoints/{endpoint_id}/lock"
-    try:
-        response = await auth.http.post(
-            url,
-            data=b"{}",
-            headers=headers(
-                {
-                    "Authorization": f"Bearer {token}",
-                    "Accept": "application/json",
-                    "Content-Type": "application/json",
-                }
-            ),
-        )
-        body = await response.content()
-    except Exception as e:
-        raise RemoteError(
-            f"cannot reach the funcX service at {config.funcx_service_address}: {e}"
-        ) from None
-    try:
-        data = json.loads(body)
-    except ValueError:
-        data = {"message": body[:200].decode(errors="replace")}
-    if response.code == 200 and isinstance(data, dict):
+    code, data = await _request(auth, config, "POST", f"/endpoints/{endpoint_id}/lock", b"{}")
+    if code == 200 and isinstance(data, dict):
         return data
-    if response.code == 404:
-        raise RemoteError(
-            f"endpoint {endpoint_id} was not found at {config.funcx_service_address}, or it "
-            f"is not yours (are these the credentials it was registered with?)"
-        )
-    raise RemoteError(
-        f"the service refused to stop endpoint {endpoint_id} ({response.code}: "
-        f"{error_message(data if isinstance(data, dict) else {})})",
-        77 if response.code == 401 else 69,
-    )
+    if code == 404:
+        raise _not_found(config, endpoint_id)
+    raise _refused(f"stop endpoint {endpoint_id}", code, data)
 
 
 async def get_json(reactor: Any, config: Config, config_dir: str, path: str) -> Tuple[int, Any]:
     """``GET <service>/path`` with a token for these credentials: the answer's
     status and JSON body.  A cached token the service refuses (401) is renewed once."""
     auth = authenticator(reactor, config, config_dir)
-    url = config.funcx_service_address + path
-    for force_new in (False, True):
-        try:
-            token = await auth.token(force_new=force_new)
-        except AuthError as e:
-            raise RemoteError(e.message, 77) from None
-        try:
-            response = await auth.http.get(
-                url,
-                headers=headers({"Authorization": f"Bearer {token}", "Accept": "application/json"}),
-            )
-            body = await response.content()
-        except Exception as e:
-            raise RemoteError(
-                f"cannot reach the funcX service at {config.funcx_service_address}: {e}"
-            ) from None
-        if response.code != 401:
-            break
-    try:
-        data = json.loads(body)
-    except ValueError:
-        data = {"message": body[:200].decode(errors="replace")}
-    if response.code == 401:
+    code, data = await _request(auth, config, "GET", path)
+    if code == 401:
         raise RemoteError(
             f"the service at {config.funcx_service_address} refused the credentials "
             f"(401: {error_message(data if isinstance(data, dict) else {})})",
             77,
         )
-    return response.code, data
+    return code, data
 
 
 async def list_endpoints(reactor: Any, config: Config, config_dir: str) -> List[Dict[str, Any]]:

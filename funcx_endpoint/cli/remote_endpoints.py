@@ -13,7 +13,7 @@ import inspect
 import json
 import re
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import click
 
@@ -189,6 +189,19 @@ def profile_with_id(ctx: Context, endpoint_id: str) -> Optional[str]:
     return local_names(ctx).get(endpoint_id.lower()) or local_names(ctx).get(endpoint_id)
 
 
+def _with_remote(
+    local: click.Command, callback: Callable[..., Any], extra: List[click.Parameter], more: str
+) -> click.Command:
+    """``local`` with the ``extra`` options, run by ``callback``; its help says ``more``."""
+    return click.Command(
+        name=local.name,
+        callback=callback,
+        params=list(local.params) + extra,
+        help=inspect.cleandoc(local.help or "") + "\n\n" + more,
+        short_help=local.short_help,
+    )
+
+
 def with_remote_list(local: click.Command) -> click.Command:
     """``local`` (the ``list`` command) with ``--remote``, ``--json`` and ``--profile``."""
     own = {p.name for p in local.params}
@@ -227,17 +240,15 @@ def with_remote_list(local: click.Command) -> click.Command:
             raise click.UsageError("--profile and --json go with --remote")
         click_ctx.invoke(local, **kwargs)
 
-    return click.Command(
-        name=local.name,
-        callback=callback,
-        params=list(local.params) + extra,
-        help=inspect.cleandoc(local.help or "")
-        + "\n\nWith --remote, the service is asked instead: every endpoint registered "
+    return _with_remote(
+        local,
+        callback,
+        extra,
+        "With --remote, the service is asked instead: every endpoint registered "
         "for these credentials (FUNCX_SDK_CLIENT_ID / FUNCX_SDK_CLIENT_SECRET, or the "
         "saved token), its status (online/offline, locked if stopped remotely), host, "
         "last report, and the local profile registered as it.  Exit 69 if a service "
         "cannot be asked, 77 if it refuses the credentials.",
-        short_help=local.short_help,
     )
 
 
@@ -284,13 +295,11 @@ def with_remote_delete(local: click.Command) -> click.Command:
                 f"funcx-endpoint{ctx.dir_option()} disable-on-boot {kwargs['name']}"
             )
 
-    return click.Command(
-        name=local.name,
-        callback=callback,
-        params=list(local.params) + extra,
-        help=inspect.cleandoc(local.help or "")
-        + "\n\nNAME may also be the endpoint id of a local profile.  With --remote ID, "
+    return _with_remote(
+        local,
+        callback,
+        extra,
+        "NAME may also be the endpoint id of a local profile.  With --remote ID, "
         "only the service is told (exit 69 if it cannot be, 77 if it refuses the "
         "credentials); a local profile registered as ID is left as it is.",
-        short_help=local.short_help,
     )

@@ -36,10 +36,8 @@ from twisted.python.failure import Failure
 from funcx_endpoint.amqp.connection import AMQPURL, AMQPURLError
 from funcx_endpoint.config.model import Config
 from funcx_endpoint.endpoint.auth import (
-    Authenticator,
     AuthError,
-    TokenStore,
-    auth_base_url,
+    config_authenticator,
     error_message,
     headers,
     http_client,
@@ -256,6 +254,14 @@ class ServiceAnswer:
     reachable: bool
 
 
+def _json_or_empty(body: bytes) -> Any:
+    """The JSON ``body`` decodes to ({} if it is not JSON)."""
+    try:
+        return json.loads(body)
+    except ValueError:
+        return {}
+
+
 async def check_service(reactor: Any, config: Config, timeout: float) -> ServiceAnswer:
     """``GET <service>/version``: reachable, TLS verified, answering; and the skew
     of this clock against its ``Date`` header."""
@@ -302,10 +308,7 @@ async def check_service(reactor: Any, config: Config, timeout: float) -> Service
         )
     finally:
         await pool.closeCachedConnections()
-    try:
-        data = json.loads(body)
-    except ValueError:
-        data = {}
+    data = _json_or_empty(body)
     tls = "TLS verified" if address.startswith("https:") else "plain HTTP (no TLS)"
     if response.code != 200 or not isinstance(data, dict):
         service = Check(
@@ -348,13 +351,8 @@ def skew_check(skew: float, round_trip: float = 0.0) -> Check:
 
 async def check_credentials(reactor: Any, config: Config, ep: EndpointDir, timeout: float) -> Check:
     """A token for these credentials, and the service's record of this endpoint."""
-    http, pool = http_client(reactor, config.service_ca_file)
-    auth = Authenticator(
-        http,
-        auth_base_url(config.funcx_service_address, config.auth_address),
-        TokenStore(ep.config_dir),
-        reactor,
-    )
+    auth, pool = config_authenticator(reactor, config, ep.config_dir)
+    http = auth.http
     endpoint_id = ep.endpoint_id()
     path = f"/endpoints/{endpoint_id}" if endpoint_id else "/endpoints"
     try:
@@ -381,10 +379,7 @@ async def check_credentials(reactor: Any, config: Config, ep: EndpointDir, timeo
         return Check("credentials", FAIL, f"the service did not answer: {_describe(e)}")
     finally:
         await pool.closeCachedConnections()
-    try:
-        data = json.loads(body)
-    except ValueError:
-        data = {}
+    data = _json_or_empty(body)
     if not isinstance(data, (dict, list)):
         data = {}
     message = error_message(data) if isinstance(data, dict) else ""

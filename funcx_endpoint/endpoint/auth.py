@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import attr
@@ -26,6 +26,9 @@ from twisted.web.http_headers import Headers
 
 from funcx_endpoint.files import write_atomically
 from funcx_endpoint.tls import trust_root
+
+if TYPE_CHECKING:
+    from funcx_endpoint.config.model import Config
 
 FUNCX_SCOPE = "https://auth.globus.org/scopes/facd7ccc-c5f4-42aa-916b-a0e270e2c2a9/all"
 GLOBUS_AUTH = "https://auth.globus.org/"
@@ -285,3 +288,14 @@ class Authenticator:
                 response.code,
             )
         return True
+
+
+def config_authenticator(
+    reactor: Any, config: Config, config_dir: str
+) -> Tuple[Authenticator, HTTPConnectionPool]:
+    """An :class:`Authenticator` for the service of ``config`` (its address,
+    ``auth_address`` and ``service_ca_file``), caching tokens in ``config_dir``;
+    and its HTTP connection pool, for the caller to close."""
+    http, pool = http_client(reactor, config.service_ca_file)
+    auth_url = auth_base_url(config.funcx_service_address, config.auth_address)
+    return Authenticator(http, auth_url, TokenStore(config_dir), reactor), pool

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from typing import Any, Deque, Dict, List, Optional
+from typing import Any, Deque, Dict, Optional
 
+import attr
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone
@@ -28,6 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from funcx_endpoint.lifecycle import EX_CONFIG, IReadyPart, StartupError
+from funcx_endpoint.observer import OneShotObserver
 
 __all__ = ["DEFAULT_HOOK_TIMEOUT", "HookProtocol", "ShellHooks"]
 
@@ -81,6 +83,7 @@ class HookProtocol(ProcessProtocol):
 
 
 @implementer(IReadyPart)
+@attr.s(auto_attribs=True, eq=False)
 class ShellHooks(Service):
     """Runs ``setup`` when started (ready once it succeeds) and ``teardown``
     when stopped (``stopService`` waits for it)."""
@@ -88,26 +91,17 @@ class ShellHooks(Service):
     log = Logger()
     name = "hooks"
 
-    def __init__(
-        self,
-        reactor: Any,
-        directory: str,
-        setup: Optional[str],
-        teardown: Optional[str],
-        timeout: float = DEFAULT_HOOK_TIMEOUT,
-    ) -> None:
-        self._reactor = reactor
-        self.directory = directory
-        self.setup = setup
-        self.teardown = teardown
-        self.timeout = timeout
-        self._last_tail: Deque[str] = deque()
-        self._process: Any = None  # the hook started last
-        self._setup_process: Any = None
-        self._setup_ended_d: Optional[Deferred[Optional[int]]] = None
-        self._waiters: List[Deferred[None]] = []
-        self._setup_failure: Optional[Failure] = None
-        self._setup_finished = False
+    _reactor: Any
+    directory: str
+    setup: Optional[str]
+    teardown: Optional[str]
+    timeout: float = DEFAULT_HOOK_TIMEOUT
+    _last_tail: Deque[str] = attr.ib(factory=deque, init=False)
+    _process: Any = attr.ib(default=None, init=False)  # the hook started last
+    _setup_process: Any = attr.ib(default=None, init=False)
+    _setup_ended_d: Optional[Deferred[Optional[int]]] = attr.ib(default=None, init=False)
+    #: Fires once the setup finished (with its failure, if it failed).
+    _ready: OneShotObserver[None] = attr.ib(factory=OneShotObserver, init=False)
 
     def _run(self, name: str, command: str) -> Deferred[Optional[int]]:
         self.log.info("Running {hook}: {command}", hook=name, command=command)
@@ -167,32 +161,17 @@ class ShellHooks(Service):
         )
 
     def _finish_setup(self, failure: Optional[Failure]) -> None:
-        self._setup_finished = True
-        self._setup_failure = failure
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            self._fire(waiter)
-
-    def _fire(self, waiter: Deferred[None]) -> None:
-        if self._setup_failure is None:
-            waiter.callback(None)
-        else:
-            waiter.errback(self._setup_failure)
+        self._ready.fire(failure)
 
     def when_ready(self) -> Deferred[None]:
-        waiter: Deferred[None] = Deferred()
-        if self._setup_finished:
-            self._fire(waiter)
-        else:
-            self._waiters.append(waiter)
-        return waiter
+        return self._ready.when_fired()
 
     def ready_info(self) -> Dict[str, Any]:
         return {}
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        if not self._setup_finished and self._setup_process is not None:
+        if not self._ready.fired and self._setup_process is not None:
             # Stopped while the setup runs: end it first, then tear down.
             self.log.info("Stopping endpoint_setup (the endpoint stops)")
             try:

@@ -57,12 +57,13 @@ from funcx_endpoint.wire import (
     TaskBatchMessage,
     unpack,
 )
+from funcx_endpoint.wire.headers import add_header
 from funcx_endpoint.wire.resources import (
+    RESOURCES_HEADER,
     ResourceSpecificationError,
-    add_resources_header,
     check_resource_specification,
 )
-from funcx_endpoint.wire.runtime import UserRuntimeError, add_runtime_header, check_user_runtime
+from funcx_endpoint.wire.runtime import RUNTIME_HEADER, UserRuntimeError, check_user_runtime
 
 __all__ = ["TaskIntake"]
 
@@ -242,23 +243,34 @@ class TaskIntake:
             )
             self._answer(task.task_id, ErrorCode.FUNCTION_NOT_ALLOWED, why)
             return
-        if task.resource_specification is not None:
-            # The worker reads it (MPI tasks); the routers pass it on unread.
+        # Headers for the worker: the resource specification (MPI tasks) and the
+        # submitter's versions (compared with its own); routers pass them on unread.
+        table: Any = (
+            (
+                task.resource_specification,
+                check_resource_specification,
+                ResourceSpecificationError,
+                RESOURCES_HEADER,
+                ErrorCode.RESOURCE_SPECIFICATION_ERROR,
+            ),
+            (
+                task.user_runtime,
+                check_user_runtime,
+                UserRuntimeError,
+                RUNTIME_HEADER,
+                ErrorCode.MALFORMED_TASK,
+            ),
+        )
+        for value, check, error, prefix, code in table:
+            if value is None:
+                continue
             try:
-                spec = check_resource_specification(task.resource_specification)
-            except ResourceSpecificationError as e:
-                self._answer(task.task_id, ErrorCode.RESOURCE_SPECIFICATION_ERROR, str(e))
+                fields = check(value)
+            except error as e:
+                self._answer(task.task_id, code, str(e))
                 return
-            task.task_buffer = add_resources_header(task.task_buffer, spec)
-        if task.user_runtime is not None:
-            # The submitter's versions: the worker compares them with its own.
-            try:
-                runtime = check_user_runtime(task.user_runtime)
-            except UserRuntimeError as e:
-                self._answer(task.task_id, ErrorCode.MALFORMED_TASK, str(e))
-                return
-            if runtime:
-                task.task_buffer = add_runtime_header(task.task_buffer, runtime)
+            if fields:
+                task.task_buffer = add_header(prefix, task.task_buffer, fields)
         self._to_submit.add(task)
 
     def _malformed(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional
 
+import attr
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
@@ -34,6 +35,7 @@ __all__ = ["TaskStatePublisher"]
 
 
 @implementer(ITaskStateListener)
+@attr.s(auto_attribs=True, eq=False)
 class TaskStatePublisher:
     """Gathers task transitions; sends them every ``interval`` seconds of ``clock``.
 
@@ -45,22 +47,16 @@ class TaskStatePublisher:
     #: tasks per message at most (the rest go in the next one)
     max_tasks = 10_000
 
-    def __init__(
-        self,
-        clock: Any,
-        broker_info: Callable[[], Optional[BrokerInfo]],
-        publish: Callable[[Message], Deferred[None]],
-        interval: float = 0.25,
-    ) -> None:
-        self._clock = clock
-        self._broker_info = broker_info
-        self._publish = publish
-        self.interval = interval
-        self._latest: Dict[str, TaskTransition] = {}
-        self._call: Optional[IDelayedCall] = None
-        self._enabled: Optional[bool] = None
-        self.sent = 0
-        self.failed = 0
+    _clock: Any
+    _broker_info: Callable[[], Optional[BrokerInfo]]
+    _publish: Callable[[Message], Deferred[None]]
+    interval: float = 0.25
+    _latest: Dict[str, TaskTransition] = attr.ib(factory=dict, init=False)
+    _call: Optional[IDelayedCall] = attr.ib(default=None, init=False)
+    _enabled: Optional[bool] = attr.ib(default=None, init=False)  # None: not known yet
+    #: Messages sent, and sends that failed.
+    sent: int = attr.ib(default=0, init=False)
+    failed: int = attr.ib(default=0, init=False)
 
     def _on(self) -> bool:
         enabled = self._enabled

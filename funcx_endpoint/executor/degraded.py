@@ -30,14 +30,13 @@ block.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List
 
-from twisted.application.service import Service
+import attr
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
 
 from funcx_endpoint.executor.interface import ILoadSource
+from funcx_endpoint.lifecycle import PeriodicService
 
 if TYPE_CHECKING:
     from funcx_endpoint.executor.blocks import BlockScaler
@@ -51,50 +50,27 @@ DEFAULT_GRACE = 30.0
 DEFAULT_START_GRACE = 300.0
 
 
-class DegradedBlocks(Service):
+@attr.s(auto_attribs=True, eq=False)
+class DegradedBlocks(PeriodicService):
     """Drains and replaces blocks short of managers (see the module's docstring).
 
     ``scaler`` owns the blocks; ``load`` is the interchange; ``clock`` runs a
     check every ``interval`` seconds.
     """
 
-    log = Logger()
+    stopped_message = "The degraded-block watch stopped"
     name = "degraded-blocks"
 
-    def __init__(
-        self,
-        scaler: BlockScaler,
-        load: ILoadSource,
-        clock: IReactorTime,
-        *,
-        grace: float = DEFAULT_GRACE,
-        start_grace: float = DEFAULT_START_GRACE,
-        interval: float = 1.0,
-    ) -> None:
-        self.scaler = scaler
-        self.load = load
-        self._clock = clock
-        self.grace = grace
-        self.start_grace = start_grace
-        self.interval = interval
-        self.short_since: Dict[str, float] = {}  # block id: first seen short
-        self.drained: Dict[str, float] = {}  # block id: when drained for being short
-        self.replaced = 0  # degraded blocks drained
-        self._loop: Optional[LoopingCall] = None
-
-    def startService(self) -> None:
-        super().startService()
-        self._loop = LoopingCall(self.check)
-        self._loop.clock = self._clock
-        self._loop.start(self.interval, now=False).addErrback(
-            lambda f: self.log.failure("The degraded-block watch stopped", f)
-        )
-
-    def stopService(self) -> None:
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
+    scaler: BlockScaler
+    load: ILoadSource
+    _clock: IReactorTime
+    grace: float = attr.ib(default=DEFAULT_GRACE, kw_only=True)
+    start_grace: float = attr.ib(default=DEFAULT_START_GRACE, kw_only=True)
+    interval: float = attr.ib(default=1.0, kw_only=True)
+    #: Block id: when first seen short; block id: when drained for being short.
+    short_since: Dict[str, float] = attr.ib(factory=dict, init=False)
+    drained: Dict[str, float] = attr.ib(factory=dict, init=False)
+    replaced: int = attr.ib(default=0, init=False)  # degraded blocks drained
 
     def expected_managers(self) -> int:
         """Managers a block runs: ``nodes_per_block * tasks_per_node``."""

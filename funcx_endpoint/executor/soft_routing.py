@@ -88,6 +88,10 @@ class _Pending:
         key = (manager, container_type)
         self.by_type[key] = self.by_type.get(key, 0) + count
 
+    def routes(self) -> List[Tuple[str, Any, int]]:
+        """What was handed out: (container type, manager, count)."""
+        return [(t, m, n) for (m, t), n in self.by_type.items()]
+
     def held(self, manager: Any) -> int:
         return int(manager.held) + self.total.get(manager, 0)
 
@@ -176,12 +180,11 @@ class WarmFirstRouting:
 
     def route(self, queued: Dict[str, int]) -> List[Tuple[str, Any, int]]:
         pending = _Pending()
-        given: Dict[Tuple[str, Any], int] = {}
         left = {t: n for t, n in queued.items() if n > 0}
         for container_type in list(left):
             count = left[container_type]
-            left[container_type] -= self._route_warm(container_type, count, pending, given)
-        self._route_cold(left, pending, given)
+            left[container_type] -= self._route_warm(container_type, count, pending)
+        self._route_cold(left, pending)
         now = self.clock.seconds()
         unserved = self._unserved_since
         for container_type in [t for t in unserved if not queued.get(t)]:
@@ -195,9 +198,9 @@ class WarmFirstRouting:
             if now - since >= self.cold_routing_interval:
                 starving.append(container_type)
         for container_type in starving:
-            if self._route_anywhere(container_type, left[container_type], pending, given):
+            if self._route_anywhere(container_type, left[container_type], pending):
                 self._unserved_since.pop(container_type, None)
-        return [(t, m, n) for (t, m), n in given.items()]
+        return pending.routes()
 
     # -- the passes ----------------------------------------------------------------
 
@@ -206,7 +209,6 @@ class WarmFirstRouting:
         container_type: str,
         count: int,
         pending: _Pending,
-        given: Dict[Tuple[str, Any], int],
     ) -> int:
         heap = self._warm.get(container_type)
         routed = 0
@@ -225,15 +227,11 @@ class WarmFirstRouting:
                 self._discard_warm(container_type, manager)
                 continue
             pending.add(manager, container_type, 1)
-            key = (container_type, manager)
-            given[key] = given.get(key, 0) + 1
             routed += 1
             heap.set(manager, (of_type + 1) / warm, sequence)
         return routed
 
-    def _route_cold(
-        self, left: Dict[str, int], pending: _Pending, given: Dict[Tuple[str, Any], int]
-    ) -> None:
+    def _route_cold(self, left: Dict[str, int], pending: _Pending) -> None:
         idle = self._idle
         remaining = sum(left.values())
         while remaining and len(idle):
@@ -245,8 +243,6 @@ class WarmFirstRouting:
             container_type = _draw(left, remaining, self.rng)
             n = min(free, left[container_type])
             pending.add(manager, container_type, n)
-            key = (container_type, manager)
-            given[key] = given.get(key, 0) + n
             left[container_type] -= n
             remaining -= n
             if free - n <= 0:
@@ -257,7 +253,6 @@ class WarmFirstRouting:
         container_type: str,
         count: int,
         pending: _Pending,
-        given: Dict[Tuple[str, Any], int],
     ) -> int:
         room = self._room
         routed = 0
@@ -269,8 +264,6 @@ class WarmFirstRouting:
                 continue
             n = min(free, count - routed)
             pending.add(manager, container_type, n)
-            key = (container_type, manager)
-            given[key] = given.get(key, 0) + n
             routed += n
         return routed
 
@@ -323,21 +316,17 @@ class RandomRouting:
 
     def route(self, queued: Dict[str, int]) -> List[Tuple[str, Any, int]]:
         # One task at a time, the types interleaved as they were queued at random.
-        pending: Dict[Any, int] = {}
-        given: Dict[Tuple[str, Any], int] = {}
+        pending = _Pending()
         left = {t: n for t, n in queued.items() if n > 0}
         room = self._room
         remaining = sum(left.values())
         while remaining and len(room):
             manager = room.choice(self.rng)
-            held = manager.held + pending.get(manager, 0)
-            if held >= manager.capacity:
+            if pending.held(manager) >= manager.capacity:
                 room.discard(manager)
                 continue
             container_type = _draw(left, remaining, self.rng)
-            pending[manager] = pending.get(manager, 0) + 1
-            key = (container_type, manager)
-            given[key] = given.get(key, 0) + 1
+            pending.add(manager, container_type, 1)
             left[container_type] -= 1
             remaining -= 1
-        return [(t, m, n) for (t, m), n in given.items()]
+        return pending.routes()

@@ -472,6 +472,7 @@ class SimpleStrategy(Service):
 
 
 @implementer(IStatusPart)
+@attr.s(auto_attribs=True, eq=False)
 class ScalingService(Service):
     """The ``providers`` part of the endpoint: a block scaler, its strategy
     and, for a provider with a walltime, the walltime watch.
@@ -483,17 +484,10 @@ class ScalingService(Service):
 
     name = "providers"
 
-    def __init__(
-        self,
-        scaler: BlockScaler,
-        strategy: SimpleStrategy,
-        walltimes: Optional[WalltimeWatch] = None,
-        degraded: Optional[DegradedBlocks] = None,
-    ) -> None:
-        self.scaler = scaler
-        self.strategy = strategy
-        self.walltimes = walltimes
-        self.degraded = degraded
+    scaler: BlockScaler
+    strategy: SimpleStrategy
+    walltimes: Optional[WalltimeWatch] = None
+    degraded: Optional[DegradedBlocks] = None
 
     def startService(self) -> None:
         super().startService()

@@ -29,13 +29,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
-from twisted.application.service import Service
+import attr
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
 
 from funcx_endpoint.executor.block_state import Block
 from funcx_endpoint.executor.interface import ILoadSource, ManagerInfo
+from funcx_endpoint.lifecycle import PeriodicService
 
 if TYPE_CHECKING:
     from funcx_endpoint.executor.blocks import BlockScaler
@@ -57,7 +56,8 @@ def drain_margin(walltime: float, configured: Optional[float] = None) -> float:
     return max(0.0, min(float(configured), walltime))
 
 
-class WalltimeWatch(Service):
+@attr.s(auto_attribs=True, eq=False)
+class WalltimeWatch(PeriodicService):
     """Drains blocks ``margin`` seconds before their ``walltime`` (seconds)
     ends and cancels them once idle (see the module's docstring).
 
@@ -66,43 +66,19 @@ class WalltimeWatch(Service):
     ``interval`` seconds.
     """
 
-    log = Logger()
+    stopped_message = "The walltime watch stopped"
     name = "walltimes"
 
-    def __init__(
-        self,
-        scaler: BlockScaler,
-        load: ILoadSource,
-        clock: IReactorTime,
-        walltime: float,
-        margin: float,
-        *,
-        interval: float = 1.0,
-    ) -> None:
-        self.scaler = scaler
-        self.load = load
-        self._clock = clock
-        self.walltime = walltime
-        self.margin = margin
-        self.interval = interval
-        self.drained: Dict[str, float] = {}  # block id: when it began draining
-        self._gone_at_drain: Dict[str, int] = {}  # block id: its managers gone by then
-        self.cancelled = 0  # drained blocks cancelled once idle
-        self._loop: Optional[LoopingCall] = None
-
-    def startService(self) -> None:
-        super().startService()
-        self._loop = LoopingCall(self.check)
-        self._loop.clock = self._clock
-        self._loop.start(self.interval, now=False).addErrback(
-            lambda f: self.log.failure("The walltime watch stopped", f)
-        )
-
-    def stopService(self) -> None:
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
+    scaler: BlockScaler
+    load: ILoadSource
+    _clock: IReactorTime
+    walltime: float
+    margin: float
+    interval: float = attr.ib(default=1.0, kw_only=True)
+    #: Block id: when it began draining; block id: its managers gone by then.
+    drained: Dict[str, float] = attr.ib(factory=dict, init=False)
+    _gone_at_drain: Dict[str, int] = attr.ib(factory=dict, init=False)
+    cancelled: int = attr.ib(default=0, init=False)  # drained blocks cancelled once idle
 
     # -- times ------------------------------------------------------------------------
 

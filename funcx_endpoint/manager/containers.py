@@ -155,6 +155,19 @@ def forwarded_names(env: Mapping[str, str], worker_environment: Mapping[str, str
     return names
 
 
+@attr.s(auto_attribs=True, frozen=True)
+class ContainerRun:
+    """What an engine's command line runs: the engine's command (a path), the
+    image's location, the worker's whole command, the names of the variables
+    the worker gets inside, and ``container_cmd_options`` (split)."""
+
+    executable: str
+    location: str
+    worker: Sequence[str]
+    names: Sequence[str]
+    options: Sequence[str]
+
+
 def _chooses(options: Sequence[str], *flags: str) -> bool:
     """Whether ``options`` set one of ``flags`` (``--flag value`` or ``--flag=value``)."""
     return any(
@@ -196,6 +209,11 @@ class ContainerEngine:
     #: Whether this engine was run by this project's tests.
     tested: ClassVar[bool] = False
 
+    #: Where the worker's pipes are (:attr:`Launch.pipes`), and the worker's own
+    #: arguments that say so.
+    pipes: ClassVar[str] = "fds"
+    worker_pipes: ClassVar[Tuple[str, ...]] = ()
+
     def launch(
         self,
         executable: str,
@@ -212,7 +230,20 @@ class ContainerEngine:
         the variables the worker gets inside, ``options`` the configured
         ``container_cmd_options``.
         """
+        worker = [*CONTAINER_WORKER, *self.worker_pipes, *worker_args]
+        run = ContainerRun(executable, location, worker, names, shlex.split(options or ""))
+        argv, name = self.command(run)
+        kill = [executable, "kill", name] if name is not None else None
+        return Launch(argv, self.environment(env, names), self.pipes, name, kill)
+
+    def command(self, run: ContainerRun) -> Tuple[List[str], Optional[str]]:
+        """The engine's command line for ``run``, and the container's name (None:
+        it has none)."""
         raise NotImplementedError
+
+    def environment(self, env: Mapping[str, str], names: Sequence[str]) -> Dict[str, str]:
+        """The engine command's environment that gives the worker ``names`` of ``env``."""
+        return dict(env)
 
     def start_failure(self, code: Optional[int]) -> str:
         """What a worker's end before its hello means, given the command's exit code."""
@@ -239,46 +270,18 @@ class _OCIEngine(ContainerEngine):
         "funcx-endpoint installed)",
     }
 
-    #: How the worker's pipes reach the container: ``run`` options, the
-    #: worker's own arguments for them, and :attr:`Launch.pipes`.
+    #: The ``run`` options that bring the worker's pipes into the container.
     pipe_options: ClassVar[Tuple[str, ...]] = ()
-    worker_pipes: ClassVar[Tuple[str, ...]] = ()
-    pipes: ClassVar[str] = "fds"
 
-    def launch(
-        self,
-        executable: str,
-        location: str,
-        worker_args: Sequence[str],
-        env: Mapping[str, str],
-        names: Sequence[str],
-        options: str = "",
-    ) -> Launch:
-        worker = [*CONTAINER_WORKER, *self.worker_pipes, *worker_args]
-        argv, name = self._run(executable, location, self.pipe_options, worker, names, options)
-        return Launch(argv, dict(env), self.pipes, name, [executable, "kill", name])
-
-    def _run(
-        self,
-        executable: str,
-        location: str,
-        pipe_options: Sequence[str],
-        worker: Sequence[str],
-        names: Sequence[str],
-        options: str,
-    ) -> Tuple[List[str], str]:
-        extra = shlex.split(options or "")
+    def command(self, run: ContainerRun) -> Tuple[List[str], Optional[str]]:
         name = container_name()
-        argv = [executable, "run", "--rm", *pipe_options, f"--name={name}"]
-        if not _chooses(extra, "--pull"):
+        argv = [run.executable, "run", "--rm", *self.pipe_options, f"--name={name}"]
+        if not _chooses(run.options, "--pull"):
             argv.append("--pull=never")
-        if not _chooses(extra, "--network", "--net"):
+        if not _chooses(run.options, "--network", "--net"):
             argv.append("--network=none")
-        argv += [f"--env={n}" for n in names]
-        argv += extra
-        argv.append(location)
-        argv += worker
-        return argv, name
+        argv += [f"--env={n}" for n in run.names]
+        return [*argv, *run.options, run.location, *run.worker], name
 
 
 class Podman(_OCIEngine):
@@ -318,22 +321,15 @@ class Singularity(ContainerEngine):
     #: The prefix of the variables the engine sets inside the container.
     env_prefix: ClassVar[str] = "SINGULARITYENV_"
 
-    def launch(
-        self,
-        executable: str,
-        location: str,
-        worker_args: Sequence[str],
-        env: Mapping[str, str],
-        names: Sequence[str],
-        options: str = "",
-    ) -> Launch:
+    def command(self, run: ContainerRun) -> Tuple[List[str], Optional[str]]:
+        return [run.executable, "exec", *run.options, run.location, *run.worker], None
+
+    def environment(self, env: Mapping[str, str], names: Sequence[str]) -> Dict[str, str]:
         outer = dict(env)
         for name in names:
             if name in env:
                 outer[self.env_prefix + name] = env[name]
-        argv = [executable, "exec", *shlex.split(options or ""), location]
-        argv += [*CONTAINER_WORKER, *worker_args]
-        return Launch(argv, outer, "fds")
+        return outer
 
 
 class Apptainer(Singularity):
@@ -355,19 +351,10 @@ class Shifter(ContainerEngine):
     #: Image locations that already say their type.
     typed_prefixes: ClassVar[Tuple[str, ...]] = ("docker:", "custom:", "id:")
 
-    def launch(
-        self,
-        executable: str,
-        location: str,
-        worker_args: Sequence[str],
-        env: Mapping[str, str],
-        names: Sequence[str],
-        options: str = "",
-    ) -> Launch:
+    def command(self, run: ContainerRun) -> Tuple[List[str], Optional[str]]:
+        location = run.location
         image = location if location.startswith(self.typed_prefixes) else f"docker:{location}"
-        argv = [executable, f"--image={image}", *shlex.split(options or ""), "--"]
-        argv += [*CONTAINER_WORKER, *worker_args]
-        return Launch(argv, dict(env), "fds")
+        return [run.executable, f"--image={image}", *run.options, "--", *run.worker], None
 
 
 #: The container engines, by worker mode.

@@ -141,25 +141,20 @@ class _Failure:
     call: Optional[IDelayedCall] = None
 
 
+@attr.s(auto_attribs=True, eq=False)
 class ImageHealth:
     """Images that could not start a worker: why, and when to try again.
 
     ``on_retry(image)`` is called (on ``clock``) when a failing image's retry
-    time comes; :meth:`stop` cancels the pending calls.
+    time comes, ``first`` seconds after its first failure, doubling up to
+    ``most``; :meth:`stop` cancels the pending calls.
     """
 
-    def __init__(
-        self,
-        clock: IReactorTime,
-        on_retry: Callable[[WorkerImage], None],
-        first: float = BACKOFF_FIRST,
-        most: float = BACKOFF_MAX,
-    ) -> None:
-        self._clock = clock
-        self._on_retry = on_retry
-        self._first = first
-        self._most = most
-        self._failed: Dict[WorkerImage, _Failure] = {}
+    _clock: IReactorTime
+    _on_retry: Callable[[WorkerImage], None]
+    _first: float = BACKOFF_FIRST
+    _most: float = BACKOFF_MAX
+    _failed: Dict[WorkerImage, _Failure] = attr.ib(factory=dict, init=False)
 
     def failing(self, image: WorkerImage) -> Optional[str]:
         """Why ``image`` cannot start a worker, while it waits for its retry; else None."""

@@ -97,25 +97,22 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def apply_options(settings: ManagerSettings, options: argparse.Namespace) -> ManagerSettings:
     """``settings`` with the command line's overrides."""
-    changes: dict[str, Any] = {}
-    if options.max_workers is not None:
-        changes["max_workers_per_node"] = options.max_workers
-    if options.cores_per_worker is not None:
-        changes["cores_per_worker"] = options.cores_per_worker
-    if options.mem_per_worker is not None:
-        changes["mem_per_worker"] = options.mem_per_worker
+    # Setting: the option (None: not given, the setting stays).
+    given: dict[str, Any] = {
+        "max_workers_per_node": options.max_workers,
+        "cores_per_worker": options.cores_per_worker,
+        "mem_per_worker": options.mem_per_worker,
+        "prefetch_capacity": options.prefetch_capacity,
+        "worker_debug": True if options.debug else None,
+        "worker_mode": getattr(options, "worker_mode", None),
+    }
     if options.available_accelerators is not None:
-        changes["available_accelerators"] = [
+        given["available_accelerators"] = [
             a.strip() for a in options.available_accelerators.split(",") if a.strip()
         ]
-    if options.prefetch_capacity is not None:
-        changes["prefetch_capacity"] = options.prefetch_capacity
-    if options.debug:
-        changes["worker_debug"] = True
-    if getattr(options, "worker_mode", None) is not None:
-        changes["worker_mode"] = options.worker_mode
+    changes = {k: v for k, v in given.items() if v is not None}
     if getattr(options, "container_uri", None) is not None:
-        changes["container_uri"] = options.container_uri or None
+        changes["container_uri"] = options.container_uri or None  # "": none
     return attr.evolve(settings, **changes)
 
 

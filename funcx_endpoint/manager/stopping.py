@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, List, Optional
 
+import attr
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
@@ -19,25 +20,20 @@ from funcx_endpoint.manager.slots import WorkerSlot
 __all__ = ["PoolStop"]
 
 
+@attr.s(auto_attribs=True, eq=False)
 class PoolStop:
     """Kills the workers ``alive()`` returns after a grace period and tells the
     callers of :meth:`when_stopped` once none is left."""
 
     log = Logger()
 
-    def __init__(
-        self,
-        reactor: Any,
-        alive: Callable[[], List[WorkerSlot]],
-        kill: Callable[[WorkerSlot], None],
-    ) -> None:
-        self._reactor = reactor
-        self._alive = alive
-        self._kill = kill
-        self.started = False
-        self._grace = 0.0
-        self._kill_call: Optional[IDelayedCall] = None
-        self._waiters: List[Deferred[None]] = []
+    _reactor: Any
+    _alive: Callable[[], List[WorkerSlot]]
+    _kill: Callable[[WorkerSlot], None]
+    started: bool = attr.ib(default=False, init=False)
+    _grace: float = attr.ib(default=0.0, init=False)
+    _kill_call: Optional[IDelayedCall] = attr.ib(default=None, init=False)
+    _waiters: List[Deferred[None]] = attr.ib(factory=list, init=False)
 
     def start(self, grace: float) -> None:
         """The workers were told to stop: KILL those left after ``grace`` seconds."""

@@ -474,22 +474,30 @@ class FuncXClient(globus_sdk.BaseClient):
         that keeps the results elsewhere (the executor's futures) does not
         keep them twice.
         """
-        by_canonical = {canonical_uuid(task_id, "task_id"): task_id for task_id in task_ids}
         records: Dict[str, TaskRecord] = {}
+        for task_id, value in self._batch_answers("batch_status", task_ids, "batch"):
+            records[task_id] = record = task_record(task_id, value)
+            self._environment.check(record, self.user_runtime)
+        return records
+
+    def _batch_answers(
+        self, path: str, task_ids: Iterable[str], what: str
+    ) -> Iterator[Tuple[str, Dict[str, Any]]]:
+        """``POST /path`` with ``task_ids`` (as many requests as it takes); the
+        answer's ``results``: each task id (as asked) and its object."""
+        by_canonical = {canonical_uuid(task_id, "task_id"): task_id for task_id in task_ids}
         for chunk in _chunks(list(by_canonical), MAX_BATCH_STATUS_IDS):
-            data = _dict_data(self.post("batch_status", data={"task_ids": list(chunk)}), "batch")
+            data = _dict_data(self.post(path, data={"task_ids": list(chunk)}), what)
             results = data.get("results")
             if not isinstance(results, dict):
-                raise MalformedResponse("batch_status: the answer has no results object")
+                raise MalformedResponse(f"{path}: the answer has no results object")
             for key, value in results.items():
                 try:
                     task_id = by_canonical.get(canonical_uuid(key, "task_id"))
                 except ValueError:
                     continue
                 if task_id is not None and isinstance(value, dict):
-                    records[task_id] = record = task_record(task_id, value)
-                    self._environment.check(record, self.user_runtime)
-        return records
+                    yield task_id, value
 
     def cancel(self, task_id: str) -> bool:
         """Cancel a task (``POST /tasks/<id>/cancel``); whether it was cancelled now.
@@ -506,18 +514,8 @@ class FuncXClient(globus_sdk.BaseClient):
     def cancel_batch(self, task_ids: Iterable[str]) -> Dict[str, bool]:
         """Cancel many tasks (``POST /batch_cancel``); for each task id known to the
         service, whether it was cancelled now (see :meth:`cancel`)."""
-        by_canonical = {canonical_uuid(t, "task_id"): t for t in task_ids}
-        answer: Dict[str, bool] = {}
-        for chunk in _chunks(list(by_canonical), MAX_BATCH_STATUS_IDS):
-            data = _dict_data(self.post("batch_cancel", data={"task_ids": list(chunk)}), "cancel")
-            results = data.get("results")
-            if not isinstance(results, dict):
-                raise MalformedResponse("batch_cancel: the answer has no results object")
-            for key, value in results.items():
-                asked = by_canonical.get(key)
-                if asked is not None and isinstance(value, dict):
-                    answer[asked] = bool(value.get("cancelled"))
-        return answer
+        answers = self._batch_answers("batch_cancel", task_ids, "cancel")
+        return {task_id: bool(value.get("cancelled")) for task_id, value in answers}
 
     def get_taskgroup_tasks(self, task_group_id: str) -> List[Dict[str, Any]]:
         """The tasks of a task group (``GET /taskgroup/<id>``): ``[{"id": ...}, ...]``."""

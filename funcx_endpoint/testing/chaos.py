@@ -559,23 +559,12 @@ def run_chaos(
 
 #: The submit and poll threads both make clients: one at a time changes os.environ
 #: (else one saves the other's values and puts them back for good).
-_ENV_LOCK = threading.Lock()
 
 
 def _client(env: Dict[str, str]) -> Any:
-    from funcx_endpoint.sdk import FuncXClient
+    from funcx_endpoint.testing.service import sdk_client
 
-    with _ENV_LOCK:
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            return FuncXClient(http_timeout=30)
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    return sdk_client(env, http_timeout=30)
 
 
 def _account(

@@ -223,7 +223,25 @@ _raw_headers = st.tuples(
 _methods = st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "POST", "POST"])
 
 
-class RestInProcess(Surface):
+class _ServiceSurface(Surface):
+    """A surface of an in-process service (funcx_endpoint.testing.inprocess) on a
+    test clock, started with the surface and stopped with it."""
+
+    def start(self) -> None:
+        super().start()
+        from funcx_endpoint.testing.inprocess import InProcessService
+
+        self.clock = Clock()
+        self.service = InProcessService(tempfile.mkdtemp(prefix="funcx-fuzz-"), self.clock)
+        self.service.startService()
+
+    def stop(self) -> None:
+        self.service.stopService()
+        self.clock.advance(0)
+        super().stop()
+
+
+class RestInProcess(_ServiceSurface):
     """Methods, paths, headers and bodies against the service's real resource
     (funcx_endpoint.testing.inprocess), through treq's StubTreq."""
 
@@ -234,18 +252,8 @@ class RestInProcess(Surface):
         super().start()
         from treq.testing import StubTreq
 
-        from funcx_endpoint.testing.inprocess import InProcessService
-
-        self.clock = Clock()
-        self.service = InProcessService(tempfile.mkdtemp(prefix="funcx-fuzz-"), self.clock)
-        self.service.startService()
         self.token = self.service.issue_token()
         self.http: Any = StubTreq(self.service.api_resource)
-
-    def stop(self) -> None:
-        self.service.stopService()
-        self.clock.advance(0)
-        super().stop()
 
     def check(self, data: Any) -> None:
         from twisted.web.http_headers import Headers
@@ -478,7 +486,7 @@ class TaskQueue(Surface):
         self.clock.advance(0)
 
 
-class ResultsQueue(Surface):
+class ResultsQueue(_ServiceSurface):
     """Results-queue messages to the service (webservice/ingest.py, in process):
     each must be acknowledged, and a well-formed result after it stored."""
 
@@ -490,18 +498,8 @@ class ResultsQueue(Surface):
 
     def start(self) -> None:
         super().start()
-        from funcx_endpoint.testing.inprocess import InProcessService
-
-        self.clock = Clock()
-        self.service = InProcessService(tempfile.mkdtemp(prefix="funcx-fuzz-"), self.clock)
-        self.service.startService()
         self.endpoint_id = self.service.add_endpoint()
         self.clock.advance(0)
-
-    def stop(self) -> None:
-        self.service.stopService()
-        self.clock.advance(0)
-        super().stop()
 
     def check(self, data: Any) -> None:
         acked: List[Any] = []

@@ -48,7 +48,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -79,6 +78,13 @@ from funcx_endpoint.rabbitmq.node import (
     tail,
 )
 from funcx_endpoint.rabbitmq.processes import DEFAULT_SERVER, Programs, node_processes
+from funcx_endpoint.testing.owners import (
+    OwnerRegistry,
+    owner_alive,
+    progress,
+    registry_dir,
+    remove_entry,
+)
 from funcx_endpoint.testing.shared import SharedInstance
 from funcx_endpoint.testing.watchdog import Watchdog
 
@@ -115,18 +121,12 @@ log = Logger(namespace="funcx_endpoint.testing.rabbitmq")
 
 
 def _progress(message: str) -> None:
-    # Shown on stderr as it happens: a test run that seems to hang for 10 s while a
-    # broker boots should say so. Also logged, for test.log.
-    try:
-        sys.stderr.write(f"[funcx rabbitmq] {message}\n")
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        pass
-    log.info("{message}", message=message)
+    progress("rabbitmq", message)
+    log.info("{message}", message=message)  # also for test.log
 
 
 def _registry_dir() -> str:
-    return os.path.join(tempfile.gettempdir(), f"funcx-test-rabbitmq-{os.getuid()}")
+    return registry_dir("rabbitmq")
 
 
 def _port_accepts(port: int, timeout: float = 0.5) -> bool:
@@ -193,15 +193,8 @@ def ours():
             found.append((int(entry), comm))
     return found
 
-def kill(pids, sig):
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except OSError:
-            pass
-
 beams = [pid for pid, comm in ours() if comm == b"beam.smp"]
-kill(beams, signal.SIGTERM)
+signal_all(beams, signal.SIGTERM)
 deadline = time.monotonic() + grace
 while time.monotonic() < deadline and any(c == b"beam.smp" for _, c in ours()):
     time.sleep(0.1)
@@ -209,45 +202,10 @@ for _ in range(20):
     left = ours()
     if not left:
         break
-    kill([pid for pid, _ in left], signal.SIGKILL)
+    signal_all([pid for pid, _ in left], signal.SIGKILL)
     time.sleep(0.1)
-for path in remove:
-    if os.path.isdir(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+remove_paths(remove)
 """
-
-
-def _pid_alive(pid: int, create_time: float | None) -> bool:
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return create_time is None or abs(proc.create_time() - create_time) < 1.0
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        return False
-
-
-def _read_registry(registry: str) -> list[tuple[str, dict[str, Any]]]:
-    entries = []
-    try:
-        names = os.listdir(registry)
-    except FileNotFoundError:
-        return []
-    for entry in names:
-        if not entry.endswith(".json"):
-            continue
-        path = os.path.join(registry, entry)
-        try:
-            with open(path) as f:
-                entries.append((path, json.load(f)))
-        except (OSError, ValueError):
-            continue
-    return entries
 
 
 def reap_stale_nodes(registry: str | None = None) -> list[str]:
@@ -258,23 +216,17 @@ def reap_stale_nodes(registry: str | None = None) -> list[str]:
     node's processes, removes its temporary directory if the node owned it, and
     drops the entry. Nodes of live owners are left alone. Returns the reaped names.
     """
-    registry = registry or _registry_dir()
     reaped = []
-    for path, entry in _read_registry(registry):
-        owner = entry.get("owner_pid")
-        if isinstance(owner, int) and _pid_alive(owner, entry.get("owner_create_time")):
-            continue
+    for path, entry in OwnerRegistry(registry or _registry_dir()).orphans():
         name = str(entry.get("name", ""))
         if name:
+            owner = entry.get("owner_pid")
             _progress(f"Reaping RabbitMQ node {name} left by dead process {owner}")
             _kill_node_processes(name)
         base_dir = entry.get("base_dir")
         if entry.get("remove_base_dir") and isinstance(base_dir, str):
             shutil.rmtree(base_dir, ignore_errors=True)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+        remove_entry(path)
         reaped.append(name)
     return reaped
 
@@ -329,7 +281,7 @@ class RabbitMQNode:
         if start_timeout is None:
             start_timeout = float(os.environ.get(START_TIMEOUT_ENV) or 120.0)
         self._start_timeout = start_timeout
-        self._registry = registry_dir or _registry_dir()
+        self._registry = OwnerRegistry(registry_dir or _registry_dir())
         self._server_path = server_path
         self._lock = threading.RLock()
 
@@ -477,38 +429,31 @@ class RabbitMQNode:
     # -- registry ---------------------------------------------------------------
 
     def _registry_path(self) -> str:
-        return os.path.join(self._registry, f"{self.name}.json")
+        return self._registry.entry_path(self.name)
 
     def _register(self) -> None:
-        os.makedirs(self._registry, mode=0o700, exist_ok=True)
-        me = psutil.Process()
-        entry = {
-            "name": self.name,
-            "owner_pid": me.pid,
-            "owner_create_time": me.create_time(),
-            "base_dir": self.base_dir,
-            "remove_base_dir": self._owns_base_dir,
-            "server_pid": self._server.pid if self._server else None,
-            "epmd_pid": self._epmd.pid if self._epmd else None,
-            "ports": asdict(self.ports),
-        }
-        tls.write_private_file(self._registry_path(), json.dumps(entry).encode())
+        self._registry.register(
+            self.name,
+            {
+                "name": self.name,
+                "base_dir": self.base_dir,
+                "remove_base_dir": self._owns_base_dir,
+                "server_pid": self._server.pid if self._server else None,
+                "epmd_pid": self._epmd.pid if self._epmd else None,
+                "ports": asdict(self.ports),
+            },
+        )
 
     def _unregister(self) -> None:
-        try:
-            os.unlink(self._registry_path())
-        except FileNotFoundError:
-            pass
+        self._registry.unregister(self.name)
 
     def _check_base_dir_free(self, base_dir: str) -> None:
         """Refuse a base directory that a node of a live process is using."""
-        for _path, entry in _read_registry(self._registry):
-            if entry.get("base_dir") != base_dir:
-                continue
-            owner = entry.get("owner_pid")
-            if isinstance(owner, int) and _pid_alive(owner, entry.get("owner_create_time")):
+        for _path, entry in self._registry.entries():
+            if entry.get("base_dir") == base_dir and owner_alive(entry):
                 raise RabbitMQError(
-                    f"{base_dir} is in use by node {entry.get('name')} of process {owner}"
+                    f"{base_dir} is in use by node {entry.get('name')} "
+                    f"of process {entry.get('owner_pid')}"
                 )
 
     # -- lifecycle --------------------------------------------------------------
@@ -525,7 +470,7 @@ class RabbitMQNode:
                 return
             programs = self._programs()
             _track_for_exit(self)
-            reap_stale_nodes(self._registry)
+            reap_stale_nodes(self._registry.path)
             first = self._identity is None
             for attempt in range(1, PORT_ATTEMPTS + 1):
                 try:

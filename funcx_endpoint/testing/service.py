@@ -65,6 +65,27 @@ def child_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     return env
 
 
+_ENV_LOCK = threading.Lock()
+
+
+def sdk_client(env: Dict[str, str], **options: Any) -> Any:
+    """Our SDK's ``FuncXClient(**options)``, made with ``env`` in ``os.environ``
+    (restored after; one thread at a time)."""
+    from funcx_endpoint.sdk import FuncXClient
+
+    with _ENV_LOCK:
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return FuncXClient(**options)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
 def _make_vhost(node: Any, vhost: str) -> None:
     """Create ``vhost`` on a RabbitMQNode, with all permissions for its admin user."""
     import base64

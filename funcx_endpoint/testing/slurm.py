@@ -69,8 +69,9 @@ import psutil
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 
+from funcx_endpoint.testing.owners import OwnerRegistry, progress, registry_dir, remove_entry
 from funcx_endpoint.testing.shared import SharedInstance
-from funcx_endpoint.testing.watchdog import Watchdog
+from funcx_endpoint.testing.watchdog import CLEANUP_HELPERS, Watchdog
 
 __all__ = [
     "INSTALL_HINT",
@@ -169,13 +170,6 @@ def ours():
     pids.discard(os.getpid())
     return pids
 
-def signal_all(pids, sig):
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except OSError:
-            pass
-
 def alive(pid):
     try:
         with open("/proc/%d/stat" % pid) as f:
@@ -199,14 +193,7 @@ for ns in spec["netns"]:
 for link in spec["links"]:
     if os.path.exists("/sys/class/net/" + link):
         run(["ip", "link", "delete", link])
-for path in spec["remove"]:
-    if os.path.isdir(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+remove_paths(spec["remove"])
 """
 
 
@@ -219,12 +206,7 @@ class SlurmUnavailable(SlurmError):
 
 
 def _progress(message: str) -> None:
-    # A test run that pauses while a cluster starts should say why.
-    try:
-        sys.stderr.write(f"[funcx slurm] {message}\n")
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        pass
+    progress("slurm", message)
 
 
 def _run(
@@ -295,19 +277,7 @@ def _find_unavailable_reason() -> Optional[str]:
 
 
 def _registry_dir() -> str:
-    return os.path.join(tempfile.gettempdir(), f"funcx-test-slurm-{os.getuid()}")
-
-
-def _owner_alive(pid: Any, create_time: Any) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return not isinstance(create_time, float) or abs(proc.create_time() - create_time) < 1.0
-    except psutil.Error:
-        return False
+    return registry_dir("slurm")
 
 
 def _cleanup(spec: Dict[str, Any], timeout: float = 60.0) -> None:
@@ -318,7 +288,7 @@ def _cleanup(spec: Dict[str, Any], timeout: float = 60.0) -> None:
             sys.executable,
             "-I",
             "-c",
-            "import os, shutil, signal, sys, time\n" + _CLEANUP,
+            "import os, shutil, signal, sys, time\n" + CLEANUP_HELPERS + _CLEANUP,
             json.dumps(spec),
         ],
         stdin=subprocess.DEVNULL,
@@ -335,31 +305,15 @@ def reap_stale_clusters(registry: Optional[str] = None) -> List[str]:
 
     Returns the ids of the clusters reaped; those of live owners are left alone.
     """
-    registry = registry or _registry_dir()
     reaped = []
-    try:
-        names = sorted(os.listdir(registry))
-    except FileNotFoundError:
-        return []
-    for name in names:
-        path = os.path.join(registry, name)
-        try:
-            with open(path) as f:
-                entry = json.load(f)
-        except (OSError, ValueError):
-            continue
-        if _owner_alive(entry.get("owner_pid"), entry.get("owner_create_time")):
-            continue
+    for path, entry in OwnerRegistry(registry or _registry_dir()).orphans():
         spec = entry.get("spec")
         if isinstance(spec, dict):
             _progress(
                 f"Reaping Slurm cluster {entry.get('id')} of dead process {entry.get('owner_pid')}"
             )
             _cleanup(spec)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+        remove_entry(path)
         reaped.append(str(entry.get("id")))
     return reaped
 
@@ -437,7 +391,7 @@ class SlurmCluster:
         self.cpus_per_node = cpus_per_node
         self.partition = partition
         self.start_timeout = start_timeout
-        self._registry = registry_dir or _registry_dir()
+        self._registry = OwnerRegistry(registry_dir or _registry_dir())
         self._lock = threading.RLock()
         self.cluster_id = secrets.token_hex(3)
         self.base_dir: Optional[str] = None
@@ -556,7 +510,7 @@ class SlurmCluster:
             reason = unavailable_reason()
             if reason is not None:
                 raise SlurmUnavailable(reason)
-            reap_stale_clusters(self._registry)
+            reap_stale_clusters(self._registry.path)
             started = time.monotonic()
             _progress(f"Starting Slurm cluster {self.cluster_id} ({self.node_count} nodes)")
             try:
@@ -709,19 +663,10 @@ class SlurmCluster:
         return ([self.database] if self.database is not None else []) + self.nodes
 
     def _registry_path(self) -> str:
-        return os.path.join(self._registry, f"{self.cluster_id}.json")
+        return self._registry.entry_path(self.cluster_id)
 
     def _register(self) -> None:
-        os.makedirs(self._registry, mode=0o700, exist_ok=True)
-        me = psutil.Process()
-        entry = {
-            "id": self.cluster_id,
-            "owner_pid": me.pid,
-            "owner_create_time": me.create_time(),
-            "spec": self._spec(),
-        }
-        with open(self._registry_path(), "w") as f:
-            json.dump(entry, f)
+        self._registry.register(self.cluster_id, {"id": self.cluster_id, "spec": self._spec()})
 
     def _make_network(self) -> None:
         net = ipaddress.IPv4Network(f"{self.address}/24", strict=False)
@@ -908,10 +853,7 @@ class SlurmCluster:
         watchdog, self._watchdog = self._watchdog, None
         if watchdog is not None:
             watchdog.release(timeout=5)
-        try:
-            os.unlink(self._registry_path())
-        except FileNotFoundError:
-            pass
+        self._registry.unregister(self.cluster_id)
         self.base_dir = None
 
     def __enter__(self) -> SlurmCluster:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from typing import Mapping, Optional, Sequence
 
-__all__ = ["WATCHDOG_WAIT", "Watchdog"]
+__all__ = ["CLEANUP_HELPERS", "WATCHDOG_WAIT", "Watchdog"]
 
 # Returns only once the owner is gone; the cleanup script after it runs then.
 WATCHDOG_WAIT = r"""
@@ -35,9 +35,32 @@ if b"release" in data:
 """
 
 
+# Defined for every cleanup script: signal_all(pids, sig) and remove_paths(paths)
+# (directories with what they hold; errors ignored).
+CLEANUP_HELPERS = r"""
+def signal_all(pids, sig):
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+
+def remove_paths(paths):
+    for path in paths:
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+"""
+
+
 class Watchdog:
     """A running watchdog: once its owner is gone, it runs ``cleanup`` (Python
-    source, with ``os``, ``shutil``, ``signal``, ``sys`` and ``time`` imported)
+    source, with ``os``, ``shutil``, ``signal``, ``sys`` and ``time`` imported and
+    :data:`CLEANUP_HELPERS` defined)
     with ``args`` as ``sys.argv[1:]``, in a session of its own, in ``env``
     (None: the owner's environment)."""
 
@@ -45,7 +68,7 @@ class Watchdog:
         self, cleanup: str, args: Sequence[str], env: Optional[Mapping[str, str]] = None
     ) -> None:
         self._process = subprocess.Popen(
-            [sys.executable, "-I", "-c", WATCHDOG_WAIT + cleanup, *args],
+            [sys.executable, "-I", "-c", WATCHDOG_WAIT + CLEANUP_HELPERS + cleanup, *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

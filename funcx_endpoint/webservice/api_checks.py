@@ -54,6 +54,19 @@ def canonical_uuid(value: Any, what: str, status: int = 400) -> str:
     raise APIError(status, "INVALID_UUID", f"{what} must be a UUID, got {show(value)}")
 
 
+def task_ids_field(body: Dict[str, Any], most: int) -> Dict[str, str]:
+    """A request's ``task_ids`` (a list of at most ``most`` task id strings), each
+    as asked mapped to its canonical form; 400 otherwise."""
+    task_ids = body.get("task_ids")
+    if not isinstance(task_ids, list) or not all(isinstance(t, str) for t in task_ids):
+        raise bad_request("task_ids must be a list of task id strings", "INVALID_TYPE")
+    if len(task_ids) > most:
+        raise bad_request(
+            f"at most {most} task ids per request, got {len(task_ids)}", "TOO_MANY_IDS"
+        )
+    return {t: canonical_uuid(t, "each of task_ids") for t in task_ids}
+
+
 def show(value: Any) -> str:
     """``value`` as an error message quotes it: JSON, cut to 80 characters."""
     text = json.dumps(value) if not isinstance(value, str) else repr(value)

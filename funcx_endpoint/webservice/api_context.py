@@ -28,6 +28,17 @@ from funcx_endpoint.webservice.storage import Storage
 __all__ = ["APIContext", "BrokerAddress", "HandlerGroup"]
 
 
+def storage_unavailable(could_not: str) -> APIError:
+    """503 for a database that failed a request which therefore created nothing:
+    ``could_not`` says what the service could not do ("read its database now")."""
+    return APIError(
+        503,
+        "STORAGE_UNAVAILABLE",
+        f"the service {could_not} (nothing was created); try again",
+        headers={"Retry-After": "5"},
+    )
+
+
 @attr.s(auto_attribs=True, frozen=True)
 class BrokerAddress:
     """Where endpoints and clients reach the broker: ``amqps://host:port/vhost``."""
@@ -72,12 +83,7 @@ class APIContext:
             return await self.storage.run(user_usage, owner)
         except Exception:
             self.log.failure("Reading the usage of {owner} failed", owner=owner)
-            raise APIError(
-                503,
-                "STORAGE_UNAVAILABLE",
-                "the service cannot read its database now (nothing was created); try again",
-                headers={"Retry-After": "5"},
-            ) from None
+            raise storage_unavailable("cannot read its database now") from None
 
     async def broker_call(self, operation: Any) -> Any:
         """Await ``operation`` (a call to the broker or its management API);

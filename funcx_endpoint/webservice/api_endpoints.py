@@ -34,6 +34,13 @@ __all__ = ["EndpointsAPI"]
 MAX_METADATA = 256 * 1024
 
 
+def _locked(endpoint_id: str, outcome: str) -> APIError:
+    """423 for the registration of an endpoint stopped remotely; ``outcome``: what now."""
+    return APIError(
+        423, "ENDPOINT_LOCKED", f"Endpoint {endpoint_id} was stopped remotely (locked); {outcome}"
+    )
+
+
 class EndpointsAPI(HandlerGroup):
     """The endpoint handlers; :meth:`install` adds them to a router."""
 
@@ -227,19 +234,16 @@ class EndpointsAPI(HandlerGroup):
         storage = self.context.storage
         if takes_commands(metadata) and not clear_lock:
             self.log.info("Refused locked endpoint {eid}", eid=endpoint_id)
-            raise APIError(
-                423,
-                "ENDPOINT_LOCKED",
-                f"Endpoint {endpoint_id} was stopped remotely (locked); it stays refused "
-                f"until its owner starts it again (funcx-endpoint start on its host)",
+            raise _locked(
+                endpoint_id,
+                "it stays refused until its owner starts it again "
+                "(funcx-endpoint start on its host)",
             )
         if await storage.consume_lock(endpoint_id):
             self.log.info("Refused locked endpoint {eid}; lock consumed", eid=endpoint_id)
-            raise APIError(
-                423,
-                "ENDPOINT_LOCKED",
-                f"Endpoint {endpoint_id} was stopped remotely (locked); this registration "
-                f"is refused and the lock is cleared: start it again to run it",
+            raise _locked(
+                endpoint_id,
+                "this registration is refused and the lock is cleared: start it again to run it",
             )
 
     async def list_endpoints(self, call: Call) -> Tuple[int, Any]:

@@ -19,8 +19,9 @@ from funcx_endpoint.webservice.api_checks import (
     canonical_uuid,
     show,
     takes_batches,
+    task_ids_field,
 )
-from funcx_endpoint.webservice.api_context import HandlerGroup
+from funcx_endpoint.webservice.api_context import HandlerGroup, storage_unavailable
 from funcx_endpoint.webservice.auth import API
 from funcx_endpoint.webservice.http import (
     APIError,
@@ -239,12 +240,7 @@ class TasksAPI(HandlerGroup):
             except Exception:
                 self.context.sender.release(ids)
                 self.log.failure("Storing {n} new tasks failed", n=len(ids))
-                raise APIError(
-                    503,
-                    "STORAGE_UNAVAILABLE",
-                    "the service could not store the tasks (nothing was created); try again",
-                    headers={"Retry-After": "5"},
-                ) from None
+                raise storage_unavailable("could not store the tasks") from None
             # The tasks exist now: nothing below may turn into an error answer.
             try:
                 if ws_queue is not None:
@@ -261,12 +257,7 @@ class TasksAPI(HandlerGroup):
             return await self.context.storage.submit_context(function_ids, endpoint_ids, identity)
         except Exception:
             self.log.failure("Reading the submit context failed")
-            raise APIError(
-                503,
-                "STORAGE_UNAVAILABLE",
-                "the service cannot read its database now (nothing was created); try again",
-                headers={"Retry-After": "5"},
-            ) from None
+            raise storage_unavailable("cannot read its database now") from None
 
     @staticmethod
     def _check_task(
@@ -354,17 +345,7 @@ class TasksAPI(HandlerGroup):
     async def batch_status(self, call: Call) -> Tuple[int, Any]:
         me: TokenInfo = call.identity
         body = await call.json_object()
-        task_ids = body.get("task_ids")
-        if not isinstance(task_ids, list) or not all(isinstance(t, str) for t in task_ids):
-            raise bad_request("task_ids must be a list of task id strings", "INVALID_TYPE")
-        if len(task_ids) > MAX_BATCH_STATUS_IDS:
-            raise bad_request(
-                f"at most {MAX_BATCH_STATUS_IDS} task ids per request, got {len(task_ids)}",
-                "TOO_MANY_IDS",
-            )
-        canonical = {}
-        for task_id in task_ids:
-            canonical[task_id] = canonical_uuid(task_id, "each of task_ids")
+        canonical = task_ids_field(body, MAX_BATCH_STATUS_IDS)
         found = await self.context.storage.get_tasks(
             sorted(set(canonical.values())), me.identity_id
         )

@@ -27,11 +27,11 @@ from typing import Any, Dict, List, Sequence, Tuple
 import attr
 
 from funcx_endpoint.amqp import topology
-from funcx_endpoint.webservice.api_checks import canonical_uuid, takes_commands
+from funcx_endpoint.webservice.api_checks import canonical_uuid, takes_commands, task_ids_field
 from funcx_endpoint.webservice.api_context import APIContext, HandlerGroup
 from funcx_endpoint.webservice.auth import API
 from funcx_endpoint.webservice.db import Tx
-from funcx_endpoint.webservice.http import Call, Router, bad_request, not_found
+from funcx_endpoint.webservice.http import Call, Router, not_found
 from funcx_endpoint.webservice.records import DONE_SQL
 from funcx_endpoint.webservice.storage import TokenInfo
 from funcx_endpoint.wire import EndpointCommand, ErrorCode, pack
@@ -133,15 +133,7 @@ class CancelAPI(HandlerGroup):
 
     async def batch_cancel(self, call: Call) -> Tuple[int, Any]:
         body = await call.json_object()
-        task_ids = body.get("task_ids")
-        if not isinstance(task_ids, list) or not all(isinstance(t, str) for t in task_ids):
-            raise bad_request("task_ids must be a list of task id strings", "INVALID_TYPE")
-        if len(task_ids) > MAX_CANCEL_IDS:
-            raise bad_request(
-                f"at most {MAX_CANCEL_IDS} task ids per request, got {len(task_ids)}",
-                "TOO_MANY_IDS",
-            )
-        canonical = {t: canonical_uuid(t, "each of task_ids") for t in task_ids}
+        canonical = task_ids_field(body, MAX_CANCEL_IDS)
         answers = await self._cancel(call, sorted(set(canonical.values())))
         return 200, {
             "results": {asked: answers[c] for asked, c in canonical.items() if c in answers}

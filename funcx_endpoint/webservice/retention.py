@@ -17,13 +17,12 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from twisted.application.service import Service
+import attr
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from funcx_endpoint.lifecycle import start_loop, stop_loop
+from funcx_endpoint.lifecycle import PeriodicService
 from funcx_endpoint.webservice.db import Tx, chunks, marks
 from funcx_endpoint.webservice.records import DONE_SQL
 from funcx_endpoint.webservice.storage import Storage
@@ -74,36 +73,24 @@ def purge_tasks(tx: Tx, finished_before: float, fetched_before: float, limit: in
     )
 
 
-class RetentionPurger(Service):
+@attr.s(auto_attribs=True, eq=False)
+class RetentionPurger(PeriodicService):
     """Deletes expired tasks every ``interval`` seconds of ``clock``; see the module."""
 
     log = Logger()
     name = "task-retention"
 
-    def __init__(
-        self,
-        storage: Storage,
-        clock: IReactorTime,
-        task_retention: float,
-        fetched_retention: float,
-        interval: float = 60.0,
-    ) -> None:
-        self._storage = storage
-        self._clock = clock
-        self.task_retention = task_retention
-        self.fetched_retention = fetched_retention
-        self.interval = interval
-        self._loop: Optional[LoopingCall] = None
-        #: Tasks deleted so far.
-        self.purged = 0
+    _storage: Storage
+    _clock: IReactorTime
+    task_retention: float
+    fetched_retention: float
+    interval: float = 60.0
+    #: Tasks deleted so far.
+    purged: int = attr.ib(default=0, init=False)
 
-    def startService(self) -> None:
-        super().startService()
-        self._loop = start_loop(self.purge, self._clock, self.interval, now=False)
-
-    def stopService(self) -> None:
-        super().stopService()
-        stop_loop(self._loop)
+    def check(self) -> Deferred[int]:
+        """The periodic call: one :meth:`purge`."""
+        return self.purge()
 
     def purge(self) -> Deferred[int]:
         """Purge once (batch after batch); fires with how many tasks were deleted

@@ -18,9 +18,10 @@ mistaken for one.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any, Dict, Mapping, Optional, Tuple
+
+from funcx_endpoint.wire.headers import add_header, split_header
 
 __all__ = [
     "RESOURCES_HEADER",
@@ -90,8 +91,7 @@ def check_resource_specification(spec: Any) -> Dict[str, int]:
 
 def add_resources_header(task_buffer: str, spec: Mapping[str, Any]) -> str:
     """``task_buffer`` with the header line that carries ``spec`` in front."""
-    text = json.dumps(dict(spec), separators=(",", ":"), sort_keys=True)
-    return f"{RESOURCES_HEADER}{text}\n{task_buffer}"
+    return add_header(RESOURCES_HEADER, task_buffer, spec)
 
 
 def split_resources_header(task_buffer: str) -> Tuple[Optional[Any], str]:
@@ -102,13 +102,4 @@ def split_resources_header(task_buffer: str) -> Tuple[Optional[Any], str]:
     :func:`check_resource_specification`); a header that is not JSON is a
     :class:`ResourceSpecificationError`.
     """
-    if not task_buffer.startswith(RESOURCES_HEADER):
-        return None, task_buffer
-    end = task_buffer.find("\n")
-    if end < 0:
-        raise ResourceSpecificationError("the resources header of the task buffer has no end")
-    try:
-        spec = json.loads(task_buffer[len(RESOURCES_HEADER) : end])
-    except ValueError as exc:
-        raise ResourceSpecificationError(f"unreadable resources header: {exc}") from None
-    return spec, task_buffer[end + 1 :]
+    return split_header(RESOURCES_HEADER, task_buffer, "resources", ResourceSpecificationError)

@@ -28,13 +28,14 @@ warns once when it differs from its own.
 
 from __future__ import annotations
 
-import json
 import platform
 import socket
 import sys
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import dill
+
+from funcx_endpoint.wire.headers import add_header, split_header
 
 __all__ = [
     "RUNTIME_HEADER",
@@ -125,8 +126,7 @@ def describe_runtime(runtime: Mapping[str, Any]) -> str:
 
 def add_runtime_header(task_buffer: str, runtime: Mapping[str, str]) -> str:
     """``task_buffer`` with the header line that carries ``runtime`` in front."""
-    text = json.dumps(dict(runtime), separators=(",", ":"), sort_keys=True)
-    return f"{RUNTIME_HEADER}{text}\n{task_buffer}"
+    return add_header(RUNTIME_HEADER, task_buffer, runtime)
 
 
 def split_runtime_header(task_buffer: str) -> Tuple[Optional[Dict[str, str]], str]:
@@ -134,11 +134,8 @@ def split_runtime_header(task_buffer: str) -> Tuple[Optional[Dict[str, str]], st
     the task buffer without it; :class:`UserRuntimeError` for a bad header."""
     if not task_buffer.startswith(RUNTIME_HEADER):
         return None, task_buffer
-    end = task_buffer.find("\n")
-    if end < 0:
-        raise UserRuntimeError("the runtime header of the task buffer has no end")
+    value, rest = split_header(RUNTIME_HEADER, task_buffer, "runtime", UserRuntimeError)
     try:
-        runtime = check_user_runtime(json.loads(task_buffer[len(RUNTIME_HEADER) : end]))
-    except ValueError as exc:
+        return check_user_runtime(value), rest
+    except UserRuntimeError as exc:
         raise UserRuntimeError(f"unreadable runtime header: {exc}") from None
-    return runtime, task_buffer[end + 1 :]
