@@ -67,3 +67,22 @@ class HeaderFuzzTests(FuzzTestCase):
 
     def test_rest_headers_over_tcp(self) -> None:
         self.fuzz("rest-tcp", 25)
+
+    def test_rest_tcp_broken_request_line_then_long_header(self) -> None:
+        """The long run's finding, as the surface fed it: CR LF in the path, then a
+        header line longer than one TLS record.  The service logged a traceback and
+        closed without an answer; now the input is counted as one 4xx answer."""
+        surface = make_surface("rest-tcp")
+        surface.start()
+        self.addCleanup(surface.stop)
+        surface.feed(
+            (
+                b"POST",
+                b"\r\n\r\n",
+                [(b"Content-Length", b""), (b"\r\n\r\n", b"\xd3m"), (b"\xb6\xe3H", b"\x1b\x7f")],
+                34279,
+            )
+        )
+        tally = surface.tally
+        self.assertEqual(tally.bad(), 0, tally.line() + "\n" + "\n".join(tally.examples))
+        self.assertEqual((tally.inputs, tally.four_xx, tally.unanswered), (1, 1, 0))

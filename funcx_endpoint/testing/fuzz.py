@@ -7,6 +7,9 @@ happened (:class:`Tally`):
 
 ``5xx``
     an HTTP answer of 500 or more;
+``4xx`` and ``unanswered`` (counted, not faults)
+    REST inputs answered 400-499, and raw requests over TCP whose connection
+    ended with no HTTP answer at all;
 ``hang``
     no answer where one was due (a request not answered, a message neither
     settled nor taken, a connection neither answered nor closed), or the
@@ -52,6 +55,8 @@ class Tally:
     name: str
     inputs: int = 0
     five_xx: int = 0
+    four_xx: int = 0
+    unanswered: int = 0
     hangs: int = 0
     crashes: int = 0
     tracebacks: int = 0
@@ -67,7 +72,8 @@ class Tally:
 
     def line(self) -> str:
         return (
-            f"{self.name:<22} inputs {self.inputs:>7}  5xx {self.five_xx:>5}  "
+            f"{self.name:<22} inputs {self.inputs:>7}  4xx {self.four_xx:>5}  "
+            f"unanswered {self.unanswered:>5}  5xx {self.five_xx:>5}  "
             f"hangs {self.hangs:>5}  crashes {self.crashes:>5}  tracebacks {self.tracebacks:>5}"
         )
 
@@ -274,6 +280,8 @@ class RestInProcess(Surface):
         if hasattr(response, "code"):
             if response.code >= 500:
                 self.tally.note("five_xx", data, str(response.code))
+            elif response.code >= 400:
+                self.tally.four_xx += 1
         # A failure here is the client's (a URL it cannot parse), not the service's.
 
 
@@ -358,9 +366,13 @@ class RestOverTCP(Surface):
             pass  # closed on us: an answer of sorts
         if not self.service.running:
             raise RuntimeError("the service process died")
-        status = answer.split(b" ", 2)[1:2]
-        if status and status[0].isdigit() and int(status[0]) >= 500:
+        status = answer.split(b" ", 2)[1:2] if answer.startswith(b"HTTP/") else []
+        if not status or not status[0].isdigit():
+            self.tally.unanswered += 1
+        elif int(status[0]) >= 500:
             self.tally.note("five_xx", data, status[0].decode())
+        elif int(status[0]) >= 400:
+            self.tally.four_xx += 1
         now = self._count_log_tracebacks()
         if now > self._log_tracebacks:
             self.tally.tracebacks += now - self._log_tracebacks
