@@ -67,3 +67,25 @@ class HeaderFuzzTests(FuzzTestCase):
 
     def test_rest_headers_over_tcp(self) -> None:
         self.fuzz("rest-tcp", 25)
+
+    def test_rest_tcp_findings(self) -> None:
+        """The long run's findings, as the surface fed them.  CR LF in the path, then a
+        header line longer than one TLS record: the service logged a traceback and
+        closed without an answer.  A Content-Length the harness did not send a body
+        for: counted as a hang (the service rightly waited for the body).  Each is now
+        one 4xx answer."""
+        surface = make_surface("rest-tcp")
+        surface.start()
+        self.addCleanup(surface.stop)
+        surface.feed(
+            (
+                b"POST",
+                b"\r\n\r\n",
+                [(b"Content-Length", b""), (b"\r\n\r\n", b"\xd3m"), (b"\xb6\xe3H", b"\x1b\x7f")],
+                34279,
+            )
+        )
+        surface.feed((b"POST", b"6", [(b"Content-Length", b"6")], 0))
+        tally = surface.tally
+        self.assertEqual(tally.bad(), 0, tally.line() + "\n" + "\n".join(tally.examples))
+        self.assertEqual((tally.inputs, tally.four_xx, tally.unanswered), (2, 2, 0))

@@ -2,22 +2,26 @@
 
 Header values are bytes on the wire; any byte may come, and a bad one gets a
 4xx answer, never a 500 with a traceback.  A header line longer than the
-channel's limit gets 431 and a closed connection at once, over TLS too.
+channel's limit gets 431 and a closed connection at once, over TLS too.  A
+request head Twisted cannot parse gets one JSON 400, one warning in the log, and
+a closed connection; what the client sends after it is not parsed.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import ssl
 import time
-from typing import Any, Tuple
+from typing import Any, Dict, List, Tuple
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from funcx_endpoint import tls
@@ -38,6 +42,24 @@ def _answer(site: JSONSite, raw: bytes) -> Tuple[bytes, bool]:
 def _status_and_body(raw: bytes) -> Tuple[int, Any]:
     head, _, body = raw.partition(b"\r\n\r\n")
     return int(head.split(b" ", 2)[1]), json.loads(body)
+
+
+def _exchange_over_tls(port: int, ca_file: str, request: bytes) -> Tuple[bytes, str]:
+    """Send ``request`` over TLS to ``port``; what came back, and how the connection
+    ended (``"closed"``: a clean end of stream; else the error)."""
+    context = ssl.create_default_context(cafile=ca_file)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as conn:
+            conn.sendall(request)
+            data = b""
+            while True:
+                try:
+                    chunk = conn.recv(65536)
+                except (ssl.SSLError, OSError) as e:
+                    return data, repr(e)
+                if not chunk:
+                    return data, "closed"
+                data += chunk
 
 
 class HeaderBytesTests(SynchronousTestCase):
@@ -117,24 +139,12 @@ class LongHeaderOverTLSTests(TestCase):
 
         def talk() -> Tuple[bytes, float]:
             port = int(served.root_url.rsplit(":", 1)[1])
-            context = ssl.create_default_context(cafile=files.ca_cert)
             started = time.monotonic()
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-                with context.wrap_socket(raw, server_hostname="127.0.0.1") as conn:
-                    conn.sendall(
-                        b"GET /v2/version HTTP/1.1\r\nHost: x\r\nX-Big: "
-                        + b"a" * 20000
-                        + b"\r\n\r\n"
-                    )
-                    data = b""
-                    while True:
-                        try:
-                            chunk = conn.recv(65536)
-                        except (ssl.SSLError, ConnectionResetError):
-                            break
-                        if not chunk:
-                            break
-                        data += chunk
+            data, _ = _exchange_over_tls(
+                port,
+                files.ca_cert,
+                b"GET /v2/version HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",
+            )
             return data, time.monotonic() - started
 
         async def run() -> None:
@@ -145,5 +155,96 @@ class LongHeaderOverTLSTests(TestCase):
                 await service.stopService()
             self.assertTrue(data.startswith(b"HTTP/1.1 431 "), data[:200])
             self.assertLess(took, 5.0)
+
+        return Deferred.fromCoroutine(run())
+
+
+#: The fuzz finding (issue 12, rest-tcp): CR LF in the path ends the request line
+#: early, so the head is refused; a blank line and a header line longer than one TLS
+#: record follow.
+_BROKEN_HEAD = b"POST \r\n\r\n HTTP/1.1\r\nHost: localhost\r\nContent-Length: \r\n"
+_LONG_TAIL = b"X-Long: " + b"a" * 24000 + b"\r\nConnection: close\r\n\r\n"
+
+
+def _warnings(test: Any) -> List[Dict[str, Any]]:
+    """The warning (and worse) events logged while ``test`` runs."""
+    events: List[Dict[str, Any]] = []
+
+    def observe(event: Dict[str, Any]) -> None:
+        if event.get("log_level", LogLevel.info) >= LogLevel.warn:
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    test.addCleanup(globalLogPublisher.removeObserver, observe)
+    return events
+
+
+class BadHeadTests(SynchronousTestCase):
+    """A head Twisted refuses gets a JSON 400; input after it is dropped."""
+
+    def test_answered_400_once_and_closed(self) -> None:
+        warnings = _warnings(self)
+        site = JSONSite(APIResource(Router(), None), 1024)  # type: ignore[arg-type]
+        site.timeOut = None
+        protocol = site.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        # The rest arrives later, as over TLS; it held a blank line, which Twisted
+        # read as the end of a head whose request line it never parsed (AttributeError).
+        protocol.dataReceived(_BROKEN_HEAD)
+        protocol.dataReceived(b"\r\n HTTP/1.1\r\n" + _LONG_TAIL)
+        status, answer = _status_and_body(transport.value())
+        self.assertEqual((status, answer["code"]), (400, "BAD_REQUEST"))
+        self.assertIn(b"\r\nConnection: close\r\n", transport.value())
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual([e["log_level"] for e in warnings], [LogLevel.warn])
+        self.assertNotIn("log_failure", warnings[0])
+
+    def test_long_line_after_refusal_not_answered_twice(self) -> None:
+        warnings = _warnings(self)
+        site = JSONSite(APIResource(Router(), None), 1024)  # type: ignore[arg-type]
+        site.timeOut = None
+        protocol = site.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"GET / HTTP/1.1\r\nBad Name: x\r\nHost: x\r\n")
+        protocol.dataReceived(b"X: " + b"a" * 20000 + b"\r\n\r\n")
+        self.assertEqual(len(re.findall(rb"HTTP/1\.1 \d{3} ", transport.value())), 1)
+        status, _ = _status_and_body(transport.value())
+        self.assertEqual(status, 400)
+        self.assertEqual(len(warnings), 1)
+
+
+class BadHeadOverTLSTests(TestCase):
+    """The fuzz finding over a real TLS connection: a JSON 400, a clean end of the
+    stream, one warning and no traceback (it was an unhandled AttributeError, and
+    the client got no answer)."""
+
+    timeout = 30
+
+    def test_broken_request_line_then_long_header(self) -> Deferred[None]:
+        warnings = _warnings(self)
+        files = tls.ensure_ca_and_server_cert(self.mktemp(), ["localhost"], ["127.0.0.1"])
+        service = InProcessService(self.mktemp(), reactor)
+        service.startService()
+        served = service.listen(tls_files=files)
+        port = int(served.root_url.rsplit(":", 1)[1])
+
+        async def run() -> None:
+            try:
+                data, ended = await deferToThread(
+                    _exchange_over_tls, port, files.ca_cert, _BROKEN_HEAD + _LONG_TAIL
+                )
+            finally:
+                await served.stop()
+                await service.stopService()
+            self.assertTrue(data.startswith(b"HTTP/1.1 400 "), data[:200])
+            status, answer = _status_and_body(data)
+            self.assertEqual((status, answer["code"]), (400, "BAD_REQUEST"))
+            self.assertEqual(ended, "closed")
+            self.assertEqual(self.flushLoggedErrors(), [])
+            refusals = [e for e in warnings if "refused" in e.get("log_format", "")]
+            self.assertEqual(len(refusals), 1, warnings)
+            self.assertEqual([e for e in warnings if "log_failure" in e], [])
 
         return Deferred.fromCoroutine(run())

@@ -7,6 +7,9 @@ happened (:class:`Tally`):
 
 ``5xx``
     an HTTP answer of 500 or more;
+``4xx`` and ``unanswered`` (counted, not faults)
+    REST inputs answered 400-499, and raw requests over TCP whose connection
+    ended with no HTTP answer at all;
 ``hang``
     no answer where one was due (a request not answered, a message neither
     settled nor taken, a connection neither answered nor closed), or the
@@ -52,6 +55,8 @@ class Tally:
     name: str
     inputs: int = 0
     five_xx: int = 0
+    four_xx: int = 0
+    unanswered: int = 0
     hangs: int = 0
     crashes: int = 0
     tracebacks: int = 0
@@ -67,7 +72,8 @@ class Tally:
 
     def line(self) -> str:
         return (
-            f"{self.name:<22} inputs {self.inputs:>7}  5xx {self.five_xx:>5}  "
+            f"{self.name:<22} inputs {self.inputs:>7}  4xx {self.four_xx:>5}  "
+            f"unanswered {self.unanswered:>5}  5xx {self.five_xx:>5}  "
             f"hangs {self.hangs:>5}  crashes {self.crashes:>5}  tracebacks {self.tracebacks:>5}"
         )
 
@@ -282,6 +288,8 @@ class RestInProcess(_ServiceSurface):
         if hasattr(response, "code"):
             if response.code >= 500:
                 self.tally.note("five_xx", data, str(response.code))
+            elif response.code >= 400:
+                self.tally.four_xx += 1
         # A failure here is the client's (a URL it cannot parse), not the service's.
 
 
@@ -293,6 +301,26 @@ class RestHeadersInProcess(RestInProcess):
 
 
 # -- REST headers and request lines, over a real TCP socket ------------------------------
+
+
+#: A declared body up to this size is sent (a bigger one is not: the service waits for it).
+_MAX_BODY_SENT = 1024 * 1024
+
+
+def _declared_body(headers: List[Tuple[bytes, bytes]]) -> Optional[bytes]:
+    """The body that ``headers`` promise, as Twisted reads them (a valid Content-Length
+    or ``Transfer-Encoding: chunked``), so that the service is not left waiting for it;
+    ``b""`` if none; None if the promised body is too big to send."""
+    body = b""
+    for name, value in headers:
+        value = value.strip(b" \t")
+        if name.lower() == b"content-length" and value.isdigit():
+            if len(value) > 8 or int(value) > _MAX_BODY_SENT:
+                return None
+            body = b"x" * int(value)
+        elif name.lower() == b"transfer-encoding" and value.lower() == b"chunked":
+            body = b"0\r\n\r\n"
+    return body
 
 
 class RestOverTCP(Surface):
@@ -341,14 +369,17 @@ class RestOverTCP(Surface):
     def check(self, data: Any) -> None:
         method, path, headers, long_line = data
         lines = [method + b" " + (path or b"/") + b" HTTP/1.1", b"Host: localhost"]
+        sent = []
         for name, value in headers:
             name = name.replace(b"\r", b"").replace(b"\n", b"").replace(b":", b"") or b"X"
             value = value.replace(b"\r", b"").replace(b"\n", b"")
             lines.append(name + b": " + value)
+            sent.append((name, value))
         if long_line:
             lines.append(b"X-Long: " + b"a" * long_line)
         lines.append(b"Connection: close")
-        request = b"\r\n".join(lines) + b"\r\n\r\n"
+        body = _declared_body(sent)
+        request = b"\r\n".join(lines) + b"\r\n\r\n" + (body or b"")
         answer = b""
         try:
             with socket.create_connection(self.address, timeout=self.timeout) as raw:
@@ -360,15 +391,20 @@ class RestOverTCP(Surface):
                             break
                         answer += chunk
         except (socket.timeout, TimeoutError):
-            if not answer:
+            if not answer and body is not None:
                 raise _Hang(f"no answer within {self.timeout:g} s") from None
+            # else: a body too big to send was declared; the service rightly waits for it
         except (ConnectionError, ssl.SSLError, OSError):
             pass  # closed on us: an answer of sorts
         if not self.service.running:
             raise RuntimeError("the service process died")
-        status = answer.split(b" ", 2)[1:2]
-        if status and status[0].isdigit() and int(status[0]) >= 500:
+        status = answer.split(b" ", 2)[1:2] if answer.startswith(b"HTTP/") else []
+        if not status or not status[0].isdigit():
+            self.tally.unanswered += 1
+        elif int(status[0]) >= 500:
             self.tally.note("five_xx", data, status[0].decode())
+        elif int(status[0]) >= 400:
+            self.tally.four_xx += 1
         now = self._count_log_tracebacks()
         if now > self._log_tracebacks:
             self.tally.tracebacks += now - self._log_tracebacks

@@ -159,28 +159,75 @@ class LimitedRequest(server.Request):
 
 
 class JSONChannel(http.HTTPChannel):
-    """HTTP/1.1 that answers a header line too long (over ``MAX_LENGTH``, 16 KiB) with
-    431 and closes the connection.
+    """HTTP/1.1 whose refusals of a request head are JSON answers, each one logged as
+    one warning, after which the connection is closed and its input no longer read.
 
-    Twisted's line receiver only calls ``transport.loseConnection()`` there, with the
-    channel still registered as the transport's producer: over TLS the connection then
-    stays open, unanswered, until a timeout.
+    A header line too long (over ``MAX_LENGTH``, 16 KiB) gets 431; a head Twisted
+    cannot parse (request line, header name or value, framing, too many or too big
+    headers) gets 400.  Twisted's own handling falls short in three ways:
+
+    - its line receiver stops reading only for the rest of the current chunk, so
+      input that arrives later (the next TLS record) is parsed again, from inside a
+      refused head: a blank line there made ``allHeadersReceived`` run for a request
+      line never parsed (``AttributeError``, an unhandled-error traceback, and no
+      answer to the client);
+    - on a too-long line it only calls ``transport.loseConnection()``, with the
+      channel still the transport's producer: over TLS the connection then stays
+      open, unanswered, until a timeout;
+    - its 400 is a bare status line, no body.
     """
 
+    log = Logger()
+    #: True once the connection is being closed: input after that point is dropped.
+    _closing = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        super().dataReceived(data)
+
+    def loseConnection(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        super().loseConnection()
+
     def lineLengthExceeded(self, line: bytes) -> None:
-        body = json.dumps(
-            error_body(
-                431,
-                "HEADER_TOO_LARGE",
-                f"a line of the request head is longer than {self.MAX_LENGTH} bytes; "
-                f"send shorter headers",
-            ),
-            separators=(",", ":"),
-        ).encode()
+        self._refuse(
+            431,
+            b"Request Header Fields Too Large",
+            "HEADER_TOO_LARGE",
+            f"a line of the request head is longer than {self.MAX_LENGTH} bytes; "
+            f"send shorter headers",
+        )
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Twisted's one exit for a request head it cannot parse (a private name, but
+        # the only seam; tests/test_webservice_headers.py notices if it goes away).
+        self._refuse(
+            400,
+            b"Bad Request",
+            "BAD_REQUEST",
+            "the request head is not valid HTTP/1.1 (request line, header names and "
+            "values, Content-Length or Transfer-Encoding, header count and size)",
+        )
+
+    def _refuse(self, status: int, phrase: bytes, code: str, message: str) -> None:
+        """Answer ``status`` with a JSON error, log one warning, close the connection."""
+        if self._closing:
+            return
+        peer = getattr(self.transport.getPeer(), "host", None) if self.transport else None
+        self.log.warn(
+            "Request head refused ({status} {code}) from {peer}",
+            status=status,
+            code=code,
+            peer=peer,
+        )
+        body = json.dumps(error_body(status, code, message), separators=(",", ":")).encode()
         transport: Any = self.transport
         transport.write(
-            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-            b"Content-Type: application/json\r\nConnection: close\r\n"
+            b"HTTP/1.1 %d %s\r\n" % (status, phrase)
+            + b"Content-Type: application/json\r\nConnection: close\r\n"
             + b"Content-Length: %d\r\n\r\n" % len(body)
             + body
         )
