@@ -32,6 +32,7 @@ from funcx_endpoint.portal.sessions import (
     set_cookie,
 )
 from funcx_endpoint.portal.store import Session
+from funcx_endpoint.webservice.http import answer_internal_error
 
 __all__ = [
     "PREFIX",
@@ -239,21 +240,15 @@ class PortalResource(Resource):
         self._write(request, status, self._render_error(status, message))
 
     def _internal_error(self, failure: Failure, request: server.Request) -> None:
-        self.log.failure(
-            "Internal error answering portal {method} {path}",
+        answer_internal_error(
+            self.log,
             failure,
-            method=request.method,
-            path=request.path,
+            request,
+            "portal ",
+            lambda: self._error(
+                request, 500, "The portal failed to answer; the service log says why."
+            ),
         )
-        if request.finished or request._disconnected:
-            return
-        try:
-            if request.startedWriting:
-                request.finish()
-                return
-            self._error(request, 500, "The portal failed to answer; the service log says why.")
-        except Exception:
-            self.log.failure("Could not answer with an error")
 
 
 def _same_origin(request: server.Request) -> bool:

@@ -462,16 +462,12 @@ class APIResource(Resource):
         request.finish()
 
     def _internal_error(self, failure: Failure, request: server.Request) -> None:
-        self.log.failure(
-            "Internal error answering {method} {path}",
+        answer_internal_error(
+            self.log,
             failure,
-            method=request.method,
-            path=request.path,
-        )
-        if request.finished or request._disconnected:
-            return
-        try:
-            self._write(
+            request,
+            "",
+            lambda: self._write(
                 request,
                 500,
                 error_body(
@@ -480,6 +476,29 @@ class APIResource(Resource):
                     "the service failed to answer this request; its log says why "
                     "(funcx-service.log in its state directory)",
                 ),
-            )
-        except Exception:
-            self.log.failure("Could not answer with an error")
+            ),
+        )
+
+
+def answer_internal_error(
+    log: Logger, failure: Failure, request: server.Request, what: str, answer: Callable[[], None]
+) -> None:
+    """Log ``failure`` (answering ``request``; ``what`` names the part of the
+    service, with a trailing space) and ``answer()`` with a 500, unless the
+    request is over or its client gone."""
+    log.failure(
+        "Internal error answering {what}{method} {path}",
+        failure,
+        what=what,
+        method=request.method,
+        path=request.path,
+    )
+    if request.finished or request._disconnected:
+        return
+    try:
+        if request.startedWriting:
+            request.finish()  # too late for a status: end what was sent
+            return
+        answer()
+    except Exception:
+        log.failure("Could not answer with an error")
