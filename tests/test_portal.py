@@ -491,6 +491,21 @@ class EndpointPageTests(PortalTestCase):
         self.assertEqual([r[0] for r in rows], [START + HISTORY_SECONDS + 10])
 
 
+class InternalErrorTests(PortalTestCase):
+    def test_a_failing_page_is_a_500_page_and_one_logged_failure(self) -> None:
+        self.sign_in()
+
+        def broken(tx: Any, owner: str) -> Any:
+            raise RuntimeError("the database fell over")
+
+        self.patch(store, "list_functions", broken)
+        response, body = self.request("GET", "/portal/functions", "alice")
+        self.assertEqual(response.code, 500)
+        self.assertIn("The portal failed to answer", body)
+        self.assertNotIn("fell over", body)  # the log says why, not the page
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
 class LiveStreamTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
