@@ -97,24 +97,45 @@ class StatePublisherTests(SynchronousTestCase):
     def test_interface(self) -> None:
         self.assertTrue(verifyObject(ITaskStateListener, self.states))
 
-    def test_latest_state_per_task_once_per_interval(self) -> None:
-        a, b, c = new_id(), new_id(), new_id()
+    def test_states_that_last_the_interval_are_sent(self) -> None:
+        # interval 0.25: looked at every 0.125 s; a state is sent once it has
+        # lasted 0.25 s.
+        a, b, c, d = new_id(), new_id(), new_id(), new_id()
         self.states.transition(a, TaskTransition(1, "waiting-for-nodes", "interchange"))
-        self.states.transition(a, TaskTransition(2, "running", "manager"))
         self.states.transition(b, TaskTransition(3, "waiting-for-launch", "interchange"))
         self.states.transition(c, TaskTransition(4, "running", "manager"))
         self.states.finished([c])  # its result carries its states
-        self.clock.advance(0.2)
-        self.assertEqual(self.sent, [])
-        self.clock.advance(0.05)
+        self.clock.advance(0.125)
+        # a moves on: its waiting state lasted 0.125 s, it is not sent.
+        self.states.transition(a, TaskTransition(2, "running", "manager"))
+        self.states.transition(d, TaskTransition(5, "waiting-for-nodes", "interchange"))
+        self.clock.advance(0.125)
         [message] = self.sent
         self.assertEqual(message.endpoint_id, EID)
         self.assertEqual(
             {k: [t.state.value for t in v] for k, v in message.task_statuses.items()},
-            {a: ["running"], b: ["waiting-for-launch"]},
+            {b: ["waiting-for-launch"]},
+        )
+        self.states.finished([d])  # ended before its state settled: never sent
+        self.clock.advance(0.125)
+        self.assertEqual(len(self.sent), 2)
+        self.assertEqual(
+            {k: [t.state.value for t in v] for k, v in self.sent[1].task_statuses.items()},
+            {a: ["running"]},
         )
         self.clock.advance(10)
-        self.assertEqual(len(self.sent), 1)  # nothing new, nothing sent
+        self.assertEqual(len(self.sent), 2)  # nothing new, nothing sent
+
+    def test_a_stream_of_short_tasks_sends_nothing(self) -> None:
+        for _ in range(100):
+            task_id = new_id()
+            self.states.transition(task_id, TaskTransition(1, "waiting-for-launch", "interchange"))
+            self.clock.advance(0.01)
+            self.states.transition(task_id, TaskTransition(2, "running", "manager"))
+            self.clock.advance(0.01)
+            self.states.finished([task_id])
+        self.clock.advance(1)
+        self.assertEqual(self.sent, [])
 
     def test_nothing_without_the_feature(self) -> None:
         self.info = _Info((MESSAGE_BATCHES,))

@@ -410,9 +410,10 @@ class Config(ConfigObject):
             "batched; off: they travel only with the status reports.",
         ),
         "task_states_interval": Field(
-            0.25,
+            0.5,
             number(0, exclusive_minimum=True),
-            "Seconds task state changes are gathered before they are sent (task_states).",
+            "Seconds a task stays in a state (waiting, running) before that state is sent "
+            "(task_states); shorter states travel only with the result.",
         ),
         "heartbeat_period": Field(
             30.0,

@@ -2,13 +2,16 @@
 
 :class:`TaskStatePublisher` is the interchange dispatcher's
 :class:`~funcx_endpoint.executor.interface.ITaskStateListener`.  It keeps the
-latest transition of each task (``waiting-for-nodes``, ``waiting-for-launch``,
-``running``) and, at most once per ``interval`` seconds, sends those of the
-tasks still in flight in one :class:`~funcx_endpoint.wire.TaskStatesMessage`
-on the results connection (confirmed, never spooled).  A task whose result
-went out meanwhile is left out: its result carries its transitions.  So
-under load a message holds only the tasks that live longer than the
-interval, and the pipe pays one small message per interval at most.
+latest transition of each task in flight (``waiting-for-nodes``,
+``waiting-for-launch``, ``running``) and sends a state once the task has
+been in it for ``interval`` seconds: every ``interval / 2`` seconds, those
+states go in one :class:`~funcx_endpoint.wire.TaskStatesMessage` on the
+results connection (confirmed, never spooled).  A state reaches the service
+``interval`` to 1.5 ``interval`` after it began.  A state that ends sooner is
+not sent (the next one, or the result, which carries every transition, says
+more); a task whose result went out is forgotten.  So a stream of short
+tasks costs no message at all, however deep the queue, and a long task, or
+one that waits long, is seen waiting and then running.
 
 It sends only if the service agreed to
 :data:`~funcx_endpoint.wire.TASK_STATES` at registration; a message the
@@ -18,7 +21,7 @@ transitions too).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import attr
 from twisted.internet.defer import Deferred
@@ -37,7 +40,7 @@ __all__ = ["TaskStatePublisher"]
 @implementer(ITaskStateListener)
 @attr.s(auto_attribs=True, eq=False)
 class TaskStatePublisher:
-    """Gathers task transitions; sends them every ``interval`` seconds of ``clock``.
+    """Gathers task transitions; sends those that lasted ``interval`` seconds of ``clock``.
 
     ``broker_info()`` says (once registered) the endpoint's id and whether the
     service takes task states; ``publish(message)`` sends a message.
@@ -50,8 +53,10 @@ class TaskStatePublisher:
     _clock: Any
     _broker_info: Callable[[], Optional[BrokerInfo]]
     _publish: Callable[[Message], Deferred[None]]
-    interval: float = 0.25
-    _latest: Dict[str, TaskTransition] = attr.ib(factory=dict, init=False)
+    interval: float = 0.5
+    #: task id -> (latest transition, when noted); oldest first, as a state
+    #: noted again moves to the end
+    _latest: Dict[str, Tuple[TaskTransition, float]] = attr.ib(factory=dict, init=False)
     _call: Optional[IDelayedCall] = attr.ib(default=None, init=False)
     _enabled: Optional[bool] = attr.ib(default=None, init=False)  # None: not known yet
     #: Messages sent, and sends that failed.
@@ -75,9 +80,11 @@ class TaskStatePublisher:
     def transition(self, task_id: str, transition: TaskTransition) -> None:
         if not self._on():
             return
-        self._latest[task_id] = transition
+        latest = self._latest
+        latest.pop(task_id, None)
+        latest[task_id] = (transition, self._clock.seconds())
         if self._call is None:
-            self._call = self._clock.callLater(self.interval, self.flush)
+            self._call = self._clock.callLater(self.interval / 2, self.flush)
 
     def finished(self, task_ids: List[str]) -> None:
         latest = self._latest
@@ -86,24 +93,30 @@ class TaskStatePublisher:
                 latest.pop(task_id, None)
 
     def flush(self) -> None:
-        """Send what was gathered now."""
+        """Send the states that lasted ``interval`` so far; look again later if
+        others are pending."""
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
-        if not self._latest:
+        latest = self._latest
+        if not latest:
             return
         info = self._broker_info()
         if info is None:
             return
-        if len(self._latest) <= self.max_tasks:
-            batch, self._latest = self._latest, {}
-        else:
-            batch = {}
-            for task_id in list(self._latest)[: self.max_tasks]:
-                batch[task_id] = self._latest.pop(task_id)
-            self._call = self._clock.callLater(self.interval, self.flush)
-        message = TaskStatesMessage(info.endpoint_id, {k: [v] for k, v in batch.items()})
-        self._publish(message).addCallbacks(self._sent, self._failed)
+        settled = self._clock.seconds() - self.interval
+        batch: Dict[str, List[TaskTransition]] = {}
+        for task_id, (transition, noted) in latest.items():
+            if noted > settled or len(batch) >= self.max_tasks:
+                break
+            batch[task_id] = [transition]
+        for task_id in batch:
+            del latest[task_id]
+        if latest:
+            self._call = self._clock.callLater(self.interval / 2, self.flush)
+        if batch:
+            message = TaskStatesMessage(info.endpoint_id, batch)
+            self._publish(message).addCallbacks(self._sent, self._failed)
 
     def _sent(self, _: Any) -> None:
         self.sent += 1
