@@ -109,6 +109,8 @@ class EndToEndTests(SynchronousTestCase):
         record = self.client.get_task(task)
         self.assertEqual(record["status"], "success")
         self.assertIn("completion_t", record)
+        # Sent to a manager once: the service counted it from the result's transitions.
+        self.assertEqual(self.client.get(f"tasks/{task}")["attempts"], 1)
 
     def test_exception_with_traceback(self) -> None:
         from funcx_endpoint.sdk import TaskExecutionFailed

@@ -31,7 +31,15 @@ from funcx_endpoint.portal.sessions import new_link
 from funcx_endpoint.portal.web import Dispatch
 from funcx_endpoint.testing.inprocess import InProcessService
 from funcx_endpoint.webservice.endpoints import HISTORY_SECONDS
-from funcx_endpoint.wire import ErrorCode, pack_function, serialize
+from funcx_endpoint.wire import (
+    ActorName,
+    ErrorCode,
+    Result,
+    TaskState,
+    TaskTransition,
+    pack_function,
+    serialize,
+)
 
 START = 1_000_000.0
 
@@ -399,6 +407,22 @@ class RunAndTaskTests(PortalTestCase):
         body = self.page(location)
         self.assertIn('data-status="success"', body)
         self.assertIn('<pre id="result" data-field="result">3</pre>', body)
+
+    def test_attempts_are_shown(self) -> None:
+        self.sign_in()
+        function_id = self.register()
+        endpoint_id = self.service.add_endpoint(owner="alice")
+        response, _ = self.run_function(function_id, endpoint_id, "[1, 2]")
+        location = response.headers.getRawHeaders("location")[0]
+        task_id = location.rsplit("/", 1)[1]
+        cell = '<td data-field="attempts">{}</td>'
+        self.assertIn(cell.format(""), self.page("/portal/tasks"))
+        # Sent to a manager, lost with it, sent to another: two attempts.
+        launch = TaskTransition(1, TaskState.WAITING_FOR_LAUNCH, ActorName.INTERCHANGE)
+        self.service.send(endpoint_id, Result.success(task_id, serialize(3), [launch, launch]))
+        self.clock.advance(0)
+        self.assertIn('<dd data-field="attempts" id="task-attempts">2</dd>', self.page(location))
+        self.assertIn(cell.format(2), self.page("/portal/tasks"))
 
     def test_failure_shows_the_traceback(self) -> None:
         self.sign_in()

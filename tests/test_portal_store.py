@@ -105,6 +105,80 @@ class StoreTestsMixin:
         )
         self.assertEqual(call(store.status_history)(self.endpoint, 0.0), [(NOW, 1, 4, 0, 0)])
 
+    def _function(self, owner: str) -> str:
+        function_id = str(uuid.uuid4())
+        self.call(tasks.insert_function)(
+            {
+                "function_id": function_id,
+                "owner": owner,
+                "name": "f",
+                "entry_point": "f",
+                "description": None,
+                "container_uuid": None,
+                "public": False,
+                "group_id": None,
+                "function_code": "x",
+                "created": NOW,
+            }
+        )
+        return function_id
+
+    def test_attempts(self) -> None:
+        call = self.call
+        owner = self.alice.identity_id
+        function_id = self._function(owner)
+        ids = [str(uuid.uuid4()) for _ in range(3)]
+        call(tasks.insert_tasks)(
+            [NewTask(t, owner, function_id, self.endpoint, "g", "p", None, NOW) for t in ids]
+        )
+        # Unknown until a result says.
+        self.assertIsNone(call(store.task_row)(ids[0], owner).attempts)
+        call(tasks.store_results)(
+            [
+                IncomingResult(ids[0], self.endpoint, "00\nx", None, None, "1", attempts=2),
+                IncomingResult(ids[1], self.endpoint, "00\nx", None, None, "1"),
+                IncomingResult(ids[2], self.endpoint, "E", "Boom", "b", "1", None, 1),
+            ],
+            NOW + 1,
+        )
+        # A later result of a finished task changes nothing.
+        call(tasks.store_results)(
+            [IncomingResult(ids[0], self.endpoint, "00\ny", None, None, "2", attempts=5)]
+        )
+        self.assertEqual(call(store.task_row)(ids[0], owner).attempts, 2)
+        page, _ = call(store.list_tasks)(owner, 50, 0, None, None)
+        self.assertEqual({t.task_id: t.attempts for t in page}, dict(zip(ids, [2, None, 1])))
+        found = call(store.tasks_by_id)(ids, owner)
+        self.assertEqual([found[t].attempts for t in ids], [2, None, 1])
+        views = call(tasks.get_tasks)(ids, owner)
+        self.assertEqual(views[ids[0]]["attempts"], 2)
+        self.assertNotIn("attempts", views[ids[1]])
+        self.assertEqual(views[ids[2]]["attempts"], 1)
+
+    def test_attempts_column_added_to_existing_tasks(self) -> None:
+        from funcx_endpoint.webservice import db
+
+        url = self.database_url()
+        config = db.DatabaseConfig.from_url(url)
+        saved = db.MIGRATIONS, db.SCHEMA_VERSION
+        db.MIGRATIONS, db.SCHEMA_VERSION = db.MIGRATIONS[:7], 7
+        try:
+            self.assertEqual(db.migrate(config), (0, 7))
+        finally:
+            db.MIGRATIONS, db.SCHEMA_VERSION = saved
+        connection = db.connect(config)
+        self.addCleanup(connection.close)  # type: ignore[attr-defined]
+        cursor = connection.cursor()
+        cursor.execute(
+            "INSERT INTO tasks (task_id, owner, function_id, endpoint_id, task_group_id, "
+            "status, created) VALUES ('t', 'o', 'f', 'e', 'g', 'success', 1.0)"
+        )
+        connection.commit()
+        self.assertEqual(db.migrate(config), (7, db.SCHEMA_VERSION))
+        cursor.execute("SELECT attempts FROM tasks WHERE task_id = 't'")
+        self.assertEqual(cursor.fetchone()[0], None)
+        connection.commit()
+
 
 class SQLiteStoreTests(StoreTestsMixin, SynchronousTestCase):
     def database_url(self) -> str:

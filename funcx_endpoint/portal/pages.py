@@ -533,6 +533,7 @@ class Portal(Service):
             "finished": views.when(task.finished),
             "duration": views.duration(task.created, task.finished),
             "error_code": task.error_code or "",
+            "attempts": "" if task.attempts is None else str(task.attempts),
         }
         if full and task.status == "success":
             view["result"] = views.show_result(task.result)

@@ -183,6 +183,8 @@ class TaskRow:
     finished: Optional[float]
     error_code: Optional[str]
     error_message: Optional[str]
+    #: How many times the endpoint sent it to a manager (None: not known yet).
+    attempts: Optional[int] = None
     result: Optional[str] = None
     exception: Optional[str] = None
     details: Optional[str] = None
@@ -190,7 +192,7 @@ class TaskRow:
 
 _TASK_SELECT = (
     "SELECT t.task_id, t.function_id, f.name, t.endpoint_id, t.task_group_id, t.status, "
-    "t.created, t.finished, t.error_code, t.error_message"
+    "t.created, t.finished, t.error_code, t.error_message, t.attempts"
 )
 _TASK_FROM = " FROM tasks t LEFT JOIN functions f ON f.function_id = t.function_id"
 

@@ -474,6 +474,11 @@ MIGRATIONS: List[Tuple[int, str, List[str]]] = [
             "CREATE INDEX tasks_owner_created ON tasks (owner, created)",
         ],
     ),
+    (
+        8,
+        "how many times the endpoint sent a task to a manager (NULL: not known)",
+        ["ALTER TABLE tasks ADD COLUMN attempts INTEGER"],
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -35,11 +35,32 @@ from funcx_endpoint.wire import (
     MessageError,
     Result,
     ResultBatchMessage,
+    TaskState,
     TaskStatesMessage,
+    TaskTransition,
     unpack,
 )
 
-__all__ = ["ResultIngest"]
+__all__ = ["ResultIngest", "count_attempts"]
+
+#: Transitions that only a task on a manager or worker makes.
+_RAN = (TaskState.RUNNING, TaskState.EXECUTION_START, TaskState.EXECUTION_END)
+
+
+def count_attempts(transitions: Optional[Sequence[TaskTransition]]) -> Optional[int]:
+    """How many times the endpoint sent a task to a manager, from the transitions its
+    result carries: one ``waiting-for-launch`` per send (the interchange's).
+
+    None if there are no transitions (an endpoint that sends none); at least 1 if the
+    task ran (an endpoint whose result carries only the worker's transitions); 0 if
+    the endpoint answered it without sending it anywhere (it cannot run there).
+    """
+    if not transitions:
+        return None
+    launches = sum(1 for t in transitions if t.state is TaskState.WAITING_FOR_LAUNCH)
+    if launches == 0 and any(t.state in _RAN for t in transitions):
+        return 1
+    return launches
 
 
 def _no_nul(text: str) -> str:
@@ -361,7 +382,13 @@ class ResultIngest:
                 f"service could not keep it"
             )
             return IncomingResult(
-                message.task_id, sender, reason, "MalformedResult", reason, completion_t
+                message.task_id,
+                sender,
+                reason,
+                "MalformedResult",
+                reason,
+                completion_t,
+                attempts=count_attempts(message.task_statuses),
             )
         return IncomingResult(
             message.task_id,
@@ -371,4 +398,5 @@ class ResultIngest:
             user_message,
             completion_t,
             _worker_details(message.details),
+            count_attempts(message.task_statuses),
         )

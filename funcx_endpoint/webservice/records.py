@@ -216,6 +216,8 @@ class IncomingResult:
     completion_t: str
     #: The environment of the worker that ran it, as JSON text (None: not said).
     details: Optional[str] = None
+    #: How many times the endpoint sent it to a manager (None: the result does not say).
+    attempts: Optional[int] = None
 
 
 @attr.s(auto_attribs=True, frozen=True)
@@ -258,14 +260,19 @@ class Report:
 
 
 TASK_COLUMNS = (
-    "task_id, owner, status, completion_t, result, exception, error_code, error_message, details"
+    "task_id, owner, status, completion_t, result, exception, error_code, error_message, details, "
+    "attempts"
 )
 
 
 def task_view(row: Sequence[Any]) -> Dict[str, Any]:
     """The API's answer about a task (``GET /tasks/<id>``) from its row."""
-    task_id, _owner, status, completion_t, result, exception, code, message, details = row
+    task_id, _owner, status, completion_t, result, exception, code, message, details = row[:9]
+    attempts = row[9]
     answer: Dict[str, Any] = {"task_id": task_id, "status": status}
+    if attempts is not None:
+        # Not in funcX 1.0's answer (its SDK ignores fields it does not know).
+        answer["attempts"] = attempts
     if status in DONE_STATUSES:
         answer["completion_t"] = completion_t
         if details:

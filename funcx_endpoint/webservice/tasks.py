@@ -245,7 +245,7 @@ def store_results(
         updated = tx.execute(
             "UPDATE tasks SET status = ?, sent = 1, payload = NULL, completion_t = ?, "
             "result = ?, exception = ?, error_code = ?, error_message = ?, ws_pending = ?, "
-            "finished = ?, details = ? "
+            "finished = ?, details = ?, attempts = COALESCE(?, attempts) "
             f"WHERE task_id = ? AND status NOT IN {DONE_SQL}",
             (
                 "failed" if failed else "success",
@@ -257,6 +257,7 @@ def store_results(
                 0 if ws_queue is None else 1,
                 now,
                 result.details,
+                result.attempts,
                 result.task_id,
             ),
         ).rowcount

@@ -27,7 +27,7 @@ function updateRows(root, key, items, fields) {
 }
 
 const ENDPOINT_FIELDS = ["status", "last_seen", "host", "version", "managers", "workers", "queued", "running"];
-const TASK_FIELDS = ["status", "finished", "duration", "error_code", "result", "traceback"];
+const TASK_FIELDS = ["status", "finished", "duration", "attempts", "error_code", "result", "traceback"];
 
 function follow(root) {
   const source = new EventSource(root.dataset.live);
