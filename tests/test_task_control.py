@@ -98,8 +98,8 @@ class StatePublisherTests(SynchronousTestCase):
         self.assertTrue(verifyObject(ITaskStateListener, self.states))
 
     def test_states_that_last_the_interval_are_sent(self) -> None:
-        # interval 0.25: looked at every 0.125 s; a state is sent once it has
-        # lasted 0.25 s.
+        # interval 0.25: a state is sent once it has lasted 0.25 s (looked at
+        # when the oldest pending state settles).
         a, b, c, d = new_id(), new_id(), new_id(), new_id()
         self.states.transition(a, TaskTransition(1, "waiting-for-nodes", "interchange"))
         self.states.transition(b, TaskTransition(3, "waiting-for-launch", "interchange"))

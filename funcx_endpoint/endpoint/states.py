@@ -4,10 +4,11 @@
 :class:`~funcx_endpoint.executor.interface.ITaskStateListener`.  It keeps the
 latest transition of each task in flight (``waiting-for-nodes``,
 ``waiting-for-launch``, ``running``) and sends a state once the task has
-been in it for ``interval`` seconds: every ``interval / 2`` seconds, those
-states go in one :class:`~funcx_endpoint.wire.TaskStatesMessage` on the
-results connection (confirmed, never spooled).  A state reaches the service
-``interval`` to 1.5 ``interval`` after it began.  A state that ends sooner is
+been in it for ``interval`` seconds: when the oldest state waiting settles
+(at most four times an interval), the settled states go in one
+:class:`~funcx_endpoint.wire.TaskStatesMessage` on the results connection
+(confirmed, never spooled).  A state reaches the service ``interval`` to 1.25
+``interval`` after it began.  A state that ends sooner is
 not sent (the next one, or the result, which carries every transition, says
 more); a task whose result went out is forgotten.  So a stream of short
 tasks costs no message at all, however deep the queue, and a long task, or
@@ -84,7 +85,7 @@ class TaskStatePublisher:
         latest.pop(task_id, None)
         latest[task_id] = (transition, self._clock.seconds())
         if self._call is None:
-            self._call = self._clock.callLater(self.interval / 2, self.flush)
+            self._call = self._clock.callLater(self.interval, self.flush)
 
     def finished(self, task_ids: List[str]) -> None:
         latest = self._latest
@@ -104,7 +105,8 @@ class TaskStatePublisher:
         info = self._broker_info()
         if info is None:
             return
-        settled = self._clock.seconds() - self.interval
+        now = self._clock.seconds()
+        settled = now - self.interval
         batch: Dict[str, List[TaskTransition]] = {}
         for task_id, (transition, noted) in latest.items():
             if noted > settled or len(batch) >= self.max_tasks:
@@ -113,7 +115,11 @@ class TaskStatePublisher:
         for task_id in batch:
             del latest[task_id]
         if latest:
-            self._call = self._clock.callLater(self.interval / 2, self.flush)
+            # When the oldest state left settles; not more often than four
+            # times an interval (the oldest may keep finishing first).
+            _, oldest = next(iter(latest.values()))
+            wait = max(oldest + self.interval - now, self.interval / 4)
+            self._call = self._clock.callLater(wait, self.flush)
         if batch:
             message = TaskStatesMessage(info.endpoint_id, batch)
             self._publish(message).addCallbacks(self._sent, self._failed)

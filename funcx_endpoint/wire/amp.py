@@ -358,7 +358,8 @@ class StartTimes(ChunkedList):
 
 class TasksStarted(amp.Command):
     """Manager → interchange: workers started these tasks (for real-time
-    ``running`` states); sent at most once per reactor turn."""
+    ``running`` states): those still running 20 ms after they started, in one
+    box (see :mod:`funcx_endpoint.manager.started`)."""
 
     arguments = [(b"started", StartTimes())]
     requiresAnswer = False
