@@ -460,3 +460,58 @@ class ProcessTests(SynchronousTestCase):
         self.assertEqual(worker.receive(), (frames.KIND_PHASE, frames.PHASE_LOADING))
         self.assertRaises(EOFError, worker.receive)
         self.assertEqual(worker.close(), 7)
+
+
+class TaskVariableTests(SynchronousTestCase):
+    """FUNCX_TASK_ID per task through one putenv'd buffer: no memory kept per task."""
+
+    def test_seen_by_python_and_children_and_gone_after(self) -> None:
+        from funcx_endpoint.worker.task_variable import TaskVariable
+
+        variable = TaskVariable("FUNCX_TEST_TASK_VARIABLE")
+        self.addCleanup(os.environ.pop, "FUNCX_TEST_TASK_VARIABLE", None)
+
+        def child() -> str:
+            return subprocess.run(
+                ["sh", "-c", 'printf %s "$FUNCX_TEST_TASK_VARIABLE"'],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+
+        variable.set("first")
+        self.assertEqual(os.environ["FUNCX_TEST_TASK_VARIABLE"], "first")
+        self.assertEqual(child(), "first")
+        # The task's code may remove it; the next task has it again.
+        del os.environ["FUNCX_TEST_TASK_VARIABLE"]
+        variable.set("second-" + "x" * 30)
+        self.assertEqual(child(), "second-" + "x" * 30)
+        variable.clear()
+        self.assertNotIn("FUNCX_TEST_TASK_VARIABLE", os.environ)
+        self.assertEqual(child(), "")
+        # Too long for the buffer: os.environ as usual.
+        variable.set("y" * 1000)
+        self.assertEqual(child(), "y" * 1000)
+        variable.clear()
+        self.assertNotIn("FUNCX_TEST_TASK_VARIABLE", os.environ)
+
+    def test_no_memory_kept_per_task(self) -> None:
+        # os.environ[...] = value (glibc's setenv) keeps every value: ~100
+        # bytes per task id; the buffer keeps none.  Measured in a child
+        # process, so that this one's heap does not blur it.
+        script = (
+            "import resource, uuid\n"
+            "from funcx_endpoint.worker.task_variable import TaskVariable\n"
+            "v = TaskVariable('FUNCX_TASK_ID')\n"
+            "v.set('warm'); v.clear()\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "for _ in range(200000):\n"
+            "    v.set(str(uuid.uuid4())); v.clear()\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+        )
+        grown_kib = int(
+            subprocess.run(
+                [sys.executable, "-c", script], capture_output=True, text=True, check=True
+            ).stdout
+        )
+        self.assertLess(grown_kib, 2048)  # setenv: ~19,000 KiB for 200,000 ids

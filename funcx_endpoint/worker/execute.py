@@ -64,6 +64,7 @@ from funcx_endpoint.wire.runtime import (
     worker_details,
 )
 from funcx_endpoint.wire.serialize import Serializer
+from funcx_endpoint.worker.task_variable import TaskVariable
 
 #: The default largest serialized result, in bytes (as funcX).
 DEFAULT_RESULT_SIZE_LIMIT = 10 * 1024 * 1024
@@ -229,8 +230,7 @@ class TaskRunner:
                 code = ErrorCode.SANDBOX_UNAVAILABLE
                 return _failure(task_id, code, message, None, statuses, details)
         statuses.append(_STARTED % time_ns())
-        environ = os.environ
-        environ[TASK_ID_VARIABLE] = task_id
+        _TASK_ID.set(task_id)
         previous = None if environment is None else _set_environment(environment)
         try:
             value = fn(*args, **kwargs)
@@ -283,6 +283,7 @@ class TaskRunner:
 #: The variable that names the task being run, for the task's own code
 #: (a ShellFunction makes its sandbox directory from it).
 TASK_ID_VARIABLE = "FUNCX_TASK_ID"
+_TASK_ID = TaskVariable(TASK_ID_VARIABLE)
 
 
 def _mpi_environment(spec: Any) -> Dict[str, Optional[str]]:
@@ -316,7 +317,7 @@ def _leave_sandbox(home: Optional[str]) -> None:
 
 def _restore_environment(previous: Optional[Dict[str, Optional[str]]]) -> None:
     """Remove the task's id and put back what ``_set_environment`` changed."""
-    os.environ.pop(TASK_ID_VARIABLE, None)
+    _TASK_ID.clear()
     if previous is not None:
         _set_environment(previous)
 
