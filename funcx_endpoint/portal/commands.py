@@ -13,12 +13,11 @@ from typing import Optional
 import click
 
 from funcx_endpoint.webservice.cli import (
-    EX_NOINPUT,
-    _open,
     _settings,
     cli,
-    fail,
+    fail_no_client,
     state_dir_option,
+    storage_calls,
 )
 from funcx_endpoint.webservice.settings import ServiceSettings
 
@@ -45,13 +44,10 @@ def portal_link(ctx: click.Context, state_dir: Optional[str], name: str) -> None
     from funcx_endpoint.portal.sessions import LINK_SECONDS, new_link
 
     settings = _settings(ctx, state_dir)
-    connection, call = _open(settings)
-    try:
+    with storage_calls(settings) as call:
         made = new_link(call, name, time.time())
-    finally:
-        connection.close()
     if made is None:
-        fail(f"no active client {name!r} (see `funcx-service list-clients`)", EX_NOINPUT)
+        fail_no_client(name)
         return
     token, client = made
     click.echo(f"{portal_root(settings)}link/{token}")
@@ -69,14 +65,10 @@ def portal_revoke(ctx: click.Context, state_dir: Optional[str], name: str) -> No
     """End every portal session of the client NAME (name or id) at once."""
     from funcx_endpoint.portal import store
 
-    settings = _settings(ctx, state_dir)
-    connection, call = _open(settings)
-    try:
+    with storage_calls(_settings(ctx, state_dir)) as call:
         client = call(store.active_client_named)(name)
         count = None if client is None else call(store.revoke_sessions)(client.identity_id)
-    finally:
-        connection.close()
     if client is None or count is None:
-        fail(f"no active client {name!r} (see `funcx-service list-clients`)", EX_NOINPUT)
+        fail_no_client(name)
         return
     click.echo(f"Ended {count} portal session(s) of {client.name!r}")

@@ -16,6 +16,7 @@ directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -23,7 +24,7 @@ import ssl
 import sys
 import time
 import uuid
-from typing import Any, Callable, Dict, Optional, TypeVar
+from typing import Any, Callable, Dict, Iterator, Optional, TypeVar
 from urllib.error import HTTPError
 from urllib.request import urlopen
 
@@ -466,6 +467,21 @@ def _open(settings: ServiceSettings) -> Any:
         fail(f"cannot open the service's database: {e}", EX_SOFTWARE)
 
 
+@contextlib.contextmanager
+def storage_calls(settings: ServiceSettings) -> Iterator[Any]:
+    """The service's storage for one command: yields its ``call`` and closes it after."""
+    connection, call = _open(settings)
+    try:
+        yield call
+    finally:
+        connection.close()
+
+
+def fail_no_client(name: str) -> None:
+    """Exit: no active client is called (or has the id) ``name``."""
+    fail(f"no active client {name!r} (see `funcx-service list-clients`)", EX_NOINPUT)
+
+
 @cli.command("create-client")
 @state_dir_option
 @click.argument("name")
@@ -487,16 +503,13 @@ def create_client(ctx: click.Context, state_dir: Optional[str], name: str, expor
             f"letter or digit)",
             EX_USAGE,
         )
-    settings = _settings(ctx, state_dir)
-    connection, call = _open(settings)
     client_id, secret = str(uuid.uuid4()), new_secret()
-    try:
-        client = call(accounts.create_client)(client_id, name, hash_secret(secret), time.time())
-    except accounts.NameTaken:
-        fail(f"a client named {name!r} exists already (see `funcx-service list-clients`)", 1)
-        raise  # unreachable
-    finally:
-        connection.close()
+    with storage_calls(_settings(ctx, state_dir)) as call:
+        try:
+            client = call(accounts.create_client)(client_id, name, hash_secret(secret), time.time())
+        except accounts.NameTaken:
+            fail(f"a client named {name!r} exists already (see `funcx-service list-clients`)", 1)
+            raise  # unreachable
     prefix = "export " if export else ""
     click.echo(f"{prefix}FUNCX_SDK_CLIENT_ID={client.client_id}")
     click.echo(f"{prefix}FUNCX_SDK_CLIENT_SECRET={secret}")
@@ -515,12 +528,8 @@ def list_clients(ctx: click.Context, state_dir: Optional[str], as_json: bool) ->
     """List the clients: id, name, identity, created, whether revoked."""
     from funcx_endpoint.webservice import accounts
 
-    settings = _settings(ctx, state_dir)
-    connection, call = _open(settings)
-    try:
+    with storage_calls(_settings(ctx, state_dir)) as call:
         clients = call(accounts.list_clients)()
-    finally:
-        connection.close()
     rows = [
         {
             "client_id": c.client_id,
@@ -555,14 +564,10 @@ def revoke_client(ctx: click.Context, state_dir: Optional[str], client: str) -> 
     """Revoke a client (by id or name) and every token it holds."""
     from funcx_endpoint.webservice import accounts
 
-    settings = _settings(ctx, state_dir)
-    connection, call = _open(settings)
-    try:
+    with storage_calls(_settings(ctx, state_dir)) as call:
         revoked = call(accounts.revoke_client)(client, time.time())
-    finally:
-        connection.close()
     if revoked is None:
-        fail(f"no active client {client!r} (see `funcx-service list-clients`)", EX_NOINPUT)
+        fail_no_client(client)
         return
     click.echo(
         f"Revoked client {revoked.name!r} ({revoked.client_id}); its tokens stop working "
