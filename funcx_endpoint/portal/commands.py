@@ -8,17 +8,10 @@ sign-in within :data:`~funcx_endpoint.portal.sessions.LINK_SECONDS`.
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 import click
 
-from funcx_endpoint.webservice.cli import (
-    _settings,
-    cli,
-    fail_no_client,
-    state_dir_option,
-    storage_calls,
-)
+from funcx_endpoint.webservice.cli import fail_no_client, settings_command, storage_calls
 from funcx_endpoint.webservice.settings import ServiceSettings
 
 __all__ = ["portal_link", "portal_revoke"]
@@ -32,18 +25,15 @@ def portal_root(settings: ServiceSettings) -> str:
     return str(root) + "/portal/"
 
 
-@cli.command("portal-link")
-@state_dir_option
+@settings_command("portal-link")
 @click.argument("name")
-@click.pass_context
-def portal_link(ctx: click.Context, state_dir: Optional[str], name: str) -> None:
+def portal_link(settings: ServiceSettings, name: str) -> None:
     """Print a one-time link that signs the client NAME (name or id) in to the portal.
 
     The link works once, for 15 minutes.
     """
     from funcx_endpoint.portal.sessions import LINK_SECONDS, new_link
 
-    settings = _settings(ctx, state_dir)
     with storage_calls(settings) as call:
         made = new_link(call, name, time.time())
     if made is None:
@@ -57,15 +47,13 @@ def portal_link(ctx: click.Context, state_dir: Optional[str], name: str) -> None
     )
 
 
-@cli.command("portal-revoke")
-@state_dir_option
+@settings_command("portal-revoke")
 @click.argument("name")
-@click.pass_context
-def portal_revoke(ctx: click.Context, state_dir: Optional[str], name: str) -> None:
+def portal_revoke(settings: ServiceSettings, name: str) -> None:
     """End every portal session of the client NAME (name or id) at once."""
     from funcx_endpoint.portal import store
 
-    with storage_calls(_settings(ctx, state_dir)) as call:
+    with storage_calls(settings) as call:
         client = call(store.active_client_named)(name)
         count = None if client is None else call(store.revoke_sessions)(client.identity_id)
     if client is None or count is None:
