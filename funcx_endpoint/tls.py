@@ -125,6 +125,37 @@ def _key_usage(
     )
 
 
+def _builder(
+    subject: x509.Name,
+    issuer: x509.Name,
+    public_key: Any,
+    valid_days: int,
+    *,
+    ca: bool,
+    usage: x509.KeyUsage,
+    expires_by: datetime.datetime | None = None,
+) -> x509.CertificateBuilder:
+    """What every certificate made here has: names, key, a random serial, validity
+    (backdated a little; ending no later than ``expires_by``), basic constraints,
+    key usage and the subject key identifier."""
+    now = _now()
+    not_after = now + datetime.timedelta(days=valid_days)
+    if expires_by is not None:
+        not_after = min(not_after, expires_by)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _BACKDATE)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
+        .add_extension(usage, critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    )
+
+
 def make_ca(
     common_name: str = "funcX private CA",
     *,
@@ -133,24 +164,14 @@ def make_ca(
 ) -> CertificateAuthority:
     """Create a self-signed CA certificate (BasicConstraints CA, path length 0)."""
     key = generate_private_key(key_type)
-    now = _now()
-    public_key = key.public_key()
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(_name(common_name))
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _BACKDATE)
-        .not_valid_after(now + datetime.timedelta(days=valid_days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            _key_usage(digital_signature=True, key_cert_sign=True, crl_sign=True),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), False)
-        .sign(key, hashes.SHA256())
-    )
+    cert = _builder(
+        _name(common_name),
+        _name(common_name),
+        key.public_key(),
+        valid_days,
+        ca=True,
+        usage=_key_usage(digital_signature=True, key_cert_sign=True, crl_sign=True),
+    ).sign(key, hashes.SHA256())
     return CertificateAuthority(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
 
 
@@ -165,24 +186,17 @@ def _make_leaf(
     ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
     ca_key = _load_key(ca.key_pem)
     key = generate_private_key(key_type)
-    now = _now()
     builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _BACKDATE)
-        .not_valid_after(
-            min(now + datetime.timedelta(days=valid_days), ca_cert.not_valid_after_utc)
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            _key_usage(digital_signature=True, key_encipherment=key_type == "rsa"),
-            critical=True,
+        _builder(
+            _name(common_name),
+            ca_cert.subject,
+            key.public_key(),
+            valid_days,
+            ca=False,
+            usage=_key_usage(digital_signature=True, key_encipherment=key_type == "rsa"),
+            expires_by=ca_cert.not_valid_after_utc,
         )
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
             critical=False,
@@ -293,6 +307,20 @@ def _read(path: str) -> bytes | None:
         return None
 
 
+def _read_pair(cert_path: str, key_path: str) -> tuple[bytes, bytes] | None:
+    """``(cert_pem, key_pem)`` from the two files, or None if either is missing."""
+    cert_pem, key_pem = _read(cert_path), _read(key_path)
+    if cert_pem is None or key_pem is None:
+        return None
+    return cert_pem, key_pem
+
+
+def _write_pair(cert_path: str, key_path: str, pair: tuple[bytes, bytes]) -> None:
+    """Write ``(cert_pem, key_pem)``: the key readable by the owner only."""
+    write_private_file(key_path, pair[1])
+    write_public_file(cert_path, pair[0])
+
+
 def ensure_ca_and_server_cert(
     directory: str,
     hostnames: Sequence[str] = DEFAULT_HOSTNAMES,
@@ -317,25 +345,17 @@ def ensure_ca_and_server_cert(
         server_key=os.path.join(directory, "server.key"),
         ca_key=os.path.join(directory, "ca.key"),
     )
-    ca_cert_pem = _read(files.ca_cert)
-    ca_key_pem = _read(files.ca_key)
-    if ca_cert_pem is None or ca_key_pem is None:
+    ca_pair = _read_pair(files.ca_cert, files.ca_key)
+    if ca_pair is None:
         ca = make_ca(ca_common_name, key_type=key_type)
-        write_private_file(files.ca_key, ca.key_pem)
-        write_public_file(files.ca_cert, ca.cert_pem)
+        _write_pair(files.ca_cert, files.ca_key, (ca.cert_pem, ca.key_pem))
     else:
-        ca = CertificateAuthority(ca_cert_pem, ca_key_pem)
+        ca = CertificateAuthority(*ca_pair)
 
-    server_cert_pem = _read(files.server_cert)
-    server_key_pem = _read(files.server_key)
-    if (
-        server_cert_pem is None
-        or server_key_pem is None
-        or not _server_cert_usable(server_cert_pem, server_key_pem, ca.cert_pem, hostnames, ips)
-    ):
-        cert_pem, key_pem = make_server_cert(ca, hostnames, ips, key_type=key_type)
-        write_private_file(files.server_key, key_pem)
-        write_public_file(files.server_cert, cert_pem)
+    server_pair = _read_pair(files.server_cert, files.server_key)
+    if server_pair is None or not _server_cert_usable(*server_pair, ca.cert_pem, hostnames, ips):
+        server_pair = make_server_cert(ca, hostnames, ips, key_type=key_type)
+        _write_pair(files.server_cert, files.server_key, server_pair)
     return files
 
 

@@ -8,18 +8,10 @@ sign-in within :data:`~funcx_endpoint.portal.sessions.LINK_SECONDS`.
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 import click
 
-from funcx_endpoint.webservice.cli import (
-    EX_NOINPUT,
-    _open,
-    _settings,
-    cli,
-    fail,
-    state_dir_option,
-)
+from funcx_endpoint.webservice.cli import fail_no_client, settings_command, storage_calls
 from funcx_endpoint.webservice.settings import ServiceSettings
 
 __all__ = ["portal_link", "portal_revoke"]
@@ -33,25 +25,19 @@ def portal_root(settings: ServiceSettings) -> str:
     return str(root) + "/portal/"
 
 
-@cli.command("portal-link")
-@state_dir_option
+@settings_command("portal-link")
 @click.argument("name")
-@click.pass_context
-def portal_link(ctx: click.Context, state_dir: Optional[str], name: str) -> None:
+def portal_link(settings: ServiceSettings, name: str) -> None:
     """Print a one-time link that signs the client NAME (name or id) in to the portal.
 
     The link works once, for 15 minutes.
     """
     from funcx_endpoint.portal.sessions import LINK_SECONDS, new_link
 
-    settings = _settings(ctx, state_dir)
-    connection, call = _open(settings)
-    try:
+    with storage_calls(settings) as call:
         made = new_link(call, name, time.time())
-    finally:
-        connection.close()
     if made is None:
-        fail(f"no active client {name!r} (see `funcx-service list-clients`)", EX_NOINPUT)
+        fail_no_client(name)
         return
     token, client = made
     click.echo(f"{portal_root(settings)}link/{token}")
@@ -61,22 +47,16 @@ def portal_link(ctx: click.Context, state_dir: Optional[str], name: str) -> None
     )
 
 
-@cli.command("portal-revoke")
-@state_dir_option
+@settings_command("portal-revoke")
 @click.argument("name")
-@click.pass_context
-def portal_revoke(ctx: click.Context, state_dir: Optional[str], name: str) -> None:
+def portal_revoke(settings: ServiceSettings, name: str) -> None:
     """End every portal session of the client NAME (name or id) at once."""
     from funcx_endpoint.portal import store
 
-    settings = _settings(ctx, state_dir)
-    connection, call = _open(settings)
-    try:
+    with storage_calls(settings) as call:
         client = call(store.active_client_named)(name)
         count = None if client is None else call(store.revoke_sessions)(client.identity_id)
-    finally:
-        connection.close()
     if client is None or count is None:
-        fail(f"no active client {name!r} (see `funcx-service list-clients`)", EX_NOINPUT)
+        fail_no_client(name)
         return
     click.echo(f"Ended {count} portal session(s) of {client.name!r}")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
 import jinja2
 from twisted.application.service import Service
@@ -372,17 +372,21 @@ class Portal(Service):
 
     async def live_endpoints(self, call: PageCall) -> Answer:
         only = _uuid(call.query("id")) if call.query("id") else None
+        return self._stream(call, "endpoints", lambda owner: self._endpoint_rows(owner, only))
+
+    def _stream(
+        self, call: PageCall, event: str, snapshot_of: Callable[[str], Awaitable[Any]]
+    ) -> Answer:
+        """Stream ``event``: ``snapshot_of(identity)`` of the caller's session, read
+        anew each time, until the session ends (then the stream does)."""
         token = call.cookie_token
 
         async def snapshot() -> Optional[Any]:
             session = await self.sessions.find(token)
             if session is None:
                 return None
-            return await self._endpoint_rows(session.identity_id, only)
+            return await snapshot_of(session.identity_id)
 
-        return self._stream(call, "endpoints", snapshot)
-
-    def _stream(self, call: PageCall, event: str, snapshot: Any) -> Answer:
         Stream(self.hub, self.clock, call.request, event, snapshot, self.live_period).start()
         return STREAMED
 
@@ -422,36 +426,46 @@ class Portal(Service):
         return await self._run_page(call)
 
     async def _submit(
-        self, call: PageCall, calls: List[Tuple[Any, Any]], form: Dict[str, str]
-    ) -> Tuple[Optional[Dict[str, Any]], Optional[Page]]:
-        """Submit ``calls`` (args, kwargs) as ``POST /v2/submit`` would; the answer, or
-        the run page again saying what was wrong."""
+        self,
+        call: PageCall,
+        calls: List[Tuple[Any, Any]],
+        form: Dict[str, str],
+        then: Callable[[Dict[str, Any]], str],
+    ) -> Answer:
+        """Submit ``calls`` (args, kwargs) as ``POST /v2/submit`` would; a redirect to
+        ``then(answer)``, or the run page again saying what was wrong."""
         assert call.session is not None
         function_id, endpoint_id = _uuid(form.get("function_id")), _uuid(form.get("endpoint_id"))
         if function_id is None or endpoint_id is None:
-            return None, await self._run_page(call, 400, "Pick a function and an endpoint.", **form)
+            return await self._run_page(call, 400, "Pick a function and an endpoint.", **form)
         try:
             payloads = [pack_payload(args, kwargs) for args, kwargs in calls]
         except SerializationError as e:
-            return None, await self._run_page(call, 400, f"Cannot serialize: {e}", **form)
+            return await self._run_page(call, 400, f"Cannot serialize: {e}", **form)
         body = {"tasks": [[function_id, endpoint_id, p] for p in payloads]}
         try:
             answer = await self.api.tasks.submit_as(self._me(call.session), body)
         except APIError as e:
-            return None, await self._run_page(call, e.status, e.message, **form)
+            return await self._run_page(call, e.status, e.message, **form)
         refused = [r for r in answer["results"] if not r.get("task_uuid")]
         if refused:
             first = refused[0]
             message = f"{len(refused)} of {len(payloads)} refused: {first.get('reason')}"
             if len(refused) == len(payloads):
-                return None, await self._run_page(
+                return await self._run_page(
                     call, int(first.get("http_status_code", 400)), message, **form
                 )
-        return answer, None
+        return Redirect(f"{PREFIX}/{then(answer)}")
 
-    async def run(self, call: PageCall) -> Answer:
+    @staticmethod
+    def _run_form(call: PageCall) -> Dict[str, str]:
+        """The fields of the run page's form (the CSRF token aside)."""
         form = call.form()
         form.pop("csrf", None)
+        return form
+
+    async def run(self, call: PageCall) -> Answer:
+        form = self._run_form(call)
         try:
             args = json.loads(form.get("args") or "[]")
             kwargs = json.loads(form.get("kwargs") or "{}")
@@ -461,15 +475,15 @@ class Portal(Service):
             return await self._run_page(
                 call, 400, "Arguments must be a JSON list, keyword arguments a JSON object.", **form
             )
-        answer, page = await self._submit(call, [(args, kwargs)], form)
-        if page is not None:
-            return page
-        assert answer is not None
-        return Redirect(f"{PREFIX}/tasks/{answer['results'][0]['task_uuid']}")
+        return await self._submit(
+            call,
+            [(args, kwargs)],
+            form,
+            lambda answer: f"tasks/{answer['results'][0]['task_uuid']}",
+        )
 
     async def batch(self, call: PageCall) -> Answer:
-        form = call.form()
-        form.pop("csrf", None)
+        form = self._run_form(call)
         try:
             batch = json.loads(form.get("batch") or "[]")
         except ValueError as e:
@@ -486,11 +500,12 @@ class Portal(Service):
                 f"A batch is a JSON list of 1 to {MAX_BATCH} argument lists, e.g. [[1], [2]].",
                 **form,
             )
-        answer, page = await self._submit(call, [(args, {}) for args in batch], form)
-        if page is not None:
-            return page
-        assert answer is not None
-        return Redirect(f"{PREFIX}/tasks?group={answer['task_group_id']}")
+        return await self._submit(
+            call,
+            [(args, {}) for args in batch],
+            form,
+            lambda answer: f"tasks?group={answer['task_group_id']}",
+        )
 
     # -- tasks -------------------------------------------------------------------------
 
@@ -554,19 +569,11 @@ class Portal(Service):
         ids = [i for i in (_uuid(x) for x in (call.query("ids") or "").split(",")) if i]
         ids = ids[:MAX_LIVE_IDS]
         full = call.query("full") == "1"
-        token = call.cookie_token
 
-        async def snapshot() -> Optional[Any]:
-            session = await self.sessions.find(token)
-            if session is None:
-                return None
-            found = await self.storage.run(store.tasks_by_id, ids, session.identity_id)
+        async def snapshot(owner: str) -> List[Dict[str, Any]]:
+            found = await self.storage.run(store.tasks_by_id, ids, owner)
             if full:
-                rows = (
-                    await self.storage.run(store.task_row, ids[0], session.identity_id)
-                    if ids
-                    else None
-                )
+                rows = await self.storage.run(store.task_row, ids[0], owner) if ids else None
                 if rows is not None:
                     found[rows.task_id] = rows
             return [self._task_view(found[i], full) for i in ids if i in found]

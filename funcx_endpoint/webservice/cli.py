@@ -16,6 +16,8 @@ directory.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import re
@@ -23,7 +25,7 @@ import ssl
 import sys
 import time
 import uuid
-from typing import Any, Callable, Dict, Optional, TypeVar
+from typing import Any, Callable, Dict, Iterator, Optional, TypeVar
 from urllib.error import HTTPError
 from urllib.request import urlopen
 
@@ -107,6 +109,20 @@ def _settings(ctx: click.Context, state_dir: Optional[str], **overrides: Any) ->
     except ValueError as e:
         fail(str(e), EX_CONFIG)
         raise  # unreachable
+
+
+def settings_command(name: Optional[str] = None) -> Callable[[Callable[..., None]], click.Command]:
+    """A ``funcx-service`` command that takes ``--state-dir``: its function is called
+    with the loaded settings first (then its own arguments and options)."""
+
+    def decorate(fn: Callable[..., None]) -> click.Command:
+        @functools.wraps(fn)
+        def command(ctx: click.Context, state_dir: Optional[str], **kwargs: Any) -> None:
+            fn(_settings(ctx, state_dir), **kwargs)
+
+        return cli.command(name)(state_dir_option(click.pass_context(command)))
+
+    return decorate
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -290,18 +306,15 @@ def _stop(settings: ServiceSettings, grace: float) -> StopResult:
     return result
 
 
-@cli.command()
-@state_dir_option
+@settings_command()
 @click.option(
     "--timeout",
     default=60.0,
     show_default=True,
     help="Seconds to wait for a clean stop before killing what is left.",
 )
-@click.pass_context
-def stop(ctx: click.Context, state_dir: Optional[str], timeout: float) -> None:
+def stop(settings: ServiceSettings, timeout: float) -> None:
     """Stop the service and its embedded broker; nothing of them is left running."""
-    settings = _settings(ctx, state_dir)
     result = _stop(settings, timeout)
     if not result.was_running and not result.stale_pidfile:
         if result.killed:
@@ -365,11 +378,9 @@ def _health(info: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     return answer if isinstance(answer, dict) and "broker" in answer else None
 
 
-@cli.command()
-@state_dir_option
+@settings_command()
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
-@click.pass_context
-def status(ctx: click.Context, state_dir: Optional[str], as_json: bool) -> None:
+def status(settings: ServiceSettings, as_json: bool) -> None:
     """Whether it runs: pid, URLs, broker, database, endpoints online.
 
     Exit 0 if all is well, 3 if stopped, 1 if it does not answer, 2 if its broker is
@@ -377,7 +388,6 @@ def status(ctx: click.Context, state_dir: Optional[str], as_json: bool) -> None:
     """
     from funcx_endpoint.webservice.health import broker_problem
 
-    settings = _settings(ctx, state_dir)
     pid = running_pid(settings)
     info = settings.read_runtime() if pid is not None else {}
     report: Dict[str, Any] = {"state_dir": settings.state_dir, "running": pid is not None}
@@ -439,12 +449,9 @@ def _storage_summary(settings: ServiceSettings) -> Dict[str, Any]:
         connection.close()
 
 
-@cli.command()
-@state_dir_option
-@click.pass_context
-def env(ctx: click.Context, state_dir: Optional[str]) -> None:
+@settings_command()
+def env(settings: ServiceSettings) -> None:
     """Print the `export` lines a client of the running service needs."""
-    settings = _settings(ctx, state_dir)
     if running_pid(settings) is None:
         fail("funcx-service is not running", NOT_RUNNING)
     for line in client_env_lines(settings.read_runtime()):
@@ -466,12 +473,25 @@ def _open(settings: ServiceSettings) -> Any:
         fail(f"cannot open the service's database: {e}", EX_SOFTWARE)
 
 
-@cli.command("create-client")
-@state_dir_option
+@contextlib.contextmanager
+def storage_calls(settings: ServiceSettings) -> Iterator[Any]:
+    """The service's storage for one command: yields its ``call`` and closes it after."""
+    connection, call = _open(settings)
+    try:
+        yield call
+    finally:
+        connection.close()
+
+
+def fail_no_client(name: str) -> None:
+    """Exit: no active client is called (or has the id) ``name``."""
+    fail(f"no active client {name!r} (see `funcx-service list-clients`)", EX_NOINPUT)
+
+
+@settings_command("create-client")
 @click.argument("name")
 @click.option("--export", "export", is_flag=True, help="Prefix the lines with `export `.")
-@click.pass_context
-def create_client(ctx: click.Context, state_dir: Optional[str], name: str, export: bool) -> None:
+def create_client(settings: ServiceSettings, name: str, export: bool) -> None:
     """Create a client (a user identity) and print its credentials.
 
     Prints FUNCX_SDK_CLIENT_ID=... and FUNCX_SDK_CLIENT_SECRET=...
@@ -487,16 +507,13 @@ def create_client(ctx: click.Context, state_dir: Optional[str], name: str, expor
             f"letter or digit)",
             EX_USAGE,
         )
-    settings = _settings(ctx, state_dir)
-    connection, call = _open(settings)
     client_id, secret = str(uuid.uuid4()), new_secret()
-    try:
-        client = call(accounts.create_client)(client_id, name, hash_secret(secret), time.time())
-    except accounts.NameTaken:
-        fail(f"a client named {name!r} exists already (see `funcx-service list-clients`)", 1)
-        raise  # unreachable
-    finally:
-        connection.close()
+    with storage_calls(settings) as call:
+        try:
+            client = call(accounts.create_client)(client_id, name, hash_secret(secret), time.time())
+        except accounts.NameTaken:
+            fail(f"a client named {name!r} exists already (see `funcx-service list-clients`)", 1)
+            raise  # unreachable
     prefix = "export " if export else ""
     click.echo(f"{prefix}FUNCX_SDK_CLIENT_ID={client.client_id}")
     click.echo(f"{prefix}FUNCX_SDK_CLIENT_SECRET={secret}")
@@ -507,20 +524,14 @@ def create_client(ctx: click.Context, state_dir: Optional[str], name: str, expor
     )
 
 
-@cli.command("list-clients")
-@state_dir_option
+@settings_command("list-clients")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.pass_context
-def list_clients(ctx: click.Context, state_dir: Optional[str], as_json: bool) -> None:
+def list_clients(settings: ServiceSettings, as_json: bool) -> None:
     """List the clients: id, name, identity, created, whether revoked."""
     from funcx_endpoint.webservice import accounts
 
-    settings = _settings(ctx, state_dir)
-    connection, call = _open(settings)
-    try:
+    with storage_calls(settings) as call:
         clients = call(accounts.list_clients)()
-    finally:
-        connection.close()
     rows = [
         {
             "client_id": c.client_id,
@@ -547,22 +558,16 @@ def list_clients(ctx: click.Context, state_dir: Optional[str], as_json: bool) ->
         click.echo("  ".join(str(row[c]).ljust(widths[c]) for c in columns).rstrip())
 
 
-@cli.command("revoke-client")
-@state_dir_option
+@settings_command("revoke-client")
 @click.argument("client")
-@click.pass_context
-def revoke_client(ctx: click.Context, state_dir: Optional[str], client: str) -> None:
+def revoke_client(settings: ServiceSettings, client: str) -> None:
     """Revoke a client (by id or name) and every token it holds."""
     from funcx_endpoint.webservice import accounts
 
-    settings = _settings(ctx, state_dir)
-    connection, call = _open(settings)
-    try:
+    with storage_calls(settings) as call:
         revoked = call(accounts.revoke_client)(client, time.time())
-    finally:
-        connection.close()
     if revoked is None:
-        fail(f"no active client {client!r} (see `funcx-service list-clients`)", EX_NOINPUT)
+        fail_no_client(client)
         return
     click.echo(
         f"Revoked client {revoked.name!r} ({revoked.client_id}); its tokens stop working "

@@ -18,6 +18,8 @@ Results are not counted: they are bounded by the result size limit and expire
 
 from __future__ import annotations
 
+from typing import Any
+
 import attr
 
 from funcx_endpoint.webservice.db import Tx
@@ -73,55 +75,64 @@ class Quotas:
     tasks_in_flight: int = 100_000
 
     def _bytes(self, usage: Usage, adding: int, what: str) -> None:
-        if usage.stored_bytes + adding > self.stored_bytes:
-            raise APIError(
-                413,
-                "STORAGE_QUOTA",
-                f"{what} would take this user's stored data to "
-                f"{_size(usage.stored_bytes + adding)}, over the quota of "
-                f"{_size(self.stored_bytes)} (functions {_size(usage.function_bytes)}, "
-                f"payloads of unfinished tasks {_size(usage.task_bytes)}); wait for tasks to "
-                f"finish, or ask the operator for a larger quota",
-                quota=self.stored_bytes,
-                usage=usage.stored_bytes,
-            )
+        _refuse_over(
+            self.stored_bytes,
+            usage.stored_bytes,
+            adding,
+            413,
+            "STORAGE_QUOTA",
+            f"{what} would take this user's stored data to "
+            f"{_size(usage.stored_bytes + adding)}, over the quota of "
+            f"{_size(self.stored_bytes)} (functions {_size(usage.function_bytes)}, "
+            f"payloads of unfinished tasks {_size(usage.task_bytes)}); wait for tasks to "
+            f"finish, or ask the operator for a larger quota",
+        )
 
     def check_function(self, usage: Usage, code_size: int) -> None:
         """Refuse registering one more function of ``code_size`` bytes if over."""
-        if usage.functions + 1 > self.functions:
-            raise APIError(
-                429,
-                "FUNCTION_QUOTA",
-                f"this user has {usage.functions} functions registered, the quota is "
-                f"{self.functions}; register a function once and reuse its id",
-                quota=self.functions,
-                usage=usage.functions,
-            )
+        _refuse_over(
+            self.functions,
+            usage.functions,
+            1,
+            429,
+            "FUNCTION_QUOTA",
+            f"this user has {usage.functions} functions registered, the quota is "
+            f"{self.functions}; register a function once and reuse its id",
+        )
         self._bytes(usage, code_size, "this function")
 
     def check_endpoint(self, usage: Usage) -> None:
         """Refuse registering one more (new) endpoint if over."""
-        if usage.endpoints + 1 > self.endpoints:
-            raise APIError(
-                429,
-                "ENDPOINT_QUOTA",
-                f"this user has {usage.endpoints} endpoints, the quota is {self.endpoints}; "
-                f"delete endpoints no longer used (DELETE /v2/endpoints/<id>) or reuse one",
-                quota=self.endpoints,
-                usage=usage.endpoints,
-            )
+        _refuse_over(
+            self.endpoints,
+            usage.endpoints,
+            1,
+            429,
+            "ENDPOINT_QUOTA",
+            f"this user has {usage.endpoints} endpoints, the quota is {self.endpoints}; "
+            f"delete endpoints no longer used (DELETE /v2/endpoints/<id>) or reuse one",
+        )
 
     def check_tasks(self, usage: Usage, count: int, payload_bytes: int) -> None:
         """Refuse submitting ``count`` tasks of ``payload_bytes`` in all if over."""
-        if usage.tasks_in_flight + count > self.tasks_in_flight:
-            raise APIError(
-                429,
-                "TASK_QUOTA",
-                f"this user has {usage.tasks_in_flight} tasks not finished; {count} more "
-                f"would go over the quota of {self.tasks_in_flight} tasks in flight; nothing "
-                f"was submitted: wait for results, then submit again",
-                headers={"Retry-After": "10"},
-                quota=self.tasks_in_flight,
-                usage=usage.tasks_in_flight,
-            )
+        _refuse_over(
+            self.tasks_in_flight,
+            usage.tasks_in_flight,
+            count,
+            429,
+            "TASK_QUOTA",
+            f"this user has {usage.tasks_in_flight} tasks not finished; {count} more "
+            f"would go over the quota of {self.tasks_in_flight} tasks in flight; nothing "
+            f"was submitted: wait for results, then submit again",
+            headers={"Retry-After": "10"},
+        )
         self._bytes(usage, payload_bytes, f"these {count} tasks")
+
+
+def _refuse_over(
+    limit: int, used: int, adding: int, status: int, code: str, message: str, **extra: Any
+) -> None:
+    """Raise the APIError ``status`` ``code`` (with the quota and the usage) if adding
+    ``adding`` to ``used`` goes over ``limit``."""
+    if used + adding > limit:
+        raise APIError(status, code, message, quota=limit, usage=used, **extra)

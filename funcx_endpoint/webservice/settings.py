@@ -46,7 +46,7 @@ def resolve_state_dir(state_dir: Optional[str]) -> str:
 
 
 class Option(NamedTuple):
-    """One setting: its attribute, command-line name, type and help.
+    """One setting: its attribute (which names its command-line flag), type and help.
 
     ``env`` names an environment variable that gives the value when the
     option is not given: URLs with passwords belong there (or in the saved
@@ -54,11 +54,15 @@ class Option(NamedTuple):
     """
 
     attribute: str
-    flag: str
     kind: Callable[[str], Any]
     help: str
     is_flag: bool = False
     env: Optional[str] = None
+
+    @property
+    def flag(self) -> str:
+        """The command-line name: the attribute with dashes (``--public-host``)."""
+        return self.attribute.replace("_", "-")
 
 
 def _size(text: str) -> int:
@@ -120,127 +124,104 @@ def _existing_file(text: str) -> str:
 
 #: Every setting a start accepts (``--flag VALUE``; ``is_flag`` ones take no value).
 OPTIONS: List[Option] = [
-    Option("port", "port", _port, "HTTPS port (0: a free port chosen at the first start, kept)"),
+    Option("port", _port, "HTTPS port (0: a free port chosen at the first start, kept)"),
     Option(
-        "interface",
         "interface",
         str,
         "Address to listen on (HTTPS, and the embedded broker's AMQPS)",
     ),
     Option(
         "public_host",
-        "public-host",
         str,
         "Host name clients and endpoints use to reach this machine (in URLs and certificates)",
     ),
     Option(
         "tls_cert",
-        "tls-cert",
         _existing_file,
         "Server certificate (PEM) instead of a generated one",
     ),
-    Option("tls_key", "tls-key", _existing_file, "Private key (PEM) of --tls-cert"),
-    Option("tls_ca", "tls-ca", _existing_file, "CA file clients should trust for --tls-cert"),
-    Option(
-        "insecure_http", "insecure-http", bool, "Serve plain HTTP instead of HTTPS (unsafe)", True
-    ),
+    Option("tls_key", _existing_file, "Private key (PEM) of --tls-cert"),
+    Option("tls_ca", _existing_file, "CA file clients should trust for --tls-cert"),
+    Option("insecure_http", bool, "Serve plain HTTP instead of HTTPS (unsafe)", True),
     Option(
         "database_url",
-        "database-url",
         str,
         "postgresql://user:password@host:port/db (default: SQLite in the state directory)",
         env="FUNCX_SERVICE_DATABASE_URL",
     ),
     Option(
         "amqp_url",
-        "amqp-url",
         str,
         "amqp(s)://user:password@host:port/vhost of an existing RabbitMQ (an administrator)",
         env="FUNCX_SERVICE_AMQP_URL",
     ),
     Option(
         "management_url",
-        "management-url",
         str,
         "http(s)://user:password@host:port/ of that broker's management API",
         env="FUNCX_SERVICE_MANAGEMENT_URL",
     ),
-    Option(
-        "broker_ca_file", "broker-ca-file", _existing_file, "CA file to verify that broker with"
-    ),
+    Option("broker_ca_file", _existing_file, "CA file to verify that broker with"),
     Option(
         "broker_public_url",
-        "broker-public-url",
         str,
         "amqps://host:port/vhost that endpoints and clients use to reach the broker",
     ),
-    Option(
-        "max_request_size", "max-request-size", _size, "Largest request body accepted (e.g. 10M)"
-    ),
+    Option("max_request_size", _size, "Largest request body accepted (e.g. 10M)"),
     Option(
         "heartbeat_threshold",
-        "heartbeat-threshold",
         _positive,
         "Seconds without a status report after which an endpoint is offline",
     ),
-    Option("token_lifetime", "token-lifetime", int, "Seconds an access token is valid"),
-    Option("max_functions", "max-functions", _count, "Functions a user may register"),
+    Option("token_lifetime", int, "Seconds an access token is valid"),
+    Option("max_functions", _count, "Functions a user may register"),
     Option(
         "max_stored_bytes",
-        "max-stored-bytes",
         _size,
         "Bytes a user may store: function code plus payloads of unfinished tasks (e.g. 1G)",
     ),
-    Option("max_endpoints", "max-endpoints", _count, "Endpoints a user may have (not deleted)"),
+    Option("max_endpoints", _count, "Endpoints a user may have (not deleted)"),
     Option(
         "max_tasks_in_flight",
-        "max-tasks-in-flight",
         _count,
         "Unfinished tasks a user may have",
     ),
     Option(
         "task_retention",
-        "task-retention",
         _seconds,
         "Seconds a finished task and its result are kept",
     ),
     Option(
         "fetched_result_retention",
-        "fetched-result-retention",
         _seconds,
         "Seconds a result is kept after it was first fetched (0: deleted at the next purge)",
     ),
     Option(
         "amqp_hosts",
-        "amqp-hosts",
         str,
         "host:port,host:port,... of every node of a RabbitMQ cluster, reached with "
         "--amqp-url's scheme, user, password and virtual host (the service fails over)",
     ),
     Option(
         "management_hosts",
-        "management-hosts",
         str,
         "host:port,... of the cluster nodes' management APIs, reached with "
         "--management-url's scheme and credentials (the service fails over)",
     ),
     Option(
         "queue_type",
-        "queue-type",
         _queue_type,
         "classic (default) or quorum: the type of the queues the service declares "
         "(quorum: replicated over a cluster's nodes)",
     ),
     Option(
         "trusted_proxies",
-        "trusted-proxies",
         str,
         "Addresses (a,b,...) of load balancers whose X-Forwarded-For header names the "
         "caller (for login back-off and endpoint addresses)",
     ),
     Option(
         "instance_id",
-        "instance-id",
         str,
         "Name of this instance among several sharing a database (default: host name "
         "and port); tasks it stores are its to publish until it is silent for a while",

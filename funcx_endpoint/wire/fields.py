@@ -74,6 +74,12 @@ def _dict(value: Any, field: str) -> Dict[str, Any]:
     raise MessageError(f"{field} must be an object, got {type(value).__name__} {_show(value)}")
 
 
+def _optional_dict(value: Any, field: str) -> Optional[Dict[str, Any]]:
+    if value is None or isinstance(value, dict):
+        return value
+    raise MessageError(f"{field} must be a dict or null, got {_show(value)}")
+
+
 def _list(value: Any, field: str) -> List[Any]:
     if isinstance(value, list):
         return value
@@ -94,6 +100,8 @@ class _Record:
     """Equality and repr from ``__slots__``."""
 
     __slots__: ClassVar[Tuple[str, ...]] = ()
+    #: Optional fields that the repr leaves out when they are None (most messages lack them).
+    _quiet: ClassVar[Tuple[str, ...]] = ()
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
@@ -103,5 +111,14 @@ class _Record:
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        names = [n for n in self.__slots__ if n not in self._quiet or getattr(self, n) is not None]
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in names)
         return f"{type(self).__name__}({fields})"
+
+    def _with_set(self, data: Dict[str, Any], *names: str) -> Dict[str, Any]:
+        """``data`` plus each optional field of ``names`` that is not None."""
+        for name in names:
+            value = getattr(self, name)
+            if value is not None:
+                data[name] = value
+        return data

@@ -31,6 +31,7 @@ from typing import (
     Type,
     TypeVar,
     Union,
+    get_args,
 )
 
 from funcx_endpoint.wire.containers import Container, ContainerImage
@@ -46,6 +47,7 @@ from funcx_endpoint.wire.fields import (
     _dict,
     _encode_json,
     _list,
+    _optional_dict,
     _optional_uuid,
     _Record,
     _required,
@@ -141,6 +143,8 @@ class Task(_Record):
         "resource_specification",
         "user_runtime",
     )
+    # The optional fields show in the repr only when there are some (most tasks have none).
+    _quiet = ("resource_specification", "user_runtime")
     message_type: ClassVar[str] = "task"
 
     def __init__(
@@ -160,26 +164,12 @@ class Task(_Record):
         if container is not None and type(container) is not Container:
             raise MessageError(f"container must be a Container or None, got {_show(container)}")
         self.container: Optional[Container] = container
-        if resource_specification is not None and not isinstance(resource_specification, dict):
-            raise MessageError(
-                f"resource_specification must be a dict or null, got "
-                f"{_show(resource_specification)}"
-            )
-        self.resource_specification: Optional[Dict[str, Any]] = resource_specification or None
-        if user_runtime is not None and not isinstance(user_runtime, dict):
-            raise MessageError(f"user_runtime must be a dict or null, got {_show(user_runtime)}")
-        self.user_runtime: Optional[Dict[str, Any]] = user_runtime or None
-
-    def __repr__(self) -> str:
-        # The optional fields only when there are some (most tasks have none).
-        names = [
-            name
-            for name in self.__slots__
-            if name not in ("resource_specification", "user_runtime")
-            or getattr(self, name) is not None
-        ]
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in names)
-        return f"{type(self).__name__}({fields})"
+        self.resource_specification: Optional[Dict[str, Any]] = (
+            _optional_dict(resource_specification, "resource_specification") or None
+        )
+        self.user_runtime: Optional[Dict[str, Any]] = (
+            _optional_dict(user_runtime, "user_runtime") or None
+        )
 
     def to_wire(self) -> Dict[str, Any]:
         """The JSON-ready ``data`` of this message."""
@@ -190,13 +180,7 @@ class Task(_Record):
             "container": None if container is None else container.to_wire(),
             "task_buffer": self.task_buffer,
         }
-        if self.function_id is not None:
-            data["function_id"] = self.function_id
-        if self.resource_specification is not None:
-            data["resource_specification"] = self.resource_specification
-        if self.user_runtime is not None:
-            data["user_runtime"] = self.user_runtime
-        return data
+        return self._with_set(data, "function_id", "resource_specification", "user_runtime")
 
     @classmethod
     def from_wire(cls, data: Dict[str, Any]) -> Task:
@@ -226,6 +210,7 @@ class Result(_Record):
     """
 
     __slots__ = ("task_id", "data", "error_details", "task_statuses", "details")
+    _quiet = ("details",)
     message_type: ClassVar[str] = "result"
 
     def __init__(
@@ -246,14 +231,7 @@ class Result(_Record):
         self.task_statuses: Optional[List[TaskTransition]] = (
             None if task_statuses is None else _check_transitions(task_statuses, "task_statuses")
         )
-        if details is not None and not isinstance(details, dict):
-            raise MessageError(f"details must be a dict or null, got {_show(details)}")
-        self.details: Optional[Dict[str, Any]] = details
-
-    def __repr__(self) -> str:
-        names = self.__slots__ if self.details is not None else self.__slots__[:-1]
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in names)
-        return f"{type(self).__name__}({fields})"
+        self.details: Optional[Dict[str, Any]] = _optional_dict(details, "details")
 
     @property
     def is_error(self) -> bool:
@@ -301,9 +279,7 @@ class Result(_Record):
             "error_details": None if details is None else details.to_wire(),
             "task_statuses": None if statuses is None else _transitions_to_wire(statuses),
         }
-        if self.details is not None:
-            data["details"] = self.details
-        return data
+        return self._with_set(data, "details")
 
     @classmethod
     def from_wire(cls, data: Dict[str, Any]) -> Result:
@@ -415,26 +391,12 @@ Message = Union[
     EndpointCommand,
 ]
 
-_MESSAGE_CLASSES = (
-    Task,
-    Result,
-    EPStatusReport,
-    TaskBatchMessage,
-    ResultBatchMessage,
-    TaskStatesMessage,
-    EndpointCommand,
-)
+_MESSAGE_CLASSES: Tuple[Type[Any], ...] = get_args(Message)
 _READERS: Dict[str, Callable[[Dict[str, Any]], Message]] = {
-    Task.message_type: Task.from_wire,
-    Result.message_type: Result.from_wire,
-    EPStatusReport.message_type: EPStatusReport.from_wire,
-    TaskBatchMessage.message_type: TaskBatchMessage.from_wire,
-    ResultBatchMessage.message_type: ResultBatchMessage.from_wire,
+    cls.message_type: cls.from_wire for cls in _MESSAGE_CLASSES
 }
 #: Message types only sent to a peer that agreed at registration (wire.control).
 _NEGOTIATED = (TaskStatesMessage.message_type, EndpointCommand.message_type)
-_READERS[TaskStatesMessage.message_type] = TaskStatesMessage.from_wire
-_READERS[EndpointCommand.message_type] = EndpointCommand.from_wire
 
 
 # ---------------------------------------------------------------------------

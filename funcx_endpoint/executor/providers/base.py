@@ -421,10 +421,9 @@ class ProviderAdapter(Service):
         return Deferred.fromCoroutine(self._status(list(job_ids)))
 
     async def _status(self, job_ids: List[Any]) -> List[JobStatus]:
-        if not job_ids:
-            return []
-        statuses = await self._call(self.provider.status, job_ids)
-        result = [JobStatus.from_foreign(s) for s in statuses]
+        result = [
+            JobStatus.from_foreign(s) for s in await self._for_jobs(self.provider.status, job_ids)
+        ]
         if len(result) != len(job_ids):
             raise ExecutionProviderError(
                 f"{self.label} provider returned {len(result)} statuses for {len(job_ids)} jobs"
@@ -435,10 +434,11 @@ class ProviderAdapter(Service):
         return Deferred.fromCoroutine(self._cancel(list(job_ids)))
 
     async def _cancel(self, job_ids: List[Any]) -> List[bool]:
-        if not job_ids:
-            return []
-        results = await self._call(self.provider.cancel, job_ids)
-        return [bool(r) for r in results]
+        return [bool(r) for r in await self._for_jobs(self.provider.cancel, job_ids)]
+
+    async def _for_jobs(self, method: Callable[[List[Any]], Any], job_ids: List[Any]) -> Any:
+        """``method(job_ids)``, a call of the provider (not made for no jobs: then [])."""
+        return await self._call(method, job_ids) if job_ids else []
 
     def read_tail(
         self, path: Optional[str], max_bytes: int = TAIL_BYTES
