@@ -38,7 +38,6 @@ class TaskVariable:
         try:
             libc = ctypes.CDLL(None)
             libc.putenv.argtypes = [ctypes.c_char_p]
-            libc.unsetenv.argtypes = [ctypes.c_char_p]
             self._libc = libc
         except (OSError, AttributeError):
             self._libc = None
