@@ -120,17 +120,21 @@ class LeastLoadedRoutingTests(SynchronousTestCase):
 def reference_assign(
     container_type: str, count: int, managers: Sequence[Load]
 ) -> List[Tuple[Load, int]]:
-    """The policy as it was before it kept an index: a heap over every candidate,
-    built for each call (the behaviour the index must keep)."""
+    """The policy without its index: a heap over every candidate, built for each
+    call (the behaviour the index must keep).  A manager whose workers are all
+    busy takes a chunk of one task per worker (as its room allows)."""
     candidates = [m for m in managers if m.container_type == container_type and m.held < m.capacity]
     heap = [(m.held / max(m.worker_count, 1), m.sequence, m.held, m) for m in candidates]
     heapq.heapify(heap)
     given: Dict[int, int] = {}
     while count and heap:
         _, sequence, held, manager = heap[0]
-        given[sequence] = given.get(sequence, 0) + 1
-        count -= 1
-        held += 1
+        step = 1
+        if held >= manager.worker_count:
+            step = max(1, min(count, manager.worker_count, manager.capacity - held))
+        given[sequence] = given.get(sequence, 0) + step
+        count -= step
+        held += step
         if held >= manager.capacity:
             heapq.heappop(heap)
         else:
@@ -260,6 +264,24 @@ class LeastLoadedIndexTests(SynchronousTestCase):
         self.policy.update(typed)
         self.assertEqual(self.policy.assign("c1", 2), [(typed, 2)])
         self.assertEqual(self.policy.assign(RAW, 1), [(raw, 1)])
+
+    def test_busy_managers_take_chunks(self) -> None:
+        # Idle workers first, one task at a time; once every worker of a manager
+        # is busy, its prefetch fills a chunk of one task per worker at a time.
+        a, b = Load(1, 4, prefetch=2), Load(2, 4, prefetch=2)  # capacity 12 each
+        self.policy.update(a)
+        self.policy.update(b)
+        self.assertEqual(self.policy.assign(RAW, 8), [(a, 4), (b, 4)])
+        a.held = b.held = 4
+        self.policy.update(a)
+        self.policy.update(b)
+        # Both busy: a chunk of 4 to a, then 4 to b, then a again (room 4 left).
+        self.assertEqual(self.policy.assign(RAW, 10), [(a, 6), (b, 4)])
+        a.held, b.held = 10, 8
+        self.policy.update(a)
+        self.policy.update(b)
+        # Room decides the last chunks: b takes 4 (full), a its last 2.
+        self.assertEqual(self.policy.assign(RAW, 10), [(b, 4), (a, 2)])
 
     def test_same_decisions_as_a_fresh_heap(self) -> None:
         """Random loads, arrivals, departures and results: the index decides as the

@@ -202,17 +202,24 @@ class LeastLoadedRouting:
         heap = self._open.get(container_type)
         if not heap or count <= 0:
             return []
-        # One task at a time to the least loaded; the managers' keys follow.
+        # One task at a time to the least loaded while it has idle workers;
+        # a manager whose workers are all busy takes its prefetch in chunks of
+        # one task per worker (fewer, bigger batches); the keys follow.
         given: Dict[Any, int] = {}
         while count:
             top = heap.peek()
             if top is None:
                 break
             _, sequence, manager = top
-            n = given.get(manager, 0) + 1
+            before = given.get(manager, 0)
+            held = manager.held + before
+            step = 1
+            if held >= manager.worker_count:
+                step = max(1, min(count, manager.worker_count, manager.capacity - held))
+            n = before + step
             given[manager] = n
-            count -= 1
-            held = manager.held + n
+            count -= step
+            held += step
             if held >= manager.capacity:
                 heap.discard(manager)
             else:
