@@ -8,9 +8,11 @@ as their loads change, so that routing a task costs the same with 10 or
 10,000 managers.
 
 :class:`LeastLoadedRouting` is the policy of raw workers and of hard
-routing: a task goes only to managers of its own container type, one task at
-a time to the least loaded (tasks held per worker), ties to the manager that
-registered first.  With ``worker_mode="no_container"`` every task is of type
+routing: a task goes only to managers of its own container type, to the least
+loaded (tasks held per worker), ties to the manager that registered first: one
+task at a time while that manager has idle workers, then, once all its workers
+are busy, a chunk of one task per worker for its prefetch (fewer, bigger
+batches when many managers share a turn's tasks).  With ``worker_mode="no_container"`` every task is of type
 ``RAW`` whatever container it names (funcX: "hard and soft routing are the
 same: any free worker").  With the endpoint-wide form of containers
 (``container_uri``: every worker runs one image) every task is of that one type.
