@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -11,6 +12,8 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 import psutil
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import SkipTest, TestCase
 
 import funcx_endpoint
 from funcx_endpoint.testing.service import sdk_client
@@ -207,3 +210,51 @@ def shared_running_endpoint(
         endpoint = _shared_endpoints[name] = running_endpoint(name, edit)
         atexit.register(endpoint.stop)
     return _shared_endpoints[name]
+
+
+class ChaosRunTestCase(TestCase):
+    """A chaos run (:func:`funcx_endpoint.testing.chaos.run_chaos`) on the real
+    stack, in a thread, in a temporary directory; its progress lines kept for the
+    report an assertion prints."""
+
+    prefix = "funcx-chaos-test-"
+
+    def setUp(self) -> None:
+        if not shutil.which("rabbitmq-server") and not os.path.exists(
+            "/usr/lib/rabbitmq/bin/rabbitmq-server"
+        ):
+            raise SkipTest("RabbitMQ is not installed")
+        self.base_dir = tempfile.mkdtemp(prefix=self.prefix)
+        self.addCleanup(shutil.rmtree, self.base_dir, True)
+        self.lines: List[str] = []
+
+    def run_chaos(self, **options: Any) -> Deferred[Any]:
+        """``run_chaos`` with ``options``; fires with its ChaosResult."""
+        from twisted.internet import reactor
+        from twisted.internet.threads import deferToThread
+
+        from funcx_endpoint.testing.chaos import run_chaos
+
+        return deferToThread(
+            run_chaos, reactor, self.base_dir, progress=self.lines.append, **options
+        )
+
+    def report(self, result: Any) -> str:
+        """The run's progress and figures (printed too: the figures on the console)."""
+        from funcx_endpoint.testing.chaos import format_report
+
+        print("\n" + format_report(result))
+        return "\n".join(self.lines) + "\n" + format_report(result)
+
+    def assert_promise_kept(self, result: Any, tasks: int, report: str) -> None:
+        """Every fault struck and recovered; every task answered once, none lost or hung."""
+        for r in result.faults:
+            if r.name != "none":
+                self.assertFalse(r.detail.startswith("FAILED"), report)
+                self.assertIsNotNone(r.recovery_seconds, f"{r.name} did not recover\n{report}")
+        self.assertEqual(result.total("submitted"), tasks, report)
+        self.assertEqual(result.total("answered"), tasks, report)
+        self.assertEqual(result.total("lost"), 0, report)
+        self.assertEqual(result.total("duplicates"), 0, report)
+        self.assertEqual(result.total("hung"), 0, report)
+        self.assertEqual(result.answered_without_run, 0, report)

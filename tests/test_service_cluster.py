@@ -14,37 +14,22 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
 
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest, TestCase
 
-from funcx_endpoint.testing.chaos import ChaosResult, format_report, run_chaos
+from funcx_endpoint.testing.chaos import ChaosResult
+from tests.support import ChaosRunTestCase
 
 TASKS = int(os.environ.get("FUNCX_CLUSTER_TASKS", "2000"))
 
 
-class ClusterTests(TestCase):
+class ClusterTests(ChaosRunTestCase):
     # Cluster (~40 s), PostgreSQL, two instances, an endpoint; two faults of ~20 s each.
     timeout = 300
-
-    def setUp(self) -> None:
-        if not shutil.which("rabbitmq-server") and not os.path.exists(
-            "/usr/lib/rabbitmq/bin/rabbitmq-server"
-        ):
-            raise SkipTest("RabbitMQ is not installed")
-        self.base_dir = tempfile.mkdtemp(prefix="funcx-cluster-test-")
-        self.addCleanup(shutil.rmtree, self.base_dir, True)
-        self.lines: list[str] = []
+    prefix = "funcx-cluster-test-"
 
     def test_a_broker_node_and_a_service_instance_lost(self) -> Deferred[None]:
-        d = deferToThread(
-            run_chaos,
-            reactor,
-            self.base_dir,
+        d = self.run_chaos(
             tasks=TASKS,
             seed=3,
             faults=["broker-kill", "service-kill"],
@@ -52,15 +37,13 @@ class ClusterTests(TestCase):
             batch=100,
             recovery_timeout=90.0,
             drain_timeout=60.0,
-            progress=self.lines.append,
             topology="cluster",
         )
         d.addCallback(self.check)
         return d
 
     def check(self, result: ChaosResult) -> None:
-        print("\n" + format_report(result))
-        report = "\n".join(self.lines) + "\n" + format_report(result)
+        report = self.report(result)
         # Every queue the services declared is a quorum queue (replicated on the nodes).
         [queues] = [line for line in self.lines if line.startswith("queues: ")]
         self.assertIn("results quorum", queues, report)
@@ -69,14 +52,7 @@ class ClusterTests(TestCase):
         struck = [r for r in result.faults if r.name != "none"]
         self.assertEqual(sorted(r.name for r in struck), ["broker-kill", "service-kill"], report)
         for r in struck:
-            self.assertFalse(r.detail.startswith("FAILED"), report)
-            self.assertIsNotNone(r.recovery_seconds, f"{r.name} did not recover\n{report}")
             # The rest of the cluster served while the node (the instance) was down.
             served = re.search(r"\((\d+) tasks finished meanwhile\)", r.detail)
             self.assertTrue(served and int(served.group(1)) > 0, f"{r.name}: {r.detail}")
-        self.assertEqual(result.total("submitted"), TASKS, report)
-        self.assertEqual(result.total("answered"), TASKS, report)
-        self.assertEqual(result.total("lost"), 0, report)
-        self.assertEqual(result.total("duplicates"), 0, report)
-        self.assertEqual(result.total("hung"), 0, report)
-        self.assertEqual(result.answered_without_run, 0, report)
+        self.assert_promise_kept(result, TASKS, report)

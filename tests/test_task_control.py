@@ -81,6 +81,35 @@ class _Info:
         self.features = frozenset(features)
 
 
+class StartReportsFailureTests(SynchronousTestCase):
+    def test_a_send_that_fails_is_one_warning(self) -> None:
+        from twisted.logger import globalLogPublisher
+
+        from funcx_endpoint.manager.started import StartReports
+
+        class Broken:
+            def sendBox(self, box: Any) -> None:
+                raise ConnectionError("the interchange went away")
+
+        events: List[Dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        clock = Clock()
+        reports = StartReports(clock, lambda: Broken(), delay=0.02)
+        reports.started(new_id(), 1)
+        clock.advance(0.02)
+
+        def warnings() -> List[Dict[str, Any]]:
+            return [e for e in events if "Could not report" in e.get("log_format", "")]
+
+        [warning] = warnings()
+        self.assertEqual(warning["n"], 1)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        # Nothing is kept for another try: the result carries the state.
+        clock.advance(1)
+        self.assertEqual(len(warnings()), 1)
+
+
 class StatePublisherTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()

@@ -10,11 +10,8 @@ from __future__ import annotations
 import uuid
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from treq.testing import StubTreq
-from twisted.internet.task import Clock
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from funcx_endpoint.testing.inprocess import InProcessService
 from funcx_endpoint.webservice import storage, tasks
 from funcx_endpoint.webservice.quotas import Quotas, user_usage
 from funcx_endpoint.webservice.records import IncomingResult, NewTask
@@ -24,8 +21,8 @@ from funcx_endpoint.webservice.retention import (
     purge_tasks,
 )
 from funcx_endpoint.wire import pack_buffers, pack_function, pack_payload
+from tests.test_webservice_clock import ClockedServiceTestCase
 
-START = 1_000_000.0
 DAY = 24 * 3600.0
 
 
@@ -37,21 +34,13 @@ CODE = pack_function(add)
 PAYLOAD = pack_payload((1,), {"b": 2})
 
 
-class APITestCase(SynchronousTestCase):
-    options: Dict[str, Any] = {}
-
+class APITestCase(ClockedServiceTestCase):
     def setUp(self) -> None:
-        self.clock = Clock()
-        self.clock.advance(START)
-        self.service = InProcessService(self.mktemp(), self.clock, **self.options)
-        self.service.startService()
-        self.http: Any = StubTreq(self.service.resource())
-        self.addCleanup(lambda: self.assertEqual(self.clock.getDelayedCalls(), []))
-        self.addCleanup(lambda: self.successResultOf(self.service.stopService()))
+        super().setUp()
         self.addCleanup(self.clock.advance, 0)  # reports sent are stored first
         self.token = self.service.issue_token()
 
-    def request(self, method: str, path: str, body: Any = None) -> Tuple[int, Any, Any]:
+    def call(self, method: str, path: str, body: Any = None) -> Tuple[int, Any, Any]:
         kwargs: Dict[str, Any] = {"headers": {"Authorization": f"Bearer {self.token}"}}
         if body is not None:
             kwargs["json"] = body
@@ -65,15 +54,13 @@ class APITestCase(SynchronousTestCase):
         )
 
     def function(self, code: str = CODE) -> Tuple[int, Any]:
-        status, answer, _ = self.request(
+        status, answer, _ = self.call(
             "POST", "/v2/functions", {"function_name": "add", "function_code": code}
         )
         return status, answer
 
     def submit(self, function_id: str, endpoint_id: str, n: int, payload: str = PAYLOAD) -> Any:
-        return self.request(
-            "POST", "/v2/submit", {"tasks": [[function_id, endpoint_id, payload]] * n}
-        )
+        return self.call("POST", "/v2/submit", {"tasks": [[function_id, endpoint_id, payload]] * n})
 
 
 class QuotaTests(APITestCase):
@@ -102,7 +89,7 @@ class QuotaTests(APITestCase):
     def test_endpoints(self) -> None:
         first = self.service.add_endpoint()
         self.service.add_endpoint()
-        status, answer, _ = self.request(
+        status, answer, _ = self.call(
             "POST",
             "/v2/endpoints",
             {"endpoint_name": "x", "endpoint_uuid": str(uuid.uuid4()), "metadata": {}},
@@ -112,7 +99,7 @@ class QuotaTests(APITestCase):
         # Registering one it has again is no new endpoint.
         self.service.add_endpoint(first)
         # A deleted one makes room.
-        status, _, _ = self.request("DELETE", f"/v2/endpoints/{first}")
+        status, _, _ = self.call("DELETE", f"/v2/endpoints/{first}")
         self.assertEqual(status, 200)
         self.service.add_endpoint()
 
@@ -163,7 +150,7 @@ class RetentionTests(APITestCase):
         self.clock.advance(180)
         self.assertNotIn(task_id, self.service.tasks)
         self.token = self.service.issue_token()
-        status, answer, _ = self.request("GET", f"/v2/tasks/{task_id}")
+        status, answer, _ = self.call("GET", f"/v2/tasks/{task_id}")
         self.assertEqual((status, answer["code"]), (404, "TASK_NOT_FOUND"))
         assert self.service.retention is not None
         self.assertEqual(self.service.retention.purged, 1)
@@ -177,39 +164,39 @@ class RetentionTests(APITestCase):
 
     def test_fetched_results_expire_sooner(self) -> None:
         task_id = self.finished_task()
-        status, answer, _ = self.request("GET", f"/v2/tasks/{task_id}")
+        status, answer, _ = self.call("GET", f"/v2/tasks/{task_id}")
         self.assertEqual((status, answer["status"]), (200, "success"))
         self.clock.advance(1800)
         # Fetched again within the hour: still there.
-        status, answer, _ = self.request("POST", "/v2/batch_status", {"task_ids": [task_id]})
+        status, answer, _ = self.call("POST", "/v2/batch_status", {"task_ids": [task_id]})
         self.assertIn(task_id, answer["results"])
         self.clock.advance(1860)
         self.assertNotIn(task_id, self.service.tasks)
 
     def test_batch_status_counts_as_fetch(self) -> None:
         task_id = self.finished_task()
-        self.request("POST", "/v2/batch_status", {"task_ids": [task_id]})
+        self.call("POST", "/v2/batch_status", {"task_ids": [task_id]})
         self.clock.advance(3700)
         self.assertNotIn(task_id, self.service.tasks)
 
     def test_delete_a_finished_task(self) -> None:
         task_id = self.finished_task()
-        status, answer, _ = self.request("DELETE", f"/v2/tasks/{task_id}")
+        status, answer, _ = self.call("DELETE", f"/v2/tasks/{task_id}")
         self.assertEqual((status, answer), (200, {"task_id": task_id, "deleted": True}))
         self.assertNotIn(task_id, self.service.tasks)
-        status, answer, _ = self.request("DELETE", f"/v2/tasks/{task_id}")
+        status, answer, _ = self.call("DELETE", f"/v2/tasks/{task_id}")
         self.assertEqual((status, answer["code"]), (404, "TASK_NOT_FOUND"))
 
     def test_delete_refusals(self) -> None:
         endpoint_id = self.service.add_endpoint()
         function_id = self.function()[1]["function_uuid"]
         task_id = self.submit(function_id, endpoint_id, 1)[1]["results"][0]["task_uuid"]
-        status, answer, _ = self.request("DELETE", f"/v2/tasks/{task_id}")
+        status, answer, _ = self.call("DELETE", f"/v2/tasks/{task_id}")
         self.assertEqual((status, answer["code"]), (409, "TASK_NOT_FINISHED"))
         self.service.run_task(task_id)
         self.clock.advance(0)
         self.token = self.service.issue_token("mallory")
-        status, answer, _ = self.request("DELETE", f"/v2/tasks/{task_id}")
+        status, answer, _ = self.call("DELETE", f"/v2/tasks/{task_id}")
         self.assertEqual((status, answer["code"]), (404, "TASK_NOT_FOUND"))
         self.assertIn(task_id, self.service.tasks)
 
