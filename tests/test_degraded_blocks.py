@@ -15,23 +15,19 @@ import uuid
 from typing import List
 
 import psutil
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from funcx_endpoint.config import model as config_model
-from funcx_endpoint.endpoint.tap import manager_command
 from funcx_endpoint.executor.blocks import BlockScaler
 from funcx_endpoint.executor.degraded import DegradedBlocks
-from funcx_endpoint.executor.interchange import Interchange
 from funcx_endpoint.executor.providers import JobState, ProviderAdapter
-from funcx_endpoint.executor.strategy import ScalingService, SimpleStrategy, scaling_from_config
-from funcx_endpoint.testing.interchanges import CollectingSink
+from funcx_endpoint.executor.strategy import ScalingService, SimpleStrategy
 from funcx_endpoint.wire import Result, Task, deserialize, pack_function, pack_payload
 from tests.support import alive as _alive
 from tests.test_blocks import TEMPLATE, FakeLoadSource, FakeProvider
-from tests.test_scaling_integration import _managers, nap, wait_until
+from tests.test_scaling_integration import _managers, nap, scaled_interchange, wait_until
 
 GRACE = 30.0
 
@@ -145,24 +141,7 @@ class DegradedBlockIntegrationTests(TestCase):
             max_workers_per_node=1,
             prefetch_capacity=0,
         )
-        interchange = Interchange(
-            reactor,
-            os.path.join(work, "interchange"),
-            executor,
-            CollectingSink(results.extend),
-            heartbeat_period=1.0,
-            heartbeat_threshold=10.0,
-            stop_grace_period=3.0,
-        )
-        interchange.startService()
-        scaling = scaling_from_config(
-            executor,
-            reactor=reactor,
-            load=interchange,
-            command_template=manager_command(interchange),
-            working_dir=work,
-            stop_grace_period=3.0,
-        )
+        interchange, scaling = scaled_interchange(work, executor, results)
         degraded = scaling.degraded
         assert degraded is not None
         degraded.grace = 2.0

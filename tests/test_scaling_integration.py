@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
-from typing import Any, List
+from typing import Any, List, Tuple
 
 import psutil
 from twisted.internet import reactor
@@ -62,24 +62,7 @@ class ScalingIntegrationTests(TestCase):
             max_workers_per_node=1,
             prefetch_capacity=0,
         )
-        interchange = Interchange(
-            reactor,
-            os.path.join(work, "interchange"),
-            executor,
-            CollectingSink(results.extend),
-            heartbeat_period=1.0,
-            heartbeat_threshold=10.0,
-            stop_grace_period=3.0,
-        )
-        interchange.startService()
-        scaling = scaling_from_config(
-            executor,
-            reactor=reactor,
-            load=interchange,
-            command_template=manager_command(interchange),
-            working_dir=work,
-            stop_grace_period=3.0,
-        )
+        interchange, scaling = scaled_interchange(work, executor, results)
         scaling.startService()
         stopped = False
         try:
@@ -105,6 +88,31 @@ class ScalingIntegrationTests(TestCase):
             if not stopped:
                 await scaling.stopService()
                 await interchange.stopService()
+
+
+def scaled_interchange(work: str, executor: Any, results: List[Result]) -> Tuple[Interchange, Any]:
+    """A real interchange (started) for ``executor`` in ``work`` on the global
+    reactor, its results into ``results``, and its block scaling (not started)
+    whose managers are real processes."""
+    interchange = Interchange(
+        reactor,
+        os.path.join(work, "interchange"),
+        executor,
+        CollectingSink(results.extend),
+        heartbeat_period=1.0,
+        heartbeat_threshold=10.0,
+        stop_grace_period=3.0,
+    )
+    interchange.startService()
+    scaling = scaling_from_config(
+        executor,
+        reactor=reactor,
+        load=interchange,
+        command_template=manager_command(interchange),
+        working_dir=work,
+        stop_grace_period=3.0,
+    )
+    return interchange, scaling
 
 
 def _managers() -> List[psutil.Process]:
