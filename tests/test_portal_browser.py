@@ -23,7 +23,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from funcx_endpoint.endpoint.layout import EndpointDir
 from funcx_endpoint.testing import browser
-from tests.support import run_cli
+from tests.support import run_cli, sdk_client
 
 EVIL_NAME = "<script>alert('x')</script>"
 
@@ -53,18 +53,7 @@ class PortalInBrowserTests(SynchronousTestCase):
         self.portal = self.service.root_url + "/portal"
 
     def client(self, env: dict) -> Any:
-        from funcx_endpoint.sdk import FuncXClient
-
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            return FuncXClient()
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+        return sdk_client(env)
 
     def start_endpoint(self, env: dict) -> EndpointDir:
         config_dir = self.mktemp()

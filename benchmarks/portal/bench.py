@@ -252,9 +252,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
 
-    from funcx_endpoint.sdk import FuncXClient
     from funcx_endpoint.testing import browser
-    from funcx_endpoint.testing.service import shared_service, stop_shared_service
+    from funcx_endpoint.testing.service import sdk_client, shared_service, stop_shared_service
 
     why = browser.missing()
     if why is not None:
@@ -288,16 +287,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         ep = start_endpoint(service, env, base)
         driver.delete_all_cookies()
         sign_in(driver, portal, env["FUNCX_SDK_CLIENT_ID"], env["FUNCX_SDK_CLIENT_SECRET"])
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            client = FuncXClient()
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+        client = sdk_client(env)
         endpoint_id = ep.endpoint_id()
         assert endpoint_id is not None
         figures["result delay, task end -> shown"] = result_delay(

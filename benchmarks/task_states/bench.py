@@ -130,8 +130,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
 
-    from funcx_endpoint.sdk import FuncXClient
-    from funcx_endpoint.testing.service import shared_service, stop_shared_service
+    from funcx_endpoint.testing.service import sdk_client, shared_service, stop_shared_service
 
     service = shared_service()
     env = service.client_env(service.create_client())
@@ -140,16 +139,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         for mode in args.modes.split(","):
             ep = start_endpoint(service, env, base, mode == "on")
-            saved = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)
-            try:
-                client = FuncXClient()
-            finally:
-                for key, value in saved.items():
-                    if value is None:
-                        os.environ.pop(key, None)
-                    else:
-                        os.environ[key] = value
+            client = sdk_client(env)
             try:
                 endpoint_id = ep.endpoint_id()
                 assert endpoint_id is not None
