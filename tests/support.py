@@ -258,3 +258,27 @@ class ChaosRunTestCase(TestCase):
         self.assertEqual(result.total("duplicates"), 0, report)
         self.assertEqual(result.total("hung"), 0, report)
         self.assertEqual(result.answered_without_run, 0, report)
+
+
+def function_row(
+    function_id: str,
+    owner: str,
+    *,
+    name: str = "f",
+    entry_point: str = "f",
+    code: str = "x",
+    created: float = 1.0,
+) -> Dict[str, Any]:
+    """A private function's row as ``webservice.tasks.insert_function`` takes it."""
+    return {
+        "function_id": function_id,
+        "owner": owner,
+        "name": name,
+        "entry_point": entry_point,
+        "description": None,
+        "container_uuid": None,
+        "public": False,
+        "group_id": None,
+        "function_code": code,
+        "created": created,
+    }

@@ -13,6 +13,7 @@ from funcx_endpoint.portal import store
 from funcx_endpoint.webservice import accounts, endpoints, tasks
 from funcx_endpoint.webservice.records import IncomingResult, NewTask, Report
 from funcx_endpoint.webservice.storage import open_sync
+from tests.support import function_row
 
 NOW = 1_000_000.0
 
@@ -52,20 +53,7 @@ class StoreTestsMixin:
         call = self.call
         owner = self.alice.identity_id
         function_id = str(uuid.uuid4())
-        call(tasks.insert_function)(
-            {
-                "function_id": function_id,
-                "owner": owner,
-                "name": "<f>",
-                "entry_point": "f",
-                "description": None,
-                "container_uuid": None,
-                "public": False,
-                "group_id": None,
-                "function_code": "x",
-                "created": NOW,
-            }
-        )
+        call(tasks.insert_function)(function_row(function_id, owner, name="<f>", created=NOW))
         ids = [str(uuid.uuid4()) for _ in range(130)]
         group = str(uuid.uuid4())
         call(tasks.insert_tasks)(
@@ -107,20 +95,7 @@ class StoreTestsMixin:
 
     def _function(self, owner: str) -> str:
         function_id = str(uuid.uuid4())
-        self.call(tasks.insert_function)(
-            {
-                "function_id": function_id,
-                "owner": owner,
-                "name": "f",
-                "entry_point": "f",
-                "description": None,
-                "container_uuid": None,
-                "public": False,
-                "group_id": None,
-                "function_code": "x",
-                "created": NOW,
-            }
-        )
+        self.call(tasks.insert_function)(function_row(function_id, owner, created=NOW))
         return function_id
 
     def test_attempts(self) -> None:

@@ -47,6 +47,7 @@ from funcx_endpoint.webservice.records import IncomingResult, NewTask
 from funcx_endpoint.webservice.settings import ServiceSettings
 from funcx_endpoint.webservice.tasks import Claim
 from funcx_endpoint.wire import pack_function, pack_payload
+from tests.support import function_row
 
 
 def add(a: int, b: int = 1) -> int:
@@ -68,18 +69,9 @@ class ClaimCases:
         self.addCleanup(self.connection.close)  # type: ignore[attr-defined]
         self.function_id = str(uuid.uuid4())
         self.call(tasks.insert_function)(
-            {
-                "function_id": self.function_id,
-                "owner": "o",
-                "name": "add",
-                "entry_point": "add",
-                "description": None,
-                "container_uuid": None,
-                "public": False,
-                "group_id": None,
-                "function_code": pack_function(add),
-                "created": 1.0,
-            }
+            function_row(
+                self.function_id, "o", name="add", entry_point="add", code=pack_function(add)
+            )
         )
 
     def store(self, claim: Claim, created: float, n: int = 3, ws: Any = None) -> List[str]:

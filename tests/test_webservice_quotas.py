@@ -21,6 +21,7 @@ from funcx_endpoint.webservice.retention import (
     purge_tasks,
 )
 from funcx_endpoint.wire import pack_buffers, pack_function, pack_payload
+from tests.support import function_row
 from tests.test_webservice_clock import ClockedServiceTestCase
 
 DAY = 24 * 3600.0
@@ -227,20 +228,7 @@ class StorageCases:
 
     def function(self, owner: str, code: str = CODE) -> str:
         function_id = str(uuid.uuid4())
-        self.call(tasks.insert_function)(
-            {
-                "function_id": function_id,
-                "owner": owner,
-                "name": "f",
-                "entry_point": "f",
-                "description": None,
-                "container_uuid": None,
-                "public": False,
-                "group_id": None,
-                "function_code": code,
-                "created": 1.0,
-            }
-        )
+        self.call(tasks.insert_function)(function_row(function_id, owner, code=code))
         return function_id
 
     def test_usage(self) -> None:
