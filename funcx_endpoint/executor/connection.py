@@ -17,7 +17,7 @@ state machine:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Type
 
 from automat import MethodicalMachine
 from twisted.internet.defer import Deferred, fail, succeed
@@ -184,34 +184,25 @@ class ManagerConnection(amp.AMP):
         manager = self.manager
         if manager is not None:
             manager.last_heard = self._registry.clock.seconds()
-            # The two frequent unanswered commands skip AMP's dispatch (a
-            # Deferred and an answer path per box).
-            command = box.get(b"_command")
-            try:
-                if command == SendResults.commandName:
-                    results = read_unanswered(SendResults, box, self)
-                    if results is not None:
-                        self._registry.results_received(manager, results)
-                        return
-                elif command == TasksStarted.commandName:
-                    started = read_unanswered(TasksStarted, box, self)
-                    if started is not None:
-                        self._registry.tasks_started(manager, started)
-                        return
-            except (ValueError, KeyError) as exc:
-                what = (
-                    "batch of results"
-                    if command == SendResults.commandName
-                    else "report of started tasks"
-                )
-                self.log.warn(
-                    "Dropped {manager}: it sent an unreadable {what} ({error})",
-                    manager=manager.describe(),
-                    what=what,
-                    error=exc,
-                )
-                self.drop()
-                return
+            # The frequent unanswered commands skip AMP's dispatch (a Deferred
+            # and an answer path per box).
+            fast = _FAST_COMMANDS.get(box.get(b"_command"))
+            if fast is not None:
+                command, event, what = fast
+                try:
+                    argument = read_unanswered(command, box, self)
+                except (ValueError, KeyError) as exc:
+                    self.log.warn(
+                        "Dropped {manager}: it sent an unreadable {what} ({error})",
+                        manager=manager.describe(),
+                        what=what,
+                        error=exc,
+                    )
+                    self.drop()
+                    return
+                if argument is not None:
+                    getattr(self._registry, event)(manager, argument)
+                    return
         super().ampBoxReceived(box)
 
     def locateResponder(self, name: bytes) -> Any:
@@ -324,3 +315,12 @@ class ManagerConnectionFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> ManagerConnection:
         return ManagerConnection(self._registry)
+
+
+#: Unanswered commands read without AMP's dispatch: the command, the
+#: registry's method given ``(manager, its argument)``, and what it is (for
+#: the warning when a box cannot be read).
+_FAST_COMMANDS: Dict[Any, Tuple[Type[amp.Command], str, str]] = {
+    SendResults.commandName: (SendResults, "results_received", "batch of results"),
+    TasksStarted.commandName: (TasksStarted, "tasks_started", "report of started tasks"),
+}

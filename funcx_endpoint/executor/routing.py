@@ -12,9 +12,10 @@ routing: a task goes only to managers of its own container type, to the least
 loaded (tasks held per worker), ties to the manager that registered first: one
 task at a time while that manager has idle workers, then, once all its workers
 are busy, a chunk of one task per worker for its prefetch (fewer, bigger
-batches when many managers share a turn's tasks).  With ``worker_mode="no_container"`` every task is of type
-``RAW`` whatever container it names (funcX: "hard and soft routing are the
-same: any free worker").  With the endpoint-wide form of containers
+batches when many managers share a turn's tasks).  With
+``worker_mode="no_container"`` every task is of type ``RAW`` whatever container
+it names (funcX: "hard and soft routing are the same: any free worker").  With
+the endpoint-wide form of containers
 (``container_uri``: every worker runs one image) every task is of that one type.
 
 Soft routing (``scheduler_mode="soft"``) is :class:`~funcx_endpoint.executor.
