@@ -155,6 +155,17 @@ class StatePublisherTests(SynchronousTestCase):
         self.clock.advance(10)
         self.assertEqual(len(self.sent), 2)  # nothing new, nothing sent
 
+    def test_at_most_max_tasks_per_message(self) -> None:
+        self.states.max_tasks = 2
+        ids = [new_id() for _ in range(3)]
+        for task_id in ids:
+            self.states.transition(task_id, TaskTransition(1, "running", "manager"))
+        self.clock.advance(0.25)
+        self.assertEqual([list(m.task_statuses) for m in self.sent], [ids[:2]])
+        # The rest, already settled, goes a quarter interval later.
+        self.clock.advance(0.0625)
+        self.assertEqual([list(m.task_statuses) for m in self.sent], [ids[:2], ids[2:]])
+
     def test_a_stream_of_short_tasks_sends_nothing(self) -> None:
         for _ in range(100):
             task_id = new_id()
