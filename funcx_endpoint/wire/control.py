@@ -23,12 +23,12 @@ import uuid
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Union
 
 from funcx_endpoint.wire.errors import MessageError
-from funcx_endpoint.wire.fields import _dict, _list, _optional_str, _Record, _required, _show, _uuid
+from funcx_endpoint.wire.fields import _list, _optional_str, _Record, _required, _show, _uuid
 from funcx_endpoint.wire.states import (
     TaskTransition,
-    _check_transitions,
-    _transitions_from_wire,
-    _transitions_to_wire,
+    _check_statuses,
+    _statuses_from_wire,
+    _statuses_to_wire,
 )
 
 __all__ = [
@@ -56,31 +56,22 @@ class TaskStatesMessage(_Record):
         task_statuses: Mapping[str, Sequence[TaskTransition]],
     ) -> None:
         self.endpoint_id: str = _uuid(endpoint_id, "endpoint_id")
-        statuses: Dict[str, List[TaskTransition]] = {}
-        for key, transitions in task_statuses.items():
-            task_id = _uuid(key, "task_statuses key")
-            statuses[task_id] = _check_transitions(transitions, f"task_statuses[{task_id!r}]")
-        self.task_statuses = statuses
+        self.task_statuses = _check_statuses(task_statuses, _task_id)
 
     def to_wire(self) -> Dict[str, Any]:
         return {
             "endpoint_id": self.endpoint_id,
-            "task_statuses": {
-                task_id: _transitions_to_wire(transitions)
-                for task_id, transitions in self.task_statuses.items()
-            },
+            "task_statuses": _statuses_to_wire(self.task_statuses),
         }
 
     @classmethod
     def from_wire(cls, data: Dict[str, Any]) -> TaskStatesMessage:
-        statuses = _dict(_required(data, "task_statuses", "data"), "task_statuses")
-        return cls(
-            _required(data, "endpoint_id", "data"),
-            {
-                key: _transitions_from_wire(value, f"task_statuses[{key!r}]")
-                for key, value in statuses.items()
-            },
-        )
+        statuses = _statuses_from_wire(data)
+        return cls(_required(data, "endpoint_id", "data"), statuses)
+
+
+def _task_id(key: Any) -> str:
+    return _uuid(key, "task_statuses key")
 
 
 class EndpointCommand(_Record):

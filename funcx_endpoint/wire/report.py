@@ -7,15 +7,15 @@ Part of the queue messages of :mod:`funcx_endpoint.wire.messages`
 from __future__ import annotations
 
 import uuid
-from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence, Union
 
 from funcx_endpoint.wire.errors import MessageError
 from funcx_endpoint.wire.fields import _MISSING, _dict, _Record, _required, _show, _uuid
 from funcx_endpoint.wire.states import (
     TaskTransition,
-    _check_transitions,
-    _transitions_from_wire,
-    _transitions_to_wire,
+    _check_statuses,
+    _statuses_from_wire,
+    _statuses_to_wire,
 )
 
 __all__ = ["EPStatusReport"]
@@ -44,11 +44,7 @@ class EPStatusReport(_Record):
         if not isinstance(global_state, Mapping):
             raise MessageError(f"global_state must be a mapping, got {_show(global_state)}")
         self.global_state: Dict[str, Any] = dict(global_state)
-        statuses: Dict[str, List[TaskTransition]] = {}
-        for key, transitions in (task_statuses or {}).items():
-            task_id = _task_status_key(key)
-            statuses[task_id] = _check_transitions(transitions, f"task_statuses[{task_id!r}]")
-        self.task_statuses = statuses
+        self.task_statuses = _check_statuses(task_statuses or {}, _task_status_key)
 
     @classmethod
     def final(cls, endpoint_id: Union[str, uuid.UUID]) -> EPStatusReport:
@@ -65,10 +61,7 @@ class EPStatusReport(_Record):
         return {
             "endpoint_id": self.endpoint_id,
             "global_state": self.global_state,
-            "task_statuses": {
-                task_id: _transitions_to_wire(transitions)
-                for task_id, transitions in self.task_statuses.items()
-            },
+            "task_statuses": _statuses_to_wire(self.task_statuses),
         }
 
     @classmethod
@@ -79,15 +72,8 @@ class EPStatusReport(_Record):
         global_state = data.get("global_state", data.get("ep_status_report", _MISSING))
         if global_state is _MISSING:
             raise MessageError("data has no 'global_state' field")
-        statuses = _dict(_required(data, "task_statuses", "data"), "task_statuses")
-        return cls(
-            endpoint_id,
-            _dict(global_state, "global_state"),
-            {
-                key: _transitions_from_wire(value, f"task_statuses[{key!r}]")
-                for key, value in statuses.items()
-            },
-        )
+        statuses = _statuses_from_wire(data)
+        return cls(endpoint_id, _dict(global_state, "global_state"), statuses)
 
 
 def _task_status_key(key: Any) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import Any, Dict, List, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Sequence, Union
 
 from funcx_endpoint.wire.errors import MessageError
 from funcx_endpoint.wire.fields import _dict, _int, _list, _Record, _required, _show
@@ -116,3 +116,30 @@ def _check_transitions(value: Any, field: str) -> List[TaskTransition]:
         if type(item) is not TaskTransition:
             raise MessageError(f"{field} must hold TaskTransitions, got {_show(item)}")
     return value
+
+
+def _check_statuses(
+    value: Mapping[Any, Sequence[TaskTransition]], task_id_of: Callable[[Any], str]
+) -> Dict[str, List[TaskTransition]]:
+    """A message's ``task_statuses`` checked: keys made task ids by ``task_id_of``,
+    values lists of TaskTransitions."""
+    statuses: Dict[str, List[TaskTransition]] = {}
+    for key, transitions in value.items():
+        task_id = task_id_of(key)
+        statuses[task_id] = _check_transitions(transitions, f"task_statuses[{task_id!r}]")
+    return statuses
+
+
+def _statuses_to_wire(
+    statuses: Mapping[str, Sequence[TaskTransition]],
+) -> Dict[str, List[Dict[str, Any]]]:
+    return {task_id: _transitions_to_wire(transitions) for task_id, transitions in statuses.items()}
+
+
+def _statuses_from_wire(data: Dict[str, Any]) -> Dict[str, List[TaskTransition]]:
+    """The (required) ``task_statuses`` of a message's ``data``, decoded."""
+    statuses = _dict(_required(data, "task_statuses", "data"), "task_statuses")
+    return {
+        key: _transitions_from_wire(value, f"task_statuses[{key!r}]")
+        for key, value in statuses.items()
+    }
