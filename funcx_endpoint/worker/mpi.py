@@ -55,37 +55,35 @@ MPI_VARIABLES = (
 )
 
 
+def _counts(
+    spec: Mapping[str, int], nodes: Sequence[str], ranks: str, per_node: str, hosts: str
+) -> List[str]:
+    """The ranks, the ranks per node and the comma-separated nodes, each after
+    the launcher's flag for it."""
+    return [
+        ranks,
+        str(spec["num_ranks"]),
+        per_node,
+        str(spec["ranks_per_node"]),
+        hosts,
+        ",".join(nodes),
+    ]
+
+
 def _srun(spec: Mapping[str, int], nodes: Sequence[str]) -> List[str]:
     # --overlap: the managers' own job step (srun of SrunLauncher) holds the
     # nodes' CPUs; without it the step would wait for them forever.  The
     # counts are all explicit: the managers' step leaves SLURM_NTASKS and
     # friends in the environment, which srun would otherwise take.
-    return [
-        "srun",
-        "--overlap",
-        "--nodes",
-        str(spec["num_nodes"]),
-        "--ntasks",
-        str(spec["num_ranks"]),
-        "--ntasks-per-node",
-        str(spec["ranks_per_node"]),
-        "--nodelist",
-        ",".join(nodes),
-    ]
+    return ["srun", "--overlap", "--nodes", str(spec["num_nodes"])] + _counts(
+        spec, nodes, "--ntasks", "--ntasks-per-node", "--nodelist"
+    )
 
 
 def _mpiexec(spec: Mapping[str, int], nodes: Sequence[str]) -> List[str]:
     # MPICH's and Intel MPI's Hydra (inside a Slurm job it starts its
     # proxies with srun: see SLURM_OVERLAP in mpi_environment).
-    return [
-        "mpiexec",
-        "-n",
-        str(spec["num_ranks"]),
-        "-ppn",
-        str(spec["ranks_per_node"]),
-        "-hosts",
-        ",".join(nodes),
-    ]
+    return ["mpiexec"] + _counts(spec, nodes, "-n", "-ppn", "-hosts")
 
 
 def _mpirun(spec: Mapping[str, int], nodes: Sequence[str]) -> List[str]:
@@ -104,15 +102,7 @@ def _mpirun(spec: Mapping[str, int], nodes: Sequence[str]) -> List[str]:
 
 def _aprun(spec: Mapping[str, int], nodes: Sequence[str]) -> List[str]:
     # Cray ALPS: -N ranks per node, -L the node list.
-    return [
-        "aprun",
-        "-n",
-        str(spec["num_ranks"]),
-        "-N",
-        str(spec["ranks_per_node"]),
-        "-L",
-        ",".join(nodes),
-    ]
+    return ["aprun"] + _counts(spec, nodes, "-n", "-N", "-L")
 
 
 #: The launchers ``mpi_launcher`` may name, and how each builds its prefix.
