@@ -31,6 +31,7 @@ Only the standard library is used: this runs in the worker.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -46,24 +47,17 @@ WALLTIME_RETURNCODE = 124
 KILL_GRACE = 2.0
 
 
+@dataclasses.dataclass(repr=False, eq=False)
 class ShellResult:
     """What a :class:`ShellFunction` call did: its command line, return code,
     and the ends of its stdout and stderr."""
 
-    def __init__(
-        self,
-        cmd: str,
-        stdout: str,
-        stderr: str,
-        returncode: int,
-        exception_name: Optional[str] = None,
-    ) -> None:
-        self.cmd = cmd
-        self.stdout = stdout
-        self.stderr = stderr
-        self.returncode = returncode
-        #: ``"subprocess.TimeoutExpired"`` when the walltime ended it, else None.
-        self.exception_name = exception_name
+    cmd: str
+    stdout: str
+    stderr: str
+    returncode: int
+    #: ``"subprocess.TimeoutExpired"`` when the walltime ended it, else None.
+    exception_name: Optional[str] = None
 
     def __repr__(self) -> str:
         return (
