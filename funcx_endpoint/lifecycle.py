@@ -8,7 +8,7 @@
 * :data:`exit_status`: the code a foreground run should exit with.
 * :class:`Phase`: where a daemon is in its life.
 * :func:`start_loop`, :func:`stop_loop`: a part's periodic call, on the
-  clock the part was given.
+  clock the part was given; :func:`cancel_call`: a part's pending delayed call.
 
 Exit codes are BSD sysexits.
 """
@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Optional
 
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -159,6 +159,12 @@ def stop_loop(loop: Optional[LoopingCall]) -> None:
     """Stop ``loop`` if it runs (None: there is none)."""
     if loop is not None and loop.running:
         loop.stop()
+
+
+def cancel_call(call: Optional[IDelayedCall]) -> None:
+    """Cancel ``call`` if it is still pending (None: there is none)."""
+    if call is not None and call.active():
+        call.cancel()
 
 
 class PeriodicService(Service):

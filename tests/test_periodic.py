@@ -1,4 +1,5 @@
-"""lifecycle.PeriodicService: calls on the clock while running, a failure ends them."""
+"""lifecycle.PeriodicService: calls on the clock while running, a failure ends them;
+lifecycle.cancel_call."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import List
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from funcx_endpoint.lifecycle import PeriodicService
+from funcx_endpoint.lifecycle import PeriodicService, cancel_call
 
 
 class Counting(PeriodicService):
@@ -51,3 +52,19 @@ class PeriodicServiceTests(SynchronousTestCase):
         self.clock.advance(5.0)
         self.assertEqual(service.calls, [1.0, 2.0])
         service.stopService()  # after the loop ended on its own: nothing to stop
+
+
+class CancelCallTests(SynchronousTestCase):
+    def test_cancels_a_pending_call_and_passes_over_the_rest(self) -> None:
+        clock = Clock()
+        called: List[str] = []
+        pending = clock.callLater(1.0, called.append, "pending")
+        done = clock.callLater(0.5, called.append, "done")
+        clock.advance(0.5)
+        cancel_call(pending)
+        cancel_call(done)  # already called: not active, nothing to do
+        cancel_call(pending)  # already cancelled
+        cancel_call(None)
+        clock.advance(5.0)
+        self.assertEqual(called, ["done"])
+        self.assertEqual(clock.getDelayedCalls(), [])

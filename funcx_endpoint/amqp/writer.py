@@ -9,6 +9,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 
 from funcx_endpoint.amqp.codec import Buffer
+from funcx_endpoint.lifecycle import cancel_call
 
 __all__ = ["CoalescingWriter"]
 
@@ -50,8 +51,7 @@ class CoalescingWriter:
 
     def stop(self) -> None:
         """Cancel the pending flush (the connection is gone)."""
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
+        cancel_call(self._flush_call)
         self._flush_call = None
 
     def _flush(self) -> None:

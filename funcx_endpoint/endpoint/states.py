@@ -33,6 +33,7 @@ from zope.interface import implementer
 
 from funcx_endpoint.endpoint.broker_info import BrokerInfo
 from funcx_endpoint.executor.interface import ITaskStateListener
+from funcx_endpoint.lifecycle import cancel_call
 from funcx_endpoint.wire import TASK_STATES, Message, TaskStatesMessage, TaskTransition
 
 __all__ = ["TaskStatePublisher"]
@@ -96,8 +97,7 @@ class TaskStatePublisher:
     def flush(self) -> None:
         """Send the states that lasted ``interval`` so far; look again later if
         others are pending."""
-        if self._call is not None and self._call.active():
-            self._call.cancel()
+        cancel_call(self._call)
         self._call = None
         latest = self._latest
         if not latest:
@@ -133,7 +133,6 @@ class TaskStatePublisher:
 
     def stop(self) -> None:
         """Drop what is pending (a last status report follows) and the timer."""
-        if self._call is not None and self._call.active():
-            self._call.cancel()
+        cancel_call(self._call)
         self._call = None
         self._latest.clear()

@@ -26,6 +26,8 @@ from typing import Callable, Dict, Optional, Set
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+from funcx_endpoint.lifecycle import cancel_call
+
 __all__ = ["DRAINED_BLOCKS_KEPT", "BlockPauses"]
 
 #: Draining blocks remembered (the most recent ones): a block long ended is forgotten.
@@ -85,8 +87,7 @@ class BlockPauses:
 
     def stop(self) -> None:
         """Cancel the holdoff timer (the dispatcher is stopping)."""
-        if self._call is not None and self._call.active():
-            self._call.cancel()
+        cancel_call(self._call)
         self._call = None
 
     def _holdoff_ended(self) -> None:

@@ -16,6 +16,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from funcx_endpoint.executor.interface import IResultSink
+from funcx_endpoint.lifecycle import cancel_call
 from funcx_endpoint.wire import PackedResult, TaskTransition
 
 __all__ = ["TaskOutbox"]
@@ -82,8 +83,7 @@ class TaskOutbox:
 
     def deliver(self) -> None:
         """Hand the results ready so far to the result sink, in one batch."""
-        if self._deliver_call is not None and self._deliver_call.active():
-            self._deliver_call.cancel()
+        cancel_call(self._deliver_call)
         self._deliver_call = None
         ready, self._ready = self._ready, []
         if not ready:

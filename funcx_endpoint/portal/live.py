@@ -19,6 +19,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.web import server
 
+from funcx_endpoint.lifecycle import cancel_call
+
 __all__ = ["LiveHub", "Stream"]
 
 #: How soon after a wake-up a stream reads (wake-ups within it are one read).
@@ -112,8 +114,7 @@ class Stream:
     def _stop(self) -> None:
         self.closed = True
         self._hub.streams.discard(self)
-        if self._call is not None and self._call.active():
-            self._call.cancel()
+        cancel_call(self._call)
         self._call = None
 
     def _schedule(self, delay: float) -> None:

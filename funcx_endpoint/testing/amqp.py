@@ -51,6 +51,7 @@ from funcx_endpoint.amqp.codec import encode_properties
 from funcx_endpoint.amqp.connection import AMQPURL, AMQPError
 from funcx_endpoint.amqp.interfaces import IAMQPChannel, IAMQPClient, IAMQPConnectionService
 from funcx_endpoint.amqp.spec import load_spec
+from funcx_endpoint.lifecycle import cancel_call
 from funcx_endpoint.observer import OneShotObserver, fire_all
 
 __all__ = [
@@ -558,8 +559,7 @@ class FakeChannel:
             return
         self.closed = True
         self.reason = reason
-        if self._closing is not None and self._closing.active():
-            self._closing.cancel()
+        cancel_call(self._closing)
         if not self.half_open:
             self.broker_forget()
         pending, self._pending = self._pending, []

@@ -30,6 +30,7 @@ from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
+from funcx_endpoint.lifecycle import cancel_call
 from funcx_endpoint.testing.kubeapi import KubeApiStub
 
 __all__ = ["LocalKubelet"]
@@ -66,8 +67,7 @@ class _Container(ProcessProtocol):
             code = getattr(value, "exitCode", None)
             sig = getattr(value, "signal", None)
             self.exit_code = code if code is not None else 128 + int(sig or 9)
-        if self.kill_call is not None and self.kill_call.active():
-            self.kill_call.cancel()
+        cancel_call(self.kill_call)
         self.kubelet._ended(self)
         self.ended.callback(None)
 
@@ -196,8 +196,7 @@ class LocalKubelet:
         waits = []
         for proto in list(self.running.values()):
             self._signal(proto, signal.SIGTERM, group=False)
-            if proto.kill_call is not None and proto.kill_call.active():
-                proto.kill_call.cancel()
+            cancel_call(proto.kill_call)
             proto.kill_call = self.reactor.callLater(grace, self._signal, proto, signal.SIGKILL)
             waits.append(proto.ended)
         if not waits:

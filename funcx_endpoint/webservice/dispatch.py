@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 
 from funcx_endpoint.amqp import topology
 from funcx_endpoint.amqp.publisher import PublishFailed
+from funcx_endpoint.lifecycle import cancel_call, stop_loop
 from funcx_endpoint.webservice.broker import IServiceBroker
 from funcx_endpoint.webservice.management import BrokerUnavailable
 from funcx_endpoint.webservice.storage import (
@@ -152,11 +153,9 @@ class TaskSender(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        if self._loop.running:
-            self._loop.stop()
-        for call in (self._flush_call, self._kick_call):
-            if call is not None and call.active():
-                call.cancel()
+        stop_loop(self._loop)
+        cancel_call(self._flush_call)
+        cancel_call(self._kick_call)
         self._flush_call = self._kick_call = None
         # Record what was confirmed; anything else is sent again at the next start.
         return Deferred.fromCoroutine(self._flush_marks())
