@@ -16,6 +16,7 @@ from twisted.logger import Logger
 
 from funcx_endpoint.amqp.codec import FRAME_HEARTBEAT, encode_frame
 from funcx_endpoint.amqp.writer import CoalescingWriter
+from funcx_endpoint.lifecycle import stop_loop
 
 __all__ = ["Heartbeats"]
 
@@ -66,8 +67,7 @@ class Heartbeats:
     def stop(self) -> None:
         """Stop the checks."""
         for call in self._calls:
-            if call.running:
-                call.stop()
+            stop_loop(call)
         self._calls = []
 
     def _maybe_send(self) -> None:

@@ -42,6 +42,7 @@ from funcx_endpoint.executor.providers.base import (
     JobStatus,
     SubmitError,
 )
+from funcx_endpoint.lifecycle import stop_loop
 from funcx_endpoint.observer import fresh_result
 
 __all__ = ["BLOCK_ID", "Block", "BlockScaler", "manager_is_idle"]
@@ -228,8 +229,7 @@ class BlockScaler(Service):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
-        if self._poller is not None and self._poller.running:
-            self._poller.stop()
+        stop_loop(self._poller)
         self._poller = None
         if self._polling is not None:
             await fresh_result(self._polling)

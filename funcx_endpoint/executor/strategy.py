@@ -79,7 +79,7 @@ from funcx_endpoint.executor.degraded import DegradedBlocks
 from funcx_endpoint.executor.interface import ILoadSource, ManagerInfo
 from funcx_endpoint.executor.providers.local import provider_from_config
 from funcx_endpoint.executor.walltime import WalltimeWatch, drain_margin
-from funcx_endpoint.lifecycle import IStatusPart
+from funcx_endpoint.lifecycle import IStatusPart, stop_loop
 from funcx_endpoint.observer import fresh_result
 from funcx_endpoint.wire.errors import ErrorCode
 
@@ -168,8 +168,7 @@ class SimpleStrategy(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        stop_loop(self._loop)
         self._loop = None
         ticking = self._ticking
         if ticking is None:

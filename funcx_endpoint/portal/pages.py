@@ -32,6 +32,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from funcx_endpoint.lifecycle import stop_loop
 from funcx_endpoint.portal import store, views
 from funcx_endpoint.portal.live import LiveHub, Stream
 from funcx_endpoint.portal.sessions import COOKIE, Sessions, set_cookie
@@ -136,8 +137,7 @@ class Portal(Service):
 
     def stopService(self) -> None:
         super().stopService()
-        if self._purge is not None and self._purge.running:
-            self._purge.stop()
+        stop_loop(self._purge)
         self.hub.close_all()
 
     async def _purge_sessions(self) -> None:

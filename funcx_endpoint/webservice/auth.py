@@ -38,6 +38,7 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
+from funcx_endpoint.lifecycle import stop_loop
 from funcx_endpoint.webservice.http import APIError, Call, Router, bad_request
 from funcx_endpoint.webservice.ratelimit import LoginGuard
 from funcx_endpoint.webservice.storage import Client, Storage, TokenInfo
@@ -454,8 +455,7 @@ class TokenPurger(Service):
 
     def stopService(self) -> None:
         super().stopService()
-        if self._loop.running:
-            self._loop.stop()
+        stop_loop(self._loop)
 
     def purge(self) -> Deferred[int]:
         """Purge once; fires with how many tokens were forgotten (0 if that failed)."""
