@@ -121,16 +121,18 @@ def reference_assign(
     container_type: str, count: int, managers: Sequence[Load]
 ) -> List[Tuple[Load, int]]:
     """The policy without its index: a heap over every candidate, built for each
-    call (the behaviour the index must keep).  A manager whose workers are all
-    busy takes a chunk of one task per worker (as its room allows)."""
+    call (the behaviour the index must keep).  A manager with idle workers takes
+    up to half its workers' worth a pick; one whose workers are all busy takes a
+    chunk of one task per worker (as its room allows)."""
     candidates = [m for m in managers if m.container_type == container_type and m.held < m.capacity]
     heap = [(m.held / max(m.worker_count, 1), m.sequence, m.held, m) for m in candidates]
     heapq.heapify(heap)
     given: Dict[int, int] = {}
     while count and heap:
         _, sequence, held, manager = heap[0]
-        step = 1
-        if held >= manager.worker_count:
+        if held < manager.worker_count:
+            step = min(count, manager.worker_count - held, (manager.worker_count + 1) // 2)
+        else:
             step = max(1, min(count, manager.worker_count, manager.capacity - held))
         given[sequence] = given.get(sequence, 0) + step
         count -= step
@@ -265,8 +267,27 @@ class LeastLoadedIndexTests(SynchronousTestCase):
         self.assertEqual(self.policy.assign("c1", 2), [(typed, 2)])
         self.assertEqual(self.policy.assign(RAW, 1), [(raw, 1)])
 
+    def test_idle_managers_take_half_their_workers_a_pick(self) -> None:
+        # A few tasks over many idle managers: several to a manager (one message
+        # carries them), not one each to as many managers as there are tasks.
+        a, b, c = Load(1, 8), Load(2, 8), Load(3, 8)
+        for manager in (a, b, c):
+            self.policy.update(manager)
+        self.assertEqual(self.policy.assign(RAW, 6), [(a, 4), (b, 2)])
+        a.held, b.held = 4, 2
+        for manager in (a, b):
+            self.policy.update(manager)
+        # c (idle) first, then b (2 of 8), then a and b tie at half: a, older.
+        self.assertEqual(self.policy.assign(RAW, 12), [(c, 4), (b, 4), (a, 4)])
+        # One worker, or two: one task a pick, as before.
+        single, pair = Load(4, 1), Load(5, 2)
+        policy = LeastLoadedRouting()
+        policy.update(single)
+        policy.update(pair)
+        self.assertEqual(policy.assign(RAW, 2), [(single, 1), (pair, 1)])
+
     def test_busy_managers_take_chunks(self) -> None:
-        # Idle workers first, one task at a time; once every worker of a manager
+        # Idle workers first, half a manager's workers a pick; once every worker of a manager
         # is busy, its prefetch fills a chunk of one task per worker at a time.
         a, b = Load(1, 4, prefetch=2), Load(2, 4, prefetch=2)  # capacity 12 each
         self.policy.update(a)
