@@ -38,7 +38,6 @@ import attr
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from zope.interface import Attribute, Interface, implementer
 
-from funcx_endpoint.lifecycle import cancel_call
 from funcx_endpoint.manager.containers import WorkerImage
 
 __all__ = [
@@ -188,13 +187,14 @@ class ImageHealth:
     def succeeded(self, image: WorkerImage) -> None:
         """A worker of ``image`` started: its record is cleared."""
         failure = self._failed.pop(image, None)
-        if failure is not None:
-            cancel_call(failure.call)
+        if failure is not None and failure.call is not None and failure.call.active():
+            failure.call.cancel()
 
     def stop(self) -> None:
         """Cancel the pending retry calls."""
         for failure in self._failed.values():
-            cancel_call(failure.call)
+            if failure.call is not None and failure.call.active():
+                failure.call.cancel()
             failure.call = None
 
 

@@ -15,7 +15,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
-from funcx_endpoint.lifecycle import cancel_call
 from funcx_endpoint.manager.slots import WorkerSlot
 
 __all__ = ["PoolStop"]
@@ -65,8 +64,10 @@ class PoolStop:
         """Fire the waiters if stopping and no worker is alive any more."""
         if not self.started or self._alive():
             return
-        cancel_call(self._kill_call)
-        self._kill_call = None
+        if self._kill_call is not None:
+            if self._kill_call.active():
+                self._kill_call.cancel()
+            self._kill_call = None
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(None)
