@@ -21,12 +21,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from funcx_endpoint import tls
 from funcx_endpoint.testing.inprocess import InProcessService
-from funcx_endpoint.webservice.http import APIResource, JSONSite, Router
+from funcx_endpoint.webservice.http import APIResource, JSONSite, Router, WarningBudget
 
 
 def _answer(site: JSONSite, raw: bytes) -> Tuple[bytes, bool]:
@@ -213,6 +213,53 @@ class BadHeadTests(SynchronousTestCase):
         status, _ = _status_and_body(transport.value())
         self.assertEqual(status, 400)
         self.assertEqual(len(warnings), 1)
+
+
+class RefusalBudgetTests(SynchronousTestCase):
+    """A flood of bad heads: each is answered 400, but the log gets the first 20
+    of a minute, one line saying the rest are counted, and their count."""
+
+    def refuse(self, site: JSONSite, times: int) -> None:
+        for _ in range(times):
+            protocol = site.buildProtocol(None)
+            transport = StringTransport()
+            protocol.makeConnection(transport)
+            protocol.dataReceived(b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n")
+            status, answer = _status_and_body(transport.value())
+            self.assertEqual((status, answer["code"]), (400, "BAD_REQUEST"))
+
+    def test_flood_logged_within_budget(self) -> None:
+        warnings = _warnings(self)
+        clock = Clock()
+        site = JSONSite(APIResource(Router(), None), 1024, clock)  # type: ignore[arg-type]
+        site.timeOut = None
+        self.refuse(site, 25)
+        texts = [formatEvent(e) for e in warnings]
+        self.assertEqual(len([t for t in texts if t.startswith("Request head refused")]), 20)
+        self.assertEqual(len([t for t in texts if t.startswith("More than 20 refused")]), 1)
+        self.assertEqual(len(texts), 21)
+        # The next minute: the count of the 5 not logged, then one by one again.
+        clock.advance(60)
+        self.refuse(site, 1)
+        self.assertIn(
+            "5 more refused request heads were not logged one by one", formatEvent(warnings[21])
+        )
+        self.assertTrue(formatEvent(warnings[22]).startswith("Request head refused"))
+        # 1 + 21 in this period: 2 counted, reported when the site stops.
+        self.refuse(site, 21)
+        site.doStart()
+        site.doStop()
+        self.assertIn("2 more refused request heads were not logged", formatEvent(warnings[-1]))
+
+    def test_budget_alone(self) -> None:
+        clock = Clock()
+        budget = WarningBudget("things", clock, burst=2, period=10.0)
+        self.assertEqual([budget.admit() for _ in range(4)], [True, True, False, False])
+        clock.advance(9.9)
+        self.assertFalse(budget.admit())
+        clock.advance(0.1)
+        self.assertTrue(budget.admit())
+        budget.close()  # nothing counted in this period: nothing to say
 
 
 class BadHeadOverTLSTests(TestCase):

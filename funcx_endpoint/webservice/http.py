@@ -18,18 +18,30 @@ import io
 import json
 import math
 import re
-from typing import Any, Awaitable, Callable, Dict, FrozenSet, List, Optional, Pattern, Tuple
+from typing import (
+    Any,
+    Awaitable,
+    Callable,
+    Dict,
+    FrozenSet,
+    List,
+    Optional,
+    Pattern,
+    Tuple,
+    cast,
+)
 from urllib.parse import unquote
 
 import attr
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
-__all__ = ["APIError", "Call", "JSONSite", "Router", "error_body"]
+__all__ = ["APIError", "Call", "JSONSite", "Router", "WarningBudget", "error_body"]
 
 #: Bodies up to this size are parsed on the reactor thread, bigger ones in a thread.
 _INLINE_PARSE = 256 * 1024
@@ -217,12 +229,14 @@ class JSONChannel(http.HTTPChannel):
         if self._closing:
             return
         peer = getattr(self.transport.getPeer(), "host", None) if self.transport else None
-        self.log.warn(
-            "Request head refused ({status} {code}) from {peer}",
-            status=status,
-            code=code,
-            peer=peer,
-        )
+        refusals = getattr(self.factory, "refusals", None)
+        if refusals is None or refusals.admit():
+            self.log.warn(
+                "Request head refused ({status} {code}) from {peer}",
+                status=status,
+                code=code,
+                peer=peer,
+            )
         body = json.dumps(error_body(status, code, message), separators=(",", ":")).encode()
         transport: Any = self.transport
         transport.write(
@@ -234,17 +248,86 @@ class JSONChannel(http.HTTPChannel):
         self.loseConnection()
 
 
+class WarningBudget:
+    """How many warnings of one kind are logged: the first ``burst`` in each
+    ``period`` seconds one by one, the rest counted.
+
+    :meth:`admit` says whether to log one; the first time it says no in a
+    period it logs that the rest are counted, and the count is logged when the
+    next period's first warning comes, or at :meth:`close`.  A flood of bad
+    requests then writes a few lines a minute, not one per connection.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self, what: str, clock: IReactorTime, burst: int = 20, period: float = 60.0
+    ) -> None:
+        self.what = what
+        self.clock = clock
+        self.burst = burst
+        self.period = period
+        self._ends = -math.inf  # when the current period ends
+        self._logged = 0
+        self._counted = 0
+
+    def admit(self) -> bool:
+        now = self.clock.seconds()
+        if now >= self._ends:
+            self.close()
+            self._ends = now + self.period
+            self._logged = 0
+        if self._logged < self.burst:
+            self._logged += 1
+            return True
+        if self._counted == 0:
+            self.log.warn(
+                "More than {burst} {what} in {period:g} s: the rest of this period's "
+                "are counted, not logged one by one",
+                burst=self.burst,
+                what=self.what,
+                period=self.period,
+            )
+        self._counted += 1
+        return False
+
+    def close(self) -> None:
+        """Log the count of the warnings not logged (if any)."""
+        if self._counted:
+            self.log.warn(
+                "{count} more {what} were not logged one by one",
+                count=self._counted,
+                what=self.what,
+            )
+            self._counted = 0
+
+
 class JSONSite(server.Site):
-    """A site with :class:`LimitedRequest`\\ s and no access log (it costs at high rates)."""
+    """A site with :class:`LimitedRequest`\\ s and no access log (it costs at high rates).
+
+    Refused request heads are logged within a :class:`WarningBudget` (on
+    ``clock``, the reactor's by default).
+    """
 
     requestFactory = LimitedRequest
     # HTTP/1.1 only (the TLS options offer no h2), with the long-line answer above.
     protocol = JSONChannel  # type: ignore[assignment]
 
-    def __init__(self, resource: Resource, max_body: int) -> None:
+    def __init__(
+        self, resource: Resource, max_body: int, clock: Optional[IReactorTime] = None
+    ) -> None:
         super().__init__(resource)
         self.max_body = max_body
         self.displayTracebacks = False
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = cast(IReactorTime, reactor)
+        self.refusals = WarningBudget("refused request heads", clock)
+
+    def stopFactory(self) -> None:
+        self.refusals.close()
+        super().stopFactory()
 
     def log(self, request: Any) -> None:
         pass

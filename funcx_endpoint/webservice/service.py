@@ -201,7 +201,7 @@ class WebService(MultiService):
         # Listen first: a taken port fails the start at once, before a broker
         # boots; until the service is ready every call is answered 503.
         self._root = _Switch()
-        site = JSONSite(self._root, settings.max_request_size)
+        site = JSONSite(self._root, settings.max_request_size, self._clock)
         self._factory = _TrackingFactory(site)
         self.port = self._listen(self._factory, cert_options)
         port_number = int(getattr(self.port.getHost(), "port", settings.port))
