@@ -447,6 +447,25 @@ class ServiceTests(ClockedServiceTestCase):
         code, task = self.call("GET", f"/v2/tasks/{task_id}")
         self.assertEqual(task_record(task_id, task)["status"], "cancelled")
 
+    def test_sdk_record_says_attempts(self) -> None:
+        from funcx_endpoint.wire import ActorName, TaskState, serialize
+
+        endpoint_id = self.endpoint()
+        [task_id] = self.submit(endpoint_id)
+        code, task = self.call("GET", f"/v2/tasks/{task_id}")
+        self.assertNotIn("attempts", task_record(task_id, task))  # not known while pending
+        # Sent to a manager, lost with it, sent to another: two attempts.
+        launch = TaskTransition(1, TaskState.WAITING_FOR_LAUNCH, ActorName.INTERCHANGE)
+        self.done(
+            self.service.send(endpoint_id, Result.success(task_id, serialize(2), [launch, launch]))
+        )
+        code, task = self.call("GET", f"/v2/tasks/{task_id}")
+        record = task_record(task_id, task)
+        self.assertEqual((record["result"], record["attempts"]), (2, 2))
+        # A funcX service says nothing of attempts: nothing is made up.
+        del task["attempts"]
+        self.assertNotIn("attempts", task_record(task_id, task))
+
 
 class StartReportsTests(SynchronousTestCase):
     """The manager tells the interchange of the tasks still running a moment after

@@ -38,7 +38,9 @@ def task_record(task_id: str, data: Mapping[str, Any]) -> TaskRecord:
     task failed with ``TaskCancelled``); then the record has
     ``completion_t`` and either ``result`` (deserialized) or ``exception``: a
     :class:`TaskExecutionFailed` with the remote traceback text and error
-    code, or the error that kept the result from being deserialized here.
+    code, or the error that kept the result from being deserialized here;
+    ``attempts`` (how many times the endpoint sent it to a manager) when the
+    service says it (ours does; funcX's did not).
     """
     status = str(data.get("status") or "unknown").lower()
     record: TaskRecord = {
@@ -53,6 +55,9 @@ def task_record(task_id: str, data: Mapping[str, Any]) -> TaskRecord:
     worker = data.get("details")
     if isinstance(worker, dict):
         record["details"] = worker  # the environment of the worker that ran it
+    attempts = data.get("attempts")
+    if type(attempts) is int:
+        record["attempts"] = attempts  # times sent to a manager (our service says it)
     if status == "success":
         if "result" not in data:
             record["exception"] = MalformedResponse(
