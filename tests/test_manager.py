@@ -732,6 +732,30 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(len(link.results), 3)
         link.finish()
 
+    def test_held_results_go_once_the_queue_runs_low(self) -> None:
+        link = Link(
+            self,
+            worker_count=2,
+            batch_interval=1.0,
+            executor=HighThroughputExecutor(prefetch_capacity=2),
+        )
+        link.ready()
+        link.interchange.submit([Task(uuid.uuid4(), BUFFER) for _ in range(5)])
+        link.flush()
+        first, second = link.workers()
+        answer(first, sent_tasks(first)[0][0])  # after a quiet period: at once
+        link.flush()
+        self.assertEqual(len(link.results), 1)
+        answer(second, sent_tasks(second)[0][0])  # 2 still queued: held
+        link.flush()
+        self.assertEqual(len(link.results), 1)
+        # 1 queued for 2 workers: the workers will soon wait, so what is held
+        # goes now, not a batch interval after the previous batch.
+        answer(first, sent_tasks(first)[1][0])
+        link.flush()
+        self.assertEqual(len(link.results), 3)
+        link.finish()
+
     def test_connection_lost_stops_manager(self) -> None:
         link = Link(self, worker_count=2)
         link.ready()

@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from funcx_endpoint.manager.batching import ResultBatching
 from funcx_endpoint.manager.containers import (
     NO_CONTAINER,
     RAW,
@@ -191,7 +192,7 @@ class ManagerService(Service):
     _disconnected: Optional[Deferred[None]] = attr.ib(default=None, init=False)
     _heartbeats: Optional[LoopingCall] = attr.ib(default=None, init=False)
     _outbox: List[bytes] = attr.ib(factory=list, init=False)
-    _last_flush: float = attr.ib(default=-1.0, init=False)
+    _batching: ResultBatching = attr.ib(factory=ResultBatching, init=False)
     _flush_call: Optional[IDelayedCall] = attr.ib(default=None, init=False)
     _finishing: bool = attr.ib(default=False, init=False)
     _exit_code: Optional[int] = attr.ib(default=None, init=False)
@@ -471,17 +472,15 @@ class ManagerService(Service):
 
     def _result_ready(self, packed: bytes) -> None:
         self._outbox.append(packed)
+        pool = self.pool
+        queued, workers = (pool.queued, pool.worker_count) if pool is not None else (0, 1)
+        wait = self._batching.wait(
+            self.clock.seconds(), queued, workers, self.settings.batch_interval
+        )
         if self._flush_call is None:
-            wait = self._last_flush + self.settings.batch_interval - self.clock.seconds()
-            pool = self.pool
-            if pool is not None and pool.queued < pool.worker_count:
-                # Workers will soon wait for tasks, which come only once the
-                # interchange has these results: no delay.  (Holding results
-                # while the queue lasts makes big batches under load; the
-                # interchange, which sees the completion rate, makes sure the
-                # queue is refilled in time.)
-                wait = 0.0
-            self._flush_call = self.clock.callLater(max(wait, 0.0), self._flush)
+            self._flush_call = self.clock.callLater(wait, self._flush)
+        elif wait == 0.0:
+            self._flush()  # the workers will soon wait: what is held goes now
 
     def _flush(self) -> None:
         """Send the results gathered so far, in one batch."""
@@ -490,7 +489,7 @@ class ManagerService(Service):
         self._flush_call = None
         if not self._outbox or self.connection is None:
             return
-        self._last_flush = self.clock.seconds()
+        self._batching.last_batch = self.clock.seconds()
         outbox, self._outbox = self._outbox, []
         try:
             send_unanswered(self.connection, SendResults, results=outbox)
