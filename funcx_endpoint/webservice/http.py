@@ -229,8 +229,7 @@ class JSONChannel(http.HTTPChannel):
         if self._closing:
             return
         peer = getattr(self.transport.getPeer(), "host", None) if self.transport else None
-        refusals = getattr(self.factory, "refusals", None)
-        if refusals is None or refusals.admit():
+        if self.factory.refusals.admit():  # a JSONSite's budget
             self.log.warn(
                 "Request head refused ({status} {code}) from {peer}",
                 status=status,
