@@ -30,6 +30,7 @@ from funcx_endpoint.amqp.codec import (
     decode_properties,
     encode_properties,
 )
+from funcx_endpoint.amqp.connection import AMQPURL, AMQPConnectionService, AMQPError
 from funcx_endpoint.amqp.spec import load_spec
 from funcx_endpoint.amqp.spool import ResultSpool
 from funcx_endpoint.endpoint.tasks import Decision, TaskTracker
@@ -360,3 +361,52 @@ class HeartbeatTests(SynchronousTestCase):
         # Then the broker goes quiet.
         self.clock.advance(self.interval * (self.client.MAX_UNSEEN_HEARTBEAT + 1))
         self.assertTrue(self.transport.disconnected)
+
+
+class _PendingEndpoint:
+    """A client endpoint whose connection attempts never finish."""
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        return Deferred()
+
+
+class _ClosingClient:
+    """What ``_setup_failed`` uses of a client: its transport and when it closed."""
+
+    def __init__(self) -> None:
+        self.transport = StringTransport()
+        self.closed: Deferred[None] = Deferred()
+
+    def when_closed(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.closed.addCallback(lambda _: d.callback(None))
+        return d
+
+
+class SetupFailureTests(SynchronousTestCase):
+    def test_stop_on_fatal_waits_for_the_failed_connection(self) -> None:
+        """A fatal set-up error's observers may stop the service at once (the
+        endpoint does on startup): the stop still waits for that connection to
+        close (it once left it open, and a test's reactor dirty)."""
+
+        async def no_setup(client: Any) -> None:
+            return None
+
+        clock = Clock()
+        service = AMQPConnectionService(
+            clock,
+            AMQPURL.parse("amqps://u:p@localhost:5671/"),
+            no_setup,
+            endpoint=_PendingEndpoint(),  # type: ignore[arg-type]
+        )
+        service.startService()
+        client = _ClosingClient()
+        stops: List[Deferred[None]] = []
+        service.when_fatal().addCallback(lambda _: stops.append(service.stopService()))
+        service._setup_failed(client, AMQPError("no queue", 404, fatal=True))  # type: ignore[arg-type]
+        [stopped] = stops
+        self.assertTrue(client.transport.disconnecting)
+        clock.advance(0)
+        self.assertNoResult(stopped)
+        client.closed.callback(None)
+        self.successResultOf(stopped)

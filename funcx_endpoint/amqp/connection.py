@@ -396,6 +396,13 @@ class AMQPConnectionService(Service):
         client.when_closed().addCallback(self._lost, client)
 
     def _setup_failed(self, client: AMQPClient, e: Exception) -> None:
+        if client.transport is not None:
+            # ClientService does not track a connection whose set-up failed:
+            # stopService waits for it to close.  Tracked before a fatal error
+            # is reported: its observers may stop this service at once.
+            self._closing.add(client)
+            client.when_closed().addCallback(lambda _: self._closing.discard(client))
+            client.transport.loseConnection()
         if isinstance(e, AMQPError):
             if e.fatal:
                 self._fail(e)
@@ -410,12 +417,6 @@ class AMQPConnectionService(Service):
             self.log.warn(
                 "AMQP set-up at {url} failed, will retry: {error}", url=self.url.redacted(), error=e
             )
-        if client.transport is not None:
-            # ClientService does not track a connection whose set-up failed:
-            # stopService waits for it to close.
-            self._closing.add(client)
-            client.when_closed().addCallback(lambda _: self._closing.discard(client))
-            client.transport.loseConnection()
 
     def _lost(self, reason: Any, client: AMQPClient) -> None:
         if self.client is client:
