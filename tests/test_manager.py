@@ -708,18 +708,22 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(result.error_details.code, ErrorCode.TASK_CANCELLED)  # type: ignore[union-attr]
         link.finish()
 
-    def test_results_batched(self) -> None:
+    def two_busy_workers(self, prefetch: int, tasks: int) -> Tuple[Link, Any, Any]:
+        """A manager of two workers (batch interval 1 s) given ``tasks`` tasks."""
         link = Link(
             self,
             worker_count=2,
             batch_interval=1.0,
-            executor=HighThroughputExecutor(prefetch_capacity=5),
+            executor=HighThroughputExecutor(prefetch_capacity=prefetch),
         )
         link.ready()
-        tasks = [Task(uuid.uuid4(), BUFFER) for _ in range(8)]
-        link.interchange.submit(tasks)
+        link.interchange.submit([Task(uuid.uuid4(), BUFFER) for _ in range(tasks)])
         link.flush()
         first, second = link.workers()
+        return link, first, second
+
+    def test_results_batched(self) -> None:
+        link, first, second = self.two_busy_workers(prefetch=5, tasks=8)
         answer(first, sent_tasks(first)[0][0])
         link.flush()
         self.assertEqual(len(link.results), 1)  # after a quiet period: at once
@@ -733,16 +737,7 @@ class ServiceTests(SynchronousTestCase):
         link.finish()
 
     def test_held_results_go_once_the_queue_runs_low(self) -> None:
-        link = Link(
-            self,
-            worker_count=2,
-            batch_interval=1.0,
-            executor=HighThroughputExecutor(prefetch_capacity=2),
-        )
-        link.ready()
-        link.interchange.submit([Task(uuid.uuid4(), BUFFER) for _ in range(5)])
-        link.flush()
-        first, second = link.workers()
+        link, first, second = self.two_busy_workers(prefetch=2, tasks=5)
         answer(first, sent_tasks(first)[0][0])  # after a quiet period: at once
         link.flush()
         self.assertEqual(len(link.results), 1)
