@@ -292,6 +292,13 @@ class Harness:
         self.last_answer = answer.result
         return manager
 
+    def submit_one(self) -> Task:
+        """Submit a new task and let it reach the managers."""
+        task = make_task()
+        self.interchange.submit([task])
+        self.flush()
+        return task
+
     def flush(self) -> None:
         for _ in range(5):
             for pump in self.pumps:
@@ -647,9 +654,7 @@ class RegistrationTests(SynchronousTestCase):
     def test_registered_manager_may_send_more(self) -> None:
         harness = Harness(self)
         manager = harness.manager(worker_count=1, prefetch_capacity=0)
-        task = make_task()
-        harness.interchange.submit([task])
-        harness.flush()
+        task = harness.submit_one()
         manager.answer(task.task_id, "y" * (4 * MAX_UNREGISTERED_BYTES))
         harness.flush()
         self.assertFalse(manager.lost)
@@ -842,9 +847,7 @@ class ResultTests(SynchronousTestCase):
     def test_result_with_transitions(self) -> None:
         harness = Harness(self)
         manager = harness.manager()
-        task = make_task()
-        harness.interchange.submit([task])
-        harness.flush()
+        task = harness.submit_one()
         sent = manager.answer(task.task_id, 42)
         harness.flush()
         [result] = harness.results
@@ -882,9 +885,7 @@ class ResultTests(SynchronousTestCase):
         harness = Harness(self)
         honest = harness.manager()
         other = harness.manager()
-        task = make_task()
-        harness.interchange.submit([task])
-        harness.flush()
+        task = harness.submit_one()
         holder, intruder = (honest, other) if honest.task_ids else (other, honest)
         intruder.answer(task.task_id, "injected")
         intruder.answer(str(uuid.uuid4()), "unknown")
@@ -910,9 +911,7 @@ class ResultTests(SynchronousTestCase):
         harness = Harness(self)
         log = CapturedLog(self)
         manager = harness.manager()
-        task = make_task()
-        harness.interchange.submit([task])
-        harness.flush()
+        task = harness.submit_one()
         bad = (
             b'\x01{"message_type":"result","data":{"task_id":"%s","data":"x",'
             b'"error_details":null,"task_statuses":[{"state":"no-such-state",'
@@ -947,9 +946,7 @@ class ResultTests(SynchronousTestCase):
         # here is marked running at the manager's time.
         harness = Harness(self)
         manager = harness.manager()
-        task = make_task()
-        harness.interchange.submit([task])
-        harness.flush()
+        task = harness.submit_one()
         send_unanswered(manager, TasksStarted, started=[(str(task.task_id), 123)])
         harness.flush()
         noted = harness.interchange.dispatcher.outbox.pop_transitions()[str(task.task_id)]
@@ -993,9 +990,7 @@ class LivenessTests(SynchronousTestCase):
     def test_silent_manager_lost_tasks_retried(self) -> None:
         harness = Harness(self)
         silent = harness.manager(manager_id="silent", worker_count=1, prefetch_capacity=0)
-        task = make_task()
-        harness.interchange.submit([task])
-        harness.flush()
+        task = harness.submit_one()
         self.assertEqual(silent.task_ids, [task.task_id])
         talker = harness.manager(manager_id="talker", worker_count=1, prefetch_capacity=0)
         for _ in range(4):
@@ -1117,9 +1112,7 @@ class ScaleInTests(SynchronousTestCase):
     def test_shutdown_busy_manager_retries_its_tasks(self) -> None:
         harness = Harness(self)
         busy = harness.manager(manager_id="busy", worker_count=1, prefetch_capacity=0)
-        task = make_task()
-        harness.interchange.submit([task])
-        harness.flush()
+        task = harness.submit_one()
         harness.interchange.shutdown_manager("busy")
         harness.flush()
         busy.disconnect()
@@ -1131,9 +1124,7 @@ class ScaleInTests(SynchronousTestCase):
         """Tasks lost with a manager the endpoint retired are queued again, free."""
         harness = Harness(self, HighThroughputExecutor(max_retries_on_system_failure=0))
         busy = harness.manager(manager_id="busy", worker_count=1, prefetch_capacity=0)
-        task = make_task()
-        harness.interchange.submit([task])
-        harness.flush()
+        task = harness.submit_one()
         self.assertEqual(busy.task_ids, [task.task_id])
         self.assertTrue(harness.interchange.retire_block("block-0", "scaling in", False))
         busy.disconnect()
@@ -1155,9 +1146,7 @@ class ScaleInTests(SynchronousTestCase):
         a = harness.manager(manager_id="a", block_id="7", worker_count=1, prefetch_capacity=0)
         b = harness.manager(manager_id="b", block_id="7", worker_count=1, prefetch_capacity=0)
         c = harness.manager(manager_id="c", block_id="8", worker_count=1, prefetch_capacity=0)
-        task = make_task()
-        harness.interchange.submit([task])
-        harness.flush()
+        task = harness.submit_one()
         self.assertEqual(a.task_ids, [task.task_id])  # the first registered of equals
         # Busy: refused with only_idle, nothing changes.
         self.assertFalse(harness.interchange.retire_block("7", "scaling in", True))
@@ -1276,9 +1265,7 @@ class CancelTests(SynchronousTestCase):
         harness = Harness(self)
         log = CapturedLog(self)
         manager = harness.manager()
-        task = make_task()
-        harness.interchange.submit([task])
-        harness.flush()
+        task = harness.submit_one()
         harness.interchange.cancel(task.task_id)
         manager.disconnect()  # before the cancel arrives
         harness.flush()
@@ -1332,9 +1319,7 @@ class StopTests(SynchronousTestCase):
         harness = Harness(self, stop_grace_period=5.0)
         log = CapturedLog(self)
         manager = harness.manager()
-        task = make_task()
-        harness.interchange.submit([task])
-        harness.flush()
+        harness.submit_one()
         stopped = harness.stop()
         harness.advance(4.9)
         self.assertNoResult(stopped)
@@ -1483,9 +1468,7 @@ class BlockFailureTests(SynchronousTestCase):
         harness = Harness(self)
         a = harness.manager(manager_id="a", block_id="7", worker_count=1, prefetch_capacity=0)
         b = harness.manager(manager_id="b", block_id="7", worker_count=1, prefetch_capacity=0)
-        task = make_task()
-        harness.interchange.submit([task])
-        harness.flush()
+        task = harness.submit_one()
         self.assertEqual(a.task_ids, [task.task_id])
         a.disconnect()
         harness.flush()
