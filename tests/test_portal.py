@@ -155,6 +155,17 @@ class PortalTestCase(SynchronousTestCase):
         )
         return response, answer
 
+    def start_task(self, args: str) -> Tuple[str, str, str]:
+        """Alice signs in and runs a new function on a new endpoint of hers:
+        ``(endpoint id, the task page's path, task id)``."""
+        self.sign_in()
+        function_id = self.register()
+        endpoint_id = self.service.add_endpoint(owner="alice")
+        response, _ = self.run_function(function_id, endpoint_id, args)
+        self.assertEqual(response.code, 303)
+        location = response.headers.getRawHeaders("location")[0]
+        return endpoint_id, location, location.rsplit("/", 1)[1]
+
 
 class SignInTests(PortalTestCase):
     def test_cookie_is_secure_httponly_samesite_and_expires(self) -> None:
@@ -394,13 +405,7 @@ class OwnershipTests(PortalTestCase):
 
 class RunAndTaskTests(PortalTestCase):
     def test_run_shows_the_result(self) -> None:
-        self.sign_in()
-        function_id = self.register()
-        endpoint_id = self.service.add_endpoint(owner="alice")
-        response, _ = self.run_function(function_id, endpoint_id, "[1, 2]")
-        self.assertEqual(response.code, 303)
-        location = response.headers.getRawHeaders("location")[0]
-        task_id = location.rsplit("/", 1)[1]
+        _, location, task_id = self.start_task("[1, 2]")
         self.assertIn("waiting-for-ep", self.page(location))
         self.service.run_task(task_id)
         self.clock.advance(0)
@@ -409,12 +414,7 @@ class RunAndTaskTests(PortalTestCase):
         self.assertIn('<pre id="result" data-field="result">3</pre>', body)
 
     def test_attempts_are_shown(self) -> None:
-        self.sign_in()
-        function_id = self.register()
-        endpoint_id = self.service.add_endpoint(owner="alice")
-        response, _ = self.run_function(function_id, endpoint_id, "[1, 2]")
-        location = response.headers.getRawHeaders("location")[0]
-        task_id = location.rsplit("/", 1)[1]
+        endpoint_id, location, task_id = self.start_task("[1, 2]")
         cell = '<td data-field="attempts">{}</td>'
         self.assertIn(cell.format(""), self.page("/portal/tasks"))
         # Sent to a manager, lost with it, sent to another: two attempts.
@@ -425,12 +425,7 @@ class RunAndTaskTests(PortalTestCase):
         self.assertIn(cell.format(2), self.page("/portal/tasks"))
 
     def test_failure_shows_the_traceback(self) -> None:
-        self.sign_in()
-        function_id = self.register()
-        endpoint_id = self.service.add_endpoint(owner="alice")
-        response, _ = self.run_function(function_id, endpoint_id, "[1]")
-        location = response.headers.getRawHeaders("location")[0]
-        task_id = location.rsplit("/", 1)[1]
+        _, location, task_id = self.start_task("[1]")
         self.service.set_exception(task_id, "Traceback:\n  ValueError: <bad> value")
         self.clock.advance(0)
         body = self.page(location)
