@@ -26,16 +26,15 @@ from twisted.trial.unittest import TestCase
 from funcx_endpoint.config import model as config_model
 from funcx_endpoint.endpoint.tap import manager_command
 from funcx_endpoint.executor.blocks import BlockScaler
-from funcx_endpoint.executor.interchange import Interchange
 from funcx_endpoint.executor.providers import JobState, ProviderAdapter
 from funcx_endpoint.executor.providers.kube_api import KubernetesApiError
 from funcx_endpoint.executor.providers.kube_spec import PodSettings
 from funcx_endpoint.executor.providers.kubernetes import KubernetesPodProvider
 from funcx_endpoint.executor.strategy import ScalingService, SimpleStrategy
-from funcx_endpoint.testing.interchanges import CollectingSink
 from funcx_endpoint.testing.kubeapi import KubeApiStub, StubServer, serve
 from funcx_endpoint.testing.kubelet import LocalKubelet
 from funcx_endpoint.wire import Result, Task, deserialize, pack_function, pack_payload
+from tests.test_scaling_integration import started_interchange
 
 
 def where_am_i() -> Any:
@@ -145,16 +144,7 @@ class EndToEndTests(TestCase):
         executor = config_model.HighThroughputExecutor(
             max_workers_per_node=1, prefetch_capacity=0, address="127.0.0.1"
         )
-        interchange = Interchange(
-            reactor,
-            os.path.join(self.work, "interchange"),
-            executor,
-            CollectingSink(results.extend),
-            heartbeat_period=1.0,
-            heartbeat_threshold=10.0,
-            stop_grace_period=3.0,
-        )
-        interchange.startService()
+        interchange = started_interchange(self.work, executor, results)
         scaler = BlockScaler(
             make_provider(self.work),
             interchange,

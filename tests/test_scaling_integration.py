@@ -90,10 +90,9 @@ class ScalingIntegrationTests(TestCase):
                 await interchange.stopService()
 
 
-def scaled_interchange(work: str, executor: Any, results: List[Result]) -> Tuple[Interchange, Any]:
+def started_interchange(work: str, executor: Any, results: List[Result]) -> Interchange:
     """A real interchange (started) for ``executor`` in ``work`` on the global
-    reactor, its results into ``results``, and its block scaling (not started)
-    whose managers are real processes."""
+    reactor, its results into ``results`` (short heartbeats and stop grace)."""
     interchange = Interchange(
         reactor,
         os.path.join(work, "interchange"),
@@ -104,6 +103,13 @@ def scaled_interchange(work: str, executor: Any, results: List[Result]) -> Tuple
         stop_grace_period=3.0,
     )
     interchange.startService()
+    return interchange
+
+
+def scaled_interchange(work: str, executor: Any, results: List[Result]) -> Tuple[Interchange, Any]:
+    """:func:`started_interchange` and its block scaling (not started) whose
+    managers are real processes."""
+    interchange = started_interchange(work, executor, results)
     scaling = scaling_from_config(
         executor,
         reactor=reactor,
