@@ -179,16 +179,27 @@ def _warnings(test: Any) -> List[Dict[str, Any]]:
     return events
 
 
+def _site(clock: Any = None) -> JSONSite:
+    """A JSON site with no routes and no idle timeout (on ``clock``, if given)."""
+    site = JSONSite(APIResource(Router(), None), 1024, clock)  # type: ignore[arg-type]
+    site.timeOut = None
+    return site
+
+
+def _connect(site: JSONSite) -> Tuple[Any, StringTransport]:
+    """A new connection to ``site``: its channel and the transport it writes to."""
+    protocol = site.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
 class BadHeadTests(SynchronousTestCase):
     """A head Twisted refuses gets a JSON 400; input after it is dropped."""
 
     def test_answered_400_once_and_closed(self) -> None:
         warnings = _warnings(self)
-        site = JSONSite(APIResource(Router(), None), 1024)  # type: ignore[arg-type]
-        site.timeOut = None
-        protocol = site.buildProtocol(None)
-        transport = StringTransport()
-        protocol.makeConnection(transport)
+        protocol, transport = _connect(_site())
         # The rest arrives later, as over TLS; it held a blank line, which Twisted
         # read as the end of a head whose request line it never parsed (AttributeError).
         protocol.dataReceived(_BROKEN_HEAD)
@@ -202,11 +213,7 @@ class BadHeadTests(SynchronousTestCase):
 
     def test_long_line_after_refusal_not_answered_twice(self) -> None:
         warnings = _warnings(self)
-        site = JSONSite(APIResource(Router(), None), 1024)  # type: ignore[arg-type]
-        site.timeOut = None
-        protocol = site.buildProtocol(None)
-        transport = StringTransport()
-        protocol.makeConnection(transport)
+        protocol, transport = _connect(_site())
         protocol.dataReceived(b"GET / HTTP/1.1\r\nBad Name: x\r\nHost: x\r\n")
         protocol.dataReceived(b"X: " + b"a" * 20000 + b"\r\n\r\n")
         self.assertEqual(len(re.findall(rb"HTTP/1\.1 \d{3} ", transport.value())), 1)
@@ -221,9 +228,7 @@ class RefusalBudgetTests(SynchronousTestCase):
 
     def refuse(self, site: JSONSite, times: int) -> None:
         for _ in range(times):
-            protocol = site.buildProtocol(None)
-            transport = StringTransport()
-            protocol.makeConnection(transport)
+            protocol, transport = _connect(site)
             protocol.dataReceived(b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n")
             status, answer = _status_and_body(transport.value())
             self.assertEqual((status, answer["code"]), (400, "BAD_REQUEST"))
@@ -231,8 +236,7 @@ class RefusalBudgetTests(SynchronousTestCase):
     def test_flood_logged_within_budget(self) -> None:
         warnings = _warnings(self)
         clock = Clock()
-        site = JSONSite(APIResource(Router(), None), 1024, clock)  # type: ignore[arg-type]
-        site.timeOut = None
+        site = _site(clock)
         self.refuse(site, 25)
         texts = [formatEvent(e) for e in warnings]
         self.assertEqual(len([t for t in texts if t.startswith("Request head refused")]), 20)
