@@ -155,6 +155,20 @@ class StatePublisherTests(SynchronousTestCase):
         self.clock.advance(10)
         self.assertEqual(len(self.sent), 2)  # nothing new, nothing sent
 
+    def test_a_publish_that_fails_is_counted_and_nothing_is_kept(self) -> None:
+        from twisted.internet.defer import fail
+
+        failures = [ConnectionError("the results connection closed")]
+        self.states = TaskStatePublisher(
+            self.clock, lambda: self.info, lambda message: fail(failures.pop()), 0.25
+        )
+        self.states.transition(new_id(), TaskTransition(1, "running", "manager"))
+        self.clock.advance(0.25)
+        self.assertEqual((self.states.sent, self.states.failed), (0, 1))
+        self.assertEqual(failures, [])  # tried once; the result carries the state
+        self.clock.advance(10)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     def test_at_most_max_tasks_per_message(self) -> None:
         self.states.max_tasks = 2
         ids = [new_id() for _ in range(3)]
