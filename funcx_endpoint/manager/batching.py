@@ -34,8 +34,9 @@ class ResultBatching:
         #: When the previous batch went (-1: none yet).
         self.last_batch = -1.0
 
-    def wait(self, now: float, queued: int, worker_count: int, interval: float) -> float:
-        """Seconds from ``now`` until the results held go (a result just arrived)."""
+    def result_ready(self, now: float, queued: int, worker_count: int, interval: float) -> float:
+        """A result arrived at ``now`` (it counts for the rate): seconds until
+        the results held go."""
         self.completions.add(1, now)
         if queued < worker_count:
             return 0.0

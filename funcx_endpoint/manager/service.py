@@ -474,7 +474,7 @@ class ManagerService(Service):
         self._outbox.append(packed)
         pool = self.pool
         queued, workers = (pool.queued, pool.worker_count) if pool is not None else (0, 1)
-        wait = self._batching.wait(
+        wait = self._batching.result_ready(
             self.clock.seconds(), queued, workers, self.settings.batch_interval
         )
         if self._flush_call is None:
