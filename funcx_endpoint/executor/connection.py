@@ -17,7 +17,7 @@ state machine:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Type
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Type
 
 from automat import MethodicalMachine
 from twisted.internet.defer import Deferred, fail, succeed
@@ -188,7 +188,7 @@ class ManagerConnection(amp.AMP):
             # and an answer path per box).
             fast = _FAST_COMMANDS.get(box.get(b"_command"))
             if fast is not None:
-                command, event, what = fast
+                command, deliver, what = fast
                 try:
                     argument = read_unanswered(command, box, self)
                 except (ValueError, KeyError) as exc:
@@ -201,7 +201,7 @@ class ManagerConnection(amp.AMP):
                     self.drop()
                     return
                 if argument is not None:
-                    getattr(self._registry, event)(manager, argument)
+                    deliver(self._registry, manager, argument)
                     return
         super().ampBoxReceived(box)
 
@@ -317,10 +317,18 @@ class ManagerConnectionFactory(Factory):
         return ManagerConnection(self._registry)
 
 
-#: Unanswered commands read without AMP's dispatch: the command, the
-#: registry's method given ``(manager, its argument)``, and what it is (for
-#: the warning when a box cannot be read).
-_FAST_COMMANDS: Dict[Any, Tuple[Type[amp.Command], str, str]] = {
-    SendResults.commandName: (SendResults, "results_received", "batch of results"),
-    TasksStarted.commandName: (TasksStarted, "tasks_started", "report of started tasks"),
+def _results(registry: ManagerRegistry, manager: Any, results: Any) -> None:
+    registry.results_received(manager, results)
+
+
+def _started(registry: ManagerRegistry, manager: Any, started: Any) -> None:
+    registry.tasks_started(manager, started)
+
+
+#: Unanswered commands read without AMP's dispatch: the command, what gives
+#: the registry ``(manager, its argument)``, and what it is (for the warning
+#: when a box cannot be read).
+_FAST_COMMANDS: Dict[Any, Tuple[Type[amp.Command], Callable[..., None], str]] = {
+    SendResults.commandName: (SendResults, _results, "batch of results"),
+    TasksStarted.commandName: (TasksStarted, _started, "report of started tasks"),
 }
